@@ -1,0 +1,152 @@
+import json
+import struct
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from vidgen import checkpoint
+from vidgen.checkpoint import CheckpointError
+
+
+@dataclass
+class Inner:
+    depth: int = 2
+    widths: tuple[int, int] = (4, 8)
+
+
+@dataclass
+class TinyConfig:
+    dim: int = 8
+    inner: Inner = field(default_factory=Inner)
+    label: int | None = None
+
+
+@dataclass
+class OtherConfig:
+    dim: int = 8
+
+
+def make_model(dim: int = 8) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.LayerNorm(dim))
+    model.register_buffer("steps", torch.tensor([3], dtype=torch.int64))
+    return model
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    path = tmp_path / "model.safetensors"
+    checkpoint.save(path, make_model(), TinyConfig(label=3), card={"data": "bouncing", "steps": 5})
+    return path
+
+
+def test_round_trip(saved):
+    ckpt = checkpoint.load(saved, expected_config=TinyConfig)
+    assert ckpt.config_as(TinyConfig) == TinyConfig(label=3)
+    assert ckpt.card == {"data": "bouncing", "steps": 5}
+    assert ckpt.format_version == checkpoint.FORMAT_VERSION
+    assert ckpt.sha256 == checkpoint.file_sha256(saved)
+    fresh = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    fresh.register_buffer("steps", torch.tensor([0], dtype=torch.int64))
+    ckpt.load_into(fresh)
+    for (name, a), b in zip(
+        make_model().state_dict().items(), fresh.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_tied_weights_are_saved(tmp_path):
+    model = torch.nn.Linear(4, 4, bias=False)
+    tied = {"a.weight": model.weight, "b.weight": model.weight}
+    checkpoint.save(tmp_path / "tied.safetensors", tied, OtherConfig())
+    ckpt = checkpoint.load(tmp_path / "tied.safetensors")
+    assert torch.equal(ckpt.tensors["a.weight"], ckpt.tensors["b.weight"])
+
+
+def test_wrong_architecture(saved):
+    ckpt = checkpoint.load(saved)
+    with pytest.raises(CheckpointError, match="shape mismatch.*0.weight"):
+        ckpt.load_into(torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.LayerNorm(4)))
+    bigger = torch.nn.Sequential(
+        torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 8)
+    )
+    with pytest.raises(CheckpointError, match=r"missing: 2\.bias, 2\.weight; unexpected: steps"):
+        ckpt.load_into(bigger)
+    with pytest.raises(CheckpointError, match="OtherConfig"):
+        checkpoint.load(saved, expected_config=OtherConfig)
+    with pytest.raises(CheckpointError, match="not a .*OtherConfig"):
+        ckpt.config_as(OtherConfig)
+
+
+def test_truncated_file(saved, tmp_path):
+    data = saved.read_bytes()
+    for cut in (4, 100, len(data) - 10):
+        bad = tmp_path / f"cut{cut}.safetensors"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match=f"cut{cut}"):
+            checkpoint.load(bad)
+
+
+def test_tampered_tensor_bytes(saved, tmp_path):
+    data = bytearray(saved.read_bytes())
+    data[-5] ^= 0x01  # inside the last tensor's bytes
+    bad = tmp_path / "flipped.safetensors"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="digest"):
+        checkpoint.load(bad)
+
+
+def test_tampered_metadata(saved, tmp_path):
+    data = saved.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = data[8 : 8 + n]
+    claim = b'\\"steps\\": 5'  # inside the card, JSON-escaped within the header's JSON
+    assert header.count(claim) == 1
+    edited = header.replace(claim, b'\\"steps\\": 9')  # same length: still a valid file
+    bad = tmp_path / "edited.safetensors"
+    bad.write_bytes(data[:8] + edited + data[8 + n :])
+    assert json.loads(edited)  # the edit kept the header well-formed
+    with pytest.raises(CheckpointError, match="digest"):
+        checkpoint.load(bad)
+
+
+def test_plain_safetensors_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, tmp_path / "plain.safetensors")
+    with pytest.raises(CheckpointError, match="not a vidgen checkpoint"):
+        checkpoint.load(tmp_path / "plain.safetensors")
+
+
+def test_failed_save_keeps_the_old_file(saved, monkeypatch):
+    before = saved.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save(saved, make_model(4), TinyConfig(dim=4))
+    assert saved.read_bytes() == before
+    assert [p.name for p in saved.parent.iterdir()] == [saved.name]
+
+
+def test_resolve(saved, tmp_path, monkeypatch):
+    assert checkpoint.resolve(saved) == saved
+    assert checkpoint.resolve(str(saved)) == saved
+    with pytest.raises(CheckpointError, match="does not exist"):
+        checkpoint.resolve(tmp_path / "nope.safetensors")
+    with pytest.raises(CheckpointError, match="no shipped checkpoint named 'no-such-model'"):
+        checkpoint.resolve("no-such-model")
+    monkeypatch.setattr(checkpoint, "assets_dir", lambda: tmp_path)
+    assert checkpoint.available() == ["model"]
+    assert checkpoint.resolve("model") == tmp_path / "model.safetensors"
+    assert checkpoint.load("model").card["steps"] == 5
+
+
+def test_save_validates_arguments(tmp_path):
+    with pytest.raises(ValueError, match=r"\.safetensors"):
+        checkpoint.save(tmp_path / "model.pt", make_model(), TinyConfig())
+    with pytest.raises(TypeError, match="dataclass"):
+        checkpoint.save(tmp_path / "m.safetensors", make_model(), {"dim": 8})

@@ -1,0 +1,69 @@
+import subprocess
+import sys
+
+import pytest
+
+from vidgen.cli import main
+from vidgen.config import ConfigError, load_group
+from vidgen.data import DataConfig
+from vidgen.io import probe_video, read_video
+from vidgen.worlds.agent import AgentWorldConfig
+from vidgen.worlds.bouncing import BouncingShapes, BouncingShapesConfig
+
+
+def test_help_lists_commands():
+    out = subprocess.run(
+        [sys.executable, "-m", "vidgen.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "data preview" in out and "usage: vidgen" in out
+
+
+def test_preview_bouncing_writes_a_video_decord_reads(tmp_path, capsys):
+    out = tmp_path / "preview.mp4"
+    code = main(
+        ["data", "preview", "world=bouncing", "frames=24", f"out={out}", "lossless=true", "seed=4"]
+    )
+    assert code == 0
+    assert "24 frames" in capsys.readouterr().out
+    assert probe_video(out).num_frames == 24
+    frames = read_video(out, backend="decord")
+    assert frames.shape == (24, 64, 64, 3)
+    expected = BouncingShapes(BouncingShapesConfig(), seed=4).trajectory(24).frames
+    assert (frames.numpy() == expected).all()
+
+
+def test_preview_agent_with_overrides(tmp_path):
+    out = tmp_path / "agent.mp4"
+    assert main(["data", "preview", "world=agent", "world.size=48", "frames=16", f"out={out}"]) == 0
+    assert read_video(out).shape == (16, 48, 48, 3)
+
+
+def test_bad_overrides_are_reported(tmp_path, capsys):
+    assert main(["data", "preview", "frames=0", f"out={tmp_path / 'x.mp4'}"]) == 2
+    assert "frames must be >= 1" in capsys.readouterr().err
+    assert main(["data", "preview", "world=nowhere"]) == 2
+    assert "agent bouncing" in capsys.readouterr().err
+    assert main(["data", "preview", "world.colour=3"]) == 2
+    assert "world.colour" in capsys.readouterr().err
+    assert main(["render"]) == 2
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_command_help_shows_config(capsys):
+    assert main(["data", "preview", "world=agent", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "continuous: false" in out and "frames: 256" in out
+
+
+@pytest.mark.parametrize("name", ["bouncing", "agent", "mix"])
+def test_data_group_composes_to_data_config(name):
+    data = load_group("data", name, ["data.batch_size=2", "data.agent.step=3"])
+    assert isinstance(data, DataConfig) and data.name == name and data.batch_size == 2
+    assert isinstance(data.agent, AgentWorldConfig) and data.agent.step == 3
+
+
+def test_folder_data_needs_root(tmp_path):
+    with pytest.raises(ConfigError, match="root"):
+        load_group("data", "folder")
+    data = load_group("data", "folder", [f"data.root={tmp_path}"])
+    assert data.root == str(tmp_path) and data.stride is None

@@ -1,0 +1,114 @@
+import numpy as np
+import pytest
+import torch
+
+from vidgen.data import (
+    NO_LABEL,
+    WORLDS,
+    DataConfig,
+    VideoFolder,
+    WorldClips,
+    make_loader,
+    to_model_range,
+    to_uint8,
+)
+from vidgen.io import VideoReadError, VideoWriter
+from vidgen.worlds.bouncing import BouncingShapes
+
+
+def test_world_clips_items():
+    ds = WorldClips("bouncing", clip_len=8, num_clips=16, seed=3)
+    item = ds[5]
+    assert item["video"].shape == (8, 3, 64, 64) and item["video"].dtype == torch.float32
+    assert item["video"].min() >= -1 and item["video"].max() <= 1
+    # The clip is exactly the world's frames at the recorded seed and start.
+    world = BouncingShapes(ds.bouncing, seed=int(item["seed"]))
+    frames = world.trajectory(8, start=int(item["start"])).frames
+    torch.testing.assert_close(to_uint8(item["video"]), torch.from_numpy(frames))
+    assert int(item["label"]) == world.label
+    assert torch.equal(ds[5]["video"], item["video"])  # deterministic
+
+
+def test_agent_clips_carry_actions():
+    ds = WorldClips("agent", clip_len=8, num_clips=4, seed=0)
+    item = ds[1]
+    assert item["actions"].shape == (8,) and item["actions"].dtype == torch.int64
+    assert int(item["label"]) == NO_LABEL
+    assert int(item["world"]) == WORLDS.index("agent")
+
+
+def test_splits_and_mix_are_disjoint_and_mixed():
+    train = WorldClips("mix", num_clips=64, seed=0, split="train")
+    held_out = WorldClips("mix", num_clips=64, seed=0, split="eval")
+    train_seeds = {int(train[i]["seed"]) for i in range(64)}
+    eval_seeds = {int(held_out[i]["seed"]) for i in range(64)}
+    assert not train_seeds & eval_seeds
+    worlds = {train.world_of(i) for i in range(64)}
+    assert worlds == {"bouncing", "agent"}
+
+
+def test_loader_batches():
+    cfg = DataConfig(name="mix", clip_len=4, size=32, num_clips=8, batch_size=4)
+    batch = next(iter(make_loader(cfg)))
+    assert batch["video"].shape == (4, 4, 3, 32, 32)
+    assert batch["label"].shape == (4,) and batch["actions"].shape == (4, 4)
+    order = [int(s) for b in make_loader(cfg) for s in b["seed"]]
+    assert order == [int(s) for b in make_loader(cfg) for s in b["seed"]]  # seeded shuffle
+
+
+def test_model_range_round_trip():
+    frames = torch.randint(0, 256, (3, 5, 7, 3), dtype=torch.uint8)
+    video = to_model_range(frames)
+    assert video.shape == (3, 3, 5, 7)
+    assert torch.equal(to_uint8(video), frames)
+
+
+def _write(path, frames, **kwargs):
+    with VideoWriter(path, **kwargs) as writer:
+        writer.write(frames)
+
+
+def test_video_folder(tmp_path):
+    world = BouncingShapes(seed=0)
+    (tmp_path / "sub").mkdir()
+    _write(tmp_path / "a.mp4", world.trajectory(20).frames, lossless=True)
+    # Another resolution and aspect: resized on the shorter side and centre-cropped.
+    wide = np.zeros((17, 48, 80, 3), dtype=np.uint8)
+    wide[:, :, :40] = (220, 40, 40)
+    wide[:, :, 40:] = (50, 90, 230)
+    _write(tmp_path / "sub" / "b.mp4", wide, lossless=True)
+    (tmp_path / "notes.txt").write_text("not a video")
+    ds = VideoFolder(tmp_path, clip_len=8, size=32, stride=4)
+    assert len(ds.files) == 2
+    assert len(ds) == 4 + 3  # starts 0,4,8,12 of 20 frames; 0,4,8 of 17
+    item = ds[0]
+    assert item["video"].shape == (8, 3, 32, 32)
+    torch.testing.assert_close(
+        to_uint8(item["video"]),
+        torch.from_numpy(world.trajectory(8).frames[:, ::2, ::2]),
+        atol=160,
+        rtol=0,
+    )  # downscaled content of the same frames
+    wide_clip = to_uint8(ds[4]["video"])
+    assert (wide_clip[:, :, 4, 0] > 150).all() and (wide_clip[:, :, -4, 2] > 150).all()
+
+
+def test_video_folder_names_a_corrupt_file(tmp_path):
+    _write(tmp_path / "good.mp4", BouncingShapes(seed=0).trajectory(8).frames)
+    (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64)
+    with pytest.raises(VideoReadError, match="broken.mp4"):
+        VideoFolder(tmp_path, clip_len=8)
+
+
+def test_video_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        VideoFolder(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="no video files"):
+        VideoFolder(tmp_path)
+
+
+def test_data_config_validation():
+    with pytest.raises(ValueError, match="data.name"):
+        DataConfig(name="imagenet")
+    with pytest.raises(ValueError, match="data.root"):
+        DataConfig(name="folder")

@@ -1,0 +1,416 @@
+"""vidgen.io: probing, reading, atomic streaming writes and segment concatenation."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from vidgen.io import (
+    VideoReadError,
+    VideoWriter,
+    concat_videos,
+    probe_video,
+    read_metadata,
+    read_video,
+)
+from vidgen.io import video as video_module
+from vidgen.worlds.bouncing import BouncingShapes, BouncingShapesConfig
+
+BACKGROUND = (20, 20, 28)
+RED, GREEN, BLUE = (220, 40, 40), (40, 200, 60), (50, 90, 230)
+
+
+def moving_squares(
+    num_frames: int = 20, size: int = 64, step: int = 1, offset: int = 1
+) -> np.ndarray:
+    """Saturated squares on a dark background, each moving `step` px a frame.
+
+    offset=1, step=1 puts edges on odd pixels half the time, splitting 2x2 chroma blocks
+    (the hard case for yuv420p); offset=0, step=2 keeps every edge on the chroma grid.
+    """
+    frames = np.empty((num_frames, size, size, 3), np.uint8)
+    frames[:] = BACKGROUND
+    for t in range(num_frames):
+        d = step * t
+        frames[t, 10:26, 4 + offset + d : 20 + offset + d] = RED
+        frames[t, 24 + d : 38 + d, 40:54] = GREEN
+        frames[t, 4 + offset : 14 + offset, 50 - d : 60 - d] = BLUE
+    return frames
+
+
+def noise(num_frames: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (num_frames, height, width, 3), dtype=np.uint8)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0**2 / mse))
+
+
+def luma(frames: np.ndarray) -> np.ndarray:
+    return frames.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+
+
+def write(path: Path, frames: np.ndarray, **kwargs) -> Path:
+    with VideoWriter(path, **kwargs) as writer:
+        writer.write(frames)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lossless_clip(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    # Odd sizes on purpose: rgb24 has no chroma subsampling, so any size must work.
+    frames = noise(16, 33, 47)
+    path = tmp_path_factory.mktemp("lossless") / "noise.mp4"
+    return write(path, frames, lossless=True), frames
+
+
+@pytest.fixture(scope="module")
+def h264_clip(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    frames = moving_squares(24)
+    path = tmp_path_factory.mktemp("h264") / "squares.mp4"
+    return write(path, frames), frames
+
+
+# --- round trips --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_lossless_round_trip_is_bit_exact(lossless_clip, backend):
+    path, frames = lossless_clip
+    out = read_video(path, backend=backend)
+    assert out.dtype == torch.uint8
+    assert out.shape == frames.shape
+    assert np.array_equal(out.numpy(), frames)
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_h264_default_quality_on_bouncing_shapes(tmp_path, seed):
+    # PSNR in luma, as codecs are measured: yuv420p keeps one colour per 2x2 block, so
+    # where a saturated shape edge splits a block the RGB error is fixed by the format, not by
+    # the encoder (even crf 0 stays near 31 dB RGB on these clips; luma is at ~43 dB).
+    frames = BouncingShapes(BouncingShapesConfig(num_shapes=4), seed=seed).trajectory(32).frames
+    out = read_video(write(tmp_path / "a.mp4", frames)).numpy()
+    assert psnr(luma(out), luma(frames)) >= 35.0
+    assert psnr(out, frames) >= 29.0
+    # Edges on the chroma grid: what the encoder itself loses at the default crf, in RGB.
+    aligned = moving_squares(20, step=2, offset=0)
+    out = read_video(write(tmp_path / "b.mp4", aligned)).numpy()
+    assert psnr(out, aligned) >= 35.0
+
+
+def test_default_writer_has_no_b_frames(h264_clip):
+    path, _ = h264_clip
+    with av.open(str(path)) as container:
+        stamps = [(p.pts, p.dts) for p in container.demux(video=0) if p.size]
+    assert all(pts == dts for pts, dts in stamps)
+    assert [dts for _, dts in stamps] == sorted({dts for _, dts in stamps})
+
+
+def test_backends_agree_on_h264(h264_clip):
+    path, _ = h264_clip
+    a = read_video(path, backend="decord").numpy().astype(np.int16)
+    b = read_video(path, backend="pyav").numpy().astype(np.int16)
+    assert a.shape == b.shape
+    # Both convert yuv420p with swscale; allow a rounding step between ffmpeg versions.
+    assert np.abs(a - b).max() <= 2
+
+
+def test_auto_falls_back_to_pyav_without_decord(lossless_clip, monkeypatch):
+    path, frames = lossless_clip
+    monkeypatch.setattr(video_module, "_import_decord", lambda: None)
+    assert np.array_equal(read_video(path).numpy(), frames)
+    with pytest.raises(ImportError, match="decord"):
+        read_video(path, backend="decord")
+
+
+def test_writing_in_several_calls_equals_one_call(tmp_path):
+    frames = moving_squares(20)
+    one = write(tmp_path / "one.mp4", frames)
+    with VideoWriter(tmp_path / "many.mp4") as writer:
+        writer.write(frames[:7])
+        writer.write(torch.from_numpy(frames[7]))  # a single (H, W, 3) frame
+        writer.write(torch.from_numpy(frames[8:13]))
+        writer.write(frames[13:])
+        assert writer.frames_written == 20
+    assert np.array_equal(read_video(one).numpy(), read_video(tmp_path / "many.mp4").numpy())
+
+
+# --- atomic writes ------------------------------------------------------------------------
+
+
+def test_exception_inside_writer_leaves_nothing(tmp_path):
+    path = tmp_path / "out.mp4"
+    with pytest.raises(RuntimeError, match="boom"), VideoWriter(path) as writer:
+        writer.write(moving_squares(4))
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_exception_keeps_existing_file(tmp_path):
+    path = tmp_path / "out.mp4"
+    path.write_bytes(b"previous render")
+    with pytest.raises(RuntimeError, match="boom"), VideoWriter(path, lossless=True) as writer:
+        writer.write(noise(3, 8, 8))
+        raise RuntimeError("boom")
+    assert path.read_bytes() == b"previous render"
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_clean_close_replaces_existing_file(tmp_path):
+    path = tmp_path / "out.mp4"
+    path.write_bytes(b"previous render")
+    write(path, moving_squares(4))
+    assert probe_video(path).num_frames == 4
+    assert list(tmp_path.iterdir()) == [path]
+
+
+# --- writer input validation --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("frames", "error", "match"),
+    [
+        (np.zeros((2, 8, 8, 3), np.float32), TypeError, "uint8"),
+        (torch.zeros((2, 8, 8, 3), dtype=torch.int64), TypeError, "uint8"),
+        (np.zeros((2, 8, 8, 4), np.uint8), ValueError, r"\(T, H, W, 3\)"),
+        (np.zeros((8, 8), np.uint8), ValueError, r"\(T, H, W, 3\)"),
+        ([[0, 0, 0]], TypeError, "torch.Tensor or numpy"),
+    ],
+)
+def test_write_rejects_bad_frames(tmp_path, frames, error, match):
+    with pytest.raises(error, match=match), VideoWriter(tmp_path / "a.mp4") as writer:
+        writer.write(frames)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_rejects_size_change(tmp_path):
+    with pytest.raises(ValueError, match=r"\(8, 8, 3\).*\(10, 8, 3\)"):  # noqa: SIM117
+        with VideoWriter(tmp_path / "a.mp4") as writer:
+            writer.write(np.zeros((2, 8, 8, 3), np.uint8))
+            writer.write(np.zeros((1, 10, 8, 3), np.uint8))
+
+
+def test_odd_size_needs_lossless(tmp_path):
+    with pytest.raises(ValueError, match="lossless=True"), VideoWriter(tmp_path / "a.mp4") as w:
+        w.write(np.zeros((2, 9, 8, 3), np.uint8))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"codec": "mpeg4", "lossless": True}, "only supported for codec='h264'"),
+        ({"codec": "no-such-codec"}, "no-such-codec"),
+        ({"crf": 60}, "crf"),
+        ({"lossless": True, "crf": 10}, "crf"),
+        ({"fps": 0}, "fps"),
+    ],
+)
+def test_writer_rejects_bad_settings(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        VideoWriter(tmp_path / "a.mp4", **kwargs)
+
+
+def test_close_without_frames_raises(tmp_path):
+    writer = VideoWriter(tmp_path / "a.mp4")
+    with pytest.raises(ValueError, match="without any frames"):
+        writer.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- probing and reader errors ------------------------------------------------------------
+
+
+def test_probe_counts_frames(h264_clip, lossless_clip):
+    info = probe_video(h264_clip[0])
+    assert (info.num_frames, info.width, info.height, info.codec) == (24, 64, 64, "h264")
+    assert info.fps == pytest.approx(8.0)
+    info = probe_video(lossless_clip[0])
+    assert (info.num_frames, info.width, info.height) == (16, 47, 33)
+
+
+def _audio_only(path: Path) -> None:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        stream.layout = "mono"
+        for i in range(4):
+            frame = av.AudioFrame.from_ndarray(
+                np.zeros((1, 1024), np.float32), format="fltp", layout="mono"
+            )
+            frame.sample_rate, frame.pts = 16000, i * 1024
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "truncated", "text", "audio_only"])
+def test_bad_files_raise_video_read_error(tmp_path, h264_clip, case):
+    path = tmp_path / f"bad_{case}.mp4"
+    if case == "empty":
+        path.write_bytes(b"")
+    elif case == "truncated":
+        data = h264_clip[0].read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif case == "text":
+        path.write_text("this is not a video\n" * 50)
+    elif case == "audio_only":
+        _audio_only(path)
+    # Tags can be read from any container, so read_metadata only fails on unreadable files.
+    calls = (
+        (probe_video, read_video)
+        if case == "audio_only"
+        else (probe_video, read_video, read_metadata)
+    )
+    for call in calls:
+        with pytest.raises(VideoReadError, match=re.escape(path.name)):
+            call(path)
+
+
+def test_header_over_reporting_frames(tmp_path):
+    # faststart puts the sample table first, so cutting the file leaves a header that lists
+    # frames whose bytes are gone: the case where decord 0.6 may hang if asked past the end.
+    frames = noise(12, 32, 32, seed=2)
+    path = tmp_path / "fast.mp4"
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264rgb", rate=8, options={"qp": "0"})
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "rgb24"
+        for i, frame in enumerate(frames):
+            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            video_frame.pts = i
+            for packet in stream.encode(video_frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    with av.open(str(cut)) as container:
+        assert container.streams.video[0].frames == 12
+    count = probe_video(cut).num_frames
+    assert 0 < count < 12
+    for backend in ("auto", "pyav"):
+        assert np.array_equal(read_video(cut, backend=backend).numpy(), frames[:count])
+
+
+# --- slicing and resizing -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_start_and_num_frames(lossless_clip, backend):
+    path, frames = lossless_clip
+    got = read_video(path, start=3, num_frames=5, backend=backend).numpy()
+    assert np.array_equal(got, frames[3:8])
+    assert np.array_equal(read_video(path, start=10, backend=backend).numpy(), frames[10:])
+    assert np.array_equal(read_video(path, start=15, num_frames=1, backend=backend), frames[15:])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"start": 16}, r"start=16 is past the end of noise\.mp4 \(16 frames"),
+        ({"start": 40}, r"start=40 is past the end of noise\.mp4 \(16 frames"),
+        ({"start": -1}, r"start must be >= 0, got start=-1"),
+        ({"start": 10, "num_frames": 7}, r"num_frames=7 from start=10.*at most 6"),
+        ({"num_frames": 0}, r"num_frames must be >= 1"),
+        ({"size": 0}, "size"),
+        ({"size": (8, 8, 3)}, "size"),
+        ({"size": (8, -1)}, "size"),
+        ({"size": True}, "size"),
+        ({"backend": "ffmpeg"}, "backend"),
+    ],
+)
+def test_read_rejects_bad_arguments(lossless_clip, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        read_video(lossless_clip[0], **kwargs)
+
+
+@pytest.fixture(scope="module")
+def red_blue_clip(tmp_path_factory) -> Path:
+    frames = np.zeros((3, 32, 64, 3), np.uint8)
+    frames[:, :, :32] = RED
+    frames[:, :, 32:] = BLUE
+    return write(tmp_path_factory.mktemp("rb") / "red_blue.mp4", frames, lossless=True)
+
+
+@pytest.mark.parametrize(
+    ("size", "shape"), [(16, (16, 16)), ((24, 40), (24, 40)), ((64, 32), (64, 32))]
+)
+def test_resize_covers_then_center_crops(red_blue_clip, size, shape):
+    out = read_video(red_blue_clip, size=size).numpy().astype(int)
+    assert out.shape == (3, *shape, 3)
+    # The red/blue boundary stays in the middle; away from it the colours are unchanged.
+    width = shape[1]
+    margin = max(2, width // 8)
+    assert np.abs(out[:, :, : width // 2 - margin] - RED).max() <= 1
+    assert np.abs(out[:, :, width // 2 + margin :] - BLUE).max() <= 1
+
+
+def test_native_size_is_a_no_op(red_blue_clip):
+    assert torch.equal(read_video(red_blue_clip, size=(32, 64)), read_video(red_blue_clip))
+
+
+# --- metadata and concatenation -----------------------------------------------------------
+
+
+def test_metadata_round_trip(tmp_path):
+    tags = {"comment": "seed=3", "provenance": '{"sha256": "ab12", "steps": 20}'}
+    path = write(tmp_path / "a.mp4", moving_squares(2), metadata=tags)
+    assert read_metadata(path) == tags
+
+
+def test_concat_lossless_segments_bit_exact(tmp_path):
+    frames = noise(15, 24, 32, seed=1)
+    segments = [
+        write(tmp_path / f"seg{i}.mp4", frames[a:b], lossless=True, metadata={"comment": f"{i}"})
+        for i, (a, b) in enumerate([(0, 4), (4, 11), (11, 15)])
+    ]
+    out = concat_videos(segments, tmp_path / "all.mp4")
+    assert out == tmp_path / "all.mp4"
+    assert probe_video(out).num_frames == 15
+    for backend in ("decord", "pyav"):
+        assert np.array_equal(read_video(out, backend=backend).numpy(), frames)
+    assert read_metadata(out) == {"comment": "0"}
+    with av.open(str(out)) as container:
+        dts = [p.dts for p in container.demux(video=0) if p.size]
+    assert dts == sorted(set(dts))  # strictly increasing
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_concat_h264_segments_with_metadata_argument(tmp_path):
+    frames = moving_squares(16)
+    segments = [write(tmp_path / f"s{i}.mp4", frames[i * 8 : (i + 1) * 8]) for i in range(2)]
+    out = concat_videos(segments, tmp_path / "all.mp4", metadata={"comment": "joined"})
+    assert read_metadata(out) == {"comment": "joined"}
+    expected = np.concatenate([read_video(s).numpy() for s in segments])
+    assert np.array_equal(read_video(out).numpy(), expected)
+
+
+@pytest.mark.parametrize(
+    ("second", "match"),
+    [
+        ({"frames": np.zeros((2, 16, 16, 3), np.uint8)}, "s1.mp4 is h264 16x16"),
+        ({"fps": 12}, "s1.mp4 is h264 32x32 .* at 12 fps"),
+        ({"crf": 30}, "s1.mp4 was encoded with different settings"),
+        ({"lossless": True}, "s1.mp4 is h264 32x32 gbrp"),
+    ],
+)
+def test_concat_rejects_mismatched_segments(tmp_path, second, match):
+    first = write(tmp_path / "s0.mp4", np.zeros((2, 32, 32, 3), np.uint8))
+    frames = second.pop("frames", np.zeros((2, 32, 32, 3), np.uint8))
+    other = write(tmp_path / "s1.mp4", frames, **second)
+    with pytest.raises(ValueError, match=match):
+        concat_videos([first, other], tmp_path / "all.mp4")
+    assert not (tmp_path / "all.mp4").exists()
+
+
+def test_concat_rejects_no_segments(tmp_path):
+    with pytest.raises(ValueError, match="at least one segment"):
+        concat_videos([], tmp_path / "all.mp4")

@@ -1,0 +1,102 @@
+import numpy as np
+import pytest
+
+from vidgen.eval.scene import (
+    centroid_error,
+    count_accuracy,
+    detect_objects,
+    motion_stats,
+    scene_metrics,
+    seam_ratio,
+)
+from vidgen.io import VideoWriter, read_video
+from vidgen.worlds.agent import AGENT_PALETTE, AgentWorldConfig, generate_trajectory
+from vidgen.worlds.bouncing import BOUNCING_PALETTE, BouncingShapes, BouncingShapesConfig
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    world = BouncingShapes(BouncingShapesConfig(num_shapes=3), seed=21)
+    return world, world.trajectory(256)
+
+
+def test_centroids_recovered_within_one_pixel(shapes):
+    _world, traj = shapes
+    err = centroid_error(
+        traj.frames, traj.positions, traj.colours, BOUNCING_PALETTE, valid=~traj.occluded
+    )
+    assert err["missed"] == 0.0
+    assert err["max"] < 1.0 and err["mean"] < 0.5
+
+
+def test_agent_centroids_recovered_within_one_pixel():
+    traj = generate_trajectory(AgentWorldConfig(), seed=3, num_frames=128, policy="push")
+    positions = np.stack([traj.agent, traj.box], axis=1)
+    err = centroid_error(traj.frames, positions, ("agent", "box"), AGENT_PALETTE)
+    assert err["missed"] == 0.0 and err["max"] < 1.0
+
+
+def test_count_accuracy(shapes):
+    world, traj = shapes
+    assert count_accuracy(traj.frames, world.label, BOUNCING_PALETTE) > 0.95
+    assert count_accuracy(traj.frames, world.label + 1, BOUNCING_PALETTE) < 0.05
+
+
+def test_detection_survives_h264(tmp_path, shapes):
+    _world, traj = shapes
+    path = tmp_path / "clip.mp4"
+    with VideoWriter(path) as writer:
+        writer.write(traj.frames[:64])
+    decoded = read_video(path)
+    err = centroid_error(
+        decoded, traj.positions[:64], traj.colours, BOUNCING_PALETTE, valid=~traj.occluded[:64]
+    )
+    assert err["missed"] == 0.0 and err["mean"] < 1.0
+
+
+def test_motion_of_real_video_matches_truth(shapes):
+    world, traj = shapes
+    stats = motion_stats(traj.frames, BOUNCING_PALETTE)
+    assert stats.moving_fraction == 1.0
+    assert 0.9 < stats.mean_speed / world.speeds.mean() < 1.1
+    assert set(stats.per_object_speed) == set(world.colours)
+
+
+def test_frozen_video_is_flagged(shapes):
+    world, traj = shapes
+    frozen = np.repeat(traj.frames[:1], 64, axis=0)
+    metrics = scene_metrics(frozen, BOUNCING_PALETTE, world.label, clip_len=8, true_speed=1.5)
+    assert metrics["moving_fraction"] == 0.0
+    assert metrics["speed_ratio"] == 0.0
+    assert metrics["seam_ratio"] is None  # undefined, not 1.0
+    assert metrics["count_accuracy"] == 1.0  # the objects are there; they just never move
+
+
+def test_seam_ratio_continuous_vs_spliced(shapes):
+    _world, traj = shapes
+    assert 0.8 < seam_ratio(traj.frames, clip_len=8) < 1.25
+    spliced = np.concatenate(
+        [
+            BouncingShapes(BouncingShapesConfig(num_shapes=3), seed=s).trajectory(8).frames
+            for s in range(32)
+        ]
+    )
+    assert seam_ratio(spliced, clip_len=8) > 3.0
+
+
+def test_seam_ratio_sees_a_single_jump(shapes):
+    # A seam that repeats the previous clip's last frame pattern is still continuous; a
+    # clip that jumps back in time is not.
+    _world, traj = shapes
+    frames = traj.frames[:64].copy()
+    frames[32:40] = traj.frames[100:108]
+    assert seam_ratio(frames, clip_len=8) > seam_ratio(traj.frames[:64], clip_len=8) * 1.5
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="uint8"):
+        detect_objects(np.zeros((2, 8, 8, 3), np.float32), BOUNCING_PALETTE)
+    with pytest.raises(ValueError, match="more than one clip"):
+        seam_ratio(np.zeros((8, 8, 8, 3), np.uint8), clip_len=8)
+    with pytest.raises(ValueError, match="palette"):
+        count_accuracy(np.zeros((2, 8, 8, 3), np.uint8), 1)

@@ -1,0 +1,270 @@
+"""Checkpoints: safetensors files with the config, a format version and a model card inside.
+
+No pickle anywhere: tensors are safetensors, everything else is JSON in the file's metadata.
+A sha256 digest over the metadata and every tensor's name, dtype, shape and bytes is stored
+too, so a file that was truncated, corrupted or edited is refused with a clear error instead
+of loading garbage. Files are written to a temporary name and renamed, so an interrupted save
+never leaves a half file under the final name.
+
+    save("ckpt.safetensors", model, config, card={"data": "bouncing", "steps": 20000})
+    ckpt = load("ckpt.safetensors", expected_config=MyConfig)
+    model = MyModel(ckpt.config_as(MyConfig)); ckpt.load_into(model)
+
+``resolve(name_or_path)`` maps a shipped name (``larp-tiny``) to ``vidgen/assets/<name>
+.safetensors`` or accepts a path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import tempfile
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+import vidgen
+
+FORMAT = "vidgen-checkpoint"
+FORMAT_VERSION = 1
+SUFFIX = ".safetensors"
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+C = TypeVar("C")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, corrupted, or does not fit what it is loaded into."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded checkpoint. ``config`` is the plain dict form of the config dataclass named by
+    ``config_type``; ``sha256`` is the digest of the file's bytes (for provenance)."""
+
+    path: Path
+    config_type: str
+    config: dict[str, Any]
+    card: dict[str, Any]
+    tensors: dict[str, torch.Tensor] = field(repr=False)
+    format_version: int
+    vidgen_version: str
+    sha256: str
+
+    def config_as(self, cls: type[C]) -> C:
+        """The config as an instance of the dataclass ``cls`` (nested dataclasses too)."""
+        if _type_name(cls) != self.config_type:
+            raise CheckpointError(
+                f"{self.path} holds a {self.config_type} config, not a {_type_name(cls)}"
+            )
+        return _from_dict(cls, self.config)
+
+    def load_into(self, module: torch.nn.Module, prefix: str = "") -> None:
+        """Copy the tensors under ``prefix`` into ``module``; every parameter and buffer must
+        be present with the same shape, and no tensor may be left over."""
+        state = {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+        expected = module.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong = [
+            f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+            for k in sorted(set(state) & set(expected))
+            if state[k].shape != expected[k].shape
+        ]
+        if missing or unexpected or wrong:
+            raise CheckpointError(
+                f"{self.path} does not fit {type(module).__name__} (wrong architecture or "
+                f"size?): {_summary('missing', missing)}{_summary('unexpected', unexpected)}"
+                f"{_summary('shape mismatch', wrong)}".rstrip("; ")
+            )
+        module.load_state_dict(state, strict=True)
+
+
+def save(
+    path: str | os.PathLike,
+    tensors: torch.nn.Module | Mapping[str, torch.Tensor],
+    config: Any,
+    card: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``tensors`` (a module's state dict, or any name -> tensor mapping) with ``config``
+    (a dataclass instance) and a model ``card`` (JSON-serialisable) to ``path`` atomically."""
+    path = Path(path)
+    if path.suffix != SUFFIX:
+        raise ValueError(f"checkpoint path must end in {SUFFIX}, got {str(path)!r}")
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"config must be a dataclass instance, got {type(config).__name__}")
+    state = tensors.state_dict() if isinstance(tensors, torch.nn.Module) else dict(tensors)
+    state = _detached(state)
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "vidgen_version": vidgen.__version__,
+        "config_type": _type_name(type(config)),
+        "config": json.dumps(dataclasses.asdict(config), sort_keys=True),
+        "card": json.dumps(dict(card or {}), sort_keys=True, default=str),
+    }
+    metadata["digest"] = _digest(metadata, state)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load(name_or_path: str | os.PathLike, expected_config: type | None = None) -> Checkpoint:
+    """Load and verify a checkpoint (a shipped name or a path); with ``expected_config``,
+    refuse a checkpoint whose config is of another type."""
+    path = resolve(name_or_path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated?): {err}") from err
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a safetensors file but not a vidgen checkpoint")
+    version = int(metadata.get("format_version", "0"))
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format version {version}; this vidgen reads up to {FORMAT_VERSION}"
+            " (upgrade vidgen)"
+        )
+    stored = metadata.pop("digest", None)
+    if stored != _digest(metadata, tensors):
+        raise CheckpointError(
+            f"{path} does not match its stored digest: the file was corrupted or modified"
+        )
+    ckpt = Checkpoint(
+        path=path,
+        config_type=metadata["config_type"],
+        config=json.loads(metadata["config"]),
+        card=json.loads(metadata["card"]),
+        tensors=tensors,
+        format_version=version,
+        vidgen_version=metadata["vidgen_version"],
+        sha256=file_sha256(path),
+    )
+    if expected_config is not None and _type_name(expected_config) != ckpt.config_type:
+        raise CheckpointError(
+            f"{path} holds a {ckpt.config_type} checkpoint, expected {_type_name(expected_config)}"
+        )
+    return ckpt
+
+
+def assets_dir() -> Path:
+    """The folder of shipped checkpoints (package data)."""
+    return Path(str(resources.files("vidgen.assets")))
+
+
+def available() -> list[str]:
+    """Names of the shipped checkpoints."""
+    return sorted(p.name[: -len(SUFFIX)] for p in assets_dir().glob(f"*{SUFFIX}"))
+
+
+def resolve(name_or_path: str | os.PathLike) -> Path:
+    """A shipped checkpoint's name (``larp-tiny``) or a path -> the path of an existing file."""
+    text = os.fspath(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    looks_like_path = isinstance(name_or_path, os.PathLike) or "/" in text or text.endswith(SUFFIX)
+    if not looks_like_path and _NAME.match(text):
+        shipped = assets_dir() / f"{text}{SUFFIX}"
+        if shipped.is_file():
+            return shipped
+        names = ", ".join(available()) or "none"
+        raise CheckpointError(f"no shipped checkpoint named {text!r}; shipped: {names}")
+    raise CheckpointError(f"checkpoint file {text!r} does not exist")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _detached(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, and no two tensors sharing storage (safetensors refuses shared
+    storage; tied weights are saved twice and tied again by the module on load)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"tensors[{name!r}] must be a torch.Tensor, got {type(tensor)}")
+        t = tensor.detach().to("cpu").contiguous()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key in seen or t.numel() < t.untyped_storage().nbytes() // max(t.element_size(), 1):
+            t = t.clone()
+        seen.add((t.untyped_storage().data_ptr(), t.storage_offset()))
+        out[name] = t
+    return out
+
+
+def _digest(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256(json.dumps(dict(metadata), sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _type_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _summary(what: str, items: list[str], limit: int = 5) -> str:
+    if not items:
+        return ""
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return f"{what}: {', '.join(items[:limit])}{more}; "
+
+
+def _from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
+    """Rebuild a (possibly nested) dataclass from ``dataclasses.asdict`` output; keys the
+    dataclass does not have (a newer file) are refused rather than silently dropped."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise CheckpointError(f"config has fields {cls.__name__} does not know: {unknown}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints.get(name)
+        sub = _dataclass_in(hint)
+        if sub is not None and isinstance(value, Mapping):
+            value = _from_dict(sub, value)
+        elif typing.get_origin(hint) is tuple and isinstance(value, list):
+            value = tuple(value)  # JSON has no tuples
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass inside a type hint (``X`` or ``X | None``), if any."""
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return hint
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        for arg in typing.get_args(hint):
+            if isinstance(arg, type) and dataclasses.is_dataclass(arg):
+                return arg
+    return None

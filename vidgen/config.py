@@ -1,0 +1,91 @@
+"""Hydra configs: the structured-config schemas and composing a command's config.
+
+The schemas are the config dataclasses of the library (STYLE.md rule 2); the YAML files in
+``configs/`` (installed as ``vidgen.configs``) only set values. Each CLI command composes one
+top-level YAML with the user's ``key=value`` overrides through Hydra's compose API and gets
+back a typed dataclass instance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_module
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_MODULE = "vidgen.configs"
+
+
+class ConfigError(ValueError):
+    """A command's overrides do not compose into a valid config."""
+
+
+def register_schemas() -> None:
+    """Store every schema in Hydra's ConfigStore (idempotent). Group schemas are named
+    ``<group>_schema`` and a group's YAML files extend them through their defaults list."""
+    from vidgen.data.loader import DataConfig
+    from vidgen.data.preview import PreviewConfig
+    from vidgen.worlds.agent import AgentWorldConfig
+    from vidgen.worlds.bouncing import BouncingShapesConfig
+
+    cs = ConfigStore.instance()
+    cs.store(group="world", name="bouncing_schema", node=BouncingShapesConfig)
+    cs.store(group="world", name="agent_schema", node=AgentWorldConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(name="preview_schema", node=PreviewConfig)
+
+
+def compose_config(config_name: str | None, overrides: Sequence[str] = ()) -> DictConfig:
+    """The composed (untyped view of the) config ``configs/<config_name>.yaml``; with
+    ``None``, only what the overrides add (``+data=mix``)."""
+    register_schemas()
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
+            return hydra_compose(config_name=config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_describe(err)) from err
+
+
+def load_config(config_name: str, overrides: Sequence[str] = ()) -> Any:
+    """The composed config as its schema dataclass (validated by its ``__post_init__``)."""
+    cfg = compose_config(config_name, overrides)
+    try:
+        return OmegaConf.to_object(cfg)
+    except (OmegaConfBaseException, ValueError) as err:
+        raise ConfigError(_describe(err)) from err
+
+
+def load_group(group: str, option: str, overrides: Sequence[str] = ()) -> Any:
+    """One option of a config group as its schema dataclass: ``load_group("data", "mix",
+    ["data.batch_size=2"])``."""
+    cfg = compose_config(None, [f"+{group}={option}", *overrides])
+    try:
+        return OmegaConf.to_object(cfg[group])
+    except (OmegaConfBaseException, ValueError) as err:
+        raise ConfigError(_describe(err)) from err
+
+
+def _describe(err: BaseException) -> str:
+    """One readable line from a Hydra/OmegaConf error and its cause, without the search
+    path and key-context lines they append, and without the internal ``*_schema`` options."""
+    parts: list[str] = []
+    for e in (err, err.__cause__):
+        if e is None:
+            continue
+        for line in str(e).splitlines():
+            line = line.strip()
+            if line.startswith("Config search path"):
+                break
+            if not line or line.endswith("_schema") or line.startswith(_CONTEXT_LINES):
+                continue
+            if line not in parts:
+                parts.append(line)
+    return " ".join(parts) or type(err).__name__
+
+
+_CONTEXT_LINES = ("full_key:", "object_type=", "reference_type=", "provider=")

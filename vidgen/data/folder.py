@@ -1,0 +1,83 @@
+"""Clips of the user's own videos: every video file under a folder, at any resolution."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from vidgen.data.worlds import NO_LABEL, to_model_range
+from vidgen.io import VideoReadError, probe_video, read_video
+
+log = logging.getLogger(__name__)
+
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi")
+
+
+class VideoFolder(Dataset):
+    """Clips of ``clip_len`` frames every ``stride`` frames from each video under ``root``
+    (searched recursively), resized (shorter side) and centre-cropped to ``size``.
+
+    Every file is probed when the dataset is built, so a corrupt file fails at once with a
+    ``VideoReadError`` naming it instead of in the middle of training. Items have the same
+    keys as ``WorldClips``: ``video`` float32 (T, 3, H, W) in [-1, 1], ``label`` = NO_LABEL,
+    ``actions`` zeros, plus ``index`` (file number) and ``start``.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        clip_len: int = 8,
+        size: int | tuple[int, int] = 64,
+        stride: int | None = None,
+    ) -> None:
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"root {str(self.root)!r} is not a folder")
+        if clip_len < 1:
+            raise ValueError(f"clip_len must be >= 1, got {clip_len}")
+        stride = clip_len if stride is None else stride
+        if stride < 1:
+            raise ValueError(f"stride must be >= 1, got {stride}")
+        self.clip_len, self.size, self.stride = clip_len, size, stride
+        self.files = sorted(
+            p for p in self.root.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()
+        )
+        if not self.files:
+            raise FileNotFoundError(
+                f"no video files ({', '.join(VIDEO_SUFFIXES)}) under {str(self.root)!r}"
+            )
+        self.clips: list[tuple[int, int]] = []  # (file index, start frame)
+        for i, path in enumerate(tqdm(self.files, desc="probing videos", disable=None)):
+            info = probe_video(path)  # raises VideoReadError naming a corrupt file
+            if info.num_frames < clip_len:
+                log.warning(
+                    "%s has %d frames < clip_len=%d; skipped", path, info.num_frames, clip_len
+                )
+            self.clips.extend((i, s) for s in range(0, info.num_frames - clip_len + 1, stride))
+        if not self.clips:
+            raise ValueError(f"no video under {str(self.root)!r} has clip_len={clip_len} frames")
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        file_index, start = self.clips[index]
+        path = self.files[file_index]
+        try:
+            frames = read_video(path, start=start, num_frames=self.clip_len, size=self.size)
+        except VideoReadError:
+            raise
+        except Exception as err:  # decoding can fail past the probe (e.g. a corrupt packet)
+            raise VideoReadError(f"{path}: could not decode frames {start}+: {err}") from err
+        return {
+            "video": to_model_range(frames),
+            "label": torch.tensor(NO_LABEL, dtype=torch.int64),
+            "actions": torch.zeros(self.clip_len, dtype=torch.int64),
+            "index": torch.tensor(file_index, dtype=torch.int64),
+            "start": torch.tensor(start, dtype=torch.int64),
+        }

@@ -1,0 +1,92 @@
+"""The data config and the loaders built from it (``data=bouncing|agent|mix|folder``)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vidgen.data.folder import VideoFolder
+from vidgen.data.worlds import WORLDS, WorldClips
+from vidgen.worlds.agent import AgentWorldConfig
+from vidgen.worlds.bouncing import BouncingShapesConfig
+
+log = logging.getLogger(__name__)
+
+SOURCES = (*WORLDS, "mix", "folder")
+
+
+@dataclass
+class DataConfig:
+    """Where clips come from and how they are batched.
+
+    ``name`` is the source: a procedural world (``bouncing``, ``agent``), ``mix`` (both, an
+    ``agent_fraction`` of AgentWorld clips), or ``folder`` (every video under ``root``; eval
+    uses ``eval_root`` when given). ``size`` is the frame size for every source.
+    """
+
+    name: str = "bouncing"
+    clip_len: int = 8
+    size: int = 64
+    num_clips: int = 100_000
+    eval_clips: int = 256
+    seed: int = 0
+    batch_size: int = 8
+    num_workers: int = 0
+    root: str | None = None
+    eval_root: str | None = None
+    stride: int | None = None
+    agent_policy: str = "random"
+    agent_fraction: float = 0.5
+    bouncing: BouncingShapesConfig = field(default_factory=BouncingShapesConfig)
+    agent: AgentWorldConfig = field(default_factory=AgentWorldConfig)
+
+    def __post_init__(self) -> None:
+        if self.name not in SOURCES:
+            raise ValueError(f"data.name must be one of {list(SOURCES)}, got {self.name!r}")
+        if self.name == "folder" and not self.root:
+            raise ValueError("data=folder needs data.root=<folder of videos>")
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+
+
+def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
+    """The dataset of one split (``train`` or ``eval``) of a data config."""
+    if cfg.name == "folder":
+        root = cfg.root
+        if split == "eval":
+            if cfg.eval_root:
+                root = cfg.eval_root
+            else:
+                log.warning("data.eval_root is not set: evaluating on the training folder")
+        return VideoFolder(root, clip_len=cfg.clip_len, size=cfg.size, stride=cfg.stride)
+    return WorldClips(
+        world=cfg.name,
+        clip_len=cfg.clip_len,
+        num_clips=cfg.num_clips if split == "train" else cfg.eval_clips,
+        size=cfg.size,
+        seed=cfg.seed,
+        split=split,
+        bouncing=cfg.bouncing,
+        agent=cfg.agent,
+        agent_policy=cfg.agent_policy,
+        agent_fraction=cfg.agent_fraction,
+    )
+
+
+def make_loader(cfg: DataConfig, split: str = "train", shuffle: bool | None = None) -> DataLoader:
+    """Batches of dicts whose ``video`` is float32 (B, T, 3, H, W) in [-1, 1]. Shuffling is
+    seeded by ``cfg.seed``, so an epoch's order is reproducible."""
+    dataset = build_dataset(cfg, split)
+    train = split == "train"
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=train if shuffle is None else shuffle,
+        drop_last=train and len(dataset) >= cfg.batch_size,
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )

@@ -1,0 +1,124 @@
+"""Clip datasets over the procedural worlds.
+
+Item ``i`` is a pure function of (seed, split, i): its world, the world's seed and where in
+the world's (unbounded) video the clip starts. A dataset therefore needs no storage, any
+worker can make any item, and the ``eval`` split never shares a world seed with ``train``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from vidgen.worlds.agent import AgentWorldConfig, generate_trajectory
+from vidgen.worlds.bouncing import BouncingShapes, BouncingShapesConfig
+
+WORLDS = ("bouncing", "agent")
+SPLITS = {"train": 0, "eval": 1}
+NO_LABEL = -1  # label of clips that have none (AgentWorld, real videos)
+
+
+def item_seed(seed: int, split: str, index: int) -> int:
+    """The world seed of item ``index`` of a split: independent streams per (seed, split)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+    return int(np.random.SeedSequence([seed, SPLITS[split], index]).generate_state(1)[0])
+
+
+def to_model_range(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> float32 (T, 3, H, W) in [-1, 1]."""
+    video = torch.as_tensor(np.ascontiguousarray(frames))
+    return video.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8(video: torch.Tensor) -> torch.Tensor:
+    """float (..., T, 3, H, W) in [-1, 1] -> uint8 (..., T, H, W, 3); the inverse of
+    ``to_model_range`` up to rounding."""
+    frames = video.detach().float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+    return frames.movedim(-3, -1)
+
+
+class WorldClips(Dataset):
+    """Clips of ``clip_len`` frames from BouncingShapes, AgentWorld or a mix of both.
+
+    Each item is a dict: ``video`` float32 (T, 3, H, W) in [-1, 1]; ``label`` int64 (number of
+    shapes, or ``NO_LABEL``); ``actions`` int64 (T,), or float32 (T, 2) velocities when the
+    AgentWorld config is continuous (action t acts between frame t and t+1; zeros = noop for
+    BouncingShapes); ``world`` int64 index into
+    ``WORLDS``; ``seed`` int64 world seed; ``start`` int64 first frame index in that world.
+    """
+
+    def __init__(
+        self,
+        world: str = "bouncing",
+        clip_len: int = 8,
+        num_clips: int = 10_000,
+        size: int = 64,
+        seed: int = 0,
+        split: str = "train",
+        bouncing: BouncingShapesConfig | None = None,
+        agent: AgentWorldConfig | None = None,
+        agent_policy: str = "random",
+        agent_fraction: float = 0.5,
+        max_start: int = 512,
+    ) -> None:
+        if world not in (*WORLDS, "mix"):
+            raise ValueError(f"world must be one of {[*WORLDS, 'mix']}, got {world!r}")
+        if clip_len < 1 or num_clips < 1:
+            raise ValueError(
+                f"clip_len and num_clips must be >= 1, got clip_len={clip_len}, "
+                f"num_clips={num_clips}"
+            )
+        if not 0.0 <= agent_fraction <= 1.0:
+            raise ValueError(f"agent_fraction must be in [0, 1], got {agent_fraction}")
+        if max_start < 0:
+            raise ValueError(f"max_start must be >= 0, got {max_start}")
+        item_seed(seed, split, 0)  # validates split
+        self.world, self.clip_len, self.num_clips = world, clip_len, num_clips
+        self.seed, self.split, self.max_start = seed, split, max_start
+        # The dataset's size wins over the worlds' own so that a mix has one frame size.
+        self.bouncing = dataclasses.replace(bouncing or BouncingShapesConfig(), size=size)
+        self.agent = dataclasses.replace(agent or AgentWorldConfig(), size=size)
+        self.agent_policy, self.agent_fraction = agent_policy, agent_fraction
+        self._action_dtype = np.float32 if self.agent.continuous else np.int64
+
+    def __len__(self) -> int:
+        return self.num_clips
+
+    def world_of(self, index: int) -> str:
+        if self.world != "mix":
+            return self.world
+        rng = np.random.default_rng(item_seed(self.seed, self.split, index))
+        return "agent" if rng.random() < self.agent_fraction else "bouncing"
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < self.num_clips:
+            raise IndexError(f"index {index} out of range for {self.num_clips} clips")
+        seed = item_seed(self.seed, self.split, index)
+        rng = np.random.default_rng(seed)
+        world = self.world_of(index)
+        start = int(rng.integers(0, self.max_start + 1))
+        if world == "bouncing":
+            shapes = BouncingShapes(self.bouncing, seed=seed)
+            frames = shapes.trajectory(self.clip_len, start=start).frames
+            label = shapes.label
+            actions = np.zeros((self.clip_len, 2) if self.agent.continuous else self.clip_len)
+        else:
+            # AgentWorld is simulated from its start, so clips start within the first 64
+            # frames of an episode: that keeps items cheap and the policy's history short.
+            start = start % 64
+            traj = generate_trajectory(
+                self.agent, seed=seed, num_frames=start + self.clip_len, policy=self.agent_policy
+            )
+            frames, actions, label = traj.frames[start:], traj.actions[start:], NO_LABEL
+        return {
+            "video": to_model_range(frames),
+            "label": torch.tensor(label, dtype=torch.int64),
+            "actions": torch.as_tensor(np.asarray(actions, dtype=self._action_dtype)),
+            "world": torch.tensor(WORLDS.index(world), dtype=torch.int64),
+            "seed": torch.tensor(seed, dtype=torch.int64),
+            "start": torch.tensor(start, dtype=torch.int64),
+        }

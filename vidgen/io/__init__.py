@@ -1,0 +1,23 @@
+"""Video files: probe and read (PyAV-probed, decord-decoded), write (streaming, atomic), join."""
+
+from vidgen.io.video import (
+    DEFAULT_CRF,
+    VideoInfo,
+    VideoReadError,
+    VideoWriter,
+    concat_videos,
+    probe_video,
+    read_metadata,
+    read_video,
+)
+
+__all__ = [
+    "DEFAULT_CRF",
+    "VideoInfo",
+    "VideoReadError",
+    "VideoWriter",
+    "concat_videos",
+    "probe_video",
+    "read_metadata",
+    "read_video",
+]
