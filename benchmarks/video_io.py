@@ -1,15 +1,17 @@
-"""Throughput and quality of vidgen.io on a 64x64 bouncing-squares clip.
+"""Throughput and quality of the foundation: world rendering, mp4 writing and reading.
 
-Usage: python benchmarks/io.py [--frames N]   (default 512)
+Usage: python benchmarks/video_io.py [--frames N]   (default 512)
 
-Writes the clip in the default h264 mode and in lossless mode, reads the h264 file back with
-the decord and PyAV backends, and prints one JSON object as the last line. Times are the best
-of a few repeats; compare the ratio (decord_vs_pyav_read), not absolute figures, across
-machines (DESIGN.md section 8).
+Renders a 64x64 BouncingShapes clip (4 shapes) and an AgentWorld rollout, writes the clip in
+the default h264 mode and in lossless mode, reads the h264 file back with the decord and PyAV
+backends, times `vidgen data preview` end to end (render + encode + atomic rename), and prints
+one JSON object as its last line. Times are the best of a few repeats; compare ratios, not
+absolute figures, across machines (DESIGN.md section 8).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -21,36 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
+from vidgen.data.preview import PreviewConfig, preview
 from vidgen.io import DEFAULT_CRF, VideoWriter, read_video
+from vidgen.worlds import AgentWorldConfig, BouncingShapes, BouncingShapesConfig
+from vidgen.worlds.agent import generate_trajectory
 
-SIZE = 64
 REPEATS = 3
-BACKGROUND = (20, 20, 28)
-# (colour, side, start x, start y, velocity x, velocity y): saturated squares at 1-2 px a frame.
-SQUARES = [
-    ((220, 40, 40), 16, 3, 10, 1, 2),
-    ((40, 200, 60), 14, 40, 24, -2, 1),
-    ((50, 90, 230), 10, 50, 5, -1, -1),
-    ((235, 210, 40), 8, 20, 44, 2, -1),
-]
-
-
-def _bounce(start: int, velocity: int, t: int, span: int) -> int:
-    """Position after t frames moving between 0 and span, reflecting off both walls."""
-    period = 2 * span
-    p = (start + velocity * t) % period
-    return p if p <= span else period - p
-
-
-def bouncing_squares(num_frames: int) -> np.ndarray:
-    frames = np.empty((num_frames, SIZE, SIZE, 3), np.uint8)
-    frames[:] = BACKGROUND
-    for t in range(num_frames):
-        for colour, side, x0, y0, vx, vy in SQUARES:
-            x = _bounce(x0, vx, t, SIZE - side)
-            y = _bounce(y0, vy, t, SIZE - side)
-            frames[t, y : y + side, x : x + side] = colour
-    return frames
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -78,29 +56,36 @@ def write(path: Path, frames: np.ndarray, lossless: bool) -> None:
             writer.write(frame)
 
 
-def parse_frames(argv: list[str]) -> int:
-    if not argv:
-        return 512
-    if len(argv) == 2 and argv[0] == "--frames" and argv[1].isdigit() and int(argv[1]) > 0:
-        return int(argv[1])
-    sys.exit(f"usage: python benchmarks/io.py [--frames N]  (N a positive int), got {argv}")
-
-
 def main() -> None:
-    num_frames = parse_frames(sys.argv[1:])
-    frames = bouncing_squares(num_frames)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=512, help="frames per clip (> 0)")
+    num_frames = parser.parse_args().frames
+    if num_frames < 1:
+        parser.error(f"--frames must be > 0, got {num_frames}")
+
+    world = BouncingShapes(BouncingShapesConfig(num_shapes=4), seed=0)
+    t_render, traj = best_seconds(lambda: world.trajectory(num_frames))
+    frames = traj.frames
+    t_agent, _ = best_seconds(
+        lambda: generate_trajectory(AgentWorldConfig(), seed=0, num_frames=num_frames)
+    )
     with tempfile.TemporaryDirectory() as tmp:
         h264, lossless = Path(tmp) / "h264.mp4", Path(tmp) / "lossless.mp4"
-        print(f"writing {num_frames} frames of {SIZE}x{SIZE}", file=sys.stderr)
+        print(f"writing {num_frames} frames of 64x64", file=sys.stderr)
         t_h264, _ = best_seconds(lambda: write(h264, frames, lossless=False))
         t_lossless, _ = best_seconds(lambda: write(lossless, frames, lossless=True))
         print("reading back", file=sys.stderr)
         t_decord, via_decord = best_seconds(lambda: read_video(h264, backend="decord").numpy())
         t_pyav, via_pyav = best_seconds(lambda: read_video(h264, backend="pyav").numpy())
         exact = np.array_equal(read_video(lossless, backend="decord").numpy(), frames)
+        cfg = PreviewConfig(world=BouncingShapesConfig(), frames=num_frames, out=f"{tmp}/p.mp4")
+        t_preview, _ = best_seconds(lambda: preview(cfg))
         result = {
             "frames": num_frames,
             "crf": DEFAULT_CRF,
+            "render_fps_bouncing": round(num_frames / t_render, 1),
+            "render_fps_agent": round(num_frames / t_agent, 1),
+            "preview_fps": round(num_frames / t_preview, 1),
             "write_fps_h264": round(num_frames / t_h264, 1),
             "write_fps_lossless": round(num_frames / t_lossless, 1),
             "read_fps_decord": round(num_frames / t_decord, 1),
@@ -108,7 +93,7 @@ def main() -> None:
             "decord_vs_pyav_read": round(t_pyav / t_decord, 3),
             "bytes_per_frame_h264": round(h264.stat().st_size / num_frames, 1),
             "bytes_per_frame_lossless": round(lossless.stat().st_size / num_frames, 1),
-            "psnr_h264": round(psnr(via_decord, frames), 2),
+            "psnr_h264_rgb": round(psnr(via_decord, frames), 2),
             "psnr_h264_luma": round(psnr(luma(via_decord), luma(frames)), 2),
             "decord_equals_pyav_h264": bool(np.array_equal(via_decord, via_pyav)),
             "lossless_bit_exact": exact,
