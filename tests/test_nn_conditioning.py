@@ -1,0 +1,82 @@
+import pytest
+import torch
+from torch import nn
+
+from vidgen.nn import (
+    NULL,
+    ActionEmbedding,
+    AdaLNZeroResidual,
+    FrameCondition,
+    LabelEmbedding,
+    TimestepEmbedding,
+    randomize_,
+)
+
+
+def branch(dim: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+
+
+def test_adaln_zero_is_identity_at_init_and_random_is_not():
+    torch.manual_seed(0)
+    block = AdaLNZeroResidual(16, 8, branch(16))
+    x, cond = torch.randn(2, 3, 5, 16), torch.randn(2, 3, 8)
+    assert torch.equal(block(x, cond), x)
+    randomize_(block, seed=1)
+    out = block(x, cond)
+    assert (out - x).std() > 0.1
+    # The modulation is per frame: changing frame 1's condition changes only frame 1.
+    cond2 = cond.clone()
+    cond2[:, 1] += 1.0
+    diff = (block(x, cond2) - out).abs().amax(dim=(0, 2, 3))
+    assert diff[1] > 1e-3 and diff[0] == 0 and diff[2] == 0
+
+
+def test_timestep_embedding_distinguishes_timesteps():
+    emb = randomize_(TimestepEmbedding(32), seed=0)
+    out = emb(torch.tensor([0.0, 1.0, 500.0]))
+    assert out.shape == (3, 32)
+    assert (out[0] - out[1]).abs().max() > 1e-3 and (out[1] - out[2]).abs().max() > 1e-3
+
+
+def test_label_embedding_null_and_drop():
+    emb = randomize_(LabelEmbedding(4, 8), seed=0)
+    labels = torch.tensor([0, 3, NULL])
+    out = emb(labels)
+    torch.testing.assert_close(out[2], emb.table.weight[4])
+    dropped = emb(labels, drop=torch.tensor([True, False, False]))
+    torch.testing.assert_close(dropped[0], emb.table.weight[4])
+    torch.testing.assert_close(dropped[1], out[1])
+    with pytest.raises(ValueError, match="labels must be in"):
+        emb(torch.tensor([4]))
+
+
+def test_discrete_and_continuous_actions():
+    disc = randomize_(ActionEmbedding(8, num_actions=5), seed=0)
+    a = torch.tensor([[0, 4, NULL]])
+    out = disc(a)
+    assert out.shape == (1, 3, 8)
+    torch.testing.assert_close(out[0, 2], disc.table.weight[5])
+    cont = randomize_(ActionEmbedding(8, action_dim=2), seed=0)
+    v = torch.tensor([[[0.5, -1.0], [0.0, 0.0]]])
+    out = cont(v, drop=torch.tensor([[False, True]]))
+    torch.testing.assert_close(out[0, 1], cont.null)
+    assert (out[0, 0] - cont.null).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="exactly one"):
+        ActionEmbedding(8)
+
+
+def test_frame_condition_sums_per_frame():
+    cond = randomize_(FrameCondition(16, num_classes=4, num_actions=5), seed=0)
+    t = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    labels, actions = torch.tensor([2]), torch.tensor([[1, 2, 3, 4]])
+    out = cond(t, labels, actions)
+    assert out.shape == (1, 4, 16)
+    expected = cond.timestep(t) + cond.label(labels)[:, None] + cond.action(actions)
+    torch.testing.assert_close(out, expected)
+    # No label/actions given = the null condition, which differs from a real one (CFG).
+    null = cond(t)
+    torch.testing.assert_close(null, cond(t, torch.tensor([NULL]), torch.full((1, 4), NULL)))
+    assert (null - out).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="without labels"):
+        FrameCondition(16)(t, labels)

@@ -1,0 +1,204 @@
+"""One attention entry point for every model, over several backends.
+
+    out = attention(q, k, v, mask=None, backend="auto")   # q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D)
+
+``mask`` is a boolean (B or 1, 1, Lq or 1, Lk) tensor (True = may attend; a (B, 1, 1, Lk) key
+padding mask broadcasts over queries) or a FlexAttention
+``BlockMask``. Backends (DESIGN.md section 5):
+
+- ``sdpa``: torch ``scaled_dot_product_attention``, the default. With no mask it runs the
+  fused flash/efficient kernels; cached inference of full caches needs no mask.
+- ``flex``: FlexAttention, for block-causal training on GPU, where it is compiled (the
+  compiled kernel skips masked tiles); on CPU it runs eagerly (tests).
+- ``xformers``: ``memory_efficient_attention``, only when its compiled extension loads and
+  the tensors are on CUDA.
+- ``math``: an explicit softmax(QK^T)V in the input dtype: the readable reference.
+- ``auto``: ``flex`` for a ``BlockMask``, else ``sdpa``.
+
+Asking for a backend that cannot run raises ``BackendUnavailable`` saying why; nothing falls
+back silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from vidgen.nn.masks import to_block_mask
+
+Backend = Literal["auto", "sdpa", "flex", "xformers", "math"]
+BACKENDS: tuple[str, ...] = ("sdpa", "flex", "xformers", "math")
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested attention backend cannot run here; the message says why."""
+
+
+@functools.cache
+def _flex_import_error() -> str | None:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError as err:
+        return f"FlexAttention needs torch >= 2.5 ({err})"
+    return None
+
+
+@functools.cache
+def _xformers_import_error() -> str | None:
+    try:
+        import xformers.ops  # noqa: F401
+        from xformers.ops import fmha
+    except ImportError as err:
+        return f"xformers is not installed (pip install 'vidgen[gpu]'): {err}"
+    except Exception as err:  # its extension can fail to load against another torch build
+        return f"xformers failed to load its compiled extension: {err}"
+    try:
+        if not fmha.cutlass.FwOp.is_available() and not fmha.flash.FwOp.is_available():
+            return "xformers loaded but none of its attention kernels is built for this torch"
+    except Exception as err:
+        return f"xformers kernels could not be queried: {err}"
+    return None
+
+
+def backend_unavailable_reason(backend: str, device: torch.device | str = "cpu") -> str | None:
+    """Why ``backend`` cannot run on ``device``, or None if it can."""
+    device = torch.device(device)
+    if backend in ("sdpa", "math"):
+        return None
+    if backend == "flex":
+        return _flex_import_error()
+    if backend == "xformers":
+        if device.type != "cuda":
+            return f"xformers kernels need CUDA tensors, got device {device}"
+        return _xformers_import_error()
+    raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """The backends that can run on ``device``."""
+    return [b for b in BACKENDS if backend_unavailable_reason(b, device) is None]
+
+
+def _is_block_mask(mask: Any) -> bool:
+    return type(mask).__name__ == "BlockMask"
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> None:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            "q, k, v must be (B, heads, L, head_dim), got shapes "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"k and v must match each other and q in batch and head_dim: q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
+    if mask is None or _is_block_mask(mask):
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.ndim != 4:
+        raise ValueError(
+            "mask must be None, a boolean (B or 1, 1, Lq, Lk) tensor or a FlexAttention "
+            f"BlockMask, got {type(mask).__name__} {getattr(mask, 'dtype', '')}"
+        )
+    lq, lk = q.shape[2], k.shape[2]
+    b, one, mq, mk = mask.shape
+    if b not in (1, q.shape[0]) or one != 1 or mq not in (1, lq) or mk != lk:
+        raise ValueError(
+            f"mask must be ({q.shape[0]} or 1, 1, {lq} or 1, {lk}), got {tuple(mask.shape)}"
+        )
+
+
+def _repeat_kv(k: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped-query attention: each kv head serves heads // kv_heads query heads."""
+    groups = heads // k.shape[1]
+    if groups == 1:
+        return k, v
+    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+
+
+def _math(q, k, v, mask, scale: float) -> torch.Tensor:
+    k, v = _repeat_kv(k, v, q.shape[1])
+    scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, Lq, Lk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+def _sdpa(q, k, v, mask, scale: float) -> torch.Tensor:
+    k, v = _repeat_kv(k, v, q.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(q, k, v, mask, scale: float) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if isinstance(mask, torch.Tensor):
+        mask = to_block_mask(mask.expand(-1, -1, q.shape[2], -1))
+    enable_gqa = q.shape[1] != k.shape[1]
+    if q.is_cuda:
+        return _compiled_flex()(q, k, v, block_mask=mask, scale=scale, enable_gqa=enable_gqa)
+    with warnings.catch_warnings():
+        # Eager FlexAttention on CPU is the intended test path, not a mistake to warn about.
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile")
+        return flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=enable_gqa)
+
+
+def _xformers(q, k, v, mask, scale: float) -> torch.Tensor:
+    from xformers.ops import memory_efficient_attention
+
+    if _is_block_mask(mask):
+        raise BackendUnavailable("xformers cannot take a FlexAttention BlockMask; pass a bool mask")
+    k, v = _repeat_kv(k, v, q.shape[1])
+    bias = None
+    if mask is not None:
+        b, h, lq, lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        # xformers wants the bias's last dim 8-aligned in memory: allocate padded, slice.
+        padded = torch.zeros(b, h, lq, (lk + 7) // 8 * 8, dtype=q.dtype, device=q.device)
+        bias = padded[..., :lk]
+        bias.masked_fill_(~mask.expand(b, h, lq, lk), float("-inf"))
+    out = memory_efficient_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias, scale=scale
+    )
+    return out.transpose(1, 2)
+
+
+_IMPLEMENTATIONS = {"sdpa": _sdpa, "flex": _flex, "xformers": _xformers, "math": _math}
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Any = None,
+    backend: Backend | str = "auto",
+    scale: float | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v over (B, heads, L, head_dim); returns (B, Hq, Lq, D).
+    ``scale`` defaults to 1/sqrt(head_dim). See the module docstring for masks and backends."""
+    _check(q, k, v, mask)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if backend == "auto":
+        backend = "flex" if _is_block_mask(mask) else "sdpa"
+    elif backend not in _IMPLEMENTATIONS:
+        raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
+    reason = backend_unavailable_reason(backend, q.device)
+    if reason is not None:
+        raise BackendUnavailable(f"attention backend {backend!r} is unavailable: {reason}")
+    if _is_block_mask(mask) and backend != "flex":
+        raise ValueError(f"a FlexAttention BlockMask needs backend 'flex', got {backend!r}")
+    return _IMPLEMENTATIONS[backend](q, k, v, mask, scale)

@@ -1,0 +1,259 @@
+"""The KV window cache: per-layer K/V of the last ``window`` frames of a batch of streams.
+
+Models declare, workers allocate (STYLE.md rule 6): a model exposes a frozen ``CacheSpec``;
+the actor builds a ``KVCache`` from it, sized ahead for ``max_streams`` streams, and passes it
+to the model explicitly. The cache is a value handed in and out, never stored on a module.
+
+Semantics (DESIGN.md section 3):
+- Reading (``read``, ``positions``, ``key_mask``) never changes anything, so every denoising
+  or block step of a clip reads the same cache.
+- Only ``append`` (the write pass, once per finished clip) changes it. It appends the clip's
+  K/V for every layer at once and evicts whole clips, oldest first, until the window has room.
+- Storage is a preallocated ring per stream: an append writes only the new clip's frame
+  slots and never copies the window. Slots are read in ring order, not time order; that is
+  fine because attention is order-free over keys once each key carries its own position.
+- Keys are stored unrotated. ``positions`` gives each slot's frame position relative to the
+  oldest frame in the window, so RoPE is applied after reading and eviction never
+  invalidates a stored key.
+
+Axis letters: ``l`` layers, ``s`` stream slots, ``h`` kv heads, ``w`` frame slots of the
+window, ``n`` tokens per frame, ``d`` head dim, ``f`` frames of one clip.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What a model's cache needs; enough to size its memory before any stream exists."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    tokens_per_frame: int
+    window: int  # frames
+    dtype: torch.dtype = torch.float32
+    max_streams: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "kv_heads", "head_dim", "tokens_per_frame", "window", "max_streams"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"CacheSpec.{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def bytes_per_frame(self) -> int:
+        """K and V bytes of one frame of one stream, all layers."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.layers * self.kv_heads * self.tokens_per_frame * self.head_dim * itemsize
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole preallocated K/V storage."""
+        return self.bytes_per_frame * self.window * self.max_streams
+
+
+@dataclass
+class _Chunk:
+    start_slot: int
+    first_frame: int
+    frames: int
+
+
+class KVCache:
+    """Preallocated ring storage for the K/V of up to ``spec.max_streams`` streams.
+
+    >>> cache = KVCache(spec); s = cache.add_stream()
+    >>> k, v = cache.read(layer=0, streams=[s])         # (1, h, w, n, d) each
+    >>> cache.append([s], k_clip, v_clip)               # (l, 1, h, f, n, d) each
+    """
+
+    def __init__(self, spec: CacheSpec, device: torch.device | str | None = None) -> None:
+        self.spec = spec
+        shape = (
+            spec.layers,
+            spec.max_streams,
+            spec.kv_heads,
+            spec.window,
+            spec.tokens_per_frame,
+            spec.head_dim,
+        )
+        self.k = torch.zeros(shape, dtype=spec.dtype, device=device)
+        self.v = torch.zeros(shape, dtype=spec.dtype, device=device)
+        # Absolute frame index held by each frame slot; -1 = empty.
+        self.frame_index = torch.full(
+            (spec.max_streams, spec.window), -1, dtype=torch.int64, device=device
+        )
+        self._chunks: dict[int, deque[_Chunk]] = {}
+        self._head: dict[int, int] = {}
+        self._next_frame: dict[int, int] = {}
+
+    # --- streams -----------------------------------------------------------------------
+
+    @property
+    def streams(self) -> list[int]:
+        return sorted(self._chunks)
+
+    def add_stream(self, first_frame: int = 0) -> int:
+        """Claim a free slot for a new stream whose next frame is ``first_frame``."""
+        free = [s for s in range(self.spec.max_streams) if s not in self._chunks]
+        if not free:
+            raise RuntimeError(
+                f"cache is full: all {self.spec.max_streams} stream slots are in use"
+            )
+        slot = free[0]
+        self._chunks[slot], self._head[slot], self._next_frame[slot] = deque(), 0, first_frame
+        self.frame_index[slot] = -1
+        return slot
+
+    def remove_stream(self, stream: int) -> None:
+        self._check_streams([stream])
+        del self._chunks[stream], self._head[stream], self._next_frame[stream]
+        self.frame_index[stream] = -1
+
+    def length(self, stream: int) -> int:
+        """Frames currently held for ``stream``."""
+        self._check_streams([stream])
+        return sum(c.frames for c in self._chunks[stream])
+
+    def next_frame(self, stream: int) -> int:
+        """Absolute index of the next frame ``stream`` will append."""
+        self._check_streams([stream])
+        return self._next_frame[stream]
+
+    # --- reading (never mutates) ---------------------------------------------------------
+
+    def read(self, layer: int, streams: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of ``layer`` for ``streams``: (b, h, w, n, d) each, slots in ring order.
+        Views when ``streams`` are consecutive slots, copies otherwise."""
+        idx = self._check_streams(streams)
+        if list(streams) == list(range(streams[0], streams[0] + len(streams))):
+            sel = slice(streams[0], streams[0] + len(streams))
+            return self.k[layer, sel], self.v[layer, sel]
+        return self.k[layer].index_select(0, idx), self.v[layer].index_select(0, idx)
+
+    def valid(self, streams: Sequence[int]) -> torch.Tensor:
+        """(b, w) bool: which frame slots hold a frame."""
+        return self.frame_index.index_select(0, self._check_streams(streams)) >= 0
+
+    def window_start(self, stream: int) -> int:
+        """Absolute index of the oldest frame held (the next frame when empty)."""
+        self._check_streams([stream])
+        chunks = self._chunks[stream]
+        return chunks[0].first_frame if chunks else self._next_frame[stream]
+
+    def positions(self, streams: Sequence[int]) -> torch.Tensor:
+        """(b, w) int64 frame position of each slot relative to its stream's window start
+        (0 in empty slots, which ``key_mask`` hides)."""
+        idx = self._check_streams(streams)
+        start = torch.tensor([self.window_start(s) for s in streams], device=idx.device)
+        frames = self.frame_index.index_select(0, idx)
+        return torch.where(frames >= 0, frames - start[:, None], 0)
+
+    def query_positions(self, streams: Sequence[int], num_frames: int) -> torch.Tensor:
+        """(b, f) window-relative positions of the next ``num_frames`` frames of each stream."""
+        self._check_streams(streams)
+        offset = [self._next_frame[s] - self.window_start(s) for s in streams]
+        offset_t = torch.tensor(offset, device=self.frame_index.device)
+        return offset_t[:, None] + torch.arange(num_frames, device=offset_t.device)
+
+    def key_mask(self, streams: Sequence[int]) -> torch.Tensor | None:
+        """(b, 1, 1, w*n) bool over the flattened (w n) cache keys, or None when every slot
+        of every stream is full (then attention needs no mask and runs fused)."""
+        valid = self.valid(streams)
+        if valid.all():
+            return None
+        keys = valid[:, :, None].expand(-1, -1, self.spec.tokens_per_frame)
+        return keys.reshape(len(streams), 1, 1, -1)
+
+    # --- the write pass ---------------------------------------------------------------
+
+    def append(self, streams: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append one clip per stream: k, v (l, b, h, f, n, d). Evicts whole clips, oldest
+        first, until the clip fits; writes only the clip's slots."""
+        self._check_streams(streams)
+        spec = self.spec
+        want = (spec.layers, len(streams), spec.kv_heads)
+        tail = (spec.tokens_per_frame, spec.head_dim)
+        if k.shape != v.shape or tuple(k.shape[:3]) != want or tuple(k.shape[4:]) != tail:
+            raise ValueError(
+                f"k and v must be (layers={want[0]}, b={want[1]}, kv_heads={want[2]}, f, "
+                f"n={tail[0]}, d={tail[1]}), got {tuple(k.shape)} and {tuple(v.shape)}"
+            )
+        frames = k.shape[3]
+        if not 1 <= frames <= spec.window:
+            raise ValueError(f"a clip must have 1..window={spec.window} frames, got {frames}")
+        for b, stream in enumerate(streams):
+            self._evict(stream, frames)
+            head = self._head[stream]
+            slots = (head + torch.arange(frames, device=self.k.device)) % spec.window
+            self.k[:, stream, :, slots] = k[:, b].to(self.k.dtype)
+            self.v[:, stream, :, slots] = v[:, b].to(self.v.dtype)
+            first = self._next_frame[stream]
+            self.frame_index[stream, slots] = first + torch.arange(frames, device=slots.device)
+            self._chunks[stream].append(_Chunk(head, first, frames))
+            self._head[stream] = (head + frames) % spec.window
+            self._next_frame[stream] = first + frames
+
+    def _evict(self, stream: int, frames: int) -> None:
+        chunks = self._chunks[stream]
+        while self.spec.window - sum(c.frames for c in chunks) < frames:
+            old = chunks.popleft()
+            slots = (old.start_slot + torch.arange(old.frames)) % self.spec.window
+            self.frame_index[stream, slots.to(self.frame_index.device)] = -1
+
+    # --- memory and snapshots ------------------------------------------------------------
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the preallocated K/V storage (constant for the cache's lifetime)."""
+        return self.k.nbytes + self.v.nbytes
+
+    def stream_nbytes(self, stream: int) -> int:
+        """K/V bytes ``stream`` occupies: grows with its frames until the window is full,
+        then stays constant."""
+        return self.length(stream) * self.spec.bytes_per_frame
+
+    def snapshot(self, stream: int) -> dict[str, torch.Tensor]:
+        """The stream's cache as plain CPU tensors (safetensors-ready): its K/V ring, slot
+        frame indices, and the ring bookkeeping."""
+        self._check_streams([stream])
+        chunks = self._chunks[stream]
+        return {
+            "k": self.k[:, stream].detach().to("cpu", copy=True),
+            "v": self.v[:, stream].detach().to("cpu", copy=True),
+            "frame_index": self.frame_index[stream].to("cpu", copy=True),
+            "chunks": torch.tensor(
+                [[c.start_slot, c.first_frame, c.frames] for c in chunks], dtype=torch.int64
+            ).reshape(-1, 3),
+            "head": torch.tensor(self._head[stream], dtype=torch.int64),
+            "next_frame": torch.tensor(self._next_frame[stream], dtype=torch.int64),
+        }
+
+    def load(self, stream: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore a ``snapshot`` into an existing stream slot."""
+        self._check_streams([stream])
+        shape = tuple(self.k[:, stream].shape)
+        for name in ("k", "v"):
+            if name not in tensors or tuple(tensors[name].shape) != shape:
+                got = tuple(tensors[name].shape) if name in tensors else "missing"
+                raise ValueError(f"snapshot {name} must have shape {shape}, got {got}")
+        self.k[:, stream] = tensors["k"].to(self.k.device, self.k.dtype)
+        self.v[:, stream] = tensors["v"].to(self.v.device, self.v.dtype)
+        self.frame_index[stream] = tensors["frame_index"].to(self.frame_index.device)
+        self._chunks[stream] = deque(_Chunk(*map(int, row)) for row in tensors["chunks"].tolist())
+        self._head[stream] = int(tensors["head"])
+        self._next_frame[stream] = int(tensors["next_frame"])
+
+    def _check_streams(self, streams: Sequence[int]) -> torch.Tensor:
+        if len(streams) == 0:
+            raise ValueError("streams must not be empty")
+        unknown = [s for s in streams if s not in self._chunks]
+        if unknown:
+            raise KeyError(f"streams {unknown} are not in the cache (active: {self.streams})")
+        return torch.tensor(list(streams), dtype=torch.int64, device=self.frame_index.device)

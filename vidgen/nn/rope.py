@@ -1,0 +1,82 @@
+"""Rotary position embeddings (RoPE), applied to queries and keys *after* the cache is read.
+
+Keys are cached unrotated. Each attention call rotates them with positions relative to the
+start of the current window, so evicting a clip never invalidates a cached key and no video
+runs out of positions: q·k under RoPE depends only on the difference of the two positions,
+so window-relative positions give the same attention as absolute ones (DESIGN.md section 5).
+
+Axis letters: ``l`` sequence, ``d`` head dim (split in two halves that rotate together).
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEFAULT_THETA = 10_000.0
+
+
+def rope_angles(positions: torch.Tensor, dim: int, theta: float = DEFAULT_THETA) -> torch.Tensor:
+    """(..., dim/2) float64 rotation angles ``position * theta^(-2i/dim)`` for any (int or
+    float) positions of shape (...). float64 because a float32 angle of a large absolute
+    position (the banded reference over a long history) is only accurate to ~1e-2 rad."""
+    if dim % 2:
+        raise ValueError(f"RoPE dim must be even, got {dim}")
+    inv_freq = theta ** (
+        -torch.arange(0, dim, 2, device=positions.device, dtype=torch.float64) / dim
+    )
+    return positions.to(torch.float64)[..., None] * inv_freq
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate (..., L, D) by angles broadcastable to (..., L, D/2) (rotate-half convention:
+    dims i and i + D/2 form a pair)."""
+    half = x.shape[-1] // 2
+    if angles.shape[-1] != half:
+        raise ValueError(f"angles must end in head_dim/2 = {half}, got {tuple(angles.shape)}")
+    cos, sin = angles.cos().float(), angles.sin().float()  # trig in float64, then float32
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.to(x.dtype)
+
+
+class RoPE1D:
+    """1-D RoPE over one position per token (frame index, or token index)."""
+
+    def __init__(self, dim: int, theta: float = DEFAULT_THETA) -> None:
+        if dim % 2:
+            raise ValueError(f"RoPE1D dim must be even, got {dim}")
+        self.dim, self.theta = dim, theta
+
+    def angles(self, positions: torch.Tensor) -> torch.Tensor:
+        """(..., L) positions -> (..., L, dim/2) angles."""
+        return rope_angles(positions, self.dim, self.theta)
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return apply_rope(x, self.angles(positions))
+
+
+class RoPE3D:
+    """3-D RoPE: the head dim is split into (time, height, width) parts, each rotated by its
+    own coordinate. Default split: height and width get 2*(dim//6) each, time the rest."""
+
+    def __init__(
+        self, dim: int, split: tuple[int, int, int] | None = None, theta: float = DEFAULT_THETA
+    ) -> None:
+        if split is None:
+            side = 2 * (dim // 6)
+            split = (dim - 2 * side, side, side)
+        if sum(split) != dim or any(s <= 0 or s % 2 for s in split):
+            raise ValueError(
+                f"split must be three positive even parts summing to {dim}, got {split}"
+            )
+        self.dim, self.split, self.theta = dim, tuple(split), theta
+
+    def angles(self, t: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Coordinates of shape (..., L) each -> (..., L, dim/2) angles."""
+        parts = [rope_angles(p, d, self.theta) for p, d in zip((t, h, w), self.split, strict=True)]
+        return torch.cat(parts, dim=-1)
+
+    def __call__(
+        self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor, w: torch.Tensor
+    ) -> torch.Tensor:
+        return apply_rope(x, self.angles(t, h, w))
