@@ -7,6 +7,9 @@ package ``vidgen.configs`` so that editable and regular installs find it the sam
 from setuptools import find_packages, setup
 
 setup(
-    packages=[*find_packages(include=["vidgen", "vidgen.*", "workers", "workers.*"]), "vidgen.configs"],
+    packages=[
+        *find_packages(include=["vidgen", "vidgen.*", "workers", "workers.*"]),
+        "vidgen.configs",
+    ],
     package_dir={"vidgen.configs": "configs"},
 )

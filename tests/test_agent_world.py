@@ -64,9 +64,14 @@ def _centroids(frames: np.ndarray, colour: tuple[int, int, int]) -> tuple[np.nda
 
 
 def test_import_vidgen_registers_the_env_and_reimport_does_not_raise() -> None:
-    import vidgen
+    import subprocess
+    import sys
+
     import vidgen.envs
 
+    # A fresh interpreter that imports only the top-level package must find the env.
+    code = f"import gymnasium, vidgen; gymnasium.make({ENV_ID!r}).reset(seed=0)"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     assert ENV_ID in gymnasium.registry
     importlib.reload(vidgen.envs)
     assert gymnasium.registry[ENV_ID].max_episode_steps == 1000
@@ -353,3 +358,29 @@ def test_custom_policy_and_action_layout() -> None:
         generate_trajectory(None, 0, 5, "teleport")
     with pytest.raises(ValueError, match="num_frames"):
         generate_trajectory(None, 0, 0)
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_action_t_moves_the_agent_from_frame_t_to_t_plus_1(continuous: bool) -> None:
+    cfg = AgentWorldConfig(continuous=continuous)
+    traj = generate_trajectory(cfg, seed=4, num_frames=400, policy="random")
+    world = AgentWorld(cfg, seed=4)
+    state = world.reset()
+    for t in range(len(traj.actions) - 1):
+        np.testing.assert_array_equal(np.asarray(state.agent_centre), traj.agent[t])
+        state = world.step(traj.actions[t])  # replaying action t must give frame t+1
+    np.testing.assert_array_equal(np.asarray(state.agent_centre), traj.agent[-1])
+    moved = np.abs(np.diff(traj.agent, axis=0)).sum(axis=1) > 0
+    assert moved.mean() > 0.3  # the replay is not trivially satisfied by a still agent
+
+
+def test_iter_trajectory_pieces_equal_the_whole() -> None:
+    from vidgen.worlds.agent import iter_trajectory
+
+    whole = generate_trajectory(None, seed=2, num_frames=70, policy="push")
+    pieces = list(iter_trajectory(None, seed=2, num_frames=70, policy="push", chunk=16))
+    assert [len(p.frames) for p in pieces] == [16, 16, 16, 16, 6]
+    for name in ("frames", "actions", "agent", "box"):
+        np.testing.assert_array_equal(
+            np.concatenate([getattr(p, name) for p in pieces]), getattr(whole, name)
+        )

@@ -63,8 +63,25 @@ def test_frames_use_only_palette_colours_and_shapes_stay_inside():
         # the shape's exact area up to rasterisation.
         area = EXACT_AREA[world.shapes[i]] * world.radii[i] ** 2
         areas = mask.sum(axis=(1, 2))[clean]
-        assert clean.sum() > 100
+        assert clean.sum() > 50
         assert np.abs(areas / area - 1).max() < 0.2
+
+
+def test_every_shape_bounces_where_its_outline_meets_the_wall():
+    # Triangles and squares reach less far than their radius; they must still bounce on
+    # contact, not off empty space.
+    world = BouncingShapes(BouncingShapesConfig(num_shapes=4, min_speed=1.5), seed=2)
+    traj = world.trajectory(1500)
+    assert set(world.shapes) >= {"triangle"}
+    for i, name in enumerate(world.colours):
+        mask = (traj.frames == np.array(OBJECT_COLOURS[name], dtype=np.uint8)).all(-1)
+        for axis, reduce_axis in ((0, 1), (1, 2)):  # x: columns, y: rows
+            flips = np.nonzero(np.diff(np.sign(traj.velocities[:, i, axis])))[0]
+            assert len(flips) > 2
+            for t in flips:
+                covered = mask[t : t + 2].any(axis=reduce_axis).any(axis=0)  # (size,)
+                edge = np.nonzero(covered)[0]
+                assert edge.min() <= 1 or edge.max() >= world.config.size - 2, (name, axis, t)
 
 
 def test_iter_frames_matches_trajectory():

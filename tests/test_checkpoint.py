@@ -56,6 +56,24 @@ def test_round_trip(saved):
         assert torch.equal(a, b), name
 
 
+def test_scalar_tensors_are_saved(tmp_path):
+    model = torch.nn.BatchNorm1d(3)  # its num_batches_tracked buffer is 0-dimensional
+    model.register_parameter("temperature", torch.nn.Parameter(torch.tensor(0.7)))
+    checkpoint.save(tmp_path / "bn.safetensors", model, OtherConfig())
+    fresh = torch.nn.BatchNorm1d(3)
+    fresh.register_parameter("temperature", torch.nn.Parameter(torch.tensor(1.0)))
+    checkpoint.load(tmp_path / "bn.safetensors").load_into(fresh)
+    assert fresh.temperature.item() == pytest.approx(0.7)
+
+
+def test_newer_format_version_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", checkpoint.FORMAT_VERSION + 1)
+    checkpoint.save(tmp_path / "new.safetensors", make_model(), OtherConfig())
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match="format version 2.*upgrade"):
+        checkpoint.load(tmp_path / "new.safetensors")
+
+
 def test_tied_weights_are_saved(tmp_path):
     model = torch.nn.Linear(4, 4, bias=False)
     tied = {"a.weight": model.weight, "b.weight": model.weight}

@@ -13,6 +13,7 @@ from vidgen.data import (
     to_uint8,
 )
 from vidgen.io import VideoReadError, VideoWriter
+from vidgen.worlds.agent import generate_trajectory
 from vidgen.worlds.bouncing import BouncingShapes
 
 
@@ -33,6 +34,11 @@ def test_agent_clips_carry_actions():
     ds = WorldClips("agent", clip_len=8, num_clips=4, seed=0)
     item = ds[1]
     assert item["actions"].shape == (8,) and item["actions"].dtype == torch.int64
+    # Frames and actions come from the same steps: action t acts between frame t and t+1.
+    seed, start = int(item["seed"]), int(item["start"])
+    traj = generate_trajectory(ds.agent, seed=seed, num_frames=start + 8)
+    assert torch.equal(to_uint8(item["video"]), torch.from_numpy(traj.frames[start:]))
+    assert item["actions"].tolist() == traj.actions[start:].tolist()
     assert int(item["label"]) == NO_LABEL
     assert int(item["world"]) == WORLDS.index("agent")
 

@@ -85,12 +85,46 @@ def test_seam_ratio_continuous_vs_spliced(shapes):
 
 
 def test_seam_ratio_sees_a_single_jump(shapes):
-    # A seam that repeats the previous clip's last frame pattern is still continuous; a
-    # clip that jumps back in time is not.
+    # One clip replaced by frames from much later: its two seams jump, so the ratio rises.
     _world, traj = shapes
     frames = traj.frames[:64].copy()
     frames[32:40] = traj.frames[100:108]
     assert seam_ratio(frames, clip_len=8) > seam_ratio(traj.frames[:64], clip_len=8) * 1.5
+
+
+def test_seam_ratio_of_a_slideshow_is_infinite(shapes):
+    _world, traj = shapes
+    slideshow = np.repeat(traj.frames[::8][:8], 8, axis=0)  # frozen within clips, jumps at seams
+    assert seam_ratio(slideshow, clip_len=8) == float("inf")
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_count_accuracy_survives_h264(tmp_path, seed):
+    # Clean accuracy is below 1 where shapes hide each other; h264 must not cost much more.
+    world = BouncingShapes(BouncingShapesConfig(num_shapes=4), seed=seed)
+    frames = world.trajectory(96).frames
+    path = tmp_path / "clip.mp4"
+    with VideoWriter(path) as writer:
+        writer.write(frames)
+    clean = count_accuracy(frames, 4, BOUNCING_PALETTE)
+    decoded = count_accuracy(read_video(path), 4, BOUNCING_PALETTE)
+    assert clean > 0.85 and decoded > clean - 0.1
+
+
+def test_min_blob_ignores_specks_and_keeps_objects():
+    frame = np.zeros((1, 32, 32, 3), np.uint8)
+    frame[:] = BOUNCING_PALETTE.scenery[0]
+    red, blue = BOUNCING_PALETTE.objects["red"], BOUNCING_PALETTE.objects["blue"]
+    for y, x in [(2, 2), (2, 9), (9, 2), (20, 25), (28, 5), (15, 15), (5, 28), (25, 12)]:
+        frame[0, y, x] = red  # 8 scattered red pixels: noise, not an object
+    frame[0, 10:15, 20:24] = blue  # 20 pixels in one blob: an object
+    det = detect_objects(frame, BOUNCING_PALETTE)
+    assert det.counts.tolist() == [1]
+    assert det.present[0, det.index("blue")] and not det.present[0, det.index("red")]
+    np.testing.assert_allclose(det.centroids[0, det.index("blue")], [21.5, 12.0])
+    # A colour far from every palette entry is nobody's pixel.
+    frame[0, 10:15, 20:24] = (128, 128, 20)
+    assert detect_objects(frame, BOUNCING_PALETTE).counts.tolist() == [0]
 
 
 def test_bad_inputs():
@@ -98,5 +132,7 @@ def test_bad_inputs():
         detect_objects(np.zeros((2, 8, 8, 3), np.float32), BOUNCING_PALETTE)
     with pytest.raises(ValueError, match="more than one clip"):
         seam_ratio(np.zeros((8, 8, 8, 3), np.uint8), clip_len=8)
+    with pytest.raises(ValueError, match="clip_len must be >= 2"):
+        seam_ratio(np.zeros((8, 8, 8, 3), np.uint8), clip_len=1)
     with pytest.raises(ValueError, match="palette"):
         count_accuracy(np.zeros((2, 8, 8, 3), np.uint8), 1)

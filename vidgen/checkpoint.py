@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Mapping
@@ -35,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import vidgen
+from vidgen.fsutil import publish, temp_beside
 
 FORMAT = "vidgen-checkpoint"
 FORMAT_VERSION = 1
@@ -115,15 +115,12 @@ def save(
         "card": json.dumps(dict(card or {}), sort_keys=True, default=str),
     }
     metadata["digest"] = _digest(metadata, state)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = temp_beside(path)
     try:
         save_file(state, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -139,7 +136,10 @@ def load(name_or_path: str | os.PathLike, expected_config: type | None = None) -
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated?): {err}") from err
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a vidgen checkpoint")
-    version = int(metadata.get("format_version", "0"))
+    try:
+        version = int(metadata.get("format_version", "0"))
+    except ValueError as err:
+        raise CheckpointError(f"{path} has an unreadable format_version") from err
     if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has format version {version}; this vidgen reads up to {FORMAT_VERSION}"
@@ -181,15 +181,19 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     """A shipped checkpoint's name (``larp-tiny``) or a path -> the path of an existing file."""
     text = os.fspath(name_or_path)
     path = Path(text).expanduser()
-    if path.is_file():
-        return path
     looks_like_path = isinstance(name_or_path, os.PathLike) or "/" in text or text.endswith(SUFFIX)
+    # A bare name means a shipped checkpoint even if a file of that name is in the cwd.
     if not looks_like_path and _NAME.match(text):
         shipped = assets_dir() / f"{text}{SUFFIX}"
         if shipped.is_file():
             return shipped
         names = ", ".join(available()) or "none"
-        raise CheckpointError(f"no shipped checkpoint named {text!r}; shipped: {names}")
+        raise CheckpointError(
+            f"no shipped checkpoint named {text!r}; shipped: {names} (paths need a / or the "
+            f"{SUFFIX} suffix)"
+        )
+    if path.is_file():
+        return path
     raise CheckpointError(f"checkpoint file {text!r} does not exist")
 
 
@@ -224,7 +228,7 @@ def _digest(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) ->
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 

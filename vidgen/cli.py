@@ -31,6 +31,12 @@ class Command:
 
 
 COMMANDS: dict[tuple[str, ...], Command] = {
+    ("train",): Command(
+        config_name="train",
+        run="vidgen.cli:run_train",
+        help="train a tokenizer or a generator (resumable; exports <out>/<name>.safetensors)",
+        example="vidgen train tokenizer=kl-tiny data=mix train.steps=6000",
+    ),
     ("data", "preview"): Command(
         config_name="preview",
         run="vidgen.cli:run_preview",
@@ -40,7 +46,17 @@ COMMANDS: dict[tuple[str, ...], Command] = {
 }
 
 
-def run_preview(cfg: Any) -> int:
+def run_train(cfg: Any, choices: dict[str, str]) -> int:
+    from vidgen.train import run_train as train
+
+    if not cfg.name:
+        cfg.name = choices.get("tokenizer") or choices.get("model") or "model"
+    path = train(cfg)
+    print(f"exported {path}")
+    return 0
+
+
+def run_preview(cfg: Any, choices: dict[str, str]) -> int:
     from vidgen.data.preview import preview
 
     result = preview(cfg)
@@ -80,7 +96,7 @@ def _split(argv: Sequence[str]) -> tuple[tuple[str, ...], list[str], list[str]]:
     return tuple(words), overrides, flags
 
 
-def _resolve(run: str) -> Callable[[Any], int]:
+def _resolve(run: str) -> Callable[[Any, dict[str, str]], int]:
     module, _, name = run.partition(":")
     return getattr(importlib.import_module(module), name)
 
@@ -89,8 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     words, overrides, flags = _split(argv)
     if not words:
-        print(usage())
-        return 0 if not argv or set(flags) & {"-h", "--help"} else 2
+        asked = not argv or bool(set(flags) & {"-h", "--help"})
+        print(usage(), file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     command = COMMANDS.get(words)
     if command is None:
         known = ", ".join(" ".join(w) for w in COMMANDS)
@@ -103,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from omegaconf import OmegaConf
 
-    from vidgen.config import ConfigError, compose_config, load_config
+    from vidgen.config import ConfigError, compose_config, group_choices, load_config
 
     try:
         if flags:
@@ -113,11 +130,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(OmegaConf.to_yaml(cfg), end="")
             return 0
         cfg = load_config(command.config_name, overrides)
+        choices = group_choices(command.config_name, overrides)
     except ConfigError as err:
         print(f"{PROG} {' '.join(words)}: bad config: {err}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    return _resolve(command.run)(cfg)
+    return _resolve(command.run)(cfg, choices)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ def register_schemas() -> None:
     ``<group>_schema`` and a group's YAML files extend them through their defaults list."""
     from vidgen.data.loader import DataConfig
     from vidgen.data.preview import PreviewConfig
+    from vidgen.tokenizers.kl import KL_CONFIGS
+    from vidgen.train import TrainCommandConfig
     from vidgen.worlds.agent import AgentWorldConfig
     from vidgen.worlds.bouncing import BouncingShapesConfig
 
@@ -38,6 +40,10 @@ def register_schemas() -> None:
     cs.store(group="world", name="agent_schema", node=AgentWorldConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(name="preview_schema", node=PreviewConfig)
+    cs.store(name="train_schema", node=TrainCommandConfig)
+    # Model sizes are named factories in the model code; each is a group option as it is.
+    for size, cfg in KL_CONFIGS.items():
+        cs.store(group="tokenizer", name=f"kl-{size}", node=cfg)
 
 
 def compose_config(config_name: str | None, overrides: Sequence[str] = ()) -> DictConfig:
@@ -58,6 +64,18 @@ def load_config(config_name: str, overrides: Sequence[str] = ()) -> Any:
         return OmegaConf.to_object(cfg)
     except (OmegaConfBaseException, ValueError) as err:
         raise ConfigError(_describe(err)) from err
+
+
+def group_choices(config_name: str, overrides: Sequence[str] = ()) -> dict[str, str]:
+    """Which option of each config group was chosen (``{"tokenizer": "kl-tiny", ...}``)."""
+    register_schemas()
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
+            cfg = hydra_compose(config_name, list(overrides), return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_describe(err)) from err
+    choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
+    return {k: v for k, v in choices.items() if v is not None and not k.startswith("hydra")}
 
 
 def load_group(group: str, option: str, overrides: Sequence[str] = ()) -> Any:

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from vidgen.data.worlds import NO_LABEL, to_model_range
-from vidgen.io import VideoReadError, probe_video, read_video
+from vidgen.io import VideoInfo, VideoReadError, probe_video, read_video
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,10 @@ class VideoFolder(Dataset):
                 f"no video files ({', '.join(VIDEO_SUFFIXES)}) under {str(self.root)!r}"
             )
         self.clips: list[tuple[int, int]] = []  # (file index, start frame)
+        self.infos: list[VideoInfo] = []
         for i, path in enumerate(tqdm(self.files, desc="probing videos", disable=None)):
             info = probe_video(path)  # raises VideoReadError naming a corrupt file
+            self.infos.append(info)
             if info.num_frames < clip_len:
                 log.warning(
                     "%s has %d frames < clip_len=%d; skipped", path, info.num_frames, clip_len
@@ -69,7 +71,9 @@ class VideoFolder(Dataset):
         file_index, start = self.clips[index]
         path = self.files[file_index]
         try:
-            frames = read_video(path, start=start, num_frames=self.clip_len, size=self.size)
+            frames = read_video(
+                path, start, self.clip_len, size=self.size, info=self.infos[file_index]
+            )
         except VideoReadError:
             raise
         except Exception as err:  # decoding can fail past the probe (e.g. a corrupt packet)

@@ -14,7 +14,7 @@ from omegaconf import MISSING
 from tqdm import tqdm
 
 from vidgen.io import VideoWriter
-from vidgen.worlds.agent import AgentWorldConfig, generate_trajectory
+from vidgen.worlds.agent import POLICIES, AgentWorldConfig, iter_trajectory
 from vidgen.worlds.bouncing import BouncingShapes, BouncingShapesConfig
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,22 @@ class PreviewConfig:
             raise ValueError(f"frames must be >= 1, got {self.frames}")
         if self.fps < 1:
             raise ValueError(f"fps must be >= 1, got {self.fps}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
+        if isinstance(self.world, BouncingShapesConfig) and self.policy != "random":
+            raise ValueError("policy only applies to world=agent")
+        size = getattr(self.world, "size", 0)
+        if not self.lossless and size % 2:
+            raise ValueError(
+                f"world.size={size} is odd: h264 in yuv420p needs even sizes (or lossless=true)"
+            )
+        out = Path(self.out).expanduser()
+        if out.suffix.lower() not in (".mp4", ".mkv", ".mov"):
+            raise ValueError(f"out must end in .mp4 (or .mkv/.mov), got {self.out!r}")
+        if not out.parent.is_dir():
+            raise ValueError(f"out={self.out!r}: folder {str(out.parent)!r} does not exist")
 
 
 @dataclass(frozen=True)
@@ -52,13 +68,6 @@ class PreviewResult:
         return self.frames / max(self.seconds, 1e-9)
 
 
-def _agent_frames(cfg: PreviewConfig, chunk: int = 1024) -> Iterator[np.ndarray]:
-    # Trajectories are simulated whole; rolling out the final one directly keeps one copy.
-    traj = generate_trajectory(cfg.world, seed=cfg.seed, num_frames=cfg.frames, policy=cfg.policy)
-    for lo in range(0, cfg.frames, chunk):
-        yield traj.frames[lo : lo + chunk]
-
-
 def preview(cfg: PreviewConfig) -> PreviewResult:
     """Write ``cfg.frames`` frames of the chosen world to ``cfg.out``."""
     label: int | None = None
@@ -67,7 +76,8 @@ def preview(cfg: PreviewConfig) -> PreviewResult:
         label = world.label
         chunks: Iterator[np.ndarray] = (f[None] for f in world.iter_frames(cfg.frames))
     elif isinstance(cfg.world, AgentWorldConfig):
-        chunks = _agent_frames(cfg)
+        pieces = iter_trajectory(cfg.world, cfg.seed, cfg.frames, policy=cfg.policy)
+        chunks = (piece.frames for piece in pieces)
     else:
         raise ValueError(f"world must be a world config, got {type(cfg.world).__name__}")
     out = Path(cfg.out).expanduser()

@@ -91,14 +91,16 @@ class WorldClips(Dataset):
     def world_of(self, index: int) -> str:
         if self.world != "mix":
             return self.world
-        rng = np.random.default_rng(item_seed(self.seed, self.split, index))
+        rng = np.random.default_rng([item_seed(self.seed, self.split, index), 2])
         return "agent" if rng.random() < self.agent_fraction else "bouncing"
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < self.num_clips:
             raise IndexError(f"index {index} out of range for {self.num_clips} clips")
         seed = item_seed(self.seed, self.split, index)
-        rng = np.random.default_rng(seed)
+        # The worlds draw their own content from `seed`; the item's own draws (start frame)
+        # use a separate stream so they do not correlate with it (e.g. with the label).
+        rng = np.random.default_rng([seed, 1])
         world = self.world_of(index)
         start = int(rng.integers(0, self.max_start + 1))
         if world == "bouncing":

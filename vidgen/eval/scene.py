@@ -12,8 +12,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from vidgen.worlds.palette import ScenePalette
+
+# Smallest object the worlds draw: a triangle of radius 5 covers ~32 pixels, the agent 36.
+# Half of that still counts a partly hidden object and ignores specks of noise.
+MIN_BLOB_PX = 12
 
 # A frame-to-frame centroid displacement below this many pixels counts as "not moving": above
 # the jitter of pixel quantisation and small generation noise, far below the worlds' speeds.
@@ -71,38 +76,79 @@ def _as_frames(frames: np.ndarray | torch.Tensor, name: str = "frames") -> np.nd
     return frames
 
 
-def classify_pixels(frames: np.ndarray | torch.Tensor, palette: ScenePalette) -> np.ndarray:
-    """(T, H, W) index of the nearest palette colour per pixel: objects first (in palette
-    order), then scenery."""
+def default_max_distance(palette: ScenePalette) -> float:
+    """Half the smallest distance between two palette colours: a pixel farther than that from
+    every colour is not any of them (an anti-aliased or compressed edge, or noise)."""
+    colours = palette.colours()
+    dist = np.linalg.norm(colours[:, None] - colours[None], axis=-1)
+    return float(dist[~np.eye(len(colours), dtype=bool)].min() / 2)
+
+
+def classify_pixels(
+    frames: np.ndarray | torch.Tensor, palette: ScenePalette, max_distance: float | None = None
+) -> np.ndarray:
+    """(T, H, W) index of the nearest palette colour per pixel (objects first, in palette
+    order, then scenery), or -1 where the nearest colour is farther than ``max_distance``
+    (default ``default_max_distance``)."""
     frames = _as_frames(frames)
     colours = palette.colours()  # (P, 3)
+    limit = default_max_distance(palette) if max_distance is None else max_distance
     labels = np.empty(frames.shape[:3], dtype=np.int16)
     # Chunked so a long video never needs a (T, H, W, P) float array at once.
     for lo in range(0, len(frames), 64):
         chunk = frames[lo : lo + 64].astype(np.float32)
         dist = ((chunk[..., None, :] - colours) ** 2).sum(axis=-1)  # (t, H, W, P)
-        labels[lo : lo + 64] = dist.argmin(axis=-1)
+        nearest = dist.argmin(axis=-1)
+        far = np.take_along_axis(dist, nearest[..., None], -1)[..., 0] > limit**2
+        labels[lo : lo + 64] = np.where(far, -1, nearest)
     return labels
 
 
+# 4-connectivity inside each frame, none across frames.
+_IN_FRAME = np.zeros((3, 3, 3), dtype=bool)
+_IN_FRAME[1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
+
+
+def _largest_blobs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For a (T, H, W) mask: per frame the area (T,) and centroid x, y (T,) of its largest
+    4-connected component (area 0 and NaN where the frame has none)."""
+    components, count = ndimage.label(mask, structure=_IN_FRAME)
+    t_len = mask.shape[0]
+    area, cx, cy = np.zeros(t_len, np.int64), np.full(t_len, np.nan), np.full(t_len, np.nan)
+    if count == 0:
+        return area, cx, cy
+    t_idx, y_idx, x_idx = np.nonzero(components)
+    ids = components[t_idx, y_idx, x_idx]
+    size = np.bincount(ids, minlength=count + 1)[1:]
+    frame = np.bincount(ids, weights=t_idx, minlength=count + 1)[1:] / size
+    sum_x = np.bincount(ids, weights=x_idx, minlength=count + 1)[1:]
+    sum_y = np.bincount(ids, weights=y_idx, minlength=count + 1)[1:]
+    frame = np.rint(frame).astype(np.int64)
+    order = np.lexsort((size, frame))  # by frame, then size: the last of each frame wins
+    last = order[np.r_[frame[order][1:] != frame[order][:-1], True]]
+    area[frame[last]] = size[last]
+    cx[frame[last]] = sum_x[last] / size[last]
+    cy[frame[last]] = sum_y[last] / size[last]
+    return area, cx, cy
+
+
 def detect_objects(
-    frames: np.ndarray | torch.Tensor, palette: ScenePalette, min_blob: int = 6
+    frames: np.ndarray | torch.Tensor,
+    palette: ScenePalette,
+    min_blob: int = MIN_BLOB_PX,
+    max_distance: float | None = None,
 ) -> Detections:
-    """Visible objects and their centroids in each frame (see module docstring)."""
+    """Visible objects in each frame: for each palette object, the largest 4-connected blob
+    of pixels classified as its colour (``classify_pixels``); the object is present when
+    that blob has at least ``min_blob`` pixels, and its centroid is the blob's."""
     if min_blob < 1:
         raise ValueError(f"min_blob must be >= 1 pixel, got {min_blob}")
-    labels = classify_pixels(frames, palette)
-    t, h, w = labels.shape
+    labels = classify_pixels(frames, palette, max_distance)
     names = tuple(palette.object_names)
-    ys, xs = np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64)
-    areas = np.zeros((t, len(names)), dtype=np.int64)
-    centroids = np.full((t, len(names), 2), np.nan)
+    areas = np.zeros((labels.shape[0], len(names)), dtype=np.int64)
+    centroids = np.full((labels.shape[0], len(names), 2), np.nan)
     for o in range(len(names)):
-        mask = labels == o  # (T, H, W)
-        area = mask.sum(axis=(1, 2))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            cx = (mask.sum(axis=1) * xs).sum(axis=1) / area
-            cy = (mask.sum(axis=2) * ys).sum(axis=1) / area
+        area, cx, cy = _largest_blobs(labels == o)
         areas[:, o] = area
         centroids[:, o] = np.stack([cx, cy], axis=-1)
     present = areas >= min_blob
@@ -114,7 +160,7 @@ def count_accuracy(
     frames: np.ndarray | torch.Tensor | Detections,
     expected: int | np.ndarray,
     palette: ScenePalette | None = None,
-    min_blob: int = 6,
+    min_blob: int = MIN_BLOB_PX,
 ) -> float:
     """Fraction of frames whose number of visible objects equals ``expected`` (an int or a
     (T,) array)."""
@@ -129,7 +175,7 @@ def centroid_error(
     names: tuple[str, ...] | list[str],
     palette: ScenePalette | None = None,
     valid: np.ndarray | None = None,
-    min_blob: int = 6,
+    min_blob: int = MIN_BLOB_PX,
 ) -> dict[str, float]:
     """Distance in pixels between detected and true centroids.
 
@@ -161,7 +207,7 @@ def centroid_error(
 def motion_stats(
     frames: np.ndarray | torch.Tensor | Detections,
     palette: ScenePalette | None = None,
-    min_blob: int = 6,
+    min_blob: int = MIN_BLOB_PX,
     min_move: float = MIN_MOVE_PX,
 ) -> MotionStats:
     """Speeds of the detected objects; see ``MotionStats``."""
@@ -193,13 +239,14 @@ def seam_ratio(
 ) -> float | None:
     """Mean absolute frame difference across clip boundaries over that within clips.
 
-    1.0 means the seams are as smooth as the motion inside clips. On a static video (no
-    change within clips: mean difference below ``static_threshold`` on the 0-255 scale) the
-    ratio is undefined and None is returned, never 1.0.
+    1.0 means the seams are as smooth as the motion inside clips. A video that never changes
+    (both differences below ``static_threshold`` on the 0-255 scale) has no defined ratio:
+    None is returned, never 1.0. A video frozen within clips that jumps at the seams (a
+    slideshow) returns ``inf``.
     """
     frames = _as_frames(frames)
-    if clip_len < 1:
-        raise ValueError(f"clip_len must be >= 1, got {clip_len}")
+    if clip_len < 2:
+        raise ValueError(f"clip_len must be >= 2 (a clip needs inner transitions), got {clip_len}")
     if len(frames) <= clip_len:
         raise ValueError(
             f"seam ratio needs more than one clip: got {len(frames)} frames with "
@@ -207,10 +254,10 @@ def seam_ratio(
         )
     diffs = np.abs(np.diff(frames.astype(np.int16), axis=0)).mean(axis=(1, 2, 3))  # (T-1,)
     at_seam = (np.arange(1, len(frames)) % clip_len) == 0  # transition i -> i+1 crosses
-    within = diffs[~at_seam]
-    if within.size == 0 or within.mean() < static_threshold:
-        return None
-    return float(diffs[at_seam].mean() / within.mean())
+    within, seam = diffs[~at_seam].mean(), diffs[at_seam].mean()
+    if within < static_threshold:
+        return None if seam < static_threshold else float("inf")
+    return float(seam / within)
 
 
 def scene_metrics(
@@ -219,7 +266,7 @@ def scene_metrics(
     expected_count: int | None = None,
     clip_len: int | None = None,
     true_speed: float | None = None,
-    min_blob: int = 6,
+    min_blob: int = MIN_BLOB_PX,
 ) -> dict[str, float | None]:
     """The figures the quality benchmarks report for one video, as a JSON-ready dict."""
     det = detect_objects(frames, palette, min_blob)

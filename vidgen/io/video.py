@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,12 +31,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vidgen.fsutil import publish, temp_beside
+
 logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 Backend = Literal["auto", "decord", "pyav"]
 
-# Measured on a 64x64 clip of saturated squares moving 1 px a frame (see benchmarks/io.py and
+# Measured on a 64x64 clip of saturated squares moving 1 px a frame (see benchmarks/video_io.py and
 # tests/test_io.py): up to crf 18 the encoder's loss is invisible next to the loss of 4:2:0
 # chroma subsampling; 16 keeps a margin for textured, generated content, where luma PSNR
 # falls about 1.5 dB per 2 crf steps.
@@ -277,6 +278,7 @@ def read_video(
     num_frames: int | None = None,
     size: int | Sequence[int] | None = None,
     backend: Backend = "auto",
+    info: VideoInfo | None = None,
 ) -> torch.Tensor:
     """Read frames [start, start + num_frames) of `path` as a uint8 tensor (T, H, W, 3).
 
@@ -284,11 +286,16 @@ def read_video(
     (height, width) a rectangle; the frame is scaled to cover it and center-cropped.
     backend: "decord" or "pyav" to force one decoder (no fallback); "auto" uses decord and
     falls back to PyAV when decord is missing, fails or sees fewer frames than the probe.
+    info: the file's `probe_video` result, to skip probing it again (datasets read many clips
+    of one file).
     """
     if backend not in ("auto", "decord", "pyav"):
         raise ValueError(f"backend must be 'auto', 'decord' or 'pyav', got {backend!r}")
     target = _parse_size(size)
-    info = probe_video(path)
+    if info is None:
+        info = probe_video(path)
+    elif Path(info.path) != Path(path):
+        raise ValueError(f"info describes {info.path}, not {path}")
     indices = _frame_range(info, start, num_frames)
     array = _decode(info, indices, backend)
     frames = torch.from_numpy(np.ascontiguousarray(array))
@@ -341,11 +348,7 @@ def read_metadata(path: PathLike) -> dict[str, str]:
 
 def _temp_path(path: Path) -> Path:
     """A new hidden file beside `path` with the same suffix, so the muxer guesses the format."""
-    fd, name = tempfile.mkstemp(
-        prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
-    )
-    os.close(fd)
-    return Path(name)
+    return temp_beside(path, suffix=f".tmp{path.suffix}")
 
 
 def _open_output(tmp: Path, final: Path, metadata: dict[str, str]) -> Any:
@@ -510,7 +513,7 @@ class VideoWriter:
         self._closed = True
         self._detach()
         try:
-            os.replace(self._tmp, self.path)
+            publish(self._tmp, self.path)
         except BaseException:
             self._tmp.unlink(missing_ok=True)
             raise
@@ -693,7 +696,7 @@ def concat_videos(
         _discard(container, tmp)
         raise
     try:
-        os.replace(tmp, out)
+        publish(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

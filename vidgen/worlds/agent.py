@@ -21,7 +21,7 @@ size; with no rounding anywhere, touching is reached exactly and overlap never h
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -707,6 +707,59 @@ def _axis_action(world: AgentWorld, axis: int, delta: float) -> Any:
 POLICIES: dict[str, Callable[[], Policy]] = {"random": _RandomPolicy, "push": _PushPolicy}
 
 
+def _policy(policy: str | Policy) -> Policy:
+    if isinstance(policy, str):
+        if policy not in POLICIES:
+            raise ValueError(
+                f"policy must be one of {sorted(POLICIES)} or a callable, got {policy!r}"
+            )
+        return POLICIES[policy]()
+    if callable(policy):
+        return policy
+    raise ValueError(f"policy must be a str or a callable (world, state, rng), got {policy!r}")
+
+
+def iter_trajectory(
+    config: AgentWorldConfig | None,
+    seed: int,
+    num_frames: int,
+    policy: str | Policy = "random",
+    chunk: int = 256,
+) -> Iterator[AgentTrajectory]:
+    """``generate_trajectory`` in pieces of at most ``chunk`` frames, in constant memory:
+    concatenated, the pieces equal ``generate_trajectory(config, seed, num_frames, policy)``."""
+    if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)):
+        raise ValueError(f"num_frames must be an int, got {num_frames!r}")
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    act = _policy(policy)
+    world = AgentWorld(config, seed)
+    cfg = world.config
+    rng = np.random.default_rng([world.seed, 1])  # a stream separate from the layout's
+    state = world.reset()
+    for lo in range(0, num_frames, chunk):
+        n = min(chunk, num_frames - lo)
+        frames = np.empty((n, cfg.size, cfg.size, 3), dtype=np.uint8)
+        agent = np.empty((n, 2), dtype=np.float64)
+        box = np.empty((n, 2), dtype=np.float64)
+        actions = np.empty(
+            (n, 2) if cfg.continuous else (n,), np.float32 if cfg.continuous else np.int64
+        )
+        for t in range(n):
+            world._paint(frames[t], state)
+            agent[t], box[t] = state.agent_centre, state.box_centre
+            action = act(world, state, rng)
+            delta = world.displacement(action)
+            # Continuous velocities are recorded as applied (exact in float32 while
+            # max_speed < 2**8); discrete ones as their action id.
+            actions[t] = delta if cfg.continuous else world.discrete_action(action)
+            if lo + t + 1 < num_frames:
+                state = world._advance(*delta)
+        yield AgentTrajectory(frames=frames, actions=actions, agent=agent, box=box, seed=world.seed)
+
+
 def generate_trajectory(
     config: AgentWorldConfig | None,
     seed: int,
@@ -717,42 +770,7 @@ def generate_trajectory(
 
     policy: "random", "push" or a callable (world, state, rng) -> action. The policy draws
     from its own generator derived from ``seed``, so the whole trajectory is a function of
-    (config, seed, num_frames, policy).
+    (config, seed, num_frames, policy). ``actions[t]`` acts between frame t and t+1.
     """
-    if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)):
-        raise ValueError(f"num_frames must be an int, got {num_frames!r}")
-    if num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-    if isinstance(policy, str):
-        if policy not in POLICIES:
-            raise ValueError(
-                f"policy must be one of {sorted(POLICIES)} or a callable, got {policy!r}"
-            )
-        act: Policy = POLICIES[policy]()
-    elif callable(policy):
-        act = policy
-    else:
-        raise ValueError(f"policy must be a str or a callable (world, state, rng), got {policy!r}")
-    world = AgentWorld(config, seed)
-    cfg = world.config
-    rng = np.random.default_rng([world.seed, 1])  # a stream separate from the layout's
-    frames = np.empty((num_frames, cfg.size, cfg.size, 3), dtype=np.uint8)
-    agent = np.empty((num_frames, 2), dtype=np.float64)
-    box = np.empty((num_frames, 2), dtype=np.float64)
-    if cfg.continuous:
-        actions = np.empty((num_frames, 2), dtype=np.float32)
-    else:
-        actions = np.empty((num_frames,), dtype=np.int64)
-    state = world.reset()
-    for t in range(num_frames):
-        world._paint(frames[t], state)
-        agent[t], box[t] = state.agent_centre, state.box_centre
-        action = act(world, state, rng)
-        delta = world.displacement(action)
-        if cfg.continuous:
-            actions[t] = delta  # exact in float32 while max_speed < 2**8
-        else:
-            actions[t] = world.discrete_action(action)
-        if t + 1 < num_frames:
-            state = world._advance(*delta)
-    return AgentTrajectory(frames=frames, actions=actions, agent=agent, box=box, seed=world.seed)
+    (traj,) = iter_trajectory(config, seed, num_frames, policy, chunk=max(int(num_frames), 1))
+    return traj

@@ -93,6 +93,21 @@ def _reflect(unfolded: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.n
     return position, np.where(forward, 1.0, -1.0)
 
 
+def _extents(shapes: tuple[str, ...], radii: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(before, after), each (K, 2): how far each shape reaches from its centroid towards
+    -x/-y and +x/+y (the triangle points up: its apex is r above, its base r/2 below)."""
+    before, after = np.empty((len(shapes), 2)), np.empty((len(shapes), 2))
+    for i, (shape, r) in enumerate(zip(shapes, radii, strict=True)):
+        if shape == "circle":
+            before[i] = after[i] = (r, r)
+        elif shape == "square":
+            before[i] = after[i] = r * np.sqrt(np.pi) / 2.0
+        else:
+            half_width = r * np.sqrt(3.0) / 2.0
+            before[i], after[i] = (half_width, r), (half_width, r / 2.0)
+    return before, after
+
+
 def _shape_mask(shape: str, radius: float, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
     """Pixels covered by a shape of the given radius, from pixel offsets to its centroid
     (dx (T, 1, W), dy (T, H, 1)); broadcasts to (T, H, W)."""
@@ -136,10 +151,12 @@ class BouncingShapes:
         names = list(OBJECT_COLOURS)
         self.colours = tuple(names[i] for i in rng.permutation(len(names))[:k])
         self.radii = rng.uniform(config.min_radius, config.max_radius, size=k)
-        # A shape's centroid may go from radius - 0.5 to size - 0.5 - radius: its pixels then
-        # stay inside the frame, so no shape is ever cut by the border.
-        self._lo = np.repeat((self.radii - 0.5)[:, None], 2, axis=1)
-        self._hi = np.repeat((config.size - 0.5 - self.radii)[:, None], 2, axis=1)
+        # Each shape bounces when its own outline touches a wall: its centroid moves between
+        # extent_before - 0.5 and size - 0.5 - extent_after on each axis, so its pixels stay
+        # inside the frame and no shape is ever cut by the border.
+        before, after = _extents(self.shapes, self.radii)  # (K, 2) each
+        self._lo = before - 0.5
+        self._hi = config.size - 0.5 - after
         self._p0 = rng.uniform(self._lo, self._hi)
         speed = rng.uniform(config.min_speed, config.max_speed, size=k)
         angle = rng.uniform(0.0, 2.0 * np.pi, size=k)

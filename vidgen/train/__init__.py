@@ -1,0 +1,51 @@
+"""Training: the shared loop and the task of each model (``vidgen train ...``)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vidgen.data import DataConfig
+from vidgen.train.loop import Task, TrainConfig, lr_at, train
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Task", "TrainCommandConfig", "TrainConfig", "lr_at", "run_train", "train"]
+
+
+@dataclass
+class TrainCommandConfig:
+    """``vidgen train tokenizer=<preset> | model=<preset> data=<source> train.<key>=...``.
+    ``name`` (default: the chosen preset) names the exported file ``<out>/<name>.safetensors``;
+    ``out`` defaults to ``runs/<name>``."""
+
+    tokenizer: Any = None
+    model: Any = None
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str = ""
+    out: str = ""
+
+    def __post_init__(self) -> None:
+        if (self.tokenizer is None) == (self.model is None):
+            raise ValueError("choose exactly one of tokenizer=<preset> or model=<preset>")
+
+
+def build_task(cfg: TrainCommandConfig) -> Task:
+    from vidgen.tokenizers.kl import KLConfig
+    from vidgen.train.tokenizer import kl_task
+
+    target = cfg.tokenizer if cfg.tokenizer is not None else cfg.model
+    if isinstance(target, KLConfig):
+        return kl_task(target, cfg.data, cfg, cfg.name)
+    raise ValueError(f"no training task for {type(target).__name__}")
+
+
+def run_train(cfg: TrainCommandConfig) -> Path:
+    """Train (or resume) and export; returns the exported checkpoint's path."""
+    if not cfg.name:
+        raise ValueError("name must be set (the CLI fills it from the chosen preset)")
+    out = Path(cfg.out or f"runs/{cfg.name}")
+    return train(build_task(cfg), cfg.train, out)

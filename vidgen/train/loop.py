@@ -1,0 +1,319 @@
+"""The training loop shared by every model: seeded, resumable bit for bit, checkpointed.
+
+Everything a step depends on is a function of (config, step) or is saved: the batch of step
+s is a fixed set of dataset indices (``StepSampler``), the noise comes from one
+``torch.Generator`` whose state is saved, the learning rate is a pure function of the step,
+and the optimizer, EMA and model tensors are saved in safetensors. So N steps in one run equal
+N/2 steps, a resume, and N/2 more, bitwise on CPU.
+
+A run folder holds ``state.safetensors`` (resume point, written atomically every
+``ckpt_every`` steps and at the end) and ``<name>.safetensors`` (the exported model: EMA
+weights, its config and a model card), which is what ships in ``vidgen/assets/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from vidgen import checkpoint
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping. ``device="auto"`` = CUDA when available; ``threads`` 0
+    leaves torch's default; ``ema_decay`` 0 disables the EMA (then the raw weights ship)."""
+
+    steps: int = 10_000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 200
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    log_every: int = 50
+    eval_every: int = 1000
+    eval_batches: int = 4
+    ckpt_every: int = 500
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+    precision: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"train.steps must be >= 1, got {self.steps}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"train.precision must be fp32 or bf16, got {self.precision!r}")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` x lr at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (
+        cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but CUDA is not available")
+    return device
+
+
+class StepSampler(Sampler[list[int]]):
+    """Batches of dataset indices, a pure function of (seed, step): epoch e is a seeded
+    permutation of the dataset, and batch s takes the next ``batch_size`` indices."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, start_step: int, steps: int) -> None:
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.start_step, self.steps = start_step, steps
+
+    def indices(self, step: int) -> list[int]:
+        out: list[int] = []
+        pos = step * self.batch_size
+        while len(out) < self.batch_size:
+            epoch, offset = divmod(pos, self.size)
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            perm = torch.randperm(self.size, generator=gen)
+            take = perm[offset : offset + self.batch_size - len(out)].tolist()
+            out += take
+            pos += len(take)
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start_step, self.steps):
+            yield self.indices(step)
+
+    def __len__(self) -> int:
+        return self.steps - self.start_step
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (buffers copied)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for ema_p, p in zip(self.model.parameters(), model.parameters(), strict=True):
+            ema_p.lerp_(p.detach(), 1.0 - self.decay)
+        for ema_b, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            ema_b.copy_(b)
+
+
+@dataclass
+class Task:
+    """What the loop trains. ``loss(model, batch, generator)`` returns a dict with a scalar
+    ``loss`` plus metrics; ``evaluate(model, batches)`` returns metrics on held-out batches;
+    ``export_config`` is the model's config dataclass; ``card`` describes the model."""
+
+    name: str
+    model: nn.Module
+    loss: Callable[[nn.Module, dict[str, torch.Tensor], torch.Generator], dict[str, torch.Tensor]]
+    train_data: Dataset
+    eval_data: Dataset | None
+    batch_size: int
+    export_config: Any
+    run_config: Any
+    card: dict[str, Any]
+    evaluate: Callable[[nn.Module, list[dict[str, torch.Tensor]]], dict[str, float]] | None = None
+    after_step: Callable[[nn.Module, int], None] | None = None
+    # Called with the model that ships; returns its final config (e.g. a measured latent scale).
+    before_export: Callable[[nn.Module, list[dict[str, torch.Tensor]]], Any] | None = None
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _state_tensors(
+    model: nn.Module, ema: EMA | None, opt: torch.optim.Optimizer, gen: torch.Generator
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema.model.state_dict().items()})
+    state = opt.state_dict()
+    for idx, per_param in state["state"].items():
+        for key, value in per_param.items():
+            tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value)
+    tensors["rng.train"] = gen.get_state()
+    return tensors, state["param_groups"]
+
+
+def _load_state(
+    ckpt: checkpoint.Checkpoint,
+    model: nn.Module,
+    ema: EMA | None,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+) -> tuple[int, float]:
+    ckpt.load_into(model, prefix="model.")
+    if ema is not None:
+        ema.model.load_state_dict(
+            {k[4:]: v for k, v in ckpt.tensors.items() if k.startswith("ema.")}, strict=True
+        )
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in ckpt.tensors.items():
+        if name.startswith("optim."):
+            _, idx, key = name.split(".", 2)
+            per_param.setdefault(int(idx), {})[key] = value
+    opt.load_state_dict({"state": per_param, "param_groups": ckpt.card["param_groups"]})
+    gen.set_state(ckpt.tensors["rng.train"])
+    return int(ckpt.card["step"]), float(ckpt.card.get("wall_seconds", 0.0))
+
+
+def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
+    """Run (or resume) training; returns the path of the exported model."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model = task.model.to(device).train()
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
+    )
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    start, before = 0, 0.0  # steps and wall seconds of earlier runs
+    state_path = out / STATE_FILE
+    if cfg.resume and state_path.exists():
+        start, before = _load_state(checkpoint.load(state_path), model, ema, opt, gen)
+        log.info("resuming %s from step %d", state_path, start)
+    sampler = StepSampler(len(task.train_data), task.batch_size, cfg.seed, start, cfg.steps)
+    loader = DataLoader(task.train_data, batch_sampler=sampler)
+    eval_batches = _eval_batches(task, cfg)
+    history: list[dict[str, float]] = []
+    t0, bar = (
+        time.perf_counter(),
+        tqdm(total=cfg.steps, initial=start, desc=task.name, disable=None),
+    )
+    step = start
+    for step, batch in enumerate(loader, start=start):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        metrics = _train_step(task, model, _to(batch, device), gen, opt, cfg, device)
+        if ema is not None:
+            ema.update(model)
+        if task.after_step is not None:
+            task.after_step(model, step)
+        bar.update(1)
+        if (step + 1) % cfg.log_every == 0 or step == start:
+            bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
+            history.append({"step": step + 1, **metrics})
+            log.info(
+                "step %d %s", step + 1, json.dumps({k: round(v, 5) for k, v in metrics.items()})
+            )
+        if task.evaluate is not None and eval_batches and (step + 1) % cfg.eval_every == 0:
+            scores = task.evaluate(
+                ema.model if ema else model, [_to(b, device) for b in eval_batches]
+            )
+            log.info("eval step %d %s", step + 1, json.dumps(scores))
+            history.append({"step": step + 1, **{f"eval_{k}": v for k, v in scores.items()}})
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
+            wall = before + time.perf_counter() - t0
+            _save_state(state_path, task, model, ema, opt, gen, step + 1, wall)
+    bar.close()
+    seconds = before + time.perf_counter() - t0
+    return _export(task, ema.model if ema else model, out, cfg, eval_batches, history, seconds)
+
+
+def _train_step(
+    task: Task,
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    gen: torch.Generator,
+    opt: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    device: torch.device,
+) -> dict[str, float]:
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        out = task.loss(model, batch, gen)
+    opt.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    metrics = {k: float(v.detach()) for k, v in out.items()}
+    metrics["grad_norm"] = float(grad_norm)
+    return metrics
+
+
+def _eval_batches(task: Task, cfg: TrainConfig) -> list[dict[str, torch.Tensor]]:
+    if task.eval_data is None or task.evaluate is None:
+        return []
+    loader = DataLoader(task.eval_data, batch_size=task.batch_size, shuffle=False)
+    return [b for _, b in zip(range(cfg.eval_batches), loader, strict=False)]
+
+
+def _save_state(
+    path: Path,
+    task: Task,
+    model: nn.Module,
+    ema: EMA | None,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    step: int,
+    wall: float,
+) -> None:
+    tensors, groups = _state_tensors(model, ema, opt, gen)
+    card = {"step": step, "param_groups": groups, "wall_seconds": wall}
+    checkpoint.save(path, tensors, task.run_config, card=card)
+
+
+def _export(
+    task: Task,
+    model: nn.Module,
+    out: Path,
+    cfg: TrainConfig,
+    eval_batches: list[dict[str, torch.Tensor]],
+    history: list[dict[str, float]],
+    seconds: float,
+) -> Path:
+    export_config = task.export_config
+    if task.before_export is not None:
+        export_config = task.before_export(model, eval_batches)
+    final = task.evaluate(model, eval_batches) if task.evaluate and eval_batches else {}
+    card = {
+        **task.card,
+        "steps": cfg.steps,
+        "wall_seconds": round(seconds, 1),
+        "train_config": dataclasses.asdict(cfg),
+        "run_config": dataclasses.asdict(task.run_config),
+        "eval": final,
+        "history": history[-20:],
+    }
+    path = out / f"{task.name}.safetensors"
+    checkpoint.save(path, model, export_config, card=card)
+    log.info("exported %s (%s)", path, json.dumps(final))
+    return path
