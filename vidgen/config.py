@@ -30,7 +30,9 @@ def register_schemas() -> None:
     ``<group>_schema`` and a group's YAML files extend them through their defaults list."""
     from vidgen.data.loader import DataConfig
     from vidgen.data.preview import PreviewConfig
+    from vidgen.models.ca2vdm import CA2VDM_CONFIGS
     from vidgen.tokenizers.kl import KL_CONFIGS
+    from vidgen.tokenizers.larp import LARP_CONFIGS
     from vidgen.train import TrainCommandConfig
     from vidgen.worlds.agent import AgentWorldConfig
     from vidgen.worlds.bouncing import BouncingShapesConfig
@@ -42,8 +44,11 @@ def register_schemas() -> None:
     cs.store(name="preview_schema", node=PreviewConfig)
     cs.store(name="train_schema", node=TrainCommandConfig)
     # Model sizes are named factories in the model code; each is a group option as it is.
-    for size, cfg in KL_CONFIGS.items():
-        cs.store(group="tokenizer", name=f"kl-{size}", node=cfg)
+    for prefix, presets in (("kl", KL_CONFIGS), ("larp", LARP_CONFIGS)):
+        for size, cfg in presets.items():
+            cs.store(group="tokenizer", name=f"{prefix}-{size}", node=cfg)
+    for size, cfg in CA2VDM_CONFIGS.items():
+        cs.store(group="model", name=f"ca2vdm-{size}", node=cfg)
 
 
 def compose_config(config_name: str | None, overrides: Sequence[str] = ()) -> DictConfig:

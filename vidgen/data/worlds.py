@@ -79,9 +79,14 @@ class WorldClips(Dataset):
         item_seed(seed, split, 0)  # validates split
         self.world, self.clip_len, self.num_clips = world, clip_len, num_clips
         self.seed, self.split, self.max_start = seed, split, max_start
-        # The dataset's size wins over the worlds' own so that a mix has one frame size.
-        self.bouncing = dataclasses.replace(bouncing or BouncingShapesConfig(), size=size)
-        self.agent = dataclasses.replace(agent or AgentWorldConfig(), size=size)
+        # The dataset's size wins over the worlds' own so that a mix has one frame size; a
+        # world that is not used is not resized (it may not fit a small size).
+        self.bouncing = bouncing or BouncingShapesConfig()
+        self.agent = agent or AgentWorldConfig()
+        if world in ("bouncing", "mix"):
+            self.bouncing = dataclasses.replace(self.bouncing, size=size)
+        if world in ("agent", "mix"):
+            self.agent = dataclasses.replace(self.agent, size=size)
         self.agent_policy, self.agent_fraction = agent_policy, agent_fraction
         self._action_dtype = np.float32 if self.agent.continuous else np.int64
 

@@ -142,12 +142,20 @@ class FrameCondition(nn.Module):
         drop_label: torch.Tensor | None = None,
         drop_actions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """t: (b, t) per-frame timesteps -> (b, t, dim). Missing labels/actions are null."""
+        """t: (b, t) per-frame timesteps -> (b, t, dim). Missing labels/actions are null.
+        labels (b,); drop_label (b,) or per frame (b, t); drop_actions (b,) or (b, t)."""
         cond = self.timestep(t)  # (b, t, d)
         if self.label is not None:
             if labels is None:
                 labels = torch.full(t.shape[:1], NULL, dtype=torch.int64, device=t.device)
-            cond = cond + self.label(labels, drop_label)[:, None]
+            if drop_label is not None and drop_label.ndim == 2:
+                # Per-frame drop (b, t): frames of one sequence can differ (context frames
+                # carry the null label, the frames being denoised the real one).
+                emb = self.label(labels)[:, None]  # (b, 1, d)
+                null = self.label.table.weight[self.label.num_classes]
+                cond = cond + torch.where(drop_label[..., None], null, emb)
+            else:
+                cond = cond + self.label(labels, drop_label)[:, None]
         elif labels is not None:
             raise ValueError("labels given to a model built without labels (num_classes=0)")
         if self.action is not None:

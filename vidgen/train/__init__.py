@@ -7,12 +7,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from vidgen.data import DataConfig
-from vidgen.train.loop import Task, TrainConfig, lr_at, train
+from vidgen.train.loop import StepSampler, Task, TrainConfig, lr_at, train
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Task", "TrainCommandConfig", "TrainConfig", "lr_at", "run_train", "train"]
+__all__ = [
+    "StepSampler",
+    "Task",
+    "TrainCommandConfig",
+    "TrainConfig",
+    "lr_at",
+    "run_train",
+    "train",
+]
 
 
 @dataclass
@@ -27,6 +37,7 @@ class TrainCommandConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     name: str = ""
     out: str = ""
+    frozen_tokenizer: str = ""  # generators: the tokenizer whose latents they model
 
     def __post_init__(self) -> None:
         if (self.tokenizer is None) == (self.model is None):
@@ -34,12 +45,22 @@ class TrainCommandConfig:
 
 
 def build_task(cfg: TrainCommandConfig) -> Task:
+    from vidgen.models.ca2vdm import Ca2VDMConfig
     from vidgen.tokenizers.kl import KLConfig
-    from vidgen.train.tokenizer import kl_task
+    from vidgen.tokenizers.larp import LARPConfig
+    from vidgen.train.tokenizer import kl_task, larp_task
 
     target = cfg.tokenizer if cfg.tokenizer is not None else cfg.model
     if isinstance(target, KLConfig):
         return kl_task(target, cfg.data, cfg, cfg.name)
+    if isinstance(target, LARPConfig):
+        return larp_task(target, cfg.data, cfg, cfg.name)
+    if isinstance(target, Ca2VDMConfig):
+        from vidgen.train.diffusion import ca2vdm_task
+
+        return ca2vdm_task(
+            target, cfg.data, cfg, cfg.name, cfg.frozen_tokenizer or "kl-tiny", out_dir(cfg)
+        )
     raise ValueError(f"no training task for {type(target).__name__}")
 
 
@@ -47,5 +68,9 @@ def run_train(cfg: TrainCommandConfig) -> Path:
     """Train (or resume) and export; returns the exported checkpoint's path."""
     if not cfg.name:
         raise ValueError("name must be set (the CLI fills it from the chosen preset)")
-    out = Path(cfg.out or f"runs/{cfg.name}")
-    return train(build_task(cfg), cfg.train, out)
+    torch.manual_seed(cfg.train.seed)  # the model's initial weights are part of the run
+    return train(build_task(cfg), cfg.train, out_dir(cfg))
+
+
+def out_dir(cfg: TrainCommandConfig) -> Path:
+    return Path(cfg.out or f"runs/{cfg.name}")

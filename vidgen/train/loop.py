@@ -59,6 +59,7 @@ class TrainConfig:
     threads: int = 0
     precision: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
     resume: bool = True
+    stop_at: int = 0  # stop (with a resumable state) after this step; 0 = run to `steps`
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -147,7 +148,8 @@ class Task:
     run_config: Any
     card: dict[str, Any]
     evaluate: Callable[[nn.Module, list[dict[str, torch.Tensor]]], dict[str, float]] | None = None
-    after_step: Callable[[nn.Module, int], None] | None = None
+    # Called after each optimizer step with the model, the step and the loss dict.
+    after_step: Callable[[nn.Module, int, dict[str, torch.Tensor]], None] | None = None
     # Called with the model that ships; returns its final config (e.g. a measured latent scale).
     before_export: Callable[[nn.Module, list[dict[str, torch.Tensor]]], Any] | None = None
 
@@ -193,7 +195,8 @@ def _load_state(
 
 
 def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
-    """Run (or resume) training; returns the path of the exported model."""
+    """Run (or resume) training; returns the path of the exported model (or of the resumable
+    state when ``stop_at`` ended this invocation early)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
@@ -211,7 +214,9 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
     if cfg.resume and state_path.exists():
         start, before = _load_state(checkpoint.load(state_path), model, ema, opt, gen)
         log.info("resuming %s from step %d", state_path, start)
-    sampler = StepSampler(len(task.train_data), task.batch_size, cfg.seed, start, cfg.steps)
+    # The schedule always spans `steps`; `stop_at` only ends this invocation early.
+    end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
+    sampler = StepSampler(len(task.train_data), task.batch_size, cfg.seed, start, end)
     loader = DataLoader(task.train_data, batch_sampler=sampler)
     eval_batches = _eval_batches(task, cfg)
     history: list[dict[str, float]] = []
@@ -223,11 +228,12 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
     for step, batch in enumerate(loader, start=start):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        metrics = _train_step(task, model, _to(batch, device), gen, opt, cfg, device)
+        result = _train_step(task, model, _to(batch, device), gen, opt, cfg)
+        metrics = {k: float(v.detach()) for k, v in result.items() if v.numel() == 1}
+        if task.after_step is not None:
+            task.after_step(model, step, result)
         if ema is not None:
             ema.update(model)
-        if task.after_step is not None:
-            task.after_step(model, step)
         bar.update(1)
         if (step + 1) % cfg.log_every == 0 or step == start:
             bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
@@ -241,11 +247,14 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
             )
             log.info("eval step %d %s", step + 1, json.dumps(scores))
             history.append({"step": step + 1, **{f"eval_{k}": v for k, v in scores.items()}})
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == end:
             wall = before + time.perf_counter() - t0
             _save_state(state_path, task, model, ema, opt, gen, step + 1, wall)
     bar.close()
     seconds = before + time.perf_counter() - t0
+    if end < cfg.steps:
+        log.info("stopped at step %d of %d; run again to resume", end, cfg.steps)
+        return state_path
     return _export(task, ema.model if ema else model, out, cfg, eval_batches, history, seconds)
 
 
@@ -256,17 +265,15 @@ def _train_step(
     gen: torch.Generator,
     opt: torch.optim.Optimizer,
     cfg: TrainConfig,
-    device: torch.device,
-) -> dict[str, float]:
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+) -> dict[str, torch.Tensor]:
+    device_type = next(model.parameters()).device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
         out = task.loss(model, batch, gen)
     opt.zero_grad(set_to_none=True)
     out["loss"].backward()
-    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    out["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     opt.step()
-    metrics = {k: float(v.detach()) for k, v in out.items()}
-    metrics["grad_norm"] = float(grad_norm)
-    return metrics
+    return out
 
 
 def _eval_batches(task: Task, cfg: TrainConfig) -> list[dict[str, torch.Tensor]]:

@@ -9,6 +9,13 @@ from torch import nn
 
 from vidgen.data import DataConfig, build_dataset
 from vidgen.tokenizers.kl import KLAutoencoder, KLConfig
+from vidgen.tokenizers.larp import (
+    LARPConfig,
+    LARPTokenizer,
+    codebook_usage,
+    prior_cross_entropy,
+    unigram_entropy,
+)
 from vidgen.tokenizers.losses import psnr, ssim
 from vidgen.train.loop import Task
 
@@ -60,4 +67,68 @@ def kl_task(config: KLConfig, data: DataConfig, run_config: object, name: str) -
         },
         evaluate=evaluate_kl,
         before_export=fit_latent_scale,
+    )
+
+
+@torch.no_grad()
+def evaluate_larp(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Deterministic round trips of held-out clips: PSNR, SSIM, codebook usage, and the
+    prior's cross-entropy over the unigram entropy of the codes (< 1: the prior has learned
+    order in the token sequence)."""
+    model.eval()
+    scores = {"psnr": 0.0, "ssim": 0.0}
+    all_ids = []
+    for batch in batches:
+        video = batch["video"]
+        ids = model.encode(video)
+        recon = model.decode(ids)
+        flat, target = recon.flatten(0, 1), video.flatten(0, 1)
+        scores["psnr"] += float(psnr(flat, target)) / len(batches)
+        scores["ssim"] += float(ssim(flat, target)) / len(batches)
+        all_ids.append(ids)
+    ids = torch.cat(all_ids)
+    size = model.config.codebook_size
+    scores.update(codebook_usage(ids, size))
+    entropy = unigram_entropy(ids, size)
+    scores["prior_ce"] = prior_cross_entropy(model, ids)
+    scores["unigram_entropy"] = entropy
+    scores["prior_ce_over_unigram"] = scores["prior_ce"] / max(entropy, 1e-9)
+    model.train()
+    return scores
+
+
+def larp_task(config: LARPConfig, data: DataConfig, run_config: object, name: str) -> Task:
+    if data.size != config.image_size or data.clip_len != config.frames:
+        raise ValueError(
+            f"data.size={data.size} and data.clip_len={data.clip_len} must equal the "
+            f"tokenizer's image_size={config.image_size} and frames={config.frames}"
+        )
+    seed = getattr(getattr(run_config, "train", None), "seed", 0)
+
+    def after_step(model: nn.Module, step: int, out: dict[str, torch.Tensor]) -> None:
+        # Seeded by (seed, step): a resumed run restarts exactly the same codes.
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        if step == 0:  # data-dependent init: every code starts on an encoder output
+            model.restart_dead_codes(out["z"], gen, everything=True)
+        elif config.restart_every and (step + 1) % config.restart_every == 0:
+            model.restart_dead_codes(out["z"], gen)
+
+    return Task(
+        name=name,
+        model=LARPTokenizer(config),
+        loss=lambda model, batch, gen: model(batch["video"], gen),
+        train_data=build_dataset(data, "train"),
+        eval_data=build_dataset(data, "eval"),
+        batch_size=data.batch_size,
+        export_config=config,
+        run_config=run_config,
+        card={
+            "what": "LARP-style video tokenizer: holistic queries, stochastic cosine VQ, "
+            "jointly trained AR prior (discarded at inference)",
+            "data": data.name,
+            "loss": "L1 + perceptual_weight*(1-SSIM) + grad_weight*L1(image gradients) + VQ "
+            "codebook/commitment + prior_weight*prior CE; no GAN",
+        },
+        evaluate=evaluate_larp,
+        after_step=after_step,
     )

@@ -1,0 +1,126 @@
+"""LARP tokenizer invariants (DESIGN.md section 4, item 4); test size, every weight random."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vidgen import checkpoint
+from vidgen.nn import randomize_
+from vidgen.tokenizers.larp import LARP_CONFIGS, LARPConfig, LARPTokenizer
+
+CFG = LARP_CONFIGS["test"]
+
+
+def clip(batch: int = 2, seed: int = 0, cfg: LARPConfig = CFG) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, cfg.frames, 3, cfg.image_size, cfg.image_size)
+    return torch.rand(shape, generator=g) * 2 - 1
+
+
+def model(cfg: LARPConfig = CFG, seed: int = 1) -> LARPTokenizer:
+    return randomize_(LARPTokenizer(cfg), seed=seed, std=0.1).eval()
+
+
+@pytest.mark.parametrize("tokens", [4, 8, 24])
+def test_any_token_count_gives_that_many_ids_in_range(tokens):
+    cfg = dataclasses.replace(CFG, num_tokens=tokens)
+    ids = model(cfg).encode(clip(cfg=cfg))
+    assert ids.shape == (2, tokens) and ids.dtype == torch.int64
+    assert ids.min() >= 0 and ids.max() < cfg.codebook_size
+    assert model(cfg).decode(ids).shape == (2, cfg.frames, 3, cfg.image_size, cfg.image_size)
+
+
+def test_eval_encode_is_deterministic_and_the_nearest_codeword():
+    m = model()
+    video = clip()
+    ids = m.encode(video)
+    assert torch.equal(ids, m.encode(video))
+    with torch.no_grad():
+        z = F.normalize(m.embed(video), dim=-1)
+        sims = z @ m.quantizer.codes().t()
+    assert torch.equal(ids, sims.argmax(-1))
+    assert ids.unique().numel() > 1  # non-trivial: several codes in use
+
+
+def test_straight_through_value_is_the_codeword_and_passes_gradients():
+    m = model()
+    z = torch.randn(3, 5, CFG.code_dim, requires_grad=True)
+    ids, q = m.quantizer(z, torch.Generator().manual_seed(0))  # stochastic (training) path
+    torch.testing.assert_close(q, m.quantizer.codes()[ids], atol=1e-6, rtol=0)
+    q.sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+def test_stochastic_sampling_follows_the_generator():
+    m = model()
+    z = torch.randn(64, CFG.code_dim)
+    a, _ = m.quantizer(z, torch.Generator().manual_seed(3))
+    b, _ = m.quantizer(z, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_prior_position_i_ignores_tokens_after_i():
+    m = model()
+    ids = m.encode(clip())
+    with torch.no_grad():
+        base = m.prior_logits(ids)
+        for j in (0, 3, CFG.num_tokens - 1):
+            changed = ids.clone()
+            changed[:, j] = (changed[:, j] + 1) % CFG.codebook_size
+            out = m.prior_logits(changed)
+            # Position i predicts token i from tokens < i: positions <= j are unchanged.
+            assert torch.equal(out[:, : j + 1], base[:, : j + 1]), j
+            if j + 1 < CFG.num_tokens:
+                assert (out[:, j + 1 :] - base[:, j + 1 :]).abs().max() > 1e-4
+
+
+def test_forward_reports_losses_and_metrics():
+    m = model().train()
+    out = m(clip(), torch.Generator().manual_seed(0))
+    for key in ("loss", "l1", "ssim", "prior_ce", "psnr", "perplexity", "dead_codes"):
+        assert torch.isfinite(out[key]).all(), key
+    out["loss"].backward()
+    assert m.quantizer.codebook.grad is not None
+
+
+def test_dead_code_restart_moves_codes_onto_encoder_outputs():
+    m = model()
+    m.quantizer.usage.zero_()
+    m.quantizer.usage[:3] = 1 / 3
+    z = F.normalize(torch.randn(10, CFG.code_dim), dim=-1)
+    moved = m.restart_dead_codes(z, torch.Generator().manual_seed(0))
+    assert moved == CFG.codebook_size - 3
+    sims = m.quantizer.codes()[3:] @ z.t()
+    assert (sims.max(dim=1).values > 0.99).all()
+
+
+def test_a_test_model_overfits_one_clip():
+    torch.manual_seed(0)
+    m = LARPTokenizer(CFG).train()
+    video = clip(batch=1, seed=4) * 0.5
+    opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(0)
+    first = None
+    for step in range(300):
+        out = m(video, gen)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        if step == 0:
+            m.restart_dead_codes(out["z"], torch.Generator().manual_seed(1), everything=True)
+            first = out["l1"].item()
+    m.eval()
+    recon_l1 = (m.decode(m.encode(video)) - video).abs().mean().item()
+    assert recon_l1 < 0.35 * first, (first, recon_l1)
+
+
+def test_checkpoint_round_trip_gives_identical_encodes(tmp_path):
+    m = model()
+    path = checkpoint.save(tmp_path / "larp.safetensors", m, CFG, card={"data": "test"})
+    ckpt = checkpoint.load(path, expected_config=LARPConfig)
+    fresh = LARPTokenizer(ckpt.config_as(LARPConfig))
+    ckpt.load_into(fresh)
+    video = clip(seed=9)
+    assert torch.equal(fresh.eval().encode(video), m.encode(video))

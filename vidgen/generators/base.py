@@ -1,0 +1,190 @@
+"""The clip-generator contract shared by both model families (DESIGN.md section 3).
+
+A *stream* is one video being generated. ``open`` starts one, ``step`` makes the next clip of
+each given stream in one batched pass per denoising/block step, ``decode`` turns clips of
+latents/tokens into uint8 frames (kept separate so decoding and encoding can overlap the next
+step), ``snapshot``/``restore`` carry a stream's truth elsewhere, ``close`` frees it.
+
+A stream's truth is its last cache checkpoint plus what came after it: the latents or tokens
+of the clips made since, the request (conditioning), the next clip index and the seed. All
+randomness is a function of (seed, clip index, purpose), so a replay reproduces it, and the
+same request always gives the same frames.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+
+@dataclass
+class GenerationRequest:
+    """One video to generate.
+
+    frames: new frames to make (a multiple of the model's clip length). label: class label
+    (BouncingShapes: the number of shapes) or None. actions: per frame, action t acting
+    between frame t and t+1: int (frames,) for discrete actions or float (frames, A) for
+    continuous ones (frames counted from the first *new* frame; action -1 of the context's
+    last frame may be given as ``context_action``). context: uint8 frames (T, H, W, 3) to
+    continue from (whole clips). guidance: classifier-free guidance scale (1 = off). steps:
+    denoising steps per clip (diffusion) — ignored by token models. fps: of the output file.
+    """
+
+    model: str = "ca2vdm-tiny"
+    frames: int = 64
+    seed: int = 0
+    label: int | None = None
+    actions: Any = None
+    context: Any = None
+    guidance: float = 2.0
+    steps: int = 12
+    fps: int = 8
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.frames < 1:
+            raise ValueError(f"frames must be >= 1, got {self.frames}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.guidance < 0:
+            raise ValueError(f"guidance must be >= 0, got {self.guidance}")
+        if self.actions is not None:
+            self.actions = np.asarray(self.actions)
+            if len(self.actions) != self.frames:
+                raise ValueError(
+                    f"actions must have one entry per frame ({self.frames}), "
+                    f"got {len(self.actions)}"
+                )
+        if self.context is not None:
+            self.context = np.asarray(self.context)
+            if (
+                self.context.dtype != np.uint8
+                or self.context.ndim != 4
+                or self.context.shape[-1] != 3
+            ):
+                raise ValueError(
+                    f"context must be uint8 frames (T, H, W, 3), got {self.context.dtype} "
+                    f"{self.context.shape}"
+                )
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict (context frames are not serialised: pass a path in manifests)."""
+        out = asdict(self)
+        out["actions"] = None if self.actions is None else np.asarray(self.actions).tolist()
+        out["context"] = None
+        return out
+
+    def fingerprint(self) -> str:
+        """sha256 of everything that determines the output frames."""
+        payload = json.dumps(self.to_json(), sort_keys=True).encode()
+        digest = hashlib.sha256(payload)
+        if self.context is not None:
+            digest.update(np.ascontiguousarray(self.context).tobytes())
+        return digest.hexdigest()
+
+
+@dataclass
+class Stream:
+    """A video being generated on one generator: ``slot`` is its cache slot, ``clip`` the
+    index of the next clip to make, ``num_clips`` how many the request needs."""
+
+    id: int
+    request: GenerationRequest
+    slot: int
+    clip: int
+    num_clips: int
+
+    @property
+    def done(self) -> bool:
+        return self.clip >= self.num_clips
+
+
+@dataclass
+class ClipLatents:
+    """One generated clip before decoding: (frames, ...) latents or (tokens,) ids."""
+
+    stream: int
+    clip: int
+    data: torch.Tensor
+
+
+@dataclass
+class Clip:
+    """Decoded frames (T, H, W, 3) uint8 of one clip."""
+
+    stream: int
+    clip: int
+    frames: np.ndarray
+
+
+@dataclass
+class StreamSnapshot:
+    """A stream's truth: the cache as it was after clip ``checkpoint_clip`` - 1 was written
+    (tensors), plus the clips made since (``pending``, in order), the request and the seed.
+    ``restore`` loads the cache and replays the write pass for the pending clips."""
+
+    request: GenerationRequest
+    checkpoint_clip: int
+    cache: dict[str, torch.Tensor]
+    pending: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def next_clip(self) -> int:
+        return self.checkpoint_clip + len(self.pending)
+
+    def add(self, clip: ClipLatents) -> None:
+        """Record a clip made after the checkpoint."""
+        if clip.clip != self.next_clip:
+            raise ValueError(f"expected clip {self.next_clip}, got clip {clip.clip}")
+        self.pending.append(clip.data.detach().cpu())
+
+
+class ClipGenerator(Protocol):
+    """What actors, the orchestrator and the envs rely on (both families implement it)."""
+
+    clip_len: int
+
+    def open(self, request: GenerationRequest) -> Stream: ...
+
+    def step(self, streams: list[Stream]) -> list[ClipLatents]: ...
+
+    def decode(self, clips: list[ClipLatents]) -> list[Clip]: ...
+
+    def snapshot(self, stream: Stream) -> StreamSnapshot: ...
+
+    def restore(self, snapshot: StreamSnapshot) -> Stream: ...
+
+    def close(self, stream: Stream) -> None: ...
+
+
+def derived_seed(seed: int, clip: int, purpose: str) -> int:
+    """A 63-bit seed for one random draw of one clip of a stream."""
+    digest = hashlib.sha256(f"{seed}/{clip}/{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def seeded(seed: int, clip: int, purpose: str) -> torch.Generator:
+    return torch.Generator().manual_seed(derived_seed(seed, clip, purpose))
+
+
+def generate_video(generator: ClipGenerator, request: GenerationRequest) -> Iterator[Clip]:
+    """The in-process loop: open a stream, step and decode clip by clip, close. Memory is
+    O(window) whatever the length."""
+    stream = generator.open(request)
+    try:
+        while not stream.done:
+            (latents,) = generator.step([stream])
+            (clip,) = generator.decode([latents])
+            yield clip
+    finally:
+        generator.close(stream)

@@ -1,0 +1,293 @@
+"""DiffusionClipGenerator: the clip-generator contract over the KL autoencoder, the causal
+video DiT and the flow-matching Euler sampler.
+
+Each ``step`` makes one clip for every given stream: all streams are denoised together, one
+batched DiT call per Euler step (two with classifier-free guidance, batched as one), each
+reading its stream's cached context; then one batched write pass appends the new clips' K/V.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from vidgen import checkpoint
+from vidgen.data.worlds import to_model_range, to_uint8
+from vidgen.generators.base import (
+    Clip,
+    ClipLatents,
+    GenerationRequest,
+    Stream,
+    StreamSnapshot,
+    seeded,
+)
+from vidgen.models.ca2vdm import Ca2VDMConfig, CausalVideoDiT, Cond
+from vidgen.nn.cache import KVCache
+from vidgen.nn.conditioning import NULL
+from vidgen.sampling.flow import classifier_free, euler_sample, time_grid
+from vidgen.tokenizers.kl import KLAutoencoder, KLConfig
+
+
+class DiffusionClipGenerator:
+    """Streams of clips from a ``CausalVideoDiT`` in the latent space of a ``KLAutoencoder``.
+
+    ``max_streams`` sizes the preallocated cache (the actor's memory budget); ``time_shift``
+    is the sampler's schedule shift.
+    """
+
+    family = "diffusion"
+
+    def __init__(
+        self,
+        model: CausalVideoDiT,
+        autoencoder: KLAutoencoder,
+        max_streams: int = 8,
+        device: torch.device | str = "cpu",
+        time_shift: float = 1.0,
+        name: str = "",
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.autoencoder = autoencoder.to(self.device).eval()
+        self.config: Ca2VDMConfig = model.config
+        self.clip_len = self.config.clip_len
+        self.time_shift = time_shift
+        self.name = name
+        self.cache = KVCache(model.cache_spec(max_streams), self.device)
+        self.frame_shape = (autoencoder.config.image_size, autoencoder.config.image_size, 3)
+        self._streams: dict[int, Stream] = {}
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str, max_streams: int = 8, device: torch.device | str = "cpu"
+    ) -> DiffusionClipGenerator:
+        """Load a shipped name (``ca2vdm-tiny``) or a checkpoint path; its model card names
+        the autoencoder it was trained with."""
+        ckpt = checkpoint.load(name_or_path, expected_config=Ca2VDMConfig)
+        model = CausalVideoDiT(ckpt.config_as(Ca2VDMConfig))
+        ckpt.load_into(model)
+        tok = checkpoint.load(ckpt.card.get("tokenizer", "kl-tiny"), expected_config=KLConfig)
+        autoencoder = KLAutoencoder(tok.config_as(KLConfig))
+        tok.load_into(autoencoder)
+        return cls(model, autoencoder, max_streams, device, name=str(name_or_path))
+
+    # --- streams ----------------------------------------------------------------------
+
+    def _check(self, request: GenerationRequest) -> int:
+        cfg = self.config
+        if request.frames % self.clip_len:
+            raise ValueError(
+                f"frames must be a multiple of clip_len={self.clip_len}, got {request.frames}"
+            )
+        if request.label is not None and not 0 <= request.label < cfg.num_classes:
+            raise ValueError(
+                f"label must be in [0, {cfg.num_classes}) or None, got {request.label}"
+            )
+        if request.actions is not None:
+            self._check_actions(request.actions)
+        if request.context is not None:
+            context = np.asarray(request.context)
+            if tuple(context.shape[1:]) != self.frame_shape or len(context) % self.clip_len:
+                raise ValueError(
+                    f"context must be whole clips of {self.clip_len} frames of shape "
+                    f"{self.frame_shape}, got {context.shape}"
+                )
+        return request.frames // self.clip_len
+
+    def _check_actions(self, actions: np.ndarray) -> None:
+        cfg = self.config
+        if cfg.num_actions:
+            if actions.ndim != 1 or not np.issubdtype(actions.dtype, np.integer):
+                raise ValueError(
+                    f"actions must be int (frames,) for this model, got {actions.dtype} "
+                    f"{actions.shape}"
+                )
+            if actions.min() < 0 or actions.max() >= cfg.num_actions:
+                raise ValueError(f"actions must be in [0, {cfg.num_actions})")
+        elif cfg.action_dim:
+            if actions.ndim != 2 or actions.shape[1] != cfg.action_dim:
+                raise ValueError(
+                    f"actions must be float (frames, {cfg.action_dim}), got {actions.shape}"
+                )
+        else:
+            raise ValueError("this model takes no actions; leave actions unset")
+
+    def open(self, request: GenerationRequest) -> Stream:
+        num_clips = self._check(request)
+        slot = self.cache.add_stream()
+        stream = Stream(id=next(self._ids), request=request, slot=slot, clip=0, num_clips=num_clips)
+        self._streams[stream.id] = stream
+        if request.context is not None:
+            self._write_context(stream, np.asarray(request.context))
+        return stream
+
+    @torch.no_grad()
+    def _write_context(self, stream: Stream, frames: np.ndarray) -> None:
+        video = to_model_range(frames)[None].to(self.device)  # (1, T, 3, H, W)
+        latents = self.autoencoder.encode(video)[0]
+        clips = len(frames) // self.clip_len
+        # Only the last window of context can matter; earlier clips would be evicted anyway.
+        first = max(0, clips - self.config.window_clips)
+        for j in range(first, clips):
+            piece = latents[j * self.clip_len : (j + 1) * self.clip_len]
+            self._write([stream], piece[None], [-(clips - j)])
+
+    def close(self, stream: Stream) -> None:
+        if self._streams.pop(stream.id, None) is not None:
+            self.cache.remove_stream(stream.slot)
+
+    # --- conditioning -------------------------------------------------------------------
+
+    def _actions(self, streams: Sequence[Stream], clips: Sequence[int]) -> torch.Tensor | None:
+        """(b, clip_len) leading actions of each stream's clip: actions[i] leads to new frame
+        i; context clips (negative index) and requests without actions get the null action."""
+        cfg = self.config
+        if not (cfg.num_actions or cfg.action_dim):
+            return None
+        rows = []
+        for stream, k in zip(streams, clips, strict=True):
+            acts = stream.request.actions
+            lo = k * self.clip_len
+            if acts is None or k < 0:
+                row = (
+                    torch.full((self.clip_len,), NULL, dtype=torch.int64)
+                    if cfg.num_actions
+                    else torch.zeros(self.clip_len, cfg.action_dim)
+                )
+            else:
+                row = torch.as_tensor(np.asarray(acts[lo : lo + self.clip_len]))
+                row = row.long() if cfg.num_actions else row.float()
+            rows.append(row)
+        return torch.stack(rows).to(self.device)
+
+    def _labels(self, streams: Sequence[Stream]) -> torch.Tensor | None:
+        if not self.config.num_classes:
+            return None
+        labels = [NULL if s.request.label is None else s.request.label for s in streams]
+        return torch.tensor(labels, dtype=torch.int64, device=self.device)
+
+    # --- the step -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, streams: list[Stream]) -> list[ClipLatents]:
+        """One clip for each stream. Streams with different ``steps`` are denoised in separate
+        groups (the Euler grid must be shared); everything else is batched."""
+        for s in streams:
+            if s.id not in self._streams:
+                raise KeyError(f"stream {s.id} is not open on this generator")
+            if s.done:
+                raise ValueError(f"stream {s.id} already has all {s.num_clips} clips")
+        out: dict[int, ClipLatents] = {}
+        for steps in sorted({s.request.steps for s in streams}):
+            group = [s for s in streams if s.request.steps == steps]
+            for clip in self._denoise(group, steps):
+                out[clip.stream] = clip
+        return [out[s.id] for s in streams]
+
+    def _denoise(self, streams: list[Stream], steps: int) -> list[ClipLatents]:
+        cfg, b, L = self.config, len(streams), self.clip_len
+        clips = [s.clip for s in streams]
+        shape = (L, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+        noise = torch.stack(
+            [torch.randn(shape, generator=seeded(s.request.seed, s.clip, "noise")) for s in streams]
+        ).to(self.device)
+        labels, actions = self._labels(streams), self._actions(streams, clips)
+        slots = [s.slot for s in streams]
+        scale = torch.tensor([s.request.guidance for s in streams], device=self.device)
+        guided = (labels is not None or actions is not None) and bool((scale != 1).any())
+
+        def denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            t_frames = t[:, None].expand(-1, L)
+            if not guided:
+                return self.model(
+                    x, Cond(t=t_frames, labels=labels, actions=actions), self.cache, slots
+                )
+            # Conditional and unconditional rows in one batch over the same cached context.
+            drop = torch.arange(2 * b, device=self.device) >= b
+            cond = Cond(
+                t=t_frames.repeat(2, 1),
+                labels=_twice(labels),
+                actions=_twice(actions),
+                drop_label=drop,
+                drop_actions=drop,
+            )
+            v = self.model(torch.cat([x, x]), cond, self.cache, slots + slots)
+            v_c, v_u = v.chunk(2)
+            return classifier_free(v_c, v_u, scale.view(-1, 1, 1, 1, 1))
+
+        latents = euler_sample(denoiser, noise, time_grid(steps, self.time_shift))
+        self._write(streams, latents, clips)
+        result = []
+        for s, lat in zip(streams, latents, strict=True):
+            result.append(ClipLatents(stream=s.id, clip=s.clip, data=lat.cpu()))
+            s.clip += 1
+        return result
+
+    def _write(
+        self, streams: Sequence[Stream], latents: torch.Tensor, clips: Sequence[int]
+    ) -> None:
+        """The write pass of finished clips; the light context noise of clip k of a stream is
+        drawn from (seed, k), so a replay after ``restore`` reproduces it."""
+        noise = torch.stack(
+            [
+                torch.randn(latents.shape[1:], generator=seeded(s.request.seed, k, "context"))
+                for s, k in zip(streams, clips, strict=True)
+            ]
+        ).to(self.device)
+        self.model.write(
+            latents,
+            self.cache,
+            [s.slot for s in streams],
+            actions=self._actions(streams, clips),
+            noise=noise,
+        )
+
+    @torch.no_grad()
+    def decode(self, clips: list[ClipLatents]) -> list[Clip]:
+        if not clips:
+            return []
+        latents = torch.stack([c.data for c in clips]).to(self.device)
+        frames = to_uint8(self.autoencoder.decode(latents).clamp(-1, 1)).cpu().numpy()
+        return [
+            Clip(stream=c.stream, clip=c.clip, frames=f) for c, f in zip(clips, frames, strict=True)
+        ]
+
+    # --- truth ---------------------------------------------------------------------------
+
+    def snapshot(self, stream: Stream) -> StreamSnapshot:
+        """The stream's cache now (a full checkpoint) and its request; clips made later are
+        added to ``pending`` by whoever keeps the truth."""
+        return StreamSnapshot(
+            request=stream.request,
+            checkpoint_clip=stream.clip,
+            cache=self.cache.snapshot(stream.slot),
+        )
+
+    @torch.no_grad()
+    def restore(self, snapshot: StreamSnapshot) -> Stream:
+        """Reopen a stream from its truth: load the checkpoint, replay the pending clips'
+        write passes; the next ``step`` continues as if nothing had happened."""
+        request = snapshot.request
+        num_clips = self._check(request)
+        slot = self.cache.add_stream()
+        self.cache.load(slot, snapshot.cache)
+        stream = Stream(
+            id=next(self._ids),
+            request=request,
+            slot=slot,
+            clip=snapshot.checkpoint_clip,
+            num_clips=num_clips,
+        )
+        self._streams[stream.id] = stream
+        for latents in snapshot.pending:
+            self._write([stream], latents[None].to(self.device), [stream.clip])
+            stream.clip += 1
+        return stream
+
+
+def _twice(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else torch.cat([x, x])

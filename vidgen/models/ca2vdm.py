@@ -1,0 +1,420 @@
+"""Ca2-VDM-style causal video DiT whose context K/V are computed once and shared by every
+denoising step.
+
+Glossary of axis letters: ``b`` batch (streams), ``t`` frames, ``n`` tokens per frame (latent
+patches), ``d`` model dim, ``h`` heads, ``e`` head dim, ``w`` cached frame slots, ``c``
+latent channels, ``y``/``x`` latent height/width, ``p`` patch side.
+
+A block is adaLN-Zero-gated (per frame) spatial self-attention within each frame, causal
+temporal self-attention per token location across frames, and an MLP. Temporal attention is
+the only place frames meet, so a finished clip's temporal K/V at every layer are all a later
+clip needs from it: ``write`` computes them once (the clip enters as context, lightly
+re-noised at ``prefix_t``) and appends them to the ``KVCache``; ``forward`` on the next clip's
+noisy latents reads that cache at every denoising step and never changes it.
+
+Conditioning per frame: timestep + label + action (action t-1 leads to frame t). Context
+frames carry the timestep ``prefix_t`` and the null label, so the cache is the same whatever
+label or guidance the clip being denoised uses; classifier-free guidance only changes the
+noisy clip's condition.
+
+The reference that tests and the benchmark compare against is ``forward_history``: one
+forward over the whole history with the *banded* frame mask (DESIGN.md section 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from vidgen.nn.attention import attention
+from vidgen.nn.cache import CacheSpec, KVCache
+from vidgen.nn.conditioning import NULL, AdaLNModulation, FrameCondition, modulate
+from vidgen.nn.rope import RoPE1D, apply_rope
+
+
+@dataclass
+class Ca2VDMConfig:
+    latent_channels: int = 4
+    latent_size: int = 8
+    patch: int = 2
+    dim: int = 128
+    depth: int = 6
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    clip_len: int = 8
+    window: int = 24  # context frames kept in the cache (whole clips)
+    num_classes: int = 5  # labels 0..num_classes-1 (BouncingShapes: the number of shapes)
+    num_actions: int = 0  # discrete actions (AgentWorld: 5); 0 = none
+    action_dim: int = 0  # continuous action size; 0 = none
+    prefix_t: float = 0.05  # flow time of the light noise on context frames
+    label_dropout: float = 0.1  # training: p(label -> null), for classifier-free guidance
+    action_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.latent_size % self.patch:
+            raise ValueError(
+                f"latent_size={self.latent_size} must be a multiple of patch={self.patch}"
+            )
+        if self.dim % self.heads or (self.dim // self.heads) % 2:
+            raise ValueError(f"dim={self.dim} / heads={self.heads} must be an even head dim")
+        if self.window % self.clip_len:
+            raise ValueError(
+                f"window={self.window} must be whole clips of clip_len={self.clip_len}"
+            )
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return (self.latent_size // self.patch) ** 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def window_clips(self) -> int:
+        return self.window // self.clip_len
+
+
+CA2VDM_CONFIGS: dict[str, Ca2VDMConfig] = {
+    "test": Ca2VDMConfig(
+        latent_size=4,
+        patch=2,
+        dim=32,
+        depth=2,
+        heads=2,
+        clip_len=2,
+        window=4,
+        num_classes=5,
+        num_actions=5,
+    ),
+    "tiny": Ca2VDMConfig(dim=128, depth=6, heads=4),
+    "base": Ca2VDMConfig(dim=384, depth=12, heads=6),
+    # The paper's DiT-XL shapes: 28 layers, hidden 1152, 16 heads, patch 2.
+    "xl": Ca2VDMConfig(dim=1152, depth=28, heads=16),
+}
+
+
+@dataclass
+class Cond:
+    """Conditioning of the frames a call covers. labels: (b,) int64 (``NULL`` = none);
+    actions: per frame, the action that *leads to* that frame (b, t) int64 or (b, t, a)
+    float, or None; t: flow time per frame (b, t) in [0, 1]."""
+
+    t: torch.Tensor
+    labels: torch.Tensor | None = None
+    actions: torch.Tensor | None = None
+    drop_label: torch.Tensor | None = None
+    drop_actions: torch.Tensor | None = None
+
+
+@dataclass
+class _Context:
+    """What temporal attention at one layer sees besides the clip itself."""
+
+    k: torch.Tensor  # ((b n), h, w, e), unrotated
+    v: torch.Tensor
+    positions: torch.Tensor  # (b, w)
+    valid: torch.Tensor  # (b, w) bool
+    all_valid: bool  # every slot full: no key padding needed
+
+
+@dataclass
+class _Collected:
+    k: list[torch.Tensor] = field(default_factory=list)  # per layer ((b n), h, t, e)
+    v: list[torch.Tensor] = field(default_factory=list)
+
+
+# --- layers ---------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class QKV(nn.Module):
+    """Projection to per-head q, k, v with RMS-normalised q and k (stable attention)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.proj = nn.Linear(dim, 3 * dim)
+        self.q_norm, self.k_norm = RMSNorm(dim // heads), RMSNorm(dim // heads)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = rearrange(self.proj(x), "b l (three h e) -> three b h l e", three=3, h=self.heads)
+        return self.q_norm(q), self.k_norm(k), v
+
+
+class Block(nn.Module):
+    """Spatial attention, causal temporal attention with context, MLP; each adaLN-Zero."""
+
+    def __init__(self, cfg: Ca2VDMConfig) -> None:
+        super().__init__()
+        d = cfg.dim
+        self.heads = cfg.heads
+        self.modulation = AdaLNModulation(d, d, chunks=9)
+        self.norm_s, self.norm_t, self.norm_m = (
+            nn.LayerNorm(d, elementwise_affine=False, eps=1e-6) for _ in range(3)
+        )
+        self.spatial_qkv, self.spatial_out = QKV(d, cfg.heads), nn.Linear(d, d)
+        self.temporal_qkv, self.temporal_out = QKV(d, cfg.heads), nn.Linear(d, d)
+        hidden = int(d * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d)
+        )
+        self.rope = RoPE1D(cfg.head_dim)
+
+    def spatial(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        q, k, v = self.spatial_qkv(rearrange(x, "b t n d -> (b t) n d"))  # within each frame
+        y = rearrange(attention(q, k, v), "(b t) h n e -> b t n (h e)", b=b)
+        return self.spatial_out(y)
+
+    def temporal(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        self_mask: torch.Tensor,
+        ctx: _Context | None,
+        collect: _Collected | None,
+    ) -> torch.Tensor:
+        """x (b, t, n, d) attends per location to the context frames and, through
+        ``self_mask`` (t, t), to its own frames; positions (b, t) are frame positions."""
+        b, t, n, _ = x.shape
+        q, k, v = self.temporal_qkv(rearrange(x, "b t n d -> (b n) t d"))  # (b n) h t e
+        if collect is not None:
+            collect.k.append(k)
+            collect.v.append(v)
+        angles = self.rope.angles(positions).repeat_interleave(n, dim=0)[:, None]  # (b n) 1 t e/2
+        q, k = apply_rope(q, angles), apply_rope(k, angles)
+        mask = self_mask[None, None].expand(b * n, 1, t, t)
+        needs_mask = t > 1  # frames inside the clip are causal
+        if ctx is not None:
+            k_ctx_angles = self.rope.angles(ctx.positions).repeat_interleave(n, dim=0)[:, None]
+            k = torch.cat([apply_rope(ctx.k, k_ctx_angles), k], dim=2)
+            v = torch.cat([ctx.v, v], dim=2)
+            valid = ctx.valid.repeat_interleave(n, dim=0)[:, None, None].expand(-1, 1, t, -1)
+            mask = torch.cat([valid, mask], dim=-1)
+            needs_mask = needs_mask or not ctx.all_valid
+        y = attention(q, k, v, mask=mask if needs_mask else None)
+        return self.temporal_out(rearrange(y, "(b n) h t e -> b t n (h e)", b=b))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cond: torch.Tensor,
+        positions: torch.Tensor,
+        self_mask: torch.Tensor,
+        ctx: _Context | None = None,
+        collect: _Collected | None = None,
+    ) -> torch.Tensor:
+        ss, sc, sg, ts, tc, tg, ms, mc, mg = self.modulation(cond)  # each (b, t, d)
+        x = x + sg[:, :, None] * self.spatial(modulate(self.norm_s(x), ss, sc))
+        h = modulate(self.norm_t(x), ts, tc)
+        x = x + tg[:, :, None] * self.temporal(h, positions, self_mask, ctx, collect)
+        return x + mg[:, :, None] * self.mlp(modulate(self.norm_m(x), ms, mc))
+
+
+# --- the model ----------------------------------------------------------------------------
+
+
+class CausalVideoDiT(nn.Module):
+    """Denoiser of clips of latents (b, t, c, y, x) given a KV cache of earlier clips."""
+
+    def __init__(self, config: Ca2VDMConfig) -> None:
+        super().__init__()
+        cfg = self.config = config
+        patch_values = cfg.patch * cfg.patch * cfg.latent_channels
+        self.patch_in = nn.Linear(patch_values, cfg.dim)
+        self.spatial_pos = nn.Parameter(torch.randn(cfg.tokens_per_frame, cfg.dim) * 0.02)
+        self.condition = FrameCondition(cfg.dim, cfg.num_classes, cfg.num_actions, cfg.action_dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.final_norm = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
+        self.final_modulation = AdaLNModulation(cfg.dim, cfg.dim, chunks=2)
+        self.patch_out = nn.Linear(cfg.dim, patch_values)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """DiT init: adaLN-Zero gates and the output layer start at zero (a fresh model
+        predicts 0); test models overwrite everything with ``vidgen.nn.randomize_``."""
+        nn.init.zeros_(self.patch_out.weight)
+        nn.init.zeros_(self.patch_out.bias)
+
+    def cache_spec(self, max_streams: int = 1, dtype: torch.dtype = torch.float32) -> CacheSpec:
+        cfg = self.config
+        return CacheSpec(
+            layers=cfg.depth,
+            kv_heads=cfg.heads,
+            head_dim=cfg.head_dim,
+            tokens_per_frame=cfg.tokens_per_frame,
+            window=cfg.window,
+            dtype=dtype,
+            max_streams=max_streams,
+        )
+
+    # --- tokens ---------------------------------------------------------------------
+
+    def tokens(self, latents: torch.Tensor) -> torch.Tensor:
+        """(b, t, c, y, x) -> (b, t, n, d)."""
+        p = self.config.patch
+        patches = rearrange(latents, "b t c (y p1) (x p2) -> b t (y x) (p1 p2 c)", p1=p, p2=p)
+        return self.patch_in(patches) + self.spatial_pos
+
+    def untokens(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """(b, t, n, d) -> predictions (b, t, c, y, x)."""
+        cfg = self.config
+        shift, scale = self.final_modulation(cond)
+        out = self.patch_out(modulate(self.final_norm(h), shift, scale))
+        side = cfg.latent_size // cfg.patch
+        return rearrange(
+            out, "b t (y x) (p1 p2 c) -> b t c (y p1) (x p2)", y=side, p1=cfg.patch, p2=cfg.patch
+        )
+
+    def embed_cond(self, cond: Cond) -> torch.Tensor:
+        # Flow time in [0, 1] is embedded on the usual diffusion scale of 0..1000.
+        return self.condition(
+            cond.t * 1000.0, cond.labels, cond.actions, cond.drop_label, cond.drop_actions
+        )
+
+    def context_cond(
+        self, num_frames: int, batch: int, actions: torch.Tensor | None, device: torch.device
+    ) -> Cond:
+        """The condition of context frames: ``prefix_t``, null label, their actions."""
+        t = torch.full((batch, num_frames), self.config.prefix_t, device=device)
+        labels = (
+            torch.full((batch,), NULL, dtype=torch.int64, device=device)
+            if self.config.num_classes
+            else None
+        )
+        return Cond(t=t, labels=labels, actions=actions)
+
+    # --- cached inference -------------------------------------------------------------
+
+    def _run(
+        self,
+        x: torch.Tensor,
+        cond: Cond,
+        positions: torch.Tensor,
+        self_mask: torch.Tensor,
+        cache: KVCache | None,
+        streams: Sequence[int] | None,
+        collect: _Collected | None,
+    ) -> torch.Tensor:
+        c = self.embed_cond(cond)
+        h = self.tokens(x)
+        if cache is not None:
+            ctx_positions, valid = cache.positions(streams), cache.valid(streams)
+            all_valid = bool(valid.all())
+        for layer, block in enumerate(self.blocks):
+            ctx = None
+            if cache is not None:
+                k, v = cache.read(layer, streams)  # (b, h, w, n, e), ring order
+                ctx = _Context(
+                    k=rearrange(k, "b h w n e -> (b n) h w e"),
+                    v=rearrange(v, "b h w n e -> (b n) h w e"),
+                    positions=ctx_positions,
+                    valid=valid,
+                    all_valid=all_valid,
+                )
+            h = block(h, c, positions, self_mask, ctx, collect)
+        return self.untokens(h, c)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cond: Cond,
+        cache: KVCache | None = None,
+        streams: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """Prediction (flow velocity) for the noisy clip ``x`` (b, t, c, y, x) given the
+        cached context of ``streams`` (one per batch row). Reads the cache, never changes it."""
+        positions, mask = self._clip_layout(x, cache, streams)
+        return self._run(x, cond, positions, mask, cache, streams, None)
+
+    @torch.no_grad()
+    def write(
+        self,
+        latents: torch.Tensor,
+        cache: KVCache,
+        streams: Sequence[int],
+        actions: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> None:
+        """The write pass: a finished clip (b, t, c, y, x) enters as context (re-noised at
+        ``prefix_t`` with ``noise``, if given), its temporal K/V are computed at every layer
+        against the current cache, and appended (evicting whole clips past the window)."""
+        pt = self.config.prefix_t
+        x = latents if noise is None else (1 - pt) * latents + pt * noise
+        cond = self.context_cond(x.shape[1], x.shape[0], actions, x.device)
+        positions, mask = self._clip_layout(x, cache, streams)
+        collect = _Collected()
+        self._run(x, cond, positions, mask, cache, streams, collect)
+        n = self.config.tokens_per_frame
+        k = torch.stack([rearrange(k, "(b n) h t e -> b h t n e", n=n) for k in collect.k])
+        v = torch.stack([rearrange(v, "(b n) h t e -> b h t n e", n=n) for v in collect.v])
+        cache.append(streams, k, v)
+
+    def _clip_layout(
+        self, x: torch.Tensor, cache: KVCache | None, streams: Sequence[int] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        t = x.shape[1]
+        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        if cache is None:
+            return torch.arange(t, device=x.device).expand(x.shape[0], t), causal
+        if streams is None or len(streams) != x.shape[0]:
+            raise ValueError(f"streams must name one cache stream per batch row ({x.shape[0]})")
+        return cache.query_positions(streams, t).to(x.device), causal
+
+    # --- the reference: one forward over the whole history ---------------------------------
+
+    def forward_history(
+        self,
+        x: torch.Tensor,
+        cond: Cond,
+        frame_mask: torch.Tensor,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predictions for every frame of x (b, T, ...) with temporal attention restricted by
+        ``frame_mask`` (T, T) (e.g. ``history_mask``) and absolute frame positions."""
+        if positions is None:
+            positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        return self._run(x, cond, positions, frame_mask, None, None, None)
+
+
+def history_mask(
+    num_frames: int, clip_len: int, window_clips: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """(T, T) frame mask of the banded whole-history reference: frame f of clip c sees the
+    ``window_clips`` clips before c and the frames of c up to f (DESIGN.md section 3)."""
+    from vidgen.nn.masks import banded_block_mask
+
+    return banded_block_mask(num_frames, 1, window_clips, group_size=clip_len, device=device)[0, 0]
+
+
+def teacher_forcing_mask(
+    num_clips: int, clip_len: int, window_clips: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """(2T, 2T) frame mask for training on [clean clips; noisy copies of the same clips]:
+    clean frames see the banded history of clean frames; the noisy copy of clip c sees the
+    clean clips c-window..c-1 and its own noisy frames causally. Every noisy clip is then
+    trained exactly as inference will run it, all in one forward."""
+    t = num_clips * clip_len
+    clean = history_mask(t, clip_len, window_clips, device)
+    idx = torch.arange(t, device=device)
+    clip = idx // clip_len
+    sees_context = (clip[None, :] < clip[:, None]) & (clip[None, :] >= clip[:, None] - window_clips)
+    own = (clip[None, :] == clip[:, None]) & (idx[None, :] <= idx[:, None])
+    top = torch.cat([clean, torch.zeros_like(clean)], dim=1)
+    bottom = torch.cat([sees_context, own], dim=1)
+    return torch.cat([top, bottom], dim=0)

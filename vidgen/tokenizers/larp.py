@@ -1,0 +1,364 @@
+"""LARP-style discrete video tokenizer: holistic learned queries, stochastic VQ, AR prior.
+
+A clip (b, t, 3, H, W) is cut into 3-D patches; the patch tokens and N learned *holistic*
+query tokens go through a bidirectional ViT and only the query outputs are kept, so a token
+describes the clip as a whole rather than one patch. Each query output is projected to a low
+dimension, L2-normalised and quantised against an L2-normalised codebook: training samples the
+code from softmax(cos-sim / tau) (stochastic VQ), evaluation takes the argmax, and the
+straight-through estimator passes gradients. The decoder is a ViT over the N latent tokens
+plus one learned query per patch; the patch-query outputs are unpatchified into the clip.
+
+A small causal GPT prior is trained jointly: it predicts each token's code from the codes
+before it (cross-entropy, small weight), which shapes the latent space to be easy for an
+autoregressive generator. It is discarded at inference (``encode``/``decode`` never use it).
+
+Losses: L1 + perceptual_weight x (1 - SSIM) + grad_weight x L1(image gradients) (no
+downloaded network: SSIM keeps local structure, the gradient term keeps the worlds' edges
+sharp) + VQ commitment + prior_weight x prior CE. The paper's patch-GAN is not implemented.
+
+Axis letters: ``b`` batch, ``t`` frames, ``c`` channels, ``h``/``w`` height/width, ``n``
+holistic tokens, ``p`` patches, ``d`` model dim, ``e`` code dim, ``k`` codebook entries.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from vidgen.nn.masks import block_causal_mask
+from vidgen.nn.transformer import Transformer
+from vidgen.tokenizers.losses import gradient_l1, psnr, ssim
+
+
+@dataclass
+class LARPConfig:
+    image_size: int = 64
+    frames: int = 8
+    patch_t: int = 2
+    patch: int = 8
+    dim: int = 128
+    enc_depth: int = 4
+    dec_depth: int = 4
+    heads: int = 4
+    num_tokens: int = 128
+    codebook_size: int = 1024
+    code_dim: int = 16
+    tau: float = 0.05  # sampling temperature of the stochastic VQ (cosine logits / tau)
+    prior_dim: int = 128
+    prior_depth: int = 2
+    prior_heads: int = 4
+    prior_weight: float = 0.05
+    commit_weight: float = 0.25
+    perceptual_weight: float = 0.2
+    grad_weight: float = 0.5
+    usage_decay: float = 0.99  # EMA of code usage, for the dead-code restart
+    dead_usage: float = 2e-4  # a code used less than this fraction of the time is dead
+    restart_every: int = 50  # training steps between dead-code restarts (0 = never)
+
+    def __post_init__(self) -> None:
+        if self.frames % self.patch_t or self.image_size % self.patch:
+            raise ValueError(
+                f"frames={self.frames} and image_size={self.image_size} must be multiples of "
+                f"patch_t={self.patch_t} and patch={self.patch}"
+            )
+        for name in ("dim", "prior_dim"):
+            heads = self.heads if name == "dim" else self.prior_heads
+            if getattr(self, name) % heads:
+                raise ValueError(f"{name}={getattr(self, name)} must be divisible by its heads")
+        if self.num_tokens < 1 or self.codebook_size < 2:
+            raise ValueError(
+                f"need num_tokens >= 1 and codebook_size >= 2, got {self.num_tokens}, "
+                f"{self.codebook_size}"
+            )
+
+    @property
+    def num_patches(self) -> int:
+        return (self.frames // self.patch_t) * (self.image_size // self.patch) ** 2
+
+    @property
+    def patch_values(self) -> int:
+        return self.patch_t * self.patch * self.patch * 3
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """Holistic tokens are not tied to frames; this is N / frames, the rate NBP sees."""
+        return self.num_tokens // self.frames
+
+
+LARP_CONFIGS: dict[str, LARPConfig] = {
+    "test": LARPConfig(
+        image_size=16,
+        frames=4,
+        patch_t=2,
+        patch=4,
+        dim=32,
+        enc_depth=2,
+        dec_depth=2,
+        heads=2,
+        num_tokens=8,
+        codebook_size=64,
+        code_dim=8,
+        prior_dim=32,
+        prior_depth=2,
+        prior_heads=2,
+    ),
+    "tiny": LARPConfig(),
+    # The paper's LARP-L shapes: 16 frames of 128 px, 1024 tokens, 8192 x 16 codebook.
+    "large": LARPConfig(
+        image_size=128,
+        frames=16,
+        patch_t=4,
+        patch=8,
+        dim=768,
+        enc_depth=12,
+        dec_depth=12,
+        heads=12,
+        num_tokens=1024,
+        codebook_size=8192,
+        code_dim=16,
+        prior_dim=768,
+        prior_depth=12,
+        prior_heads=12,
+    ),
+}
+
+
+class StochasticVQ(nn.Module):
+    """Cosine-similarity VQ: z (..., e) and codebook rows are L2-normalised; codes are
+    sampled from softmax(cos / tau) with a generator, or the argmax when none is given."""
+
+    def __init__(self, size: int, dim: int, tau: float, usage_decay: float) -> None:
+        super().__init__()
+        self.tau, self.usage_decay = tau, usage_decay
+        self.codebook = nn.Parameter(F.normalize(torch.randn(size, dim), dim=-1))
+        self.register_buffer("usage", torch.full((size,), 1.0 / size))
+
+    def codes(self) -> torch.Tensor:
+        return F.normalize(self.codebook, dim=-1)
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """(..., e) unit vectors -> (..., k) cosine logits / tau."""
+        return z @ self.codes().t() / self.tau
+
+    def forward(
+        self, z: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (ids (...), quantised (..., e)): the straight-through codeword, whose value is
+        exactly the chosen (normalised) codebook row."""
+        z = F.normalize(z, dim=-1)
+        logits = self.logits(z)
+        if generator is None:
+            ids = logits.argmax(dim=-1)
+        else:
+            flat = logits.reshape(-1, logits.shape[-1]).float().softmax(dim=-1)
+            ids = torch.multinomial(flat, 1, generator=generator).reshape(logits.shape[:-1])
+        code = self.codes()[ids]
+        return ids, z + (code - z).detach()
+
+    @torch.no_grad()
+    def track(self, ids: torch.Tensor) -> None:
+        counts = torch.bincount(ids.flatten(), minlength=self.usage.numel()).float()
+        self.usage.lerp_(counts / counts.sum(), 1.0 - self.usage_decay)
+
+
+class Prior(nn.Module):
+    """Causal GPT over code vectors: output i predicts code i from codes < i."""
+
+    def __init__(self, cfg: LARPConfig) -> None:
+        super().__init__()
+        self.inp = nn.Linear(cfg.code_dim, cfg.prior_dim)
+        self.bos = nn.Parameter(torch.randn(cfg.prior_dim) * 0.02)
+        self.pos = nn.Parameter(torch.randn(cfg.num_tokens, cfg.prior_dim) * 0.02)
+        self.body = Transformer(cfg.prior_dim, cfg.prior_depth, cfg.prior_heads)
+        self.head = nn.Linear(cfg.prior_dim, cfg.code_dim)
+        self.register_buffer("mask", block_causal_mask(cfg.num_tokens, 1), persistent=False)
+
+    def forward(self, quantised: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """quantised (b, n, e) -> logits (b, n, k) over the codebook ``codes`` (k, e): the
+        head's output dotted with each code, so the prior learns its own sharpness."""
+        x = self.inp(quantised)[:, :-1]
+        x = torch.cat([self.bos.expand(x.shape[0], 1, -1), x], dim=1) + self.pos
+        h = self.body(x, self.mask[..., : x.shape[1], : x.shape[1]])
+        return self.head(h) @ codes.t()
+
+
+class LARPTokenizer(nn.Module):
+    """Clips (b, t, 3, H, W) in [-1, 1] <-> N token ids (b, N) in [0, codebook_size)."""
+
+    def __init__(self, config: LARPConfig) -> None:
+        super().__init__()
+        cfg = self.config = config
+        self.patch_in = nn.Linear(cfg.patch_values, cfg.dim)
+        self.patch_pos = nn.Parameter(torch.randn(cfg.num_patches, cfg.dim) * 0.02)
+        self.queries = nn.Parameter(torch.randn(cfg.num_tokens, cfg.dim) * 0.02)
+        self.encoder = Transformer(cfg.dim, cfg.enc_depth, cfg.heads)
+        self.to_code = nn.Linear(cfg.dim, cfg.code_dim)
+        self.quantizer = StochasticVQ(cfg.codebook_size, cfg.code_dim, cfg.tau, cfg.usage_decay)
+        self.from_code = nn.Linear(cfg.code_dim, cfg.dim)
+        self.latent_pos = nn.Parameter(torch.randn(cfg.num_tokens, cfg.dim) * 0.02)
+        self.patch_query = nn.Parameter(torch.randn(cfg.num_patches, cfg.dim) * 0.02)
+        self.decoder = Transformer(cfg.dim, cfg.dec_depth, cfg.heads)
+        self.patch_out = nn.Linear(cfg.dim, cfg.patch_values)
+        self.prior = Prior(cfg)
+
+    # --- patches --------------------------------------------------------------------
+
+    def patchify(self, video: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        expected = (cfg.frames, 3, cfg.image_size, cfg.image_size)
+        if video.ndim != 5 or tuple(video.shape[1:]) != expected:
+            raise ValueError(
+                f"video must be (b, {', '.join(map(str, expected))}), got {tuple(video.shape)}"
+            )
+        return rearrange(
+            video,
+            "b (t pt) c (h ph) (w pw) -> b (t h w) (pt ph pw c)",
+            pt=cfg.patch_t,
+            ph=cfg.patch,
+            pw=cfg.patch,
+        )
+
+    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        side = cfg.image_size // cfg.patch
+        return rearrange(
+            patches,
+            "b (t h w) (pt ph pw c) -> b (t pt) c (h ph) (w pw)",
+            h=side,
+            w=side,
+            pt=cfg.patch_t,
+            ph=cfg.patch,
+            pw=cfg.patch,
+        )
+
+    # --- the three halves ---------------------------------------------------------------
+
+    def embed(self, video: torch.Tensor) -> torch.Tensor:
+        """Unquantised code vectors (b, n, e) of the holistic queries."""
+        b = video.shape[0]
+        patches = self.patch_in(self.patchify(video)) + self.patch_pos  # (b, p, d)
+        x = torch.cat([patches, self.queries.expand(b, -1, -1)], dim=1)
+        return self.to_code(self.encoder(x)[:, -self.config.num_tokens :])  # queries only
+
+    def decode_codes(self, quantised: torch.Tensor) -> torch.Tensor:
+        """Code vectors (b, n, e) -> clip (b, t, 3, H, W), unclamped."""
+        b = quantised.shape[0]
+        latents = self.from_code(quantised) + self.latent_pos
+        x = torch.cat([latents, self.patch_query.expand(b, -1, -1)], dim=1)
+        h = self.decoder(x)[:, self.config.num_tokens :]  # patch queries only
+        return self.unpatchify(self.patch_out(h))
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """Deterministic ids (b, N): each token's nearest codeword by cosine."""
+        ids, _ = self.quantizer(self.embed(video))
+        return ids
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (b, N) -> clip (b, t, 3, H, W) in [-1, 1]."""
+        if ids.ndim != 2 or ids.shape[1] != self.config.num_tokens:
+            raise ValueError(f"ids must be (b, {self.config.num_tokens}), got {tuple(ids.shape)}")
+        return self.decode_codes(self.quantizer.codes()[ids]).clamp(-1, 1)
+
+    def prior_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """(b, n, k): position i's distribution over code i given codes < i."""
+        codes = self.quantizer.codes()
+        return self.prior(codes[ids], codes)
+
+    def forward(
+        self, video: torch.Tensor, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Losses and metrics on ``video``; codes are sampled when a generator is given.
+        ``z`` (b, n, e) is the batch's normalised encoder output (for dead-code restarts)."""
+        cfg = self.config
+        z = F.normalize(self.embed(video), dim=-1)
+        ids, quantised = self.quantizer(z, generator)
+        if self.training:
+            self.quantizer.track(ids)
+        recon = self.decode_codes(quantised)
+        flat_r, flat_v = recon.flatten(0, 1), video.flatten(0, 1)
+        l1 = (flat_r - flat_v).abs().mean()
+        structural = 1.0 - ssim(flat_r, flat_v)
+        grad = gradient_l1(flat_r, flat_v)
+        commit = (z - quantised.detach()).pow(2).sum(-1).mean()  # pulls z to its code
+        codebook = (z.detach() - self.quantizer.codes()[ids]).pow(2).sum(-1).mean()
+        prior_ce = F.cross_entropy(
+            self.prior(quantised, self.quantizer.codes()).flatten(0, 1), ids.flatten()
+        )
+        loss = (
+            l1
+            + cfg.perceptual_weight * structural
+            + cfg.grad_weight * grad
+            + codebook
+            + cfg.commit_weight * commit
+            + cfg.prior_weight * prior_ce
+        )
+        with torch.no_grad():
+            usage = torch.bincount(ids.flatten(), minlength=cfg.codebook_size).float()
+            p = usage / usage.sum()
+            perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
+        return {
+            "loss": loss,
+            "z": z.detach(),
+            "l1": l1,
+            "ssim": 1.0 - structural,
+            "grad": grad,
+            "commit": commit,
+            "prior_ce": prior_ce,
+            "psnr": psnr(flat_r, flat_v),
+            "perplexity": perplexity,
+            "dead_codes": (self.quantizer.usage < cfg.dead_usage).float().sum(),
+        }
+
+    @torch.no_grad()
+    def restart_dead_codes(
+        self, z: torch.Tensor, generator: torch.Generator, everything: bool = False
+    ) -> int:
+        """Move codes whose usage EMA fell below ``dead_usage`` (or all codes, with
+        ``everything``: the data-dependent initialisation) onto encoder outputs ``z`` (m, e)
+        drawn at random, plus a little noise; returns how many moved. Codes then sit where
+        the encoder's outputs are, which is what keeps the codebook from collapsing."""
+        usage = self.quantizer.usage
+        dead = (
+            torch.arange(usage.numel(), device=usage.device)
+            if everything
+            else torch.nonzero(usage < self.config.dead_usage).flatten()
+        )
+        if dead.numel() == 0 or z.numel() == 0:
+            return 0
+        z = F.normalize(z.reshape(-1, z.shape[-1]).float(), dim=-1)
+        pick = torch.randint(0, z.shape[0], (dead.numel(),), generator=generator)
+        noise = torch.randn(dead.numel(), z.shape[1], generator=generator)
+        new = F.normalize(z[pick.to(z.device)] + 0.01 * noise.to(z.device), dim=-1)
+        self.quantizer.codebook[dead] = new.to(self.quantizer.codebook.dtype)
+        usage[dead] = 1.0 / self.config.codebook_size
+        return int(dead.numel())
+
+
+def unigram_entropy(ids: torch.Tensor, codebook_size: int) -> float:
+    """Entropy (nats) of the empirical code distribution of ``ids``."""
+    p = torch.bincount(ids.flatten(), minlength=codebook_size).float()
+    p = p / p.sum()
+    return float(-(p * torch.log(p.clamp_min(1e-12))).sum())
+
+
+def prior_cross_entropy(model: LARPTokenizer, ids: torch.Tensor) -> float:
+    """Mean cross-entropy (nats) of the prior on ``ids`` (b, N)."""
+    logits = model.prior_logits(ids)
+    return float(F.cross_entropy(logits.flatten(0, 1), ids.flatten()))
+
+
+def codebook_usage(ids: torch.Tensor, codebook_size: int) -> dict[str, float]:
+    """Fraction of codes used, perplexity, and dead codes (never used) in ``ids``."""
+    counts = torch.bincount(ids.flatten(), minlength=codebook_size)
+    return {
+        "used_fraction": float((counts > 0).float().mean()),
+        "perplexity": math.exp(unigram_entropy(ids, codebook_size)),
+        "dead_codes": int((counts == 0).sum()),
+    }

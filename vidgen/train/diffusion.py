@@ -1,0 +1,205 @@
+"""Training the causal video DiT with flow matching over frozen KL latents.
+
+A training sequence is K clips. The model sees [the K clips as context (lightly re-noised at
+``prefix_t``); noisy copies of the same K clips], with ``teacher_forcing_mask``: context frames
+attend over the banded history of context frames exactly as the cache will hold them, and the
+noisy copy of clip k attends to the clean clips in its window plus its own frames causally.
+So every noisy clip is trained in exactly the situation inference puts it in — clip 0 with no
+context, clip k with min(k, window) clips of context (the prefix lengths are all sampled at
+once) — and the loss is on the noisy frames only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from vidgen import checkpoint
+from vidgen.data import DataConfig, build_dataset
+from vidgen.models.ca2vdm import Ca2VDMConfig, CausalVideoDiT, Cond, teacher_forcing_mask
+from vidgen.nn.conditioning import NULL
+from vidgen.sampling.flow import add_noise, velocity_target
+from vidgen.tokenizers.kl import KLAutoencoder, KLConfig
+from vidgen.train.loop import Task
+
+log = logging.getLogger(__name__)
+
+
+def leading_actions(actions: torch.Tensor, num_actions: int) -> torch.Tensor:
+    """Data actions (action t acts between frame t and t+1) -> the action leading to each
+    frame (frame t <- action t-1); a clip's first frame gets the null action."""
+    if num_actions:
+        null = torch.full_like(actions[:, :1], NULL)
+    else:
+        null = torch.zeros_like(actions[:, :1])
+    return torch.cat([null, actions[:, :-1]], dim=1)
+
+
+def flow_matching_loss(
+    model: CausalVideoDiT,
+    latents: torch.Tensor,
+    generator: torch.Generator,
+    labels: torch.Tensor | None = None,
+    actions: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Loss of one batch of clean latent sequences (b, K*clip_len, c, y, x); ``actions`` are
+    per frame, the action leading to it."""
+    cfg = model.config
+    b, total = latents.shape[:2]
+    if total % cfg.clip_len:
+        raise ValueError(f"sequence length {total} must be whole clips of {cfg.clip_len}")
+    clips, dev = total // cfg.clip_len, latents.device
+
+    def randn(shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randn(shape, generator=generator, device=dev, dtype=latents.dtype)
+
+    context = add_noise(latents, randn(latents.shape), torch.full((b,), cfg.prefix_t, device=dev))
+    # One flow time per (sample, clip), logit-normal: more weight on the middle of the path.
+    t_clip = torch.sigmoid(randn((b, clips)))
+    t_frames = t_clip.repeat_interleave(cfg.clip_len, dim=1)  # (b, T)
+    noise = randn(latents.shape)
+    noisy = add_noise(latents, noise, t_frames)
+    drop_label = torch.rand(b, generator=generator, device=dev) < cfg.label_dropout
+    drop_action = torch.rand(b, generator=generator, device=dev) < cfg.action_dropout
+    ones = torch.ones(b, total, dtype=torch.bool, device=dev)
+    cond = Cond(
+        t=torch.cat([torch.full((b, total), cfg.prefix_t, device=dev), t_frames], dim=1),
+        labels=labels,
+        actions=None if actions is None else torch.cat([actions, actions], dim=1),
+        # Context frames always carry the null label (the cache is label-free); their
+        # actions are kept. The noisy frames drop label/actions for guidance.
+        drop_label=torch.cat([ones, drop_label[:, None].expand(b, total)], dim=1),
+        drop_actions=torch.cat([~ones, drop_action[:, None].expand(b, total)], dim=1),
+    )
+    positions = torch.arange(total, device=dev).repeat(2).expand(b, -1)
+    mask = teacher_forcing_mask(clips, cfg.clip_len, cfg.window_clips, device=dev)
+    pred = model.forward_history(torch.cat([context, noisy], dim=1), cond, mask, positions)
+    loss = F.mse_loss(pred[:, total:], velocity_target(latents, noise))
+    return {"loss": loss}
+
+
+class EncodedClips(Dataset):
+    """Clips of a data source encoded once by a frozen autoencoder, kept in memory and in a
+    safetensors file (so a resumed or repeated run does not encode again). Items:
+    ``latents`` (T, c, y, x), ``label``, ``actions``."""
+
+    def __init__(
+        self, source: Dataset, autoencoder: KLAutoencoder, path: Path, batch_size: int = 8
+    ) -> None:
+        if path.exists():
+            tensors = checkpoint.load(path).tensors
+        else:
+            tensors = self._encode(source, autoencoder, batch_size)
+            checkpoint.save(
+                path,
+                tensors,
+                EncodedClipsInfo(len(source)),
+                card={"what": "encoded training clips"},
+            )
+        self.latents, self.labels, self.actions = (
+            tensors["latents"],
+            tensors["label"],
+            tensors["actions"],
+        )
+
+    @staticmethod
+    @torch.no_grad()
+    def _encode(
+        source: Dataset, autoencoder: KLAutoencoder, batch_size: int
+    ) -> dict[str, torch.Tensor]:
+        loader = DataLoader(source, batch_size=batch_size, shuffle=False)
+        parts: dict[str, list[torch.Tensor]] = {"latents": [], "label": [], "actions": []}
+        device = next(autoencoder.parameters()).device
+        for batch in tqdm(loader, desc="encoding clips", disable=None):
+            parts["latents"].append(autoencoder.encode(batch["video"].to(device)).cpu())
+            parts["label"].append(batch["label"])
+            parts["actions"].append(batch["actions"])
+        return {k: torch.cat(v) for k, v in parts.items()}
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {
+            "latents": self.latents[index],
+            "label": self.labels[index],
+            "actions": self.actions[index],
+        }
+
+
+@dataclass
+class EncodedClipsInfo:
+    clips: int
+
+
+def ca2vdm_task(
+    config: Ca2VDMConfig,
+    data: DataConfig,
+    run_config: object,
+    name: str,
+    tokenizer: str,
+    out: Path,
+) -> Task:
+    """``data.num_clips`` sequences of ``data.clip_len`` frames are encoded once (cached in
+    ``out/latents-<tokenizer sha>-<clips>.safetensors``) and the DiT trains on them."""
+
+    if data.clip_len % config.clip_len:
+        raise ValueError(
+            f"data.clip_len={data.clip_len} must be whole clips of {config.clip_len} frames"
+        )
+    if data.clip_len < config.window + config.clip_len:
+        log.warning(
+            "data.clip_len=%d < window + clip = %d: later clips never train with a full "
+            "window of context",
+            data.clip_len,
+            config.window + config.clip_len,
+        )
+    tok = checkpoint.load(tokenizer, expected_config=KLConfig)
+    autoencoder = KLAutoencoder(tok.config_as(KLConfig))
+    tok.load_into(autoencoder)
+    autoencoder.eval().requires_grad_(False)
+    if autoencoder.config.image_size != data.size:
+        raise ValueError(f"data.size={data.size} must equal the autoencoder's image_size")
+    model = CausalVideoDiT(config)
+
+    out.mkdir(parents=True, exist_ok=True)
+    encoded = EncodedClips(
+        build_dataset(data, "train"),
+        autoencoder,
+        out / f"latents-{tok.sha256[:12]}-{data.num_clips}.safetensors",
+    )
+
+    def loss(model: nn.Module, batch: dict[str, torch.Tensor], gen: torch.Generator):
+        latents = batch["latents"]
+        labels = batch["label"] if config.num_classes else None
+        if labels is not None:
+            labels = torch.where((labels >= 0) & (labels < config.num_classes), labels, NULL)
+        actions = None
+        if config.num_actions or config.action_dim:
+            actions = leading_actions(batch["actions"], config.num_actions)
+        return flow_matching_loss(model, latents, gen, labels, actions)
+
+    return Task(
+        name=name,
+        model=model,
+        loss=loss,
+        train_data=encoded,
+        eval_data=None,
+        batch_size=data.batch_size,
+        export_config=config,
+        run_config=run_config,
+        card={
+            "what": "Ca2-VDM-style causal video DiT (flow matching, velocity prediction) with "
+            "context K/V cached once and shared by all denoising steps",
+            "data": data.name,
+            "tokenizer": tokenizer,
+            "label": "number of shapes (BouncingShapes)" if config.num_classes else None,
+        },
+    )
