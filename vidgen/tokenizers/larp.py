@@ -32,15 +32,23 @@ from torch import nn
 
 from vidgen.nn.masks import block_causal_mask
 from vidgen.nn.transformer import Transformer
-from vidgen.tokenizers.losses import gradient_l1, psnr, ssim
+from vidgen.tokenizers.kl import KLAutoencoder
+from vidgen.tokenizers.losses import gradient_l1, ssim
 
 
 @dataclass
 class LARPConfig:
-    image_size: int = 64
+    """``channels`` x ``size`` x ``size`` inputs: RGB pixels (3, as in the paper) or the
+    latents of a frozen per-frame autoencoder (``autoencoder`` names it; then the tokenizer
+    sees 4 x 8 x 8 latents of 64 x 64 frames and ``LARPVideoTokenizer`` maps pixels in and
+    out)."""
+
+    channels: int = 4
+    size: int = 8
     frames: int = 8
     patch_t: int = 2
-    patch: int = 8
+    patch: int = 2
+    autoencoder: str = "kl-tiny"
     dim: int = 128
     enc_depth: int = 4
     dec_depth: int = 4
@@ -49,21 +57,29 @@ class LARPConfig:
     codebook_size: int = 1024
     code_dim: int = 16
     tau: float = 0.05  # sampling temperature of the stochastic VQ (cosine logits / tau)
+    stochastic: bool = True  # sample codes in training (False: nearest code, as in eval)
+    entropy_weight: float = 0.0  # weight of H(per-token assignment) - H(batch assignment)
+    # Training steps before quantisation starts: the autoencoder first learns to use its 16-d
+    # bottleneck continuously (so encoder outputs spread out), then the codebook is
+    # initialised on encoder outputs. Without it the encoder's outputs start nearly equal and
+    # the codebook collapses onto one code.
+    vq_warmup: int = 500
     prior_dim: int = 128
     prior_depth: int = 2
     prior_heads: int = 4
     prior_weight: float = 0.05
     commit_weight: float = 0.25
-    perceptual_weight: float = 0.2
-    grad_weight: float = 0.5
+    mse_weight: float = 1.0
+    perceptual_weight: float = 0.0  # (1 - SSIM); for pixel inputs
+    grad_weight: float = 0.0  # L1 of image gradients; for pixel inputs
     usage_decay: float = 0.99  # EMA of code usage, for the dead-code restart
     dead_usage: float = 2e-4  # a code used less than this fraction of the time is dead
     restart_every: int = 50  # training steps between dead-code restarts (0 = never)
 
     def __post_init__(self) -> None:
-        if self.frames % self.patch_t or self.image_size % self.patch:
+        if self.frames % self.patch_t or self.size % self.patch:
             raise ValueError(
-                f"frames={self.frames} and image_size={self.image_size} must be multiples of "
+                f"frames={self.frames} and size={self.size} must be multiples of "
                 f"patch_t={self.patch_t} and patch={self.patch}"
             )
         for name in ("dim", "prior_dim"):
@@ -78,11 +94,11 @@ class LARPConfig:
 
     @property
     def num_patches(self) -> int:
-        return (self.frames // self.patch_t) * (self.image_size // self.patch) ** 2
+        return (self.frames // self.patch_t) * (self.size // self.patch) ** 2
 
     @property
     def patch_values(self) -> int:
-        return self.patch_t * self.patch * self.patch * 3
+        return self.patch_t * self.patch * self.patch * self.channels
 
     @property
     def tokens_per_frame(self) -> int:
@@ -92,10 +108,12 @@ class LARPConfig:
 
 LARP_CONFIGS: dict[str, LARPConfig] = {
     "test": LARPConfig(
-        image_size=16,
+        channels=4,
+        size=4,
         frames=4,
         patch_t=2,
-        patch=4,
+        patch=2,
+        autoencoder="",
         dim=32,
         enc_depth=2,
         dec_depth=2,
@@ -106,14 +124,18 @@ LARP_CONFIGS: dict[str, LARPConfig] = {
         prior_dim=32,
         prior_depth=2,
         prior_heads=2,
+        vq_warmup=0,
     ),
+    # 8 frames of 64 x 64 through kl-tiny (4 x 8 x 8 latents), 128 tokens, 1024 x 16 codes.
     "tiny": LARPConfig(),
-    # The paper's LARP-L shapes: 16 frames of 128 px, 1024 tokens, 8192 x 16 codebook.
+    # The paper's LARP-L shapes on pixels: 16 frames of 128 px, 1024 tokens, 8192 x 16 codes.
     "large": LARPConfig(
-        image_size=128,
+        channels=3,
+        size=128,
         frames=16,
         patch_t=4,
         patch=8,
+        autoencoder="",
         dim=768,
         enc_depth=12,
         dec_depth=12,
@@ -124,6 +146,8 @@ LARP_CONFIGS: dict[str, LARPConfig] = {
         prior_dim=768,
         prior_depth=12,
         prior_heads=12,
+        perceptual_weight=0.2,
+        grad_weight=0.5,
     ),
 }
 
@@ -137,6 +161,8 @@ class StochasticVQ(nn.Module):
         self.tau, self.usage_decay = tau, usage_decay
         self.codebook = nn.Parameter(F.normalize(torch.randn(size, dim), dim=-1))
         self.register_buffer("usage", torch.full((size,), 1.0 / size))
+        # 0 during the VQ warm-up (training passes z through unquantised), 1 after.
+        self.register_buffer("active", torch.ones((), dtype=torch.int64))
 
     def codes(self) -> torch.Tensor:
         return F.normalize(self.codebook, dim=-1)
@@ -194,14 +220,14 @@ class LARPTokenizer(nn.Module):
         super().__init__()
         cfg = self.config = config
         self.patch_in = nn.Linear(cfg.patch_values, cfg.dim)
-        self.patch_pos = nn.Parameter(torch.randn(cfg.num_patches, cfg.dim) * 0.02)
-        self.queries = nn.Parameter(torch.randn(cfg.num_tokens, cfg.dim) * 0.02)
+        self.patch_pos = nn.Parameter(torch.randn(cfg.num_patches, cfg.dim))
+        self.queries = nn.Parameter(torch.randn(cfg.num_tokens, cfg.dim))
         self.encoder = Transformer(cfg.dim, cfg.enc_depth, cfg.heads)
         self.to_code = nn.Linear(cfg.dim, cfg.code_dim)
         self.quantizer = StochasticVQ(cfg.codebook_size, cfg.code_dim, cfg.tau, cfg.usage_decay)
         self.from_code = nn.Linear(cfg.code_dim, cfg.dim)
-        self.latent_pos = nn.Parameter(torch.randn(cfg.num_tokens, cfg.dim) * 0.02)
-        self.patch_query = nn.Parameter(torch.randn(cfg.num_patches, cfg.dim) * 0.02)
+        self.latent_pos = nn.Parameter(torch.randn(cfg.num_tokens, cfg.dim))
+        self.patch_query = nn.Parameter(torch.randn(cfg.num_patches, cfg.dim))
         self.decoder = Transformer(cfg.dim, cfg.dec_depth, cfg.heads)
         self.patch_out = nn.Linear(cfg.dim, cfg.patch_values)
         self.prior = Prior(cfg)
@@ -210,7 +236,7 @@ class LARPTokenizer(nn.Module):
 
     def patchify(self, video: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        expected = (cfg.frames, 3, cfg.image_size, cfg.image_size)
+        expected = (cfg.frames, cfg.channels, cfg.size, cfg.size)
         if video.ndim != 5 or tuple(video.shape[1:]) != expected:
             raise ValueError(
                 f"video must be (b, {', '.join(map(str, expected))}), got {tuple(video.shape)}"
@@ -225,7 +251,7 @@ class LARPTokenizer(nn.Module):
 
     def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        side = cfg.image_size // cfg.patch
+        side = cfg.size // cfg.patch
         return rearrange(
             patches,
             "b (t h w) (pt ph pw c) -> b (t pt) c (h ph) (w pw)",
@@ -261,10 +287,11 @@ class LARPTokenizer(nn.Module):
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids (b, N) -> clip (b, t, 3, H, W) in [-1, 1]."""
+        """ids (b, N) -> clip (b, t, c, s, s) (pixels are clamped to [-1, 1])."""
         if ids.ndim != 2 or ids.shape[1] != self.config.num_tokens:
             raise ValueError(f"ids must be (b, {self.config.num_tokens}), got {tuple(ids.shape)}")
-        return self.decode_codes(self.quantizer.codes()[ids]).clamp(-1, 1)
+        out = self.decode_codes(self.quantizer.codes()[ids])
+        return out.clamp(-1, 1) if self.config.channels == 3 else out
 
     def prior_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """(b, n, k): position i's distribution over code i given codes < i."""
@@ -278,21 +305,28 @@ class LARPTokenizer(nn.Module):
         ``z`` (b, n, e) is the batch's normalised encoder output (for dead-code restarts)."""
         cfg = self.config
         z = F.normalize(self.embed(video), dim=-1)
-        ids, quantised = self.quantizer(z, generator)
+        ids, quantised = self.quantizer(z, generator if cfg.stochastic else None)
+        if not bool(self.quantizer.active):
+            quantised = z  # VQ warm-up: the bottleneck is continuous
         if self.training:
             self.quantizer.track(ids)
         recon = self.decode_codes(quantised)
         flat_r, flat_v = recon.flatten(0, 1), video.flatten(0, 1)
         l1 = (flat_r - flat_v).abs().mean()
-        structural = 1.0 - ssim(flat_r, flat_v)
-        grad = gradient_l1(flat_r, flat_v)
+        mse = F.mse_loss(flat_r, flat_v)
+        zero = torch.zeros((), device=z.device)
+        structural = 1.0 - ssim(flat_r, flat_v) if cfg.perceptual_weight else zero
+        grad = gradient_l1(flat_r, flat_v) if cfg.grad_weight else zero
         commit = (z - quantised.detach()).pow(2).sum(-1).mean()  # pulls z to its code
         codebook = (z.detach() - self.quantizer.codes()[ids]).pow(2).sum(-1).mean()
         prior_ce = F.cross_entropy(
             self.prior(quantised, self.quantizer.codes()).flatten(0, 1), ids.flatten()
         )
+        entropy = self._entropy_loss(z) if cfg.entropy_weight else zero
         loss = (
-            l1
+            cfg.entropy_weight * entropy
+            + l1
+            + cfg.mse_weight * mse
             + cfg.perceptual_weight * structural
             + cfg.grad_weight * grad
             + codebook
@@ -307,14 +341,20 @@ class LARPTokenizer(nn.Module):
             "loss": loss,
             "z": z.detach(),
             "l1": l1,
-            "ssim": 1.0 - structural,
-            "grad": grad,
+            "mse": mse,
             "commit": commit,
             "prior_ce": prior_ce,
-            "psnr": psnr(flat_r, flat_v),
             "perplexity": perplexity,
             "dead_codes": (self.quantizer.usage < cfg.dead_usage).float().sum(),
         }
+
+    def _entropy_loss(self, z: torch.Tensor) -> torch.Tensor:
+        """Mean per-token assignment entropy minus the entropy of the batch's mean
+        assignment: low when each token is confident and the batch uses many codes."""
+        probs = self.quantizer.logits(z).flatten(0, -2).float().softmax(dim=-1)  # (m, k)
+        per_token = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
+        mean = probs.mean(0)
+        return per_token + (mean * torch.log(mean.clamp_min(1e-12))).sum()
 
     @torch.no_grad()
     def restart_dead_codes(
@@ -339,6 +379,53 @@ class LARPTokenizer(nn.Module):
         self.quantizer.codebook[dead] = new.to(self.quantizer.codebook.dtype)
         usage[dead] = 1.0 / self.config.codebook_size
         return int(dead.numel())
+
+
+class LARPVideoTokenizer(nn.Module):
+    """Pixels in, token ids out, and back: the frozen per-frame autoencoder named by the
+    LARP config (or none, for a pixel-space LARP) around the LARP tokenizer.
+
+    encode: frames (b, t, 3, H, W) in [-1, 1] -> ids (b, N); decode: ids -> frames."""
+
+    def __init__(self, larp: LARPTokenizer, autoencoder: KLAutoencoder | None) -> None:
+        super().__init__()
+        if (autoencoder is None) != (larp.config.channels == 3):
+            raise ValueError("a latent-space LARP needs its autoencoder; a pixel one none")
+        self.larp, self.autoencoder = larp.eval(), autoencoder
+        if autoencoder is not None:
+            autoencoder.eval()
+
+    @property
+    def config(self) -> LARPConfig:
+        return self.larp.config
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str) -> LARPVideoTokenizer:
+        from vidgen import checkpoint
+        from vidgen.tokenizers.kl import KLConfig
+
+        ckpt = checkpoint.load(name_or_path, expected_config=LARPConfig)
+        larp = LARPTokenizer(ckpt.config_as(LARPConfig))
+        ckpt.load_into(larp)
+        autoencoder = None
+        if larp.config.autoencoder:
+            kl = checkpoint.load(larp.config.autoencoder, expected_config=KLConfig)
+            autoencoder = KLAutoencoder(kl.config_as(KLConfig))
+            kl.load_into(autoencoder)
+        return cls(larp, autoencoder)
+
+    @torch.no_grad()
+    def to_input(self, video: torch.Tensor) -> torch.Tensor:
+        return video if self.autoencoder is None else self.autoencoder.encode(video)
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        return self.larp.encode(self.to_input(video))
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.larp.decode(ids)
+        return out if self.autoencoder is None else self.autoencoder.decode(out).clamp(-1, 1)
 
 
 def unigram_entropy(ids: torch.Tensor, codebook_size: int) -> float:

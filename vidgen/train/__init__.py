@@ -54,7 +54,7 @@ def build_task(cfg: TrainCommandConfig) -> Task:
     if isinstance(target, KLConfig):
         return kl_task(target, cfg.data, cfg, cfg.name)
     if isinstance(target, LARPConfig):
-        return larp_task(target, cfg.data, cfg, cfg.name)
+        return larp_task(target, cfg.data, cfg, cfg.name, out_dir(cfg))
     if isinstance(target, Ca2VDMConfig):
         from vidgen.train.diffusion import ca2vdm_task
 

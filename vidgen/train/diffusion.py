@@ -12,21 +12,17 @@ once) — and the loss is on the noisy frames only.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from vidgen import checkpoint
 from vidgen.data import DataConfig, build_dataset
 from vidgen.models.ca2vdm import Ca2VDMConfig, CausalVideoDiT, Cond, teacher_forcing_mask
 from vidgen.nn.conditioning import NULL
 from vidgen.sampling.flow import add_noise, velocity_target
-from vidgen.tokenizers.kl import KLAutoencoder, KLConfig
+from vidgen.train.encoded import EncodedClips, load_autoencoder
 from vidgen.train.loop import Task
 
 log = logging.getLogger(__name__)
@@ -85,60 +81,6 @@ def flow_matching_loss(
     return {"loss": loss}
 
 
-class EncodedClips(Dataset):
-    """Clips of a data source encoded once by a frozen autoencoder, kept in memory and in a
-    safetensors file (so a resumed or repeated run does not encode again). Items:
-    ``latents`` (T, c, y, x), ``label``, ``actions``."""
-
-    def __init__(
-        self, source: Dataset, autoencoder: KLAutoencoder, path: Path, batch_size: int = 8
-    ) -> None:
-        if path.exists():
-            tensors = checkpoint.load(path).tensors
-        else:
-            tensors = self._encode(source, autoencoder, batch_size)
-            checkpoint.save(
-                path,
-                tensors,
-                EncodedClipsInfo(len(source)),
-                card={"what": "encoded training clips"},
-            )
-        self.latents, self.labels, self.actions = (
-            tensors["latents"],
-            tensors["label"],
-            tensors["actions"],
-        )
-
-    @staticmethod
-    @torch.no_grad()
-    def _encode(
-        source: Dataset, autoencoder: KLAutoencoder, batch_size: int
-    ) -> dict[str, torch.Tensor]:
-        loader = DataLoader(source, batch_size=batch_size, shuffle=False)
-        parts: dict[str, list[torch.Tensor]] = {"latents": [], "label": [], "actions": []}
-        device = next(autoencoder.parameters()).device
-        for batch in tqdm(loader, desc="encoding clips", disable=None):
-            parts["latents"].append(autoencoder.encode(batch["video"].to(device)).cpu())
-            parts["label"].append(batch["label"])
-            parts["actions"].append(batch["actions"])
-        return {k: torch.cat(v) for k, v in parts.items()}
-
-    def __len__(self) -> int:
-        return len(self.latents)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {
-            "latents": self.latents[index],
-            "label": self.labels[index],
-            "actions": self.actions[index],
-        }
-
-
-@dataclass
-class EncodedClipsInfo:
-    clips: int
-
-
 def ca2vdm_task(
     config: Ca2VDMConfig,
     data: DataConfig,
@@ -161,10 +103,7 @@ def ca2vdm_task(
             data.clip_len,
             config.window + config.clip_len,
         )
-    tok = checkpoint.load(tokenizer, expected_config=KLConfig)
-    autoencoder = KLAutoencoder(tok.config_as(KLConfig))
-    tok.load_into(autoencoder)
-    autoencoder.eval().requires_grad_(False)
+    autoencoder, sha = load_autoencoder(tokenizer)
     if autoencoder.config.image_size != data.size:
         raise ValueError(f"data.size={data.size} must equal the autoencoder's image_size")
     model = CausalVideoDiT(config)
@@ -173,7 +112,7 @@ def ca2vdm_task(
     encoded = EncodedClips(
         build_dataset(data, "train"),
         autoencoder,
-        out / f"latents-{tok.sha256[:12]}-{data.num_clips}.safetensors",
+        out / f"latents-{sha[:12]}-{data.num_clips}.safetensors",
     )
 
     def loss(model: nn.Module, batch: dict[str, torch.Tensor], gen: torch.Generator):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from vidgen.tokenizers.larp import (
     unigram_entropy,
 )
 from vidgen.tokenizers.losses import psnr, ssim
+from vidgen.train.encoded import EncodedClips, load_autoencoder
 from vidgen.train.loop import Task
 
 
@@ -71,18 +73,24 @@ def kl_task(config: KLConfig, data: DataConfig, run_config: object, name: str) -
 
 
 @torch.no_grad()
-def evaluate_larp(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Deterministic round trips of held-out clips: PSNR, SSIM, codebook usage, and the
-    prior's cross-entropy over the unigram entropy of the codes (< 1: the prior has learned
-    order in the token sequence)."""
+def evaluate_larp(
+    model: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    autoencoder: KLAutoencoder | None = None,
+) -> dict[str, float]:
+    """Deterministic round trips of held-out clips, scored in pixel space (through the
+    frozen autoencoder for a latent-space LARP): PSNR, SSIM, codebook usage, and the prior's
+    cross-entropy over the unigram entropy of the codes (< 1: the prior found order)."""
     model.eval()
     scores = {"psnr": 0.0, "ssim": 0.0}
     all_ids = []
     for batch in batches:
-        video = batch["video"]
-        ids = model.encode(video)
+        inputs = batch["latents"] if autoencoder is not None else batch["video"]
+        ids = model.encode(inputs)
         recon = model.decode(ids)
-        flat, target = recon.flatten(0, 1), video.flatten(0, 1)
+        if autoencoder is not None:
+            recon = autoencoder.to(recon.device).decode(recon).clamp(-1, 1)
+        flat, target = recon.flatten(0, 1), batch["video"].flatten(0, 1)
         scores["psnr"] += float(psnr(flat, target)) / len(batches)
         scores["ssim"] += float(ssim(flat, target)) / len(batches)
         all_ids.append(ids)
@@ -97,38 +105,78 @@ def evaluate_larp(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> d
     return scores
 
 
-def larp_task(config: LARPConfig, data: DataConfig, run_config: object, name: str) -> Task:
-    if data.size != config.image_size or data.clip_len != config.frames:
+def larp_task(
+    config: LARPConfig, data: DataConfig, run_config: object, name: str, out: Path
+) -> Task:
+    """A latent-space LARP trains on clips encoded once by its frozen autoencoder (cached in
+    ``out``); a pixel-space one on the clips themselves."""
+    autoencoder = None
+    train_data, eval_data = build_dataset(data, "train"), build_dataset(data, "eval")
+    if config.autoencoder:
+        autoencoder, sha = load_autoencoder(config.autoencoder)
+        size = autoencoder.config.image_size
+        out.mkdir(parents=True, exist_ok=True)
+        train_data = EncodedClips(
+            train_data, autoencoder, out / f"latents-{sha[:12]}-train-{data.num_clips}.safetensors"
+        )
+        eval_data = EncodedClips(
+            eval_data,
+            autoencoder,
+            out / f"latents-{sha[:12]}-eval-{data.eval_clips}.safetensors",
+            keep_video=True,
+        )
+        key = "latents"
+    else:
+        size = config.size
+        key = "video"
+    if data.size != size or data.clip_len != config.frames:
         raise ValueError(
-            f"data.size={data.size} and data.clip_len={data.clip_len} must equal the "
-            f"tokenizer's image_size={config.image_size} and frames={config.frames}"
+            f"data.size={data.size} and data.clip_len={data.clip_len} must be {size} and the "
+            f"tokenizer's frames={config.frames}"
         )
     seed = getattr(getattr(run_config, "train", None), "seed", 0)
 
     def after_step(model: nn.Module, step: int, out: dict[str, torch.Tensor]) -> None:
         # Seeded by (seed, step): a resumed run restarts exactly the same codes.
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        if step == 0:  # data-dependent init: every code starts on an encoder output
+        if step + 1 == config.vq_warmup:  # data-dependent init: codes start on encoder outputs
             model.restart_dead_codes(out["z"], gen, everything=True)
-        elif config.restart_every and (step + 1) % config.restart_every == 0:
+            model.quantizer.active.fill_(1)
+        elif (
+            step + 1 > config.vq_warmup
+            and config.restart_every
+            and (step + 1) % config.restart_every == 0
+        ):
             model.restart_dead_codes(out["z"], gen)
 
+    model = LARPTokenizer(config)
+    model.quantizer.active.fill_(int(config.vq_warmup <= 0))
     return Task(
         name=name,
-        model=LARPTokenizer(config),
-        loss=lambda model, batch, gen: model(batch["video"], gen),
-        train_data=build_dataset(data, "train"),
-        eval_data=build_dataset(data, "eval"),
+        model=model,
+        loss=lambda model, batch, gen: model(batch[key], gen),
+        train_data=train_data,
+        eval_data=eval_data,
         batch_size=data.batch_size,
         export_config=config,
         run_config=run_config,
         card={
             "what": "LARP-style video tokenizer: holistic queries, stochastic cosine VQ, "
-            "jointly trained AR prior (discarded at inference)",
+            "jointly trained AR prior (discarded at inference)"
+            + (
+                f"; over the latents of the frozen {config.autoencoder}"
+                if config.autoencoder
+                else ""
+            ),
             "data": data.name,
-            "loss": "L1 + perceptual_weight*(1-SSIM) + grad_weight*L1(image gradients) + VQ "
-            "codebook/commitment + prior_weight*prior CE; no GAN",
+            "loss": "L1 + mse_weight*MSE + VQ codebook/commitment + prior_weight*prior CE"
+            + (
+                " + perceptual_weight*(1-SSIM) + grad_weight*L1(gradients)"
+                if not config.autoencoder
+                else ""
+            )
+            + "; no GAN",
         },
-        evaluate=evaluate_larp,
+        evaluate=lambda model, batches: evaluate_larp(model, batches, autoencoder),
         after_step=after_step,
     )

@@ -1,0 +1,125 @@
+"""Cache sharing: the cached DiT step against recomputing the whole context at every step.
+
+Usage: python benchmarks/cache.py [--configs tiny,base] [--repeats N] [--ar-steps 52]
+
+For each config (random weights: speed does not depend on them), with a full window of
+context (24 frames) and one clip of 8: the baseline recomputes context + clip at every
+denoising step (the banded whole-history forward, sliced to the clip) in the same process;
+the cached path reads the K/V written once. The script first asserts that both give the same
+clip, then times one denoising step of each. It also times autoregressive steps (denoise +
+write) of one long stream and reports step 50 over step 4 (both after the window is full).
+
+Prints one JSON object last: per config `speedup_at_full_context`, `flop_ratio` (tokens the
+per-token layers process: (context + clip) / clip), step times, `cached_step_flatness`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from vidgen.generators import DiffusionClipGenerator, GenerationRequest
+from vidgen.models.ca2vdm import CA2VDM_CONFIGS, CausalVideoDiT, Cond, history_mask
+from vidgen.nn import KVCache, randomize_
+from vidgen.tokenizers.kl import KL_CONFIGS, KLAutoencoder
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def compare(name: str, repeats: int) -> dict[str, float]:
+    cfg = CA2VDM_CONFIGS[name]
+    model = randomize_(CausalVideoDiT(cfg), seed=0, std=0.02).eval()
+    g = torch.Generator().manual_seed(0)
+    shape = (1, cfg.window + cfg.clip_len, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+    frames = torch.randn(shape, generator=g)
+    context, noisy = frames[:, : cfg.window], frames[:, cfg.window :]
+    label = torch.tensor([2])
+    cache = KVCache(model.cache_spec())
+    s = cache.add_stream()
+    for k in range(cfg.window_clips):
+        model.write(context[:, k * cfg.clip_len : (k + 1) * cfg.clip_len], cache, [s])
+    t = torch.full((1, cfg.clip_len), 0.5)
+    cond = Cond(t=t, labels=label)
+    total = cfg.window + cfg.clip_len
+    drop = torch.zeros(1, total, dtype=torch.bool)
+    drop[:, : cfg.window] = True
+    full_cond = Cond(
+        t=torch.cat([torch.full((1, cfg.window), cfg.prefix_t), t], 1),
+        labels=label,
+        drop_label=drop,
+    )
+    mask = history_mask(total, cfg.clip_len, cfg.window_clips)
+
+    def cached() -> torch.Tensor:
+        return model(noisy, cond, cache, [s])
+
+    def recompute() -> torch.Tensor:
+        return model.forward_history(frames, full_cond, mask)[:, cfg.window :]
+
+    diff = (cached() - recompute()).abs().max().item()
+    assert diff < 1e-4, f"{name}: cached and recomputed clips differ by {diff}"
+    t_cached, t_full = median_ms(cached, repeats), median_ms(recompute, repeats)
+    return {
+        "max_abs_diff": diff,
+        "cached_step_ms": round(t_cached, 2),
+        "recompute_step_ms": round(t_full, 2),
+        "speedup_at_full_context": round(t_full / t_cached, 3),
+        "flop_ratio": total / cfg.clip_len,
+    }
+
+
+def flatness(ar_steps: int) -> dict[str, float]:
+    """Seconds of AR steps (denoise 4 Euler steps + write) of the tiny model, late vs early."""
+    model = randomize_(CausalVideoDiT(CA2VDM_CONFIGS["tiny"]), seed=0, std=0.02)
+    gen = DiffusionClipGenerator(model, KLAutoencoder(KL_CONFIGS["tiny"]), max_streams=1)
+    stream = gen.open(GenerationRequest(frames=ar_steps * 8, label=2, steps=4, guidance=1.0))
+    times = []
+    while not stream.done:
+        start = time.perf_counter()
+        gen.step([stream])
+        times.append(time.perf_counter() - start)
+    early = statistics.median(times[3:6])  # AR steps 4-6: window full after step 3
+    late = statistics.median(times[ar_steps - 3 : ar_steps])  # steps up to ar_steps
+    return {
+        "ar_step_4_ms": round(early * 1e3, 2),
+        f"ar_step_{ar_steps}_ms": round(late * 1e3, 2),
+        "cached_step_flatness": round(late / early, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="tiny,base")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--ar-steps", type=int, default=52)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    result: dict[str, object] = {
+        "machine": f"{platform.platform()}, {os.cpu_count()} cpus, torch {torch.__version__}",
+        "threads": torch.get_num_threads(),
+    }
+    for name in args.configs.split(","):
+        result[name] = compare(name, args.repeats)
+    result["tiny_ar"] = flatness(args.ar_steps)
+    result["speedup_at_full_context"] = result["tiny"]["speedup_at_full_context"]
+    result["cached_step_flatness"] = result["tiny_ar"]["cached_step_flatness"]
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

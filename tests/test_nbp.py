@@ -1,0 +1,159 @@
+"""NBP invariants (DESIGN.md section 4, item 3) and token sampling; test size, random weights."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from vidgen.models.nbp import (
+    NBP_CONFIGS,
+    ClipCond,
+    NextBlockTransformer,
+    Partial,
+    nbp_loss,
+)
+from vidgen.nn import KVCache, banded_block_mask, block_causal_mask, randomize_
+from vidgen.sampling.tokens import sample_tokens, top_k_filter, top_p_filter
+
+CFG = NBP_CONFIGS["test"]
+N, B, F = CFG.tokens_per_clip, CFG.block, CFG.frames_per_clip
+
+
+def model(cfg=CFG, seed: int = 1) -> NextBlockTransformer:
+    assert cfg.depth >= 2
+    return randomize_(NextBlockTransformer(cfg), seed=seed).eval()
+
+
+def sequence(clips: int, seed: int = 0, cfg=CFG):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, cfg.vocab, (1, clips * cfg.tokens_per_clip), generator=g)
+    actions = torch.randint(0, cfg.num_actions, (1, clips * cfg.frames_per_clip), generator=g)
+    return tokens, actions
+
+
+def incremental_worst(m, tokens, actions, cache_cls=KVCache) -> float:
+    """Worst |incremental block logits - banded reference| over every block of every clip."""
+    cfg = m.config
+    clips = tokens.shape[1] // cfg.tokens_per_clip
+    with torch.no_grad():
+        ref = m(tokens, ClipCond(labels=torch.tensor([2]), actions=actions))
+        assert ref.std() > 0.1
+        cache = cache_cls(m.cache_spec())
+        s = cache.add_stream()
+        prev, worst = None, 0.0
+        for c in range(clips):
+            acts = actions[:, c * cfg.frames_per_clip : (c + 1) * cfg.frames_per_clip]
+            cc = m.clip_condition(
+                ClipCond(labels=torch.tensor([2]), actions=acts), 1, tokens.device
+            )
+            part = Partial()
+            for j in range(cfg.blocks_per_clip):
+                logits, part = m.step_block(prev, cc, cache, [s], part)
+                lo = c * cfg.tokens_per_clip + j * cfg.block
+                worst = max(worst, (logits - ref[:, lo : lo + cfg.block]).abs().max().item())
+                prev = tokens[:, lo : lo + cfg.block]
+            m.commit(part, cache, [s])
+    return worst
+
+
+def test_mask_structure():
+    m = banded_block_mask(3 * N, B, CFG.window_clips, group_size=N)[0, 0]
+    for i in range(3 * N):
+        for j in range(3 * N):
+            expected = j // B <= i // B and j // N >= i // N - CFG.window_clips
+            assert bool(m[i, j]) == expected
+    assert torch.equal(banded_block_mask(16, 1, 99), block_causal_mask(16, 1))
+
+
+def test_incremental_equals_banded_reference_across_evictions():
+    tokens, actions = sequence(5)  # window of 2 clips: three evictions
+    assert incremental_worst(model(), tokens, actions) < 1e-5
+
+
+class OffByOne(KVCache):
+    def query_positions(self, streams, num_frames):
+        return super().query_positions(streams, num_frames) + 1
+
+
+def test_a_position_off_by_one_is_caught():
+    tokens, actions = sequence(3)
+    assert incremental_worst(model(), tokens, actions, OffByOne) > 1e-3
+
+
+def test_block_size_one_is_plain_causal_decoding():
+    cfg = dataclasses.replace(CFG, block=1)
+    m = model(cfg)
+    tokens, actions = sequence(3, cfg=cfg)
+    assert incremental_worst(m, tokens, actions) < 1e-5
+    # Position i depends on tokens < i only: change token j, outputs at positions <= j stay.
+    with torch.no_grad():
+        cond = ClipCond(labels=torch.tensor([1]), actions=actions)
+        base = m(tokens, cond)
+        changed = tokens.clone()
+        changed[0, 5] = (changed[0, 5] + 1) % cfg.vocab
+        out = m(changed, cond)
+    assert torch.equal(out[:, :6], base[:, :6]) and (out[:, 6:] - base[:, 6:]).abs().max() > 1e-4
+
+
+def test_blocks_predict_in_parallel_and_see_only_earlier_blocks():
+    m = model()
+    tokens, actions = sequence(2)
+    cond = ClipCond(labels=torch.tensor([1]), actions=actions)
+    with torch.no_grad():
+        base = m(tokens, cond)
+        changed = tokens.clone()
+        changed[0, B + 1] = (changed[0, B + 1] + 1) % CFG.vocab  # a token of block 1
+        out = m(changed, cond)
+    # Block 1's inputs are block 0's tokens: blocks 0 and 1 are unaffected, block 2 on is.
+    assert torch.equal(out[:, : 2 * B], base[:, : 2 * B])
+    assert (out[:, 2 * B :] - base[:, 2 * B :]).abs().max() > 1e-4
+
+
+def test_label_and_actions_change_the_logits():
+    m = model()
+    tokens, actions = sequence(2)
+    with torch.no_grad():
+        base = m(tokens, ClipCond(labels=torch.tensor([1]), actions=actions))
+        other = m(tokens, ClipCond(labels=torch.tensor([3]), actions=actions))
+        null = m(tokens, ClipCond())
+        acted = m(tokens, ClipCond(labels=torch.tensor([1]), actions=(actions + 1) % 5))
+    for out in (other, null, acted):
+        assert (out - base).abs().max() > 1e-3
+
+
+def test_a_test_model_overfits_a_token_sequence():
+    torch.manual_seed(0)
+    m = NextBlockTransformer(CFG)
+    tokens, actions = sequence(3, seed=5)
+    cond = ClipCond(labels=torch.tensor([2]), actions=actions)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = nbp_loss(m, tokens, cond)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1
+    with torch.no_grad():
+        accuracy = (m(tokens, cond).argmax(-1) == tokens)[:, B:].float().mean()
+    assert accuracy > 0.95  # (the first block follows BOS alone)
+
+
+def test_top_k_keeps_k_and_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.tensor([[3.0, 1.0, 2.0, 0.0, -1.0]])
+    assert torch.isfinite(top_k_filter(logits, 2)).sum() == 2
+    assert torch.isfinite(top_k_filter(logits, 2))[0].tolist() == [True, False, True, False, False]
+    probs = logits.softmax(-1)[0]  # 0.636, 0.086, 0.234, 0.032, 0.012
+    kept = torch.isfinite(top_p_filter(logits, 0.8))[0].tolist()
+    assert kept == [True, False, True, False, False]  # 0.636 < 0.8 <= 0.636 + 0.234
+    assert torch.isfinite(top_p_filter(logits, 0.5))[0].tolist() == [True] + [False] * 4
+    assert probs[0] >= 0.5 and torch.isfinite(top_p_filter(logits, 1.0)).all()
+
+
+def test_sampling_draws_from_the_given_generator():
+    logits = torch.randn(6, 10)
+    a = sample_tokens(logits, torch.Generator().manual_seed(1), temperature=1.0, top_k=5)
+    b = sample_tokens(logits, torch.Generator().manual_seed(1), temperature=1.0, top_k=5)
+    assert torch.equal(a, b)
+    assert torch.equal(sample_tokens(logits, None, temperature=0), logits.argmax(-1))
+    with pytest.raises(ValueError, match="top_p"):
+        top_p_filter(logits, 0.0)

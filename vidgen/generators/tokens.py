@@ -1,0 +1,314 @@
+"""TokenClipGenerator: the clip-generator contract over LARP tokens and the next-block
+transformer.
+
+A clip is one LARP token sequence (N tokens for the tokenizer's clip of frames), made block
+by block: every ``step`` runs ``blocks_per_clip`` batched block steps over all given streams,
+each reading its stream's cached clips, then appends the finished clips' K/V. Streams that
+use classifier-free guidance hold a second, unconditional cache slot (its K/V differ, since
+conditions are added to every input position), and both rows run in the same batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vidgen import checkpoint
+from vidgen.data.worlds import to_model_range, to_uint8
+from vidgen.generators.base import (
+    Clip,
+    ClipLatents,
+    GenerationRequest,
+    Stream,
+    StreamSnapshot,
+    seeded,
+)
+from vidgen.models.nbp import ClipCond, NBPConfig, NextBlockTransformer, Partial
+from vidgen.nn.cache import KVCache
+from vidgen.nn.conditioning import NULL
+from vidgen.sampling.tokens import guide_logits, sample_tokens
+from vidgen.tokenizers.larp import LARPVideoTokenizer
+
+BOS = -1
+
+
+@dataclass
+class _Rows:
+    """A stream's cache slots (conditional first) and its previous block of tokens."""
+
+    slots: list[int]
+    prev: torch.Tensor  # (B,) int64; BOS before the first clip
+
+
+class TokenClipGenerator:
+    family = "tokens"
+
+    def __init__(
+        self,
+        model: NextBlockTransformer,
+        tokenizer: LARPVideoTokenizer,
+        max_streams: int = 8,
+        device: torch.device | str = "cpu",
+        name: str = "",
+    ) -> None:
+        cfg: NBPConfig = model.config
+        tok = tokenizer.config
+        if cfg.tokens_per_clip != tok.num_tokens or cfg.vocab != tok.codebook_size:
+            raise ValueError(
+                f"NBP expects {cfg.tokens_per_clip} tokens of {cfg.vocab} codes per clip; the "
+                f"tokenizer makes {tok.num_tokens} of {tok.codebook_size}"
+            )
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer.to(self.device).eval()
+        self.config = cfg
+        self.clip_len = tok.frames
+        self.name = name
+        size = tokenizer.autoencoder.config.image_size if tokenizer.autoencoder else tok.size
+        self.frame_shape = (size, size, 3)
+        # Guided streams use two slots, so the cache holds twice the streams it serves.
+        self.cache = KVCache(model.cache_spec(2 * max_streams), self.device)
+        self._streams: dict[int, Stream] = {}
+        self._rows: dict[int, _Rows] = {}
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str, max_streams: int = 8, device: torch.device | str = "cpu"
+    ) -> TokenClipGenerator:
+        ckpt = checkpoint.load(name_or_path, expected_config=NBPConfig)
+        model = NextBlockTransformer(ckpt.config_as(NBPConfig))
+        ckpt.load_into(model)
+        tokenizer = LARPVideoTokenizer.from_pretrained(ckpt.card.get("tokenizer", "larp-tiny"))
+        return cls(model, tokenizer, max_streams, device, name=str(name_or_path))
+
+    # --- streams ------------------------------------------------------------------------
+
+    def _check(self, request: GenerationRequest) -> int:
+        cfg = self.config
+        if request.frames % self.clip_len:
+            raise ValueError(
+                f"frames must be a multiple of clip_len={self.clip_len}, got {request.frames}"
+            )
+        if request.label is not None and not 0 <= request.label < cfg.num_classes:
+            raise ValueError(
+                f"label must be in [0, {cfg.num_classes}) or None, got {request.label}"
+            )
+        if request.actions is not None:
+            acts = np.asarray(request.actions)
+            if cfg.num_actions and (
+                acts.ndim != 1 or acts.min() < 0 or acts.max() >= cfg.num_actions
+            ):
+                raise ValueError(f"actions must be int (frames,) in [0, {cfg.num_actions})")
+            if cfg.action_dim and (acts.ndim != 2 or acts.shape[1] != cfg.action_dim):
+                raise ValueError(f"actions must be float (frames, {cfg.action_dim})")
+            if not (cfg.num_actions or cfg.action_dim):
+                raise ValueError("this model takes no actions; leave actions unset")
+        if request.context is not None:
+            context = np.asarray(request.context)
+            if tuple(context.shape[1:]) != self.frame_shape or len(context) % self.clip_len:
+                raise ValueError(
+                    f"context must be whole clips of {self.clip_len} frames of shape "
+                    f"{self.frame_shape}, got {context.shape}"
+                )
+        return request.frames // self.clip_len
+
+    def _guided(self, request: GenerationRequest) -> bool:
+        has_cond = request.label is not None or request.actions is not None
+        return has_cond and request.guidance != 1.0
+
+    def open(self, request: GenerationRequest) -> Stream:
+        num_clips = self._check(request)
+        stream = self._new_stream(request, clip=0, num_clips=num_clips)
+        if request.context is not None:
+            self._write_context(stream, np.asarray(request.context))
+        return stream
+
+    def _new_stream(self, request: GenerationRequest, clip: int, num_clips: int) -> Stream:
+        slots = [self.cache.add_stream()]
+        if self._guided(request):
+            try:
+                slots.append(self.cache.add_stream())
+            except RuntimeError:
+                self.cache.remove_stream(slots[0])
+                raise
+        stream = Stream(
+            id=next(self._ids), request=request, slot=slots[0], clip=clip, num_clips=num_clips
+        )
+        self._streams[stream.id] = stream
+        self._rows[stream.id] = _Rows(slots, torch.full((self.config.block,), BOS))
+        return stream
+
+    @torch.no_grad()
+    def _write_context(self, stream: Stream, frames: np.ndarray) -> None:
+        video = to_model_range(frames).to(self.device)
+        clips = video.reshape(-1, self.clip_len, *video.shape[1:])  # (k, t, 3, H, W)
+        first = max(0, len(clips) - self.config.window_clips)
+        for j in range(first, len(clips)):
+            tokens = self.tokenizer.encode(clips[j : j + 1])[0]
+            self._replay(stream, tokens, clip=-(len(clips) - j))
+
+    def close(self, stream: Stream) -> None:
+        if self._streams.pop(stream.id, None) is not None:
+            for slot in self._rows.pop(stream.id).slots:
+                self.cache.remove_stream(slot)
+
+    # --- conditioning -------------------------------------------------------------------------
+
+    def _cond(
+        self, streams: Sequence[Stream], clips: Sequence[int]
+    ) -> tuple[ClipCond, list[int], torch.Tensor]:
+        """The batch of rows (each stream's conditional row, then the unconditional rows of
+        guided streams): its clip conditions, cache slots, and which rows are unconditional."""
+        cfg = self.config
+        rows = [(s, k, False) for s, k in zip(streams, clips, strict=True)]
+        rows += [
+            (s, k, True)
+            for s, k in zip(streams, clips, strict=True)
+            if len(self._rows[s.id].slots) == 2
+        ]
+        labels = torch.tensor(
+            [NULL if s.request.label is None else s.request.label for s, _, _ in rows]
+        )
+        uncond = torch.tensor([u for _, _, u in rows])
+        actions = None
+        if cfg.num_actions or cfg.action_dim:
+            actions = torch.stack([self._clip_actions(s, k) for s, k, _ in rows])
+        slots = [self._rows[s.id].slots[1 if u else 0] for s, _, u in rows]
+        drop = uncond[:, None].to(self.device)
+        cond = ClipCond(
+            labels=labels.to(self.device) if cfg.num_classes else None,
+            actions=None if actions is None else actions.to(self.device),
+            drop_label=drop,
+            drop_actions=drop,
+        )
+        return cond, slots, uncond
+
+    def _clip_actions(self, stream: Stream, clip: int) -> torch.Tensor:
+        cfg, f = self.config, self.config.frames_per_clip
+        acts = stream.request.actions
+        if acts is None or clip < 0:
+            return (
+                torch.full((f,), NULL, dtype=torch.int64)
+                if cfg.num_actions
+                else torch.zeros(f, cfg.action_dim)
+            )
+        row = torch.as_tensor(np.asarray(acts[clip * f : (clip + 1) * f]))
+        return row.long() if cfg.num_actions else row.float()
+
+    # --- the step -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, streams: list[Stream]) -> list[ClipLatents]:
+        """One clip of tokens for each stream, block by block, all streams batched."""
+        for s in streams:
+            if s.id not in self._streams:
+                raise KeyError(f"stream {s.id} is not open on this generator")
+            if s.done:
+                raise ValueError(f"stream {s.id} already has all {s.num_clips} clips")
+        cfg, b = self.config, len(streams)
+        cond, slots, uncond = self._cond(streams, [s.clip for s in streams])
+        clip_cond = self.model.clip_condition(cond, len(slots), self.device)
+        owner = list(range(b)) + [
+            i for i, s in enumerate(streams) if len(self._rows[s.id].slots) == 2
+        ]
+        prev = torch.stack([self._rows[streams[i].id].prev for i in owner]).to(self.device)
+        scale = torch.tensor([s.request.guidance for s in streams], device=self.device)
+        partial, made = Partial(), []
+        for j in range(cfg.blocks_per_clip):
+            logits, partial = self.model.step_block(prev, clip_cond, self.cache, slots, partial)
+            logits = self._guide(logits, owner, uncond, scale, b)
+            block = torch.stack(
+                [
+                    sample_tokens(
+                        logits[i],
+                        seeded(s.request.seed, s.clip, f"block{j}"),
+                        s.request.temperature,
+                        s.request.top_k,
+                        s.request.top_p,
+                    )
+                    for i, s in enumerate(streams)
+                ]
+            )  # (b, B)
+            made.append(block)
+            prev = block[owner]
+        self.model.commit(partial, self.cache, slots)
+        tokens = torch.cat(made, dim=1)  # (b, N)
+        out = []
+        for i, s in enumerate(streams):
+            self._rows[s.id].prev = tokens[i, -cfg.block :].cpu()
+            out.append(ClipLatents(stream=s.id, clip=s.clip, data=tokens[i].cpu()))
+            s.clip += 1
+        return out
+
+    @staticmethod
+    def _guide(
+        logits: torch.Tensor, owner: list[int], uncond: torch.Tensor, scale: torch.Tensor, b: int
+    ) -> torch.Tensor:
+        """Per stream: its conditional logits, guided by its unconditional row if any."""
+        guided = logits[:b].clone()
+        for row in range(b, len(owner)):
+            i = owner[row]
+            guided[i] = guide_logits(logits[i], logits[row], scale[i])
+        return guided
+
+    @torch.no_grad()
+    def _replay(self, stream: Stream, tokens: torch.Tensor, clip: int) -> None:
+        """Write a known clip of tokens: the same block steps as ``step``, teacher-forced,
+        so a replay reproduces the original K/V."""
+        cfg = self.config
+        cond, slots, _ = self._cond([stream], [clip])
+        clip_cond = self.model.clip_condition(cond, len(slots), self.device)
+        prev = self._rows[stream.id].prev.to(self.device)[None].expand(len(slots), -1)
+        tokens = tokens.to(self.device)
+        partial = Partial()
+        for j in range(cfg.blocks_per_clip):
+            _, partial = self.model.step_block(prev, clip_cond, self.cache, slots, partial)
+            prev = tokens[j * cfg.block : (j + 1) * cfg.block][None].expand(len(slots), -1)
+        self.model.commit(partial, self.cache, slots)
+        self._rows[stream.id].prev = tokens[-cfg.block :].cpu()
+
+    @torch.no_grad()
+    def decode(self, clips: list[ClipLatents]) -> list[Clip]:
+        if not clips:
+            return []
+        ids = torch.stack([c.data for c in clips]).to(self.device)
+        frames = to_uint8(self.tokenizer.decode(ids)).cpu().numpy()
+        return [
+            Clip(stream=c.stream, clip=c.clip, frames=f) for c, f in zip(clips, frames, strict=True)
+        ]
+
+    # --- truth ---------------------------------------------------------------------------------
+
+    def snapshot(self, stream: Stream) -> StreamSnapshot:
+        rows = self._rows[stream.id]
+        cache = {
+            f"slot{i}.{k}": v
+            for i, slot in enumerate(rows.slots)
+            for k, v in self.cache.snapshot(slot).items()
+        }
+        cache["prev"] = rows.prev.clone()
+        return StreamSnapshot(request=stream.request, checkpoint_clip=stream.clip, cache=cache)
+
+    @torch.no_grad()
+    def restore(self, snapshot: StreamSnapshot) -> Stream:
+        num_clips = self._check(snapshot.request)
+        stream = self._new_stream(
+            snapshot.request, clip=snapshot.checkpoint_clip, num_clips=num_clips
+        )
+        rows = self._rows[stream.id]
+        for i, slot in enumerate(rows.slots):
+            prefix = f"slot{i}."
+            self.cache.load(
+                slot,
+                {k[len(prefix) :]: v for k, v in snapshot.cache.items() if k.startswith(prefix)},
+            )
+        rows.prev = snapshot.cache["prev"].clone()
+        for tokens in snapshot.pending:
+            self._replay(stream, tokens, stream.clip)
+            stream.clip += 1
+        return stream

@@ -1,0 +1,365 @@
+"""NBP-style next-block-prediction transformer over LARP tokens.
+
+Glossary of axis letters: ``b`` batch (streams), ``l`` sequence positions, ``d`` model dim,
+``h`` heads, ``e`` head dim, ``v`` vocabulary, ``w`` cached frame slots, ``n`` tokens per
+frame slot, ``f`` frames of a clip.
+
+The token sequence of a video is its clips' LARP tokens one after another (N per clip), cut
+into blocks of ``block`` tokens. The input is shifted by one block: position i reads the
+token at i - block (the first block of a stream reads learned BOS embeddings), so the output
+at each position of block b predicts the token at the same position of block b + 1's input,
+i.e. block b's own tokens, all at once. Attention is block-causal (bidirectional inside a
+block) and, as for the DiT, banded by clips: a clip sees the ``window`` frames of clips
+before it (DESIGN.md section 3). Block size 1 is plain next-token prediction, same code.
+
+Inference feeds one block at a time: its B inputs attend to the cached K/V of earlier clips,
+the K/V of the current clip's earlier blocks (``Partial``, a value passed in and out) and
+themselves, with no mask when the cache is full, and B tokens are sampled in parallel. When
+a clip is finished its blocks' K/V are exactly its write pass: they are appended to the
+cache (whole-clip eviction).
+
+Conditioning is an added per-clip embedding (label + the clip's actions), not prefix tokens:
+LARP tokens are holistic, so no token belongs to one frame and per-frame action embeddings
+cannot be added per token; one clip vector added to every input position of the clip keeps
+the block structure, the positions and the cache layout identical with or without
+conditions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from vidgen.nn.attention import attention
+from vidgen.nn.cache import CacheSpec, KVCache
+from vidgen.nn.conditioning import NULL
+from vidgen.nn.masks import banded_block_mask
+from vidgen.nn.rope import RoPE1D, apply_rope
+
+
+@dataclass
+class NBPConfig:
+    vocab: int = 1024
+    tokens_per_clip: int = 128
+    frames_per_clip: int = 8
+    block: int = 16
+    dim: int = 128
+    depth: int = 6
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    window: int = 24  # frames of earlier clips kept in the cache (whole clips)
+    num_classes: int = 5
+    num_actions: int = 0
+    action_dim: int = 0
+    label_dropout: float = 0.1
+    action_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.tokens_per_clip % self.block:
+            raise ValueError(
+                f"block={self.block} must divide tokens_per_clip={self.tokens_per_clip}"
+            )
+        if self.tokens_per_clip % self.frames_per_clip:
+            raise ValueError("tokens_per_clip must be a multiple of frames_per_clip")
+        if self.window % self.frames_per_clip:
+            raise ValueError(
+                f"window={self.window} must be whole clips of {self.frames_per_clip} frames"
+            )
+        if self.dim % self.heads or (self.dim // self.heads) % 2:
+            raise ValueError(f"dim={self.dim} / heads={self.heads} must be an even head dim")
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.tokens_per_clip // self.frames_per_clip
+
+    @property
+    def blocks_per_clip(self) -> int:
+        return self.tokens_per_clip // self.block
+
+    @property
+    def window_clips(self) -> int:
+        return self.window // self.frames_per_clip
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+
+NBP_CONFIGS: dict[str, NBPConfig] = {
+    # Matches the `test` LARP: 8 tokens of 64 codes per clip of 4 frames.
+    "test": NBPConfig(
+        vocab=64,
+        tokens_per_clip=8,
+        frames_per_clip=4,
+        block=4,
+        dim=32,
+        depth=2,
+        heads=2,
+        window=8,
+        num_classes=5,
+        num_actions=5,
+    ),
+    "tiny": NBPConfig(),
+    # The paper's 700M model: 24 layers, hidden 1536, 16 heads.
+    "700m": NBPConfig(dim=1536, depth=24, heads=16),
+}
+
+
+@dataclass
+class ClipCond:
+    """Condition of the clips a call covers: labels (b,), actions per frame of those clips
+    (b, clips * frames[, a]) or None, and per-clip drop masks (b, clips) for guidance."""
+
+    labels: torch.Tensor | None = None
+    actions: torch.Tensor | None = None
+    drop_label: torch.Tensor | None = None
+    drop_actions: torch.Tensor | None = None
+
+
+@dataclass
+class Partial:
+    """K/V of the current clip's blocks so far, per layer ((b, h, l, e) each)."""
+
+    k: list[torch.Tensor] = field(default_factory=list)
+    v: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return 0 if not self.k else self.k[0].shape[2]
+
+
+# --- layers ---------------------------------------------------------------------------
+
+
+class ClipCondition(nn.Module):
+    """label + the clip's actions -> one (b, d) vector per clip."""
+
+    def __init__(self, cfg: NBPConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.label = nn.Embedding(cfg.num_classes + 1, cfg.dim) if cfg.num_classes else None
+        self.action = None
+        if cfg.num_actions:
+            self.action = nn.Embedding(cfg.num_actions + 1, cfg.dim)
+        elif cfg.action_dim:
+            self.action = nn.Linear(cfg.action_dim, cfg.dim)
+        if self.action is not None:
+            self.null_actions = nn.Parameter(torch.zeros(cfg.dim))
+            self.action_mix = nn.Linear(cfg.frames_per_clip * cfg.dim, cfg.dim)
+
+    def forward(self, cond: ClipCond, batch: int, clips: int, device: torch.device) -> torch.Tensor:
+        """-> (b, clips, d)."""
+        cfg = self.cfg
+        out = torch.zeros(batch, clips, cfg.dim, device=device)
+        if self.label is not None:
+            labels = (
+                cond.labels
+                if cond.labels is not None
+                else torch.full((batch,), NULL, device=device)
+            )
+            idx = torch.where(labels == NULL, cfg.num_classes, labels)[:, None].expand(batch, clips)
+            if cond.drop_label is not None:
+                idx = torch.where(cond.drop_label, cfg.num_classes, idx)
+            out = out + self.label(idx)
+        if self.action is not None:
+            out = out + self._actions(cond, batch, clips, device)
+        return out
+
+    def _actions(
+        self, cond: ClipCond, batch: int, clips: int, device: torch.device
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        if cond.actions is None:
+            return self.null_actions.expand(batch, clips, -1)
+        acts = cond.actions
+        if cfg.num_actions:
+            emb = self.action(torch.where(acts == NULL, cfg.num_actions, acts))
+        else:
+            emb = self.action(acts.float())
+        per_clip = rearrange(emb, "b (c f) d -> b c (f d)", f=cfg.frames_per_clip)
+        mixed = self.action_mix(per_clip)  # (b, clips, d)
+        if cond.drop_actions is not None:
+            mixed = torch.where(cond.drop_actions[..., None], self.null_actions, mixed)
+        return mixed
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: NBPConfig) -> None:
+        super().__init__()
+        self.heads = cfg.heads
+        self.norm1, self.norm2 = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
+        self.qkv, self.out = nn.Linear(cfg.dim, 3 * cfg.dim), nn.Linear(cfg.dim, cfg.dim)
+        hidden = int(cfg.dim * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, cfg.dim)
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        angles: torch.Tensor,
+        context: tuple | None,
+        mask: torch.Tensor | None,
+        keep: list | None,
+    ) -> torch.Tensor:
+        """x (b, l, d). context: (k, v, angles) of earlier keys, unrotated; keep: where to
+        put this call's own unrotated K/V (the write pass)."""
+        q, k, v = rearrange(
+            self.qkv(self.norm1(x)), "b l (three h e) -> three b h l e", three=3, h=self.heads
+        )
+        if keep is not None:
+            keep.append((k, v))
+        q, k_rot = apply_rope(q, angles), apply_rope(k, angles)
+        if context is not None:
+            k_ctx, v_ctx, ctx_angles = context
+            k_rot = torch.cat([apply_rope(k_ctx, ctx_angles), k_rot], dim=2)
+            v = torch.cat([v_ctx, v], dim=2)
+        y = attention(q, k_rot, v, mask=mask)
+        x = x + self.out(rearrange(y, "b h l e -> b l (h e)"))
+        return x + self.mlp(self.norm2(x))
+
+
+# --- the model ------------------------------------------------------------------------------
+
+
+class NextBlockTransformer(nn.Module):
+    def __init__(self, config: NBPConfig) -> None:
+        super().__init__()
+        cfg = self.config = config
+        self.embed = nn.Embedding(cfg.vocab, cfg.dim)
+        self.bos = nn.Parameter(torch.randn(cfg.block, cfg.dim) * 0.02)
+        self.condition = ClipCondition(cfg)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.vocab)
+        self.rope = RoPE1D(cfg.head_dim)
+
+    def cache_spec(self, max_streams: int = 1, dtype: torch.dtype = torch.float32) -> CacheSpec:
+        cfg = self.config
+        return CacheSpec(
+            layers=cfg.depth,
+            kv_heads=cfg.heads,
+            head_dim=cfg.head_dim,
+            tokens_per_frame=cfg.tokens_per_frame,
+            window=cfg.window,
+            dtype=dtype,
+            max_streams=max_streams,
+        )
+
+    def inputs(self, prev: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """Embeddings of the previous block's tokens (b, B); rows of -1 (or ``prev`` None)
+        are a stream's first block, which reads the learned BOS embeddings."""
+        if prev is None:
+            return self.bos.expand(batch, -1, -1)
+        emb = self.embed(prev.clamp(min=0))
+        return torch.where(prev[..., None] < 0, self.bos.to(emb.dtype), emb)
+
+    # --- the reference / training forward ----------------------------------------------------
+
+    def forward(self, tokens: torch.Tensor, cond: ClipCond) -> torch.Tensor:
+        """Logits (b, T, v) for every position of whole clips of tokens (b, T): the banded
+        block-causal forward over the full history (training, and the reference)."""
+        cfg = self.config
+        b, total = tokens.shape
+        if total % cfg.tokens_per_clip:
+            raise ValueError(f"tokens must be whole clips of {cfg.tokens_per_clip}, got {total}")
+        clips = total // cfg.tokens_per_clip
+        x = torch.cat([self.bos.expand(b, -1, -1), self.embed(tokens[:, : -cfg.block])], dim=1)
+        c = self.condition(cond, b, clips, tokens.device)
+        x = x + c.repeat_interleave(cfg.tokens_per_clip, dim=1)
+        mask = banded_block_mask(
+            total, cfg.block, cfg.window_clips, group_size=cfg.tokens_per_clip, device=tokens.device
+        )
+        angles = self.rope.angles(torch.arange(total, device=tokens.device))
+        for block in self.blocks:
+            x = block(x, angles, None, mask, None)
+        return self.head(self.norm(x))
+
+    # --- incremental decoding -----------------------------------------------------------------
+
+    def clip_condition(self, cond: ClipCond, batch: int, device: torch.device) -> torch.Tensor:
+        """(b, d): the condition vector of the one clip being made."""
+        return self.condition(cond, batch, 1, device)[:, 0]
+
+    def step_block(
+        self,
+        prev: torch.Tensor | None,
+        clip_cond: torch.Tensor,
+        cache: KVCache,
+        streams: Sequence[int],
+        partial: Partial,
+    ) -> tuple[torch.Tensor, Partial]:
+        """Feed one block (the previous block's tokens, or BOS) of the clip being made and
+        return the logits of the next block's tokens (b, B, v) and the clip's K/V so far.
+        Reads the cache, never changes it."""
+        cfg = self.config
+        b = clip_cond.shape[0]
+        x = self.inputs(prev, b) + clip_cond[:, None]
+        clip_start = self._clip_start(cache, streams)  # (b,) window-relative token position
+        offset = partial.length
+        q_pos = clip_start[:, None] + offset + torch.arange(cfg.block, device=x.device)
+        angles = self.rope.angles(q_pos)[:, None]  # (b, 1, B, e/2)
+        ctx_pos, valid = self._cache_positions(cache, streams)
+        mask = None
+        if not bool(valid.all()):
+            own = torch.ones(b, offset + cfg.block, dtype=torch.bool, device=x.device)
+            mask = torch.cat([valid, own], dim=1)[:, None, None]
+        if offset:
+            clip_pos = clip_start[:, None] + torch.arange(offset, device=x.device)
+            ctx_pos = torch.cat([ctx_pos, clip_pos], dim=1)
+        ctx_angles = self.rope.angles(ctx_pos)[:, None]
+        out = Partial()
+        for layer, block in enumerate(self.blocks):
+            k, v = cache.read(layer, streams)  # (b, h, w, n, e)
+            k = rearrange(k, "b h w n e -> b h (w n) e")
+            v = rearrange(v, "b h w n e -> b h (w n) e")
+            if offset:
+                k = torch.cat([k, partial.k[layer]], dim=2)
+                v = torch.cat([v, partial.v[layer]], dim=2)
+            keep: list = []
+            x = block(x, angles, (k, v, ctx_angles), mask, keep)
+            ((k_new, v_new),) = keep
+            out.k.append(k_new if not offset else torch.cat([partial.k[layer], k_new], dim=2))
+            out.v.append(v_new if not offset else torch.cat([partial.v[layer], v_new], dim=2))
+        return self.head(self.norm(x)), out
+
+    def commit(self, partial: Partial, cache: KVCache, streams: Sequence[int]) -> None:
+        """The write pass of a finished clip: its blocks' K/V, computed while it was made,
+        are appended to the cache (evicting whole clips past the window)."""
+        cfg = self.config
+        if partial.length != cfg.tokens_per_clip:
+            raise ValueError(
+                f"a clip has {cfg.tokens_per_clip} tokens, partial has {partial.length}"
+            )
+        k = torch.stack(
+            [rearrange(k, "b h (f n) e -> b h f n e", n=cfg.tokens_per_frame) for k in partial.k]
+        )
+        v = torch.stack(
+            [rearrange(v, "b h (f n) e -> b h f n e", n=cfg.tokens_per_frame) for v in partial.v]
+        )
+        cache.append(streams, k, v)
+
+    def _clip_start(self, cache: KVCache, streams: Sequence[int]) -> torch.Tensor:
+        frames = cache.query_positions(streams, 1)[:, 0]  # window-relative frame of the clip
+        return frames * self.config.tokens_per_frame
+
+    def _cache_positions(
+        self, cache: KVCache, streams: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token positions (b, w*n) of the cached keys, and which are valid."""
+        n = self.config.tokens_per_frame
+        frames = cache.positions(streams)  # (b, w)
+        pos = frames[:, :, None] * n + torch.arange(n, device=frames.device)
+        valid = cache.valid(streams)[:, :, None].expand(-1, -1, n)
+        return pos.flatten(1), valid.flatten(1)
+
+
+def nbp_loss(model: NextBlockTransformer, tokens: torch.Tensor, cond: ClipCond) -> torch.Tensor:
+    """Cross-entropy of next-block prediction over whole clips of tokens (b, T)."""
+    logits = model(tokens, cond)
+    return F.cross_entropy(logits.flatten(0, 1), tokens.flatten())

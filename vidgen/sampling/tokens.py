@@ -1,0 +1,55 @@
+"""Token sampling: temperature, top-k, top-p and classifier-free guidance on logits, drawing
+from the stream's own generator. Pure functions over (..., vocab) logits."""
+
+from __future__ import annotations
+
+import torch
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row (ties at the threshold are kept); others -inf.
+    k <= 0 or >= vocab keeps everything."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    threshold = logits.topk(k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of highest-probability entries whose probability reaches p
+    (nucleus sampling); others -inf. p >= 1 keeps everything."""
+    if p >= 1.0:
+        return logits
+    if p <= 0.0:
+        raise ValueError(f"top_p must be in (0, 1], got {p}")
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    # An entry is dropped when the mass before it already reaches p (the first never is).
+    drop_sorted = (probs.cumsum(dim=-1) - probs) >= p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def guide_logits(
+    conditional: torch.Tensor, unconditional: torch.Tensor, scale: torch.Tensor | float
+) -> torch.Tensor:
+    """Classifier-free guidance on logits: u + scale (c - u)."""
+    return unconditional + scale * (conditional - unconditional)
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    generator: torch.Generator | None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> torch.Tensor:
+    """Sample one id per row of (..., vocab) logits; temperature 0 is greedy (argmax)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    filtered = top_p_filter(top_k_filter(logits.float() / temperature, top_k), top_p)
+    probs = filtered.softmax(dim=-1).reshape(-1, logits.shape[-1])
+    ids = torch.multinomial(probs.cpu(), 1, generator=generator).to(logits.device)
+    return ids.reshape(logits.shape[:-1])
