@@ -15,7 +15,7 @@ CFG = LARP_CONFIGS["test"]
 
 def clip(batch: int = 2, seed: int = 0, cfg: LARPConfig = CFG) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    shape = (batch, cfg.frames, 3, cfg.image_size, cfg.image_size)
+    shape = (batch, cfg.frames, cfg.channels, cfg.size, cfg.size)
     return torch.rand(shape, generator=g) * 2 - 1
 
 
@@ -29,7 +29,7 @@ def test_any_token_count_gives_that_many_ids_in_range(tokens):
     ids = model(cfg).encode(clip(cfg=cfg))
     assert ids.shape == (2, tokens) and ids.dtype == torch.int64
     assert ids.min() >= 0 and ids.max() < cfg.codebook_size
-    assert model(cfg).decode(ids).shape == (2, cfg.frames, 3, cfg.image_size, cfg.image_size)
+    assert model(cfg).decode(ids).shape == (2, cfg.frames, cfg.channels, cfg.size, cfg.size)
 
 
 def test_eval_encode_is_deterministic_and_the_nearest_codeword():
@@ -79,7 +79,7 @@ def test_prior_position_i_ignores_tokens_after_i():
 def test_forward_reports_losses_and_metrics():
     m = model().train()
     out = m(clip(), torch.Generator().manual_seed(0))
-    for key in ("loss", "l1", "ssim", "prior_ce", "psnr", "perplexity", "dead_codes"):
+    for key in ("loss", "l1", "mse", "prior_ce", "perplexity", "dead_codes"):
         assert torch.isfinite(out[key]).all(), key
     out["loss"].backward()
     assert m.quantizer.codebook.grad is not None

@@ -61,22 +61,26 @@ def test_kl_resume_is_bitwise(tmp_path):
 def test_larp_resume_is_bitwise_with_code_restarts(tmp_path):
     overrides = [
         "tokenizer=larp-test",
-        *SMALL_BOUNCING,
-        "data.size=16",
-        "data.bouncing.min_radius=2",
-        "data.bouncing.max_radius=3",
-        "data.clip_len=4",
+        f"tokenizer.autoencoder={make_autoencoder(tmp_path)}",
+        "tokenizer.vq_warmup=2",  # the codebook is initialised mid-run
         "tokenizer.restart_every=1",
+        *SMALL_BOUNCING,
+        "data.clip_len=4",
+        "data.num_clips=8",
+        "data.eval_clips=2",
         "train.ema_decay=0",
     ]
     assert_bitwise_resume(overrides, tmp_path)
 
 
-def test_ca2vdm_resume_is_bitwise(tmp_path):
+def make_autoencoder(tmp_path) -> str:
     kl_cfg: KLConfig = KL_CONFIGS["test"]
-    kl = checkpoint.save(
-        tmp_path / "kl.safetensors", randomize_(KLAutoencoder(kl_cfg), std=0.1), kl_cfg
-    )
+    model = randomize_(KLAutoencoder(kl_cfg), std=0.1)
+    return str(checkpoint.save(tmp_path / "kl.safetensors", model, kl_cfg))
+
+
+def test_ca2vdm_resume_is_bitwise(tmp_path):
+    kl = make_autoencoder(tmp_path)
     overrides = [
         "model=ca2vdm-test",
         *SMALL_BOUNCING,

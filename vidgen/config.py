@@ -31,6 +31,7 @@ def register_schemas() -> None:
     from vidgen.data.loader import DataConfig
     from vidgen.data.preview import PreviewConfig
     from vidgen.models.ca2vdm import CA2VDM_CONFIGS
+    from vidgen.models.nbp import NBP_CONFIGS
     from vidgen.tokenizers.kl import KL_CONFIGS
     from vidgen.tokenizers.larp import LARP_CONFIGS
     from vidgen.train import TrainCommandConfig
@@ -47,8 +48,9 @@ def register_schemas() -> None:
     for prefix, presets in (("kl", KL_CONFIGS), ("larp", LARP_CONFIGS)):
         for size, cfg in presets.items():
             cs.store(group="tokenizer", name=f"{prefix}-{size}", node=cfg)
-    for size, cfg in CA2VDM_CONFIGS.items():
-        cs.store(group="model", name=f"ca2vdm-{size}", node=cfg)
+    for prefix, models in (("ca2vdm", CA2VDM_CONFIGS), ("nbp", NBP_CONFIGS)):
+        for size, cfg in models.items():
+            cs.store(group="model", name=f"{prefix}-{size}", node=cfg)
 
 
 def compose_config(config_name: str | None, overrides: Sequence[str] = ()) -> DictConfig:

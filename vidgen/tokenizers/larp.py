@@ -8,6 +8,13 @@ code from softmax(cos-sim / tau) (stochastic VQ), evaluation takes the argmax, a
 straight-through estimator passes gradients. The decoder is a ViT over the N latent tokens
 plus one learned query per patch; the patch-query outputs are unpatchified into the clip.
 
+Each holistic query starts from the pooled embedding of the patches assigned to it (token i
+gets patch i*P//N) and each decoder patch query from the latent tokens assigned to it. This
+is an initialisation, not a constraint — every attention is still global, so tokens can carry
+information about the whole clip — but it gives training a route from the start: with
+randomly routed queries the autoencoder stayed at the per-position mean for hundreds of steps
+(measured: latent MSE 0.26 after 300 steps against 0.10 after 125 steps with it).
+
 A small causal GPT prior is trained jointly: it predicts each token's code from the codes
 before it (cross-entropy, small weight), which shapes the latent space to be easy for an
 autoregressive generator. It is discarded at inference (``encode``/``decode`` never use it).
@@ -221,16 +228,26 @@ class LARPTokenizer(nn.Module):
         cfg = self.config = config
         self.patch_in = nn.Linear(cfg.patch_values, cfg.dim)
         self.patch_pos = nn.Parameter(torch.randn(cfg.num_patches, cfg.dim))
-        self.queries = nn.Parameter(torch.randn(cfg.num_tokens, cfg.dim))
+        self.queries = nn.Parameter(torch.randn(cfg.num_tokens, cfg.dim) * 0.1)
         self.encoder = Transformer(cfg.dim, cfg.enc_depth, cfg.heads)
         self.to_code = nn.Linear(cfg.dim, cfg.code_dim)
         self.quantizer = StochasticVQ(cfg.codebook_size, cfg.code_dim, cfg.tau, cfg.usage_decay)
         self.from_code = nn.Linear(cfg.code_dim, cfg.dim)
         self.latent_pos = nn.Parameter(torch.randn(cfg.num_tokens, cfg.dim))
-        self.patch_query = nn.Parameter(torch.randn(cfg.num_patches, cfg.dim))
+        self.patch_query = nn.Parameter(torch.randn(cfg.num_patches, cfg.dim) * 0.1)
         self.decoder = Transformer(cfg.dim, cfg.dec_depth, cfg.heads)
         self.patch_out = nn.Linear(cfg.dim, cfg.patch_values)
         self.prior = Prior(cfg)
+        # Token i starts from the patches i*P//N covers; patch j from the tokens assigned to
+        # it (see the module docstring). Fixed, so not saved.
+        owner = torch.arange(cfg.num_tokens) * cfg.num_patches // cfg.num_tokens
+        assign = F.one_hot(owner, cfg.num_patches).float()  # (n, p)
+        gather = assign.t().clone()
+        empty = gather.sum(1) == 0  # more patches than tokens: take the nearest token
+        nearest = torch.arange(cfg.num_patches) * cfg.num_tokens // cfg.num_patches
+        gather[empty, nearest[empty]] = 1.0
+        self.register_buffer("query_init", assign, persistent=False)
+        self.register_buffer("patch_init", gather / gather.sum(1, keepdim=True), persistent=False)
 
     # --- patches --------------------------------------------------------------------
 
@@ -266,16 +283,16 @@ class LARPTokenizer(nn.Module):
 
     def embed(self, video: torch.Tensor) -> torch.Tensor:
         """Unquantised code vectors (b, n, e) of the holistic queries."""
-        b = video.shape[0]
         patches = self.patch_in(self.patchify(video)) + self.patch_pos  # (b, p, d)
-        x = torch.cat([patches, self.queries.expand(b, -1, -1)], dim=1)
+        queries = self.queries + torch.einsum("np,bpd->bnd", self.query_init, patches)
+        x = torch.cat([patches, queries], dim=1)
         return self.to_code(self.encoder(x)[:, -self.config.num_tokens :])  # queries only
 
     def decode_codes(self, quantised: torch.Tensor) -> torch.Tensor:
         """Code vectors (b, n, e) -> clip (b, t, 3, H, W), unclamped."""
-        b = quantised.shape[0]
         latents = self.from_code(quantised) + self.latent_pos
-        x = torch.cat([latents, self.patch_query.expand(b, -1, -1)], dim=1)
+        patch_queries = self.patch_query + torch.einsum("pn,bnd->bpd", self.patch_init, latents)
+        x = torch.cat([latents, patch_queries], dim=1)
         h = self.decoder(x)[:, self.config.num_tokens :]  # patch queries only
         return self.unpatchify(self.patch_out(h))
 

@@ -46,6 +46,7 @@ class TrainCommandConfig:
 
 def build_task(cfg: TrainCommandConfig) -> Task:
     from vidgen.models.ca2vdm import Ca2VDMConfig
+    from vidgen.models.nbp import NBPConfig
     from vidgen.tokenizers.kl import KLConfig
     from vidgen.tokenizers.larp import LARPConfig
     from vidgen.train.tokenizer import kl_task, larp_task
@@ -60,6 +61,12 @@ def build_task(cfg: TrainCommandConfig) -> Task:
 
         return ca2vdm_task(
             target, cfg.data, cfg, cfg.name, cfg.frozen_tokenizer or "kl-tiny", out_dir(cfg)
+        )
+    if isinstance(target, NBPConfig):
+        from vidgen.train.tokens import nbp_task
+
+        return nbp_task(
+            target, cfg.data, cfg, cfg.name, cfg.frozen_tokenizer or "larp-tiny", out_dir(cfg)
         )
     raise ValueError(f"no training task for {type(target).__name__}")
 

@@ -1,0 +1,90 @@
+"""Training the next-block transformer on LARP tokens of consecutive clips.
+
+Clips are tokenised once by the frozen LARP (cached next to the run); a training sequence is
+``data.clip_len / frames`` consecutive clips, and the loss is next-block cross-entropy over
+the whole sequence under the banded block-causal mask, the same forward the cached inference
+is tested against.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vidgen import checkpoint
+from vidgen.data import DataConfig, build_dataset
+from vidgen.models.nbp import ClipCond, NBPConfig, NextBlockTransformer, nbp_loss
+from vidgen.nn.conditioning import NULL
+from vidgen.tokenizers.larp import LARPVideoTokenizer
+from vidgen.train.diffusion import leading_actions
+from vidgen.train.encoded import EncodedClips
+from vidgen.train.loop import Task
+
+
+def clip_tokens(tokenizer: LARPVideoTokenizer, video: torch.Tensor) -> torch.Tensor:
+    """(b, K*frames, 3, H, W) -> (b, K*N): each clip of ``frames`` tokenised on its own."""
+    frames = tokenizer.config.frames
+    b = video.shape[0]
+    clips = video.reshape(b * (video.shape[1] // frames), frames, *video.shape[2:])
+    return tokenizer.encode(clips).reshape(b, -1)
+
+
+def nbp_task(
+    config: NBPConfig, data: DataConfig, run_config: object, name: str, tokenizer: str, out: Path
+) -> Task:
+    larp = LARPVideoTokenizer.from_pretrained(tokenizer)
+    if data.clip_len % larp.config.frames:
+        raise ValueError(
+            f"data.clip_len={data.clip_len} must be whole clips of {larp.config.frames} frames"
+        )
+    if (config.tokens_per_clip, config.vocab) != (
+        larp.config.num_tokens,
+        larp.config.codebook_size,
+    ):
+        raise ValueError("the NBP config's tokens_per_clip and vocab must match the tokenizer's")
+    sha = checkpoint.file_sha256(checkpoint.resolve(tokenizer))[:12]
+    out.mkdir(parents=True, exist_ok=True)
+    encoded = EncodedClips(
+        build_dataset(data, "train"),
+        lambda video: clip_tokens(larp, video),
+        out / f"tokens-{sha}-{data.num_clips}.safetensors",
+        key="tokens",
+    )
+    clips = data.clip_len // larp.config.frames
+
+    def loss(model: nn.Module, batch: dict[str, torch.Tensor], gen: torch.Generator):
+        tokens = batch["tokens"].long()
+        b, dev = tokens.shape[0], tokens.device
+        labels = batch["label"] if config.num_classes else None
+        if labels is not None:
+            labels = torch.where((labels >= 0) & (labels < config.num_classes), labels, NULL)
+        actions = None
+        if config.num_actions or config.action_dim:
+            actions = leading_actions(batch["actions"], config.num_actions)
+        cond = ClipCond(
+            labels=labels,
+            actions=actions,
+            drop_label=torch.rand(b, clips, generator=gen, device=dev) < config.label_dropout,
+            drop_actions=torch.rand(b, clips, generator=gen, device=dev) < config.action_dropout,
+        )
+        return {"loss": nbp_loss(model, tokens, cond)}
+
+    return Task(
+        name=name,
+        model=NextBlockTransformer(config),
+        loss=loss,
+        train_data=encoded,
+        eval_data=None,
+        batch_size=data.batch_size,
+        export_config=config,
+        run_config=run_config,
+        card={
+            "what": "NBP-style next-block-prediction transformer over LARP tokens "
+            f"(block {config.block}, window {config.window} frames)",
+            "data": data.name,
+            "tokenizer": tokenizer,
+            "label": "number of shapes (BouncingShapes)" if config.num_classes else None,
+        },
+    )
