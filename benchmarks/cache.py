@@ -107,7 +107,10 @@ def main() -> None:
     parser.add_argument("--configs", default="tiny,base")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--ar-steps", type=int, default=52)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     result: dict[str, object] = {
         "machine": f"{platform.platform()}, {os.cpu_count()} cpus, torch {torch.__version__}",

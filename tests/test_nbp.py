@@ -48,7 +48,7 @@ def incremental_worst(m, tokens, actions, cache_cls=KVCache) -> float:
             )
             part = Partial()
             for j in range(cfg.blocks_per_clip):
-                logits, part = m.step_block(prev, cc, cache, [s], part)
+                logits, part = m.step_block(prev, cc, cache, part, [s])
                 lo = c * cfg.tokens_per_clip + j * cfg.block
                 worst = max(worst, (logits - ref[:, lo : lo + cfg.block]).abs().max().item())
                 prev = tokens[:, lo : lo + cfg.block]

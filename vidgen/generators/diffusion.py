@@ -200,12 +200,13 @@ class DiffusionClipGenerator:
         scale = torch.tensor([s.request.guidance for s in streams], device=self.device)
         guided = (labels is not None or actions is not None) and bool((scale != 1).any())
 
+        # The cache is read (and its keys rotated) once; every Euler step shares it.
+        context = self.model.prepare_context(self.cache, slots + slots if guided else slots)
+
         def denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             t_frames = t[:, None].expand(-1, L)
             if not guided:
-                return self.model(
-                    x, Cond(t=t_frames, labels=labels, actions=actions), self.cache, slots
-                )
+                return self.model(x, Cond(t=t_frames, labels=labels, actions=actions), context)
             # Conditional and unconditional rows in one batch over the same cached context.
             drop = torch.arange(2 * b, device=self.device) >= b
             cond = Cond(
@@ -215,7 +216,7 @@ class DiffusionClipGenerator:
                 drop_label=drop,
                 drop_actions=drop,
             )
-            v = self.model(torch.cat([x, x]), cond, self.cache, slots + slots)
+            v = self.model(torch.cat([x, x]), cond, context)
             v_c, v_u = v.chunk(2)
             return classifier_free(v_c, v_u, scale.view(-1, 1, 1, 1, 1))
 

@@ -219,8 +219,9 @@ class TokenClipGenerator:
         prev = torch.stack([self._rows[streams[i].id].prev for i in owner]).to(self.device)
         scale = torch.tensor([s.request.guidance for s in streams], device=self.device)
         partial, made = Partial(), []
+        context = self.model.prepare_context(self.cache, slots)  # shared by all block steps
         for j in range(cfg.blocks_per_clip):
-            logits, partial = self.model.step_block(prev, clip_cond, self.cache, slots, partial)
+            logits, partial = self.model.step_block(prev, clip_cond, context, partial)
             logits = self._guide(logits, owner, uncond, scale, b)
             block = torch.stack(
                 [
@@ -266,8 +267,9 @@ class TokenClipGenerator:
         prev = self._rows[stream.id].prev.to(self.device)[None].expand(len(slots), -1)
         tokens = tokens.to(self.device)
         partial = Partial()
+        context = self.model.prepare_context(self.cache, slots)
         for j in range(cfg.blocks_per_clip):
-            _, partial = self.model.step_block(prev, clip_cond, self.cache, slots, partial)
+            _, partial = self.model.step_block(prev, clip_cond, context, partial)
             prev = tokens[j * cfg.block : (j + 1) * cfg.block][None].expand(len(slots), -1)
         self.model.commit(partial, self.cache, slots)
         self._rows[stream.id].prev = tokens[-cfg.block :].cpu()

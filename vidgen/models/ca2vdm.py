@@ -113,14 +113,19 @@ class Cond:
 
 
 @dataclass
-class _Context:
-    """What temporal attention at one layer sees besides the clip itself."""
+class Context:
+    """The cached context of a batch of streams, read once per clip and shared by all its
+    denoising steps: per layer, keys already rotated to their window-relative positions and
+    values, ((b n), h, w, e); which slots hold frames; where the clip starts."""
 
-    k: torch.Tensor  # ((b n), h, w, e), unrotated
-    v: torch.Tensor
-    positions: torch.Tensor  # (b, w)
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
     valid: torch.Tensor  # (b, w) bool
     all_valid: bool  # every slot full: no key padding needed
+    start: torch.Tensor  # (b,) window-relative position of the clip's first frame
+
+    def clip_positions(self, frames: int) -> torch.Tensor:
+        return self.start[:, None] + torch.arange(frames, device=self.start.device)
 
 
 @dataclass
@@ -186,11 +191,12 @@ class Block(nn.Module):
         x: torch.Tensor,
         positions: torch.Tensor,
         self_mask: torch.Tensor,
-        ctx: _Context | None,
+        ctx: tuple[torch.Tensor, torch.Tensor, Context] | None,
         collect: _Collected | None,
     ) -> torch.Tensor:
-        """x (b, t, n, d) attends per location to the context frames and, through
-        ``self_mask`` (t, t), to its own frames; positions (b, t) are frame positions."""
+        """x (b, t, n, d) attends per location to the context frames (this layer's rotated
+        keys and values) and, through ``self_mask`` (t, t), to its own frames; positions
+        (b, t) are frame positions."""
         b, t, n, _ = x.shape
         q, k, v = self.temporal_qkv(rearrange(x, "b t n d -> (b n) t d"))  # (b n) h t e
         if collect is not None:
@@ -201,12 +207,12 @@ class Block(nn.Module):
         mask = self_mask[None, None].expand(b * n, 1, t, t)
         needs_mask = t > 1  # frames inside the clip are causal
         if ctx is not None:
-            k_ctx_angles = self.rope.angles(ctx.positions).repeat_interleave(n, dim=0)[:, None]
-            k = torch.cat([apply_rope(ctx.k, k_ctx_angles), k], dim=2)
-            v = torch.cat([ctx.v, v], dim=2)
-            valid = ctx.valid.repeat_interleave(n, dim=0)[:, None, None].expand(-1, 1, t, -1)
+            k_ctx, v_ctx, context = ctx
+            k = torch.cat([k_ctx, k], dim=2)
+            v = torch.cat([v_ctx, v], dim=2)
+            valid = context.valid.repeat_interleave(n, dim=0)[:, None, None].expand(-1, 1, t, -1)
             mask = torch.cat([valid, mask], dim=-1)
-            needs_mask = needs_mask or not ctx.all_valid
+            needs_mask = needs_mask or not context.all_valid
         y = attention(q, k, v, mask=mask if needs_mask else None)
         return self.temporal_out(rearrange(y, "(b n) h t e -> b t n (h e)", b=b))
 
@@ -216,7 +222,7 @@ class Block(nn.Module):
         cond: torch.Tensor,
         positions: torch.Tensor,
         self_mask: torch.Tensor,
-        ctx: _Context | None = None,
+        ctx: tuple[torch.Tensor, torch.Tensor, Context] | None = None,
         collect: _Collected | None = None,
     ) -> torch.Tensor:
         ss, sc, sg, ts, tc, tg, ms, mc, mg = self.modulation(cond)  # each (b, t, d)
@@ -301,32 +307,34 @@ class CausalVideoDiT(nn.Module):
 
     # --- cached inference -------------------------------------------------------------
 
+    def prepare_context(self, cache: KVCache, streams: Sequence[int]) -> Context:
+        """Read the cache once for a clip: rotate every cached key to its window-relative
+        frame position. Every denoising step of the clip then reuses this (cache sharing)."""
+        n = self.config.tokens_per_frame
+        angles = self.blocks[0].rope.angles(cache.positions(streams))  # (b, w, e/2)
+        angles = angles.repeat_interleave(n, dim=0)[:, None]  # (b n) 1 w e/2
+        ks, vs = [], []
+        for layer in range(len(self.blocks)):
+            k, v = cache.read(layer, streams)  # (b, h, w, n, e), ring order
+            ks.append(apply_rope(rearrange(k, "b h w n e -> (b n) h w e"), angles))
+            vs.append(rearrange(v, "b h w n e -> (b n) h w e"))
+        valid = cache.valid(streams)
+        start = cache.query_positions(streams, 1)[:, 0]
+        return Context(k=ks, v=vs, valid=valid, all_valid=bool(valid.all()), start=start)
+
     def _run(
         self,
         x: torch.Tensor,
         cond: Cond,
         positions: torch.Tensor,
         self_mask: torch.Tensor,
-        cache: KVCache | None,
-        streams: Sequence[int] | None,
+        context: Context | None,
         collect: _Collected | None,
     ) -> torch.Tensor:
         c = self.embed_cond(cond)
         h = self.tokens(x)
-        if cache is not None:
-            ctx_positions, valid = cache.positions(streams), cache.valid(streams)
-            all_valid = bool(valid.all())
         for layer, block in enumerate(self.blocks):
-            ctx = None
-            if cache is not None:
-                k, v = cache.read(layer, streams)  # (b, h, w, n, e), ring order
-                ctx = _Context(
-                    k=rearrange(k, "b h w n e -> (b n) h w e"),
-                    v=rearrange(v, "b h w n e -> (b n) h w e"),
-                    positions=ctx_positions,
-                    valid=valid,
-                    all_valid=all_valid,
-                )
+            ctx = None if context is None else (context.k[layer], context.v[layer], context)
             h = block(h, c, positions, self_mask, ctx, collect)
         return self.untokens(h, c)
 
@@ -334,13 +342,15 @@ class CausalVideoDiT(nn.Module):
         self,
         x: torch.Tensor,
         cond: Cond,
-        cache: KVCache | None = None,
+        cache: KVCache | Context | None = None,
         streams: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Prediction (flow velocity) for the noisy clip ``x`` (b, t, c, y, x) given the
-        cached context of ``streams`` (one per batch row). Reads the cache, never changes it."""
-        positions, mask = self._clip_layout(x, cache, streams)
-        return self._run(x, cond, positions, mask, cache, streams, None)
+        cached context of ``streams`` (one per batch row), or a ``Context`` prepared from it
+        once for all the clip's denoising steps. Never changes the cache."""
+        context = self._context(x, cache, streams)
+        positions, mask = self._clip_layout(x, context)
+        return self._run(x, cond, positions, mask, context, None)
 
     @torch.no_grad()
     def write(
@@ -357,24 +367,32 @@ class CausalVideoDiT(nn.Module):
         pt = self.config.prefix_t
         x = latents if noise is None else (1 - pt) * latents + pt * noise
         cond = self.context_cond(x.shape[1], x.shape[0], actions, x.device)
-        positions, mask = self._clip_layout(x, cache, streams)
+        context = self._context(x, cache, streams)
+        positions, mask = self._clip_layout(x, context)
         collect = _Collected()
-        self._run(x, cond, positions, mask, cache, streams, collect)
+        self._run(x, cond, positions, mask, context, collect)
         n = self.config.tokens_per_frame
         k = torch.stack([rearrange(k, "(b n) h t e -> b h t n e", n=n) for k in collect.k])
         v = torch.stack([rearrange(v, "(b n) h t e -> b h t n e", n=n) for v in collect.v])
         cache.append(streams, k, v)
 
+    def _context(
+        self, x: torch.Tensor, cache: KVCache | Context | None, streams: Sequence[int] | None
+    ) -> Context | None:
+        if cache is None or isinstance(cache, Context):
+            return cache
+        if streams is None or len(streams) != x.shape[0]:
+            raise ValueError(f"streams must name one cache stream per batch row ({x.shape[0]})")
+        return self.prepare_context(cache, streams)
+
     def _clip_layout(
-        self, x: torch.Tensor, cache: KVCache | None, streams: Sequence[int] | None
+        self, x: torch.Tensor, context: Context | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         t = x.shape[1]
         causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-        if cache is None:
+        if context is None:
             return torch.arange(t, device=x.device).expand(x.shape[0], t), causal
-        if streams is None or len(streams) != x.shape[0]:
-            raise ValueError(f"streams must name one cache stream per batch row ({x.shape[0]})")
-        return cache.query_positions(streams, t).to(x.device), causal
+        return context.clip_positions(t).to(x.device), causal
 
     # --- the reference: one forward over the whole history ---------------------------------
 
@@ -389,7 +407,7 @@ class CausalVideoDiT(nn.Module):
         ``frame_mask`` (T, T) (e.g. ``history_mask``) and absolute frame positions."""
         if positions is None:
             positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
-        return self._run(x, cond, positions, frame_mask, None, None, None)
+        return self._run(x, cond, positions, frame_mask, None, None)
 
 
 def history_mask(

@@ -123,14 +123,29 @@ class ClipCond:
 
 @dataclass
 class Partial:
-    """K/V of the current clip's blocks so far, per layer ((b, h, l, e) each)."""
+    """K/V of the current clip's blocks so far, per layer ((b, h, l, e) each): keys as
+    computed (what the cache stores) and rotated (what attention reads), and values."""
 
     k: list[torch.Tensor] = field(default_factory=list)
+    k_rot: list[torch.Tensor] = field(default_factory=list)
     v: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def length(self) -> int:
         return 0 if not self.k else self.k[0].shape[2]
+
+
+@dataclass
+class BlockContext:
+    """The cached clips of a batch of streams, read once per clip and shared by all its
+    block steps: per layer rotated keys and values (b, h, w*n, e), which keys are valid, and
+    the window-relative token position where the clip starts."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    valid: torch.Tensor  # (b, w*n)
+    all_valid: bool
+    start: torch.Tensor  # (b,)
 
 
 # --- layers ---------------------------------------------------------------------------
@@ -203,23 +218,23 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         angles: torch.Tensor,
-        context: tuple | None,
+        context: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,
         keep: list | None,
     ) -> torch.Tensor:
-        """x (b, l, d). context: (k, v, angles) of earlier keys, unrotated; keep: where to
-        put this call's own unrotated K/V (the write pass)."""
+        """x (b, l, d). context: (rotated keys, values) of earlier positions; keep: where to
+        put this call's own (key, rotated key, value)."""
         q, k, v = rearrange(
             self.qkv(self.norm1(x)), "b l (three h e) -> three b h l e", three=3, h=self.heads
         )
-        if keep is not None:
-            keep.append((k, v))
         q, k_rot = apply_rope(q, angles), apply_rope(k, angles)
+        if keep is not None:
+            keep.append((k, k_rot, v))
+        keys, values = k_rot, v
         if context is not None:
-            k_ctx, v_ctx, ctx_angles = context
-            k_rot = torch.cat([apply_rope(k_ctx, ctx_angles), k_rot], dim=2)
-            v = torch.cat([v_ctx, v], dim=2)
-        y = attention(q, k_rot, v, mask=mask)
+            keys = torch.cat([context[0], k_rot], dim=2)
+            values = torch.cat([context[1], v], dim=2)
+        y = attention(q, keys, values, mask=mask)
         x = x + self.out(rearrange(y, "b h l e -> b l (h e)"))
         return x + self.mlp(self.norm2(x))
 
@@ -286,46 +301,62 @@ class NextBlockTransformer(nn.Module):
         """(b, d): the condition vector of the one clip being made."""
         return self.condition(cond, batch, 1, device)[:, 0]
 
+    def prepare_context(self, cache: KVCache, streams: Sequence[int]) -> BlockContext:
+        """Read the cache once for a clip (rotating every cached key to its window-relative
+        position); all of the clip's block steps share it."""
+        n = self.config.tokens_per_frame
+        frames = cache.positions(streams)  # (b, w)
+        pos = (frames[:, :, None] * n + torch.arange(n, device=frames.device)).flatten(1)
+        angles = self.rope.angles(pos)[:, None]  # (b, 1, w*n, e/2)
+        ks, vs = [], []
+        for layer in range(len(self.blocks)):
+            k, v = cache.read(layer, streams)  # (b, h, w, n, e)
+            ks.append(apply_rope(rearrange(k, "b h w n e -> b h (w n) e"), angles))
+            vs.append(rearrange(v, "b h w n e -> b h (w n) e"))
+        valid = cache.valid(streams)[:, :, None].expand(-1, -1, n).flatten(1)
+        start = cache.query_positions(streams, 1)[:, 0] * n
+        return BlockContext(k=ks, v=vs, valid=valid, all_valid=bool(valid.all()), start=start)
+
     def step_block(
         self,
         prev: torch.Tensor | None,
         clip_cond: torch.Tensor,
-        cache: KVCache,
-        streams: Sequence[int],
+        context: BlockContext | KVCache,
         partial: Partial,
+        streams: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, Partial]:
         """Feed one block (the previous block's tokens, or BOS) of the clip being made and
         return the logits of the next block's tokens (b, B, v) and the clip's K/V so far.
-        Reads the cache, never changes it."""
+        ``context`` is the clip's ``prepare_context`` (or a cache and ``streams`` to prepare
+        it from). Never changes the cache."""
         cfg = self.config
+        if isinstance(context, KVCache):
+            context = self.prepare_context(context, streams)
         b = clip_cond.shape[0]
         x = self.inputs(prev, b) + clip_cond[:, None]
-        clip_start = self._clip_start(cache, streams)  # (b,) window-relative token position
         offset = partial.length
-        q_pos = clip_start[:, None] + offset + torch.arange(cfg.block, device=x.device)
+        q_pos = context.start[:, None] + offset + torch.arange(cfg.block, device=x.device)
         angles = self.rope.angles(q_pos)[:, None]  # (b, 1, B, e/2)
-        ctx_pos, valid = self._cache_positions(cache, streams)
         mask = None
-        if not bool(valid.all()):
+        if not context.all_valid:
             own = torch.ones(b, offset + cfg.block, dtype=torch.bool, device=x.device)
-            mask = torch.cat([valid, own], dim=1)[:, None, None]
-        if offset:
-            clip_pos = clip_start[:, None] + torch.arange(offset, device=x.device)
-            ctx_pos = torch.cat([ctx_pos, clip_pos], dim=1)
-        ctx_angles = self.rope.angles(ctx_pos)[:, None]
+            mask = torch.cat([context.valid, own], dim=1)[:, None, None]
         out = Partial()
         for layer, block in enumerate(self.blocks):
-            k, v = cache.read(layer, streams)  # (b, h, w, n, e)
-            k = rearrange(k, "b h w n e -> b h (w n) e")
-            v = rearrange(v, "b h w n e -> b h (w n) e")
+            keys, values = context.k[layer], context.v[layer]
             if offset:
-                k = torch.cat([k, partial.k[layer]], dim=2)
-                v = torch.cat([v, partial.v[layer]], dim=2)
+                keys = torch.cat([keys, partial.k_rot[layer]], dim=2)
+                values = torch.cat([values, partial.v[layer]], dim=2)
             keep: list = []
-            x = block(x, angles, (k, v, ctx_angles), mask, keep)
-            ((k_new, v_new),) = keep
-            out.k.append(k_new if not offset else torch.cat([partial.k[layer], k_new], dim=2))
-            out.v.append(v_new if not offset else torch.cat([partial.v[layer], v_new], dim=2))
+            x = block(x, angles, (keys, values), mask, keep)
+            ((k_new, k_rot_new, v_new),) = keep
+            if offset:
+                k_new = torch.cat([partial.k[layer], k_new], dim=2)
+                k_rot_new = torch.cat([partial.k_rot[layer], k_rot_new], dim=2)
+                v_new = torch.cat([partial.v[layer], v_new], dim=2)
+            out.k.append(k_new)
+            out.k_rot.append(k_rot_new)
+            out.v.append(v_new)
         return self.head(self.norm(x)), out
 
     def commit(self, partial: Partial, cache: KVCache, streams: Sequence[int]) -> None:
@@ -336,27 +367,10 @@ class NextBlockTransformer(nn.Module):
             raise ValueError(
                 f"a clip has {cfg.tokens_per_clip} tokens, partial has {partial.length}"
             )
-        k = torch.stack(
-            [rearrange(k, "b h (f n) e -> b h f n e", n=cfg.tokens_per_frame) for k in partial.k]
-        )
-        v = torch.stack(
-            [rearrange(v, "b h (f n) e -> b h f n e", n=cfg.tokens_per_frame) for v in partial.v]
-        )
+        n = cfg.tokens_per_frame
+        k = torch.stack([rearrange(k, "b h (f n) e -> b h f n e", n=n) for k in partial.k])
+        v = torch.stack([rearrange(v, "b h (f n) e -> b h f n e", n=n) for v in partial.v])
         cache.append(streams, k, v)
-
-    def _clip_start(self, cache: KVCache, streams: Sequence[int]) -> torch.Tensor:
-        frames = cache.query_positions(streams, 1)[:, 0]  # window-relative frame of the clip
-        return frames * self.config.tokens_per_frame
-
-    def _cache_positions(
-        self, cache: KVCache, streams: Sequence[int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token positions (b, w*n) of the cached keys, and which are valid."""
-        n = self.config.tokens_per_frame
-        frames = cache.positions(streams)  # (b, w)
-        pos = frames[:, :, None] * n + torch.arange(n, device=frames.device)
-        valid = cache.valid(streams)[:, :, None].expand(-1, -1, n)
-        return pos.flatten(1), valid.flatten(1)
 
 
 def nbp_loss(model: NextBlockTransformer, tokens: torch.Tensor, cond: ClipCond) -> torch.Tensor:
