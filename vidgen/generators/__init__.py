@@ -10,6 +10,7 @@ from vidgen.generators.base import (
     generate_video,
 )
 from vidgen.generators.diffusion import DiffusionClipGenerator
+from vidgen.generators.tokens import TokenClipGenerator
 
 __all__ = [
     "Clip",
@@ -19,5 +20,24 @@ __all__ = [
     "GenerationRequest",
     "Stream",
     "StreamSnapshot",
+    "TokenClipGenerator",
     "generate_video",
+    "load_generator",
 ]
+
+
+def load_generator(name_or_path: str, max_streams: int = 8, device: str = "cpu") -> ClipGenerator:
+    """The generator of a shipped name (``ca2vdm-tiny``, ``nbp-tiny``) or a checkpoint path,
+    whichever family its config says it is."""
+    from vidgen import checkpoint
+    from vidgen.models.ca2vdm import Ca2VDMConfig
+    from vidgen.models.nbp import NBPConfig
+
+    ckpt = checkpoint.load(name_or_path)
+    families = {
+        f"{Ca2VDMConfig.__module__}.{Ca2VDMConfig.__qualname__}": DiffusionClipGenerator,
+        f"{NBPConfig.__module__}.{NBPConfig.__qualname__}": TokenClipGenerator,
+    }
+    if ckpt.config_type not in families:
+        raise ValueError(f"{name_or_path} is a {ckpt.config_type} checkpoint, not a generator")
+    return families[ckpt.config_type].from_pretrained(name_or_path, max_streams, device)

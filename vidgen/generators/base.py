@@ -16,7 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -77,6 +78,17 @@ class GenerationRequest:
                     f"{self.context.shape}"
                 )
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> GenerationRequest:
+        """A request from its JSON form; unknown keys are refused by name."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a request must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown request keys {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (context frames are not serialised: pass a path in manifests)."""
         out = asdict(self)
@@ -130,13 +142,29 @@ class Clip:
 @dataclass
 class StreamSnapshot:
     """A stream's truth: the cache as it was after clip ``checkpoint_clip`` - 1 was written
-    (tensors), plus the clips made since (``pending``, in order), the request and the seed.
-    ``restore`` loads the cache and replays the write pass for the pending clips."""
+    (tensors; None for a stream's very start, before any clip or context), plus the clips
+    made since (``pending``, in order), and the request (which holds the seed). ``restore``
+    loads the cache (or opens the request afresh) and replays the write pass for the pending
+    clips."""
 
     request: GenerationRequest
     checkpoint_clip: int
-    cache: dict[str, torch.Tensor]
+    cache: dict[str, torch.Tensor] | None
     pending: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, request: GenerationRequest) -> StreamSnapshot:
+        """The truth of a stream that has made nothing yet."""
+        return cls(request=request, checkpoint_clip=0, cache=None)
+
+    def truncated(self, clips: int) -> StreamSnapshot:
+        """The truth as of ``clips`` clips made (checkpoint_clip <= clips <= next_clip)."""
+        if not self.checkpoint_clip <= clips <= self.next_clip:
+            raise ValueError(
+                f"cannot rewind truth at clips {self.checkpoint_clip}..{self.next_clip} to {clips}"
+            )
+        keep = self.pending[: clips - self.checkpoint_clip]
+        return StreamSnapshot(self.request, self.checkpoint_clip, self.cache, list(keep))
 
     @property
     def next_clip(self) -> int:
@@ -147,6 +175,46 @@ class StreamSnapshot:
         if clip.clip != self.next_clip:
             raise ValueError(f"expected clip {self.next_clip}, got clip {clip.clip}")
         self.pending.append(clip.data.detach().cpu())
+
+
+@dataclass
+class SnapshotInfo:
+    """What a saved snapshot file holds besides tensors (its checkpoint "config")."""
+
+    checkpoint_clip: int
+    pending: int
+    has_cache: bool
+    request: str  # GenerationRequest.to_json, as JSON text
+
+
+def save_snapshot(path: str | Path, snapshot: StreamSnapshot) -> Path:
+    """Write a stream's truth to a safetensors file (atomically, no pickle)."""
+    from vidgen import checkpoint
+
+    tensors = {f"cache.{k}": v for k, v in (snapshot.cache or {}).items()}
+    tensors.update({f"pending.{i}": t for i, t in enumerate(snapshot.pending)})
+    if snapshot.request.context is not None:
+        tensors["context"] = torch.from_numpy(np.ascontiguousarray(snapshot.request.context))
+    info = SnapshotInfo(
+        checkpoint_clip=snapshot.checkpoint_clip,
+        pending=len(snapshot.pending),
+        has_cache=snapshot.cache is not None,
+        request=json.dumps(snapshot.request.to_json()),
+    )
+    return checkpoint.save(path, tensors, info, card={"what": "a stream's truth"})
+
+
+def load_snapshot(path: str | Path) -> StreamSnapshot:
+    from vidgen import checkpoint
+
+    ckpt = checkpoint.load(Path(path), expected_config=SnapshotInfo)
+    info = ckpt.config_as(SnapshotInfo)
+    request = GenerationRequest.from_json(json.loads(info.request))
+    if "context" in ckpt.tensors:
+        request.context = ckpt.tensors["context"].numpy()
+    cache = {k[6:]: v for k, v in ckpt.tensors.items() if k.startswith("cache.")}
+    pending = [ckpt.tensors[f"pending.{i}"] for i in range(info.pending)]
+    return StreamSnapshot(request, info.checkpoint_clip, cache if info.has_cache else None, pending)
 
 
 class ClipGenerator(Protocol):

@@ -272,18 +272,20 @@ class DiffusionClipGenerator:
     def restore(self, snapshot: StreamSnapshot) -> Stream:
         """Reopen a stream from its truth: load the checkpoint, replay the pending clips'
         write passes; the next ``step`` continues as if nothing had happened."""
-        request = snapshot.request
-        num_clips = self._check(request)
-        slot = self.cache.add_stream()
-        self.cache.load(slot, snapshot.cache)
-        stream = Stream(
-            id=next(self._ids),
-            request=request,
-            slot=slot,
-            clip=snapshot.checkpoint_clip,
-            num_clips=num_clips,
-        )
-        self._streams[stream.id] = stream
+        if snapshot.cache is None:  # truth from the start: open afresh (context included)
+            stream = self.open(snapshot.request)
+        else:
+            num_clips = self._check(snapshot.request)
+            slot = self.cache.add_stream()
+            self.cache.load(slot, snapshot.cache)
+            stream = Stream(
+                id=next(self._ids),
+                request=snapshot.request,
+                slot=slot,
+                clip=snapshot.checkpoint_clip,
+                num_clips=num_clips,
+            )
+            self._streams[stream.id] = stream
         for latents in snapshot.pending:
             self._write([stream], latents[None].to(self.device), [stream.clip])
             stream.clip += 1

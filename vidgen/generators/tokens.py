@@ -298,18 +298,23 @@ class TokenClipGenerator:
 
     @torch.no_grad()
     def restore(self, snapshot: StreamSnapshot) -> Stream:
-        num_clips = self._check(snapshot.request)
-        stream = self._new_stream(
-            snapshot.request, clip=snapshot.checkpoint_clip, num_clips=num_clips
-        )
-        rows = self._rows[stream.id]
-        for i, slot in enumerate(rows.slots):
-            prefix = f"slot{i}."
-            self.cache.load(
-                slot,
-                {k[len(prefix) :]: v for k, v in snapshot.cache.items() if k.startswith(prefix)},
+        """Reopen a stream from its truth: load the checkpoint (or open afresh when the truth
+        starts at clip 0) and replay the pending clips' block steps."""
+        if snapshot.cache is None:
+            stream = self.open(snapshot.request)
+        else:
+            num_clips = self._check(snapshot.request)
+            stream = self._new_stream(
+                snapshot.request, clip=snapshot.checkpoint_clip, num_clips=num_clips
             )
-        rows.prev = snapshot.cache["prev"].clone()
+            rows = self._rows[stream.id]
+            for i, slot in enumerate(rows.slots):
+                prefix = f"slot{i}."
+                tensors = {
+                    k[len(prefix) :]: v for k, v in snapshot.cache.items() if k.startswith(prefix)
+                }
+                self.cache.load(slot, tensors)
+            rows.prev = snapshot.cache["prev"].clone()
         for tokens in snapshot.pending:
             self._replay(stream, tokens, stream.clip)
             stream.clip += 1

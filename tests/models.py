@@ -1,0 +1,42 @@
+"""Test-size generators with random weights, saved as real checkpoints (so workers and
+actors load them by path, like shipped ones)."""
+
+import dataclasses
+from pathlib import Path
+
+from vidgen import checkpoint
+from vidgen.models.ca2vdm import CA2VDM_CONFIGS, CausalVideoDiT
+from vidgen.models.nbp import NBP_CONFIGS, NextBlockTransformer
+from vidgen.nn import randomize_
+from vidgen.tokenizers.kl import KL_CONFIGS, KLAutoencoder
+from vidgen.tokenizers.larp import LARP_CONFIGS, LARPTokenizer
+
+
+def save_test_generators(folder: Path) -> dict[str, str]:
+    """{"diffusion": path, "tokens": path} of test-size generator checkpoints."""
+    folder.mkdir(parents=True, exist_ok=True)
+    kl_cfg = KL_CONFIGS["test"]
+    kl = checkpoint.save(
+        folder / "kl-test.safetensors", randomize_(KLAutoencoder(kl_cfg), seed=2, std=0.1), kl_cfg
+    )
+    dit_cfg = CA2VDM_CONFIGS["test"]
+    dit = checkpoint.save(
+        folder / "ca2vdm-test.safetensors",
+        randomize_(CausalVideoDiT(dit_cfg), seed=1),
+        dit_cfg,
+        card={"tokenizer": str(kl)},
+    )
+    larp_cfg = dataclasses.replace(LARP_CONFIGS["test"], autoencoder=str(kl))
+    larp = checkpoint.save(
+        folder / "larp-test.safetensors",
+        randomize_(LARPTokenizer(larp_cfg), seed=3, std=0.1),
+        larp_cfg,
+    )
+    nbp_cfg = NBP_CONFIGS["test"]
+    nbp = checkpoint.save(
+        folder / "nbp-test.safetensors",
+        randomize_(NextBlockTransformer(nbp_cfg), seed=1),
+        nbp_cfg,
+        card={"tokenizer": str(larp)},
+    )
+    return {"diffusion": str(dit), "tokens": str(nbp)}

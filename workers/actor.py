@@ -1,0 +1,157 @@
+"""GeneratorActor: one clip generator per GPU (or per CPU slot), serving many streams.
+
+``GeneratorWorker`` is a plain class (the in-process twin, STYLE.md rule 11); the actor is the
+same class under ``ray.remote``. It loads a generator by shipped name or checkpoint path,
+holds the streams the orchestrator placed on it (keyed by the orchestrator's stream keys) and
+advances all of them in one batched ``step``. Decoding runs in its own concurrency group, so
+the orchestrator can decode clip k while the actor already computes clip k + 1.
+
+Placement: with GPUs in the cluster each actor asks for one (Ray then sets
+CUDA_VISIBLE_DEVICES so each actor sees only its own device); otherwise one CPU, with one
+torch thread unless configured.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from vidgen import checkpoint
+from vidgen.generators import (
+    ClipLatents,
+    GenerationRequest,
+    Stream,
+    StreamSnapshot,
+    load_generator,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClipOut:
+    """One clip a step made, tagged so the orchestrator can drop stale results."""
+
+    key: int
+    clip: int
+    epoch: int
+    data: torch.Tensor  # latents or token ids: the stream's truth
+
+
+@dataclass
+class StepOut:
+    clips: list[ClipOut]
+    snapshots: dict[int, StreamSnapshot] = field(default_factory=dict)
+
+
+class GeneratorWorker:
+    """Holds one generator and the streams placed on it."""
+
+    def __init__(
+        self, model: str, max_streams: int = 8, device: str = "auto", threads: int = 1
+    ) -> None:
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu" and threads:
+            torch.set_num_threads(threads)
+        self.model_name = model
+        self.device = device
+        self.generator = load_generator(model, max_streams=max_streams, device=device)
+        self.sha256 = checkpoint.file_sha256(checkpoint.resolve(model))
+        self.streams: dict[int, Stream] = {}
+
+    def ready(self) -> dict[str, Any]:
+        """Where this worker runs (also a liveness probe)."""
+        gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
+        return {
+            "pid": os.getpid(),
+            "device": self.device,
+            "gpu_ids": [str(g) for g in gpu_ids],
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "model": self.model_name,
+            "sha256": self.sha256,
+            "clip_len": self.generator.clip_len,
+            "frame_shape": list(self.generator.frame_shape),
+            "streams": sorted(self.streams),
+        }
+
+    def open(self, key: int, request: GenerationRequest) -> None:
+        self.streams[key] = self.generator.open(request)
+
+    def restore(self, key: int, snapshot: StreamSnapshot) -> None:
+        if key in self.streams:  # a retried restore after a timeout: start clean
+            self.close(key)
+        self.streams[key] = self.generator.restore(snapshot)
+
+    def close(self, key: int) -> None:
+        stream = self.streams.pop(key, None)
+        if stream is not None:
+            self.generator.close(stream)
+
+    def step(self, keys: list[int], epochs: list[int], snapshot_keys: list[int]) -> StepOut:
+        """One clip for every stream in ``keys`` (one batched pass per denoising/block step),
+        then the full snapshots of ``snapshot_keys`` (the orchestrator's checkpoints)."""
+        clips: list[ClipLatents] = self.generator.step([self.streams[k] for k in keys])
+        out = [
+            ClipOut(key=k, clip=c.clip, epoch=e, data=c.data)
+            for k, e, c in zip(keys, epochs, clips, strict=True)
+        ]
+        snaps = {k: self.generator.snapshot(self.streams[k]) for k in snapshot_keys}
+        for k in keys:
+            if self.streams[k].done:
+                self.close(k)
+        return StepOut(clips=out, snapshots=snaps)
+
+    @ray.method(concurrency_group="decode")
+    def decode(self, clips: list[ClipOut]) -> list[np.ndarray]:
+        """uint8 frames (T, H, W, 3) of each clip (numpy: zero-copy through the object
+        store)."""
+        latents = [ClipLatents(stream=c.key, clip=c.clip, data=c.data) for c in clips]
+        return [c.frames for c in self.generator.decode(latents)]
+
+
+GeneratorActor = ray.remote(concurrency_groups={"decode": 1})(GeneratorWorker)
+
+
+def actor_resources(resources: dict[str, float] | None = None) -> dict[str, float]:
+    """One GPU per actor when the cluster has GPUs, else one CPU."""
+    resources = ray.cluster_resources() if resources is None else resources
+    if resources.get("GPU", 0) >= 1:
+        return {"num_gpus": 1, "num_cpus": 0}
+    return {"num_gpus": 0, "num_cpus": 1}
+
+
+class SchedulingError(RuntimeError):
+    """An actor could not be placed: the message says what was asked and what exists."""
+
+
+def start_actor(
+    model: str,
+    max_streams: int = 8,
+    threads: int = 1,
+    max_restarts: int = 0,
+    timeout: float = 120.0,
+    name: str | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """Create a GeneratorActor and wait until it has loaded its model; returns the handle
+    and its ``ready`` info. Raises ``SchedulingError`` if it is not running in ``timeout``."""
+    resources = actor_resources()
+    handle = GeneratorActor.options(
+        **resources, max_restarts=max_restarts, max_task_retries=0, name=name
+    ).remote(model, max_streams, "auto", threads)
+    ready = handle.ready.remote()
+    done, _ = ray.wait([ready], timeout=timeout)
+    if not done:
+        ray.kill(handle, no_restart=True)
+        raise SchedulingError(
+            f"a GeneratorActor asking for {resources} was not running after {timeout:.0f}s; "
+            f"the cluster has {ray.cluster_resources()} (available now: "
+            f"{ray.available_resources()})"
+        )
+    return handle, ray.get(ready)

@@ -1,0 +1,153 @@
+"""Executors: the orchestrator's handle on one generator worker, in process or on Ray.
+
+Calls return handles; ``wait`` says which are done; ``result`` returns a value or raises
+(a dead or timed-out worker raises an error the orchestrator treats as a failure).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import ray
+
+from vidgen.generators import GenerationRequest, StreamSnapshot
+from workers.actor import ClipOut, GeneratorWorker, start_actor
+
+log = logging.getLogger(__name__)
+
+
+class ExecutorFailed(RuntimeError):
+    """The executor died or timed out; its streams must be restored elsewhere."""
+
+
+class Executor(Protocol):
+    name: str
+    info: dict[str, Any]
+
+    def open(self, key: int, request: GenerationRequest) -> None: ...
+
+    def restore(self, key: int, snapshot: StreamSnapshot) -> None: ...
+
+    def close(self, key: int) -> None: ...
+
+    def step(self, keys: list[int], epochs: list[int], snapshot_keys: list[int]) -> Any: ...
+
+    def decode(self, clips: list[ClipOut]) -> Any: ...
+
+    def wait(self, handles: list[Any], timeout: float | None) -> list[Any]: ...
+
+    def result(self, handle: Any) -> Any: ...
+
+    def recover(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+@dataclass
+class _Done:
+    value: Any = None
+    error: BaseException | None = None
+
+
+class LocalExecutor:
+    """The in-process twin: calls a ``GeneratorWorker`` directly (handles come back done)."""
+
+    def __init__(self, worker: GeneratorWorker, name: str = "local") -> None:
+        self.worker, self.name = worker, name
+        self.info = worker.ready()
+
+    @staticmethod
+    def _call(fn: Callable[..., Any], *args: Any) -> _Done:
+        try:
+            return _Done(value=fn(*args))
+        except Exception as err:  # surfaced by result(), as a remote error would be
+            return _Done(error=err)
+
+    def open(self, key: int, request: GenerationRequest) -> None:
+        self.worker.open(key, request)
+
+    def restore(self, key: int, snapshot: StreamSnapshot) -> None:
+        self.worker.restore(key, snapshot)
+
+    def close(self, key: int) -> None:
+        self.worker.close(key)
+
+    def step(self, keys: list[int], epochs: list[int], snapshot_keys: list[int]) -> _Done:
+        return self._call(self.worker.step, keys, epochs, snapshot_keys)
+
+    def decode(self, clips: list[ClipOut]) -> _Done:
+        return self._call(self.worker.decode, clips)
+
+    def wait(self, handles: list[Any], timeout: float | None) -> list[Any]:
+        return list(handles)
+
+    def result(self, handle: _Done) -> Any:
+        if handle.error is not None:
+            raise handle.error
+        return handle.value
+
+    def recover(self) -> None:
+        return None
+
+    def kill(self) -> None:
+        return None
+
+
+class RayExecutor:
+    """A ``GeneratorActor``. ``recover`` waits for Ray to restart a dead actor (when it was
+    created with ``max_restarts``) and raises if it stays dead."""
+
+    def __init__(
+        self,
+        model: str,
+        max_streams: int = 8,
+        threads: int = 1,
+        max_restarts: int = 0,
+        ready_timeout: float = 120.0,
+        name: str = "",
+    ) -> None:
+        self.model, self.max_streams, self.threads = model, max_streams, threads
+        self.max_restarts, self.ready_timeout = max_restarts, ready_timeout
+        self.handle, self.info = start_actor(
+            model, max_streams, threads, max_restarts, ready_timeout
+        )
+        self.name = name or f"actor-{self.info['pid']}"
+
+    def open(self, key: int, request: GenerationRequest) -> None:
+        ray.get(self.handle.open.remote(key, request))
+
+    def restore(self, key: int, snapshot: StreamSnapshot) -> None:
+        ray.get(self.handle.restore.remote(key, snapshot))
+
+    def close(self, key: int) -> None:
+        self.handle.close.remote(key)
+
+    def step(self, keys: list[int], epochs: list[int], snapshot_keys: list[int]) -> Any:
+        return self.handle.step.remote(keys, epochs, snapshot_keys)
+
+    def decode(self, clips: list[ClipOut]) -> Any:
+        return self.handle.decode.remote(clips)
+
+    def wait(self, handles: list[Any], timeout: float | None) -> list[Any]:
+        ready, _ = ray.wait(handles, num_returns=len(handles), timeout=timeout, fetch_local=False)
+        return ready
+
+    def result(self, handle: Any) -> Any:
+        return ray.get(handle)
+
+    def recover(self) -> None:
+        if self.max_restarts <= 0:
+            raise ExecutorFailed(f"{self.name} died and was created without restarts")
+        self.info = ray.get(self.handle.ready.remote(), timeout=self.ready_timeout)
+
+    def kill(self) -> None:
+        ray.kill(self.handle, no_restart=self.max_restarts <= 0)
+
+    def replacement(self) -> RayExecutor:
+        """A new actor with the same settings (for a worker that did not come back)."""
+        return RayExecutor(
+            self.model, self.max_streams, self.threads, self.max_restarts, self.ready_timeout
+        )

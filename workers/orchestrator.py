@@ -1,0 +1,393 @@
+"""Orchestrator: videos of any length from clip generators on actors, in order, exactly once.
+
+The loop is schedule -> execute -> update (STYLE.md rule 9):
+
+- schedule: for every healthy executor with no step in flight, take the active streams placed
+  on it whose sinks have room (bounded queues: a slow consumer holds its stream back) and
+  submit one batched step, asking for a full snapshot of the streams whose checkpoint is due.
+- execute: wait for any step or decode in flight (with the step timeout, if configured).
+- update: a step result is applied only if its epoch is the stream's current one: its clips
+  join the stream's truth and are sent to decode; decoded clips are handed to the sink in
+  clip order. A dead actor (``RayActorError``) or a step past its timeout advances the epoch
+  of every stream on it and restores them, from their truth, on the restarted actor or on a
+  healthy one; results of a superseded epoch are dropped. Steps run with Ray task retries off,
+  so nothing is applied twice: no frame is lost, none is written twice.
+
+The orchestrator owns each stream's truth (DESIGN.md section 3): the last checkpoint (a full
+cache snapshot, taken every ``snapshot_every`` clips) plus the clips made since. Executors are
+``LocalExecutor`` (the in-process twin: a ``GeneratorWorker`` called directly) or
+``RayExecutor`` (a ``GeneratorActor``); the loop is the same for both.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from vidgen.generators import Clip, GenerationRequest, StreamSnapshot
+from workers.actor import ClipOut, StepOut
+from workers.executors import Executor, ExecutorFailed
+
+log = logging.getLogger(__name__)
+
+
+# --- sinks ----------------------------------------------------------------------------------
+
+
+class Sink(Protocol):
+    """Receives a stream's clips in order. ``room`` is how many more clips it takes now."""
+
+    def room(self) -> int: ...
+
+    def put(self, clip: Clip) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class QueueSink:
+    """A bounded queue of clips for a caller to take (``Orchestrator.clips``)."""
+
+    def __init__(self, capacity: int = 4) -> None:
+        self.capacity = capacity
+        self.queue: deque[Clip] = deque()
+        self.finished = False
+
+    def room(self) -> int:
+        return self.capacity - len(self.queue)
+
+    def put(self, clip: Clip) -> None:
+        self.queue.append(clip)
+
+    def finish(self) -> None:
+        self.finished = True
+
+
+# --- streams ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Stream:
+    key: int
+    request: GenerationRequest
+    num_clips: int
+    sink: Sink
+    executor: int
+    epoch: int = 0
+    # Truth: checkpoints in order, each with the clips made after it (StreamSnapshot.pending).
+    truths: list[StreamSnapshot] = field(default_factory=list)
+    accepted: int = 0  # clips in the truth
+    delivered: int = 0  # clips handed to the sink
+    frames: dict[int, np.ndarray] = field(default_factory=dict)  # decoded, not delivered
+    to_decode: dict[int, ClipOut] = field(default_factory=dict)  # accepted, frames not back
+
+    @property
+    def truth(self) -> StreamSnapshot:
+        return self.truths[-1]
+
+    @property
+    def done(self) -> bool:
+        return self.delivered >= self.num_clips
+
+    def truth_at(self, clips: int) -> StreamSnapshot:
+        """The truth as of ``clips`` clips made (for saving a resume point)."""
+        for snap in reversed(self.truths):
+            if snap.checkpoint_clip <= clips:
+                return snap.truncated(clips)
+        raise ValueError(f"no checkpoint at or before clip {clips}")
+
+
+@dataclass
+class _Work:
+    kind: str  # "step" | "decode"
+    executor: int
+    handle: Any
+    keys: list[int]
+    epochs: list[int]
+    started: float
+    clips: list[ClipOut] = field(default_factory=list)
+
+
+class Orchestrator:
+    """Drives streams on executors (see the module docstring).
+
+    ``executors``: the workers to use; ``snapshot_every``: clips between full checkpoints of
+    a stream's cache; ``step_timeout``: seconds after which a step counts as failed (None:
+    only actor death counts); ``queue_clips``: clips a stream may have made but not yet
+    delivered to its sink; ``replace``: called with a failed executor's index when it could
+    not be recovered, returns a new executor (or None to drop it).
+    """
+
+    def __init__(
+        self,
+        executors: list[Executor],
+        snapshot_every: int = 1,
+        step_timeout: float | None = None,
+        queue_clips: int = 4,
+        replace: Callable[[int], Executor | None] | None = None,
+    ) -> None:
+        if not executors:
+            raise ValueError("the orchestrator needs at least one executor")
+        self.executors: list[Executor | None] = list(executors)
+        self.snapshot_every = max(1, snapshot_every)
+        self.step_timeout = step_timeout
+        self.queue_clips = queue_clips
+        self.replace = replace
+        self.streams: dict[int, _Stream] = {}
+        self.work: list[_Work] = []
+        self.failures = 0
+        self._keys = itertools.count()
+        self.clip_len = executors[0].info["clip_len"]
+
+    # --- streams -------------------------------------------------------------------------
+
+    def submit(
+        self,
+        request: GenerationRequest,
+        sink: Sink | None = None,
+        truth: StreamSnapshot | None = None,
+    ) -> int:
+        """Start a stream (or resume one from a saved ``truth``); returns its key."""
+        if request.frames % self.clip_len:
+            raise ValueError(
+                f"frames must be a multiple of clip_len={self.clip_len}, got {request.frames}"
+            )
+        key = next(self._keys)
+        truth = truth if truth is not None else StreamSnapshot.start(request)
+        stream = _Stream(
+            key=key,
+            request=request,
+            num_clips=request.frames // self.clip_len,
+            sink=sink or QueueSink(self.queue_clips),
+            executor=self._least_loaded(),
+            truths=[truth],
+            accepted=truth.next_clip,
+            delivered=truth.next_clip,
+        )
+        self.streams[key] = stream
+        self._place(stream)
+        return key
+
+    def _least_loaded(self) -> int:
+        load = {i: 0 for i, e in enumerate(self.executors) if e is not None}
+        if not load:
+            raise RuntimeError("no executor is left to run streams on")
+        for s in self.streams.values():
+            if not s.done and s.executor in load:
+                load[s.executor] += 1
+        return min(load, key=lambda i: (load[i], i))
+
+    def _place(self, stream: _Stream) -> None:
+        """Open (or restore from its truth) ``stream`` on its executor."""
+        executor = self.executors[stream.executor]
+        truth = stream.truth_at(stream.accepted)
+        try:
+            if truth.cache is None and not truth.pending:
+                executor.open(stream.key, stream.request)
+            else:
+                executor.restore(stream.key, truth)
+        except Exception as err:
+            if not _is_failure(err):
+                raise
+            self._fail(stream.executor, err)
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def run(self, until: Callable[[], bool] | None = None, poll: float = 0.05) -> None:
+        """Loop until every stream is delivered (or ``until()`` is true)."""
+        while any(not s.done for s in self.streams.values()):
+            if until is not None and until():
+                return
+            self._schedule()
+            if not self.work:
+                raise RuntimeError(
+                    "every unfinished stream waits for its sink to be drained: take clips "
+                    "with Orchestrator.clips(key) (or give the streams sinks that write)"
+                )
+            self._execute_and_update(poll)
+
+    def clips(self, key: int) -> Iterator[Clip]:
+        """The clips of stream ``key`` in order, driving the loop as needed."""
+        stream = self.streams[key]
+        if not isinstance(stream.sink, QueueSink):
+            raise ValueError(f"stream {key} writes to its own sink, not to an iterator")
+        queue = stream.sink.queue
+        while True:
+            while queue:
+                yield queue.popleft()
+            if stream.done:
+                return
+            self._schedule()
+            self._execute_and_update(0.05)
+
+    def _schedule(self) -> None:
+        busy = {w.executor for w in self.work if w.kind == "step"}
+        for index, executor in enumerate(self.executors):
+            if executor is None or index in busy:
+                continue
+            ready = [s for s in self.streams.values() if s.executor == index and self._can_step(s)]
+            if not ready:
+                continue
+            keys = [s.key for s in ready]
+            epochs = [s.epoch for s in ready]
+            snaps = [s.key for s in ready if (s.accepted + 1) % self.snapshot_every == 0]
+            handle = executor.step(keys, epochs, snaps)
+            self.work.append(_Work("step", index, handle, keys, epochs, time.monotonic()))
+
+    def _can_step(self, s: _Stream) -> bool:
+        waiting = s.accepted - s.delivered  # made but not yet handed over
+        return s.accepted < s.num_clips and waiting < self.queue_clips and s.sink.room() > waiting
+
+    def _execute_and_update(self, poll: float) -> None:
+        if not self.work:
+            return
+        done: list[_Work] = []
+        for index in {w.executor for w in self.work}:
+            executor = self.executors[index]
+            mine = [w for w in self.work if w.executor == index]
+            ready = set(map(id, executor.wait([w.handle for w in mine], poll / 4)))
+            done += [w for w in mine if id(w.handle) in ready]
+        for work in done:
+            self.work.remove(work)
+            self._update(work)
+        self._check_timeouts()
+
+    def _update(self, work: _Work) -> None:
+        executor = self.executors[work.executor]
+        if executor is None:
+            return
+        try:
+            value = executor.result(work.handle)
+        except Exception as err:
+            if not _is_failure(err):
+                raise
+            self._fail(work.executor, err)  # lost decodes are redone: clips stay in to_decode
+            return
+        if work.kind == "step":
+            self._apply_step(work, value)
+        else:
+            self._apply_frames(work, value)
+
+    def _apply_step(self, work: _Work, out: StepOut) -> None:
+        accepted: list[ClipOut] = []
+        for clip in out.clips:
+            s = self.streams.get(clip.key)
+            if s is None or clip.epoch != s.epoch or clip.clip != s.accepted:
+                continue  # a superseded epoch: the stream was restored since
+            s.truth.add(_as_latents(clip))
+            s.accepted += 1
+            s.to_decode[clip.clip] = clip
+            accepted.append(clip)
+            if clip.key in out.snapshots:
+                s.truths.append(out.snapshots[clip.key])
+                self._forget_old_truths(s)
+        if accepted:
+            self._submit_decode(work.executor, accepted)
+
+    def _submit_decode(self, index: int, clips: list[ClipOut]) -> None:
+        executor = self.executors[index]
+        handle = executor.decode(clips)
+        self.work.append(
+            _Work(
+                "decode",
+                index,
+                handle,
+                [c.key for c in clips],
+                [c.epoch for c in clips],
+                time.monotonic(),
+                clips,
+            )
+        )
+
+    def _apply_frames(self, work: _Work, frames: list[np.ndarray]) -> None:
+        for clip, f in zip(work.clips, frames, strict=True):
+            s = self.streams.get(clip.key)
+            if s is None or clip.clip < s.delivered or clip.clip not in s.to_decode:
+                continue  # delivered already (a re-decode after a failure)
+            del s.to_decode[clip.clip]
+            s.frames[clip.clip] = f
+        for key in dict.fromkeys(c.key for c in work.clips):
+            if key in self.streams:
+                self._deliver(self.streams[key])
+
+    def _deliver(self, s: _Stream) -> None:
+        while s.delivered in s.frames:
+            clip = Clip(stream=s.key, clip=s.delivered, frames=s.frames.pop(s.delivered))
+            s.sink.put(clip)
+            s.delivered += 1
+            self._forget_old_truths(s)
+        if s.done:
+            s.sink.finish()
+
+    def _forget_old_truths(self, s: _Stream) -> None:
+        """Keep the newest checkpoint at or before the last delivered clip, and later ones:
+        enough to save a resume point for what the sink has, and to restore."""
+        keep = 0
+        for i, snap in enumerate(s.truths):
+            if snap.checkpoint_clip <= s.delivered:
+                keep = i
+        del s.truths[:keep]
+
+    # --- failures ---------------------------------------------------------------------------------
+
+    def _check_timeouts(self) -> None:
+        if self.step_timeout is None:
+            return
+        now = time.monotonic()
+        late = {
+            w.executor
+            for w in self.work
+            if w.kind == "step" and now - w.started > self.step_timeout
+        }
+        for index in late:
+            log.warning("step on executor %s exceeded %.1fs", index, self.step_timeout)
+            executor = self.executors[index]
+            if executor is not None:
+                executor.kill()
+            self._fail(index, TimeoutError(f"step exceeded {self.step_timeout}s"))
+
+    def _fail(self, index: int, err: BaseException) -> None:
+        """Advance the epochs of the executor's streams and restore them."""
+        self.failures += 1
+        log.warning("executor %s failed (%s); restoring its streams", index, err)
+        self.work = [w for w in self.work if w.executor != index]
+        executor = self.executors[index]
+        try:
+            executor.recover()
+        except Exception as recover_err:
+            log.warning("executor %s did not come back (%s)", index, recover_err)
+            executor = self.replace(index) if self.replace is not None else None
+            self.executors[index] = executor
+        streams = [s for s in self.streams.values() if s.executor == index and not s.done]
+        for s in streams:
+            s.epoch += 1
+            if self.executors[index] is None:
+                s.executor = self._least_loaded()
+            self._place(s)
+            undecoded = sorted(s.to_decode.values(), key=lambda c: c.clip)
+            if undecoded:
+                self._submit_decode(s.executor, undecoded)
+
+
+def _as_latents(clip: ClipOut):
+    from vidgen.generators import ClipLatents
+
+    return ClipLatents(stream=clip.key, clip=clip.clip, data=clip.data)
+
+
+def _is_failure(err: BaseException) -> bool:
+    """Errors that mean the executor is gone (not a bug in the request or the code)."""
+    try:
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        if isinstance(err, RayActorError | GetTimeoutError):
+            return True
+    except ImportError:  # pragma: no cover - ray is a dependency
+        pass
+    return isinstance(err, ExecutorFailed | TimeoutError)

@@ -1,0 +1,190 @@
+"""Rendering one video to an mp4 through the orchestrator, in resumable segments.
+
+Clips are written to segment files of ``segment_clips`` clips each, in a hidden folder beside
+the output (``.<out name>.parts/``); every segment is flushed atomically and the stream's
+truth is saved right after it. Interrupted and re-run with the same ``out`` and request, a
+render restores the stream from its saved truth and continues after the last whole segment
+(generation is deterministic, so a segment that was written but whose truth was not saved is
+simply made again, identically). At the end the segments are joined without re-encoding, the
+provenance goes into the mp4 metadata and a sidecar ``<out>.json``, and the folder is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+import vidgen
+from vidgen.fsutil import publish, temp_beside
+from vidgen.generators import Clip, GenerationRequest
+from vidgen.generators.base import load_snapshot, save_snapshot
+from vidgen.io import VideoWriter, concat_videos
+from workers.orchestrator import Orchestrator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RenderResult:
+    path: Path
+    frames: int
+    seconds: float
+    resumed_frames: int
+    provenance: dict[str, Any]
+
+    @property
+    def frames_per_second(self) -> float:
+        return (self.frames - self.resumed_frames) / max(self.seconds, 1e-9)
+
+
+class SegmentSink:
+    """Writes a stream's clips to numbered segment files; calls ``on_flush(clips)`` after
+    each segment is safely on disk."""
+
+    def __init__(
+        self,
+        folder: Path,
+        fps: int,
+        segment_clips: int,
+        first_clip: int,
+        on_flush: Callable[[int], None],
+        lossless: bool = False,
+        on_clip: Callable[[Clip], None] | None = None,
+    ) -> None:
+        self.folder, self.fps, self.segment_clips = folder, fps, segment_clips
+        self.on_flush, self.on_clip, self.lossless = on_flush, on_clip, lossless
+        self.clips = first_clip
+        self.writer: VideoWriter | None = None
+        self.in_segment = 0
+
+    def room(self) -> int:
+        return 1 << 30  # writes synchronously; the orchestrator's queue bound applies
+
+    def put(self, clip: Clip) -> None:
+        if self.writer is None:
+            path = self.folder / f"seg_{self.clips // self.segment_clips:06d}.mp4"
+            self.writer = VideoWriter(path, fps=self.fps, lossless=self.lossless)
+        self.writer.write(clip.frames)
+        if self.on_clip is not None:
+            self.on_clip(clip)
+        self.clips += 1
+        self.in_segment += 1
+        if self.in_segment == self.segment_clips:
+            self._flush()
+
+    def finish(self) -> None:
+        if self.writer is not None:
+            self._flush()
+
+    def _flush(self) -> None:
+        self.writer.close()
+        self.writer, self.in_segment = None, 0
+        self.on_flush(self.clips)
+
+
+def parts_folder(out: Path) -> Path:
+    return out.parent / f".{out.name}.parts"
+
+
+def _resume_point(folder: Path, request: GenerationRequest, segment_clips: int) -> tuple[Any, int]:
+    """(saved truth or None, clips already on disk); drops segments past the saved truth."""
+    fingerprint = folder / "request.sha256"
+    if fingerprint.exists() and fingerprint.read_text().strip() != request.fingerprint():
+        raise ValueError(
+            f"{folder} holds a render of a different request; delete it or choose another out"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    fingerprint.write_text(request.fingerprint())
+    truth_path = folder / "truth.safetensors"
+    truth = load_snapshot(truth_path) if truth_path.exists() else None
+    done = truth.next_clip if truth is not None else 0
+    # Segments are renamed into place whole, and the truth is saved after each one, so every
+    # segment that starts before `done` is complete; a later one was made after the saved
+    # truth and is dropped (it will be made again, identically).
+    for seg in sorted(folder.glob("seg_*.mp4")):
+        if int(seg.stem.split("_")[1]) * segment_clips >= done:
+            seg.unlink()
+    return truth, done
+
+
+def render(
+    orchestrator: Orchestrator,
+    request: GenerationRequest,
+    out: str | Path,
+    segment_clips: int = 8,
+    lossless: bool = False,
+    progress: bool = True,
+    extra_provenance: dict[str, Any] | None = None,
+) -> RenderResult:
+    """Render ``request`` to ``out`` (resuming a render interrupted at the same ``out``)."""
+    out = Path(out).expanduser()
+    if out.suffix.lower() != ".mp4":
+        raise ValueError(f"out must end in .mp4, got {str(out)!r}")
+    if not out.parent.is_dir():
+        raise ValueError(f"out={str(out)!r}: folder {str(out.parent)!r} does not exist")
+    clip_len = orchestrator.clip_len
+    folder = parts_folder(out)
+    truth, done = _resume_point(folder, request, segment_clips)
+    if done:
+        log.info("resuming %s after %d clips already on disk", out, done)
+    bar = tqdm(
+        total=request.frames,
+        initial=done * clip_len,
+        unit="frame",
+        disable=not progress,
+        desc=out.name,
+    )
+    key = None
+
+    def on_flush(clips: int) -> None:
+        save_snapshot(folder / "truth.safetensors", orchestrator.streams[key].truth_at(clips))
+
+    sink = SegmentSink(
+        folder,
+        request.fps,
+        segment_clips,
+        done,
+        on_flush,
+        lossless,
+        on_clip=lambda clip: bar.update(len(clip.frames)),
+    )
+    start = time.perf_counter()
+    key = orchestrator.submit(request, sink=sink, truth=truth)
+    orchestrator.run()
+    seconds = time.perf_counter() - start
+    bar.close()
+    provenance = _provenance(orchestrator, request, extra_provenance)
+    segments = sorted(folder.glob("seg_*.mp4"))
+    concat_videos(segments, out, metadata={"comment": json.dumps(provenance, sort_keys=True)})
+    _write_json(out.with_suffix(".json"), provenance)
+    shutil.rmtree(folder)
+    return RenderResult(out, request.frames, seconds, done * clip_len, provenance)
+
+
+def _provenance(
+    orchestrator: Orchestrator, request: GenerationRequest, extra: dict[str, Any] | None
+) -> dict[str, Any]:
+    info = orchestrator.executors[0].info if orchestrator.executors[0] else {}
+    return {
+        "vidgen_version": vidgen.__version__,
+        "model": request.model,
+        "model_sha256": info.get("sha256"),
+        "seed": request.seed,
+        "request": request.to_json(),
+        "request_sha256": request.fingerprint(),
+        **(extra or {}),
+    }
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = temp_beside(path, suffix=".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    publish(tmp, path)
