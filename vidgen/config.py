@@ -32,6 +32,7 @@ def register_schemas() -> None:
     from vidgen.data.preview import PreviewConfig
     from vidgen.models.ca2vdm import CA2VDM_CONFIGS
     from vidgen.models.nbp import NBP_CONFIGS
+    from vidgen.render_config import RenderConfig
     from vidgen.tokenizers.kl import KL_CONFIGS
     from vidgen.tokenizers.larp import LARP_CONFIGS
     from vidgen.train import TrainCommandConfig
@@ -44,6 +45,7 @@ def register_schemas() -> None:
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(name="preview_schema", node=PreviewConfig)
     cs.store(name="train_schema", node=TrainCommandConfig)
+    cs.store(name="render_schema", node=RenderConfig)
     # Model sizes are named factories in the model code; each is a group option as it is.
     for prefix, presets in (("kl", KL_CONFIGS), ("larp", LARP_CONFIGS)):
         for size, cfg in presets.items():

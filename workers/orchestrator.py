@@ -120,8 +120,8 @@ class Orchestrator:
     ``executors``: the workers to use; ``snapshot_every``: clips between full checkpoints of
     a stream's cache; ``step_timeout``: seconds after which a step counts as failed (None:
     only actor death counts); ``queue_clips``: clips a stream may have made but not yet
-    delivered to its sink; ``replace``: called with a failed executor's index when it could
-    not be recovered, returns a new executor (or None to drop it).
+    delivered to its sink; ``replace``: called with a failed executor that could not be
+    recovered, returns a new executor (or None to drop it; its streams move elsewhere).
     """
 
     def __init__(
@@ -130,7 +130,7 @@ class Orchestrator:
         snapshot_every: int = 1,
         step_timeout: float | None = None,
         queue_clips: int = 4,
-        replace: Callable[[int], Executor | None] | None = None,
+        replace: Callable[[Executor], Executor | None] | None = None,
     ) -> None:
         if not executors:
             raise ValueError("the orchestrator needs at least one executor")
@@ -171,7 +171,8 @@ class Orchestrator:
             delivered=truth.next_clip,
         )
         self.streams[key] = stream
-        self._place(stream)
+        if not stream.done:
+            self._place(stream)
         return key
 
     def _least_loaded(self) -> int:
@@ -362,7 +363,7 @@ class Orchestrator:
             executor.recover()
         except Exception as recover_err:
             log.warning("executor %s did not come back (%s)", index, recover_err)
-            executor = self.replace(index) if self.replace is not None else None
+            executor = self.replace(executor) if self.replace is not None else None
             self.executors[index] = executor
         streams = [s for s in self.streams.values() if s.executor == index and not s.done]
         for s in streams:

@@ -115,6 +115,85 @@ def _resume_point(folder: Path, request: GenerationRequest, segment_clips: int) 
     return truth, done
 
 
+class RenderJob:
+    """One request rendered to one mp4 through a (shared) orchestrator: ``start`` submits
+    the stream (resuming from the parts folder if there is one), ``finish`` joins the
+    segments once the stream is done."""
+
+    def __init__(
+        self,
+        request: GenerationRequest,
+        out: str | Path,
+        segment_clips: int = 8,
+        lossless: bool = False,
+        progress: bool = True,
+        extra_provenance: dict[str, Any] | None = None,
+    ) -> None:
+        self.out = Path(out).expanduser()
+        if self.out.suffix.lower() != ".mp4":
+            raise ValueError(f"out must end in .mp4, got {str(self.out)!r}")
+        if not self.out.parent.is_dir():
+            raise ValueError(
+                f"out={str(self.out)!r}: folder {str(self.out.parent)!r} does not exist"
+            )
+        if segment_clips < 1:
+            raise ValueError(f"segment_clips must be >= 1, got {segment_clips}")
+        self.request, self.segment_clips, self.lossless = request, segment_clips, lossless
+        self.progress, self.extra = progress, extra_provenance
+        self.folder = parts_folder(self.out)
+        self.key: int | None = None
+        self.done_before = 0
+
+    def start(self, orchestrator: Orchestrator) -> int:
+        self.orchestrator = orchestrator
+        truth, self.done_before = _resume_point(self.folder, self.request, self.segment_clips)
+        if self.done_before:
+            log.info("resuming %s after %d clips already on disk", self.out, self.done_before)
+        clip_len = orchestrator.clip_len
+        self.bar = tqdm(
+            total=self.request.frames,
+            initial=self.done_before * clip_len,
+            unit="frame",
+            disable=not self.progress,
+            desc=self.out.name,
+        )
+        sink = SegmentSink(
+            self.folder,
+            self.request.fps,
+            self.segment_clips,
+            self.done_before,
+            self._save_truth,
+            self.lossless,
+            on_clip=lambda clip: self.bar.update(len(clip.frames)),
+        )
+        self.started = time.perf_counter()
+        self.key = orchestrator.submit(self.request, sink=sink, truth=truth)
+        return self.key
+
+    def _save_truth(self, clips: int) -> None:
+        truth = self.orchestrator.streams[self.key].truth_at(clips)
+        save_snapshot(self.folder / "truth.safetensors", truth)
+
+    @property
+    def done(self) -> bool:
+        return self.key is not None and self.orchestrator.streams[self.key].done
+
+    def finish(self) -> RenderResult:
+        seconds = time.perf_counter() - self.started
+        self.bar.close()
+        provenance = _provenance(self.orchestrator, self.request, self.extra)
+        segments = sorted(self.folder.glob("seg_*.mp4"))
+        concat_videos(
+            segments, self.out, metadata={"comment": json.dumps(provenance, sort_keys=True)}
+        )
+        _write_json(self.out.with_suffix(".json"), provenance)
+        shutil.rmtree(self.folder)
+        clip_len = self.orchestrator.clip_len
+        return RenderResult(
+            self.out, self.request.frames, seconds, self.done_before * clip_len, provenance
+        )
+
+
 def render(
     orchestrator: Orchestrator,
     request: GenerationRequest,
@@ -125,48 +204,10 @@ def render(
     extra_provenance: dict[str, Any] | None = None,
 ) -> RenderResult:
     """Render ``request`` to ``out`` (resuming a render interrupted at the same ``out``)."""
-    out = Path(out).expanduser()
-    if out.suffix.lower() != ".mp4":
-        raise ValueError(f"out must end in .mp4, got {str(out)!r}")
-    if not out.parent.is_dir():
-        raise ValueError(f"out={str(out)!r}: folder {str(out.parent)!r} does not exist")
-    clip_len = orchestrator.clip_len
-    folder = parts_folder(out)
-    truth, done = _resume_point(folder, request, segment_clips)
-    if done:
-        log.info("resuming %s after %d clips already on disk", out, done)
-    bar = tqdm(
-        total=request.frames,
-        initial=done * clip_len,
-        unit="frame",
-        disable=not progress,
-        desc=out.name,
-    )
-    key = None
-
-    def on_flush(clips: int) -> None:
-        save_snapshot(folder / "truth.safetensors", orchestrator.streams[key].truth_at(clips))
-
-    sink = SegmentSink(
-        folder,
-        request.fps,
-        segment_clips,
-        done,
-        on_flush,
-        lossless,
-        on_clip=lambda clip: bar.update(len(clip.frames)),
-    )
-    start = time.perf_counter()
-    key = orchestrator.submit(request, sink=sink, truth=truth)
+    job = RenderJob(request, out, segment_clips, lossless, progress, extra_provenance)
+    job.start(orchestrator)
     orchestrator.run()
-    seconds = time.perf_counter() - start
-    bar.close()
-    provenance = _provenance(orchestrator, request, extra_provenance)
-    segments = sorted(folder.glob("seg_*.mp4"))
-    concat_videos(segments, out, metadata={"comment": json.dumps(provenance, sort_keys=True)})
-    _write_json(out.with_suffix(".json"), provenance)
-    shutil.rmtree(folder)
-    return RenderResult(out, request.frames, seconds, done * clip_len, provenance)
+    return job.finish()
 
 
 def _provenance(

@@ -1,0 +1,88 @@
+"""Peak memory of in-process generation over long videos (fresh process per length).
+
+Usage: python benchmarks/memory.py [--model ca2vdm-tiny] [--frames 500,5000] [--steps 2]
+
+Each length runs in its own fresh Python process: ``generate_video`` makes the video and
+every clip is written to an mp4 as it arrives (what a renderer does), then the process
+reports its peak resident memory (VmHWM). Memory per stream is O(window), so the peak must
+not grow with the length. One JSON object last with the peaks and ``growth`` (largest peak
+over smallest). Diffusion steps do not change memory; a few keep the run short.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def child(model: str, frames: int, steps: int) -> None:
+    from vidgen.generators import GenerationRequest, generate_video, load_generator
+    from vidgen.io import VideoWriter
+
+    torch.set_num_threads(1)
+    gen = load_generator(model, max_streams=1)
+    request = GenerationRequest(model=model, frames=frames, seed=0, label=2, steps=steps)
+    with tempfile.TemporaryDirectory() as tmp, VideoWriter(Path(tmp) / "v.mp4") as writer:
+        for clip in generate_video(gen, request):
+            writer.write(clip.frames)
+    print(json.dumps({"frames": frames, "peak_mb": peak_rss_mb()}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="ca2vdm-tiny")
+    parser.add_argument("--frames", default="500,5000")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.model, args.child, args.steps)
+        return
+    lengths = [int(x) // 8 * 8 for x in args.frames.split(",")]
+    peaks = {}
+    for frames in lengths:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                str(frames),
+                "--model",
+                args.model,
+                "--steps",
+                str(args.steps),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        peaks[frames] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"]
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                **{f"peak_mb_{f}": round(p, 1) for f, p in peaks.items()},
+                "growth": round(max(peaks.values()) / min(peaks.values()), 4),
+                "machine": f"{platform.platform()}, {os.cpu_count()} cpus, torch {torch.__version__}",
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

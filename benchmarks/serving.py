@@ -1,0 +1,189 @@
+"""Serving through Ray: overhead, batching, scaling, and memory over long videos.
+
+Usage: python benchmarks/serving.py [--model ca2vdm-tiny] [--frames 128] [--streams 8]
+                                    [--memory-frames 500,5000]
+
+All in one run, on a local Ray instance with two logical GPUs (one actor per GPU, one torch
+thread per actor):
+- ``ray_overhead``: seconds for one video through one actor and the orchestrator over the
+  same video from in-process ``generate_video`` (same model, frames, seed).
+- ``batching_gain``: throughput of ``--streams`` streams batched on one actor over the same
+  streams run one after another on it.
+- ``scaling_2_actors``: throughput of two actors over one, ``--streams`` streams each time.
+- peak memory (VmHWM) of the driver and of the actor rendering ``--memory-frames`` frames,
+  each in a fresh process; ``*_growth`` is the largest over the smallest.
+Diffusion steps are ``--steps`` (speed and memory ratios do not depend on them). One JSON
+object last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from vidgen import checkpoint
+from vidgen.generators import GenerationRequest, generate_video, load_generator
+from workers.executors import RayExecutor
+from workers.orchestrator import Orchestrator
+
+
+def peak_rss_mb(pid: int | str = "self") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def request(model: str, frames: int, seed: int, steps: int) -> GenerationRequest:
+    return GenerationRequest(model=model, frames=frames, seed=seed, label=2, steps=steps)
+
+
+def in_process_seconds(model: str, frames: int, steps: int) -> float:
+    torch.set_num_threads(1)
+    gen = load_generator(model, max_streams=1)
+    start = time.perf_counter()
+    for _ in generate_video(gen, request(model, frames, 0, steps)):
+        pass
+    return time.perf_counter() - start
+
+
+def orchestrated_seconds(
+    executors: list, model: str, frames: int, steps: int, seeds: list[int], together: bool = True
+) -> float:
+    orch = Orchestrator(executors, queue_clips=8)
+    start = time.perf_counter()
+    if together:
+        keys = [orch.submit(request(model, frames, s, steps)) for s in seeds]
+        for key in keys:
+            for _ in orch.clips(key):
+                pass
+    else:
+        for s in seeds:
+            for _ in orch.clips(orch.submit(request(model, frames, s, steps))):
+                pass
+    return time.perf_counter() - start
+
+
+def memory_child(model: str, frames: int, steps: int) -> None:
+    """Render ``frames`` through one actor in this (fresh) process; print peak memory."""
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    executor = RayExecutor(model, max_streams=1)
+    orch = Orchestrator([executor])
+    for _ in orch.clips(orch.submit(request(model, frames, 0, steps))):
+        pass
+    actor_pid = executor.info["pid"]
+    print(json.dumps({"driver_mb": peak_rss_mb(), "actor_mb": peak_rss_mb(actor_pid)}))
+
+
+def memory(model: str, frames_list: list[int], steps: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for frames in frames_list:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--memory-child",
+                str(frames),
+                "--model",
+                model,
+                "--steps",
+                str(steps),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        figures = json.loads(proc.stdout.strip().splitlines()[-1])
+        out[f"driver_peak_mb_{frames}"] = round(figures["driver_mb"], 1)
+        out[f"actor_peak_mb_{frames}"] = round(figures["actor_mb"], 1)
+    lo, hi = min(frames_list), max(frames_list)
+    for who in ("driver", "actor"):
+        out[f"{who}_growth"] = round(out[f"{who}_peak_mb_{hi}"] / out[f"{who}_peak_mb_{lo}"], 4)
+    return out
+
+
+def model_or_random(name: str, folder: Path) -> str:
+    """The shipped model, or a random-weight one of the same size (speed does not depend on
+    the weights) when it is not trained yet."""
+    try:
+        checkpoint.resolve(name)
+        return name
+    except checkpoint.CheckpointError:
+        from vidgen.models.ca2vdm import CA2VDM_CONFIGS, CausalVideoDiT
+        from vidgen.tokenizers.kl import KL_CONFIGS, KLAutoencoder
+
+        kl = checkpoint.save(
+            folder / "kl.safetensors", KLAutoencoder(KL_CONFIGS["tiny"]), KL_CONFIGS["tiny"]
+        )
+        return str(
+            checkpoint.save(
+                folder / "dit.safetensors",
+                CausalVideoDiT(CA2VDM_CONFIGS["tiny"]),
+                CA2VDM_CONFIGS["tiny"],
+                card={"tokenizer": str(kl)},
+            )
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="ca2vdm-tiny")
+    parser.add_argument("--frames", type=int, default=128)
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--memory-frames", default="500,5000")
+    parser.add_argument("--memory-child", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.model, args.memory_child, args.steps)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        model = model_or_random(args.model, Path(tmp))
+        frames = args.frames // 8 * 8
+        memory_frames = [int(x) // 8 * 8 for x in args.memory_frames.split(",")]
+        t_local = in_process_seconds(model, frames, args.steps)
+        ray.init(
+            address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False
+        )
+        a, b = (
+            RayExecutor(model, max_streams=args.streams),
+            RayExecutor(model, max_streams=args.streams),
+        )
+        orchestrated_seconds([a], model, 16, args.steps, [0])  # warm-up
+        t_ray = orchestrated_seconds([a], model, frames, args.steps, [0])
+        seeds = list(range(args.streams))
+        t_batched = orchestrated_seconds([a], model, frames, args.steps, seeds, together=True)
+        t_serial = orchestrated_seconds([a], model, frames, args.steps, seeds, together=False)
+        t_two = orchestrated_seconds([a, b], model, frames, args.steps, seeds, together=True)
+        ray.shutdown()
+        result: dict[str, object] = {
+            "model": args.model if model == args.model else f"{args.model} (random weights)",
+            "frames": frames,
+            "streams": args.streams,
+            "steps": args.steps,
+            "in_process_s": round(t_local, 3),
+            "one_actor_s": round(t_ray, 3),
+            "ray_overhead": round(t_ray / t_local, 4),
+            "batched_s": round(t_batched, 3),
+            "one_after_another_s": round(t_serial, 3),
+            "batching_gain": round(t_serial / t_batched, 4),
+            "two_actors_s": round(t_two, 3),
+            "scaling_2_actors": round(t_batched / t_two, 4),
+            **memory(model, memory_frames, args.steps),
+            "machine": f"{platform.platform()}, {os.cpu_count()} cpus, torch {torch.__version__}",
+        }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

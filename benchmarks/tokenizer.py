@@ -1,0 +1,128 @@
+"""The LARP tokenizer on held-out videos of each world, against their exact ground truth.
+
+Usage: python benchmarks/tokenizer.py [--model larp-tiny] [--videos 12] [--frames 64]
+
+For each world (fixed held-out seeds, never used in training): every 8-frame clip of each
+video is encoded to tokens and decoded on its own, as the NBP generator does. Figures per
+world: PSNR and SSIM of the round trip, centroid error of the objects found in the
+reconstruction against the true positions (scene metrics), codebook usage, the prior's
+cross-entropy over the unigram entropy of the codes, and the seam ratio of the reconstructed
+consecutive clips. Also encode and decode clips/s. One JSON object last, keys per world
+(e.g. ``psnr_bouncing``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import numpy as np
+import torch
+
+from vidgen import checkpoint
+from vidgen.data.worlds import to_model_range, to_uint8
+from vidgen.eval.scene import centroid_error, seam_ratio
+from vidgen.tokenizers.larp import (
+    LARPVideoTokenizer,
+    codebook_usage,
+    prior_cross_entropy,
+    unigram_entropy,
+)
+from vidgen.tokenizers.losses import psnr, ssim
+from vidgen.worlds.agent import AGENT_PALETTE, AgentWorldConfig, generate_trajectory
+from vidgen.worlds.bouncing import BOUNCING_PALETTE, BouncingShapes, BouncingShapesConfig
+
+HELD_OUT = 900_000  # seeds from here on are never drawn by the training datasets
+
+
+def world_videos(world: str, videos: int, frames: int):
+    """(frames uint8 (T, H, W, 3), positions (T, K, 2), names, valid (T, K)) per video."""
+    for i in range(videos):
+        seed = HELD_OUT + i
+        if world == "bouncing":
+            traj = BouncingShapes(BouncingShapesConfig(), seed=seed).trajectory(frames)
+            yield traj.frames, traj.positions, traj.colours, ~traj.occluded
+        else:
+            traj = generate_trajectory(
+                AgentWorldConfig(), seed=seed, num_frames=frames, policy="push"
+            )
+            positions = np.stack([traj.agent, traj.box], axis=1)
+            yield traj.frames, positions, ("agent", "box"), np.ones(positions.shape[:2], bool)
+
+
+@torch.no_grad()
+def evaluate_world(tok: LARPVideoTokenizer, world: str, videos: int, frames: int) -> dict:
+    clip_len = tok.config.frames
+    palette = BOUNCING_PALETTE if world == "bouncing" else AGENT_PALETTE
+    scores = {"psnr": [], "ssim": [], "centroid": [], "missed": [], "seam": []}
+    all_ids, t_enc, t_dec, n_clips = [], 0.0, 0.0, 0
+    for video, positions, names, valid in world_videos(world, videos, frames):
+        clips = to_model_range(video).reshape(-1, clip_len, 3, *video.shape[1:3])
+        start = time.perf_counter()
+        ids = tok.encode(clips)
+        t_enc += time.perf_counter() - start
+        start = time.perf_counter()
+        recon = tok.decode(ids)
+        t_dec += time.perf_counter() - start
+        n_clips += len(clips)
+        all_ids.append(ids)
+        scores["psnr"].append(float(psnr(recon.flatten(0, 1), clips.flatten(0, 1))))
+        scores["ssim"].append(float(ssim(recon.flatten(0, 1), clips.flatten(0, 1))))
+        frames_out = to_uint8(recon.flatten(0, 1)).numpy()
+        err = centroid_error(frames_out, positions, names, palette, valid=valid)
+        scores["centroid"].append(err["mean"])
+        scores["missed"].append(err["missed"])
+        scores["seam"].append(seam_ratio(frames_out, clip_len))
+    ids = torch.cat(all_ids)
+    size = tok.config.codebook_size
+    entropy = unigram_entropy(ids, size)
+    out = {
+        f"psnr_{world}": float(np.mean(scores["psnr"])),
+        f"ssim_{world}": float(np.mean(scores["ssim"])),
+        f"centroid_error_px_{world}": float(np.nanmean(scores["centroid"])),
+        f"objects_missed_{world}": float(np.mean(scores["missed"])),
+        f"seam_ratio_{world}": float(np.mean([s for s in scores["seam"] if s is not None])),
+        f"codes_used_{world}": codebook_usage(ids, size)["used_fraction"],
+        f"prior_ce_over_unigram_{world}": prior_cross_entropy(tok.larp, ids) / max(entropy, 1e-9),
+        f"encode_clips_per_s_{world}": n_clips / t_enc,
+        f"decode_clips_per_s_{world}": n_clips / t_dec,
+    }
+    return out, ids
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="larp-tiny")
+    parser.add_argument("--videos", type=int, default=12)
+    parser.add_argument("--frames", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tok = LARPVideoTokenizer.from_pretrained(args.model)
+    result: dict[str, object] = {
+        "model": args.model,
+        "sha256": checkpoint.file_sha256(checkpoint.resolve(args.model))[:16],
+        "videos_per_world": args.videos,
+        "frames_per_video": args.frames,
+        "machine": f"{platform.platform()}, {os.cpu_count()} cpus, torch {torch.__version__}",
+    }
+    all_ids = []
+    for world in ("bouncing", "agent"):
+        scores, ids = evaluate_world(tok, world, args.videos, args.frames)
+        result.update({k: round(v, 4) for k, v in scores.items()})
+        all_ids.append(ids)
+    ids = torch.cat(all_ids)
+    usage = codebook_usage(ids, tok.config.codebook_size)
+    result["codes_used"] = usage["used_fraction"]
+    result["code_perplexity"] = round(usage["perplexity"], 2)
+    entropy = unigram_entropy(ids, tok.config.codebook_size)
+    result["prior_ce_over_unigram"] = round(prior_cross_entropy(tok.larp, ids) / entropy, 4)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Ray's part of serving: placement, equality with in-process generation, actor deaths,
+batch jobs (one shared Ray instance; the orchestrator's logic is tested in-process)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.models import save_test_generators
+from vidgen.generators import GenerationRequest, generate_video, load_generator
+from vidgen.io import read_video
+from workers.executors import RayExecutor
+from workers.orchestrator import Orchestrator
+from workers.render import render
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, str]:
+    return save_test_generators(tmp_path_factory.mktemp("models"))
+
+
+def reference(model: str, request: GenerationRequest) -> np.ndarray:
+    gen = load_generator(model, max_streams=1)
+    return np.concatenate([c.frames for c in generate_video(gen, request)])
+
+
+def request_for(model: str, **kwargs) -> GenerationRequest:
+    base = dict(model=model, frames=48, seed=7, label=1, steps=2, guidance=2.0)
+    base.update(kwargs)
+    return GenerationRequest(**base)
+
+
+def test_two_actors_get_distinct_gpus(ray_session, models):
+    a, b = RayExecutor(models["diffusion"]), RayExecutor(models["diffusion"])
+    try:
+        assert len(a.info["gpu_ids"]) == 1 and len(b.info["gpu_ids"]) == 1
+        assert a.info["gpu_ids"] != b.info["gpu_ids"]
+        assert a.info["cuda_visible_devices"] != b.info["cuda_visible_devices"]
+        assert a.info["device"] == "cpu"  # logical GPUs on a CPU machine
+    finally:
+        a.kill()
+        b.kill()
+
+
+class KillingExecutor(RayExecutor):
+    """Kills its actor right after handing it the steps numbered in ``kill_at``."""
+
+    def __init__(self, *args, kill_at: set[int], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.kill_at, self.steps = kill_at, 0
+
+    def step(self, keys, epochs, snapshot_keys):
+        ref = super().step(keys, epochs, snapshot_keys)
+        self.steps += 1
+        if self.steps in self.kill_at:
+            time.sleep(0.01)
+            ray_kill(self)
+        return ref
+
+    def replacement(self):
+        fresh = KillingExecutor(
+            self.model, self.max_streams, self.threads, self.max_restarts, kill_at=set()
+        )
+        fresh.kill_at = {s - self.steps for s in self.kill_at if s > self.steps}
+        return fresh
+
+
+def ray_kill(executor: RayExecutor) -> None:
+    import ray
+
+    ray.kill(executor.handle, no_restart=executor.max_restarts <= 0)
+
+
+@pytest.mark.parametrize("family", ["diffusion", "tokens"])
+@pytest.mark.parametrize("max_restarts", [0, 3])
+def test_killed_actors_lose_and_duplicate_nothing(
+    ray_session, models, tmp_path, family, max_restarts
+):
+    model = models[family]
+    req = request_for(model)
+    executor = KillingExecutor(model, max_restarts=max_restarts, kill_at={2, 4, 6})
+    orch = Orchestrator([executor], replace=lambda failed: failed.replacement())
+    out = render(orch, req, tmp_path / "v.mp4", segment_clips=2, lossless=True, progress=False)
+    assert orch.failures >= 3
+    np.testing.assert_array_equal(read_video(out.path).numpy(), reference(model, req))
+    for e in orch.executors:
+        if e is not None:
+            e.kill()
+
+
+def test_render_through_ray_equals_in_process(ray_session, models, tmp_path):
+    model = models["diffusion"]
+    req = request_for(model, frames=32)
+    executors = [RayExecutor(model), RayExecutor(model)]
+    orch = Orchestrator(executors)
+    out = render(orch, req, tmp_path / "v.mp4", lossless=True, progress=False)
+    np.testing.assert_array_equal(read_video(out.path).numpy(), reference(model, req))
+    for e in executors:
+        e.kill()
+
+
+def manifest(path: Path, models: dict[str, str], context: Path | None = None) -> Path:
+    lines = [
+        json.dumps(
+            {
+                "id": "a",
+                "model": models["diffusion"],
+                "frames": 32,
+                "seed": 1,
+                "steps": 2,
+                "label": 2,
+            }
+        ),
+        "{not json",
+        json.dumps({"id": "b", "model": models["tokens"], "frames": 24, "seed": 2}),
+        json.dumps({"id": "../escape", "model": models["diffusion"], "frames": 8}),
+        json.dumps({"id": "c", "model": "no-such-model", "frames": 8}),
+        json.dumps({"id": "d", "model": models["diffusion"], "frames": 0}),
+        json.dumps(
+            {
+                "id": "e",
+                "model": models["diffusion"],
+                "frames": 16,
+                "seed": 3,
+                "steps": 2,
+                "colour": "red",
+            }
+        ),
+        json.dumps({"id": "f", "model": models["diffusion"], "frames": 48, "seed": 4, "steps": 2}),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_job(manifest_path: Path, out: Path, address: str, env=None, **kwargs):
+    cmd = [
+        sys.executable,
+        "-m",
+        "workers.jobs.render",
+        "--manifest",
+        str(manifest_path),
+        "--out",
+        str(out),
+        "--address",
+        address,
+        "--lossless",
+        "--segment-clips",
+        "2",
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env or os.environ.copy(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def test_batch_job_resumes_after_its_driver_is_killed(ray_session, models, tmp_path):
+    address = ray_session.get_runtime_context().gcs_address
+    items = manifest(tmp_path / "items.jsonl", models)
+    out = tmp_path / "out"
+    proc = run_job(items, out, address)
+    # Kill the driver once the first item is recorded and a later one has segments on disk.
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        results = out / "results.jsonl"
+        parts = list(out.glob(".f.mp4.parts/seg_*.mp4"))
+        if results.exists() and '"status": "ok"' in results.read_text() and parts:
+            break
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    first = [json.loads(r) for r in (out / "results.jsonl").read_text().splitlines()]
+    done_first = {r["id"] for r in first if r["status"] == "ok"}
+    finished = run_job(items, out, address)
+    _, stderr = finished.communicate(timeout=300)
+    assert finished.returncode == 0, stderr[-2000:]
+    rows = [json.loads(r) for r in (out / "results.jsonl").read_text().splitlines()]
+    by_id = {}
+    for row in rows:
+        by_id.setdefault(row["id"], []).append(row)
+    ok = {i for i, rs in by_id.items() if any(r["status"] == "ok" for r in rs)}
+    assert ok == {"a", "b", "f"}
+    for item_id in done_first:
+        assert sum(r["status"] == "ok" for r in by_id[item_id]) == 1  # skipped, not redone
+    errors = {i: rs[-1]["error"] for i, rs in by_id.items() if i not in ok}
+    assert ("line-2" in errors and "JSON" in errors["line-2"]) or "Expecting" in errors["line-2"]
+    assert "plain file name" in errors["line-4"]
+    assert "no-such-model" in errors["c"] and "frames" in errors["d"] and "colour" in errors["e"]
+    for item_id, frames in (("a", 32), ("b", 24), ("f", 48)):
+        row = next(r for r in by_id[item_id] if r["status"] == "ok")
+        req = GenerationRequest.from_json(
+            {k: v for k, v in row["provenance"]["request"].items() if k != "context"}
+        )
+        np.testing.assert_array_equal(
+            read_video(out / f"{item_id}.mp4").numpy(), reference(req.model, req)
+        )
+        assert row["frames"] == frames and len(row["provenance"]["model_sha256"]) == 64
+    assert not (tmp_path / "escape.mp4").exists()

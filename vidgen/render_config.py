@@ -1,0 +1,93 @@
+"""``vidgen render``: its config and the inputs a request takes from files (no Ray here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vidgen.generators import GenerationRequest
+from vidgen.io import read_video
+
+
+@dataclass
+class RenderConfig:
+    """``model``: shipped name or checkpoint path; ``label``: class (the number of shapes for
+    the bouncing models) or null; ``actions``: a .npy of per-frame actions; ``context``: an
+    mp4 to continue (resized and centre-cropped to the model's frame size); ``address``:
+    ``""`` starts a local Ray instance, ``auto`` joins a running cluster, ``ray://host:port``
+    connects a client."""
+
+    model: str = "ca2vdm-tiny"
+    frames: int = 256
+    seed: int = 0
+    label: int | None = None
+    actions: str | None = None
+    context: str | None = None
+    guidance: float = 2.0
+    steps: int = 12
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    fps: int = 8
+    out: str = "video.mp4"
+    actors: int = 1
+    address: str = ""
+    max_streams: int = 8
+    threads: int = 1
+    segment_clips: int = 8
+    snapshot_every: int = 1
+    max_restarts: int = 1
+    step_timeout: float | None = None
+    lossless: bool = False
+
+    def __post_init__(self) -> None:
+        if self.frames < 1:
+            raise ValueError(f"frames must be >= 1, got {self.frames}")
+        if self.actors < 1:
+            raise ValueError(f"actors must be >= 1, got {self.actors}")
+        if not self.out.endswith(".mp4"):
+            raise ValueError(f"out must end in .mp4, got {self.out!r}")
+        if not Path(self.out).expanduser().parent.is_dir():
+            raise ValueError(f"out={self.out!r}: its folder does not exist")
+        for name in ("actions", "context"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).expanduser().is_file():
+                raise ValueError(f"{name}={value!r} is not a file")
+
+    def request(self, frame_shape: tuple[int, int, int] | None = None) -> GenerationRequest:
+        """The request this config describes; ``frame_shape`` (the model's (H, W, 3)) is
+        needed to read a context video."""
+        return GenerationRequest(
+            model=self.model,
+            frames=self.frames,
+            seed=self.seed,
+            label=self.label,
+            actions=load_actions(self.actions) if self.actions else None,
+            context=load_context(self.context, frame_shape) if self.context else None,
+            guidance=self.guidance,
+            steps=self.steps,
+            fps=self.fps,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+        )
+
+
+def load_actions(path: str | Path) -> np.ndarray:
+    """Per-frame actions from a .npy file (loaded without pickle)."""
+    try:
+        actions = np.load(Path(path).expanduser(), allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"actions={str(path)!r} is not a readable .npy array: {err}") from err
+    if actions.ndim not in (1, 2):
+        raise ValueError(f"actions must be (frames,) or (frames, A), got shape {actions.shape}")
+    return actions
+
+
+def load_context(path: str | Path, frame_shape: tuple[int, ...] | None) -> np.ndarray:
+    """The frames of an mp4 to continue from, resized (cover, then centre crop) to the
+    model's frame size when they differ."""
+    size = None if frame_shape is None else tuple(frame_shape[:2])
+    return read_video(Path(path).expanduser(), size=size).numpy()

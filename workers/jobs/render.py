@@ -1,0 +1,269 @@
+"""Batch rendering: a JSONL manifest in, one mp4 per item and ``results.jsonl`` out.
+
+    python -m workers.jobs.render --manifest items.jsonl --out DIR [--actors N]
+
+Each manifest line is one ``GenerationRequest`` as JSON plus an ``id`` (the mp4 is
+``DIR/<id>.mp4``). Items run as concurrent streams on shared actors (one group of actors per
+model). A malformed line (bad JSON, unknown model or key, frames <= 0 or over --max-frames,
+an id that is not a plain file name inside DIR) is recorded as an error and the rest go on.
+Re-running with the same DIR skips items already recorded as ok and resumes partial ones from
+their segments. Under Ray Jobs: ``ray job submit --working-dir . -- python -m
+workers.jobs.render ...`` (see the README for token authentication).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vidgen import checkpoint
+from vidgen.generators import GenerationRequest
+from vidgen.render_config import load_context
+from workers.orchestrator import Orchestrator
+from workers.render import RenderJob
+
+log = logging.getLogger("workers.jobs.render")
+
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass
+class Item:
+    id: str
+    line: int
+    request: GenerationRequest | None = None
+    context: str | None = None  # an mp4, read once the model's frame size is known
+    error: str | None = None
+
+
+def parse_manifest(path: Path, out: Path, max_frames: int) -> list[Item]:
+    """Every line as an Item; a bad one carries its error instead of a request."""
+    items: list[Item] = []
+    seen: set[str] = set()
+    for n, raw in enumerate(path.read_text().splitlines(), start=1):
+        if not raw.strip():
+            continue
+        item = Item(id=f"line-{n}", line=n)
+        items.append(item)
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict):
+                raise ValueError("a manifest line must be a JSON object")
+            item.id = _check_id(data.pop("id", None), out)
+            if item.id in seen:
+                raise ValueError(f"id {item.id!r} appears twice in the manifest")
+            seen.add(item.id)
+            context = data.pop("context", None)
+            request = GenerationRequest.from_json(data)
+            if request.frames > max_frames:
+                raise ValueError(f"frames={request.frames} is over --max-frames={max_frames}")
+            checkpoint.resolve(request.model)  # unknown models fail here, per item
+            if context is not None and not Path(context).expanduser().is_file():
+                raise ValueError(f"context {context!r} is not a file")
+            item.request, item.context = request, context
+        except (ValueError, TypeError, checkpoint.CheckpointError, OSError) as err:
+            item.error = f"{type(err).__name__}: {err}"
+    return items
+
+
+def _check_id(value: Any, out: Path) -> str:
+    if not isinstance(value, str) or not SAFE_ID.match(value):
+        raise ValueError(
+            f"id must be a plain file name (letters, digits, '.', '_', '-'), got {value!r}"
+        )
+    if (out / f"{value}.mp4").resolve().parent != out.resolve():
+        raise ValueError(f"id {value!r} would write outside {out}")
+    return value
+
+
+class Results:
+    """``results.jsonl``: one line per finished item, appended and fsynced."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.ok: set[str] = set()
+        if path.exists():
+            for raw in path.read_text().splitlines():
+                try:
+                    row = json.loads(raw)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a crash: that item simply runs again
+                if row.get("status") == "ok":
+                    self.ok.add(row["id"])
+
+    def add(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if row["status"] == "ok":
+            self.ok.add(row["id"])
+
+
+def _error_row(item: Item, error: str) -> dict[str, Any]:
+    return {
+        "id": item.id,
+        "status": "error",
+        "error": error,
+        "line": item.line,
+        "frames": 0,
+        "seconds": 0.0,
+    }
+
+
+def run_batch(
+    items: list[Item],
+    out: Path,
+    executors_for: Callable[[str], list],
+    segment_clips: int = 8,
+    lossless: bool = False,
+    snapshot_every: int = 1,
+    step_timeout: float | None = None,
+) -> list[dict[str, Any]]:
+    """Render the items (``executors_for(model)`` gives the executors of a model); returns
+    the result rows written this run."""
+    results = Results(out / "results.jsonl")
+    rows: list[dict[str, Any]] = []
+    for item in items:
+        if item.error is not None and item.id not in results.ok:
+            rows.append(_error_row(item, item.error))
+            results.add(rows[-1])
+    todo = [i for i in items if i.request is not None and i.id not in results.ok]
+    for model in dict.fromkeys(i.request.model for i in todo):
+        orch = Orchestrator(
+            executors_for(model), snapshot_every=snapshot_every, step_timeout=step_timeout
+        )
+        group = [i for i in todo if i.request.model == model]
+        rows += _render_group(orch, group, out, segment_clips, lossless, results)
+    return rows
+
+
+def _render_group(
+    orch: Orchestrator,
+    group: list[Item],
+    out: Path,
+    segment_clips: int,
+    lossless: bool,
+    results: Results,
+) -> list[dict[str, Any]]:
+    """All items of one model as concurrent streams; each is finished (joined, recorded) as
+    soon as its stream is done."""
+    rows: list[dict[str, Any]] = []
+    jobs: dict[str, RenderJob] = {}
+    for item in group:
+        try:
+            if item.context is not None:
+                item.request.context = load_context(
+                    item.context, orch.executors[0].info["frame_shape"]
+                )
+            job = RenderJob(
+                item.request,
+                out / f"{item.id}.mp4",
+                segment_clips,
+                lossless,
+                progress=False,
+                extra_provenance={"id": item.id},
+            )
+            job.start(orch)
+            jobs[item.id] = job
+        except (ValueError, RuntimeError, OSError) as err:
+            rows.append(_error_row(item, f"{type(err).__name__}: {err}"))
+            results.add(rows[-1])
+    pending = dict(jobs)
+    while pending:
+        orch.run(until=lambda: any(job.done for job in pending.values()))
+        for item_id in [i for i, job in pending.items() if job.done]:
+            result = pending.pop(item_id).finish()
+            rows.append(
+                {
+                    "id": item_id,
+                    "status": "ok",
+                    "error": None,
+                    "frames": result.frames,
+                    "seconds": round(result.seconds, 3),
+                    "path": str(result.path),
+                    "provenance": result.provenance,
+                }
+            )
+            results.add(rows[-1])
+            log.info("%s: %d frames in %.1fs", item_id, result.frames, result.seconds)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m workers.jobs.render", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--manifest", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--actors", type=int, default=1, help="actors per model")
+    parser.add_argument(
+        "--address",
+        default="auto",
+        help="'auto' (a running cluster, as under ray job submit), 'ray://...', "
+        "or '' for a local instance",
+    )
+    parser.add_argument("--max-frames", type=int, default=100_000)
+    parser.add_argument("--max-streams", type=int, default=8, help="streams per actor")
+    parser.add_argument("--segment-clips", type=int, default=8)
+    parser.add_argument("--snapshot-every", type=int, default=1)
+    parser.add_argument("--step-timeout", type=float, default=None)
+    parser.add_argument("--max-restarts", type=int, default=1)
+    parser.add_argument("--lossless", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if not args.manifest.is_file():
+        parser.error(f"--manifest {args.manifest} is not a file")
+    args.out.mkdir(parents=True, exist_ok=True)
+    items = parse_manifest(args.manifest, args.out, args.max_frames)
+
+    from workers.cluster import connect
+    from workers.executors import RayExecutor
+
+    connect(args.address)
+    pools: dict[str, list] = {}
+
+    def executors_for(model: str) -> list:
+        if model not in pools:
+            pools[model] = [
+                RayExecutor(model, args.max_streams, max_restarts=args.max_restarts)
+                for _ in range(args.actors)
+            ]
+        return pools[model]
+
+    start = time.perf_counter()
+    rows = run_batch(
+        items,
+        args.out,
+        executors_for,
+        args.segment_clips,
+        args.lossless,
+        args.snapshot_every,
+        args.step_timeout,
+    )
+    ok = sum(r["status"] == "ok" for r in rows)
+    print(
+        json.dumps(
+            {
+                "items": len(items),
+                "rendered": ok,
+                "errors": len(rows) - ok,
+                "seconds": round(time.perf_counter() - start, 2),
+                "results": str(args.out / "results.jsonl"),
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
