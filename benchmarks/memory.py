@@ -43,6 +43,10 @@ def child(model: str, frames: int, steps: int) -> None:
     print(json.dumps({"frames": frames, "peak_mb": peak_rss_mb()}))
 
 
+def machine() -> str:
+    return f"{platform.platform()}, {os.cpu_count()} cpus, torch {torch.__version__}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ca2vdm-tiny")
@@ -78,7 +82,7 @@ def main() -> None:
                 "model": args.model,
                 **{f"peak_mb_{f}": round(p, 1) for f, p in peaks.items()},
                 "growth": round(max(peaks.values()) / min(peaks.values()), 4),
-                "machine": f"{platform.platform()}, {os.cpu_count()} cpus, torch {torch.__version__}",
+                "machine": machine(),
             }
         )
     )

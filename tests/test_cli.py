@@ -45,8 +45,12 @@ def test_bad_overrides_are_reported(tmp_path, capsys):
     assert "agent bouncing" in capsys.readouterr().err
     assert main(["data", "preview", "world.colour=3"]) == 2
     assert "world.colour" in capsys.readouterr().err
-    assert main(["render"]) == 2
+    assert main(["render", "model=nowhere", f"out={tmp_path / 'x.mp4'}"]) == 2
+    assert "nowhere" in capsys.readouterr().err
     assert not (tmp_path / "x.mp4").exists()
+    import ray
+
+    assert not ray.is_initialized()  # failed before connecting
 
 
 def test_command_help_shows_config(capsys):
@@ -67,3 +71,13 @@ def test_folder_data_needs_root(tmp_path):
         load_group("data", "folder")
     data = load_group("data", "folder", [f"data.root={tmp_path}"])
     assert data.root == str(tmp_path) and data.stride is None
+
+
+def test_render_model_key_is_a_plain_value_even_after_train_composes():
+    from vidgen.config import load_config
+
+    train = load_config("train", ["model=nbp-test"])
+    assert train.model is not None
+    render = load_config("render", ["model=ca2vdm-tiny", "frames=16"])
+    assert render.model == "ca2vdm-tiny" and render.frames == 16
+    assert load_config("train", ["tokenizer=kl-test"]).tokenizer is not None

@@ -65,6 +65,7 @@ class KillingExecutor(RayExecutor):
         return ref
 
     def replacement(self):
+        self.retire()
         fresh = KillingExecutor(
             self.model, self.max_streams, self.threads, self.max_restarts, kill_at=set()
         )
@@ -153,6 +154,8 @@ def run_job(manifest_path: Path, out: Path, address: str, env=None, **kwargs):
         "--lossless",
         "--segment-clips",
         "2",
+        "--max-streams",
+        "1",  # each stream alone in its steps: bit-identical to the in-process reference
     ]
     return subprocess.Popen(
         cmd,
@@ -207,3 +210,148 @@ def test_batch_job_resumes_after_its_driver_is_killed(ray_session, models, tmp_p
         )
         assert row["frames"] == frames and len(row["provenance"]["model_sha256"]) == 64
     assert not (tmp_path / "escape.mp4").exists()
+
+
+def test_vidgen_render_runs_on_cpu_actors_without_gpus(models, tmp_path):
+    out = tmp_path / "cpu.mp4"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [
+            "vidgen",
+            "render",
+            f"model={models['diffusion']}",
+            "frames=16",
+            "steps=2",
+            "seed=5",
+            "label=1",
+            f"out={out}",
+            "lossless=true",
+            "address=",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "on 1 actor(s) [cpu]" in proc.stdout
+    req = request_for(models["diffusion"], frames=16, seed=5, label=1)
+    np.testing.assert_array_equal(read_video(out).numpy(), reference(models["diffusion"], req))
+    provenance = json.loads(out.with_suffix(".json").read_text())
+    assert provenance["seed"] == 5 and provenance["request"]["frames"] == 16
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SUBMIT = """
+import json, sys, time
+from ray.job_submission import JobSubmissionClient, JobStatus
+client = JobSubmissionClient(sys.argv[1])
+job = client.submit_job(entrypoint=sys.argv[2], runtime_env=json.loads(sys.argv[3]))
+deadline = time.time() + 400
+while time.time() < deadline:
+    status = client.get_job_status(job)
+    if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        break
+    time.sleep(1)
+print(json.dumps({"status": str(status), "logs": client.get_job_logs(job)[-3000:]}))
+"""
+
+
+def test_ray_job_submit_with_token_auth(models, tmp_path):
+    import secrets
+    import signal
+
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dashboard = free_port(), free_port()
+    head = subprocess.Popen(
+        [
+            "ray",
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            f"--dashboard-port={dashboard}",
+            "--num-cpus=2",
+            "--num-gpus=0",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+            f"--temp-dir={tmp_path / 'ray'}",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        items = tmp_path / "items.jsonl"
+        items.write_text(
+            json.dumps(
+                {
+                    "id": "job-a",
+                    "model": models["diffusion"],
+                    "frames": 16,
+                    "seed": 2,
+                    "steps": 2,
+                    "label": 3,
+                }
+            )
+            + "\n"
+        )
+        out = tmp_path / "job-out"
+        entrypoint = (
+            f"python -m workers.jobs.render --manifest {items} --out {out} "
+            "--address auto --lossless"
+        )
+        runtime_env = {
+            "working_dir": str(ROOT),
+            "excludes": [".git", ".venv*", "runs", "*.safetensors", "*.mp4"],
+        }
+        address = f"http://127.0.0.1:{dashboard}"
+        deadline = time.time() + 120
+        result = None
+        while time.time() < deadline:  # the dashboard takes a moment to come up
+            proc = subprocess.run(
+                [sys.executable, "-c", SUBMIT, address, entrypoint, json.dumps(runtime_env)],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            if proc.returncode == 0:
+                result = json.loads(proc.stdout.strip().splitlines()[-1])
+                break
+            time.sleep(3)
+        assert result is not None, proc.stderr[-3000:]
+        assert result["status"].endswith("SUCCEEDED"), result["logs"]
+        row = json.loads((out / "results.jsonl").read_text().splitlines()[0])
+        assert row["status"] == "ok" and row["frames"] == 16
+        req = request_for(models["diffusion"], frames=16, seed=2, label=3)
+        np.testing.assert_array_equal(
+            read_video(out / "job-a.mp4").numpy(), reference(models["diffusion"], req)
+        )
+        # Without the token the cluster refuses the submission.
+        no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
+        refused = subprocess.run(
+            [sys.executable, "-c", SUBMIT, address, "echo hi", "{}"],
+            env=no_token,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert refused.returncode != 0
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)

@@ -54,12 +54,33 @@ COMMANDS: dict[tuple[str, ...], Command] = {
 
 def run_render(cfg: Any, choices: dict[str, str]) -> int:
     # The one place vidgen reaches into the Ray layer: the command at the top of the stack.
+    from vidgen.checkpoint import CheckpointError, resolve
+
+    if not cfg.address.startswith("ray://"):
+        # The actors run on this machine's cluster: a bad model name fails here, before any
+        # actor starts, with the list of shipped models.
+        try:
+            resolve(cfg.model)
+        except CheckpointError as err:
+            print(f"{PROG} render: bad model: {err}", file=sys.stderr)
+            return 2
+    import ray
+
     from workers.cluster import connect
+
+    started = connect(cfg.address)
+    try:
+        return _render(cfg)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _render(cfg: Any) -> int:
     from workers.executors import RayExecutor
     from workers.orchestrator import Orchestrator
     from workers.render import render
 
-    connect(cfg.address)
     executors = [
         RayExecutor(cfg.model, cfg.max_streams, cfg.threads, cfg.max_restarts)
         for _ in range(cfg.actors)

@@ -25,9 +25,17 @@ class ConfigError(ValueError):
     """A command's overrides do not compose into a valid config."""
 
 
-def register_schemas() -> None:
+# Groups of model presets (train only). Other commands have plain keys of the same names
+# (``vidgen render model=ca2vdm-tiny``), which Hydra would read as group choices if the
+# groups existed while they compose.
+PRESET_GROUPS = ("tokenizer", "model")
+NO_PRESETS = ("render", "preview")
+
+
+def register_schemas(presets: bool = True) -> None:
     """Store every schema in Hydra's ConfigStore (idempotent). Group schemas are named
-    ``<group>_schema`` and a group's YAML files extend them through their defaults list."""
+    ``<group>_schema`` and a group's YAML files extend them through their defaults list.
+    ``presets=False`` leaves out (removes) the model preset groups."""
     from vidgen.data.loader import DataConfig
     from vidgen.data.preview import PreviewConfig
     from vidgen.models.ca2vdm import CA2VDM_CONFIGS
@@ -46,6 +54,10 @@ def register_schemas() -> None:
     cs.store(name="preview_schema", node=PreviewConfig)
     cs.store(name="train_schema", node=TrainCommandConfig)
     cs.store(name="render_schema", node=RenderConfig)
+    if not presets:
+        for group in PRESET_GROUPS:
+            cs.repo.pop(group, None)
+        return
     # Model sizes are named factories in the model code; each is a group option as it is.
     for prefix, presets in (("kl", KL_CONFIGS), ("larp", LARP_CONFIGS)):
         for size, cfg in presets.items():
@@ -58,7 +70,7 @@ def register_schemas() -> None:
 def compose_config(config_name: str | None, overrides: Sequence[str] = ()) -> DictConfig:
     """The composed (untyped view of the) config ``configs/<config_name>.yaml``; with
     ``None``, only what the overrides add (``+data=mix``)."""
-    register_schemas()
+    register_schemas(presets=config_name not in NO_PRESETS)
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
             return hydra_compose(config_name=config_name, overrides=list(overrides))
@@ -77,7 +89,7 @@ def load_config(config_name: str, overrides: Sequence[str] = ()) -> Any:
 
 def group_choices(config_name: str, overrides: Sequence[str] = ()) -> dict[str, str]:
     """Which option of each config group was chosen (``{"tokenizer": "kl-tiny", ...}``)."""
-    register_schemas()
+    register_schemas(presets=config_name not in NO_PRESETS)
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
             cfg = hydra_compose(config_name, list(overrides), return_hydra_config=True)

@@ -62,6 +62,7 @@ class GeneratorWorker:
             torch.set_num_threads(threads)
         self.model_name = model
         self.device = device
+        self.max_streams = max_streams
         self.generator = load_generator(model, max_streams=max_streams, device=device)
         self.sha256 = checkpoint.file_sha256(checkpoint.resolve(model))
         self.streams: dict[int, Stream] = {}
@@ -79,6 +80,7 @@ class GeneratorWorker:
             "clip_len": self.generator.clip_len,
             "frame_shape": list(self.generator.frame_shape),
             "streams": sorted(self.streams),
+            "max_streams": self.max_streams,
         }
 
     def open(self, key: int, request: GenerationRequest) -> None:

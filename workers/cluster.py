@@ -10,12 +10,13 @@ import ray
 log = logging.getLogger(__name__)
 
 
-def connect(address: str = "", num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+def connect(address: str = "", num_cpus: int | None = None, num_gpus: int | None = None) -> bool:
     """``""``: start a local instance (this machine's CPUs and GPUs); ``"auto"``: join the
     running cluster (as a ``ray job submit`` driver does); ``"ray://host:port"``: a client.
-    Already connected: nothing to do."""
+    Already connected: nothing to do. Returns whether this call connected (so the caller
+    knows to ``ray.shutdown()`` when done)."""
     if ray.is_initialized():
-        return
+        return False
     if address == "":
         # address="local" always starts a new instance, never joins one found on the machine.
         ray.init(
@@ -28,3 +29,4 @@ def connect(address: str = "", num_cpus: int | None = None, num_gpus: int | None
     else:
         ray.init(address=address, log_to_driver=False)
     log.info("ray: %s", ray.cluster_resources())
+    return True

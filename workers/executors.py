@@ -7,6 +7,7 @@ Calls return handles; ``wait`` says which are done; ``result`` returns a value o
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -141,13 +142,34 @@ class RayExecutor:
     def recover(self) -> None:
         if self.max_restarts <= 0:
             raise ExecutorFailed(f"{self.name} died and was created without restarts")
-        self.info = ray.get(self.handle.ready.remote(), timeout=self.ready_timeout)
+        # While Ray restarts the actor, calls fail at once with ActorUnavailableError
+        # ("the actor is restarting"): ask again until it answers or the timeout passes.
+        # ActorDiedError (restarts used up) is final.
+        deadline = time.monotonic() + self.ready_timeout
+        while True:
+            try:
+                left = max(0.1, deadline - time.monotonic())
+                self.info = ray.get(self.handle.ready.remote(), timeout=left)
+                return
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def kill(self) -> None:
         ray.kill(self.handle, no_restart=self.max_restarts <= 0)
 
+    def retire(self) -> None:
+        """Kill the actor for good (no restart), whatever ``max_restarts`` says."""
+        try:
+            ray.kill(self.handle, no_restart=True)
+        except Exception as err:  # already gone
+            log.debug("killing %s: %s", self.name, err)
+
     def replacement(self) -> RayExecutor:
-        """A new actor with the same settings (for a worker that did not come back)."""
+        """A new actor with the same settings (for a worker that did not come back). The old
+        one is retired first, so that its GPU is free for the new one."""
+        self.retire()
         return RayExecutor(
             self.model, self.max_streams, self.threads, self.max_restarts, self.ready_timeout
         )

@@ -255,7 +255,9 @@ class Orchestrator:
             ready = set(map(id, executor.wait([w.handle for w in mine], poll / 4)))
             done += [w for w in mine if id(w.handle) in ready]
         for work in done:
-            self.work.remove(work)
+            if not any(w is work for w in self.work):
+                continue  # dropped by a failure handled earlier in this round
+            self.work = [w for w in self.work if w is not work]
             self._update(work)
         self._check_timeouts()
 

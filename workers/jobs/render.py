@@ -158,27 +158,35 @@ def _render_group(
     """All items of one model as concurrent streams; each is finished (joined, recorded) as
     soon as its stream is done."""
     rows: list[dict[str, Any]] = []
-    jobs: dict[str, RenderJob] = {}
-    for item in group:
-        try:
-            if item.context is not None:
-                item.request.context = load_context(
-                    item.context, orch.executors[0].info["frame_shape"]
+    waiting = list(group)
+    pending: dict[str, RenderJob] = {}
+    # Admission: no more streams at once than the actors have slots (the rest wait their
+    # turn), so a manifest of thousands of items runs in bounded memory.
+    capacity = sum(e.info.get("max_streams", 1) for e in orch.executors if e is not None)
+
+    def admit() -> None:
+        while waiting and len(pending) < max(1, capacity):
+            item = waiting.pop(0)
+            try:
+                if item.context is not None:
+                    item.request.context = load_context(
+                        item.context, orch.executors[0].info["frame_shape"]
+                    )
+                job = RenderJob(
+                    item.request,
+                    out / f"{item.id}.mp4",
+                    segment_clips,
+                    lossless,
+                    progress=False,
+                    extra_provenance={"id": item.id},
                 )
-            job = RenderJob(
-                item.request,
-                out / f"{item.id}.mp4",
-                segment_clips,
-                lossless,
-                progress=False,
-                extra_provenance={"id": item.id},
-            )
-            job.start(orch)
-            jobs[item.id] = job
-        except (ValueError, RuntimeError, OSError) as err:
-            rows.append(_error_row(item, f"{type(err).__name__}: {err}"))
-            results.add(rows[-1])
-    pending = dict(jobs)
+                job.start(orch)
+                pending[item.id] = job
+            except (ValueError, RuntimeError, OSError) as err:
+                rows.append(_error_row(item, f"{type(err).__name__}: {err}"))
+                results.add(rows[-1])
+
+    admit()
     while pending:
         orch.run(until=lambda: any(job.done for job in pending.values()))
         for item_id in [i for i, job in pending.items() if job.done]:
@@ -196,6 +204,7 @@ def _render_group(
             )
             results.add(rows[-1])
             log.info("%s: %d frames in %.1fs", item_id, result.frames, result.seconds)
+        admit()
     return rows
 
 
