@@ -3,8 +3,10 @@ batch jobs (one shared Ray instance; the orchestrator's logic is tested in-proce
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -272,6 +274,10 @@ def test_ray_job_submit_with_token_auth(models, tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard = free_port(), free_port()
+    # Ray's unix sockets live under the temp dir and their paths must stay under 108 bytes:
+    # pytest's tmp_path is too deep.
+    temp_dir = tempfile.mkdtemp(prefix="vg-ray-", dir="/tmp")
+    head_log = tmp_path / "head.log"
     head = subprocess.Popen(
         [
             "ray",
@@ -284,12 +290,11 @@ def test_ray_job_submit_with_token_auth(models, tmp_path):
             "--num-gpus=0",
             "--include-dashboard=true",
             "--disable-usage-stats",
-            f"--temp-dir={tmp_path / 'ray'}",
+            f"--temp-dir={temp_dir}",
         ],
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=head_log.open("w"),
         stderr=subprocess.STDOUT,
-        text=True,
         start_new_session=True,
     )
     try:
@@ -320,6 +325,7 @@ def test_ray_job_submit_with_token_auth(models, tmp_path):
         deadline = time.time() + 120
         result = None
         while time.time() < deadline:  # the dashboard takes a moment to come up
+            assert head.poll() is None, f"ray start --head exited: {head_log.read_text()[-3000:]}"
             proc = subprocess.run(
                 [sys.executable, "-c", SUBMIT, address, entrypoint, json.dumps(runtime_env)],
                 env=env,
@@ -355,3 +361,4 @@ def test_ray_job_submit_with_token_auth(models, tmp_path):
             head.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
