@@ -81,6 +81,48 @@ def flow_matching_loss(
     return {"loss": loss}
 
 
+SAMPLE_CLIPS = 4
+
+
+def write_samples(
+    model: CausalVideoDiT, autoencoder: nn.Module, step: int, out: Path, steps: int = 12
+) -> Path:
+    """One mp4 of ``SAMPLE_CLIPS`` clips per label (1-4 for the bouncing models; one
+    unconditional video otherwise), side by side: ``<out>/samples/step-<step>.mp4``."""
+    import numpy as np
+
+    from vidgen.generators import GenerationRequest
+    from vidgen.generators.diffusion import DiffusionClipGenerator
+    from vidgen.io import VideoWriter
+
+    cfg = model.config
+    labels: list[int | None] = list(range(1, min(cfg.num_classes, 5))) or [None]
+    frames = SAMPLE_CLIPS * cfg.clip_len
+    actions = None
+    if cfg.num_actions:
+        actions = np.zeros(frames, dtype=np.int64)  # noop
+    elif cfg.action_dim:
+        actions = np.zeros((frames, cfg.action_dim), dtype=np.float32)
+    device = next(model.parameters()).device
+    gen = DiffusionClipGenerator(model, autoencoder, len(labels), device)
+    streams = [
+        gen.open(
+            GenerationRequest(frames=frames, seed=0, label=label, actions=actions, steps=steps)
+        )
+        for label in labels
+    ]
+    path = out / "samples" / f"step-{step:06d}.mp4"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with VideoWriter(path) as writer:
+        while not streams[0].done:
+            clips = gen.decode(gen.step(streams))
+            writer.write(np.concatenate([c.frames for c in clips], axis=2))
+    for stream in streams:
+        gen.close(stream)
+    log.info("samples: %s", path)
+    return path
+
+
 def ca2vdm_task(
     config: Ca2VDMConfig,
     data: DataConfig,
@@ -134,6 +176,7 @@ def ca2vdm_task(
         batch_size=data.batch_size,
         export_config=config,
         run_config=run_config,
+        samples=lambda m, step, folder: write_samples(m, autoencoder, step, folder),
         card={
             "what": "Ca2-VDM-style causal video DiT (flow matching, velocity prediction) with "
             "context K/V cached once and shared by all denoising steps",

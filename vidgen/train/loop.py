@@ -152,6 +152,9 @@ class Task:
     after_step: Callable[[nn.Module, int, dict[str, torch.Tensor]], None] | None = None
     # Called with the model that ships; returns its final config (e.g. a measured latent scale).
     before_export: Callable[[nn.Module, list[dict[str, torch.Tensor]]], Any] | None = None
+    # Called every ``eval_every`` steps and at export with the model, the step and the run
+    # folder: writes sample videos (e.g. ``<out>/samples/step-000500.mp4``).
+    samples: Callable[[nn.Module, int, Path], None] | None = None
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -247,6 +250,8 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
             )
             log.info("eval step %d %s", step + 1, json.dumps(scores))
             history.append({"step": step + 1, **{f"eval_{k}": v for k, v in scores.items()}})
+        if task.samples is not None and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            _samples(task, ema.model if ema else model, step + 1, out)
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == end:
             wall = before + time.perf_counter() - t0
             _save_state(state_path, task, model, ema, opt, gen, step + 1, wall)
@@ -298,6 +303,18 @@ def _save_state(
     checkpoint.save(path, tensors, task.run_config, card=card)
 
 
+def _samples(task: Task, model: nn.Module, step: int, out: Path) -> None:
+    """Sample videos from ``model`` without touching the training state: the model's mode is
+    restored and sampling draws only from its own seeded generators."""
+    was_training = model.training
+    rng = torch.random.get_rng_state()
+    try:
+        task.samples(model, step, out)
+    finally:
+        torch.random.set_rng_state(rng)
+        model.train(was_training)
+
+
 def _export(
     task: Task,
     model: nn.Module,
@@ -322,5 +339,7 @@ def _export(
     }
     path = out / f"{task.name}.safetensors"
     checkpoint.save(path, model, export_config, card=card)
+    if task.samples is not None:
+        _samples(task, model, cfg.steps, out)
     log.info("exported %s (%s)", path, json.dumps(final))
     return path
