@@ -124,8 +124,44 @@ class Context:
     all_valid: bool  # every slot full: no key padding needed
     start: torch.Tensor  # (b,) window-relative position of the clip's first frame
 
+    # Per layer, [context | clip] K/V buffers reused by every denoising step (only the clip's
+    # part is rewritten), and the joined attention mask: no re-concatenation per step.
+    _joined: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
     def clip_positions(self, frames: int) -> torch.Tensor:
         return self.start[:, None] + torch.arange(frames, device=self.start.device)
+
+    def join(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's context keys/values followed by the clip's ``k``/``v`` ((b n), h, t,
+        e). Without autograd the joined tensors are buffers kept for the next step."""
+        if torch.is_grad_enabled():
+            return torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
+        w = self.k[layer].shape[2]
+        buf = self._joined.get(layer)
+        if buf is None or buf[0].shape[2] != w + k.shape[2] or buf[0].dtype != k.dtype:
+            buf = (torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2))
+            self._joined[layer] = buf
+            return buf
+        buf[0][:, :, w:].copy_(k)
+        buf[1][:, :, w:].copy_(v)
+        return buf
+
+    def mask(self, self_mask: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
+        """[valid context slots | ``self_mask`` (t, t)] for every ((b n), 1, t, w + t)."""
+        t = self_mask.shape[0]
+        cached = self._masks.get(t)
+        if cached is not None and torch.equal(cached[0], self_mask):
+            return cached[1]
+        b_n = self.valid.shape[0] * tokens_per_frame
+        valid = self.valid.repeat_interleave(tokens_per_frame, dim=0)[:, None, None]
+        joined = torch.cat(
+            [valid.expand(-1, 1, t, -1), self_mask[None, None].expand(b_n, 1, t, t)], dim=-1
+        )
+        self._masks[t] = (self_mask.clone(), joined)
+        return joined
 
 
 @dataclass
@@ -191,28 +227,30 @@ class Block(nn.Module):
         x: torch.Tensor,
         positions: torch.Tensor,
         self_mask: torch.Tensor,
-        ctx: tuple[torch.Tensor, torch.Tensor, Context] | None,
+        ctx: tuple[int, Context] | None,
         collect: _Collected | None,
+        angles: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (b, t, n, d) attends per location to the context frames (this layer's rotated
         keys and values) and, through ``self_mask`` (t, t), to its own frames; positions
-        (b, t) are frame positions."""
+        (b, t) are frame positions (``angles``: their RoPE angles, if already computed)."""
         b, t, n, _ = x.shape
         q, k, v = self.temporal_qkv(rearrange(x, "b t n d -> (b n) t d"))  # (b n) h t e
         if collect is not None:
             collect.k.append(k)
             collect.v.append(v)
-        angles = self.rope.angles(positions).repeat_interleave(n, dim=0)[:, None]  # (b n) 1 t e/2
+        if angles is None:
+            angles = self.rope.angles(positions)
+        angles = angles.repeat_interleave(n, dim=0)[:, None]  # (b n) 1 t e/2
         q, k = apply_rope(q, angles), apply_rope(k, angles)
-        mask = self_mask[None, None].expand(b * n, 1, t, t)
         needs_mask = t > 1  # frames inside the clip are causal
         if ctx is not None:
-            k_ctx, v_ctx, context = ctx
-            k = torch.cat([k_ctx, k], dim=2)
-            v = torch.cat([v_ctx, v], dim=2)
-            valid = context.valid.repeat_interleave(n, dim=0)[:, None, None].expand(-1, 1, t, -1)
-            mask = torch.cat([valid, mask], dim=-1)
+            layer, context = ctx
+            k, v = context.join(layer, k, v)
+            mask = context.mask(self_mask, n)
             needs_mask = needs_mask or not context.all_valid
+        else:
+            mask = self_mask[None, None].expand(b * n, 1, t, t)
         y = attention(q, k, v, mask=mask if needs_mask else None)
         return self.temporal_out(rearrange(y, "(b n) h t e -> b t n (h e)", b=b))
 
@@ -222,13 +260,14 @@ class Block(nn.Module):
         cond: torch.Tensor,
         positions: torch.Tensor,
         self_mask: torch.Tensor,
-        ctx: tuple[torch.Tensor, torch.Tensor, Context] | None = None,
+        ctx: tuple[int, Context] | None = None,
         collect: _Collected | None = None,
+        angles: torch.Tensor | None = None,
     ) -> torch.Tensor:
         ss, sc, sg, ts, tc, tg, ms, mc, mg = self.modulation(cond)  # each (b, t, d)
         x = x + sg[:, :, None] * self.spatial(modulate(self.norm_s(x), ss, sc))
         h = modulate(self.norm_t(x), ts, tc)
-        x = x + tg[:, :, None] * self.temporal(h, positions, self_mask, ctx, collect)
+        x = x + tg[:, :, None] * self.temporal(h, positions, self_mask, ctx, collect, angles)
         return x + mg[:, :, None] * self.mlp(modulate(self.norm_m(x), ms, mc))
 
 
@@ -333,9 +372,10 @@ class CausalVideoDiT(nn.Module):
     ) -> torch.Tensor:
         c = self.embed_cond(cond)
         h = self.tokens(x)
+        angles = self.blocks[0].rope.angles(positions)  # the same for every layer
         for layer, block in enumerate(self.blocks):
-            ctx = None if context is None else (context.k[layer], context.v[layer], context)
-            h = block(h, c, positions, self_mask, ctx, collect)
+            ctx = None if context is None else (layer, context)
+            h = block(h, c, positions, self_mask, ctx, collect, angles)
         return self.untokens(h, c)
 
     def forward(
