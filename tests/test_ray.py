@@ -286,6 +286,13 @@ def test_ray_job_submit_with_token_auth(models, tmp_path):
             "--block",
             f"--port={gcs}",
             f"--dashboard-port={dashboard}",
+            # The session's Ray instance (ray_session) holds the default agent ports: a
+            # second head on them gets no job agent ("No available agent to submit job").
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
             "--num-cpus=2",
             "--num-gpus=0",
             "--include-dashboard=true",
@@ -322,7 +329,9 @@ def test_ray_job_submit_with_token_auth(models, tmp_path):
             "excludes": [".git", ".venv*", "runs", "*.safetensors", "*.mp4"],
         }
         address = f"http://127.0.0.1:{dashboard}"
-        deadline = time.time() + 120
+        # The dashboard, then its job agent, take a while to come up on a busy machine
+        # ("No available agent to submit job, please try again later").
+        deadline = time.time() + 360
         result = None
         while time.time() < deadline:  # the dashboard takes a moment to come up
             assert head.poll() is None, f"ray start --head exited: {head_log.read_text()[-3000:]}"
