@@ -235,6 +235,14 @@ class ClipGenerator(Protocol):
     def close(self, stream: Stream) -> None: ...
 
 
+def check_frames_and_label(request: GenerationRequest, clip_len: int, num_classes: int) -> None:
+    """The checks every generator makes of a request: whole clips, a known label."""
+    if request.frames % clip_len:
+        raise ValueError(f"frames must be a multiple of clip_len={clip_len}, got {request.frames}")
+    if request.label is not None and not 0 <= request.label < num_classes:
+        raise ValueError(f"label must be in [0, {num_classes}) or None, got {request.label}")
+
+
 def derived_seed(seed: int, clip: int, purpose: str) -> int:
     """A 63-bit seed for one random draw of one clip of a stream."""
     digest = hashlib.sha256(f"{seed}/{clip}/{purpose}".encode()).digest()

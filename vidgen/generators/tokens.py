@@ -25,6 +25,7 @@ from vidgen.generators.base import (
     GenerationRequest,
     Stream,
     StreamSnapshot,
+    check_frames_and_label,
     seeded,
 )
 from vidgen.models.nbp import ClipCond, NBPConfig, NextBlockTransformer, Partial
@@ -90,14 +91,7 @@ class TokenClipGenerator:
 
     def _check(self, request: GenerationRequest) -> int:
         cfg = self.config
-        if request.frames % self.clip_len:
-            raise ValueError(
-                f"frames must be a multiple of clip_len={self.clip_len}, got {request.frames}"
-            )
-        if request.label is not None and not 0 <= request.label < cfg.num_classes:
-            raise ValueError(
-                f"label must be in [0, {cfg.num_classes}) or None, got {request.label}"
-            )
+        check_frames_and_label(request, self.clip_len, cfg.num_classes)
         if request.actions is not None:
             acts = np.asarray(request.actions)
             if cfg.num_actions and (
