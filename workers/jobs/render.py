@@ -208,7 +208,7 @@ def _render_group(
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m workers.jobs.render", description=__doc__.splitlines()[0]
     )
@@ -228,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-timeout", type=float, default=None)
     parser.add_argument("--max-restarts", type=int, default=1)
     parser.add_argument("--lossless", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if not args.manifest.is_file():

@@ -1,0 +1,86 @@
+"""docker/: the image recipe and the KubeRay RayJob agree with the code they run.
+
+No Docker daemon or Kubernetes cluster is needed (none is on the CI machine): these tests read
+the files and check what would otherwise only fail at build or deploy time.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import shlex
+from pathlib import Path
+
+import yaml
+
+from workers.jobs.render import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _dockerfile_copies() -> list[str]:
+    sources = []
+    for line in (ROOT / "docker" / "Dockerfile").read_text().splitlines():
+        words = line.split()
+        if words and words[0] == "COPY" and not any(w.startswith("--from") for w in words):
+            sources += words[1:-1]
+    return sources
+
+
+def _ignored(path: str) -> bool:
+    patterns = [
+        p.strip()
+        for p in (ROOT / ".dockerignore").read_text().splitlines()
+        if p.strip() and not p.startswith("#")
+    ]
+    parts = Path(path).parts
+    for pattern in patterns:
+        pattern = pattern.removeprefix("**/")
+        for i in range(len(parts)):
+            if fnmatch.fnmatch("/".join(parts[: i + 1]), pattern) or fnmatch.fnmatch(
+                parts[i], pattern
+            ):
+                return True
+    return False
+
+
+def test_dockerfile_copies_what_the_install_needs():
+    sources = _dockerfile_copies()
+    for src in sources:
+        assert (ROOT / src).exists(), f"Dockerfile copies {src}, which is not in the repository"
+        assert not _ignored(src), f"Dockerfile copies {src}, but .dockerignore excludes it"
+    # setup.py installs vidgen, workers and configs (as vidgen.configs); pyproject reads README.
+    for needed in ("pyproject.toml", "setup.py", "README.md", "vidgen", "workers", "configs"):
+        assert needed in sources, f"Dockerfile does not copy {needed}"
+    # The shipped models must reach the image: no ignore pattern may drop them.
+    for asset in (ROOT / "vidgen" / "assets").glob("*.safetensors"):
+        assert not _ignored(str(asset.relative_to(ROOT))), f".dockerignore drops {asset.name}"
+
+
+def test_dockerignore_keeps_the_build_context_small():
+    for heavy in ("runs/ca2vdm-tiny/state.safetensors", ".git/objects", ".venv-ci/bin/python"):
+        assert _ignored(heavy), f".dockerignore lets {heavy} into the build context"
+
+
+def test_rayjob_entrypoint_is_a_valid_batch_render_command():
+    job = yaml.safe_load((ROOT / "docker" / "rayjob.yaml").read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:3] == ["python", "-m", "workers.jobs.render"]
+    args = build_parser().parse_args(argv[3:])  # exits (fails the test) on an unknown flag
+    assert args.address == "auto", "a RayJob driver must join the cluster KubeRay made"
+
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["authOptions"]["mode"] == "token", "token authentication must stay on"
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    mounts = [m["mountPath"] for c in head["containers"] for m in c.get("volumeMounts", [])]
+    for path in (args.manifest, args.out):
+        assert any(str(path).startswith(m + "/") for m in mounts), (
+            f"{path} is not on a volume mounted in the head pod (mounts: {mounts})"
+        )
+    workers = cluster["workerGroupSpecs"]
+    gpus = sum(
+        int(g["replicas"]) * int(c["resources"]["limits"].get("nvidia.com/gpu", 0))
+        for g in workers
+        for c in g["template"]["spec"]["containers"]
+    )
+    assert gpus >= args.actors, f"{args.actors} actors need {args.actors} GPUs, workers have {gpus}"
