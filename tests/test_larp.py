@@ -124,3 +124,37 @@ def test_checkpoint_round_trip_gives_identical_encodes(tmp_path):
     ckpt.load_into(fresh)
     video = clip(seed=9)
     assert torch.equal(fresh.eval().encode(video), m.encode(video))
+
+
+def test_patch_discriminator_shapes_and_hinge_losses():
+    from vidgen.tokenizers.gan import PatchDiscriminator, hinge_d_loss, hinge_g_loss
+
+    disc = PatchDiscriminator(3, dim=8, layers=3)
+    assert disc(torch.zeros(2, 3, 64, 64)).shape == (2, 1, 8, 8)  # one logit per patch
+    with pytest.raises(ValueError, match="too small"):
+        disc(torch.zeros(2, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        disc(torch.zeros(2, 1, 3, 64, 64))
+    confident = hinge_d_loss(torch.full((4,), 2.0), torch.full((4,), -2.0))
+    fooled = hinge_d_loss(torch.full((4,), -1.0), torch.full((4,), 1.0))
+    assert confident.item() == 0.0 and fooled.item() == 2.0
+    assert hinge_g_loss(torch.full((4,), 3.0)).item() == -3.0
+
+
+def test_patch_discriminator_learns_sharp_from_blurred_frames():
+    from vidgen.tokenizers.gan import PatchDiscriminator, hinge_d_loss
+
+    torch.manual_seed(0)
+    disc = PatchDiscriminator(3, dim=16, layers=2)
+    opt = torch.optim.Adam(disc.parameters(), lr=2e-3, betas=(0.5, 0.9))
+    real = torch.rand(16, 3, 16, 16).round() * 2 - 1  # hard-edged binary frames
+    fake = torch.nn.functional.avg_pool2d(real, 3, stride=1, padding=1)  # their blur
+    losses = []
+    for _ in range(60):
+        loss = hinge_d_loss(disc(real), disc(fake))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0]
+    assert disc(real).mean() > disc(fake).mean()

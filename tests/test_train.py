@@ -73,6 +73,57 @@ def test_larp_resume_is_bitwise_with_code_restarts(tmp_path):
     assert_bitwise_resume(overrides, tmp_path)
 
 
+LARP_GAN = [
+    "tokenizer=larp-test",
+    *SMALL_BOUNCING,
+    "data.clip_len=4",
+    "data.num_clips=8",
+    "data.eval_clips=2",
+    "train.ema_decay=0",
+    "tokenizer.gan_weight=0.5",
+    "tokenizer.disc_dim=8",
+    "tokenizer.disc_layers=2",
+]
+
+
+def test_larp_with_patch_gan_resumes_bitwise(tmp_path):
+    # The discriminator starts at step 1 and the run is cut at step 2: its weights and Adam
+    # moments must survive the resume like the model's.
+    overrides = [*LARP_GAN, f"tokenizer.autoencoder={make_autoencoder(tmp_path)}"]
+    assert_bitwise_resume([*overrides, "tokenizer.gan_start=1"], tmp_path)
+    state = tensors(tmp_path / "straight" / "state.safetensors")
+    assert any(k.startswith("adv.") for k in state) and any(
+        k.startswith("adv_optim.") for k in state
+    )
+    exported = tensors(tmp_path / "straight" / "model.safetensors")
+    assert not any(k.startswith(("adv", "net.")) for k in exported)  # the model ships alone
+
+
+def test_patch_gan_is_off_before_gan_start_and_trains_both_sides_after(tmp_path):
+    overrides = [*LARP_GAN, f"tokenizer.autoencoder={make_autoencoder(tmp_path)}"]
+
+    def state_after(steps: int, gan_start: int, name: str) -> dict[str, torch.Tensor]:
+        train([*overrides, f"tokenizer.gan_start={gan_start}"], tmp_path / name, steps)
+        return tensors(tmp_path / name / "state.safetensors")
+
+    late = state_after(3, 100, "late")  # the GAN never starts within the run
+    on = state_after(3, 2, "on")  # it starts at step 2 (the third step)
+    before = state_after(2, 2, "before")  # stopped just before it starts
+    adv = [k for k in late if k.startswith("adv.")]
+    model = [k for k in late if k.startswith("model.")]
+    assert adv and model
+    # Two steps without the GAN: the same model as a run that never uses it, and an untouched
+    # discriminator (no moments yet).
+    short = state_after(2, 100, "short")
+    assert all(torch.equal(before[k], short[k]) for k in model + adv)
+    assert not any(k.startswith("adv_optim.") for k in before)
+    # The third step trains the discriminator and adds the adversarial term to the model's
+    # loss, so both differ from the run without a GAN.
+    assert any(not torch.equal(on[k], late[k]) for k in adv)
+    assert any(k.startswith("adv_optim.") for k in on)
+    assert any(not torch.equal(on[k], late[k]) for k in model)
+
+
 def make_autoencoder(tmp_path) -> str:
     kl_cfg: KLConfig = KL_CONFIGS["test"]
     model = randomize_(KLAutoencoder(kl_cfg), std=0.1)

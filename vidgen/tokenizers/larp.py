@@ -21,7 +21,9 @@ autoregressive generator. It is discarded at inference (``encode``/``decode`` ne
 
 Losses: L1 + perceptual_weight x (1 - SSIM) + grad_weight x L1(image gradients) (no
 downloaded network: SSIM keeps local structure, the gradient term keeps the worlds' edges
-sharp) + VQ commitment + prior_weight x prior CE. The paper's patch-GAN is not implemented.
+sharp) + VQ commitment + prior_weight x prior CE, and optionally (``gan_weight`` > 0) the
+paper's patch-GAN hinge term from step ``gan_start`` on (``vidgen.tokenizers.gan``, trained
+by the loop as the task's adversary).
 
 Axis letters: ``b`` batch, ``t`` frames, ``c`` channels, ``h``/``w`` height/width, ``n``
 holistic tokens, ``p`` patches, ``d`` model dim, ``e`` code dim, ``k`` codebook entries.
@@ -79,11 +81,21 @@ class LARPConfig:
     mse_weight: float = 1.0
     perceptual_weight: float = 0.0  # (1 - SSIM); for pixel inputs
     grad_weight: float = 0.0  # L1 of image gradients; for pixel inputs
+    # Optional patch-GAN on the reconstructed frames (decoded to pixels by the autoencoder
+    # for a latent-space LARP): hinge loss, weight gan_weight, from step gan_start on.
+    gan_weight: float = 0.0
+    gan_start: int = 2000
+    disc_dim: int = 64
+    disc_layers: int = 3
     usage_decay: float = 0.99  # EMA of code usage, for the dead-code restart
     dead_usage: float = 2e-4  # a code used less than this fraction of the time is dead
     restart_every: int = 50  # training steps between dead-code restarts (0 = never)
 
     def __post_init__(self) -> None:
+        if self.gan_weight < 0 or self.gan_start < 0:
+            raise ValueError(
+                f"gan_weight and gan_start must be >= 0, got {self.gan_weight}, {self.gan_start}"
+            )
         if self.frames % self.patch_t or self.size % self.patch:
             raise ValueError(
                 f"frames={self.frames} and size={self.size} must be multiples of "
@@ -356,6 +368,7 @@ class LARPTokenizer(nn.Module):
             perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
         return {
             "loss": loss,
+            "recon": recon,  # (b, t, c, h, w), with its graph: for an adversarial term
             "z": z.detach(),
             "l1": l1,
             "mse": mse,

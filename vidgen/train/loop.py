@@ -4,7 +4,9 @@ Everything a step depends on is a function of (config, step) or is saved: the ba
 s is a fixed set of dataset indices (``StepSampler``), the noise comes from one
 ``torch.Generator`` whose state is saved, the learning rate is a pure function of the step,
 and the optimizer, EMA and model tensors are saved in safetensors. So N steps in one run equal
-N/2 steps, a resume, and N/2 more, bitwise on CPU.
+N/2 steps, a resume, and N/2 more, bitwise on CPU. A task may bring an ``Adversary`` (a GAN
+discriminator) that the loop trains with its own optimizer after the model's step; its weights
+and moments are saved beside the model's.
 
 A run folder holds ``state.safetensors`` (resume point, written atomically every
 ``ckpt_every`` steps and at the end) and ``<name>.safetensors`` (the exported model: EMA
@@ -133,6 +135,22 @@ class EMA:
 
 
 @dataclass
+class Adversary:
+    """A network trained against the model, e.g. a GAN discriminator.
+
+    From step ``start`` on, ``active`` is True: the task's loss may then add an adversarial
+    term that reads ``module`` (whose weights are frozen during the model's backward), and
+    after the model's optimizer step the loop minimises ``loss(module, batch, model_out)``
+    with its own AdamW (same learning-rate schedule, betas 0.5/0.9 as in VQGAN).
+    ``model_out`` is the dict the task's loss returned (e.g. with detached fakes)."""
+
+    module: nn.Module
+    loss: Callable[[nn.Module, dict[str, torch.Tensor], dict[str, torch.Tensor]], torch.Tensor]
+    start: int = 0
+    active: bool = False
+
+
+@dataclass
 class Task:
     """What the loop trains. ``loss(model, batch, generator)`` returns a dict with a scalar
     ``loss`` plus metrics; ``evaluate(model, batches)`` returns metrics on held-out batches;
@@ -155,24 +173,50 @@ class Task:
     # Called every ``eval_every`` steps and at export with the model, the step and the run
     # folder: writes sample videos (e.g. ``<out>/samples/step-000500.mp4``).
     samples: Callable[[nn.Module, int, Path], None] | None = None
+    adversary: Adversary | None = None
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def _optim_tensors(opt: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
+    return {
+        f"{prefix}.{idx}.{key}": torch.as_tensor(value)
+        for idx, per_param in opt.state_dict()["state"].items()
+        for key, value in per_param.items()
+    }
+
+
+def _load_optim(
+    opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], prefix: str, groups: list
+) -> None:
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith(prefix + "."):
+            _, idx, key = name.split(".", 2)
+            per_param.setdefault(int(idx), {})[key] = value
+    opt.load_state_dict({"state": per_param, "param_groups": groups})
+
+
 def _state_tensors(
-    model: nn.Module, ema: EMA | None, opt: torch.optim.Optimizer, gen: torch.Generator
-) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    model: nn.Module,
+    ema: EMA | None,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    adv: tuple[Adversary, torch.optim.Optimizer] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     if ema is not None:
         tensors.update({f"ema.{k}": v for k, v in ema.model.state_dict().items()})
-    state = opt.state_dict()
-    for idx, per_param in state["state"].items():
-        for key, value in per_param.items():
-            tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value)
+    tensors.update(_optim_tensors(opt, "optim"))
     tensors["rng.train"] = gen.get_state()
-    return tensors, state["param_groups"]
+    card: dict[str, Any] = {"param_groups": opt.state_dict()["param_groups"]}
+    if adv is not None:
+        tensors.update({f"adv.{k}": v for k, v in adv[0].module.state_dict().items()})
+        tensors.update(_optim_tensors(adv[1], "adv_optim"))
+        card["adv_param_groups"] = adv[1].state_dict()["param_groups"]
+    return tensors, card
 
 
 def _load_state(
@@ -181,19 +225,21 @@ def _load_state(
     ema: EMA | None,
     opt: torch.optim.Optimizer,
     gen: torch.Generator,
+    adv: tuple[Adversary, torch.optim.Optimizer] | None = None,
 ) -> tuple[int, float]:
     ckpt.load_into(model, prefix="model.")
     if ema is not None:
         ema.model.load_state_dict(
             {k[4:]: v for k, v in ckpt.tensors.items() if k.startswith("ema.")}, strict=True
         )
-    per_param: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in ckpt.tensors.items():
-        if name.startswith("optim."):
-            _, idx, key = name.split(".", 2)
-            per_param.setdefault(int(idx), {})[key] = value
-    opt.load_state_dict({"state": per_param, "param_groups": ckpt.card["param_groups"]})
+    _load_optim(opt, ckpt.tensors, "optim", ckpt.card["param_groups"])
     gen.set_state(ckpt.tensors["rng.train"])
+    if adv is not None:
+        if "adv_param_groups" in ckpt.card:
+            ckpt.load_into(adv[0].module, prefix="adv.")
+            _load_optim(adv[1], ckpt.tensors, "adv_optim", ckpt.card["adv_param_groups"])
+        else:  # e.g. a GAN switched on when resuming a run that trained without one
+            log.info("the state has no adversary: it starts from its initial weights")
     return int(ckpt.card["step"]), float(ckpt.card.get("wall_seconds", 0.0))
 
 
@@ -212,10 +258,14 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
         model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
     )
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    adv = None
+    if task.adversary is not None:
+        module = task.adversary.module.to(device).train()
+        adv = (task.adversary, torch.optim.AdamW(module.parameters(), lr=cfg.lr, betas=(0.5, 0.9)))
     start, before = 0, 0.0  # steps and wall seconds of earlier runs
     state_path = out / STATE_FILE
     if cfg.resume and state_path.exists():
-        start, before = _load_state(checkpoint.load(state_path), model, ema, opt, gen)
+        start, before = _load_state(checkpoint.load(state_path), model, ema, opt, gen, adv)
         log.info("resuming %s from step %d", state_path, start)
     # The schedule always spans `steps`; `stop_at` only ends this invocation early.
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
@@ -229,9 +279,9 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
     )
     step = start
     for step, batch in enumerate(loader, start=start):
-        for group in opt.param_groups:
+        for group in [*opt.param_groups, *(adv[1].param_groups if adv else [])]:
             group["lr"] = lr_at(step, cfg)
-        result = _train_step(task, model, _to(batch, device), gen, opt, cfg)
+        result = _train_step(task, model, _to(batch, device), gen, opt, cfg, adv, step)
         metrics = {k: float(v.detach()) for k, v in result.items() if v.numel() == 1}
         if task.after_step is not None:
             task.after_step(model, step, result)
@@ -254,7 +304,7 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
             _samples(task, ema.model if ema else model, step + 1, out)
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == end:
             wall = before + time.perf_counter() - t0
-            _save_state(state_path, task, model, ema, opt, gen, step + 1, wall)
+            _save_state(state_path, task, model, ema, opt, gen, step + 1, wall, adv)
     bar.close()
     seconds = before + time.perf_counter() - t0
     if end < cfg.steps:
@@ -270,14 +320,30 @@ def _train_step(
     gen: torch.Generator,
     opt: torch.optim.Optimizer,
     cfg: TrainConfig,
+    adv: tuple[Adversary, torch.optim.Optimizer] | None = None,
+    step: int = 0,
 ) -> dict[str, torch.Tensor]:
     device_type = next(model.parameters()).device.type
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    if adv is not None:
+        adv[0].active = step >= adv[0].start
+        adv[0].module.requires_grad_(False)  # the model's loss may read it, never train it
+    with autocast:
         out = task.loss(model, batch, gen)
     opt.zero_grad(set_to_none=True)
     out["loss"].backward()
     out["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     opt.step()
+    if adv is not None and adv[0].active:
+        adversary, adv_opt = adv
+        adversary.module.requires_grad_(True)
+        with autocast:
+            adv_loss = adversary.loss(adversary.module, batch, out)
+        adv_opt.zero_grad(set_to_none=True)
+        adv_loss.backward()
+        nn.utils.clip_grad_norm_(adversary.module.parameters(), cfg.grad_clip)
+        adv_opt.step()
+        out["adv_loss"] = adv_loss.detach()
     return out
 
 
@@ -297,9 +363,10 @@ def _save_state(
     gen: torch.Generator,
     step: int,
     wall: float,
+    adv: tuple[Adversary, torch.optim.Optimizer] | None = None,
 ) -> None:
-    tensors, groups = _state_tensors(model, ema, opt, gen)
-    card = {"step": step, "param_groups": groups, "wall_seconds": wall}
+    tensors, card = _state_tensors(model, ema, opt, gen, adv)
+    card.update(step=step, wall_seconds=wall)
     checkpoint.save(path, tensors, task.run_config, card=card)
 
 

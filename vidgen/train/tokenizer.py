@@ -1,4 +1,4 @@
-"""Training tasks for the tokenizers: the KL autoencoder (and LARP, in larp.py's issue)."""
+"""Training tasks for the tokenizers: the KL autoencoder and LARP (optionally with a patch-GAN)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from vidgen.data import DataConfig, build_dataset
+from vidgen.tokenizers.gan import PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from vidgen.tokenizers.kl import KLAutoencoder, KLConfig
 from vidgen.tokenizers.larp import (
     LARPConfig,
@@ -19,7 +20,7 @@ from vidgen.tokenizers.larp import (
 )
 from vidgen.tokenizers.losses import psnr, ssim
 from vidgen.train.encoded import EncodedClips, load_autoencoder
-from vidgen.train.loop import Task
+from vidgen.train.loop import Adversary, Task
 
 
 @torch.no_grad()
@@ -151,10 +152,21 @@ def larp_task(
 
     model = LARPTokenizer(config)
     model.quantizer.active.fill_(int(config.vq_warmup <= 0))
+    adversary = larp_adversary(config, autoencoder, key)
+
+    def loss(model: nn.Module, batch: dict[str, torch.Tensor], gen: torch.Generator) -> dict:
+        out = model(batch[key], gen)
+        if adversary is not None and adversary.active:
+            fake = _frames(out["recon"], autoencoder)
+            out["gan_g"] = hinge_g_loss(adversary.module(fake))
+            out["loss"] = out["loss"] + config.gan_weight * out["gan_g"]
+            out["fake"] = fake.detach()
+        return out
+
     return Task(
         name=name,
         model=model,
-        loss=lambda model, batch, gen: model(batch[key], gen),
+        loss=loss,
         train_data=train_data,
         eval_data=eval_data,
         batch_size=data.batch_size,
@@ -175,8 +187,42 @@ def larp_task(
                 if not config.autoencoder
                 else ""
             )
-            + "; no GAN",
+            + (
+                f" + {config.gan_weight}*patch-GAN hinge from step {config.gan_start}"
+                if adversary is not None
+                else "; no GAN"
+            ),
         },
         evaluate=lambda model, batches: evaluate_larp(model, batches, autoencoder),
         after_step=after_step,
+        adversary=adversary,
     )
+
+
+def _frames(clips: torch.Tensor, autoencoder: KLAutoencoder | None) -> torch.Tensor:
+    """(b, t, c, h, w) clips in the tokenizer's space -> (b t, C, H, W) frames in pixels."""
+    if autoencoder is not None:
+        clips = autoencoder.decode(clips)
+    return clips.flatten(0, 1)
+
+
+def larp_adversary(
+    config: LARPConfig, autoencoder: KLAutoencoder | None, key: str
+) -> Adversary | None:
+    """The patch-GAN discriminator of a LARP run (None when ``gan_weight`` is 0): it sees
+    frames in pixels, so for a latent-space LARP both the real clips' latents and the
+    reconstructions go through the frozen autoencoder's decoder (the real side is then the
+    autoencoder's own reconstruction, the best a latent-space tokenizer can reach)."""
+    if config.gan_weight == 0:
+        return None
+    channels = autoencoder.config.in_channels if autoencoder is not None else config.channels
+    disc = PatchDiscriminator(channels, config.disc_dim, config.disc_layers)
+
+    def disc_loss(
+        disc: nn.Module, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        with torch.no_grad():
+            real = _frames(batch[key], autoencoder)
+        return hinge_d_loss(disc(real), disc(out["fake"]))
+
+    return Adversary(module=disc, loss=disc_loss, start=config.gan_start)
