@@ -1,7 +1,8 @@
 """Quality of the shipped generators against the BouncingShapes ground truth.
 
 Usage: python benchmarks/quality.py [--models ca2vdm-tiny,nbp-tiny] [--frames 512]
-                                    [--labels 1,2,3,4] [--seeds 0]
+                                    [--labels 1,2,3,4] [--seeds 0] [--steps 12]
+                                    [--guidance 2] [--temperature 1] [--top-k 0] [--top-p 1]
 
 For each model, label (the number of shapes) and seed: one video of ``--frames`` frames made
 in process with ``generate_video``; scored by pixels alone (vidgen.eval.scene): count accuracy
@@ -48,8 +49,15 @@ def mean(values: list[float | None]) -> float | None:
 
 
 def evaluate_model(
-    name: str, frames: int, labels: list[int], seeds: list[int], steps: int, guidance: float
+    name: str,
+    frames: int,
+    labels: list[int],
+    seeds: list[int],
+    steps: int,
+    guidance: float,
+    **sampling: float,
 ) -> dict[str, object]:
+    """``sampling``: token-sampling fields of the request (temperature, top_k, top_p)."""
     gen = load_generator(name, max_streams=1)
     per_label: dict[str, dict[str, float | None]] = {}
     rows = []
@@ -58,7 +66,13 @@ def evaluate_model(
         scores = []
         for seed in seeds:
             request = GenerationRequest(
-                model=name, frames=frames, seed=seed, label=label, steps=steps, guidance=guidance
+                model=name,
+                frames=frames,
+                seed=seed,
+                label=label,
+                steps=steps,
+                guidance=guidance,
+                **sampling,
             )
             video = np.concatenate([c.frames for c in generate_video(gen, request)])
             scores.append(score_video(video, label, gen.clip_len))
@@ -94,8 +108,12 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--temperature", type=float, default=1.0, help="token models")
+    parser.add_argument("--top-k", type=int, default=0, help="token models; 0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="token models; 1 = off")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
     if args.threads:
         torch.set_num_threads(args.threads)
     labels = [int(x) for x in args.labels.split(",")]
@@ -104,6 +122,9 @@ def main() -> None:
         "frames": args.frames,
         "labels": labels,
         "seeds": seeds,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        **sampling,
         "true_mean_speed": TRUE_SPEED,
         "machine": f"{platform.platform()}, {os.cpu_count()} cpus, torch {torch.__version__}",
     }
@@ -113,7 +134,9 @@ def main() -> None:
         except checkpoint.CheckpointError as err:
             result[name] = {"error": str(err)}
             continue
-        result[name] = evaluate_model(name, args.frames, labels, seeds, args.steps, args.guidance)
+        result[name] = evaluate_model(
+            name, args.frames, labels, seeds, args.steps, args.guidance, **sampling
+        )
         if name.startswith("nbp"):
             baseline = tokenizer_seam_baseline(name, min(args.frames, 256), seeds)
             result[name]["summary"]["tokenizer_roundtrip_seam_ratio"] = baseline
