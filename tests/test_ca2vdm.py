@@ -201,3 +201,41 @@ def test_a_test_model_overfits_one_clip():
         losses.append(loss.item())
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.3 * first, (first, last)
+
+
+def test_training_forward_equals_inference_for_every_prefix_length(model):
+    """The teacher-forcing forward of flow_matching_loss (all prefix lengths at once) gives
+    each noisy clip exactly the prediction that cached inference gives it after the write
+    passes of the clips before it (same context noise), across an eviction."""
+    from vidgen.sampling.flow import add_noise
+
+    clips = CFG.window_clips + 2
+    total = clips * L
+    x = latents(total, seed=3)
+    g = torch.Generator().manual_seed(4)
+    context_noise, noise = torch.randn(x.shape, generator=g), torch.randn(x.shape, generator=g)
+    context = add_noise(x, context_noise, torch.full((1,), CFG.prefix_t))
+    t = torch.rand(1, clips, generator=g).repeat_interleave(L, dim=1)
+    noisy = add_noise(x, noise, t)
+    acts = actions(total, seed=5)
+    clean = torch.ones(1, total, dtype=torch.bool)
+    cond = Cond(
+        t=torch.cat([torch.full((1, total), CFG.prefix_t), t], dim=1),
+        labels=torch.tensor([3]),
+        actions=torch.cat([acts, acts], dim=1),
+        drop_label=torch.cat([clean, ~clean], dim=1),
+        drop_actions=torch.cat([~clean, ~clean], dim=1),
+    )
+    mask = teacher_forcing_mask(clips, L, CFG.window_clips)
+    positions = torch.arange(total).repeat(2)[None]
+    with torch.no_grad():
+        trained = model.forward_history(torch.cat([context, noisy], 1), cond, mask, positions)
+        cache = KVCache(model.cache_spec())
+        s = cache.add_stream()
+        for k in range(clips):
+            part = slice(k * L, (k + 1) * L)
+            step_cond = Cond(t=t[:, part], labels=torch.tensor([3]), actions=acts[:, part])
+            out = model(noisy[:, part], step_cond, cache, [s])
+            assert out.std() > 0.1
+            torch.testing.assert_close(out, trained[:, total:][:, part], atol=1e-5, rtol=0)
+            model.write(x[:, part], cache, [s], actions=acts[:, part], noise=context_noise[:, part])
