@@ -57,20 +57,40 @@ def in_process_seconds(model: str, frames: int, steps: int) -> float:
     return time.perf_counter() - start
 
 
+class CountingSink:
+    """Takes every clip at once and keeps only a count: a consumer that never holds a stream
+    back (taking streams' clips one stream after another through ``Orchestrator.clips``
+    would stall the others at their queue bound, and batching with them)."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self.finished = False
+
+    def room(self) -> int:
+        return 1 << 30
+
+    def put(self, clip) -> None:
+        self.frames += len(clip.frames)
+
+    def finish(self) -> None:
+        self.finished = True
+
+
 def orchestrated_seconds(
     executors: list, model: str, frames: int, steps: int, seeds: list[int], together: bool = True
 ) -> float:
+    """Seconds to make one video per seed: all submitted at once (batched on the executors)
+    or one after another."""
     orch = Orchestrator(executors, queue_clips=8)
     start = time.perf_counter()
-    if together:
-        keys = [orch.submit(request(model, frames, s, steps)) for s in seeds]
-        for key in keys:
-            for _ in orch.clips(key):
-                pass
-    else:
-        for s in seeds:
-            for _ in orch.clips(orch.submit(request(model, frames, s, steps))):
-                pass
+    groups = [seeds] if together else [[s] for s in seeds]
+    for group in groups:
+        sinks = [CountingSink() for _ in group]
+        for seed, sink in zip(group, sinks, strict=True):
+            orch.submit(request(model, frames, seed, steps), sink=sink)
+        orch.run()
+        if not all(sink.finished and sink.frames == frames for sink in sinks):
+            raise RuntimeError(f"a stream did not deliver its {frames} frames")
     return time.perf_counter() - start
 
 
