@@ -180,12 +180,17 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _optim_tensors(opt: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
-    return {
+def _optim_tensors(
+    opt: torch.optim.Optimizer, prefix: str
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """An optimizer's moments as named tensors, and its param groups (for the card)."""
+    state = opt.state_dict()
+    tensors = {
         f"{prefix}.{idx}.{key}": torch.as_tensor(value)
-        for idx, per_param in opt.state_dict()["state"].items()
+        for idx, per_param in state["state"].items()
         for key, value in per_param.items()
     }
+    return tensors, state["param_groups"]
 
 
 def _load_optim(
@@ -209,13 +214,14 @@ def _state_tensors(
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     if ema is not None:
         tensors.update({f"ema.{k}": v for k, v in ema.model.state_dict().items()})
-    tensors.update(_optim_tensors(opt, "optim"))
+    moments, groups = _optim_tensors(opt, "optim")
+    tensors.update(moments)
     tensors["rng.train"] = gen.get_state()
-    card: dict[str, Any] = {"param_groups": opt.state_dict()["param_groups"]}
+    card: dict[str, Any] = {"param_groups": groups}
     if adv is not None:
         tensors.update({f"adv.{k}": v for k, v in adv[0].module.state_dict().items()})
-        tensors.update(_optim_tensors(adv[1], "adv_optim"))
-        card["adv_param_groups"] = adv[1].state_dict()["param_groups"]
+        moments, card["adv_param_groups"] = _optim_tensors(adv[1], "adv_optim")
+        tensors.update(moments)
     return tensors, card
 
 
