@@ -371,3 +371,20 @@ def test_ray_job_submit_with_token_auth(models, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_waiting_for_the_first_result_does_not_wait_for_the_rest(ray_session):
+    """The orchestrator's one wait over all actors returns at the first result."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def after(seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+    slow, fast = after.remote(120.0), after.remote(0.0)
+    try:
+        assert RayExecutor.wait([slow, fast], timeout=60.0, first=True) == [fast]
+        assert RayExecutor.wait([slow, fast], timeout=0.5) == [fast]
+    finally:
+        ray.cancel(slow, force=True)

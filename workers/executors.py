@@ -38,7 +38,10 @@ class Executor(Protocol):
 
     def decode(self, clips: list[ClipOut]) -> Any: ...
 
-    def wait(self, handles: list[Any], timeout: float | None) -> list[Any]: ...
+    def wait(self, handles: list[Any], timeout: float | None, first: bool = False) -> list[Any]:
+        """The handles that are done: after ``timeout`` seconds, or as soon as one is when
+        ``first``. Handles of other executors of the same class may be passed too."""
+        ...
 
     def result(self, handle: Any) -> Any: ...
 
@@ -82,7 +85,8 @@ class LocalExecutor:
     def decode(self, clips: list[ClipOut]) -> _Done:
         return self._call(self.worker.decode, clips)
 
-    def wait(self, handles: list[Any], timeout: float | None) -> list[Any]:
+    @staticmethod
+    def wait(handles: list[Any], timeout: float | None, first: bool = False) -> list[Any]:
         return list(handles)
 
     def result(self, handle: _Done) -> Any:
@@ -132,7 +136,14 @@ class RayExecutor:
     def decode(self, clips: list[ClipOut]) -> Any:
         return self.handle.decode.remote(clips)
 
-    def wait(self, handles: list[Any], timeout: float | None) -> list[Any]:
+    @staticmethod
+    def wait(handles: list[Any], timeout: float | None, first: bool = False) -> list[Any]:
+        if first:  # block until one is done, then take every other that is done too
+            ready, rest = ray.wait(handles, num_returns=1, timeout=timeout, fetch_local=False)
+            if not ready or not rest:
+                return ready
+            more, _ = ray.wait(rest, num_returns=len(rest), timeout=0, fetch_local=False)
+            return ready + more
         ready, _ = ray.wait(handles, num_returns=len(handles), timeout=timeout, fetch_local=False)
         return ready
 

@@ -248,13 +248,24 @@ class Orchestrator:
     def _execute_and_update(self, poll: float) -> None:
         if not self.work:
             return
-        done: list[_Work] = []
-        for index in {w.executor for w in self.work}:
-            executor = self.executors[index]
-            mine = [w for w in self.work if w.executor == index]
-            ready = set(map(id, executor.wait([w.handle for w in mine], poll / 4)))
-            done += [w for w in mine if id(w.handle) in ready]
-        for work in done:
+        # One wait over every executor's work that returns at the first result anywhere: a
+        # step that finishes is answered with the next one at once (waiting on executors in
+        # turn left each actor idle for up to a poll per other executor).
+        groups: dict[type, list[_Work]] = {}
+        for w in self.work:
+            groups.setdefault(type(self.executors[w.executor]), []).append(w)
+        ready: set[int] = set()
+        for works in groups.values():
+            waiter = self.executors[works[0].executor]
+            ready |= set(map(id, waiter.wait([w.handle for w in works], 0.0)))
+        if not ready:
+            for works in groups.values():
+                waiter = self.executors[works[0].executor]
+                handles = [w.handle for w in works]
+                ready |= set(map(id, waiter.wait(handles, poll / len(groups), first=True)))
+                if ready:
+                    break
+        for work in [w for w in self.work if id(w.handle) in ready]:
             if not any(w is work for w in self.work):
                 continue  # dropped by a failure handled earlier in this round
             self.work = [w for w in self.work if w is not work]
