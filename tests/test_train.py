@@ -58,6 +58,36 @@ def test_kl_resume_is_bitwise(tmp_path):
     assert_bitwise_resume(["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2"], tmp_path)
 
 
+def test_kl_decoder_fine_tuning_keeps_the_encoder_and_its_latent_scale(tmp_path):
+    kl = ["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2"]
+    base = checkpoint.load(train(kl, tmp_path / "base", 2))
+    tuned = checkpoint.load(
+        train([*kl, f"init={base.path}", "freeze=[encoder]"], tmp_path / "tuned", 3)
+    )
+    assert tuned.config["scale"] == base.config["scale"] != 1.0
+    encoder = [n for n in base.tensors if n.startswith("encoder.")]
+    decoder = [n for n in base.tensors if n.startswith("decoder.")]
+    assert encoder and decoder
+    assert all(torch.equal(base.tensors[n], tuned.tensors[n]) for n in encoder)
+    assert any(not torch.equal(base.tensors[n], tuned.tensors[n]) for n in decoder)
+    assert str(base.path) in tuned.card["init"]
+    # Without the freeze the encoder trains too and the scale is measured again.
+    free = checkpoint.load(train([*kl, f"init={base.path}"], tmp_path / "free", 3))
+    assert any(not torch.equal(base.tensors[n], free.tensors[n]) for n in encoder)
+    assert free.config["scale"] != base.config["scale"]
+
+
+def test_fine_tuning_arguments_are_checked(tmp_path):
+    kl = ["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2"]
+    base = train(kl, tmp_path / "base", 1)
+    with pytest.raises(ValueError, match="'encoders' names no parameter"):
+        train([*kl, f"init={base}", "freeze=[encoders]"], tmp_path / "typo", 1)
+    with pytest.raises(ValueError, match="freeze needs init"):
+        train([*kl, "freeze=[encoder]"], tmp_path / "no-init", 1)
+    with pytest.raises(checkpoint.CheckpointError, match="shape"):  # another architecture
+        train([*kl, f"init={base}", "tokenizer.latent_channels=8"], tmp_path / "other", 1)
+
+
 def test_larp_resume_is_bitwise_with_code_restarts(tmp_path):
     overrides = [
         "tokenizer=larp-test",

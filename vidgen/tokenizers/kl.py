@@ -17,6 +17,7 @@ Axis letters: ``b`` batch, ``t`` frames, ``c`` channels, ``h``/``w`` height/widt
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,9 @@ class KLConfig:
     perceptual_weight: float = 0.2
     grad_weight: float = 0.5
     scale: float = 1.0  # latent scale (1 / std of posterior means), set after training
+
+    # Fields measured on a trained model, not chosen: fine-tuning takes them from its init.
+    MEASURED: ClassVar[tuple[str, ...]] = ("scale",)
 
     def __post_init__(self) -> None:
         self.channels = tuple(self.channels)  # Hydra hands lists

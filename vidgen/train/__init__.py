@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from vidgen import checkpoint
 from vidgen.data import DataConfig
 from vidgen.train.loop import StepSampler, Task, TrainConfig, lr_at, train
 
@@ -38,13 +39,62 @@ class TrainCommandConfig:
     name: str = ""
     out: str = ""
     frozen_tokenizer: str = ""  # generators: the tokenizer whose latents they model
+    # Fine-tuning: start from the weights of this checkpoint (name or path; the preset, with
+    # any overrides, must have its architecture) and keep the parameters under these name
+    # prefixes fixed (e.g. freeze=[encoder] for a KL decoder that must keep its latent space).
+    init: str = ""
+    freeze: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if (self.tokenizer is None) == (self.model is None):
             raise ValueError("choose exactly one of tokenizer=<preset> or model=<preset>")
+        if self.freeze and not self.init:
+            raise ValueError("freeze needs init=<checkpoint>: frozen random weights stay random")
 
 
 def build_task(cfg: TrainCommandConfig) -> Task:
+    """The task of the chosen preset, started from ``cfg.init`` with ``cfg.freeze`` fixed
+    when fine-tuning."""
+    init = None
+    if cfg.init:
+        target = cfg.tokenizer if cfg.tokenizer is not None else cfg.model
+        init = checkpoint.load(cfg.init, expected_config=type(target))
+        # Hyperparameters come from the command (a different architecture fails to load
+        # below); values measured on the trained model (the KL's latent scale) from the init.
+        measured = getattr(type(target), "MEASURED", ())
+        trained = init.config_as(type(target))
+        config = replace(target, **{k: getattr(trained, k) for k in measured})
+        cfg = replace(cfg, **{"tokenizer" if cfg.tokenizer is not None else "model": config})
+    task = _preset_task(cfg)
+    if init is not None:
+        init.load_into(task.model)
+        frozen = freeze_parameters(task.model, cfg.freeze)
+        task.card = {
+            **task.card,
+            "init": f"{cfg.init} (sha256 {init.sha256[:16]})",
+            "frozen": f"{frozen} parameters under {cfg.freeze}" if cfg.freeze else "none",
+        }
+    return task
+
+
+def freeze_parameters(model: torch.nn.Module, prefixes: list[str]) -> int:
+    """Keep every parameter whose name is or starts with ``prefix.`` fixed; returns how many.
+    A prefix that names no parameter is an error (a typo would silently train everything)."""
+    names = [name for name, _ in model.named_parameters()]
+    count = 0
+    for prefix in prefixes:
+        hits = [n for n in names if n == prefix or n.startswith(prefix + ".")]
+        if not hits:
+            tops = sorted({n.split(".")[0] for n in names})
+            raise ValueError(f"freeze: {prefix!r} names no parameter (top-level names: {tops})")
+        count += len(hits)
+    for name, param in model.named_parameters():
+        if any(name == p or name.startswith(p + ".") for p in prefixes):
+            param.requires_grad_(False)
+    return count
+
+
+def _preset_task(cfg: TrainCommandConfig) -> Task:
     from vidgen.models.ca2vdm import Ca2VDMConfig
     from vidgen.models.nbp import NBPConfig
     from vidgen.tokenizers.kl import KLConfig
@@ -53,7 +103,10 @@ def build_task(cfg: TrainCommandConfig) -> Task:
 
     target = cfg.tokenizer if cfg.tokenizer is not None else cfg.model
     if isinstance(target, KLConfig):
-        return kl_task(target, cfg.data, cfg, cfg.name)
+        # A frozen encoder keeps the latent space, and with it the scale its users were
+        # trained with; otherwise the scale is measured again at export.
+        fit_scale = not any(p == "encoder" or p.startswith("encoder.") for p in cfg.freeze)
+        return kl_task(target, cfg.data, cfg, cfg.name, fit_scale=fit_scale)
     if isinstance(target, LARPConfig):
         return larp_task(target, cfg.data, cfg, cfg.name, out_dir(cfg))
     if isinstance(target, Ca2VDMConfig):
