@@ -10,6 +10,10 @@ Loss (``forward``): L1 + ``perceptual_weight`` x (1 - SSIM) + ``grad_weight`` x 
 gradients + ``kl_weight`` x KL. SSIM and gradient terms need no downloaded network: SSIM
 rewards local structure and contrast that L1 alone blurs, and the gradient term keeps object
 edges sharp, which is what the scene metrics (object detection by colour) depend on.
+Small objects are a few percent of a frame, so a frame-mean L1 barely sees their colours:
+``foreground_weight`` w weights the L1 of foreground pixels (those farther than 0.1 in summed
+channel distance from the frame's per-channel median, its background) by 1 + w, normalised
+so the loss stays a weighted mean.
 
 Axis letters: ``b`` batch, ``t`` frames, ``c`` channels, ``h``/``w`` height/width.
 """
@@ -40,6 +44,7 @@ class KLConfig:
     kl_weight: float = 1e-6
     perceptual_weight: float = 0.2
     grad_weight: float = 0.5
+    foreground_weight: float = 0.0  # extra L1 weight on pixels unlike the frame's background
     scale: float = 1.0  # latent scale (1 / std of posterior means), set after training
 
     # Fields measured on a trained model, not chosen: fine-tuning takes them from its init.
@@ -169,7 +174,7 @@ class KLAutoencoder(nn.Module):
         z = mean + (0.5 * logvar).exp() * noise
         recon = self.decoder(rearrange(z, "b t c h w -> (b t) c h w"))  # (b*t, 3, H, W)
         target = rearrange(video, "b t c h w -> (b t) c h w")
-        l1 = (recon - target).abs().mean()
+        l1 = weighted_l1(recon, target, cfg.foreground_weight)
         structural = 1.0 - ssim(recon, target)
         grad = gradient_l1(recon, target)
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(2, 3, 4)).mean()
@@ -185,3 +190,21 @@ class KLAutoencoder(nn.Module):
             "kl": kl,
             "psnr": psnr,
         }
+
+
+def foreground_mask(frames: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+    """(n, 1, H, W) float mask of the pixels of ``frames`` (n, C, H, W) whose summed channel
+    distance from the frame's per-channel median (its background) exceeds ``threshold``."""
+    background = frames.flatten(2).median(dim=2).values[..., None, None]
+    return ((frames - background).abs().sum(1, keepdim=True) > threshold).to(frames.dtype)
+
+
+def weighted_l1(
+    recon: torch.Tensor, target: torch.Tensor, foreground_weight: float
+) -> torch.Tensor:
+    """Mean L1 with foreground pixels (``foreground_mask`` of the target) weighted by
+    1 + ``foreground_weight`` (0: the plain mean)."""
+    if foreground_weight == 0:
+        return (recon - target).abs().mean()
+    weight = 1.0 + foreground_weight * foreground_mask(target)
+    return ((recon - target).abs() * weight).sum() / (weight.sum() * recon.shape[1])

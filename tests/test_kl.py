@@ -1,0 +1,47 @@
+"""The KL autoencoder's loss terms."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from vidgen.tokenizers.kl import KL_CONFIGS, KLAutoencoder, foreground_mask, weighted_l1
+
+
+def square_frames() -> torch.Tensor:
+    """Two frames: a grey background with a 4x4 red square at a different place in each."""
+    frames = torch.full((2, 3, 16, 16), -0.6)
+    frames[0, :, 2:6, 3:7] = torch.tensor([0.8, -0.7, -0.7])[:, None, None]
+    frames[1, :, 9:13, 8:12] = torch.tensor([0.8, -0.7, -0.7])[:, None, None]
+    return frames
+
+
+def test_foreground_mask_is_the_object_not_the_background():
+    frames = square_frames()
+    mask = foreground_mask(frames)
+    assert mask.shape == (2, 1, 16, 16)
+    assert mask[0, 0, 2:6, 3:7].all() and mask[1, 0, 9:13, 8:12].all()
+    assert mask.sum() == 2 * 16
+
+
+def test_weighted_l1_weights_object_errors_up_and_background_errors_down():
+    target = square_frames()
+    on_object, on_background = target.clone(), target.clone()
+    on_object[0, :, 2:6, 3:7] += 0.5
+    on_background[0, :, 10:14, 0:4] += 0.5  # as many pixels, as large an error
+    plain = [weighted_l1(x, target, 0.0) for x in (on_object, on_background)]
+    assert plain[0] == pytest.approx(plain[1]) and plain[0] == (on_object - target).abs().mean()
+    weighted = [weighted_l1(x, target, 4.0) for x in (on_object, on_background)]
+    assert weighted[0] > plain[0] > weighted[1]
+    assert weighted_l1(target, target, 4.0) == 0
+
+
+def test_foreground_weight_enters_the_training_loss():
+    torch.manual_seed(0)
+    model = KLAutoencoder(KL_CONFIGS["test"])
+    video = torch.nn.functional.interpolate(square_frames(), size=32)[None]  # (1, 2, 3, 32, 32)
+    plain = model(video, torch.Generator().manual_seed(0))
+    model.config = dataclasses.replace(model.config, foreground_weight=4.0)
+    weighted = model(video, torch.Generator().manual_seed(0))
+    assert torch.equal(plain["ssim"], weighted["ssim"])  # the same reconstruction
+    assert weighted["loss"] != plain["loss"]
