@@ -465,6 +465,7 @@ def unigram_entropy(ids: torch.Tensor, codebook_size: int) -> float:
     return float(-(p * torch.log(p.clamp_min(1e-12))).sum())
 
 
+@torch.no_grad()
 def prior_cross_entropy(model: LARPTokenizer, ids: torch.Tensor) -> float:
     """Mean cross-entropy (nats) of the prior on ``ids`` (b, N)."""
     logits = model.prior_logits(ids)
