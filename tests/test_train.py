@@ -75,6 +75,11 @@ def test_kl_decoder_fine_tuning_keeps_the_encoder_and_its_latent_scale(tmp_path)
     free = checkpoint.load(train([*kl, f"init={base.path}"], tmp_path / "free", 3))
     assert any(not torch.equal(base.tensors[n], free.tensors[n]) for n in encoder)
     assert free.config["scale"] != base.config["scale"]
+    # Part of the encoder frozen: the rest of it trains, so the scale is measured again.
+    part = checkpoint.load(
+        train([*kl, f"init={base.path}", "freeze=[encoder.conv_in]"], tmp_path / "part", 3)
+    )
+    assert part.config["scale"] != base.config["scale"]
 
 
 def test_fine_tuning_arguments_are_checked(tmp_path):

@@ -144,7 +144,10 @@ class KLAutoencoder(nn.Module):
     def posterior(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, logvar), each (b, t, z, h, w), of unscaled latents."""
         b = video.shape[0]
-        moments = self.encoder(rearrange(video, "b t c h w -> (b t) c h w"))
+        # Contiguous: frames made from HWC arrays have channels-last strides, and with the
+        # input conv frozen (decoder fine-tuning) torch 2.13's CPU conv backward segfaults on
+        # them.
+        moments = self.encoder(rearrange(video, "b t c h w -> (b t) c h w").contiguous())
         mean, logvar = rearrange(moments, "(b t) c h w -> b t c h w", b=b).chunk(2, dim=2)
         return mean, logvar.clamp(-30.0, 20.0)
 

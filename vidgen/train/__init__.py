@@ -55,6 +55,8 @@ class TrainCommandConfig:
 def build_task(cfg: TrainCommandConfig) -> Task:
     """The task of the chosen preset, started from ``cfg.init`` with ``cfg.freeze`` fixed
     when fine-tuning."""
+    from vidgen.tokenizers.kl import KLAutoencoder
+
     init = None
     if cfg.init:
         target = cfg.tokenizer if cfg.tokenizer is not None else cfg.model
@@ -69,6 +71,13 @@ def build_task(cfg: TrainCommandConfig) -> Task:
     if init is not None:
         init.load_into(task.model)
         frozen = freeze_parameters(task.model, cfg.freeze)
+        encoder = getattr(task.model, "encoder", None)
+        if isinstance(task.model, KLAutoencoder) and not any(
+            p.requires_grad for p in encoder.parameters()
+        ):
+            # The whole encoder is frozen: the latent space, and the scale its users were
+            # trained with, stay as they are (otherwise the scale is measured at export).
+            task.before_export = None
         task.card = {
             **task.card,
             "init": f"{cfg.init} (sha256 {init.sha256[:16]})",
@@ -103,10 +112,7 @@ def _preset_task(cfg: TrainCommandConfig) -> Task:
 
     target = cfg.tokenizer if cfg.tokenizer is not None else cfg.model
     if isinstance(target, KLConfig):
-        # A frozen encoder keeps the latent space, and with it the scale its users were
-        # trained with; otherwise the scale is measured again at export.
-        fit_scale = not any(p == "encoder" or p.startswith("encoder.") for p in cfg.freeze)
-        return kl_task(target, cfg.data, cfg, cfg.name, fit_scale=fit_scale)
+        return kl_task(target, cfg.data, cfg, cfg.name)
     if isinstance(target, LARPConfig):
         return larp_task(target, cfg.data, cfg, cfg.name, out_dir(cfg))
     if isinstance(target, Ca2VDMConfig):

@@ -48,11 +48,7 @@ def fit_latent_scale(model: KLAutoencoder, batches: list[dict[str, torch.Tensor]
     return model.config
 
 
-def kl_task(
-    config: KLConfig, data: DataConfig, run_config: object, name: str, fit_scale: bool = True
-) -> Task:
-    """``fit_scale``: measure the latent scale at export (False keeps ``config.scale``, for a
-    decoder fine-tuned under a frozen encoder)."""
+def kl_task(config: KLConfig, data: DataConfig, run_config: object, name: str) -> Task:
     if data.size != config.image_size:
         raise ValueError(
             f"data.size={data.size} must equal the tokenizer's image_size={config.image_size}"
@@ -73,7 +69,7 @@ def kl_task(
             "kl_weight*KL",
         },
         evaluate=evaluate_kl,
-        before_export=fit_latent_scale if fit_scale else None,
+        before_export=fit_latent_scale,
     )
 
 
