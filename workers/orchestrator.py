@@ -255,16 +255,10 @@ class Orchestrator:
         for w in self.work:
             groups.setdefault(type(self.executors[w.executor]), []).append(w)
         ready: set[int] = set()
-        for works in groups.values():
+        for works in groups.values():  # once something is done, the others are only polled
             waiter = self.executors[works[0].executor]
-            ready |= set(map(id, waiter.wait([w.handle for w in works], 0.0)))
-        if not ready:
-            for works in groups.values():
-                waiter = self.executors[works[0].executor]
-                handles = [w.handle for w in works]
-                ready |= set(map(id, waiter.wait(handles, poll / len(groups), first=True)))
-                if ready:
-                    break
+            timeout = 0.0 if ready else poll / len(groups)
+            ready |= set(map(id, waiter.wait([w.handle for w in works], timeout, first=True)))
         for work in [w for w in self.work if id(w.handle) in ready]:
             if not any(w is work for w in self.work):
                 continue  # dropped by a failure handled earlier in this round

@@ -55,8 +55,6 @@ class TrainCommandConfig:
 def build_task(cfg: TrainCommandConfig) -> Task:
     """The task of the chosen preset, started from ``cfg.init`` with ``cfg.freeze`` fixed
     when fine-tuning."""
-    from vidgen.tokenizers.kl import KLAutoencoder
-
     init = None
     if cfg.init:
         target = cfg.tokenizer if cfg.tokenizer is not None else cfg.model
@@ -71,13 +69,6 @@ def build_task(cfg: TrainCommandConfig) -> Task:
     if init is not None:
         init.load_into(task.model)
         frozen = freeze_parameters(task.model, cfg.freeze)
-        encoder = getattr(task.model, "encoder", None)
-        if isinstance(task.model, KLAutoencoder) and not any(
-            p.requires_grad for p in encoder.parameters()
-        ):
-            # The whole encoder is frozen: the latent space, and the scale its users were
-            # trained with, stay as they are (otherwise the scale is measured at export).
-            task.before_export = None
         task.card = {
             **task.card,
             "init": f"{cfg.init} (sha256 {init.sha256[:16]})",
@@ -89,18 +80,17 @@ def build_task(cfg: TrainCommandConfig) -> Task:
 def freeze_parameters(model: torch.nn.Module, prefixes: list[str]) -> int:
     """Keep every parameter whose name is or starts with ``prefix.`` fixed; returns how many.
     A prefix that names no parameter is an error (a typo would silently train everything)."""
-    names = [name for name, _ in model.named_parameters()]
-    count = 0
+    params = dict(model.named_parameters())
+    chosen: set[str] = set()
     for prefix in prefixes:
-        hits = [n for n in names if n == prefix or n.startswith(prefix + ".")]
+        hits = {n for n in params if n == prefix or n.startswith(prefix + ".")}
         if not hits:
-            tops = sorted({n.split(".")[0] for n in names})
+            tops = sorted({n.split(".")[0] for n in params})
             raise ValueError(f"freeze: {prefix!r} names no parameter (top-level names: {tops})")
-        count += len(hits)
-    for name, param in model.named_parameters():
-        if any(name == p or name.startswith(p + ".") for p in prefixes):
-            param.requires_grad_(False)
-    return count
+        chosen |= hits
+    for name in chosen:
+        params[name].requires_grad_(False)
+    return len(chosen)
 
 
 def _preset_task(cfg: TrainCommandConfig) -> Task:

@@ -53,9 +53,19 @@ def kl_task(config: KLConfig, data: DataConfig, run_config: object, name: str) -
         raise ValueError(
             f"data.size={data.size} must equal the tokenizer's image_size={config.image_size}"
         )
+    model = KLAutoencoder(config)
+
+    def before_export(shipped: nn.Module, batches: list[dict[str, torch.Tensor]]) -> KLConfig:
+        # The trained model, not the shipped (EMA) copy, says what was frozen: with the whole
+        # encoder fixed (decoder fine-tuning) the latent space, and the scale its users were
+        # trained with, stay as they are; otherwise the scale is measured again.
+        if not any(p.requires_grad for p in model.encoder.parameters()):
+            return shipped.config
+        return fit_latent_scale(shipped, batches)
+
     return Task(
         name=name,
-        model=KLAutoencoder(config),
+        model=model,
         loss=lambda model, batch, gen: model(batch["video"], gen),
         train_data=build_dataset(data, "train"),
         eval_data=build_dataset(data, "eval"),
@@ -69,7 +79,7 @@ def kl_task(config: KLConfig, data: DataConfig, run_config: object, name: str) -
             "kl_weight*KL",
         },
         evaluate=evaluate_kl,
-        before_export=fit_latent_scale,
+        before_export=before_export,
     )
 
 
