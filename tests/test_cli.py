@@ -81,3 +81,18 @@ def test_render_model_key_is_a_plain_value_even_after_train_composes():
     render = load_config("render", ["model=ca2vdm-tiny", "frames=16"])
     assert render.model == "ca2vdm-tiny" and render.frames == 16
     assert load_config("train", ["tokenizer=kl-test"]).tokenizer is not None
+
+
+def test_configs_are_found_beside_an_uninstalled_source_checkout(monkeypatch):
+    """With PYTHONPATH=<checkout> and no install there is no vidgen.configs package; the
+    configs/ folder beside the package is used instead, composing the same config."""
+    from vidgen import config as config_module
+
+    installed = config_module.load_config("train", ["model=ca2vdm-tiny", "train.steps=7"])
+    # An entry of None makes the import fail (and find_spec answer None), as it does there.
+    monkeypatch.setitem(sys.modules, config_module.CONFIG_MODULE, None)
+    with pytest.raises(ImportError):
+        import vidgen.configs  # noqa: F401
+    source = config_module.load_config("train", ["model=ca2vdm-tiny", "train.steps=7"])
+    assert source == installed and source.train.steps == 7
+    assert config_module.group_choices("train", ["model=ca2vdm-tiny"])["model"] == "ca2vdm-tiny"

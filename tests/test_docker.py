@@ -7,7 +7,11 @@ the files and check what would otherwise only fail at build or deploy time.
 from __future__ import annotations
 
 import fnmatch
+import json
+import os
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -84,3 +88,57 @@ def test_rayjob_entrypoint_is_a_valid_batch_render_command():
         for c in g["template"]["spec"]["containers"]
     )
     assert gpus >= args.actors, f"{args.actors} actors need {args.actors} GPUs, workers have {gpus}"
+
+
+def test_train_gpu_script_calibrates_trains_and_exports(tmp_path):
+    """docker/train_gpu.sh from a source checkout: the calibration sets train.steps from the
+    measured step time (20 at least), the exported model and its samples land in OUT."""
+    from tests.test_train import SMALL_BOUNCING, make_autoencoder
+    from vidgen import checkpoint
+    from vidgen.io import read_video
+
+    kl = make_autoencoder(tmp_path)
+    env = dict(
+        os.environ,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # python3 = ours
+        CALIBRATE="4",
+        WHEELS=str(tmp_path / "no-wheels"),
+        RUN_DIR=str(tmp_path / "run"),
+        OUT=str(tmp_path / "out"),
+    )
+    overrides = [
+        "model=ca2vdm-test",
+        *SMALL_BOUNCING,
+        "data.clip_len=6",
+        "data.num_clips=8",
+        f"frozen_tokenizer={kl}",
+        "model.num_actions=0",
+    ]
+    script = ROOT / "docker" / "train_gpu.sh"
+    done = subprocess.run(
+        ["bash", str(script), "run", "ca2vdm-tiny", "1", *overrides],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["model"] == "ca2vdm-tiny" and result["steps"] == 20
+    assert result["precision"] == "fp32" and result["seconds_per_step"] > 0
+    ckpt = checkpoint.load(tmp_path / "out" / "ca2vdm-tiny.safetensors")
+    assert ckpt.card["steps"] == 20 and ckpt.card["run_config"]["model"]["dim"] == 32
+    assert (tmp_path / "out" / "train.log").read_text().count("vidgen.train.loop: step") >= 20
+    samples = sorted(p.name for p in (tmp_path / "out").glob("step-*.mp4"))
+    assert samples == ["step-000010.mp4", "step-000020.mp4"]
+    assert read_video(tmp_path / "out" / samples[-1]).float().std() > 1.0
+
+
+def test_train_gpu_script_rejects_an_unknown_model():
+    done = subprocess.run(
+        ["bash", str(ROOT / "docker" / "train_gpu.sh"), "run", "sd-xl", "60"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "MODEL must be ca2vdm-tiny or nbp-tiny" in done.stderr

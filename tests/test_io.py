@@ -419,3 +419,16 @@ def test_concat_rejects_mismatched_segments(tmp_path, second, match):
 def test_concat_rejects_no_segments(tmp_path):
     with pytest.raises(ValueError, match="at least one segment"):
         concat_videos([], tmp_path / "all.mp4")
+
+
+def test_without_pyav_reading_and_writing_say_so(tmp_path, monkeypatch, lossless_clip):
+    """A bare training image has no PyAV: importing vidgen works, video I/O names what is
+    missing instead of failing on None."""
+    monkeypatch.setattr(video_module, "av", None)
+    with pytest.raises(ImportError, match="writing video needs PyAV.*pip install av"):
+        VideoWriter(tmp_path / "a.mp4")
+    with pytest.raises(ImportError, match=r"reading .* needs PyAV"):
+        read_video(lossless_clip[0])
+    with pytest.raises(ImportError, match="needs PyAV"):
+        probe_video(lossless_clip[0])
+    assert not list(tmp_path.iterdir())

@@ -8,11 +8,13 @@ back a typed dataclass instance.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from hydra import compose as hydra_compose
-from hydra import initialize_config_module
+from hydra import initialize_config_dir, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
@@ -67,12 +69,23 @@ def register_schemas(presets: bool = True) -> None:
             cs.store(group="model", name=f"{prefix}-{size}", node=cfg)
 
 
+def _initialize() -> Any:
+    """Hydra's search path: the installed ``vidgen.configs``, or ``configs/`` beside the
+    package when vidgen runs from a source checkout that was never installed
+    (``PYTHONPATH=.``, as on a bare training machine)."""
+    if importlib.util.find_spec(CONFIG_MODULE) is None:
+        source = Path(__file__).resolve().parent.parent / "configs"
+        if source.is_dir():
+            return initialize_config_dir(config_dir=str(source), version_base=None)
+    return initialize_config_module(config_module=CONFIG_MODULE, version_base=None)
+
+
 def compose_config(config_name: str | None, overrides: Sequence[str] = ()) -> DictConfig:
     """The composed (untyped view of the) config ``configs/<config_name>.yaml``; with
     ``None``, only what the overrides add (``+data=mix``)."""
     register_schemas(presets=config_name not in NO_PRESETS)
     try:
-        with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
+        with _initialize():
             return hydra_compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_describe(err)) from err
@@ -91,7 +104,7 @@ def group_choices(config_name: str, overrides: Sequence[str] = ()) -> dict[str, 
     """Which option of each config group was chosen (``{"tokenizer": "kl-tiny", ...}``)."""
     register_schemas(presets=config_name not in NO_PRESETS)
     try:
-        with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
+        with _initialize():
             cfg = hydra_compose(config_name, list(overrides), return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_describe(err)) from err

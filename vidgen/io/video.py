@@ -26,12 +26,22 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-import av
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from vidgen.fsutil import publish, temp_beside
+
+try:
+    import av
+except ImportError:  # a bare training image (CUDA, no ffmpeg) can still import vidgen
+    av = None
+
+
+def _require_av(what: str) -> None:
+    if av is None:
+        raise ImportError(f"{what} needs PyAV, which is not installed: pip install av")
+
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +97,7 @@ def _open_input(path: Path) -> Any:
         raise VideoReadError(f"video path {path} is not a regular file")
     if path.stat().st_size == 0:
         raise VideoReadError(f"video file {path} is empty (0 bytes)")
+    _require_av(f"reading {path}")
     try:
         return av.open(str(path))
     except (av.FFmpegError, OSError) as err:
@@ -573,6 +584,7 @@ class VideoWriter:
 
 def _encoder_settings(codec: str, lossless: bool, crf: int | None) -> tuple[str, dict[str, str]]:
     """Map the writer's arguments to a PyAV encoder name and its options."""
+    _require_av("writing video")
     if not isinstance(codec, str) or not codec:
         raise ValueError(f"codec must be a non-empty encoder name, got {codec!r}")
     is_h264 = codec in _H264_NAMES

@@ -88,12 +88,14 @@ def write_samples(
     model: CausalVideoDiT, autoencoder: nn.Module, step: int, out: Path, steps: int = 12
 ) -> Path:
     """One mp4 of ``SAMPLE_CLIPS`` clips per label (1-4 for the bouncing models; one
-    unconditional video otherwise), side by side: ``<out>/samples/step-<step>.mp4``."""
+    unconditional video otherwise), side by side: ``<out>/samples/step-<step>.mp4``; a uint8
+    (frames, h, w, 3) ``.npy`` instead where PyAV is not installed (a bare CUDA image)."""
     import numpy as np
 
+    from vidgen.fsutil import publish, temp_beside
     from vidgen.generators import GenerationRequest
     from vidgen.generators.diffusion import DiffusionClipGenerator
-    from vidgen.io import VideoWriter
+    from vidgen.io import VideoWriter, video
 
     cfg = model.config
     labels: list[int | None] = list(range(1, min(cfg.num_classes, 5))) or [None]
@@ -111,12 +113,19 @@ def write_samples(
         )
         for label in labels
     ]
-    path = out / "samples" / f"step-{step:06d}.mp4"
+    path = out / "samples" / f"step-{step:06d}.{'mp4' if video.av is not None else 'npy'}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with VideoWriter(path) as writer:
-        while not streams[0].done:
-            clips = gen.decode(gen.step(streams))
-            writer.write(np.concatenate([c.frames for c in clips], axis=2))
+    chunks = []
+    while not streams[0].done:
+        chunks.append(np.concatenate([c.frames for c in gen.decode(gen.step(streams))], axis=2))
+    if video.av is None:
+        tmp = temp_beside(path, suffix=".tmp.npy")
+        np.save(tmp, np.concatenate(chunks))
+        publish(tmp, path)
+    else:
+        with VideoWriter(path) as writer:
+            for chunk in chunks:
+                writer.write(chunk)
     for stream in streams:
         gen.close(stream)
     log.info("samples: %s", path)

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# One prepared training run of a shipped default on a CUDA machine, in one command, for a
+# Python that has torch, numpy, einops, safetensors, tqdm, scipy and pyyaml but neither
+# vidgen's other requirements nor network access (a bare CUDA image). vidgen runs from this
+# source checkout (PYTHONPATH, configs/ found beside the package); training needs no PyAV,
+# decord or Ray (sample videos are written as .npy when PyAV is missing).
+#
+#   bash docker/train_gpu.sh fetch
+#       here, with network or a local index: Hydra (+ omegaconf, antlr4) and Gymnasium as
+#       pure-Python wheels into .whl/ (about 1 MB; ignored by git, carry it to the machine)
+#   bash docker/train_gpu.sh run MODEL SECONDS [override ...]
+#       there: installs .whl/ (or $WHEELS) into /tmp/site when present, times $CALIBRATE (40)
+#       steps, sets train.steps so that the run fills about SECONDS of training (cosine
+#       schedule over the whole run, samples at the half), trains, and copies the exported
+#       model (its card is in the file's metadata), the samples and the log to $OUT (default
+#       $RUN_DIR/export; RUN_DIR defaults to runs/gpu-MODEL); prints one JSON line last. MODEL is ca2vdm-tiny or nbp-tiny,
+#       each over the shipped frozen tokenizer, so the result can replace the file in
+#       vidgen/assets/ as is. Extra Hydra overrides go last (e.g. train.threads=8).
+#
+# Before the SECONDS of training come the data (procedural clips rendered, then encoded once
+# by the frozen tokenizer on the CPU: a few minutes), the calibration and the sample videos.
+# Example (the device tool: `carry` [".whl"], then):
+#   bash docker/train_gpu.sh run ca2vdm-tiny 300
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+fetch() {
+    local pip=(python3 -m pip)
+    mkdir -p .whl
+    "${pip[@]}" download --no-deps -d .whl hydra-core==1.3.8 omegaconf==2.3.1 \
+        gymnasium==1.4.0 farama-notifications==0.0.6
+    # antlr4-python3-runtime 4.9.3 (what omegaconf 2.3 pins) is published as a source
+    # archive only: build its pure-Python wheel here so the GPU machine needs no build step.
+    "${pip[@]}" wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3
+    rm -f .whl/*.tar.gz
+    ls -l .whl
+}
+
+model_args() {
+    case "$1" in
+        ca2vdm-tiny)
+            echo "model=ca2vdm-tiny data=bouncing data.clip_len=32 data.batch_size=32" \
+                "data.num_clips=8192 train.lr=3e-4 train.warmup=500" \
+                "frozen_tokenizer=kl-tiny" ;;
+        nbp-tiny)
+            echo "model=nbp-tiny data=bouncing data.clip_len=32 data.batch_size=64" \
+                "data.num_clips=4096 frozen_tokenizer=larp-tiny" ;;
+        *)
+            echo "train_gpu.sh: MODEL must be ca2vdm-tiny or nbp-tiny, got '$1'" >&2
+            return 2 ;;
+    esac
+}
+
+# Seconds per step between the log lines of steps FIRST and LAST in LOG.
+seconds_per_step() {
+    python3 - "$1" "$2" "$3" <<'EOF'
+import re, sys
+from datetime import datetime
+log, first, last = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+times = {}
+for line in open(log, errors="replace").read().replace("\r", "\n").splitlines():
+    m = re.match(r"(\S+ \S+),(\d+) vidgen\.train\.loop: step (\d+) ", line)
+    if m:
+        t = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(m.group(2)) / 1e3
+        times[int(m.group(3))] = t
+if first not in times or last not in times:
+    sys.exit(f"train_gpu.sh: no timing lines for steps {first} and {last} in {log}")
+print(f"{(times[last] - times[first]) / (last - first):.6f}")
+EOF
+}
+
+run() {
+    local name="$1" seconds="$2"
+    shift 2
+    local args
+    args=$(model_args "$name")
+    local wheels=${WHEELS:-.whl}
+    if compgen -G "$wheels/*.whl" >/dev/null; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site "$wheels"/*.whl
+        export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+    fi
+    export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+    local run_dir="${RUN_DIR:-runs/gpu-$name}"
+    local out="${OUT:-$run_dir/export}"
+    local precision=fp32
+    if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+        precision=bf16
+    fi
+    mkdir -p "$run_dir" "$out"
+    local train=(python3 -m vidgen.cli train $args name="$name" train.precision=$precision
+        train.ckpt_every=1000000 "$@")
+    # Calibration: CALIBRATE steps in the run folder (the frozen tokenizer's latents or tokens
+    # are computed and cached there once), timed over the second half, then discarded.
+    local calibrate=${CALIBRATE:-40}
+    "${train[@]}" train.steps="$calibrate" train.log_every=1 train.eval_every=1000000 \
+        out="$run_dir" 2>&1 | tee "$run_dir/calibrate.log"
+    local per_step steps
+    per_step=$(seconds_per_step "$run_dir/calibrate.log" $(( calibrate / 2 )) "$calibrate")
+    steps=$(python3 -c "print(max(20, int($seconds / $per_step) // 10 * 10))")
+    echo "train_gpu.sh: $per_step s/step -> train.steps=$steps for about $seconds s"
+    rm -f "$run_dir/state.safetensors" "$run_dir/$name.safetensors"
+    rm -rf "$run_dir/samples"
+    local start=$SECONDS
+    "${train[@]}" train.steps="$steps" train.log_every=$(( (steps + 99) / 100 )) \
+        train.eval_every=$(( steps / 2 )) out="$run_dir" 2>&1 | tee "$run_dir/train.log"
+    local wall=$(( SECONDS - start ))
+    cp "$run_dir/$name.safetensors" "$run_dir/train.log" "$out/"
+    if [[ -d "$run_dir/samples" ]]; then cp "$run_dir"/samples/* "$out/"; fi
+    printf '{"model": "%s", "steps": %s, "seconds_per_step": %s, "wall_s": %s, "precision": "%s"}\n' \
+        "$name" "$steps" "$per_step" "$wall" "$precision"
+}
+
+case "${1:-}" in
+    fetch) fetch ;;
+    run)
+        [[ $# -ge 3 ]] || { echo "usage: $0 run MODEL SECONDS [override ...]" >&2; exit 2; }
+        run "${@:2}" ;;
+    *) echo "usage: $0 fetch | run MODEL SECONDS [override ...]" >&2; exit 2 ;;
+esac
