@@ -223,3 +223,31 @@ def test_samples_are_npy_where_pyav_is_missing(tmp_path, monkeypatch):
     luma = decoded.mean(-1).ravel(), frames.astype(float).mean(-1).ravel()
     assert frames.std() > 1.0 and np.corrcoef(*luma)[0, 1] > 0.9
     assert sorted(p.name for p in npy.parent.iterdir()) == [mp4.name, npy.name]  # no temp left
+
+
+def test_nbp_resume_is_bitwise_over_tokens_encoded_once(tmp_path):
+    """model=nbp-*: clips tokenised once by the frozen LARP and cached beside the run (a
+    resumed run reads the cache, the same tokens), and resume is bitwise."""
+    from safetensors.torch import load_file
+
+    from tests.models import save_test_generators
+
+    save_test_generators(tmp_path / "models")
+    overrides = [
+        "model=nbp-test",
+        *SMALL_BOUNCING,
+        "data.clip_len=8",  # two 4-frame clips per sequence
+        "data.num_clips=8",
+        f"frozen_tokenizer={tmp_path / 'models' / 'larp-test.safetensors'}",
+        "model.num_actions=0",
+    ]
+    assert_bitwise_resume(overrides, tmp_path)
+    caches = {
+        run: list((tmp_path / run).glob("tokens-*-8.safetensors"))
+        for run in ("straight", "resumed")
+    }
+    assert all(len(files) == 1 for files in caches.values())
+    a, b = (load_file(files[0]) for files in caches.values())
+    assert torch.equal(a["tokens"], b["tokens"]) and a["tokens"].shape == (8, 16)
+    assert int(a["tokens"].min()) >= 0 and int(a["tokens"].max()) < 64
+    assert set(a["label"].tolist()) <= {1, 2, 3, 4}
