@@ -13,9 +13,10 @@
 #       steps, sets train.steps so that the run fills about SECONDS of training (cosine
 #       schedule over the whole run, samples at the half), trains, and copies the exported
 #       model (its card is in the file's metadata), the samples and the log to $OUT (default
-#       $RUN_DIR/export; RUN_DIR defaults to runs/gpu-MODEL); prints one JSON line last. MODEL is ca2vdm-tiny or nbp-tiny,
-#       each over the shipped frozen tokenizer, so the result can replace the file in
-#       vidgen/assets/ as is. Extra Hydra overrides go last (e.g. train.threads=8).
+#       $RUN_DIR/export; RUN_DIR defaults to runs/gpu-MODEL); prints one JSON line last. MODEL is ca2vdm-tiny, larp-tiny or
+#       nbp-tiny, each over the shipped frozen tokenizer, so a generator can replace its file
+#       in vidgen/assets/ as is; a new larp-tiny needs nbp-tiny trained on it after it
+#       (frozen_tokenizer=<its path>). Extra Hydra overrides go last (e.g. train.threads=8).
 #
 # Before the SECONDS of training come the data (procedural clips rendered, then encoded once
 # by the frozen tokenizer on the CPU: a few minutes), the calibration and the sample videos.
@@ -42,11 +43,15 @@ model_args() {
             echo "model=ca2vdm-tiny data=bouncing data.clip_len=32 data.batch_size=32" \
                 "data.num_clips=8192 train.lr=3e-4 train.warmup=500" \
                 "frozen_tokenizer=kl-tiny" ;;
+        larp-tiny)
+            echo "tokenizer=larp-tiny tokenizer.tau=0.01 data=mix data.clip_len=8" \
+                "data.batch_size=64 data.num_clips=8192 train.lr=1e-3 train.warmup=200" \
+                "train.ema_decay=0 tokenizer.vq_warmup=500" ;;
         nbp-tiny)
             echo "model=nbp-tiny data=bouncing data.clip_len=32 data.batch_size=64" \
                 "data.num_clips=4096 frozen_tokenizer=larp-tiny" ;;
         *)
-            echo "train_gpu.sh: MODEL must be ca2vdm-tiny or nbp-tiny, got '$1'" >&2
+            echo "train_gpu.sh: MODEL must be ca2vdm-tiny, larp-tiny or nbp-tiny, got '$1'" >&2
             return 2 ;;
     esac
 }

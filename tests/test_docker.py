@@ -91,7 +91,7 @@ def test_rayjob_entrypoint_is_a_valid_batch_render_command():
     assert gpus >= args.actors, f"{args.actors} actors need {args.actors} GPUs, workers have {gpus}"
 
 
-@pytest.mark.parametrize("model", ["ca2vdm-tiny", "nbp-tiny"])
+@pytest.mark.parametrize("model", ["ca2vdm-tiny", "larp-tiny", "nbp-tiny"])
 def test_train_gpu_script_calibrates_trains_and_exports(model, tmp_path):
     """docker/train_gpu.sh from a source checkout: the calibration sets train.steps from the
     measured step time (20 at least), the exported model (and the diffusion model's samples)
@@ -110,15 +110,27 @@ def test_train_gpu_script_calibrates_trains_and_exports(model, tmp_path):
         RUN_DIR=str(tmp_path / "run"),
         OUT=str(tmp_path / "out"),
     )
-    family, tokenizer = ("ca2vdm", "kl") if model == "ca2vdm-tiny" else ("nbp", "larp")
-    overrides = [
-        f"model={family}-test",
-        *SMALL_BOUNCING,
-        "data.clip_len=8",
-        "data.num_clips=8",
-        f"frozen_tokenizer={tmp_path / 'models' / f'{tokenizer}-test.safetensors'}",
-        "model.num_actions=0",
-    ]
+    family = model.removesuffix("-tiny")
+    models = tmp_path / "models"
+    if family == "larp":
+        overrides = [
+            "tokenizer=larp-test",
+            f"tokenizer.autoencoder={models / 'kl-test.safetensors'}",
+            *SMALL_BOUNCING,
+            "data.clip_len=4",
+            "data.num_clips=8",
+            "data.eval_clips=2",
+        ]
+    else:
+        tokenizer = "kl" if family == "ca2vdm" else "larp"
+        overrides = [
+            f"model={family}-test",
+            *SMALL_BOUNCING,
+            "data.clip_len=8",
+            "data.num_clips=8",
+            f"frozen_tokenizer={models / f'{tokenizer}-test.safetensors'}",
+            "model.num_actions=0",
+        ]
     script = ROOT / "docker" / "train_gpu.sh"
     done = subprocess.run(
         ["bash", str(script), "run", model, "1", *overrides],
@@ -132,7 +144,8 @@ def test_train_gpu_script_calibrates_trains_and_exports(model, tmp_path):
     assert result["model"] == model and result["steps"] == 20
     assert result["precision"] == "fp32" and result["seconds_per_step"] > 0
     ckpt = checkpoint.load(tmp_path / "out" / f"{model}.safetensors")
-    assert ckpt.card["steps"] == 20 and ckpt.card["run_config"]["model"]["dim"] == 32
+    kind = "tokenizer" if family == "larp" else "model"
+    assert ckpt.card["steps"] == 20 and ckpt.card["run_config"][kind]["dim"] == 32
     assert (tmp_path / "out" / "train.log").read_text().count("vidgen.train.loop: step") >= 20
     samples = sorted(p.name for p in (tmp_path / "out").glob("step-*.mp4"))
     if family == "ca2vdm":
@@ -147,4 +160,6 @@ def test_train_gpu_script_rejects_an_unknown_model():
         text=True,
         timeout=60,
     )
-    assert done.returncode == 2 and "MODEL must be ca2vdm-tiny or nbp-tiny" in done.stderr
+    assert (
+        done.returncode == 2 and "MODEL must be ca2vdm-tiny, larp-tiny or nbp-tiny" in done.stderr
+    )
