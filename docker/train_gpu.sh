@@ -5,6 +5,8 @@
 # source checkout (PYTHONPATH, configs/ found beside the package); training needs no PyAV,
 # decord or Ray (sample videos are written as .npy when PyAV is missing).
 #
+# (Hydra also imports packaging, Gymnasium typing_extensions: the torch images have both.)
+#
 #   bash docker/train_gpu.sh fetch
 #       here, with network or a local index: Hydra (+ omegaconf, antlr4) and Gymnasium as
 #       pure-Python wheels into .whl/ (about 1 MB; ignored by git, carry it to the machine)
@@ -28,7 +30,7 @@ cd "$(dirname "$0")/.."
 fetch() {
     local pip=(python3 -m pip)
     mkdir -p .whl
-    "${pip[@]}" download --no-deps -d .whl hydra-core==1.3.8 omegaconf==2.3.1 \
+    "${pip[@]}" download --no-deps --only-binary=:all: -d .whl hydra-core==1.3.8 omegaconf==2.3.1 \
         gymnasium==1.4.0 farama-notifications==0.0.6
     # antlr4-python3-runtime 4.9.3 (what omegaconf 2.3 pins) is published as a source
     # archive only: build its pure-Python wheel here so the GPU machine needs no build step.
@@ -93,27 +95,51 @@ run() {
         precision=bf16
     fi
     mkdir -p "$run_dir" "$out"
-    local train=(python3 -m vidgen.cli train $args name="$name" train.precision=$precision
-        train.ckpt_every=1000000 "$@")
-    # Calibration: CALIBRATE steps in the run folder (the frozen tokenizer's latents or tokens
-    # are computed and cached there once), timed over the second half, then discarded.
+    local override
+    for override in "$@"; do
+        case "$override" in
+            name=* | out=* | train.steps=* | train.stop_at=* | train.resume=*)
+                echo "train_gpu.sh: $override is set by the script (RUN_DIR, OUT, SECONDS)" >&2
+                return 2 ;;
+        esac
+    done
+    local train=(python3 -m vidgen.cli train $args train.precision=$precision "$@"
+        name="$name" out="$run_dir" train.resume=true train.ckpt_every=1000000)
+    # A run folder used before keeps its cached latents or tokens, never its state.
+    rm -f "$run_dir/state.safetensors" "$run_dir/$name.safetensors"
+    rm -rf "$run_dir/samples"
+    # Calibration: CALIBRATE steps of a long schedule, stopped early (no export, no samples),
+    # timed over the second half. The frozen tokenizer's latents or tokens are computed and
+    # cached in the run folder on the way, so the real run starts at once.
     local calibrate=${CALIBRATE:-40}
-    "${train[@]}" train.steps="$calibrate" train.log_every=1 train.eval_every=1000000 \
-        out="$run_dir" 2>&1 | tee "$run_dir/calibrate.log"
+    "${train[@]}" train.steps=1000000 train.stop_at="$calibrate" train.log_every=1 \
+        train.eval_every=1000000 2>&1 | tee "$run_dir/calibrate.log"
+    rm -f "$run_dir/state.safetensors"
     local per_step steps
     per_step=$(seconds_per_step "$run_dir/calibrate.log" $(( calibrate / 2 )) "$calibrate")
     steps=$(python3 -c "print(max(20, int($seconds / $per_step) // 10 * 10))")
     echo "train_gpu.sh: $per_step s/step -> train.steps=$steps for about $seconds s"
-    rm -f "$run_dir/state.safetensors" "$run_dir/$name.safetensors"
-    rm -rf "$run_dir/samples"
     local start=$SECONDS
     "${train[@]}" train.steps="$steps" train.log_every=$(( (steps + 99) / 100 )) \
-        train.eval_every=$(( steps / 2 )) out="$run_dir" 2>&1 | tee "$run_dir/train.log"
+        train.eval_every=$(( steps / 2 )) 2>&1 | tee "$run_dir/train.log"
     local wall=$(( SECONDS - start ))
     cp "$run_dir/$name.safetensors" "$run_dir/train.log" "$out/"
     if [[ -d "$run_dir/samples" ]]; then cp "$run_dir"/samples/* "$out/"; fi
-    printf '{"model": "%s", "steps": %s, "seconds_per_step": %s, "wall_s": %s, "precision": "%s"}\n' \
-        "$name" "$steps" "$per_step" "$wall" "$precision"
+    # What was trained, read back from the exported file's card.
+    python3 - "$out/$name.safetensors" "$per_step" "$wall" <<'EOF'
+import json, sys
+from vidgen import checkpoint
+card = checkpoint.load(sys.argv[1]).card
+print(json.dumps({
+    "model": card["run_config"]["name"],
+    "steps": card["steps"],
+    "precision": card["train_config"]["precision"],
+    "seconds_per_step": float(sys.argv[2]),
+    "wall_s": int(sys.argv[3]),
+    "train_wall_s": card.get("wall_seconds"),
+    "sha256": checkpoint.file_sha256(sys.argv[1])[:16],
+}))
+EOF
 }
 
 case "${1:-}" in
