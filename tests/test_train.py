@@ -251,3 +251,59 @@ def test_nbp_resume_is_bitwise_over_tokens_encoded_once(tmp_path):
     assert torch.equal(a["tokens"], b["tokens"]) and a["tokens"].shape == (8, 16)
     assert int(a["tokens"].min()) >= 0 and int(a["tokens"].max()) < 64
     assert set(a["label"].tolist()) <= {1, 2, 3, 4}
+
+
+def test_encoded_clips_cache_is_keyed_by_the_data(tmp_path):
+    """Encoded training data is cached per (encoder, data settings): a run over other clips
+    (clip length, size, seed, world settings) never reads another run's cache, and a file
+    made from other data is refused rather than trained on."""
+    from dataclasses import replace
+
+    from vidgen.data import DataConfig, build_dataset
+    from vidgen.train.encoded import EncodedClips, cache_path, data_description
+
+    base = DataConfig(name="bouncing", clip_len=4, size=32, num_clips=3, eval_clips=2)
+    path = cache_path(tmp_path, "latents", "ab" * 32, base, "train")
+    assert path.name.startswith("latents-abababababab-train-") and path.name.endswith(
+        "-3.safetensors"
+    )
+    for other in (
+        replace(base, clip_len=8),
+        replace(base, size=48),
+        replace(base, seed=1),
+        replace(base, name="mix"),
+        replace(base, num_clips=4),
+        replace(base, bouncing=replace(base.bouncing, max_shapes=2)),
+    ):
+        assert cache_path(tmp_path, "latents", "ab" * 32, other, "train") != path
+    # Batching and the other split's settings do not change the clips.
+    for same in (replace(base, batch_size=5, num_workers=1), replace(base, eval_clips=9)):
+        assert cache_path(tmp_path, "latents", "ab" * 32, same, "train") == path
+    assert cache_path(tmp_path, "latents", "ab" * 32, replace(base, num_clips=9), "eval") == (
+        cache_path(tmp_path, "latents", "ab" * 32, base, "eval")
+    )
+    assert cache_path(tmp_path, "latents", "cd" * 32, base, "train") != path
+    with pytest.raises(ValueError, match="split must be"):
+        data_description(base, "test")
+
+    calls = []
+
+    def encode(video):
+        calls.append(video.shape)
+        return video.mean(dim=(2, 3, 4))
+
+    desc = data_description(base, "train")
+    first = EncodedClips(build_dataset(base), encode, path, description=desc)
+    again = EncodedClips(build_dataset(base), encode, path, description=desc)  # from the file
+    assert len(calls) == 1 and len(again) == 3
+    assert torch.equal(first.tensors["latents"], again.tensors["latents"])
+    # The same file offered for other data (a renamed cache, or an older run's name): refused.
+    longer = replace(base, clip_len=8)
+    with pytest.raises(ValueError, match="holds 3 clips of .*delete it"):
+        EncodedClips(
+            build_dataset(longer), encode, path, description=data_description(longer, "train")
+        )
+    more = replace(base, num_clips=4)
+    with pytest.raises(ValueError, match="holds 3 clips"):
+        EncodedClips(build_dataset(more), encode, path, description=data_description(more, "train"))
+    assert len(calls) == 1

@@ -22,7 +22,12 @@ from vidgen.data import DataConfig, build_dataset
 from vidgen.models.ca2vdm import Ca2VDMConfig, CausalVideoDiT, Cond, teacher_forcing_mask
 from vidgen.nn.conditioning import NULL
 from vidgen.sampling.flow import add_noise, velocity_target
-from vidgen.train.encoded import EncodedClips, load_autoencoder
+from vidgen.train.encoded import (
+    EncodedClips,
+    cache_path,
+    data_description,
+    load_autoencoder,
+)
 from vidgen.train.loop import Task
 
 log = logging.getLogger(__name__)
@@ -141,7 +146,7 @@ def ca2vdm_task(
     out: Path,
 ) -> Task:
     """``data.num_clips`` sequences of ``data.clip_len`` frames are encoded once (cached in
-    ``out/latents-<tokenizer sha>-<clips>.safetensors``) and the DiT trains on them."""
+    ``out``, keyed by the tokenizer and the data settings) and the DiT trains on them."""
 
     if data.clip_len % config.clip_len:
         raise ValueError(
@@ -163,7 +168,8 @@ def ca2vdm_task(
     encoded = EncodedClips(
         build_dataset(data, "train"),
         autoencoder,
-        out / f"latents-{sha[:12]}-{data.num_clips}.safetensors",
+        cache_path(out, "latents", sha, data, "train"),
+        description=data_description(data, "train"),
     )
 
     def loss(model: nn.Module, batch: dict[str, torch.Tensor], gen: torch.Generator):

@@ -7,8 +7,10 @@ next to the run (a resumed or repeated run loads them instead of encoding again)
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -16,13 +18,40 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from vidgen import checkpoint
+from vidgen.data import DataConfig
 from vidgen.tokenizers.kl import KLAutoencoder, KLConfig
+
+# DataConfig fields that change batching or the other split, never the clips of this one.
+_NOT_CONTENT = {"batch_size", "num_workers"}
+_OTHER_SPLIT = {"train": {"eval_clips", "eval_root"}, "eval": {"num_clips"}}
 
 
 @dataclass
 class EncodedClipsInfo:
     clips: int
     keep_video: bool
+    source: str = ""  # the data description the clips were made from (``data_description``)
+
+
+def data_description(data: DataConfig, split: str) -> str:
+    """Every setting of ``data`` that decides the clips of ``split`` (source, clip length,
+    size, seed, the worlds' settings, folders), as canonical JSON. A folder is described by
+    its path, not its contents."""
+    if split not in _OTHER_SPLIT:
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    fields = asdict(data)
+    for name in _NOT_CONTENT | _OTHER_SPLIT[split]:
+        fields.pop(name)
+    return json.dumps({"split": split, **fields}, sort_keys=True)
+
+
+def cache_path(out: Path, kind: str, encoder_sha: str, data: DataConfig, split: str) -> Path:
+    """``out/<kind>-<encoder sha>-<split>-<data key>-<clips>.safetensors``: the data key hashes
+    ``data_description``, so a run over other data (another clip length, size, seed, world)
+    encodes its own clips instead of reading another run's."""
+    key = hashlib.sha256(data_description(data, split).encode()).hexdigest()[:10]
+    clips = data.num_clips if split == "train" else data.eval_clips
+    return out / f"{kind}-{encoder_sha[:12]}-{split}-{key}-{clips}.safetensors"
 
 
 def load_autoencoder(name_or_path: str) -> tuple[KLAutoencoder, str]:
@@ -36,7 +65,10 @@ def load_autoencoder(name_or_path: str) -> tuple[KLAutoencoder, str]:
 class EncodedClips(Dataset):
     """The clips of ``source`` encoded by ``encode`` (a frozen tokenizer: video (b, T, 3, H,
     W) -> codes), stored under ``key``. Items: ``key`` codes, ``label``, ``actions`` and, with
-    ``keep_video``, the original ``video`` (for evaluating in pixel space)."""
+    ``keep_video``, the original ``video`` (for evaluating in pixel space).
+
+    ``description`` names the data (``data_description``); a file at ``path`` made from
+    other data, or holding another number of clips, is refused rather than trained on."""
 
     def __init__(
         self,
@@ -46,14 +78,27 @@ class EncodedClips(Dataset):
         batch_size: int = 8,
         keep_video: bool = False,
         key: str = "latents",
+        description: str = "",
     ) -> None:
         if isinstance(encode, KLAutoencoder):
             encode = encode.encode
         if path.exists():
-            tensors = checkpoint.load(path).tensors
+            cached = checkpoint.load(path)
+            info = cached.config_as(EncodedClipsInfo)
+            if info.clips != len(source) or (
+                description and info.source and info.source != description
+            ):
+                raise ValueError(
+                    f"{path} holds {info.clips} clips of {info.source or 'unrecorded data'}, "
+                    f"not the {len(source)} clips of {description or 'this run'}: delete it "
+                    "or train in another folder"
+                )
+            if key not in cached.tensors or (keep_video and "video" not in cached.tensors):
+                raise ValueError(f"{path} holds no {key!r}{' or video' * keep_video}")
+            tensors = cached.tensors
         else:
             tensors = self._encode(source, encode, batch_size, keep_video, key)
-            info = EncodedClipsInfo(len(source), keep_video)
+            info = EncodedClipsInfo(len(source), keep_video, description)
             checkpoint.save(path, tensors, info, card={"what": f"encoded clips ({key})"})
         self.tensors = tensors
 

@@ -19,7 +19,7 @@ from vidgen.tokenizers.larp import (
     unigram_entropy,
 )
 from vidgen.tokenizers.losses import psnr, ssim
-from vidgen.train.encoded import EncodedClips, load_autoencoder
+from vidgen.train.encoded import EncodedClips, cache_path, data_description, load_autoencoder
 from vidgen.train.loop import Adversary, Task
 
 
@@ -121,29 +121,30 @@ def larp_task(
 ) -> Task:
     """A latent-space LARP trains on clips encoded once by its frozen autoencoder (cached in
     ``out``); a pixel-space one on the clips themselves."""
-    autoencoder = None
-    train_data, eval_data = build_dataset(data, "train"), build_dataset(data, "eval")
+    autoencoder, sha, size, key = None, "", config.size, "video"
     if config.autoencoder:
         autoencoder, sha = load_autoencoder(config.autoencoder)
-        size = autoencoder.config.image_size
-        out.mkdir(parents=True, exist_ok=True)
-        train_data = EncodedClips(
-            train_data, autoencoder, out / f"latents-{sha[:12]}-train-{data.num_clips}.safetensors"
-        )
-        eval_data = EncodedClips(
-            eval_data,
-            autoencoder,
-            out / f"latents-{sha[:12]}-eval-{data.eval_clips}.safetensors",
-            keep_video=True,
-        )
-        key = "latents"
-    else:
-        size = config.size
-        key = "video"
+        size, key = autoencoder.config.image_size, "latents"
     if data.size != size or data.clip_len != config.frames:
         raise ValueError(
             f"data.size={data.size} and data.clip_len={data.clip_len} must be {size} and the "
             f"tokenizer's frames={config.frames}"
+        )
+    train_data, eval_data = build_dataset(data, "train"), build_dataset(data, "eval")
+    if autoencoder is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        train_data = EncodedClips(
+            train_data,
+            autoencoder,
+            cache_path(out, "latents", sha, data, "train"),
+            description=data_description(data, "train"),
+        )
+        eval_data = EncodedClips(
+            eval_data,
+            autoencoder,
+            cache_path(out, "latents", sha, data, "eval"),
+            keep_video=True,
+            description=data_description(data, "eval"),
         )
     seed = getattr(getattr(run_config, "train", None), "seed", 0)
 

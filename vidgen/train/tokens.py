@@ -19,7 +19,7 @@ from vidgen.models.nbp import ClipCond, NBPConfig, NextBlockTransformer, nbp_los
 from vidgen.nn.conditioning import NULL
 from vidgen.tokenizers.larp import LARPVideoTokenizer
 from vidgen.train.diffusion import leading_actions
-from vidgen.train.encoded import EncodedClips
+from vidgen.train.encoded import EncodedClips, cache_path, data_description
 from vidgen.train.loop import Task
 
 
@@ -44,13 +44,14 @@ def nbp_task(
         larp.config.codebook_size,
     ):
         raise ValueError("the NBP config's tokens_per_clip and vocab must match the tokenizer's")
-    sha = checkpoint.file_sha256(checkpoint.resolve(tokenizer))[:12]
+    sha = checkpoint.file_sha256(checkpoint.resolve(tokenizer))
     out.mkdir(parents=True, exist_ok=True)
     encoded = EncodedClips(
         build_dataset(data, "train"),
         lambda video: clip_tokens(larp, video),
-        out / f"tokens-{sha}-{data.num_clips}.safetensors",
+        cache_path(out, "tokens", sha, data, "train"),
         key="tokens",
+        description=data_description(data, "train"),
     )
     clips = data.clip_len // larp.config.frames
 
