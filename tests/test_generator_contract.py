@@ -118,6 +118,78 @@ def test_context_and_actions_condition_the_video(family):
         assert not torch.equal(plain, other)
 
 
+def test_actions_lead_to_the_next_frame(family):
+    """Action t acts between frame t and t+1 (training's convention): new frame t is made
+    under action t-1, frame 0 under ``context_action`` (null when unset), and the last
+    action acts after the video ends."""
+    gen = make_generator(family)
+    L, frames = gen.clip_len, 3 * gen.clip_len
+    acts = np.random.default_rng(0).integers(0, 5, frames)
+    base = clips_of(gen, request_for(gen, frames=frames, actions=acts))
+
+    def changed(i: int, **kwargs) -> torch.Tensor:
+        other = acts.copy()
+        other[i] = (other[i] + 1) % 5
+        return clips_of(gen, request_for(gen, frames=frames, actions=other, **kwargs))
+
+    assert torch.equal(changed(frames - 1), base)  # after the last frame: no effect
+    last_of_clip_0 = changed(L - 1)  # leads to frame L, the first of clip 1
+    assert torch.equal(last_of_clip_0[0], base[0]) and not torch.equal(last_of_clip_0[1], base[1])
+    assert not torch.equal(changed(0)[0], base[0])  # leads to frame 1, inside clip 0
+
+    context = np.random.default_rng(1).integers(0, 256, (L, 32, 32, 3), dtype=np.uint8)
+    after = [
+        clips_of(gen, request_for(gen, frames=frames, actions=acts, context=context, **kw))
+        for kw in ({}, {"context_action": 3}, {"context_action": 4})
+    ]
+    assert not torch.equal(after[1][0], after[2][0]) and not torch.equal(after[0][0], after[1][0])
+    with pytest.raises(ValueError, match="context_action .* needs actions"):
+        request_for(gen, frames=frames, context=context, context_action=3)
+    with pytest.raises(ValueError, match="context_action .* needs a context"):
+        gen.open(request_for(gen, frames=frames, actions=acts, context_action=3))
+    with pytest.raises(ValueError, match="actions must be in"):
+        gen.open(request_for(gen, frames=frames, actions=acts, context=context, context_action=9))
+    with pytest.raises(ValueError, match="context_action must be one action"):
+        request_for(gen, frames=frames, actions=acts, context=context, context_action=[1, 2])
+
+
+def test_guidance_on_actions_alone(family):
+    """Without a label, classifier-free guidance contrasts the actions with the null action:
+    the unconditional rows must not see the actions."""
+    gen = make_generator(family)
+    frames = 2 * gen.clip_len
+    acts = np.random.default_rng(2).integers(0, 5, frames)
+    runs = [
+        clips_of(gen, request_for(gen, frames=frames, label=None, actions=acts, guidance=g))
+        for g in (1.0, 4.0)
+    ]
+    if runs[0].dtype.is_floating_point:
+        assert (runs[0] - runs[1]).abs().max() > 1e-3
+    else:
+        assert not torch.equal(*runs)
+
+
+def test_every_context_clip_shapes_the_cache(family):
+    """A context longer than the window is written whole, oldest first: the oldest clip
+    leaves the window but shaped the K/V of the clips after it (the banded reference)."""
+    gen = make_generator(family)
+    clips = gen.config.window_clips + 1
+    rng = np.random.default_rng(3)
+    context = rng.integers(0, 256, (clips * gen.clip_len, 32, 32, 3), dtype=np.uint8)
+    other = context.copy()
+    other[: gen.clip_len] = 255 - other[: gen.clip_len]  # only the evicted clip differs
+
+    def cache_after_open(ctx: np.ndarray) -> dict[str, torch.Tensor]:
+        stream = gen.open(request_for(gen, context=ctx))
+        snap = gen.snapshot(stream)
+        gen.close(stream)
+        return snap.cache
+
+    a, b = cache_after_open(context), cache_after_open(other)
+    assert a.keys() == b.keys()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
 def test_bad_requests_are_named(family):
     gen = make_generator(family, max_streams=1)
     L = gen.clip_len
@@ -129,6 +201,8 @@ def test_bad_requests_are_named(family):
         gen.open(request_for(gen, frames=L, actions=np.full(L, 7)))
     with pytest.raises(ValueError, match="context must be"):
         gen.open(request_for(gen, frames=L, context=np.zeros((L - 1, 32, 32, 3), np.uint8)))
+    with pytest.raises(ValueError, match="actions must be int"):  # never silently truncated
+        gen.open(request_for(gen, frames=L, actions=np.full(L, 1.9)))
     stream = gen.open(request_for(gen))
     with pytest.raises(RuntimeError, match="stream slots"):
         gen.open(request_for(gen, guidance=1.0, label=None))
@@ -153,7 +227,9 @@ def test_snapshot_survives_a_file_round_trip(family, tmp_path):
 
     gen = make_generator(family)
     context = np.random.default_rng(1).integers(0, 256, (gen.clip_len, 32, 32, 3), np.uint8)
-    req = request_for(gen, context=context, actions=np.arange(6 * gen.clip_len) % 5)
+    req = request_for(
+        gen, context=context, actions=np.arange(6 * gen.clip_len) % 5, context_action=2
+    )
     whole = clips_of(gen, req)
     stream = gen.open(req)
     snap = gen.snapshot(stream)
@@ -170,3 +246,36 @@ def test_snapshot_survives_a_file_round_trip(family, tmp_path):
         load_snapshot(save_snapshot(tmp_path / "s.safetensors", StreamSnapshot.start(req)))
     )
     assert torch.equal(gen.step([start])[0].data, whole[0])
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("frames", "8", r"frames must be an int >= 1, got '8'"),
+        ("frames", 0, r"frames must be >= 1"),
+        ("frames", True, r"frames must be an int"),
+        ("seed", -1, r"seed must be >= 0"),
+        ("steps", 2.5, r"steps must be an int >= 1"),
+        ("label", "3", r"label must be an int"),
+        ("guidance", float("nan"), r"guidance must be finite"),
+        ("guidance", -1.0, r"guidance must be >= 0"),
+        ("fps", 0, r"fps must be > 0"),
+        ("fps", "8", r"fps must be a number"),
+        ("temperature", -1.0, r"temperature must be > 0"),
+        ("top_k", -1, r"top_k must be >= 0"),
+        ("top_p", 0.0, r"top_p must be in \(0, 1\]"),
+        ("actions", 3, r"actions must have one entry per frame \(8\), got a scalar"),
+        ("actions", ["a"] * 8, r"actions must be numbers"),
+    ],
+)
+def test_request_fields_are_checked_when_made(field, value, message):
+    """A bad field fails when the request is made (before it takes a cache slot or joins a
+    batch), naming the field and what was expected."""
+    with pytest.raises(ValueError, match=message):
+        GenerationRequest(**{"frames": 8, field: value})
+
+
+def test_request_numbers_keep_their_json_form():
+    req = GenerationRequest(frames=np.int64(16), seed=np.int64(3), fps=8, guidance=2)
+    assert req.to_json()["frames"] == 16 and type(req.to_json()["frames"]) is int
+    assert GenerationRequest.from_json(req.to_json()).fingerprint() == req.fingerprint()

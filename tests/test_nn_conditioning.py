@@ -57,6 +57,16 @@ def test_discrete_and_continuous_actions():
     out = disc(a)
     assert out.shape == (1, 3, 8)
     torch.testing.assert_close(out[0, 2], disc.table.weight[5])
+    # Dropped frames (guidance's unconditional rows, training's action dropout) get the null
+    # action whatever action they carry; (b,) drops whole rows.
+    b = torch.tensor([[0, 4, 1], [2, 3, 1]])
+    dropped = disc(b, drop=torch.tensor([[False, True, False], [False, False, False]]))
+    torch.testing.assert_close(dropped[0, 1], disc.table.weight[5])
+    torch.testing.assert_close(dropped[0, 0], disc.table.weight[0])
+    torch.testing.assert_close(dropped[1], disc(b)[1])
+    rows = disc(b, drop=torch.tensor([True, False]))
+    torch.testing.assert_close(rows[0], disc.table.weight[5].expand(3, -1))
+    torch.testing.assert_close(rows[1], disc(b)[1])
     cont = randomize_(ActionEmbedding(8, action_dim=2), seed=0)
     v = torch.tensor([[[0.5, -1.0], [0.0, 0.0]]])
     out = cont(v, drop=torch.tensor([[False, True]]))

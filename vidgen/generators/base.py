@@ -31,10 +31,14 @@ class GenerationRequest:
     frames: new frames to make (a multiple of the model's clip length). label: class label
     (BouncingShapes: the number of shapes) or None. actions: per frame, action t acting
     between frame t and t+1: int (frames,) for discrete actions or float (frames, A) for
-    continuous ones (frames counted from the first *new* frame; action -1 of the context's
-    last frame may be given as ``context_action``). context: uint8 frames (T, H, W, 3) to
-    continue from (whole clips). guidance: classifier-free guidance scale (1 = off). steps:
-    denoising steps per clip (diffusion) — ignored by token models. fps: of the output file.
+    continuous ones, frames counted from the first *new* frame. So new frame t is made
+    under action t-1, and the last action acts after the video ends; new frame 0 is made
+    under ``context_action`` (the action between the context's last frame and it; only with
+    ``context`` and ``actions``), or the null action when it is unset. context: uint8 frames
+    (T, H, W, 3) to continue from (whole clips). guidance: classifier-free guidance scale
+    (1 = off). steps: denoising steps per clip (diffusion) — ignored by token models. fps:
+    of the output file. temperature, top_k (0 = off), top_p (1 = off): token sampling —
+    ignored by diffusion models.
     """
 
     model: str = "ca2vdm-tiny"
@@ -43,6 +47,7 @@ class GenerationRequest:
     label: int | None = None
     actions: Any = None
     context: Any = None
+    context_action: Any = None
     guidance: float = 2.0
     steps: int = 12
     fps: int = 8
@@ -51,21 +56,36 @@ class GenerationRequest:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.frames < 1:
-            raise ValueError(f"frames must be >= 1, got {self.frames}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        self.frames = _integer("frames", self.frames, 1)
+        self.seed = _integer("seed", self.seed, 0)
+        self.steps = _integer("steps", self.steps, 1)
+        self.top_k = _integer("top_k", self.top_k, 0)
+        if self.label is not None:
+            self.label = _integer("label", self.label, 0)
+        self.guidance = _number("guidance", self.guidance)
         if self.guidance < 0:
             raise ValueError(f"guidance must be >= 0, got {self.guidance}")
+        self.fps = _number("fps", self.fps)
+        if self.fps <= 0:
+            raise ValueError(f"fps must be > 0, got {self.fps}")
+        self.temperature = _number("temperature", self.temperature)
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        self.top_p = _number("top_p", self.top_p)
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.actions is not None:
             self.actions = np.asarray(self.actions)
-            if len(self.actions) != self.frames:
+            if self.actions.ndim == 0 or len(self.actions) != self.frames:
                 raise ValueError(
-                    f"actions must have one entry per frame ({self.frames}), "
-                    f"got {len(self.actions)}"
+                    f"actions must have one entry per frame ({self.frames}), got "
+                    f"{'a scalar' if self.actions.ndim == 0 else len(self.actions)}"
                 )
+            if not (
+                np.issubdtype(self.actions.dtype, np.integer)
+                or np.issubdtype(self.actions.dtype, np.floating)
+            ):
+                raise ValueError(f"actions must be numbers, got dtype {self.actions.dtype}")
         if self.context is not None:
             self.context = np.asarray(self.context)
             if (
@@ -76,6 +96,22 @@ class GenerationRequest:
                 raise ValueError(
                     f"context must be uint8 frames (T, H, W, 3), got {self.context.dtype} "
                     f"{self.context.shape}"
+                )
+        if self.context_action is not None:
+            # That it also needs a context is checked when the stream opens (``check_actions``):
+            # manifests and saved snapshots attach the context frames after construction.
+            if self.actions is None:
+                raise ValueError(
+                    "context_action (the action leading to the first new frame) needs actions"
+                )
+            self.context_action = np.asarray(self.context_action)
+            if self.context_action.shape != self.actions.shape[1:] or (
+                self.context_action.dtype.kind != self.actions.dtype.kind
+            ):
+                raise ValueError(
+                    f"context_action must be one action like those in actions "
+                    f"({self.actions.dtype} {self.actions.shape[1:]}), got "
+                    f"{self.context_action.dtype} {self.context_action.shape}"
                 )
 
     @classmethod
@@ -92,7 +128,9 @@ class GenerationRequest:
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (context frames are not serialised: pass a path in manifests)."""
         out = asdict(self)
-        out["actions"] = None if self.actions is None else np.asarray(self.actions).tolist()
+        for key in ("actions", "context_action"):
+            value = getattr(self, key)
+            out[key] = None if value is None else np.asarray(value).tolist()
         out["context"] = None
         return out
 
@@ -241,6 +279,85 @@ def check_frames_and_label(request: GenerationRequest, clip_len: int, num_classe
         raise ValueError(f"frames must be a multiple of clip_len={clip_len}, got {request.frames}")
     if request.label is not None and not 0 <= request.label < num_classes:
         raise ValueError(f"label must be in [0, {num_classes}) or None, got {request.label}")
+
+
+def check_actions(request: GenerationRequest, num_actions: int, action_dim: int) -> None:
+    """A request's actions (and ``context_action``) against a model taking ``num_actions``
+    discrete actions or ``action_dim``-dim continuous ones (or neither)."""
+    if request.actions is None:
+        return
+    acts = np.asarray(request.actions)
+    if request.context_action is not None:
+        if request.context is None:
+            raise ValueError(
+                "context_action (the action between the context's last frame and the first "
+                "new one) needs a context"
+            )
+        acts = np.concatenate([acts, np.asarray(request.context_action)[None]])
+    if num_actions:
+        if acts.ndim != 1 or not np.issubdtype(acts.dtype, np.integer):
+            raise ValueError(
+                f"actions must be int (frames,) for this model, got {acts.dtype} "
+                f"{request.actions.shape}"
+            )
+        if acts.min() < 0 or acts.max() >= num_actions:
+            raise ValueError(
+                f"actions must be in [0, {num_actions}), got values from {acts.min()} to "
+                f"{acts.max()}"
+            )
+    elif action_dim:
+        if acts.ndim != 2 or acts.shape[1] != action_dim:
+            raise ValueError(
+                f"actions must be float (frames, {action_dim}) for this model, got "
+                f"{request.actions.shape}"
+            )
+        if not np.isfinite(acts).all():
+            raise ValueError("actions must be finite")
+    else:
+        raise ValueError("this model takes no actions; leave actions unset")
+
+
+def leading_actions(
+    request: GenerationRequest, clip: int, clip_len: int, num_actions: int, action_dim: int
+) -> torch.Tensor:
+    """The action leading to each frame of clip ``clip`` of a stream (training's convention,
+    ``vidgen.train.diffusion.leading_actions``: frame t is made under action t-1): int64
+    (clip_len,) or float (clip_len, action_dim). New frame 0 gets ``context_action``; frames
+    without one (no actions, a context clip: ``clip`` < 0) get the null action."""
+    from vidgen.nn.conditioning import NULL
+
+    if num_actions:
+        row = torch.full((clip_len,), NULL, dtype=torch.int64)
+    else:
+        row = torch.zeros(clip_len, action_dim)
+    acts = request.actions
+    if acts is None or clip < 0:
+        return row
+    lo = clip * clip_len
+    given = np.asarray(acts[max(lo - 1, 0) : lo + clip_len - 1])
+    if lo == 0:
+        row[1:] = torch.as_tensor(given).to(row.dtype)
+        if request.context_action is not None:
+            row[0] = torch.as_tensor(np.asarray(request.context_action)).to(row.dtype)
+    else:
+        row[:] = torch.as_tensor(given).to(row.dtype)
+    return row
+
+
+def _integer(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return int(value) if isinstance(value, int | np.integer) else float(value)
 
 
 def derived_seed(seed: int, clip: int, purpose: str) -> int:

@@ -22,7 +22,9 @@ from vidgen.generators.base import (
     GenerationRequest,
     Stream,
     StreamSnapshot,
+    check_actions,
     check_frames_and_label,
+    leading_actions,
     seeded,
 )
 from vidgen.models.ca2vdm import Ca2VDMConfig, CausalVideoDiT, Cond
@@ -81,8 +83,7 @@ class DiffusionClipGenerator:
     def _check(self, request: GenerationRequest) -> int:
         cfg = self.config
         check_frames_and_label(request, self.clip_len, cfg.num_classes)
-        if request.actions is not None:
-            self._check_actions(request.actions)
+        check_actions(request, cfg.num_actions, cfg.action_dim)
         if request.context is not None:
             context = np.asarray(request.context)
             if tuple(context.shape[1:]) != self.frame_shape or len(context) % self.clip_len:
@@ -91,24 +92,6 @@ class DiffusionClipGenerator:
                     f"{self.frame_shape}, got {context.shape}"
                 )
         return request.frames // self.clip_len
-
-    def _check_actions(self, actions: np.ndarray) -> None:
-        cfg = self.config
-        if cfg.num_actions:
-            if actions.ndim != 1 or not np.issubdtype(actions.dtype, np.integer):
-                raise ValueError(
-                    f"actions must be int (frames,) for this model, got {actions.dtype} "
-                    f"{actions.shape}"
-                )
-            if actions.min() < 0 or actions.max() >= cfg.num_actions:
-                raise ValueError(f"actions must be in [0, {cfg.num_actions})")
-        elif cfg.action_dim:
-            if actions.ndim != 2 or actions.shape[1] != cfg.action_dim:
-                raise ValueError(
-                    f"actions must be float (frames, {cfg.action_dim}), got {actions.shape}"
-                )
-        else:
-            raise ValueError("this model takes no actions; leave actions unset")
 
     def open(self, request: GenerationRequest) -> Stream:
         num_clips = self._check(request)
@@ -124,9 +107,9 @@ class DiffusionClipGenerator:
         video = to_model_range(frames)[None].to(self.device)  # (1, T, 3, H, W)
         latents = self.autoencoder.encode(video)[0]
         clips = len(frames) // self.clip_len
-        # Only the last window of context can matter; earlier clips would be evicted anyway.
-        first = max(0, clips - self.config.window_clips)
-        for j in range(first, clips):
+        # Every clip, oldest first, as if the stream had made them: clips that leave the
+        # window still shaped the K/V of those after them (the banded reference's semantics).
+        for j in range(clips):
             piece = latents[j * self.clip_len : (j + 1) * self.clip_len]
             self._write([stream], piece[None], [-(clips - j)])
 
@@ -137,25 +120,14 @@ class DiffusionClipGenerator:
     # --- conditioning -------------------------------------------------------------------
 
     def _actions(self, streams: Sequence[Stream], clips: Sequence[int]) -> torch.Tensor | None:
-        """(b, clip_len) leading actions of each stream's clip: actions[i] leads to new frame
-        i; context clips (negative index) and requests without actions get the null action."""
+        """(b, clip_len) leading actions of each stream's clip (``leading_actions``)."""
         cfg = self.config
         if not (cfg.num_actions or cfg.action_dim):
             return None
-        rows = []
-        for stream, k in zip(streams, clips, strict=True):
-            acts = stream.request.actions
-            lo = k * self.clip_len
-            if acts is None or k < 0:
-                row = (
-                    torch.full((self.clip_len,), NULL, dtype=torch.int64)
-                    if cfg.num_actions
-                    else torch.zeros(self.clip_len, cfg.action_dim)
-                )
-            else:
-                row = torch.as_tensor(np.asarray(acts[lo : lo + self.clip_len]))
-                row = row.long() if cfg.num_actions else row.float()
-            rows.append(row)
+        rows = [
+            leading_actions(stream.request, k, self.clip_len, cfg.num_actions, cfg.action_dim)
+            for stream, k in zip(streams, clips, strict=True)
+        ]
         return torch.stack(rows).to(self.device)
 
     def _labels(self, streams: Sequence[Stream]) -> torch.Tensor | None:

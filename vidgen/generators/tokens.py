@@ -25,7 +25,9 @@ from vidgen.generators.base import (
     GenerationRequest,
     Stream,
     StreamSnapshot,
+    check_actions,
     check_frames_and_label,
+    leading_actions,
     seeded,
 )
 from vidgen.models.nbp import ClipCond, NBPConfig, NextBlockTransformer, Partial
@@ -92,16 +94,7 @@ class TokenClipGenerator:
     def _check(self, request: GenerationRequest) -> int:
         cfg = self.config
         check_frames_and_label(request, self.clip_len, cfg.num_classes)
-        if request.actions is not None:
-            acts = np.asarray(request.actions)
-            if cfg.num_actions and (
-                acts.ndim != 1 or acts.min() < 0 or acts.max() >= cfg.num_actions
-            ):
-                raise ValueError(f"actions must be int (frames,) in [0, {cfg.num_actions})")
-            if cfg.action_dim and (acts.ndim != 2 or acts.shape[1] != cfg.action_dim):
-                raise ValueError(f"actions must be float (frames, {cfg.action_dim})")
-            if not (cfg.num_actions or cfg.action_dim):
-                raise ValueError("this model takes no actions; leave actions unset")
+        check_actions(request, cfg.num_actions, cfg.action_dim)
         if request.context is not None:
             context = np.asarray(request.context)
             if tuple(context.shape[1:]) != self.frame_shape or len(context) % self.clip_len:
@@ -141,8 +134,9 @@ class TokenClipGenerator:
     def _write_context(self, stream: Stream, frames: np.ndarray) -> None:
         video = to_model_range(frames).to(self.device)
         clips = video.reshape(-1, self.clip_len, *video.shape[1:])  # (k, t, 3, H, W)
-        first = max(0, len(clips) - self.config.window_clips)
-        for j in range(first, len(clips)):
+        # Every clip, oldest first (as in the diffusion family): evicted clips still shaped
+        # the K/V of those after them, and each clip reads the last block of the one before.
+        for j in range(len(clips)):
             tokens = self.tokenizer.encode(clips[j : j + 1])[0]
             self._replay(stream, tokens, clip=-(len(clips) - j))
 
@@ -183,16 +177,10 @@ class TokenClipGenerator:
         return cond, slots, uncond
 
     def _clip_actions(self, stream: Stream, clip: int) -> torch.Tensor:
-        cfg, f = self.config, self.config.frames_per_clip
-        acts = stream.request.actions
-        if acts is None or clip < 0:
-            return (
-                torch.full((f,), NULL, dtype=torch.int64)
-                if cfg.num_actions
-                else torch.zeros(f, cfg.action_dim)
-            )
-        row = torch.as_tensor(np.asarray(acts[clip * f : (clip + 1) * f]))
-        return row.long() if cfg.num_actions else row.float()
+        cfg = self.config
+        return leading_actions(
+            stream.request, clip, cfg.frames_per_clip, cfg.num_actions, cfg.action_dim
+        )
 
     # --- the step -------------------------------------------------------------------------------
 

@@ -98,21 +98,23 @@ class ActionEmbedding(nn.Module):
                 )
             if ((actions < NULL) | (actions >= self.num_actions)).any():
                 raise ValueError(f"actions must be in [0, {self.num_actions}) or {NULL} (null)")
-            null = actions == NULL
-            emb = self.table(torch.where(null, self.num_actions, actions))
-        else:
-            if actions.ndim != 3 or actions.shape[-1] != self.action_dim:
-                raise ValueError(
-                    f"continuous actions must be (b, t, {self.action_dim}), got "
-                    f"{tuple(actions.shape)}"
-                )
-            null = torch.zeros(actions.shape[:2], dtype=torch.bool, device=actions.device)
-            emb = self.proj(actions.to(self.proj.weight.dtype))
-        if drop is not None:
-            null = null | (drop if drop.ndim == 2 else drop[:, None])
-        if not self.num_actions:
-            emb = torch.where(null[..., None], self.null.to(emb.dtype), emb)
-        return emb
+            null = (actions == NULL) | self._dropped(actions, drop)
+            return self.table(torch.where(null, self.num_actions, actions))
+        if actions.ndim != 3 or actions.shape[-1] != self.action_dim:
+            raise ValueError(
+                f"continuous actions must be (b, t, {self.action_dim}), got {tuple(actions.shape)}"
+            )
+        emb = self.proj(actions.to(self.proj.weight.dtype))
+        null = self._dropped(actions, drop)
+        return torch.where(null[..., None], self.null.to(emb.dtype), emb)
+
+    @staticmethod
+    def _dropped(actions: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+        """(b, t) bool: the frames ``drop`` nulls ((b,) drops whole rows)."""
+        shape = actions.shape[:2]
+        if drop is None:
+            return torch.zeros(shape, dtype=torch.bool, device=actions.device)
+        return (drop if drop.ndim == 2 else drop[:, None]).expand(shape)
 
 
 class FrameCondition(nn.Module):
