@@ -53,6 +53,31 @@ def test_bad_overrides_are_reported(tmp_path, capsys):
     assert not ray.is_initialized()  # failed before connecting
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "model=kl-tiny",
+            "is a KLConfig checkpoint, not a generator; shipped generators: "
+            "['ca2vdm-tiny', 'nbp-tiny']",
+        ),
+        ("fps=0", "fps must be > 0"),
+        ("steps=0", "steps must be >= 1"),
+        ("seed=-1", "seed must be >= 0"),
+        ("guidance=-1", "guidance must be >= 0"),
+        ("top_p=0", "top_p must be in (0, 1]"),
+        ("segment_clips=0", "segment_clips must be >= 1"),
+        ("step_timeout=0", "step_timeout must be > 0"),
+    ],
+)
+def test_bad_render_keys_fail_before_ray_starts(tmp_path, capsys, override, message):
+    import ray
+
+    assert main(["render", override, f"out={tmp_path / 'x.mp4'}"]) == 2
+    assert message in capsys.readouterr().err
+    assert not ray.is_initialized() and not list(tmp_path.iterdir())
+
+
 def test_command_help_shows_config(capsys):
     assert main(["data", "preview", "world=agent", "--help"]) == 0
     out = capsys.readouterr().out

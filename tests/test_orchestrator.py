@@ -144,7 +144,7 @@ def test_an_interrupted_render_resumes_from_its_segments(model, tmp_path):
     orch = Orchestrator(local(model))
 
     def crash_after_two_segments(until=None, poll=0.05):
-        run(until=lambda: len(list(parts_folder(out).glob("seg_*.mp4"))) >= 2)
+        run(until=lambda: len(list(parts_folder(out).glob("part_*.mp4"))) >= 2)
         raise Crash
 
     run, orch.run = orch.run, crash_after_two_segments
@@ -164,6 +164,16 @@ def test_resuming_with_another_request_is_refused(model, tmp_path):
     parts_folder(out).mkdir()
     (parts_folder(out) / "request.sha256").write_text("0" * 64)
     with pytest.raises(ValueError, match="different request"):
+        render(Orchestrator(local(model)), request_for(model), out, progress=False)
+
+
+def test_parts_of_an_older_vidgen_are_refused(model, tmp_path):
+    """Segments named by index (before they were named by first clip) cannot be placed
+    safely: refused with the fix, rather than joined in a wrong order."""
+    out = tmp_path / "v.mp4"
+    parts_folder(out).mkdir()
+    (parts_folder(out) / "seg_000001.mp4").write_bytes(b"")
+    with pytest.raises(ValueError, match="older vidgen .*delete it"):
         render(Orchestrator(local(model)), request_for(model), out, progress=False)
 
 
@@ -200,3 +210,165 @@ def test_batch_items_beyond_the_actor_slots_wait_their_turn(models, tmp_path):
         want = reference(model, item.request).astype(int)
         assert got.shape == want.shape
         assert np.abs(got - want).max() <= 2 and (got != want).mean() < 1e-3
+
+
+class Dead(LocalExecutor):
+    """Dies for good at step call ``die_at`` (its restarts used up: ``recover`` raises)."""
+
+    def __init__(self, worker, die_at: int) -> None:
+        super().__init__(worker)
+        self.die_at, self.calls, self.dead = die_at, 0, False
+
+    def step(self, keys, epochs, snapshot_keys):
+        self.calls += 1
+        if self.dead or self.calls == self.die_at:
+            self.dead = True
+            self.worker.streams.clear()
+            return self._call(_raise)
+        return super().step(keys, epochs, snapshot_keys)
+
+    def recover(self):
+        if self.dead:
+            raise ExecutorFailed("restarts used up")
+
+
+def test_a_refused_request_leaves_no_stream_behind(model):
+    """A request the generator refuses at open (label out of range) raises at submit and
+    leaves nothing the loop would later step (which would fail every other stream)."""
+    orch = Orchestrator(local(model))
+    with pytest.raises(ValueError, match="label"):
+        orch.submit(request_for(model, label=99))
+    assert orch.streams == {}
+    good = request_for(model, frames=16)
+    np.testing.assert_array_equal(frames_of(orch, orch.submit(good)), reference(model, good))
+    assert orch.streams == {}  # handed out completely: forgotten
+
+
+def test_streams_of_an_executor_lost_for_good_wait_for_free_slots(model):
+    """Two executors of 2 slots, 4 streams; one dies for good (no replacement): its streams
+    wait for the survivor's slots instead of overfilling its cache, and every video is
+    still whole and exact."""
+    workers = [GeneratorWorker(model, max_streams=2) for _ in range(2)]
+    dead = Dead(workers[1], die_at=2)
+    orch = Orchestrator([LocalExecutor(workers[0]), dead])
+    reqs = [request_for(model, seed=s, frames=24) for s in range(4)]
+    keys = [orch.submit(r) for r in reqs]
+    got: dict[int, list] = {key: [] for key in keys}
+    for _ in range(1000):  # take clips from all streams as they come
+        if not orch.streams:
+            break
+        for key, s in list(orch.streams.items()):
+            got[key].extend(c.frames for c in s.sink.queue)
+            s.sink.queue.clear()
+            if s.done:
+                orch.forget(key)
+        orch._schedule()
+        orch._execute_and_update(0.0)
+    assert not orch.streams, "the streams did not finish"
+    assert orch.executors[1] is None and orch.failures >= 1
+    assert workers[0].streams == {}  # every slot given back
+    for key, req in zip(keys, reqs, strict=True):
+        diff = np.abs(np.concatenate(got[key]).astype(int) - reference(model, req))
+        assert diff.max() <= 2 and (diff == 0).mean() > 0.99
+
+
+def test_a_fully_made_stream_is_not_reopened_when_its_decode_is_lost(model):
+    """An executor that fails after a stream's last clip was made (only its decode lost):
+    the decode is redone, and the stream is not restored (nothing would ever close it)."""
+
+    class LosesLastDecode(LocalExecutor):
+        failed = False
+
+        def decode(self, clips):
+            if not self.failed and any(c.clip == 1 for c in clips):
+                self.failed = True
+                return self._call(_raise)
+            return super().decode(clips)
+
+    worker = GeneratorWorker(model, max_streams=4)
+    orch = Orchestrator([LosesLastDecode(worker)])
+    req = request_for(model, frames=2 * orch.clip_len)  # 2 clips: clip 1 is the last
+    got = frames_of(orch, orch.submit(req))
+    assert orch.failures == 1 and worker.streams == {}
+    np.testing.assert_array_equal(got, reference(model, req))
+
+
+def test_render_resumes_with_another_segment_size(model, tmp_path):
+    """Segments are named by their first clip: a re-run with another ``segment_clips``
+    keeps what is on disk and joins everything in order."""
+    req = request_for(model, frames=56)
+    out = tmp_path / "v.mp4"
+    orch = Orchestrator(local(model))
+
+    def crash_after_three_segments(until=None, poll=0.05):
+        run(until=lambda: len(list(parts_folder(out).glob("part_*.mp4"))) >= 3)
+        raise Crash
+
+    run, orch.run = orch.run, crash_after_three_segments
+    with pytest.raises(Crash):
+        render(orch, req, out, segment_clips=1, lossless=True, progress=False)
+    result = render(
+        Orchestrator(local(model)), req, out, segment_clips=3, lossless=True, progress=False
+    )
+    assert result.resumed_frames == 3 * Orchestrator(local(model)).clip_len
+    np.testing.assert_array_equal(read_video(out).numpy(), reference(model, req))
+
+
+def test_a_refused_render_leaves_no_parts_folder(model, tmp_path):
+    """A request refused at submit (frames not whole clips, a label out of range) leaves no
+    parts folder that would block the corrected re-run."""
+    out = tmp_path / "v.mp4"
+    orch = Orchestrator(local(model))
+    clip_len = orch.clip_len
+    for bad in (request_for(model, frames=clip_len + 1), request_for(model, label=99)):
+        with pytest.raises(ValueError):
+            render(orch, bad, out, progress=False)
+        assert not parts_folder(out).exists() and orch.streams == {}
+    good = request_for(model, frames=2 * clip_len)
+    render(orch, good, out, lossless=True, progress=False)
+    np.testing.assert_array_equal(read_video(out).numpy(), reference(model, good))
+    assert orch.streams == {}  # the finished render's stream was forgotten
+
+
+def test_batch_goes_on_past_bad_items_and_frees_each_models_actors(models, tmp_path):
+    """A manifest mixing both models, an item the generator refuses at open, a model that
+    is not a generator and a model whose actors all die: the good items render, the others
+    are recorded as errors, and each model's executors are released before the next."""
+    from workers.jobs.render import parse_manifest, run_batch
+
+    rows_in = [
+        {"id": "good-d", "model": models["diffusion"], "frames": 16, "label": 1, "steps": 2},
+        {"id": "bad-label", "model": models["diffusion"], "frames": 16, "label": 99},
+        {"id": "good-t", "model": models["tokens"], "frames": 16, "label": 1},
+        {"id": "not-gen", "model": "kl-tiny", "frames": 16},
+    ]
+    manifest = tmp_path / "items.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows_in) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    items = parse_manifest(manifest, out, max_frames=1000)
+    assert "not a generator" in next(i.error for i in items if i.id == "not-gen")
+    released, made = [], {}
+
+    def executors_for(m):
+        made[m] = [LocalExecutor(GeneratorWorker(m, max_streams=2))]
+        return made[m]
+
+    rows = run_batch(items, out, executors_for, lossless=True, release=released.append)
+    status = {r["id"]: r["status"] for r in rows}
+    assert status == {"good-d": "ok", "bad-label": "error", "good-t": "ok", "not-gen": "error"}
+    assert "label" in next(r["error"] for r in rows if r["id"] == "bad-label")
+    assert [r[0] for r in released] == [made[models["diffusion"]][0], made[models["tokens"]][0]]
+    assert not any(out.glob(".*.parts"))
+
+    # Every actor of the model dies for good: its items are errors, the run does not crash.
+    lines = [
+        {"id": f"d{i}", "model": models["diffusion"], "frames": 24, "seed": i} for i in range(3)
+    ]
+    manifest.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    out2 = tmp_path / "out2"
+    out2.mkdir()
+    dying = Dead(GeneratorWorker(models["diffusion"], max_streams=2), die_at=2)
+    rows = run_batch(parse_manifest(manifest, out2, 1000), out2, lambda m: [dying])
+    assert sorted(r["id"] for r in rows) == ["d0", "d1", "d2"]
+    assert all(r["status"] == "error" and "no executor is left" in r["error"] for r in rows)

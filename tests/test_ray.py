@@ -179,7 +179,7 @@ def test_batch_job_resumes_after_its_driver_is_killed(ray_session, models, tmp_p
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         results = out / "results.jsonl"
-        parts = list(out.glob(".f.mp4.parts/seg_*.mp4"))
+        parts = list(out.glob(".f.mp4.parts/part_*.mp4"))
         if results.exists() and '"status": "ok"' in results.read_text() and parts:
             break
         time.sleep(0.2)

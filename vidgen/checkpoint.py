@@ -167,6 +167,20 @@ def load(name_or_path: str | os.PathLike, expected_config: type | None = None) -
     return ckpt
 
 
+def config_type(name_or_path: str | os.PathLike) -> str:
+    """The config type a checkpoint holds, read from its header alone (no tensors loaded, no
+    digest checked: ``load`` verifies the file when it is used)."""
+    path = resolve(name_or_path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated?): {err}") from err
+    if metadata.get("format") != FORMAT or "config_type" not in metadata:
+        raise CheckpointError(f"{path} is a safetensors file but not a vidgen checkpoint")
+    return metadata["config_type"]
+
+
 def assets_dir() -> Path:
     """The folder of shipped checkpoints (package data)."""
     return Path(str(resources.files("vidgen.assets")))

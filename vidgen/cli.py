@@ -54,14 +54,15 @@ COMMANDS: dict[tuple[str, ...], Command] = {
 
 def run_render(cfg: Any, choices: dict[str, str]) -> int:
     # The one place vidgen reaches into the Ray layer: the command at the top of the stack.
-    from vidgen.checkpoint import CheckpointError, resolve
+    from vidgen.checkpoint import CheckpointError
+    from vidgen.generators import check_generator
 
     if not cfg.address.startswith("ray://"):
-        # The actors run on this machine's cluster: a bad model name fails here, before any
-        # actor starts, with the list of shipped models.
+        # The actors run on this machine's cluster: a bad model name (or a checkpoint that is
+        # not a generator) fails here, before any actor starts, naming the shipped ones.
         try:
-            resolve(cfg.model)
-        except CheckpointError as err:
+            check_generator(cfg.model)
+        except (CheckpointError, ValueError) as err:
             print(f"{PROG} render: bad model: {err}", file=sys.stderr)
             return 2
     import ray

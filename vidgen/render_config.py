@@ -43,10 +43,18 @@ class RenderConfig:
     lossless: bool = False
 
     def __post_init__(self) -> None:
-        if self.frames < 1:
-            raise ValueError(f"frames must be >= 1, got {self.frames}")
-        if self.actors < 1:
-            raise ValueError(f"actors must be >= 1, got {self.actors}")
+        # The request's own checks (frames, seed, label, guidance, steps, fps, sampling),
+        # before any actor starts; actions and context are read once the model is known.
+        self.request_without_files()
+        for name in ("actors", "max_streams", "segment_clips", "snapshot_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0 = torch's default), got {self.threads}")
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
+        if self.step_timeout is not None and not self.step_timeout > 0:
+            raise ValueError(f"step_timeout must be > 0 or null, got {self.step_timeout}")
         if not self.out.endswith(".mp4"):
             raise ValueError(f"out must end in .mp4, got {self.out!r}")
         if not Path(self.out).expanduser().parent.is_dir():
@@ -59,19 +67,24 @@ class RenderConfig:
     def request(self, frame_shape: tuple[int, int, int] | None = None) -> GenerationRequest:
         """The request this config describes; ``frame_shape`` (the model's (H, W, 3)) is
         needed to read a context video."""
+        return self.request_without_files(
+            actions=load_actions(self.actions) if self.actions else None,
+            context=load_context(self.context, frame_shape) if self.context else None,
+        )
+
+    def request_without_files(self, **files: object) -> GenerationRequest:
         return GenerationRequest(
             model=self.model,
             frames=self.frames,
             seed=self.seed,
             label=self.label,
-            actions=load_actions(self.actions) if self.actions else None,
-            context=load_context(self.context, frame_shape) if self.context else None,
             guidance=self.guidance,
             steps=self.steps,
             fps=self.fps,
             temperature=self.temperature,
             top_k=self.top_k,
             top_p=self.top_p,
+            **files,
         )
 
 

@@ -37,6 +37,12 @@ from workers.executors import Executor, ExecutorFailed
 
 log = logging.getLogger(__name__)
 
+UNPLACED = -1  # a stream's executor while it waits for a free slot (its executor was lost)
+
+
+class NoExecutorsLeft(RuntimeError):
+    """Every executor failed and none could be replaced: the streams cannot go on."""
+
 
 # --- sinks ----------------------------------------------------------------------------------
 
@@ -78,7 +84,7 @@ class _Stream:
     request: GenerationRequest
     num_clips: int
     sink: Sink
-    executor: int
+    executor: int  # index into Orchestrator.executors, or UNPLACED
     epoch: int = 0
     # Truth: checkpoints in order, each with the clips made after it (StreamSnapshot.pending).
     truths: list[StreamSnapshot] = field(default_factory=list)
@@ -121,7 +127,11 @@ class Orchestrator:
     a stream's cache; ``step_timeout``: seconds after which a step counts as failed (None:
     only actor death counts); ``queue_clips``: clips a stream may have made but not yet
     delivered to its sink; ``replace``: called with a failed executor that could not be
-    recovered, returns a new executor (or None to drop it; its streams move elsewhere).
+    recovered, returns a new executor (or None to drop it; its streams move to the others
+    as their slots allow, waiting their turn when all are full).
+
+    A finished stream stays in ``streams`` (its sink's truth) until ``forget`` releases it;
+    ``clips`` forgets the streams it has handed out completely.
     """
 
     def __init__(
@@ -143,7 +153,10 @@ class Orchestrator:
         self.work: list[_Work] = []
         self.failures = 0
         self._keys = itertools.count()
-        self.clip_len = executors[0].info["clip_len"]
+        # What every executor of this model reports alike (clip length, frame shape, sha256),
+        # kept here so it stays known whichever executors are later lost.
+        self.info: dict[str, Any] = dict(executors[0].info)
+        self.clip_len = self.info["clip_len"]
 
     # --- streams -------------------------------------------------------------------------
 
@@ -172,16 +185,50 @@ class Orchestrator:
         )
         self.streams[key] = stream
         if not stream.done:
-            self._place(stream)
+            try:
+                self._place(stream)
+            except BaseException:
+                # Refused (a request the generator rejects, a full cache): the stream never
+                # existed, so nothing later steps it or waits for it.
+                self.streams.pop(key, None)
+                raise
         return key
 
-    def _least_loaded(self) -> int:
+    def forget(self, key: int) -> None:
+        """Release a finished stream's state (its truth, a full cache snapshot): a long-lived
+        orchestrator would otherwise keep one per stream it ever ran."""
+        stream = self.streams.get(key)
+        if stream is None:
+            return
+        if not stream.done:
+            raise ValueError(
+                f"stream {key} is not finished: {stream.delivered} of {stream.num_clips} "
+                "clips delivered"
+            )
+        del self.streams[key]
+
+    def _load(self) -> dict[int, int]:
+        """Streams open on each live executor (made clips not yet all)."""
         load = {i: 0 for i, e in enumerate(self.executors) if e is not None}
-        if not load:
-            raise RuntimeError("no executor is left to run streams on")
         for s in self.streams.values():
-            if not s.done and s.executor in load:
+            if s.accepted < s.num_clips and s.executor in load:
                 load[s.executor] += 1
+        return load
+
+    def _least_loaded(self, with_room: bool = False) -> int | None:
+        """The live executor with the fewest open streams; with ``with_room``, only one that
+        has a free slot (None if none has)."""
+        load = self._load()
+        if not load:
+            raise NoExecutorsLeft("no executor is left to run streams on")
+        if with_room:
+            load = {
+                i: n
+                for i, n in load.items()
+                if n < self.executors[i].info.get("max_streams", 1 << 30)
+            }
+            if not load:
+                return None
         return min(load, key=lambda i: (load[i], i))
 
     def _place(self, stream: _Stream) -> None:
@@ -214,7 +261,10 @@ class Orchestrator:
             self._execute_and_update(poll)
 
     def clips(self, key: int) -> Iterator[Clip]:
-        """The clips of stream ``key`` in order, driving the loop as needed."""
+        """The clips of stream ``key`` in order, driving the loop as needed; once all are
+        handed out the stream is forgotten (``forget``)."""
+        if key not in self.streams:
+            raise KeyError(f"stream {key} is unknown (or finished and forgotten)")
         stream = self.streams[key]
         if not isinstance(stream.sink, QueueSink):
             raise ValueError(f"stream {key} writes to its own sink, not to an iterator")
@@ -223,11 +273,19 @@ class Orchestrator:
             while queue:
                 yield queue.popleft()
             if stream.done:
+                self.forget(key)
                 return
             self._schedule()
             self._execute_and_update(0.05)
 
     def _schedule(self) -> None:
+        for s in self.streams.values():  # streams of a lost executor, as slots free up
+            if s.executor == UNPLACED and s.accepted < s.num_clips:
+                index = self._least_loaded(with_room=True)
+                if index is None:
+                    break
+                s.executor = index
+                self._place(s)
         busy = {w.executor for w in self.work if w.kind == "step"}
         for index, executor in enumerate(self.executors):
             if executor is None or index in busy:
@@ -242,6 +300,8 @@ class Orchestrator:
             self.work.append(_Work("step", index, handle, keys, epochs, time.monotonic()))
 
     def _can_step(self, s: _Stream) -> bool:
+        if s.executor == UNPLACED:
+            return False
         waiting = s.accepted - s.delivered  # made but not yet handed over
         return s.accepted < s.num_clips and waiting < self.queue_clips and s.sink.room() > waiting
 
@@ -373,14 +433,24 @@ class Orchestrator:
             executor = self.replace(executor) if self.replace is not None else None
             self.executors[index] = executor
         streams = [s for s in self.streams.values() if s.executor == index and not s.done]
+        if self.executors[index] is None:
+            self._least_loaded()  # raises NoExecutorsLeft when none is left
         for s in streams:
             s.epoch += 1
-            if self.executors[index] is None:
+            if s.accepted < s.num_clips:  # clips left to make: open it again from its truth
+                if self.executors[index] is None:
+                    s.executor = UNPLACED  # `_schedule` places it where a slot is free
+                else:
+                    self._place(s)
+            elif self.executors[index] is None:
+                # Every clip is made (the worker closed the stream): only decodes were lost.
+                # Restoring it would hold a slot that nothing ever frees.
                 s.executor = self._least_loaded()
-            self._place(s)
             undecoded = sorted(s.to_decode.values(), key=lambda c: c.clip)
             if undecoded:
-                self._submit_decode(s.executor, undecoded)
+                self._submit_decode(
+                    s.executor if s.executor != UNPLACED else self._least_loaded(), undecoded
+                )
 
 
 def _as_latents(clip: ClipOut):

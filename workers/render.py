@@ -1,12 +1,15 @@
 """Rendering one video to an mp4 through the orchestrator, in resumable segments.
 
 Clips are written to segment files of ``segment_clips`` clips each, in a hidden folder beside
-the output (``.<out name>.parts/``); every segment is flushed atomically and the stream's
-truth is saved right after it. Interrupted and re-run with the same ``out`` and request, a
-render restores the stream from its saved truth and continues after the last whole segment
-(generation is deterministic, so a segment that was written but whose truth was not saved is
-simply made again, identically). At the end the segments are joined without re-encoding, the
-provenance goes into the mp4 metadata and a sidecar ``<out>.json``, and the folder is removed.
+the output (``.<out name>.parts/``), each named by its first clip (``part_<clip>.mp4``, so a
+re-run with another ``segment_clips`` still joins them in order); every segment is flushed
+atomically and the stream's truth is saved right after it. The folder is made only once the
+orchestrator has accepted the request, so a request it refuses leaves nothing behind.
+Interrupted and re-run with the same ``out`` and request, a render restores the stream from
+its saved truth and continues after the last whole segment (generation is deterministic, so a
+segment that was written but whose truth was not saved is simply made again, identically).
+At the end the segments are joined without re-encoding, the provenance goes into the mp4
+metadata and a sidecar ``<out>.json``, and the folder is removed.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ class SegmentSink:
 
     def put(self, clip: Clip) -> None:
         if self.writer is None:
-            path = self.folder / f"seg_{self.clips // self.segment_clips:06d}.mp4"
+            path = self.folder / segment_name(self.clips)
             self.writer = VideoWriter(path, fps=self.fps, lossless=self.lossless)
         self.writer.write(clip.frames)
         if self.on_clip is not None:
@@ -94,23 +97,37 @@ def parts_folder(out: Path) -> Path:
     return out.parent / f".{out.name}.parts"
 
 
-def _resume_point(folder: Path, request: GenerationRequest, segment_clips: int) -> tuple[Any, int]:
-    """(saved truth or None, clips already on disk); drops segments past the saved truth."""
+def segment_name(first_clip: int) -> str:
+    return f"part_{first_clip:09d}.mp4"
+
+
+def segments(folder: Path) -> list[Path]:
+    """The segment files of a parts folder, in clip order."""
+    return sorted(folder.glob("part_*.mp4"))
+
+
+def _resume_point(folder: Path, request: GenerationRequest) -> tuple[Any, int]:
+    """(saved truth or None, clips already on disk); drops segments past the saved truth.
+    Reads (and prunes) an existing folder only: nothing is created here."""
+    if not folder.exists():
+        return None, 0
     fingerprint = folder / "request.sha256"
     if fingerprint.exists() and fingerprint.read_text().strip() != request.fingerprint():
         raise ValueError(
             f"{folder} holds a render of a different request; delete it or choose another out"
         )
-    folder.mkdir(parents=True, exist_ok=True)
-    fingerprint.write_text(request.fingerprint())
+    if any(folder.glob("seg_*.mp4")):
+        raise ValueError(
+            f"{folder} holds segments of an older vidgen (seg_*.mp4); delete it to render anew"
+        )
     truth_path = folder / "truth.safetensors"
     truth = load_snapshot(truth_path) if truth_path.exists() else None
     done = truth.next_clip if truth is not None else 0
     # Segments are renamed into place whole, and the truth is saved after each one, so every
     # segment that starts before `done` is complete; a later one was made after the saved
     # truth and is dropped (it will be made again, identically).
-    for seg in sorted(folder.glob("seg_*.mp4")):
-        if int(seg.stem.split("_")[1]) * segment_clips >= done:
+    for seg in segments(folder):
+        if int(seg.stem.split("_")[1]) >= done:
             seg.unlink()
     return truth, done
 
@@ -146,7 +163,7 @@ class RenderJob:
 
     def start(self, orchestrator: Orchestrator) -> int:
         self.orchestrator = orchestrator
-        truth, self.done_before = _resume_point(self.folder, self.request, self.segment_clips)
+        truth, self.done_before = _resume_point(self.folder, self.request)
         if self.done_before:
             log.info("resuming %s after %d clips already on disk", self.out, self.done_before)
         clip_len = orchestrator.clip_len
@@ -167,7 +184,13 @@ class RenderJob:
             on_clip=lambda clip: self.bar.update(len(clip.frames)),
         )
         self.started = time.perf_counter()
-        self.key = orchestrator.submit(self.request, sink=sink, truth=truth)
+        try:
+            self.key = orchestrator.submit(self.request, sink=sink, truth=truth)
+        except BaseException:
+            self.bar.close()
+            raise
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "request.sha256").write_text(self.request.fingerprint())
         return self.key
 
     def _save_truth(self, clips: int) -> None:
@@ -176,18 +199,23 @@ class RenderJob:
 
     @property
     def done(self) -> bool:
-        return self.key is not None and self.orchestrator.streams[self.key].done
+        if self.key is None:
+            return False
+        stream = self.orchestrator.streams.get(self.key)
+        return stream is None or stream.done  # None: finished and forgotten
 
     def finish(self) -> RenderResult:
         seconds = time.perf_counter() - self.started
         self.bar.close()
         provenance = _provenance(self.orchestrator, self.request, self.extra)
-        segments = sorted(self.folder.glob("seg_*.mp4"))
         concat_videos(
-            segments, self.out, metadata={"comment": json.dumps(provenance, sort_keys=True)}
+            segments(self.folder),
+            self.out,
+            metadata={"comment": json.dumps(provenance, sort_keys=True)},
         )
         _write_json(self.out.with_suffix(".json"), provenance)
         shutil.rmtree(self.folder)
+        self.orchestrator.forget(self.key)
         clip_len = self.orchestrator.clip_len
         return RenderResult(
             self.out, self.request.frames, seconds, self.done_before * clip_len, provenance
@@ -213,7 +241,7 @@ def render(
 def _provenance(
     orchestrator: Orchestrator, request: GenerationRequest, extra: dict[str, Any] | None
 ) -> dict[str, Any]:
-    info = orchestrator.executors[0].info if orchestrator.executors[0] else {}
+    info = orchestrator.info
     return {
         "vidgen_version": vidgen.__version__,
         "model": request.model,

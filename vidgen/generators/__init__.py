@@ -21,23 +21,46 @@ __all__ = [
     "Stream",
     "StreamSnapshot",
     "TokenClipGenerator",
+    "check_generator",
     "generate_video",
     "load_generator",
 ]
+
+
+def _families() -> dict[str, type]:
+    from vidgen.models.ca2vdm import Ca2VDMConfig
+    from vidgen.models.nbp import NBPConfig
+
+    return {
+        f"{Ca2VDMConfig.__module__}.{Ca2VDMConfig.__qualname__}": DiffusionClipGenerator,
+        f"{NBPConfig.__module__}.{NBPConfig.__qualname__}": TokenClipGenerator,
+    }
+
+
+def check_generator(name_or_path: str) -> None:
+    """Raise ``ValueError`` unless ``name_or_path`` is a generator checkpoint (read from its
+    header: cheap enough to check every item of a manifest); ``CheckpointError`` if it is
+    not a vidgen checkpoint at all."""
+    from vidgen import checkpoint
+
+    kind = checkpoint.config_type(name_or_path)
+    if kind not in _families():
+        generators = [
+            name for name in checkpoint.available() if checkpoint.config_type(name) in _families()
+        ]
+        raise ValueError(
+            f"model {name_or_path!r} is a {kind.rsplit('.', 1)[-1]} checkpoint, not a "
+            f"generator; shipped generators: {generators}"
+        )
 
 
 def load_generator(name_or_path: str, max_streams: int = 8, device: str = "cpu") -> ClipGenerator:
     """The generator of a shipped name (``ca2vdm-tiny``, ``nbp-tiny``) or a checkpoint path,
     whichever family its config says it is."""
     from vidgen import checkpoint
-    from vidgen.models.ca2vdm import Ca2VDMConfig
-    from vidgen.models.nbp import NBPConfig
 
     ckpt = checkpoint.load(name_or_path)
-    families = {
-        f"{Ca2VDMConfig.__module__}.{Ca2VDMConfig.__qualname__}": DiffusionClipGenerator,
-        f"{NBPConfig.__module__}.{NBPConfig.__qualname__}": TokenClipGenerator,
-    }
+    families = _families()
     if ckpt.config_type not in families:
         raise ValueError(f"{name_or_path} is a {ckpt.config_type} checkpoint, not a generator")
     return families[ckpt.config_type].from_pretrained(name_or_path, max_streams, device)

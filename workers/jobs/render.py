@@ -4,8 +4,11 @@
 
 Each manifest line is one ``GenerationRequest`` as JSON plus an ``id`` (the mp4 is
 ``DIR/<id>.mp4``). Items run as concurrent streams on shared actors (one group of actors per
-model). A malformed line (bad JSON, unknown model or key, frames <= 0 or over --max-frames,
-an id that is not a plain file name inside DIR) is recorded as an error and the rest go on.
+model, models one after another, each model's actors freed before the next's start). A
+malformed line (bad JSON, unknown model or key, a checkpoint that is not a generator, frames
+<= 0 or over --max-frames, an id that is not a plain file name inside DIR), a request the
+model refuses when its stream opens, or the items of a model whose actors are all lost for
+good are recorded as errors and the rest go on.
 Re-running with the same DIR skips items already recorded as ok and resumes partial ones from
 their segments. Under Ray Jobs: ``ray job submit --working-dir . -- python -m
 workers.jobs.render ...`` (see the README for token authentication).
@@ -26,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from vidgen import checkpoint
-from vidgen.generators import GenerationRequest
+from vidgen.generators import GenerationRequest, check_generator
 from vidgen.render_config import load_context
-from workers.orchestrator import Orchestrator
+from workers.orchestrator import NoExecutorsLeft, Orchestrator
 from workers.render import RenderJob
 
 log = logging.getLogger("workers.jobs.render")
@@ -66,7 +69,7 @@ def parse_manifest(path: Path, out: Path, max_frames: int) -> list[Item]:
             request = GenerationRequest.from_json(data)
             if request.frames > max_frames:
                 raise ValueError(f"frames={request.frames} is over --max-frames={max_frames}")
-            checkpoint.resolve(request.model)  # unknown models fail here, per item
+            check_generator(request.model)  # unknown models (or not generators) fail here
             if context is not None and not Path(context).expanduser().is_file():
                 raise ValueError(f"context {context!r} is not a file")
             item.request, item.context = request, context
@@ -128,9 +131,13 @@ def run_batch(
     lossless: bool = False,
     snapshot_every: int = 1,
     step_timeout: float | None = None,
+    replace: Callable[[Any], Any] | None = None,
+    release: Callable[[list], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Render the items (``executors_for(model)`` gives the executors of a model); returns
-    the result rows written this run."""
+    """Render the items (``executors_for(model)`` gives the executors of a model, one model
+    after another; ``release(executors)`` is called with the model's executors, replacements
+    included, once its items are all done, to free its actors for the next model;
+    ``replace`` as in ``Orchestrator``); returns the result rows written this run."""
     results = Results(out / "results.jsonl")
     rows: list[dict[str, Any]] = []
     for item in items:
@@ -139,11 +146,25 @@ def run_batch(
             results.add(rows[-1])
     todo = [i for i in items if i.request is not None and i.id not in results.ok]
     for model in dict.fromkeys(i.request.model for i in todo):
-        orch = Orchestrator(
-            executors_for(model), snapshot_every=snapshot_every, step_timeout=step_timeout
-        )
         group = [i for i in todo if i.request.model == model]
-        rows += _render_group(orch, group, out, segment_clips, lossless, results)
+        try:
+            orch = Orchestrator(
+                executors_for(model),
+                snapshot_every=snapshot_every,
+                step_timeout=step_timeout,
+                replace=replace,
+            )
+        except Exception as err:  # the actors could not start: this model's items fail
+            log.error("no actors for %s: %s", model, err)
+            for item in group:
+                rows.append(_error_row(item, f"actors for {model!r}: {type(err).__name__}: {err}"))
+                results.add(rows[-1])
+            continue
+        try:
+            rows += _render_group(orch, group, out, segment_clips, lossless, results)
+        finally:
+            if release is not None:
+                release([e for e in orch.executors if e is not None])
     return rows
 
 
@@ -160,18 +181,18 @@ def _render_group(
     rows: list[dict[str, Any]] = []
     waiting = list(group)
     pending: dict[str, RenderJob] = {}
-    # Admission: no more streams at once than the actors have slots (the rest wait their
-    # turn), so a manifest of thousands of items runs in bounded memory.
-    capacity = sum(e.info.get("max_streams", 1) for e in orch.executors if e is not None)
+
+    def capacity() -> int:
+        # No more streams at once than the live actors have slots (the rest wait their
+        # turn), so a manifest of thousands of items runs in bounded memory.
+        return sum(e.info.get("max_streams", 1) for e in orch.executors if e is not None)
 
     def admit() -> None:
-        while waiting and len(pending) < max(1, capacity):
+        while waiting and len(pending) < max(1, capacity()):
             item = waiting.pop(0)
             try:
                 if item.context is not None:
-                    item.request.context = load_context(
-                        item.context, orch.executors[0].info["frame_shape"]
-                    )
+                    item.request.context = load_context(item.context, orch.info["frame_shape"])
                 job = RenderJob(
                     item.request,
                     out / f"{item.id}.mp4",
@@ -188,7 +209,15 @@ def _render_group(
 
     admit()
     while pending:
-        orch.run(until=lambda: any(job.done for job in pending.values()))
+        try:
+            orch.run(until=lambda: any(job.done for job in pending.values()))
+        except NoExecutorsLeft as err:
+            # Every actor of this model is gone for good: what is left fails (a re-run
+            # resumes the partial ones from their segments).
+            for item in [i for i in group if i.id in pending] + waiting:
+                rows.append(_error_row(item, f"{type(err).__name__}: {err}"))
+                results.add(rows[-1])
+            return rows
         for item_id in [i for i, job in pending.items() if job.done]:
             result = pending.pop(item_id).finish()
             rows.append(
@@ -254,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
             ]
         return pools[model]
 
+    def release(executors: list) -> None:  # a model's items are done: free its GPUs
+        for executor in executors:
+            executor.retire()
+
     start = time.perf_counter()
     rows = run_batch(
         items,
@@ -263,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         args.lossless,
         args.snapshot_every,
         args.step_timeout,
+        replace=lambda failed: failed.replacement(),
+        release=release,
     )
     ok = sum(r["status"] == "ok" for r in rows)
     print(
