@@ -147,7 +147,7 @@ def test_actions_lead_to_the_next_frame(family):
         request_for(gen, frames=frames, context=context, context_action=3)
     with pytest.raises(ValueError, match="context_action .* needs a context"):
         gen.open(request_for(gen, frames=frames, actions=acts, context_action=3))
-    with pytest.raises(ValueError, match="actions must be in"):
+    with pytest.raises(ValueError, match=r"context_action must be in \[0, 5\)"):
         gen.open(request_for(gen, frames=frames, actions=acts, context=context, context_action=9))
     with pytest.raises(ValueError, match="context_action must be one action"):
         request_for(gen, frames=frames, actions=acts, context=context, context_action=[1, 2])
@@ -261,7 +261,7 @@ def test_snapshot_survives_a_file_round_trip(family, tmp_path):
         ("guidance", -1.0, r"guidance must be >= 0"),
         ("fps", 0, r"fps must be > 0"),
         ("fps", "8", r"fps must be a number"),
-        ("temperature", -1.0, r"temperature must be > 0"),
+        ("temperature", -1.0, r"temperature must be >= 0"),
         ("top_k", -1, r"top_k must be >= 0"),
         ("top_p", 0.0, r"top_p must be in \(0, 1\]"),
         ("actions", 3, r"actions must have one entry per frame \(8\), got a scalar"),
@@ -273,6 +273,19 @@ def test_request_fields_are_checked_when_made(field, value, message):
     batch), naming the field and what was expected."""
     with pytest.raises(ValueError, match=message):
         GenerationRequest(**{"frames": 8, field: value})
+
+
+def test_valid_edge_values_are_accepted():
+    GenerationRequest(frames=8, temperature=0)  # greedy token sampling
+    context = np.zeros((8, 32, 32, 3), np.uint8)
+    # A continuous context_action as JSON gives it (ints), and uint8 discrete actions.
+    req = GenerationRequest(
+        frames=8, actions=np.zeros((8, 2)), context=context, context_action=[0, 1]
+    )
+    assert req.to_json()["context_action"] == [0, 1]
+    GenerationRequest(frames=8, actions=np.ones(8, np.uint8), context=context, context_action=3)
+    # Without context_action the JSON form (and so every fingerprint) is as before it existed.
+    assert "context_action" not in GenerationRequest(frames=8).to_json()
 
 
 def test_request_numbers_keep_their_json_form():

@@ -372,3 +372,92 @@ def test_batch_goes_on_past_bad_items_and_frees_each_models_actors(models, tmp_p
     rows = run_batch(parse_manifest(manifest, out2, 1000), out2, lambda m: [dying])
     assert sorted(r["id"] for r in rows) == ["d0", "d1", "d2"]
     assert all(r["status"] == "error" and "no executor is left" in r["error"] for r in rows)
+
+
+def test_a_moved_streams_decode_lost_again_is_redone(models):
+    """Executor 1 dies for good while decoding stream X (X moves: it waits for executor 0's
+    only slot); then executor 0 fails X's redone decode once. Every decode still comes
+    back, and X is whole and exact."""
+    model = models["diffusion"]
+
+    class DiesOnDecode(LocalExecutor):
+        dead = False
+
+        def decode(self, clips):
+            self.dead = True
+            self.worker.streams.clear()
+            return self._call(_raise)
+
+        def step(self, *args):
+            return self._call(_raise) if self.dead else super().step(*args)
+
+        def recover(self):
+            if self.dead:
+                raise ExecutorFailed("restarts used up")
+
+    class FailsDecodeOnce(LocalExecutor):
+        target, failed = None, False
+
+        def decode(self, clips):
+            if not self.failed and any(c.key == self.target for c in clips):
+                self.failed = True
+                return self._call(_raise)
+            return super().decode(clips)
+
+    e0 = FailsDecodeOnce(GeneratorWorker(model, max_streams=1))
+    orch = Orchestrator([e0, DiesOnDecode(GeneratorWorker(model, max_streams=1))])
+    reqs = [request_for(model, seed=s, frames=3 * orch.clip_len) for s in (1, 2)]
+    sinks = [QueueSink(100), QueueSink(100)]
+    keys = [orch.submit(r, sink=k) for r, k in zip(reqs, sinks, strict=True)]
+    e0.target = keys[1]
+    orch.run()
+    assert orch.failures == 2 and e0.failed
+    for req, sink in zip(reqs, sinks, strict=True):
+        np.testing.assert_array_equal(
+            np.concatenate([c.frames for c in sink.queue]), reference(model, req)
+        )
+
+
+def test_an_executor_lost_while_items_are_admitted_fails_them_all_cleanly(models, tmp_path):
+    """The only executor dies for good while the batch opens its second item, and its
+    replacement cannot start: every item gets an error row (none is left unrecorded),
+    nothing raises, and the model's executors are still released."""
+    from workers.jobs.render import parse_manifest, run_batch
+
+    model = models["diffusion"]
+
+    class DiesAtSecondOpen(LocalExecutor):
+        opens, dead = 0, False
+
+        def open(self, key, req):
+            self.opens += 1
+            if self.opens == 2:
+                self.dead = True
+                self.worker.streams.clear()
+                raise ExecutorFailed("died")
+            return super().open(key, req)
+
+        def recover(self):
+            if self.dead:
+                raise ExecutorFailed("restarts used up")
+
+    def cannot_replace(failed):
+        raise RuntimeError("no GPU is free for a new actor")
+
+    manifest = tmp_path / "items.jsonl"
+    lines = [{"id": f"d{i}", "model": model, "frames": 16, "seed": i} for i in range(3)]
+    manifest.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    released = []
+    executor = DiesAtSecondOpen(GeneratorWorker(model, max_streams=2))
+    rows = run_batch(
+        parse_manifest(manifest, out, 1000),
+        out,
+        lambda m: [executor],
+        replace=cannot_replace,
+        release=released.append,
+    )
+    assert sorted(r["id"] for r in rows) == ["d0", "d1", "d2"]
+    assert all(r["status"] == "error" and "NoExecutorsLeft" in r["error"] for r in rows)
+    assert released == [[]]  # called, with no executor left to free

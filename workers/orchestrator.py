@@ -40,6 +40,13 @@ log = logging.getLogger(__name__)
 UNPLACED = -1  # a stream's executor while it waits for a free slot (its executor was lost)
 
 
+_DRAINED = (
+    "nothing can run: every unfinished stream waits for its sink to be drained (take clips "
+    "with Orchestrator.clips(key), or give the streams sinks that write) or for a free slot "
+    "held by such a stream"
+)
+
+
 class NoExecutorsLeft(RuntimeError):
     """Every executor failed and none could be replaced: the streams cannot go on."""
 
@@ -254,10 +261,7 @@ class Orchestrator:
                 return
             self._schedule()
             if not self.work:
-                raise RuntimeError(
-                    "every unfinished stream waits for its sink to be drained: take clips "
-                    "with Orchestrator.clips(key) (or give the streams sinks that write)"
-                )
+                raise RuntimeError(_DRAINED)
             self._execute_and_update(poll)
 
     def clips(self, key: int) -> Iterator[Clip]:
@@ -276,16 +280,22 @@ class Orchestrator:
                 self.forget(key)
                 return
             self._schedule()
+            if not self.work:
+                raise RuntimeError(_DRAINED)
             self._execute_and_update(0.05)
 
     def _schedule(self) -> None:
         for s in self.streams.values():  # streams of a lost executor, as slots free up
-            if s.executor == UNPLACED and s.accepted < s.num_clips:
-                index = self._least_loaded(with_room=True)
-                if index is None:
-                    break
-                s.executor = index
-                self._place(s)
+            if s.executor != UNPLACED:
+                continue
+            if s.accepted >= s.num_clips:  # all made: only its decodes remain, no slot
+                s.executor = self._least_loaded()
+                continue
+            index = self._least_loaded(with_room=True)
+            if index is None:
+                break
+            s.executor = index
+            self._place(s)
         busy = {w.executor for w in self.work if w.kind == "step"}
         for index, executor in enumerate(self.executors):
             if executor is None or index in busy:
@@ -421,7 +431,8 @@ class Orchestrator:
             self._fail(index, TimeoutError(f"step exceeded {self.step_timeout}s"))
 
     def _fail(self, index: int, err: BaseException) -> None:
-        """Advance the epochs of the executor's streams and restore them."""
+        """Advance the epochs of the executor's streams, restore them, and redo the decodes
+        that were in flight on it (whichever streams they belong to)."""
         self.failures += 1
         log.warning("executor %s failed (%s); restoring its streams", index, err)
         self.work = [w for w in self.work if w.executor != index]
@@ -430,27 +441,39 @@ class Orchestrator:
             executor.recover()
         except Exception as recover_err:
             log.warning("executor %s did not come back (%s)", index, recover_err)
-            executor = self.replace(executor) if self.replace is not None else None
-            self.executors[index] = executor
-        streams = [s for s in self.streams.values() if s.executor == index and not s.done]
-        if self.executors[index] is None:
-            self._least_loaded()  # raises NoExecutorsLeft when none is left
-        for s in streams:
+            replacement = None
+            if self.replace is not None:
+                try:
+                    replacement = self.replace(executor)
+                except Exception as replace_err:  # e.g. no GPU free for a new actor
+                    log.warning("executor %s could not be replaced (%s)", index, replace_err)
+            self.executors[index] = replacement
+        gone = self.executors[index] is None
+        for s in self.streams.values():
+            if s.executor != index or s.done:
+                continue
             s.epoch += 1
-            if s.accepted < s.num_clips:  # clips left to make: open it again from its truth
-                if self.executors[index] is None:
-                    s.executor = UNPLACED  # `_schedule` places it where a slot is free
-                else:
-                    self._place(s)
-            elif self.executors[index] is None:
-                # Every clip is made (the worker closed the stream): only decodes were lost.
-                # Restoring it would hold a slot that nothing ever frees.
-                s.executor = self._least_loaded()
-            undecoded = sorted(s.to_decode.values(), key=lambda c: c.clip)
-            if undecoded:
-                self._submit_decode(
-                    s.executor if s.executor != UNPLACED else self._least_loaded(), undecoded
-                )
+            if gone:
+                # `_schedule` places it where a slot is free (a stream with every clip made
+                # was closed by the worker: it needs no slot, only its decodes redone).
+                s.executor = UNPLACED
+            elif s.accepted < s.num_clips:  # clips left to make: open it again from its truth
+                self._place(s)
+        if all(e is None for e in self.executors):
+            raise NoExecutorsLeft(f"no executor is left to run streams on (last: {err})")
+        # Redo every accepted clip whose decode is no longer in flight: those lost with this
+        # executor (including the failed call itself), of whichever stream, wherever it is.
+        in_flight = {(c.key, c.clip) for w in self.work for c in w.clips}
+        redo: dict[int, list[ClipOut]] = {}
+        for s in self.streams.values():
+            for clip in s.to_decode.values():
+                if (clip.key, clip.clip) in in_flight:
+                    continue
+                live = s.executor != UNPLACED and self.executors[s.executor] is not None
+                target = s.executor if live else self._least_loaded()
+                redo.setdefault(target, []).append(clip)
+        for target, clips in redo.items():
+            self._submit_decode(target, sorted(clips, key=lambda c: (c.key, c.clip)))
 
 
 def _as_latents(clip: ClipOut):

@@ -197,6 +197,11 @@ class RenderJob:
         truth = self.orchestrator.streams[self.key].truth_at(clips)
         save_snapshot(self.folder / "truth.safetensors", truth)
 
+    def abandon(self) -> None:
+        """Give up on this render (its stream cannot go on): the parts folder stays for a
+        re-run to resume from."""
+        self.bar.close()
+
     @property
     def done(self) -> bool:
         if self.key is None:

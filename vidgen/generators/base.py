@@ -69,8 +69,8 @@ class GenerationRequest:
         if self.fps <= 0:
             raise ValueError(f"fps must be > 0, got {self.fps}")
         self.temperature = _number("temperature", self.temperature)
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         self.top_p = _number("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -105,13 +105,14 @@ class GenerationRequest:
                     "context_action (the action leading to the first new frame) needs actions"
                 )
             self.context_action = np.asarray(self.context_action)
-            if self.context_action.shape != self.actions.shape[1:] or (
-                self.context_action.dtype.kind != self.actions.dtype.kind
+            if self.context_action.shape != self.actions.shape[1:] or not (
+                np.issubdtype(self.context_action.dtype, np.integer)
+                or np.issubdtype(self.context_action.dtype, np.floating)
             ):
                 raise ValueError(
-                    f"context_action must be one action like those in actions "
-                    f"({self.actions.dtype} {self.actions.shape[1:]}), got "
-                    f"{self.context_action.dtype} {self.context_action.shape}"
+                    f"context_action must be one action shaped like those in actions "
+                    f"({self.actions.shape[1:]}), got {self.context_action.dtype} "
+                    f"{self.context_action.shape}"
                 )
 
     @classmethod
@@ -131,6 +132,8 @@ class GenerationRequest:
         for key in ("actions", "context_action"):
             value = getattr(self, key)
             out[key] = None if value is None else np.asarray(value).tolist()
+        if self.context_action is None:
+            del out["context_action"]  # as before it existed: fingerprints stay the same
         out["context"] = None
         return out
 
@@ -287,32 +290,35 @@ def check_actions(request: GenerationRequest, num_actions: int, action_dim: int)
     if request.actions is None:
         return
     acts = np.asarray(request.actions)
+    _check_action_values("actions", acts, num_actions, action_dim, request.actions.shape)
     if request.context_action is not None:
         if request.context is None:
             raise ValueError(
                 "context_action (the action between the context's last frame and the first "
                 "new one) needs a context"
             )
-        acts = np.concatenate([acts, np.asarray(request.context_action)[None]])
+        one = np.asarray(request.context_action)
+        _check_action_values("context_action", one[None], num_actions, action_dim, one.shape)
+
+
+def _check_action_values(
+    name: str, acts: np.ndarray, num_actions: int, action_dim: int, shape: tuple[int, ...]
+) -> None:
     if num_actions:
         if acts.ndim != 1 or not np.issubdtype(acts.dtype, np.integer):
-            raise ValueError(
-                f"actions must be int (frames,) for this model, got {acts.dtype} "
-                f"{request.actions.shape}"
-            )
+            what = "an int" if name == "context_action" else "int (frames,)"
+            raise ValueError(f"{name} must be {what} for this model, got {acts.dtype} {shape}")
         if acts.min() < 0 or acts.max() >= num_actions:
             raise ValueError(
-                f"actions must be in [0, {num_actions}), got values from {acts.min()} to "
+                f"{name} must be in [0, {num_actions}), got values from {acts.min()} to "
                 f"{acts.max()}"
             )
     elif action_dim:
         if acts.ndim != 2 or acts.shape[1] != action_dim:
-            raise ValueError(
-                f"actions must be float (frames, {action_dim}) for this model, got "
-                f"{request.actions.shape}"
-            )
+            what = f"({action_dim},)" if name == "context_action" else f"(frames, {action_dim})"
+            raise ValueError(f"{name} must be float {what} for this model, got {shape}")
         if not np.isfinite(acts).all():
-            raise ValueError("actions must be finite")
+            raise ValueError(f"{name} must be finite")
     else:
         raise ValueError("this model takes no actions; leave actions unset")
 

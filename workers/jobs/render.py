@@ -203,21 +203,14 @@ def _render_group(
                 )
                 job.start(orch)
                 pending[item.id] = job
+            except NoExecutorsLeft:
+                waiting.insert(0, item)  # not this item's fault: it fails with the rest
+                raise
             except (ValueError, RuntimeError, OSError) as err:
                 rows.append(_error_row(item, f"{type(err).__name__}: {err}"))
                 results.add(rows[-1])
 
-    admit()
-    while pending:
-        try:
-            orch.run(until=lambda: any(job.done for job in pending.values()))
-        except NoExecutorsLeft as err:
-            # Every actor of this model is gone for good: what is left fails (a re-run
-            # resumes the partial ones from their segments).
-            for item in [i for i in group if i.id in pending] + waiting:
-                rows.append(_error_row(item, f"{type(err).__name__}: {err}"))
-                results.add(rows[-1])
-            return rows
+    def finish_done() -> None:
         for item_id in [i for i, job in pending.items() if job.done]:
             result = pending.pop(item_id).finish()
             rows.append(
@@ -233,7 +226,22 @@ def _render_group(
             )
             results.add(rows[-1])
             log.info("%s: %d frames in %.1fs", item_id, result.frames, result.seconds)
+
+    try:
         admit()
+        while pending:
+            orch.run(until=lambda: any(job.done for job in pending.values()))
+            finish_done()
+            admit()
+    except NoExecutorsLeft as err:
+        # Every actor of this model is gone for good: what is finished is kept, the rest
+        # fails (a re-run resumes the partial ones from their segments).
+        finish_done()
+        for item in [i for i in group if i.id in pending] + waiting:
+            if item.id in pending:
+                pending.pop(item.id).abandon()
+            rows.append(_error_row(item, f"{type(err).__name__}: {err}"))
+            results.add(rows[-1])
     return rows
 
 
@@ -275,17 +283,23 @@ def main(argv: list[str] | None = None) -> int:
     connect(args.address)
     pools: dict[str, list] = {}
 
-    def executors_for(model: str) -> list:
-        if model not in pools:
-            pools[model] = [
-                RayExecutor(model, args.max_streams, max_restarts=args.max_restarts)
-                for _ in range(args.actors)
-            ]
-        return pools[model]
-
     def release(executors: list) -> None:  # a model's items are done: free its GPUs
         for executor in executors:
             executor.retire()
+
+    def executors_for(model: str) -> list:
+        if model not in pools:
+            started: list[RayExecutor] = []
+            try:
+                for _ in range(args.actors):
+                    started.append(
+                        RayExecutor(model, args.max_streams, max_restarts=args.max_restarts)
+                    )
+            except BaseException:
+                release(started)  # the ones that did start would hold their GPUs
+                raise
+            pools[model] = started
+        return pools[model]
 
     start = time.perf_counter()
     rows = run_batch(
