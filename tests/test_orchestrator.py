@@ -461,3 +461,35 @@ def test_an_executor_lost_while_items_are_admitted_fails_them_all_cleanly(models
     assert sorted(r["id"] for r in rows) == ["d0", "d1", "d2"]
     assert all(r["status"] == "error" and "NoExecutorsLeft" in r["error"] for r in rows)
     assert released == [[]]  # called, with no executor left to free
+
+
+def test_batch_main_releases_a_partly_started_pool(models, tmp_path, monkeypatch, capsys):
+    """`--actors 2` where the second actor cannot start: the first is retired (it would keep
+    its GPU from the next model), the model's items are error rows, the job ends normally."""
+    import workers.cluster
+    import workers.executors
+    from workers.jobs.render import main
+
+    retired = []
+
+    class Fake:
+        made = 0
+
+        def __init__(self, model, max_streams, max_restarts=0):
+            Fake.made += 1
+            if Fake.made == 2:
+                raise RuntimeError("no GPU free for actor 2")
+
+        def retire(self):
+            retired.append(self)
+
+    monkeypatch.setattr(workers.executors, "RayExecutor", Fake)
+    monkeypatch.setattr(workers.cluster, "connect", lambda address: False)
+    manifest = tmp_path / "items.jsonl"
+    manifest.write_text(json.dumps({"id": "a", "model": models["diffusion"], "frames": 16}) + "\n")
+    out = tmp_path / "out"
+    assert main(["--manifest", str(manifest), "--out", str(out), "--actors", "2"]) == 0
+    assert len(retired) == 1 and Fake.made == 2
+    (row,) = [json.loads(r) for r in (out / "results.jsonl").read_text().splitlines()]
+    assert row["status"] == "error" and "no GPU free for actor 2" in row["error"]
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["errors"] == 1
