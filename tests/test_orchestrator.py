@@ -138,24 +138,37 @@ class Crash(RuntimeError):
     pass
 
 
-def test_an_interrupted_render_resumes_from_its_segments(model, tmp_path):
-    req = request_for(model, frames=48)
+@pytest.mark.parametrize(
+    ("first_size", "crash_after", "second_size"),
+    [(2, 2, 2), (1, 3, 3)],  # the second: resumed with another segment size
+)
+def test_an_interrupted_render_resumes_from_its_segments(
+    model, tmp_path, first_size, crash_after, second_size
+):
+    """Segments are named by their first clip: a re-run (with the same or another
+    ``segment_clips``) keeps what is on disk and joins everything in order."""
+    req = request_for(model, frames=56)
     out = tmp_path / "v.mp4"
     orch = Orchestrator(local(model))
 
-    def crash_after_two_segments(until=None, poll=0.05):
-        run(until=lambda: len(list(parts_folder(out).glob("part_*.mp4"))) >= 2)
+    def crash_after_segments(until=None, poll=0.05):
+        run(until=lambda: len(list(parts_folder(out).glob("part_*.mp4"))) >= crash_after)
         raise Crash
 
-    run, orch.run = orch.run, crash_after_two_segments
+    run, orch.run = orch.run, crash_after_segments
     with pytest.raises(Crash):
-        render(orch, req, out, segment_clips=2, lossless=True, progress=False)
+        render(orch, req, out, segment_clips=first_size, lossless=True, progress=False)
     assert not out.exists() and parts_folder(out).exists()
     result = render(
-        Orchestrator(local(model)), req, out, segment_clips=2, lossless=True, progress=False
+        Orchestrator(local(model)),
+        req,
+        out,
+        segment_clips=second_size,
+        lossless=True,
+        progress=False,
     )
-    clip_len = Orchestrator(local(model)).clip_len
-    assert result.resumed_frames == 2 * 2 * clip_len  # two segments of 2 clips were reused
+    # The segments written before the crash were reused.
+    assert result.resumed_frames == crash_after * first_size * orch.clip_len
     np.testing.assert_array_equal(read_video(out).numpy(), reference(model, req))
 
 
@@ -291,27 +304,6 @@ def test_a_fully_made_stream_is_not_reopened_when_its_decode_is_lost(model):
     got = frames_of(orch, orch.submit(req))
     assert orch.failures == 1 and worker.streams == {}
     np.testing.assert_array_equal(got, reference(model, req))
-
-
-def test_render_resumes_with_another_segment_size(model, tmp_path):
-    """Segments are named by their first clip: a re-run with another ``segment_clips``
-    keeps what is on disk and joins everything in order."""
-    req = request_for(model, frames=56)
-    out = tmp_path / "v.mp4"
-    orch = Orchestrator(local(model))
-
-    def crash_after_three_segments(until=None, poll=0.05):
-        run(until=lambda: len(list(parts_folder(out).glob("part_*.mp4"))) >= 3)
-        raise Crash
-
-    run, orch.run = orch.run, crash_after_three_segments
-    with pytest.raises(Crash):
-        render(orch, req, out, segment_clips=1, lossless=True, progress=False)
-    result = render(
-        Orchestrator(local(model)), req, out, segment_clips=3, lossless=True, progress=False
-    )
-    assert result.resumed_frames == 3 * Orchestrator(local(model)).clip_len
-    np.testing.assert_array_equal(read_video(out).numpy(), reference(model, req))
 
 
 def test_a_refused_render_leaves_no_parts_folder(model, tmp_path):
