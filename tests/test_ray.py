@@ -109,6 +109,35 @@ def test_render_through_ray_equals_in_process(ray_session, models, tmp_path):
         e.kill()
 
 
+def test_an_actor_killed_for_good_leaves_its_streams_to_the_survivor(ray_session, models):
+    """Two actors of 2 slots and 4 streams; one actor is killed (no restart, no replacement)
+    mid-run: its streams wait for the survivor's slots and every video is whole and exact.
+    Then the last actor is killed too: the orchestrator says no executor is left."""
+    from workers.orchestrator import NoExecutorsLeft
+
+    model = models["diffusion"]
+    survivor = RayExecutor(model, max_streams=2)
+    doomed = KillingExecutor(model, max_streams=2, kill_at={2})
+    orch = Orchestrator([survivor, doomed])  # no `replace`: a lost actor stays lost
+    reqs = [request_for(model, seed=s, frames=24) for s in range(4)]
+    keys = [orch.submit(r) for r in reqs]
+    try:
+        for key, req in zip(keys, reqs, strict=True):
+            got = np.concatenate([c.frames for c in orch.clips(key)])
+            diff = np.abs(got.astype(int) - reference(model, req))
+            assert diff.max() <= 2 and (diff == 0).mean() > 0.99  # batched vs alone
+        assert orch.executors[1] is None and orch.failures >= 1
+        assert orch.streams == {}
+
+        last = orch.submit(request_for(model, frames=24))
+        ray_kill(survivor)
+        with pytest.raises(NoExecutorsLeft):
+            list(orch.clips(last))
+    finally:
+        survivor.retire()
+        doomed.retire()
+
+
 def manifest(path: Path, models: dict[str, str], context: Path | None = None) -> Path:
     lines = [
         json.dumps(
