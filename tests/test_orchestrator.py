@@ -190,6 +190,19 @@ def test_parts_of_an_older_vidgen_are_refused(model, tmp_path):
         render(Orchestrator(local(model)), request_for(model), out, progress=False)
 
 
+def test_a_render_to_a_long_valid_name_works(models, tmp_path):
+    """An output name near the 255-byte limit: its parts folder and temporary files get
+    shortened names (distinct for names that differ only at the end)."""
+    model = models["diffusion"]
+    out = tmp_path / ("v" * 246 + ".mp4")
+    assert parts_folder(out) != parts_folder(tmp_path / ("v" * 245 + "w.mp4"))
+    assert parts_folder(tmp_path / "v.mp4").name == ".v.mp4.parts"  # short names as before
+    req = request_for(model, frames=16)
+    done = render(Orchestrator(local(model)), req, out, segment_clips=1, progress=False)
+    assert done.path == out and not parts_folder(out).exists()
+    assert read_video(out).shape[0] == 16
+
+
 def test_batch_items_beyond_the_actor_slots_wait_their_turn(models, tmp_path):
     from workers.jobs.render import parse_manifest, run_batch
 

@@ -1,37 +1,53 @@
 """Atomic file writes: write beside the target under a hidden temporary name, then rename.
 
 A crash never leaves a half-written file under the final name, and a failed rewrite leaves
-the previous file as it was. The published file gets the permissions an ordinary ``open``
-would give it (the process umask), or those of the file it replaces, not ``mkstemp``'s 0600.
+the previous file as it was; the file's bytes and the rename are flushed to disk
+(``fsync``) before ``publish`` returns, so a power loss does not leave an empty file under
+the final name either. The published file gets the permissions an ordinary ``open`` would
+give it (the kernel applies the umask at creation; the umask is never changed, which would
+race with other threads), or those of the file it replaces.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import stat
-import tempfile
 from pathlib import Path
+
+_STEM_CHARS = 64  # the hidden name stays well under 255 bytes for any valid final name
 
 
 def temp_beside(path: Path, suffix: str = ".tmp") -> Path:
     """A new empty hidden file in ``path``'s folder (created if missing)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    return Path(name)
+    while True:
+        tmp = path.parent / f".{path.stem[:_STEM_CHARS]}.{secrets.token_hex(4)}{suffix}"
+        try:
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _fsync(path: Path, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def publish(tmp: Path, final: Path) -> None:
-    """Rename the finished ``tmp`` onto ``final`` atomically, with ordinary permissions."""
-    try:
-        mode = stat.S_IMODE(os.stat(final).st_mode)
-    except FileNotFoundError:
-        mode = 0o666 & ~_umask()
-    os.chmod(tmp, mode)
+    """Rename the finished ``tmp`` onto ``final`` atomically, with ordinary permissions,
+    and flush both the file and the folder's entry to disk."""
+    # A new file keeps the mode it was created with (0666 less the umask).
+    with contextlib.suppress(FileNotFoundError):
+        os.chmod(tmp, stat.S_IMODE(os.stat(final).st_mode))
+    _fsync(tmp)
     os.replace(tmp, final)
+    # A folder that cannot be opened or synced (some network filesystems) is left as is.
+    with contextlib.suppress(OSError):
+        _fsync(final.parent)

@@ -14,6 +14,7 @@ metadata and a sidecar ``<out>.json``, and the folder is removed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -94,7 +95,12 @@ class SegmentSink:
 
 
 def parts_folder(out: Path) -> Path:
-    return out.parent / f".{out.name}.parts"
+    """``.<out's name>.parts`` beside ``out``; a name too long for that (a file name has at
+    most 255 bytes) is shortened and made unique by its hash."""
+    name = out.name
+    if len(name.encode()) > 200:
+        name = f"{name[:100]}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+    return out.parent / f".{name}.parts"
 
 
 def segment_name(first_clip: int) -> str:

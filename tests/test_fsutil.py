@@ -1,0 +1,79 @@
+"""Atomic writes: permissions without touching the umask, long names, flushed to disk."""
+
+import os
+import stat
+
+import pytest
+
+from vidgen import fsutil
+
+
+def write(path, data: bytes) -> None:
+    tmp = fsutil.temp_beside(path)
+    tmp.write_bytes(data)
+    fsutil.publish(tmp, path)
+
+
+def test_a_new_file_gets_the_umask_and_the_umask_is_never_changed(tmp_path, monkeypatch):
+    old = os.umask(0o027)
+    try:
+
+        def no_umask(mask):  # another thread creating a file meanwhile would get `mask`
+            raise AssertionError("the process umask was changed")
+
+        monkeypatch.setattr(os, "umask", no_umask)
+        write(tmp_path / "a.bin", b"x")
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "a.bin").st_mode) == 0o640
+    assert (tmp_path / "a.bin").read_bytes() == b"x"
+
+
+def test_a_replaced_file_keeps_its_mode_and_no_temp_file_is_left(tmp_path):
+    path = tmp_path / "a.bin"
+    write(path, b"old")
+    os.chmod(path, 0o604)
+    write(path, b"new")
+    assert path.read_bytes() == b"new"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o604
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
+
+
+def test_a_long_valid_name_is_written(tmp_path):
+    path = tmp_path / ("v" * 246 + ".mp4")  # 250 bytes: valid; its temp name must be too
+    write(path, b"x")
+    assert path.read_bytes() == b"x"
+
+
+def test_the_file_is_flushed_before_it_is_renamed_and_the_folder_after(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = tmp_path / "a.bin"
+    tmp = fsutil.temp_beside(path)
+    tmp.write_bytes(b"x")
+    fsutil.publish(tmp, path)
+    assert events == [
+        ("fsync", str(tmp.resolve())),
+        ("replace", str(path)),
+        ("fsync", str(tmp_path.resolve())),
+    ]
+
+
+@pytest.mark.parametrize("suffix", [".tmp", ".tmp.mp4"])
+def test_temp_files_are_new_hidden_and_distinct(tmp_path, suffix):
+    names = {fsutil.temp_beside(tmp_path / "sub" / "x.mp4", suffix) for _ in range(20)}
+    assert len(names) == 20
+    assert all(n.name.startswith(".x.") and n.name.endswith(suffix) for n in names)
+    assert all(n.exists() and n.stat().st_size == 0 for n in names)
