@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from vidgen.cli import main
@@ -61,7 +62,7 @@ def test_bad_overrides_are_reported(tmp_path, capsys):
             "is a KLConfig checkpoint, not a generator; shipped generators: "
             "['ca2vdm-tiny', 'nbp-tiny']",
         ),
-        ("fps=0", "fps must be > 0"),
+        ("fps=0", "fps must be >= 1/1001"),
         ("steps=0", "steps must be >= 1"),
         ("seed=-1", "seed must be >= 0"),
         ("guidance=-1", "guidance must be >= 0"),
@@ -76,6 +77,53 @@ def test_bad_render_keys_fail_before_ray_starts(tmp_path, capsys, override, mess
     assert main(["render", override, f"out={tmp_path / 'x.mp4'}"]) == 2
     assert message in capsys.readouterr().err
     assert not ray.is_initialized() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "actions, message",
+    [
+        (np.zeros(10, dtype=np.int64), "actions must have one entry per frame (16), got 10"),
+        ("npz", "must be a .npy array, got an .npz archive"),
+    ],
+)
+def test_bad_actions_fail_before_ray_starts(tmp_path, capsys, actions, message):
+    import ray
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    if isinstance(actions, str):
+        path = inputs / "a.npz"
+        np.savez(path, actions=np.zeros(16, dtype=np.int64))
+    else:
+        path = inputs / "a.npy"
+        np.save(path, actions)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["render", "frames=16", f"actions={path}", f"out={out / 'x.mp4'}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "bad actions" in err and message in err
+    assert not ray.is_initialized() and not list(out.iterdir())
+
+
+def test_a_context_video_is_cut_to_its_last_whole_clips(tmp_path):
+    from vidgen.io import VideoWriter
+    from vidgen.render_config import load_context
+
+    frames = np.zeros((30, 32, 32, 3), dtype=np.uint8)
+    frames[:, :, :, 0] = np.arange(30, dtype=np.uint8)[:, None, None] * 8
+    path = tmp_path / "c.mp4"
+    with VideoWriter(path, lossless=True) as writer:
+        writer.write(frames)
+    got = load_context(path, (16, 16, 3), clip_len=8)  # 30 frames: the last 24 kept
+    assert got.shape == (24, 16, 16, 3)
+    np.testing.assert_allclose(got[:, 8, 8, 0], frames[6:, 0, 0, 0], atol=2)
+    assert load_context(path, None).shape == (30, 32, 32, 3)
+    with pytest.raises(ValueError, match="32 frames"):
+        load_context(path, None, clip_len=32)
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    with pytest.raises(ValueError, match="context=.*bad.mp4.*not a readable video"):
+        load_context(tmp_path / "bad.mp4", None, clip_len=8)
 
 
 def test_command_help_shows_config(capsys):

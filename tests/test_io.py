@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -216,11 +217,26 @@ def test_odd_size_needs_lossless(tmp_path):
         ({"crf": 60}, "crf"),
         ({"lossless": True, "crf": 10}, "crf"),
         ({"fps": 0}, "fps"),
+        ({"fps": 1 / 5000}, "fps must be >= 1/1001"),
     ],
 )
 def test_writer_rejects_bad_settings(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         VideoWriter(tmp_path / "a.mp4", **kwargs)
+
+
+def test_a_raw_h264_stream_without_timestamps_is_probed_and_read(tmp_path):
+    frames = np.random.default_rng(0).integers(0, 255, (10, 32, 32, 3), dtype=np.uint8)
+    path = tmp_path / "v.h264"
+    with VideoWriter(path) as writer:
+        writer.write(frames)
+    assert probe_video(path).num_frames == 10
+    assert read_video(path, backend="pyav").shape == (10, 32, 32, 3)
+
+
+def test_writer_takes_numpy_frame_rates(tmp_path):
+    for fps in (np.int64(8), np.float32(12.5)):
+        assert VideoWriter(tmp_path / "a.mp4", fps=fps).rate == Fraction(float(fps))
 
 
 def test_close_without_frames_raises(tmp_path):

@@ -65,6 +65,14 @@ def run_render(cfg: Any, choices: dict[str, str]) -> int:
         except (CheckpointError, ValueError) as err:
             print(f"{PROG} render: bad model: {err}", file=sys.stderr)
             return 2
+    if cfg.actions:  # checked against `frames` before any actor starts
+        from vidgen.render_config import load_actions
+
+        try:
+            cfg.request_without_files(actions=load_actions(cfg.actions))
+        except ValueError as err:
+            print(f"{PROG} render: bad actions: {err}", file=sys.stderr)
+            return 2
     import ray
 
     from workers.cluster import connect
@@ -87,7 +95,11 @@ def _render(cfg: Any) -> int:
         for _ in range(cfg.actors)
     ]
     info = executors[0].info
-    request = cfg.request(tuple(info["frame_shape"]))
+    try:
+        request = cfg.request(tuple(info["frame_shape"]), info["clip_len"])
+    except ValueError as err:  # a context video that cannot be read or is too short
+        print(f"{PROG} render: bad input: {err}", file=sys.stderr)
+        return 2
     orch = Orchestrator(
         executors,
         snapshot_every=cfg.snapshot_every,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from vidgen.generators import GenerationRequest
-from vidgen.io import read_video
+from vidgen.io import VideoReadError, probe_video, read_video
 
 
 @dataclass
@@ -64,12 +64,14 @@ class RenderConfig:
             if value is not None and not Path(value).expanduser().is_file():
                 raise ValueError(f"{name}={value!r} is not a file")
 
-    def request(self, frame_shape: tuple[int, int, int] | None = None) -> GenerationRequest:
-        """The request this config describes; ``frame_shape`` (the model's (H, W, 3)) is
-        needed to read a context video."""
+    def request(
+        self, frame_shape: tuple[int, int, int] | None = None, clip_len: int | None = None
+    ) -> GenerationRequest:
+        """The request this config describes; ``frame_shape`` (the model's (H, W, 3)) and
+        ``clip_len`` are needed to read a context video."""
         return self.request_without_files(
             actions=load_actions(self.actions) if self.actions else None,
-            context=load_context(self.context, frame_shape) if self.context else None,
+            context=load_context(self.context, frame_shape, clip_len) if self.context else None,
         )
 
     def request_without_files(self, **files: object) -> GenerationRequest:
@@ -94,13 +96,33 @@ def load_actions(path: str | Path) -> np.ndarray:
         actions = np.load(Path(path).expanduser(), allow_pickle=False)
     except (OSError, ValueError) as err:
         raise ValueError(f"actions={str(path)!r} is not a readable .npy array: {err}") from err
+    if not isinstance(actions, np.ndarray):  # an .npz archive
+        actions.close()
+        raise ValueError(f"actions={str(path)!r} must be a .npy array, got an .npz archive")
     if actions.ndim not in (1, 2):
         raise ValueError(f"actions must be (frames,) or (frames, A), got shape {actions.shape}")
     return actions
 
 
-def load_context(path: str | Path, frame_shape: tuple[int, ...] | None) -> np.ndarray:
+def load_context(
+    path: str | Path, frame_shape: tuple[int, ...] | None, clip_len: int | None = None
+) -> np.ndarray:
     """The frames of an mp4 to continue from, resized (cover, then centre crop) to the
-    model's frame size when they differ."""
+    model's frame size when they differ. With ``clip_len``, only its last whole clips are
+    kept (the generators take a context of whole clips; the video continues from its end)."""
     size = None if frame_shape is None else tuple(frame_shape[:2])
-    return read_video(Path(path).expanduser(), size=size).numpy()
+    path = Path(path).expanduser()
+    try:
+        info = probe_video(path)
+        start = 0
+        if clip_len is not None:
+            whole = info.num_frames // clip_len * clip_len
+            if whole == 0:
+                raise ValueError(
+                    f"context={str(path)!r} has {info.num_frames} frames; the model continues "
+                    f"from whole clips of {clip_len} frames"
+                )
+            start = info.num_frames - whole
+        return read_video(path, start=start, size=size, info=info).numpy()
+    except VideoReadError as err:
+        raise ValueError(f"context={str(path)!r} is not a readable video: {err}") from err

@@ -23,6 +23,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+MIN_FPS = 1 / 1001  # the lowest frame rate an mp4 of vidgen can carry
+
 
 @dataclass
 class GenerationRequest:
@@ -66,8 +68,8 @@ class GenerationRequest:
         if self.guidance < 0:
             raise ValueError(f"guidance must be >= 0, got {self.guidance}")
         self.fps = _number("fps", self.fps)
-        if self.fps <= 0:
-            raise ValueError(f"fps must be > 0, got {self.fps}")
+        if self.fps < MIN_FPS:  # mp4 time bases have denominators up to 1001
+            raise ValueError(f"fps must be >= 1/1001 (one frame per 1001 s), got {self.fps}")
         self.temperature = _number("temperature", self.temperature)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")

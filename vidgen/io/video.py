@@ -118,22 +118,27 @@ def _video_stream(container: Any, path: Path) -> Any:
 def _is_frame_packet(packet: Any) -> bool:
     # The demuxer ends with an empty flush packet, and marks a packet cut short by the end of a
     # truncated file as corrupt; neither decodes to a frame.
-    return packet.size > 0 and packet.dts is not None and not packet.is_corrupt
+    return packet.size > 0 and not packet.is_corrupt
 
 
 def _count_packets(container: Any, stream: Any, path: Path) -> int:
-    """Count the video packets really present; the header's frame count can over-report."""
-    count = 0
+    """Count the video packets really present; the header's frame count can over-report.
+    Packets without a timestamp count only in a stream where none has one (a raw H.264
+    elementary stream)."""
+    timed = untimed = 0
     try:
         for packet in container.demux(stream):
             if not _is_frame_packet(packet):
                 continue
-            count += 1
+            if packet.dts is None:
+                untimed += 1
+            else:
+                timed += 1
     except av.FFmpegError as err:
         raise VideoReadError(
-            f"{path} is damaged: demuxing failed after {count} video packets: {err}"
+            f"{path} is damaged: demuxing failed after {timed + untimed} video packets: {err}"
         ) from err
-    return count
+    return timed or untimed
 
 
 def probe_video(path: PathLike) -> VideoInfo:
@@ -424,12 +429,17 @@ def _as_frames(frames: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def _frame_rate(fps: float | Fraction) -> Fraction:
+    if isinstance(fps, np.integer | np.floating):
+        fps = fps.item()
     if isinstance(fps, bool) or not isinstance(fps, int | float | Fraction):
         raise TypeError(f"fps must be a number, got {fps!r}")
     if not math.isfinite(fps) or fps <= 0:
         raise ValueError(f"fps must be a positive finite number, got fps={fps}")
     # A small denominator keeps the time base exact for rates like 8, 24 or 29.97.
-    return Fraction(fps).limit_denominator(1001)
+    rate = Fraction(fps).limit_denominator(1001)
+    if rate < Fraction(1, 1001):
+        raise ValueError(f"fps must be >= 1/1001 (one frame per 1001 s), got fps={fps}")
+    return rate
 
 
 class VideoWriter:
@@ -738,8 +748,8 @@ class _Remuxer:
             shift: int | None = None
             end = self.offset
             for packet in container.demux(in_stream):
-                if not _is_frame_packet(packet):
-                    continue
+                if not _is_frame_packet(packet) or packet.dts is None:
+                    continue  # segments are vidgen's own mp4s: every frame has a dts
                 pts, dts, duration = self._rescaled(packet, in_stream.time_base)
                 if shift is None:
                     # Align the segment's first timestamp with the end of the previous one.

@@ -192,7 +192,9 @@ def _render_group(
             item = waiting.pop(0)
             try:
                 if item.context is not None:
-                    item.request.context = load_context(item.context, orch.info["frame_shape"])
+                    item.request.context = load_context(
+                        item.context, orch.info["frame_shape"], orch.clip_len
+                    )
                 job = RenderJob(
                     item.request,
                     out / f"{item.id}.mp4",
