@@ -307,3 +307,171 @@ def test_encoded_clips_cache_is_keyed_by_the_data(tmp_path):
     with pytest.raises(ValueError, match="holds 3 clips"):
         EncodedClips(build_dataset(more), encode, path, description=data_description(more, "train"))
     assert len(calls) == 1
+
+
+LARP_SMALL = [
+    "tokenizer=larp-test",
+    *SMALL_BOUNCING,
+    "data.clip_len=4",
+    "data.num_clips=8",
+    "data.eval_clips=2",
+    "train.ema_decay=0",
+    "tokenizer.vq_warmup=2",
+]
+
+
+def test_fine_tuning_a_larp_keeps_its_trained_codebook(tmp_path):
+    """A model from ``init=`` is past its VQ warm-up: the warm-up's codebook init must not
+    wipe its codes, and a frozen quantizer is not touched by dead-code restarts."""
+    larp = [*LARP_SMALL, f"tokenizer.autoencoder={make_autoencoder(tmp_path)}"]
+    base = train(larp, tmp_path / "base", 3)
+    codes = tensors(base)["quantizer.codebook"]
+    frozen = train(
+        [*larp, f"init={base}", "freeze=[quantizer]", "tokenizer.restart_every=1"],
+        tmp_path / "frozen",
+        3,
+    )
+    assert torch.equal(tensors(frozen)["quantizer.codebook"], codes)
+    tuned = train([*larp, f"init={base}", "tokenizer.restart_every=0"], tmp_path / "tuned", 3)
+    moved = torch.nn.functional.cosine_similarity(tensors(tuned)["quantizer.codebook"], codes)
+    assert moved.min() > 0.9  # nudged by gradients, not replaced by encoder outputs
+
+
+def test_initial_weights_do_not_depend_on_an_existing_cache(tmp_path):
+    """Encoding the training clips (first run) must not draw from the global RNG that the
+    model's initial weights come from (a re-run finds the cache)."""
+    from vidgen.train import build_task
+
+    overrides = [*LARP_SMALL, f"tokenizer.autoencoder={make_autoencoder(tmp_path)}"]
+    cfg = load_config("train", [*overrides, f"out={tmp_path / 'run'}"])
+    cfg.name = "model"
+    weights = []
+    for _ in range(2):  # the first builds the cache, the second reads it
+        torch.manual_seed(0)
+        weights.append({k: v.clone() for k, v in build_task(cfg).model.state_dict().items()})
+    assert len(list((tmp_path / "run").glob("latents-*-train-*.safetensors"))) == 1
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
+
+
+def test_a_larp_that_does_not_fit_its_autoencoder_is_refused_before_encoding(tmp_path):
+    overrides = [*LARP_SMALL, f"tokenizer.autoencoder={make_autoencoder(tmp_path)}"]
+    with pytest.raises(ValueError, match="latent channels and size of its autoencoder"):
+        train([*overrides, "tokenizer.size=8"], tmp_path / "run", 1)
+    assert not list((tmp_path / "run").glob("latents-*"))
+
+
+def test_nbp_token_cache_is_keyed_by_the_larps_autoencoder_too(tmp_path):
+    """The LARP loads its autoencoder by path: a changed autoencoder file changes every
+    token, so the cached tokens of the old one must not be reused."""
+    from tests.models import save_test_generators
+    from vidgen.train import build_task
+
+    models = tmp_path / "models"
+    save_test_generators(models)
+    overrides = [
+        "model=nbp-test",
+        *SMALL_BOUNCING,
+        "data.clip_len=8",
+        "data.num_clips=4",
+        f"frozen_tokenizer={models / 'larp-test.safetensors'}",
+        "model.num_actions=0",
+        f"out={tmp_path / 'run'}",
+    ]
+    cfg = load_config("train", overrides)
+    cfg.name = "model"
+    build_task(cfg)
+    kl_cfg = KL_CONFIGS["test"]
+    other = randomize_(KLAutoencoder(kl_cfg), seed=5, std=0.1)
+    checkpoint.save(models / "kl-test.safetensors", other, kl_cfg)
+    build_task(cfg)
+    assert len(list((tmp_path / "run").glob("tokens-*.safetensors"))) == 2
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.eval_every=0", "train.eval_every must be >= 1"),
+        ("train.ckpt_every=0", "train.ckpt_every must be >= 1"),
+        ("train.log_every=0", "train.log_every must be >= 1"),
+        ("train.eval_batches=-1", "train.eval_batches must be >= 0"),
+        ("train.grad_clip=-1", "train.grad_clip must be >= 0"),
+    ],
+)
+def test_bad_train_settings_are_refused(override, message):
+    with pytest.raises(Exception, match=message):
+        load_config("train", ["tokenizer=kl-test", override])
+
+
+def test_grad_clip_zero_means_no_clipping(tmp_path):
+    kl = ["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2", "train.ema_decay=0"]
+    off = tensors(train([*kl, "train.grad_clip=0"], tmp_path / "off", 2))
+    huge = tensors(train([*kl, "train.grad_clip=1e9"], tmp_path / "huge", 2))
+    fresh = tensors(train([*kl, "train.lr=0"], tmp_path / "fresh", 1))
+    for name in off:
+        assert torch.equal(off[name], huge[name]), name
+    assert any(not torch.equal(off[n], fresh[n]) for n in off)  # it trained
+
+
+def test_kl_without_eval_batches_says_why_it_cannot_export(tmp_path):
+    kl = ["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2", "train.eval_batches=0"]
+    with pytest.raises(ValueError, match="train.eval_batches must be >= 1"):
+        train(kl, tmp_path / "run", 1)
+
+
+def test_the_patch_gan_decodes_on_the_clips_device():
+    """The frozen autoencoder lives outside the model (``.to(device)`` never reaches it):
+    the GAN's decode moves it to the clips' device."""
+    from vidgen.train.tokenizer import _frames
+
+    kl_cfg = KL_CONFIGS["test"]
+    autoencoder = KLAutoencoder(kl_cfg)
+    clips = torch.zeros(1, 2, kl_cfg.latent_channels, 4, 4, device="meta")
+    assert _frames(clips, autoencoder).device.type == "meta"
+
+
+def test_folder_cache_is_keyed_by_the_files_and_hidden_files_are_skipped(tmp_path):
+    import os
+
+    from vidgen.data import DataConfig
+    from vidgen.data.folder import VideoFolder
+    from vidgen.io import VideoWriter
+    from vidgen.train.encoded import data_description
+
+    root = tmp_path / "videos"
+    root.mkdir()
+
+    def write(name: str, value: int) -> None:
+        with VideoWriter(root / name) as writer:
+            writer.write(np.full((8, 32, 32, 3), value, dtype=np.uint8))
+
+    write("a.mp4", 10)
+    write(".a.1234.tmp.mp4", 20)  # an unfinished write: not data
+    (root / "._a.mp4").write_bytes(b"\x00\x05\x16\x07")  # macOS metadata: not a video
+    data = DataConfig(name="folder", root=str(root), clip_len=4, size=32)
+    assert [p.name for p in VideoFolder(root, clip_len=4, size=32).files] == ["a.mp4"]
+    before = data_description(data, "train")
+    write("a.mp4", 200)  # same name and length, other frames
+    os.utime(root / "a.mp4", ns=(1, 1))
+    assert data_description(data, "train") != before
+
+
+def test_data_num_workers_loads_in_worker_processes_with_the_same_result(tmp_path, monkeypatch):
+    from torch.utils.data import DataLoader
+
+    import vidgen.train.loop as loop
+
+    used = []
+
+    class Recording(DataLoader):
+        def __init__(self, *args, **kwargs):
+            used.append(kwargs.get("num_workers", 0))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "DataLoader", Recording)
+    kl = ["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2", "train.ema_decay=0"]
+    two = tensors(train([*kl, "data.num_workers=2"], tmp_path / "two", 2))
+    assert 2 in used
+    none = tensors(train(kl, tmp_path / "none", 2))
+    for name in two:
+        assert torch.equal(two[name], none[name]), name

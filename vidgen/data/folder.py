@@ -18,6 +18,19 @@ log = logging.getLogger(__name__)
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi")
 
 
+def video_files(root: Path) -> list[Path]:
+    """The video files under ``root`` (recursively, sorted), leaving out hidden ones: a dot
+    file or folder is another program's (macOS ``._x.mp4``) or an unfinished write
+    (vidgen's own ``.x.<random>.tmp.mp4``)."""
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in VIDEO_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        and p.is_file()
+    )
+
+
 class VideoFolder(Dataset):
     """Clips of ``clip_len`` frames every ``stride`` frames from each video under ``root``
     (searched recursively), resized (shorter side) and centre-cropped to ``size``.
@@ -44,9 +57,7 @@ class VideoFolder(Dataset):
         if stride < 1:
             raise ValueError(f"stride must be >= 1, got {stride}")
         self.clip_len, self.size, self.stride = clip_len, size, stride
-        self.files = sorted(
-            p for p in self.root.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()
-        )
+        self.files = video_files(self.root)
         if not self.files:
             raise FileNotFoundError(
                 f"no video files ({', '.join(VIDEO_SUFFIXES)}) under {str(self.root)!r}"

@@ -170,6 +170,7 @@ def ca2vdm_task(
         autoencoder,
         cache_path(out, "latents", sha, data, "train"),
         description=data_description(data, "train"),
+        num_workers=data.num_workers,
     )
 
     def loss(model: nn.Module, batch: dict[str, torch.Tensor], gen: torch.Generator):

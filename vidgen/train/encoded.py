@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from vidgen import checkpoint
 from vidgen.data import DataConfig
+from vidgen.data.folder import video_files
 from vidgen.tokenizers.kl import KLAutoencoder, KLConfig
 
 # DataConfig fields that change batching or the other split, never the clips of this one.
@@ -36,12 +37,19 @@ class EncodedClipsInfo:
 def data_description(data: DataConfig, split: str) -> str:
     """Every setting of ``data`` that decides the clips of ``split`` (source, clip length,
     size, seed, the worlds' settings, folders), as canonical JSON. A folder is described by
-    its path, not its contents."""
+    its path and each video's name, size and modification time."""
     if split not in _OTHER_SPLIT:
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     fields = asdict(data)
     for name in _NOT_CONTENT | _OTHER_SPLIT[split]:
         fields.pop(name)
+    if data.name == "folder":  # the files themselves: a replaced video is other data
+        root = Path(data.eval_root if split == "eval" and data.eval_root else data.root)
+        root = root.expanduser()
+        fields["files"] = [
+            [str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns]
+            for p in video_files(root)
+        ]
     return json.dumps({"split": split, **fields}, sort_keys=True)
 
 
@@ -79,6 +87,7 @@ class EncodedClips(Dataset):
         keep_video: bool = False,
         key: str = "latents",
         description: str = "",
+        num_workers: int = 0,
     ) -> None:
         if isinstance(encode, KLAutoencoder):
             encode = encode.encode
@@ -97,7 +106,7 @@ class EncodedClips(Dataset):
                 raise ValueError(f"{path} holds no {key!r}{' or video' * keep_video}")
             tensors = cached.tensors
         else:
-            tensors = self._encode(source, encode, batch_size, keep_video, key)
+            tensors = self._encode(source, encode, batch_size, keep_video, key, num_workers)
             info = EncodedClipsInfo(len(source), keep_video, description)
             checkpoint.save(path, tensors, info, card={"what": f"encoded clips ({key})"})
         self.tensors = tensors
@@ -110,8 +119,17 @@ class EncodedClips(Dataset):
         batch_size: int,
         keep_video: bool,
         key: str,
+        num_workers: int = 0,
     ) -> dict[str, torch.Tensor]:
-        loader = DataLoader(source, batch_size=batch_size, shuffle=False)
+        # Its own generator: iterating a DataLoader otherwise draws its base seed from the
+        # global RNG, and a run's initial weights would depend on whether a cache existed.
+        loader = DataLoader(
+            source,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            generator=torch.Generator().manual_seed(0),
+        )
         keys = (key, "label", "actions", *(("video",) if keep_video else ()))
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
         for batch in tqdm(loader, desc=f"encoding clips ({key})", disable=None):

@@ -41,7 +41,8 @@ STATE_FILE = "state.safetensors"
 @dataclass
 class TrainConfig:
     """Optimisation and bookkeeping. ``device="auto"`` = CUDA when available; ``threads`` 0
-    leaves torch's default; ``ema_decay`` 0 disables the EMA (then the raw weights ship)."""
+    leaves torch's default; ``ema_decay`` 0 disables the EMA (then the raw weights ship);
+    ``grad_clip`` 0 turns gradient clipping off."""
 
     steps: int = 10_000
     lr: float = 1e-3
@@ -68,6 +69,13 @@ class TrainConfig:
             raise ValueError(f"train.steps must be >= 1, got {self.steps}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        for name in ("log_every", "eval_every", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_batches < 0:
+            raise ValueError(f"train.eval_batches must be >= 0, got {self.eval_batches}")
+        if self.grad_clip < 0:
+            raise ValueError(f"train.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"train.precision must be fp32 or bf16, got {self.precision!r}")
 
@@ -174,6 +182,7 @@ class Task:
     # folder: writes sample videos (e.g. ``<out>/samples/step-000500.mp4``).
     samples: Callable[[nn.Module, int, Path], None] | None = None
     adversary: Adversary | None = None
+    num_workers: int = 0  # DataLoader worker processes (``data.num_workers``)
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -276,7 +285,12 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
     # The schedule always spans `steps`; `stop_at` only ends this invocation early.
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
     sampler = StepSampler(len(task.train_data), task.batch_size, cfg.seed, start, end)
-    loader = DataLoader(task.train_data, batch_sampler=sampler)
+    loader = DataLoader(
+        task.train_data,
+        batch_sampler=sampler,
+        num_workers=task.num_workers,
+        persistent_workers=task.num_workers > 0,
+    )
     eval_batches = _eval_batches(task, cfg)
     history: list[dict[str, float]] = []
     t0, bar = (
@@ -338,7 +352,8 @@ def _train_step(
         out = task.loss(model, batch, gen)
     opt.zero_grad(set_to_none=True)
     out["loss"].backward()
-    out["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    clip = cfg.grad_clip or math.inf  # 0 = off: the norm is still measured
+    out["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), clip)
     opt.step()
     if adv is not None and adv[0].active:
         adversary, adv_opt = adv
@@ -347,7 +362,7 @@ def _train_step(
             adv_loss = adversary.loss(adversary.module, batch, out)
         adv_opt.zero_grad(set_to_none=True)
         adv_loss.backward()
-        nn.utils.clip_grad_norm_(adversary.module.parameters(), cfg.grad_clip)
+        nn.utils.clip_grad_norm_(adversary.module.parameters(), clip)
         adv_opt.step()
         out["adv_loss"] = adv_loss.detach()
     return out

@@ -42,6 +42,10 @@ def evaluate_kl(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> dic
 def fit_latent_scale(model: KLAutoencoder, batches: list[dict[str, torch.Tensor]]) -> KLConfig:
     """Set ``scale`` so that held-out posterior means have unit standard deviation (the
     diffusion model then sees latents of the variance its noise schedule assumes)."""
+    if not batches:
+        raise ValueError(
+            "measuring the latent scale needs held-out batches: train.eval_batches must be >= 1"
+        )
     model.config.scale = 1.0
     means = torch.cat([model.posterior(b["video"])[0].flatten() for b in batches])
     model.config = dataclasses.replace(model.config, scale=float(1.0 / means.std()))
@@ -70,6 +74,7 @@ def kl_task(config: KLConfig, data: DataConfig, run_config: object, name: str) -
         train_data=build_dataset(data, "train"),
         eval_data=build_dataset(data, "eval"),
         batch_size=data.batch_size,
+        num_workers=data.num_workers,
         export_config=config,
         run_config=run_config,
         card={
@@ -125,6 +130,13 @@ def larp_task(
     if config.autoencoder:
         autoencoder, sha = load_autoencoder(config.autoencoder)
         size, key = autoencoder.config.image_size, "latents"
+        latent = (autoencoder.config.latent_channels, autoencoder.config.latent_size)
+        if (config.channels, config.size) != latent:
+            raise ValueError(
+                f"the LARP config's channels={config.channels} and size={config.size} must be "
+                f"the latent channels and size of its autoencoder {config.autoencoder!r}: "
+                f"{latent[0]} and {latent[1]}"
+            )
     if data.size != size or data.clip_len != config.frames:
         raise ValueError(
             f"data.size={data.size} and data.clip_len={data.clip_len} must be {size} and the "
@@ -138,6 +150,7 @@ def larp_task(
             autoencoder,
             cache_path(out, "latents", sha, data, "train"),
             description=data_description(data, "train"),
+            num_workers=data.num_workers,
         )
         eval_data = EncodedClips(
             eval_data,
@@ -145,17 +158,23 @@ def larp_task(
             cache_path(out, "latents", sha, data, "eval"),
             keep_video=True,
             description=data_description(data, "eval"),
+            num_workers=data.num_workers,
         )
     seed = getattr(getattr(run_config, "train", None), "seed", 0)
 
     def after_step(model: nn.Module, step: int, out: dict[str, torch.Tensor]) -> None:
         # Seeded by (seed, step): a resumed run restarts exactly the same codes.
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        if step + 1 == config.vq_warmup:  # data-dependent init: codes start on encoder outputs
+        if not model.quantizer.codebook.requires_grad:  # a frozen codebook stays as it is
+            return
+        if step + 1 == config.vq_warmup and not bool(model.quantizer.active):
+            # Data-dependent init: codes start on encoder outputs. Only for a model still in
+            # its VQ warm-up: a fine-tuned one (``init=``) keeps its trained codebook.
             model.restart_dead_codes(out["z"], gen, everything=True)
             model.quantizer.active.fill_(1)
         elif (
-            step + 1 > config.vq_warmup
+            bool(model.quantizer.active)
+            and step + 1 > config.vq_warmup
             and config.restart_every
             and (step + 1) % config.restart_every == 0
         ):
@@ -181,6 +200,7 @@ def larp_task(
         train_data=train_data,
         eval_data=eval_data,
         batch_size=data.batch_size,
+        num_workers=0 if autoencoder is not None else data.num_workers,  # encoded: in memory
         export_config=config,
         run_config=run_config,
         card={
@@ -213,7 +233,7 @@ def larp_task(
 def _frames(clips: torch.Tensor, autoencoder: KLAutoencoder | None) -> torch.Tensor:
     """(b, t, c, h, w) clips in the tokenizer's space -> (b t, C, H, W) frames in pixels."""
     if autoencoder is not None:
-        clips = autoencoder.decode(clips)
+        clips = autoencoder.to(clips.device).decode(clips)  # it lives outside the model
     return clips.flatten(0, 1)
 
 

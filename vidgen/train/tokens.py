@@ -8,6 +8,7 @@ is tested against.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -44,7 +45,12 @@ def nbp_task(
         larp.config.codebook_size,
     ):
         raise ValueError("the NBP config's tokens_per_clip and vocab must match the tokenizer's")
+    # The tokens depend on the LARP and on the autoencoder it loads (by name or path, so that
+    # file can change under it): the cache is keyed by both.
     sha = checkpoint.file_sha256(checkpoint.resolve(tokenizer))
+    if larp.config.autoencoder:
+        both = f"{sha}+{checkpoint.file_sha256(checkpoint.resolve(larp.config.autoencoder))}"
+        sha = hashlib.sha256(both.encode()).hexdigest()
     out.mkdir(parents=True, exist_ok=True)
     encoded = EncodedClips(
         build_dataset(data, "train"),
@@ -52,6 +58,7 @@ def nbp_task(
         cache_path(out, "tokens", sha, data, "train"),
         key="tokens",
         description=data_description(data, "train"),
+        num_workers=data.num_workers,
     )
     clips = data.clip_len // larp.config.frames
 
