@@ -1,3 +1,4 @@
+import hashlib
 import json
 import struct
 from dataclasses import dataclass, field
@@ -127,6 +128,43 @@ def test_tampered_metadata(saved, tmp_path):
     assert json.loads(edited)  # the edit kept the header well-formed
     with pytest.raises(CheckpointError, match="digest"):
         checkpoint.load(bad)
+
+
+@pytest.mark.parametrize("edit", ["drop card", "bad config json"])
+def test_a_header_edited_with_its_digest_recomputed_is_a_checkpoint_error(saved, tmp_path, edit):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(saved, framework="pt") as f:
+        metadata = dict(f.metadata())
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    metadata.pop("digest")
+    if edit == "drop card":
+        metadata.pop("card")
+    else:
+        metadata["config"] = "{not json"
+    metadata["digest"] = checkpoint._digest(metadata, tensors)
+    bad = tmp_path / "edited.safetensors"
+    save_file(tensors, bad, metadata=metadata)
+    with pytest.raises(CheckpointError, match="missing or unreadable header field"):
+        checkpoint.load(bad)
+
+
+def test_the_recorded_sha256_is_that_of_the_bytes_loaded(saved, monkeypatch):
+    """A file replaced between reading its tensors and hashing it would record another
+    file's sha256 as provenance: the bytes are read once."""
+    reads = []
+    real = type(saved).read_bytes
+
+    def read_bytes(self):
+        reads.append(self)
+        return real(self)
+
+    monkeypatch.setattr(type(saved), "read_bytes", read_bytes)
+    monkeypatch.setattr(checkpoint, "file_sha256", lambda path: pytest.fail("read again"))
+    ckpt = checkpoint.load(saved)
+    assert reads == [saved]
+    assert ckpt.sha256 == hashlib.sha256(real(saved)).hexdigest()
 
 
 def test_plain_safetensors_is_refused(tmp_path):

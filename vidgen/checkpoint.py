@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 import vidgen
@@ -128,11 +129,14 @@ def load(name_or_path: str | os.PathLike, expected_config: type | None = None) -
     """Load and verify a checkpoint (a shipped name or a path); with ``expected_config``,
     refuse a checkpoint whose config is of another type."""
     path = resolve(name_or_path)
+    # One read: the sha256 recorded as provenance is that of the very bytes loaded, even if
+    # the file is replaced meanwhile (a training run re-exporting it).
     try:
-        with safe_open(path, framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError) as err:
+        data = path.read_bytes()
+        tensors = load_safetensors(data)
+        size = int.from_bytes(data[:8], "little")
+        metadata = dict(json.loads(data[8 : 8 + size]).get("__metadata__") or {})
+    except (SafetensorError, OSError, ValueError, AttributeError) as err:
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated?): {err}") from err
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a vidgen checkpoint")
@@ -150,16 +154,19 @@ def load(name_or_path: str | os.PathLike, expected_config: type | None = None) -
         raise CheckpointError(
             f"{path} does not match its stored digest: the file was corrupted or modified"
         )
-    ckpt = Checkpoint(
-        path=path,
-        config_type=metadata["config_type"],
-        config=json.loads(metadata["config"]),
-        card=json.loads(metadata["card"]),
-        tensors=tensors,
-        format_version=version,
-        vidgen_version=metadata["vidgen_version"],
-        sha256=file_sha256(path),
-    )
+    try:
+        ckpt = Checkpoint(
+            path=path,
+            config_type=metadata["config_type"],
+            config=json.loads(metadata["config"]),
+            card=json.loads(metadata["card"]),
+            tensors=tensors,
+            format_version=version,
+            vidgen_version=metadata["vidgen_version"],
+            sha256=hashlib.sha256(data).hexdigest(),
+        )
+    except (KeyError, ValueError) as err:  # a digest recomputed over a hand-edited header
+        raise CheckpointError(f"{path} has a missing or unreadable header field: {err}") from err
     if expected_config is not None and _type_name(expected_config) != ckpt.config_type:
         raise CheckpointError(
             f"{path} holds a {ckpt.config_type} checkpoint, expected {_type_name(expected_config)}"
