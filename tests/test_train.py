@@ -50,6 +50,9 @@ def assert_bitwise_resume(overrides: list[str], tmp_path, steps: int = 4) -> Non
     state_b = tensors(tmp_path / "resumed" / "state.safetensors")
     for name in state_a:  # optimizer moments and RNG state too
         assert torch.equal(state_a[name], state_b[name]), name
+    # The card's history spans both runs of the resumed one, as the straight run's does.
+    history = [checkpoint.load(p).card["history"] for p in (straight, resumed)]
+    assert history[0] == history[1] and history[0][0]["step"] == 1
     # The run really trained: the weights moved from their initial values.
     fresh = train(overrides, tmp_path / "zero", 1)
     assert any(not torch.equal(a[n], tensors(fresh)[n]) for n in a)

@@ -258,6 +258,9 @@ def _load_state(
     return int(ckpt.card["step"]), float(ckpt.card.get("wall_seconds", 0.0))
 
 
+HISTORY_KEPT = 20  # log entries carried in the state and the exported card
+
+
 def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
     """Run (or resume) training; returns the path of the exported model (or of the resumable
     state when ``stop_at`` ended this invocation early)."""
@@ -278,9 +281,12 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
         module = task.adversary.module.to(device).train()
         adv = (task.adversary, torch.optim.AdamW(module.parameters(), lr=cfg.lr, betas=(0.5, 0.9)))
     start, before = 0, 0.0  # steps and wall seconds of earlier runs
+    history: list[dict[str, float]] = []  # metrics logged, earlier runs' included
     state_path = out / STATE_FILE
     if cfg.resume and state_path.exists():
-        start, before = _load_state(checkpoint.load(state_path), model, ema, opt, gen, adv)
+        state = checkpoint.load(state_path)
+        start, before = _load_state(state, model, ema, opt, gen, adv)
+        history = list(state.card.get("history", []))
         log.info("resuming %s from step %d", state_path, start)
     # The schedule always spans `steps`; `stop_at` only ends this invocation early.
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
@@ -292,7 +298,6 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
         persistent_workers=task.num_workers > 0,
     )
     eval_batches = _eval_batches(task, cfg)
-    history: list[dict[str, float]] = []
     t0, bar = (
         time.perf_counter(),
         tqdm(total=cfg.steps, initial=start, desc=task.name, disable=None),
@@ -324,7 +329,7 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
             _samples(task, ema.model if ema else model, step + 1, out)
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == end:
             wall = before + time.perf_counter() - t0
-            _save_state(state_path, task, model, ema, opt, gen, step + 1, wall, adv)
+            _save_state(state_path, task, model, ema, opt, gen, step + 1, wall, adv, history)
     bar.close()
     seconds = before + time.perf_counter() - t0
     if end < cfg.steps:
@@ -385,9 +390,10 @@ def _save_state(
     step: int,
     wall: float,
     adv: tuple[Adversary, torch.optim.Optimizer] | None = None,
+    history: list[dict[str, float]] | None = None,
 ) -> None:
     tensors, card = _state_tensors(model, ema, opt, gen, adv)
-    card.update(step=step, wall_seconds=wall)
+    card.update(step=step, wall_seconds=wall, history=(history or [])[-HISTORY_KEPT:])
     checkpoint.save(path, tensors, task.run_config, card=card)
 
 
@@ -423,7 +429,7 @@ def _export(
         "train_config": dataclasses.asdict(cfg),
         "run_config": dataclasses.asdict(task.run_config),
         "eval": final,
-        "history": history[-20:],
+        "history": history[-HISTORY_KEPT:],
     }
     path = out / f"{task.name}.safetensors"
     checkpoint.save(path, model, export_config, card=card)
