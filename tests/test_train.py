@@ -478,3 +478,19 @@ def test_data_num_workers_loads_in_worker_processes_with_the_same_result(tmp_pat
     none = tensors(train(kl, tmp_path / "none", 2))
     for name in two:
         assert torch.equal(two[name], none[name]), name
+
+
+def test_the_ema_takes_the_codebooks_data_dependent_init_outright(tmp_path):
+    """At the end of the VQ warm-up the codes jump onto encoder outputs: an EMA averaging
+    towards them would keep mostly the random codes (and ship those)."""
+    overrides = [
+        *[o for o in LARP_SMALL if o != "train.ema_decay=0"],
+        f"tokenizer.autoencoder={make_autoencoder(tmp_path)}",
+        "train.ema_decay=0.999",
+        "tokenizer.restart_every=0",
+        "train.lr=0",  # nothing moves but the init: the EMA must equal the model
+    ]
+    train(overrides, tmp_path / "run", 2)
+    state = tensors(tmp_path / "run" / "state.safetensors")
+    assert int(state["model.quantizer.active"]) == 1
+    assert torch.equal(state["ema.quantizer.codebook"], state["model.quantizer.codebook"])

@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,9 +135,14 @@ class EMA:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for ema_p, p in zip(self.model.parameters(), model.parameters(), strict=True):
-            ema_p.lerp_(p.detach(), 1.0 - self.decay)
+    def update(self, model: nn.Module, reset: Collection[str] = ()) -> None:
+        """Move towards ``model``; parameters named in ``reset`` are copied."""
+        pairs = zip(self.model.named_parameters(), model.parameters(), strict=True)
+        for (name, ema_p), p in pairs:
+            if name in reset:
+                ema_p.copy_(p.detach())
+            else:
+                ema_p.lerp_(p.detach(), 1.0 - self.decay)
         for ema_b, b in zip(self.model.buffers(), model.buffers(), strict=True):
             ema_b.copy_(b)
 
@@ -174,8 +179,12 @@ class Task:
     run_config: Any
     card: dict[str, Any]
     evaluate: Callable[[nn.Module, list[dict[str, torch.Tensor]]], dict[str, float]] | None = None
-    # Called after each optimizer step with the model, the step and the loss dict.
-    after_step: Callable[[nn.Module, int, dict[str, torch.Tensor]], None] | None = None
+    # Called after each optimizer step with the model, the step and the loss dict; returns
+    # the names of parameters it set outright (e.g. a codebook's data-dependent init), which
+    # the EMA then copies instead of averaging towards.
+    after_step: (
+        Callable[[nn.Module, int, dict[str, torch.Tensor]], Collection[str] | None] | None
+    ) = None
     # Called with the model that ships; returns its final config (e.g. a measured latent scale).
     before_export: Callable[[nn.Module, list[dict[str, torch.Tensor]]], Any] | None = None
     # Called every ``eval_every`` steps and at export with the model, the step and the run
@@ -308,10 +317,9 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
             group["lr"] = lr_at(step, cfg)
         result = _train_step(task, model, _to(batch, device), gen, opt, cfg, adv, step)
         metrics = {k: float(v.detach()) for k, v in result.items() if v.numel() == 1}
-        if task.after_step is not None:
-            task.after_step(model, step, result)
+        reset = task.after_step(model, step, result) if task.after_step is not None else None
         if ema is not None:
-            ema.update(model)
+            ema.update(model, reset or ())
         bar.update(1)
         if (step + 1) % cfg.log_every == 0 or step == start:
             bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
