@@ -136,3 +136,41 @@ def test_bad_inputs():
         seam_ratio(np.zeros((8, 8, 8, 3), np.uint8), clip_len=1)
     with pytest.raises(ValueError, match="palette"):
         count_accuracy(np.zeros((2, 8, 8, 3), np.uint8), 1)
+
+
+def test_motion_inside_clips_leaves_the_seams_to_the_seam_ratio(shapes):
+    """A slideshow (each clip one frame held, jumping at the seams) does not move; objects
+    that teleport at every seam are not counted fast. Without ``clip_len`` both would be."""
+    world, traj = shapes
+    slideshow = np.repeat(traj.frames[::8][:16], 8, axis=0)  # 128 frames, frozen in clips
+    assert motion_stats(slideshow, BOUNCING_PALETTE).mean_speed > 1.0  # the seams' jumps
+    held = motion_stats(slideshow, BOUNCING_PALETTE, clip_len=8)
+    assert held.mean_speed == 0.0 and held.moving_fraction == 0.0 and held.transitions == 112
+    teleport = np.concatenate([traj.frames[i * 16 : i * 16 + 8] for i in range(16)])
+    truth = world.speeds.mean()
+    assert motion_stats(teleport, BOUNCING_PALETTE).mean_speed / truth > 1.3
+    assert 0.9 < motion_stats(teleport, BOUNCING_PALETTE, clip_len=8).mean_speed / truth < 1.1
+    metrics = scene_metrics(teleport, BOUNCING_PALETTE, world.label, clip_len=8, true_speed=truth)
+    assert 0.9 < metrics["speed_ratio"] < 1.1 and metrics["seam_ratio"] > 2.0
+    with pytest.raises(ValueError, match="clip_len"):
+        motion_stats(slideshow, BOUNCING_PALETTE, clip_len=1)
+
+
+def test_a_blurred_edge_between_two_objects_is_not_a_third_object():
+    """Red and yellow blur into colours nearest orange: a thin band, not an object."""
+    from scipy import ndimage
+
+    from vidgen.worlds.palette import BACKGROUND, OBJECT_COLOURS
+
+    yy, xx = np.mgrid[:64, :64]
+    frame = np.empty((64, 64, 3), np.uint8)
+    frame[:] = BACKGROUND
+    frame[(xx - 26) ** 2 + (yy - 32) ** 2 <= 12**2] = OBJECT_COLOURS["red"]
+    frame[(abs(xx - 36) <= 9) & (abs(yy - 32) <= 9)] = OBJECT_COLOURS["yellow"]
+    for sigma in (0.7, 1.0, 1.5):
+        blurred = np.stack(
+            [ndimage.gaussian_filter(frame[..., c].astype(float), sigma) for c in range(3)], -1
+        )
+        det = detect_objects(np.round(blurred)[None].astype(np.uint8), BOUNCING_PALETTE)
+        assert det.counts.tolist() == [2], sigma
+        assert not det.present[0, det.index("orange")]

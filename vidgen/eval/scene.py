@@ -56,7 +56,8 @@ class MotionStats:
     mean_speed: pixels per frame over all (object, transition) pairs where the object is
     visible in both frames (0.0 if there is none). moving_fraction: fraction of transitions
     in which the visible objects move by at least ``MIN_MOVE_PX`` on average; a frozen video
-    scores 0.
+    scores 0. transitions: how many frame transitions were scored (those inside clips, when
+    ``motion_stats`` is given a clip length).
     """
 
     mean_speed: float
@@ -139,8 +140,10 @@ def detect_objects(
     max_distance: float | None = None,
 ) -> Detections:
     """Visible objects in each frame: for each palette object, the largest 4-connected blob
-    of pixels classified as its colour (``classify_pixels``); the object is present when
-    that blob has at least ``min_blob`` pixels, and its centroid is the blob's."""
+    of pixels classified as its colour (``classify_pixels``) that has an interior pixel
+    (bands under 3 px wide everywhere, such as colour blends along an edge between two other
+    objects, are not objects); the object is present when that blob has at least
+    ``min_blob`` pixels, and its centroid is the blob's."""
     if min_blob < 1:
         raise ValueError(f"min_blob must be >= 1 pixel, got {min_blob}")
     labels = classify_pixels(frames, palette, max_distance)
@@ -148,7 +151,14 @@ def detect_objects(
     areas = np.zeros((labels.shape[0], len(names)), dtype=np.int64)
     centroids = np.full((labels.shape[0], len(names), 2), np.nan)
     for o in range(len(names)):
-        area, cx, cy = _largest_blobs(labels == o)
+        # Only blobs with an interior pixel (one whose 4 neighbours share its colour) count,
+        # each kept whole: a band under 3 px wide everywhere is not an object. Where two
+        # colours blur into each other (a soft red/yellow edge, as decoders and generators
+        # make), the blend can sit nearest a third palette colour (orange).
+        mask = labels == o
+        seeds = ndimage.binary_erosion(mask, structure=_IN_FRAME)
+        mask = ndimage.binary_propagation(seeds, structure=_IN_FRAME, mask=mask)
+        area, cx, cy = _largest_blobs(mask)
         areas[:, o] = area
         centroids[:, o] = np.stack([cx, cy], axis=-1)
     present = areas >= min_blob
@@ -209,12 +219,22 @@ def motion_stats(
     palette: ScenePalette | None = None,
     min_blob: int = MIN_BLOB_PX,
     min_move: float = MIN_MOVE_PX,
+    clip_len: int | None = None,
 ) -> MotionStats:
-    """Speeds of the detected objects; see ``MotionStats``."""
+    """Speeds of the detected objects; see ``MotionStats``. With ``clip_len``, transitions
+    across clip boundaries are left out (``seam_ratio`` measures those): a video frozen
+    inside its clips that jumps at the seams has no motion, and one whose objects teleport at
+    the seams is not counted fast."""
     det = _detections(frames, palette, min_blob)
-    if det.present.shape[0] < 2:
+    t_len = det.present.shape[0]
+    if t_len < 2:
         raise ValueError("motion needs at least 2 frames")
-    both = det.present[1:] & det.present[:-1]  # (T-1, O)
+    if clip_len is not None and (clip_len < 2 or t_len < clip_len):
+        raise ValueError(f"clip_len must be in [2, frames={t_len}], got {clip_len}")
+    inner = np.ones(t_len - 1, dtype=bool)
+    if clip_len is not None:
+        inner = (np.arange(1, t_len) % clip_len) != 0  # transition i -> i+1 inside a clip
+    both = det.present[1:] & det.present[:-1] & inner[:, None]  # (T-1, O)
     step = np.linalg.norm(det.centroids[1:] - det.centroids[:-1], axis=-1)  # (T-1, O)
     step = np.where(both, step, 0.0)
     pairs = both.sum()
@@ -228,9 +248,9 @@ def motion_stats(
     moving = (visible > 0) & (mean_step >= min_move)
     return MotionStats(
         mean_speed=float(step.sum() / pairs) if pairs else 0.0,
-        moving_fraction=float(moving.mean()),
+        moving_fraction=float(moving[inner].mean()),
         per_object_speed=per_object,
-        transitions=int(both.shape[0]),
+        transitions=int(inner.sum()),
     )
 
 
@@ -270,7 +290,7 @@ def scene_metrics(
 ) -> dict[str, float | None]:
     """The figures the quality benchmarks report for one video, as a JSON-ready dict."""
     det = detect_objects(frames, palette, min_blob)
-    motion = motion_stats(det)
+    motion = motion_stats(det, clip_len=clip_len)
     out: dict[str, float | None] = {
         "mean_count": float(det.counts.mean()),
         "mean_speed": motion.mean_speed,
