@@ -184,7 +184,9 @@ def main() -> None:
             RayExecutor(model, max_streams=args.streams),
             RayExecutor(model, max_streams=args.streams),
         )
-        orchestrated_seconds([a], model, 16, args.steps, [0])  # warm-up
+        for executor in (a, b):  # warm-up: each actor's first batched steps untimed
+            orchestrated_seconds([executor], model, 16, args.steps, list(range(args.streams)))
+        orchestrated_seconds([a], model, 16, args.steps, [0])
         t_ray = orchestrated_seconds([a], model, frames, args.steps, [0])
         seeds = list(range(args.streams))
         t_batched = orchestrated_seconds([a], model, frames, args.steps, seeds, together=True)

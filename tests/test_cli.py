@@ -169,3 +169,31 @@ def test_configs_are_found_beside_an_uninstalled_source_checkout(monkeypatch):
     source = config_module.load_config("train", ["model=ca2vdm-tiny", "train.steps=7"])
     assert source == installed and source.train.steps == 7
     assert config_module.group_choices("train", ["model=ca2vdm-tiny"])["model"] == "ca2vdm-tiny"
+
+
+@pytest.mark.parametrize("bad", ["frames=10", "label=9"])  # test clips: 4 frames
+def test_a_request_the_model_refuses_exits_2_without_a_traceback(
+    tmp_path, capsys, monkeypatch, bad
+):
+    """Frames that are not whole clips, or a label out of the model's range, are known only
+    once the model is loaded (in its actors): a clean message, exit 2, nothing written."""
+    import workers.cluster
+    import workers.executors
+    from tests.models import save_test_generators
+    from workers.actor import GeneratorWorker
+    from workers.executors import LocalExecutor
+
+    models = save_test_generators(tmp_path / "models")
+    monkeypatch.setattr(workers.cluster, "connect", lambda address: False)  # no Ray here
+    monkeypatch.setattr(
+        workers.executors,
+        "RayExecutor",
+        lambda model, *args, **kwargs: LocalExecutor(GeneratorWorker(model, max_streams=2)),
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["render", f"model={models['diffusion']}", "steps=1", bad, f"out={out / 'x.mp4'}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "bad request" in err and bad.split("=")[0] in err
+    assert not list(out.iterdir())

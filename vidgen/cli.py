@@ -106,7 +106,11 @@ def _render(cfg: Any) -> int:
         step_timeout=cfg.step_timeout,
         replace=lambda failed: failed.replacement(),
     )
-    result = render(orch, request, cfg.out, cfg.segment_clips, cfg.lossless)
+    try:
+        result = render(orch, request, cfg.out, cfg.segment_clips, cfg.lossless)
+    except ValueError as err:  # refused by the model (frames not whole clips, label range)
+        print(f"{PROG} render: bad request: {err}", file=sys.stderr)  # or a resume refused
+        return 2
     where = ", ".join(f"{e.info['device']}{e.info['gpu_ids'] or ''}" for e in executors)
     resumed = f" (resumed after {result.resumed_frames})" if result.resumed_frames else ""
     print(
