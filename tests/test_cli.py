@@ -171,7 +171,7 @@ def test_configs_are_found_beside_an_uninstalled_source_checkout(monkeypatch):
     assert config_module.group_choices("train", ["model=ca2vdm-tiny"])["model"] == "ca2vdm-tiny"
 
 
-@pytest.mark.parametrize("bad", ["frames=10", "label=9"])  # test clips: 4 frames
+@pytest.mark.parametrize("bad", ["frames=9", "label=9"])  # test clips: 2 frames
 def test_a_request_the_model_refuses_exits_2_without_a_traceback(
     tmp_path, capsys, monkeypatch, bad
 ):
