@@ -107,3 +107,13 @@ def test_bad_inputs_are_named():
         attention(q, k[:, :3], v[:, :3])
     with pytest.raises(ValueError, match="needs backend 'flex'"):
         attention(q, k, v, mask=block_causal_mask(24, 4, flex=True), backend="sdpa")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_query_that_sees_no_key_gets_zeros_on_every_backend(backend):
+    q, k, v = qkv(lq=4, lk=6)
+    mask = torch.ones(1, 1, 4, 6, dtype=torch.bool)
+    mask[..., 2, :] = False  # query 2 sees nothing
+    out = attention(q, k, v, mask=mask, backend=backend)
+    assert not out.isnan().any()
+    assert torch.equal(out[:, :, 2], torch.zeros_like(out[:, :, 2]))

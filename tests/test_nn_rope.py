@@ -65,3 +65,17 @@ def test_apply_rope_checks_shapes():
 
     with pytest.raises(ValueError, match="head_dim/2"):
         apply_rope(torch.randn(2, 8), torch.zeros(2, 3))
+
+
+def test_float64_inputs_are_rotated_in_float64():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, 16, generator=gen, dtype=torch.float64)
+    angles = rope_angles(torch.arange(8) * 1000, 16)
+    out = apply_rope(x, angles)
+    assert out.dtype == torch.float64
+    half = 8
+    cos, sin = angles.cos(), angles.sin()
+    exact = torch.cat(
+        [x[..., :half] * cos - x[..., half:] * sin, x[..., :half] * sin + x[..., half:] * cos], -1
+    )
+    assert (out - exact).abs().max() < 1e-12

@@ -129,7 +129,8 @@ def _math(q, k, v, mask, scale: float) -> torch.Tensor:
     scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, Lq, Lk)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(dim=-1) @ v
+    # A query that sees no key gets zeros, as sdpa and flex give (softmax of -inf is NaN).
+    return scores.softmax(dim=-1).nan_to_num(0.0) @ v
 
 
 def _sdpa(q, k, v, mask, scale: float) -> torch.Tensor:

@@ -33,8 +33,9 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     if angles.shape[-1] != half:
         raise ValueError(f"angles must end in head_dim/2 = {half}, got {tuple(angles.shape)}")
-    cos, sin = angles.cos().float(), angles.sin().float()  # trig in float64, then float32
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    work = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 x
+    cos, sin = angles.cos().to(work), angles.sin().to(work)  # trig in float64
+    x1, x2 = x[..., :half].to(work), x[..., half:].to(work)
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.to(x.dtype)
 
