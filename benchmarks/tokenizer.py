@@ -103,6 +103,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     tok = LARPVideoTokenizer.from_pretrained(args.model)
+    ae = tok.autoencoder
+    size = ae.config.image_size if ae is not None else tok.config.size
+    with torch.no_grad():  # warm-up: the first calls (allocations, kernels) are not timed
+        tok.decode(tok.encode(torch.zeros(2, tok.config.frames, 3, size, size)))
     result: dict[str, object] = {
         "model": args.model,
         "sha256": checkpoint.file_sha256(checkpoint.resolve(args.model))[:16],
@@ -120,7 +124,8 @@ def main() -> None:
     result["codes_used"] = usage["used_fraction"]
     result["code_perplexity"] = round(usage["perplexity"], 2)
     entropy = unigram_entropy(ids, tok.config.codebook_size)
-    result["prior_ce_over_unigram"] = round(prior_cross_entropy(tok.larp, ids) / entropy, 4)
+    ratio = prior_cross_entropy(tok.larp, ids) / max(entropy, 1e-9)  # 0 = a collapsed codebook
+    result["prior_ce_over_unigram"] = round(ratio, 4)
     print(json.dumps(result))
 
 
