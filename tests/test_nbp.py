@@ -155,5 +155,6 @@ def test_sampling_draws_from_the_given_generator():
     b = sample_tokens(logits, torch.Generator().manual_seed(1), temperature=1.0, top_k=5)
     assert torch.equal(a, b)
     assert torch.equal(sample_tokens(logits, None, temperature=0), logits.argmax(-1))
-    with pytest.raises(ValueError, match="top_p"):
-        top_p_filter(logits, 0.0)
+    for bad in (0.0, float("nan")):
+        with pytest.raises(ValueError, match="top_p"):
+            top_p_filter(logits, bad)

@@ -40,6 +40,10 @@ def test_count_accuracy(shapes):
     world, traj = shapes
     assert count_accuracy(traj.frames, world.label, BOUNCING_PALETTE) > 0.95
     assert count_accuracy(traj.frames, world.label + 1, BOUNCING_PALETTE) < 0.05
+    per_frame = np.full(len(traj.frames), world.label)
+    assert count_accuracy(traj.frames, per_frame, BOUNCING_PALETTE) > 0.95
+    with pytest.raises(ValueError, match="expected must be an int or one count per frame"):
+        count_accuracy(traj.frames, per_frame[:10], BOUNCING_PALETTE)
 
 
 def test_detection_survives_h264(tmp_path, shapes):

@@ -175,7 +175,12 @@ def count_accuracy(
     """Fraction of frames whose number of visible objects equals ``expected`` (an int or a
     (T,) array)."""
     det = _detections(frames, palette, min_blob)
-    expected = np.broadcast_to(np.asarray(expected), det.counts.shape)
+    expected = np.asarray(expected)
+    if expected.ndim > 0 and expected.shape != det.counts.shape:
+        raise ValueError(
+            f"expected must be an int or one count per frame {det.counts.shape}, "
+            f"got shape {expected.shape}"
+        )
     return float((det.counts == expected).mean())
 
 

@@ -18,10 +18,10 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Keep the smallest set of highest-probability entries whose probability reaches p
     (nucleus sampling); others -inf. p >= 1 keeps everything."""
+    if not p > 0.0:  # also NaN, which every comparison below would let through
+        raise ValueError(f"top_p must be in (0, 1], got {p}")
     if p >= 1.0:
         return logits
-    if p <= 0.0:
-        raise ValueError(f"top_p must be in (0, 1], got {p}")
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
     # An entry is dropped when the mass before it already reaches p (the first never is).
