@@ -32,8 +32,8 @@ def temp_beside(path: Path, suffix: str = ".tmp") -> Path:
         return tmp
 
 
-def _fsync(path: Path, flags: int = os.O_RDONLY) -> None:
-    fd = os.open(path, flags)
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

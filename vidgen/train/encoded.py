@@ -46,10 +46,8 @@ def data_description(data: DataConfig, split: str) -> str:
     if data.name == "folder":  # the files themselves: a replaced video is other data
         root = Path(data.eval_root if split == "eval" and data.eval_root else data.root)
         root = root.expanduser()
-        fields["files"] = [
-            [str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns]
-            for p in video_files(root)
-        ]
+        stats = [(str(p.relative_to(root)), p.stat()) for p in video_files(root)]
+        fields["files"] = [[name, st.st_size, st.st_mtime_ns] for name, st in stats]
     return json.dumps({"split": split, **fields}, sort_keys=True)
 
 
