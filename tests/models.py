@@ -16,27 +16,24 @@ def save_test_generators(folder: Path) -> dict[str, str]:
     """{"diffusion": path, "tokens": path} of test-size generator checkpoints."""
     folder.mkdir(parents=True, exist_ok=True)
     kl_cfg = KL_CONFIGS["test"]
-    kl = checkpoint.save(
-        folder / "kl-test.safetensors", randomize_(KLAutoencoder(kl_cfg), seed=2, std=0.1), kl_cfg
-    )
+    autoencoder = randomize_(KLAutoencoder(kl_cfg), seed=2, std=0.1)
+    kl = checkpoint.save(folder / "kl-test.safetensors", autoencoder, kl_cfg)
     dit_cfg = CA2VDM_CONFIGS["test"]
     dit = checkpoint.save(
         folder / "ca2vdm-test.safetensors",
         randomize_(CausalVideoDiT(dit_cfg), seed=1),
         dit_cfg,
-        card={"tokenizer": str(kl)},
+        card={"tokenizer": str(kl), "tokenizer_fingerprint": autoencoder.encoder_fingerprint()},
     )
     larp_cfg = dataclasses.replace(LARP_CONFIGS["test"], autoencoder=str(kl))
-    larp = checkpoint.save(
-        folder / "larp-test.safetensors",
-        randomize_(LARPTokenizer(larp_cfg), seed=3, std=0.1),
-        larp_cfg,
-    )
+    tokenizer = randomize_(LARPTokenizer(larp_cfg), seed=3, std=0.1)
+    larp = checkpoint.save(folder / "larp-test.safetensors", tokenizer, larp_cfg)
+    larp_fingerprint = tokenizer.encoder_fingerprint(autoencoder.encoder_fingerprint())
     nbp_cfg = NBP_CONFIGS["test"]
     nbp = checkpoint.save(
         folder / "nbp-test.safetensors",
         randomize_(NextBlockTransformer(nbp_cfg), seed=1),
         nbp_cfg,
-        card={"tokenizer": str(larp)},
+        card={"tokenizer": str(larp), "tokenizer_fingerprint": larp_fingerprint},
     )
     return {"diffusion": str(dit), "tokens": str(nbp)}

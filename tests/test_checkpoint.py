@@ -206,3 +206,21 @@ def test_save_validates_arguments(tmp_path):
         checkpoint.save(tmp_path / "model.pt", make_model(), TinyConfig())
     with pytest.raises(TypeError, match="dataclass"):
         checkpoint.save(tmp_path / "m.safetensors", make_model(), {"dim": 8})
+
+
+def test_update_card_keeps_tensors_and_config(saved, tmp_path):
+    before = checkpoint.load(saved)
+    out = checkpoint.update_card(saved, {"tokenizer": "larp-tiny"}, out=tmp_path / "c.safetensors")
+    after = checkpoint.load(out)  # digest verified
+    assert after.card == {"data": "bouncing", "steps": 5, "tokenizer": "larp-tiny"}
+    assert after.config_as(TinyConfig) == TinyConfig(label=3)
+    assert after.config_type == before.config_type
+    assert after.tensors.keys() == before.tensors.keys()
+    assert all(torch.equal(after.tensors[k], before.tensors[k]) for k in before.tensors)
+    assert checkpoint.load(saved).card == before.card  # the source is left as it was
+    # In place, atomically: the same path, a changed card, nothing else beside it.
+    checkpoint.update_card(saved, {"steps": 6})
+    assert checkpoint.load(saved).card["steps"] == 6
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["c.safetensors", saved.name]
+    with pytest.raises(ValueError, match="out must end in"):
+        checkpoint.update_card(saved, {}, out=tmp_path / "c.pt")

@@ -8,6 +8,7 @@ from vidgen import checkpoint
 from vidgen.config import load_config
 from vidgen.nn import randomize_
 from vidgen.tokenizers.kl import KL_CONFIGS, KLAutoencoder, KLConfig
+from vidgen.tokenizers.larp import LARPVideoTokenizer
 from vidgen.train import StepSampler, lr_at, run_train
 from vidgen.train.loop import TrainConfig
 
@@ -181,6 +182,12 @@ def test_ca2vdm_resume_is_bitwise(tmp_path):
     ]
     assert_bitwise_resume(overrides, tmp_path)  # sampling at step 2 leaves training as is
     from vidgen.io import read_video
+    from vidgen.train.encoded import load_autoencoder
+
+    # The card pins the latents it was trained on (checked when a generator loads).
+    card = checkpoint.load(tmp_path / "straight" / "model.safetensors").card
+    assert card["tokenizer"] == kl
+    assert card["tokenizer_fingerprint"] == load_autoencoder(kl)[0].encoder_fingerprint()
 
     samples = sorted((tmp_path / "straight" / "samples").glob("step-*.mp4"))
     assert [p.name for p in samples] == ["step-000002.mp4", "step-000004.mp4"]
@@ -254,6 +261,9 @@ def test_nbp_resume_is_bitwise_over_tokens_encoded_once(tmp_path):
     assert torch.equal(a["tokens"], b["tokens"]) and a["tokens"].shape == (8, 16)
     assert int(a["tokens"].min()) >= 0 and int(a["tokens"].max()) < 64
     assert set(a["label"].tolist()) <= {1, 2, 3, 4}
+    larp = LARPVideoTokenizer.from_pretrained(str(tmp_path / "models" / "larp-test.safetensors"))
+    card = checkpoint.load(tmp_path / "straight" / "model.safetensors").card
+    assert card["tokenizer_fingerprint"] == larp.encoder_fingerprint()
 
 
 def test_encoded_clips_cache_is_keyed_by_the_data(tmp_path):

@@ -115,7 +115,11 @@ def save(
         "config": json.dumps(dataclasses.asdict(config), sort_keys=True),
         "card": json.dumps(dict(card or {}), sort_keys=True, default=str),
     }
-    metadata["digest"] = _digest(metadata, state)
+    return _write(path, state, metadata)
+
+
+def _write(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    metadata = {**metadata, "digest": _digest(metadata, state)}
     tmp = temp_beside(path)
     try:
         save_file(state, tmp, metadata=metadata)
@@ -123,6 +127,31 @@ def save(
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def update_card(
+    name_or_path: str | os.PathLike,
+    changes: Mapping[str, Any],
+    out: str | os.PathLike | None = None,
+) -> Path:
+    """Write the checkpoint again (to ``out``, default in place, atomically) with its card's
+    keys updated from ``changes``; tensors and config are kept as they are. For example a
+    generator trained against a tokenizer file elsewhere, shipped beside it:
+    ``update_card(path, {"tokenizer": "larp-tiny"})`` (its ``tokenizer_fingerprint`` still
+    guards the pairing)."""
+    ckpt = load(name_or_path)
+    path = ckpt.path if out is None else Path(out)
+    if path.suffix != SUFFIX:
+        raise ValueError(f"out must end in {SUFFIX}, got {str(path)!r}")
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(ckpt.format_version),
+        "vidgen_version": ckpt.vidgen_version,
+        "config_type": ckpt.config_type,
+        "config": json.dumps(ckpt.config, sort_keys=True),
+        "card": json.dumps({**ckpt.card, **changes}, sort_keys=True, default=str),
+    }
+    return _write(path, dict(ckpt.tensors), metadata)
 
 
 def load(name_or_path: str | os.PathLike, expected_config: type | None = None) -> Checkpoint:
@@ -246,11 +275,24 @@ def _detached(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _digest(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> str:
     digest = hashlib.sha256(json.dumps(dict(metadata), sort_keys=True).encode())
+    return _hash_tensors(digest, tensors).hexdigest()
+
+
+def _hash_tensors(digest: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """``digest`` (hashlib) updated with each tensor's name, dtype, shape and bytes, by name."""
     for name in sorted(tensors):
-        t = tensors[name].contiguous()
+        t = tensors[name].detach().to("cpu").contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
+    return digest
+
+
+def fingerprint(tensors: Mapping[str, torch.Tensor], settings: Mapping[str, Any]) -> str:
+    """Hex sha256 (first 16) of named tensors (dtype, shape and values) and JSON ``settings``:
+    what identifies the part of a model another model was trained against (a tokenizer's
+    encode path), independent of the file it sits in and of the parts it leaves out."""
+    digest = hashlib.sha256(json.dumps(dict(settings), sort_keys=True, default=str).encode())
+    return _hash_tensors(digest, tensors).hexdigest()[:16]
 
 
 def _type_name(cls: type) -> str:

@@ -278,6 +278,21 @@ class ClipGenerator(Protocol):
     def close(self, stream: Stream) -> None: ...
 
 
+def check_tokenizer(name: str, card: dict[str, Any], tokenizer: str, fingerprint: str) -> None:
+    """Refuse to pair generator ``name`` (its model ``card``) with a tokenizer whose encoder
+    fingerprint differs from the one it was trained on: its latents or ids would mean other
+    things and the videos would be noise. Cards from before fingerprints pass."""
+    from vidgen.checkpoint import CheckpointError
+
+    trained = card.get("tokenizer_fingerprint")
+    if trained is not None and trained != fingerprint:
+        raise CheckpointError(
+            f"{name} was trained on the codes of a tokenizer with encoder fingerprint "
+            f"{trained}, but {tokenizer!r} (named by its card) now has {fingerprint}: "
+            "restore the tokenizer it was trained with, or train it again on this one"
+        )
+
+
 def check_frames_and_label(request: GenerationRequest, clip_len: int, num_classes: int) -> None:
     """The checks every generator makes of a request: whole clips, a known label."""
     if request.frames % clip_len:

@@ -24,6 +24,7 @@ from vidgen.generators.base import (
     StreamSnapshot,
     check_actions,
     check_frames_and_label,
+    check_tokenizer,
     leading_actions,
     seeded,
 )
@@ -73,9 +74,11 @@ class DiffusionClipGenerator:
         ckpt = checkpoint.load(name_or_path, expected_config=Ca2VDMConfig)
         model = CausalVideoDiT(ckpt.config_as(Ca2VDMConfig))
         ckpt.load_into(model)
-        tok = checkpoint.load(ckpt.card.get("tokenizer", "kl-tiny"), expected_config=KLConfig)
+        tok_name = ckpt.card.get("tokenizer", "kl-tiny")
+        tok = checkpoint.load(tok_name, expected_config=KLConfig)
         autoencoder = KLAutoencoder(tok.config_as(KLConfig))
         tok.load_into(autoencoder)
+        check_tokenizer(str(name_or_path), ckpt.card, tok_name, autoencoder.encoder_fingerprint())
         return cls(model, autoencoder, max_streams, device, name=str(name_or_path))
 
     # --- streams ----------------------------------------------------------------------

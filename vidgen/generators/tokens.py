@@ -27,6 +27,7 @@ from vidgen.generators.base import (
     StreamSnapshot,
     check_actions,
     check_frames_and_label,
+    check_tokenizer,
     leading_actions,
     seeded,
 )
@@ -86,7 +87,9 @@ class TokenClipGenerator:
         ckpt = checkpoint.load(name_or_path, expected_config=NBPConfig)
         model = NextBlockTransformer(ckpt.config_as(NBPConfig))
         ckpt.load_into(model)
-        tokenizer = LARPVideoTokenizer.from_pretrained(ckpt.card.get("tokenizer", "larp-tiny"))
+        tok_name = ckpt.card.get("tokenizer", "larp-tiny")
+        tokenizer = LARPVideoTokenizer.from_pretrained(tok_name)
+        check_tokenizer(str(name_or_path), ckpt.card, tok_name, tokenizer.encoder_fingerprint())
         return cls(model, tokenizer, max_streams, device, name=str(name_or_path))
 
     # --- streams ------------------------------------------------------------------------

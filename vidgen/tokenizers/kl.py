@@ -135,6 +135,16 @@ class Decoder(nn.Module):
 class KLAutoencoder(nn.Module):
     """Frames (b, t, 3, H, W) in [-1, 1] <-> latents (b, t, z, H/8, W/8)."""
 
+    # The config fields that decide what the encoder computes (the rest are losses).
+    ENCODER_SETTINGS: ClassVar[tuple[str, ...]] = (
+        "image_size",
+        "in_channels",
+        "latent_channels",
+        "channels",
+        "blocks",
+        "scale",
+    )
+
     def __init__(self, config: KLConfig) -> None:
         super().__init__()
         self.config = config
@@ -160,6 +170,17 @@ class KLAutoencoder(nn.Module):
             )
             mean = mean + (0.5 * logvar).exp() * noise
         return mean * self.config.scale
+
+    def encoder_fingerprint(self) -> str:
+        """Identifies the latents this autoencoder makes (its encoder's weights, shapes and
+        ``scale``) and nothing else: a model trained on its latents stays valid when only the
+        decoder is fine-tuned."""
+        from vidgen.checkpoint import fingerprint
+
+        cfg = self.config
+        settings = {name: getattr(cfg, name) for name in self.ENCODER_SETTINGS}
+        tensors = {k: v for k, v in self.state_dict().items() if k.startswith("encoder.")}
+        return fingerprint(tensors, {"kind": "kl", **settings})
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (b, t, z, h, w) -> frames (b, t, 3, H, W), unclamped."""

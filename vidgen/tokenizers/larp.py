@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -235,6 +236,30 @@ class Prior(nn.Module):
 class LARPTokenizer(nn.Module):
     """Clips (b, t, 3, H, W) in [-1, 1] <-> N token ids (b, N) in [0, codebook_size)."""
 
+    # What decides the ids ``encode`` gives: these config fields and these parameters (the
+    # decoder, the prior and the usage statistics do not).
+    ENCODER_SETTINGS: ClassVar[tuple[str, ...]] = (
+        "channels",
+        "size",
+        "frames",
+        "patch_t",
+        "patch",
+        "dim",
+        "enc_depth",
+        "heads",
+        "num_tokens",
+        "codebook_size",
+        "code_dim",
+    )
+    ENCODER_TENSORS: ClassVar[tuple[str, ...]] = (
+        "patch_in.",
+        "patch_pos",
+        "queries",
+        "encoder.",
+        "to_code.",
+        "quantizer.codebook",
+    )
+
     def __init__(self, config: LARPConfig) -> None:
         super().__init__()
         cfg = self.config = config
@@ -313,6 +338,17 @@ class LARPTokenizer(nn.Module):
         """Deterministic ids (b, N): each token's nearest codeword by cosine."""
         ids, _ = self.quantizer(self.embed(video))
         return ids
+
+    def encoder_fingerprint(self, autoencoder: str | None = None) -> str:
+        """Identifies the ids ``encode`` gives (see ``ENCODER_SETTINGS``/``ENCODER_TENSORS``)
+        of inputs made by the autoencoder whose fingerprint is ``autoencoder``: a model
+        trained on these ids stays valid when only the decoder or the prior change."""
+        from vidgen.checkpoint import fingerprint
+
+        cfg = self.config
+        settings = {name: getattr(cfg, name) for name in self.ENCODER_SETTINGS}
+        tensors = {k: v for k, v in self.state_dict().items() if k.startswith(self.ENCODER_TENSORS)}
+        return fingerprint(tensors, {"kind": "larp", "autoencoder": autoencoder, **settings})
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
@@ -443,6 +479,11 @@ class LARPVideoTokenizer(nn.Module):
             autoencoder = KLAutoencoder(kl.config_as(KLConfig))
             kl.load_into(autoencoder)
         return cls(larp, autoencoder)
+
+    def encoder_fingerprint(self) -> str:
+        """The LARP's encoder fingerprint over its autoencoder's (pixels -> ids)."""
+        ae = None if self.autoencoder is None else self.autoencoder.encoder_fingerprint()
+        return self.larp.encoder_fingerprint(ae)
 
     @torch.no_grad()
     def to_input(self, video: torch.Tensor) -> torch.Tensor:

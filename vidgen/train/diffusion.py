@@ -198,6 +198,7 @@ def ca2vdm_task(
             "context K/V cached once and shared by all denoising steps",
             "data": data.name,
             "tokenizer": tokenizer,
+            "tokenizer_fingerprint": autoencoder.encoder_fingerprint(),
             "label": "number of shapes (BouncingShapes)" if config.num_classes else None,
         },
     )

@@ -93,6 +93,7 @@ def nbp_task(
             f"(block {config.block}, window {config.window} frames)",
             "data": data.name,
             "tokenizer": tokenizer,
+            "tokenizer_fingerprint": larp.encoder_fingerprint(),
             "label": "number of shapes (BouncingShapes)" if config.num_classes else None,
         },
     )
