@@ -3,6 +3,7 @@
 Usage: python benchmarks/quality.py [--models ca2vdm-tiny,nbp-tiny] [--frames 512]
                                     [--labels 1,2,3,4] [--seeds 0] [--steps 12]
                                     [--guidance 2] [--temperature 1] [--top-k 0] [--top-p 1]
+                                    [--device cpu]
 
 For each model, label (the number of shapes) and seed: one video of ``--frames`` frames made
 in process with ``generate_video``; scored by pixels alone (vidgen.eval.scene): count accuracy
@@ -65,10 +66,11 @@ def evaluate_model(
     seeds: list[int],
     steps: int,
     guidance: float,
+    device: str = "cpu",
     **sampling: float,
 ) -> dict[str, object]:
     """``sampling``: token-sampling fields of the request (temperature, top_k, top_p)."""
-    gen = load_generator(name, max_streams=1)
+    gen = load_generator(name, max_streams=1, device=device)
     per_label: dict[str, dict[str, float | None]] = {}
     rows = []
     seconds = 0.0  # generation only, not scoring
@@ -103,20 +105,24 @@ def evaluate_model(
 def round_trip(gen, video: torch.Tensor) -> np.ndarray:
     """Real frames (T, 3, H, W) in [-1, 1] through the generator's tokenizer and back, clip by
     clip as the generator decodes: uint8 (T, H, W, 3)."""
+    video = video.to(gen.device)
     if hasattr(gen, "tokenizer"):  # token family: LARP, one clip at a time
         clips = video.reshape(-1, gen.clip_len, *video.shape[1:])
         recon = torch.cat([gen.tokenizer.decode(gen.tokenizer.encode(c[None])) for c in clips], 1)
     else:  # diffusion family: the per-frame KL autoencoder
         recon = gen.autoencoder.decode(gen.autoencoder.encode(video[None]))
-    return to_uint8(recon[0].clamp(-1, 1)).numpy()
+    return to_uint8(recon[0].clamp(-1, 1).cpu()).numpy()
 
 
-def real_videos(frames: int, labels: list[int], seeds: list[int]) -> list[tuple[int, np.ndarray]]:
-    """Real BouncingShapes videos (label, uint8 frames) of the same labels, seeds 1000 + seed."""
+def real_videos(
+    frames: int, labels: list[int], seeds: list[int], size: int = 64
+) -> list[tuple[int, np.ndarray]]:
+    """Real BouncingShapes videos (label, uint8 frames of ``size`` pixels) of the same labels,
+    seeds 1000 + seed."""
     return [
         (
             label,
-            BouncingShapes(BouncingShapesConfig(num_shapes=label), seed=1000 + s)
+            BouncingShapes(BouncingShapesConfig(num_shapes=label, size=size), seed=1000 + s)
             .trajectory(frames)
             .frames,
         )
@@ -133,15 +139,15 @@ def real_figures(frames: int, labels: list[int], seeds: list[int], clip_len: int
 
 
 def tokenizer_round_trip(
-    name: str, frames: int, labels: list[int], seeds: list[int]
+    name: str, frames: int, labels: list[int], seeds: list[int], device: str = "cpu"
 ) -> dict[str, float | None]:
     """The scene figures of the real videos after the round trip through the model's
     tokenizer: the ceiling of what its generator can score, and the seam baseline of the
     token family."""
-    gen = load_generator(name, max_streams=1)
+    gen = load_generator(name, max_streams=1, device=device)
     rows = [
         score_video(round_trip(gen, to_model_range(v)), label, gen.clip_len)
-        for label, v in real_videos(frames, labels, seeds)
+        for label, v in real_videos(frames, labels, seeds, gen.frame_shape[0])
     ]
     return {k: mean([r[k] for r in rows]) for k in rows[0]}
 
@@ -158,6 +164,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=0, help="token models; 0 = off")
     parser.add_argument("--top-p", type=float, default=1.0, help="token models; 1 = off")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     args = parser.parse_args()
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
     if args.threads:
@@ -173,6 +180,7 @@ def main() -> None:
         **sampling,
         "true_mean_speed": TRUE_SPEED,
         "machine": f"{platform.platform()}, {os.cpu_count()} cpus, torch {torch.__version__}",
+        "device": args.device,
         "real_videos": real_figures(min(args.frames, 256), labels, seeds, clip_len=8),
     }
     for name in args.models.split(","):
@@ -182,9 +190,9 @@ def main() -> None:
             result[name] = {"error": str(err)}
             continue
         result[name] = evaluate_model(
-            name, args.frames, labels, seeds, args.steps, args.guidance, **sampling
+            name, args.frames, labels, seeds, args.steps, args.guidance, args.device, **sampling
         )
-        trip = tokenizer_round_trip(name, min(args.frames, 256), labels, seeds)
+        trip = tokenizer_round_trip(name, min(args.frames, 256), labels, seeds, args.device)
         result[name]["tokenizer_round_trip"] = trip
         seam = result[name]["summary"].get("seam_ratio")
         if trip["seam_ratio"] and seam:

@@ -38,28 +38,31 @@ from vidgen.worlds.bouncing import BOUNCING_PALETTE, BouncingShapes, BouncingSha
 HELD_OUT = 900_000  # seeds from here on are never drawn by the training datasets
 
 
-def world_videos(world: str, videos: int, frames: int):
-    """(frames uint8 (T, H, W, 3), positions (T, K, 2), names, valid (T, K)) per video."""
+def world_videos(world: str, videos: int, frames: int, size: int = 64):
+    """(frames uint8 (T, H, W, 3), positions (T, K, 2), names, valid (T, K)) per video of
+    ``size`` x ``size`` pixels."""
     for i in range(videos):
         seed = HELD_OUT + i
         if world == "bouncing":
-            traj = BouncingShapes(BouncingShapesConfig(), seed=seed).trajectory(frames)
+            traj = BouncingShapes(BouncingShapesConfig(size=size), seed=seed).trajectory(frames)
             yield traj.frames, traj.positions, traj.colours, ~traj.occluded
         else:
             traj = generate_trajectory(
-                AgentWorldConfig(), seed=seed, num_frames=frames, policy="push"
+                AgentWorldConfig(size=size), seed=seed, num_frames=frames, policy="push"
             )
             positions = np.stack([traj.agent, traj.box], axis=1)
             yield traj.frames, positions, ("agent", "box"), np.ones(positions.shape[:2], bool)
 
 
 @torch.no_grad()
-def evaluate_world(tok: LARPVideoTokenizer, world: str, videos: int, frames: int) -> dict:
+def evaluate_world(
+    tok: LARPVideoTokenizer, world: str, videos: int, frames: int, size: int = 64
+) -> dict:
     clip_len = tok.config.frames
     palette = BOUNCING_PALETTE if world == "bouncing" else AGENT_PALETTE
     scores = {"psnr": [], "ssim": [], "centroid": [], "missed": [], "seam": []}
     all_ids, t_enc, t_dec, n_clips = [], 0.0, 0.0, 0
-    for video, positions, names, valid in world_videos(world, videos, frames):
+    for video, positions, names, valid in world_videos(world, videos, frames, size):
         clips = to_model_range(video).reshape(-1, clip_len, 3, *video.shape[1:3])
         start = time.perf_counter()
         ids = tok.encode(clips)
@@ -116,7 +119,7 @@ def main() -> None:
     }
     all_ids = []
     for world in ("bouncing", "agent"):
-        scores, ids = evaluate_world(tok, world, args.videos, args.frames)
+        scores, ids = evaluate_world(tok, world, args.videos, args.frames, size)
         result.update({k: round(v, 4) for k, v in scores.items()})
         all_ids.append(ids)
     ids = torch.cat(all_ids)

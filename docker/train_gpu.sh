@@ -15,15 +15,18 @@
 #       steps, sets train.steps so that the run fills about SECONDS of training (cosine
 #       schedule over the whole run, samples at the half), trains, and copies the exported
 #       model (its card is in the file's metadata), the samples and the log to $OUT (default
-#       $RUN_DIR/export; RUN_DIR defaults to runs/gpu-MODEL); prints one JSON line last. MODEL is ca2vdm-tiny, larp-tiny or
-#       nbp-tiny, each over the shipped frozen tokenizer, so a generator can replace its file
+#       $RUN_DIR/export; RUN_DIR defaults to runs/gpu-MODEL); prints one JSON line last.
+#       MODEL is ca2vdm-tiny, larp-tiny or nbp-tiny, each over the shipped frozen tokenizer, so a generator can replace its file
 #       in vidgen/assets/ as is; a new larp-tiny needs nbp-tiny trained on it after it
 #       (frozen_tokenizer=<its path>). Extra Hydra overrides go last (e.g. train.threads=8).
+#   bash docker/train_gpu.sh all SECONDS
+#       there: every default in one call, side by side on the one GPU (see all() below), then
+#       the quality and tokenizer benchmarks of what it made; one JSON line last.
 #
-# Before the SECONDS of training come the data (procedural clips rendered, then encoded once
-# by the frozen tokenizer on the CPU: a few minutes), the calibration and the sample videos.
-# Example (the device tool: `carry` [".whl"], then):
-#   bash docker/train_gpu.sh run ca2vdm-tiny 300
+# Before the SECONDS of training come the data (procedural clips rendered on the CPU, then
+# encoded once by the frozen tokenizer on the training device), the calibration and the
+# sample videos. Example (the device tool: `carry` [".whl"], then, within one call's 600 s):
+#   bash docker/train_gpu.sh all 240
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -76,18 +79,25 @@ print(f"{(times[last] - times[first]) / (last - first):.6f}")
 EOF
 }
 
-run() {
-    local name="$1" seconds="$2"
-    shift 2
-    local args
-    args=$(model_args "$name")
+# Wheels from $WHEELS (default .whl) into /tmp/site, this checkout and them on PYTHONPATH;
+# once per process tree (the lanes of `all` share it).
+setup_python() {
+    [[ -n "${TRAIN_GPU_PYTHON_READY:-}" ]] && return 0
     local wheels=${WHEELS:-.whl}
     if compgen -G "$wheels/*.whl" >/dev/null; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
             --target /tmp/site "$wheels"/*.whl
         export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
     fi
-    export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+    export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 TRAIN_GPU_PYTHON_READY=1
+}
+
+run() {
+    local name="$1" seconds="$2"
+    shift 2
+    local args
+    args=$(model_args "$name")
+    setup_python
     local run_dir="${RUN_DIR:-runs/gpu-$name}"
     local out="${OUT:-$run_dir/export}"
     local precision=fp32
@@ -142,10 +152,108 @@ print(json.dumps({
 EOF
 }
 
+# Every default in one call, three lanes side by side on the one GPU (models this small
+# leave most of it idle): ca2vdm-tiny for SECONDS; larp-tiny for SECONDS/2, then nbp-tiny on
+# that new LARP for SECONDS/2 (a pair to ship together); nbp-tiny on the shipped larp-tiny
+# (or $NBP_TOKENIZER) for SECONDS. Then benchmarks/quality.py on the new generators and
+# benchmarks/tokenizer.py on the new LARP. Each lane's output is in $OUT/<lane>.log and its
+# model in $OUT/<lane>/ (run folders: $RUNS/gpu-<lane>, default runs/); a failed lane does
+# not stop the others (the exit status says one failed). Extra overrides per family: $CA2VDM_OVERRIDES, $LARP_OVERRIDES, $NBP_OVERRIDES
+# (space-separated words).
+all() {
+    local seconds="$1"
+    setup_python
+    local out="${OUT:-runs/gpu-all/export}" half=$(( $1 / 2 ))
+    local threads=${THREADS:-$(( $(nproc) / 3 > 0 ? $(nproc) / 3 : 1 ))}
+    local device=cpu
+    if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+        device=cuda
+    fi
+    mkdir -p "$out"
+    out=$(cd "$out" && pwd)
+    local common=(train.threads="$threads" data.num_workers=2)
+    # The override lists are word lists (unquoted on purpose).
+    local runs=${RUNS:-runs}
+    (RUN_DIR="$runs/gpu-ca2vdm-tiny" OUT="$out/ca2vdm-tiny" \
+        run ca2vdm-tiny "$seconds" "${common[@]}" ${CA2VDM_OVERRIDES:-}) \
+        >"$out/ca2vdm-tiny.log" 2>&1 &
+    local lane_a=$!
+    ( (RUN_DIR="$runs/gpu-larp-tiny" OUT="$out/larp-tiny" \
+        run larp-tiny "$half" "${common[@]}" ${LARP_OVERRIDES:-}) >"$out/larp-tiny.log" 2>&1 &&
+        (RUN_DIR="$runs/gpu-nbp-tiny-new" OUT="$out/nbp-tiny-new" \
+            run nbp-tiny "$half" "${common[@]}" ${NBP_OVERRIDES:-} \
+            frozen_tokenizer="$out/larp-tiny/larp-tiny.safetensors") \
+        >"$out/nbp-tiny-new.log" 2>&1) &
+    local lane_b=$!
+    (RUN_DIR="$runs/gpu-nbp-tiny" OUT="$out/nbp-tiny" \
+        run nbp-tiny "$seconds" "${common[@]}" ${NBP_OVERRIDES:-} \
+        frozen_tokenizer="${NBP_TOKENIZER:-larp-tiny}") >"$out/nbp-tiny.log" 2>&1 &
+    local lane_c=$!
+    local failed=0
+    wait $lane_a || failed=1
+    wait $lane_b || failed=1
+    wait $lane_c || failed=1
+    local models=() lane file
+    for lane in ca2vdm-tiny nbp-tiny-new nbp-tiny; do
+        for file in "$out/$lane"/*.safetensors; do
+            if [[ -f "$file" ]]; then models+=("$file"); fi
+        done
+    done
+    if [[ ${#models[@]} -gt 0 ]]; then
+        python3 benchmarks/quality.py --models "$(IFS=,; echo "${models[*]}")" \
+            --frames "${QUALITY_FRAMES:-256}" --seeds 0,1 --device "$device" \
+            --threads "$threads" >"$out/quality.log" 2>&1 || failed=1
+    fi
+    if [[ -f "$out/larp-tiny/larp-tiny.safetensors" ]]; then
+        python3 benchmarks/tokenizer.py --model "$out/larp-tiny/larp-tiny.safetensors" \
+            --videos "${TOKENIZER_VIDEOS:-12}" --threads "$threads" >"$out/tokenizer.log" 2>&1 ||
+            failed=1
+    fi
+    # One JSON line last: each lane's result line (or the end of its log) and the benchmarks'.
+    python3 - "$out" <<'EOF'
+import json, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+
+
+def last_json(name):
+    path = out / name
+    if not path.exists():
+        return None
+    text = path.read_text(errors="replace")
+    for line in reversed(text.splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                break
+    return {"error": text[-600:]}
+
+
+lanes = ("ca2vdm-tiny", "larp-tiny", "nbp-tiny-new", "nbp-tiny")
+result = {lane: last_json(f"{lane}.log") for lane in lanes}
+quality = last_json("quality.log") or {}
+result["quality"] = {
+    Path(k).parent.name if k.endswith(".safetensors") else k: v.get("summary", v)
+    for k, v in quality.items()
+    if isinstance(v, dict) and (k.endswith(".safetensors") or k == "real_videos")
+}
+if "error" in quality:  # the benchmark failed: the end of its log
+    result["quality"]["error"] = quality["error"]
+result["tokenizer"] = last_json("tokenizer.log")
+print(json.dumps(result))
+EOF
+    return $failed
+}
+
 case "${1:-}" in
     fetch) fetch ;;
     run)
         [[ $# -ge 3 ]] || { echo "usage: $0 run MODEL SECONDS [override ...]" >&2; exit 2; }
         run "${@:2}" ;;
-    *) echo "usage: $0 fetch | run MODEL SECONDS [override ...]" >&2; exit 2 ;;
+    all)
+        [[ $# -eq 2 ]] || { echo "usage: $0 all SECONDS" >&2; exit 2; }
+        all "$2" ;;
+    *) echo "usage: $0 fetch | run MODEL SECONDS [override ...] | all SECONDS" >&2; exit 2 ;;
 esac

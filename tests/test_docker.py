@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 from workers.jobs.render import build_parser
@@ -91,17 +90,18 @@ def test_rayjob_entrypoint_is_a_valid_batch_render_command():
     assert gpus >= args.actors, f"{args.actors} actors need {args.actors} GPUs, workers have {gpus}"
 
 
-@pytest.mark.parametrize("model", ["ca2vdm-tiny", "larp-tiny", "nbp-tiny"])
-def test_train_gpu_script_calibrates_trains_and_exports(model, tmp_path):
-    """docker/train_gpu.sh from a source checkout: the calibration sets train.steps from the
-    measured step time (20 at least), the exported model (and the diffusion model's samples)
-    land in OUT. Test-size models replace the presets through the trailing overrides."""
+def test_train_gpu_script_run_calibrates_trains_exports_and_keeps_its_cache(tmp_path):
+    """docker/train_gpu.sh run, from a source checkout: the calibration sets train.steps from
+    the measured step time (20 at least), the exported model and log land in OUT; run again
+    in the same folder, it reads its cached tokens and starts from a fresh state. Test-size
+    models replace the presets through the trailing overrides (the other models: the `all`
+    test below)."""
     from tests.models import save_test_generators
     from tests.test_train import SMALL_BOUNCING
     from vidgen import checkpoint
-    from vidgen.io import read_video
 
-    save_test_generators(tmp_path / "models")
+    models = tmp_path / "models"
+    save_test_generators(models)
     env = dict(
         os.environ,
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # python3 = ours
@@ -111,33 +111,19 @@ def test_train_gpu_script_calibrates_trains_and_exports(model, tmp_path):
         OUT=str(tmp_path / "out"),
         CUDA_VISIBLE_DEVICES="",  # fp32 on CPU even where a GPU is present
     )
-    family = model.removesuffix("-tiny")
-    models = tmp_path / "models"
-    if family == "larp":
-        overrides = [
-            "tokenizer=larp-test",
-            f"tokenizer.autoencoder={models / 'kl-test.safetensors'}",
-            *SMALL_BOUNCING,
-            "data.clip_len=4",
-            "data.num_clips=8",
-            "data.eval_clips=2",
-        ]
-    else:
-        tokenizer = "kl" if family == "ca2vdm" else "larp"
-        overrides = [
-            f"model={family}-test",
-            *SMALL_BOUNCING,
-            "data.clip_len=8",
-            "data.num_clips=8",
-            f"frozen_tokenizer={models / f'{tokenizer}-test.safetensors'}",
-            "model.num_actions=0",
-        ]
-    script = ROOT / "docker" / "train_gpu.sh"
+    overrides = [
+        "model=nbp-test",
+        *SMALL_BOUNCING,
+        "data.clip_len=8",
+        "data.num_clips=8",
+        f"frozen_tokenizer={models / 'larp-test.safetensors'}",
+        "model.num_actions=0",
+    ]
 
     def run() -> dict:
         # A budget of 0 s gives the script's minimum of 20 steps on any machine.
         done = subprocess.run(
-            ["bash", str(script), "run", model, "0", *overrides],
+            ["bash", str(ROOT / "docker" / "train_gpu.sh"), "run", "nbp-tiny", "0", *overrides],
             env=env,
             capture_output=True,
             text=True,
@@ -147,20 +133,95 @@ def test_train_gpu_script_calibrates_trains_and_exports(model, tmp_path):
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     result = run()
-    assert result["model"] == model and result["steps"] == 20
+    assert result["model"] == "nbp-tiny" and result["steps"] == 20
     assert result["precision"] == "fp32" and result["seconds_per_step"] > 0
-    if family == "nbp":  # again in the same run folder: the cached tokens, a fresh state
-        cache = next((tmp_path / "run").glob("tokens-*.safetensors"))
-        before = cache.stat().st_mtime_ns
-        assert run()["steps"] == 20 and cache.stat().st_mtime_ns == before
-    ckpt = checkpoint.load(tmp_path / "out" / f"{model}.safetensors")
-    kind = "tokenizer" if family == "larp" else "model"
-    assert ckpt.card["steps"] == 20 and ckpt.card["run_config"][kind]["dim"] == 32
+    cache = next((tmp_path / "run").glob("tokens-*.safetensors"))
+    before = cache.stat().st_mtime_ns
+    assert run()["steps"] == 20 and cache.stat().st_mtime_ns == before
+    ckpt = checkpoint.load(tmp_path / "out" / "nbp-tiny.safetensors")
+    assert ckpt.card["steps"] == 20 and ckpt.card["run_config"]["model"]["dim"] == 32
     assert (tmp_path / "out" / "train.log").read_text().count("vidgen.train.loop: step") >= 20
-    samples = sorted(p.name for p in (tmp_path / "out").glob("step-*.mp4"))
-    if family == "ca2vdm":
-        assert samples == ["step-000010.mp4", "step-000020.mp4"]
-        assert read_video(tmp_path / "out" / samples[-1]).float().std() > 1.0
+
+
+def test_train_gpu_script_all_trains_three_lanes_then_benchmarks_them(tmp_path):
+    """`train_gpu.sh all`: ca2vdm, larp then nbp on that new LARP, and nbp on the given LARP,
+    side by side; then quality.py on the three generators and tokenizer.py on the new LARP;
+    one JSON line last. Test-size models replace the presets through the per-family
+    override lists."""
+    from tests.models import save_test_generators
+    from tests.test_train import SMALL_BOUNCING
+    from vidgen import checkpoint
+    from vidgen.generators import load_generator
+    from vidgen.io import read_video
+    from vidgen.tokenizers.larp import LARPVideoTokenizer
+
+    models = tmp_path / "models"
+    save_test_generators(models)
+    kl, larp = models / "kl-test.safetensors", models / "larp-test.safetensors"
+    small = " ".join(SMALL_BOUNCING)
+    env = dict(
+        os.environ,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        CALIBRATE="4",
+        WHEELS=str(tmp_path / "no-wheels"),
+        RUNS=str(tmp_path / "runs"),
+        OUT=str(tmp_path / "out"),
+        THREADS="1",
+        QUALITY_FRAMES="16",
+        TOKENIZER_VIDEOS="1",
+        CUDA_VISIBLE_DEVICES="",
+        CA2VDM_OVERRIDES=f"model=ca2vdm-test {small} data.clip_len=8 data.num_clips=8 "
+        f"frozen_tokenizer={kl} model.num_actions=0",
+        LARP_OVERRIDES=f"tokenizer=larp-test tokenizer.autoencoder={kl} {small} "
+        "data.clip_len=4 data.num_clips=8 data.eval_clips=2",
+        NBP_OVERRIDES=f"model=nbp-test {small} data.clip_len=8 data.num_clips=8 "
+        "model.num_actions=0",
+        NBP_TOKENIZER=str(larp),
+    )
+    done = subprocess.run(
+        ["bash", str(ROOT / "docker" / "train_gpu.sh"), "all", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    out = tmp_path / "out"
+    logs = {p.name: p.read_text()[-1500:] for p in out.glob("*.log")}
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-2000:], logs)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    for lane, model in [
+        ("ca2vdm-tiny", "ca2vdm-tiny"),
+        ("larp-tiny", "larp-tiny"),
+        ("nbp-tiny-new", "nbp-tiny"),
+        ("nbp-tiny", "nbp-tiny"),
+    ]:
+        assert result[lane]["model"] == model and result[lane]["steps"] == 20, lane
+        assert result[lane]["precision"] == "fp32" and result[lane]["seconds_per_step"] > 0
+        ckpt = checkpoint.load(out / lane / f"{model}.safetensors")
+        kind = "tokenizer" if model == "larp-tiny" else "model"
+        assert ckpt.card["steps"] == 20 and ckpt.card["run_config"][kind]["dim"] == 32
+        assert (out / lane / "train.log").read_text().count("vidgen.train.loop: step") >= 20
+    samples = sorted(p.name for p in (out / "ca2vdm-tiny").glob("step-*.mp4"))
+    assert samples == ["step-000010.mp4", "step-000020.mp4"]
+    assert read_video(out / "ca2vdm-tiny" / samples[-1]).float().std() > 1.0
+    for lane in ("ca2vdm-tiny", "nbp-tiny-new", "nbp-tiny"):
+        assert 0 <= result["quality"][lane]["count_accuracy"] <= 1, lane
+    assert result["quality"]["real_videos"]["count_accuracy"] > 0.5
+    assert result["tokenizer"]["psnr_bouncing"] > 0 and "psnr_agent" in result["tokenizer"]
+    # The new NBP was trained on the new LARP's tokens: its card pins that LARP.
+    new_larp = LARPVideoTokenizer.from_pretrained(str(out / "larp-tiny" / "larp-tiny.safetensors"))
+    new_nbp = out / "nbp-tiny-new" / "nbp-tiny.safetensors"
+    card = checkpoint.load(new_nbp).card
+    assert card["tokenizer_fingerprint"] == new_larp.encoder_fingerprint()
+    assert (
+        checkpoint.load(out / "nbp-tiny" / "nbp-tiny.safetensors").card["tokenizer_fingerprint"]
+        == LARPVideoTokenizer.from_pretrained(str(larp)).encoder_fingerprint()
+    )
+    load_generator(str(new_nbp))
+    assert not (ROOT / "runs" / "gpu-larp-tiny" / "calibrate.log").exists() or (
+        (ROOT / "runs" / "gpu-larp-tiny" / "calibrate.log").stat().st_mtime
+        < (tmp_path / "models").stat().st_mtime
+    ), "the lanes' run folders must follow RUNS"
 
 
 def test_train_gpu_script_rejects_an_unknown_model_and_keys_it_sets():
@@ -172,6 +233,13 @@ def test_train_gpu_script_rejects_an_unknown_model_and_keys_it_sets():
     )
     assert done.returncode == 2
     assert "MODEL must be ca2vdm-tiny, larp-tiny or nbp-tiny" in done.stderr
+    done = subprocess.run(
+        ["bash", str(ROOT / "docker" / "train_gpu.sh"), "all"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "usage:" in done.stderr and "all SECONDS" in done.stderr
     done = subprocess.run(
         ["bash", str(ROOT / "docker" / "train_gpu.sh"), "run", "nbp-tiny", "60", "train.steps=5"],
         capture_output=True,

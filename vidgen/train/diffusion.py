@@ -26,6 +26,7 @@ from vidgen.train.encoded import (
     EncodedClips,
     cache_path,
     data_description,
+    encode_device,
     load_autoencoder,
 )
 from vidgen.train.loop import Task
@@ -171,6 +172,7 @@ def ca2vdm_task(
         cache_path(out, "latents", sha, data, "train"),
         description=data_description(data, "train"),
         num_workers=data.num_workers,
+        device=encode_device(run_config),
     )
 
     def loss(model: nn.Module, batch: dict[str, torch.Tensor], gen: torch.Generator):

@@ -21,6 +21,7 @@ from vidgen import checkpoint
 from vidgen.data import DataConfig
 from vidgen.data.folder import video_files
 from vidgen.tokenizers.kl import KLAutoencoder, KLConfig
+from vidgen.train.loop import resolve_device
 
 # DataConfig fields that change batching or the other split, never the clips of this one.
 _NOT_CONTENT = {"batch_size", "num_workers"}
@@ -60,6 +61,11 @@ def cache_path(out: Path, kind: str, encoder_sha: str, data: DataConfig, split: 
     return out / f"{kind}-{encoder_sha[:12]}-{split}-{key}-{clips}.safetensors"
 
 
+def encode_device(run_config: object) -> torch.device:
+    """Where a run's training data is encoded: its ``train.device`` (auto = CUDA if any)."""
+    return resolve_device(getattr(getattr(run_config, "train", None), "device", "cpu"))
+
+
 def load_autoencoder(name_or_path: str) -> tuple[KLAutoencoder, str]:
     """A frozen KL autoencoder and the sha256 of its checkpoint."""
     ckpt = checkpoint.load(name_or_path, expected_config=KLConfig)
@@ -74,7 +80,10 @@ class EncodedClips(Dataset):
     ``keep_video``, the original ``video`` (for evaluating in pixel space).
 
     ``description`` names the data (``data_description``); a file at ``path`` made from
-    other data, or holding another number of clips, is refused rather than trained on."""
+    other data, or holding another number of clips, is refused rather than trained on.
+    Encoding runs on ``device`` (the training device: a GPU encodes in seconds what takes a
+    CPU minutes), with ``module`` (the tokenizer ``encode`` uses; a ``KLAutoencoder`` given as
+    ``encode`` is its own) moved there for it and back after."""
 
     def __init__(
         self,
@@ -86,9 +95,11 @@ class EncodedClips(Dataset):
         key: str = "latents",
         description: str = "",
         num_workers: int = 0,
+        device: torch.device | str = "cpu",
+        module: torch.nn.Module | None = None,
     ) -> None:
         if isinstance(encode, KLAutoencoder):
-            encode = encode.encode
+            module, encode = encode, encode.encode
         if path.exists():
             cached = checkpoint.load(path)
             info = cached.config_as(EncodedClipsInfo)
@@ -104,7 +115,9 @@ class EncodedClips(Dataset):
                 raise ValueError(f"{path} holds no {key!r}{' or video' * keep_video}")
             tensors = cached.tensors
         else:
-            tensors = self._encode(source, encode, batch_size, keep_video, key, num_workers)
+            tensors = self._encode(
+                source, encode, batch_size, keep_video, key, num_workers, device, module
+            )
             info = EncodedClipsInfo(len(source), keep_video, description)
             checkpoint.save(path, tensors, info, card={"what": f"encoded clips ({key})"})
         self.tensors = tensors
@@ -118,6 +131,8 @@ class EncodedClips(Dataset):
         keep_video: bool,
         key: str,
         num_workers: int = 0,
+        device: torch.device | str = "cpu",
+        module: torch.nn.Module | None = None,
     ) -> dict[str, torch.Tensor]:
         # Its own generator: iterating a DataLoader otherwise draws its base seed from the
         # global RNG, and a run's initial weights would depend on whether a cache existed.
@@ -130,10 +145,17 @@ class EncodedClips(Dataset):
         )
         keys = (key, "label", "actions", *(("video",) if keep_video else ()))
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
-        for batch in tqdm(loader, desc=f"encoding clips ({key})", disable=None):
-            parts[key].append(encode(batch["video"]).cpu())
-            for name in keys[1:]:
-                parts[name].append(batch[name])
+        home = next(iter(module.parameters())).device if module is not None else None
+        if module is not None:
+            module.to(device)
+        try:
+            for batch in tqdm(loader, desc=f"encoding clips ({key})", disable=None):
+                parts[key].append(encode(batch["video"].to(device)).cpu())
+                for name in keys[1:]:
+                    parts[name].append(batch[name])
+        finally:
+            if module is not None:
+                module.to(home)
         return {k: torch.cat(v) for k, v in parts.items()}
 
     def __len__(self) -> int:

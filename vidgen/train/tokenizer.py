@@ -19,7 +19,13 @@ from vidgen.tokenizers.larp import (
     unigram_entropy,
 )
 from vidgen.tokenizers.losses import psnr, ssim
-from vidgen.train.encoded import EncodedClips, cache_path, data_description, load_autoencoder
+from vidgen.train.encoded import (
+    EncodedClips,
+    cache_path,
+    data_description,
+    encode_device,
+    load_autoencoder,
+)
 from vidgen.train.loop import Adversary, Task
 
 
@@ -151,6 +157,7 @@ def larp_task(
             cache_path(out, "latents", sha, data, "train"),
             description=data_description(data, "train"),
             num_workers=data.num_workers,
+            device=encode_device(run_config),
         )
         eval_data = EncodedClips(
             eval_data,
@@ -159,6 +166,7 @@ def larp_task(
             keep_video=True,
             description=data_description(data, "eval"),
             num_workers=data.num_workers,
+            device=encode_device(run_config),
         )
     seed = getattr(getattr(run_config, "train", None), "seed", 0)
 

@@ -20,7 +20,7 @@ from vidgen.models.nbp import ClipCond, NBPConfig, NextBlockTransformer, nbp_los
 from vidgen.nn.conditioning import NULL
 from vidgen.tokenizers.larp import LARPVideoTokenizer
 from vidgen.train.diffusion import leading_actions
-from vidgen.train.encoded import EncodedClips, cache_path, data_description
+from vidgen.train.encoded import EncodedClips, cache_path, data_description, encode_device
 from vidgen.train.loop import Task
 
 
@@ -59,6 +59,8 @@ def nbp_task(
         key="tokens",
         description=data_description(data, "train"),
         num_workers=data.num_workers,
+        device=encode_device(run_config),
+        module=larp,
     )
     clips = data.clip_len // larp.config.frames
 
