@@ -3,20 +3,22 @@
 Usage: python benchmarks/quality.py [--models ca2vdm-tiny,nbp-tiny] [--frames 512]
                                     [--labels 1,2,3,4] [--seeds 0] [--steps 12]
                                     [--guidance 2] [--temperature 1] [--top-k 0] [--top-p 1]
-                                    [--device cpu]
+                                    [--device cpu] [--context 0]
 
 For each model, label (the number of shapes) and seed: one video of ``--frames`` frames made
-in process with ``generate_video``; scored by pixels alone (vidgen.eval.scene): count accuracy
-against the label (per frame), mean object speed over the world's true mean speed and the
-fraction of frame transitions whose objects move (a frozen video scores 0), both inside
-clips, and the seam ratio at clip boundaries (1 = as smooth as inside clips; None = static;
-videos with an infinite one, slideshows, are counted in ``seam_ratio_infinite``). The real
-videos' own figures (``real_videos``, clips of 8 frames) are what a perfect generator would
-score: shapes that pass over each other hide, so their count accuracy is below 1. The same
-figures are measured on the real videos after the round trip through each model's tokenizer
-(``tokenizer_round_trip``): what its generator could score at best (a decoder that loses an
-object's colour caps count accuracy), and for the token family the seam baseline its target
-is relative to (LARP decodes each clip on its own, which can cause seams).
+in process with ``generate_video`` (with ``--context N``: continuing the first N frames of a
+real video, whole clips; the new frames are scored); scored by pixels alone
+(vidgen.eval.scene): count accuracy against the label (per frame), mean object speed over
+the world's true mean speed and the fraction of frame transitions whose objects move (a
+frozen video scores 0), both inside clips, and the seam ratio at clip boundaries (1 = as
+smooth as inside clips; None = static; videos with an infinite one, slideshows, are counted
+in ``seam_ratio_infinite``). The real videos' own figures (``real_videos``, clips of 8
+frames) are what a perfect generator would score: shapes that pass over each other hide, so
+their count accuracy is below 1. The same figures are measured on the real videos after the
+round trip through each model's tokenizer (``tokenizer_round_trip``): what its generator
+could score at best (a decoder that loses an object's colour caps count accuracy), and for
+the token family the seam baseline its target is relative to (LARP decodes each clip on its
+own, which can cause seams).
 
 Prints one JSON object last: per model the mean of each figure over labels and seeds, and the
 per-label figures.
@@ -67,9 +69,12 @@ def evaluate_model(
     steps: int,
     guidance: float,
     device: str = "cpu",
+    context: int = 0,
     **sampling: float,
 ) -> dict[str, object]:
-    """``sampling``: token-sampling fields of the request (temperature, top_k, top_p)."""
+    """``sampling``: token-sampling fields of the request (temperature, top_k, top_p).
+    ``context`` > 0: each video continues the first ``context`` frames of a real one (seeds
+    2000 + seed; scored on the new frames only), which tells drift from a poor start."""
     gen = load_generator(name, max_streams=1, device=device)
     per_label: dict[str, dict[str, float | None]] = {}
     rows = []
@@ -77,11 +82,16 @@ def evaluate_model(
     for label in labels:
         scores = []
         for seed in seeds:
+            real = None
+            if context:
+                world = BouncingShapesConfig(num_shapes=label, size=gen.frame_shape[0])
+                real = BouncingShapes(world, seed=2000 + seed).trajectory(context).frames
             request = GenerationRequest(
                 model=name,
                 frames=frames,
                 seed=seed,
                 label=label,
+                context=real,
                 steps=steps,
                 guidance=guidance,
                 **sampling,
@@ -165,6 +175,9 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="token models; 1 = off")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--context", type=int, default=0, help="continue real videos' first N frames (0 = off)"
+    )
     args = parser.parse_args()
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
     if args.threads:
@@ -181,6 +194,7 @@ def main() -> None:
         "true_mean_speed": TRUE_SPEED,
         "machine": f"{platform.platform()}, {os.cpu_count()} cpus, torch {torch.__version__}",
         "device": args.device,
+        "context_frames": args.context,
         "real_videos": real_figures(min(args.frames, 256), labels, seeds, clip_len=8),
     }
     for name in args.models.split(","):
@@ -190,7 +204,15 @@ def main() -> None:
             result[name] = {"error": str(err)}
             continue
         result[name] = evaluate_model(
-            name, args.frames, labels, seeds, args.steps, args.guidance, args.device, **sampling
+            name,
+            args.frames,
+            labels,
+            seeds,
+            args.steps,
+            args.guidance,
+            args.device,
+            args.context,
+            **sampling,
         )
         trip = tokenizer_round_trip(name, min(args.frames, 256), labels, seeds, args.device)
         result[name]["tokenizer_round_trip"] = trip

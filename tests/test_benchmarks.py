@@ -1,0 +1,43 @@
+"""benchmarks/quality.py's pieces on test-size models (the figures themselves are measured by
+running the benchmark; here: what it asks the generators for)."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.models import save_test_generators
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+quality = pytest.importorskip("quality")
+
+
+@pytest.mark.parametrize("family", ["diffusion", "tokens"])
+def test_quality_continues_real_videos_of_the_models_size(family, tmp_path, monkeypatch):
+    path = save_test_generators(tmp_path)[family]
+    requests = []
+    real_generate = quality.generate_video
+
+    def spy(gen, request):
+        requests.append(request)
+        return real_generate(gen, request)
+
+    monkeypatch.setattr(quality, "generate_video", spy)
+    clip = quality.load_generator(path).clip_len
+    out = quality.evaluate_model(path, 2 * clip, [2], [0, 1], 2, 1.0, context=clip)
+    assert [r.seed for r in requests] == [0, 1]
+    for r in requests:
+        # The model's frame size (32 px for the test models), the label's number of shapes.
+        assert r.context.shape == (clip, 32, 32, 3) and r.context.dtype == np.uint8
+        world = quality.BouncingShapes(
+            quality.BouncingShapesConfig(num_shapes=2, size=32), seed=2000 + r.seed
+        )
+        assert np.array_equal(r.context, world.trajectory(clip).frames)
+    assert 0 <= out["summary"]["count_accuracy"] <= 1
+    requests.clear()
+    quality.evaluate_model(path, 2 * clip, [1], [0], 2, 1.0)
+    assert requests[0].context is None
+    # The tokenizer round trip renders real videos at the model's size too.
+    trip = quality.tokenizer_round_trip(path, 2 * clip, [1], [0])
+    assert 0 <= trip["count_accuracy"] <= 1
