@@ -158,3 +158,30 @@ def test_sampling_draws_from_the_given_generator():
     for bad in (0.0, float("nan")):
         with pytest.raises(ValueError, match="top_p"):
             top_p_filter(logits, bad)
+
+
+def test_token_noise_corrupts_inputs_only_and_is_off_by_default():
+    torch.manual_seed(0)
+    tokens, actions = sequence(3, seed=5)
+    cond = ClipCond(labels=torch.tensor([2]), actions=actions)
+    clean_model = NextBlockTransformer(CFG).eval()
+    clean = nbp_loss(clean_model, tokens, cond)
+    # Off (the default): a generator changes nothing and draws nothing.
+    gen = torch.Generator().manual_seed(1)
+    assert torch.equal(nbp_loss(clean_model, tokens, cond, gen), clean)
+    assert torch.equal(gen.get_state(), torch.Generator().manual_seed(1).get_state())
+
+    noisy_model = NextBlockTransformer(dataclasses.replace(CFG, token_noise=0.3)).eval()
+    noisy_model.load_state_dict(clean_model.state_dict())
+    assert torch.equal(nbp_loss(noisy_model, tokens, cond), clean)  # no generator: clean
+    noisy = nbp_loss(noisy_model, tokens, cond, torch.Generator().manual_seed(1))
+    # The same draws by hand: inputs corrupted, the targets the clean tokens.
+    gen = torch.Generator().manual_seed(1)
+    hit = torch.rand(tokens.shape, generator=gen) < 0.3
+    inputs = torch.where(hit, torch.randint(0, CFG.vocab, tokens.shape, generator=gen), tokens)
+    logits = clean_model(inputs, cond).flatten(0, 1)
+    expected = torch.nn.functional.cross_entropy(logits, tokens.flatten())
+    assert torch.allclose(noisy, expected) and not torch.allclose(noisy, clean)
+    assert 0 < hit.float().mean() < 0.6 and (inputs != tokens).any()  # 24 tokens: loose
+    with pytest.raises(ValueError, match="token_noise"):
+        dataclasses.replace(CFG, token_noise=1.0)

@@ -58,8 +58,14 @@ class NBPConfig:
     action_dim: int = 0
     label_dropout: float = 0.1
     action_dropout: float = 0.1
+    # Training: the fraction of *input* tokens replaced by uniformly random ones (targets stay
+    # clean), so that the model learns to read a history with errors in it, as its own
+    # samples are at inference (exposure bias). 0 = plain teacher forcing.
+    token_noise: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.token_noise < 1.0:
+            raise ValueError(f"token_noise must be in [0, 1), got {self.token_noise}")
         if self.tokens_per_clip % self.block:
             raise ValueError(
                 f"block={self.block} must divide tokens_per_clip={self.tokens_per_clip}"
@@ -373,7 +379,20 @@ class NextBlockTransformer(nn.Module):
         cache.append(streams, k, v)
 
 
-def nbp_loss(model: NextBlockTransformer, tokens: torch.Tensor, cond: ClipCond) -> torch.Tensor:
-    """Cross-entropy of next-block prediction over whole clips of tokens (b, T)."""
-    logits = model(tokens, cond)
+def nbp_loss(
+    model: NextBlockTransformer,
+    tokens: torch.Tensor,
+    cond: ClipCond,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of next-block prediction over whole clips of tokens (b, T). With a
+    ``generator`` and ``config.token_noise`` > 0, that fraction of the input tokens is
+    replaced by random ones (drawn from ``generator``); the targets are the clean tokens."""
+    inputs, p = tokens, model.config.token_noise
+    if generator is not None and p > 0:
+        dev = tokens.device
+        hit = torch.rand(tokens.shape, generator=generator, device=dev) < p
+        noise = torch.randint(0, model.config.vocab, tokens.shape, generator=generator, device=dev)
+        inputs = torch.where(hit, noise, tokens)
+    logits = model(inputs, cond)
     return F.cross_entropy(logits.flatten(0, 1), tokens.flatten())

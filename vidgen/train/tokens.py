@@ -79,7 +79,7 @@ def nbp_task(
             drop_label=torch.rand(b, clips, generator=gen, device=dev) < config.label_dropout,
             drop_actions=torch.rand(b, clips, generator=gen, device=dev) < config.action_dropout,
         )
-        return {"loss": nbp_loss(model, tokens, cond)}
+        return {"loss": nbp_loss(model, tokens, cond, gen)}
 
     return Task(
         name=name,
