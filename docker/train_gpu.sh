@@ -108,16 +108,19 @@ run() {
     local override
     for override in "$@"; do
         case "$override" in
-            name=* | out=* | train.steps=* | train.stop_at=* | train.resume=*)
+            name=* | out=* | train.steps=* | train.stop_at=* | train.resume=* | \
+                train.max_seconds=*)
                 echo "train_gpu.sh: $override is set by the script (RUN_DIR, OUT, SECONDS)" >&2
                 return 2 ;;
         esac
     done
     local train=(python3 -m vidgen.cli train $args train.precision=$precision "$@"
         name="$name" out="$run_dir" train.resume=true train.ckpt_every=1000000)
-    # A run folder used before keeps its cached latents or tokens, never its state.
+    # A run folder used before keeps its cached latents or tokens, never its state; OUT
+    # keeps nothing of an earlier run (a failed run must not leave an older model there).
     rm -f "$run_dir/state.safetensors" "$run_dir/$name.safetensors"
     rm -rf "$run_dir/samples"
+    rm -f "$out/$name.safetensors" "$out/train.log" "$out"/step-*
     # Calibration: CALIBRATE steps of a long schedule, stopped early (no export, no samples),
     # timed over the second half. The frozen tokenizer's latents or tokens are computed and
     # cached in the run folder on the way, so the real run starts at once.
@@ -130,8 +133,11 @@ run() {
     steps=$(python3 -c "print(max(20, int($seconds / $per_step) // 10 * 10))")
     echo "train_gpu.sh: $per_step s/step -> train.steps=$steps for about $seconds s"
     local start=$SECONDS
+    # Steps timed under one load can run slower under another (the lanes of `all`): a time
+    # box of 1.25 x SECONDS + 30 s exports the model as it is rather than overrun the call.
     "${train[@]}" train.steps="$steps" train.log_every=$(( (steps + 99) / 100 )) \
-        train.eval_every=$(( steps / 2 )) 2>&1 | tee "$run_dir/train.log"
+        train.eval_every=$(( steps / 2 )) train.max_seconds=$(( seconds * 5 / 4 + 30 )) \
+        2>&1 | tee "$run_dir/train.log"
     local wall=$(( SECONDS - start ))
     cp "$run_dir/$name.safetensors" "$run_dir/train.log" "$out/"
     if [[ -d "$run_dir/samples" ]]; then cp "$run_dir"/samples/* "$out/"; fi
@@ -171,6 +177,12 @@ all() {
     fi
     mkdir -p "$out"
     out=$(cd "$out" && pwd)
+    # Nothing of an earlier call may pass for this one's (a failed lane leaves no model).
+    local lane
+    for lane in ca2vdm-tiny larp-tiny nbp-tiny-new nbp-tiny; do
+        rm -rf "${out:?}/$lane" "$out/$lane.log"
+    done
+    rm -f "$out/quality.log" "$out/tokenizer.log"
     local common=(train.threads="$threads" data.num_workers=2)
     # The override lists are word lists (unquoted on purpose).
     local runs=${RUNS:-runs}
@@ -178,8 +190,9 @@ all() {
         run ca2vdm-tiny "$seconds" "${common[@]}" ${CA2VDM_OVERRIDES:-}) \
         >"$out/ca2vdm-tiny.log" 2>&1 &
     local lane_a=$!
+    # `;` and not `&&`: set -e stays on inside the first run (a failed LARP ends the lane).
     ( (RUN_DIR="$runs/gpu-larp-tiny" OUT="$out/larp-tiny" \
-        run larp-tiny "$half" "${common[@]}" ${LARP_OVERRIDES:-}) >"$out/larp-tiny.log" 2>&1 &&
+        run larp-tiny "$half" "${common[@]}" ${LARP_OVERRIDES:-}) >"$out/larp-tiny.log" 2>&1
         (RUN_DIR="$runs/gpu-nbp-tiny-new" OUT="$out/nbp-tiny-new" \
             run nbp-tiny "$half" "${common[@]}" ${NBP_OVERRIDES:-} \
             frozen_tokenizer="$out/larp-tiny/larp-tiny.safetensors") \
@@ -193,7 +206,7 @@ all() {
     wait $lane_a || failed=1
     wait $lane_b || failed=1
     wait $lane_c || failed=1
-    local models=() lane file
+    local models=() file
     for lane in ca2vdm-tiny nbp-tiny-new nbp-tiny; do
         for file in "$out/$lane"/*.safetensors; do
             if [[ -f "$file" ]]; then models+=("$file"); fi

@@ -224,6 +224,41 @@ def test_train_gpu_script_all_trains_three_lanes_then_benchmarks_them(tmp_path):
     ), "the lanes' run folders must follow RUNS"
 
 
+def test_train_gpu_script_all_reports_failed_lanes_and_no_stale_models(tmp_path):
+    """A lane that fails leaves no model (not even one of an earlier call in OUT), a failed
+    LARP ends its lane before the NBP trained on it, and the call exits 1 with each lane's
+    error in the JSON line."""
+    out = tmp_path / "out"
+    (out / "larp-tiny").mkdir(parents=True)
+    (out / "larp-tiny" / "larp-tiny.safetensors").write_bytes(b"an earlier call's model")
+    env = dict(
+        os.environ,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        WHEELS=str(tmp_path / "no-wheels"),
+        RUNS=str(tmp_path / "runs"),
+        OUT=str(out),
+        CUDA_VISIBLE_DEVICES="",
+        # Every lane fails at once on an unknown key (no training, so the test is quick).
+        CA2VDM_OVERRIDES="no_such_key=1",
+        LARP_OVERRIDES="no_such_key=1",
+        NBP_OVERRIDES="no_such_key=1",
+    )
+    done = subprocess.run(
+        ["bash", str(ROOT / "docker" / "train_gpu.sh"), "all", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    for lane in ("ca2vdm-tiny", "larp-tiny", "nbp-tiny"):
+        assert "no_such_key" in result[lane]["error"], lane
+    assert result["nbp-tiny-new"] is None  # never started: its LARP failed
+    assert not list(out.glob("*/*.safetensors"))  # the earlier model is gone too
+    assert result["quality"] == {} and result["tokenizer"] is None
+
+
 def test_train_gpu_script_rejects_an_unknown_model_and_keys_it_sets():
     done = subprocess.run(
         ["bash", str(ROOT / "docker" / "train_gpu.sh"), "run", "sd-xl", "60"],

@@ -504,3 +504,24 @@ def test_the_ema_takes_the_codebooks_data_dependent_init_outright(tmp_path):
     state = tensors(tmp_path / "run" / "state.safetensors")
     assert int(state["model.quantizer.active"]) == 1
     assert torch.equal(state["ema.quantizer.codebook"], state["model.quantizer.codebook"])
+
+
+def test_max_seconds_exports_the_model_as_it_is_and_resumes(tmp_path):
+    """train.max_seconds: the invocation stops once it has trained that long, saves its state
+    and exports (the card says the step reached); running again resumes to the end."""
+    kl = ["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2"]
+    boxed = load_config(
+        "train", [*kl, "train.steps=4", "train.max_seconds=1e-9", "out=" + str(tmp_path)]
+    )
+    boxed.name = "model"
+    path = run_train(boxed)
+    assert path.name == "model.safetensors"
+    assert checkpoint.load(path).card["steps"] == 1
+    assert checkpoint.load(tmp_path / "state.safetensors").card["step"] == 1
+    final = train(kl, tmp_path, 4)  # no time box: resumes at step 1
+    assert checkpoint.load(final).card["steps"] == 4
+    straight = train(kl, tmp_path / "straight", 4)
+    a, b = tensors(final), tensors(straight)
+    assert all(torch.equal(a[n], b[n]) for n in a)  # the box changed nothing but the stop
+    with pytest.raises(ValueError, match="max_seconds"):
+        TrainConfig(max_seconds=-1)

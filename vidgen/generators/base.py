@@ -288,7 +288,7 @@ def check_tokenizer(name: str, card: dict[str, Any], tokenizer: str, fingerprint
     if trained is not None and trained != fingerprint:
         raise CheckpointError(
             f"{name} was trained on the codes of a tokenizer with encoder fingerprint "
-            f"{trained}, but {tokenizer!r} (named by its card) now has {fingerprint}: "
+            f"{trained}, but {tokenizer!r} (the tokenizer it loads) has {fingerprint}: "
             "restore the tokenizer it was trained with, or train it again on this one"
         )
 

@@ -135,6 +135,8 @@ class Decoder(nn.Module):
 class KLAutoencoder(nn.Module):
     """Frames (b, t, 3, H, W) in [-1, 1] <-> latents (b, t, z, H/8, W/8)."""
 
+    # Bump when the encoder's code changes what it computes from the same weights.
+    ENCODER_VERSION: ClassVar[int] = 1
     # The config fields that decide what the encoder computes (the rest are losses).
     ENCODER_SETTINGS: ClassVar[tuple[str, ...]] = (
         "image_size",
@@ -173,14 +175,15 @@ class KLAutoencoder(nn.Module):
 
     def encoder_fingerprint(self) -> str:
         """Identifies the latents this autoencoder makes (its encoder's weights, shapes and
-        ``scale``) and nothing else: a model trained on its latents stays valid when only the
-        decoder is fine-tuned."""
+        ``scale``, and ``ENCODER_VERSION``): a model trained on its latents stays valid when
+        only the decoder is fine-tuned. Deliberately a little stricter than the latents: the
+        log-variance half of the encoder's output and ``image_size`` are covered too."""
         from vidgen.checkpoint import fingerprint
 
         cfg = self.config
         settings = {name: getattr(cfg, name) for name in self.ENCODER_SETTINGS}
         tensors = {k: v for k, v in self.state_dict().items() if k.startswith("encoder.")}
-        return fingerprint(tensors, {"kind": "kl", **settings})
+        return fingerprint(tensors, {"kind": "kl", "version": self.ENCODER_VERSION, **settings})
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (b, t, z, h, w) -> frames (b, t, 3, H, W), unclamped."""

@@ -237,7 +237,9 @@ class LARPTokenizer(nn.Module):
     """Clips (b, t, 3, H, W) in [-1, 1] <-> N token ids (b, N) in [0, codebook_size)."""
 
     # What decides the ids ``encode`` gives: these config fields and these parameters (the
-    # decoder, the prior and the usage statistics do not).
+    # decoder, the prior and the usage statistics do not), and the code (bump the version
+    # when it changes what the encoder computes from the same weights).
+    ENCODER_VERSION: ClassVar[int] = 1
     ENCODER_SETTINGS: ClassVar[tuple[str, ...]] = (
         "channels",
         "size",
@@ -348,7 +350,10 @@ class LARPTokenizer(nn.Module):
         cfg = self.config
         settings = {name: getattr(cfg, name) for name in self.ENCODER_SETTINGS}
         tensors = {k: v for k, v in self.state_dict().items() if k.startswith(self.ENCODER_TENSORS)}
-        return fingerprint(tensors, {"kind": "larp", "autoencoder": autoencoder, **settings})
+        version = self.ENCODER_VERSION
+        return fingerprint(
+            tensors, {"kind": "larp", "version": version, "autoencoder": autoencoder, **settings}
+        )
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor) -> torch.Tensor:

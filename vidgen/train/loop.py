@@ -63,6 +63,10 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
     resume: bool = True
     stop_at: int = 0  # stop (with a resumable state) after this step; 0 = run to `steps`
+    # A time box: once this invocation has trained this many seconds (data preparation not
+    # counted), save the state and export the model as it is (its card says the step
+    # reached; the schedule is not compressed). 0 = off.
+    max_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -76,6 +80,8 @@ class TrainConfig:
             raise ValueError(f"train.eval_batches must be >= 0, got {self.eval_batches}")
         if self.grad_clip < 0:
             raise ValueError(f"train.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        if self.max_seconds < 0:
+            raise ValueError(f"train.max_seconds must be >= 0 (0 = off), got {self.max_seconds}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"train.precision must be fp32 or bf16, got {self.precision!r}")
 
@@ -311,7 +317,7 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
         time.perf_counter(),
         tqdm(total=cfg.steps, initial=start, desc=task.name, disable=None),
     )
-    step = start
+    step, done = start, end  # done: the step this invocation ends after
     for step, batch in enumerate(loader, start=start):
         for group in [*opt.param_groups, *(adv[1].param_groups if adv else [])]:
             group["lr"] = lr_at(step, cfg)
@@ -335,15 +341,27 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
             history.append({"step": step + 1, **{f"eval_{k}": v for k, v in scores.items()}})
         if task.samples is not None and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             _samples(task, ema.model if ema else model, step + 1, out)
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == end:
+        boxed = bool(cfg.max_seconds) and time.perf_counter() - t0 >= cfg.max_seconds
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == end or boxed:
             wall = before + time.perf_counter() - t0
             _save_state(state_path, task, model, ema, opt, gen, step + 1, wall, adv, history)
+        if boxed and step + 1 < end:
+            done = step + 1
+            log.info(
+                "train.max_seconds=%g reached at step %d of %d: exporting the model as it is "
+                "(run again to resume)",
+                cfg.max_seconds,
+                done,
+                cfg.steps,
+            )
+            break
     bar.close()
     seconds = before + time.perf_counter() - t0
-    if end < cfg.steps:
+    if done == end and end < cfg.steps:
         log.info("stopped at step %d of %d; run again to resume", end, cfg.steps)
         return state_path
-    return _export(task, ema.model if ema else model, out, cfg, eval_batches, history, seconds)
+    model = ema.model if ema else model
+    return _export(task, model, out, cfg, eval_batches, history, seconds, done)
 
 
 def _train_step(
@@ -425,6 +443,7 @@ def _export(
     eval_batches: list[dict[str, torch.Tensor]],
     history: list[dict[str, float]],
     seconds: float,
+    steps: int,
 ) -> Path:
     export_config = task.export_config
     if task.before_export is not None:
@@ -432,7 +451,7 @@ def _export(
     final = task.evaluate(model, eval_batches) if task.evaluate and eval_batches else {}
     card = {
         **task.card,
-        "steps": cfg.steps,
+        "steps": steps,
         "wall_seconds": round(seconds, 1),
         "train_config": dataclasses.asdict(cfg),
         "run_config": dataclasses.asdict(task.run_config),
@@ -442,6 +461,6 @@ def _export(
     path = out / f"{task.name}.safetensors"
     checkpoint.save(path, model, export_config, card=card)
     if task.samples is not None:
-        _samples(task, model, cfg.steps, out)
+        _samples(task, model, steps, out)
     log.info("exported %s (%s)", path, json.dumps(final))
     return path
