@@ -107,15 +107,26 @@ def save(
         raise TypeError(f"config must be a dataclass instance, got {type(config).__name__}")
     state = tensors.state_dict() if isinstance(tensors, torch.nn.Module) else dict(tensors)
     state = _detached(state)
-    metadata = {
-        "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
-        "vidgen_version": vidgen.__version__,
-        "config_type": _type_name(type(config)),
-        "config": json.dumps(dataclasses.asdict(config), sort_keys=True),
-        "card": json.dumps(dict(card or {}), sort_keys=True, default=str),
-    }
+    metadata = _metadata(_type_name(type(config)), dataclasses.asdict(config), card or {})
     return _write(path, state, metadata)
+
+
+def _metadata(
+    config_type: str,
+    config: Mapping[str, Any],
+    card: Mapping[str, Any],
+    format_version: int | None = None,
+    vidgen_version: str | None = None,
+) -> dict[str, str]:
+    """The header of a checkpoint (this vidgen's format and version unless given)."""
+    return {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION if format_version is None else format_version),
+        "vidgen_version": vidgen.__version__ if vidgen_version is None else vidgen_version,
+        "config_type": config_type,
+        "config": json.dumps(dict(config), sort_keys=True),
+        "card": json.dumps(dict(card), sort_keys=True, default=str),
+    }
 
 
 def _write(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
@@ -143,14 +154,10 @@ def update_card(
     path = ckpt.path if out is None else Path(out)
     if path.suffix != SUFFIX:
         raise ValueError(f"out must end in {SUFFIX}, got {str(path)!r}")
-    metadata = {
-        "format": FORMAT,
-        "format_version": str(ckpt.format_version),
-        "vidgen_version": ckpt.vidgen_version,
-        "config_type": ckpt.config_type,
-        "config": json.dumps(ckpt.config, sort_keys=True),
-        "card": json.dumps({**ckpt.card, **changes}, sort_keys=True, default=str),
-    }
+    card = {**ckpt.card, **changes}
+    metadata = _metadata(
+        ckpt.config_type, ckpt.config, card, ckpt.format_version, ckpt.vidgen_version
+    )
     return _write(path, dict(ckpt.tensors), metadata)
 
 
@@ -293,6 +300,19 @@ def fingerprint(tensors: Mapping[str, torch.Tensor], settings: Mapping[str, Any]
     encode path), independent of the file it sits in and of the parts it leaves out."""
     digest = hashlib.sha256(json.dumps(dict(settings), sort_keys=True, default=str).encode())
     return _hash_tensors(digest, tensors).hexdigest()[:16]
+
+
+def module_fingerprint(
+    module: torch.nn.Module,
+    prefixes: tuple[str, ...],
+    config: Any,
+    fields: tuple[str, ...],
+    **extra: Any,
+) -> str:
+    """``fingerprint`` of ``module``'s tensors whose names start with one of ``prefixes``, and
+    of the ``fields`` of ``config`` with ``extra`` settings."""
+    tensors = {k: v for k, v in module.state_dict().items() if k.startswith(prefixes)}
+    return fingerprint(tensors, {**extra, **{name: getattr(config, name) for name in fields}})
 
 
 def _type_name(cls: type) -> str:

@@ -178,12 +178,12 @@ class KLAutoencoder(nn.Module):
         ``scale``, and ``ENCODER_VERSION``): a model trained on its latents stays valid when
         only the decoder is fine-tuned. Deliberately a little stricter than the latents: the
         log-variance half of the encoder's output and ``image_size`` are covered too."""
-        from vidgen.checkpoint import fingerprint
+        from vidgen.checkpoint import module_fingerprint
 
-        cfg = self.config
-        settings = {name: getattr(cfg, name) for name in self.ENCODER_SETTINGS}
-        tensors = {k: v for k, v in self.state_dict().items() if k.startswith("encoder.")}
-        return fingerprint(tensors, {"kind": "kl", "version": self.ENCODER_VERSION, **settings})
+        fields, version = self.ENCODER_SETTINGS, self.ENCODER_VERSION
+        return module_fingerprint(
+            self, ("encoder.",), self.config, fields, kind="kl", version=version
+        )
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (b, t, z, h, w) -> frames (b, t, 3, H, W), unclamped."""

@@ -345,14 +345,16 @@ class LARPTokenizer(nn.Module):
         """Identifies the ids ``encode`` gives (see ``ENCODER_SETTINGS``/``ENCODER_TENSORS``)
         of inputs made by the autoencoder whose fingerprint is ``autoencoder``: a model
         trained on these ids stays valid when only the decoder or the prior change."""
-        from vidgen.checkpoint import fingerprint
+        from vidgen.checkpoint import module_fingerprint
 
-        cfg = self.config
-        settings = {name: getattr(cfg, name) for name in self.ENCODER_SETTINGS}
-        tensors = {k: v for k, v in self.state_dict().items() if k.startswith(self.ENCODER_TENSORS)}
-        version = self.ENCODER_VERSION
-        return fingerprint(
-            tensors, {"kind": "larp", "version": version, "autoencoder": autoencoder, **settings}
+        return module_fingerprint(
+            self,
+            self.ENCODER_TENSORS,
+            self.config,
+            self.ENCODER_SETTINGS,
+            kind="larp",
+            version=self.ENCODER_VERSION,
+            autoencoder=autoencoder,
         )
 
     @torch.no_grad()

@@ -160,7 +160,7 @@ def ca2vdm_task(
             data.clip_len,
             config.window + config.clip_len,
         )
-    autoencoder, sha = load_autoencoder(tokenizer)
+    autoencoder, fingerprint = load_autoencoder(tokenizer)
     if autoencoder.config.image_size != data.size:
         raise ValueError(f"data.size={data.size} must equal the autoencoder's image_size")
     model = CausalVideoDiT(config)
@@ -169,7 +169,7 @@ def ca2vdm_task(
     encoded = EncodedClips(
         build_dataset(data, "train"),
         autoencoder,
-        cache_path(out, "latents", sha, data, "train"),
+        cache_path(out, "latents", fingerprint, data, "train"),
         description=data_description(data, "train"),
         num_workers=data.num_workers,
         device=encode_device(run_config),
@@ -200,7 +200,7 @@ def ca2vdm_task(
             "context K/V cached once and shared by all denoising steps",
             "data": data.name,
             "tokenizer": tokenizer,
-            "tokenizer_fingerprint": autoencoder.encoder_fingerprint(),
+            "tokenizer_fingerprint": fingerprint,
             "label": "number of shapes (BouncingShapes)" if config.num_classes else None,
         },
     )

@@ -54,13 +54,15 @@ def data_description(data: DataConfig, split: str) -> str:
     return json.dumps({"split": split, **fields}, sort_keys=True)
 
 
-def cache_path(out: Path, kind: str, encoder_sha: str, data: DataConfig, split: str) -> Path:
-    """``out/<kind>-<encoder sha>-<split>-<data key>-<clips>.safetensors``: the data key hashes
+def cache_path(out: Path, kind: str, encoder_key: str, data: DataConfig, split: str) -> Path:
+    """``out/<kind>-<encoder key>-<split>-<data key>-<clips>.safetensors``: the encoder key is
+    the frozen tokenizer's ``encoder_fingerprint`` (what decides the codes: a fine-tuned
+    decoder keeps the cache, another encoder makes its own); the data key hashes
     ``data_description``, so a run over other data (another clip length, size, seed, world)
     encodes its own clips instead of reading another run's."""
     key = hashlib.sha256(data_description(data, split).encode()).hexdigest()[:10]
     clips = data.num_clips if split == "train" else data.eval_clips
-    return out / f"{kind}-{encoder_sha[:12]}-{split}-{key}-{clips}.safetensors"
+    return out / f"{kind}-{encoder_key[:12]}-{split}-{key}-{clips}.safetensors"
 
 
 def _release_freed_memory() -> None:
@@ -90,11 +92,11 @@ def encode_device(run_config: object) -> torch.device:
 
 
 def load_autoencoder(name_or_path: str) -> tuple[KLAutoencoder, str]:
-    """A frozen KL autoencoder and the sha256 of its checkpoint."""
+    """A frozen KL autoencoder and its ``encoder_fingerprint`` (the key of its latents)."""
     ckpt = checkpoint.load(name_or_path, expected_config=KLConfig)
     autoencoder = KLAutoencoder(ckpt.config_as(KLConfig))
     ckpt.load_into(autoencoder)
-    return autoencoder.eval().requires_grad_(False), ckpt.sha256
+    return autoencoder.eval().requires_grad_(False), autoencoder.encoder_fingerprint()
 
 
 class EncodedClips(Dataset):

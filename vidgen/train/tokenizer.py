@@ -132,9 +132,9 @@ def larp_task(
 ) -> Task:
     """A latent-space LARP trains on clips encoded once by its frozen autoencoder (cached in
     ``out``); a pixel-space one on the clips themselves."""
-    autoencoder, sha, size, key = None, "", config.size, "video"
+    autoencoder, fingerprint, size, key = None, "", config.size, "video"
     if config.autoencoder:
-        autoencoder, sha = load_autoencoder(config.autoencoder)
+        autoencoder, fingerprint = load_autoencoder(config.autoencoder)
         size, key = autoencoder.config.image_size, "latents"
         latent = (autoencoder.config.latent_channels, autoencoder.config.latent_size)
         if (config.channels, config.size) != latent:
@@ -154,7 +154,7 @@ def larp_task(
         train_data = EncodedClips(
             train_data,
             autoencoder,
-            cache_path(out, "latents", sha, data, "train"),
+            cache_path(out, "latents", fingerprint, data, "train"),
             description=data_description(data, "train"),
             num_workers=data.num_workers,
             device=encode_device(run_config),
@@ -162,7 +162,7 @@ def larp_task(
         eval_data = EncodedClips(
             eval_data,
             autoencoder,
-            cache_path(out, "latents", sha, data, "eval"),
+            cache_path(out, "latents", fingerprint, data, "eval"),
             keep_video=True,
             description=data_description(data, "eval"),
             num_workers=data.num_workers,

@@ -8,13 +8,11 @@ is tested against.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from vidgen import checkpoint
 from vidgen.data import DataConfig, build_dataset
 from vidgen.models.nbp import ClipCond, NBPConfig, NextBlockTransformer, nbp_loss
 from vidgen.nn.conditioning import NULL
@@ -45,17 +43,14 @@ def nbp_task(
         larp.config.codebook_size,
     ):
         raise ValueError("the NBP config's tokens_per_clip and vocab must match the tokenizer's")
-    # The tokens depend on the LARP and on the autoencoder it loads (by name or path, so that
-    # file can change under it): the cache is keyed by both.
-    sha = checkpoint.file_sha256(checkpoint.resolve(tokenizer))
-    if larp.config.autoencoder:
-        both = f"{sha}+{checkpoint.file_sha256(checkpoint.resolve(larp.config.autoencoder))}"
-        sha = hashlib.sha256(both.encode()).hexdigest()
+    # The tokens depend on the LARP's encoder and on the autoencoder it loads (by name or
+    # path, so that file can change under it): its fingerprint covers both.
+    fingerprint = larp.encoder_fingerprint()
     out.mkdir(parents=True, exist_ok=True)
     encoded = EncodedClips(
         build_dataset(data, "train"),
         lambda video: clip_tokens(larp, video),
-        cache_path(out, "tokens", sha, data, "train"),
+        cache_path(out, "tokens", fingerprint, data, "train"),
         key="tokens",
         description=data_description(data, "train"),
         num_workers=data.num_workers,
@@ -95,7 +90,7 @@ def nbp_task(
             f"(block {config.block}, window {config.window} frames)",
             "data": data.name,
             "tokenizer": tokenizer,
-            "tokenizer_fingerprint": larp.encoder_fingerprint(),
+            "tokenizer_fingerprint": fingerprint,
             "label": "number of shapes (BouncingShapes)" if config.num_classes else None,
         },
     )
