@@ -239,3 +239,53 @@ def test_training_forward_equals_inference_for_every_prefix_length(model):
             assert out.std() > 0.1
             torch.testing.assert_close(out, trained[:, total:][:, part], atol=1e-5, rtol=0)
             model.write(x[:, part], cache, [s], actions=acts[:, part], noise=context_noise[:, part])
+
+
+def test_context_noise_max_noises_each_context_clip_at_its_own_recorded_level(monkeypatch):
+    """Training against drift: each context clip is noised at its own level in
+    [prefix_t, context_noise_max], and that level is the clip's timestep; off, every context
+    frame has prefix_t and the loss draws exactly what it drew before the option existed."""
+    import dataclasses
+
+    from vidgen.sampling.flow import add_noise
+
+    seen = []
+    original = CausalVideoDiT.forward_history
+
+    def spy(self, x, cond, mask, positions):
+        seen.append((x.detach(), cond.t.detach()))
+        return original(self, x, cond, mask, positions)
+
+    monkeypatch.setattr(CausalVideoDiT, "forward_history", spy)
+    clips, total = 4, 4 * L
+    x = latents(total, seed=6, batch=3)
+    off = randomize_(CausalVideoDiT(CFG), seed=2)
+    on_cfg = dataclasses.replace(CFG, context_noise_max=0.5)
+    on = randomize_(CausalVideoDiT(on_cfg), seed=2)
+    flow_matching_loss(off, x, torch.Generator().manual_seed(0), labels=torch.tensor([1, 2, 3]))
+    flow_matching_loss(on, x, torch.Generator().manual_seed(0), labels=torch.tensor([1, 2, 3]))
+    (x_off, t_off), (x_on, t_on) = seen
+    assert torch.equal(t_off[:, :total], torch.full((3, total), CFG.prefix_t))
+    # Off: the context is x noised at prefix_t with the generator's first normal draw.
+    g = torch.Generator().manual_seed(0)
+    expected = add_noise(x, torch.randn(x.shape, generator=g), torch.full((3,), CFG.prefix_t))
+    torch.testing.assert_close(x_off[:, :total], expected)
+    levels = t_on[:, :total].reshape(3, clips, L)
+    assert torch.equal(levels, levels[..., :1].expand_as(levels))  # one level per clip
+    levels = levels[..., 0]
+    assert (levels >= CFG.prefix_t).all() and (levels <= 0.5).all()
+    assert levels.std() > 0.05  # levels differ between clips and samples
+    # The context's distance from the clean latents grows with its level.
+    per_clip = (x_on[:, :total] - x).reshape(3, clips, -1)
+    dist = per_clip.norm(dim=-1) / x.reshape(3, clips, -1).norm(dim=-1)
+    order = levels.flatten().argsort()
+    assert dist.flatten()[order[-1]] > dist.flatten()[order[0]] * 2
+
+
+def test_context_noise_max_is_checked():
+    import dataclasses
+
+    with pytest.raises(ValueError, match="context_noise_max"):
+        dataclasses.replace(CFG, context_noise_max=CFG.prefix_t / 2)
+    with pytest.raises(ValueError, match="context_noise_max"):
+        dataclasses.replace(CFG, context_noise_max=1.0)

@@ -45,3 +45,29 @@ def test_foreground_weight_enters_the_training_loss():
     weighted = model(video, torch.Generator().manual_seed(0))
     assert torch.equal(plain["ssim"], weighted["ssim"])  # the same reconstruction
     assert weighted["loss"] != plain["loss"]
+
+
+def test_latent_noise_perturbs_what_the_decoder_sees_by_the_asked_amount():
+    torch.manual_seed(0)
+    model = KLAutoencoder(dataclasses.replace(KL_CONFIGS["test"], scale=2.0))
+    video = torch.nn.functional.interpolate(square_frames(), size=32)[None]
+    seen = []
+    model.decoder.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    clean = model(video, torch.Generator().manual_seed(0))
+    model.config = dataclasses.replace(model.config, latent_noise=0.5)
+    noisy = model(video, torch.Generator().manual_seed(0))
+    assert torch.equal(clean["kl"], noisy["kl"])  # the encoder is not involved
+    assert not torch.equal(clean["l1"], noisy["l1"])
+    delta = (seen[1] - seen[0]) * model.config.scale  # in scaled-latent units
+    per_frame = delta.flatten(1).std(dim=1)
+    assert (per_frame > 0).all() and (per_frame < 0.5 * 1.3).all()
+    assert per_frame[0].item() != pytest.approx(per_frame[1].item(), rel=0.05)  # per frame
+    # encode/decode are untouched: the noise is a training augmentation only.
+    model.eval()
+    latents = model.encode(video[:, :1])
+    assert torch.equal(model.decode(latents), model.decoder(latents[0] / 2.0)[None])
+
+
+def test_latent_noise_must_not_be_negative():
+    with pytest.raises(ValueError, match="latent_noise"):
+        dataclasses.replace(KL_CONFIGS["test"], latent_noise=-0.1)

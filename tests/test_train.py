@@ -525,3 +525,27 @@ def test_max_seconds_exports_the_model_as_it_is_and_resumes(tmp_path):
     assert all(torch.equal(a[n], b[n]) for n in a)  # the box changed nothing but the stop
     with pytest.raises(ValueError, match="max_seconds"):
         TrainConfig(max_seconds=-1)
+
+
+def test_a_resume_with_changed_settings_says_so_and_the_card_records_it(tmp_path, caplog):
+    kl = ["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2"]
+    train(kl, tmp_path, 4, stop_at=1)
+    train(kl, tmp_path, 4, stop_at=2)  # only the invocation's stop changed: no warning
+    assert "changed" not in caplog.text
+    with caplog.at_level("WARNING"):
+        final = train([*kl, "train.lr=5e-4", "tokenizer.grad_weight=0.25"], tmp_path, 6)
+    assert "train.lr 0.001 -> 0.0005" in caplog.text
+    assert "tokenizer.grad_weight 0.5 -> 0.25" in caplog.text
+    resumes = checkpoint.load(final).card["resumes"]
+    assert resumes == [
+        {"step": 1, "changes": {}},
+        {
+            "step": 2,
+            "changes": {
+                "tokenizer.grad_weight": [0.5, 0.25],
+                "train.lr": [0.001, 0.0005],
+                "train.steps": [4, 6],
+            },
+        },
+    ]
+    assert checkpoint.load(train(kl, tmp_path / "straight", 2)).card["resumes"] == []

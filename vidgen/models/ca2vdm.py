@@ -52,6 +52,10 @@ class Ca2VDMConfig:
     num_actions: int = 0  # discrete actions (AgentWorld: 5); 0 = none
     action_dim: int = 0  # continuous action size; 0 = none
     prefix_t: float = 0.05  # flow time of the light noise on context frames
+    # Training against drift: each context clip is noised at a flow time drawn from
+    # U(prefix_t, context_noise_max), given to the model as its timestep, so the model learns
+    # not to trust its history blindly; inference keeps prefix_t. 0 = always prefix_t.
+    context_noise_max: float = 0.0
     label_dropout: float = 0.1  # training: p(label -> null), for classifier-free guidance
     action_dropout: float = 0.1
 
@@ -65,6 +69,11 @@ class Ca2VDMConfig:
         if self.window % self.clip_len:
             raise ValueError(
                 f"window={self.window} must be whole clips of clip_len={self.clip_len}"
+            )
+        if self.context_noise_max and not self.prefix_t <= self.context_noise_max < 1:
+            raise ValueError(
+                f"context_noise_max must be 0 (off) or in [prefix_t={self.prefix_t}, 1), "
+                f"got {self.context_noise_max}"
             )
 
     @property

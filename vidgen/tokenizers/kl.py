@@ -45,6 +45,9 @@ class KLConfig:
     perceptual_weight: float = 0.2
     grad_weight: float = 0.5
     foreground_weight: float = 0.0  # extra L1 weight on pixels unlike the frame's background
+    # Decoder robustness: Gaussian noise of std U(0, latent_noise) per frame, in scaled-latent
+    # units, added to the latents the decoder reconstructs from (0: off).
+    latent_noise: float = 0.0
     scale: float = 1.0  # latent scale (1 / std of posterior means), set after training
 
     # Fields measured on a trained model, not chosen: fine-tuning takes them from its init.
@@ -58,6 +61,8 @@ class KLConfig:
             raise ValueError(f"image_size must be a multiple of 8, got {self.image_size}")
         if any(c % 8 for c in self.channels):
             raise ValueError(f"channels must be multiples of 8 (GroupNorm), got {self.channels}")
+        if self.latent_noise < 0:
+            raise ValueError(f"latent_noise must be >= 0, got {self.latent_noise}")
 
     @property
     def latent_size(self) -> int:
@@ -199,6 +204,8 @@ class KLAutoencoder(nn.Module):
         mean, logvar = self.posterior(video)
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         z = mean + (0.5 * logvar).exp() * noise
+        if cfg.latent_noise > 0:
+            z = z + self._latent_noise(z, generator)
         recon = self.decoder(rearrange(z, "b t c h w -> (b t) c h w"))  # (b*t, 3, H, W)
         target = rearrange(video, "b t c h w -> (b t) c h w")
         l1 = weighted_l1(recon, target, cfg.foreground_weight)
@@ -217,6 +224,15 @@ class KLAutoencoder(nn.Module):
             "kl": kl,
             "psnr": psnr,
         }
+
+    def _latent_noise(self, z: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Noise for unscaled latents ``z`` (b, t, c, h, w): std U(0, ``latent_noise``) per
+        frame in scaled units, so the decoder learns to map a generator's slightly-off
+        latents to clean frames."""
+        cfg = self.config
+        opts = {"generator": generator, "device": z.device, "dtype": z.dtype}
+        level = torch.rand(*z.shape[:2], 1, 1, 1, **opts) * cfg.latent_noise
+        return torch.randn(z.shape, **opts) * level / cfg.scale
 
 
 def foreground_mask(frames: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:

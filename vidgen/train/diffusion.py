@@ -62,7 +62,12 @@ def flow_matching_loss(
     def randn(shape: tuple[int, ...]) -> torch.Tensor:
         return torch.randn(shape, generator=generator, device=dev, dtype=latents.dtype)
 
-    context = add_noise(latents, randn(latents.shape), torch.full((b,), cfg.prefix_t, device=dev))
+    t_context = torch.full((b, total), cfg.prefix_t, device=dev, dtype=latents.dtype)
+    if cfg.context_noise_max:  # one level per (sample, context clip); draws nothing when off
+        u = torch.rand((b, clips), generator=generator, device=dev, dtype=latents.dtype)
+        level = cfg.prefix_t + (cfg.context_noise_max - cfg.prefix_t) * u
+        t_context = level.repeat_interleave(cfg.clip_len, dim=1)
+    context = add_noise(latents, randn(latents.shape), t_context)
     # One flow time per (sample, clip), logit-normal: more weight on the middle of the path.
     t_clip = torch.sigmoid(randn((b, clips)))
     t_frames = t_clip.repeat_interleave(cfg.clip_len, dim=1)  # (b, T)
@@ -72,7 +77,7 @@ def flow_matching_loss(
     drop_action = torch.rand(b, generator=generator, device=dev) < cfg.action_dropout
     ones = torch.ones(b, total, dtype=torch.bool, device=dev)
     cond = Cond(
-        t=torch.cat([torch.full((b, total), cfg.prefix_t, device=dev), t_frames], dim=1),
+        t=torch.cat([t_context, t_frames], dim=1),
         labels=labels,
         actions=None if actions is None else torch.cat([actions, actions], dim=1),
         # Context frames always carry the null label (the cache is label-free); their

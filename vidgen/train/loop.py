@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -297,12 +297,22 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
         adv = (task.adversary, torch.optim.AdamW(module.parameters(), lr=cfg.lr, betas=(0.5, 0.9)))
     start, before = 0, 0.0  # steps and wall seconds of earlier runs
     history: list[dict[str, float]] = []  # metrics logged, earlier runs' included
+    resumes: list[dict[str, Any]] = []  # each resume's step and changed settings
     state_path = out / STATE_FILE
     if cfg.resume and state_path.exists():
         state = checkpoint.load(state_path)
         start, before = _load_state(state, model, ema, opt, gen, adv)
         history = list(state.card.get("history", []))
+        resumes = list(state.card.get("resumes", []))
+        changes = setting_changes(state.config, dataclasses.asdict(task.run_config))
+        resumes.append({"step": start, "changes": changes})
         log.info("resuming %s from step %d", state_path, start)
+        if changes:
+            log.warning(
+                "resuming with settings changed since the state was saved (recorded in the "
+                "card's resumes): %s",
+                ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()),
+            )
     # The schedule always spans `steps`; `stop_at` only ends this invocation early.
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
     sampler = StepSampler(len(task.train_data), task.batch_size, cfg.seed, start, end)
@@ -344,7 +354,9 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
         boxed = bool(cfg.max_seconds) and time.perf_counter() - t0 >= cfg.max_seconds
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == end or boxed:
             wall = before + time.perf_counter() - t0
-            _save_state(state_path, task, model, ema, opt, gen, step + 1, wall, adv, history)
+            _save_state(
+                state_path, task, model, ema, opt, gen, step + 1, wall, adv, history, resumes
+            )
         if boxed and step + 1 < end:
             done = step + 1
             log.info(
@@ -361,7 +373,33 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
         log.info("stopped at step %d of %d; run again to resume", end, cfg.steps)
         return state_path
     model = ema.model if ema else model
-    return _export(task, model, out, cfg, eval_batches, history, seconds, done)
+    return _export(task, model, out, cfg, eval_batches, history, seconds, done, resumes)
+
+
+# Settings of one invocation, not of the run: changing them on resume changes no result.
+INVOCATION_SETTINGS = frozenset({"train.stop_at", "train.max_seconds", "train.resume"})
+
+
+def setting_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """The run settings (dotted keys) that differ between a saved state's config and this
+    invocation's: ``{key: [saved, now]}`` (None where a side lacks the key); invocation-only
+    settings (``INVOCATION_SETTINGS``) are left out."""
+    a, b = _flat(json.loads(json.dumps(saved))), _flat(json.loads(json.dumps(now)))
+    return {
+        key: [a.get(key), b.get(key)]
+        for key in sorted(a.keys() | b.keys())
+        if key not in INVOCATION_SETTINGS and a.get(key) != b.get(key)
+    }
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _train_step(
@@ -417,9 +455,11 @@ def _save_state(
     wall: float,
     adv: tuple[Adversary, torch.optim.Optimizer] | None = None,
     history: list[dict[str, float]] | None = None,
+    resumes: list[dict[str, Any]] | None = None,
 ) -> None:
     tensors, card = _state_tensors(model, ema, opt, gen, adv)
     card.update(step=step, wall_seconds=wall, history=(history or [])[-HISTORY_KEPT:])
+    card["resumes"] = resumes or []
     checkpoint.save(path, tensors, task.run_config, card=card)
 
 
@@ -444,6 +484,7 @@ def _export(
     history: list[dict[str, float]],
     seconds: float,
     steps: int,
+    resumes: list[dict[str, Any]] | None = None,
 ) -> Path:
     export_config = task.export_config
     if task.before_export is not None:
@@ -457,6 +498,7 @@ def _export(
         "run_config": dataclasses.asdict(task.run_config),
         "eval": final,
         "history": history[-HISTORY_KEPT:],
+        "resumes": resumes or [],
     }
     path = out / f"{task.name}.safetensors"
     checkpoint.save(path, model, export_config, card=card)
