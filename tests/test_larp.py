@@ -158,3 +158,28 @@ def test_patch_discriminator_learns_sharp_from_blurred_frames():
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0]
     assert disc(real).mean() > disc(fake).mean()
+
+
+def test_foreground_weight_weights_the_reconstruction_of_objects_up():
+    """With foreground_weight, an error on a small object costs more than the same error on
+    the background; off, both cost the same (the plain means)."""
+    cfg = dataclasses.replace(CFG, foreground_threshold=0.5)
+    video = torch.zeros(1, cfg.frames, cfg.channels, cfg.size, cfg.size)
+    video[:, :, :, :1, :1] = 1.0  # a one-position object in every frame (size 4x4)
+
+    def losses(weight: float, where: tuple[slice, slice]) -> tuple[float, float]:
+        m = model(dataclasses.replace(cfg, foreground_weight=weight))
+        recon = video.clone()
+        recon[:, :, :, where[0], where[1]] += 0.3  # the same error, here
+        m.decode_codes = lambda _quantised: recon
+        out = m(video, torch.Generator().manual_seed(0))
+        return out["l1"].item(), out["mse"].item()
+
+    on_object, on_background = (slice(0, 1), slice(0, 1)), (slice(3, 4), slice(3, 4))
+    plain = [losses(0.0, s) for s in (on_object, on_background)]
+    assert plain[0] == pytest.approx(plain[1]) and plain[0][0] > 0
+    weighted = [losses(4.0, s) for s in (on_object, on_background)]
+    assert weighted[0][0] > plain[0][0] > weighted[1][0]
+    assert weighted[0][1] > plain[0][1] > weighted[1][1]
+    with pytest.raises(ValueError, match="foreground_weight"):
+        dataclasses.replace(CFG, foreground_weight=-1.0)
