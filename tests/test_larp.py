@@ -183,3 +183,5 @@ def test_foreground_weight_weights_the_reconstruction_of_objects_up():
     assert weighted[0][1] > plain[0][1] > weighted[1][1]
     with pytest.raises(ValueError, match="foreground_weight"):
         dataclasses.replace(CFG, foreground_weight=-1.0)
+    with pytest.raises(ValueError, match="foreground_threshold"):
+        dataclasses.replace(CFG, foreground_threshold=0.0)

@@ -10,7 +10,7 @@ from vidgen.nn import randomize_
 from vidgen.tokenizers.kl import KL_CONFIGS, KLAutoencoder, KLConfig
 from vidgen.tokenizers.larp import LARPVideoTokenizer
 from vidgen.train import StepSampler, lr_at, run_train
-from vidgen.train.loop import TrainConfig
+from vidgen.train.loop import TrainConfig, setting_changes
 
 SMALL_BOUNCING = [
     "data=bouncing",
@@ -92,6 +92,8 @@ def test_fine_tuning_arguments_are_checked(tmp_path):
     base = train(kl, tmp_path / "base", 1)
     with pytest.raises(ValueError, match="'encoders' names no parameter"):
         train([*kl, f"init={base}", "freeze=[encoders]"], tmp_path / "typo", 1)
+    with pytest.raises(ValueError, match="latent_noise is for fine-tuning a decoder"):
+        train([*kl, f"init={base}", "tokenizer.latent_noise=0.2"], tmp_path / "noise", 1)
     with pytest.raises(ValueError, match="freeze needs init"):
         train([*kl, "freeze=[encoder]"], tmp_path / "no-init", 1)
     with pytest.raises(checkpoint.CheckpointError, match="shape"):  # another architecture
@@ -549,3 +551,18 @@ def test_a_resume_with_changed_settings_says_so_and_the_card_records_it(tmp_path
         },
     ]
     assert checkpoint.load(train(kl, tmp_path / "straight", 2)).card["resumes"] == []
+
+
+def test_setting_changes_leaves_out_invocation_settings_and_unused_new_options():
+    saved = {"out": "runs/a", "train": {"lr": 1e-3, "threads": 1}, "model": {"dim": 8}}
+    now = {
+        "out": "/abs/runs/a",
+        "train": {"lr": 1e-3, "threads": 2},
+        "model": {"dim": 8, "new_option": 0.0, "other_new": 0.5},
+    }
+    assert setting_changes(saved, now) == {"model.other_new": [None, 0.5]}
+    assert setting_changes(now, saved) == {  # a setting dropped since is a change
+        "model.new_option": [0.0, None],
+        "model.other_new": [0.5, None],
+    }
+    assert setting_changes({"a": (1, 2)}, {"a": [1, 2]}) == {}  # tuples as JSON lists

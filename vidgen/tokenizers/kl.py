@@ -204,7 +204,7 @@ class KLAutoencoder(nn.Module):
         mean, logvar = self.posterior(video)
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         z = mean + (0.5 * logvar).exp() * noise
-        if cfg.latent_noise > 0:
+        if cfg.latent_noise > 0 and self.training:
             z = z + self._latent_noise(z, generator)
         recon = self.decoder(rearrange(z, "b t c h w -> (b t) c h w"))  # (b*t, 3, H, W)
         target = rearrange(video, "b t c h w -> (b t) c h w")

@@ -65,6 +65,13 @@ def build_task(cfg: TrainCommandConfig) -> Task:
         trained = init.config_as(type(target))
         config = replace(target, **{k: getattr(trained, k) for k in measured})
         cfg = replace(cfg, **{"tokenizer" if cfg.tokenizer is not None else "model": config})
+    if getattr(cfg.tokenizer, "latent_noise", 0) and "encoder" not in cfg.freeze:
+        # The noise is sized in scaled-latent units, which only a trained, frozen encoder
+        # (its scale measured) has; a trainable encoder could also outgrow a fixed noise.
+        raise ValueError(
+            "tokenizer.latent_noise is for fine-tuning a decoder under a trained encoder: "
+            "use it with init=<kl checkpoint> 'freeze=[encoder]'"
+        )
     task = _preset_task(cfg)
     if init is not None:
         init.load_into(task.model)

@@ -377,18 +377,33 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
 
 
 # Settings of one invocation, not of the run: changing them on resume changes no result.
-INVOCATION_SETTINGS = frozenset({"train.stop_at", "train.max_seconds", "train.resume"})
+INVOCATION_SETTINGS = frozenset(
+    {
+        "out",
+        "name",
+        "train.stop_at",
+        "train.max_seconds",
+        "train.resume",
+        "train.threads",
+        "train.log_every",
+        "train.ckpt_every",
+        "data.num_workers",
+    }
+)
 
 
 def setting_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, list[Any]]:
     """The run settings (dotted keys) that differ between a saved state's config and this
     invocation's: ``{key: [saved, now]}`` (None where a side lacks the key); invocation-only
-    settings (``INVOCATION_SETTINGS``) are left out."""
+    settings (``INVOCATION_SETTINGS``) are left out, and so is a setting the saved state
+    predates whose value now is off (0, False, empty: an option added since, unused)."""
     a, b = _flat(json.loads(json.dumps(saved))), _flat(json.loads(json.dumps(now)))
     return {
         key: [a.get(key), b.get(key)]
         for key in sorted(a.keys() | b.keys())
-        if key not in INVOCATION_SETTINGS and a.get(key) != b.get(key)
+        if key not in INVOCATION_SETTINGS
+        and a.get(key) != b.get(key)
+        and not (key not in a and not b.get(key))
     }
 
 
