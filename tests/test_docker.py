@@ -47,6 +47,17 @@ def _ignored(path: str) -> bool:
     return False
 
 
+def train_gpu(*args: str, env: dict | None = None, timeout: int = 60):
+    """``bash docker/train_gpu.sh ARGS`` (stdout and stderr captured as text)."""
+    return subprocess.run(
+        ["bash", str(ROOT / "docker" / "train_gpu.sh"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def test_dockerfile_copies_what_the_install_needs():
     sources = _dockerfile_copies()
     for src in sources:
@@ -122,13 +133,7 @@ def test_train_gpu_script_run_calibrates_trains_exports_and_keeps_its_cache(tmp_
 
     def run() -> dict:
         # A budget of 0 s gives the script's minimum of 20 steps on any machine.
-        done = subprocess.run(
-            ["bash", str(ROOT / "docker" / "train_gpu.sh"), "run", "nbp-tiny", "0", *overrides],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        done = train_gpu("run", "nbp-tiny", "0", *overrides, env=env, timeout=600)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -178,13 +183,7 @@ def test_train_gpu_script_all_trains_three_lanes_then_benchmarks_them(tmp_path):
         "model.num_actions=0",
         NBP_TOKENIZER=str(larp),
     )
-    done = subprocess.run(
-        ["bash", str(ROOT / "docker" / "train_gpu.sh"), "all", "0"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    done = train_gpu("all", "0", env=env, timeout=900)
     out = tmp_path / "out"
     logs = {p.name: p.read_text()[-1500:] for p in out.glob("*.log")}
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-2000:], logs)
@@ -243,13 +242,7 @@ def test_train_gpu_script_all_reports_failed_lanes_and_no_stale_models(tmp_path)
         LARP_OVERRIDES="no_such_key=1",
         NBP_OVERRIDES="no_such_key=1",
     )
-    done = subprocess.run(
-        ["bash", str(ROOT / "docker" / "train_gpu.sh"), "all", "0"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = train_gpu("all", "0", env=env, timeout=300)
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     for lane in ("ca2vdm-tiny", "larp-tiny", "nbp-tiny"):
@@ -260,25 +253,10 @@ def test_train_gpu_script_all_reports_failed_lanes_and_no_stale_models(tmp_path)
 
 
 def test_train_gpu_script_rejects_an_unknown_model_and_keys_it_sets():
-    done = subprocess.run(
-        ["bash", str(ROOT / "docker" / "train_gpu.sh"), "run", "sd-xl", "60"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = train_gpu("run", "sd-xl", "60")
     assert done.returncode == 2
     assert "MODEL must be ca2vdm-tiny, larp-tiny or nbp-tiny" in done.stderr
-    done = subprocess.run(
-        ["bash", str(ROOT / "docker" / "train_gpu.sh"), "all"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = train_gpu("all")
     assert done.returncode == 2 and "usage:" in done.stderr and "all SECONDS" in done.stderr
-    done = subprocess.run(
-        ["bash", str(ROOT / "docker" / "train_gpu.sh"), "run", "nbp-tiny", "60", "train.steps=5"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = train_gpu("run", "nbp-tiny", "60", "train.steps=5")
     assert done.returncode == 2 and "train.steps=5 is set by the script" in done.stderr

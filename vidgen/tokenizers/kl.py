@@ -249,5 +249,14 @@ def weighted_l1(
     1 + ``foreground_weight`` (0: the plain mean)."""
     if foreground_weight == 0:
         return (recon - target).abs().mean()
-    weight = 1.0 + foreground_weight * foreground_mask(target)
-    return ((recon - target).abs() * weight).sum() / (weight.sum() * recon.shape[1])
+    return ((recon - target).abs() * foreground_weights(target, foreground_weight)).mean()
+
+
+def foreground_weights(
+    target: torch.Tensor, foreground_weight: float, threshold: float = 0.1
+) -> torch.Tensor:
+    """(n, 1, H, W) per-position weights of ``target`` (n, C, H, W), normalised to mean 1:
+    its foreground (``foreground_mask`` at ``threshold``) 1 + ``foreground_weight`` times
+    the rest, so a weighted mean of errors stays on the scale of the plain mean."""
+    weight = 1.0 + foreground_weight * foreground_mask(target, threshold)
+    return weight / weight.mean()

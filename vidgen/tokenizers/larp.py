@@ -42,7 +42,7 @@ from torch import nn
 
 from vidgen.nn.masks import block_causal_mask
 from vidgen.nn.transformer import Transformer
-from vidgen.tokenizers.kl import KLAutoencoder, foreground_mask
+from vidgen.tokenizers.kl import KLAutoencoder, foreground_weights
 from vidgen.tokenizers.losses import gradient_l1, ssim
 
 
@@ -396,7 +396,7 @@ class LARPTokenizer(nn.Module):
         recon = self.decode_codes(quantised)
         flat_r, flat_v = recon.flatten(0, 1), video.flatten(0, 1)
         if cfg.foreground_weight:
-            weight = self._foreground_weights(flat_v)
+            weight = foreground_weights(flat_v, cfg.foreground_weight, cfg.foreground_threshold)
             l1 = ((flat_r - flat_v).abs() * weight).mean()
             mse = ((flat_r - flat_v).pow(2) * weight).mean()
         else:
@@ -436,14 +436,6 @@ class LARPTokenizer(nn.Module):
             "perplexity": perplexity,
             "dead_codes": (self.quantizer.usage < cfg.dead_usage).float().sum(),
         }
-
-    def _foreground_weights(self, target: torch.Tensor) -> torch.Tensor:
-        """(n, 1, h, w) weights of ``target`` (n, c, h, w)'s positions, mean 1: foreground
-        ones ``1 + foreground_weight`` times the rest."""
-        cfg = self.config
-        mask = foreground_mask(target, cfg.foreground_threshold)
-        weight = 1.0 + cfg.foreground_weight * mask
-        return weight / weight.mean()
 
     def _entropy_loss(self, z: torch.Tensor) -> torch.Tensor:
         """Mean per-token assignment entropy minus the entropy of the batch's mean
