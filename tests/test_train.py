@@ -400,7 +400,8 @@ def test_nbp_token_cache_is_keyed_by_the_larps_autoencoder_too(tmp_path):
     other = randomize_(KLAutoencoder(kl_cfg), seed=5, std=0.1)
     checkpoint.save(models / "kl-test.safetensors", other, kl_cfg)
     build_task(cfg)
-    assert len(list((tmp_path / "run").glob("tokens-*.safetensors"))) == 2
+    for split in ("train", "eval"):  # the held-out tokens too
+        assert len(list((tmp_path / "run").glob(f"tokens-*-{split}-*.safetensors"))) == 2
 
 
 @pytest.mark.parametrize(

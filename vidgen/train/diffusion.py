@@ -27,6 +27,7 @@ from vidgen.train.encoded import (
     cache_path,
     data_description,
     encode_device,
+    held_out_clips,
     load_autoencoder,
 )
 from vidgen.train.loop import Task
@@ -50,9 +51,11 @@ def flow_matching_loss(
     generator: torch.Generator,
     labels: torch.Tensor | None = None,
     actions: torch.Tensor | None = None,
+    held_out: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Loss of one batch of clean latent sequences (b, K*clip_len, c, y, x); ``actions`` are
-    per frame, the action leading to it."""
+    per frame, the action leading to it. ``held_out``: the situation of inference, for
+    evaluation — no condition dropout, every context clip at ``prefix_t``."""
     cfg = model.config
     b, total = latents.shape[:2]
     if total % cfg.clip_len:
@@ -63,7 +66,7 @@ def flow_matching_loss(
         return torch.randn(shape, generator=generator, device=dev, dtype=latents.dtype)
 
     t_context = torch.full((b, total), cfg.prefix_t, device=dev, dtype=latents.dtype)
-    if cfg.context_noise_max:  # one level per (sample, context clip); draws nothing when off
+    if cfg.context_noise_max and not held_out:  # one level per (sample, context clip)
         u = torch.rand((b, clips), generator=generator, device=dev, dtype=latents.dtype)
         level = cfg.prefix_t + (cfg.context_noise_max - cfg.prefix_t) * u
         t_context = level.repeat_interleave(cfg.clip_len, dim=1)
@@ -73,8 +76,10 @@ def flow_matching_loss(
     t_frames = t_clip.repeat_interleave(cfg.clip_len, dim=1)  # (b, T)
     noise = randn(latents.shape)
     noisy = add_noise(latents, noise, t_frames)
-    drop_label = torch.rand(b, generator=generator, device=dev) < cfg.label_dropout
-    drop_action = torch.rand(b, generator=generator, device=dev) < cfg.action_dropout
+    drop_label = drop_action = torch.zeros(b, dtype=torch.bool, device=dev)
+    if not held_out:
+        drop_label = torch.rand(b, generator=generator, device=dev) < cfg.label_dropout
+        drop_action = torch.rand(b, generator=generator, device=dev) < cfg.action_dropout
     ones = torch.ones(b, total, dtype=torch.bool, device=dev)
     cond = Cond(
         t=torch.cat([t_context, t_frames], dim=1),
@@ -90,6 +95,48 @@ def flow_matching_loss(
     pred = model.forward_history(torch.cat([context, noisy], dim=1), cond, mask, positions)
     loss = F.mse_loss(pred[:, total:], velocity_target(latents, noise))
     return {"loss": loss}
+
+
+def batch_condition(
+    config: Ca2VDMConfig, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A batch's labels (out-of-range ones -> the null label) and leading actions, as the
+    model's config uses them (None where it has none)."""
+    labels = batch["label"] if config.num_classes else None
+    if labels is not None:
+        labels = torch.where((labels >= 0) & (labels < config.num_classes), labels, NULL)
+    actions = None
+    if config.num_actions or config.action_dim:
+        actions = leading_actions(batch["actions"], config.num_actions)
+    return labels, actions
+
+
+@torch.no_grad()
+def evaluate_flow(
+    model: CausalVideoDiT, batches: list[dict[str, torch.Tensor]], seed: int = 0
+) -> dict[str, float]:
+    """Flow-matching loss on held-out sequences in the situation of inference (no condition
+    dropout, context at ``prefix_t``), with the same noise and flow times at every call (one
+    generator seeded ``seed`` per batch), so the figures of two steps compare;
+    ``loss_null_label`` is the same with the label dropped (the gap is what the label tells
+    the model)."""
+    was_training = model.training
+    model.eval()
+    cfg = model.config
+    names = ("loss", "loss_null_label") if cfg.num_classes else ("loss",)
+    scores = dict.fromkeys(names, 0.0)
+    try:
+        for batch in batches:
+            labels, actions = batch_condition(cfg, batch)
+            latents = batch["latents"]
+            for name in names:
+                gen = torch.Generator(latents.device).manual_seed(seed)
+                given = labels if name == "loss" else None
+                out = flow_matching_loss(model, latents, gen, given, actions, held_out=True)
+                scores[name] += float(out["loss"]) / len(batches)
+    finally:
+        model.train(was_training)
+    return scores
 
 
 SAMPLE_CLIPS = 4
@@ -180,25 +227,31 @@ def ca2vdm_task(
         device=encode_device(run_config),
     )
 
+    eval_data = None
+    if (held := held_out_clips(data, run_config)) is not None:
+        eval_data = EncodedClips(
+            held[1],
+            autoencoder,
+            cache_path(out, "latents", fingerprint, held[0], "eval"),
+            description=data_description(held[0], "eval"),
+            num_workers=data.num_workers,
+            device=encode_device(run_config),
+        )
+
     def loss(model: nn.Module, batch: dict[str, torch.Tensor], gen: torch.Generator):
-        latents = batch["latents"]
-        labels = batch["label"] if config.num_classes else None
-        if labels is not None:
-            labels = torch.where((labels >= 0) & (labels < config.num_classes), labels, NULL)
-        actions = None
-        if config.num_actions or config.action_dim:
-            actions = leading_actions(batch["actions"], config.num_actions)
-        return flow_matching_loss(model, latents, gen, labels, actions)
+        labels, actions = batch_condition(config, batch)
+        return flow_matching_loss(model, batch["latents"], gen, labels, actions)
 
     return Task(
         name=name,
         model=model,
         loss=loss,
         train_data=encoded,
-        eval_data=None,
+        eval_data=eval_data,
         batch_size=data.batch_size,
         export_config=config,
         run_config=run_config,
+        evaluate=evaluate_flow,
         samples=lambda m, step, folder: write_samples(m, autoencoder, step, folder),
         card={
             "what": "Ca2-VDM-style causal video DiT (flow matching, velocity prediction) with "

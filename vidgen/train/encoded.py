@@ -11,16 +11,16 @@ import ctypes
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from vidgen import checkpoint
-from vidgen.data import DataConfig
+from vidgen.data import DataConfig, build_dataset
 from vidgen.data.folder import video_files
 from vidgen.tokenizers.kl import KLAutoencoder, KLConfig
 from vidgen.train.loop import resolve_device
@@ -63,6 +63,20 @@ def cache_path(out: Path, kind: str, encoder_key: str, data: DataConfig, split: 
     key = hashlib.sha256(data_description(data, split).encode()).hexdigest()[:10]
     clips = data.num_clips if split == "train" else data.eval_clips
     return out / f"{kind}-{encoder_key[:12]}-{split}-{key}-{clips}.safetensors"
+
+
+def held_out_clips(data: DataConfig, run_config: object) -> tuple[DataConfig, Dataset] | None:
+    """The held-out clips a generator's evaluation reads: ``train.eval_batches`` batches of
+    ``data.batch_size``, so only that many eval clips are made and encoded (the first ones
+    of the eval split; ``data.eval_clips`` caps them). Returns the data config that names
+    them (its ``eval_clips`` is their number: the cache key) and the clips, or None when
+    evaluation is off (``train.eval_batches=0``)."""
+    batches = getattr(getattr(run_config, "train", None), "eval_batches", 4)
+    source = build_dataset(data, "eval")
+    count = min(batches * data.batch_size, data.eval_clips, len(source))
+    if count <= 0:
+        return None
+    return replace(data, eval_clips=count), Subset(source, range(count))
 
 
 def _release_freed_memory() -> None:

@@ -18,7 +18,13 @@ from vidgen.models.nbp import ClipCond, NBPConfig, NextBlockTransformer, nbp_los
 from vidgen.nn.conditioning import NULL
 from vidgen.tokenizers.larp import LARPVideoTokenizer
 from vidgen.train.diffusion import leading_actions
-from vidgen.train.encoded import EncodedClips, cache_path, data_description, encode_device
+from vidgen.train.encoded import (
+    EncodedClips,
+    cache_path,
+    data_description,
+    encode_device,
+    held_out_clips,
+)
 from vidgen.train.loop import Task
 
 
@@ -28,6 +34,51 @@ def clip_tokens(tokenizer: LARPVideoTokenizer, video: torch.Tensor) -> torch.Ten
     b = video.shape[0]
     clips = video.reshape(b * (video.shape[1] // frames), frames, *video.shape[2:])
     return tokenizer.encode(clips).reshape(b, -1)
+
+
+def batch_condition(
+    config: NBPConfig, batch: dict[str, torch.Tensor], clips: int, gen: torch.Generator | None
+) -> ClipCond:
+    """A batch's condition as the model uses it: labels (out-of-range ones -> the null label)
+    and leading actions; with ``gen``, labels and actions dropped per clip at the config's
+    rates (training), without it none dropped (evaluation)."""
+    b, dev = batch["tokens"].shape[0], batch["tokens"].device
+    labels = batch["label"] if config.num_classes else None
+    if labels is not None:
+        labels = torch.where((labels >= 0) & (labels < config.num_classes), labels, NULL)
+    actions = None
+    if config.num_actions or config.action_dim:
+        actions = leading_actions(batch["actions"], config.num_actions)
+    drop_label = drop_actions = torch.zeros(b, clips, dtype=torch.bool, device=dev)
+    if gen is not None:
+        drop_label = torch.rand(b, clips, generator=gen, device=dev) < config.label_dropout
+        drop_actions = torch.rand(b, clips, generator=gen, device=dev) < config.action_dropout
+    return ClipCond(labels, actions, drop_label, drop_actions)
+
+
+@torch.no_grad()
+def evaluate_nbp(
+    model: NextBlockTransformer, batches: list[dict[str, torch.Tensor]], clips: int
+) -> dict[str, float]:
+    """Next-block cross-entropy (nats per token) on held-out token sequences, nothing
+    dropped and no token noise; ``ce_null_label`` is the same with the label dropped (the
+    gap is what the label tells the model)."""
+    was_training = model.training
+    model.eval()
+    cfg = model.config
+    scores = {"ce": 0.0}
+    try:
+        for batch in batches:
+            tokens = batch["tokens"].long()
+            cond = batch_condition(cfg, batch, clips, None)
+            scores["ce"] += float(nbp_loss(model, tokens, cond)) / len(batches)
+            if cfg.num_classes:
+                cond.drop_label = torch.ones_like(cond.drop_label)
+                null = float(nbp_loss(model, tokens, cond)) / len(batches)
+                scores["ce_null_label"] = scores.get("ce_null_label", 0.0) + null
+    finally:
+        model.train(was_training)
+    return scores
 
 
 def nbp_task(
@@ -57,34 +108,34 @@ def nbp_task(
         device=encode_device(run_config),
         module=larp,
     )
+    eval_data = None
+    if (held := held_out_clips(data, run_config)) is not None:
+        eval_data = EncodedClips(
+            held[1],
+            lambda video: clip_tokens(larp, video),
+            cache_path(out, "tokens", fingerprint, held[0], "eval"),
+            key="tokens",
+            description=data_description(held[0], "eval"),
+            num_workers=data.num_workers,
+            device=encode_device(run_config),
+            module=larp,
+        )
     clips = data.clip_len // larp.config.frames
 
     def loss(model: nn.Module, batch: dict[str, torch.Tensor], gen: torch.Generator):
-        tokens = batch["tokens"].long()
-        b, dev = tokens.shape[0], tokens.device
-        labels = batch["label"] if config.num_classes else None
-        if labels is not None:
-            labels = torch.where((labels >= 0) & (labels < config.num_classes), labels, NULL)
-        actions = None
-        if config.num_actions or config.action_dim:
-            actions = leading_actions(batch["actions"], config.num_actions)
-        cond = ClipCond(
-            labels=labels,
-            actions=actions,
-            drop_label=torch.rand(b, clips, generator=gen, device=dev) < config.label_dropout,
-            drop_actions=torch.rand(b, clips, generator=gen, device=dev) < config.action_dropout,
-        )
-        return {"loss": nbp_loss(model, tokens, cond, gen)}
+        cond = batch_condition(config, batch, clips, gen)
+        return {"loss": nbp_loss(model, batch["tokens"].long(), cond, gen)}
 
     return Task(
         name=name,
         model=NextBlockTransformer(config),
         loss=loss,
         train_data=encoded,
-        eval_data=None,
+        eval_data=eval_data,
         batch_size=data.batch_size,
         export_config=config,
         run_config=run_config,
+        evaluate=lambda model, batches: evaluate_nbp(model, batches, clips),
         card={
             "what": "NBP-style next-block-prediction transformer over LARP tokens "
             f"(block {config.block}, window {config.window} frames)",

@@ -1,0 +1,122 @@
+"""Held-out evaluation of the generators while they train: the inference situation (nothing
+dropped, no training noise), the same draws at every call, and only the clips it reads."""
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vidgen import checkpoint
+from vidgen.data import DataConfig
+from vidgen.models.ca2vdm import CA2VDM_CONFIGS, CausalVideoDiT
+from vidgen.models.nbp import NBP_CONFIGS, ClipCond, NextBlockTransformer
+from vidgen.nn import randomize_
+from vidgen.train.diffusion import evaluate_flow, flow_matching_loss
+from vidgen.train.encoded import held_out_clips
+from vidgen.train.tokens import evaluate_nbp
+
+
+def dit(**changes) -> CausalVideoDiT:
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(CA2VDM_CONFIGS["test"], num_actions=0, **changes)
+    return randomize_(CausalVideoDiT(cfg), std=0.1).train()
+
+
+def latent_batch(cfg, b: int = 2, clips: int = 2) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    shape = (b, clips * cfg.clip_len, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+    return {"latents": torch.randn(shape, generator=gen), "label": torch.tensor([1, 3])}
+
+
+def test_flow_evaluation_is_the_inference_situation_with_fixed_draws():
+    model = dit()
+    batches = [latent_batch(model.config)]
+    first = evaluate_flow(model, batches)
+    assert model.training  # the mode it was given back
+    assert evaluate_flow(model, batches) == first  # the same noise and times every call
+    assert first["loss"] > 0 and first["loss"] != first["loss_null_label"]
+    # It is the loss with the label kept, from a generator seeded 0 ...
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        manual = flow_matching_loss(
+            model.eval(), batches[0]["latents"], gen, batches[0]["label"], held_out=True
+        )
+    assert first["loss"] == pytest.approx(float(manual["loss"]), rel=1e-6)
+    # ... and training's dropout and context noise are off: a model that always drops the
+    # label and noises its context heavily in training scores the same held out.
+    noisy = dit(label_dropout=1.0, context_noise_max=0.9)
+    noisy.load_state_dict(model.state_dict())
+    assert evaluate_flow(noisy, batches) == first
+    # Whereas the training loss of that model does see them.
+    with torch.no_grad():
+        trained = flow_matching_loss(
+            noisy.eval(),
+            batches[0]["latents"],
+            torch.Generator().manual_seed(0),
+            batches[0]["label"],
+        )
+    assert float(trained["loss"]) != pytest.approx(first["loss"], rel=1e-6)
+
+
+def test_nbp_evaluation_is_plain_cross_entropy_with_the_label_kept():
+    cfg = dataclasses.replace(NBP_CONFIGS["test"], num_actions=0)
+    torch.manual_seed(0)
+    model = randomize_(NextBlockTransformer(cfg), std=0.1).train()
+    clips = 2
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, cfg.vocab, (2, clips * cfg.tokens_per_clip), generator=gen)
+    labels = torch.tensor([1, 2])
+    batches = [{"tokens": tokens.int(), "label": labels}]
+    scores = evaluate_nbp(model, batches, clips)
+    assert model.training
+    keep = torch.zeros(2, clips, dtype=torch.bool)
+    with torch.no_grad():
+        logits = model.eval()(tokens, ClipCond(labels, None, keep, keep))
+        null = model(tokens, ClipCond(labels, None, ~keep, keep))
+    assert scores["ce"] == pytest.approx(
+        float(F.cross_entropy(logits.flatten(0, 1), tokens.flatten())), rel=1e-6
+    )
+    assert scores["ce_null_label"] == pytest.approx(
+        float(F.cross_entropy(null.flatten(0, 1), tokens.flatten())), rel=1e-6
+    )
+    assert scores["ce"] != scores["ce_null_label"]
+    # Token noise is a training augmentation: evaluation reads the clean tokens.
+    noisy = NextBlockTransformer(dataclasses.replace(cfg, token_noise=0.5))
+    noisy.load_state_dict(model.state_dict())
+    assert evaluate_nbp(noisy, batches, clips) == scores
+
+
+def test_held_out_clips_are_only_those_evaluation_reads():
+    data = DataConfig(name="bouncing", clip_len=8, size=32, batch_size=3, eval_clips=256)
+    run = SimpleNamespace(train=SimpleNamespace(eval_batches=2))
+    held_data, clips = held_out_clips(data, run)
+    assert held_data.eval_clips == len(clips) == 6  # 2 batches of 3, not 256
+    assert held_data.num_clips == data.num_clips and held_data.batch_size == 3
+    capped = held_out_clips(dataclasses.replace(data, eval_clips=4), run)
+    assert capped[0].eval_clips == len(capped[1]) == 4
+    assert held_out_clips(data, SimpleNamespace(train=SimpleNamespace(eval_batches=0))) is None
+
+
+def test_generator_training_logs_held_out_figures(tmp_path):
+    """A short ca2vdm run evaluates at eval_every and at export: its card and history carry
+    the held-out loss, and the eval clips encoded are the one batch evaluation reads."""
+    from tests.test_train import SMALL_BOUNCING, make_autoencoder, train
+
+    kl = make_autoencoder(tmp_path)
+    overrides = [
+        "model=ca2vdm-test",
+        *SMALL_BOUNCING,
+        "data.clip_len=6",
+        "data.num_clips=4",
+        f"frozen_tokenizer={kl}",
+        "model.num_actions=0",
+    ]
+    path = train(overrides, tmp_path / "run", 2)
+    card = checkpoint.load(path).card
+    assert set(card["eval"]) == {"loss", "loss_null_label"} and card["eval"]["loss"] > 0
+    assert [h["step"] for h in card["history"] if "eval_loss" in h] == [2]
+    assert [p.name.split("-")[-1] for p in (tmp_path / "run").glob("latents-*-eval-*")] == [
+        "2.safetensors"
+    ]
