@@ -20,6 +20,7 @@ from torch import nn
 
 from vidgen.data import DataConfig, build_dataset
 from vidgen.models.ca2vdm import Ca2VDMConfig, CausalVideoDiT, Cond, teacher_forcing_mask
+from vidgen.models.nbp import NBPConfig
 from vidgen.nn.conditioning import NULL
 from vidgen.sampling.flow import add_noise, velocity_target
 from vidgen.train.encoded import (
@@ -98,10 +99,10 @@ def flow_matching_loss(
 
 
 def batch_condition(
-    config: Ca2VDMConfig, batch: dict[str, torch.Tensor]
+    config: Ca2VDMConfig | NBPConfig, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """A batch's labels (out-of-range ones -> the null label) and leading actions, as the
-    model's config uses them (None where it has none)."""
+    """A batch's labels (out-of-range ones -> the null label) and leading actions, as a
+    generator's config uses them (None where it has none)."""
     labels = batch["label"] if config.num_classes else None
     if labels is not None:
         labels = torch.where((labels >= 0) & (labels < config.num_classes), labels, NULL)

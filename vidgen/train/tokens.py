@@ -15,9 +15,8 @@ from torch import nn
 
 from vidgen.data import DataConfig, build_dataset
 from vidgen.models.nbp import ClipCond, NBPConfig, NextBlockTransformer, nbp_loss
-from vidgen.nn.conditioning import NULL
 from vidgen.tokenizers.larp import LARPVideoTokenizer
-from vidgen.train.diffusion import leading_actions
+from vidgen.train.diffusion import batch_condition
 from vidgen.train.encoded import (
     EncodedClips,
     cache_path,
@@ -36,19 +35,14 @@ def clip_tokens(tokenizer: LARPVideoTokenizer, video: torch.Tensor) -> torch.Ten
     return tokenizer.encode(clips).reshape(b, -1)
 
 
-def batch_condition(
+def clip_condition(
     config: NBPConfig, batch: dict[str, torch.Tensor], clips: int, gen: torch.Generator | None
 ) -> ClipCond:
-    """A batch's condition as the model uses it: labels (out-of-range ones -> the null label)
-    and leading actions; with ``gen``, labels and actions dropped per clip at the config's
-    rates (training), without it none dropped (evaluation)."""
+    """A batch's condition as the model uses it (``batch_condition``); with ``gen``, labels
+    and actions dropped per clip at the config's rates (training), without it none dropped
+    (evaluation)."""
     b, dev = batch["tokens"].shape[0], batch["tokens"].device
-    labels = batch["label"] if config.num_classes else None
-    if labels is not None:
-        labels = torch.where((labels >= 0) & (labels < config.num_classes), labels, NULL)
-    actions = None
-    if config.num_actions or config.action_dim:
-        actions = leading_actions(batch["actions"], config.num_actions)
+    labels, actions = batch_condition(config, batch)
     drop_label = drop_actions = torch.zeros(b, clips, dtype=torch.bool, device=dev)
     if gen is not None:
         drop_label = torch.rand(b, clips, generator=gen, device=dev) < config.label_dropout
@@ -70,7 +64,7 @@ def evaluate_nbp(
     try:
         for batch in batches:
             tokens = batch["tokens"].long()
-            cond = batch_condition(cfg, batch, clips, None)
+            cond = clip_condition(cfg, batch, clips, None)
             scores["ce"] += float(nbp_loss(model, tokens, cond)) / len(batches)
             if cfg.num_classes:
                 cond.drop_label = torch.ones_like(cond.drop_label)
@@ -123,7 +117,7 @@ def nbp_task(
     clips = data.clip_len // larp.config.frames
 
     def loss(model: nn.Module, batch: dict[str, torch.Tensor], gen: torch.Generator):
-        cond = batch_condition(config, batch, clips, gen)
+        cond = clip_condition(config, batch, clips, gen)
         return {"loss": nbp_loss(model, batch["tokens"].long(), cond, gen)}
 
     return Task(
