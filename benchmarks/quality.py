@@ -45,6 +45,7 @@ from vidgen.generators import (
     generate_video,
     load_generator,
 )
+from vidgen.generators.tokens import TokenClipGenerator
 from vidgen.worlds.bouncing import BOUNCING_PALETTE, BouncingShapes, BouncingShapesConfig
 
 TRUE_SPEED = (BouncingShapesConfig().min_speed + BouncingShapesConfig().max_speed) / 2
@@ -70,12 +71,17 @@ def evaluate_model(
     guidance: float,
     device: str = "cpu",
     context: int = 0,
+    reencode: bool = False,
     **sampling: float,
 ) -> dict[str, object]:
     """``sampling``: token-sampling fields of the request (temperature, top_k, top_p).
     ``context`` > 0: each video continues the first ``context`` frames of a real one (seeds
-    2000 + seed; scored on the new frames only), which tells drift from a poor start."""
+    2000 + seed; scored on the new frames only), which tells drift from a poor start.
+    ``reencode``: token generators re-tokenise each sampled clip before it becomes context
+    (ignored by the diffusion family)."""
     gen = load_generator(name, max_streams=1, device=device)
+    if isinstance(gen, TokenClipGenerator):
+        gen.reencode = reencode
     per_label: dict[str, dict[str, float | None]] = {}
     rows = []
     seconds = 0.0  # generation only, not scoring
@@ -178,6 +184,11 @@ def main() -> None:
     parser.add_argument(
         "--context", type=int, default=0, help="continue real videos' first N frames (0 = off)"
     )
+    parser.add_argument(
+        "--reencode",
+        action="store_true",
+        help="token models: re-tokenise each sampled clip before it becomes context",
+    )
     args = parser.parse_args()
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
     if args.threads:
@@ -195,6 +206,7 @@ def main() -> None:
         "machine": f"{platform.platform()}, {os.cpu_count()} cpus, torch {torch.__version__}",
         "device": args.device,
         "context_frames": args.context,
+        "reencode": args.reencode,
         "real_videos": real_figures(min(args.frames, 256), labels, seeds, clip_len=8),
     }
     for name in args.models.split(","):
@@ -212,6 +224,7 @@ def main() -> None:
             args.guidance,
             args.device,
             args.context,
+            args.reencode,
             **sampling,
         )
         trip = tokenizer_round_trip(name, min(args.frames, 256), labels, seeds, args.device)

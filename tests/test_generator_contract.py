@@ -18,7 +18,9 @@ from vidgen.nn import randomize_
 from vidgen.tokenizers.kl import KL_CONFIGS, KLAutoencoder
 from vidgen.tokenizers.larp import LARP_CONFIGS, LARPTokenizer, LARPVideoTokenizer
 
-FAMILIES = ["diffusion", "tokens"]
+# "tokens-reencode": the token family re-tokenising each sampled clip before it becomes
+# context; the whole contract holds for it too.
+FAMILIES = ["diffusion", "tokens", "tokens-reencode"]
 
 
 def make_generator(family: str, max_streams: int = 4):
@@ -28,7 +30,8 @@ def make_generator(family: str, max_streams: int = 4):
         return DiffusionClipGenerator(model, autoencoder, max_streams=max_streams)
     larp = randomize_(LARPTokenizer(LARP_CONFIGS["test"]), seed=3, std=0.1)
     model = randomize_(NextBlockTransformer(NBP_CONFIGS["test"]), seed=1)
-    return TokenClipGenerator(model, LARPVideoTokenizer(larp, autoencoder), max_streams)
+    tokenizer = LARPVideoTokenizer(larp, autoencoder)
+    return TokenClipGenerator(model, tokenizer, max_streams, reencode=family == "tokens-reencode")
 
 
 @pytest.fixture(params=FAMILIES)
@@ -293,3 +296,50 @@ def test_request_numbers_keep_their_json_form():
     req = GenerationRequest(frames=np.int64(16), seed=np.int64(3), fps=8, guidance=2)
     assert req.to_json()["frames"] == 16 and type(req.to_json()["frames"]) is int
     assert GenerationRequest.from_json(req.to_json()).fingerprint() == req.fingerprint()
+
+
+def test_reencode_emits_the_tokenizers_own_tokens_and_continues_from_them():
+    """With ``reencode`` the first clip is the plain generator's sampled clip decoded and
+    tokenised again, and the next clip is what a plain generator samples after that clip
+    (teacher-forced as context), not after its own sample, re-tokenised in turn."""
+    plain, re = make_generator("tokens"), make_generator("tokens-reencode")
+    req = request_for(plain, frames=2 * plain.clip_len)
+    sampled = clips_of(plain, req)[0]
+    tok = plain.tokenizer
+    with torch.no_grad():
+        expected = tok.encode(tok.decode(sampled[None]).clamp(-1, 1))[0]
+    got = clips_of(re, req)
+    assert torch.equal(got[0], expected) and not torch.equal(expected, sampled)
+    # The K/V written after the first clip are those of the new tokens, not the sample's.
+    caches = {}
+    for name, gen in (("re", re), ("sampled", plain), ("replayed", plain)):
+        gen.cache.k.zero_(), gen.cache.v.zero_()
+        stream = gen.open(req)
+        if name == "replayed":
+            gen._replay(stream, expected, 0)
+        else:
+            gen.step([stream])
+        caches[name] = (gen.cache.k.clone(), gen.cache.v.clone())
+        gen.close(stream)
+    assert all(torch.equal(a, b) for a, b in zip(caches["re"], caches["replayed"], strict=True))
+    assert not torch.equal(caches["re"][0], caches["sampled"][0])
+    # A plain stream whose first clip is replaced by the re-encoded tokens makes the same
+    # second clip: the context written was the new tokens'.
+    stream = plain.open(req)
+    plain._replay(stream, expected, 0)
+    stream.clip = 1
+    (second,) = plain.step([stream])
+    with torch.no_grad():
+        second = tok.encode(tok.decode(second.data[None]).clamp(-1, 1))[0]
+    assert torch.equal(second, got[1])
+
+
+def test_reencode_is_for_token_generators_only(tmp_path):
+    from tests.models import save_test_generators
+    from vidgen.generators import load_generator
+
+    paths = save_test_generators(tmp_path)
+    assert load_generator(paths["tokens"], reencode=True).reencode
+    assert not load_generator(paths["tokens"]).reencode
+    with pytest.raises(ValueError, match="reencode applies to token generators only"):
+        load_generator(paths["diffusion"], reencode=True)

@@ -54,13 +54,21 @@ def check_generator(name_or_path: str) -> None:
         )
 
 
-def load_generator(name_or_path: str, max_streams: int = 8, device: str = "cpu") -> ClipGenerator:
+def load_generator(
+    name_or_path: str, max_streams: int = 8, device: str = "cpu", reencode: bool = False
+) -> ClipGenerator:
     """The generator of a shipped name (``ca2vdm-tiny``, ``nbp-tiny``) or a checkpoint path,
-    whichever family its config says it is."""
+    whichever family its config says it is. ``reencode``: token generators only (see
+    ``TokenClipGenerator``)."""
     from vidgen import checkpoint
 
     ckpt = checkpoint.load(name_or_path)
     families = _families()
     if ckpt.config_type not in families:
         raise ValueError(f"{name_or_path} is a {ckpt.config_type} checkpoint, not a generator")
-    return families[ckpt.config_type].from_pretrained(name_or_path, max_streams, device)
+    family = families[ckpt.config_type]
+    if not reencode:
+        return family.from_pretrained(name_or_path, max_streams, device)
+    if family is not TokenClipGenerator:
+        raise ValueError(f"reencode applies to token generators only, not {name_or_path}")
+    return family.from_pretrained(name_or_path, max_streams, device, reencode=True)

@@ -6,6 +6,12 @@ by block: every ``step`` runs ``blocks_per_clip`` batched block steps over all g
 each reading its stream's cached clips, then appends the finished clips' K/V. Streams that
 use classifier-free guidance hold a second, unconditional cache slot (its K/V differ, since
 conditions are added to every input position), and both rows run in the same batch.
+
+With ``reencode``, a sampled clip is decoded and tokenised again before it becomes context
+(its K/V are written by a teacher-forced replay of the new tokens, which are also what the
+stream emits): the model then always continues tokens of the kind the encoder makes, as in
+training, rather than its own off-manifold samples. It costs a decode, an encode and a
+replay per clip.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ class TokenClipGenerator:
         max_streams: int = 8,
         device: torch.device | str = "cpu",
         name: str = "",
+        reencode: bool = False,
     ) -> None:
         cfg: NBPConfig = model.config
         tok = tokenizer.config
@@ -72,6 +79,7 @@ class TokenClipGenerator:
         self.config = cfg
         self.clip_len = tok.frames
         self.name = name
+        self.reencode = reencode
         size = tokenizer.autoencoder.config.image_size if tokenizer.autoencoder else tok.size
         self.frame_shape = (size, size, 3)
         # Guided streams use two slots, so the cache holds twice the streams it serves.
@@ -82,7 +90,11 @@ class TokenClipGenerator:
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str, max_streams: int = 8, device: torch.device | str = "cpu"
+        cls,
+        name_or_path: str,
+        max_streams: int = 8,
+        device: torch.device | str = "cpu",
+        reencode: bool = False,
     ) -> TokenClipGenerator:
         ckpt = checkpoint.load(name_or_path, expected_config=NBPConfig)
         model = NextBlockTransformer(ckpt.config_as(NBPConfig))
@@ -90,7 +102,7 @@ class TokenClipGenerator:
         tok_name = ckpt.card.get("tokenizer", "larp-tiny")
         tokenizer = LARPVideoTokenizer.from_pretrained(tok_name)
         check_tokenizer(str(name_or_path), ckpt.card, tok_name, tokenizer.encoder_fingerprint())
-        return cls(model, tokenizer, max_streams, device, name=str(name_or_path))
+        return cls(model, tokenizer, max_streams, device, str(name_or_path), reencode)
 
     # --- streams ------------------------------------------------------------------------
 
@@ -222,8 +234,13 @@ class TokenClipGenerator:
             )  # (b, B)
             made.append(block)
             prev = block[owner]
-        self.model.commit(partial, self.cache, slots)
         tokens = torch.cat(made, dim=1)  # (b, N)
+        if self.reencode:
+            tokens = self.tokenizer.encode(self.tokenizer.decode(tokens).clamp(-1.0, 1.0))
+            for i, s in enumerate(streams):
+                self._replay(s, tokens[i], s.clip)  # writes the K/V and the next ``prev``
+        else:
+            self.model.commit(partial, self.cache, slots)
         out = []
         for i, s in enumerate(streams):
             self._rows[s.id].prev = tokens[i, -cfg.block :].cpu()
