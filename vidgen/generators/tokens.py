@@ -210,9 +210,7 @@ class TokenClipGenerator:
         cfg, b = self.config, len(streams)
         cond, slots, uncond = self._cond(streams, [s.clip for s in streams])
         clip_cond = self.model.clip_condition(cond, len(slots), self.device)
-        owner = list(range(b)) + [
-            i for i, s in enumerate(streams) if len(self._rows[s.id].slots) == 2
-        ]
+        owner = self._owners(streams)
         prev = torch.stack([self._rows[streams[i].id].prev for i in owner]).to(self.device)
         scale = torch.tensor([s.request.guidance for s in streams], device=self.device)
         partial, made = Partial(), []
@@ -237,8 +235,7 @@ class TokenClipGenerator:
         tokens = torch.cat(made, dim=1)  # (b, N)
         if self.reencode:
             tokens = self.tokenizer.encode(self.tokenizer.decode(tokens).clamp(-1.0, 1.0))
-            for i, s in enumerate(streams):
-                self._replay(s, tokens[i], s.clip)  # writes the K/V and the next ``prev``
+            self._replay_batch(streams, tokens, [s.clip for s in streams])  # K/V and ``prev``
         else:
             self.model.commit(partial, self.cache, slots)
         out = []
@@ -259,22 +256,36 @@ class TokenClipGenerator:
             guided[i] = guide_logits(logits[i], logits[row], scale[i])
         return guided
 
-    @torch.no_grad()
     def _replay(self, stream: Stream, tokens: torch.Tensor, clip: int) -> None:
-        """Write a known clip of tokens: the same block steps as ``step``, teacher-forced,
-        so a replay reproduces the original K/V."""
+        """Write one known clip of tokens (N,) of one stream (``_replay_batch``)."""
+        self._replay_batch([stream], tokens[None], [clip])
+
+    @torch.no_grad()
+    def _replay_batch(
+        self, streams: Sequence[Stream], tokens: torch.Tensor, clips: Sequence[int]
+    ) -> None:
+        """Write known clips of tokens (b, N), one per stream, all streams batched: the same
+        block steps as ``step``, teacher-forced, so a replay reproduces the original K/V."""
         cfg = self.config
-        cond, slots, _ = self._cond([stream], [clip])
+        cond, slots, _ = self._cond(streams, clips)
         clip_cond = self.model.clip_condition(cond, len(slots), self.device)
-        prev = self._rows[stream.id].prev.to(self.device)[None].expand(len(slots), -1)
-        tokens = tokens.to(self.device)
+        owner = self._owners(streams)
+        prev = torch.stack([self._rows[streams[i].id].prev for i in owner]).to(self.device)
+        rows = tokens.to(self.device)[owner]
         partial = Partial()
         context = self.model.prepare_context(self.cache, slots)
         for j in range(cfg.blocks_per_clip):
             _, partial = self.model.step_block(prev, clip_cond, context, partial)
-            prev = tokens[j * cfg.block : (j + 1) * cfg.block][None].expand(len(slots), -1)
+            prev = rows[:, j * cfg.block : (j + 1) * cfg.block]
         self.model.commit(partial, self.cache, slots)
-        self._rows[stream.id].prev = tokens[-cfg.block :].cpu()
+        for i, s in enumerate(streams):
+            self._rows[s.id].prev = tokens[i, -cfg.block :].cpu()
+
+    def _owners(self, streams: Sequence[Stream]) -> list[int]:
+        """The stream of each row ``_cond`` makes: every stream's conditional row, then the
+        unconditional rows of the guided ones."""
+        guided = [i for i, s in enumerate(streams) if len(self._rows[s.id].slots) == 2]
+        return list(range(len(streams))) + guided
 
     @torch.no_grad()
     def decode(self, clips: list[ClipLatents]) -> list[Clip]:
