@@ -80,8 +80,7 @@ def evaluate_model(
     ``reencode``: token generators re-tokenise each sampled clip before it becomes context
     (ignored by the diffusion family)."""
     gen = load_generator(name, max_streams=1, device=device)
-    if isinstance(gen, TokenClipGenerator):
-        gen.reencode = reencode
+    reencode = reencode and isinstance(gen, TokenClipGenerator)
     per_label: dict[str, dict[str, float | None]] = {}
     rows = []
     seconds = 0.0  # generation only, not scoring
@@ -100,6 +99,7 @@ def evaluate_model(
                 context=real,
                 steps=steps,
                 guidance=guidance,
+                reencode=reencode,
                 **sampling,
             )
             start = time.perf_counter()

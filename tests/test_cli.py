@@ -62,6 +62,7 @@ def test_bad_overrides_are_reported(tmp_path, capsys):
             "is a KLConfig checkpoint, not a generator; shipped generators: "
             "['ca2vdm-tiny', 'nbp-tiny']",
         ),
+        ("reencode=true", "reencode applies to token models only; ca2vdm-tiny is a diffusion"),
         ("fps=0", "fps must be >= 1/1001"),
         ("steps=0", "steps must be >= 1"),
         ("seed=-1", "seed must be >= 0"),

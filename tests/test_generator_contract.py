@@ -18,8 +18,8 @@ from vidgen.nn import randomize_
 from vidgen.tokenizers.kl import KL_CONFIGS, KLAutoencoder
 from vidgen.tokenizers.larp import LARP_CONFIGS, LARPTokenizer, LARPVideoTokenizer
 
-# "tokens-reencode": the token family re-tokenising each sampled clip before it becomes
-# context; the whole contract holds for it too.
+# "tokens-reencode": the token family with requests that re-tokenise each sampled clip
+# before it becomes context; the whole contract holds for them too.
 FAMILIES = ["diffusion", "tokens", "tokens-reencode"]
 
 
@@ -31,7 +31,9 @@ def make_generator(family: str, max_streams: int = 4):
     larp = randomize_(LARPTokenizer(LARP_CONFIGS["test"]), seed=3, std=0.1)
     model = randomize_(NextBlockTransformer(NBP_CONFIGS["test"]), seed=1)
     tokenizer = LARPVideoTokenizer(larp, autoencoder)
-    return TokenClipGenerator(model, tokenizer, max_streams, reencode=family == "tokens-reencode")
+    gen = TokenClipGenerator(model, tokenizer, max_streams)
+    gen.test_reencode = family == "tokens-reencode"  # read by request_for
+    return gen
 
 
 @pytest.fixture(params=FAMILIES)
@@ -41,6 +43,7 @@ def family(request) -> str:
 
 def request_for(gen, **kwargs) -> GenerationRequest:
     base = dict(model="test", frames=6 * gen.clip_len, seed=5, label=2, steps=3, guidance=2.0)
+    base["reencode"] = getattr(gen, "test_reencode", False)
     base.update(kwargs)
     return GenerationRequest(**base)
 
@@ -302,19 +305,20 @@ def test_reencode_emits_the_tokenizers_own_tokens_and_continues_from_them():
     """With ``reencode`` the first clip is the plain generator's sampled clip decoded and
     tokenised again, and the next clip is what a plain generator samples after that clip
     (teacher-forced as context), not after its own sample, re-tokenised in turn."""
-    plain, re = make_generator("tokens"), make_generator("tokens-reencode")
+    plain, re = make_generator("tokens"), make_generator("tokens")
     req = request_for(plain, frames=2 * plain.clip_len)
+    re_req = request_for(plain, frames=2 * plain.clip_len, reencode=True)
     sampled = clips_of(plain, req)[0]
     tok = plain.tokenizer
     with torch.no_grad():
         expected = tok.encode(tok.decode(sampled[None]).clamp(-1, 1))[0]
-    got = clips_of(re, req)
+    got = clips_of(re, re_req)
     assert torch.equal(got[0], expected) and not torch.equal(expected, sampled)
     # The K/V written after the first clip are those of the new tokens, not the sample's.
     caches = {}
     for name, gen in (("re", re), ("sampled", plain), ("replayed", plain)):
         gen.cache.k.zero_(), gen.cache.v.zero_()
-        stream = gen.open(req)
+        stream = gen.open(re_req if name == "re" else req)
         if name == "replayed":
             gen._replay(stream, expected, 0)
         else:
@@ -334,12 +338,64 @@ def test_reencode_emits_the_tokenizers_own_tokens_and_continues_from_them():
     assert torch.equal(second, got[1])
 
 
-def test_reencode_is_for_token_generators_only(tmp_path):
-    from tests.models import save_test_generators
-    from vidgen.generators import load_generator
+def test_reencode_and_plain_streams_batch_together():
+    """One step over streams that re-tokenise and streams that do not (guided and not):
+    each stream's clips and final cache (every slot, K/V and layout) equal its single run's,
+    so each clip's K/V went to its own slots, once."""
+    gen = make_generator("tokens")
+    L = gen.clip_len
+    reqs = [
+        request_for(gen, seed=1, frames=3 * L, reencode=True),
+        request_for(gen, seed=2, frames=3 * L),
+        request_for(gen, seed=3, frames=3 * L, reencode=True, guidance=1.0),
+        request_for(gen, seed=4, frames=3 * L, guidance=1.0),
+    ]
 
-    paths = save_test_generators(tmp_path)
-    assert load_generator(paths["tokens"], reencode=True).reencode
-    assert not load_generator(paths["tokens"]).reencode
-    with pytest.raises(ValueError, match="reencode applies to token generators only"):
-        load_generator(paths["diffusion"], reencode=True)
+    def run(streams):
+        made = {s.id: [] for s in streams}
+        while not streams[0].done:
+            for clip in gen.step(streams):
+                made[clip.stream].append(clip.data)
+        out = [(torch.stack(made[s.id]), gen.snapshot(s).cache) for s in streams]
+        for s in streams:
+            gen.close(s)
+        return out
+
+    singles = [run([gen.open(r)])[0] for r in reqs]
+    batched = run([gen.open(r) for r in reqs])
+    for (tokens, cache), (got, got_cache) in zip(singles, batched, strict=True):
+        assert torch.equal(tokens, got)
+        assert cache.keys() == got_cache.keys()
+        for key, value in cache.items():  # K/V up to batching's float rounding
+            if value.is_floating_point():
+                torch.testing.assert_close(got_cache[key], value, atol=1e-5, rtol=0)
+            else:
+                assert torch.equal(got_cache[key], value), key
+    plain = run([gen.open(request_for(gen, seed=1, frames=3 * L))])[0][0]
+    assert not torch.equal(singles[0][0], plain)
+
+
+def test_reencode_is_for_token_models_only():
+    gen = make_generator("diffusion")
+    with pytest.raises(ValueError, match="reencode applies to token models only"):
+        gen.open(request_for(gen, reencode=True))
+    with pytest.raises(ValueError, match="reencode must be true or false"):
+        GenerationRequest(frames=8, reencode="yes")
+    # Left out of the JSON (and so of the fingerprint) when off, as before it existed.
+    assert "reencode" not in GenerationRequest(frames=8).to_json()
+    on = GenerationRequest(frames=8, reencode=True)
+    assert GenerationRequest.from_json(on.to_json()).reencode
+    assert on.fingerprint() != GenerationRequest(frames=8).fingerprint()
+
+
+def test_request_fingerprints_stay_as_recorded():
+    """Render folders and sidecars made before a field was added still resume: requests
+    that leave new fields at their defaults keep the fingerprints recorded on 2026-11-29."""
+    acts = np.arange(64) % 5
+    assert GenerationRequest(frames=8).fingerprint() == (
+        "6b759d9cb6eff0851f97c83554da6af1acb10aaa9858f5aba966ea35dd340e68"
+    )
+    req = GenerationRequest(
+        model="nbp-tiny", frames=64, seed=3, label=2, actions=acts, temperature=0.7
+    )
+    assert req.fingerprint() == "bc0f506445f34a1e1f5574591f35fa933b8dc8975bca3f7d2dacad273f76622d"

@@ -345,7 +345,9 @@ def test_batch_goes_on_past_bad_items_and_frees_each_models_actors(models, tmp_p
         {"id": "good-d", "model": models["diffusion"], "frames": 16, "label": 1, "steps": 2},
         {"id": "bad-label", "model": models["diffusion"], "frames": 16, "label": 99},
         {"id": "good-t", "model": models["tokens"], "frames": 16, "label": 1},
+        {"id": "re-t", "model": models["tokens"], "frames": 16, "label": 1, "reencode": True},
         {"id": "not-gen", "model": "kl-tiny", "frames": 16},
+        {"id": "re-d", "model": models["diffusion"], "frames": 16, "reencode": True},
     ]
     manifest = tmp_path / "items.jsonl"
     manifest.write_text("\n".join(json.dumps(r) for r in rows_in) + "\n")
@@ -353,6 +355,7 @@ def test_batch_goes_on_past_bad_items_and_frees_each_models_actors(models, tmp_p
     out.mkdir()
     items = parse_manifest(manifest, out, max_frames=1000)
     assert "not a generator" in next(i.error for i in items if i.id == "not-gen")
+    assert "reencode applies to token models only" in next(i.error for i in items if i.id == "re-d")
     released, made = [], {}
 
     def executors_for(m):
@@ -361,8 +364,17 @@ def test_batch_goes_on_past_bad_items_and_frees_each_models_actors(models, tmp_p
 
     rows = run_batch(items, out, executors_for, lossless=True, release=released.append)
     status = {r["id"]: r["status"] for r in rows}
-    assert status == {"good-d": "ok", "bad-label": "error", "good-t": "ok", "not-gen": "error"}
+    assert status == {
+        "good-d": "ok",
+        "bad-label": "error",
+        "good-t": "ok",
+        "re-t": "ok",
+        "not-gen": "error",
+        "re-d": "error",
+    }
     assert "label" in next(r["error"] for r in rows if r["id"] == "bad-label")
+    # The re-tokenising item reached its stream: the same seed, other frames.
+    assert not np.array_equal(read_video(out / "good-t.mp4"), read_video(out / "re-t.mp4"))
     assert [r[0] for r in released] == [made[models["diffusion"]][0], made[models["tokens"]][0]]
     assert not any(out.glob(".*.parts"))
 

@@ -59,9 +59,10 @@ def run_render(cfg: Any, choices: dict[str, str]) -> int:
 
     if not cfg.address.startswith("ray://"):
         # The actors run on this machine's cluster: a bad model name (or a checkpoint that is
-        # not a generator) fails here, before any actor starts, naming the shipped ones.
+        # not a generator, or reencode for a diffusion model) fails here, before any actor
+        # starts, naming the shipped ones.
         try:
-            check_generator(cfg.model)
+            check_generator(cfg.model, cfg.reencode)
         except (CheckpointError, ValueError) as err:
             print(f"{PROG} render: bad model: {err}", file=sys.stderr)
             return 2

@@ -15,7 +15,8 @@ from vidgen.io import VideoReadError, probe_video, read_video
 class RenderConfig:
     """``model``: shipped name or checkpoint path; ``label``: class (the number of shapes for
     the bouncing models) or null; ``actions``: a .npy of per-frame actions; ``context``: an
-    mp4 to continue (resized and centre-cropped to the model's frame size); ``address``:
+    mp4 to continue (resized and centre-cropped to the model's frame size); ``reencode``: token
+    models re-tokenise each sampled clip before it becomes context; ``address``:
     ``""`` starts a local Ray instance, ``auto`` joins a running cluster, ``ray://host:port``
     connects a client."""
 
@@ -30,6 +31,7 @@ class RenderConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    reencode: bool = False
     fps: int = 8
     out: str = "video.mp4"
     actors: int = 1
@@ -86,6 +88,7 @@ class RenderConfig:
             temperature=self.temperature,
             top_k=self.top_k,
             top_p=self.top_p,
+            reencode=self.reencode,
             **files,
         )
 

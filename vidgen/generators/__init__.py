@@ -37,38 +37,36 @@ def _families() -> dict[str, type]:
     }
 
 
-def check_generator(name_or_path: str) -> None:
+def check_generator(name_or_path: str, reencode: bool = False) -> None:
     """Raise ``ValueError`` unless ``name_or_path`` is a generator checkpoint (read from its
-    header: cheap enough to check every item of a manifest); ``CheckpointError`` if it is
-    not a vidgen checkpoint at all."""
+    header: cheap enough to check every item of a manifest), or if ``reencode`` is asked of
+    a model that is not a token model; ``CheckpointError`` if it is not a vidgen checkpoint
+    at all."""
     from vidgen import checkpoint
 
     kind = checkpoint.config_type(name_or_path)
-    if kind not in _families():
+    families = _families()
+    if kind not in families:
         generators = [
-            name for name in checkpoint.available() if checkpoint.config_type(name) in _families()
+            name for name in checkpoint.available() if checkpoint.config_type(name) in families
         ]
         raise ValueError(
             f"model {name_or_path!r} is a {kind.rsplit('.', 1)[-1]} checkpoint, not a "
             f"generator; shipped generators: {generators}"
         )
+    if reencode and families[kind] is not TokenClipGenerator:
+        raise ValueError(
+            f"reencode applies to token models only; {name_or_path} is a diffusion model"
+        )
 
 
-def load_generator(
-    name_or_path: str, max_streams: int = 8, device: str = "cpu", reencode: bool = False
-) -> ClipGenerator:
+def load_generator(name_or_path: str, max_streams: int = 8, device: str = "cpu") -> ClipGenerator:
     """The generator of a shipped name (``ca2vdm-tiny``, ``nbp-tiny``) or a checkpoint path,
-    whichever family its config says it is. ``reencode``: token generators only (see
-    ``TokenClipGenerator``)."""
+    whichever family its config says it is."""
     from vidgen import checkpoint
 
     ckpt = checkpoint.load(name_or_path)
     families = _families()
     if ckpt.config_type not in families:
         raise ValueError(f"{name_or_path} is a {ckpt.config_type} checkpoint, not a generator")
-    family = families[ckpt.config_type]
-    if not reencode:
-        return family.from_pretrained(name_or_path, max_streams, device)
-    if family is not TokenClipGenerator:
-        raise ValueError(f"reencode applies to token generators only, not {name_or_path}")
-    return family.from_pretrained(name_or_path, max_streams, device, reencode=True)
+    return families[ckpt.config_type].from_pretrained(name_or_path, max_streams, device)

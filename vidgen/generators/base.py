@@ -40,7 +40,9 @@ class GenerationRequest:
     (T, H, W, 3) to continue from (whole clips). guidance: classifier-free guidance scale
     (1 = off). steps: denoising steps per clip (diffusion) — ignored by token models. fps:
     of the output file. temperature, top_k (0 = off), top_p (1 = off): token sampling —
-    ignored by diffusion models.
+    ignored by diffusion models. reencode: token models only — each sampled clip is decoded
+    and tokenised again before it becomes context, and the new tokens are what the stream
+    emits (about half the speed; closer to the videos the model was trained on).
     """
 
     model: str = "ca2vdm-tiny"
@@ -56,6 +58,7 @@ class GenerationRequest:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    reencode: bool = False
 
     def __post_init__(self) -> None:
         self.frames = _integer("frames", self.frames, 1)
@@ -76,6 +79,9 @@ class GenerationRequest:
         self.top_p = _number("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.reencode, bool | np.bool_):
+            raise ValueError(f"reencode must be true or false, got {self.reencode!r}")
+        self.reencode = bool(self.reencode)
         if self.actions is not None:
             self.actions = np.asarray(self.actions)
             if self.actions.ndim == 0 or len(self.actions) != self.frames:
@@ -134,8 +140,12 @@ class GenerationRequest:
         for key in ("actions", "context_action"):
             value = getattr(self, key)
             out[key] = None if value is None else np.asarray(value).tolist()
+        # Fields added later are left out at their defaults, as before they existed, so the
+        # fingerprints of requests (and of render folders made before) stay the same.
         if self.context_action is None:
-            del out["context_action"]  # as before it existed: fingerprints stay the same
+            del out["context_action"]
+        if not self.reencode:
+            del out["reencode"]
         out["context"] = None
         return out
 

@@ -85,6 +85,11 @@ class DiffusionClipGenerator:
 
     def _check(self, request: GenerationRequest) -> int:
         cfg = self.config
+        if request.reencode:
+            raise ValueError(
+                f"reencode applies to token models only; {self.name or 'this model'} is a "
+                "diffusion model"
+            )
         check_frames_and_label(request, self.clip_len, cfg.num_classes)
         check_actions(request, cfg.num_actions, cfg.action_dim)
         if request.context is not None:

@@ -7,11 +7,11 @@ each reading its stream's cached clips, then appends the finished clips' K/V. St
 use classifier-free guidance hold a second, unconditional cache slot (its K/V differ, since
 conditions are added to every input position), and both rows run in the same batch.
 
-With ``reencode``, a sampled clip is decoded and tokenised again before it becomes context
-(its K/V are written by a teacher-forced replay of the new tokens, which are also what the
-stream emits): the model then always continues tokens of the kind the encoder makes, as in
-training, rather than its own off-manifold samples. It costs a decode, an encode and a
-replay per clip.
+A request with ``reencode`` has each sampled clip decoded and tokenised again before it
+becomes context (its K/V are written by a teacher-forced replay of the new tokens, which are
+also what the stream emits): the model then always continues tokens of the kind the encoder
+makes, as in training, rather than its own off-manifold samples. It costs a decode, an
+encode and a replay per clip, for those streams only.
 """
 
 from __future__ import annotations
@@ -54,6 +54,17 @@ class _Rows:
     prev: torch.Tensor  # (B,) int64; BOS before the first clip
 
 
+def _rows_of(partial: Partial, rows: list[int]) -> Partial:
+    """The K/V of some batch rows of a clip made so far."""
+    if rows == list(range(partial.k[0].shape[0])):
+        return partial
+    index = torch.tensor(rows, device=partial.k[0].device)
+    k, k_rot, v = (
+        [t.index_select(0, index) for t in ts] for ts in (partial.k, partial.k_rot, partial.v)
+    )
+    return Partial(k, k_rot, v)
+
+
 class TokenClipGenerator:
     family = "tokens"
 
@@ -64,7 +75,6 @@ class TokenClipGenerator:
         max_streams: int = 8,
         device: torch.device | str = "cpu",
         name: str = "",
-        reencode: bool = False,
     ) -> None:
         cfg: NBPConfig = model.config
         tok = tokenizer.config
@@ -79,7 +89,6 @@ class TokenClipGenerator:
         self.config = cfg
         self.clip_len = tok.frames
         self.name = name
-        self.reencode = reencode
         size = tokenizer.autoencoder.config.image_size if tokenizer.autoencoder else tok.size
         self.frame_shape = (size, size, 3)
         # Guided streams use two slots, so the cache holds twice the streams it serves.
@@ -94,7 +103,6 @@ class TokenClipGenerator:
         name_or_path: str,
         max_streams: int = 8,
         device: torch.device | str = "cpu",
-        reencode: bool = False,
     ) -> TokenClipGenerator:
         ckpt = checkpoint.load(name_or_path, expected_config=NBPConfig)
         model = NextBlockTransformer(ckpt.config_as(NBPConfig))
@@ -102,7 +110,7 @@ class TokenClipGenerator:
         tok_name = ckpt.card.get("tokenizer", "larp-tiny")
         tokenizer = LARPVideoTokenizer.from_pretrained(tok_name)
         check_tokenizer(str(name_or_path), ckpt.card, tok_name, tokenizer.encoder_fingerprint())
-        return cls(model, tokenizer, max_streams, device, str(name_or_path), reencode)
+        return cls(model, tokenizer, max_streams, device, str(name_or_path))
 
     # --- streams ------------------------------------------------------------------------
 
@@ -233,11 +241,15 @@ class TokenClipGenerator:
             made.append(block)
             prev = block[owner]
         tokens = torch.cat(made, dim=1)  # (b, N)
-        if self.reencode:
-            tokens = self.tokenizer.encode(self.tokenizer.decode(tokens).clamp(-1.0, 1.0))
-            self._replay_batch(streams, tokens, [s.clip for s in streams])  # K/V and ``prev``
-        else:
-            self.model.commit(partial, self.cache, slots)
+        again = [i for i, s in enumerate(streams) if s.request.reencode]
+        if len(again) < b:  # the sampled clips' K/V, computed while they were made
+            keep = [r for r, i in enumerate(owner) if i not in again]
+            self.model.commit(_rows_of(partial, keep), self.cache, [slots[r] for r in keep])
+        if again:  # the re-tokenised clips' K/V, by a teacher-forced replay
+            redo = [streams[i] for i in again]
+            frames = self.tokenizer.decode(tokens[again]).clamp(-1.0, 1.0)
+            tokens[again] = self.tokenizer.encode(frames)
+            self._replay_batch(redo, tokens[again], [s.clip for s in redo])
         out = []
         for i, s in enumerate(streams):
             self._rows[s.id].prev = tokens[i, -cfg.block :].cpu()

@@ -69,7 +69,8 @@ def parse_manifest(path: Path, out: Path, max_frames: int) -> list[Item]:
             request = GenerationRequest.from_json(data)
             if request.frames > max_frames:
                 raise ValueError(f"frames={request.frames} is over --max-frames={max_frames}")
-            check_generator(request.model)  # unknown models (or not generators) fail here
+            # Unknown models, not generators, or reencode for a diffusion model fail here.
+            check_generator(request.model, request.reencode)
             if context is not None and not Path(context).expanduser().is_file():
                 raise ValueError(f"context {context!r} is not a file")
             item.request, item.context = request, context
