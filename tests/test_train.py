@@ -567,3 +567,33 @@ def test_setting_changes_leaves_out_invocation_settings_and_unused_new_options()
         "model.other_new": [0.5, None],
     }
     assert setting_changes({"a": (1, 2)}, {"a": [1, 2]}) == {}  # tuples as JSON lists
+
+
+def test_restarted_codes_start_afresh_in_the_ema_and_the_optimizer(tmp_path):
+    """Dead codes moved onto encoder outputs mid-run: the EMA copies those rows (averaging
+    would ship codes halfway to nowhere), and their AdamW moments restart (first moment
+    zero, second the live rows' mean) instead of carrying what the old codes had."""
+    from vidgen.tokenizers.larp import LARP_CONFIGS, LARPTokenizer
+
+    overrides = [
+        *[o for o in LARP_SMALL if o != "train.ema_decay=0"],
+        f"tokenizer.autoencoder={make_autoencoder(tmp_path)}",
+        "train.ema_decay=0.999",
+        "tokenizer.restart_every=1",
+        "tokenizer.dead_usage=0.015625",  # 1/64: a code the step's batch did not use is dead
+        "train.lr=0",  # nothing moves but the codebook's init and restarts
+    ]
+    run = tmp_path / "run"
+    train(overrides, run, 3, stop_at=2)  # step 2: the data-dependent init
+    before = tensors(run / "state.safetensors")
+    train(overrides, run, 3)  # step 3: a restart
+    after = tensors(run / "state.safetensors")
+    moved = (after["model.quantizer.codebook"] != before["model.quantizer.codebook"]).any(1)
+    assert 0 < int(moved.sum()) < len(moved)
+    assert torch.equal(after["ema.quantizer.codebook"], after["model.quantizer.codebook"])
+    names = [n for n, _ in LARPTokenizer(LARP_CONFIGS["test"]).named_parameters()]
+    key = f"optim.{names.index('quantizer.codebook')}"
+    m, v = after[f"{key}.exp_avg"], after[f"{key}.exp_avg_sq"]
+    assert (m[moved] == 0).all() and (m[~moved] != 0).any()
+    torch.testing.assert_close(v[moved], v[~moved].mean(0).expand_as(v[moved]))
+    assert not torch.equal(v[~moved], before[f"{key}.exp_avg_sq"][~moved])  # live rows go on

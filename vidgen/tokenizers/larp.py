@@ -448,11 +448,12 @@ class LARPTokenizer(nn.Module):
     @torch.no_grad()
     def restart_dead_codes(
         self, z: torch.Tensor, generator: torch.Generator, everything: bool = False
-    ) -> int:
+    ) -> torch.Tensor:
         """Move codes whose usage EMA fell below ``dead_usage`` (or all codes, with
         ``everything``: the data-dependent initialisation) onto encoder outputs ``z`` (m, e)
-        drawn at random, plus a little noise; returns how many moved. Codes then sit where
-        the encoder's outputs are, which is what keeps the codebook from collapsing."""
+        drawn at random, plus a little noise; returns the indices of the codes moved (the
+        trainer resets their optimizer moments and EMA rows). Codes then sit where the
+        encoder's outputs are, which is what keeps the codebook from collapsing."""
         usage = self.quantizer.usage
         dead = (
             torch.arange(usage.numel(), device=usage.device)
@@ -460,14 +461,14 @@ class LARPTokenizer(nn.Module):
             else torch.nonzero(usage < self.config.dead_usage).flatten()
         )
         if dead.numel() == 0 or z.numel() == 0:
-            return 0
+            return dead[:0]
         z = F.normalize(z.reshape(-1, z.shape[-1]).float(), dim=-1)
         pick = torch.randint(0, z.shape[0], (dead.numel(),), generator=generator)
         noise = torch.randn(dead.numel(), z.shape[1], generator=generator)
         new = F.normalize(z[pick.to(z.device)] + 0.01 * noise.to(z.device), dim=-1)
         self.quantizer.codebook[dead] = new.to(self.quantizer.codebook.dtype)
         usage[dead] = 1.0 / self.config.codebook_size
-        return int(dead.numel())
+        return dead
 
 
 class LARPVideoTokenizer(nn.Module):

@@ -133,6 +133,10 @@ class StepSampler(Sampler[list[int]]):
         return self.steps - self.start_step
 
 
+# Parameters set outright after a step: name -> None (all of it) or the indices of its rows.
+Resets = Mapping[str, "torch.Tensor | None"]
+
+
 class EMA:
     """Exponential moving average of a model's parameters (buffers copied)."""
 
@@ -141,16 +145,40 @@ class EMA:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module, reset: Collection[str] = ()) -> None:
-        """Move towards ``model``; parameters named in ``reset`` are copied."""
+    def update(self, model: nn.Module, reset: Resets | Collection[str] = ()) -> None:
+        """Move towards ``model``; what ``reset`` names (whole parameters, or rows of them
+        when it maps a name to row indices) is copied."""
+        rows = reset if isinstance(reset, Mapping) else dict.fromkeys(reset)
         pairs = zip(self.model.named_parameters(), model.parameters(), strict=True)
         for (name, ema_p), p in pairs:
-            if name in reset:
+            if name in rows and rows[name] is None:
                 ema_p.copy_(p.detach())
-            else:
-                ema_p.lerp_(p.detach(), 1.0 - self.decay)
+                continue
+            ema_p.lerp_(p.detach(), 1.0 - self.decay)
+            if name in rows:
+                index = rows[name].to(ema_p.device)
+                ema_p[index] = p.detach()[index]
         for ema_b, b in zip(self.model.buffers(), model.buffers(), strict=True):
             ema_b.copy_(b)
+
+
+@torch.no_grad()
+def reset_rows(opt: torch.optim.Optimizer, model: nn.Module, reset: Resets) -> None:
+    """Restart the AdamW moments of parameter rows set outright: first moment zero (the
+    row's old direction belonged to what it replaced), second moment the mean of the other
+    rows' (the gradient scale of a live row, rather than the replaced row's own)."""
+    params = dict(model.named_parameters())
+    for name, index in reset.items():
+        state = opt.state.get(params[name]) if index is not None else None
+        if not state or "exp_avg" not in state or index.numel() == 0:
+            continue
+        index = index.to(state["exp_avg"].device)
+        state["exp_avg"][index] = 0
+        sq = state["exp_avg_sq"]
+        others = torch.ones(sq.shape[0], dtype=torch.bool, device=sq.device)
+        others[index] = False
+        if others.any():
+            sq[index] = sq[others].mean(dim=0)
 
 
 @dataclass
@@ -186,11 +214,11 @@ class Task:
     card: dict[str, Any]
     evaluate: Callable[[nn.Module, list[dict[str, torch.Tensor]]], dict[str, float]] | None = None
     # Called after each optimizer step with the model, the step and the loss dict; returns
-    # the names of parameters it set outright (e.g. a codebook's data-dependent init), which
-    # the EMA then copies instead of averaging towards.
-    after_step: (
-        Callable[[nn.Module, int, dict[str, torch.Tensor]], Collection[str] | None] | None
-    ) = None
+    # what it set outright, by parameter name: None for the whole parameter (e.g. a
+    # codebook's data-dependent init), or the indices of the rows (e.g. restarted dead
+    # codes). The EMA copies those instead of averaging towards them, and restarted rows'
+    # optimizer moments start afresh (``reset_rows``).
+    after_step: Callable[[nn.Module, int, dict[str, torch.Tensor]], Resets | None] | None = None
     # Called with the model that ships; returns its final config (e.g. a measured latent scale).
     before_export: Callable[[nn.Module, list[dict[str, torch.Tensor]]], Any] | None = None
     # Called every ``eval_every`` steps and at export with the model, the step and the run
@@ -333,9 +361,10 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
             group["lr"] = lr_at(step, cfg)
         result = _train_step(task, model, _to(batch, device), gen, opt, cfg, adv, step)
         metrics = {k: float(v.detach()) for k, v in result.items() if v.numel() == 1}
-        reset = task.after_step(model, step, result) if task.after_step is not None else None
+        reset = (task.after_step(model, step, result) if task.after_step else None) or {}
+        reset_rows(opt, model, reset)
         if ema is not None:
-            ema.update(model, reset or ())
+            ema.update(model, reset)
         bar.update(1)
         if (step + 1) % cfg.log_every == 0 or step == start:
             bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})

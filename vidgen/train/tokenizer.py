@@ -170,25 +170,28 @@ def larp_task(
         )
     seed = getattr(getattr(run_config, "train", None), "seed", 0)
 
-    def after_step(model: nn.Module, step: int, out: dict[str, torch.Tensor]) -> set[str]:
+    def after_step(
+        model: nn.Module, step: int, out: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor | None]:
         # Seeded by (seed, step): a resumed run restarts exactly the same codes.
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
         if not model.quantizer.codebook.requires_grad:  # a frozen codebook stays as it is
-            return set()
+            return {}
         if step + 1 == config.vq_warmup and not bool(model.quantizer.active):
             # Data-dependent init: codes start on encoder outputs. Only for a model still in
             # its VQ warm-up: a fine-tuned one (``init=``) keeps its trained codebook.
             model.restart_dead_codes(out["z"], gen, everything=True)
             model.quantizer.active.fill_(1)
-            return {"quantizer.codebook"}  # the EMA takes the new codes, not a blend
+            return {"quantizer.codebook": None}  # the EMA takes the new codes, not a blend
         elif (
             bool(model.quantizer.active)
             and step + 1 > config.vq_warmup
             and config.restart_every
             and (step + 1) % config.restart_every == 0
         ):
-            model.restart_dead_codes(out["z"], gen)
-        return set()
+            # The moved codes start afresh: their EMA rows and optimizer moments are reset.
+            return {"quantizer.codebook": model.restart_dead_codes(out["z"], gen)}
+        return {}
 
     model = LARPTokenizer(config)
     model.quantizer.active.fill_(int(config.vq_warmup <= 0))
