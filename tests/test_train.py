@@ -572,7 +572,8 @@ def test_setting_changes_leaves_out_invocation_settings_and_unused_new_options()
 def test_restarted_codes_start_afresh_in_the_ema_and_the_optimizer(tmp_path):
     """Dead codes moved onto encoder outputs mid-run: the EMA copies those rows (averaging
     would ship codes halfway to nowhere), and their AdamW moments restart (first moment
-    zero, second the live rows' mean) instead of carrying what the old codes had."""
+    zero, second the live rows' mean) instead of carrying what the old codes had; so does
+    the first moment of the whole codebook at its data-dependent init."""
     from vidgen.tokenizers.larp import LARP_CONFIGS, LARPTokenizer
 
     overrides = [
@@ -586,13 +587,15 @@ def test_restarted_codes_start_afresh_in_the_ema_and_the_optimizer(tmp_path):
     run = tmp_path / "run"
     train(overrides, run, 3, stop_at=2)  # step 2: the data-dependent init
     before = tensors(run / "state.safetensors")
+    names = [n for n, _ in LARPTokenizer(LARP_CONFIGS["test"]).named_parameters()]
+    key = f"optim.{names.index('quantizer.codebook')}"
+    # The init replaced every code: none keeps the warm-up's first moment.
+    assert (before[f"{key}.exp_avg"] == 0).all() and before[f"{key}.exp_avg_sq"].any()
     train(overrides, run, 3)  # step 3: a restart
     after = tensors(run / "state.safetensors")
     moved = (after["model.quantizer.codebook"] != before["model.quantizer.codebook"]).any(1)
     assert 0 < int(moved.sum()) < len(moved)
     assert torch.equal(after["ema.quantizer.codebook"], after["model.quantizer.codebook"])
-    names = [n for n, _ in LARPTokenizer(LARP_CONFIGS["test"]).named_parameters()]
-    key = f"optim.{names.index('quantizer.codebook')}"
     m, v = after[f"{key}.exp_avg"], after[f"{key}.exp_avg_sq"]
     assert (m[moved] == 0).all() and (m[~moved] != 0).any()
     torch.testing.assert_close(v[moved], v[~moved].mean(0).expand_as(v[moved]))

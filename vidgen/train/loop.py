@@ -148,7 +148,7 @@ class EMA:
     def update(self, model: nn.Module, reset: Resets | Collection[str] = ()) -> None:
         """Move towards ``model``; what ``reset`` names (whole parameters, or rows of them
         when it maps a name to row indices) is copied."""
-        rows = reset if isinstance(reset, Mapping) else dict.fromkeys(reset)
+        rows = as_resets(reset)
         pairs = zip(self.model.named_parameters(), model.parameters(), strict=True)
         for (name, ema_p), p in pairs:
             if name in rows and rows[name] is None:
@@ -162,19 +162,33 @@ class EMA:
             ema_b.copy_(b)
 
 
+def as_resets(reset: Resets | Collection[str] | None) -> dict[str, torch.Tensor | None]:
+    """``after_step``'s answer as name -> rows (None = the whole parameter); a plain
+    collection of names resets those parameters whole."""
+    if not reset:
+        return {}
+    return dict(reset) if isinstance(reset, Mapping) else dict.fromkeys(reset)
+
+
 @torch.no_grad()
-def reset_rows(opt: torch.optim.Optimizer, model: nn.Module, reset: Resets) -> None:
-    """Restart the AdamW moments of parameter rows set outright: first moment zero (the
-    row's old direction belonged to what it replaced), second moment the mean of the other
-    rows' (the gradient scale of a live row, rather than the replaced row's own)."""
+def reset_rows(
+    opt: torch.optim.Optimizer, model: nn.Module, reset: Resets | Collection[str]
+) -> None:
+    """Restart the AdamW moments of parameters, or rows of them, set outright: first moment
+    zero (the old direction belonged to what they replaced), second moment the mean of the
+    other rows' (the gradient scale of a live row), or kept as it was where no other rows
+    are left (a whole parameter)."""
     params = dict(model.named_parameters())
-    for name, index in reset.items():
-        state = opt.state.get(params[name]) if index is not None else None
-        if not state or "exp_avg" not in state or index.numel() == 0:
+    for name, index in as_resets(reset).items():
+        state = opt.state.get(params[name])
+        if not state or "exp_avg" not in state:
             continue
-        index = index.to(state["exp_avg"].device)
-        state["exp_avg"][index] = 0
-        sq = state["exp_avg_sq"]
+        m, sq = state["exp_avg"], state["exp_avg_sq"]
+        if index is None:
+            m.zero_()
+            continue
+        index = index.to(m.device)
+        m[index] = 0
         others = torch.ones(sq.shape[0], dtype=torch.bool, device=sq.device)
         others[index] = False
         if others.any():
@@ -216,8 +230,8 @@ class Task:
     # Called after each optimizer step with the model, the step and the loss dict; returns
     # what it set outright, by parameter name: None for the whole parameter (e.g. a
     # codebook's data-dependent init), or the indices of the rows (e.g. restarted dead
-    # codes). The EMA copies those instead of averaging towards them, and restarted rows'
-    # optimizer moments start afresh (``reset_rows``).
+    # codes). The EMA copies those instead of averaging towards them, and their optimizer
+    # moments start afresh (``reset_rows``).
     after_step: Callable[[nn.Module, int, dict[str, torch.Tensor]], Resets | None] | None = None
     # Called with the model that ships; returns its final config (e.g. a measured latent scale).
     before_export: Callable[[nn.Module, list[dict[str, torch.Tensor]]], Any] | None = None
@@ -361,7 +375,7 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
             group["lr"] = lr_at(step, cfg)
         result = _train_step(task, model, _to(batch, device), gen, opt, cfg, adv, step)
         metrics = {k: float(v.detach()) for k, v in result.items() if v.numel() == 1}
-        reset = (task.after_step(model, step, result) if task.after_step else None) or {}
+        reset = as_resets(task.after_step(model, step, result) if task.after_step else None)
         reset_rows(opt, model, reset)
         if ema is not None:
             ema.update(model, reset)
