@@ -45,7 +45,6 @@ from vidgen.generators import (
     generate_video,
     load_generator,
 )
-from vidgen.generators.tokens import TokenClipGenerator
 from vidgen.worlds.bouncing import BOUNCING_PALETTE, BouncingShapes, BouncingShapesConfig
 
 TRUE_SPEED = (BouncingShapesConfig().min_speed + BouncingShapesConfig().max_speed) / 2
@@ -80,7 +79,7 @@ def evaluate_model(
     ``reencode``: token generators re-tokenise each sampled clip before it becomes context
     (ignored by the diffusion family)."""
     gen = load_generator(name, max_streams=1, device=device)
-    reencode = reencode and isinstance(gen, TokenClipGenerator)
+    reencode = reencode and gen.family == "tokens"
     per_label: dict[str, dict[str, float | None]] = {}
     rows = []
     seconds = 0.0  # generation only, not scoring

@@ -99,10 +99,7 @@ class TokenClipGenerator:
 
     @classmethod
     def from_pretrained(
-        cls,
-        name_or_path: str,
-        max_streams: int = 8,
-        device: torch.device | str = "cpu",
+        cls, name_or_path: str, max_streams: int = 8, device: torch.device | str = "cpu"
     ) -> TokenClipGenerator:
         ckpt = checkpoint.load(name_or_path, expected_config=NBPConfig)
         model = NextBlockTransformer(ckpt.config_as(NBPConfig))
@@ -110,7 +107,7 @@ class TokenClipGenerator:
         tok_name = ckpt.card.get("tokenizer", "larp-tiny")
         tokenizer = LARPVideoTokenizer.from_pretrained(tok_name)
         check_tokenizer(str(name_or_path), ckpt.card, tok_name, tokenizer.encoder_fingerprint())
-        return cls(model, tokenizer, max_streams, device, str(name_or_path))
+        return cls(model, tokenizer, max_streams, device, name=str(name_or_path))
 
     # --- streams ------------------------------------------------------------------------
 

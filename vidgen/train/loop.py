@@ -145,10 +145,10 @@ class EMA:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module, reset: Resets | Collection[str] = ()) -> None:
-        """Move towards ``model``; what ``reset`` names (whole parameters, or rows of them
-        when it maps a name to row indices) is copied."""
-        rows = as_resets(reset)
+    def update(self, model: nn.Module, reset: Resets | None = None) -> None:
+        """Move towards ``model``; what ``reset`` names (whole parameters, or the given rows
+        of them) is copied."""
+        rows = reset or {}
         pairs = zip(self.model.named_parameters(), model.parameters(), strict=True)
         for (name, ema_p), p in pairs:
             if name in rows and rows[name] is None:
@@ -171,15 +171,13 @@ def as_resets(reset: Resets | Collection[str] | None) -> dict[str, torch.Tensor 
 
 
 @torch.no_grad()
-def reset_rows(
-    opt: torch.optim.Optimizer, model: nn.Module, reset: Resets | Collection[str]
-) -> None:
+def reset_rows(opt: torch.optim.Optimizer, model: nn.Module, reset: Resets) -> None:
     """Restart the AdamW moments of parameters, or rows of them, set outright: first moment
     zero (the old direction belonged to what they replaced), second moment the mean of the
     other rows' (the gradient scale of a live row), or kept as it was where no other rows
     are left (a whole parameter)."""
     params = dict(model.named_parameters())
-    for name, index in as_resets(reset).items():
+    for name, index in reset.items():
         state = opt.state.get(params[name])
         if not state or "exp_avg" not in state:
             continue
