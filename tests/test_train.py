@@ -600,3 +600,45 @@ def test_restarted_codes_start_afresh_in_the_ema_and_the_optimizer(tmp_path):
     assert (m[moved] == 0).all() and (m[~moved] != 0).any()
     torch.testing.assert_close(v[moved], v[~moved].mean(0).expand_as(v[moved]))
     assert not torch.equal(v[~moved], before[f"{key}.exp_avg_sq"][~moved])  # live rows go on
+
+
+def test_export_evaluates_on_the_models_device(tmp_path):
+    """Held-out batches are kept on the CPU; at export they go to the model's device (on a
+    GPU the final evaluation failed with 'Expected all tensors to be on the same device'
+    after the whole run had trained). A model on the meta device stands in for the GPU."""
+    from torch import nn
+
+    from vidgen.train.loop import Task, TrainConfig, _export
+
+    seen: list[tuple[str, str]] = []
+
+    class Stop(Exception):
+        pass
+
+    def before_export(model, batches):
+        seen.append(("before_export", batches[0]["x"].device.type))
+        return None
+
+    def evaluate(model, batches):
+        seen.append(("evaluate", batches[0]["x"].device.type))
+        raise Stop
+
+    model = nn.Linear(2, 2, device="meta")
+    task = Task(
+        name="model",
+        model=model,
+        loss=None,
+        train_data=None,
+        eval_data=None,
+        batch_size=1,
+        export_config=None,
+        run_config=None,
+        card={},
+        evaluate=evaluate,
+        before_export=before_export,
+    )
+    batches = [{"x": torch.zeros(1, 2)}]
+    with pytest.raises(Stop):
+        _export(task, model, tmp_path, TrainConfig(), batches, [], 0.0, 1)
+    assert seen == [("before_export", "meta"), ("evaluate", "meta")]
+    assert batches[0]["x"].device.type == "cpu"  # the caller's list is left as it was

@@ -543,6 +543,9 @@ def _export(
     resumes: list[dict[str, Any]] | None = None,
 ) -> Path:
     export_config = task.export_config
+    # Held-out batches are kept on the CPU; the model may be on the GPU.
+    device = next(model.parameters()).device
+    eval_batches = [_to(b, device) for b in eval_batches]
     if task.before_export is not None:
         export_config = task.before_export(model, eval_batches)
     final = task.evaluate(model, eval_batches) if task.evaluate and eval_batches else {}
