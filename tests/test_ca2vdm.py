@@ -282,6 +282,59 @@ def test_context_noise_max_noises_each_context_clip_at_its_own_recorded_level(mo
     assert dist.flatten()[order[-1]] > dist.flatten()[order[0]] * 2
 
 
+def test_context_recycle_puts_the_models_own_estimate_in_the_context(monkeypatch):
+    """Error recycling: a no-grad teacher-forced pass over noisy copies (one flow time per
+    clip in [0, context_recycle_t]) gives the model's one-step estimate of every clip,
+    x_t - t v; picked context clips are replaced by it (then noised at prefix_t as usual),
+    the targets stay the real clips; held-out evaluation never recycles."""
+    import dataclasses
+
+    from vidgen.sampling.flow import add_noise, velocity_target
+
+    calls = []
+    original = CausalVideoDiT.forward_history
+
+    def spy(self, x, cond, mask, positions):
+        out = original(self, x, cond, mask, positions)
+        calls.append((x.detach(), cond.t.detach(), out.detach(), torch.is_grad_enabled()))
+        return out
+
+    monkeypatch.setattr(CausalVideoDiT, "forward_history", spy)
+    clips, total = 4, 4 * L
+    x = latents(total, seed=7, batch=2)
+    labels = torch.tensor([1, 2])
+    cfg = dataclasses.replace(CFG, context_recycle=1.0, context_recycle_t=0.4)
+    model = randomize_(CausalVideoDiT(cfg), seed=3)
+    loss = flow_matching_loss(model, x, torch.Generator().manual_seed(0), labels=labels)
+    (x_r, t_r, v_r, grad_r), (x_tr, t_tr, v_tr, grad_tr) = calls
+    assert not grad_r and grad_tr
+    g = torch.Generator().manual_seed(0)
+    real_context = add_noise(x, torch.randn(x.shape, generator=g), torch.full((2,), CFG.prefix_t))
+    torch.testing.assert_close(x_r[:, :total], real_context)  # the estimate sees real history
+    levels = t_r[:, total:].reshape(2, clips, L)
+    assert torch.equal(levels, levels[..., :1].expand_as(levels))
+    assert (levels >= 0).all() and (levels <= 0.4).all() and levels.std() > 0.02
+    t = t_r[:, total:, None, None, None]
+    own = x_r[:, total:] - t * v_r[:, total:]
+    assert (own - x).abs().mean() > 0.05  # a random model's estimate is not the clip
+    expected = add_noise(
+        own, (real_context - (1 - CFG.prefix_t) * x) / CFG.prefix_t, t_tr[:, :total]
+    )
+    torch.testing.assert_close(x_tr[:, :total], expected, atol=1e-5, rtol=1e-5)
+    # The loss is against the real clips: recomputed from the training pass's inputs.
+    noise = (x_tr[:, total:] - (1 - t_tr[:, total:, None, None, None]) * x) / t_tr[
+        :, total:, None, None, None
+    ]
+    target = velocity_target(x, noise)
+    torch.testing.assert_close(loss["loss"], torch.nn.functional.mse_loss(v_tr[:, total:], target))
+    calls.clear()
+    flow_matching_loss(model, x, torch.Generator().manual_seed(0), labels=labels, held_out=True)
+    assert len(calls) == 1  # evaluation: no recycling pass
+    for bad in (dict(context_recycle=1.5), dict(context_recycle_t=0.0)):
+        with pytest.raises(ValueError, match="context_recycle"):
+            dataclasses.replace(CFG, **bad)
+
+
 def test_context_noise_max_is_checked():
     import dataclasses
 

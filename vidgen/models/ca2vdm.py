@@ -56,6 +56,13 @@ class Ca2VDMConfig:
     # U(prefix_t, context_noise_max), given to the model as its timestep, so the model learns
     # not to trust its history blindly; inference keeps prefix_t. 0 = always prefix_t.
     context_noise_max: float = 0.0
+    # Training against drift with the model's own errors (error recycling, as in Stable
+    # Video Infinity): each context clip is, with this probability, replaced by the model's
+    # one-step estimate of it from a noisy copy at a flow time drawn from
+    # U(0, context_recycle_t), made in a no-grad teacher-forced pass (+1 forward per step);
+    # the targets stay the real clips. 0 = off.
+    context_recycle: float = 0.0
+    context_recycle_t: float = 0.5
     label_dropout: float = 0.1  # training: p(label -> null), for classifier-free guidance
     action_dropout: float = 0.1
 
@@ -75,6 +82,11 @@ class Ca2VDMConfig:
                 f"context_noise_max must be 0 (off) or in [prefix_t={self.prefix_t}, 1), "
                 f"got {self.context_noise_max}"
             )
+
+        if not 0.0 <= self.context_recycle <= 1.0:
+            raise ValueError(f"context_recycle must be in [0, 1], got {self.context_recycle}")
+        if not 0.0 < self.context_recycle_t < 1.0:
+            raise ValueError(f"context_recycle_t must be in (0, 1), got {self.context_recycle_t}")
 
     @property
     def tokens_per_frame(self) -> int:

@@ -71,7 +71,7 @@ def flow_matching_loss(
         u = torch.rand((b, clips), generator=generator, device=dev, dtype=latents.dtype)
         level = cfg.prefix_t + (cfg.context_noise_max - cfg.prefix_t) * u
         t_context = level.repeat_interleave(cfg.clip_len, dim=1)
-    context = add_noise(latents, randn(latents.shape), t_context)
+    context_noise = randn(latents.shape)
     # One flow time per (sample, clip), logit-normal: more weight on the middle of the path.
     t_clip = torch.sigmoid(randn((b, clips)))
     t_frames = t_clip.repeat_interleave(cfg.clip_len, dim=1)  # (b, T)
@@ -82,18 +82,35 @@ def flow_matching_loss(
         drop_label = torch.rand(b, generator=generator, device=dev) < cfg.label_dropout
         drop_action = torch.rand(b, generator=generator, device=dev) < cfg.action_dropout
     ones = torch.ones(b, total, dtype=torch.bool, device=dev)
-    cond = Cond(
-        t=torch.cat([t_context, t_frames], dim=1),
-        labels=labels,
-        actions=None if actions is None else torch.cat([actions, actions], dim=1),
-        # Context frames always carry the null label (the cache is label-free); their
-        # actions are kept. The noisy frames drop label/actions for guidance.
-        drop_label=torch.cat([ones, drop_label[:, None].expand(b, total)], dim=1),
-        drop_actions=torch.cat([~ones, drop_action[:, None].expand(b, total)], dim=1),
-    )
     positions = torch.arange(total, device=dev).repeat(2).expand(b, -1)
     mask = teacher_forcing_mask(clips, cfg.clip_len, cfg.window_clips, device=dev)
-    pred = model.forward_history(torch.cat([context, noisy], dim=1), cond, mask, positions)
+
+    def predict(context, noisy, t_noisy, drop_label, drop_action):
+        cond = Cond(
+            t=torch.cat([t_context, t_noisy], dim=1),
+            labels=labels,
+            actions=None if actions is None else torch.cat([actions, actions], dim=1),
+            # Context frames always carry the null label (the cache is label-free); their
+            # actions are kept. The noisy frames drop label/actions for guidance.
+            drop_label=torch.cat([ones, drop_label[:, None].expand(b, total)], dim=1),
+            drop_actions=torch.cat([~ones, drop_action[:, None].expand(b, total)], dim=1),
+        )
+        return model.forward_history(torch.cat([context, noisy], dim=1), cond, mask, positions)
+
+    clean = latents
+    if cfg.context_recycle and not held_out:  # drawn last: off, nothing above changes
+        t_r = cfg.context_recycle_t * torch.rand((b, clips), generator=generator, device=dev)
+        t_r = t_r.to(latents.dtype).repeat_interleave(cfg.clip_len, dim=1)
+        noisy_r = add_noise(latents, randn(latents.shape), t_r)
+        pick = torch.rand((b, clips), generator=generator, device=dev) < cfg.context_recycle
+        with torch.no_grad():  # the model's own estimate of every clip, real context
+            no = torch.zeros(b, dtype=torch.bool, device=dev)
+            v = predict(add_noise(latents, context_noise, t_context), noisy_r, t_r, no, no)
+            own = noisy_r - t_r[..., None, None, None] * v[:, total:].to(latents.dtype)
+        pick = pick.repeat_interleave(cfg.clip_len, dim=1)[..., None, None, None]
+        clean = torch.where(pick, own, latents)
+    context = add_noise(clean, context_noise, t_context)
+    pred = predict(context, noisy, t_frames, drop_label, drop_action)
     loss = F.mse_loss(pred[:, total:], velocity_target(latents, noise))
     return {"loss": loss}
 
