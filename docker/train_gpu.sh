@@ -54,7 +54,7 @@ model_args() {
                 "train.ema_decay=0 tokenizer.vq_warmup=500" ;;
         nbp-tiny)
             echo "model=nbp-tiny data=bouncing data.clip_len=32 data.batch_size=64" \
-                "data.num_clips=4096 frozen_tokenizer=larp-tiny" ;;
+                "data.num_clips=16384 frozen_tokenizer=larp-tiny" ;;
         *)
             echo "train_gpu.sh: MODEL must be ca2vdm-tiny, larp-tiny or nbp-tiny, got '$1'" >&2
             return 2 ;;
@@ -183,7 +183,7 @@ all() {
         rm -rf "${out:?}/$lane" "$out/$lane.log"
     done
     rm -f "$out/quality.log" "$out/tokenizer.log"
-    local common=(train.threads="$threads" data.num_workers=2)
+    local common=(train.threads="$threads" data.num_workers=4)
     # The override lists are word lists (unquoted on purpose).
     local runs=${RUNS:-runs}
     (RUN_DIR="$runs/gpu-ca2vdm-tiny" OUT="$out/ca2vdm-tiny" \
