@@ -82,7 +82,6 @@ class Ca2VDMConfig:
                 f"context_noise_max must be 0 (off) or in [prefix_t={self.prefix_t}, 1), "
                 f"got {self.context_noise_max}"
             )
-
         if not 0.0 <= self.context_recycle <= 1.0:
             raise ValueError(f"context_recycle must be in [0, 1], got {self.context_recycle}")
         if not 0.0 < self.context_recycle_t < 1.0:

@@ -99,8 +99,8 @@ def flow_matching_loss(
 
     clean = latents
     if cfg.context_recycle and not held_out:  # drawn last: off, nothing above changes
-        t_r = cfg.context_recycle_t * torch.rand((b, clips), generator=generator, device=dev)
-        t_r = t_r.to(latents.dtype).repeat_interleave(cfg.clip_len, dim=1)
+        u = torch.rand((b, clips), generator=generator, device=dev, dtype=latents.dtype)
+        t_r = (cfg.context_recycle_t * u).repeat_interleave(cfg.clip_len, dim=1)
         noisy_r = add_noise(latents, randn(latents.shape), t_r)
         pick = torch.rand((b, clips), generator=generator, device=dev) < cfg.context_recycle
         with torch.no_grad():  # the model's own estimate of every clip, real context
