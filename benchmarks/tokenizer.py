@@ -1,6 +1,7 @@
 """The LARP tokenizer on held-out videos of each world, against their exact ground truth.
 
 Usage: python benchmarks/tokenizer.py [--model larp-tiny] [--videos 12] [--frames 64]
+                                      [--threads 0] [--device cpu]
 
 For each world (fixed held-out seeds, never used in training): every 8-frame clip of each
 video is encoded to tokens and decoded on its own, as the NBP generator does. Figures per
@@ -54,22 +55,31 @@ def world_videos(world: str, videos: int, frames: int, size: int = 64):
             yield traj.frames, positions, ("agent", "box"), np.ones(positions.shape[:2], bool)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that the timings are of work done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def evaluate_world(
     tok: LARPVideoTokenizer, world: str, videos: int, frames: int, size: int = 64
 ) -> dict:
-    clip_len = tok.config.frames
+    clip_len, device = tok.config.frames, next(tok.parameters()).device
     palette = BOUNCING_PALETTE if world == "bouncing" else AGENT_PALETTE
     scores = {"psnr": [], "ssim": [], "centroid": [], "missed": [], "seam": []}
     all_ids, t_enc, t_dec, n_clips = [], 0.0, 0.0, 0
     for video, positions, names, valid in world_videos(world, videos, frames, size):
         clips = to_model_range(video).reshape(-1, clip_len, 3, *video.shape[1:3])
         start = time.perf_counter()
-        ids = tok.encode(clips)
+        ids = tok.encode(clips.to(device))
+        synchronize(device)
         t_enc += time.perf_counter() - start
         start = time.perf_counter()
         recon = tok.decode(ids)
+        synchronize(device)
         t_dec += time.perf_counter() - start
+        ids, recon = ids.cpu(), recon.float().cpu()
         n_clips += len(clips)
         all_ids.append(ids)
         scores["psnr"].append(float(psnr(recon.flatten(0, 1), clips.flatten(0, 1))))
@@ -89,7 +99,8 @@ def evaluate_world(
         f"objects_missed_{world}": float(np.mean(scores["missed"])),
         f"seam_ratio_{world}": float(np.mean([s for s in scores["seam"] if s is not None])),
         f"codes_used_{world}": codebook_usage(ids, size)["used_fraction"],
-        f"prior_ce_over_unigram_{world}": prior_cross_entropy(tok.larp, ids) / max(entropy, 1e-9),
+        f"prior_ce_over_unigram_{world}": prior_cross_entropy(tok.larp, ids.to(device))
+        / max(entropy, 1e-9),
         f"encode_clips_per_s_{world}": n_clips / t_enc,
         f"decode_clips_per_s_{world}": n_clips / t_dec,
     }
@@ -102,20 +113,24 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=12)
     parser.add_argument("--frames", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    tok = LARPVideoTokenizer.from_pretrained(args.model)
+    device = torch.device(args.device)
+    tok = LARPVideoTokenizer.from_pretrained(args.model).to(device)
     ae = tok.autoencoder
     size = ae.config.image_size if ae is not None else tok.config.size
     with torch.no_grad():  # warm-up: the first calls (allocations, kernels) are not timed
-        tok.decode(tok.encode(torch.zeros(2, tok.config.frames, 3, size, size)))
+        tok.decode(tok.encode(torch.zeros(2, tok.config.frames, 3, size, size, device=device)))
+        synchronize(device)
     result: dict[str, object] = {
         "model": args.model,
         "sha256": checkpoint.file_sha256(checkpoint.resolve(args.model))[:16],
         "videos_per_world": args.videos,
         "frames_per_video": args.frames,
         "machine": f"{platform.platform()}, {os.cpu_count()} cpus, torch {torch.__version__}",
+        "device": str(device),
     }
     all_ids = []
     for world in ("bouncing", "agent"):
@@ -127,7 +142,7 @@ def main() -> None:
     result["codes_used"] = usage["used_fraction"]
     result["code_perplexity"] = round(usage["perplexity"], 2)
     entropy = unigram_entropy(ids, tok.config.codebook_size)
-    ratio = prior_cross_entropy(tok.larp, ids) / max(entropy, 1e-9)  # 0 = a collapsed codebook
+    ratio = prior_cross_entropy(tok.larp, ids.to(device)) / max(entropy, 1e-9)  # 0 = a collapsed codebook
     result["prior_ce_over_unigram"] = round(ratio, 4)
     print(json.dumps(result))
 

@@ -25,8 +25,9 @@
 #
 # Before the SECONDS of training come the data (procedural clips rendered on the CPU, then
 # encoded once by the frozen tokenizer on the training device), the calibration and the
-# sample videos. Example (the device tool: `carry` [".whl"], then, within one call's 600 s):
-#   bash docker/train_gpu.sh all 240
+# sample videos. Example (the device tool: `carry` [".whl"], then, within one call's 600 s;
+# on an H200 `all 270` needed about 450 s to its last export and 2 min of benchmarks after):
+#   bash docker/train_gpu.sh all 210
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -161,8 +162,8 @@ EOF
 # Every default in one call, three lanes side by side on the one GPU (models this small
 # leave most of it idle): ca2vdm-tiny for SECONDS; larp-tiny for SECONDS/2, then nbp-tiny on
 # that new LARP for SECONDS/2 (a pair to ship together); nbp-tiny on the shipped larp-tiny
-# (or $NBP_TOKENIZER) for SECONDS. Then benchmarks/quality.py on the new generators and
-# benchmarks/tokenizer.py on the new LARP. Each lane's output is in $OUT/<lane>.log and its
+# (or $NBP_TOKENIZER) for SECONDS. Then, side by side, benchmarks/quality.py on the new
+# generators and benchmarks/tokenizer.py on the new LARP. Each lane's output is in $OUT/<lane>.log and its
 # model in $OUT/<lane>/ (run folders: $RUNS/gpu-<lane>, default runs/); a failed lane does
 # not stop the others (the exit status says one failed). Extra overrides per family: $CA2VDM_OVERRIDES, $LARP_OVERRIDES, $NBP_OVERRIDES
 # (space-separated words).
@@ -206,22 +207,30 @@ all() {
     wait $lane_a || failed=1
     wait $lane_b || failed=1
     wait $lane_c || failed=1
-    local models=() file
+    # The two benchmarks side by side too (quality.py takes about 2 min on an H200 for
+    # QUALITY_FRAMES=256).
+    local models=() file bench=()
     for lane in ca2vdm-tiny nbp-tiny-new nbp-tiny; do
         for file in "$out/$lane"/*.safetensors; do
             if [[ -f "$file" ]]; then models+=("$file"); fi
         done
     done
+    if [[ -f "$out/larp-tiny/larp-tiny.safetensors" ]]; then
+        python3 benchmarks/tokenizer.py --model "$out/larp-tiny/larp-tiny.safetensors" \
+            --videos "${TOKENIZER_VIDEOS:-12}" --device "$device" --threads "$threads" \
+            >"$out/tokenizer.log" 2>&1 &
+        bench+=($!)
+    fi
     if [[ ${#models[@]} -gt 0 ]]; then
         python3 benchmarks/quality.py --models "$(IFS=,; echo "${models[*]}")" \
             --frames "${QUALITY_FRAMES:-256}" --seeds 0,1 --device "$device" \
-            --threads "$threads" >"$out/quality.log" 2>&1 || failed=1
+            --threads "$threads" >"$out/quality.log" 2>&1 &
+        bench+=($!)
     fi
-    if [[ -f "$out/larp-tiny/larp-tiny.safetensors" ]]; then
-        python3 benchmarks/tokenizer.py --model "$out/larp-tiny/larp-tiny.safetensors" \
-            --videos "${TOKENIZER_VIDEOS:-12}" --threads "$threads" >"$out/tokenizer.log" 2>&1 ||
-            failed=1
-    fi
+    local pid
+    for pid in "${bench[@]}"; do
+        wait "$pid" || failed=1
+    done
     # One JSON line last: each lane's result line (or the end of its log) and the benchmarks'.
     python3 - "$out" <<'EOF'
 import json, sys
