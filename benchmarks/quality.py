@@ -3,7 +3,8 @@
 Usage: python benchmarks/quality.py [--models ca2vdm-tiny,nbp-tiny] [--frames 512]
                                     [--labels 1,2,3,4] [--seeds 0] [--steps 12]
                                     [--guidance 2] [--temperature 1] [--top-k 0] [--top-p 1]
-                                    [--device cpu] [--context 0]
+                                    [--device cpu] [--context 0] [--reencode]
+                                    [--contrast C]
 
 For each model, label (the number of shapes) and seed: one video of ``--frames`` frames made
 in process with ``generate_video`` (with ``--context N``: continuing the first N frames of a
@@ -71,15 +72,18 @@ def evaluate_model(
     device: str = "cpu",
     context: int = 0,
     reencode: bool = False,
+    contrast: float | None = None,
     **sampling: float,
 ) -> dict[str, object]:
     """``sampling``: token-sampling fields of the request (temperature, top_k, top_p).
     ``context`` > 0: each video continues the first ``context`` frames of a real one (seeds
     2000 + seed; scored on the new frames only), which tells drift from a poor start.
     ``reencode``: token generators re-tokenise each sampled clip before it becomes context
-    (ignored by the diffusion family)."""
+    (ignored by the diffusion family). ``contrast``: the diffusion family's request contrast
+    (None: the model's default; ignored by the token family)."""
     gen = load_generator(name, max_streams=1, device=device)
     reencode = reencode and gen.family == "tokens"
+    contrast = contrast if gen.family == "diffusion" else None
     per_label: dict[str, dict[str, float | None]] = {}
     rows = []
     seconds = 0.0  # generation only, not scoring
@@ -99,6 +103,7 @@ def evaluate_model(
                 steps=steps,
                 guidance=guidance,
                 reencode=reencode,
+                contrast=contrast,
                 **sampling,
             )
             start = time.perf_counter()
@@ -113,6 +118,8 @@ def evaluate_model(
     summary["seam_ratio_infinite"] = sum(r.get("seam_ratio") == float("inf") for r in rows)
     summary["frames_per_s"] = round(frames * len(labels) * len(seeds) / seconds, 2)
     summary["sha256"] = checkpoint.file_sha256(checkpoint.resolve(name))[:16]
+    if gen.family == "diffusion":  # what was used: the request's, else the model's default
+        summary["contrast"] = gen.contrast if contrast is None else contrast
     return {"summary": summary, "per_label": per_label}
 
 
@@ -184,6 +191,12 @@ def main() -> None:
         "--context", type=int, default=0, help="continue real videos' first N frames (0 = off)"
     )
     parser.add_argument(
+        "--contrast",
+        type=float,
+        default=None,
+        help="diffusion models: the request's contrast (default: the model's own)",
+    )
+    parser.add_argument(
         "--reencode",
         action="store_true",
         help="token models: re-tokenise each sampled clip before it becomes context",
@@ -206,6 +219,7 @@ def main() -> None:
         "device": args.device,
         "context_frames": args.context,
         "reencode": args.reencode,
+        "contrast": args.contrast,
         "real_videos": real_figures(min(args.frames, 256), labels, seeds, clip_len=8),
     }
     for name in args.models.split(","):
@@ -224,6 +238,7 @@ def main() -> None:
             args.device,
             args.context,
             args.reencode,
+            args.contrast,
             **sampling,
         )
         trip = tokenizer_round_trip(name, min(args.frames, 256), labels, seeds, args.device)

@@ -142,7 +142,8 @@ def main() -> None:
     result["codes_used"] = usage["used_fraction"]
     result["code_perplexity"] = round(usage["perplexity"], 2)
     entropy = unigram_entropy(ids, tok.config.codebook_size)
-    ratio = prior_cross_entropy(tok.larp, ids.to(device)) / max(entropy, 1e-9)  # 0 = a collapsed codebook
+    # 0 = a collapsed codebook
+    ratio = prior_cross_entropy(tok.larp, ids.to(device)) / max(entropy, 1e-9)
     result["prior_ce_over_unigram"] = round(ratio, 4)
     print(json.dumps(result))
 

@@ -41,3 +41,27 @@ def test_quality_continues_real_videos_of_the_models_size(family, tmp_path, monk
     # The tokenizer round trip renders real videos at the model's size too.
     trip = quality.tokenizer_round_trip(path, 2 * clip, [1], [0])
     assert 0 <= trip["count_accuracy"] <= 1
+
+
+@pytest.mark.parametrize("family", ["diffusion", "tokens"])
+def test_quality_asks_diffusion_models_for_the_contrast_and_reports_it(
+    family, tmp_path, monkeypatch
+):
+    path = save_test_generators(tmp_path)[family]
+    requests = []
+    real_generate = quality.generate_video
+
+    def spy(gen, request):
+        requests.append(request)
+        return real_generate(gen, request)
+
+    monkeypatch.setattr(quality, "generate_video", spy)
+    clip = quality.load_generator(path).clip_len
+    out = quality.evaluate_model(path, 2 * clip, [1], [0], 2, 1.0, contrast=1.5)
+    if family == "diffusion":
+        assert requests[0].contrast == 1.5 and out["summary"]["contrast"] == 1.5
+        quality.evaluate_model(path, 2 * clip, [1], [0], 2, 1.0)  # unset: the model's default
+        assert requests[1].contrast is None
+        assert quality.evaluate_model(path, 2 * clip, [1], [0], 2, 1.0)["summary"]["contrast"] == 1
+    else:  # token models have none: the flag leaves them as they are
+        assert requests[0].contrast is None and "contrast" not in out["summary"]

@@ -63,6 +63,8 @@ def test_bad_overrides_are_reported(tmp_path, capsys):
             "['ca2vdm-tiny', 'nbp-tiny']",
         ),
         ("reencode=true", "reencode applies to token models only; ca2vdm-tiny is a diffusion"),
+        ("model=nbp-tiny contrast=1.2", "contrast applies to diffusion models only; nbp-tiny"),
+        ("contrast=0", "contrast must be > 0"),
         ("fps=0", "fps must be >= 1/1001"),
         ("steps=0", "steps must be >= 1"),
         ("seed=-1", "seed must be >= 0"),
@@ -75,7 +77,7 @@ def test_bad_overrides_are_reported(tmp_path, capsys):
 def test_bad_render_keys_fail_before_ray_starts(tmp_path, capsys, override, message):
     import ray
 
-    assert main(["render", override, f"out={tmp_path / 'x.mp4'}"]) == 2
+    assert main(["render", *override.split(), f"out={tmp_path / 'x.mp4'}"]) == 2
     assert message in capsys.readouterr().err
     assert not ray.is_initialized() and not list(tmp_path.iterdir())
 

@@ -399,3 +399,96 @@ def test_request_fingerprints_stay_as_recorded():
         model="nbp-tiny", frames=64, seed=3, label=2, actions=acts, temperature=0.7
     )
     assert req.fingerprint() == "bc0f506445f34a1e1f5574591f35fa933b8dc8975bca3f7d2dacad273f76622d"
+
+
+def test_scale_contrast_scales_deviations_from_each_frames_median():
+    from vidgen.sampling.flow import scale_contrast
+
+    x = torch.randn(3, 2, 4, 5, 5, generator=torch.Generator().manual_seed(0))
+    out = scale_contrast(x, torch.tensor([1.0, 2.0, 0.5]))
+    assert torch.equal(out[0], x[0])  # factor 1: exactly as it was
+    median = x.flatten(3).median(dim=3).values[..., None, None]
+    torch.testing.assert_close(out[1], median[1] + 2 * (x[1] - median[1]))
+    torch.testing.assert_close(out[2] - median[2], 0.5 * (x[2] - median[2]))
+    assert torch.equal(out[1].flatten(2).median(dim=2).values, median[1, ..., 0, 0])
+    with pytest.raises(ValueError, match="latents must be"):
+        scale_contrast(x[0], torch.tensor([2.0]))
+
+
+def test_contrast_scales_the_emitted_clip_and_the_context_it_leaves():
+    """The first clip is the plain clip with its contrast scaled; the second is, scaled in
+    turn, what a plain stream makes after that scaled clip was written as its context; the
+    generator's default applies to requests that leave contrast unset."""
+    from vidgen.sampling.flow import scale_contrast
+
+    gen = make_generator("diffusion")
+    L = gen.clip_len
+    plain = clips_of(gen, request_for(gen, frames=2 * L))
+    assert torch.equal(plain, clips_of(gen, request_for(gen, frames=2 * L, contrast=1.0)))
+    got = clips_of(gen, request_for(gen, frames=2 * L, contrast=1.5))
+    expected = scale_contrast(plain[:1], torch.tensor([1.5]))[0]
+    torch.testing.assert_close(got[0], expected, atol=1e-6, rtol=0)
+    stream = gen.open(request_for(gen, frames=2 * L))
+    gen._write([stream], got[:1], [0])
+    stream.clip = 1
+    (second,) = gen.step([stream])
+    gen.close(stream)
+    assert not torch.equal(second.data, plain[1])  # the scaled context changed clip 1
+    expected = scale_contrast(second.data[None], torch.tensor([1.5]))[0]
+    torch.testing.assert_close(got[1], expected, atol=1e-6, rtol=0)
+    gen.contrast = 1.5  # a model's default (its card's ``contrast``) for unset requests
+    assert torch.equal(clips_of(gen, request_for(gen, frames=2 * L)), got)
+    assert torch.equal(clips_of(gen, request_for(gen, frames=2 * L, contrast=1)), plain)
+
+
+def test_contrast_streams_batch_with_plain_ones_and_restore_bit_identically():
+    gen = make_generator("diffusion")
+    L = gen.clip_len
+    reqs = [
+        request_for(gen, seed=1, frames=3 * L, contrast=1.3),
+        request_for(gen, seed=2, frames=3 * L),
+        request_for(gen, seed=3, frames=3 * L, contrast=0.8, guidance=1.0),
+    ]
+    singles = [clips_of(gen, r) for r in reqs]
+    streams = [gen.open(r) for r in reqs]
+    made = {s.id: [] for s in streams}
+    while not streams[0].done:
+        for clip in gen.step(streams):
+            made[clip.stream].append(clip.data)
+    for s, single in zip(streams, singles, strict=True):
+        torch.testing.assert_close(torch.stack(made[s.id]), single, atol=1e-5, rtol=0)
+        gen.close(s)
+    stream = gen.open(reqs[0])
+    gen.step([stream])
+    snap = gen.snapshot(stream)
+    pending = [gen.step([stream])[0].data]
+    gen.close(stream)
+    snap = StreamSnapshot(snap.request, snap.checkpoint_clip, snap.cache, pending=pending)
+    restored = gen.restore(snap)
+    (last,) = gen.step([restored])
+    assert torch.equal(last.data, singles[0][2])
+
+
+def test_contrast_is_checked_and_for_diffusion_models_only():
+    for bad, message in [
+        (0, "contrast must be > 0"),
+        (float("nan"), "contrast must be finite"),
+        ("2", "contrast must be a number"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            GenerationRequest(frames=8, contrast=bad)
+    gen = make_generator("tokens")
+    with pytest.raises(ValueError, match="contrast applies to diffusion models only"):
+        gen.open(request_for(gen, contrast=1.2))
+    gen.close(gen.open(request_for(gen, contrast=1.0)))  # 1 = off: fine for any model
+    with pytest.raises(ValueError, match="contrast must be a finite number > 0"):
+        DiffusionClipGenerator(
+            CausalVideoDiT(CA2VDM_CONFIGS["test"]),
+            KLAutoencoder(KL_CONFIGS["test"]),
+            contrast=-1.0,
+        )
+    # Left out of the JSON (and so of the fingerprint) when unset, as before it existed.
+    assert "contrast" not in GenerationRequest(frames=8).to_json()
+    on = GenerationRequest(frames=8, contrast=1.2)
+    assert GenerationRequest.from_json(on.to_json()).contrast == 1.2
+    assert on.fingerprint() != GenerationRequest(frames=8).fingerprint()

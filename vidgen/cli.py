@@ -59,10 +59,10 @@ def run_render(cfg: Any, choices: dict[str, str]) -> int:
 
     if not cfg.address.startswith("ray://"):
         # The actors run on this machine's cluster: a bad model name (or a checkpoint that is
-        # not a generator, or reencode for a diffusion model) fails here, before any actor
-        # starts, naming the shipped ones.
+        # not a generator, reencode for a diffusion model, contrast for a token one) fails
+        # here, before any actor starts, naming the shipped ones.
         try:
-            check_generator(cfg.model, cfg.reencode)
+            check_generator(cfg.model, cfg.reencode, cfg.contrast)
         except (CheckpointError, ValueError) as err:
             print(f"{PROG} render: bad model: {err}", file=sys.stderr)
             return 2

@@ -16,7 +16,9 @@ class RenderConfig:
     """``model``: shipped name or checkpoint path; ``label``: class (the number of shapes for
     the bouncing models) or null; ``actions``: a .npy of per-frame actions; ``context``: an
     mp4 to continue (resized and centre-cropped to the model's frame size); ``reencode``: token
-    models re-tokenise each sampled clip before it becomes context; ``address``:
+    models re-tokenise each sampled clip before it becomes context; ``contrast``: diffusion
+    models scale each new clip's latent contrast by it (null = the model's default);
+    ``address``:
     ``""`` starts a local Ray instance, ``auto`` joins a running cluster, ``ray://host:port``
     connects a client."""
 
@@ -32,6 +34,7 @@ class RenderConfig:
     top_k: int = 0
     top_p: float = 1.0
     reencode: bool = False
+    contrast: float | None = None
     fps: int = 8
     out: str = "video.mp4"
     actors: int = 1
@@ -89,6 +92,7 @@ class RenderConfig:
             top_k=self.top_k,
             top_p=self.top_p,
             reencode=self.reencode,
+            contrast=self.contrast,
             **files,
         )
 

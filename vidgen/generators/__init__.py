@@ -37,11 +37,13 @@ def _families() -> dict[str, type]:
     }
 
 
-def check_generator(name_or_path: str, reencode: bool = False) -> None:
+def check_generator(
+    name_or_path: str, reencode: bool = False, contrast: float | None = None
+) -> None:
     """Raise ``ValueError`` unless ``name_or_path`` is a generator checkpoint (read from its
     header: cheap enough to check every item of a manifest), or if ``reencode`` is asked of
-    a model that is not a token model; ``CheckpointError`` if it is not a vidgen checkpoint
-    at all."""
+    a model that is not a token model, or a ``contrast`` other than 1 of one that is not a
+    diffusion model; ``CheckpointError`` if it is not a vidgen checkpoint at all."""
     from vidgen import checkpoint
 
     kind = checkpoint.config_type(name_or_path)
@@ -57,6 +59,10 @@ def check_generator(name_or_path: str, reencode: bool = False) -> None:
     if reencode and families[kind] is not TokenClipGenerator:
         raise ValueError(
             f"reencode applies to token models only; {name_or_path} is a diffusion model"
+        )
+    if contrast not in (None, 1) and families[kind] is TokenClipGenerator:
+        raise ValueError(
+            f"contrast applies to diffusion models only; {name_or_path} is a token model"
         )
 
 

@@ -42,7 +42,12 @@ class GenerationRequest:
     of the output file. temperature, top_k (0 = off), top_p (1 = off): token sampling —
     ignored by diffusion models. reencode: token models only — each sampled clip is decoded
     and tokenised again before it becomes context, and the new tokens are what the stream
-    emits (about half the speed; closer to the videos the model was trained on).
+    emits (about half the speed; closer to the videos the model was trained on). contrast:
+    diffusion models only — each generated frame's latent deviations from its per-channel
+    spatial median are scaled by this factor before the clip is emitted and written to the
+    context (> 1 counters the contrast a clip loses against its context, which compounds
+    into objects fading over long videos); None = the model's own default (its checkpoint
+    card's ``contrast``, else 1 = off).
     """
 
     model: str = "ca2vdm-tiny"
@@ -59,6 +64,7 @@ class GenerationRequest:
     top_k: int = 0
     top_p: float = 1.0
     reencode: bool = False
+    contrast: float | None = None
 
     def __post_init__(self) -> None:
         self.frames = _integer("frames", self.frames, 1)
@@ -82,6 +88,10 @@ class GenerationRequest:
         if not isinstance(self.reencode, bool | np.bool_):
             raise ValueError(f"reencode must be true or false, got {self.reencode!r}")
         self.reencode = bool(self.reencode)
+        if self.contrast is not None:
+            self.contrast = float(_number("contrast", self.contrast))
+            if not self.contrast > 0:
+                raise ValueError(f"contrast must be > 0 (1 = off), got {self.contrast}")
         if self.actions is not None:
             self.actions = np.asarray(self.actions)
             if self.actions.ndim == 0 or len(self.actions) != self.frames:
@@ -146,6 +156,8 @@ class GenerationRequest:
             del out["context_action"]
         if not self.reencode:
             del out["reencode"]
+        if self.contrast is None:
+            del out["contrast"]
         out["context"] = None
         return out
 

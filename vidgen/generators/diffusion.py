@@ -9,6 +9,7 @@ reading its stream's cached context; then one batched write pass appends the new
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -31,7 +32,7 @@ from vidgen.generators.base import (
 from vidgen.models.ca2vdm import Ca2VDMConfig, CausalVideoDiT, Cond
 from vidgen.nn.cache import KVCache
 from vidgen.nn.conditioning import NULL
-from vidgen.sampling.flow import classifier_free, euler_sample, time_grid
+from vidgen.sampling.flow import classifier_free, euler_sample, scale_contrast, time_grid
 from vidgen.tokenizers.kl import KLAutoencoder, KLConfig
 
 
@@ -39,7 +40,8 @@ class DiffusionClipGenerator:
     """Streams of clips from a ``CausalVideoDiT`` in the latent space of a ``KLAutoencoder``.
 
     ``max_streams`` sizes the preallocated cache (the actor's memory budget); ``time_shift``
-    is the sampler's schedule shift.
+    is the sampler's schedule shift; ``contrast`` the default of requests that leave theirs
+    unset (``GenerationRequest.contrast``; a checkpoint card's ``contrast`` when loaded).
     """
 
     family = "diffusion"
@@ -52,7 +54,11 @@ class DiffusionClipGenerator:
         device: torch.device | str = "cpu",
         time_shift: float = 1.0,
         name: str = "",
+        contrast: float = 1.0,
     ) -> None:
+        if not (isinstance(contrast, int | float) and math.isfinite(contrast) and contrast > 0):
+            raise ValueError(f"contrast must be a finite number > 0 (1 = off), got {contrast!r}")
+        self.contrast = float(contrast)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.autoencoder = autoencoder.to(self.device).eval()
@@ -79,7 +85,10 @@ class DiffusionClipGenerator:
         autoencoder = KLAutoencoder(tok.config_as(KLConfig))
         tok.load_into(autoencoder)
         check_tokenizer(str(name_or_path), ckpt.card, tok_name, autoencoder.encoder_fingerprint())
-        return cls(model, autoencoder, max_streams, device, name=str(name_or_path))
+        contrast = ckpt.card.get("contrast", 1.0)
+        return cls(
+            model, autoencoder, max_streams, device, name=str(name_or_path), contrast=contrast
+        )
 
     # --- streams ----------------------------------------------------------------------
 
@@ -195,6 +204,12 @@ class DiffusionClipGenerator:
             return classifier_free(v_c, v_u, scale.view(-1, 1, 1, 1, 1))
 
         latents = euler_sample(denoiser, noise, time_grid(steps, self.time_shift))
+        contrast = [
+            self.contrast if s.request.contrast is None else s.request.contrast for s in streams
+        ]
+        if any(c != 1 for c in contrast):  # before the write: the context sees it too
+            factor = torch.tensor(contrast, device=self.device, dtype=latents.dtype)
+            latents = scale_contrast(latents, factor)
         self._write(streams, latents, clips)
         result = []
         for s, lat in zip(streams, latents, strict=True):

@@ -113,6 +113,11 @@ class TokenClipGenerator:
 
     def _check(self, request: GenerationRequest) -> int:
         cfg = self.config
+        if request.contrast not in (None, 1):
+            raise ValueError(
+                f"contrast applies to diffusion models only; {self.name or 'this model'} is a "
+                f"token model (got contrast={request.contrast})"
+            )
         check_frames_and_label(request, self.clip_len, cfg.num_classes)
         check_actions(request, cfg.num_actions, cfg.action_dim)
         if request.context is not None:

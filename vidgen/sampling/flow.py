@@ -55,3 +55,14 @@ def classifier_free(
 ) -> torch.Tensor:
     """Guided prediction u + scale (c - u); scale 1 is the conditional prediction."""
     return unconditional + scale * (conditional - unconditional)
+
+
+def scale_contrast(latents: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Each frame's deviations from its per-channel spatial median scaled by ``factor`` (b,):
+    latents (b, frames, c, y, x). The median (a frame's background, where objects are small)
+    stays; rows of factor 1 are returned exactly as they were."""
+    if latents.ndim != 5:
+        raise ValueError(f"latents must be (b, frames, c, y, x), got shape {tuple(latents.shape)}")
+    factor = factor.reshape(-1, 1, 1, 1, 1)
+    median = latents.flatten(3).median(dim=3).values[..., None, None]
+    return torch.where(factor == 1, latents, median + factor * (latents - median))

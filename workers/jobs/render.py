@@ -69,8 +69,9 @@ def parse_manifest(path: Path, out: Path, max_frames: int) -> list[Item]:
             request = GenerationRequest.from_json(data)
             if request.frames > max_frames:
                 raise ValueError(f"frames={request.frames} is over --max-frames={max_frames}")
-            # Unknown models, not generators, or reencode for a diffusion model fail here.
-            check_generator(request.model, request.reencode)
+            # Unknown models, not generators, reencode for a diffusion model or contrast for
+            # a token model fail here.
+            check_generator(request.model, request.reencode, request.contrast)
             if context is not None and not Path(context).expanduser().is_file():
                 raise ValueError(f"context {context!r} is not a file")
             item.request, item.context = request, context
