@@ -13,9 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 quality = pytest.importorskip("quality")
 
 
-@pytest.mark.parametrize("family", ["diffusion", "tokens"])
-def test_quality_continues_real_videos_of_the_models_size(family, tmp_path, monkeypatch):
-    path = save_test_generators(tmp_path)[family]
+def spy_requests(monkeypatch) -> list:
+    """The requests quality.py makes from now on, in order."""
     requests = []
     real_generate = quality.generate_video
 
@@ -24,6 +23,13 @@ def test_quality_continues_real_videos_of_the_models_size(family, tmp_path, monk
         return real_generate(gen, request)
 
     monkeypatch.setattr(quality, "generate_video", spy)
+    return requests
+
+
+@pytest.mark.parametrize("family", ["diffusion", "tokens"])
+def test_quality_continues_real_videos_of_the_models_size(family, tmp_path, monkeypatch):
+    path = save_test_generators(tmp_path)[family]
+    requests = spy_requests(monkeypatch)
     clip = quality.load_generator(path).clip_len
     out = quality.evaluate_model(path, 2 * clip, [2], [0, 1], 2, 1.0, context=clip)
     assert [r.seed for r in requests] == [0, 1]
@@ -48,14 +54,7 @@ def test_quality_asks_diffusion_models_for_the_contrast_and_reports_it(
     family, tmp_path, monkeypatch
 ):
     path = save_test_generators(tmp_path)[family]
-    requests = []
-    real_generate = quality.generate_video
-
-    def spy(gen, request):
-        requests.append(request)
-        return real_generate(gen, request)
-
-    monkeypatch.setattr(quality, "generate_video", spy)
+    requests = spy_requests(monkeypatch)
     clip = quality.load_generator(path).clip_len
     out = quality.evaluate_model(path, 2 * clip, [1], [0], 2, 1.0, contrast=1.5)
     if family == "diffusion":
