@@ -163,8 +163,8 @@ EOF
 # leave most of it idle): ca2vdm-tiny for SECONDS; larp-tiny for SECONDS/2, then nbp-tiny on
 # that new LARP for SECONDS/2 (a pair to ship together); nbp-tiny on the shipped larp-tiny
 # (or $NBP_TOKENIZER) for SECONDS. Then, side by side, benchmarks/quality.py on the new
-# generators and benchmarks/tokenizer.py on the new LARP. Each lane's output is in $OUT/<lane>.log and its
-# model in $OUT/<lane>/ (run folders: $RUNS/gpu-<lane>, default runs/); a failed lane does
+# generators and benchmarks/tokenizer.py on the new LARP. Each lane's output is in
+# $OUT/<lane>.log and its model in $OUT/<lane>/ (run folders: $RUNS/gpu-<lane>, default runs/); a failed lane does
 # not stop the others (the exit status says one failed). Extra overrides per family: $CA2VDM_OVERRIDES, $LARP_OVERRIDES, $NBP_OVERRIDES
 # (space-separated words).
 all() {
