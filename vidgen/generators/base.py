@@ -89,9 +89,7 @@ class GenerationRequest:
             raise ValueError(f"reencode must be true or false, got {self.reencode!r}")
         self.reencode = bool(self.reencode)
         if self.contrast is not None:
-            self.contrast = float(_number("contrast", self.contrast))
-            if not self.contrast > 0:
-                raise ValueError(f"contrast must be > 0 (1 = off), got {self.contrast}")
+            self.contrast = check_contrast(self.contrast)
         if self.actions is not None:
             self.actions = np.asarray(self.actions)
             if self.actions.ndim == 0 or len(self.actions) != self.frames:
@@ -403,6 +401,15 @@ def _number(name: str, value: Any) -> float:
     if not np.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return int(value) if isinstance(value, int | np.integer) else float(value)
+
+
+def check_contrast(value: Any) -> float:
+    """A latent contrast factor (``GenerationRequest.contrast``, a model's default): a finite
+    number > 0, as a float."""
+    value = float(_number("contrast", value))
+    if not value > 0:
+        raise ValueError(f"contrast must be > 0 (1 = off), got {value}")
+    return value
 
 
 def derived_seed(seed: int, clip: int, purpose: str) -> int:

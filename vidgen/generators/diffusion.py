@@ -9,7 +9,6 @@ reading its stream's cached context; then one batched write pass appends the new
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,6 +23,7 @@ from vidgen.generators.base import (
     Stream,
     StreamSnapshot,
     check_actions,
+    check_contrast,
     check_frames_and_label,
     check_tokenizer,
     leading_actions,
@@ -56,9 +56,7 @@ class DiffusionClipGenerator:
         name: str = "",
         contrast: float = 1.0,
     ) -> None:
-        if not (isinstance(contrast, int | float) and math.isfinite(contrast) and contrast > 0):
-            raise ValueError(f"contrast must be a finite number > 0 (1 = off), got {contrast!r}")
-        self.contrast = float(contrast)
+        self.contrast = check_contrast(contrast)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.autoencoder = autoencoder.to(self.device).eval()
