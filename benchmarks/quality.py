@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/quality.py [--models ca2vdm-tiny,nbp-tiny] [--frames 512]
                                     [--labels 1,2,3,4] [--seeds 0] [--steps 12]
-                                    [--guidance 2] [--temperature 1] [--top-k 0] [--top-p 1]
+                                    [--guidance G] [--temperature 1] [--top-k 0] [--top-p 1]
                                     [--device cpu] [--context 0] [--reencode]
                                     [--contrast C]
 
@@ -68,7 +68,7 @@ def evaluate_model(
     labels: list[int],
     seeds: list[int],
     steps: int,
-    guidance: float,
+    guidance: float | None,
     device: str = "cpu",
     context: int = 0,
     reencode: bool = False,
@@ -118,7 +118,9 @@ def evaluate_model(
     summary["seam_ratio_infinite"] = sum(r.get("seam_ratio") == float("inf") for r in rows)
     summary["frames_per_s"] = round(frames * len(labels) * len(seeds) / seconds, 2)
     summary["sha256"] = checkpoint.file_sha256(checkpoint.resolve(name))[:16]
-    if gen.family == "diffusion":  # what was used: the request's, else the model's default
+    # What was used: the request's, else the model's default.
+    summary["guidance"] = gen.guidance if guidance is None else guidance
+    if gen.family == "diffusion":
         summary["contrast"] = gen.contrast if contrast is None else contrast
     return {"summary": summary, "per_label": per_label}
 
@@ -181,7 +183,9 @@ def main() -> None:
     parser.add_argument("--labels", default="1,2,3,4")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument(
+        "--guidance", type=float, default=None, help="default: each model's own (its card's)"
+    )
     parser.add_argument("--temperature", type=float, default=1.0, help="token models")
     parser.add_argument("--top-k", type=int, default=0, help="token models; 0 = off")
     parser.add_argument("--top-p", type=float, default=1.0, help="token models; 1 = off")

@@ -390,15 +390,24 @@ def test_reencode_is_for_token_models_only():
 
 def test_request_fingerprints_stay_as_recorded():
     """Render folders and sidecars made before a field was added still resume: requests
-    that leave new fields at their defaults keep the fingerprints recorded on 2026-11-29."""
+    that leave new fields at their defaults keep the fingerprints recorded on 2026-11-29.
+    The guidance default moved from 2 to the model's own on 2026-11-30: those requests keep
+    theirs with an explicit guidance=2 (an unset guidance is a new request, with no key)."""
     acts = np.arange(64) % 5
-    assert GenerationRequest(frames=8).fingerprint() == (
+    assert GenerationRequest(frames=8, guidance=2.0).fingerprint() == (
         "6b759d9cb6eff0851f97c83554da6af1acb10aaa9858f5aba966ea35dd340e68"
     )
+    assert GenerationRequest(frames=8, guidance=1).fingerprint() == (
+        "f0b16ff2bb9203e6150fbd1d3226b3a7b7b7e8334085d55c666d8fa44e88c6ea"
+    )
     req = GenerationRequest(
-        model="nbp-tiny", frames=64, seed=3, label=2, actions=acts, temperature=0.7
+        model="nbp-tiny", frames=64, seed=3, label=2, actions=acts, temperature=0.7, guidance=2.0
     )
     assert req.fingerprint() == "bc0f506445f34a1e1f5574591f35fa933b8dc8975bca3f7d2dacad273f76622d"
+    unset = GenerationRequest(frames=8)
+    assert "guidance" not in unset.to_json()
+    assert GenerationRequest.from_json(unset.to_json()).guidance is None
+    assert unset.fingerprint() != GenerationRequest(frames=8, guidance=2.0).fingerprint()
 
 
 def test_scale_contrast_scales_deviations_from_each_frames_median():
@@ -492,3 +501,35 @@ def test_contrast_is_checked_and_for_diffusion_models_only():
     on = GenerationRequest(frames=8, contrast=1.2)
     assert GenerationRequest.from_json(on.to_json()).contrast == 1.2
     assert on.fingerprint() != GenerationRequest(frames=8).fingerprint()
+
+
+def test_unset_guidance_is_the_models_default(family):
+    """A request without guidance takes its generator's (its card's ``guidance``, else 2): the
+    same clips as asking for that value, on both families (the token family's second,
+    unconditional cache slot included)."""
+    gen = make_generator(family)
+    assert gen.guidance == 2.0
+    unset = clips_of(gen, request_for(gen, guidance=None, frames=3 * gen.clip_len))
+    assert torch.equal(unset, clips_of(gen, request_for(gen, frames=3 * gen.clip_len)))
+    gen.guidance = 1.0
+    off = clips_of(gen, request_for(gen, guidance=None, frames=3 * gen.clip_len))
+    assert torch.equal(off, clips_of(gen, request_for(gen, guidance=1.0, frames=3 * gen.clip_len)))
+    assert not torch.equal(off, unset)
+    assert torch.equal(clips_of(gen, request_for(gen, frames=3 * gen.clip_len)), unset)
+
+
+def test_guidance_default_comes_from_the_card_and_is_checked(tmp_path):
+    from tests.models import save_test_generators
+    from vidgen import checkpoint
+    from vidgen.generators import load_generator
+
+    for path in save_test_generators(tmp_path).values():
+        assert load_generator(path).guidance == 2.0  # a card without one
+        checkpoint.update_card(path, {"guidance": 1.5})
+        assert load_generator(path).guidance == 1.5
+        checkpoint.update_card(path, {"guidance": -1})
+        with pytest.raises(ValueError, match="guidance must be >= 0"):
+            load_generator(path)
+    for bad, message in [(-0.5, "guidance must be >= 0"), ("2", "guidance must be a number")]:
+        with pytest.raises(ValueError, match=message):
+            GenerationRequest(frames=8, guidance=bad)

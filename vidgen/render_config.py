@@ -16,10 +16,10 @@ class RenderConfig:
     """``model``: shipped name or checkpoint path; ``label``: class (the number of shapes for
     the bouncing models) or null; ``actions``: a .npy of per-frame actions; ``context``: an
     mp4 to continue (resized and centre-cropped to the model's frame size); ``reencode``: token
-    models re-tokenise each sampled clip before it becomes context; ``contrast``: diffusion
+    models re-tokenise each sampled clip before it becomes context; ``guidance``: the
+    classifier-free guidance scale (null = the model's default); ``contrast``: diffusion
     models scale each new clip's latent contrast by it (null = the model's default);
-    ``address``:
-    ``""`` starts a local Ray instance, ``auto`` joins a running cluster, ``ray://host:port``
+    ``address``: ``""`` starts a local Ray instance, ``auto`` joins a running cluster, ``ray://host:port``
     connects a client."""
 
     model: str = "ca2vdm-tiny"
@@ -28,7 +28,7 @@ class RenderConfig:
     label: int | None = None
     actions: str | None = None
     context: str | None = None
-    guidance: float = 2.0
+    guidance: float | None = None
     steps: int = 12
     temperature: float = 1.0
     top_k: int = 0

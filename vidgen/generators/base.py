@@ -24,6 +24,8 @@ import numpy as np
 import torch
 
 MIN_FPS = 1 / 1001  # the lowest frame rate an mp4 of vidgen can carry
+# The guidance of requests that leave it unset, on a model whose card names none.
+DEFAULT_GUIDANCE = 2.0
 
 
 @dataclass
@@ -31,23 +33,23 @@ class GenerationRequest:
     """One video to generate.
 
     frames: new frames to make (a multiple of the model's clip length). label: class label
-    (BouncingShapes: the number of shapes) or None. actions: per frame, action t acting
-    between frame t and t+1: int (frames,) for discrete actions or float (frames, A) for
-    continuous ones, frames counted from the first *new* frame. So new frame t is made
-    under action t-1, and the last action acts after the video ends; new frame 0 is made
-    under ``context_action`` (the action between the context's last frame and it; only with
-    ``context`` and ``actions``), or the null action when it is unset. context: uint8 frames
-    (T, H, W, 3) to continue from (whole clips). guidance: classifier-free guidance scale
-    (1 = off). steps: denoising steps per clip (diffusion) — ignored by token models. fps:
-    of the output file. temperature, top_k (0 = off), top_p (1 = off): token sampling —
-    ignored by diffusion models. reencode: token models only — each sampled clip is decoded
-    and tokenised again before it becomes context, and the new tokens are what the stream
-    emits (about half the speed; closer to the videos the model was trained on). contrast:
-    diffusion models only — each generated frame's latent deviations from its per-channel
-    spatial median are scaled by this factor before the clip is emitted and written to the
-    context (> 1 counters the contrast a clip loses against its context, which compounds
-    into objects fading over long videos); None = the model's own default (its checkpoint
-    card's ``contrast``, else 1 = off).
+    (BouncingShapes: the number of shapes) or None. actions: per frame, action t acting between
+    frame t and t+1: int (frames,) for discrete actions or float (frames, A) for continuous
+    ones, frames counted from the first *new* frame. So new frame t is made under action t-1,
+    and the last action acts after the video ends; new frame 0 is made under ``context_action``
+    (the action between the context's last frame and it; only with ``context`` and ``actions``),
+    or the null action when it is unset. context: uint8 frames (T, H, W, 3) to continue from
+    (whole clips). guidance: classifier-free guidance scale (1 = off); None = the model's own
+    default (its checkpoint card's ``guidance``, else ``DEFAULT_GUIDANCE`` = 2). steps:
+    denoising steps per clip (diffusion) — ignored by token models. fps: of the output file.
+    temperature, top_k (0 = off), top_p (1 = off): token sampling — ignored by diffusion models.
+    reencode: token models only — each sampled clip is decoded and tokenised again before it
+    becomes context, and the new tokens are what the stream emits (about half the speed; closer
+    to the videos the model was trained on). contrast: diffusion models only — each generated
+    frame's latent deviations from its per-channel spatial median are scaled by this factor
+    before the clip is emitted and written to the context (> 1 counters the contrast a clip
+    loses against its context, which compounds into objects fading over long videos); None = the
+    model's own default (its checkpoint card's ``contrast``, else 1 = off).
     """
 
     model: str = "ca2vdm-tiny"
@@ -57,7 +59,7 @@ class GenerationRequest:
     actions: Any = None
     context: Any = None
     context_action: Any = None
-    guidance: float = 2.0
+    guidance: float | None = None
     steps: int = 12
     fps: int = 8
     temperature: float = 1.0
@@ -73,9 +75,8 @@ class GenerationRequest:
         self.top_k = _integer("top_k", self.top_k, 0)
         if self.label is not None:
             self.label = _integer("label", self.label, 0)
-        self.guidance = _number("guidance", self.guidance)
-        if self.guidance < 0:
-            raise ValueError(f"guidance must be >= 0, got {self.guidance}")
+        if self.guidance is not None:
+            self.guidance = check_guidance(self.guidance)
         self.fps = _number("fps", self.fps)
         if self.fps < MIN_FPS:  # mp4 time bases have denominators up to 1001
             raise ValueError(f"fps must be >= 1/1001 (one frame per 1001 s), got {self.fps}")
@@ -156,6 +157,11 @@ class GenerationRequest:
             del out["reencode"]
         if self.contrast is None:
             del out["contrast"]
+        # Until 2026-11-30 the default guidance was 2 for every model and was written out;
+        # a request that leaves it to the model has no such key (an explicit 2 keeps the
+        # fingerprint it had, so ``guidance=2`` resumes a render folder started before).
+        if self.guidance is None:
+            del out["guidance"]
         out["context"] = None
         return out
 
@@ -284,6 +290,7 @@ class ClipGenerator(Protocol):
     """What actors, the orchestrator and the envs rely on (both families implement it)."""
 
     clip_len: int
+    guidance: float  # the guidance of requests that leave theirs unset
 
     def open(self, request: GenerationRequest) -> Stream: ...
 
@@ -401,6 +408,21 @@ def _number(name: str, value: Any) -> float:
     if not np.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return int(value) if isinstance(value, int | np.integer) else float(value)
+
+
+def check_guidance(value: Any) -> float:
+    """A classifier-free guidance scale (``GenerationRequest.guidance``, a model's default):
+    a finite number >= 0 (1 = off)."""
+    value = _number("guidance", value)
+    if value < 0:
+        raise ValueError(f"guidance must be >= 0 (1 = off), got {value}")
+    return value
+
+
+def guidance_of(request: GenerationRequest, default: float) -> float:
+    """The guidance scale a stream of ``request`` uses on a model whose default is
+    ``default``."""
+    return default if request.guidance is None else request.guidance
 
 
 def check_contrast(value: Any) -> float:

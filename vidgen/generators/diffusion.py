@@ -17,6 +17,7 @@ import torch
 from vidgen import checkpoint
 from vidgen.data.worlds import to_model_range, to_uint8
 from vidgen.generators.base import (
+    DEFAULT_GUIDANCE,
     Clip,
     ClipLatents,
     GenerationRequest,
@@ -25,7 +26,9 @@ from vidgen.generators.base import (
     check_actions,
     check_contrast,
     check_frames_and_label,
+    check_guidance,
     check_tokenizer,
+    guidance_of,
     leading_actions,
     seeded,
 )
@@ -40,8 +43,9 @@ class DiffusionClipGenerator:
     """Streams of clips from a ``CausalVideoDiT`` in the latent space of a ``KLAutoencoder``.
 
     ``max_streams`` sizes the preallocated cache (the actor's memory budget); ``time_shift``
-    is the sampler's schedule shift; ``contrast`` the default of requests that leave theirs
-    unset (``GenerationRequest.contrast``; a checkpoint card's ``contrast`` when loaded).
+    is the sampler's schedule shift; ``guidance`` and ``contrast`` the defaults of requests
+    that leave theirs unset (``GenerationRequest``; a checkpoint card's ``guidance`` and
+    ``contrast`` when loaded).
     """
 
     family = "diffusion"
@@ -55,8 +59,10 @@ class DiffusionClipGenerator:
         time_shift: float = 1.0,
         name: str = "",
         contrast: float = 1.0,
+        guidance: float = DEFAULT_GUIDANCE,
     ) -> None:
         self.contrast = check_contrast(contrast)
+        self.guidance = check_guidance(guidance)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.autoencoder = autoencoder.to(self.device).eval()
@@ -83,9 +89,14 @@ class DiffusionClipGenerator:
         autoencoder = KLAutoencoder(tok.config_as(KLConfig))
         tok.load_into(autoencoder)
         check_tokenizer(str(name_or_path), ckpt.card, tok_name, autoencoder.encoder_fingerprint())
-        contrast = ckpt.card.get("contrast", 1.0)
         return cls(
-            model, autoencoder, max_streams, device, name=str(name_or_path), contrast=contrast
+            model,
+            autoencoder,
+            max_streams,
+            device,
+            name=str(name_or_path),
+            contrast=ckpt.card.get("contrast", 1.0),
+            guidance=ckpt.card.get("guidance", DEFAULT_GUIDANCE),
         )
 
     # --- streams ----------------------------------------------------------------------
@@ -178,7 +189,9 @@ class DiffusionClipGenerator:
         ).to(self.device)
         labels, actions = self._labels(streams), self._actions(streams, clips)
         slots = [s.slot for s in streams]
-        scale = torch.tensor([s.request.guidance for s in streams], device=self.device)
+        scale = torch.tensor(
+            [guidance_of(s.request, self.guidance) for s in streams], device=self.device
+        )
         guided = (labels is not None or actions is not None) and bool((scale != 1).any())
 
         # The cache is read (and its keys rotated) once; every Euler step shares it.

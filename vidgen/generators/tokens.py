@@ -26,6 +26,7 @@ import torch
 from vidgen import checkpoint
 from vidgen.data.worlds import to_model_range, to_uint8
 from vidgen.generators.base import (
+    DEFAULT_GUIDANCE,
     Clip,
     ClipLatents,
     GenerationRequest,
@@ -33,7 +34,9 @@ from vidgen.generators.base import (
     StreamSnapshot,
     check_actions,
     check_frames_and_label,
+    check_guidance,
     check_tokenizer,
+    guidance_of,
     leading_actions,
     seeded,
 )
@@ -75,6 +78,7 @@ class TokenClipGenerator:
         max_streams: int = 8,
         device: torch.device | str = "cpu",
         name: str = "",
+        guidance: float = DEFAULT_GUIDANCE,
     ) -> None:
         cfg: NBPConfig = model.config
         tok = tokenizer.config
@@ -89,6 +93,7 @@ class TokenClipGenerator:
         self.config = cfg
         self.clip_len = tok.frames
         self.name = name
+        self.guidance = check_guidance(guidance)
         size = tokenizer.autoencoder.config.image_size if tokenizer.autoencoder else tok.size
         self.frame_shape = (size, size, 3)
         # Guided streams use two slots, so the cache holds twice the streams it serves.
@@ -107,7 +112,8 @@ class TokenClipGenerator:
         tok_name = ckpt.card.get("tokenizer", "larp-tiny")
         tokenizer = LARPVideoTokenizer.from_pretrained(tok_name)
         check_tokenizer(str(name_or_path), ckpt.card, tok_name, tokenizer.encoder_fingerprint())
-        return cls(model, tokenizer, max_streams, device, name=str(name_or_path))
+        guidance = ckpt.card.get("guidance", DEFAULT_GUIDANCE)
+        return cls(model, tokenizer, max_streams, device, name=str(name_or_path), guidance=guidance)
 
     # --- streams ------------------------------------------------------------------------
 
@@ -131,7 +137,7 @@ class TokenClipGenerator:
 
     def _guided(self, request: GenerationRequest) -> bool:
         has_cond = request.label is not None or request.actions is not None
-        return has_cond and request.guidance != 1.0
+        return has_cond and guidance_of(request, self.guidance) != 1.0
 
     def open(self, request: GenerationRequest) -> Stream:
         num_clips = self._check(request)
@@ -222,7 +228,9 @@ class TokenClipGenerator:
         clip_cond = self.model.clip_condition(cond, len(slots), self.device)
         owner = self._owners(streams)
         prev = torch.stack([self._rows[streams[i].id].prev for i in owner]).to(self.device)
-        scale = torch.tensor([s.request.guidance for s in streams], device=self.device)
+        scale = torch.tensor(
+            [guidance_of(s.request, self.guidance) for s in streams], device=self.device
+        )
         partial, made = Partial(), []
         context = self.model.prepare_context(self.cache, slots)  # shared by all block steps
         for j in range(cfg.blocks_per_clip):
