@@ -111,8 +111,20 @@ def flow_matching_loss(
         clean = torch.where(pick, own, latents)
     context = add_noise(clean, context_noise, t_context)
     pred = predict(context, noisy, t_frames, drop_label, drop_action)
-    loss = F.mse_loss(pred[:, total:], velocity_target(latents, noise))
+    target = velocity_target(latents, noise)
+    if cfg.fg_weight == 1.0 or held_out:  # held out: the plain loss, comparable across runs
+        return {"loss": F.mse_loss(pred[:, total:], target)}
+    weight = foreground_weight(latents, cfg.fg_weight, cfg.fg_threshold)
+    loss = (weight * (pred[:, total:] - target) ** 2).mean() / weight.mean()
     return {"loss": loss}
+
+
+def foreground_weight(latents: torch.Tensor, weight: float, threshold: float) -> torch.Tensor:
+    """(..., 1, y, x) loss weights of clean latents (..., c, y, x): ``weight`` where some
+    channel is further than ``threshold`` from its frame's spatial median, 1 elsewhere."""
+    median = latents.flatten(-2).median(dim=-1).values[..., None, None]
+    foreground = (latents - median).abs().amax(dim=-3, keepdim=True) > threshold
+    return 1.0 + (weight - 1.0) * foreground.to(latents.dtype)
 
 
 def batch_condition(
