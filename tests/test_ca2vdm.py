@@ -344,23 +344,14 @@ def test_context_noise_max_is_checked():
         dataclasses.replace(CFG, context_noise_max=1.0)
 
 
-def test_fg_weight_weights_the_flow_loss_towards_foreground_positions(monkeypatch):
-    """With fg_weight w, positions where a clean latent channel is further than fg_threshold
-    from its frame's per-channel median get w times the weight of the rest, normalised by the
-    mean weight; off (1) and held out, the loss is the plain mean squared error, drawing
-    exactly what it drew before."""
+def test_foreground_weight_weights_the_flow_loss_towards_objects(monkeypatch):
+    """With foreground_weight w, latent positions whose summed channel distance from their
+    frame's per-channel median exceeds foreground_threshold weigh 1 + w times the rest,
+    normalised to mean 1; off (0) and held out, the loss is the plain mean squared error,
+    drawing exactly what it drew before the option existed."""
     import dataclasses
 
     from vidgen.sampling.flow import velocity_target
-    from vidgen.train.diffusion import foreground_weight
-
-    x = torch.zeros(2, 2 * L, CFG.latent_channels, CFG.latent_size, CFG.latent_size)
-    x[:, :, 2, 1, 3] = 0.8  # one object position per frame, in one channel
-    x[0, 0, 0, 0, 0] = -0.4  # under the threshold: background
-    w = foreground_weight(x, 4.0, 0.5)
-    assert w.shape == (2, 2 * L, 1, CFG.latent_size, CFG.latent_size)
-    assert (w[:, :, 0, 1, 3] == 4).all() and w.sum() == 2 * 2 * L * (CFG.latent_size**2 + 3)
-    assert (foreground_weight(x, 4.0, 0.9) == 1).all()
 
     calls = []
     original = CausalVideoDiT.forward_history
@@ -371,11 +362,12 @@ def test_fg_weight_weights_the_flow_loss_towards_foreground_positions(monkeypatc
         return out
 
     monkeypatch.setattr(CausalVideoDiT, "forward_history", spy)
-    total = 2 * L
-    x = latents(total, seed=8, batch=2)
-    x[:, :, 1, 0, 1] += 3.0  # a bright object position
+    total, size = 2 * L, CFG.latent_size
+    x = 0.1 * latents(total, seed=8, batch=2)  # background: within 1 of the median
+    x[:, :, 1, 0, 1] += 3.0  # one bright object position per frame
+    x[0, 0, 2, 3, 3] = 0.7  # under the threshold: background
     labels = torch.tensor([1, 3])
-    on = randomize_(CausalVideoDiT(dataclasses.replace(CFG, fg_weight=5.0)), seed=4)
+    on = randomize_(CausalVideoDiT(dataclasses.replace(CFG, foreground_weight=4.0)), seed=4)
     off = randomize_(CausalVideoDiT(CFG), seed=4)
     loss_on = flow_matching_loss(on, x, torch.Generator().manual_seed(0), labels=labels)["loss"]
     loss_off = flow_matching_loss(off, x, torch.Generator().manual_seed(0), labels=labels)["loss"]
@@ -385,13 +377,15 @@ def test_fg_weight_weights_the_flow_loss_towards_foreground_positions(monkeypatc
     noise = (x_on[:, total:] - (1 - t) * x) / t
     se = (v_on[:, total:] - velocity_target(x, noise)) ** 2
     torch.testing.assert_close(loss_off, se.mean())
-    weight = foreground_weight(x, 5.0, CFG.fg_threshold)
-    assert 1 < weight.mean() < 5
-    torch.testing.assert_close(loss_on, (weight * se).mean() / weight.mean())
+    # Per frame: 63 background positions of weight 1 and the object's of 5, over their mean.
+    weight = torch.ones(2, total, 1, size, size)
+    weight[:, :, 0, 0, 1] = 5.0
+    weight /= (size**2 + 4) / size**2
+    torch.testing.assert_close(loss_on, (weight * se).mean())
     assert not torch.allclose(loss_on, loss_off)
     held = flow_matching_loss(on, x, torch.Generator().manual_seed(0), labels, held_out=True)
     held_off = flow_matching_loss(off, x, torch.Generator().manual_seed(0), labels, held_out=True)
     torch.testing.assert_close(held["loss"], held_off["loss"])
-    for bad in (dict(fg_weight=0.5), dict(fg_threshold=0.0)):
-        with pytest.raises(ValueError, match="fg_"):
+    for bad in (dict(foreground_weight=-1.0), dict(foreground_threshold=0.0)):
+        with pytest.raises(ValueError, match="foreground_weight must be >= 0"):
             dataclasses.replace(CFG, **bad)

@@ -23,6 +23,7 @@ from vidgen.models.ca2vdm import Ca2VDMConfig, CausalVideoDiT, Cond, teacher_for
 from vidgen.models.nbp import NBPConfig
 from vidgen.nn.conditioning import NULL
 from vidgen.sampling.flow import add_noise, velocity_target
+from vidgen.tokenizers.kl import foreground_weights
 from vidgen.train.encoded import (
     EncodedClips,
     cache_path,
@@ -112,19 +113,12 @@ def flow_matching_loss(
     context = add_noise(clean, context_noise, t_context)
     pred = predict(context, noisy, t_frames, drop_label, drop_action)
     target = velocity_target(latents, noise)
-    if cfg.fg_weight == 1.0 or held_out:  # held out: the plain loss, comparable across runs
+    if not cfg.foreground_weight or held_out:  # held out: the plain loss, comparable across runs
         return {"loss": F.mse_loss(pred[:, total:], target)}
-    weight = foreground_weight(latents, cfg.fg_weight, cfg.fg_threshold)
-    loss = (weight * (pred[:, total:] - target) ** 2).mean() / weight.mean()
-    return {"loss": loss}
-
-
-def foreground_weight(latents: torch.Tensor, weight: float, threshold: float) -> torch.Tensor:
-    """(..., 1, y, x) loss weights of clean latents (..., c, y, x): ``weight`` where some
-    channel is further than ``threshold`` from its frame's spatial median, 1 elsewhere."""
-    median = latents.flatten(-2).median(dim=-1).values[..., None, None]
-    foreground = (latents - median).abs().amax(dim=-3, keepdim=True) > threshold
-    return 1.0 + (weight - 1.0) * foreground.to(latents.dtype)
+    weight = foreground_weights(
+        latents.flatten(0, 1), cfg.foreground_weight, cfg.foreground_threshold
+    ).view(b, total, 1, *latents.shape[-2:])
+    return {"loss": (weight * (pred[:, total:] - target) ** 2).mean()}
 
 
 def batch_condition(
