@@ -19,8 +19,8 @@ class RenderConfig:
     models re-tokenise each sampled clip before it becomes context; ``guidance``: the
     classifier-free guidance scale (null = the model's default); ``contrast``: diffusion
     models scale each new clip's latent contrast by it (null = the model's default);
-    ``address``: ``""`` starts a local Ray instance, ``auto`` joins a running cluster, ``ray://host:port``
-    connects a client."""
+    ``address``: ``""`` starts a local Ray instance, ``auto`` joins a running cluster,
+    ``ray://host:port`` connects a client."""
 
     model: str = "ca2vdm-tiny"
     frames: int = 256

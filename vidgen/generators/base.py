@@ -419,10 +419,11 @@ def check_guidance(value: Any) -> float:
     return value
 
 
-def guidance_of(request: GenerationRequest, default: float) -> float:
-    """The guidance scale a stream of ``request`` uses on a model whose default is
-    ``default``."""
-    return default if request.guidance is None else request.guidance
+def setting(request: GenerationRequest, name: str, default: float) -> float:
+    """The value of a request's optional setting (``guidance``, ``contrast``) a stream uses on
+    a model whose default is ``default``: the request's own, else the model's."""
+    value = getattr(request, name)
+    return default if value is None else value
 
 
 def check_contrast(value: Any) -> float:

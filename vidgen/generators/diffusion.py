@@ -28,9 +28,9 @@ from vidgen.generators.base import (
     check_frames_and_label,
     check_guidance,
     check_tokenizer,
-    guidance_of,
     leading_actions,
     seeded,
+    setting,
 )
 from vidgen.models.ca2vdm import Ca2VDMConfig, CausalVideoDiT, Cond
 from vidgen.nn.cache import KVCache
@@ -190,7 +190,7 @@ class DiffusionClipGenerator:
         labels, actions = self._labels(streams), self._actions(streams, clips)
         slots = [s.slot for s in streams]
         scale = torch.tensor(
-            [guidance_of(s.request, self.guidance) for s in streams], device=self.device
+            [setting(s.request, "guidance", self.guidance) for s in streams], device=self.device
         )
         guided = (labels is not None or actions is not None) and bool((scale != 1).any())
 
@@ -215,9 +215,7 @@ class DiffusionClipGenerator:
             return classifier_free(v_c, v_u, scale.view(-1, 1, 1, 1, 1))
 
         latents = euler_sample(denoiser, noise, time_grid(steps, self.time_shift))
-        contrast = [
-            self.contrast if s.request.contrast is None else s.request.contrast for s in streams
-        ]
+        contrast = [setting(s.request, "contrast", self.contrast) for s in streams]
         if any(c != 1 for c in contrast):  # before the write: the context sees it too
             factor = torch.tensor(contrast, device=self.device, dtype=latents.dtype)
             latents = scale_contrast(latents, factor)

@@ -36,9 +36,9 @@ from vidgen.generators.base import (
     check_frames_and_label,
     check_guidance,
     check_tokenizer,
-    guidance_of,
     leading_actions,
     seeded,
+    setting,
 )
 from vidgen.models.nbp import ClipCond, NBPConfig, NextBlockTransformer, Partial
 from vidgen.nn.cache import KVCache
@@ -137,7 +137,7 @@ class TokenClipGenerator:
 
     def _guided(self, request: GenerationRequest) -> bool:
         has_cond = request.label is not None or request.actions is not None
-        return has_cond and guidance_of(request, self.guidance) != 1.0
+        return has_cond and setting(request, "guidance", self.guidance) != 1.0
 
     def open(self, request: GenerationRequest) -> Stream:
         num_clips = self._check(request)
@@ -229,7 +229,7 @@ class TokenClipGenerator:
         owner = self._owners(streams)
         prev = torch.stack([self._rows[streams[i].id].prev for i in owner]).to(self.device)
         scale = torch.tensor(
-            [guidance_of(s.request, self.guidance) for s in streams], device=self.device
+            [setting(s.request, "guidance", self.guidance) for s in streams], device=self.device
         )
         partial, made = Partial(), []
         context = self.model.prepare_context(self.cache, slots)  # shared by all block steps
