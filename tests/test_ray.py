@@ -52,18 +52,27 @@ def test_two_actors_get_distinct_gpus(ray_session, models):
 
 
 class KillingExecutor(RayExecutor):
-    """Kills its actor right after handing it the steps numbered in ``kill_at``."""
+    """Kills its actor right after handing it the steps numbered in ``kill_at``.
+
+    A kill due while the previous one has not been noticed yet (the orchestrator has not
+    recovered this actor since: ``info`` still names the killed process) waits for the next
+    step. Ray would fold two kills of one incarnation into one restart, so each kill here is
+    one failure to survive, however fast the steps are."""
 
     def __init__(self, *args, kill_at: set[int], **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.kill_at, self.steps = kill_at, 0
+        self.kill_at, self.steps, self.killed_pid = set(kill_at), 0, None
 
     def step(self, keys, epochs, snapshot_keys):
         ref = super().step(keys, epochs, snapshot_keys)
         self.steps += 1
         if self.steps in self.kill_at:
-            time.sleep(0.01)
-            ray_kill(self)
+            if self.info["pid"] == self.killed_pid:  # the last kill is not noticed yet
+                self.kill_at = {k + (k >= self.steps) for k in self.kill_at}
+            else:
+                time.sleep(0.01)
+                self.killed_pid = self.info["pid"]
+                ray_kill(self)
         return ref
 
     def replacement(self):
