@@ -126,7 +126,7 @@ def test_an_actor_killed_for_good_leaves_its_streams_to_the_survivor(ray_session
 
     model = models["diffusion"]
     survivor = RayExecutor(model, max_streams=2)
-    doomed = KillingExecutor(model, max_streams=2, kill_at={2})
+    doomed = KillingExecutor(model, max_streams=2, kill_at={1})  # two more steps follow
     orch = Orchestrator([survivor, doomed])  # no `replace`: a lost actor stays lost
     reqs = [request_for(model, seed=s, frames=24) for s in range(4)]
     keys = [orch.submit(r) for r in reqs]
