@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from vidgen import checkpoint
 from vidgen.nn import randomize_
-from vidgen.tokenizers.larp import LARP_CONFIGS, LARPConfig, LARPTokenizer
+from vidgen.tokenizers.larp import LARP_CONFIGS, NO_CONTEXT, LARPConfig, LARPTokenizer
 
 CFG = LARP_CONFIGS["test"]
 
@@ -185,3 +185,79 @@ def test_foreground_weight_weights_the_reconstruction_of_objects_up():
         dataclasses.replace(CFG, foreground_weight=-1.0)
     with pytest.raises(ValueError, match="foreground_threshold"):
         dataclasses.replace(CFG, foreground_threshold=0.0)
+
+
+CTX = dataclasses.replace(CFG, context_decoder=True)
+
+
+def test_a_context_decoder_reads_the_previous_clips_tokens():
+    m = model(CTX)
+    ids = m.encode(clip(batch=6, seed=2)).reshape(2, 3, -1)
+    video = m.decode_video(ids)  # (2, 3 t, ...): clip i decoded with clip i - 1's ids
+    assert video.shape == (2, 3 * CFG.frames, CFG.channels, CFG.size, CFG.size)
+    first, second = video[:, : CFG.frames], video[:, CFG.frames : 2 * CFG.frames]
+    torch.testing.assert_close(first, m.decode(ids[:, 0]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(second, m.decode(ids[:, 1], ids[:, 0]), rtol=1e-5, atol=1e-6)
+    # A row of NO_CONTEXT is a first clip; other context, other frames.
+    none = torch.full_like(ids[:, 0], NO_CONTEXT)
+    mixed = torch.stack([ids[0, 0], none[1]])
+    torch.testing.assert_close(
+        m.decode(ids[:, 1], mixed)[1], m.decode(ids[1:, 1])[0], rtol=1e-5, atol=1e-6
+    )
+    assert not torch.allclose(m.decode(ids[:, 1], ids[:, 2]), second, atol=1e-3)
+    with pytest.raises(ValueError, match="all ids or all NO_CONTEXT"):
+        m.decode(ids[:, 1], torch.cat([ids[:, 0, :1], none[:, 1:]], dim=1))
+    with pytest.raises(ValueError, match="no context decoder"):
+        model().decode(ids[:, 1], ids[:, 0])
+    # A plain decoder's video is its clips decoded alone.
+    plain = model()
+    torch.testing.assert_close(
+        plain.decode_video(ids)[:, CFG.frames : 2 * CFG.frames], plain.decode(ids[:, 1])
+    )
+
+
+def test_context_training_decodes_consecutive_clips_and_scores_their_seams():
+    m = model(dataclasses.replace(CTX, seam_weight=1.0)).train()
+    video = clip(batch=6, seed=3).reshape(2, 3 * CFG.frames, *clip(1).shape[2:])
+    out = m(video, torch.Generator().manual_seed(0))
+    assert out["recon"].shape == (6, *clip(1).shape[1:]) and out["seam"] > 0
+    # The seam term: the reconstructed step across each seam against the true one.
+    recon = out["recon"].detach().reshape(2, 3, *out["recon"].shape[1:])
+    truth = video.reshape(2, 3, CFG.frames, *video.shape[2:])
+    step = recon[:, 1:, 0] - recon[:, :-1, -1]
+    expected = (step - (truth[:, 1:, 0] - truth[:, :-1, -1])).abs().mean()
+    torch.testing.assert_close(out["seam"].detach(), expected)
+    assert (
+        float(
+            LARPTokenizer._seam_loss(
+                video.reshape(6, CFG.frames, *video.shape[2:]),
+                video.reshape(6, CFG.frames, *video.shape[2:]),
+                3,
+            )
+        )
+        == 0
+    )
+    # Clip i's reconstruction read clip i - 1's codes: the eval decode of the same ids agrees.
+    m.eval()
+    ids = m.encode(video.reshape(6, CFG.frames, *video.shape[2:])).reshape(2, 3, -1)
+    torch.testing.assert_close(m.decode_video(ids), m(video)["recon"].reshape(video.shape))
+    out["loss"].backward()
+    assert m.context_pos.grad is not None and m.context_null.grad is not None
+    with pytest.raises(ValueError, match="seam_weight"):
+        dataclasses.replace(CFG, seam_weight=1.0)
+    with pytest.raises(ValueError, match="video must be"):
+        model()(video)  # consecutive clips are for a context decoder only
+
+
+def test_a_plain_checkpoint_loads_into_a_context_decoder_when_allowed(tmp_path):
+    plain = model()
+    path = checkpoint.save(tmp_path / "larp.safetensors", plain, CFG)
+    ckpt = checkpoint.load(path, expected_config=LARPConfig)
+    target = LARPTokenizer(CTX)
+    with pytest.raises(checkpoint.CheckpointError, match="missing"):
+        ckpt.load_into(target)
+    added = [n for n, on in LARPTokenizer.ADDED_BY_FINE_TUNES.items() if on(CTX)]
+    assert ckpt.load_into(target, missing_ok=added) == ["context_null", "context_pos"]
+    video = clip(seed=5)
+    assert torch.equal(target.eval().encode(video), plain.encode(video))
+    assert ckpt.load_into(LARPTokenizer(CFG), missing_ok=added) == []  # nothing to add

@@ -642,3 +642,31 @@ def test_export_evaluates_on_the_models_device(tmp_path):
         _export(task, model, tmp_path, TrainConfig(), batches, [], 0.0, 1)
     assert seen == [("before_export", "meta"), ("evaluate", "meta")]
     assert batches[0]["x"].device.type == "cpu"  # the caller's list is left as it was
+
+
+def test_a_larp_gains_a_context_decoder_by_fine_tuning_on_consecutive_clips(tmp_path):
+    """init= a plain LARP with tokenizer.context_decoder=true: the new parameters start
+    fresh (the card says which), the frozen encoder keeps its ids, and training reads clips
+    in consecutive runs of data.clip_len / frames (only a context decoder may)."""
+    from vidgen.tokenizers.larp import LARPConfig, LARPTokenizer
+
+    larp = [*LARP_SMALL, f"tokenizer.autoencoder={make_autoencoder(tmp_path)}"]
+    base = train(larp, tmp_path / "base", 3)
+    two = [o for o in larp if not o.startswith("data.clip_len")] + ["data.clip_len=8"]
+    with pytest.raises(ValueError, match="holds 2 clips"):
+        train([*two, f"init={base}"], tmp_path / "plain", 1)
+    frozen = "freeze=[encoder,quantizer,to_code,queries,patch_in,patch_pos,prior]"
+    context = ["tokenizer.context_decoder=true", "tokenizer.seam_weight=1"]
+    tuned = train([*two, *context, f"init={base}", frozen], tmp_path / "ctx", 3)
+    ckpt = checkpoint.load(tuned, expected_config=LARPConfig)
+    assert ckpt.config_as(LARPConfig).context_decoder
+    assert "new, not in it: context_null, context_pos" in ckpt.card["init"]
+    before = LARPTokenizer(checkpoint.load(base).config_as(LARPConfig))
+    checkpoint.load(base).load_into(before)
+    after = LARPTokenizer(ckpt.config_as(LARPConfig))
+    ckpt.load_into(after)
+    assert after.encoder_fingerprint() == before.encoder_fingerprint()
+    assert not torch.equal(
+        tensors(tuned)["decoder.blocks.0.attn.qkv.weight"],
+        tensors(base)["decoder.blocks.0.attn.qkv.weight"],
+    )

@@ -23,7 +23,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -71,11 +71,17 @@ class Checkpoint:
             )
         return _from_dict(cls, self.config)
 
-    def load_into(self, module: torch.nn.Module, prefix: str = "") -> None:
+    def load_into(
+        self, module: torch.nn.Module, prefix: str = "", missing_ok: Collection[str] = ()
+    ) -> list[str]:
         """Copy the tensors under ``prefix`` into ``module``; every parameter and buffer must
-        be present with the same shape, and no tensor may be left over."""
+        be present with the same shape, and no tensor may be left over. Names in
+        ``missing_ok`` (parts a fine-tune adds to a trained model) may be absent: they keep
+        the module's values, and the list of those absent is returned."""
         state = {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
         expected = module.state_dict()
+        absent = sorted((set(expected) - set(state)) & set(missing_ok))
+        state.update({k: expected[k] for k in absent})
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         wrong = [
@@ -90,6 +96,7 @@ class Checkpoint:
                 f"{_summary('shape mismatch', wrong)}".rstrip("; ")
             )
         module.load_state_dict(state, strict=True)
+        return absent
 
 
 def save(

@@ -15,6 +15,10 @@ information about the whole clip — but it gives training a route from the star
 randomly routed queries the autoencoder stayed at the per-position mean for hundreds of steps
 (measured: latent MSE 0.26 after 300 steps against 0.10 after 125 steps with it).
 
+With ``context_decoder`` the decoder also reads the previous clip's code vectors (their own
+learned positions; a learned null context for a video's first clip), so clips decoded one
+by one join up at their seams; the encoder, and so the ids, do not depend on it.
+
 A small causal GPT prior is trained jointly: it predicts each token's code from the codes
 before it (cross-entropy, small weight), which shapes the latent space to be easy for an
 autoregressive generator. It is discarded at inference (``encode``/``decode`` never use it).
@@ -32,6 +36,7 @@ holistic tokens, ``p`` patches, ``d`` model dim, ``e`` code dim, ``k`` codebook 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -44,6 +49,8 @@ from vidgen.nn.masks import block_causal_mask
 from vidgen.nn.transformer import Transformer
 from vidgen.tokenizers.kl import KLAutoencoder, foreground_weights
 from vidgen.tokenizers.losses import gradient_l1, ssim
+
+NO_CONTEXT = -1  # a context row of these: the clip has no previous clip (see ``decode``)
 
 
 @dataclass
@@ -97,12 +104,26 @@ class LARPConfig:
     usage_decay: float = 0.99  # EMA of code usage, for the dead-code restart
     dead_usage: float = 2e-4  # a code used less than this fraction of the time is dead
     restart_every: int = 50  # training steps between dead-code restarts (0 = never)
+    # Context decoding: the decoder also reads the previous clip's tokens (learned positions
+    # of their own; a learned null context for a video's first clip), so consecutive clips
+    # decoded one by one join up. Training then takes videos of several clips (data.clip_len
+    # a multiple of ``frames``): clip 0 is decoded without context, clip i with clip i - 1's
+    # codes, and seam_weight x L1 asks each clip's first frame to step from the previous
+    # clip's (detached) reconstructed last frame as the true frames do. The encoder, and so
+    # the ids, are unaffected.
+    context_decoder: bool = False
+    seam_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.foreground_weight < 0 or self.foreground_threshold <= 0:
             raise ValueError(
                 "foreground_weight must be >= 0 and foreground_threshold > 0, got "
                 f"{self.foreground_weight}, {self.foreground_threshold}"
+            )
+        if self.seam_weight < 0 or (self.seam_weight and not self.context_decoder):
+            raise ValueError(
+                f"seam_weight must be >= 0 and needs context_decoder=True, got "
+                f"seam_weight={self.seam_weight}, context_decoder={self.context_decoder}"
             )
         if self.gan_weight < 0 or self.gan_start < 0:
             raise ValueError(
@@ -273,6 +294,13 @@ class LARPTokenizer(nn.Module):
         "quantizer.codebook",
     )
 
+    # Parameters a fine-tune (``init=``) may add to a trained model that lacks them, each
+    # with the config test that creates it: they start from their initial values.
+    ADDED_BY_FINE_TUNES: ClassVar[dict[str, Callable[[LARPConfig], bool]]] = {
+        "context_pos": lambda cfg: cfg.context_decoder,
+        "context_null": lambda cfg: cfg.context_decoder,
+    }
+
     def __init__(self, config: LARPConfig) -> None:
         super().__init__()
         cfg = self.config = config
@@ -287,6 +315,9 @@ class LARPTokenizer(nn.Module):
         self.patch_query = nn.Parameter(torch.randn(cfg.num_patches, cfg.dim) * 0.1)
         self.decoder = Transformer(cfg.dim, cfg.dec_depth, cfg.heads)
         self.patch_out = nn.Linear(cfg.dim, cfg.patch_values)
+        if cfg.context_decoder:  # the previous clip's tokens, read by the decoder
+            self.context_pos = nn.Parameter(torch.randn(cfg.num_tokens, cfg.dim))
+            self.context_null = nn.Parameter(torch.zeros(cfg.dim))
         self.prior = Prior(cfg)
         # Token i starts from the patches i*P//N covers; patch j from the tokens assigned to
         # it (see the module docstring). Fixed, so not saved.
@@ -338,12 +369,31 @@ class LARPTokenizer(nn.Module):
         x = torch.cat([patches, queries], dim=1)
         return self.to_code(self.encoder(x)[:, -self.config.num_tokens :])  # queries only
 
-    def decode_codes(self, quantised: torch.Tensor) -> torch.Tensor:
-        """Code vectors (b, n, e) -> clip (b, t, 3, H, W), unclamped."""
+    def decode_codes(
+        self,
+        quantised: torch.Tensor,
+        context: torch.Tensor | None = None,
+        has_context: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Code vectors (b, n, e) -> clip (b, t, 3, H, W), unclamped. A context decoder also
+        reads ``context`` (b, n, e), the previous clips' code vectors, in the rows where
+        ``has_context`` (b,) bool (default: all rows when a context is given) and its null
+        context elsewhere."""
+        cfg = self.config
+        if not cfg.context_decoder and context is not None:
+            raise ValueError("this LARP has no context decoder (context_decoder=False)")
         latents = self.from_code(quantised) + self.latent_pos
         patch_queries = self.patch_query + torch.einsum("pn,bnd->bpd", self.patch_init, latents)
-        x = torch.cat([latents, patch_queries], dim=1)
-        h = self.decoder(x)[:, self.config.num_tokens :]  # patch queries only
+        parts = [latents, patch_queries]
+        if cfg.context_decoder:
+            ctx = self.context_null.expand_as(latents)
+            if context is not None:
+                if has_context is None:
+                    ctx = self.from_code(context)
+                else:
+                    ctx = torch.where(has_context[:, None, None], self.from_code(context), ctx)
+            parts.insert(0, ctx + self.context_pos)
+        h = self.decoder(torch.cat(parts, dim=1))[:, -cfg.num_patches :]  # patch queries only
         return self.unpatchify(self.patch_out(h))
 
     @torch.no_grad()
@@ -369,12 +419,41 @@ class LARPTokenizer(nn.Module):
         )
 
     @torch.no_grad()
-    def decode(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids (b, N) -> clip (b, t, c, s, s) (pixels are clamped to [-1, 1])."""
-        if ids.ndim != 2 or ids.shape[1] != self.config.num_tokens:
-            raise ValueError(f"ids must be (b, {self.config.num_tokens}), got {tuple(ids.shape)}")
-        out = self.decode_codes(self.quantizer.codes()[ids])
+    def decode(self, ids: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (b, N) -> clip (b, t, c, s, s) (pixels are clamped to [-1, 1]). ``context``
+        (b, N): the ids of each clip's previous clip, for a context decoder; a row of
+        ``NO_CONTEXT`` (a video's first clip) decodes without one, as does ``None``."""
+        n = self.config.num_tokens
+        if ids.ndim != 2 or ids.shape[1] != n:
+            raise ValueError(f"ids must be (b, {n}), got {tuple(ids.shape)}")
+        codes = self.quantizer.codes()
+        if context is None:
+            out = self.decode_codes(codes[ids])
+        else:
+            if not self.config.context_decoder:
+                raise ValueError("context: this LARP has no context decoder")
+            if context.shape != ids.shape:
+                raise ValueError(
+                    f"context must be ids of the shape of ids {tuple(ids.shape)}, got "
+                    f"{tuple(context.shape)}"
+                )
+            has = context[:, 0] != NO_CONTEXT
+            if bool(((context == NO_CONTEXT).any(1) & has).any()):
+                raise ValueError(f"context rows must be all ids or all NO_CONTEXT ({NO_CONTEXT})")
+            out = self.decode_codes(codes[ids], codes[context.clamp_min(0)], has)
         return out.clamp(-1, 1) if self.config.channels == 3 else out
+
+    @torch.no_grad()
+    def decode_video(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (b, m, N) of m consecutive clips -> (b, m t, c, s, s): each clip decoded with
+        the previous one's ids as its context (a context decoder; the first clip without),
+        all clips in one batch."""
+        b, m, n = ids.shape
+        context = torch.full_like(ids, NO_CONTEXT)
+        context[:, 1:] = ids[:, :-1]
+        use = context if self.config.context_decoder else None
+        flat = self.decode(ids.reshape(b * m, n), None if use is None else use.reshape(b * m, n))
+        return flat.reshape(b, m * flat.shape[1], *flat.shape[2:])
 
     def prior_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """(b, n, k): position i's distribution over code i given codes < i."""
@@ -387,13 +466,24 @@ class LARPTokenizer(nn.Module):
         """Losses and metrics on ``video``; codes are sampled when a generator is given.
         ``z`` (b, n, e) is the batch's normalised encoder output (for dead-code restarts)."""
         cfg = self.config
+        b, m = video.shape[0], video.shape[1] // cfg.frames if video.ndim == 5 else 1
+        if m > 1 and cfg.context_decoder and video.shape[1] == m * cfg.frames:
+            # m consecutive clips: decoded as a video is, each reading the one before.
+            video = video.reshape(b * m, cfg.frames, *video.shape[2:])
+        else:
+            m = 1
         z = F.normalize(self.embed(video), dim=-1)
         ids, quantised = self.quantizer(z, generator if cfg.stochastic else None)
         if not bool(self.quantizer.active):
             quantised = z  # VQ warm-up: the bottleneck is continuous
         if self.training:
             self.quantizer.track(ids)
-        recon = self.decode_codes(quantised)
+        if m > 1:  # clip i reads clip i - 1's codes; clip 0 (rolled onto from m - 1) none
+            context = quantised.reshape(b, m, *quantised.shape[1:]).roll(1, dims=1).flatten(0, 1)
+            has = (torch.arange(b * m, device=video.device) % m) != 0
+            recon = self.decode_codes(quantised, context, has)
+        else:
+            recon = self.decode_codes(quantised)
         flat_r, flat_v = recon.flatten(0, 1), video.flatten(0, 1)
         if cfg.foreground_weight:
             weight = foreground_weights(flat_v, cfg.foreground_weight, cfg.foreground_threshold)
@@ -411,8 +501,10 @@ class LARPTokenizer(nn.Module):
             self.prior(quantised, self.quantizer.codes()).flatten(0, 1), ids.flatten()
         )
         entropy = self._entropy_loss(z) if cfg.entropy_weight else zero
+        seam = self._seam_loss(recon, video, m) if m > 1 and cfg.seam_weight else zero
         loss = (
             cfg.entropy_weight * entropy
+            + cfg.seam_weight * seam
             + l1
             + cfg.mse_weight * mse
             + cfg.perceptual_weight * structural
@@ -433,9 +525,20 @@ class LARPTokenizer(nn.Module):
             "mse": mse,
             "commit": commit,
             "prior_ce": prior_ce,
+            "seam": seam,
             "perplexity": perplexity,
             "dead_codes": (self.quantizer.usage < cfg.dead_usage).float().sum(),
         }
+
+    @staticmethod
+    def _seam_loss(recon: torch.Tensor, video: torch.Tensor, m: int) -> torch.Tensor:
+        """L1 between the reconstructed and the true step from each clip's last frame to the
+        next clip's first, the earlier clip's reconstruction detached (the later clip, which
+        reads the earlier one's tokens, is the one asked to join up)."""
+        recon = recon.reshape(-1, m, *recon.shape[1:])
+        video = video.reshape(-1, m, *video.shape[1:])
+        step = recon[:, 1:, 0] - recon[:, :-1, -1].detach()
+        return (step - (video[:, 1:, 0] - video[:, :-1, -1])).abs().mean()
 
     def _entropy_loss(self, z: torch.Tensor) -> torch.Tensor:
         """Mean per-token assignment entropy minus the entropy of the batch's mean
@@ -518,8 +621,16 @@ class LARPVideoTokenizer(nn.Module):
         return self.larp.encode(self.to_input(video))
 
     @torch.no_grad()
-    def decode(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.larp.decode(ids)
+    def decode(self, ids: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (b, N) -> frames; ``context`` as in ``LARPTokenizer.decode``."""
+        return self._to_frames(self.larp.decode(ids, context))
+
+    @torch.no_grad()
+    def decode_video(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (b, m, N) of consecutive clips -> frames (b, m t, 3, H, W)."""
+        return self._to_frames(self.larp.decode_video(ids))
+
+    def _to_frames(self, out: torch.Tensor) -> torch.Tensor:
         return out if self.autoencoder is None else self.autoencoder.decode(out).clamp(-1, 1)
 
 

@@ -74,11 +74,15 @@ def build_task(cfg: TrainCommandConfig) -> Task:
         )
     task = _preset_task(cfg)
     if init is not None:
-        init.load_into(task.model)
+        added = getattr(task.model, "ADDED_BY_FINE_TUNES", {})
+        fresh = init.load_into(
+            task.model, missing_ok=[n for n, on in added.items() if on(task.model.config)]
+        )
         frozen = freeze_parameters(task.model, cfg.freeze)
         task.card = {
             **task.card,
-            "init": f"{cfg.init} (sha256 {init.sha256[:16]})",
+            "init": f"{cfg.init} (sha256 {init.sha256[:16]})"
+            + (f"; new, not in it: {', '.join(fresh)}" if fresh else ""),
             "frozen": f"{frozen} parameters under {cfg.freeze}" if cfg.freeze else "none",
         }
     return task

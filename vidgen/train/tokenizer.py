@@ -108,8 +108,9 @@ def evaluate_larp(
     all_ids = []
     for batch in batches:
         inputs = batch["latents"] if autoencoder is not None else batch["video"]
-        ids = model.encode(inputs)
-        recon = model.decode(ids)
+        b, m = inputs.shape[0], inputs.shape[1] // model.config.frames  # m consecutive clips
+        ids = model.encode(inputs.reshape(b * m, model.config.frames, *inputs.shape[2:]))
+        recon = model.decode_video(ids.reshape(b, m, -1))
         if autoencoder is not None:
             recon = autoencoder.to(recon.device).decode(recon).clamp(-1, 1)
         flat, target = recon.flatten(0, 1), batch["video"].flatten(0, 1)
@@ -143,10 +144,17 @@ def larp_task(
                 f"the latent channels and size of its autoencoder {config.autoencoder!r}: "
                 f"{latent[0]} and {latent[1]}"
             )
-    if data.size != size or data.clip_len != config.frames:
+    clips = data.clip_len // config.frames
+    if data.size != size or data.clip_len != clips * config.frames or clips < 1:
         raise ValueError(
             f"data.size={data.size} and data.clip_len={data.clip_len} must be {size} and the "
             f"tokenizer's frames={config.frames}"
+            + (" (or a multiple of it: consecutive clips)" if config.context_decoder else "")
+        )
+    if clips > 1 and not config.context_decoder:
+        raise ValueError(
+            f"data.clip_len={data.clip_len} holds {clips} clips of {config.frames} frames: "
+            "only a context decoder (tokenizer.context_decoder=true) trains on consecutive clips"
         )
     train_data, eval_data = build_dataset(data, "train"), build_dataset(data, "eval")
     if autoencoder is not None:
