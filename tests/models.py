@@ -25,7 +25,8 @@ def save_test_generators(folder: Path) -> dict[str, str]:
         dit_cfg,
         card={"tokenizer": str(kl), "tokenizer_fingerprint": autoencoder.encoder_fingerprint()},
     )
-    larp_cfg = dataclasses.replace(LARP_CONFIGS["test"], autoencoder=str(kl))
+    # A context decoder: serving then carries each clip's previous tokens to its decode.
+    larp_cfg = dataclasses.replace(LARP_CONFIGS["test"], autoencoder=str(kl), context_decoder=True)
     tokenizer = randomize_(LARPTokenizer(larp_cfg), seed=3, std=0.1)
     larp = checkpoint.save(folder / "larp-test.safetensors", tokenizer, larp_cfg)
     larp_fingerprint = tokenizer.encoder_fingerprint(autoencoder.encoder_fingerprint())

@@ -1,10 +1,14 @@
 """The clip-generator contract (DESIGN.md section 3), checked on both families with test
 sizes and random weights: determinism, snapshot/restore, batching, conditioning, memory."""
 
+import dataclasses
+import itertools
+
 import numpy as np
 import pytest
 import torch
 
+from vidgen.data.worlds import to_model_range, to_uint8
 from vidgen.generators import (
     DiffusionClipGenerator,
     GenerationRequest,
@@ -19,8 +23,9 @@ from vidgen.tokenizers.kl import KL_CONFIGS, KLAutoencoder
 from vidgen.tokenizers.larp import LARP_CONFIGS, LARPTokenizer, LARPVideoTokenizer
 
 # "tokens-reencode": the token family with requests that re-tokenise each sampled clip
-# before it becomes context; the whole contract holds for them too.
-FAMILIES = ["diffusion", "tokens", "tokens-reencode"]
+# before it becomes context; "tokens-context": over a LARP whose decoder reads the previous
+# clip's tokens. The whole contract holds for them too.
+FAMILIES = ["diffusion", "tokens", "tokens-reencode", "tokens-context"]
 
 
 def make_generator(family: str, max_streams: int = 4):
@@ -28,7 +33,10 @@ def make_generator(family: str, max_streams: int = 4):
     if family == "diffusion":
         model = randomize_(CausalVideoDiT(CA2VDM_CONFIGS["test"]), seed=1)
         return DiffusionClipGenerator(model, autoencoder, max_streams=max_streams)
-    larp = randomize_(LARPTokenizer(LARP_CONFIGS["test"]), seed=3, std=0.1)
+    larp_cfg = LARP_CONFIGS["test"]
+    if family == "tokens-context":
+        larp_cfg = dataclasses.replace(larp_cfg, context_decoder=True)
+    larp = randomize_(LARPTokenizer(larp_cfg), seed=3, std=0.1)
     model = randomize_(NextBlockTransformer(NBP_CONFIGS["test"]), seed=1)
     tokenizer = LARPVideoTokenizer(larp, autoencoder)
     gen = TokenClipGenerator(model, tokenizer, max_streams)
@@ -533,3 +541,36 @@ def test_guidance_default_comes_from_the_card_and_is_checked(tmp_path):
     for bad, message in [(-0.5, "guidance must be >= 0"), ("2", "guidance must be a number")]:
         with pytest.raises(ValueError, match=message):
             GenerationRequest(frames=8, guidance=bad)
+
+
+def test_a_context_decoder_decodes_each_clip_with_the_previous_clips_tokens():
+    gen = make_generator("tokens-context")
+    req = request_for(gen, frames=4 * gen.clip_len)
+    stream = gen.open(req)
+    made = []
+    while not stream.done:
+        made += gen.step([stream])
+    assert made[0].context is None  # a first clip has none
+    for before, clip in itertools.pairwise(made):
+        assert torch.equal(clip.context, before.data)
+    frames = np.stack([c.frames for c in gen.decode(made)])
+    alone = to_uint8(gen.tokenizer.decode(made[2].data[None])).numpy()[0]
+    with_it = to_uint8(gen.tokenizer.decode(made[2].data[None], made[1].data[None])).numpy()[0]
+    assert np.array_equal(frames[2], with_it) and not np.array_equal(frames[2], alone)
+    # The same frames from generate_video, and from a stream restored mid-way.
+    video = [c.frames for c in generate_video(gen, req)]
+    assert all(np.array_equal(a, b) for a, b in zip(video, frames, strict=True))
+    stream = gen.open(req)
+    gen.step([stream])
+    snap = gen.snapshot(stream)  # checkpoint after clip 0: its tokens are clip 1's context
+    gen.close(stream)
+    other = make_generator("tokens-context")
+    restored = other.restore(snap)
+    (clip,) = other.step([restored])
+    assert torch.equal(clip.context, made[0].data) and torch.equal(clip.data, made[1].data)
+    # Continuing a real video: the last context clip is the first generated clip's context.
+    context = np.concatenate(video[:2])
+    stream = gen.open(request_for(gen, frames=2 * gen.clip_len, context=context))
+    (clip,) = gen.step([stream])
+    last = gen.tokenizer.encode(to_model_range(video[1])[None])[0]
+    assert torch.equal(clip.context, last)

@@ -42,6 +42,7 @@ class ClipOut:
     clip: int
     epoch: int
     data: torch.Tensor  # latents or token ids: the stream's truth
+    context: torch.Tensor | None = None  # what else decoding it reads (ClipLatents.context)
 
 
 @dataclass
@@ -101,7 +102,7 @@ class GeneratorWorker:
         then the full snapshots of ``snapshot_keys`` (the orchestrator's checkpoints)."""
         clips: list[ClipLatents] = self.generator.step([self.streams[k] for k in keys])
         out = [
-            ClipOut(key=k, clip=c.clip, epoch=e, data=c.data)
+            ClipOut(key=k, clip=c.clip, epoch=e, data=c.data, context=c.context)
             for k, e, c in zip(keys, epochs, clips, strict=True)
         ]
         snaps = {k: self.generator.snapshot(self.streams[k]) for k in snapshot_keys}
@@ -114,7 +115,9 @@ class GeneratorWorker:
     def decode(self, clips: list[ClipOut]) -> list[np.ndarray]:
         """uint8 frames (T, H, W, 3) of each clip (numpy: zero-copy through the object
         store)."""
-        latents = [ClipLatents(stream=c.key, clip=c.clip, data=c.data) for c in clips]
+        latents = [
+            ClipLatents(stream=c.key, clip=c.clip, data=c.data, context=c.context) for c in clips
+        ]
         return [c.frames for c in self.generator.decode(latents)]
 
 

@@ -479,7 +479,7 @@ class Orchestrator:
 def _as_latents(clip: ClipOut):
     from vidgen.generators import ClipLatents
 
-    return ClipLatents(stream=clip.key, clip=clip.clip, data=clip.data)
+    return ClipLatents(stream=clip.key, clip=clip.clip, data=clip.data, context=clip.context)
 
 
 def _is_failure(err: BaseException) -> bool:

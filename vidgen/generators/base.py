@@ -192,11 +192,14 @@ class Stream:
 
 @dataclass
 class ClipLatents:
-    """One generated clip before decoding: (frames, ...) latents or (tokens,) ids."""
+    """One generated clip before decoding: (frames, ...) latents or (tokens,) ids, and what
+    else its decoding reads (``context``: the previous clip's ids for a LARP with a context
+    decoder; None for a stream's first clip and for the other decoders)."""
 
     stream: int
     clip: int
     data: torch.Tensor
+    context: torch.Tensor | None = None
 
 
 @dataclass

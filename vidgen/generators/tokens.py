@@ -44,17 +44,20 @@ from vidgen.models.nbp import ClipCond, NBPConfig, NextBlockTransformer, Partial
 from vidgen.nn.cache import KVCache
 from vidgen.nn.conditioning import NULL
 from vidgen.sampling.tokens import guide_logits, sample_tokens
-from vidgen.tokenizers.larp import LARPVideoTokenizer
+from vidgen.tokenizers.larp import NO_CONTEXT, LARPVideoTokenizer
 
 BOS = -1
 
 
 @dataclass
 class _Rows:
-    """A stream's cache slots (conditional first) and its previous block of tokens."""
+    """A stream's cache slots (conditional first), its previous block of tokens, and its
+    previous clip's tokens (the decoding context of the next clip, for a LARP with a context
+    decoder)."""
 
     slots: list[int]
     prev: torch.Tensor  # (B,) int64; BOS before the first clip
+    last: torch.Tensor | None = None  # (N,) int64; None before the first clip
 
 
 def _rows_of(partial: Partial, rows: list[int]) -> Partial:
@@ -251,19 +254,22 @@ class TokenClipGenerator:
             made.append(block)
             prev = block[owner]
         tokens = torch.cat(made, dim=1)  # (b, N)
+        contexts = [self._rows[s.id].last for s in streams]
         again = [i for i, s in enumerate(streams) if s.request.reencode]
         if len(again) < b:  # the sampled clips' K/V, computed while they were made
             keep = [r for r, i in enumerate(owner) if i not in again]
             self.model.commit(_rows_of(partial, keep), self.cache, [slots[r] for r in keep])
         if again:  # the re-tokenised clips' K/V, by a teacher-forced replay
             redo = [streams[i] for i in again]
-            frames = self.tokenizer.decode(tokens[again]).clamp(-1.0, 1.0)
+            frames = self._decode_ids(tokens[again], [contexts[i] for i in again])
             tokens[again] = self.tokenizer.encode(frames)
             self._replay_batch(redo, tokens[again], [s.clip for s in redo])
         out = []
         for i, s in enumerate(streams):
             self._rows[s.id].prev = tokens[i, -cfg.block :].cpu()
-            out.append(ClipLatents(stream=s.id, clip=s.clip, data=tokens[i].cpu()))
+            self._rows[s.id].last = tokens[i].cpu()
+            context = contexts[i] if self.tokenizer.config.context_decoder else None
+            out.append(ClipLatents(stream=s.id, clip=s.clip, data=tokens[i].cpu(), context=context))
             s.clip += 1
         return out
 
@@ -302,6 +308,7 @@ class TokenClipGenerator:
         self.model.commit(partial, self.cache, slots)
         for i, s in enumerate(streams):
             self._rows[s.id].prev = tokens[i, -cfg.block :].cpu()
+            self._rows[s.id].last = tokens[i].cpu()
 
     def _owners(self, streams: Sequence[Stream]) -> list[int]:
         """The stream of each row ``_cond`` makes: every stream's conditional row, then the
@@ -313,11 +320,23 @@ class TokenClipGenerator:
     def decode(self, clips: list[ClipLatents]) -> list[Clip]:
         if not clips:
             return []
-        ids = torch.stack([c.data for c in clips]).to(self.device)
-        frames = to_uint8(self.tokenizer.decode(ids)).cpu().numpy()
+        ids = torch.stack([c.data for c in clips])
+        frames = to_uint8(self._decode_ids(ids, [c.context for c in clips])).cpu().numpy()
         return [
             Clip(stream=c.stream, clip=c.clip, frames=f) for c, f in zip(clips, frames, strict=True)
         ]
+
+    def _decode_ids(
+        self, ids: torch.Tensor, contexts: Sequence[torch.Tensor | None]
+    ) -> torch.Tensor:
+        """Frames (b, t, 3, H, W) in [-1, 1] of clips of ids (b, N), each decoded with its
+        previous clip's ids (None: a first clip) when the LARP has a context decoder."""
+        context = None
+        if self.tokenizer.config.context_decoder:
+            none = torch.full_like(ids[0], NO_CONTEXT, device="cpu")
+            context = torch.stack([none if c is None else c.cpu() for c in contexts])
+            context = context.to(self.device)
+        return self.tokenizer.decode(ids.to(self.device), context).clamp(-1.0, 1.0)
 
     # --- truth ---------------------------------------------------------------------------------
 
@@ -329,6 +348,8 @@ class TokenClipGenerator:
             for k, v in self.cache.snapshot(slot).items()
         }
         cache["prev"] = rows.prev.clone()
+        if rows.last is not None:
+            cache["last"] = rows.last.clone()
         return StreamSnapshot(request=stream.request, checkpoint_clip=stream.clip, cache=cache)
 
     @torch.no_grad()
@@ -350,6 +371,8 @@ class TokenClipGenerator:
                 }
                 self.cache.load(slot, tensors)
             rows.prev = snapshot.cache["prev"].clone()
+            last = snapshot.cache.get("last")
+            rows.last = None if last is None else last.clone()
         for tokens in snapshot.pending:
             self._replay(stream, tokens, stream.clip)
             stream.clip += 1
