@@ -130,9 +130,10 @@ def round_trip(gen, video: torch.Tensor) -> np.ndarray:
     """Real frames (T, 3, H, W) in [-1, 1] through the generator's tokenizer and back, clip by
     clip as the generator decodes: uint8 (T, H, W, 3)."""
     video = video.to(gen.device)
-    if hasattr(gen, "tokenizer"):  # token family: LARP, one clip at a time
+    if hasattr(gen, "tokenizer"):  # token family: LARP, each clip encoded on its own
         clips = video.reshape(-1, gen.clip_len, *video.shape[1:])
-        recon = torch.cat([gen.tokenizer.decode(gen.tokenizer.encode(c[None])) for c in clips], 1)
+        ids = torch.cat([gen.tokenizer.encode(c[None]) for c in clips])
+        recon = gen.tokenizer.decode_video(ids[None])  # a context decoder reads clip i - 1
     else:  # diffusion family: the per-frame KL autoencoder
         recon = gen.autoencoder.decode(gen.autoencoder.encode(video[None]))
     return to_uint8(recon[0].clamp(-1, 1).cpu()).numpy()

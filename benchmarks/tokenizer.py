@@ -4,8 +4,9 @@ Usage: python benchmarks/tokenizer.py [--model larp-tiny] [--videos 12] [--frame
                                       [--threads 0] [--device cpu]
 
 For each world (fixed held-out seeds, never used in training): every 8-frame clip of each
-video is encoded to tokens and decoded on its own, as the NBP generator does. Figures per
-world: PSNR and SSIM of the round trip, centroid error of the objects found in the
+video is encoded to tokens on its own and decoded as the NBP generator does: on its own, or,
+for a LARP with a context decoder, reading the previous clip's tokens (the first clip none).
+Figures per world: PSNR and SSIM of the round trip, centroid error of the objects found in the
 reconstruction against the true positions (scene metrics), codebook usage, the prior's
 cross-entropy over the unigram entropy of the codes, and the seam ratio of the reconstructed
 consecutive clips. Also encode and decode clips/s. One JSON object last, keys per world
@@ -76,7 +77,7 @@ def evaluate_world(
         synchronize(device)
         t_enc += time.perf_counter() - start
         start = time.perf_counter()
-        recon = tok.decode(ids)
+        recon = tok.decode_video(ids[None])[0].reshape(clips.shape)
         synchronize(device)
         t_dec += time.perf_counter() - start
         ids, recon = ids.cpu(), recon.float().cpu()
@@ -131,6 +132,7 @@ def main() -> None:
         "frames_per_video": args.frames,
         "machine": f"{platform.platform()}, {os.cpu_count()} cpus, torch {torch.__version__}",
         "device": str(device),
+        "context_decoder": tok.config.context_decoder,
     }
     all_ids = []
     for world in ("bouncing", "agent"):
