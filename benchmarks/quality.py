@@ -132,7 +132,7 @@ def round_trip(gen, video: torch.Tensor) -> np.ndarray:
     video = video.to(gen.device)
     if hasattr(gen, "tokenizer"):  # token family: LARP, each clip encoded on its own
         clips = video.reshape(-1, gen.clip_len, *video.shape[1:])
-        ids = torch.cat([gen.tokenizer.encode(c[None]) for c in clips])
+        ids = gen.tokenizer.encode(clips)  # (clips, N): each clip on its own, in one batch
         recon = gen.tokenizer.decode_video(ids[None])  # a context decoder reads clip i - 1
     else:  # diffusion family: the per-frame KL autoencoder
         recon = gen.autoencoder.decode(gen.autoencoder.encode(video[None]))

@@ -36,7 +36,6 @@ holistic tokens, ``p`` patches, ``d`` model dim, ``e`` code dim, ``k`` codebook 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -294,12 +293,9 @@ class LARPTokenizer(nn.Module):
         "quantizer.codebook",
     )
 
-    # Parameters a fine-tune (``init=``) may add to a trained model that lacks them, each
-    # with the config test that creates it: they start from their initial values.
-    ADDED_BY_FINE_TUNES: ClassVar[dict[str, Callable[[LARPConfig], bool]]] = {
-        "context_pos": lambda cfg: cfg.context_decoder,
-        "context_null": lambda cfg: cfg.context_decoder,
-    }
+    # Parameters a fine-tune (``init=``) may add to a trained model that lacks them (when
+    # its config creates them): they start from their initial values.
+    ADDED_BY_FINE_TUNES: ClassVar[tuple[str, ...]] = ("context_pos", "context_null")
 
     def __init__(self, config: LARPConfig) -> None:
         super().__init__()
@@ -430,8 +426,6 @@ class LARPTokenizer(nn.Module):
         if context is None:
             out = self.decode_codes(codes[ids])
         else:
-            if not self.config.context_decoder:
-                raise ValueError("context: this LARP has no context decoder")
             if context.shape != ids.shape:
                 raise ValueError(
                     f"context must be ids of the shape of ids {tuple(ids.shape)}, got "
@@ -449,10 +443,12 @@ class LARPTokenizer(nn.Module):
         the previous one's ids as its context (a context decoder; the first clip without),
         all clips in one batch."""
         b, m, n = ids.shape
-        context = torch.full_like(ids, NO_CONTEXT)
-        context[:, 1:] = ids[:, :-1]
-        use = context if self.config.context_decoder else None
-        flat = self.decode(ids.reshape(b * m, n), None if use is None else use.reshape(b * m, n))
+        context = None
+        if self.config.context_decoder:
+            context = torch.full_like(ids, NO_CONTEXT)
+            context[:, 1:] = ids[:, :-1]
+            context = context.reshape(b * m, n)
+        flat = self.decode(ids.reshape(b * m, n), context)
         return flat.reshape(b, m * flat.shape[1], *flat.shape[2:])
 
     def prior_logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -466,12 +462,11 @@ class LARPTokenizer(nn.Module):
         """Losses and metrics on ``video``; codes are sampled when a generator is given.
         ``z`` (b, n, e) is the batch's normalised encoder output (for dead-code restarts)."""
         cfg = self.config
-        b, m = video.shape[0], video.shape[1] // cfg.frames if video.ndim == 5 else 1
-        if m > 1 and cfg.context_decoder and video.shape[1] == m * cfg.frames:
+        b, m = video.shape[0], 1
+        if cfg.context_decoder and video.ndim == 5 and video.shape[1] % cfg.frames == 0:
             # m consecutive clips: decoded as a video is, each reading the one before.
+            m = video.shape[1] // cfg.frames
             video = video.reshape(b * m, cfg.frames, *video.shape[2:])
-        else:
-            m = 1
         z = F.normalize(self.embed(video), dim=-1)
         ids, quantised = self.quantizer(z, generator if cfg.stochastic else None)
         if not bool(self.quantizer.active):

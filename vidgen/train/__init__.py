@@ -74,9 +74,8 @@ def build_task(cfg: TrainCommandConfig) -> Task:
         )
     task = _preset_task(cfg)
     if init is not None:
-        added = getattr(task.model, "ADDED_BY_FINE_TUNES", {})
         fresh = init.load_into(
-            task.model, missing_ok=[n for n, on in added.items() if on(task.model.config)]
+            task.model, missing_ok=getattr(task.model, "ADDED_BY_FINE_TUNES", ())
         )
         frozen = freeze_parameters(task.model, cfg.freeze)
         task.card = {
