@@ -223,10 +223,43 @@ def test_bad_requests_are_named(family):
         gen.open(request_for(gen, frames=L, context=np.zeros((L - 1, 32, 32, 3), np.uint8)))
     with pytest.raises(ValueError, match="actions must be int"):  # never silently truncated
         gen.open(request_for(gen, frames=L, actions=np.full(L, 1.9)))
+    with pytest.raises(ValueError, match=r"context must be uint8 frames .* T >= 1"):
+        request_for(gen, frames=L, context=np.zeros((0, 32, 32, 3), np.uint8))
     stream = gen.open(request_for(gen))
     with pytest.raises(RuntimeError, match="stream slots"):
         gen.open(request_for(gen, guidance=1.0, label=None))
     gen.close(stream)
+    assert gen.step([]) == []
+
+
+def test_a_failed_restore_frees_its_cache_slots(family):
+    """A truth that does not load (here: its cache tensors cut short) fails with a clear
+    error and leaves no stream behind, so the next restore still finds free slots."""
+    gen = make_generator(family, max_streams=1)
+    req = request_for(gen)
+    stream = gen.open(req)
+    gen.step([stream])
+    snap = gen.snapshot(stream)
+    gen.close(stream)
+    broken = {k: v[..., :1] if v.ndim > 2 else v for k, v in snap.cache.items()}
+    bad = dataclasses.replace(snap, cache=broken)
+    for _ in range(3):  # max_streams=1: a leaked slot would make the next try "cache is full"
+        with pytest.raises(ValueError, match="snapshot k must have shape"):
+            gen.restore(bad)
+    restored = gen.restore(snap)
+    assert restored.clip == 1
+    if family.startswith("tokens"):  # a guided stream needs a second slot the truth lacks
+        gen.close(restored)
+        gen.guidance = 1.0
+        stream = gen.open(request_for(gen, guidance=None))
+        unguided = gen.snapshot(stream)
+        gen.close(stream)
+        other = make_generator(family, max_streams=1)  # default guidance 2
+        with pytest.raises(
+            ValueError, match=r"snapshot holds 1 cache slot\(s\), this stream needs 2"
+        ):
+            other.restore(unguided)
+        assert other.restore(snap).clip == 1
 
 
 def test_cache_memory_is_bounded_by_the_window(family):

@@ -205,8 +205,15 @@ def test_a_context_decoder_reads_the_previous_clips_tokens():
         m.decode(ids[:, 1], mixed)[1], m.decode(ids[1:, 1])[0], rtol=1e-5, atol=1e-6
     )
     assert not torch.allclose(m.decode(ids[:, 1], ids[:, 2]), second, atol=1e-3)
-    with pytest.raises(ValueError, match="all ids or all NO_CONTEXT"):
+    with pytest.raises(ValueError, match="all ids in \\[0, 64\\) or all NO_CONTEXT"):
         m.decode(ids[:, 1], torch.cat([ids[:, 0, :1], none[:, 1:]], dim=1))
+    with pytest.raises(ValueError, match="all ids in \\[0, 64\\) or all NO_CONTEXT"):
+        m.decode(ids[:, 1], torch.cat([none[:, :1], ids[:, 0, 1:]], dim=1))  # not by row 0
+    with pytest.raises(ValueError, match="all ids in \\[0, 64\\) or all NO_CONTEXT"):
+        m.decode(ids[:, 1], ids[:, 0].clone().fill_(-5))
+    for bad in (-1, CFG.codebook_size):  # no wrap-around or bare IndexError
+        with pytest.raises(ValueError, match=f"ids must lie in \\[0, {CFG.codebook_size}\\)"):
+            m.decode(ids[:, 1].clone().fill_(bad))
     with pytest.raises(ValueError, match="no context decoder"):
         model().decode(ids[:, 1], ids[:, 0])
     # A plain decoder's video is its clips decoded alone.

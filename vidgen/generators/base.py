@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -109,10 +110,11 @@ class GenerationRequest:
                 self.context.dtype != np.uint8
                 or self.context.ndim != 4
                 or self.context.shape[-1] != 3
+                or self.context.shape[0] == 0
             ):
                 raise ValueError(
-                    f"context must be uint8 frames (T, H, W, 3), got {self.context.dtype} "
-                    f"{self.context.shape}"
+                    f"context must be uint8 frames (T, H, W, 3) with T >= 1 (None for no "
+                    f"context), got {self.context.dtype} {self.context.shape}"
                 )
         if self.context_action is not None:
             # That it also needs a context is checked when the stream opens (``check_actions``):
@@ -306,6 +308,17 @@ class ClipGenerator(Protocol):
     def restore(self, snapshot: StreamSnapshot) -> Stream: ...
 
     def close(self, stream: Stream) -> None: ...
+
+
+@contextmanager
+def closed_on_error(generator: ClipGenerator, stream: Stream) -> Iterator[None]:
+    """Close ``stream`` (freeing its cache slots) when the block raises, then re-raise: a
+    stream that failed to open or restore is never left holding slots nobody can free."""
+    try:
+        yield
+    except BaseException:
+        generator.close(stream)
+        raise
 
 
 def check_tokenizer(name: str, card: dict[str, Any], tokenizer: str, fingerprint: str) -> None:

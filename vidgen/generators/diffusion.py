@@ -28,6 +28,7 @@ from vidgen.generators.base import (
     check_frames_and_label,
     check_guidance,
     check_tokenizer,
+    closed_on_error,
     leading_actions,
     seeded,
     setting,
@@ -125,7 +126,8 @@ class DiffusionClipGenerator:
         stream = Stream(id=next(self._ids), request=request, slot=slot, clip=0, num_clips=num_clips)
         self._streams[stream.id] = stream
         if request.context is not None:
-            self._write_context(stream, np.asarray(request.context))
+            with closed_on_error(self, stream):
+                self._write_context(stream, np.asarray(request.context))
         return stream
 
     @torch.no_grad()
@@ -275,7 +277,6 @@ class DiffusionClipGenerator:
         else:
             num_clips = self._check(snapshot.request)
             slot = self.cache.add_stream()
-            self.cache.load(slot, snapshot.cache)
             stream = Stream(
                 id=next(self._ids),
                 request=snapshot.request,
@@ -284,9 +285,12 @@ class DiffusionClipGenerator:
                 num_clips=num_clips,
             )
             self._streams[stream.id] = stream
-        for latents in snapshot.pending:
-            self._write([stream], latents[None].to(self.device), [stream.clip])
-            stream.clip += 1
+        with closed_on_error(self, stream):
+            if snapshot.cache is not None:
+                self.cache.load(stream.slot, snapshot.cache)
+            for latents in snapshot.pending:
+                self._write([stream], latents[None].to(self.device), [stream.clip])
+                stream.clip += 1
         return stream
 
 

@@ -36,6 +36,7 @@ from vidgen.generators.base import (
     check_frames_and_label,
     check_guidance,
     check_tokenizer,
+    closed_on_error,
     leading_actions,
     seeded,
     setting,
@@ -146,7 +147,8 @@ class TokenClipGenerator:
         num_clips = self._check(request)
         stream = self._new_stream(request, clip=0, num_clips=num_clips)
         if request.context is not None:
-            self._write_context(stream, np.asarray(request.context))
+            with closed_on_error(self, stream):
+                self._write_context(stream, np.asarray(request.context))
         return stream
 
     def _new_stream(self, request: GenerationRequest, clip: int, num_clips: int) -> Stream:
@@ -226,6 +228,8 @@ class TokenClipGenerator:
                 raise KeyError(f"stream {s.id} is not open on this generator")
             if s.done:
                 raise ValueError(f"stream {s.id} already has all {s.num_clips} clips")
+        if not streams:
+            return []
         cfg, b = self.config, len(streams)
         cond, slots, uncond = self._cond(streams, [s.clip for s in streams])
         clip_cond = self.model.clip_condition(cond, len(slots), self.device)
@@ -363,17 +367,29 @@ class TokenClipGenerator:
             stream = self._new_stream(
                 snapshot.request, clip=snapshot.checkpoint_clip, num_clips=num_clips
             )
-            rows = self._rows[stream.id]
-            for i, slot in enumerate(rows.slots):
-                prefix = f"slot{i}."
-                tensors = {
-                    k[len(prefix) :]: v for k, v in snapshot.cache.items() if k.startswith(prefix)
-                }
-                self.cache.load(slot, tensors)
-            rows.prev = snapshot.cache["prev"].clone()
-            last = snapshot.cache.get("last")
-            rows.last = None if last is None else last.clone()
-        for tokens in snapshot.pending:
-            self._replay(stream, tokens, stream.clip)
-            stream.clip += 1
+        with closed_on_error(self, stream):
+            if snapshot.cache is not None:
+                self._load(stream, snapshot.cache)
+            for tokens in snapshot.pending:
+                self._replay(stream, tokens, stream.clip)
+                stream.clip += 1
         return stream
+
+    def _load(self, stream: Stream, cache: dict[str, torch.Tensor]) -> None:
+        rows = self._rows[stream.id]
+        held = {k.split(".", 1)[0] for k in cache if k.startswith("slot")}
+        if len(held) != len(rows.slots):
+            raise ValueError(
+                f"snapshot holds {len(held)} cache slot(s), this stream needs "
+                f"{len(rows.slots)} (a second one with classifier-free guidance: was the "
+                "snapshot made by a generator with another default guidance?)"
+            )
+        for i, slot in enumerate(rows.slots):
+            prefix = f"slot{i}."
+            tensors = {k[len(prefix) :]: v for k, v in cache.items() if k.startswith(prefix)}
+            self.cache.load(slot, tensors)
+        if "prev" not in cache:
+            raise ValueError("snapshot cache has no 'prev' (not a token generator's snapshot)")
+        rows.prev = cache["prev"].clone()
+        last = cache.get("last")
+        rows.last = None if last is None else last.clone()

@@ -419,9 +419,11 @@ class LARPTokenizer(nn.Module):
         """ids (b, N) -> clip (b, t, c, s, s) (pixels are clamped to [-1, 1]). ``context``
         (b, N): the ids of each clip's previous clip, for a context decoder; a row of
         ``NO_CONTEXT`` (a video's first clip) decodes without one, as does ``None``."""
-        n = self.config.num_tokens
+        n, k = self.config.num_tokens, self.config.codebook_size
         if ids.ndim != 2 or ids.shape[1] != n:
             raise ValueError(f"ids must be (b, {n}), got {tuple(ids.shape)}")
+        if ids.numel() and not (int(ids.min()) >= 0 and int(ids.max()) < k):
+            raise ValueError(f"ids must lie in [0, {k}), got {int(ids.min())}..{int(ids.max())}")
         codes = self.quantizer.codes()
         if context is None:
             out = self.decode_codes(codes[ids])
@@ -431,9 +433,13 @@ class LARPTokenizer(nn.Module):
                     f"context must be ids of the shape of ids {tuple(ids.shape)}, got "
                     f"{tuple(context.shape)}"
                 )
-            has = context[:, 0] != NO_CONTEXT
-            if bool(((context == NO_CONTEXT).any(1) & has).any()):
-                raise ValueError(f"context rows must be all ids or all NO_CONTEXT ({NO_CONTEXT})")
+            none = context == NO_CONTEXT
+            has = ~none.all(1)
+            valid = (context >= 0) & (context < k)
+            if not bool(torch.where(has[:, None], valid, none).all()):
+                raise ValueError(
+                    f"each context row must be all ids in [0, {k}) or all NO_CONTEXT ({NO_CONTEXT})"
+                )
             out = self.decode_codes(codes[ids], codes[context.clamp_min(0)], has)
         return out.clamp(-1, 1) if self.config.channels == 3 else out
 
