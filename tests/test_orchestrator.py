@@ -2,6 +2,7 @@
 backpressure, segmented resumable renders."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -510,3 +511,119 @@ def test_batch_main_releases_a_partly_started_pool(models, tmp_path, monkeypatch
     (row,) = [json.loads(r) for r in (out / "results.jsonl").read_text().splitlines()]
     assert row["status"] == "error" and "no GPU free for actor 2" in row["error"]
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["errors"] == 1
+
+
+def test_an_actor_restarted_while_idle_is_noticed_and_its_stream_restored(model):
+    """Ray restarts a crashed actor (max_restarts) while nothing is in flight: it comes back
+    without its streams. The next step's StreamsLost is a failure, not a crash of the loop."""
+    req = request_for(model, frames=48)
+    (executor,) = local(model)
+    orch = Orchestrator([executor], queue_clips=2)
+    key = orch.submit(req, sink=QueueSink(capacity=2))
+    clips = orch.clips(key)
+    first = next(clips)  # the queue fills and the stream waits: the actor is idle
+    executor.worker = GeneratorWorker(model, max_streams=4)  # the restarted process
+    got = np.concatenate([first.frames] + [c.frames for c in clips])
+    assert orch.failures == 1
+    np.testing.assert_array_equal(got, reference(model, req))
+
+
+def test_a_failure_while_restoring_opens_no_stream_twice(model):
+    """A second failure inside the first one's re-placing places the executor's streams
+    again; a stream still at clip 0 is opened again, which must not leak its first slot."""
+
+    class DiesTwice(LocalExecutor):
+        fail_next_step, restores = False, 0
+
+        def step(self, keys, epochs, snapshot_keys):
+            if self.fail_next_step:
+                self.fail_next_step = False
+                self.worker = GeneratorWorker(model, max_streams=4)  # state gone with it
+                return self._call(_raise)
+            return super().step(keys, epochs, snapshot_keys)
+
+        def restore(self, key, snapshot):
+            self.restores += 1
+            if self.restores == 1:
+                raise ExecutorFailed("died again while restoring")
+            super().restore(key, snapshot)
+
+    executor = DiesTwice(GeneratorWorker(model, max_streams=4))
+    orch = Orchestrator([executor], queue_clips=2)
+    reqs = [request_for(model, frames=24, seed=s) for s in (1, 2)]
+    a = orch.submit(reqs[0])
+    orch._schedule()
+    orch._execute_and_update(0.0)  # a has made clip 0; b below has made nothing
+    b = orch.submit(reqs[1])
+    executor.fail_next_step = True
+    orch._schedule()
+    orch._execute_and_update(0.0)
+    assert orch.failures == 2
+    worker = executor.worker
+    assert sorted(worker.streams) == [a, b]
+    assert len(worker.generator._streams) == 2  # one generator stream per placed stream
+    for key, req in zip((a, b), reqs, strict=True):
+        np.testing.assert_array_equal(frames_of(orch, key), reference(model, req))
+
+
+class _Delayed(LocalExecutor):
+    """A step is done ``delay`` s after it was submitted (``wait`` answers as ray.wait does:
+    what is done now); ``kill`` loses the worker's state as a killed actor does."""
+
+    def __init__(self, worker, delay: float, name: str, hang_at: int = 0) -> None:
+        super().__init__(worker, name)
+        self.delay, self.kills, self.model = delay, 0, worker.model_name
+        self.hang_at, self.steps = hang_at, 0  # step call hang_at takes 2 s instead
+
+    def step(self, keys, epochs, snapshot_keys):
+        self.steps += 1
+        handle = super().step(keys, epochs, snapshot_keys)
+        handle.at = time.monotonic() + (2.0 if self.steps == self.hang_at else self.delay)
+        return handle
+
+    def decode(self, clips):
+        handle = super().decode(clips)
+        handle.at = time.monotonic()
+        return handle
+
+    @staticmethod
+    def wait(handles, timeout, first=False):
+        end = time.monotonic() + (timeout or 0.0)
+        while True:
+            done = [h for h in handles if h.at <= time.monotonic()]
+            if done or time.monotonic() >= end:
+                return done
+            time.sleep(0.002)
+
+    def kill(self):
+        self.kills += 1
+        self.worker = GeneratorWorker(self.model, max_streams=4)
+
+
+class _SlowSink(QueueSink):
+    """A sink whose writes take a while (a segment encoded to a slow disk)."""
+
+    def put(self, clip) -> None:
+        time.sleep(0.4)
+        super().put(clip)
+
+
+def test_only_steps_still_running_past_the_timeout_are_killed(model):
+    """The loop's own slow work (here: sink writes longer than the timeout) does not make a
+    finished step late; a step that really runs past the timeout is killed and its stream
+    restored, and the video is the same either way."""
+    req = request_for(model, frames=24)
+    quick = _Delayed(GeneratorWorker(model, max_streams=4), 0.01, "quick")
+    orch = Orchestrator([quick], step_timeout=0.3)
+    key = orch.submit(req, sink=_SlowSink(capacity=64))
+    orch.run()
+    assert quick.kills == 0 and orch.failures == 0
+    np.testing.assert_array_equal(
+        np.concatenate([c.frames for c in orch.streams[key].sink.queue]), reference(model, req)
+    )
+
+    stuck = _Delayed(GeneratorWorker(model, max_streams=4), 0.01, "stuck", hang_at=2)
+    orch = Orchestrator([stuck], step_timeout=0.3)
+    got = frames_of(orch, orch.submit(req))
+    assert stuck.kills == 1 and orch.failures == 1
+    np.testing.assert_array_equal(got, reference(model, req))

@@ -34,6 +34,12 @@ from vidgen.generators import (
 log = logging.getLogger(__name__)
 
 
+class StreamsLost(RuntimeError):
+    """A step named streams the worker does not hold: Ray restarted its process (an actor
+    with ``max_restarts``) while it was idle, so it came back empty. The orchestrator treats
+    this as the executor's failure and restores the streams from their truth."""
+
+
 @dataclass
 class ClipOut:
     """One clip a step made, tagged so the orchestrator can drop stale results."""
@@ -85,6 +91,8 @@ class GeneratorWorker:
         }
 
     def open(self, key: int, request: GenerationRequest) -> None:
+        if key in self.streams:  # placed again (a nested failure): start clean, free its slot
+            self.close(key)
         self.streams[key] = self.generator.open(request)
 
     def restore(self, key: int, snapshot: StreamSnapshot) -> None:
@@ -100,6 +108,12 @@ class GeneratorWorker:
     def step(self, keys: list[int], epochs: list[int], snapshot_keys: list[int]) -> StepOut:
         """One clip for every stream in ``keys`` (one batched pass per denoising/block step),
         then the full snapshots of ``snapshot_keys`` (the orchestrator's checkpoints)."""
+        lost = [k for k in keys if k not in self.streams]
+        if lost:
+            raise StreamsLost(
+                f"this worker (pid {os.getpid()}) holds no streams {lost}: it was restarted "
+                "since they were placed (or they were never opened here)"
+            )
         clips: list[ClipLatents] = self.generator.step([self.streams[k] for k in keys])
         out = [
             ClipOut(key=k, clip=c.clip, epoch=e, data=c.data, context=c.context)

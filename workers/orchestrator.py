@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from vidgen.generators import Clip, GenerationRequest, StreamSnapshot
-from workers.actor import ClipOut, StepOut
+from workers.actor import ClipOut, StepOut, StreamsLost
 from workers.executors import Executor, ExecutorFailed
 
 log = logging.getLogger(__name__)
@@ -418,11 +418,10 @@ class Orchestrator:
         if self.step_timeout is None:
             return
         now = time.monotonic()
-        late = {
-            w.executor
-            for w in self.work
-            if w.kind == "step" and now - w.started > self.step_timeout
-        }
+        overdue = [w for w in self.work if w.kind == "step" and now - w.started > self.step_timeout]
+        # A step that finished while the loop was busy elsewhere (a slow sink, a restore, a
+        # replacement actor starting) is not late: its result is taken next round.
+        late = {w.executor for w in overdue if not self.executors[w.executor].wait([w.handle], 0.0)}
         for index in late:
             log.warning("step on executor %s exceeded %.1fs", index, self.step_timeout)
             executor = self.executors[index]
@@ -491,4 +490,7 @@ def _is_failure(err: BaseException) -> bool:
             return True
     except ImportError:  # pragma: no cover - ray is a dependency
         pass
-    return isinstance(err, ExecutorFailed | TimeoutError)
+    # A remote StreamsLost arrives as a RayTaskError that is also a StreamsLost (or, where
+    # Ray cannot make that class, carries it as its cause).
+    lost = isinstance(err, StreamsLost) or isinstance(getattr(err, "cause", None), StreamsLost)
+    return lost or isinstance(err, ExecutorFailed | TimeoutError)
