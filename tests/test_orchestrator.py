@@ -2,12 +2,14 @@
 backpressure, segmented resumable renders."""
 
 import json
+import shutil
 import time
 
 import numpy as np
 import pytest
 
 from tests.models import save_test_generators
+from vidgen import checkpoint
 from vidgen.generators import GenerationRequest, generate_video, load_generator
 from vidgen.io import read_metadata, read_video
 from workers.actor import GeneratorWorker
@@ -179,6 +181,27 @@ def test_resuming_with_another_request_is_refused(model, tmp_path):
     (parts_folder(out) / "request.sha256").write_text("0" * 64)
     with pytest.raises(ValueError, match="different request"):
         render(Orchestrator(local(model)), request_for(model), out, progress=False)
+
+
+def test_resuming_with_other_weights_under_the_same_path_is_refused(model, tmp_path):
+    """The request names the model by path, so only the weights' hash tells a retrained
+    file apart: its clips must not be joined to the old ones."""
+    weights = tmp_path / "model.safetensors"
+    shutil.copyfile(model, weights)
+    req = request_for(str(weights), frames=48)
+    out = tmp_path / "v.mp4"
+    orch = Orchestrator(local(str(weights)))
+
+    def crash_after_a_segment(until=None, poll=0.05):
+        run(until=lambda: any(parts_folder(out).glob("part_*.mp4")))
+        raise Crash
+
+    run, orch.run = orch.run, crash_after_a_segment
+    with pytest.raises(Crash):
+        render(orch, req, out, segment_clips=1, progress=False)
+    checkpoint.update_card(weights, {"note": "trained further"})  # new bytes, same path
+    with pytest.raises(ValueError, match="other weights of .*delete it"):
+        render(Orchestrator(local(str(weights))), req, out, progress=False)
 
 
 def test_parts_of_an_older_vidgen_are_refused(model, tmp_path):

@@ -112,15 +112,26 @@ def segments(folder: Path) -> list[Path]:
     return sorted(folder.glob("part_*.mp4"))
 
 
-def _resume_point(folder: Path, request: GenerationRequest) -> tuple[Any, int]:
+def _resume_point(
+    folder: Path, request: GenerationRequest, model_sha256: str | None = None
+) -> tuple[Any, int]:
     """(saved truth or None, clips already on disk); drops segments past the saved truth.
-    Reads (and prunes) an existing folder only: nothing is created here."""
+    Reads (and prunes) an existing folder only: nothing is created here. A folder made with
+    other weights under the same model name or path (``model.sha256``) is refused: its clips
+    and truth belong to that model."""
     if not folder.exists():
         return None, 0
     fingerprint = folder / "request.sha256"
     if fingerprint.exists() and fingerprint.read_text().strip() != request.fingerprint():
         raise ValueError(
             f"{folder} holds a render of a different request; delete it or choose another out"
+        )
+    weights = folder / "model.sha256"
+    if model_sha256 and weights.exists() and weights.read_text().strip() != model_sha256:
+        raise ValueError(
+            f"{folder} holds a render made with other weights of {request.model!r} (sha256 "
+            f"{weights.read_text().strip()[:16]}, now {model_sha256[:16]}); delete it or "
+            "choose another out"
         )
     if any(folder.glob("seg_*.mp4")):
         raise ValueError(
@@ -169,7 +180,8 @@ class RenderJob:
 
     def start(self, orchestrator: Orchestrator) -> int:
         self.orchestrator = orchestrator
-        truth, self.done_before = _resume_point(self.folder, self.request)
+        model_sha256 = orchestrator.info.get("sha256")
+        truth, self.done_before = _resume_point(self.folder, self.request, model_sha256)
         if self.done_before:
             log.info("resuming %s after %d clips already on disk", self.out, self.done_before)
         clip_len = orchestrator.clip_len
@@ -197,6 +209,8 @@ class RenderJob:
             raise
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "request.sha256").write_text(self.request.fingerprint())
+        if model_sha256:
+            (self.folder / "model.sha256").write_text(model_sha256)
         return self.key
 
     def _save_truth(self, clips: int) -> None:
