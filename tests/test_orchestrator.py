@@ -4,6 +4,7 @@ backpressure, segmented resumable renders."""
 import json
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -650,3 +651,75 @@ def test_only_steps_still_running_past_the_timeout_are_killed(model):
     got = frames_of(orch, orch.submit(req))
     assert stuck.kills == 1 and orch.failures == 1
     np.testing.assert_array_equal(got, reference(model, req))
+
+
+def test_an_abandoned_iterator_frees_its_stream_and_render_waits_only_for_its_own(model, tmp_path):
+    """A caller that stops taking a stream's clips (a break) releases it and its slot; a
+    render on an orchestrator with another stream nobody is reading still finishes."""
+    orch = Orchestrator(local(model))
+    (executor,) = orch.executors
+    clips = orch.clips(orch.submit(request_for(model, frames=48)))
+    next(clips)
+    clips.close()  # what dropping the iterator (a break out of a for loop) does
+    assert orch.streams == {} and executor.worker.streams == {}
+    unread = orch.submit(request_for(model, frames=48, seed=9))  # its queue fills, then waits
+    good = request_for(model, frames=24)
+    render(orch, good, tmp_path / "v.mp4", lossless=True, progress=False)
+    np.testing.assert_array_equal(read_video(tmp_path / "v.mp4").numpy(), reference(model, good))
+    assert list(orch.streams) == [unread]
+    np.testing.assert_array_equal(
+        frames_of(orch, unread), reference(model, request_for(model, frames=48, seed=9))
+    )
+
+
+def test_resuming_with_the_other_lossless_setting_is_refused(models, tmp_path):
+    model = models["diffusion"]
+    req = request_for(model, frames=48)
+    out = tmp_path / "v.mp4"
+    orch = Orchestrator(local(model))
+
+    def crash_after_a_segment(until=None, poll=0.05):
+        run(until=lambda: any(parts_folder(out).glob("part_*.mp4")))
+        raise Crash
+
+    run, orch.run = orch.run, crash_after_a_segment
+    with pytest.raises(Crash):
+        render(orch, req, out, segment_clips=1, lossless=True, progress=False)
+    with pytest.raises(ValueError, match="lossless=true: resume with the same setting"):
+        render(Orchestrator(local(model)), req, out, progress=False)
+    render(Orchestrator(local(model)), req, out, lossless=True, progress=False)
+    np.testing.assert_array_equal(read_video(out).numpy(), reference(model, req))
+
+
+def test_a_batch_item_that_cannot_be_joined_is_an_error_and_the_rest_go_on(
+    models, tmp_path, monkeypatch
+):
+    from workers import render as render_module
+    from workers.jobs.render import Results, parse_manifest, run_batch
+
+    join = render_module.concat_videos
+
+    def join_fails_for_a(paths, out, **kwargs):
+        if Path(out).name == "a.mp4":
+            raise OSError("disk full")
+        return join(paths, out, **kwargs)
+
+    monkeypatch.setattr(render_module, "concat_videos", join_fails_for_a)
+    lines = [
+        {"id": i, "model": models["diffusion"], "frames": 16, "label": 1, "steps": 2, "seed": s}
+        for s, i in enumerate("ab")
+    ]
+    manifest = tmp_path / "items.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.jsonl").write_text('{"id": "x", "status": "o')  # cut by a crash
+    rows = run_batch(
+        parse_manifest(manifest, out, max_frames=1000),
+        out,
+        lambda m: [LocalExecutor(GeneratorWorker(m, max_streams=2))],
+    )
+    assert {r["id"]: r["status"] for r in rows} == {"a": "error", "b": "ok"}
+    assert "OSError: disk full" in next(r["error"] for r in rows if r["id"] == "a")
+    assert (out / "b.mp4").exists() and parts_folder(out / "a.mp4").exists()
+    assert Results(out / "results.jsonl").ok == {"b"}  # no row joined to the cut line

@@ -273,16 +273,30 @@ class Orchestrator:
         if not isinstance(stream.sink, QueueSink):
             raise ValueError(f"stream {key} writes to its own sink, not to an iterator")
         queue = stream.sink.queue
-        while True:
-            while queue:
-                yield queue.popleft()
-            if stream.done:
-                self.forget(key)
-                return
-            self._schedule()
-            if not self.work:
-                raise RuntimeError(_DRAINED)
-            self._execute_and_update(0.05)
+        try:
+            while True:
+                while queue:
+                    yield queue.popleft()
+                if stream.done:
+                    self.forget(key)
+                    return
+                self._schedule()
+                if not self.work:
+                    raise RuntimeError(_DRAINED)
+                self._execute_and_update(0.05)
+        except GeneratorExit:  # the caller stopped taking clips (a break, a dropped iterator)
+            self.cancel(key)
+            raise
+
+    def cancel(self, key: int) -> None:
+        """Stop stream ``key`` now, finished or not: its executor closes it (freeing the
+        slot), results still in flight for it are dropped when they arrive, its state goes."""
+        stream = self.streams.pop(key, None)
+        if stream is None or stream.executor == UNPLACED:
+            return
+        executor = self.executors[stream.executor]
+        if executor is not None and stream.accepted < stream.num_clips:  # else already closed
+            executor.close(key)
 
     def _schedule(self) -> None:
         for s in self.streams.values():  # streams of a lost executor, as slots free up

@@ -112,26 +112,42 @@ def segments(folder: Path) -> list[Path]:
     return sorted(folder.glob("part_*.mp4"))
 
 
+def _guards(request: GenerationRequest, model_sha256: str | None, lossless: bool) -> dict[str, str]:
+    """What a parts folder is made with (file name -> content): a resume must match each."""
+    guards = {"request.sha256": request.fingerprint(), "lossless": str(bool(lossless)).lower()}
+    if model_sha256:
+        guards["model.sha256"] = model_sha256
+    return guards
+
+
 def _resume_point(
-    folder: Path, request: GenerationRequest, model_sha256: str | None = None
+    folder: Path, request: GenerationRequest, guards: dict[str, str]
 ) -> tuple[Any, int]:
     """(saved truth or None, clips already on disk); drops segments past the saved truth.
-    Reads (and prunes) an existing folder only: nothing is created here. A folder made with
-    other weights under the same model name or path (``model.sha256``) is refused: its clips
-    and truth belong to that model."""
+    Reads (and prunes) an existing folder only: nothing is created here. A folder made for
+    another request, with other weights under the same model name or path, or with the other
+    ``lossless`` setting (segments of two codecs do not join) is refused; a guard file an
+    older folder lacks is not checked."""
     if not folder.exists():
         return None, 0
-    fingerprint = folder / "request.sha256"
-    if fingerprint.exists() and fingerprint.read_text().strip() != request.fingerprint():
+    found = {n: (folder / n).read_text().strip() for n in guards if (folder / n).exists()}
+    if found.get("request.sha256", guards["request.sha256"]) != guards["request.sha256"]:
         raise ValueError(
             f"{folder} holds a render of a different request; delete it or choose another out"
         )
-    weights = folder / "model.sha256"
-    if model_sha256 and weights.exists() and weights.read_text().strip() != model_sha256:
+    if (
+        "model.sha256" in guards
+        and found.get("model.sha256", guards["model.sha256"]) != (guards["model.sha256"])
+    ):
         raise ValueError(
             f"{folder} holds a render made with other weights of {request.model!r} (sha256 "
-            f"{weights.read_text().strip()[:16]}, now {model_sha256[:16]}); delete it or "
+            f"{found['model.sha256'][:16]}, now {guards['model.sha256'][:16]}); delete it or "
             "choose another out"
+        )
+    if found.get("lossless", guards["lossless"]) != guards["lossless"]:
+        raise ValueError(
+            f"{folder} holds segments written with lossless={found['lossless']}: resume with "
+            "the same setting (segments of two codecs do not join), or delete it"
         )
     if any(folder.glob("seg_*.mp4")):
         raise ValueError(
@@ -180,8 +196,8 @@ class RenderJob:
 
     def start(self, orchestrator: Orchestrator) -> int:
         self.orchestrator = orchestrator
-        model_sha256 = orchestrator.info.get("sha256")
-        truth, self.done_before = _resume_point(self.folder, self.request, model_sha256)
+        guards = _guards(self.request, orchestrator.info.get("sha256"), self.lossless)
+        truth, self.done_before = _resume_point(self.folder, self.request, guards)
         if self.done_before:
             log.info("resuming %s after %d clips already on disk", self.out, self.done_before)
         clip_len = orchestrator.clip_len
@@ -208,9 +224,8 @@ class RenderJob:
             self.bar.close()
             raise
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / "request.sha256").write_text(self.request.fingerprint())
-        if model_sha256:
-            (self.folder / "model.sha256").write_text(model_sha256)
+        for name, value in guards.items():
+            (self.folder / name).write_text(value)
         return self.key
 
     def _save_truth(self, clips: int) -> None:
@@ -259,7 +274,7 @@ def render(
     """Render ``request`` to ``out`` (resuming a render interrupted at the same ``out``)."""
     job = RenderJob(request, out, segment_clips, lossless, progress, extra_provenance)
     job.start(orchestrator)
-    orchestrator.run()
+    orchestrator.run(until=lambda: job.done)  # other streams of the orchestrator may wait
     return job.finish()
 
 

@@ -106,8 +106,14 @@ class Results:
                     self.ok.add(row["id"])
 
     def add(self, row: dict[str, Any]) -> None:
+        line = json.dumps(row, sort_keys=True) + "\n"
+        if self.path.exists() and self.path.stat().st_size:
+            with open(self.path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # a line cut by a crash: never join this row to it
+                    line = "\n" + line
         with open(self.path, "a") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.write(line)
             f.flush()
             os.fsync(f.fileno())
         if row["status"] == "ok":
@@ -182,6 +188,7 @@ def _render_group(
     soon as its stream is done."""
     rows: list[dict[str, Any]] = []
     waiting = list(group)
+    items = {item.id: item for item in group}
     pending: dict[str, RenderJob] = {}
 
     def capacity() -> int:
@@ -216,7 +223,16 @@ def _render_group(
 
     def finish_done() -> None:
         for item_id in [i for i, job in pending.items() if job.done]:
-            result = pending.pop(item_id).finish()
+            job = pending.pop(item_id)
+            try:
+                result = job.finish()
+            except (ValueError, RuntimeError, OSError) as err:  # e.g. segments that do not join
+                log.error("%s: could not be finished: %s", item_id, err)
+                job.abandon()  # its parts folder stays, as after a crash
+                orch.forget(job.key)
+                rows.append(_error_row(items[item_id], f"{type(err).__name__}: {err}"))
+                results.add(rows[-1])
+                continue
             rows.append(
                 {
                     "id": item_id,
