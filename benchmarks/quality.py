@@ -39,7 +39,7 @@ import torch
 
 from vidgen import checkpoint
 from vidgen.data.worlds import to_model_range, to_uint8
-from vidgen.eval.scene import scene_metrics
+from vidgen.eval.scene import scene_metrics, summarize_seams
 from vidgen.generators import (
     GenerationRequest,
     check_generator,
@@ -113,9 +113,11 @@ def evaluate_model(
         per_label[str(label)] = {k: mean([s[k] for s in scores]) for k in scores[0]}
         rows += scores
     summary = {k: mean([r[k] for r in rows]) for k in rows[0]}
-    # A slideshow (frozen inside clips, jumping at seams) has an infinite seam ratio, which
-    # the mean leaves out: counted here so that it cannot hide.
-    summary["seam_ratio_infinite"] = sum(r.get("seam_ratio") == float("inf") for r in rows)
+    # A slideshow (frozen inside clips, jumping at seams) has an infinite seam ratio and a
+    # video that never changes none: the mean leaves both out, so they are counted here.
+    seams = summarize_seams([r["seam_ratio"] for r in rows if "seam_ratio" in r])
+    summary["seam_ratio_infinite"] = seams["infinite"]
+    summary["seam_ratio_undefined"] = seams["undefined"]
     summary["frames_per_s"] = round(frames * len(labels) * len(seeds) / seconds, 2)
     summary["sha256"] = checkpoint.file_sha256(checkpoint.resolve(name))[:16]
     # What was used: the request's, else the model's default.

@@ -26,7 +26,7 @@ import torch
 
 from vidgen import checkpoint
 from vidgen.data.worlds import to_model_range, to_uint8
-from vidgen.eval.scene import centroid_error, seam_ratio
+from vidgen.eval.scene import centroid_error, seam_ratio, summarize_seams
 from vidgen.tokenizers.larp import (
     LARPVideoTokenizer,
     codebook_usage,
@@ -93,12 +93,15 @@ def evaluate_world(
     ids = torch.cat(all_ids)
     size = tok.config.codebook_size
     entropy = unigram_entropy(ids, size)
+    seams = summarize_seams(scores["seam"])
     out = {
         f"psnr_{world}": float(np.mean(scores["psnr"])),
         f"ssim_{world}": float(np.mean(scores["ssim"])),
         f"centroid_error_px_{world}": float(np.nanmean(scores["centroid"])),
         f"objects_missed_{world}": float(np.mean(scores["missed"])),
-        f"seam_ratio_{world}": float(np.mean([s for s in scores["seam"] if s is not None])),
+        f"seam_ratio_{world}": seams["mean"],  # finite ratios; the others counted next
+        f"seam_ratio_infinite_{world}": seams["infinite"],
+        f"seam_ratio_undefined_{world}": seams["undefined"],
         f"codes_used_{world}": codebook_usage(ids, size)["used_fraction"],
         f"prior_ce_over_unigram_{world}": prior_cross_entropy(tok.larp, ids.to(device))
         / max(entropy, 1e-9),

@@ -8,6 +8,7 @@ from vidgen.eval.scene import (
     motion_stats,
     scene_metrics,
     seam_ratio,
+    summarize_seams,
 )
 from vidgen.io import VideoWriter, read_video
 from vidgen.worlds.agent import AGENT_PALETTE, AgentWorldConfig, generate_trajectory
@@ -100,6 +101,17 @@ def test_seam_ratio_of_a_slideshow_is_infinite(shapes):
     _world, traj = shapes
     slideshow = np.repeat(traj.frames[::8][:8], 8, axis=0)  # frozen within clips, jumps at seams
     assert seam_ratio(slideshow, clip_len=8) == float("inf")
+
+
+def test_pooled_seams_count_slideshows_and_frozen_videos_apart(shapes):
+    _world, traj = shapes
+    real = seam_ratio(traj.frames[:64], clip_len=8)
+    slideshow = seam_ratio(np.repeat(traj.frames[::8][:8], 8, axis=0), clip_len=8)
+    frozen = seam_ratio(np.repeat(traj.frames[:1], 64, axis=0), clip_len=8)
+    assert frozen is None
+    pooled = summarize_seams([real, slideshow, frozen, real])
+    assert pooled == {"mean": pytest.approx(real), "infinite": 1, "undefined": 1}
+    assert summarize_seams([slideshow, frozen]) == {"mean": None, "infinite": 1, "undefined": 1}
 
 
 @pytest.mark.parametrize("seed", [3, 4])

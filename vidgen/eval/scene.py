@@ -285,6 +285,18 @@ def seam_ratio(
     return float(seam / within)
 
 
+def summarize_seams(ratios: list[float | None]) -> dict[str, float | int | None]:
+    """Pool per-video ``seam_ratio`` values: the mean of the finite ones (None if there are
+    none) and how many were ``inf`` (slideshows) or None (videos that never change), so that
+    neither kind can vanish from a figure or turn it into inf."""
+    finite = [r for r in ratios if r is not None and np.isfinite(r)]
+    return {
+        "mean": float(np.mean(finite)) if finite else None,
+        "infinite": sum(r is not None and r == float("inf") for r in ratios),
+        "undefined": sum(r is None for r in ratios),
+    }
+
+
 def scene_metrics(
     frames: np.ndarray | torch.Tensor,
     palette: ScenePalette,
