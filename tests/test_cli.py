@@ -48,6 +48,10 @@ def test_bad_overrides_are_reported(tmp_path, capsys):
     assert "world.colour" in capsys.readouterr().err
     assert main(["render", "model=nowhere", f"out={tmp_path / 'x.mp4'}"]) == 2
     assert "nowhere" in capsys.readouterr().err
+    (tmp_path / "d.mp4").mkdir()  # a folder where the video should go: refused at once
+    for command in (["render"], ["data", "preview"]):
+        assert main([*command, f"out={tmp_path / 'd.mp4'}"]) == 2
+        assert "is a folder; give the video's file name" in capsys.readouterr().err
     assert not (tmp_path / "x.mp4").exists()
     import ray
 
@@ -142,6 +146,32 @@ def test_data_group_composes_to_data_config(name):
     assert isinstance(data.agent, AgentWorldConfig) and data.agent.step == 3
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.clip_len=0"], "bad config: data.clip_len must be >= 1, got 0"),
+        (["data.stride=0"], "bad config: data.stride must be >= 1"),
+        (["data.size=0"], "bad config: data.size must be >= 1"),
+        (["train.device=bogus"], "bad config: train.device must be auto, cpu, cuda or cuda:N"),
+        (["data=folder", "data.root=EMPTY"], "cannot start: no video files"),
+        (["data=folder", "data.root=MISSING"], "cannot start: root"),
+    ],
+)
+def test_a_train_that_cannot_start_says_why_without_a_traceback(
+    tmp_path, capsys, overrides, message
+):
+    (tmp_path / "empty").mkdir()
+    overrides = [
+        o.replace("EMPTY", str(tmp_path / "empty")).replace("MISSING", str(tmp_path / "no"))
+        for o in overrides
+    ]
+    out = tmp_path / "run"
+    args = ["train", "tokenizer=kl-tiny", *overrides, "train.steps=1", f"out={out}"]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_folder_data_needs_root(tmp_path):
     with pytest.raises(ConfigError, match="root"):
         load_group("data", "folder")
@@ -174,9 +204,10 @@ def test_configs_are_found_beside_an_uninstalled_source_checkout(monkeypatch):
     assert config_module.group_choices("train", ["model=ca2vdm-tiny"])["model"] == "ca2vdm-tiny"
 
 
+@pytest.mark.parametrize("remote", [False, True])
 @pytest.mark.parametrize("bad", ["frames=9", "label=9"])  # test clips: 2 frames
 def test_a_request_the_model_refuses_exits_2_without_a_traceback(
-    tmp_path, capsys, monkeypatch, bad
+    tmp_path, capsys, monkeypatch, bad, remote
 ):
     """Frames that are not whole clips, or a label out of the model's range, are known only
     once the model is loaded (in its actors): a clean message, exit 2, nothing written."""
@@ -188,10 +219,27 @@ def test_a_request_the_model_refuses_exits_2_without_a_traceback(
 
     models = save_test_generators(tmp_path / "models")
     monkeypatch.setattr(workers.cluster, "connect", lambda address: False)  # no Ray here
+
+    class AsFromAnActor(LocalExecutor):
+        """An actor's refusal as Ray hands it over: a RayTaskError that is also the
+        ValueError, its text the remote traceback."""
+
+        def open(self, key, request):
+            from ray.exceptions import RayTaskError
+
+            try:
+                super().open(key, request)
+            except ValueError as err:
+                trace = f"Traceback (most recent call last):\n  File actor.py\nValueError: {err}"
+                raise RayTaskError(
+                    "GeneratorWorker.open", trace, err
+                ).as_instanceof_cause() from None
+
+    kind = AsFromAnActor if remote else LocalExecutor
     monkeypatch.setattr(
         workers.executors,
         "RayExecutor",
-        lambda model, *args, **kwargs: LocalExecutor(GeneratorWorker(model, max_streams=2)),
+        lambda model, *args, **kwargs: kind(GeneratorWorker(model, max_streams=2)),
     )
     out = tmp_path / "out"
     out.mkdir()
@@ -199,4 +247,5 @@ def test_a_request_the_model_refuses_exits_2_without_a_traceback(
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "bad request" in err and bad.split("=")[0] in err
+    assert "Traceback" not in err and "File " not in err and "pid=" not in err
     assert not list(out.iterdir())

@@ -187,6 +187,7 @@ def test_clean_close_replaces_existing_file(tmp_path):
         (torch.zeros((2, 8, 8, 3), dtype=torch.int64), TypeError, "uint8"),
         (np.zeros((2, 8, 8, 4), np.uint8), ValueError, r"\(T, H, W, 3\)"),
         (np.zeros((8, 8), np.uint8), ValueError, r"\(T, H, W, 3\)"),
+        (np.zeros((2, 0, 0, 3), np.uint8), ValueError, r"H and W >= 1"),
         ([[0, 0, 0]], TypeError, "torch.Tensor or numpy"),
     ],
 )
@@ -319,6 +320,29 @@ def test_header_over_reporting_frames(tmp_path):
     assert 0 < count < 12
     for backend in ("auto", "pyav"):
         assert np.array_equal(read_video(cut, backend=backend).numpy(), frames[:count])
+
+
+def test_frames_an_edit_list_hides_are_not_counted(tmp_path):
+    """A cut made without re-encoding (ffmpeg -ss ... -c copy) keeps the packets before the
+    cut and hides them with an edit list: they are marked discard and are not frames."""
+    frames = noise(12, 32, 32, seed=4)
+    src, cut = tmp_path / "src.mp4", tmp_path / "cut.mp4"
+    with VideoWriter(src, lossless=True) as writer:
+        writer.write(frames)
+    with av.open(str(src)) as inp, av.open(str(cut), "w") as out:
+        stream_in = inp.streams.video[0]
+        stream_out = out.add_stream_from_template(stream_in)
+        shift = 3 * int(1 / (stream_in.time_base * stream_in.average_rate))  # 3 frames
+        for packet in inp.demux(stream_in):
+            if packet.dts is None:
+                continue
+            packet.pts -= shift
+            packet.dts -= shift
+            packet.stream = stream_out
+            out.mux(packet)
+    assert probe_video(cut).num_frames == 9
+    for backend in ("decord", "pyav"):
+        assert np.array_equal(read_video(cut, backend=backend).numpy(), frames[3:])
 
 
 # --- slicing and resizing -----------------------------------------------------------------

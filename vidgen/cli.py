@@ -110,7 +110,10 @@ def _render(cfg: Any) -> int:
     try:
         result = render(orch, request, cfg.out, cfg.segment_clips, cfg.lossless)
     except ValueError as err:  # refused by the model (frames not whole clips, label range)
-        print(f"{PROG} render: bad request: {err}", file=sys.stderr)  # or a resume refused
+        # An actor's refusal arrives as Ray's error wrapping the ValueError, with the remote
+        # traceback in its text: print the refusal itself.
+        reason = getattr(err, "cause", None) or err
+        print(f"{PROG} render: bad request: {reason}", file=sys.stderr)  # or a resume refused
         return 2
     where = ", ".join(f"{e.info['device']}{e.info['gpu_ids'] or ''}" for e in executors)
     resumed = f" (resumed after {result.resumed_frames})" if result.resumed_frames else ""
@@ -122,11 +125,16 @@ def _render(cfg: Any) -> int:
 
 
 def run_train(cfg: Any, choices: dict[str, str]) -> int:
+    from vidgen.train import TrainSetupError
     from vidgen.train import run_train as train
 
     if not cfg.name:
         cfg.name = choices.get("tokenizer") or choices.get("model") or "model"
-    path = train(cfg)
+    try:
+        path = train(cfg)
+    except TrainSetupError as err:
+        print(f"{PROG} train: cannot start: {err}", file=sys.stderr)
+        return 2
     print(f"exported {path}")
     return 0
 

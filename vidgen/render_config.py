@@ -64,6 +64,8 @@ class RenderConfig:
             raise ValueError(f"out must end in .mp4, got {self.out!r}")
         if not Path(self.out).expanduser().parent.is_dir():
             raise ValueError(f"out={self.out!r}: its folder does not exist")
+        if Path(self.out).expanduser().is_dir():
+            raise ValueError(f"out={self.out!r} is a folder; give the video's file name")
         for name in ("actions", "context"):
             value = getattr(self, name)
             if value is not None and not Path(value).expanduser().is_file():

@@ -186,6 +186,8 @@ class RenderJob:
             raise ValueError(
                 f"out={str(self.out)!r}: folder {str(self.out.parent)!r} does not exist"
             )
+        if self.out.is_dir():
+            raise ValueError(f"out={str(self.out)!r} is a folder; give the video's file name")
         if segment_clips < 1:
             raise ValueError(f"segment_clips must be >= 1, got {segment_clips}")
         self.request, self.segment_clips, self.lossless = request, segment_clips, lossless

@@ -48,8 +48,11 @@ class DataConfig:
             raise ValueError(f"data.name must be one of {list(SOURCES)}, got {self.name!r}")
         if self.name == "folder" and not self.root:
             raise ValueError("data=folder needs data.root=<folder of videos>")
-        if self.batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        for name in ("batch_size", "clip_len", "size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.stride is not None and self.stride < 1:
+            raise ValueError(f"data.stride must be >= 1 (or null: clip_len), got {self.stride}")
 
 
 def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset:

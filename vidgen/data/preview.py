@@ -54,6 +54,8 @@ class PreviewConfig:
             raise ValueError(f"out must end in .mp4 (or .mkv/.mov), got {self.out!r}")
         if not out.parent.is_dir():
             raise ValueError(f"out={self.out!r}: folder {str(out.parent)!r} does not exist")
+        if out.is_dir():
+            raise ValueError(f"out={self.out!r} is a folder; give the video's file name")
 
 
 @dataclass(frozen=True)

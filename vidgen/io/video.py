@@ -116,9 +116,10 @@ def _video_stream(container: Any, path: Path) -> Any:
 
 
 def _is_frame_packet(packet: Any) -> bool:
-    # The demuxer ends with an empty flush packet, and marks a packet cut short by the end of a
-    # truncated file as corrupt; neither decodes to a frame.
-    return packet.size > 0 and not packet.is_corrupt
+    # The demuxer ends with an empty flush packet, marks a packet cut short by the end of a
+    # truncated file as corrupt, and one an edit list hides (a cut made without re-encoding)
+    # as discard; none of them decodes to a shown frame.
+    return packet.size > 0 and not packet.is_corrupt and not packet.is_discard
 
 
 def _count_packets(container: Any, stream: Any, path: Path) -> int:
@@ -425,6 +426,8 @@ def _as_frames(frames: torch.Tensor | np.ndarray) -> np.ndarray:
         raise ValueError(
             f"frames must have shape (T, H, W, 3) or (H, W, 3), got {tuple(frames.shape)}"
         )
+    if array.shape[1] < 1 or array.shape[2] < 1:
+        raise ValueError(f"frames must have H and W >= 1, got shape {tuple(frames.shape)}")
     return np.ascontiguousarray(array)
 
 

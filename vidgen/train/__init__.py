@@ -130,12 +130,21 @@ def _preset_task(cfg: TrainCommandConfig) -> Task:
     raise ValueError(f"no training task for {type(target).__name__}")
 
 
+class TrainSetupError(ValueError):
+    """The run could not be set up from its config: no usable videos under ``data.root``, an
+    ``init`` or frozen tokenizer that is missing or does not fit, ... (nothing trained yet)."""
+
+
 def run_train(cfg: TrainCommandConfig) -> Path:
     """Train (or resume) and export; returns the exported checkpoint's path."""
     if not cfg.name:
         raise ValueError("name must be set (the CLI fills it from the chosen preset)")
     torch.manual_seed(cfg.train.seed)  # the model's initial weights are part of the run
-    return train(build_task(cfg), cfg.train, out_dir(cfg))
+    try:
+        task = build_task(cfg)
+    except (FileNotFoundError, ValueError) as err:
+        raise TrainSetupError(str(err)) from err
+    return train(task, cfg.train, out_dir(cfg))
 
 
 def out_dir(cfg: TrainCommandConfig) -> Path:

@@ -84,6 +84,13 @@ class TrainConfig:
             raise ValueError(f"train.max_seconds must be >= 0 (0 = off), got {self.max_seconds}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"train.precision must be fp32 or bf16, got {self.precision!r}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(
+                    f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}"
+                ) from None
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
