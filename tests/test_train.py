@@ -1,5 +1,7 @@
 """The training loop: N steps in one run equal N/2, resume, N/2 — bitwise on CPU."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from vidgen.config import load_config
 from vidgen.nn import randomize_
 from vidgen.tokenizers.kl import KL_CONFIGS, KLAutoencoder, KLConfig
 from vidgen.tokenizers.larp import LARPVideoTokenizer
-from vidgen.train import StepSampler, lr_at, run_train
+from vidgen.train import StepSampler, TrainSetupError, lr_at, run_train
 from vidgen.train.loop import TrainConfig, setting_changes
 
 SMALL_BOUNCING = [
@@ -670,3 +672,41 @@ def test_a_larp_gains_a_context_decoder_by_fine_tuning_on_consecutive_clips(tmp_
         tensors(tuned)["decoder.blocks.0.attn.qkv.weight"],
         tensors(base)["decoder.blocks.0.attn.qkv.weight"],
     )
+
+
+def test_a_resume_trains_with_the_changed_optimizer_settings(tmp_path):
+    """The saved optimizer groups carry the old weight decay and betas; the resumed run must
+    use the new ones it records in its card, not export what a resume keeping the old ones
+    would."""
+    kl = ["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2", "train.ema_decay=0"]
+    train(kl, tmp_path / "a", 4, stop_at=2)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    same = tensors(train(kl, tmp_path / "a", 4))
+    changed = checkpoint.load(train([*kl, "train.weight_decay=0.5"], tmp_path / "b", 4))
+    assert changed.card["resumes"][-1]["changes"]["train.weight_decay"] == [0.0, 0.5]
+    assert any(not torch.equal(same[n], changed.tensors[n]) for n in same)
+
+
+def test_a_state_past_the_steps_asked_for_is_refused_and_an_ema_can_start_on_resume(tmp_path):
+    kl = ["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2", "train.ema_decay=0"]
+    train(kl, tmp_path, 4)
+    with pytest.raises(TrainSetupError, match="at step 4, past train.steps=2"):
+        train(kl, tmp_path, 2)
+    # An EMA switched on at a resume starts from the resumed weights (the state has none).
+    plain = tensors(tmp_path / "model.safetensors")
+    smoothed = checkpoint.load(train([*kl, "train.ema_decay=0.5"], tmp_path, 5))
+    assert smoothed.card["steps"] == 5 and plain.keys() == smoothed.tensors.keys()
+
+
+def test_without_an_ema_the_card_keeps_the_scale_the_run_started_from(tmp_path):
+    """Measuring the latent scale at export must not rewrite the run's own config (the
+    card's run_config) in place, whether the shipped model is an EMA copy or the model."""
+    kl = ["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2"]
+    base = checkpoint.load(train(kl, tmp_path / "base", 2))
+    start = base.config["scale"]
+    assert start != 1.0
+    for decay in (0, 0.9):
+        tuned = checkpoint.load(
+            train([*kl, f"init={base.path}", f"train.ema_decay={decay}"], tmp_path / f"t{decay}", 2)
+        )
+        assert tuned.card["run_config"]["tokenizer"]["scale"] == start, decay

@@ -11,7 +11,7 @@ import torch
 
 from vidgen import checkpoint
 from vidgen.data import DataConfig
-from vidgen.train.loop import StepSampler, Task, TrainConfig, lr_at, train
+from vidgen.train.loop import StepSampler, Task, TrainConfig, TrainSetupError, lr_at, train
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +20,7 @@ __all__ = [
     "Task",
     "TrainCommandConfig",
     "TrainConfig",
+    "TrainSetupError",
     "lr_at",
     "run_train",
     "train",
@@ -128,11 +129,6 @@ def _preset_task(cfg: TrainCommandConfig) -> Task:
             target, cfg.data, cfg, cfg.name, cfg.frozen_tokenizer or "larp-tiny", out_dir(cfg)
         )
     raise ValueError(f"no training task for {type(target).__name__}")
-
-
-class TrainSetupError(ValueError):
-    """The run could not be set up from its config: no usable videos under ``data.root``, an
-    ``init`` or frozen tokenizer that is missing or does not fit, ... (nothing trained yet)."""
 
 
 def run_train(cfg: TrainCommandConfig) -> Path:

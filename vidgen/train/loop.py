@@ -93,6 +93,12 @@ class TrainConfig:
                 ) from None
 
 
+class TrainSetupError(ValueError):
+    """The run could not be set up from its config: no usable videos under ``data.root``, an
+    ``init`` or frozen tokenizer that is missing or does not fit, a state past the steps
+    asked for, ... (nothing trained in this invocation)."""
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to ``min_lr_ratio`` x lr at the last step."""
     if step < cfg.warmup:
@@ -272,7 +278,15 @@ def _load_optim(
         if name.startswith(prefix + "."):
             _, idx, key = name.split(".", 2)
             per_param.setdefault(int(idx), {})[key] = value
+    # The saved groups carry the saved run's hyperparameters; a resume that changes them
+    # (recorded in the card's resumes) must train with the new ones. lr is set every step.
+    settings = [{k: g[k] for k in _OPTIM_SETTINGS if k in g} for g in opt.param_groups]
     opt.load_state_dict({"state": per_param, "param_groups": groups})
+    for group, kept in zip(opt.param_groups, settings, strict=True):
+        group.update(kept)
+
+
+_OPTIM_SETTINGS = ("betas", "weight_decay", "eps")
 
 
 def _state_tensors(
@@ -306,9 +320,12 @@ def _load_state(
 ) -> tuple[int, float]:
     ckpt.load_into(model, prefix="model.")
     if ema is not None:
-        ema.model.load_state_dict(
-            {k[4:]: v for k, v in ckpt.tensors.items() if k.startswith("ema.")}, strict=True
-        )
+        averaged = {k[4:]: v for k, v in ckpt.tensors.items() if k.startswith("ema.")}
+        if averaged:
+            ema.model.load_state_dict(averaged, strict=True)
+        else:  # an EMA switched on when resuming a run that trained without one
+            log.info("the state has no EMA: it starts from the resumed weights")
+            ema.model.load_state_dict(model.state_dict())
     _load_optim(opt, ckpt.tensors, "optim", ckpt.card["param_groups"])
     gen.set_state(ckpt.tensors["rng.train"])
     if adv is not None:
@@ -362,6 +379,13 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
             )
     # The schedule always spans `steps`; `stop_at` only ends this invocation early.
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
+    if start > end:
+        raise TrainSetupError(
+            f"the state in {out} is at step {start}, past train.steps={cfg.steps}"
+            + (f" / train.stop_at={cfg.stop_at}" if cfg.stop_at else "")
+            + ": ask for more steps to go on, or start over with another out (or "
+            "train.resume=false)"
+        )
     sampler = StepSampler(len(task.train_data), task.batch_size, cfg.seed, start, end)
     loader = DataLoader(
         task.train_data,

@@ -52,7 +52,8 @@ def fit_latent_scale(model: KLAutoencoder, batches: list[dict[str, torch.Tensor]
         raise ValueError(
             "measuring the latent scale needs held-out batches: train.eval_batches must be >= 1"
         )
-    model.config.scale = 1.0
+    # Replaced, never changed in place: the config object is shared with the run's card.
+    model.config = dataclasses.replace(model.config, scale=1.0)
     means = torch.cat([model.posterior(b["video"])[0].flatten() for b in batches])
     model.config = dataclasses.replace(model.config, scale=float(1.0 / means.std()))
     return model.config
