@@ -108,6 +108,26 @@ def main() -> None:
     train: dict[str, float] = {}
     forward: dict[str, float] = {}
     qd, kd, vd = q.detach(), k.detach(), v.detach()
+    # Before any speed is compared, every masked variant must compute what the math backend
+    # does with the dense mask (the flex variant as it is timed: compiled when it will be).
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    agreement: dict[str, float] = {}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = attention(qd, kd, vd, mask=dense, backend="math").float()
+        for name, (mask, backend) in variants.items():
+            if mask is None:
+                continue
+            if name == "flex_block_mask" and cpu_flex is not None:
+                out = cpu_flex()
+            else:
+                out = attention(qd, kd, vd, mask=mask, backend=backend)
+            agreement[name] = float((out.float() - reference).abs().max())
+            if agreement[name] > tol:
+                raise RuntimeError(
+                    f"{name} differs from the math backend by {agreement[name]:.3g} (> {tol}): "
+                    "its speed would not be comparable"
+                )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name, (mask, backend) in variants.items():
@@ -149,6 +169,7 @@ def main() -> None:
         "train_ms": {k_: round(v_, 3) for k_, v_ in train.items()},
         "forward_ms": {k_: round(v_, 3) for k_, v_ in forward.items()},
         "cached_ms": {k_: round(v_, 4) for k_, v_ in cached.items()},
+        "max_abs_diff_vs_math": {k_: float(f"{v_:.3g}") for k_, v_ in agreement.items()},
         "dense_mask_vs_unmasked": round(forward["sdpa_dense_mask"] / forward["sdpa_unmasked"], 3),
         "cached_padding_vs_full": round(
             cached["sdpa_padding_mask"] / cached["sdpa_full_window"], 3

@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 
@@ -51,31 +52,32 @@ def request(model: str, frames: int, seed: int, steps: int) -> GenerationRequest
     return GenerationRequest(model=model, frames=frames, seed=seed, label=2, steps=steps)
 
 
-def in_process_seconds(model: str, frames: int, steps: int) -> float:
+def in_process_seconds(model: str, frames: int, steps: int) -> tuple[float, np.ndarray]:
+    """Seconds for seed 0's video made by in-process ``generate_video``, and the video."""
     torch.set_num_threads(1)
     gen = load_generator(model, max_streams=1)
     for _ in generate_video(gen, request(model, 16, 0, steps)):  # warm-up, as the actor gets
         pass
     start = time.perf_counter()
-    for _ in generate_video(gen, request(model, frames, 0, steps)):
-        pass
-    return time.perf_counter() - start
+    clips = [clip.frames for clip in generate_video(gen, request(model, frames, 0, steps))]
+    return time.perf_counter() - start, np.concatenate(clips)
 
 
-class CountingSink:
-    """Takes every clip at once and keeps only a count: a consumer that never holds a stream
-    back (taking streams' clips one stream after another through ``Orchestrator.clips``
-    would stall the others at their queue bound, and batching with them)."""
+class VideoSink:
+    """Takes every clip at once (a consumer that never holds a stream back: taking streams'
+    clips one stream after another through ``Orchestrator.clips`` would stall the others at
+    their queue bound, and batching with them) and keeps them, to check that every way of
+    serving made the same video."""
 
     def __init__(self) -> None:
-        self.frames = 0
+        self.clips: list[np.ndarray] = []
         self.finished = False
 
     def room(self) -> int:
         return 1 << 30
 
     def put(self, clip) -> None:
-        self.frames += len(clip.frames)
+        self.clips.append(clip.frames)
 
     def finish(self) -> None:
         self.finished = True
@@ -83,20 +85,34 @@ class CountingSink:
 
 def orchestrated_seconds(
     executors: list, model: str, frames: int, steps: int, seeds: list[int], together: bool = True
-) -> float:
-    """Seconds to make one video per seed: all submitted at once (batched on the executors)
-    or one after another."""
+) -> tuple[float, dict[int, np.ndarray]]:
+    """Seconds to make one video per seed, all submitted at once (batched on the executors)
+    or one after another, and the videos by seed."""
     orch = Orchestrator(executors, queue_clips=8)
     start = time.perf_counter()
     groups = [seeds] if together else [[s] for s in seeds]
+    videos: dict[int, np.ndarray] = {}
     for group in groups:
-        sinks = [CountingSink() for _ in group]
+        sinks = [VideoSink() for _ in group]
         for seed, sink in zip(group, sinks, strict=True):
             orch.submit(request(model, frames, seed, steps), sink=sink)
         orch.run()
-        if not all(sink.finished and sink.frames == frames for sink in sinks):
-            raise RuntimeError(f"a stream did not deliver its {frames} frames")
-    return time.perf_counter() - start
+        for seed, sink in zip(group, sinks, strict=True):
+            if not sink.finished or sum(map(len, sink.clips)) != frames:
+                raise RuntimeError(f"a stream did not deliver its {frames} frames")
+            videos[seed] = np.concatenate(sink.clips)
+    return time.perf_counter() - start, videos
+
+
+def frame_difference(a: dict[int, np.ndarray], b: dict[int, np.ndarray]) -> float:
+    """The largest per-video mean absolute difference (0-255) between two sets of videos."""
+    return max(float(np.abs(a[k].astype(np.int16) - b[k]).mean()) for k in a)
+
+
+# Ways of serving the same requests must make the same videos (up to the rounding of batched
+# float math, which an autoregressive video can carry along) before their speeds are
+# compared: a mean absolute difference far below that between videos of other seeds.
+SAME_VIDEO = 0.5
 
 
 def memory_child(model: str, frames: int, steps: int) -> None:
@@ -176,7 +192,7 @@ def main() -> None:
         model = model_or_random(args.model, Path(tmp))
         frames = args.frames // 8 * 8
         memory_frames = [int(x) // 8 * 8 for x in args.memory_frames.split(",")]
-        t_local = in_process_seconds(model, frames, args.steps)
+        t_local, local_video = in_process_seconds(model, frames, args.steps)
         ray.init(
             address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False
         )
@@ -187,12 +203,23 @@ def main() -> None:
         for executor in (a, b):  # warm-up: each actor's first batched steps untimed
             orchestrated_seconds([executor], model, 16, args.steps, list(range(args.streams)))
         orchestrated_seconds([a], model, 16, args.steps, [0])
-        t_ray = orchestrated_seconds([a], model, frames, args.steps, [0])
+        t_ray, ray_video = orchestrated_seconds([a], model, frames, args.steps, [0])
         seeds = list(range(args.streams))
-        t_batched = orchestrated_seconds([a], model, frames, args.steps, seeds, together=True)
-        t_serial = orchestrated_seconds([a], model, frames, args.steps, seeds, together=False)
-        t_two = orchestrated_seconds([a, b], model, frames, args.steps, seeds, together=True)
+        t_batched, batched = orchestrated_seconds([a], model, frames, args.steps, seeds)
+        t_serial, serial = orchestrated_seconds([a], model, frames, args.steps, seeds, False)
+        t_two, two = orchestrated_seconds([a, b], model, frames, args.steps, seeds)
         ray.shutdown()
+        differences = {
+            "ray_vs_in_process": frame_difference(ray_video, {0: local_video}),
+            "batched_vs_one_after_another": frame_difference(batched, serial),
+            "two_actors_vs_one_after_another": frame_difference(two, serial),
+        }
+        other_seed = frame_difference({0: serial[0]}, {0: serial[seeds[-1]]}) if seeds[1:] else 0
+        if any(d > SAME_VIDEO for d in differences.values()):
+            raise RuntimeError(
+                f"the ways of serving made different videos (mean absolute frame difference, "
+                f"0-255; {other_seed:.2f} between two seeds): {differences}"
+            )
         print(  # the speed figures before the (long) memory runs
             f"in process {t_local:.2f}s, one actor {t_ray:.2f}s, batched {t_batched:.2f}s, "
             f"one after another {t_serial:.2f}s, two actors {t_two:.2f}s",
@@ -211,6 +238,8 @@ def main() -> None:
             "batching_gain": round(t_serial / t_batched, 4),
             "two_actors_s": round(t_two, 3),
             "scaling_2_actors": round(t_batched / t_two, 4),
+            "video_difference": {k: round(v, 4) for k, v in differences.items()},
+            "video_difference_between_seeds": round(other_seed, 2),
             **memory(model, memory_frames, args.steps),
             "machine": f"{platform.platform()}, {os.cpu_count()} cpus, torch {torch.__version__}",
         }
