@@ -613,3 +613,28 @@ def test_a_context_decoder_decodes_each_clip_with_the_previous_clips_tokens():
     (clip,) = gen.step([stream])
     last = gen.tokenizer.encode(to_model_range(video[1])[None])[0]
     assert torch.equal(clip.context, last)
+
+
+def test_a_step_that_fails_part_way_changes_no_stream():
+    """Streams of different ``steps`` are denoised in groups; when a later group fails, the
+    earlier group's clip must not be left written (its stream would lose that clip)."""
+    gen = make_generator("diffusion")
+    a = gen.open(request_for(gen, steps=2))
+    b = gen.open(request_for(gen, steps=3, seed=6))
+    denoise = gen._denoise
+
+    def fails_for_three_steps(streams, steps):
+        if steps == 3:
+            raise RuntimeError("out of memory (simulated)")
+        return denoise(streams, steps)
+
+    gen._denoise = fails_for_three_steps
+    with pytest.raises(RuntimeError, match="simulated"):
+        gen.step([a, b])
+    assert (a.clip, b.clip) == (0, 0)
+    assert gen.cache.length(a.slot) == gen.cache.length(b.slot) == 0
+    gen._denoise = denoise
+    (clip,) = gen.step([a])  # goes on as if the failed step never happened
+    fresh = make_generator("diffusion")
+    (expected,) = fresh.step([fresh.open(request_for(fresh, steps=2))])
+    assert torch.equal(clip.data, expected.data)

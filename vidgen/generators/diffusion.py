@@ -175,14 +175,22 @@ class DiffusionClipGenerator:
                 raise KeyError(f"stream {s.id} is not open on this generator")
             if s.done:
                 raise ValueError(f"stream {s.id} already has all {s.num_clips} clips")
-        out: dict[int, ClipLatents] = {}
+        # Every group is denoised before any is written: a step that fails part way leaves
+        # every stream as it was (no clip written to a cache but never returned).
+        made = []
         for steps in sorted({s.request.steps for s in streams}):
             group = [s for s in streams if s.request.steps == steps]
-            for clip in self._denoise(group, steps):
-                out[clip.stream] = clip
+            made.append((group, self._denoise(group, steps)))
+        out: dict[int, ClipLatents] = {}
+        for group, latents in made:
+            self._write(group, latents, [s.clip for s in group])
+            for s, lat in zip(group, latents, strict=True):
+                out[s.id] = ClipLatents(stream=s.id, clip=s.clip, data=lat.cpu())
+                s.clip += 1
         return [out[s.id] for s in streams]
 
-    def _denoise(self, streams: list[Stream], steps: int) -> list[ClipLatents]:
+    def _denoise(self, streams: list[Stream], steps: int) -> torch.Tensor:
+        """The next clip's latents (b, clip_len, c, y, x) of each stream; nothing written."""
         cfg, b, L = self.config, len(streams), self.clip_len
         clips = [s.clip for s in streams]
         shape = (L, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
@@ -221,12 +229,7 @@ class DiffusionClipGenerator:
         if any(c != 1 for c in contrast):  # before the write: the context sees it too
             factor = torch.tensor(contrast, device=self.device, dtype=latents.dtype)
             latents = scale_contrast(latents, factor)
-        self._write(streams, latents, clips)
-        result = []
-        for s, lat in zip(streams, latents, strict=True):
-            result.append(ClipLatents(stream=s.id, clip=s.clip, data=lat.cpu()))
-            s.clip += 1
-        return result
+        return latents
 
     def _write(
         self, streams: Sequence[Stream], latents: torch.Tensor, clips: Sequence[int]
