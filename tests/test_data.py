@@ -116,5 +116,26 @@ def test_video_folder_errors(tmp_path):
 def test_data_config_validation():
     with pytest.raises(ValueError, match="data.name"):
         DataConfig(name="imagenet")
+    with pytest.raises(ValueError, match="data.eval_clips must be >= 0"):
+        DataConfig(eval_clips=-1)
+    with pytest.raises(ValueError, match="data.num_clips must be >= 1"):
+        DataConfig(num_clips=0)
     with pytest.raises(ValueError, match="data.root"):
         DataConfig(name="folder")
+
+
+def test_benchmark_videos_are_not_training_clips():
+    """The benchmarks' held-out world seeds (tokenizer.py: 900000 + i; quality.py: 1000 + s
+    and 2000 + s) are not reserved by ``item_seed``'s hash: check that the train and eval
+    splits of the shipped training commands (data.seed 0, up to 16,384 train clips) and of
+    data.seed 1 never draw them."""
+    from vidgen.data.worlds import item_seed
+
+    held_out = {900_000 + i for i in range(1000)} | set(range(1000, 1100)) | set(range(2000, 2100))
+    for seed in (0, 1):
+        drawn = {item_seed(seed, "train", i) for i in range(16_384)}
+        drawn |= {item_seed(seed, "eval", i) for i in range(4_096)}
+        assert not drawn & held_out
+        assert not {item_seed(seed, "train", i) for i in range(4_096)} & {
+            item_seed(seed, "eval", i) for i in range(4_096)
+        }

@@ -710,3 +710,18 @@ def test_without_an_ema_the_card_keeps_the_scale_the_run_started_from(tmp_path):
             train([*kl, f"init={base.path}", f"train.ema_decay={decay}"], tmp_path / f"t{decay}", 2)
         )
         assert tuned.card["run_config"]["tokenizer"]["scale"] == start, decay
+
+
+def test_eval_clips_zero_turns_a_generators_evaluation_off(tmp_path):
+    kl = make_autoencoder(tmp_path)
+    overrides = [
+        "model=ca2vdm-test",
+        *SMALL_BOUNCING,
+        "data.clip_len=6",
+        "data.num_clips=8",
+        "data.eval_clips=0",
+        f"frozen_tokenizer={kl}",
+        "model.num_actions=0",
+    ]
+    card = checkpoint.load(train(overrides, tmp_path / "run", 2)).card
+    assert card["eval"] == {} and not any("eval_" in k for row in card["history"] for k in row)

@@ -48,7 +48,11 @@ class DataConfig:
             raise ValueError(f"data.name must be one of {list(SOURCES)}, got {self.name!r}")
         if self.name == "folder" and not self.root:
             raise ValueError("data=folder needs data.root=<folder of videos>")
-        for name in ("batch_size", "clip_len", "size"):
+        if self.eval_clips < 0:
+            raise ValueError(
+                f"data.eval_clips must be >= 0 (0: no evaluation), got {self.eval_clips}"
+            )
+        for name in ("batch_size", "clip_len", "size", "num_clips"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         if self.stride is not None and self.stride < 1:

@@ -104,7 +104,10 @@ class WorldClips(Dataset):
             raise IndexError(f"index {index} out of range for {self.num_clips} clips")
         seed = item_seed(self.seed, self.split, index)
         # The worlds draw their own content from `seed`; the item's own draws (start frame)
-        # use a separate stream so they do not correlate with it (e.g. with the label).
+        # use a separate stream, so they do not correlate with the label. (AgentWorld's random
+        # policy happens to be seeded with this same stream, so an agent clip's start frame
+        # and its episode's first action are related; harmless, and kept so that the clips
+        # of existing runs and caches stay what they were.)
         rng = np.random.default_rng([seed, 1])
         world = self.world_of(index)
         start = int(rng.integers(0, self.max_start + 1))

@@ -72,6 +72,8 @@ def held_out_clips(data: DataConfig, run_config: object) -> tuple[DataConfig, Da
     them (its ``eval_clips`` is their number: the cache key) and the clips, or None when
     evaluation is off (``train.eval_batches=0``)."""
     batches = getattr(getattr(run_config, "train", None), "eval_batches", 4)
+    if batches <= 0 or data.eval_clips <= 0:  # evaluation off: no eval split to build
+        return None
     source = build_dataset(data, "eval")
     count = min(batches * data.batch_size, data.eval_clips, len(source))
     if count <= 0:
