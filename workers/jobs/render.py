@@ -1,6 +1,9 @@
 """Batch rendering: a JSONL manifest in, one mp4 per item and ``results.jsonl`` out.
 
-    python -m workers.jobs.render --manifest items.jsonl --out DIR [--actors N]
+    python -m workers.jobs.render --manifest items.jsonl --out DIR [--actors N] [--address ""]
+
+(``--address ""``: an embedded local Ray instance; the default ``auto`` joins a running
+cluster, as under ``ray job submit``.)
 
 Each manifest line is one ``GenerationRequest`` as JSON plus an ``id`` (the mp4 is
 ``DIR/<id>.mp4``). Items run as concurrent streams on shared actors (one group of actors per
