@@ -301,6 +301,27 @@ def test_snapshot_survives_a_file_round_trip(family, tmp_path):
     assert torch.equal(gen.step([start])[0].data, whole[0])
 
 
+def test_a_snapshot_file_whose_contents_do_not_fit_is_refused_by_name(tmp_path):
+    """A file with a valid digest (the digest has no key, so an edit can be re-signed) but a
+    pending count beyond its tensors, or a context that is not frames: a CheckpointError
+    naming the file, never a bare KeyError or a request that skipped its checks."""
+    from vidgen import checkpoint
+    from vidgen.generators.base import load_snapshot, save_snapshot
+
+    snap = StreamSnapshot(GenerationRequest(frames=8), 0, None, [torch.arange(4)])
+    good = checkpoint.load(save_snapshot(tmp_path / "s.safetensors", snap))
+    edits = {
+        "pending": ({**good.config, "pending": 3}, dict(good.tensors)),
+        "context": (good.config, {**good.tensors, "context": torch.zeros(3)}),
+    }
+    for name, (config, tensors) in edits.items():
+        path = tmp_path / f"{name}.safetensors"
+        metadata = checkpoint._metadata(good.config_type, config, good.card)
+        checkpoint._write(path, tensors, metadata)
+        with pytest.raises(checkpoint.CheckpointError, match="is not a valid stream snapshot"):
+            load_snapshot(path)
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
@@ -638,3 +659,31 @@ def test_a_step_that_fails_part_way_changes_no_stream():
     fresh = make_generator("diffusion")
     (expected,) = fresh.step([fresh.open(request_for(fresh, steps=2))])
     assert torch.equal(clip.data, expected.data)
+
+
+def test_a_token_step_whose_reencoding_fails_changes_no_stream():
+    """A plain stream batched with a re-tokenising one: when the re-tokenising fails, the
+    plain stream's clip must not be left in its cache (a retry would write it twice)."""
+    gen = make_generator("tokens")
+    plain = gen.open(request_for(gen, seed=1))
+    again = gen.open(request_for(gen, seed=2, reencode=True))
+    encode = gen.tokenizer.encode
+
+    def fails(frames):
+        raise RuntimeError("out of memory (simulated)")
+
+    gen.tokenizer.encode = fails
+    with pytest.raises(RuntimeError, match="simulated"):
+        gen.step([plain, again])
+    assert (plain.clip, again.clip) == (0, 0)
+    assert gen.cache.length(plain.slot) == gen.cache.length(again.slot) == 0
+    gen.tokenizer.encode = encode
+    retried = gen.step([plain, again])
+    fresh = make_generator("tokens")
+    expected = fresh.step(
+        [
+            fresh.open(request_for(fresh, seed=1)),
+            fresh.open(request_for(fresh, seed=2, reencode=True)),
+        ]
+    )
+    assert all(torch.equal(a.data, b.data) for a, b in zip(retried, expected, strict=True))

@@ -13,7 +13,8 @@ from vidgen.models.nbp import (
     nbp_loss,
 )
 from vidgen.nn import KVCache, banded_block_mask, block_causal_mask, randomize_
-from vidgen.sampling.tokens import sample_tokens, top_k_filter, top_p_filter
+from vidgen.nn.conditioning import NULL
+from vidgen.sampling.tokens import guide_logits, sample_tokens, top_k_filter, top_p_filter
 
 CFG = NBP_CONFIGS["test"]
 N, B, F = CFG.tokens_per_clip, CFG.block, CFG.frames_per_clip
@@ -158,6 +159,40 @@ def test_sampling_draws_from_the_given_generator():
     for bad in (0.0, float("nan")):
         with pytest.raises(ValueError, match="top_p"):
             top_p_filter(logits, bad)
+
+
+def test_a_clip_without_any_action_is_conditioned_as_the_null_action():
+    """A request without actions (and every context clip) gives per-frame null ids: the clip
+    must get the learned null action, as actions=None and dropped actions do, never a mix
+    of null ids the model was not trained on; a clip with one real action is not null."""
+    m = randomize_(NextBlockTransformer(CFG), seed=1).eval()
+    f, label = CFG.frames_per_clip, torch.tensor([2])
+    nulls = torch.full((1, f), NULL, dtype=torch.int64)
+    one = nulls.clone()
+    one[0, -1] = 1
+    with torch.no_grad():
+        vectors = [
+            m.clip_condition(ClipCond(labels=label, actions=a), 1, "cpu")
+            for a in (None, nulls, one)
+        ]
+    assert torch.equal(vectors[0], vectors[1])
+    assert not torch.allclose(vectors[1], vectors[2])
+
+
+def test_guided_logits_keep_masked_tokens_out_and_tiny_temperatures_are_greedy():
+    inf = float("inf")
+    c = torch.tensor([[2.0, 1.0, -inf, 0.5]])
+    u = torch.tensor([[1.0, 1.0, -inf, -inf]])
+    assert guide_logits(c, u, 2.0).tolist() == [[3.0, 1.0, -inf, 0.5]]
+    assert guide_logits(c, u, 1.0).tolist() == c.tolist()
+    assert guide_logits(u, c, 2.0).tolist() == [[0.0, 1.0, -inf, -inf]]  # out where c is
+    assert guide_logits(u, c, 0.0).tolist() == [[2.0, 1.0, -inf, 0.5]]  # the unconditional
+    scale = torch.tensor([[2.0], [0.0]])  # per row, as the generator passes it
+    assert guide_logits(torch.cat([u, u]), torch.cat([c, c]), scale)[1].tolist() == c[0].tolist()
+    assert int(sample_tokens(guide_logits(c, u, 3.0), None, temperature=0)) == 0
+    logits = torch.tensor([[0.0, 5.0, 4.999]])
+    for temperature in (1e-39, 1e-6):
+        assert int(sample_tokens(logits, torch.Generator(), temperature=temperature)) == 1
 
 
 def test_token_noise_corrupts_inputs_only_and_is_off_by_default():

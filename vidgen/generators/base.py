@@ -283,11 +283,17 @@ def load_snapshot(path: str | Path) -> StreamSnapshot:
 
     ckpt = checkpoint.load(Path(path), expected_config=SnapshotInfo)
     info = ckpt.config_as(SnapshotInfo)
-    request = GenerationRequest.from_json(json.loads(info.request))
-    if "context" in ckpt.tensors:
-        request.context = ckpt.tensors["context"].numpy()
-    cache = {k[6:]: v for k, v in ckpt.tensors.items() if k.startswith("cache.")}
-    pending = [ckpt.tensors[f"pending.{i}"] for i in range(info.pending)]
+    try:
+        fields = json.loads(info.request)
+        if "context" in ckpt.tensors:  # checked as a request's context is when it is made
+            fields["context"] = ckpt.tensors["context"].numpy()
+        request = GenerationRequest.from_json(fields)
+        cache = {k[6:]: v for k, v in ckpt.tensors.items() if k.startswith("cache.")}
+        pending = [ckpt.tensors[f"pending.{i}"] for i in range(info.pending)]
+    except (KeyError, TypeError, ValueError) as err:
+        raise checkpoint.CheckpointError(
+            f"{path} is not a valid stream snapshot: {type(err).__name__}: {err}"
+        ) from err
     return StreamSnapshot(request, info.checkpoint_clip, cache if info.has_cache else None, pending)
 
 

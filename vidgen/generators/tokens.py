@@ -260,13 +260,14 @@ class TokenClipGenerator:
         tokens = torch.cat(made, dim=1)  # (b, N)
         contexts = [self._rows[s.id].last for s in streams]
         again = [i for i, s in enumerate(streams) if s.request.reencode]
+        if again:  # re-tokenised before anything is written: a failure here changes no stream
+            frames = self._decode_ids(tokens[again], [contexts[i] for i in again])
+            tokens[again] = self.tokenizer.encode(frames)
         if len(again) < b:  # the sampled clips' K/V, computed while they were made
             keep = [r for r, i in enumerate(owner) if i not in again]
             self.model.commit(_rows_of(partial, keep), self.cache, [slots[r] for r in keep])
         if again:  # the re-tokenised clips' K/V, by a teacher-forced replay
             redo = [streams[i] for i in again]
-            frames = self._decode_ids(tokens[again], [contexts[i] for i in again])
-            tokens[again] = self.tokenizer.encode(frames)
             self._replay_batch(redo, tokens[again], [s.clip for s in redo])
         out = []
         for i, s in enumerate(streams):

@@ -204,8 +204,14 @@ class ClipCondition(nn.Module):
             emb = self.action(acts.float())
         per_clip = rearrange(emb, "b (c f) d -> b c (f d)", f=cfg.frames_per_clip)
         mixed = self.action_mix(per_clip)  # (b, clips, d)
-        if cond.drop_actions is not None:
-            mixed = torch.where(cond.drop_actions[..., None], self.null_actions, mixed)
+        drop = cond.drop_actions
+        if cfg.num_actions:  # a clip with no action at all (a request without actions, a
+            # context clip) is the null action, as a dropped one is: never an untrained mix
+            # of null ids
+            none = rearrange(acts == NULL, "b (c f) -> b c f", f=cfg.frames_per_clip).all(-1)
+            drop = none if drop is None else drop | none
+        if drop is not None:
+            mixed = torch.where(drop[..., None], self.null_actions, mixed)
         return mixed
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+GREEDY_BELOW = 1e-4  # temperatures this small sample the argmax (see sample_tokens)
+
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest logits of each row (ties at the threshold are kept); others -inf.
@@ -33,8 +35,15 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 def guide_logits(
     conditional: torch.Tensor, unconditional: torch.Tensor, scale: torch.Tensor | float
 ) -> torch.Tensor:
-    """Classifier-free guidance on logits: u + scale (c - u)."""
-    return unconditional + scale * (conditional - unconditional)
+    """Classifier-free guidance on logits: u + scale (c - u). A token masked out (-inf) in
+    the conditional logits stays out (scale 0 gives the unconditional logits, as always); one
+    masked out only in the unconditional logits keeps its conditional logit (``-inf - -inf``
+    would otherwise make NaNs, which argmax takes for the largest value)."""
+    c_out, u_out = torch.isneginf(conditional), torch.isneginf(unconditional)
+    c, u = conditional.masked_fill(c_out, 0.0), unconditional.masked_fill(u_out, 0.0)
+    guided = u + scale * (c - u)
+    guided = torch.where(c_out & torch.as_tensor(scale != 0), float("-inf"), guided)
+    return torch.where(u_out, conditional, guided)
 
 
 def sample_tokens(
@@ -44,10 +53,11 @@ def sample_tokens(
     top_k: int = 0,
     top_p: float = 1.0,
 ) -> torch.Tensor:
-    """Sample one id per row of (..., vocab) logits; temperature 0 is greedy (argmax)."""
+    """Sample one id per row of (..., vocab) logits; temperature 0 is greedy (argmax), and
+    so is any below ``GREEDY_BELOW`` (dividing by it would overflow float32 logits)."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     filtered = top_p_filter(top_k_filter(logits.float() / temperature, top_k), top_p)
     probs = filtered.softmax(dim=-1).reshape(-1, logits.shape[-1])
