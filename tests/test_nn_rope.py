@@ -65,6 +65,9 @@ def test_apply_rope_checks_shapes():
 
     with pytest.raises(ValueError, match="head_dim/2"):
         apply_rope(torch.randn(2, 8), torch.zeros(2, 3))
+    for dim in (3, 5):  # odd: once split unevenly into a wrong shape without a word
+        with pytest.raises(ValueError, match=f"head dim must be even .* got {dim}"):
+            apply_rope(torch.randn(1, 4, dim), torch.zeros(4, dim // 2))
 
 
 def test_float64_inputs_are_rotated_in_float64():

@@ -30,6 +30,8 @@ def rope_angles(positions: torch.Tensor, dim: int, theta: float = DEFAULT_THETA)
 def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """Rotate (..., L, D) by angles broadcastable to (..., L, D/2) (rotate-half convention:
     dims i and i + D/2 form a pair)."""
+    if x.shape[-1] % 2:
+        raise ValueError(f"x's head dim must be even (rotated in pairs), got {x.shape[-1]}")
     half = x.shape[-1] // 2
     if angles.shape[-1] != half:
         raise ValueError(f"angles must end in head_dim/2 = {half}, got {tuple(angles.shape)}")
