@@ -373,8 +373,8 @@ class LARPTokenizer(nn.Module):
     ) -> torch.Tensor:
         """Code vectors (b, n, e) -> clip (b, t, 3, H, W), unclamped. A context decoder also
         reads ``context`` (b, n, e), the previous clips' code vectors, in the rows where
-        ``has_context`` (b,) bool (default: all rows when a context is given) and its null
-        context elsewhere."""
+        ``has_context`` (b,) bool, and its null context elsewhere (everywhere without a
+        context)."""
         cfg = self.config
         if not cfg.context_decoder and context is not None:
             raise ValueError("this LARP has no context decoder (context_decoder=False)")
@@ -384,10 +384,7 @@ class LARPTokenizer(nn.Module):
         if cfg.context_decoder:
             ctx = self.context_null.expand_as(latents)
             if context is not None:
-                if has_context is None:
-                    ctx = self.from_code(context)
-                else:
-                    ctx = torch.where(has_context[:, None, None], self.from_code(context), ctx)
+                ctx = torch.where(has_context[:, None, None], self.from_code(context), ctx)
             parts.insert(0, ctx + self.context_pos)
         h = self.decoder(torch.cat(parts, dim=1))[:, -cfg.num_patches :]  # patch queries only
         return self.unpatchify(self.patch_out(h))
@@ -422,7 +419,7 @@ class LARPTokenizer(nn.Module):
         n, k = self.config.num_tokens, self.config.codebook_size
         if ids.ndim != 2 or ids.shape[1] != n:
             raise ValueError(f"ids must be (b, {n}), got {tuple(ids.shape)}")
-        if ids.numel() and not (int(ids.min()) >= 0 and int(ids.max()) < k):
+        if bool(((ids < 0) | (ids >= k)).any()):  # one check (one device sync)
             raise ValueError(f"ids must lie in [0, {k}), got {int(ids.min())}..{int(ids.max())}")
         codes = self.quantizer.codes()
         if context is None:

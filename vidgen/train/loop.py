@@ -270,6 +270,9 @@ def _optim_tensors(
     return tensors, state["param_groups"]
 
 
+_OPTIM_SETTINGS = ("betas", "weight_decay", "eps")  # taken from this run's config on resume
+
+
 def _load_optim(
     opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], prefix: str, groups: list
 ) -> None:
@@ -284,9 +287,6 @@ def _load_optim(
     opt.load_state_dict({"state": per_param, "param_groups": groups})
     for group, kept in zip(opt.param_groups, settings, strict=True):
         group.update(kept)
-
-
-_OPTIM_SETTINGS = ("betas", "weight_decay", "eps")
 
 
 def _state_tensors(
