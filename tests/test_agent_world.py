@@ -147,6 +147,26 @@ def test_config_validation_names_the_argument() -> None:
         AgentWorldConfig(obstacle_min=50, obstacle_max=50)
     with pytest.raises(ValueError, match="continuous"):
         AgentWorldConfig(continuous="yes")
+    with pytest.raises(ValueError, match="max_speed must be in"):
+        AgentWorldConfig(max_speed=1e39)  # the continuous action space could not hold it
+    with pytest.raises(ValueError, match="config must be an AgentWorldConfig"):
+        AgentWorld({"size": 32})
+
+
+def test_trajectory_arguments_are_checked_when_called() -> None:
+    from vidgen.worlds.agent import iter_trajectory
+
+    for bad, message in ((None, "num_frames must be an int"), ("abc", "num_frames must be an int")):
+        with pytest.raises(ValueError, match=message):
+            generate_trajectory(None, seed=0, num_frames=bad)
+    # A generator would only raise at its first piece; these raise at the call.
+    with pytest.raises(ValueError, match="num_frames must be >= 1"):
+        iter_trajectory(None, 0, 0)
+    with pytest.raises(ValueError, match="policy must be one of"):
+        iter_trajectory(None, 0, 4, policy="x")
+    for chunk in (2.5, True):
+        with pytest.raises(ValueError, match="chunk must be an int"):
+            iter_trajectory(None, 0, 4, chunk=chunk)
 
 
 def test_bad_actions_raise() -> None:

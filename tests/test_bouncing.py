@@ -97,8 +97,31 @@ def test_iter_frames_matches_trajectory():
         ({"min_shapes": 3, "max_shapes": 2}, "min_shapes"),
         ({"num_shapes": 9}, "num_shapes"),
         ({"max_radius": 40.0}, "max_radius"),
+        ({"size": 64.0}, "size must be an int"),
+        ({"num_shapes": True}, "num_shapes must be an int"),
+        ({"max_speed": float("inf")}, "max_speed must be finite"),
+        ({"min_radius": "5"}, "min_radius must be a number"),
     ],
 )
 def test_bad_config_names_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         BouncingShapesConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda w: w.trajectory(2.5), "num_frames must be an int"),
+        (lambda w: w.trajectory(2, start=1.5), "start must be an int"),
+        (lambda w: w.iter_frames(-3), "num_frames must be >= 1"),
+        (lambda w: w.iter_frames(4, start=-5), "start must be >= 0"),
+        (lambda w: w.iter_frames(4, chunk=0), "chunk must be >= 1"),
+        (lambda w: BouncingShapes(seed=-1), "seed must be >= 0"),
+        (lambda w: BouncingShapes(seed=1.7), "seed must be an int"),
+        (lambda w: BouncingShapes({"size": 32}), "config must be a BouncingShapesConfig"),
+    ],
+)
+def test_bad_arguments_name_themselves_when_called(call, message):
+    # iter_frames is checked when called, not at the first frame drawn from it.
+    with pytest.raises(ValueError, match=message):
+        call(BouncingShapes(seed=0))

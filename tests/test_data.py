@@ -122,6 +122,25 @@ def test_data_config_validation():
         DataConfig(num_clips=0)
     with pytest.raises(ValueError, match="data.root"):
         DataConfig(name="folder")
+    with pytest.raises(ValueError, match="data.agent_policy"):
+        DataConfig(name="mix", agent_policy="greedy")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"world": "mix", "agent_policy": "greedy"}, "agent_policy must be one of"),
+        ({"seed": -1}, "seed must be >= 0"),
+        ({"clip_len": 2.0}, "clip_len must be an int"),
+        ({"max_start": 2.5}, "max_start must be an int"),
+        ({"num_clips": 0}, "num_clips must be >= 1"),
+    ],
+)
+def test_world_clips_refuse_bad_arguments_up_front(kwargs, message):
+    # Before: a bad agent_policy surfaced at the first agent clip (possibly inside a
+    # DataLoader worker, batches later), a float clip_len at the first item.
+    with pytest.raises(ValueError, match=message):
+        WorldClips(**kwargs)
 
 
 def test_benchmark_videos_are_not_training_clips():

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vidgen.data.folder import VideoFolder
 from vidgen.data.worlds import WORLDS, WorldClips
-from vidgen.worlds.agent import AgentWorldConfig
+from vidgen.worlds.agent import POLICIES, AgentWorldConfig
 from vidgen.worlds.bouncing import BouncingShapesConfig
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,10 @@ class DataConfig:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         if self.stride is not None and self.stride < 1:
             raise ValueError(f"data.stride must be >= 1 (or null: clip_len), got {self.stride}")
+        if self.name in ("agent", "mix") and self.agent_policy not in POLICIES:
+            raise ValueError(
+                f"data.agent_policy must be one of {sorted(POLICIES)}, got {self.agent_policy!r}"
+            )
 
 
 def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset:

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from vidgen.validate import check_int, check_number
 from vidgen.worlds.palette import FLOOR, OBJECT_COLOURS, WALL, ScenePalette
 
 AGENT_PALETTE = ScenePalette(
@@ -67,16 +68,15 @@ class AgentWorldConfig:
 
     def __post_init__(self) -> None:
         for name in ("size", "wall", "agent_size", "box_size", "step", "obstacle_min"):
-            _check_int(name, getattr(self, name), minimum=1)
+            check_int(name, getattr(self, name), minimum=1)
         for name in ("min_obstacles", "max_obstacles", "obstacle_max"):
-            _check_int(name, getattr(self, name), minimum=0)
-        if isinstance(self.max_speed, bool) or not isinstance(
-            self.max_speed, (int, float, np.integer, np.floating)
-        ):
-            raise ValueError(f"max_speed must be a number, got {self.max_speed!r}")
-        if not (math.isfinite(self.max_speed) and self.max_speed > 0):
-            raise ValueError(f"max_speed must be finite and > 0, got {self.max_speed}")
-        self.max_speed = float(self.max_speed)
+            check_int(name, getattr(self, name), minimum=0)
+        self.max_speed = check_number("max_speed", self.max_speed)
+        # Continuous actions are recorded as float32 velocities, exact below 2**8.
+        if not 0 < self.max_speed < 2**8:
+            raise ValueError(
+                f"max_speed must be in (0, 256) pixels per frame, got {self.max_speed}"
+            )
         if not isinstance(self.continuous, (bool, np.bool_)):
             raise ValueError(f"continuous must be a bool, got {self.continuous!r}")
         self.continuous = bool(self.continuous)
@@ -104,13 +104,6 @@ class AgentWorldConfig:
                 f"obstacle_min={self.obstacle_min} leaves no room for the box beside an "
                 f"obstacle: expected <= size - 2*wall - box_size - 2 = {inner - self.box_size - 2}"
             )
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 class Rect(NamedTuple):
@@ -186,6 +179,10 @@ class AgentWorld:
     def __init__(self, config: AgentWorldConfig | None = None, seed: int = 0) -> None:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        if config is not None and not isinstance(config, AgentWorldConfig):
+            raise ValueError(
+                f"config must be an AgentWorldConfig or None, got {type(config).__name__}"
+            )
         self.config = config if config is not None else AgentWorldConfig()
         self.seed = int(seed)
         obstacles, agent, box = _sample_layout(self.config, np.random.default_rng(self.seed))
@@ -727,15 +724,16 @@ def iter_trajectory(
     chunk: int = 256,
 ) -> Iterator[AgentTrajectory]:
     """``generate_trajectory`` in pieces of at most ``chunk`` frames, in constant memory:
-    concatenated, the pieces equal ``generate_trajectory(config, seed, num_frames, policy)``."""
-    if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)):
-        raise ValueError(f"num_frames must be an int, got {num_frames!r}")
-    if num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
-    act = _policy(policy)
-    world = AgentWorld(config, seed)
+    concatenated, the pieces equal ``generate_trajectory(config, seed, num_frames, policy)``.
+    The arguments are checked when it is called, not at the first piece."""
+    num_frames = check_int("num_frames", num_frames, minimum=1)
+    chunk = check_int("chunk", chunk, minimum=1)
+    return _trajectory_pieces(_policy(policy), AgentWorld(config, seed), num_frames, chunk)
+
+
+def _trajectory_pieces(
+    act: Policy, world: AgentWorld, num_frames: int, chunk: int
+) -> Iterator[AgentTrajectory]:
     cfg = world.config
     rng = np.random.default_rng([world.seed, 1])  # a stream separate from the layout's
     state = world.reset()
@@ -772,5 +770,6 @@ def generate_trajectory(
     from its own generator derived from ``seed``, so the whole trajectory is a function of
     (config, seed, num_frames, policy). ``actions[t]`` acts between frame t and t+1.
     """
-    (traj,) = iter_trajectory(config, seed, num_frames, policy, chunk=max(int(num_frames), 1))
+    num_frames = check_int("num_frames", num_frames, minimum=1)
+    (traj,) = iter_trajectory(config, seed, num_frames, policy, chunk=num_frames)
     return traj

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vidgen.validate import check_int, check_number
 from vidgen.worlds.palette import BACKGROUND, OBJECT_COLOURS, ScenePalette
 
 SHAPES = ("circle", "square", "triangle")
@@ -38,8 +39,13 @@ class BouncingShapesConfig:
     max_speed: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.size < 16:
-            raise ValueError(f"size must be >= 16 pixels, got {self.size}")
+        check_int("size", self.size, minimum=16)
+        check_int("min_shapes", self.min_shapes)
+        check_int("max_shapes", self.max_shapes)
+        if self.num_shapes is not None:
+            check_int("num_shapes", self.num_shapes)
+        for name in ("min_radius", "max_radius", "min_speed", "max_speed"):
+            check_number(name, getattr(self, name))
         if not 1 <= self.min_shapes <= self.max_shapes <= len(OBJECT_COLOURS):
             raise ValueError(
                 "need 1 <= min_shapes <= max_shapes <= "
@@ -140,8 +146,12 @@ class BouncingShapes:
     palette = BOUNCING_PALETTE
 
     def __init__(self, config: BouncingShapesConfig | None = None, seed: int = 0) -> None:
+        if config is not None and not isinstance(config, BouncingShapesConfig):
+            raise ValueError(
+                f"config must be a BouncingShapesConfig or None, got {type(config).__name__}"
+            )
         self.config = config = config if config is not None else BouncingShapesConfig()
-        self.seed = int(seed)
+        self.seed = check_int("seed", seed, minimum=0)
         rng = np.random.default_rng(self.seed)
         k = config.num_shapes
         if k is None:
@@ -208,10 +218,8 @@ class BouncingShapes:
 
     def trajectory(self, num_frames: int, start: int = 0) -> ShapesTrajectory:
         """Frames ``start .. start + num_frames - 1`` with their ground truth."""
-        if num_frames < 1:
-            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-        if start < 0:
-            raise ValueError(f"start must be >= 0, got {start}")
+        num_frames = check_int("num_frames", num_frames, minimum=1)
+        start = check_int("start", start, minimum=0)
         positions, velocities = self.state(np.arange(start, start + num_frames))
         frames, occluded = self.render(positions)
         return ShapesTrajectory(
@@ -231,8 +239,13 @@ class BouncingShapes:
         self, num_frames: int, start: int = 0, chunk: int = 256
     ) -> Iterator[np.ndarray]:
         """Yield (H, W, 3) frames one at a time, rendering ``chunk`` at once: constant memory
-        for any length."""
-        end = start + num_frames
+        for any length. The arguments are checked when it is called."""
+        num_frames = check_int("num_frames", num_frames, minimum=1)
+        start = check_int("start", start, minimum=0)
+        chunk = check_int("chunk", chunk, minimum=1)
+        return self._frames(start, start + num_frames, chunk)
+
+    def _frames(self, start: int, end: int, chunk: int) -> Iterator[np.ndarray]:
         for lo in range(start, end, chunk):
             positions, _ = self.state(np.arange(lo, min(lo + chunk, end)))
             frames, _ = self.render(positions)
