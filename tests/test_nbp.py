@@ -220,3 +220,18 @@ def test_token_noise_corrupts_inputs_only_and_is_off_by_default():
     assert 0 < hit.float().mean() < 0.6 and (inputs != tokens).any()  # 24 tokens: loose
     with pytest.raises(ValueError, match="token_noise"):
         dataclasses.replace(CFG, token_noise=1.0)
+
+
+def test_a_drop_mask_of_the_wrong_shape_is_refused():
+    """A (b,) drop mask broadcast against (b, clips) along the clip axis: row 1 took row 0's
+    flag. Masks are (b, clips) or (b, 1)."""
+    m = model()
+    labels = torch.tensor([1, 3])
+    with torch.no_grad():
+        kept = m.clip_condition(ClipCond(labels=labels), 2, "cpu")
+        per_row = torch.tensor([[True], [False]])
+        dropped = m.clip_condition(ClipCond(labels=labels, drop_label=per_row), 2, "cpu")
+        assert torch.equal(dropped[1], kept[1]) and not torch.equal(dropped[0], kept[0])
+        for name in ("drop_label", "drop_actions"):
+            with pytest.raises(ValueError, match=f"ClipCond.{name} must be"):
+                m.clip_condition(ClipCond(labels=labels, **{name: per_row[:, 0]}), 2, "cpu")

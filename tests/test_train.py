@@ -1,5 +1,6 @@
 """The training loop: N steps in one run equal N/2, resume, N/2 — bitwise on CPU."""
 
+import re
 import shutil
 
 import numpy as np
@@ -56,8 +57,9 @@ def assert_bitwise_resume(overrides: list[str], tmp_path, steps: int = 4) -> Non
     # The card's history spans both runs of the resumed one, as the straight run's does.
     history = [checkpoint.load(p).card["history"] for p in (straight, resumed)]
     assert history[0] == history[1] and history[0][0]["step"] == 1
-    # The run really trained: the weights moved from their initial values.
-    fresh = train(overrides, tmp_path / "zero", 1)
+    # The run really trained: the weights moved from their initial values (lr 0: a LARP
+    # still ends its VQ warm-up, which a run shorter than it is refused for).
+    fresh = train([*overrides, "train.lr=0"], tmp_path / "zero", steps)
     assert any(not torch.equal(a[n], tensors(fresh)[n]) for n in a)
 
 
@@ -414,11 +416,80 @@ def test_nbp_token_cache_is_keyed_by_the_larps_autoencoder_too(tmp_path):
         ("train.log_every=0", "train.log_every must be >= 1"),
         ("train.eval_batches=-1", "train.eval_batches must be >= 0"),
         ("train.grad_clip=-1", "train.grad_clip must be >= 0"),
+        ("train.lr=-1e-3", "train.lr must be >= 0"),  # gradient ascent
+        ("train.beta2=1", "train.beta2 must be in \\[0, 1\\)"),
+        ("train.min_lr_ratio=2", "train.min_lr_ratio must be in \\[0, 1\\]"),
+        ("train.stop_at=-1", "train.stop_at must be >= 0"),
+        ("train.warmup=-5", "train.warmup must be >= 0"),
+        ("train.weight_decay=-0.1", "train.weight_decay must be >= 0"),
     ],
 )
 def test_bad_train_settings_are_refused(override, message):
     with pytest.raises(Exception, match=message):
         load_config("train", ["tokenizer=kl-test", override])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        # Each was accepted and failed later, naming nothing or something else.
+        (["tokenizer=larp-test", "tokenizer.tau=0"], "tau must be > 0"),
+        (["tokenizer=larp-test", "tokenizer.patch=0"], "patch must be >= 1"),
+        (["tokenizer=larp-test", "tokenizer.restart_every=-1"], "restart_every must be >= 0"),
+        (["tokenizer=larp-test", "tokenizer.usage_decay=1.5"], "usage_decay must be in"),
+        (["tokenizer=kl-test", "tokenizer.scale=0"], "scale must be > 0"),
+        (["tokenizer=kl-test", "tokenizer.kl_weight=-1"], "kl_weight must be >= 0"),
+        (["model=ca2vdm-test", "model.window=0"], "window must be >= 1"),
+        (["model=ca2vdm-test", "model.clip_len=0"], "clip_len must be >= 1"),
+        (["model=ca2vdm-test", "model.prefix_t=1.5"], "prefix_t must be in"),
+        (["model=ca2vdm-test", "model.label_dropout=1.5"], "label_dropout must be in"),
+        (["model=nbp-test", "model.block=0"], "block must be >= 1"),
+        (["model=nbp-test", "model.depth=0"], "depth must be >= 1"),
+        (
+            ["model=nbp-test", "model.num_actions=5", "model.action_dim=2"],
+            "cannot both be > 0",
+        ),
+    ],
+)
+def test_bad_model_settings_are_refused_naming_the_field(overrides, message):
+    with pytest.raises(Exception, match=message):
+        load_config("train", overrides)
+
+
+def test_a_dit_that_does_not_fit_its_autoencoder_is_refused_before_encoding(tmp_path):
+    kl = make_autoencoder(tmp_path)
+    base = ["model=ca2vdm-test", *SMALL_BOUNCING, "data.clip_len=4", "data.num_clips=2"]
+    for override in ("model.latent_channels=8", "model.latent_size=8"):
+        with pytest.raises(TrainSetupError, match="model.latent_channels and model.latent_size"):
+            train([*base, f"frozen_tokenizer={kl}", override], tmp_path / "run", 1)
+    assert not list((tmp_path / "run").glob("latents-*"))
+
+
+def test_an_nbp_whose_clips_are_not_the_tokenizers_is_refused(tmp_path):
+    """A clip of 8 frames over a 4-frame LARP conditioned each token clip on the wrong
+    frames' actions and sized the window wrongly, without a word."""
+    from tests.models import save_test_generators
+
+    models = tmp_path / "models"
+    save_test_generators(models)
+    overrides = [
+        "model=nbp-test",
+        *SMALL_BOUNCING,
+        "data.clip_len=8",
+        "data.num_clips=2",
+        f"frozen_tokenizer={models / 'larp-test.safetensors'}",
+        "model.frames_per_clip=8",
+    ]
+    with pytest.raises(TrainSetupError, match="model.frames_per_clip"):
+        train(overrides, tmp_path / "run", 1)
+
+
+def test_a_larp_run_that_would_end_in_its_vq_warm_up_is_refused(tmp_path):
+    larp = [*LARP_SMALL, f"tokenizer.autoencoder={make_autoencoder(tmp_path)}"]
+    with pytest.raises(TrainSetupError, match="tokenizer.vq_warmup=2 must be <= train.steps=1"):
+        train(larp, tmp_path / "run", 1)
+    exported = tensors(train(larp, tmp_path / "run", 2))  # quantises from its last step
+    assert int(exported["quantizer.active"]) == 1
 
 
 def test_grad_clip_zero_means_no_clipping(tmp_path):
@@ -725,3 +796,37 @@ def test_eval_clips_zero_turns_a_generators_evaluation_off(tmp_path):
     ]
     card = checkpoint.load(train(overrides, tmp_path / "run", 2)).card
     assert card["eval"] == {} and not any("eval_" in k for row in card["history"] for k in row)
+
+
+def test_eval_clips_zero_turns_a_larps_evaluation_off_and_a_kl_says_why_it_needs_some(tmp_path):
+    # Both built an eval split of 0 clips and failed naming num_clips.
+    larp = [*LARP_SMALL, f"tokenizer.autoencoder={make_autoencoder(tmp_path)}"]
+    card = checkpoint.load(train([*larp, "data.eval_clips=0"], tmp_path / "larp", 3)).card
+    assert card["eval"] == {} and not any("eval_" in k for row in card["history"] for k in row)
+    kl = ["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2", "data.eval_clips=0"]
+    with pytest.raises(TrainSetupError, match="data.eval_clips must be >= 1 for the KL"):
+        train(kl, tmp_path / "kl", 1)
+
+
+def test_a_missing_eval_root_is_named(tmp_path):
+    from vidgen.data import DataConfig, build_dataset
+
+    missing = tmp_path / "nowhere"
+    data = DataConfig(name="folder", root=str(tmp_path), eval_root=str(missing))
+    with pytest.raises(FileNotFoundError, match="data.eval_root=.* is not a folder"):
+        build_dataset(data, "eval")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        # An `optional` preset group skipped a typo: the first trained the DiT under the
+        # typo's name, the second said nothing of the presets there are.
+        (["model=ca2vdm-tiny", "tokenizer=kl-tny"], "Could not find 'tokenizer/kl-tny'"),
+        (["model=ca2vdm-tny"], "Available options in 'model'"),
+        ([], "choose exactly one of tokenizer=<preset> or model=<preset>"),
+    ],
+)
+def test_a_mistyped_preset_is_refused(overrides, message):
+    with pytest.raises(Exception, match=re.escape(message)):
+        load_config("train", overrides)

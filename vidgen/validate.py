@@ -17,14 +17,46 @@ def check_int(name: str, value: object, minimum: int | None = None) -> int:
     return int(value)
 
 
-def check_number(name: str, value: object, minimum: float | None = None) -> float:
-    """``value`` as a finite float (ints accepted, bool refused), at least ``minimum``."""
+def check_number(
+    name: str,
+    value: object,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    *,
+    above: float | None = None,
+    below: float | None = None,
+) -> float:
+    """``value`` as a finite float (ints accepted, bool refused) within the bounds given:
+    ``minimum``/``maximum`` inclusive, ``above``/``below`` exclusive."""
     if isinstance(value, bool | np.bool_) or not isinstance(
         value, int | float | np.integer | np.floating
     ):
         raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    lo = "[" if minimum is not None else "(" if above is not None else None
+    hi = "]" if maximum is not None else ")" if below is not None else None
+    low, high = (
+        (minimum if minimum is not None else above),
+        (maximum if maximum is not None else below),
+    )
+    if (
+        (minimum is not None and value < minimum)
+        or (above is not None and value <= above)
+        or (maximum is not None and value > maximum)
+        or (below is not None and value >= below)
+    ):
+        if lo and hi:
+            expected = f"in {lo}{low}, {high}{hi}"
+        elif lo:
+            expected = f">= {low}" if lo == "[" else f"> {low}"
+        else:
+            expected = f"<= {high}" if hi == "]" else f"< {high}"
+        raise ValueError(f"{name} must be {expected}, got {value}")
     return float(value)
+
+
+def check_ints(obj: object, minimum: int, *names: str) -> None:
+    """``check_int`` on attributes of ``obj`` (a config), each at least ``minimum``."""
+    for name in names:
+        check_int(name, getattr(obj, name), minimum=minimum)

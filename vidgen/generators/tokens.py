@@ -86,10 +86,15 @@ class TokenClipGenerator:
     ) -> None:
         cfg: NBPConfig = model.config
         tok = tokenizer.config
-        if cfg.tokens_per_clip != tok.num_tokens or cfg.vocab != tok.codebook_size:
+        if (cfg.tokens_per_clip, cfg.vocab, cfg.frames_per_clip) != (
+            tok.num_tokens,
+            tok.codebook_size,
+            tok.frames,
+        ):
             raise ValueError(
-                f"NBP expects {cfg.tokens_per_clip} tokens of {cfg.vocab} codes per clip; the "
-                f"tokenizer makes {tok.num_tokens} of {tok.codebook_size}"
+                f"NBP expects {cfg.tokens_per_clip} tokens of {cfg.vocab} codes per clip of "
+                f"{cfg.frames_per_clip} frames; the tokenizer makes {tok.num_tokens} of "
+                f"{tok.codebook_size} per {tok.frames} frames"
             )
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()

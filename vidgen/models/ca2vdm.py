@@ -35,6 +35,7 @@ from vidgen.nn.attention import attention
 from vidgen.nn.cache import CacheSpec, KVCache
 from vidgen.nn.conditioning import NULL, AdaLNModulation, FrameCondition, modulate
 from vidgen.nn.rope import RoPE1D, apply_rope
+from vidgen.validate import check_ints, check_number
 
 
 @dataclass
@@ -74,6 +75,13 @@ class Ca2VDMConfig:
     action_dropout: float = 0.1
 
     def __post_init__(self) -> None:
+        check_ints(self, 1, "latent_channels", "latent_size", "patch", "dim", "depth", "heads")
+        check_ints(self, 1, "clip_len", "window")
+        check_ints(self, 0, "num_classes", "num_actions", "action_dim")
+        check_number("mlp_ratio", self.mlp_ratio, above=0)
+        check_number("prefix_t", self.prefix_t, minimum=0, below=1)
+        check_number("label_dropout", self.label_dropout, minimum=0, maximum=1)
+        check_number("action_dropout", self.action_dropout, minimum=0, maximum=1)
         if self.latent_size % self.patch:
             raise ValueError(
                 f"latent_size={self.latent_size} must be a multiple of patch={self.patch}"

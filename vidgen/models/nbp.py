@@ -40,6 +40,7 @@ from vidgen.nn.cache import CacheSpec, KVCache
 from vidgen.nn.conditioning import NULL
 from vidgen.nn.masks import banded_block_mask
 from vidgen.nn.rope import RoPE1D, apply_rope
+from vidgen.validate import check_ints, check_number
 
 
 @dataclass
@@ -64,6 +65,17 @@ class NBPConfig:
     token_noise: float = 0.0
 
     def __post_init__(self) -> None:
+        check_ints(self, 1, "vocab", "tokens_per_clip", "frames_per_clip", "block", "window")
+        check_ints(self, 1, "dim", "depth", "heads")
+        check_ints(self, 0, "num_classes", "num_actions", "action_dim")
+        check_number("mlp_ratio", self.mlp_ratio, above=0)
+        check_number("label_dropout", self.label_dropout, minimum=0, maximum=1)
+        check_number("action_dropout", self.action_dropout, minimum=0, maximum=1)
+        if self.num_actions and self.action_dim:
+            raise ValueError(
+                "num_actions (discrete) and action_dim (continuous) cannot both be > 0, got "
+                f"num_actions={self.num_actions}, action_dim={self.action_dim}"
+            )
         if not 0.0 <= self.token_noise < 1.0:
             raise ValueError(f"token_noise must be in [0, 1), got {self.token_noise}")
         if self.tokens_per_clip % self.block:
@@ -176,6 +188,16 @@ class ClipCondition(nn.Module):
     def forward(self, cond: ClipCond, batch: int, clips: int, device: torch.device) -> torch.Tensor:
         """-> (b, clips, d)."""
         cfg = self.cfg
+        for name in ("drop_label", "drop_actions"):
+            # A (b,) mask would broadcast against (b, clips) along the wrong axis.
+            mask = getattr(cond, name)
+            if mask is not None and (
+                mask.ndim != 2 or mask.shape[0] != batch or mask.shape[1] not in (1, clips)
+            ):
+                raise ValueError(
+                    f"ClipCond.{name} must be (b, clips) = ({batch}, {clips}) or ({batch}, 1), "
+                    f"got {tuple(mask.shape)}"
+                )
         out = torch.zeros(batch, clips, cfg.dim, device=device)
         if self.label is not None:
             labels = (

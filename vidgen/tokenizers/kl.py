@@ -29,6 +29,7 @@ from einops import rearrange
 from torch import nn
 
 from vidgen.tokenizers.losses import gradient_l1, ssim
+from vidgen.validate import check_ints, check_number
 
 
 @dataclass
@@ -61,8 +62,11 @@ class KLConfig:
             raise ValueError(f"image_size must be a multiple of 8, got {self.image_size}")
         if any(c % 8 for c in self.channels):
             raise ValueError(f"channels must be multiples of 8 (GroupNorm), got {self.channels}")
-        if self.latent_noise < 0:
-            raise ValueError(f"latent_noise must be >= 0, got {self.latent_noise}")
+        check_ints(self, 1, "image_size", "in_channels", "latent_channels", "blocks")
+        for name in ("kl_weight", "perceptual_weight", "grad_weight", "foreground_weight"):
+            check_number(name, getattr(self, name), minimum=0)
+        check_number("latent_noise", self.latent_noise, minimum=0)
+        check_number("scale", self.scale, above=0)
 
     @property
     def latent_size(self) -> int:

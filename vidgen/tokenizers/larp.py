@@ -48,6 +48,7 @@ from vidgen.nn.masks import block_causal_mask
 from vidgen.nn.transformer import Transformer
 from vidgen.tokenizers.kl import KLAutoencoder, foreground_weights
 from vidgen.tokenizers.losses import gradient_l1, ssim
+from vidgen.validate import check_ints, check_number
 
 NO_CONTEXT = -1  # a context row of these: the clip has no previous clip (see ``decode``)
 
@@ -114,6 +115,17 @@ class LARPConfig:
     seam_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        check_ints(self, 1, "channels", "size", "frames", "patch_t", "patch", "dim", "heads")
+        check_ints(self, 1, "enc_depth", "dec_depth", "code_dim", "prior_dim", "prior_depth")
+        check_ints(self, 1, "prior_heads", "disc_dim", "disc_layers")
+        check_ints(self, 0, "vq_warmup", "restart_every")
+        check_number("tau", self.tau, above=0)
+        check_number("usage_decay", self.usage_decay, minimum=0, below=1)
+        check_number("dead_usage", self.dead_usage, minimum=0, below=1)
+        for name in ("entropy_weight", "prior_weight", "commit_weight", "mse_weight"):
+            check_number(name, getattr(self, name), minimum=0)
+        check_number("perceptual_weight", self.perceptual_weight, minimum=0)
+        check_number("grad_weight", self.grad_weight, minimum=0)
         if self.foreground_weight < 0 or self.foreground_threshold <= 0:
             raise ValueError(
                 "foreground_weight must be >= 0 and foreground_threshold > 0, got "

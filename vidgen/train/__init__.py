@@ -85,6 +85,19 @@ def build_task(cfg: TrainCommandConfig) -> Task:
             + (f"; new, not in it: {', '.join(fresh)}" if fresh else ""),
             "frozen": f"{frozen} parameters under {cfg.freeze}" if cfg.freeze else "none",
         }
+    quantizer = getattr(task.model, "quantizer", None)
+    warmup = getattr(cfg.tokenizer, "vq_warmup", 0)
+    if (
+        quantizer is not None
+        and not bool(quantizer.active)
+        and quantizer.codebook.requires_grad
+        and warmup > cfg.train.steps
+    ):
+        # The codebook is initialised and quantisation switched on at the warm-up's last step.
+        raise ValueError(
+            f"tokenizer.vq_warmup={warmup} must be <= train.steps={cfg.train.steps}: this run "
+            "would end in the VQ warm-up and export a tokenizer that never quantised"
+        )
     return task
 
 

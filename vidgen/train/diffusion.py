@@ -239,6 +239,13 @@ def ca2vdm_task(
     autoencoder, fingerprint = load_autoencoder(tokenizer)
     if autoencoder.config.image_size != data.size:
         raise ValueError(f"data.size={data.size} must equal the autoencoder's image_size")
+    ours = (config.latent_channels, config.latent_size)
+    theirs = (autoencoder.config.latent_channels, autoencoder.config.latent_size)
+    if ours != theirs:
+        raise ValueError(
+            f"model.latent_channels and model.latent_size must be the latent channels and "
+            f"size of the autoencoder {tokenizer!r}: got {ours}, expected {theirs}"
+        )
     model = CausalVideoDiT(config)
 
     out.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from vidgen import checkpoint
+from vidgen.validate import check_int, check_number
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,13 @@ class TrainConfig:
             raise ValueError(f"train.eval_batches must be >= 0, got {self.eval_batches}")
         if self.grad_clip < 0:
             raise ValueError(f"train.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        check_number("train.lr", self.lr, minimum=0)
+        check_number("train.min_lr_ratio", self.min_lr_ratio, minimum=0, maximum=1)
+        check_number("train.beta1", self.beta1, minimum=0, below=1)
+        check_number("train.beta2", self.beta2, minimum=0, below=1)
+        check_number("train.weight_decay", self.weight_decay, minimum=0)
+        for name in ("warmup", "stop_at", "threads"):
+            check_int(f"train.{name}", getattr(self, name), minimum=0)
         if self.max_seconds < 0:
             raise ValueError(f"train.max_seconds must be >= 0 (0 = off), got {self.max_seconds}")
         if self.precision not in ("fp32", "bf16"):

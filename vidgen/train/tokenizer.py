@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import torch
@@ -27,6 +28,8 @@ from vidgen.train.encoded import (
     load_autoencoder,
 )
 from vidgen.train.loop import Adversary, Task
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -60,6 +63,11 @@ def fit_latent_scale(model: KLAutoencoder, batches: list[dict[str, torch.Tensor]
 
 
 def kl_task(config: KLConfig, data: DataConfig, run_config: object, name: str) -> Task:
+    if data.eval_clips == 0:
+        raise ValueError(
+            "data.eval_clips must be >= 1 for the KL autoencoder: its latent scale is measured "
+            "on held-out clips when it is exported"
+        )
     if data.size != config.image_size:
         raise ValueError(
             f"data.size={data.size} must equal the tokenizer's image_size={config.image_size}"
@@ -157,7 +165,8 @@ def larp_task(
             f"data.clip_len={data.clip_len} holds {clips} clips of {config.frames} frames: "
             "only a context decoder (tokenizer.context_decoder=true) trains on consecutive clips"
         )
-    train_data, eval_data = build_dataset(data, "train"), build_dataset(data, "eval")
+    train_data = build_dataset(data, "train")
+    eval_data = build_dataset(data, "eval") if data.eval_clips else None  # 0: no evaluation
     if autoencoder is not None:
         out.mkdir(parents=True, exist_ok=True)
         train_data = EncodedClips(
@@ -168,15 +177,16 @@ def larp_task(
             num_workers=data.num_workers,
             device=encode_device(run_config),
         )
-        eval_data = EncodedClips(
-            eval_data,
-            autoencoder,
-            cache_path(out, "latents", fingerprint, data, "eval"),
-            keep_video=True,
-            description=data_description(data, "eval"),
-            num_workers=data.num_workers,
-            device=encode_device(run_config),
-        )
+        if eval_data is not None:
+            eval_data = EncodedClips(
+                eval_data,
+                autoencoder,
+                cache_path(out, "latents", fingerprint, data, "eval"),
+                keep_video=True,
+                description=data_description(data, "eval"),
+                num_workers=data.num_workers,
+                device=encode_device(run_config),
+            )
     seed = getattr(getattr(run_config, "train", None), "seed", 0)
 
     def after_step(
@@ -215,6 +225,15 @@ def larp_task(
             out["fake"] = fake.detach()
         return out
 
+    def before_export(shipped: nn.Module, batches: list[dict[str, torch.Tensor]]) -> LARPConfig:
+        if not bool(shipped.quantizer.active):  # e.g. train.max_seconds ended the run early
+            log.warning(
+                "exporting in the VQ warm-up (tokenizer.vq_warmup=%d): this tokenizer does "
+                "not quantise yet, its ids mean nothing; run again to resume",
+                config.vq_warmup,
+            )
+        return config
+
     return Task(
         name=name,
         model=model,
@@ -224,6 +243,7 @@ def larp_task(
         batch_size=data.batch_size,
         num_workers=0 if autoencoder is not None else data.num_workers,  # encoded: in memory
         export_config=config,
+        before_export=before_export,
         run_config=run_config,
         card={
             "what": "LARP-style video tokenizer: holistic queries, stochastic cosine VQ, "

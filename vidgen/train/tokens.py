@@ -83,11 +83,14 @@ def nbp_task(
         raise ValueError(
             f"data.clip_len={data.clip_len} must be whole clips of {larp.config.frames} frames"
         )
-    if (config.tokens_per_clip, config.vocab) != (
-        larp.config.num_tokens,
-        larp.config.codebook_size,
-    ):
-        raise ValueError("the NBP config's tokens_per_clip and vocab must match the tokenizer's")
+    ours = (config.tokens_per_clip, config.vocab, config.frames_per_clip)
+    theirs = (larp.config.num_tokens, larp.config.codebook_size, larp.config.frames)
+    if ours != theirs:
+        raise ValueError(
+            "model.tokens_per_clip, model.vocab and model.frames_per_clip must be the "
+            f"tokenizer's num_tokens, codebook_size and frames: got {ours}, the tokenizer "
+            f"{tokenizer!r} has {theirs}"
+        )
     # The tokens depend on the LARP's encoder and on the autoencoder it loads (by name or
     # path, so that file can change under it): its fingerprint covers both.
     fingerprint = larp.encoder_fingerprint()
