@@ -193,6 +193,8 @@ def test_resolve(saved, tmp_path, monkeypatch):
     assert checkpoint.resolve(str(saved)) == saved
     with pytest.raises(CheckpointError, match="does not exist"):
         checkpoint.resolve(tmp_path / "nope.safetensors")
+    with pytest.raises(CheckpointError, match="is a folder, not a checkpoint file"):
+        checkpoint.resolve(saved.parent)  # was: "does not exist"
     with pytest.raises(CheckpointError, match="no shipped checkpoint named 'no-such-model'"):
         checkpoint.resolve("no-such-model")
     monkeypatch.setattr(checkpoint, "assets_dir", lambda: tmp_path)

@@ -124,6 +124,12 @@ def test_data_config_validation():
         DataConfig(name="folder")
     with pytest.raises(ValueError, match="data.agent_policy"):
         DataConfig(name="mix", agent_policy="greedy")
+    with pytest.raises(ValueError, match="data.num_workers must be >= 0"):
+        DataConfig(num_workers=-1)
+    with pytest.raises(ValueError, match="data.agent_fraction must be in"):
+        DataConfig(agent_fraction=2)
+    with pytest.raises(ValueError, match="data.seed must be >= 0"):
+        DataConfig(seed=-1)
 
 
 @pytest.mark.parametrize(

@@ -40,8 +40,11 @@ def test_a_replaced_file_keeps_its_mode_and_no_temp_file_is_left(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
 
 
-def test_a_long_valid_name_is_written(tmp_path):
-    path = tmp_path / ("v" * 246 + ".mp4")  # 250 bytes: valid; its temp name must be too
+@pytest.mark.parametrize("char, count", [("v", 246), ("\U0001f600", 61), ("\u00e9", 123)])
+def test_a_long_valid_name_is_written(tmp_path, char, count):
+    # 250 / 248 / 250 bytes: valid; the temp name must be too (cut by bytes: 64 four-byte
+    # characters were 256 bytes, and a cut inside a character must not leave half of it)
+    path = tmp_path / (char * count + ".mp4")
     write(path, b"x")
     assert path.read_bytes() == b"x"
 

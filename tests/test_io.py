@@ -235,6 +235,22 @@ def test_a_raw_h264_stream_without_timestamps_is_probed_and_read(tmp_path):
     assert read_video(path, backend="pyav").shape == (10, 32, 32, 3)
 
 
+def test_an_mkv_with_b_frames_keeps_its_delayed_first_frames(tmp_path):
+    """Matroska gives the first B-frame-delayed packets a pts and no dts; they were counted
+    as untimed and dropped, so the last frames of a video went missing."""
+    path = tmp_path / "b.mkv"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25, options={"bf": "3"})
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for i in range(20):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), i * 12, np.uint8), "rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    assert probe_video(path).num_frames == 20
+    video = read_video(path, backend="pyav")
+    assert len(video) == 20 and abs(float(video[-1].float().mean()) - 19 * 12) < 4
+
+
 def test_writer_takes_numpy_frame_rates(tmp_path):
     for fps in (np.int64(8), np.float32(12.5)):
         assert VideoWriter(tmp_path / "a.mp4", fps=fps).rate == Fraction(float(fps))

@@ -258,6 +258,12 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         )
     if path.is_file():
         return path
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob(f"*{SUFFIX}"))[:5]
+        raise CheckpointError(
+            f"{text!r} is a folder, not a checkpoint file"
+            + (f" (it holds {', '.join(found)})" if found else "")
+        )
     raise CheckpointError(f"checkpoint file {text!r} does not exist")
 
 

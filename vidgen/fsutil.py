@@ -23,7 +23,9 @@ def temp_beside(path: Path, suffix: str = ".tmp") -> Path:
     """A new empty hidden file in ``path``'s folder (created if missing)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        tmp = path.parent / f".{path.stem[:_STEM_CHARS]}.{secrets.token_hex(4)}{suffix}"
+        # Cut by bytes, not characters: 64 four-byte characters would be 256 bytes.
+        stem = path.stem.encode()[:_STEM_CHARS].decode("utf-8", "ignore")
+        tmp = path.parent / f".{stem}.{secrets.token_hex(4)}{suffix}"
         try:
             fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
         except FileExistsError:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vidgen.data.folder import VideoFolder
 from vidgen.data.worlds import WORLDS, WorldClips
+from vidgen.validate import check_int, check_number
 from vidgen.worlds.agent import POLICIES, AgentWorldConfig
 from vidgen.worlds.bouncing import BouncingShapesConfig
 
@@ -55,6 +57,9 @@ class DataConfig:
         for name in ("batch_size", "clip_len", "size", "num_clips"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_workers", "seed"):
+            check_int(f"data.{name}", getattr(self, name), minimum=0)
+        check_number("data.agent_fraction", self.agent_fraction, minimum=0, maximum=1)
         if self.stride is not None and self.stride < 1:
             raise ValueError(f"data.stride must be >= 1 (or null: clip_len), got {self.stride}")
         if self.name in ("agent", "mix") and self.agent_policy not in POLICIES:
@@ -65,13 +70,17 @@ class DataConfig:
 
 def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
     """The dataset of one split (``train`` or ``eval``) of a data config."""
+    if split == "eval" and cfg.eval_clips == 0:
+        raise ValueError("data.eval_clips=0 turns evaluation off: there is no eval split")
     if cfg.name == "folder":
-        root = cfg.root
+        key, root = "data.root", cfg.root
         if split == "eval":
             if cfg.eval_root:
-                root = cfg.eval_root
+                key, root = "data.eval_root", cfg.eval_root
             else:
                 log.warning("data.eval_root is not set: evaluating on the training folder")
+        if not Path(root).is_dir():
+            raise FileNotFoundError(f"{key}={root!r} is not a folder")
         return VideoFolder(root, clip_len=cfg.clip_len, size=cfg.size, stride=cfg.stride)
     return WorldClips(
         world=cfg.name,

@@ -125,13 +125,14 @@ def _is_frame_packet(packet: Any) -> bool:
 def _count_packets(container: Any, stream: Any, path: Path) -> int:
     """Count the video packets really present; the header's frame count can over-report.
     Packets without a timestamp count only in a stream where none has one (a raw H.264
-    elementary stream)."""
+    elementary stream). A packet with a pts but no dts is timed: Matroska stores the first
+    frames that B-frames delay so."""
     timed = untimed = 0
     try:
         for packet in container.demux(stream):
             if not _is_frame_packet(packet):
                 continue
-            if packet.dts is None:
+            if packet.dts is None and packet.pts is None:
                 untimed += 1
             else:
                 timed += 1
