@@ -154,7 +154,7 @@ def test_data_group_composes_to_data_config(name):
         (["data.size=0"], "bad config: data.size must be >= 1"),
         (["train.device=bogus"], "bad config: train.device must be auto, cpu, cuda or cuda:N"),
         (["data=folder", "data.root=EMPTY"], "cannot start: no video files"),
-        (["data=folder", "data.root=MISSING"], "cannot start: root"),
+        (["data=folder", "data.root=MISSING"], "cannot start: data.root="),
     ],
 )
 def test_a_train_that_cannot_start_says_why_without_a_traceback(
@@ -249,3 +249,78 @@ def test_a_request_the_model_refuses_exits_2_without_a_traceback(
     assert "bad request" in err and bad.split("=")[0] in err
     assert "Traceback" not in err and "File " not in err and "pid=" not in err
     assert not list(out.iterdir())
+
+
+def test_ray_placement_and_connection_failures_exit_2_naming_the_key(tmp_path, capsys, monkeypatch):
+    """No cluster at `address=auto`, more actors than a local instance holds, an actor that
+    cannot be placed: each was a traceback (the local case after a 120 s wait)."""
+    import ray
+
+    import workers.cluster
+    import workers.executors
+    from tests.models import save_test_generators
+    from workers.actor import SchedulingError
+
+    model = save_test_generators(tmp_path / "models")["diffusion"]
+    out = f"out={tmp_path / 'x.mp4'}"
+
+    def no_cluster(address):
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(workers.cluster, "connect", no_cluster)
+    assert main(["render", f"model={model}", "address=auto", out]) == 2
+    assert "address='auto': Could not find any running Ray instance" in capsys.readouterr().err
+
+    monkeypatch.setattr(workers.cluster, "connect", lambda address: True)  # "started" one
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    assert main(["render", f"model={model}", "actors=3", "address=", out]) == 2
+    assert "actors=3: this machine's local Ray instance places at most 2" in (
+        capsys.readouterr().err
+    )
+
+    retired = []
+
+    class Unplaceable:
+        made = 0
+
+        def __init__(self, *args, **kwargs):
+            Unplaceable.made += 1
+            if Unplaceable.made == 2:
+                raise SchedulingError("a GeneratorActor asking for {'num_gpus': 1} ...")
+
+        def retire(self):
+            retired.append(self)
+
+    monkeypatch.setattr(workers.executors, "RayExecutor", Unplaceable)
+    assert main(["render", f"model={model}", "actors=2", "address=auto", out]) == 2
+    err = capsys.readouterr().err
+    assert "actors=2: a GeneratorActor asking for" in err and "Traceback" not in err
+    assert len(retired) == 1  # the one that did start does not keep its GPU
+
+
+def test_a_render_that_cannot_go_on_exits_1_and_says_it_resumes(tmp_path, capsys, monkeypatch):
+    import workers.cluster
+    import workers.executors
+    import workers.render
+    from tests.models import save_test_generators
+    from workers.actor import GeneratorWorker
+    from workers.executors import LocalExecutor
+    from workers.orchestrator import NoProgress
+
+    model = save_test_generators(tmp_path / "models")["diffusion"]
+    monkeypatch.setattr(workers.cluster, "connect", lambda address: False)
+    monkeypatch.setattr(
+        workers.executors,
+        "RayExecutor",
+        lambda model, *args, **kwargs: LocalExecutor(GeneratorWorker(model, max_streams=2)),
+    )
+
+    def fails(*args, **kwargs):
+        raise NoProgress("stream 0 went through 4 executor failures in a row")
+
+    monkeypatch.setattr(workers.render, "render", fails)
+    assert main(["render", f"model={model}", f"out={tmp_path / 'x.mp4'}"]) == 1
+    err = capsys.readouterr().err
+    assert "stopped: stream 0 went through 4" in err and "resumes" in err
+    assert "Traceback" not in err

@@ -723,3 +723,103 @@ def test_a_batch_item_that_cannot_be_joined_is_an_error_and_the_rest_go_on(
     assert "OSError: disk full" in next(r["error"] for r in rows if r["id"] == "a")
     assert (out / "b.mp4").exists() and parts_folder(out / "a.mp4").exists()
     assert Results(out / "results.jsonl").ok == {"b"}  # no row joined to the cut line
+
+
+def test_a_step_that_always_fails_is_given_up_on_and_progress_resets_the_count(model, tmp_path):
+    """The loop restored and retried a stream whose step always failed forever (with
+    replacement, one new actor per try); failures separated by progress are not counted
+    together, and a render that gives up keeps its finished segments."""
+    from workers.orchestrator import NoProgress
+
+    req = request_for(model, frames=48)  # 6 clips
+    # Failures at calls 2, 4, 6, 8: each followed by a good step.
+    # (max_streams 8: Flaky drops the worker's streams but not their cache slots)
+    spaced = Flaky(GeneratorWorker(model, max_streams=8), fail_at={2, 4, 6, 8})
+    orch = Orchestrator([spaced], max_failures=1)
+    np.testing.assert_array_equal(frames_of(orch, orch.submit(req)), reference(model, req))
+    # From call 3 on every step fails: given up after max_failures + 1 in a row.
+    poison = Flaky(GeneratorWorker(model, max_streams=4), fail_at=set(range(3, 100)))
+    orch = Orchestrator([poison], max_failures=2)
+    out = tmp_path / "v.mp4"
+    with pytest.raises(NoProgress, match="3 executor failures in a row"):
+        render(orch, req, out, segment_clips=1, progress=False)
+    assert poison.calls == 5  # 2 good steps, then 3 failed ones; no more
+    assert not out.exists() and len(list(parts_folder(out).glob("*.mp4"))) == 2
+    with pytest.raises(ValueError, match="max_failures"):
+        Orchestrator(local(model), max_failures=0)
+    with pytest.raises(ValueError, match="step_timeout"):
+        Orchestrator(local(model), step_timeout=-1)
+
+
+class _BrokenOnce(QueueSink):
+    """Raises on its second put (a write error), then works."""
+
+    def __init__(self) -> None:
+        super().__init__(capacity=64)  # holds a whole test video
+        self.puts = 0
+
+    def put(self, clip):
+        self.puts += 1
+        if self.puts == 2:
+            raise OSError("disk full")
+        super().put(clip)
+
+
+def test_a_clip_whose_sink_raised_is_delivered_on_the_next_run(model):
+    """The frames were taken out before the sink had them: a sink error lost that clip for
+    good and the next run stalled waiting for it."""
+    req = request_for(model, frames=32)
+    orch = Orchestrator(local(model))
+    sink = _BrokenOnce()
+    key = orch.submit(req, sink=sink)
+    with pytest.raises(OSError, match="disk full"):
+        orch.run()
+    orch.run()
+    assert [c.clip for c in sink.queue] == list(range(orch.streams[key].num_clips))
+    got = np.concatenate([c.frames for c in sink.queue])
+    np.testing.assert_array_equal(got, reference(model, req))
+    orch.forget(key)
+
+
+def test_clips_checks_its_key_when_called(model):
+    orch = Orchestrator(local(model))
+    with pytest.raises(KeyError, match="stream 12345 is unknown"):
+        orch.clips(12345)  # not at the first next()
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--actors", "0"),
+        ("--segment-clips", "0"),
+        ("--max-frames", "-5"),
+        ("--max-streams", "0"),
+        ("--snapshot-every", "0"),
+        ("--max-restarts", "-1"),
+        ("--step-timeout", "-1"),
+    ],
+)
+def test_batch_flags_are_checked_before_anything_runs(tmp_path, capsys, flag, value):
+    """Each became one error row per item (or, for --step-timeout, every step overdue) and
+    an exit code of 0."""
+    from workers.jobs.render import main
+
+    manifest = tmp_path / "items.jsonl"
+    manifest.write_text('{"id": "a", "model": "ca2vdm-tiny", "frames": 16}\n')
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--manifest", str(manifest), "--out", str(tmp_path / "out"), flag, value])
+    assert exit_info.value.code == 2
+    assert f"{flag} must be" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_actors_refusal_is_recorded_as_the_refusal_not_rays_traceback():
+    from ray.exceptions import RayTaskError
+
+    from workers.jobs.render import _describe
+
+    cause = ValueError("label must be in [1, 4], got 99")
+    trace = "Traceback (most recent call last):\n  File actor.py\n\x1b[36mray::open\x1b[39m"
+    wrapped = RayTaskError("GeneratorWorker.open", trace, cause).as_instanceof_cause()
+    assert _describe(wrapped) == "ValueError: label must be in [1, 4], got 99"
+    assert _describe(OSError("disk full")) == "OSError: disk full"

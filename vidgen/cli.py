@@ -76,10 +76,27 @@ def run_render(cfg: Any, choices: dict[str, str]) -> int:
             return 2
     import ray
 
+    from workers.actor import actor_resources
     from workers.cluster import connect
 
-    started = connect(cfg.address)
     try:
+        started = connect(cfg.address)
+    except ConnectionError as err:
+        print(f"{PROG} render: address={cfg.address!r}: {err}", file=sys.stderr)
+        return 2
+    try:
+        if started and cfg.address == "":  # a local instance cannot grow: check it holds them
+            resources = ray.cluster_resources()
+            need = actor_resources(resources)
+            kind, per = ("GPU", "num_gpus") if need["num_gpus"] else ("CPU", "num_cpus")
+            room = int(resources.get(kind, 0) // need[per])
+            if cfg.actors > room:
+                print(
+                    f"{PROG} render: actors={cfg.actors}: this machine's local Ray instance "
+                    f"places at most {room} (one {kind} each; it has {resources.get(kind, 0):g})",
+                    file=sys.stderr,
+                )
+                return 2
         return _render(cfg)
     finally:
         if started:
@@ -87,14 +104,20 @@ def run_render(cfg: Any, choices: dict[str, str]) -> int:
 
 
 def _render(cfg: Any) -> int:
+    from workers.actor import SchedulingError
     from workers.executors import RayExecutor
-    from workers.orchestrator import Orchestrator
+    from workers.orchestrator import NoExecutorsLeft, Orchestrator
     from workers.render import render
 
-    executors = [
-        RayExecutor(cfg.model, cfg.max_streams, cfg.threads, cfg.max_restarts)
-        for _ in range(cfg.actors)
-    ]
+    executors: list[RayExecutor] = []
+    try:
+        for _ in range(cfg.actors):
+            executors.append(RayExecutor(cfg.model, cfg.max_streams, cfg.threads, cfg.max_restarts))
+    except SchedulingError as err:
+        for executor in executors:  # free what did start (a running cluster keeps going)
+            executor.retire()
+        print(f"{PROG} render: actors={cfg.actors}: {err}", file=sys.stderr)
+        return 2
     info = executors[0].info
     try:
         request = cfg.request(tuple(info["frame_shape"]), info["clip_len"])
@@ -115,6 +138,13 @@ def _render(cfg: Any) -> int:
         reason = getattr(err, "cause", None) or err
         print(f"{PROG} render: bad request: {reason}", file=sys.stderr)  # or a resume refused
         return 2
+    except NoExecutorsLeft as err:  # actors lost for good, or a step that always fails
+        print(
+            f"{PROG} render: stopped: {err}. The finished segments stay: the same command "
+            "resumes from them.",
+            file=sys.stderr,
+        )
+        return 1
     where = ", ".join(f"{e.info['device']}{e.info['gpu_ids'] or ''}" for e in executors)
     resumed = f" (resumed after {result.resumed_frames})" if result.resumed_frames else ""
     print(

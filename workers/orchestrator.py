@@ -51,6 +51,12 @@ class NoExecutorsLeft(RuntimeError):
     """Every executor failed and none could be replaced: the streams cannot go on."""
 
 
+class NoProgress(NoExecutorsLeft):
+    """A stream's executor failed ``max_failures`` times in a row without the stream making
+    a clip (a step that always fails or always exceeds ``step_timeout``): retrying forever
+    would start actor after actor. The streams stop; their truths stay for a resume."""
+
+
 # --- sinks ----------------------------------------------------------------------------------
 
 
@@ -97,6 +103,7 @@ class _Stream:
     truths: list[StreamSnapshot] = field(default_factory=list)
     accepted: int = 0  # clips in the truth
     delivered: int = 0  # clips handed to the sink
+    failures: int = 0  # executor failures it went through since it last made progress
     frames: dict[int, np.ndarray] = field(default_factory=dict)  # decoded, not delivered
     to_decode: dict[int, ClipOut] = field(default_factory=dict)  # accepted, frames not back
 
@@ -135,7 +142,13 @@ class Orchestrator:
     only actor death counts); ``queue_clips``: clips a stream may have made but not yet
     delivered to its sink; ``replace``: called with a failed executor that could not be
     recovered, returns a new executor (or None to drop it; its streams move to the others
-    as their slots allow, waiting their turn when all are full).
+    as their slots allow, waiting their turn when all are full); ``max_failures``: executor
+    failures a stream may go through in a row without making a clip before the loop gives
+    up (``NoProgress``).
+
+    Each executor holds at most its ``max_streams`` streams at once: a ``submit`` past that
+    is refused by the generator (its cache is full), so submit at most that many and the
+    next ones as streams finish.
 
     A finished stream stays in ``streams`` (its sink's truth) until ``forget`` releases it;
     ``clips`` forgets the streams it has handed out completely.
@@ -148,9 +161,15 @@ class Orchestrator:
         step_timeout: float | None = None,
         queue_clips: int = 4,
         replace: Callable[[Executor], Executor | None] | None = None,
+        max_failures: int = 3,
     ) -> None:
         if not executors:
             raise ValueError("the orchestrator needs at least one executor")
+        if step_timeout is not None and not step_timeout > 0:
+            raise ValueError(f"step_timeout must be > 0 seconds (or None), got {step_timeout}")
+        if max_failures < 1:
+            raise ValueError(f"max_failures must be >= 1, got {max_failures}")
+        self.max_failures = max_failures
         self.executors: list[Executor | None] = list(executors)
         self.snapshot_every = max(1, snapshot_every)
         self.step_timeout = step_timeout
@@ -266,12 +285,16 @@ class Orchestrator:
 
     def clips(self, key: int) -> Iterator[Clip]:
         """The clips of stream ``key`` in order, driving the loop as needed; once all are
-        handed out the stream is forgotten (``forget``)."""
+        handed out the stream is forgotten (``forget``). A bad ``key`` raises here, not at
+        the first clip."""
         if key not in self.streams:
             raise KeyError(f"stream {key} is unknown (or finished and forgotten)")
         stream = self.streams[key]
         if not isinstance(stream.sink, QueueSink):
             raise ValueError(f"stream {key} writes to its own sink, not to an iterator")
+        return self._clips(key, stream)
+
+    def _clips(self, key: int, stream: _Stream) -> Iterator[Clip]:
         queue = stream.sink.queue
         try:
             while True:
@@ -299,6 +322,9 @@ class Orchestrator:
             executor.close(key)
 
     def _schedule(self) -> None:
+        for s in list(self.streams.values()):  # clips a sink raised on: it gets them again
+            if s.delivered in s.frames:
+                self._deliver(s)
         for s in self.streams.values():  # streams of a lost executor, as slots free up
             if s.executor != UNPLACED:
                 continue
@@ -374,6 +400,7 @@ class Orchestrator:
                 continue  # a superseded epoch: the stream was restored since
             s.truth.add(_as_latents(clip))
             s.accepted += 1
+            s.failures = 0
             s.to_decode[clip.clip] = clip
             accepted.append(clip)
             if clip.key in out.snapshots:
@@ -410,9 +437,11 @@ class Orchestrator:
 
     def _deliver(self, s: _Stream) -> None:
         while s.delivered in s.frames:
-            clip = Clip(stream=s.key, clip=s.delivered, frames=s.frames.pop(s.delivered))
-            s.sink.put(clip)
+            # Taken out only once the sink has it: a sink that raises keeps the clip here.
+            s.sink.put(Clip(stream=s.key, clip=s.delivered, frames=s.frames[s.delivered]))
+            del s.frames[s.delivered]
             s.delivered += 1
+            s.failures = 0
             self._forget_old_truths(s)
         if s.done:
             s.sink.finish()
@@ -448,6 +477,16 @@ class Orchestrator:
         that were in flight on it (whichever streams they belong to)."""
         self.failures += 1
         log.warning("executor %s failed (%s); restoring its streams", index, err)
+        for s in self.streams.values():
+            if s.executor == index and not s.done:
+                s.failures += 1
+                if s.failures > self.max_failures:
+                    raise NoProgress(
+                        f"stream {s.key} went through {s.failures} executor failures in a row "
+                        f"without making a clip (last: {err}); a step that always fails or "
+                        f"always exceeds step_timeout={self.step_timeout} s is not retried "
+                        "further"
+                    ) from err
         self.work = [w for w in self.work if w.executor != index]
         executor = self.executors[index]
         try:

@@ -276,7 +276,11 @@ def render(
     """Render ``request`` to ``out`` (resuming a render interrupted at the same ``out``)."""
     job = RenderJob(request, out, segment_clips, lossless, progress, extra_provenance)
     job.start(orchestrator)
-    orchestrator.run(until=lambda: job.done)  # other streams of the orchestrator may wait
+    try:
+        orchestrator.run(until=lambda: job.done)  # other streams of the orchestrator may wait
+    except BaseException:
+        job.abandon()  # the parts folder stays for a re-run to resume from
+        raise
     return job.finish()
 
 

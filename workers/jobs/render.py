@@ -123,6 +123,13 @@ class Results:
             self.ok.add(row["id"])
 
 
+def _describe(err: BaseException) -> str:
+    """``Type: message`` of an error; for an actor's error the remote one itself (Ray's
+    wrapper carries the whole remote traceback, with colour codes, in its text)."""
+    reason = getattr(err, "cause", None) or err
+    return f"{type(reason).__name__}: {reason}"
+
+
 def _error_row(item: Item, error: str) -> dict[str, Any]:
     return {
         "id": item.id,
@@ -168,7 +175,7 @@ def run_batch(
         except Exception as err:  # the actors could not start: this model's items fail
             log.error("no actors for %s: %s", model, err)
             for item in group:
-                rows.append(_error_row(item, f"actors for {model!r}: {type(err).__name__}: {err}"))
+                rows.append(_error_row(item, f"actors for {model!r}: {_describe(err)}"))
                 results.add(rows[-1])
             continue
         try:
@@ -221,7 +228,7 @@ def _render_group(
                 waiting.insert(0, item)  # not this item's fault: it fails with the rest
                 raise
             except (ValueError, RuntimeError, OSError) as err:
-                rows.append(_error_row(item, f"{type(err).__name__}: {err}"))
+                rows.append(_error_row(item, _describe(err)))
                 results.add(rows[-1])
 
     def finish_done() -> None:
@@ -233,7 +240,7 @@ def _render_group(
                 log.error("%s: could not be finished: %s", item_id, err)
                 job.abandon()  # its parts folder stays, as after a crash
                 orch.forget(job.key)
-                rows.append(_error_row(items[item_id], f"{type(err).__name__}: {err}"))
+                rows.append(_error_row(items[item_id], _describe(err)))
                 results.add(rows[-1])
                 continue
             rows.append(
@@ -263,7 +270,7 @@ def _render_group(
         for item in [i for i in group if i.id in pending] + waiting:
             if item.id in pending:
                 pending.pop(item.id).abandon()
-            rows.append(_error_row(item, f"{type(err).__name__}: {err}"))
+            rows.append(_error_row(item, _describe(err)))
             results.add(rows[-1])
     return rows
 
@@ -294,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for flag in ("actors", "max_streams", "segment_clips", "snapshot_every", "max_frames"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.max_restarts < 0:
+        parser.error(f"--max-restarts must be >= 0, got {args.max_restarts}")
+    if args.step_timeout is not None and not args.step_timeout > 0:
+        parser.error(f"--step-timeout must be > 0 seconds, got {args.step_timeout}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if not args.manifest.is_file():
         parser.error(f"--manifest {args.manifest} is not a file")
@@ -303,7 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     from workers.cluster import connect
     from workers.executors import RayExecutor
 
-    connect(args.address)
+    try:
+        connect(args.address)
+    except ConnectionError as err:
+        parser.error(f"--address {args.address!r}: {err}")
     pools: dict[str, list] = {}
 
     def release(executors: list) -> None:  # a model's items are done: free its GPUs
