@@ -118,6 +118,9 @@ def evaluate_model(
     seams = summarize_seams([r["seam_ratio"] for r in rows if "seam_ratio" in r])
     summary["seam_ratio_infinite"] = seams["infinite"]
     summary["seam_ratio_undefined"] = seams["undefined"]
+    # Videos in which no object is seen in two consecutive frames have no speed ratio (None,
+    # left out of the mean; until 2026-11-30 they counted as 0): counted here.
+    summary["speed_ratio_undefined"] = sum(r.get("speed_ratio") is None for r in rows)
     summary["frames_per_s"] = round(frames * len(labels) * len(seeds) / seconds, 2)
     summary["sha256"] = checkpoint.file_sha256(checkpoint.resolve(name))[:16]
     # What was used: the request's, else the model's default.

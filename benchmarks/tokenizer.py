@@ -100,7 +100,10 @@ def evaluate_world(
     out = {
         f"psnr_{world}": float(np.mean(scores["psnr"])),
         f"ssim_{world}": float(np.mean(scores["ssim"])),
-        f"centroid_error_px_{world}": float(np.nanmean(scores["centroid"])),
+        # None where no object was found in any reconstruction (no error to average).
+        f"centroid_error_px_{world}": (
+            float(np.nanmean(scores["centroid"])) if np.isfinite(scores["centroid"]).any() else None
+        ),
         f"objects_missed_{world}": float(np.mean(scores["missed"])),
         f"seam_ratio_{world}": seams["mean"],  # finite ratios; the others counted next
         f"seam_ratio_infinite_{world}": seams["infinite"],
@@ -112,6 +115,14 @@ def evaluate_world(
         f"decode_clips_per_s_{world}": n_clips / t_dec,
     }
     return out, ids
+
+
+def _rounded(value: float | int | None) -> float | int | None:
+    """4 decimals; None (never NaN, which is not JSON) for a figure that could not be
+    measured, e.g. the seam ratio of a world whose every video was a slideshow."""
+    if value is None or not np.isfinite(value):
+        return None
+    return round(value, 4)
 
 
 def main() -> None:
@@ -143,7 +154,7 @@ def main() -> None:
     all_ids = []
     for world in ("bouncing", "agent"):
         scores, ids = evaluate_world(tok, world, args.videos, args.frames, size)
-        result.update({k: round(v, 4) for k, v in scores.items()})
+        result.update({k: _rounded(v) for k, v in scores.items()})
         all_ids.append(ids)
     ids = torch.cat(all_ids)
     usage = codebook_usage(ids, tok.config.codebook_size)

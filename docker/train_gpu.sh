@@ -133,10 +133,21 @@ run() {
     per_step=$(seconds_per_step "$run_dir/calibrate.log" $(( calibrate / 2 )) "$calibrate")
     steps=$(python3 -c "print(max(20, int($seconds / $per_step) // 10 * 10))")
     echo "train_gpu.sh: $per_step s/step -> train.steps=$steps for about $seconds s"
+    # A LARP whose VQ warm-up outlasts its run would never quantise (training refuses it):
+    # a short run warms up for half its steps at most.
+    local word warmup="" extra=()
+    for word in $args "$@"; do
+        case "$word" in tokenizer.vq_warmup=*) warmup=${word#*=} ;; esac
+    done
+    if [[ -n "$warmup" ]] && (( warmup > steps / 2 )); then
+        extra=(tokenizer.vq_warmup=$(( steps / 2 )))
+        echo "train_gpu.sh: tokenizer.vq_warmup=$warmup -> $(( steps / 2 )) (half of $steps steps)"
+    fi
     local start=$SECONDS
     # Steps timed under one load can run slower under another (the lanes of `all`): a time
     # box of 1.25 x SECONDS + 30 s exports the model as it is rather than overrun the call.
-    "${train[@]}" train.steps="$steps" train.log_every=$(( (steps + 99) / 100 )) \
+    "${train[@]}" ${extra[@]+"${extra[@]}"} train.steps="$steps" \
+        train.log_every=$(( (steps + 99) / 100 )) \
         train.eval_every=$(( steps / 2 )) train.max_seconds=$(( seconds * 5 / 4 + 30 )) \
         2>&1 | tee "$run_dir/train.log"
     local wall=$(( SECONDS - start ))

@@ -64,3 +64,22 @@ def test_quality_asks_diffusion_models_for_the_contrast_and_reports_it(
         assert quality.evaluate_model(path, 2 * clip, [1], [0], 2, 1.0)["summary"]["contrast"] == 1
     else:  # token models have none: the flag leaves them as they are
         assert requests[0].contrast is None and "contrast" not in out["summary"]
+
+
+def test_quality_counts_videos_without_a_speed_and_leaves_them_out_of_the_mean(
+    tmp_path, monkeypatch
+):
+    path = save_test_generators(tmp_path)["diffusion"]
+    clip = quality.load_generator(path).clip_len
+    scores = iter(
+        [{"count_accuracy": 1.0, "speed_ratio": 2.0}, {"count_accuracy": 0.0, "speed_ratio": None}]
+    )
+    monkeypatch.setattr(quality, "score_video", lambda *args: next(scores))
+    summary = quality.evaluate_model(path, 2 * clip, [1], [0, 1], 2, 1.0)["summary"]
+    assert summary["speed_ratio"] == 2.0 and summary["speed_ratio_undefined"] == 1
+
+
+def test_tokenizer_benchmark_reports_unmeasurable_figures_as_null():
+    tokenizer = pytest.importorskip("tokenizer")
+    assert tokenizer._rounded(None) is None and tokenizer._rounded(float("nan")) is None
+    assert tokenizer._rounded(float("inf")) is None and tokenizer._rounded(1.23456) == 1.2346

@@ -209,6 +209,9 @@ def test_train_gpu_script_all_trains_three_lanes_then_benchmarks_them(tmp_path):
     assert result["tokenizer"]["psnr_bouncing"] > 0 and "psnr_agent" in result["tokenizer"]
     # The new NBP was trained on the new LARP's tokens: its card pins that LARP.
     new_larp = LARPVideoTokenizer.from_pretrained(str(out / "larp-tiny" / "larp-tiny.safetensors"))
+    # Its VQ warm-up (500 steps) was cut to half of its 20 steps: it quantises.
+    assert int(new_larp.larp.quantizer.active) == 1
+    assert "tokenizer.vq_warmup=500 -> 10" in (out / "larp-tiny.log").read_text()
     new_nbp = out / "nbp-tiny-new" / "nbp-tiny.safetensors"
     card = checkpoint.load(new_nbp).card
     assert card["tokenizer_fingerprint"] == new_larp.encoder_fingerprint()

@@ -341,6 +341,7 @@ def test_a_snapshot_file_whose_contents_do_not_fit_is_refused_by_name(tmp_path):
         ("top_p", 0.0, r"top_p must be in \(0, 1\]"),
         ("actions", 3, r"actions must have one entry per frame \(8\), got a scalar"),
         ("actions", ["a"] * 8, r"actions must be numbers"),
+        ("actions", [[0.1, 0.2], [0.3]] + [[0.0, 0.0]] * 6, r"actions must be a rectangular"),
     ],
 )
 def test_request_fields_are_checked_when_made(field, value, message):
@@ -465,7 +466,9 @@ def test_request_fingerprints_stay_as_recorded():
     assert GenerationRequest(frames=8, guidance=2.0).fingerprint() == (
         "6b759d9cb6eff0851f97c83554da6af1acb10aaa9858f5aba966ea35dd340e68"
     )
-    assert GenerationRequest(frames=8, guidance=1).fingerprint() == (
+    # An int guidance was hashed as given; since fingerprints are canonical (1 and 1.0 are
+    # one request) that form is the legacy one, which render folders still accept.
+    assert GenerationRequest(frames=8, guidance=1).fingerprint(canonical=False) == (
         "f0b16ff2bb9203e6150fbd1d3226b3a7b7b7e8334085d55c666d8fa44e88c6ea"
     )
     req = GenerationRequest(
@@ -687,3 +690,42 @@ def test_a_token_step_whose_reencoding_fails_changes_no_stream():
         ]
     )
     assert all(torch.equal(a.data, b.data) for a, b in zip(retried, expected, strict=True))
+
+
+def test_equal_requests_have_one_fingerprint_whatever_their_number_forms():
+    """fps=8 and 8.0, temperature=1 and 1.0, guidance=2 and 2.0 were different sha256s, so a
+    render could not resume under an equal request written another way."""
+    pairs = [
+        ({"fps": 8}, {"fps": 8.0}),
+        ({"temperature": 1}, {}),
+        ({"top_p": 1}, {}),
+        ({"guidance": 2}, {"guidance": 2.0}),
+        ({"contrast": 1}, {"contrast": 1.0}),
+    ]
+    for a, b in pairs:
+        ra, rb = GenerationRequest(frames=8, **a), GenerationRequest(frames=8, **b)
+        assert ra.fingerprint() == rb.fingerprint(), a
+    # The canonical form of the defaults is the form they were always hashed in.
+    plain = GenerationRequest(frames=8, guidance=2.0)
+    assert plain.fingerprint() == plain.fingerprint(canonical=False)
+    assert GenerationRequest(frames=8, fps=12.5).to_json()["fps"] == 12.5
+
+
+def test_a_stream_given_twice_closed_or_from_another_generator_is_refused(family):
+    gen = make_generator(family)
+    stream = gen.open(request_for(gen))
+    before = gen.snapshot(stream).cache
+    with pytest.raises(ValueError, match="given twice"):
+        gen.step([stream, stream])  # wrote two clips into one stream and skipped one
+    after = gen.snapshot(stream)
+    assert stream.clip == 0 and after.checkpoint_clip == 0
+    for name in before:
+        assert torch.equal(before[name], after.cache[name]), name
+    other = make_generator(family)
+    stranger = other.open(request_for(other, seed=9))
+    assert stranger.id == stream.id  # same id, another generator's stream
+    with pytest.raises(KeyError, match="not open on this generator"):
+        gen.step([stranger])
+    gen.close(stream)
+    with pytest.raises(KeyError, match="not open on this generator"):
+        gen.snapshot(stream)  # was: another stream's cache, or a bare KeyError

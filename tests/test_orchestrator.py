@@ -823,3 +823,15 @@ def test_an_actors_refusal_is_recorded_as_the_refusal_not_rays_traceback():
     wrapped = RayTaskError("GeneratorWorker.open", trace, cause).as_instanceof_cause()
     assert _describe(wrapped) == "ValueError: label must be in [1, 4], got 99"
     assert _describe(OSError("disk full")) == "OSError: disk full"
+
+
+def test_a_worker_step_with_bad_arguments_changes_no_stream(model):
+    """Epochs and snapshot keys were checked after the generator had stepped: the stream
+    advanced and its clip was lost."""
+    worker = GeneratorWorker(model, max_streams=2)
+    worker.open(0, request_for(model, frames=16))
+    for epochs, snaps, message in (([], [], "epochs must have one entry"), ([0], [7], "snapshot")):
+        with pytest.raises(ValueError, match=message):
+            worker.step([0], epochs, snaps)
+        assert worker.streams[0].clip == 0
+    assert [c.clip for c in worker.step([0], [0], [0]).clips] == [0]

@@ -77,6 +77,20 @@ def test_frozen_video_is_flagged(shapes):
     assert metrics["count_accuracy"] == 1.0  # the objects are there; they just never move
 
 
+def test_an_empty_video_has_no_speed_ratio_rather_than_zero(shapes):
+    """No object seen in two consecutive frames: no speed to measure. It scored 0, which a
+    mean over videos took as a perfectly still one (pulling ratios of 3 towards 1)."""
+    world, traj = shapes
+    empty = np.repeat(np.zeros_like(traj.frames[:1]), 64, axis=0)
+    metrics = scene_metrics(empty, BOUNCING_PALETTE, world.label, clip_len=8, true_speed=1.5)
+    assert metrics["speed_ratio"] is None and metrics["moving_fraction"] == 0.0
+    # One visible frame in each clip: still no pair, so still no speed.
+    blinking = empty.copy()
+    blinking[::8] = traj.frames[:64:8]
+    metrics = scene_metrics(blinking, BOUNCING_PALETTE, world.label, clip_len=8, true_speed=1.5)
+    assert metrics["speed_ratio"] is None
+
+
 def test_seam_ratio_continuous_vs_spliced(shapes):
     _world, traj = shapes
     assert 0.8 < seam_ratio(traj.frames, clip_len=8) < 1.25

@@ -107,7 +107,15 @@ class GeneratorWorker:
 
     def step(self, keys: list[int], epochs: list[int], snapshot_keys: list[int]) -> StepOut:
         """One clip for every stream in ``keys`` (one batched pass per denoising/block step),
-        then the full snapshots of ``snapshot_keys`` (the orchestrator's checkpoints)."""
+        then the full snapshots of ``snapshot_keys`` (the orchestrator's checkpoints). The
+        arguments are checked before anything steps: a bad call changes no stream."""
+        if len(epochs) != len(keys):
+            raise ValueError(f"epochs must have one entry per key ({len(keys)}), got {len(epochs)}")
+        if not set(snapshot_keys) <= set(keys):
+            raise ValueError(
+                f"snapshot_keys must be among the keys stepped, got {sorted(set(snapshot_keys))} "
+                f"for keys {keys}"
+            )
         lost = [k for k in keys if k not in self.streams]
         if lost:
             raise StreamsLost(

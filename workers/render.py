@@ -131,7 +131,9 @@ def _resume_point(
     if not folder.exists():
         return None, 0
     found = {n: (folder / n).read_text().strip() for n in guards if (folder / n).exists()}
-    if found.get("request.sha256", guards["request.sha256"]) != guards["request.sha256"]:
+    # Folders started before fingerprints were canonical hold the request's number forms.
+    same = {guards["request.sha256"], request.fingerprint(canonical=False)}
+    if found.get("request.sha256", guards["request.sha256"]) not in same:
         raise ValueError(
             f"{folder} holds a render of a different request; delete it or choose another out"
         )

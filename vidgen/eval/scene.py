@@ -57,13 +57,16 @@ class MotionStats:
     visible in both frames (0.0 if there is none). moving_fraction: fraction of transitions
     in which the visible objects move by at least ``MIN_MOVE_PX`` on average; a frozen video
     scores 0. transitions: how many frame transitions were scored (those inside clips, when
-    ``motion_stats`` is given a clip length).
+    ``motion_stats`` is given a clip length); pairs: how many (object, transition) pairs the
+    speed is measured on (0: no object is seen in two consecutive frames, so the video has
+    no measurable speed, which is not a speed of 0).
     """
 
     mean_speed: float
     moving_fraction: float
     per_object_speed: dict[str, float]
     transitions: int
+    pairs: int = 0
 
 
 def _as_frames(frames: np.ndarray | torch.Tensor, name: str = "frames") -> np.ndarray:
@@ -256,6 +259,7 @@ def motion_stats(
         moving_fraction=float(moving[inner].mean()),
         per_object_speed=per_object,
         transitions=int(inner.sum()),
+        pairs=int(pairs),
     )
 
 
@@ -316,7 +320,11 @@ def scene_metrics(
     if expected_count is not None:
         out["count_accuracy"] = count_accuracy(det, expected_count)
     if true_speed is not None:
-        out["speed_ratio"] = float(motion.mean_speed / true_speed) if true_speed > 0 else None
+        # None, not 0, where no speed can be measured (no object seen in two consecutive
+        # frames): an empty video is not a still one, and a 0 would pull a mean of ratios
+        # that are too high towards the target.
+        measurable = true_speed > 0 and motion.pairs > 0
+        out["speed_ratio"] = float(motion.mean_speed / true_speed) if measurable else None
     if clip_len is not None:
         out["seam_ratio"] = seam_ratio(frames, clip_len)
     return out

@@ -93,7 +93,7 @@ class GenerationRequest:
         if self.contrast is not None:
             self.contrast = check_contrast(self.contrast)
         if self.actions is not None:
-            self.actions = np.asarray(self.actions)
+            self.actions = _array("actions", self.actions)
             if self.actions.ndim == 0 or len(self.actions) != self.frames:
                 raise ValueError(
                     f"actions must have one entry per frame ({self.frames}), got "
@@ -105,7 +105,7 @@ class GenerationRequest:
             ):
                 raise ValueError(f"actions must be numbers, got dtype {self.actions.dtype}")
         if self.context is not None:
-            self.context = np.asarray(self.context)
+            self.context = _array("context", self.context)
             if (
                 self.context.dtype != np.uint8
                 or self.context.ndim != 4
@@ -123,7 +123,7 @@ class GenerationRequest:
                 raise ValueError(
                     "context_action (the action leading to the first new frame) needs actions"
                 )
-            self.context_action = np.asarray(self.context_action)
+            self.context_action = _array("context_action", self.context_action)
             if self.context_action.shape != self.actions.shape[1:] or not (
                 np.issubdtype(self.context_action.dtype, np.integer)
                 or np.issubdtype(self.context_action.dtype, np.floating)
@@ -145,9 +145,17 @@ class GenerationRequest:
             raise ValueError(f"unknown request keys {unknown}; known: {sorted(known)}")
         return cls(**data)
 
-    def to_json(self) -> dict[str, Any]:
-        """JSON-ready dict (context frames are not serialised: pass a path in manifests)."""
+    def to_json(self, canonical: bool = True) -> dict[str, Any]:
+        """JSON-ready dict (context frames are not serialised: pass a path in manifests).
+        ``canonical``: numbers in one form per field, so that equal requests are equal here
+        (``temperature=1`` and ``1.0``; ``fps=8.0`` and ``8``), each in the form the field's
+        default has; False: as given (how fingerprints were made until 2026-11-30)."""
         out = asdict(self)
+        if canonical:
+            for key in ("guidance", "temperature", "top_p", "contrast"):
+                if out[key] is not None:
+                    out[key] = float(out[key])
+            out["fps"] = int(self.fps) if float(self.fps).is_integer() else float(self.fps)
         for key in ("actions", "context_action"):
             value = getattr(self, key)
             out[key] = None if value is None else np.asarray(value).tolist()
@@ -167,9 +175,10 @@ class GenerationRequest:
         out["context"] = None
         return out
 
-    def fingerprint(self) -> str:
-        """sha256 of everything that determines the output frames."""
-        payload = json.dumps(self.to_json(), sort_keys=True).encode()
+    def fingerprint(self, canonical: bool = True) -> str:
+        """sha256 of everything that determines the output frames (``canonical``: see
+        ``to_json``; a render folder may hold either form)."""
+        payload = json.dumps(self.to_json(canonical), sort_keys=True).encode()
         digest = hashlib.sha256(payload)
         if self.context is not None:
             digest.update(np.ascontiguousarray(self.context).tobytes())
@@ -327,6 +336,21 @@ def closed_on_error(generator: ClipGenerator, stream: Stream) -> Iterator[None]:
         raise
 
 
+def check_open(open_streams: dict[int, Stream], streams: list[Stream], step: bool = True) -> None:
+    """Refuse streams that are not open on this generator (closed, or another generator's
+    with the same id: identity, not id, decides), one given twice (a step would write two
+    clips into one stream and skip one) and, for a step, a finished one."""
+    seen: set[int] = set()
+    for s in streams:
+        if open_streams.get(s.id) is not s:
+            raise KeyError(f"stream {s.id} is not open on this generator")
+        if s.id in seen:
+            raise ValueError(f"stream {s.id} is given twice: each stream steps once per call")
+        seen.add(s.id)
+        if step and s.done:
+            raise ValueError(f"stream {s.id} already has all {s.num_clips} clips")
+
+
 def check_tokenizer(name: str, card: dict[str, Any], tokenizer: str, fingerprint: str) -> None:
     """Refuse to pair generator ``name`` (its model ``card``) with a tokenizer whose encoder
     fingerprint differs from the one it was trained on: its latents or ids would mean other
@@ -395,7 +419,8 @@ def leading_actions(
     """The action leading to each frame of clip ``clip`` of a stream (training's convention,
     ``vidgen.train.diffusion.leading_actions``: frame t is made under action t-1): int64
     (clip_len,) or float (clip_len, action_dim). New frame 0 gets ``context_action``; frames
-    without one (no actions, a context clip: ``clip`` < 0) get the null action."""
+    without one (no actions, a context clip: ``clip`` < 0) get the null action (discrete) or
+    the zero velocity (continuous: no movement, as training's first frames have)."""
     from vidgen.nn.conditioning import NULL
 
     if num_actions:
@@ -414,6 +439,13 @@ def leading_actions(
     else:
         row[:] = torch.as_tensor(given).to(row.dtype)
     return row
+
+
+def _array(name: str, value: Any) -> np.ndarray:
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError) as err:  # e.g. rows of different lengths
+        raise ValueError(f"{name} must be a rectangular array of numbers: {err}") from err
 
 
 def _integer(name: str, value: Any, minimum: int) -> int:

@@ -27,6 +27,7 @@ from vidgen.generators.base import (
     check_contrast,
     check_frames_and_label,
     check_guidance,
+    check_open,
     check_tokenizer,
     closed_on_error,
     leading_actions,
@@ -170,11 +171,7 @@ class DiffusionClipGenerator:
     def step(self, streams: list[Stream]) -> list[ClipLatents]:
         """One clip for each stream. Streams with different ``steps`` are denoised in separate
         groups (the Euler grid must be shared); everything else is batched."""
-        for s in streams:
-            if s.id not in self._streams:
-                raise KeyError(f"stream {s.id} is not open on this generator")
-            if s.done:
-                raise ValueError(f"stream {s.id} already has all {s.num_clips} clips")
+        check_open(self._streams, streams)
         # Every group is denoised before any is written: a step that fails part way leaves
         # every stream as it was (no clip written to a cache but never returned).
         made = []
@@ -265,6 +262,7 @@ class DiffusionClipGenerator:
     def snapshot(self, stream: Stream) -> StreamSnapshot:
         """The stream's cache now (a full checkpoint) and its request; clips made later are
         added to ``pending`` by whoever keeps the truth."""
+        check_open(self._streams, [stream], step=False)
         return StreamSnapshot(
             request=stream.request,
             checkpoint_clip=stream.clip,

@@ -35,6 +35,7 @@ from vidgen.generators.base import (
     check_actions,
     check_frames_and_label,
     check_guidance,
+    check_open,
     check_tokenizer,
     closed_on_error,
     leading_actions,
@@ -228,11 +229,7 @@ class TokenClipGenerator:
     @torch.no_grad()
     def step(self, streams: list[Stream]) -> list[ClipLatents]:
         """One clip of tokens for each stream, block by block, all streams batched."""
-        for s in streams:
-            if s.id not in self._streams:
-                raise KeyError(f"stream {s.id} is not open on this generator")
-            if s.done:
-                raise ValueError(f"stream {s.id} already has all {s.num_clips} clips")
+        check_open(self._streams, streams)
         if not streams:
             return []
         cfg, b = self.config, len(streams)
@@ -351,6 +348,7 @@ class TokenClipGenerator:
     # --- truth ---------------------------------------------------------------------------------
 
     def snapshot(self, stream: Stream) -> StreamSnapshot:
+        check_open(self._streams, [stream], step=False)
         rows = self._rows[stream.id]
         cache = {
             f"slot{i}.{k}": v
