@@ -91,6 +91,18 @@ setup_python() {
         export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
     fi
     export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 TRAIN_GPU_PYTHON_READY=1
+    # What training imports, checked before any work (a missing one failed the first
+    # training call, minutes in); scipy only the benchmarks need.
+    python3 - <<'EOF'
+import importlib.util, sys
+need = ["torch", "numpy", "einops", "safetensors", "tqdm", "yaml", "packaging", "hydra",
+        "omegaconf", "antlr4", "gymnasium"]
+missing = [m for m in need if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"train_gpu.sh: missing Python modules {missing}: carry them as wheels (fetch)")
+if importlib.util.find_spec("scipy") is None:
+    print("train_gpu.sh: no scipy: training works, benchmarks/*.py will fail", file=sys.stderr)
+EOF
 }
 
 run() {
@@ -280,13 +292,28 @@ EOF
     return $failed
 }
 
+# SECONDS and CALIBRATE are whole numbers (shell arithmetic); calibration times the second
+# half of its steps, so it needs at least 2.
+check_numbers() {
+    if ! [[ "$1" =~ ^[0-9]+$ ]]; then
+        echo "train_gpu.sh: SECONDS must be a whole number, got '$1'" >&2
+        exit 2
+    fi
+    if ! [[ "${CALIBRATE:-40}" =~ ^[0-9]+$ ]] || (( ${CALIBRATE:-40} < 2 )); then
+        echo "train_gpu.sh: CALIBRATE must be a whole number >= 2, got '${CALIBRATE:-}'" >&2
+        exit 2
+    fi
+}
+
 case "${1:-}" in
     fetch) fetch ;;
     run)
         [[ $# -ge 3 ]] || { echo "usage: $0 run MODEL SECONDS [override ...]" >&2; exit 2; }
+        check_numbers "$3"
         run "${@:2}" ;;
     all)
         [[ $# -eq 2 ]] || { echo "usage: $0 all SECONDS" >&2; exit 2; }
+        check_numbers "$2"
         all "$2" ;;
     *) echo "usage: $0 fetch | run MODEL SECONDS [override ...] | all SECONDS" >&2; exit 2 ;;
 esac

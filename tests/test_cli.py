@@ -324,3 +324,30 @@ def test_a_render_that_cannot_go_on_exits_1_and_says_it_resumes(tmp_path, capsys
     err = capsys.readouterr().err
     assert "stopped: stream 0 went through 4" in err and "resumes" in err
     assert "Traceback" not in err
+
+
+def test_the_provenance_names_the_context_video(tmp_path, monkeypatch):
+    """The request's JSON leaves the context frames out: the sidecar names the video."""
+    import json
+
+    import workers.cluster
+    import workers.executors
+    from tests.models import save_test_generators
+    from vidgen.io import VideoWriter
+    from workers.actor import GeneratorWorker
+    from workers.executors import LocalExecutor
+
+    model = save_test_generators(tmp_path / "models")["diffusion"]
+    monkeypatch.setattr(workers.cluster, "connect", lambda address: False)
+    monkeypatch.setattr(
+        workers.executors,
+        "RayExecutor",
+        lambda model, *args, **kwargs: LocalExecutor(GeneratorWorker(model, max_streams=2)),
+    )
+    start = tmp_path / "start.mp4"
+    with VideoWriter(start, lossless=True) as writer:
+        writer.write(np.full((4, 32, 32, 3), 100, np.uint8))
+    out = tmp_path / "x.mp4"
+    args = ["render", f"model={model}", "frames=4", "steps=1", f"context={start}", f"out={out}"]
+    assert main(args) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["context"] == str(start)

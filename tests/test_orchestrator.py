@@ -835,3 +835,13 @@ def test_a_worker_step_with_bad_arguments_changes_no_stream(model):
             worker.step([0], epochs, snaps)
         assert worker.streams[0].clip == 0
     assert [c.clip for c in worker.step([0], [0], [0]).clips] == [0]
+
+
+def test_a_request_for_another_model_is_refused(models):
+    """Its frames would come from these executors' weights, labelled as the other model's."""
+    orch = Orchestrator(local(models["diffusion"]))
+    with pytest.raises(ValueError, match="these executors serve"):
+        orch.submit(request_for(models["tokens"], frames=16))
+    assert orch.streams == {}
+    same = request_for(str(Path(models["diffusion"]).resolve()), frames=16)  # another spelling
+    orch.cancel(orch.submit(same))

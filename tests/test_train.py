@@ -830,3 +830,16 @@ def test_a_missing_eval_root_is_named(tmp_path):
 def test_a_mistyped_preset_is_refused(overrides, message):
     with pytest.raises(Exception, match=re.escape(message)):
         load_config("train", overrides)
+
+
+def test_a_fine_tune_keeps_its_inits_sampling_defaults(tmp_path):
+    """The shipped ca2vdm-tiny's card names guidance 1 and contrast 1.15; a fine-tune of it
+    exported without them and so rendered at guidance 2 and contrast 1 (not "as is")."""
+    kl = make_autoencoder(tmp_path)
+    base = ["model=ca2vdm-test", *SMALL_BOUNCING, "data.clip_len=4", "data.num_clips=2"]
+    base += [f"frozen_tokenizer={kl}", "model.num_actions=0"]
+    first = train(base, tmp_path / "a", 1)
+    checkpoint.update_card(first, {"guidance": 1.0, "contrast": 1.15})
+    card = checkpoint.load(train([*base, f"init={first}"], tmp_path / "b", 1)).card
+    assert (card["guidance"], card["contrast"]) == (1.0, 1.15)
+    assert card["sampling_defaults"] == f"from {first}"

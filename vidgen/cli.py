@@ -131,7 +131,11 @@ def _render(cfg: Any) -> int:
         replace=lambda failed: failed.replacement(),
     )
     try:
-        result = render(orch, request, cfg.out, cfg.segment_clips, cfg.lossless)
+        # The request's JSON holds no frames: the provenance names the video continued.
+        extra = {"context": str(cfg.context)} if cfg.context else None
+        result = render(
+            orch, request, cfg.out, cfg.segment_clips, cfg.lossless, extra_provenance=extra
+        )
     except ValueError as err:  # refused by the model (frames not whole clips, label range)
         # An actor's refusal arrives as Ray's error wrapping the ValueError, with the remote
         # traceback in its text: print the refusal itself.

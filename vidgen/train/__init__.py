@@ -85,6 +85,11 @@ def build_task(cfg: TrainCommandConfig) -> Task:
             + (f"; new, not in it: {', '.join(fresh)}" if fresh else ""),
             "frozen": f"{frozen} parameters under {cfg.freeze}" if cfg.freeze else "none",
         }
+        # A generator's sampling defaults (its best settings, measured on the weights it
+        # starts from) carry over, so a fine-tune can replace it as is; its card says so.
+        carried = {k: init.card[k] for k in ("guidance", "contrast") if k in init.card}
+        if carried:
+            task.card = {**task.card, **carried, "sampling_defaults": f"from {cfg.init}"}
     quantizer = getattr(task.model, "quantizer", None)
     warmup = getattr(cfg.tokenizer, "vq_warmup", 0)
     if (

@@ -220,7 +220,8 @@ def _render_group(
                     segment_clips,
                     lossless,
                     progress=False,
-                    extra_provenance={"id": item.id},
+                    extra_provenance={"id": item.id}
+                    | ({"context": str(item.context)} if item.context is not None else {}),
                 )
                 job.start(orch)
                 pending[item.id] = job
