@@ -226,3 +226,17 @@ def test_update_card_keeps_tensors_and_config(saved, tmp_path):
     assert sorted(p.name for p in saved.parent.iterdir()) == ["c.safetensors", saved.name]
     with pytest.raises(ValueError, match="out must end in"):
         checkpoint.update_card(saved, {}, out=tmp_path / "c.pt")
+
+
+def test_a_new_checkpoint_gets_the_mode_an_ordinary_file_would(tmp_path):
+    """safetensors writes its own 0600 file and renames it over ours: every export, state
+    and cache came out unreadable to the group (other users, actors sharing a folder)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = checkpoint.save(tmp_path / "m.safetensors", make_model(4), TinyConfig(dim=4))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644

@@ -11,7 +11,7 @@ import pytest
 
 from tests.models import save_test_generators
 from vidgen import checkpoint
-from vidgen.generators import GenerationRequest, generate_video, load_generator
+from vidgen.generators import Clip, GenerationRequest, generate_video, load_generator
 from vidgen.io import read_metadata, read_video
 from workers.actor import GeneratorWorker
 from workers.executors import ExecutorFailed, LocalExecutor
@@ -845,3 +845,62 @@ def test_a_request_for_another_model_is_refused(models):
     assert orch.streams == {}
     same = request_for(str(Path(models["diffusion"]).resolve()), frames=16)  # another spelling
     orch.cancel(orch.submit(same))
+
+
+def test_an_interrupted_render_frees_its_stream_and_a_gap_in_its_segments_is_refused(
+    model, tmp_path
+):
+    """An interrupted render left its stream in the shared orchestrator, which the next
+    render drove on into the old folder; a folder whose truth outlived a segment (a kill
+    while it was removed) was joined around the gap into a short video."""
+    req = request_for(model, frames=32)
+    out = tmp_path / "v.mp4"
+    orch = Orchestrator(local(model))
+    run = orch.run
+
+    def crash_after_segments(until=None, poll=0.05):
+        run(until=lambda: len(list(parts_folder(out).glob("part_*.mp4"))) >= 2)
+        raise Crash
+
+    orch.run = crash_after_segments
+    with pytest.raises(Crash):
+        render(orch, req, out, segment_clips=1, lossless=True, progress=False)
+    assert orch.streams == {}  # cancelled, its slot freed
+    orch.run = run
+    other = tmp_path / "w.mp4"
+    render(orch, request_for(model, frames=16, seed=4), other, lossless=True, progress=False)
+    assert len(list(parts_folder(out).glob("part_*.mp4"))) == 2  # untouched by that render
+    sorted(parts_folder(out).glob("part_*.mp4"))[0].unlink()
+    with pytest.raises(ValueError, match="missing clips 0..0"):
+        render(Orchestrator(local(model)), req, out, lossless=True, progress=False)
+    assert not out.exists()
+
+
+def test_two_renders_of_one_out_at_once_are_refused(model, tmp_path):
+    from workers.render import RenderJob, lock_file
+
+    out = tmp_path / "v.mp4"
+    orch = Orchestrator(local(model))
+    first = RenderJob(request_for(model, frames=16), out, progress=False)
+    first.start(orch)
+    second = RenderJob(request_for(model, frames=16), out, progress=False)
+    with pytest.raises(ValueError, match="being rendered by another process"):
+        second.start(orch)
+    orch.run(until=lambda: first.done)
+    first.finish()
+    assert not lock_file(out).exists() and not parts_folder(out).exists()
+    assert len(read_video(out)) == 16
+
+
+def test_a_segment_write_that_failed_is_not_written_twice(tmp_path):
+    from workers.render import SegmentSink
+
+    flushed = []
+    sink = SegmentSink(tmp_path, 8, 4, 0, flushed.append, lossless=True)
+    frames = np.zeros((2, 16, 16, 3), np.uint8)
+    sink.put(Clip(0, 0, frames))
+    with pytest.raises(ValueError):
+        sink.put(Clip(0, 1, np.zeros((2, 8, 8, 3), np.uint8)))  # another size: refused
+    with pytest.raises(RuntimeError, match="a segment write failed before"):
+        sink.put(Clip(0, 1, frames))
+    assert not list(tmp_path.glob("part_*.mp4")) and not flushed

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import types
 import typing
 from collections.abc import Collection, Mapping
@@ -139,8 +140,12 @@ def _metadata(
 def _write(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     metadata = {**metadata, "digest": _digest(metadata, state)}
     tmp = temp_beside(path)
+    mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0666 less the umask
     try:
+        # safetensors writes a file of its own (mode 0600) and renames it over ``tmp``:
+        # the published checkpoint gets the mode an ordinary file would have.
         save_file(state, tmp, metadata=metadata)
+        os.chmod(tmp, mode)
         publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

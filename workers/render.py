@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -30,7 +31,7 @@ import vidgen
 from vidgen.fsutil import publish, temp_beside
 from vidgen.generators import Clip, GenerationRequest
 from vidgen.generators.base import load_snapshot, save_snapshot
-from vidgen.io import VideoWriter, concat_videos
+from vidgen.io import VideoWriter, concat_videos, probe_video
 from workers.orchestrator import Orchestrator
 
 log = logging.getLogger(__name__)
@@ -68,15 +69,26 @@ class SegmentSink:
         self.clips = first_clip
         self.writer: VideoWriter | None = None
         self.in_segment = 0
+        self.failed: BaseException | None = None
 
     def room(self) -> int:
         return 1 << 30  # writes synchronously; the orchestrator's queue bound applies
 
     def put(self, clip: Clip) -> None:
+        if self.failed is not None:
+            # A write failed part way: the open segment holds part of a clip; taking the
+            # clip again would write it twice. The render resumes from its last truth.
+            raise RuntimeError(f"a segment write failed before: {self.failed}")
         if self.writer is None:
             path = self.folder / segment_name(self.clips)
             self.writer = VideoWriter(path, fps=self.fps, lossless=self.lossless)
-        self.writer.write(clip.frames)
+        try:
+            self.writer.write(clip.frames)
+        except BaseException as err:
+            self.failed = err
+            self.writer.abort()
+            self.writer = None
+            raise
         if self.on_clip is not None:
             self.on_clip(clip)
         self.clips += 1
@@ -121,7 +133,7 @@ def _guards(request: GenerationRequest, model_sha256: str | None, lossless: bool
 
 
 def _resume_point(
-    folder: Path, request: GenerationRequest, guards: dict[str, str]
+    folder: Path, request: GenerationRequest, guards: dict[str, str], clip_len: int
 ) -> tuple[Any, int]:
     """(saved truth or None, clips already on disk); drops segments past the saved truth.
     Reads (and prunes) an existing folder only: nothing is created here. A folder made for
@@ -164,7 +176,54 @@ def _resume_point(
     for seg in segments(folder):
         if int(seg.stem.split("_")[1]) >= done:
             seg.unlink()
+    if truth is not None:
+        _check_contiguous(folder, clip_len, done)
     return truth, done
+
+
+def _check_contiguous(folder: Path, clip_len: int, clips: int) -> None:
+    """The segments must hold clips 0 .. ``clips`` - 1, each once, in order: a folder left
+    part-removed by a kill, or written by two renders at once, could hold a truth with a
+    segment missing before it, and joining around the gap would publish a short video."""
+    expected = 0
+    for seg in segments(folder):
+        first = int(seg.stem.split("_")[1])
+        if first != expected:
+            raise ValueError(
+                f"{folder} is missing clips {expected}..{first - 1} (a segment removed, or "
+                "two renders of this out at once): delete it to render anew"
+            )
+        expected += probe_video(seg).num_frames // clip_len
+    if expected != clips:
+        raise ValueError(
+            f"{folder} holds clips 0..{expected - 1}, not the {clips} its truth says: delete "
+            "it to render anew"
+        )
+
+
+def _lock(out: Path) -> int | None:
+    """An exclusive lock on ``.<out name>.lock`` beside ``out`` for one render's lifetime:
+    two renders of one out at once would write each other's segments. None where there is
+    no ``fcntl`` (Windows)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux or macOS
+        return None
+    path = lock_file(out)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ValueError(
+            f"out={str(out)!r} is being rendered by another process right now (it holds "
+            f"{path.name}); wait for it or choose another out"
+        ) from None
+    return fd
+
+
+def lock_file(out: Path) -> Path:
+    return parts_folder(out).with_suffix(".lock")
 
 
 class RenderJob:
@@ -200,8 +259,24 @@ class RenderJob:
 
     def start(self, orchestrator: Orchestrator) -> int:
         self.orchestrator = orchestrator
+        self._lock_fd = _lock(self.out)
+        try:
+            return self._start(orchestrator)
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _unlock(self) -> None:
+        if getattr(self, "_lock_fd", None) is not None:
+            lock_file(self.out).unlink(missing_ok=True)  # while held: no one else uses it
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _start(self, orchestrator: Orchestrator) -> int:
         guards = _guards(self.request, orchestrator.info.get("sha256"), self.lossless)
-        truth, self.done_before = _resume_point(self.folder, self.request, guards)
+        truth, self.done_before = _resume_point(
+            self.folder, self.request, guards, orchestrator.clip_len
+        )
         if self.done_before:
             log.info("resuming %s after %d clips already on disk", self.out, self.done_before)
         clip_len = orchestrator.clip_len
@@ -237,9 +312,13 @@ class RenderJob:
         save_snapshot(self.folder / "truth.safetensors", truth)
 
     def abandon(self) -> None:
-        """Give up on this render (its stream cannot go on): the parts folder stays for a
-        re-run to resume from."""
+        """Give up on this render (its stream cannot go on, or the caller stopped): its
+        stream is cancelled (left in a shared orchestrator, it would go on writing into
+        this folder) and the parts folder stays for a re-run to resume from."""
         self.bar.close()
+        if self.key is not None:
+            self.orchestrator.cancel(self.key)
+        self._unlock()
 
     @property
     def done(self) -> bool:
@@ -252,15 +331,20 @@ class RenderJob:
         seconds = time.perf_counter() - self.started
         self.bar.close()
         provenance = _provenance(self.orchestrator, self.request, self.extra)
+        clip_len = self.orchestrator.clip_len
+        _check_contiguous(self.folder, clip_len, self.request.frames // clip_len)
         concat_videos(
             segments(self.folder),
             self.out,
             metadata={"comment": json.dumps(provenance, sort_keys=True)},
         )
         _write_json(self.out.with_suffix(".json"), provenance)
+        # The truth goes first: a kill part way through the removal must not leave a truth
+        # whose segments are gone (a re-run would join what is left over the whole video).
+        (self.folder / "truth.safetensors").unlink(missing_ok=True)
         shutil.rmtree(self.folder)
         self.orchestrator.forget(self.key)
-        clip_len = self.orchestrator.clip_len
+        self._unlock()
         return RenderResult(
             self.out, self.request.frames, seconds, self.done_before * clip_len, provenance
         )
@@ -280,10 +364,10 @@ def render(
     job.start(orchestrator)
     try:
         orchestrator.run(until=lambda: job.done)  # other streams of the orchestrator may wait
+        return job.finish()
     except BaseException:
         job.abandon()  # the parts folder stays for a re-run to resume from
         raise
-    return job.finish()
 
 
 def _provenance(
