@@ -299,14 +299,13 @@ def test_ray_placement_and_connection_failures_exit_2_naming_the_key(tmp_path, c
     assert len(retired) == 1  # the one that did start does not keep its GPU
 
 
-def test_a_render_that_cannot_go_on_exits_1_and_says_it_resumes(tmp_path, capsys, monkeypatch):
+def serve_locally(tmp_path, monkeypatch) -> str:
+    """A test diffusion model served by in-process executors (no Ray): its path."""
     import workers.cluster
     import workers.executors
-    import workers.render
     from tests.models import save_test_generators
     from workers.actor import GeneratorWorker
     from workers.executors import LocalExecutor
-    from workers.orchestrator import NoProgress
 
     model = save_test_generators(tmp_path / "models")["diffusion"]
     monkeypatch.setattr(workers.cluster, "connect", lambda address: False)
@@ -315,6 +314,14 @@ def test_a_render_that_cannot_go_on_exits_1_and_says_it_resumes(tmp_path, capsys
         "RayExecutor",
         lambda model, *args, **kwargs: LocalExecutor(GeneratorWorker(model, max_streams=2)),
     )
+    return model
+
+
+def test_a_render_that_cannot_go_on_exits_1_and_says_it_resumes(tmp_path, capsys, monkeypatch):
+    import workers.render
+    from workers.orchestrator import NoProgress
+
+    model = serve_locally(tmp_path, monkeypatch)
 
     def fails(*args, **kwargs):
         raise NoProgress("stream 0 went through 4 executor failures in a row")
@@ -330,20 +337,9 @@ def test_the_provenance_names_the_context_video(tmp_path, monkeypatch):
     """The request's JSON leaves the context frames out: the sidecar names the video."""
     import json
 
-    import workers.cluster
-    import workers.executors
-    from tests.models import save_test_generators
     from vidgen.io import VideoWriter
-    from workers.actor import GeneratorWorker
-    from workers.executors import LocalExecutor
 
-    model = save_test_generators(tmp_path / "models")["diffusion"]
-    monkeypatch.setattr(workers.cluster, "connect", lambda address: False)
-    monkeypatch.setattr(
-        workers.executors,
-        "RayExecutor",
-        lambda model, *args, **kwargs: LocalExecutor(GeneratorWorker(model, max_streams=2)),
-    )
+    model = serve_locally(tmp_path, monkeypatch)
     start = tmp_path / "start.mp4"
     with VideoWriter(start, lossless=True) as writer:
         writer.write(np.full((4, 32, 32, 3), 100, np.uint8))
