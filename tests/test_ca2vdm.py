@@ -73,6 +73,10 @@ def run_equivalence(model, cache_cls=KVCache, clips=6) -> float:
                 assert out.std() > 0.1  # non-trivial before comparing
                 ref = reference(model, hist[:, : k * L], acts[:, : (k + 1) * L], noisy, t, 2)
                 worst = max(worst, (out - ref).abs().max().item())
+                if k and step == 0:  # the context is read at all: another history differs
+                    other = latents(k * L, seed=77 + k)
+                    alt = reference(model, other, acts[:, : (k + 1) * L], noisy, t, 2)
+                    assert (out - alt).abs().max().item() > 1e-3
             model.write(
                 hist[:, k * L : (k + 1) * L], cache, [s], actions=acts[:, k * L : (k + 1) * L]
             )

@@ -729,3 +729,67 @@ def test_a_stream_given_twice_closed_or_from_another_generator_is_refused(family
     gen.close(stream)
     with pytest.raises(KeyError, match="not open on this generator"):
         gen.snapshot(stream)  # was: another stream's cache, or a bare KeyError
+
+
+@pytest.mark.parametrize(("after", "pending"), [(0, 0), (2, 1), (4, 0), (3, 2)])
+def test_restore_after_any_clip_continues_bit_identically_frames_too(family, after, pending):
+    """DESIGN.md section 4, item 5, "after any clip": checkpoints taken after the window has
+    filled and clips were evicted (the test window is 2 clips), with clips pending after
+    them; the decoded frames agree too (a context decoder's state is restored)."""
+    gen = make_generator(family)
+    req = request_for(gen)
+    stream = gen.open(req)
+    whole = [gen.step([stream])[0] for _ in range(6)]
+    gen.close(stream)
+    stream = gen.open(req)
+    for _ in range(after + 1):
+        gen.step([stream])
+    snap = gen.snapshot(stream)
+    for _ in range(pending):
+        snap.add(gen.step([stream])[0])
+    gen.close(stream)
+    other = make_generator(family)
+    restored = other.restore(snap)
+    rest = []
+    while not restored.done:
+        rest.append(other.step([restored])[0])
+    made = after + 1 + pending
+    assert [c.clip for c in rest] == list(range(made, 6))
+    for new, old in zip(rest, whole[made:], strict=True):
+        assert torch.equal(new.data, old.data)
+        (a,), (b,) = other.decode([new]), gen.decode([old])
+        np.testing.assert_array_equal(a.frames, b.frames)
+
+
+def _tensor_bytes(root: object) -> int:
+    """Bytes of the distinct tensors reachable from ``root`` through attributes, dicts,
+    lists and tuples (module parameters included: they are constant)."""
+    seen, total, todo = set(), 0, [root]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            total += obj.untyped_storage().nbytes()
+        elif isinstance(obj, dict):
+            todo += list(obj.values())
+        elif isinstance(obj, list | tuple | set):
+            todo += list(obj)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+            todo += list(vars(obj).values())
+    return total
+
+
+def test_a_streams_memory_does_not_grow_with_its_length(family):
+    """O(window) per stream, not only in the KV cache: everything the generator holds
+    (stream state, the previous clip's tokens, RNG states, ...) is the same after 4 clips as
+    after 14."""
+    gen = make_generator(family, max_streams=1)
+    stream = gen.open(request_for(gen, frames=16 * gen.clip_len, guidance=1.0))
+    sizes = {}
+    for made in range(1, 15):
+        gen.step([stream])
+        if made in (4, 14):
+            sizes[made] = _tensor_bytes(gen)
+    assert sizes[4] == sizes[14] > 0

@@ -268,3 +268,14 @@ def test_a_plain_checkpoint_loads_into_a_context_decoder_when_allowed(tmp_path):
     video = clip(seed=5)
     assert torch.equal(target.eval().encode(video), plain.encode(video))
     assert ckpt.load_into(LARPTokenizer(CFG), missing_ok=added) == []  # nothing to add
+
+
+def test_every_codeword_quantises_to_its_own_id_up_to_the_last():
+    """Random encodings reach only some codes (never the last): each codeword fed in must
+    come back as exactly its index, so an off-by-one at the top edge cannot pass."""
+    m = model()
+    codes = m.quantizer.codes()
+    with torch.no_grad():
+        ids, quantised = m.quantizer(codes * 3.0)  # scale: the cosine VQ ignores norms
+    assert torch.equal(ids, torch.arange(CFG.codebook_size))
+    assert torch.allclose(quantised, codes)

@@ -904,3 +904,27 @@ def test_a_segment_write_that_failed_is_not_written_twice(tmp_path):
     with pytest.raises(RuntimeError, match="a segment write failed before"):
         sink.put(Clip(0, 1, frames))
     assert not list(tmp_path.glob("part_*.mp4")) and not flushed
+
+
+def test_a_step_result_or_decode_that_arrives_twice_is_applied_once(model):
+    """DESIGN.md section 6's guards beyond the epoch: a step result for a clip already in
+    the truth (same epoch) and frames of a clip already delivered (a re-decode after a
+    failover racing the first) are dropped, so each clip reaches the sink once."""
+    orch = Orchestrator(local(model))
+    key = orch.submit(request_for(model, frames=16), sink=QueueSink(capacity=64))
+    orch._schedule()
+    (step,) = orch.work
+    orch.work.clear()
+    out = orch.executors[0].result(step.handle)
+    orch._apply_step(step, out)
+    orch._apply_step(step, out)  # the same result again
+    s = orch.streams[key]
+    assert s.accepted == 1 and s.truth.next_clip == 1
+    (decode,) = orch.work
+    orch.work.clear()
+    frames = orch.executors[0].result(decode.handle)
+    orch._apply_frames(decode, frames)
+    orch._apply_frames(decode, frames)  # a duplicate decode of the delivered clip
+    assert [c.clip for c in s.sink.queue] == [0] and s.delivered == 1 and not s.frames
+    orch.run()
+    assert [c.clip for c in s.sink.queue] == list(range(s.num_clips))
