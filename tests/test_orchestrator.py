@@ -928,3 +928,33 @@ def test_a_step_result_or_decode_that_arrives_twice_is_applied_once(model):
     assert [c.clip for c in s.sink.queue] == [0] and s.delivered == 1 and not s.frames
     orch.run()
     assert [c.clip for c in s.sink.queue] == list(range(s.num_clips))
+
+
+def test_a_batch_item_finished_but_not_recorded_is_recorded_not_rendered_again(models, tmp_path):
+    """A kill after an item's video was joined (parts folder gone) but before its row was
+    written: the re-run finds the mp4 and its sidecar and records them; another request or
+    the other lossless setting under the same id renders anew."""
+    from workers.jobs.render import parse_manifest, run_batch
+
+    line = {"id": "a", "model": models["diffusion"], "frames": 16, "steps": 2}
+    manifest = tmp_path / "items.jsonl"
+    manifest.write_text(json.dumps(line) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    steps = []
+
+    def executors_for(m):
+        worker = GeneratorWorker(m, max_streams=2)
+        real = worker.step
+        worker.step = lambda *args: steps.append(1) or real(*args)
+        return [LocalExecutor(worker)]
+
+    (first,) = run_batch(parse_manifest(manifest, out, 1000), out, executors_for, lossless=True)
+    made = len(steps)
+    (out / "results.jsonl").unlink()  # as if killed before the row was written
+    (again,) = run_batch(parse_manifest(manifest, out, 1000), out, executors_for, lossless=True)
+    assert again["status"] == "ok" and len(steps) == made  # nothing rendered
+    assert again["provenance"] == first["provenance"] and again["frames"] == 16
+    (out / "results.jsonl").unlink()
+    (other,) = run_batch(parse_manifest(manifest, out, 1000), out, executors_for)  # lossy
+    assert other["status"] == "ok" and len(steps) == 2 * made

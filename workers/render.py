@@ -330,7 +330,8 @@ class RenderJob:
     def finish(self) -> RenderResult:
         seconds = time.perf_counter() - self.started
         self.bar.close()
-        provenance = _provenance(self.orchestrator, self.request, self.extra)
+        extra = {"lossless": self.lossless, **(self.extra or {})}
+        provenance = _provenance(self.orchestrator, self.request, extra)
         clip_len = self.orchestrator.clip_len
         _check_contiguous(self.folder, clip_len, self.request.frames // clip_len)
         concat_videos(
@@ -383,6 +384,31 @@ def _provenance(
         "request_sha256": request.fingerprint(),
         **(extra or {}),
     }
+
+
+def finished_render(
+    out: Path, request: GenerationRequest, model_sha256: str | None, lossless: bool
+) -> dict[str, Any] | None:
+    """The provenance of a render of ``request`` already finished at ``out`` (its mp4 and
+    sidecar there, its parts folder gone; same request, weights and ``lossless``), else
+    None: a batch item killed after its video was joined but before its result row was
+    written is recorded, not rendered again."""
+    sidecar = out.with_suffix(".json")
+    if not (out.is_file() and sidecar.is_file()) or parts_folder(out).exists():
+        return None
+    try:
+        provenance = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return None
+    same = {request.fingerprint(), request.fingerprint(canonical=False)}
+    if (
+        not isinstance(provenance, dict)
+        or provenance.get("request_sha256") not in same
+        or provenance.get("model_sha256") != model_sha256
+        or provenance.get("lossless") != lossless
+    ):
+        return None
+    return provenance
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -35,7 +35,7 @@ from vidgen import checkpoint
 from vidgen.generators import GenerationRequest, check_generator
 from vidgen.render_config import load_context
 from workers.orchestrator import NoExecutorsLeft, Orchestrator
-from workers.render import RenderJob
+from workers.render import RenderJob, finished_render
 
 log = logging.getLogger("workers.jobs.render")
 
@@ -130,6 +130,20 @@ def _describe(err: BaseException) -> str:
     return f"{type(reason).__name__}: {reason}"
 
 
+def _ok_row(
+    item_id: str, frames: int, seconds: float, path: Path, provenance: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "id": item_id,
+        "status": "ok",
+        "error": None,
+        "frames": frames,
+        "seconds": round(seconds, 3),
+        "path": str(path),
+        "provenance": provenance,
+    }
+
+
 def _error_row(item: Item, error: str) -> dict[str, Any]:
     return {
         "id": item.id,
@@ -214,6 +228,13 @@ def _render_group(
                     item.request.context = load_context(
                         item.context, orch.info["frame_shape"], orch.clip_len
                     )
+                path = out / f"{item.id}.mp4"
+                found = finished_render(path, item.request, orch.info.get("sha256"), lossless)
+                if found is not None:
+                    log.info("%s: already finished at %s, no row yet: recorded", item.id, path)
+                    rows.append(_ok_row(item.id, item.request.frames, 0.0, path, found))
+                    results.add(rows[-1])
+                    continue
                 job = RenderJob(
                     item.request,
                     out / f"{item.id}.mp4",
@@ -245,15 +266,7 @@ def _render_group(
                 results.add(rows[-1])
                 continue
             rows.append(
-                {
-                    "id": item_id,
-                    "status": "ok",
-                    "error": None,
-                    "frames": result.frames,
-                    "seconds": round(result.seconds, 3),
-                    "path": str(result.path),
-                    "provenance": result.provenance,
-                }
+                _ok_row(item_id, result.frames, result.seconds, result.path, result.provenance)
             )
             results.add(rows[-1])
             log.info("%s: %d frames in %.1fs", item_id, result.frames, result.seconds)
