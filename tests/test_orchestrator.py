@@ -958,3 +958,22 @@ def test_a_batch_item_finished_but_not_recorded_is_recorded_not_rendered_again(m
     (out / "results.jsonl").unlink()
     (other,) = run_batch(parse_manifest(manifest, out, 1000), out, executors_for)  # lossy
     assert other["status"] == "ok" and len(steps) == 2 * made
+
+
+def test_a_render_removes_the_temp_files_a_killed_one_left(model, tmp_path):
+    """A SIGKILL mid-write leaves hidden temp files (a segment, a truth, the joined video,
+    the sidecar) that nothing would ever remove; another out's are left alone."""
+    out = tmp_path / "v.mp4"
+    folder = parts_folder(out)
+    folder.mkdir()
+    stale = [
+        folder / ".part_000000000.0123abcd.tmp.mp4",
+        folder / ".tmpk2j3h4",  # safetensors' own
+        tmp_path / ".v.0123abcd.tmp.mp4",
+        tmp_path / ".v.89abcdef.tmp",
+    ]
+    others = [tmp_path / ".v.x.0123abcd.tmp.mp4", tmp_path / ".w.0123abcd.tmp.mp4"]
+    for path in stale + others:
+        path.write_bytes(b"x" * 100)
+    render(Orchestrator(local(model)), request_for(model, frames=8), out, progress=False)
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in others)

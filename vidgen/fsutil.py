@@ -16,7 +16,7 @@ import secrets
 import stat
 from pathlib import Path
 
-_STEM_CHARS = 64  # the hidden name stays well under 255 bytes for any valid final name
+STEM_BYTES = 64  # the hidden name stays well under 255 bytes for any valid final name
 
 
 def temp_beside(path: Path, suffix: str = ".tmp") -> Path:
@@ -24,7 +24,7 @@ def temp_beside(path: Path, suffix: str = ".tmp") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         # Cut by bytes, not characters: 64 four-byte characters would be 256 bytes.
-        stem = path.stem.encode()[:_STEM_CHARS].decode("utf-8", "ignore")
+        stem = path.stem.encode()[:STEM_BYTES].decode("utf-8", "ignore")
         tmp = path.parent / f".{stem}.{secrets.token_hex(4)}{suffix}"
         try:
             fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)

@@ -14,10 +14,12 @@ metadata and a sidecar ``<out>.json``, and the folder is removed.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -28,7 +30,7 @@ from typing import Any
 from tqdm import tqdm
 
 import vidgen
-from vidgen.fsutil import publish, temp_beside
+from vidgen.fsutil import STEM_BYTES, publish, temp_beside
 from vidgen.generators import Clip, GenerationRequest
 from vidgen.generators.base import load_snapshot, save_snapshot
 from vidgen.io import VideoWriter, concat_videos, probe_video
@@ -222,6 +224,24 @@ def _lock(out: Path) -> int | None:
     return fd
 
 
+def _remove_stale_temps(out: Path, folder: Path) -> None:
+    """Temporary files a killed render left: every hidden file in its parts folder (segments
+    and truths being written, safetensors' own temp file), and the joined video's and
+    sidecar's beside ``out`` (``.<stem>.<8 hex>.tmp[.mp4]``; only for a stem short enough
+    that its temp names are not cut, which could make them another out's)."""
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if path.name.startswith(".") and path.is_file():
+                path.unlink(missing_ok=True)
+    stem = out.stem
+    if len(stem.encode()) >= STEM_BYTES:
+        return
+    pattern = re.compile(rf"\.{re.escape(stem)}\.[0-9a-f]{{8}}\.tmp(\.mp4)?")
+    for path in out.parent.glob(f".{glob.escape(stem)}.*.tmp*"):
+        if pattern.fullmatch(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+
+
 def lock_file(out: Path) -> Path:
     return parts_folder(out).with_suffix(".lock")
 
@@ -273,6 +293,7 @@ class RenderJob:
             self._lock_fd = None
 
     def _start(self, orchestrator: Orchestrator) -> int:
+        _remove_stale_temps(self.out, self.folder)  # under the lock: no one else writes them
         guards = _guards(self.request, orchestrator.info.get("sha256"), self.lossless)
         truth, self.done_before = _resume_point(
             self.folder, self.request, guards, orchestrator.clip_len
