@@ -244,7 +244,7 @@ def test_a_failed_restore_frees_its_cache_slots(family):
     broken = {k: v[..., :1] if v.ndim > 2 else v for k, v in snap.cache.items()}
     bad = dataclasses.replace(snap, cache=broken)
     for _ in range(3):  # max_streams=1: a leaked slot would make the next try "cache is full"
-        with pytest.raises(ValueError, match="snapshot k must have shape"):
+        with pytest.raises(ValueError, match="snapshot k must be torch.float32 of shape"):
             gen.restore(bad)
     restored = gen.restore(snap)
     assert restored.clip == 1

@@ -156,3 +156,42 @@ def test_bad_appends():
         cache.append([s], k[:1], v[:1])
     with pytest.raises(ValueError, match="CacheSpec.window"):
         CacheSpec(layers=1, kv_heads=1, head_dim=4, tokens_per_frame=1, window=0)
+
+
+def test_a_reused_slot_starts_clean_and_first_frames_are_not_negative():
+    """A removed stream's K/V stayed in its slot: a diverged one's NaNs reached the next
+    stream there through masked keys (probability 0, but 0 x NaN is NaN)."""
+    cache = KVCache(SPEC)
+    a = cache.add_stream()
+    k, v = clip_kv(2)
+    cache.append([a], k * float("nan"), v * float("nan"))
+    cache.remove_stream(a)
+    b = cache.add_stream()
+    assert b == a and not cache.k[:, b].isnan().any() and not cache.v[:, b].isnan().any()
+    with pytest.raises(ValueError, match="first_frame must be >= 0"):
+        cache.add_stream(first_frame=-1)  # -1 marks an empty slot: its frames never read
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda s: s.pop("frame_index"), r"missing \['frame_index'\]"),
+        (lambda s: s.update(frame_index=s["frame_index"][:1]), "frame_index must be integer"),
+        (lambda s: s.update(k=s["k"].half()), "snapshot k must be torch.float32"),
+        (lambda s: s.update(next_frame=torch.tensor(0)), "bookkeeping is inconsistent"),
+        (lambda s: s.update(chunks=torch.tensor([[0, 0, 9]])), "does not fit|inconsistent"),
+        (lambda s: s.update(head=torch.tensor(7)), "bookkeeping is inconsistent"),
+    ],
+)
+def test_a_snapshot_that_does_not_fit_is_refused_naming_what(change, message):
+    """Only k and v shapes were checked: a snapshot with a broadcast frame_index, a ring of
+    more frames than the window, or positions behind its frames loaded silently."""
+    cache = KVCache(SPEC)
+    s = cache.add_stream()
+    k, v = clip_kv(4)
+    cache.append([s], k, v)
+    snap = cache.snapshot(s)
+    change(snap)
+    other = KVCache(SPEC)
+    with pytest.raises(ValueError, match=message):
+        other.load(other.add_stream(), snap)

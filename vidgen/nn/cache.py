@@ -100,7 +100,11 @@ class KVCache:
         return sorted(self._chunks)
 
     def add_stream(self, first_frame: int = 0) -> int:
-        """Claim a free slot for a new stream whose next frame is ``first_frame``."""
+        """Claim a free slot for a new stream whose next frame is ``first_frame`` (>= 0: -1
+        marks an empty frame slot). The slot's K/V are zeroed: masked keys get probability
+        0, but 0 x NaN is NaN, so a diverged stream's leftovers would poison the next one."""
+        if first_frame < 0:
+            raise ValueError(f"first_frame must be >= 0, got {first_frame}")
         free = [s for s in range(self.spec.max_streams) if s not in self._chunks]
         if not free:
             raise RuntimeError(
@@ -109,6 +113,8 @@ class KVCache:
         slot = free[0]
         self._chunks[slot], self._head[slot], self._next_frame[slot] = deque(), 0, first_frame
         self.frame_index[slot] = -1
+        self.k[:, slot].zero_()
+        self.v[:, slot].zero_()
         return slot
 
     def remove_stream(self, stream: int) -> None:
@@ -236,17 +242,14 @@ class KVCache:
         }
 
     def load(self, stream: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Restore a ``snapshot`` into an existing stream slot."""
+        """Restore a ``snapshot`` into an existing stream slot; one whose contents do not
+        fit this cache (shapes, dtype, ring bookkeeping) is refused, naming what is wrong."""
         self._check_streams([stream])
-        shape = tuple(self.k[:, stream].shape)
-        for name in ("k", "v"):
-            if name not in tensors or tuple(tensors[name].shape) != shape:
-                got = tuple(tensors[name].shape) if name in tensors else "missing"
-                raise ValueError(f"snapshot {name} must have shape {shape}, got {got}")
-        self.k[:, stream] = tensors["k"].to(self.k.device, self.k.dtype)
-        self.v[:, stream] = tensors["v"].to(self.v.device, self.v.dtype)
+        chunks = _check_snapshot(tensors, tuple(self.k[:, stream].shape), self.spec)
+        self.k[:, stream] = tensors["k"].to(self.k.device)
+        self.v[:, stream] = tensors["v"].to(self.v.device)
         self.frame_index[stream] = tensors["frame_index"].to(self.frame_index.device)
-        self._chunks[stream] = deque(_Chunk(*map(int, row)) for row in tensors["chunks"].tolist())
+        self._chunks[stream] = deque(chunks)
         self._head[stream] = int(tensors["head"])
         self._next_frame[stream] = int(tensors["next_frame"])
 
@@ -257,3 +260,54 @@ class KVCache:
         if unknown:
             raise KeyError(f"streams {unknown} are not in the cache (active: {self.streams})")
         return torch.tensor(list(streams), dtype=torch.int64, device=self.frame_index.device)
+
+
+SNAPSHOT_KEYS = ("k", "v", "frame_index", "chunks", "head", "next_frame")
+
+
+def _check_snapshot(
+    tensors: dict[str, torch.Tensor], shape: tuple[int, ...], spec: CacheSpec
+) -> list[_Chunk]:
+    """The chunks of a stream snapshot, once every part of it is checked against the cache
+    it goes into (a loaded snapshot is trusted for positions, so a wrong one would give
+    silently wrong RoPE positions or read frames that are not there)."""
+    missing = [k for k in SNAPSHOT_KEYS if k not in tensors]
+    if missing:
+        raise ValueError(f"a cache snapshot needs {list(SNAPSHOT_KEYS)}; missing {missing}")
+    for name in ("k", "v"):
+        got = tensors[name]
+        if tuple(got.shape) != shape or got.dtype != spec.dtype:
+            raise ValueError(
+                f"snapshot {name} must be {spec.dtype} of shape {shape}, got {got.dtype} "
+                f"{tuple(got.shape)}"
+            )
+    index, table = tensors["frame_index"], tensors["chunks"]
+    if tuple(index.shape) != (spec.window,) or index.is_floating_point():
+        raise ValueError(
+            f"snapshot frame_index must be integer ({spec.window},), got {index.dtype} "
+            f"{tuple(index.shape)}"
+        )
+    if table.ndim != 2 or table.shape[1] != 3 or table.is_floating_point():
+        raise ValueError(f"snapshot chunks must be integer (c, 3), got {tuple(table.shape)}")
+    chunks = [_Chunk(*map(int, row)) for row in table.tolist()]
+    head, next_frame = int(tensors["head"]), int(tensors["next_frame"])
+    held = sum(c.frames for c in chunks)
+    expected = -torch.ones(spec.window, dtype=torch.int64)
+    for c in chunks:
+        slots = [(c.start_slot + i) % spec.window for i in range(c.frames)]
+        if not (0 <= c.start_slot < spec.window and c.frames >= 1 and c.first_frame >= 0):
+            raise ValueError(f"snapshot chunk {c} does not fit a window of {spec.window}")
+        expected[slots] = torch.arange(c.first_frame, c.first_frame + c.frames)
+    last = chunks[-1].first_frame + chunks[-1].frames if chunks else None
+    if (
+        held > spec.window
+        or not 0 <= head < spec.window
+        or next_frame < 0
+        or (last is not None and next_frame != last)
+        or not torch.equal(index.to("cpu", torch.int64), expected)
+    ):
+        raise ValueError(
+            f"snapshot ring bookkeeping is inconsistent (window {spec.window}: {held} frames "
+            f"held, head {head}, next_frame {next_frame}, chunks end at {last})"
+        )
+    return chunks
