@@ -793,3 +793,16 @@ def test_a_streams_memory_does_not_grow_with_its_length(family):
         if made in (4, 14):
             sizes[made] = _tensor_bytes(gen)
     assert sizes[4] == sizes[14] > 0
+
+
+def test_a_long_context_is_encoded_clip_by_clip():
+    """The diffusion family encoded the whole context video in one call: memory grew with
+    the context's length (float frames and activations of every frame at once)."""
+    gen = make_generator("diffusion")
+    shapes = []
+    real = gen.autoencoder.encode
+    gen.autoencoder.encode = lambda video: shapes.append(tuple(video.shape)) or real(video)
+    h, w, _ = gen.frame_shape
+    context = np.random.default_rng(0).integers(0, 255, (5 * gen.clip_len, h, w, 3), np.uint8)
+    gen.open(request_for(gen, context=context))
+    assert len(shapes) == 5 and all(s[1] == gen.clip_len for s in shapes)

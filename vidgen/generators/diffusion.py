@@ -133,14 +133,14 @@ class DiffusionClipGenerator:
 
     @torch.no_grad()
     def _write_context(self, stream: Stream, frames: np.ndarray) -> None:
-        video = to_model_range(frames)[None].to(self.device)  # (1, T, 3, H, W)
-        latents = self.autoencoder.encode(video)[0]
         clips = len(frames) // self.clip_len
         # Every clip, oldest first, as if the stream had made them: clips that leave the
         # window still shaped the K/V of those after them (the banded reference's semantics).
+        # Encoded clip by clip: memory does not grow with the context's length.
         for j in range(clips):
-            piece = latents[j * self.clip_len : (j + 1) * self.clip_len]
-            self._write([stream], piece[None], [-(clips - j)])
+            piece = frames[j * self.clip_len : (j + 1) * self.clip_len]
+            video = to_model_range(piece)[None].to(self.device)  # (1, clip, 3, H, W)
+            self._write([stream], self.autoencoder.encode(video), [-(clips - j)])
 
     def close(self, stream: Stream) -> None:
         if self._streams.pop(stream.id, None) is not None:
