@@ -8,6 +8,7 @@ from vidgen.data import (
     DataConfig,
     VideoFolder,
     WorldClips,
+    build_dataset,
     make_loader,
     to_model_range,
     to_uint8,
@@ -164,3 +165,20 @@ def test_benchmark_videos_are_not_training_clips():
         assert not {item_seed(seed, "train", i) for i in range(4_096)} & {
             item_seed(seed, "eval", i) for i in range(4_096)
         }
+
+
+def test_frame_conversions_refuse_what_they_would_scramble(tmp_path):
+    frames = np.zeros((2, 8, 8, 3), np.uint8)
+    assert to_model_range(frames).shape == (2, 3, 8, 8)
+    # Float frames in [0, 1] came out near -1; channels-first ones scrambled; uint8 input to
+    # to_uint8 turned every pixel white.
+    for bad in (frames.astype(np.float32) / 255, np.zeros((2, 3, 8, 8), np.uint8)):
+        with pytest.raises(ValueError, match="frames must be uint8"):
+            to_model_range(bad)
+    with pytest.raises(ValueError, match="video must be float"):
+        to_uint8(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="split must be 'train' or 'eval'"):
+        build_dataset(DataConfig(name="bouncing"), "evl")
+    _write(tmp_path / "a.mp4", frames.repeat(4, axis=0), lossless=True)
+    with pytest.raises(ValueError, match="size must hold positive ints"):
+        VideoFolder(tmp_path, clip_len=2, size=0)  # was found at the first item only

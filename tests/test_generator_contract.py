@@ -806,3 +806,25 @@ def test_a_long_context_is_encoded_clip_by_clip():
     context = np.random.default_rng(0).integers(0, 255, (5 * gen.clip_len, h, w, 3), np.uint8)
     gen.open(request_for(gen, context=context))
     assert len(shapes) == 5 and all(s[1] == gen.clip_len for s in shapes)
+
+
+def test_a_generator_refuses_another_models_request_and_latents_of_another_shape(tmp_path):
+    """In process, a request for another model ran on whatever generator it was given, its
+    fingerprint naming the other model; latents of another shape decoded into frames of
+    another size."""
+    from tests.models import save_test_generators
+    from vidgen.generators import ClipLatents, load_generator
+
+    paths = save_test_generators(tmp_path)
+    gen = load_generator(paths["diffusion"], max_streams=1)
+    with pytest.raises(ValueError, match="this generator is"):
+        gen.open(request_for(gen, model=paths["tokens"]))
+    stream = gen.open(request_for(gen, model=paths["diffusion"]))
+    (clip,) = gen.step([stream])
+    with pytest.raises(ValueError, match="latents must be"):
+        gen.decode([ClipLatents(stream=clip.stream, clip=clip.clip, data=clip.data[..., :2])])
+    tokens = load_generator(paths["tokens"], max_streams=1)
+    with pytest.raises(ValueError, match="video must be"):  # frames, not the latents' shape
+        tokens.tokenizer.encode(torch.zeros(1, tokens.clip_len, 3, 16, 16))
+    with pytest.raises(ValueError, match="ids must be integer"):
+        tokens.tokenizer.decode(torch.zeros(1, tokens.config.tokens_per_clip))

@@ -70,3 +70,16 @@ def test_latent_noise_is_a_per_frame_level_in_scaled_units_in_training_only():
 def test_latent_noise_must_not_be_negative():
     with pytest.raises(ValueError, match="latent_noise"):
         dataclasses.replace(KL_CONFIGS["test"], latent_noise=-0.1)
+
+
+def test_frames_or_latents_of_another_size_are_refused():
+    """Frames not of image_size came back shrunk to a multiple of 8 without a word."""
+    cfg = KL_CONFIGS["test"]
+    model = KLAutoencoder(cfg).eval()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="video must be float"):
+            model.encode(torch.zeros(1, 1, 3, cfg.image_size - 2, cfg.image_size - 2))
+        with pytest.raises(ValueError, match="video must be float"):
+            model.encode(torch.zeros(1, 1, 3, cfg.image_size, cfg.image_size, dtype=torch.uint8))
+        with pytest.raises(ValueError, match="latents must be"):
+            model.decode(torch.zeros(1, 1, cfg.latent_channels, 3, 3))

@@ -41,3 +41,17 @@ def test_classifier_free_guidance():
     assert classifier_free(c, u, 1.0) == c
     assert classifier_free(c, u, 0.0) == u
     assert classifier_free(c, u, 3.0) == torch.tensor([4.0])
+
+
+def test_time_grid_refuses_a_shift_that_makes_every_time_nan():
+    for shift in (float("nan"), float("inf"), 0.0):
+        with pytest.raises(ValueError, match="shift must be"):
+            time_grid(4, shift=shift)
+    with pytest.raises(ValueError, match="steps must be an int"):
+        time_grid(2.5)
+
+
+def test_the_token_samplers_are_exported_where_the_readme_says():
+    from vidgen.sampling import guide_logits, sample_tokens, top_k_filter, top_p_filter
+
+    assert all(callable(f) for f in (guide_logits, sample_tokens, top_k_filter, top_p_filter))

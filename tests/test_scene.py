@@ -43,8 +43,11 @@ def test_count_accuracy(shapes):
     assert count_accuracy(traj.frames, world.label + 1, BOUNCING_PALETTE) < 0.05
     per_frame = np.full(len(traj.frames), world.label)
     assert count_accuracy(traj.frames, per_frame, BOUNCING_PALETTE) > 0.95
-    with pytest.raises(ValueError, match="expected must be an int or one count per frame"):
+    with pytest.raises(ValueError, match="expected must be an int >= 0 or one such count"):
         count_accuracy(traj.frames, per_frame[:10], BOUNCING_PALETTE)
+    for bad in (None, "2", 2.5, -1):  # each scored 0.0 without a word
+        with pytest.raises(ValueError, match="expected must be an int >= 0"):
+            count_accuracy(traj.frames, bad, BOUNCING_PALETTE)
 
 
 def test_detection_survives_h264(tmp_path, shapes):
@@ -204,3 +207,21 @@ def test_a_blurred_edge_between_two_objects_is_not_a_third_object():
         det = detect_objects(np.round(blurred)[None].astype(np.uint8), BOUNCING_PALETTE)
         assert det.counts.tolist() == [2], sigma
         assert not det.present[0, det.index("orange")]
+
+
+def test_metric_arguments_that_gave_silently_wrong_figures_are_refused(shapes):
+    _world, traj = shapes
+    frames = traj.frames[:16]
+    names = list(traj.colours)
+    positions = traj.positions[:16]
+    ok = np.ones(positions.shape[:2], dtype=bool)
+    assert centroid_error(frames, positions, names, BOUNCING_PALETTE, valid=ok)["missed"] >= 0
+    # An int mask indexed instead of masking; a (K,) mask broadcast ("missed" came out -1).
+    for bad in (ok.astype(int), ok[0]):
+        with pytest.raises(ValueError, match="valid must be bool of shape"):
+            centroid_error(frames, positions, names, BOUNCING_PALETTE, valid=bad)
+    # A float clip length marked the wrong transitions as seams.
+    with pytest.raises(ValueError, match="clip_len must be an int"):
+        seam_ratio(frames, 4.5)
+    with pytest.raises(ValueError, match="clip_len must be an int"):
+        motion_stats(frames, BOUNCING_PALETTE, clip_len=4.5)

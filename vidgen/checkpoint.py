@@ -272,6 +272,17 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     raise CheckpointError(f"checkpoint file {text!r} does not exist")
 
 
+def same_checkpoint(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two names or paths name one checkpoint file (a shipped name and its path are
+    one; names this machine cannot resolve, e.g. through a Ray client, must be equal)."""
+    if os.fspath(a) == os.fspath(b):
+        return True
+    try:
+        return resolve(a).resolve() == resolve(b).resolve()
+    except CheckpointError:
+        return False
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes, read in chunks."""
     digest = hashlib.sha256()

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from vidgen.checkpoint import same_checkpoint
 from vidgen.generators import Clip, GenerationRequest, StreamSnapshot
 from workers.actor import ClipOut, StepOut, StreamsLost
 from workers.executors import Executor, ExecutorFailed
@@ -194,7 +195,7 @@ class Orchestrator:
     ) -> int:
         """Start a stream (or resume one from a saved ``truth``); returns its key."""
         served = self.info.get("model")
-        if served is not None and not _same_model(request.model, served):
+        if served is not None and not same_checkpoint(request.model, served):
             # Another model's request would be made by these weights and labelled as its own.
             raise ValueError(
                 f"the request is for model {request.model!r}; these executors serve {served!r}"
@@ -532,20 +533,6 @@ class Orchestrator:
                 redo.setdefault(target, []).append(clip)
         for target, clips in redo.items():
             self._submit_decode(target, sorted(clips, key=lambda c: (c.key, c.clip)))
-
-
-def _same_model(a: str, b: str) -> bool:
-    """Whether two model names or paths name one checkpoint file (a shipped name and its
-    path are one; names this machine cannot resolve, e.g. through a Ray client, must be
-    equal)."""
-    if a == b:
-        return True
-    from vidgen.checkpoint import CheckpointError, resolve
-
-    try:
-        return resolve(a).resolve() == resolve(b).resolve()
-    except CheckpointError:
-        return False
 
 
 def _as_latents(clip: ClipOut):

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from vidgen.data.worlds import NO_LABEL, to_model_range
 from vidgen.io import VideoInfo, VideoReadError, probe_video, read_video
+from vidgen.io.video import _parse_size
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class VideoFolder(Dataset):
         stride = clip_len if stride is None else stride
         if stride < 1:
             raise ValueError(f"stride must be >= 1, got {stride}")
+        _parse_size(size)  # a bad size was only found at the first item, blamed on its file
         self.clip_len, self.size, self.stride = clip_len, size, stride
         self.files = video_files(self.root)
         if not self.files:

@@ -70,6 +70,8 @@ class DataConfig:
 
 def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
     """The dataset of one split (``train`` or ``eval``) of a data config."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     if split == "eval" and cfg.eval_clips == 0:
         raise ValueError("data.eval_clips=0 turns evaluation off: there is no eval split")
     if cfg.name == "folder":

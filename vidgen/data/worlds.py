@@ -33,6 +33,13 @@ def item_seed(seed: int, split: str, index: int) -> int:
 
 def to_model_range(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 (T, H, W, 3) -> float32 (T, 3, H, W) in [-1, 1]."""
+    if not isinstance(frames, torch.Tensor):
+        frames = np.asarray(frames)
+    if frames.dtype not in (np.uint8, torch.uint8) or frames.ndim != 4 or frames.shape[-1] != 3:
+        # float frames in [0, 1] came out near -1, channels-first ones scrambled
+        raise ValueError(
+            f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {tuple(frames.shape)}"
+        )
     video = torch.as_tensor(np.ascontiguousarray(frames))
     return video.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
@@ -40,6 +47,10 @@ def to_model_range(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
 def to_uint8(video: torch.Tensor) -> torch.Tensor:
     """float (..., T, 3, H, W) in [-1, 1] -> uint8 (..., T, H, W, 3); the inverse of
     ``to_model_range`` up to rounding."""
+    if not video.is_floating_point() or video.ndim < 3 or video.shape[-3] != 3:
+        raise ValueError(
+            f"video must be float (..., 3, H, W) in [-1, 1], got {video.dtype} {tuple(video.shape)}"
+        )
     frames = video.detach().float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
     return frames.movedim(-3, -1)
 

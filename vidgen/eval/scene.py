@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from vidgen.validate import check_int
 from vidgen.worlds.palette import ScenePalette
 
 # Smallest object the worlds draw: a triangle of radius 5 covers ~32 pixels, the agent 36.
@@ -179,11 +180,17 @@ def count_accuracy(
     (T,) array)."""
     det = _detections(frames, palette, min_blob)
     expected = np.asarray(expected)
-    if expected.ndim > 0 and expected.shape != det.counts.shape:
+    if (
+        not np.issubdtype(expected.dtype, np.integer)
+        or (expected.ndim > 0 and expected.shape != det.counts.shape)
+        or (expected < 0).any()
+    ):
         raise ValueError(
-            f"expected must be an int or one count per frame {det.counts.shape}, "
-            f"got shape {expected.shape}"
+            f"expected must be an int >= 0 or one such count per frame {det.counts.shape}, "
+            f"got {expected.dtype} of shape {expected.shape}"
         )
+    if det.counts.size == 0:
+        raise ValueError("count_accuracy needs at least one frame")
     return float((det.counts == expected).mean())
 
 
@@ -211,7 +218,15 @@ def centroid_error(
         )
     cols = [det.index(n) for n in names]
     found = det.centroids[:, cols]  # (T, K, 2)
-    valid = np.ones(positions.shape[:2], dtype=bool) if valid is None else np.asarray(valid)
+    if valid is None:
+        valid = np.ones(positions.shape[:2], dtype=bool)
+    else:  # an int mask would index, a (K,) one broadcast: both silently wrong
+        valid = np.asarray(valid)
+        if valid.dtype != bool or valid.shape != positions.shape[:2]:
+            raise ValueError(
+                f"valid must be bool of shape {positions.shape[:2]}, got {valid.dtype} "
+                f"{valid.shape}"
+            )
     detected = valid & det.present[:, cols]
     dist = np.linalg.norm(found - positions, axis=-1)[detected]
     scored = int(valid.sum())
@@ -237,6 +252,8 @@ def motion_stats(
     t_len = det.present.shape[0]
     if t_len < 2:
         raise ValueError("motion needs at least 2 frames")
+    if clip_len is not None:
+        check_int("clip_len", clip_len)  # a float marks the wrong transitions as seams
     if clip_len is not None and (clip_len < 2 or t_len < clip_len):
         raise ValueError(f"clip_len must be in [2, frames={t_len}], got {clip_len}")
     inner = np.ones(t_len - 1, dtype=bool)
@@ -274,6 +291,7 @@ def seam_ratio(
     slideshow) returns ``inf``.
     """
     frames = _as_frames(frames)
+    check_int("clip_len", clip_len)
     if clip_len < 2:
         raise ValueError(f"clip_len must be >= 2 (a clip needs inner transitions), got {clip_len}")
     if len(frames) <= clip_len:

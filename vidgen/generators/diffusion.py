@@ -105,6 +105,11 @@ class DiffusionClipGenerator:
 
     def _check(self, request: GenerationRequest) -> int:
         cfg = self.config
+        if self.name and not checkpoint.same_checkpoint(request.model, self.name):
+            # Its frames would come from these weights under the other model's name.
+            raise ValueError(
+                f"the request is for model {request.model!r}; this generator is {self.name!r}"
+            )
         if request.reencode:
             raise ValueError(
                 f"reencode applies to token models only; {self.name or 'this model'} is a "
@@ -251,6 +256,14 @@ class DiffusionClipGenerator:
     def decode(self, clips: list[ClipLatents]) -> list[Clip]:
         if not clips:
             return []
+        cfg = self.config
+        shape = (self.clip_len, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+        for c in clips:  # other shapes decoded into frames of other sizes without a word
+            if tuple(c.data.shape) != shape:
+                raise ValueError(
+                    f"clip {c.clip} of stream {c.stream}: latents must be {shape}, got "
+                    f"{tuple(c.data.shape)}"
+                )
         latents = torch.stack([c.data for c in clips]).to(self.device)
         frames = to_uint8(self.autoencoder.decode(latents).clamp(-1, 1)).cpu().numpy()
         return [

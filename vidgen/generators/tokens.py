@@ -129,6 +129,11 @@ class TokenClipGenerator:
 
     def _check(self, request: GenerationRequest) -> int:
         cfg = self.config
+        if self.name and not checkpoint.same_checkpoint(request.model, self.name):
+            # Its frames would come from these weights under the other model's name.
+            raise ValueError(
+                f"the request is for model {request.model!r}; this generator is {self.name!r}"
+            )
         if request.contrast not in (None, 1):
             raise ValueError(
                 f"contrast applies to diffusion models only; {self.name or 'this model'} is a "

@@ -7,5 +7,16 @@ from vidgen.sampling.flow import (
     time_grid,
     velocity_target,
 )
+from vidgen.sampling.tokens import guide_logits, sample_tokens, top_k_filter, top_p_filter
 
-__all__ = ["add_noise", "classifier_free", "euler_sample", "time_grid", "velocity_target"]
+__all__ = [
+    "add_noise",
+    "classifier_free",
+    "euler_sample",
+    "guide_logits",
+    "sample_tokens",
+    "time_grid",
+    "top_k_filter",
+    "top_p_filter",
+    "velocity_target",
+]

@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import torch
 
+from vidgen.validate import check_int, check_number
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -22,10 +24,8 @@ def time_grid(
 ) -> torch.Tensor:
     """(steps + 1,) flow times from 1 down to 0. ``shift`` > 1 spends more steps at high noise
     (t' = shift t / (1 + (shift - 1) t)), where the coarse layout of a clip is decided."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if shift <= 0:
-        raise ValueError(f"shift must be > 0, got {shift}")
+    check_int("steps", steps, minimum=1)
+    check_number("shift", shift, above=0)  # NaN and inf made every time NaN
     t = torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64)
     return (shift * t / (1 + (shift - 1) * t)).float()
 

@@ -164,6 +164,17 @@ class KLAutoencoder(nn.Module):
 
     def posterior(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, logvar), each (b, t, z, h, w), of unscaled latents."""
+        size = self.config.image_size
+        expected = ("b", "t", self.config.in_channels, size, size)
+        if (
+            video.ndim != 5
+            or not video.is_floating_point()
+            or tuple(video.shape[2:]) != expected[2:]
+        ):
+            # other sizes came back shrunk to a multiple of 8 without a word
+            raise ValueError(
+                f"video must be float {expected} in [-1, 1], got {video.dtype} {tuple(video.shape)}"
+            )
         b = video.shape[0]
         # Contiguous: frames made from HWC arrays have channels-last strides, and with the
         # input conv frozen (decoder fine-tuning) torch 2.13's CPU conv backward segfaults on
@@ -196,6 +207,9 @@ class KLAutoencoder(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (b, t, z, h, w) -> frames (b, t, 3, H, W), unclamped."""
+        shape = (self.config.latent_channels, self.config.latent_size, self.config.latent_size)
+        if latents.ndim != 5 or tuple(latents.shape[2:]) != shape:
+            raise ValueError(f"latents must be (b, t, *{shape}), got {tuple(latents.shape)}")
         b = latents.shape[0]
         z = rearrange(latents / self.config.scale, "b t c h w -> (b t) c h w")
         return rearrange(self.decoder(z), "(b t) c h w -> b t c h w", b=b)

@@ -429,8 +429,8 @@ class LARPTokenizer(nn.Module):
         (b, N): the ids of each clip's previous clip, for a context decoder; a row of
         ``NO_CONTEXT`` (a video's first clip) decodes without one, as does ``None``."""
         n, k = self.config.num_tokens, self.config.codebook_size
-        if ids.ndim != 2 or ids.shape[1] != n:
-            raise ValueError(f"ids must be (b, {n}), got {tuple(ids.shape)}")
+        if ids.ndim != 2 or ids.shape[1] != n or ids.is_floating_point() or ids.dtype == torch.bool:
+            raise ValueError(f"ids must be integer (b, {n}), got {ids.dtype} {tuple(ids.shape)}")
         if bool(((ids < 0) | (ids >= k)).any()):  # one check (one device sync)
             raise ValueError(f"ids must lie in [0, {k}), got {int(ids.min())}..{int(ids.max())}")
         codes = self.quantizer.codes()
@@ -628,6 +628,12 @@ class LARPVideoTokenizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """Frames (b, frames, 3, H, W) in [-1, 1] -> ids (b, N)."""
+        if self.autoencoder is not None:  # else the LARP checks its own (pixel) input
+            size = self.autoencoder.config.image_size
+            expected = ("b", self.larp.config.frames, 3, size, size)
+            if video.ndim != 5 or tuple(video.shape[1:]) != expected[1:]:
+                raise ValueError(f"video must be {expected}, got {tuple(video.shape)}")
         return self.larp.encode(self.to_input(video))
 
     @torch.no_grad()
