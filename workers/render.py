@@ -229,10 +229,13 @@ def _remove_stale_temps(out: Path, folder: Path) -> None:
     and truths being written, safetensors' own temp file), and the joined video's and
     sidecar's beside ``out`` (``.<stem>.<8 hex>.tmp[.mp4]``; only for a stem short enough
     that its temp names are not cut, which could make them another out's)."""
-    if folder.is_dir():
-        for path in folder.iterdir():
-            if path.name.startswith(".") and path.is_file():
-                path.unlink(missing_ok=True)
+    if not folder.is_dir():
+        # The joined video and sidecar are written while the parts folder still exists: no
+        # folder, no leftovers of them (and no scan of a batch's ever larger output folder).
+        return
+    for path in folder.iterdir():
+        if path.name.startswith(".") and path.is_file():
+            path.unlink(missing_ok=True)
     stem = out.stem
     if len(stem.encode()) >= STEM_BYTES:
         return
