@@ -735,11 +735,11 @@ def test_a_step_that_always_fails_is_given_up_on_and_progress_resets_the_count(m
     # Failures at calls 2, 4, 6, 8: each followed by a good step.
     # (max_streams 8: Flaky drops the worker's streams but not their cache slots)
     spaced = Flaky(GeneratorWorker(model, max_streams=8), fail_at={2, 4, 6, 8})
-    orch = Orchestrator([spaced], max_failures=1)
+    orch = Orchestrator([spaced], max_failures=2)
     np.testing.assert_array_equal(frames_of(orch, orch.submit(req)), reference(model, req))
-    # From call 3 on every step fails: given up after max_failures + 1 in a row.
+    # From call 3 on every step fails: given up at the max_failures-th in a row.
     poison = Flaky(GeneratorWorker(model, max_streams=4), fail_at=set(range(3, 100)))
-    orch = Orchestrator([poison], max_failures=2)
+    orch = Orchestrator([poison], max_failures=3)
     out = tmp_path / "v.mp4"
     with pytest.raises(NoProgress, match="3 executor failures in a row"):
         render(orch, req, out, segment_clips=1, progress=False)
@@ -977,3 +977,57 @@ def test_a_render_removes_the_temp_files_a_killed_one_left(model, tmp_path):
         path.write_bytes(b"x" * 100)
     render(Orchestrator(local(model)), request_for(model, frames=8), out, progress=False)
     assert not any(p.exists() for p in stale) and all(p.exists() for p in others)
+
+
+def test_a_truth_that_failed_to_save_does_not_let_a_clip_in_twice(model, tmp_path):
+    """The segment was out but its truth save raised: the clip, given again by the next
+    run, went into the next segment a second time."""
+    from workers.render import SegmentSink
+
+    saved = []
+
+    def save(clips):
+        if clips == 2:
+            raise OSError("disk full")
+        saved.append(clips)
+
+    sink = SegmentSink(tmp_path, 8, 1, 0, save, lossless=True)
+    frames = np.zeros((2, 16, 16, 3), np.uint8)
+    sink.put(Clip(0, 0, frames))
+    with pytest.raises(OSError, match="disk full"):
+        sink.put(Clip(0, 1, frames))
+    with pytest.raises(RuntimeError):
+        sink.put(Clip(0, 1, frames))  # the same clip again
+    with pytest.raises(RuntimeError, match="expected clip 0, got clip 1"):
+        SegmentSink(tmp_path / "b", 8, 1, 0, save).put(Clip(0, 1, frames))
+    assert saved == [1]
+
+
+def test_the_render_lock_is_not_won_on_a_file_its_holder_removed(tmp_path, monkeypatch):
+    """B opened the lock file, then A removed it and let go, then B's flock succeeded on
+    the removed file while C could lock a new one: two holders. A lock counts only on the
+    file at its path, so B takes that one."""
+    import fcntl
+    import os
+
+    from workers.render import _lock, lock_file
+
+    out = tmp_path / "v.mp4"
+    a = _lock(out)
+    real, calls = fcntl.flock, []
+
+    def a_lets_go_first(fd, op):
+        if not calls:  # between B's open and B's flock
+            lock_file(out).unlink()
+            os.close(a)
+        calls.append(fd)
+        return real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", a_lets_go_first)
+    b = _lock(out)
+    assert len(calls) == 2  # the lock won on the removed file was given up, and retried
+    assert os.fstat(b).st_ino == os.stat(lock_file(out)).st_ino
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="being rendered by another process"):
+        _lock(out)  # C does not get it
+    os.close(b)

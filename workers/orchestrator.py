@@ -143,8 +143,8 @@ class Orchestrator:
     only actor death counts); ``queue_clips``: clips a stream may have made but not yet
     delivered to its sink; ``replace``: called with a failed executor that could not be
     recovered, returns a new executor (or None to drop it; its streams move to the others
-    as their slots allow, waiting their turn when all are full); ``max_failures``: executor
-    failures a stream may go through in a row without making a clip before the loop gives
+    as their slots allow, waiting their turn when all are full); ``max_failures``: at this
+    many executor failures in a row without a clip made between them, a stream's loop gives
     up (``NoProgress``).
 
     Each executor holds at most its ``max_streams`` streams at once: a ``submit`` past that
@@ -487,7 +487,7 @@ class Orchestrator:
         for s in self.streams.values():
             if s.executor == index and not s.done:
                 s.failures += 1
-                if s.failures > self.max_failures:
+                if s.failures >= self.max_failures:
                     raise NoProgress(
                         f"stream {s.key} went through {s.failures} executor failures in a row "
                         f"without making a clip (last: {err}); a step that always fails or "

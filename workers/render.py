@@ -77,6 +77,8 @@ class SegmentSink:
         return 1 << 30  # writes synchronously; the orchestrator's queue bound applies
 
     def put(self, clip: Clip) -> None:
+        if clip.clip != self.clips:
+            raise RuntimeError(f"expected clip {self.clips}, got clip {clip.clip}")
         if self.failed is not None:
             # A write failed part way: the open segment holds part of a clip; taking the
             # clip again would write it twice. The render resumes from its last truth.
@@ -105,7 +107,11 @@ class SegmentSink:
     def _flush(self) -> None:
         self.writer.close()
         self.writer, self.in_segment = None, 0
-        self.on_flush(self.clips)
+        try:
+            self.on_flush(self.clips)
+        except BaseException as err:  # the segment is out but its truth is not: a clip
+            self.failed = err  # given again would go into the next segment twice
+            raise
 
 
 def parts_folder(out: Path) -> Path:
@@ -212,16 +218,24 @@ def _lock(out: Path) -> int | None:
     except ImportError:  # pragma: no cover - not on Linux or macOS
         return None
     path = lock_file(out)
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ValueError(
+                f"out={str(out)!r} is being rendered by another process right now (it holds "
+                f"{path.name}); wait for it or choose another out"
+            ) from None
+        # Its holder removes the file before it lets go: a lock won on a file no longer
+        # at ``path`` locks nothing anyone else sees, so take the one there now.
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
         os.close(fd)
-        raise ValueError(
-            f"out={str(out)!r} is being rendered by another process right now (it holds "
-            f"{path.name}); wait for it or choose another out"
-        ) from None
-    return fd
 
 
 def _remove_stale_temps(out: Path, folder: Path) -> None:

@@ -294,9 +294,10 @@ def _check_snapshot(
     held = sum(c.frames for c in chunks)
     expected = -torch.ones(spec.window, dtype=torch.int64)
     for c in chunks:
-        slots = [(c.start_slot + i) % spec.window for i in range(c.frames)]
-        if not (0 <= c.start_slot < spec.window and c.frames >= 1 and c.first_frame >= 0):
+        fits = 0 <= c.start_slot < spec.window and 1 <= c.frames <= spec.window
+        if not (fits and c.first_frame >= 0):
             raise ValueError(f"snapshot chunk {c} does not fit a window of {spec.window}")
+        slots = [(c.start_slot + i) % spec.window for i in range(c.frames)]
         expected[slots] = torch.arange(c.first_frame, c.first_frame + c.frames)
     last = chunks[-1].first_frame + chunks[-1].frames if chunks else None
     if (
