@@ -11,7 +11,8 @@ def check_int(name: str, value: object, minimum: int | None = None) -> int:
     """``value`` as an int; bool (an int subclass: True as a count is a bug, not a 1) and
     non-integers are refused, as is anything below ``minimum``."""
     if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
-        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+        at_least = "" if minimum is None else f" >= {minimum}"
+        raise ValueError(f"{name} must be an int{at_least}, got {value!r} ({type(value).__name__})")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)

@@ -24,6 +24,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from vidgen.validate import check_int
+
 MIN_FPS = 1 / 1001  # the lowest frame rate an mp4 of vidgen can carry
 # The guidance of requests that leave it unset, on a model whose card names none.
 DEFAULT_GUIDANCE = 2.0
@@ -70,12 +72,12 @@ class GenerationRequest:
     contrast: float | None = None
 
     def __post_init__(self) -> None:
-        self.frames = _integer("frames", self.frames, 1)
-        self.seed = _integer("seed", self.seed, 0)
-        self.steps = _integer("steps", self.steps, 1)
-        self.top_k = _integer("top_k", self.top_k, 0)
+        self.frames = check_int("frames", self.frames, 1)
+        self.seed = check_int("seed", self.seed, 0)
+        self.steps = check_int("steps", self.steps, 1)
+        self.top_k = check_int("top_k", self.top_k, 0)
         if self.label is not None:
-            self.label = _integer("label", self.label, 0)
+            self.label = check_int("label", self.label, 0)
         if self.guidance is not None:
             self.guidance = check_guidance(self.guidance)
         self.fps = _number("fps", self.fps)
@@ -446,14 +448,6 @@ def _array(name: str, value: Any) -> np.ndarray:
         return np.asarray(value)
     except (ValueError, TypeError) as err:  # e.g. rows of different lengths
         raise ValueError(f"{name} must be a rectangular array of numbers: {err}") from err
-
-
-def _integer(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _number(name: str, value: Any) -> float:

@@ -237,7 +237,7 @@ def _render_group(
                     continue
                 job = RenderJob(
                     item.request,
-                    out / f"{item.id}.mp4",
+                    path,
                     segment_clips,
                     lossless,
                     progress=False,
