@@ -305,43 +305,86 @@ print(json.dumps({"status": str(status), "logs": client.get_job_logs(job)[-3000:
 """
 
 
+def head_log_tail(tmp_path: Path) -> str:
+    logs = sorted(tmp_path.glob("head-*.log"))
+    return logs[-1].read_text()[-3000:] if logs else "(no log)"
+
+
+def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
+    import signal
+
+    try:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=30)
+    except ProcessLookupError:
+        pass  # it has exited already
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=30)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def start_token_head(env: dict, tmp_path: Path, attempts: int = 3):
+    """Start a second Ray head (``ray start --head --block``); returns (process, dashboard port,
+    temp dir) once it says "Ray runtime started.".
+
+    Ray gives its raylet a fixed 30 s to register with its GCS; on a loaded CI machine a first
+    start has timed out that way ("The current node timed out during startup"). Such a start is
+    tried again, on fresh ports and a fresh temp dir, up to ``attempts`` times.
+    """
+    failures = []
+    for attempt in range(attempts):
+        gcs, dashboard = free_port(), free_port()
+        # Ray's unix sockets live under the temp dir and their paths must stay under 108
+        # bytes: pytest's tmp_path is too deep.
+        temp_dir = tempfile.mkdtemp(prefix="vg-ray-", dir="/tmp")
+        head_log = tmp_path / f"head-{attempt}.log"
+        with head_log.open("w") as log:
+            head = subprocess.Popen(
+                [
+                    "ray",
+                    "start",
+                    "--head",
+                    "--block",
+                    f"--port={gcs}",
+                    f"--dashboard-port={dashboard}",
+                    # The session's Ray instance (ray_session) holds the default agent ports:
+                    # a second head on them gets no job agent ("No available agent to submit
+                    # job").
+                    f"--dashboard-agent-listen-port={free_port()}",
+                    f"--dashboard-agent-grpc-port={free_port()}",
+                    f"--metrics-export-port={free_port()}",
+                    f"--runtime-env-agent-port={free_port()}",
+                    f"--ray-client-server-port={free_port()}",
+                    "--num-cpus=2",
+                    "--num-gpus=0",
+                    "--include-dashboard=true",
+                    "--disable-usage-stats",
+                    f"--temp-dir={temp_dir}",
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if "Ray runtime started." in head_log.read_text():
+                return head, dashboard, temp_dir
+            if head.poll() is not None:
+                break
+            time.sleep(0.5)
+        failures.append(head_log.read_text()[-1500:])
+        stop_head(head, temp_dir)
+    raise AssertionError(f"ray start --head failed {attempts} times:\n" + "\n---\n".join(failures))
+
+
 def test_ray_job_submit_with_token_auth(models, tmp_path):
     import secrets
-    import signal
 
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     env.pop("RAY_ADDRESS", None)
-    gcs, dashboard = free_port(), free_port()
-    # Ray's unix sockets live under the temp dir and their paths must stay under 108 bytes:
-    # pytest's tmp_path is too deep.
-    temp_dir = tempfile.mkdtemp(prefix="vg-ray-", dir="/tmp")
-    head_log = tmp_path / "head.log"
-    head = subprocess.Popen(
-        [
-            "ray",
-            "start",
-            "--head",
-            "--block",
-            f"--port={gcs}",
-            f"--dashboard-port={dashboard}",
-            # The session's Ray instance (ray_session) holds the default agent ports: a
-            # second head on them gets no job agent ("No available agent to submit job").
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
-            f"--ray-client-server-port={free_port()}",
-            "--num-cpus=2",
-            "--num-gpus=0",
-            "--include-dashboard=true",
-            "--disable-usage-stats",
-            f"--temp-dir={temp_dir}",
-        ],
-        env=env,
-        stdout=head_log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    head, dashboard, temp_dir = start_token_head(env, tmp_path)
     try:
         items = tmp_path / "items.jsonl"
         items.write_text(
@@ -372,7 +415,7 @@ def test_ray_job_submit_with_token_auth(models, tmp_path):
         deadline = time.time() + 360
         result = None
         while time.time() < deadline:  # the dashboard takes a moment to come up
-            assert head.poll() is None, f"ray start --head exited: {head_log.read_text()[-3000:]}"
+            assert head.poll() is None, f"ray start --head exited: {head_log_tail(tmp_path)}"
             proc = subprocess.run(
                 [sys.executable, "-c", SUBMIT, address, entrypoint, json.dumps(runtime_env)],
                 env=env,
@@ -403,12 +446,7 @@ def test_ray_job_submit_with_token_auth(models, tmp_path):
         )
         assert refused.returncode != 0
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        stop_head(head, temp_dir)
 
 
 def test_waiting_for_the_first_result_does_not_wait_for_the_rest(ray_session):
