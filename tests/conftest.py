@@ -1,9 +1,22 @@
 """Shared test setup: test-size models are tiny, so one torch thread is fastest and keeps
 timings steady when other processes share the CPU."""
 
+import os
+import sys
+from pathlib import Path
+
 import torch
 
 torch.set_num_threads(1)
+
+# Ray starts its workers at nice 15: with anything else busy on the machine (another CI job)
+# an actor then took over 120 s to load a test model (1 s when idle) and missed its start
+# timeout. Every Ray instance the tests start, in this process or in subprocesses (vidgen
+# render, the batch job, a second head), inherits this.
+os.environ.setdefault("RAY_worker_niceness", "0")
+# Subprocesses run this environment's `vidgen` and `ray`, even when pytest was started by the
+# venv's python without the venv activated.
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
 import pytest  # noqa: E402
@@ -15,6 +28,8 @@ def ray_session():
     tested on a CPU machine (DEVELOPERS.md)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    from workers.cluster import connect
+
+    connect("", num_cpus=2, num_gpus=2)  # a local start, tried again if it times out
     yield ray
     ray.shutdown()

@@ -597,12 +597,14 @@ class _Delayed(LocalExecutor):
     def __init__(self, worker, delay: float, name: str, hang_at: int = 0) -> None:
         super().__init__(worker, name)
         self.delay, self.kills, self.model = delay, 0, worker.model_name
-        self.hang_at, self.steps = hang_at, 0  # step call hang_at takes 2 s instead
+        # Step call hang_at takes 60 s instead: far past the timeout, so a stalled test process
+        # cannot see it finish before the loop looks at it (it is killed and never waited for).
+        self.hang_at, self.steps = hang_at, 0
 
     def step(self, keys, epochs, snapshot_keys):
         self.steps += 1
         handle = super().step(keys, epochs, snapshot_keys)
-        handle.at = time.monotonic() + (2.0 if self.steps == self.hang_at else self.delay)
+        handle.at = time.monotonic() + (60.0 if self.steps == self.hang_at else self.delay)
         return handle
 
     def decode(self, clips):
@@ -1031,3 +1033,39 @@ def test_the_render_lock_is_not_won_on_a_file_its_holder_removed(tmp_path, monke
     with pytest.raises(ValueError, match="being rendered by another process"):
         _lock(out)  # C does not get it
     os.close(b)
+
+
+def test_a_local_ray_start_that_times_out_is_tried_again(monkeypatch):
+    """Ray's fixed 30 s node registration can miss on a loaded machine; connect("") tries a
+    local start again (after a shutdown) up to `attempts` times, and other errors at once."""
+    import workers.cluster as cluster
+
+    calls, shutdowns = [], []
+    timeout = Exception("The current node timed out during startup. This could happen ...")
+
+    def fake_init(**kwargs):
+        calls.append(kwargs)
+        if len(calls) <= failures:
+            raise error
+
+    monkeypatch.setattr(cluster.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(cluster.ray, "init", fake_init)
+    monkeypatch.setattr(cluster.ray, "shutdown", lambda: shutdowns.append(1))
+    monkeypatch.setattr(cluster.ray, "cluster_resources", lambda: {})
+
+    failures, error = 2, timeout
+    assert cluster.connect("", num_cpus=2, num_gpus=1) is True
+    assert len(calls) == 3 and len(shutdowns) == 2
+    assert calls[-1]["address"] == "local" and calls[-1]["num_gpus"] == 1
+
+    calls.clear()
+    failures = 3
+    with pytest.raises(Exception, match="timed out during startup"):
+        cluster.connect("", attempts=3)
+    assert len(calls) == 3
+
+    calls.clear()
+    failures, error = 1, ValueError("bad num_gpus")
+    with pytest.raises(ValueError, match="bad num_gpus"):
+        cluster.connect("")
+    assert len(calls) == 1

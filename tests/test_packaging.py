@@ -17,7 +17,9 @@ def wheel(tmp_path_factory) -> Path:
     # Build from a copy: an in-tree build leaves build/ behind, whose stale files would end
     # up in later wheels.
     src = tmp_path_factory.mktemp("src") / "vidgen"
-    ignore = shutil.ignore_patterns(".git", ".venv*", "build", "*.egg-info", "__pycache__", "*.mp4")
+    ignore = shutil.ignore_patterns(
+        ".git", ".venv*", "build", "*.egg-info", "__pycache__", "*.mp4", "runs", "outputs"
+    )
     shutil.copytree(ROOT, src, ignore=ignore)
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(

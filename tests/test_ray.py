@@ -99,23 +99,27 @@ def test_killed_actors_lose_and_duplicate_nothing(
     req = request_for(model)
     executor = KillingExecutor(model, max_restarts=max_restarts, kill_at={2, 4, 6})
     orch = Orchestrator([executor], replace=lambda failed: failed.replacement())
-    out = render(orch, req, tmp_path / "v.mp4", segment_clips=2, lossless=True, progress=False)
-    assert orch.failures >= 3
-    np.testing.assert_array_equal(read_video(out.path).numpy(), reference(model, req))
-    for e in orch.executors:
-        if e is not None:
-            e.kill()
+    try:
+        out = render(orch, req, tmp_path / "v.mp4", segment_clips=2, lossless=True, progress=False)
+        assert orch.failures >= 3
+        np.testing.assert_array_equal(read_video(out.path).numpy(), reference(model, req))
+    finally:  # a failure must not leave the session's 2 logical GPUs taken
+        for e in orch.executors:
+            if e is not None:
+                e.retire()
 
 
 def test_render_through_ray_equals_in_process(ray_session, models, tmp_path):
     model = models["diffusion"]
     req = request_for(model, frames=32)
     executors = [RayExecutor(model), RayExecutor(model)]
-    orch = Orchestrator(executors)
-    out = render(orch, req, tmp_path / "v.mp4", lossless=True, progress=False)
-    np.testing.assert_array_equal(read_video(out.path).numpy(), reference(model, req))
-    for e in executors:
-        e.kill()
+    try:
+        orch = Orchestrator(executors)
+        out = render(orch, req, tmp_path / "v.mp4", lossless=True, progress=False)
+        np.testing.assert_array_equal(read_video(out.path).numpy(), reference(model, req))
+    finally:
+        for e in executors:
+            e.retire()
 
 
 def test_an_actor_killed_for_good_leaves_its_streams_to_the_survivor(ray_session, models):
@@ -283,11 +287,21 @@ def test_vidgen_render_runs_on_cpu_actors_without_gpus(models, tmp_path):
 
 
 def free_port() -> int:
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports: all bound at once, so none is handed out twice."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 SUBMIT = """
@@ -315,7 +329,7 @@ def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
 
     try:
         os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=30)
+        head.wait(timeout=5)  # it would drain for up to 30 s: not needed for a test
     except ProcessLookupError:
         pass  # it has exited already
     except subprocess.TimeoutExpired:
@@ -334,7 +348,7 @@ def start_token_head(env: dict, tmp_path: Path, attempts: int = 3):
     """
     failures = []
     for attempt in range(attempts):
-        gcs, dashboard = free_port(), free_port()
+        gcs, dashboard, agent, agent_grpc, metrics, runtime_env, client = free_ports(7)
         # Ray's unix sockets live under the temp dir and their paths must stay under 108
         # bytes: pytest's tmp_path is too deep.
         temp_dir = tempfile.mkdtemp(prefix="vg-ray-", dir="/tmp")
@@ -351,11 +365,11 @@ def start_token_head(env: dict, tmp_path: Path, attempts: int = 3):
                     # The session's Ray instance (ray_session) holds the default agent ports:
                     # a second head on them gets no job agent ("No available agent to submit
                     # job").
-                    f"--dashboard-agent-listen-port={free_port()}",
-                    f"--dashboard-agent-grpc-port={free_port()}",
-                    f"--metrics-export-port={free_port()}",
-                    f"--runtime-env-agent-port={free_port()}",
-                    f"--ray-client-server-port={free_port()}",
+                    f"--dashboard-agent-listen-port={agent}",
+                    f"--dashboard-agent-grpc-port={agent_grpc}",
+                    f"--metrics-export-port={metrics}",
+                    f"--runtime-env-agent-port={runtime_env}",
+                    f"--ray-client-server-port={client}",
                     "--num-cpus=2",
                     "--num-gpus=0",
                     "--include-dashboard=true",
