@@ -224,7 +224,7 @@ def test_a_request_the_model_refuses_exits_2_without_a_traceback(
         """An actor's refusal as Ray hands it over: a RayTaskError that is also the
         ValueError, its text the remote traceback."""
 
-        def open(self, key, request):
+        def open(self, key, request, timeout=None):
             from ray.exceptions import RayTaskError
 
             try:

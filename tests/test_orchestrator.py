@@ -471,7 +471,7 @@ def test_an_executor_lost_while_items_are_admitted_fails_them_all_cleanly(models
     class DiesAtSecondOpen(LocalExecutor):
         opens, dead = 0, False
 
-        def open(self, key, req):
+        def open(self, key, req, timeout=None):
             self.opens += 1
             if self.opens == 2:
                 self.dead = True
@@ -566,7 +566,7 @@ def test_a_failure_while_restoring_opens_no_stream_twice(model):
                 return self._call(_raise)
             return super().step(keys, epochs, snapshot_keys)
 
-        def restore(self, key, snapshot):
+        def restore(self, key, snapshot, timeout=None):
             self.restores += 1
             if self.restores == 1:
                 raise ExecutorFailed("died again while restoring")
@@ -653,6 +653,61 @@ def test_only_steps_still_running_past_the_timeout_are_killed(model):
     got = frames_of(orch, orch.submit(req))
     assert stuck.kills == 1 and orch.failures == 1
     np.testing.assert_array_equal(got, reference(model, req))
+
+
+class _Serial(_Delayed):
+    """An actor's one-call-at-a-time: an open or restore waits for the step in flight, and
+    raises TimeoutError (as ``ray.get`` does) when that would take past its timeout."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.timeouts, self.in_flight = [], []
+
+    def _queue_behind_steps(self, timeout):
+        self.timeouts.append(timeout)
+        busy_until = max((h.at for h in self.in_flight if h.at > time.monotonic()), default=0.0)
+        wait = busy_until - time.monotonic()
+        if timeout is not None and wait > timeout:
+            time.sleep(timeout)
+            raise TimeoutError(f"open waited {timeout}s for a step")
+        time.sleep(max(0.0, wait))
+
+    def step(self, keys, epochs, snapshot_keys):
+        handle = super().step(keys, epochs, snapshot_keys)
+        self.in_flight.append(handle)
+        return handle
+
+    def open(self, key, request, timeout=None):
+        self._queue_behind_steps(timeout)
+        super().open(key, request)
+
+    def restore(self, key, snapshot, timeout=None):
+        self._queue_behind_steps(timeout)
+        super().restore(key, snapshot)
+
+    def kill(self):
+        super().kill()
+        self.in_flight.clear()
+
+
+def test_an_open_behind_a_hung_step_times_out_and_the_actor_is_killed(model):
+    """A stream submitted while its actor's step hangs: the open (which waits for that step)
+    gives up after 2 x step_timeout instead of blocking the loop for good, the actor is
+    killed and both streams come out whole."""
+    first, second = request_for(model, frames=32, seed=1), request_for(model, frames=24, seed=2)
+    stuck = _Serial(GeneratorWorker(model, max_streams=4), 0.01, "stuck", hang_at=2)
+    orch = Orchestrator([stuck], step_timeout=0.3)
+    a = orch.submit(first, sink=QueueSink(capacity=64))
+    orch.run(until=lambda: stuck.steps >= 2)  # step 2, the hung one, is in flight
+    started = time.monotonic()
+    b = orch.submit(second, sink=QueueSink(capacity=64))
+    assert time.monotonic() - started < 30  # not the 60 s of the hung step
+    assert stuck.timeouts[-2:] == [0.6, 0.6]  # the open that timed out, then the retry
+    assert stuck.kills == 1 and orch.failures == 1
+    orch.run()
+    for key, req in ((a, first), (b, second)):
+        got = np.concatenate([c.frames for c in orch.streams[key].sink.queue])
+        np.testing.assert_array_equal(got, reference(model, req))
 
 
 def test_an_abandoned_iterator_frees_its_stream_and_render_waits_only_for_its_own(model, tmp_path):

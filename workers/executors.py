@@ -28,9 +28,12 @@ class Executor(Protocol):
     name: str
     info: dict[str, Any]
 
-    def open(self, key: int, request: GenerationRequest) -> None: ...
+    def open(self, key: int, request: GenerationRequest, timeout: float | None = None) -> None:
+        """Open stream ``key``; past ``timeout`` seconds (None: no limit) raise a
+        ``TimeoutError``, leaving the executor to be killed."""
+        ...
 
-    def restore(self, key: int, snapshot: StreamSnapshot) -> None: ...
+    def restore(self, key: int, snapshot: StreamSnapshot, timeout: float | None = None) -> None: ...
 
     def close(self, key: int) -> None: ...
 
@@ -70,10 +73,10 @@ class LocalExecutor:
         except Exception as err:  # surfaced by result(), as a remote error would be
             return _Done(error=err)
 
-    def open(self, key: int, request: GenerationRequest) -> None:
-        self.worker.open(key, request)
+    def open(self, key: int, request: GenerationRequest, timeout: float | None = None) -> None:
+        self.worker.open(key, request)  # in-process: nothing to wait for
 
-    def restore(self, key: int, snapshot: StreamSnapshot) -> None:
+    def restore(self, key: int, snapshot: StreamSnapshot, timeout: float | None = None) -> None:
         self.worker.restore(key, snapshot)
 
     def close(self, key: int) -> None:
@@ -121,11 +124,13 @@ class RayExecutor:
         )
         self.name = name or f"actor-{self.info['pid']}"
 
-    def open(self, key: int, request: GenerationRequest) -> None:
-        ray.get(self.handle.open.remote(key, request))
+    # An actor runs its calls one at a time: an open or restore waits for the step in flight
+    # on it, so one that hangs would hang the caller too without a timeout.
+    def open(self, key: int, request: GenerationRequest, timeout: float | None = None) -> None:
+        ray.get(self.handle.open.remote(key, request), timeout=timeout)
 
-    def restore(self, key: int, snapshot: StreamSnapshot) -> None:
-        ray.get(self.handle.restore.remote(key, snapshot))
+    def restore(self, key: int, snapshot: StreamSnapshot, timeout: float | None = None) -> None:
+        ray.get(self.handle.restore.remote(key, snapshot), timeout=timeout)
 
     def close(self, key: int) -> None:
         self.handle.close.remote(key)

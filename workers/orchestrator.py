@@ -140,12 +140,13 @@ class Orchestrator:
 
     ``executors``: the workers to use; ``snapshot_every``: clips between full checkpoints of
     a stream's cache; ``step_timeout``: seconds after which a step counts as failed (None:
-    only actor death counts); ``queue_clips``: clips a stream may have made but not yet
-    delivered to its sink; ``replace``: called with a failed executor that could not be
-    recovered, returns a new executor (or None to drop it; its streams move to the others
-    as their slots allow, waiting their turn when all are full); ``max_failures``: at this
-    many executor failures in a row without a clip made between them, a stream's loop gives
-    up (``NoProgress``).
+    only actor death counts), and, doubled, the most an open or restore of a stream may
+    take (it waits for the step in flight on its actor); ``queue_clips``: clips a stream may
+    have made but not yet delivered to its sink; ``replace``: called with a failed executor
+    that could not be recovered, returns a new executor (or None to drop it; its streams
+    move to the others as their slots allow, waiting their turn when all are full);
+    ``max_failures``: at this many executor failures in a row without a clip made between
+    them, a stream's loop gives up (``NoProgress``).
 
     Each executor holds at most its ``max_streams`` streams at once: a ``submit`` past that
     is refused by the generator (its cache is full), so submit at most that many and the
@@ -268,14 +269,20 @@ class Orchestrator:
         """Open (or restore from its truth) ``stream`` on its executor."""
         executor = self.executors[stream.executor]
         truth = stream.truth_at(stream.accepted)
+        # The call queues behind the step in flight on that executor (at most a step_timeout)
+        # and then does about a step's work of its own.
+        timeout = None if self.step_timeout is None else 2 * self.step_timeout
         try:
             if truth.cache is None and not truth.pending:
-                executor.open(stream.key, stream.request)
+                executor.open(stream.key, stream.request, timeout=timeout)
             else:
-                executor.restore(stream.key, truth)
+                executor.restore(stream.key, truth, timeout=timeout)
         except Exception as err:
             if not _is_failure(err):
                 raise
+            if isinstance(err, TimeoutError):  # hung: kill it, as a step past its timeout
+                log.warning("open/restore on executor %s exceeded %.1fs", stream.executor, timeout)
+                executor.kill()
             self._fail(stream.executor, err)
 
     # --- the loop ----------------------------------------------------------------------------
