@@ -333,6 +333,7 @@ def test_a_snapshot_file_whose_contents_do_not_fit_is_refused_by_name(tmp_path):
         ("label", "3", r"label must be an int"),
         ("guidance", float("nan"), r"guidance must be finite"),
         ("guidance", -1.0, r"guidance must be >= 0"),
+        ("guidance", 1e39, r"guidance must be <= 100"),
         ("fps", 0, r"fps must be >= 1/1001"),
         ("fps", 1e-4, r"fps must be >= 1/1001"),
         ("fps", "8", r"fps must be a number"),
@@ -554,6 +555,7 @@ def test_contrast_is_checked_and_for_diffusion_models_only():
         (0, "contrast must be > 0"),
         (float("nan"), "contrast must be finite"),
         ("2", "contrast must be a number"),
+        (10.5, "contrast must be <= 10"),
     ]:
         with pytest.raises(ValueError, match=message):
             GenerationRequest(frames=8, contrast=bad)

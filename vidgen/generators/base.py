@@ -458,12 +458,20 @@ def _number(name: str, value: Any) -> float:
     return int(value) if isinstance(value, int | np.integer) else float(value)
 
 
+# Far past any useful setting (guidance is used at 1-10, contrast near 1): a larger value is a
+# typo, and one past float32's range made NaN videos without a word.
+MAX_GUIDANCE = 100.0
+MAX_CONTRAST = 10.0
+
+
 def check_guidance(value: Any) -> float:
     """A classifier-free guidance scale (``GenerationRequest.guidance``, a model's default):
-    a finite number >= 0 (1 = off)."""
+    a finite number in [0, ``MAX_GUIDANCE``] (1 = off)."""
     value = _number("guidance", value)
     if value < 0:
         raise ValueError(f"guidance must be >= 0 (1 = off), got {value}")
+    if value > MAX_GUIDANCE:
+        raise ValueError(f"guidance must be <= {MAX_GUIDANCE:g} (1 = off), got {value}")
     return value
 
 
@@ -476,10 +484,12 @@ def setting(request: GenerationRequest, name: str, default: float) -> float:
 
 def check_contrast(value: Any) -> float:
     """A latent contrast factor (``GenerationRequest.contrast``, a model's default): a finite
-    number > 0, as a float."""
+    number in (0, ``MAX_CONTRAST``], as a float."""
     value = float(_number("contrast", value))
     if not value > 0:
         raise ValueError(f"contrast must be > 0 (1 = off), got {value}")
+    if value > MAX_CONTRAST:
+        raise ValueError(f"contrast must be <= {MAX_CONTRAST:g} (1 = off), got {value}")
     return value
 
 
