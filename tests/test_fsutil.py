@@ -80,3 +80,31 @@ def test_temp_files_are_new_hidden_and_distinct(tmp_path, suffix):
     assert len(names) == 20
     assert all(n.name.startswith(".x.") and n.name.endswith(suffix) for n in names)
     assert all(n.exists() and n.stat().st_size == 0 for n in names)
+
+
+def test_remove_temps_takes_only_the_temp_files_a_writer_left(tmp_path):
+    left = [
+        fsutil.temp_beside(tmp_path / name, suffix)
+        for name, suffix in [
+            ("state.safetensors", ".tmp"),
+            ("step-000010.mp4", ".tmp.mp4"),
+            ("clips.npy", ".tmp.npy"),
+        ]
+    ]
+    kept = [
+        ".gitkeep",
+        ".state.tmp",
+        "state.safetensors",
+        ".a.0123456.tmp",
+        ".a.0123456g.tmp",
+        "x.01234567.tmp",
+    ]
+    for name in kept:
+        (tmp_path / name).write_text("keep")
+    (tmp_path / ".sub.01234567.tmp").mkdir()  # a folder of that name is not a temp file
+    assert all(p.exists() for p in left)
+    assert fsutil.remove_temps(tmp_path) == 3
+    assert not any(p.exists() for p in left)
+    assert all((tmp_path / name).exists() for name in kept)
+    assert (tmp_path / ".sub.01234567.tmp").is_dir()
+    assert fsutil.remove_temps(tmp_path / "missing") == 0

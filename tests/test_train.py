@@ -590,7 +590,16 @@ def test_max_seconds_exports_the_model_as_it_is_and_resumes(tmp_path):
         "train", [*kl, "train.steps=4", "train.max_seconds=1e-9", "out=" + str(tmp_path)]
     )
     boxed.name = "model"
+    # What a run killed while saving leaves behind: removed when the run starts again.
+    (tmp_path / "samples").mkdir()
+    stale = [
+        tmp_path / ".state.0a1b2c3d.tmp",
+        tmp_path / "samples" / ".step-000004.0a1b2c3d.tmp.mp4",
+    ]
+    for path in stale:
+        path.write_bytes(b"half a file")
     path = run_train(boxed)
+    assert not any(p.exists() for p in stale)
     assert path.name == "model.safetensors"
     assert checkpoint.load(path).card["steps"] == 1
     assert checkpoint.load(tmp_path / "state.safetensors").card["step"] == 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import stat
 from pathlib import Path
@@ -32,6 +33,24 @@ def temp_beside(path: Path, suffix: str = ".tmp") -> Path:
             continue
         os.close(fd)
         return tmp
+
+
+# The names temp_beside makes: ".<stem>.<8 hex><suffix>", every suffix starting ".tmp".
+_TEMP_NAME = re.compile(r"\..*\.[0-9a-f]{8}\.tmp(\.[^/]*)?")
+
+
+def remove_temps(folder: Path) -> int:
+    """Remove the temporary files a killed writer left in ``folder`` (its files named as
+    ``temp_beside`` names them; nothing else, no subfolders); returns how many. Only for a
+    folder no other process is writing to."""
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for path in folder.iterdir():
+        if _TEMP_NAME.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def _fsync(path: Path) -> None:
