@@ -352,10 +352,15 @@ def _decode(info: VideoInfo, indices: range, backend: Backend) -> np.ndarray:
 
 
 def read_metadata(path: PathLike) -> dict[str, str]:
-    """Container-level tags of `path` (as given to VideoWriter), without the muxer's own."""
+    """Container-level tags of `path` (as given to VideoWriter), without the muxer's own.
+    Matroska (``.mkv``, ``.webm``) stores tag names upper-case: there they come back
+    lower-case, so the lower-case keys vidgen writes (``comment``) read back as written."""
     path = Path(path)
     with _open_input(path) as container:
         tags = dict(container.metadata)
+        matroska = "matroska" in container.format.name
+    if matroska:
+        tags = {key.lower(): value for key, value in tags.items()}
     return {key: value for key, value in tags.items() if key not in _MUXER_TAGS}
 
 
