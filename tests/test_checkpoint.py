@@ -181,11 +181,13 @@ def test_failed_save_keeps_the_old_file(saved, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "save_file", boom)
-    with pytest.raises(OSError, match="disk full"):
-        checkpoint.save(saved, make_model(4), TinyConfig(dim=4))
-    assert saved.read_bytes() == before
-    assert [p.name for p in saved.parent.iterdir()] == [saved.name]
+    for step in ("save_safetensors", "publish"):  # serialising, or after the temp file
+        with monkeypatch.context() as m:
+            m.setattr(checkpoint, step, boom)
+            with pytest.raises(OSError, match="disk full"):
+                checkpoint.save(saved, make_model(4), TinyConfig(dim=4))
+        assert saved.read_bytes() == before
+        assert [p.name for p in saved.parent.iterdir()] == [saved.name]
 
 
 def test_resolve(saved, tmp_path, monkeypatch):
@@ -240,3 +242,44 @@ def test_a_new_checkpoint_gets_the_mode_an_ordinary_file_would(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+
+
+def test_a_save_killed_at_any_moment_leaves_only_files_remove_temps_takes(tmp_path):
+    """safetensors' save_file wrote a temp file of its own (".tmpXXXXXX") that a killed run
+    left for good; every file a save leaves now is the target or one of our temp files."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from vidgen import fsutil
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    script = f"""
+from dataclasses import dataclass
+import torch
+from vidgen import checkpoint
+@dataclass
+class Config:
+    size: int = 1
+state = {{"w": torch.randn(4_000_000)}}
+print("ready", flush=True)
+while True:
+    checkpoint.save({str(folder / "x.safetensors")!r}, state, Config())
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        seen: set[str] = set()
+        end = time.monotonic() + 3.0
+        while time.monotonic() < end:  # every name the saves put in the folder
+            seen.update(p.name for p in folder.iterdir())
+    finally:
+        proc.send_signal(signal.SIGKILL)  # at whatever moment of a save
+        proc.wait()
+    assert "x.safetensors" in seen  # saves did finish while we watched
+    strays = [n for n in seen if n != "x.safetensors" and not fsutil._TEMP_NAME.fullmatch(n)]
+    assert not strays, f"files no cleanup can tell apart: {strays}"
+    fsutil.remove_temps(folder)
+    assert [p.name for p in folder.iterdir()] == ["x.safetensors"]

@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import re
-import stat
 import types
 import typing
 from collections.abc import Collection, Mapping
@@ -33,7 +32,7 @@ from typing import Any, TypeVar
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 
 import vidgen
 from vidgen.fsutil import publish, temp_beside
@@ -139,13 +138,15 @@ def _metadata(
 
 def _write(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     metadata = {**metadata, "digest": _digest(metadata, state)}
+    # Serialised here and written into our own temp file: safetensors' save_file writes a
+    # temp file of its own (".tmpXXXXXX", mode 0600) that a kill left behind for good, under
+    # a name no cleanup can tell from anything else's. It costs one copy in memory.
+    data = save_safetensors(state, metadata=metadata)
     tmp = temp_beside(path)
-    mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0666 less the umask
     try:
-        # safetensors writes a file of its own (mode 0600) and renames it over ``tmp``:
-        # the published checkpoint gets the mode an ordinary file would have.
-        save_file(state, tmp, metadata=metadata)
-        os.chmod(tmp, mode)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        del data
         publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
