@@ -852,3 +852,53 @@ def test_a_fine_tune_keeps_its_inits_sampling_defaults(tmp_path):
     card = checkpoint.load(train([*base, f"init={first}"], tmp_path / "b", 1)).card
     assert (card["guidance"], card["contrast"]) == (1.0, 1.15)
     assert card["sampling_defaults"] == f"from {first}"
+
+
+def test_one_run_at_a_time_uses_a_run_folder(tmp_path):
+    """A second run on the same out= is refused at once (it would clobber the first one's
+    state and remove the temp files it is writing); a folder that cannot be written is named
+    before anything is encoded."""
+    from vidgen import fsutil
+    from vidgen.train import LOCK_FILE, TrainSetupError
+
+    kl = make_autoencoder(tmp_path)
+    base = ["model=ca2vdm-test", *SMALL_BOUNCING, "data.clip_len=4", "data.num_clips=2"]
+    base += [f"frozen_tokenizer={kl}", "model.num_actions=0"]
+    out = tmp_path / "run"
+    out.mkdir()
+    writing = out / ".state.0a1b2c3d.tmp"  # the running one's state, being written
+    writing.write_bytes(b"half a file")
+    held = pytest.raises(TrainSetupError, match="another vidgen train is using out=")
+    with fsutil.exclusive(out / LOCK_FILE), held:  # held as a running `vidgen train` does
+        train(base, out, 1)
+    assert writing.exists() and not list(out.glob("*.safetensors"))
+    assert train(base, out, 1).name == "model.safetensors"  # free again
+    assert not writing.exists()  # now a killed run's leftover: removed
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(TrainSetupError, match="cannot write to out="):
+        train(base, tmp_path / "file" / "run", 1)
+
+
+def test_a_larps_held_out_clips_are_cached_apart_from_a_generators(tmp_path):
+    """The LARP's held-out cache keeps the videos too: in a folder where a generator cached
+    its held-out latents of the same data (no videos), the LARP read that file and failed."""
+    kl = make_autoencoder(tmp_path)
+    data = [*SMALL_BOUNCING, "data.clip_len=4", "data.num_clips=8", "data.eval_clips=2"]
+    gen = ["model=ca2vdm-test", *data, f"frozen_tokenizer={kl}", "model.num_actions=0"]
+    larp = [*LARP_SMALL, f"tokenizer.autoencoder={kl}"]
+    assert set(data) <= set(larp)
+    train(gen, tmp_path, 1)
+    cfg = load_config("train", [*larp, "train.steps=2", "train.resume=false", f"out={tmp_path}"])
+    cfg.name = "larp"
+    assert run_train(cfg).name == "larp.safetensors"
+    assert len(list(tmp_path.glob("latents+video-*-eval-*.safetensors"))) == 1
+
+
+def test_world_clips_are_keyed_by_the_worlds_version(monkeypatch):
+    from vidgen.data import DataConfig
+    from vidgen.train import encoded
+
+    data = DataConfig(name="bouncing")
+    before = encoded.data_description(data, "train")
+    monkeypatch.setattr(encoded, "WORLDS_VERSION", encoded.WORLDS_VERSION + 1)
+    assert encoded.data_description(data, "train") != before

@@ -11,10 +11,12 @@ race with other threads), or those of the file it replaces.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import secrets
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 STEM_BYTES = 64  # the hidden name stays well under 255 bytes for any valid final name
@@ -51,6 +53,18 @@ def remove_temps(folder: Path) -> int:
             path.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+@contextlib.contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing, never removed) while the
+    block runs; ``BlockingIOError`` at once if another process holds it."""
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _fsync(path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -11,9 +12,12 @@ import torch
 
 from vidgen import checkpoint
 from vidgen.data import DataConfig
+from vidgen.fsutil import exclusive, remove_temps
 from vidgen.train.loop import StepSampler, Task, TrainConfig, TrainSetupError, lr_at, train
 
 log = logging.getLogger(__name__)
+
+LOCK_FILE = ".train.lock"  # in the run folder: one vidgen train at a time uses a folder
 
 __all__ = [
     "StepSampler",
@@ -153,12 +157,30 @@ def run_train(cfg: TrainCommandConfig) -> Path:
     """Train (or resume) and export; returns the exported checkpoint's path."""
     if not cfg.name:
         raise ValueError("name must be set (the CLI fills it from the chosen preset)")
-    torch.manual_seed(cfg.train.seed)  # the model's initial weights are part of the run
-    try:
-        task = build_task(cfg)
-    except (FileNotFoundError, ValueError) as err:
-        raise TrainSetupError(str(err)) from err
-    return train(task, cfg.train, out_dir(cfg))
+    out = out_dir(cfg)
+    lock = out / LOCK_FILE
+    with contextlib.ExitStack() as held:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            held.enter_context(exclusive(lock))
+        except BlockingIOError:
+            raise TrainSetupError(
+                f"another vidgen train is using out={out} (it holds {lock}): wait for it to "
+                "end, or train in another folder"
+            ) from None
+        except OSError as err:  # a read-only or unwritable folder: say so before encoding
+            raise TrainSetupError(f"cannot write to out={out}: {err}") from err
+        # Under the lock the folder is this run's alone: the temp files a killed run left
+        # (its state, model, caches or a sample video being written) can go.
+        stale = sum(remove_temps(folder) for folder in (out, out / "samples"))
+        if stale:
+            log.info("removed %d temporary file(s) a killed run left in %s", stale, out)
+        torch.manual_seed(cfg.train.seed)  # the model's initial weights are part of the run
+        try:
+            task = build_task(cfg)
+        except (FileNotFoundError, ValueError) as err:
+            raise TrainSetupError(str(err)) from err
+        return train(task, cfg.train, out)
 
 
 def out_dir(cfg: TrainCommandConfig) -> Path:

@@ -24,6 +24,7 @@ from vidgen.data import DataConfig, build_dataset
 from vidgen.data.folder import video_files
 from vidgen.tokenizers.kl import KLAutoencoder, KLConfig
 from vidgen.train.loop import resolve_device
+from vidgen.worlds import WORLDS_VERSION
 
 # DataConfig fields that change batching or the other split, never the clips of this one.
 _NOT_CONTENT = {"batch_size", "num_workers"}
@@ -39,8 +40,8 @@ class EncodedClipsInfo:
 
 def data_description(data: DataConfig, split: str) -> str:
     """Every setting of ``data`` that decides the clips of ``split`` (source, clip length,
-    size, seed, the worlds' settings, folders), as canonical JSON. A folder is described by
-    its path and each video's name, size and modification time."""
+    size, seed, the worlds' settings and ``WORLDS_VERSION``, folders), as canonical JSON. A
+    folder is described by its path and each video's name, size and modification time."""
     if split not in _OTHER_SPLIT:
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     fields = asdict(data)
@@ -51,6 +52,8 @@ def data_description(data: DataConfig, split: str) -> str:
         root = root.expanduser()
         stats = [(str(p.relative_to(root)), p.stat()) for p in video_files(root)]
         fields["files"] = [[name, st.st_size, st.st_mtime_ns] for name, st in stats]
+    else:  # procedural: the same settings render other frames after a change to the worlds
+        fields["worlds_version"] = WORLDS_VERSION
     return json.dumps({"split": split, **fields}, sort_keys=True)
 
 

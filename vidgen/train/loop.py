@@ -32,7 +32,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from vidgen import checkpoint
-from vidgen.fsutil import remove_temps
 from vidgen.validate import check_int, check_number
 
 log = logging.getLogger(__name__)
@@ -354,11 +353,6 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
     state when ``stop_at`` ended this invocation early)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    # A run killed while writing (its state, the model, a sample video) left a hidden temp
-    # file behind; the run folder is this run's alone.
-    stale = sum(remove_temps(folder) for folder in (out, out / "samples"))
-    if stale:
-        log.info("removed %d temporary file(s) a killed run left in %s", stale, out)
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -181,7 +181,8 @@ def larp_task(
             eval_data = EncodedClips(
                 eval_data,
                 autoencoder,
-                cache_path(out, "latents", fingerprint, data, "eval"),
+                # Named apart from a generator's held-out latents, which hold no video.
+                cache_path(out, "latents+video", fingerprint, data, "eval"),
                 keep_video=True,
                 description=data_description(data, "eval"),
                 num_workers=data.num_workers,

@@ -25,6 +25,10 @@ from vidgen.worlds.bouncing import (
 )
 from vidgen.worlds.palette import OBJECT_COLOURS, ScenePalette
 
+# Raise when a change makes any world render other frames for the same settings and seed:
+# training caches of world clips are keyed by it (``vidgen.train.encoded.data_description``).
+WORLDS_VERSION = 1
+
 __all__ = [
     "AGENT_PALETTE",
     "BOUNCING_PALETTE",
@@ -35,6 +39,7 @@ __all__ = [
     "OBJECT_COLOURS",
     "RIGHT",
     "UP",
+    "WORLDS_VERSION",
     "AgentState",
     "AgentTrajectory",
     "AgentWorld",
