@@ -159,6 +159,7 @@ def run_train(cfg: TrainCommandConfig) -> Path:
         raise ValueError("name must be set (the CLI fills it from the chosen preset)")
     out = out_dir(cfg)
     lock = out / LOCK_FILE
+    made = not out.exists()
     with contextlib.ExitStack() as held:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -179,6 +180,9 @@ def run_train(cfg: TrainCommandConfig) -> Path:
         try:
             task = build_task(cfg)
         except (FileNotFoundError, ValueError) as err:
+            if made and [p.name for p in out.iterdir()] == [LOCK_FILE]:
+                lock.unlink()  # a run refused at setup leaves no folder it made behind
+                out.rmdir()
             raise TrainSetupError(str(err)) from err
         return train(task, cfg.train, out)
 
