@@ -1124,3 +1124,90 @@ def test_a_local_ray_start_that_times_out_is_tried_again(monkeypatch):
     with pytest.raises(ValueError, match="bad num_gpus"):
         cluster.connect("")
     assert len(calls) == 1
+
+
+def test_many_failures_in_a_row_end_in_no_progress_not_a_recursion_error(model):
+    """Each failure while restoring a failed executor's streams nested one more _fail: past
+    about 500 failures (max_failures=1000) that was a RecursionError, not NoProgress."""
+    from workers.orchestrator import NoProgress
+
+    class RestoreAlwaysFails(LocalExecutor):
+        steps = 0
+
+        def step(self, keys, epochs, snapshot_keys):
+            self.steps += 1
+            if self.steps == 2:  # dies; comes back (recover) without its streams
+                self.worker = GeneratorWorker(model, max_streams=4)
+                return self._call(_raise)
+            return super().step(keys, epochs, snapshot_keys)
+
+        def restore(self, key, snapshot, timeout=None):
+            raise ExecutorFailed("died while restoring")
+
+    executor = RestoreAlwaysFails(GeneratorWorker(model, max_streams=4))
+    orch = Orchestrator([executor], max_failures=1000)
+    key = orch.submit(request_for(model, frames=24))
+    with pytest.raises(NoProgress, match="1000 executor failures in a row"):
+        frames_of(orch, key)
+    assert orch.failures == 1000
+
+
+class _HungDecode(_Delayed):
+    """Decode call number ``hang`` never ends (the actor's decode thread is stuck)."""
+
+    def __init__(self, *args, hang: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.hang, self.decodes = hang, 0
+
+    def decode(self, clips):
+        self.decodes += 1
+        handle = super().decode(clips)
+        if self.decodes == self.hang:
+            handle.at = time.monotonic() + 600.0
+        return handle
+
+
+@pytest.mark.parametrize("hang", [1, 3])
+def test_a_hung_decode_is_timed_out_like_a_step(models, hang):
+    """With nothing else in flight (the last clip's decode, or the first's while the stream
+    waits on its queue), a decode that never ended stalled the loop for good: it now gets 2 x
+    step_timeout from when it started running, then its executor is killed and it is redone."""
+    model = models["diffusion"]
+    req = request_for(model, frames=24)
+    stuck = _HungDecode(GeneratorWorker(model, max_streams=4), 0.01, "stuck", hang=hang)
+    orch = Orchestrator([stuck], step_timeout=0.3, queue_clips=1)
+    started = time.monotonic()
+    got = frames_of(orch, orch.submit(req))
+    assert time.monotonic() - started < 60
+    assert stuck.kills == 1 and orch.failures == 1
+    np.testing.assert_array_equal(got, reference(model, req))
+
+
+def test_a_stream_waiting_for_its_reader_is_not_given_up_while_its_executor_makes_clips(models):
+    """Y's reader is away (its queue is full, so it is not stepped); its executor dies now
+    and then and makes clips for Z between deaths. Those deaths are not "in a row" for Y:
+    before, its third one raised NoProgress and stopped both streams."""
+    model = models["diffusion"]
+
+    class DiesEveryThirdStep(LocalExecutor):
+        steps = 0
+
+        def step(self, keys, epochs, snapshot_keys):
+            self.steps += 1
+            if self.steps % 3 == 0:  # a transient death: back at once, without its streams
+                self.worker = GeneratorWorker(model, max_streams=4)
+                return self._call(_raise)
+            return super().step(keys, epochs, snapshot_keys)
+
+    executor = DiesEveryThirdStep(GeneratorWorker(model, max_streams=4))
+    orch = Orchestrator([executor], max_failures=3, queue_clips=2)
+    ry, rz = request_for(model, frames=24, seed=1), request_for(model, frames=64, seed=2)
+    y = orch.submit(ry, sink=QueueSink(capacity=2))
+    z = orch.submit(rz, sink=QueueSink(capacity=64))
+    orch.run(until=lambda: orch.streams[z].done)  # nobody reads Y meanwhile
+    assert orch.failures >= 3 and orch.streams[y].delivered == 2
+    got_y = frames_of(orch, y)
+    got_z = np.concatenate([c.frames for c in orch.streams[z].sink.queue])
+    for got, req in ((got_y, ry), (got_z, rz)):
+        diff = np.abs(got.astype(int) - reference(model, req))
+        assert diff.max() <= 2 and (diff == 0).mean() > 0.99  # batched vs alone

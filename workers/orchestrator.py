@@ -179,6 +179,7 @@ class Orchestrator:
         self.replace = replace
         self.streams: dict[int, _Stream] = {}
         self.work: list[_Work] = []
+        self._decode_ended: dict[int, float] = {}  # when each executor's last decode ended
         self.failures = 0
         self._keys = itertools.count()
         # What every executor of this model reports alike (clip length, frame shape, sha256),
@@ -267,6 +268,12 @@ class Orchestrator:
 
     def _place(self, stream: _Stream) -> None:
         """Open (or restore from its truth) ``stream`` on its executor."""
+        err = self._try_place(stream)
+        if err is not None:
+            self._fail(stream.executor, err)
+
+    def _try_place(self, stream: _Stream) -> BaseException | None:
+        """Place ``stream``; an executor failure is returned (the executor killed if it hung)."""
         executor = self.executors[stream.executor]
         truth = stream.truth_at(stream.accepted)
         # The call queues behind the step in flight on that executor (at most a step_timeout)
@@ -281,9 +288,10 @@ class Orchestrator:
             if not _is_failure(err):
                 raise
             if isinstance(err, TimeoutError):  # hung: kill it, as a step past its timeout
-                log.warning("open/restore on executor %s exceeded %.1fs", stream.executor, timeout)
+                log.warning("open/restore on executor %s exceeded %ss", stream.executor, timeout)
                 executor.kill()
-            self._fail(stream.executor, err)
+            return err
+        return None
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -404,6 +412,7 @@ class Orchestrator:
         if work.kind == "step":
             self._apply_step(work, value)
         else:
+            self._decode_ended[work.executor] = time.monotonic()  # the next one starts now
             self._apply_frames(work, value)
 
     def _apply_step(self, work: _Work, out: StepOut) -> None:
@@ -421,6 +430,9 @@ class Orchestrator:
                 s.truths.append(out.snapshots[clip.key])
                 self._forget_old_truths(s)
         if accepted:
+            for other in self.streams.values():  # the executor works: failures not in a row
+                if other.executor == work.executor:
+                    other.failures = 0
             self._submit_decode(work.executor, accepted)
 
     def _submit_decode(self, index: int, clips: list[ClipOut]) -> None:
@@ -476,59 +488,90 @@ class Orchestrator:
             return
         now = time.monotonic()
         overdue = [w for w in self.work if w.kind == "step" and now - w.started > self.step_timeout]
-        # A step that finished while the loop was busy elsewhere (a slow sink, a restore, a
+        # An executor decodes one call at a time, in order: only its oldest decode is running,
+        # since it was submitted or since the one before it ended, and it gets 2 x step_timeout
+        # (a hung decode with no step in flight otherwise stalled the loop for good).
+        oldest: dict[int, _Work] = {}
+        for w in self.work:
+            if w.kind == "decode" and w.executor not in oldest:
+                oldest[w.executor] = w
+        for index, w in oldest.items():
+            began = max(w.started, self._decode_ended.get(index, 0.0))
+            if now - began > 2 * self.step_timeout:
+                overdue.append(w)
+        # Work that finished while the loop was busy elsewhere (a slow sink, a restore, a
         # replacement actor starting) is not late: its result is taken next round.
-        late = {w.executor for w in overdue if not self.executors[w.executor].wait([w.handle], 0.0)}
-        for index in late:
-            log.warning("step on executor %s exceeded %.1fs", index, self.step_timeout)
+        late: dict[int, str] = {}
+        for w in overdue:
+            if not self.executors[w.executor].wait([w.handle], 0.0):
+                late.setdefault(w.executor, w.kind)
+        for index, kind in late.items():
+            limit = self.step_timeout * (1 if kind == "step" else 2)
+            log.warning("%s on executor %s exceeded %.1fs", kind, index, limit)
             executor = self.executors[index]
             if executor is not None:
                 executor.kill()
-            self._fail(index, TimeoutError(f"step exceeded {self.step_timeout}s"))
+            self._fail(index, TimeoutError(f"{kind} exceeded {limit}s"))
 
     def _fail(self, index: int, err: BaseException) -> None:
         """Advance the epochs of the executor's streams, restore them, and redo the decodes
-        that were in flight on it (whichever streams they belong to)."""
-        self.failures += 1
-        log.warning("executor %s failed (%s); restoring its streams", index, err)
-        for s in self.streams.values():
-            if s.executor == index and not s.done:
-                s.failures += 1
-                if s.failures >= self.max_failures:
-                    raise NoProgress(
-                        f"stream {s.key} went through {s.failures} executor failures in a row "
-                        f"without making a clip (last: {err}); a step that always fails or "
-                        f"always exceeds step_timeout={self.step_timeout} s is not retried "
-                        "further"
-                    ) from err
-        self.work = [w for w in self.work if w.executor != index]
-        executor = self.executors[index]
-        try:
-            executor.recover()
-        except Exception as recover_err:
-            log.warning("executor %s did not come back (%s)", index, recover_err)
-            replacement = None
-            if self.replace is not None:
-                try:
-                    replacement = self.replace(executor)
-                except Exception as replace_err:  # e.g. no GPU free for a new actor
-                    log.warning("executor %s could not be replaced (%s)", index, replace_err)
-            self.executors[index] = replacement
-        gone = self.executors[index] is None
-        for s in self.streams.values():
-            if s.executor != index or s.done:
-                continue
-            s.epoch += 1
-            if gone:
-                # `_schedule` places it where a slot is free (a stream with every clip made
-                # was closed by the worker: it needs no slot, only its decodes redone).
-                s.executor = UNPLACED
-            elif s.accepted < s.num_clips:  # clips left to make: open it again from its truth
-                self._place(s)
-        if all(e is None for e in self.executors):
-            raise NoExecutorsLeft(f"no executor is left to run streams on (last: {err})")
-        # Redo every accepted clip whose decode is no longer in flight: those lost with this
-        # executor (including the failed call itself), of whichever stream, wherever it is.
+        that were in flight on it (whichever streams they belong to). A failure while
+        re-placing is handled in the same loop (no recursion); the lost decodes are redone
+        before NoProgress can be raised, so the state stays whole either way."""
+        while err is not None:
+            err, again = None, err
+            self.failures += 1
+            log.warning("executor %s failed (%s); restoring its streams", index, again)
+            give_up = None
+            for s in self.streams.values():
+                if s.executor == index and not s.done:
+                    s.failures += 1
+                    if s.failures >= self.max_failures and give_up is None:
+                        give_up = NoProgress(
+                            f"stream {s.key} went through {s.failures} executor failures in a "
+                            f"row without making a clip (last: {again}); a step that always "
+                            f"fails or always exceeds step_timeout={self.step_timeout} s is not "
+                            "retried further"
+                        )
+            self.work = [w for w in self.work if w.executor != index]
+            if give_up is not None:
+                self._redo_lost_decodes()
+                raise give_up from again
+            executor = self.executors[index]
+            try:
+                executor.recover()
+            except Exception as recover_err:
+                log.warning("executor %s did not come back (%s)", index, recover_err)
+                replacement = None
+                if self.replace is not None:
+                    try:
+                        replacement = self.replace(executor)
+                    except Exception as replace_err:  # e.g. no GPU free for a new actor
+                        log.warning("executor %s could not be replaced (%s)", index, replace_err)
+                self.executors[index] = replacement
+            gone = self.executors[index] is None
+            for s in self.streams.values():
+                if s.executor != index or s.done:
+                    continue
+                s.epoch += 1
+                if gone:
+                    # `_schedule` places it where a slot is free (a stream with every clip
+                    # made was closed by the worker: it needs no slot, only its decodes redone).
+                    s.executor = UNPLACED
+                elif s.accepted < s.num_clips:  # clips left to make: open it again from its truth
+                    err = self._try_place(s)
+                    if err is not None:
+                        break  # failed again: handled by the next turn of the loop
+            if all(e is None for e in self.executors):
+                raise NoExecutorsLeft(f"no executor is left to run streams on (last: {again})")
+        self._redo_lost_decodes()
+
+    def _redo_lost_decodes(self) -> None:
+        """Redo every accepted clip whose decode is no longer in flight: those lost with a
+        failed executor (including the failed call itself), of whichever stream, wherever it
+        is."""
+        if not any(e is not None for e in self.executors):
+            return
         in_flight = {(c.key, c.clip) for w in self.work for c in w.clips}
         redo: dict[int, list[ClipOut]] = {}
         for s in self.streams.values():
