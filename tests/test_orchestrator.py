@@ -136,6 +136,16 @@ def test_render_writes_the_video_with_provenance(model, tmp_path):
     sidecar = json.loads((tmp_path / "v.json").read_text())
     assert meta == sidecar and meta["seed"] == 3 and len(meta["model_sha256"]) == 64
     assert not parts_folder(out.path).exists()
+    # The guidance and contrast it was made with, also where the request left them to the
+    # model (its card's defaults: the test models' 2 and 1; here 1.5 set on the generator).
+    assert (meta["guidance"], meta["contrast"]) == (req.guidance, 1.0)
+    worker = GeneratorWorker(model, max_streams=4)
+    worker.generator.guidance = 1.5  # as a card's "guidance" would set it
+    executor = LocalExecutor(worker)
+    unset = request_for(model, frames=8, guidance=None)
+    render(Orchestrator([executor]), unset, tmp_path / "u.mp4", lossless=True, progress=False)
+    meta = json.loads((tmp_path / "u.json").read_text())
+    assert "guidance" not in meta["request"] and meta["guidance"] == 1.5
 
 
 class Crash(RuntimeError):
@@ -867,6 +877,23 @@ def test_batch_flags_are_checked_before_anything_runs(tmp_path, capsys, flag, va
         main(["--manifest", str(manifest), "--out", str(tmp_path / "out"), flag, value])
     assert exit_info.value.code == 2
     assert f"{flag} must be" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_batch_with_no_cluster_at_its_address_makes_no_out_folder(tmp_path, capsys, monkeypatch):
+    import workers.cluster
+    from workers.jobs.render import main
+
+    def no_cluster(address):
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(workers.cluster, "connect", no_cluster)
+    manifest = tmp_path / "items.jsonl"
+    manifest.write_text('{"id": "a", "model": "ca2vdm-tiny", "frames": 16}\n')
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--manifest", str(manifest), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "Could not find any running Ray instance" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

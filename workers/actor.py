@@ -88,6 +88,9 @@ class GeneratorWorker:
             "frame_shape": list(self.generator.frame_shape),
             "streams": sorted(self.streams),
             "max_streams": self.max_streams,
+            # The settings of requests that leave theirs unset (the model card's defaults).
+            "guidance": self.generator.guidance,
+            "contrast": getattr(self.generator, "contrast", 1.0),
         }
 
     def open(self, key: int, request: GenerationRequest) -> None:

@@ -424,6 +424,9 @@ def _provenance(
         "seed": request.seed,
         "request": request.to_json(),
         "request_sha256": request.fingerprint(),
+        # What the video was made with: the request's own, else the model's default.
+        "guidance": request.guidance if request.guidance is not None else info.get("guidance"),
+        "contrast": request.contrast if request.contrast is not None else info.get("contrast"),
         **(extra or {}),
     }
 

@@ -279,7 +279,8 @@ def save_snapshot(path: str | Path, snapshot: StreamSnapshot) -> Path:
     tensors = {f"cache.{k}": v for k, v in (snapshot.cache or {}).items()}
     tensors.update({f"pending.{i}": t for i, t in enumerate(snapshot.pending)})
     if snapshot.request.context is not None:
-        tensors["context"] = torch.from_numpy(np.ascontiguousarray(snapshot.request.context))
+        # A copy: the request's array may be read-only (torch warns of a non-writable one).
+        tensors["context"] = torch.from_numpy(np.array(snapshot.request.context, order="C"))
     info = SnapshotInfo(
         checkpoint_clip=snapshot.checkpoint_clip,
         pending=len(snapshot.pending),

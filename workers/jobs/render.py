@@ -325,7 +325,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if not args.manifest.is_file():
         parser.error(f"--manifest {args.manifest} is not a file")
-    args.out.mkdir(parents=True, exist_ok=True)
     items = parse_manifest(args.manifest, args.out, args.max_frames)
 
     from workers.cluster import connect
@@ -333,8 +332,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         connect(args.address)
-    except ConnectionError as err:
+    except ConnectionError as err:  # exits 2 before --out is made
         parser.error(f"--address {args.address!r}: {err}")
+    args.out.mkdir(parents=True, exist_ok=True)
     pools: dict[str, list] = {}
 
     def release(executors: list) -> None:  # a model's items are done: free its GPUs
