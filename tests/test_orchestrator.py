@@ -1052,7 +1052,7 @@ def test_a_render_removes_the_temp_files_a_killed_one_left(model, tmp_path):
     folder.mkdir()
     stale = [
         folder / ".part_000000000.0123abcd.tmp.mp4",
-        folder / ".tmpk2j3h4",  # safetensors' own
+        folder / ".tmpk2j3h4",  # safetensors' own, left by older versions
         tmp_path / ".v.0123abcd.tmp.mp4",
         tmp_path / ".v.89abcdef.tmp",
     ]
@@ -1120,14 +1120,20 @@ def test_the_render_lock_is_not_won_on_a_file_its_holder_removed(tmp_path, monke
 def test_a_local_ray_start_that_times_out_is_tried_again(monkeypatch):
     """Ray's fixed 30 s node registration can miss on a loaded machine; connect("") tries a
     local start again (after a shutdown) up to `attempts` times, and other errors at once."""
+    import subprocess
+    import sys
+
     import workers.cluster as cluster
 
-    calls, shutdowns = [], []
+    calls, shutdowns, spawned = [], [], []
     timeout = Exception("The current node timed out during startup. This could happen ...")
 
     def fake_init(**kwargs):
         calls.append(kwargs)
         if len(calls) <= failures:
+            # A failed start leaves its node's processes running, unknown to ray.shutdown.
+            cmd = [sys.executable, "-c", "import time; time.sleep(120)"]
+            spawned.append(subprocess.Popen(cmd))
             raise error
 
     monkeypatch.setattr(cluster.ray, "is_initialized", lambda: False)
@@ -1139,18 +1145,24 @@ def test_a_local_ray_start_that_times_out_is_tried_again(monkeypatch):
     assert cluster.connect("", num_cpus=2, num_gpus=1) is True
     assert len(calls) == 3 and len(shutdowns) == 2
     assert calls[-1]["address"] == "local" and calls[-1]["num_gpus"] == 1
+    assert len(spawned) == 2 and all(p.wait(timeout=10) is not None for p in spawned)
 
     calls.clear()
+    spawned.clear()
     failures = 3
     with pytest.raises(Exception, match="timed out during startup"):
         cluster.connect("", attempts=3)
-    assert len(calls) == 3
+    assert len(calls) == 3  # the last try's processes are stopped too
+    assert len(spawned) == 3 and all(p.wait(timeout=10) is not None for p in spawned)
 
     calls.clear()
+    spawned.clear()
     failures, error = 1, ValueError("bad num_gpus")
     with pytest.raises(ValueError, match="bad num_gpus"):
         cluster.connect("")
     assert len(calls) == 1
+    spawned[0].kill()  # not a startup timeout: left alone (here: by the test)
+    spawned[0].wait()
 
 
 def test_many_failures_in_a_row_end_in_no_progress_not_a_recursion_error(model):
@@ -1238,3 +1250,41 @@ def test_a_stream_waiting_for_its_reader_is_not_given_up_while_its_executor_make
     for got, req in ((got_y, ry), (got_z, rz)):
         diff = np.abs(got.astype(int) - reference(model, req))
         assert diff.max() <= 2 and (diff == 0).mean() > 0.99  # batched vs alone
+
+
+def test_no_progress_for_one_stream_leaves_the_others_whole(model):
+    """A dies decoding Q's only clip, and again restoring P (a nested failure): P is given
+    up on (max_failures=2). The decode lost with A is redone before NoProgress is raised, so
+    once P is cancelled (as a failed render's abandon does) Q still finishes. Before, Q's
+    clip was never decoded again and run() said nothing could run."""
+    from workers.orchestrator import NoProgress
+
+    class DiesDecodingThenRestoring(LocalExecutor):
+        decodes = restores = 0
+
+        def decode(self, clips):
+            self.decodes += 1
+            if self.decodes == 1:
+                self.worker = GeneratorWorker(model, max_streams=4)
+                return self._call(_raise)
+            return super().decode(clips)
+
+        def restore(self, key, snapshot, timeout=None):
+            self.restores += 1
+            if self.restores == 1:
+                self.worker = GeneratorWorker(model, max_streams=4)
+                raise ExecutorFailed("died again while restoring")
+            super().restore(key, snapshot)
+
+    executor = DiesDecodingThenRestoring(GeneratorWorker(model, max_streams=4))
+    orch = Orchestrator([executor], max_failures=2)
+    rp, rq = request_for(model, frames=48, seed=1), request_for(model, frames=8, seed=2)
+    p = orch.submit(rp, sink=QueueSink(capacity=64))
+    q = orch.submit(rq, sink=QueueSink(capacity=64))
+    with pytest.raises(NoProgress):
+        orch.run()
+    orch.cancel(p)
+    orch.run()
+    got = np.concatenate([c.frames for c in orch.streams[q].sink.queue])
+    diff = np.abs(got.astype(int) - reference(model, rq))
+    assert diff.max() <= 2 and (diff == 0).mean() > 0.99  # batched vs alone

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -16,8 +17,31 @@ STARTUP_TIMEOUT_MESSAGE = "timed out during startup"
 LOCAL_START_ATTEMPTS = 3
 
 
+def _descendants() -> dict[int, object]:
+    """This process's child processes, recursively (pid -> psutil.Process)."""
+    try:
+        import psutil  # vendored by Ray (ray/thirdparty_files)
+    except ImportError:  # pragma: no cover - every Ray wheel has it
+        return {}
+    return {p.pid: p for p in psutil.Process().children(recursive=True)}
+
+
+def _stop(processes: list) -> None:
+    """Terminate ``processes`` (psutil), then kill those still running after 5 s."""
+    import psutil
+
+    for p in processes:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=5)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
 def _start_local(num_cpus: int | None, num_gpus: int | None, attempts: int) -> None:
     for attempt in range(1, attempts + 1):
+        before = set(_descendants())
         try:
             # address="local" always starts a new instance, never joins one on the machine.
             ray.init(
@@ -29,10 +53,15 @@ def _start_local(num_cpus: int | None, num_gpus: int | None, attempts: int) -> N
             )
             return
         except Exception as e:  # Ray raises a bare Exception for this
-            if STARTUP_TIMEOUT_MESSAGE not in str(e) or attempt == attempts:
+            if STARTUP_TIMEOUT_MESSAGE not in str(e):
+                raise
+            # The failed node's processes (GCS, raylet, agents) were started before Ray gave
+            # up, and ray.shutdown() does not know them: stop them, or each try adds load.
+            ray.shutdown()
+            _stop([p for pid, p in _descendants().items() if pid not in before])
+            if attempt == attempts:
                 raise
             log.warning("ray: local start %d of %d timed out; trying again", attempt, attempts)
-            ray.shutdown()
 
 
 def connect(

@@ -53,8 +53,8 @@ class NoExecutorsLeft(RuntimeError):
 
 
 class NoProgress(NoExecutorsLeft):
-    """A stream's executor failed ``max_failures`` times in a row without the stream making
-    a clip (a step that always fails or always exceeds ``step_timeout``): retrying forever
+    """A stream's executor failed ``max_failures`` times in a row without making a clip in
+    between (a step that always fails or always exceeds ``step_timeout``): retrying forever
     would start actor after actor. The streams stop; their truths stay for a resume."""
 
 
@@ -145,8 +145,8 @@ class Orchestrator:
     have made but not yet delivered to its sink; ``replace``: called with a failed executor
     that could not be recovered, returns a new executor (or None to drop it; its streams
     move to the others as their slots allow, waiting their turn when all are full);
-    ``max_failures``: at this many executor failures in a row without a clip made between
-    them, a stream's loop gives up (``NoProgress``).
+    ``max_failures``: at this many executor failures in a row without a clip made on that
+    executor between them, a stream's loop gives up (``NoProgress``).
 
     Each executor holds at most its ``max_streams`` streams at once: a ``submit`` past that
     is refused by the generator (its cache is full), so submit at most that many and the
@@ -529,7 +529,7 @@ class Orchestrator:
                     if s.failures >= self.max_failures and give_up is None:
                         give_up = NoProgress(
                             f"stream {s.key} went through {s.failures} executor failures in a "
-                            f"row without making a clip (last: {again}); a step that always "
+                            f"row without a clip made on it (last: {again}); a step that always "
                             f"fails or always exceeds step_timeout={self.step_timeout} s is not "
                             "retried further"
                         )

@@ -240,7 +240,8 @@ def _lock(out: Path) -> int | None:
 
 def _remove_stale_temps(out: Path, folder: Path) -> None:
     """Temporary files a killed render left: every hidden file in its parts folder (segments
-    and truths being written, safetensors' own temp file), and the joined video's and
+    and truths being written; safetensors' own temp files, from before checkpoints were
+    written into our own), and the joined video's and
     sidecar's beside ``out`` (``.<stem>.<8 hex>.tmp[.mp4]``; only for a stem short enough
     that its temp names are not cut, which could make them another out's)."""
     if not folder.is_dir():

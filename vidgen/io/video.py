@@ -54,8 +54,8 @@ Backend = Literal["auto", "decord", "pyav"]
 # falls about 1.5 dB per 2 crf steps.
 DEFAULT_CRF = 16
 
-# Tags the mp4 muxer adds by itself; read_metadata leaves them out so a round trip returns
-# exactly what was written.
+# Tags the muxers add by themselves (mp4; Matroska's ENCODER, read back lower-case);
+# read_metadata leaves them out so a round trip returns exactly what was written.
 _MUXER_TAGS = frozenset({"major_brand", "minor_version", "compatible_brands", "encoder"})
 _MP4_SUFFIXES = frozenset({"", ".mp4", ".m4v", ".mov"})
 _H264_NAMES = frozenset({"h264", "libx264", "libx264rgb"})

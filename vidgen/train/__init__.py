@@ -159,7 +159,7 @@ def run_train(cfg: TrainCommandConfig) -> Path:
         raise ValueError("name must be set (the CLI fills it from the chosen preset)")
     out = out_dir(cfg)
     lock = out / LOCK_FILE
-    made = not out.exists()
+    made = [p for p in (out, *out.parents) if not p.exists()]  # out first, then parents
     with contextlib.ExitStack() as held:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -182,7 +182,9 @@ def run_train(cfg: TrainCommandConfig) -> Path:
         except (FileNotFoundError, ValueError) as err:
             if made and [p.name for p in out.iterdir()] == [LOCK_FILE]:
                 lock.unlink()  # a run refused at setup leaves no folder it made behind
-                out.rmdir()
+                for folder in made:
+                    with contextlib.suppress(OSError):  # not empty: something else is there
+                        folder.rmdir()
             raise TrainSetupError(str(err)) from err
         return train(task, cfg.train, out)
 
