@@ -12,6 +12,23 @@ from vidgen.worlds.agent import AgentWorldConfig
 from vidgen.worlds.bouncing import BouncingShapes, BouncingShapesConfig
 
 
+@pytest.fixture
+def connects(monkeypatch) -> list:
+    """The calls to workers.cluster.connect (each refused): a test that expects the CLI to
+    fail before connecting checks it stays empty, whether or not a Ray instance already
+    runs in this process (test_ray.py's, when it runs first)."""
+    import workers.cluster
+
+    calls: list = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("the CLI connected to Ray")
+
+    monkeypatch.setattr(workers.cluster, "connect", refuse)
+    return calls
+
+
 def test_help_lists_commands():
     out = subprocess.run(
         [sys.executable, "-m", "vidgen.cli", "--help"], capture_output=True, text=True, check=True
@@ -39,7 +56,7 @@ def test_preview_agent_with_overrides(tmp_path):
     assert read_video(out).shape == (16, 48, 48, 3)
 
 
-def test_bad_overrides_are_reported(tmp_path, capsys):
+def test_bad_overrides_are_reported(tmp_path, capsys, connects):
     assert main(["data", "preview", "frames=0", f"out={tmp_path / 'x.mp4'}"]) == 2
     assert "frames must be >= 1" in capsys.readouterr().err
     assert main(["data", "preview", "world=nowhere"]) == 2
@@ -53,9 +70,7 @@ def test_bad_overrides_are_reported(tmp_path, capsys):
         assert main([*command, f"out={tmp_path / 'd.mp4'}"]) == 2
         assert "is a folder; give the video's file name" in capsys.readouterr().err
     assert not (tmp_path / "x.mp4").exists()
-    import ray
-
-    assert not ray.is_initialized()  # failed before connecting
+    assert not connects  # failed before connecting
 
 
 @pytest.mark.parametrize(
@@ -78,12 +93,10 @@ def test_bad_overrides_are_reported(tmp_path, capsys):
         ("step_timeout=0", "step_timeout must be > 0"),
     ],
 )
-def test_bad_render_keys_fail_before_ray_starts(tmp_path, capsys, override, message):
-    import ray
-
+def test_bad_render_keys_fail_before_ray_starts(tmp_path, capsys, connects, override, message):
     assert main(["render", *override.split(), f"out={tmp_path / 'x.mp4'}"]) == 2
     assert message in capsys.readouterr().err
-    assert not ray.is_initialized() and not list(tmp_path.iterdir())
+    assert not connects and not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(
@@ -93,9 +106,7 @@ def test_bad_render_keys_fail_before_ray_starts(tmp_path, capsys, override, mess
         ("npz", "must be a .npy array, got an .npz archive"),
     ],
 )
-def test_bad_actions_fail_before_ray_starts(tmp_path, capsys, actions, message):
-    import ray
-
+def test_bad_actions_fail_before_ray_starts(tmp_path, capsys, connects, actions, message):
     inputs = tmp_path / "in"
     inputs.mkdir()
     if isinstance(actions, str):
@@ -110,7 +121,7 @@ def test_bad_actions_fail_before_ray_starts(tmp_path, capsys, actions, message):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "bad actions" in err and message in err
-    assert not ray.is_initialized() and not list(out.iterdir())
+    assert not connects and not list(out.iterdir())
 
 
 def test_a_context_video_is_cut_to_its_last_whole_clips(tmp_path):
