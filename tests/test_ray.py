@@ -286,10 +286,6 @@ def test_vidgen_render_runs_on_cpu_actors_without_gpus(models, tmp_path):
     assert provenance["seed"] == 5 and provenance["request"]["frames"] == 16
 
 
-def free_port() -> int:
-    return free_ports(1)[0]
-
-
 def free_ports(n: int) -> list[int]:
     """n distinct free ports: all bound at once, so none is handed out twice."""
     import socket

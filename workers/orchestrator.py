@@ -518,25 +518,23 @@ class Orchestrator:
         that were in flight on it (whichever streams they belong to). A failure while
         re-placing is handled in the same loop (no recursion); the lost decodes are redone
         before NoProgress can be raised, so the state stays whole either way."""
-        while err is not None:
-            err, again = None, err
+        failure: BaseException | None = err
+        while failure is not None:
             self.failures += 1
-            log.warning("executor %s failed (%s); restoring its streams", index, again)
-            give_up = None
-            for s in self.streams.values():
-                if s.executor == index and not s.done:
-                    s.failures += 1
-                    if s.failures >= self.max_failures and give_up is None:
-                        give_up = NoProgress(
-                            f"stream {s.key} went through {s.failures} executor failures in a "
-                            f"row without a clip made on it (last: {again}); a step that always "
-                            f"fails or always exceeds step_timeout={self.step_timeout} s is not "
-                            "retried further"
-                        )
+            log.warning("executor %s failed (%s); restoring its streams", index, failure)
+            hit = [s for s in self.streams.values() if s.executor == index and not s.done]
+            for s in hit:
+                s.failures += 1
             self.work = [w for w in self.work if w.executor != index]
-            if give_up is not None:
+            stuck = next((s for s in hit if s.failures >= self.max_failures), None)
+            if stuck is not None:
                 self._redo_lost_decodes()
-                raise give_up from again
+                raise NoProgress(
+                    f"stream {stuck.key} went through {stuck.failures} executor failures in a "
+                    f"row without a clip made on it (last: {failure}); a step that always "
+                    f"fails or always exceeds step_timeout={self.step_timeout} s is not "
+                    "retried further"
+                ) from failure
             executor = self.executors[index]
             try:
                 executor.recover()
@@ -549,29 +547,26 @@ class Orchestrator:
                     except Exception as replace_err:  # e.g. no GPU free for a new actor
                         log.warning("executor %s could not be replaced (%s)", index, replace_err)
                 self.executors[index] = replacement
-            gone = self.executors[index] is None
-            for s in self.streams.values():
-                if s.executor != index or s.done:
-                    continue
+            gone, retry = self.executors[index] is None, None
+            for s in hit:
                 s.epoch += 1
                 if gone:
                     # `_schedule` places it where a slot is free (a stream with every clip
                     # made was closed by the worker: it needs no slot, only its decodes redone).
                     s.executor = UNPLACED
                 elif s.accepted < s.num_clips:  # clips left to make: open it again from its truth
-                    err = self._try_place(s)
-                    if err is not None:
-                        break  # failed again: handled by the next turn of the loop
+                    retry = self._try_place(s)
+                    if retry is not None:
+                        break  # failed again: the next turn of the loop handles it
             if all(e is None for e in self.executors):
-                raise NoExecutorsLeft(f"no executor is left to run streams on (last: {again})")
+                raise NoExecutorsLeft(f"no executor is left to run streams on (last: {failure})")
+            failure = retry
         self._redo_lost_decodes()
 
     def _redo_lost_decodes(self) -> None:
         """Redo every accepted clip whose decode is no longer in flight: those lost with a
         failed executor (including the failed call itself), of whichever stream, wherever it
         is."""
-        if not any(e is not None for e in self.executors):
-            return
         in_flight = {(c.key, c.clip) for w in self.work for c in w.clips}
         redo: dict[int, list[ClipOut]] = {}
         for s in self.streams.values():
