@@ -4,9 +4,11 @@ batch jobs (one shared Ray instance; the orchestrator's logic is tested in-proce
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -149,6 +151,77 @@ def test_an_actor_killed_for_good_leaves_its_streams_to_the_survivor(ray_session
     finally:
         survivor.retire()
         doomed.retire()
+
+
+class StoppingExecutor(RayExecutor):
+    """Freezes its actor's process (SIGSTOP) right after handing it the step numbered
+    ``stop_at``: a real hung worker, alive to Ray but making no progress, which only the
+    orchestrator's ``step_timeout`` can notice."""
+
+    def __init__(self, *args, stop_at: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.stop_at, self.steps = stop_at, 0
+        self.stopped: list[int] = []
+
+    def step(self, keys, epochs, snapshot_keys):
+        ref = super().step(keys, epochs, snapshot_keys)
+        self.steps += 1
+        if self.steps == self.stop_at:
+            os.kill(self.info["pid"], signal.SIGSTOP)
+            self.stopped.append(self.info["pid"])
+        return ref
+
+
+@pytest.mark.parametrize("max_restarts", [0, 2])
+def test_a_hung_actor_times_out_and_its_stream_moves(ray_session, models, tmp_path, max_restarts):
+    """A frozen actor process (not dead: Ray still sees it) is caught by ``step_timeout``,
+    killed, and replaced; the video is whole and exact."""
+    model = models["diffusion"]
+    req = request_for(model, frames=48)
+    hung = StoppingExecutor(model, max_restarts=max_restarts, stop_at=3)
+    made: list[RayExecutor] = []
+
+    def replace(failed):
+        failed.retire()
+        made.append(RayExecutor(model))
+        return made[-1]
+
+    orch = Orchestrator([hung], step_timeout=15.0, replace=replace)
+    result: list = []
+    worker = threading.Thread(
+        target=lambda: result.append(
+            render(orch, req, tmp_path / "v.mp4", segment_clips=2, lossless=True, progress=False)
+        ),
+        daemon=True,
+    )
+    try:
+        worker.start()
+        worker.join(timeout=300)  # a missed timeout would wait on the frozen actor for ever
+        assert result, "the render did not finish: the hung step was never timed out"
+        out = result[0]
+        assert hung.stopped and orch.failures >= 1
+        np.testing.assert_array_equal(read_video(out.path).numpy(), reference(model, req))
+        # The frozen process was killed, not left holding its logical GPU.
+        deadline = time.monotonic() + 30
+        while _alive(hung.stopped[0]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(hung.stopped[0])
+    finally:
+        for pid in hung.stopped:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        hung.retire()
+        for e in made:
+            e.retire()
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def manifest(path: Path, models: dict[str, str], context: Path | None = None) -> Path:
