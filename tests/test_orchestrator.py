@@ -1125,15 +1125,18 @@ def test_a_local_ray_start_that_times_out_is_tried_again(monkeypatch):
 
     import workers.cluster as cluster
 
-    calls, shutdowns, spawned = [], [], []
+    calls, shutdowns, spawned, others = [], [], [], []
     timeout = Exception("The current node timed out during startup. This could happen ...")
 
     def fake_init(**kwargs):
         calls.append(kwargs)
         if len(calls) <= failures:
             # A failed start leaves its node's processes running, unknown to ray.shutdown.
-            cmd = [sys.executable, "-c", "import time; time.sleep(120)"]
+            cmd = [sys.executable, "-c", "import time; time.sleep(120)", "raylet"]
             spawned.append(subprocess.Popen(cmd))
+            # Not Ray's: another thread's child started meanwhile is left alone.
+            bystander = [sys.executable, "-c", "import time; time.sleep(120)", "encoder"]
+            others.append(subprocess.Popen(bystander))
             raise error
 
     monkeypatch.setattr(cluster.ray, "is_initialized", lambda: False)
@@ -1146,6 +1149,11 @@ def test_a_local_ray_start_that_times_out_is_tried_again(monkeypatch):
     assert len(calls) == 3 and len(shutdowns) == 2
     assert calls[-1]["address"] == "local" and calls[-1]["num_gpus"] == 1
     assert len(spawned) == 2 and all(p.wait(timeout=10) is not None for p in spawned)
+    assert len(others) == 2 and all(p.poll() is None for p in others)
+    for p in others:
+        p.kill()
+        p.wait()
+    others.clear()
 
     calls.clear()
     spawned.clear()
@@ -1161,8 +1169,9 @@ def test_a_local_ray_start_that_times_out_is_tried_again(monkeypatch):
     with pytest.raises(ValueError, match="bad num_gpus"):
         cluster.connect("")
     assert len(calls) == 1
-    spawned[0].kill()  # not a startup timeout: left alone (here: by the test)
-    spawned[0].wait()
+    for p in spawned + others:  # not a startup timeout: left alone (here: by the test)
+        p.kill()
+        p.wait()
 
 
 def test_many_failures_in_a_row_end_in_no_progress_not_a_recursion_error(model):

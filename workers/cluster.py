@@ -26,6 +26,20 @@ def _descendants() -> dict[int, object]:
     return {p.pid: p for p in psutil.Process().children(recursive=True)}
 
 
+def _is_ray(process: object) -> bool:
+    """Whether a process (psutil) is one of Ray's own: its GCS, raylet, agents and workers
+    all run from Ray's package (``.../ray/core/src/ray/raylet/raylet``, ``python
+    .../ray/_private/...``, ``ray::IDLE``). Another thread's child that appears meanwhile is
+    not."""
+    import psutil
+
+    try:
+        text = " ".join([process.name(), *process.cmdline()])  # type: ignore[attr-defined]
+    except psutil.Error:
+        return False
+    return "ray" in text.lower()
+
+
 def _stop(processes: list) -> None:
     """Terminate ``processes`` (psutil), then kill those still running after 5 s."""
     import psutil
@@ -58,7 +72,7 @@ def _start_local(num_cpus: int | None, num_gpus: int | None, attempts: int) -> N
             # The failed node's processes (GCS, raylet, agents) were started before Ray gave
             # up, and ray.shutdown() does not know them: stop them, or each try adds load.
             ray.shutdown()
-            _stop([p for pid, p in _descendants().items() if pid not in before])
+            _stop([p for pid, p in _descendants().items() if pid not in before and _is_ray(p)])
             if attempt == attempts:
                 raise
             log.warning("ray: local start %d of %d timed out; trying again", attempt, attempts)
