@@ -235,3 +235,28 @@ def test_a_drop_mask_of_the_wrong_shape_is_refused():
         for name in ("drop_label", "drop_actions"):
             with pytest.raises(ValueError, match=f"ClipCond.{name} must be"):
                 m.clip_condition(ClipCond(labels=labels, **{name: per_row[:, 0]}), 2, "cpu")
+
+
+def test_training_drops_the_condition_per_sequence_as_guidance_uses_it():
+    """Guidance's unconditional pass runs on a history in which every clip dropped the label
+    and actions; training must show the model such sequences, so a drop covers every clip of
+    a sequence (per-clip drops would almost never drop all of them)."""
+    from vidgen.train.tokens import clip_condition
+
+    cfg = dataclasses.replace(
+        CFG, num_classes=4, num_actions=3, label_dropout=0.5, action_dropout=0.5
+    )
+    b, clips = 256, 4
+    batch = {
+        "tokens": torch.zeros(b, clips * 8, dtype=torch.long),
+        "label": torch.randint(0, 4, (b,)),
+        "actions": torch.randint(0, 3, (b, clips * 8)),
+    }
+    cond = clip_condition(cfg, batch, clips, torch.Generator().manual_seed(0))
+    for drop in (cond.drop_label, cond.drop_actions):
+        assert drop.shape == (b, clips)
+        assert (drop == drop[:, :1]).all()  # whole sequences
+        assert 0.35 < drop[:, 0].float().mean() < 0.65
+    assert not torch.equal(cond.drop_label, cond.drop_actions)  # drawn apart
+    kept = clip_condition(cfg, batch, clips, None)
+    assert not kept.drop_label.any() and not kept.drop_actions.any()

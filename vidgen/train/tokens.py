@@ -39,14 +39,20 @@ def clip_condition(
     config: NBPConfig, batch: dict[str, torch.Tensor], clips: int, gen: torch.Generator | None
 ) -> ClipCond:
     """A batch's condition as the model uses it (``batch_condition``); with ``gen``, labels
-    and actions dropped per clip at the config's rates (training), without it none dropped
-    (evaluation)."""
+    and actions dropped per sequence at the config's rates (training), without it none
+    dropped (evaluation).
+
+    Per sequence, not per clip: guidance's unconditional pass runs on a history in which
+    every clip dropped them (its own cache slot), and a clip whose label is dropped while
+    its context's is not can read the label from the context, so per-clip drops would
+    almost never train that pass (all of 4 clips dropped at rate 0.1: 1 in 10,000)."""
     b, dev = batch["tokens"].shape[0], batch["tokens"].device
     labels, actions = batch_condition(config, batch)
     drop_label = drop_actions = torch.zeros(b, clips, dtype=torch.bool, device=dev)
     if gen is not None:
-        drop_label = torch.rand(b, clips, generator=gen, device=dev) < config.label_dropout
-        drop_actions = torch.rand(b, clips, generator=gen, device=dev) < config.action_dropout
+        drop_label = torch.rand(b, 1, generator=gen, device=dev) < config.label_dropout
+        drop_actions = torch.rand(b, 1, generator=gen, device=dev) < config.action_dropout
+        drop_label, drop_actions = drop_label.repeat(1, clips), drop_actions.repeat(1, clips)
     return ClipCond(labels, actions, drop_label, drop_actions)
 
 
