@@ -279,3 +279,27 @@ def test_every_codeword_quantises_to_its_own_id_up_to_the_last():
         ids, quantised = m.quantizer(codes * 3.0)  # scale: the cosine VQ ignores norms
     assert torch.equal(ids, torch.arange(CFG.codebook_size))
     assert torch.allclose(quantised, codes)
+
+
+def test_usage_counts_the_nearest_codes_and_evaluation_never_samples():
+    """Dead codes are those ``encode`` never picks: a code that is only ever sampled (tau
+    makes far codes likely) must not count as used. And a model in eval mode takes the
+    nearest codes whatever generator it is given."""
+    cfg = dataclasses.replace(CFG, tau=5.0)  # sampling nearly uniform: far from the argmax
+    m = model(cfg)
+    m.quantizer.active.fill_(1)
+    video = clip(batch=4, cfg=cfg)
+    nearest = m.encode(video).flatten()
+    m.train()
+    m.quantizer.usage.zero_()
+    out = m(video, torch.Generator().manual_seed(0))
+    expected = torch.bincount(nearest, minlength=cfg.codebook_size).float()
+    expected = (1 - cfg.usage_decay) * expected / expected.sum()
+    torch.testing.assert_close(m.quantizer.usage, expected)
+    used = int((expected > 0).sum())
+    assert out["perplexity"] <= used  # the sampled codes would spread over far more
+    m.eval()
+    with torch.no_grad():
+        a = m(video, torch.Generator().manual_seed(1))
+        b = m(video, torch.Generator().manual_seed(2))
+    assert torch.equal(a["loss"], b["loss"]) and torch.equal(a["recon"], b["recon"])

@@ -11,7 +11,7 @@ from vidgen import checkpoint
 from vidgen.config import load_config
 from vidgen.nn import randomize_
 from vidgen.tokenizers.kl import KL_CONFIGS, KLAutoencoder, KLConfig
-from vidgen.tokenizers.larp import LARPVideoTokenizer
+from vidgen.tokenizers.larp import LARPTokenizer, LARPVideoTokenizer
 from vidgen.train import StepSampler, TrainSetupError, lr_at, run_train
 from vidgen.train.loop import TrainConfig, setting_changes
 
@@ -339,6 +339,10 @@ LARP_SMALL = [
 ]
 
 
+# All of a LARP's encoding path (a freeze of part of it is refused).
+ENCODING = "encoder,patch_in,patch_pos,queries,to_code,quantizer"
+
+
 def test_fine_tuning_a_larp_keeps_its_trained_codebook(tmp_path):
     """A model from ``init=`` is past its VQ warm-up: the warm-up's codebook init must not
     wipe its codes, and a frozen quantizer is not touched by dead-code restarts."""
@@ -346,7 +350,7 @@ def test_fine_tuning_a_larp_keeps_its_trained_codebook(tmp_path):
     base = train(larp, tmp_path / "base", 3)
     codes = tensors(base)["quantizer.codebook"]
     frozen = train(
-        [*larp, f"init={base}", "freeze=[quantizer]", "tokenizer.restart_every=1"],
+        [*larp, f"init={base}", f"freeze=[{ENCODING}]", "tokenizer.restart_every=1"],
         tmp_path / "frozen",
         3,
     )
@@ -354,6 +358,19 @@ def test_fine_tuning_a_larp_keeps_its_trained_codebook(tmp_path):
     tuned = train([*larp, f"init={base}", "tokenizer.restart_every=0"], tmp_path / "tuned", 3)
     moved = torch.nn.functional.cosine_similarity(tensors(tuned)["quantizer.codebook"], codes)
     assert moved.min() > 0.9  # nudged by gradients, not replaced by encoder outputs
+
+
+def test_a_larp_freeze_must_cover_all_or_none_of_what_its_ids_depend_on(tmp_path):
+    """``freeze=[encoder]`` on a LARP left its patch embedding, queries, projection and
+    codebook training: new ids without a word, found only when its NBP was refused."""
+    larp = [*LARP_SMALL, f"tokenizer.autoencoder={make_autoencoder(tmp_path)}"]
+    base = train(larp, tmp_path / "base", 3)
+    with pytest.raises(ValueError, match=r"fixes only part .* patch_in.*quantizer"):
+        train([*larp, f"init={base}", "freeze=[encoder]"], tmp_path / "part", 1)
+    tuned = tensors(train([*larp, f"init={base}", f"freeze=[{ENCODING}]"], tmp_path / "all", 2))
+    encoding = [n for n in tuned if n.startswith(LARPTokenizer.ENCODER_TENSORS)]
+    assert "quantizer.codebook" in encoding and "queries" in encoding
+    assert all(torch.equal(tuned[n], tensors(base)[n]) for n in encoding)
 
 
 def test_initial_weights_do_not_depend_on_an_existing_cache(tmp_path):

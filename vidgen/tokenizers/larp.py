@@ -483,11 +483,16 @@ class LARPTokenizer(nn.Module):
             m = video.shape[1] // cfg.frames
             video = video.reshape(b * m, cfg.frames, *video.shape[2:])
         z = F.normalize(self.embed(video), dim=-1)
-        ids, quantised = self.quantizer(z, generator if cfg.stochastic else None)
+        # Sampled codes in training only: evaluation takes the nearest (as ``encode`` does).
+        sample = cfg.stochastic and self.training and generator is not None
+        ids, quantised = self.quantizer(z, generator if sample else None)
         if not bool(self.quantizer.active):
             quantised = z  # VQ warm-up: the bottleneck is continuous
+        # Usage (dead codes, perplexity) counts the codes ``encode`` would pick: a code that
+        # is only ever sampled, never the nearest, is dead to every model trained on the ids.
+        nearest = ids if not sample else self.quantizer.logits(z).argmax(dim=-1)
         if self.training:
-            self.quantizer.track(ids)
+            self.quantizer.track(nearest)
         if m > 1:  # clip i reads clip i - 1's codes; clip 0 (rolled onto from m - 1) none
             context = quantised.reshape(b, m, *quantised.shape[1:]).roll(1, dims=1).flatten(0, 1)
             has = (torch.arange(b * m, device=video.device) % m) != 0
@@ -524,7 +529,7 @@ class LARPTokenizer(nn.Module):
             + cfg.prior_weight * prior_ce
         )
         with torch.no_grad():
-            usage = torch.bincount(ids.flatten(), minlength=cfg.codebook_size).float()
+            usage = torch.bincount(nearest.flatten(), minlength=cfg.codebook_size).float()
             p = usage / usage.sum()
             perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
         return {

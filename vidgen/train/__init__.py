@@ -83,6 +83,7 @@ def build_task(cfg: TrainCommandConfig) -> Task:
             task.model, missing_ok=getattr(task.model, "ADDED_BY_FINE_TUNES", ())
         )
         frozen = freeze_parameters(task.model, cfg.freeze)
+        check_encoder_freeze(task.model, cfg.freeze)
         task.card = {
             **task.card,
             "init": f"{cfg.init} (sha256 {init.sha256[:16]})"
@@ -124,6 +125,26 @@ def freeze_parameters(model: torch.nn.Module, prefixes: list[str]) -> int:
     for name in chosen:
         params[name].requires_grad_(False)
     return len(chosen)
+
+
+def check_encoder_freeze(model: torch.nn.Module, prefixes: list[str]) -> None:
+    """A freeze that fixes part of a tokenizer's encoding path (``ENCODER_TENSORS``: what its
+    encoder fingerprint covers) but not all of it is refused: the rest would still train, the
+    ids or latents would change, and every model trained on them would be refused at load
+    only later. Freezing all of it, or none, is fine."""
+    encoding = getattr(model, "ENCODER_TENSORS", ())
+    if not encoding or not prefixes:
+        return
+    params = {n: p for n, p in model.named_parameters() if n.startswith(tuple(encoding))}
+    loose = sorted(n for n, p in params.items() if p.requires_grad)
+    if loose and len(loose) < len(params):
+        tops = list(dict.fromkeys(n.split(".")[0] for n in loose))
+        raise ValueError(
+            f"freeze={prefixes} fixes only part of what this {type(model).__name__}'s ids "
+            f"depend on (its encoder fingerprint): {', '.join(loose[:6])}"
+            f"{' ...' if len(loose) > 6 else ''} would still train; freeze them too "
+            f"('freeze=[{','.join([*prefixes, *tops])}]') or none of them"
+        )
 
 
 def _preset_task(cfg: TrainCommandConfig) -> Task:
