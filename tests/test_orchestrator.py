@@ -67,6 +67,15 @@ def frames_of(orch: Orchestrator, key: int) -> np.ndarray:
     return np.concatenate([c.frames for c in orch.clips(key)])
 
 
+def assert_as_alone(got: np.ndarray, alone: np.ndarray) -> None:
+    """Frames of a stream batched with others against the same stream alone: the contract
+    allows 1e-5 in the latents, which can move a rare pixel by a step of rounding (the CPU's
+    kernels for another batch size add in another order)."""
+    assert got.shape == alone.shape
+    diff = np.abs(got.astype(int) - alone.astype(int))
+    assert diff.max() <= 2 and (diff == 0).mean() > 0.999, (diff.max(), (diff != 0).mean())
+
+
 def test_clips_arrive_in_order_and_equal_in_process_generation(model):
     req = request_for(model)
     orch = Orchestrator(local(model))
@@ -597,7 +606,7 @@ def test_a_failure_while_restoring_opens_no_stream_twice(model):
     assert sorted(worker.streams) == [a, b]
     assert len(worker.generator._streams) == 2  # one generator stream per placed stream
     for key, req in zip((a, b), reqs, strict=True):
-        np.testing.assert_array_equal(frames_of(orch, key), reference(model, req))
+        assert_as_alone(frames_of(orch, key), reference(model, req))  # a and b batched
 
 
 class _Delayed(LocalExecutor):
@@ -717,7 +726,7 @@ def test_an_open_behind_a_hung_step_times_out_and_the_actor_is_killed(model):
     orch.run()
     for key, req in ((a, first), (b, second)):
         got = np.concatenate([c.frames for c in orch.streams[key].sink.queue])
-        np.testing.assert_array_equal(got, reference(model, req))
+        assert_as_alone(got, reference(model, req))  # batched with each other
 
 
 def test_an_abandoned_iterator_frees_its_stream_and_render_waits_only_for_its_own(model, tmp_path):
@@ -732,9 +741,10 @@ def test_an_abandoned_iterator_frees_its_stream_and_render_waits_only_for_its_ow
     unread = orch.submit(request_for(model, frames=48, seed=9))  # its queue fills, then waits
     good = request_for(model, frames=24)
     render(orch, good, tmp_path / "v.mp4", lossless=True, progress=False)
-    np.testing.assert_array_equal(read_video(tmp_path / "v.mp4").numpy(), reference(model, good))
+    # Both were batched with each other while they ran together.
+    assert_as_alone(read_video(tmp_path / "v.mp4").numpy(), reference(model, good))
     assert list(orch.streams) == [unread]
-    np.testing.assert_array_equal(
+    assert_as_alone(
         frames_of(orch, unread), reference(model, request_for(model, frames=48, seed=9))
     )
 
