@@ -830,3 +830,146 @@ def test_a_generator_refuses_another_models_request_and_latents_of_another_shape
         tokens.tokenizer.encode(torch.zeros(1, tokens.clip_len, 3, 16, 16))
     with pytest.raises(ValueError, match="ids must be integer"):
         tokens.tokenizer.decode(torch.zeros(1, tokens.config.tokens_per_clip))
+
+
+def test_a_step_whose_write_fails_changes_no_stream():
+    """Groups of different ``steps`` were written one after another: a failure in the
+    second group's write pass left the first group's clip in its cache, its counter moved
+    on and its clip never returned (lost)."""
+    gen = make_generator("diffusion")
+    a = gen.open(request_for(gen, steps=2))
+    b = gen.open(request_for(gen, steps=3, seed=6))
+    write, calls = gen.model.write, []
+
+    def fails_for_b(latents, cache, slots, **kwargs):
+        calls.append(list(slots))
+        if b.slot in slots:
+            raise RuntimeError("out of memory (simulated)")
+        return write(latents, cache, slots, **kwargs)
+
+    gen.model.write = fails_for_b
+    with pytest.raises(RuntimeError, match="simulated"):
+        gen.step([a, b])
+    assert (a.clip, b.clip) == (0, 0)
+    assert gen.cache.length(a.slot) == gen.cache.length(b.slot) == 0
+    gen.model.write = write
+    clips = gen.step([a, b])
+    assert [c.clip for c in clips] == [0, 0]
+
+
+def test_a_token_step_whose_replay_fails_changes_no_stream():
+    """A plain stream batched with a re-tokenising one: the plain clip's K/V were committed
+    before the re-tokenised clip's replay; when the replay failed, a retry wrote the plain
+    stream's clip 0 twice."""
+    gen = make_generator("tokens")
+    plain = gen.open(request_for(gen, seed=1))
+    again = gen.open(request_for(gen, seed=2, reencode=True))
+    replay = gen._replay_batch
+
+    def fails(*args):
+        raise RuntimeError("out of memory (simulated)")
+
+    gen._replay_batch = fails
+    with pytest.raises(RuntimeError, match="simulated"):
+        gen.step([plain, again])
+    assert (plain.clip, again.clip) == (0, 0)
+    assert gen.cache.length(plain.slot) == gen.cache.length(again.slot) == 0
+    gen._replay_batch = replay
+    retried = gen.step([plain, again])
+    fresh = make_generator("tokens")
+    expected = fresh.step(
+        [
+            fresh.open(request_for(fresh, seed=1)),
+            fresh.open(request_for(fresh, seed=2, reencode=True)),
+        ]
+    )
+    assert all(torch.equal(a.data, b.data) for a, b in zip(retried, expected, strict=True))
+
+
+def test_closing_another_generators_stream_frees_nothing_here(family):
+    """close() matched by id: another generator's handle with the same id closed this
+    generator's stream (diffusion: freed the slot named by the foreign handle, so the next
+    open shared a live stream's cache)."""
+    gen, other = make_generator(family), make_generator(family)
+    mine = [gen.open(request_for(gen, seed=s)) for s in (1, 2)]
+    foreign = [other.open(request_for(other, seed=s)) for s in (3, 4, 5)]
+    assert foreign[0].id == mine[0].id
+    before = {s.id: gen.snapshot(s) for s in mine}
+    gen.close(foreign[0])
+    gen.close(foreign[2])  # an id this generator never gave out
+    for s in mine:
+        gen.step([s])  # still open, on their own slots
+    fresh = gen.open(request_for(gen, seed=7))
+    assert fresh.slot not in {s.slot for s in mine}
+    for s in mine:
+        assert gen.snapshot(s).checkpoint_clip == before[s.id].checkpoint_clip + 1
+
+
+def test_a_snapshot_that_does_not_fit_its_request_is_refused(family):
+    """restore trusted the snapshot's clip counter: a counter behind its cache, negative,
+    past the request's end, or set without a cache made clips with other clips' seeds."""
+    gen = make_generator(family)
+    stream = gen.open(request_for(gen, frames=4 * gen.clip_len))
+    gen.step([stream])
+    gen.step([stream])
+    snap = gen.snapshot(stream)
+    (made,) = gen.step([stream])
+    good = dataclasses.replace(snap, pending=[made.data])
+    gen.restore(good)  # fits
+    bad = {
+        "checkpoint_clip must be an int >= 0": dataclasses.replace(snap, checkpoint_clip=-2),
+        "does not match checkpoint_clip": dataclasses.replace(snap, checkpoint_clip=1),
+        "without a cache": dataclasses.replace(snap, cache=None, pending=[made.data]),
+        "its request makes 4": dataclasses.replace(snap, pending=[made.data] * 3),
+        "pending clip 0": dataclasses.replace(snap, pending=[made.data[:1]]),
+    }
+    if gen.family == "tokens":
+        bad["token ids must be"] = dataclasses.replace(snap, pending=[made.data + 10**6])
+        prev = {**snap.cache, "prev": snap.cache["prev"][:1]}
+        bad["'prev' must be"] = dataclasses.replace(snap, cache=prev)
+    else:
+        bad["finite floats"] = dataclasses.replace(snap, pending=[made.data * float("nan")])
+    open_before = len(gen._streams)
+    for message, snapshot in bad.items():
+        with pytest.raises(ValueError, match=message):
+            gen.restore(snapshot)
+    assert len(gen._streams) == open_before  # nothing left open by a refusal
+
+
+def test_emitted_clips_own_their_memory(family):
+    """Clips were views into the batch's tensor: each held (and pickled, and kept in the
+    orchestrator's truth) the whole batch, and a change to one reached the stream's state."""
+    gen = make_generator(family)
+    streams = [gen.open(request_for(gen, seed=s)) for s in range(3)]
+    clips = gen.step(streams)
+    for c in clips:
+        assert c.data.untyped_storage().nbytes() == c.data.nbytes
+    if gen.family == "tokens":
+        expected = gen.step([streams[0]])[0].data.clone()
+        # A caller's in-place change to an emitted clip must not reach the stream.
+        other = make_generator(family)
+        twin = [other.open(request_for(other, seed=s)) for s in range(3)]
+        for c in other.step(twin):
+            c.data.zero_()
+        assert torch.equal(other.step([twin[0]])[0].data, expected)
+
+
+def test_a_token_models_long_context_is_converted_clip_by_clip():
+    """The token family converted the whole context to float frames on the device at once
+    (4x its uint8 size, growing with the context's length)."""
+    gen = make_generator("tokens")
+    shapes = []
+    real = gen.tokenizer.encode
+    gen.tokenizer.encode = lambda video: shapes.append(tuple(video.shape)) or real(video)
+    h, w, _ = gen.frame_shape
+    context = np.random.default_rng(0).integers(0, 255, (5 * gen.clip_len, h, w, 3), np.uint8)
+    import vidgen.generators.tokens as tokens_module
+
+    converted = []
+    to_model = tokens_module.to_model_range
+    tokens_module.to_model_range = lambda x: converted.append(len(x)) or to_model(x)
+    try:
+        gen.open(request_for(gen, context=context))
+    finally:
+        tokens_module.to_model_range = to_model
+    assert len(shapes) == 5 and converted == [gen.clip_len] * 5

@@ -354,6 +354,59 @@ def check_open(open_streams: dict[int, Stream], streams: list[Stream], step: boo
             raise ValueError(f"stream {s.id} already has all {s.num_clips} clips")
 
 
+def check_truth(
+    snapshot: StreamSnapshot,
+    num_clips: int,
+    context_clips: int,
+    cache_frames_per_clip: int,
+    next_frame: str,
+    clip_shape: tuple[int, ...],
+    vocab: int | None = None,
+) -> None:
+    """A snapshot to ``restore`` must fit the stream its request opens: a clip counter in
+    range and matching its cache (whose frames count the context's clips too), and pending
+    clips of the generator's shape (token ids: integers below ``vocab``). A snapshot file is
+    data from disk: a wrong counter would make clips with another clip's seeds and actions."""
+    c = snapshot.checkpoint_clip
+    if isinstance(c, bool) or not isinstance(c, int | np.integer) or c < 0:
+        raise ValueError(f"snapshot.checkpoint_clip must be an int >= 0, got {c!r}")
+    if snapshot.cache is None and c != 0:
+        raise ValueError(
+            f"a snapshot without a cache is a stream's start (checkpoint_clip 0), got "
+            f"checkpoint_clip={c}"
+        )
+    if c + len(snapshot.pending) > num_clips:
+        raise ValueError(
+            f"snapshot holds clips up to {c + len(snapshot.pending)} (checkpoint_clip {c} + "
+            f"{len(snapshot.pending)} pending) but its request makes {num_clips}"
+        )
+    if snapshot.cache is not None:
+        held = snapshot.cache.get(next_frame)
+        expected = (context_clips + c) * cache_frames_per_clip
+        if held is None or held.numel() != 1 or int(held) != expected:
+            raise ValueError(
+                f"snapshot cache {next_frame}={None if held is None else held.tolist()} does "
+                f"not match checkpoint_clip={c} ({expected} frames with {context_clips} "
+                "context clip(s))"
+            )
+    for i, clip in enumerate(snapshot.pending):
+        kind = "token ids" if vocab is not None else "latents"
+        if not isinstance(clip, torch.Tensor) or tuple(clip.shape) != clip_shape:
+            got = tuple(clip.shape) if isinstance(clip, torch.Tensor) else type(clip).__name__
+            raise ValueError(f"snapshot pending clip {i}: {kind} must be {clip_shape}, got {got}")
+        if vocab is None:
+            if not clip.is_floating_point() or not bool(clip.isfinite().all()):
+                raise ValueError(f"snapshot pending clip {i}: latents must be finite floats")
+        elif (
+            clip.is_floating_point()
+            or clip.dtype == torch.bool
+            or (clip.numel() and not (int(clip.min()) >= 0 and int(clip.max()) < vocab))
+        ):
+            raise ValueError(
+                f"snapshot pending clip {i}: token ids must be integers in [0, {vocab})"
+            )
+
+
 def check_tokenizer(name: str, card: dict[str, Any], tokenizer: str, fingerprint: str) -> None:
     """Refuse to pair generator ``name`` (its model ``card``) with a tokenizer whose encoder
     fingerprint differs from the one it was trained on: its latents or ids would mean other

@@ -29,6 +29,7 @@ from vidgen.generators.base import (
     check_guidance,
     check_open,
     check_tokenizer,
+    check_truth,
     closed_on_error,
     leading_actions,
     seeded,
@@ -148,7 +149,10 @@ class DiffusionClipGenerator:
             self._write([stream], self.autoencoder.encode(video), [-(clips - j)])
 
     def close(self, stream: Stream) -> None:
-        if self._streams.pop(stream.id, None) is not None:
+        """Free the stream's slot; a stream already closed (or another generator's) is
+        left alone."""
+        if self._streams.get(stream.id) is stream:
+            del self._streams[stream.id]
             self.cache.remove_stream(stream.slot)
 
     # --- conditioning -------------------------------------------------------------------
@@ -177,18 +181,25 @@ class DiffusionClipGenerator:
         """One clip for each stream. Streams with different ``steps`` are denoised in separate
         groups (the Euler grid must be shared); everything else is batched."""
         check_open(self._streams, streams)
+        if not streams:
+            return []
         # Every group is denoised before any is written: a step that fails part way leaves
         # every stream as it was (no clip written to a cache but never returned).
-        made = []
+        # One write pass for all of them: a failure in it (it appends only once it has
+        # computed every layer's K/V) leaves every cache and counter as it was.
+        order, made = [], []
         for steps in sorted({s.request.steps for s in streams}):
             group = [s for s in streams if s.request.steps == steps]
-            made.append((group, self._denoise(group, steps)))
+            order += group
+            made.append(self._denoise(group, steps))
+        latents = torch.cat(made)
+        self._write(order, latents, [s.clip for s in order])
         out: dict[int, ClipLatents] = {}
-        for group, latents in made:
-            self._write(group, latents, [s.clip for s in group])
-            for s, lat in zip(group, latents, strict=True):
-                out[s.id] = ClipLatents(stream=s.id, clip=s.clip, data=lat.cpu())
-                s.clip += 1
+        for s, lat in zip(order, latents.to("cpu", copy=True), strict=True):
+            # clone: each clip owns its memory (a view would keep the whole batch alive in
+            # every truth, queue and pickle that holds it)
+            out[s.id] = ClipLatents(stream=s.id, clip=s.clip, data=lat.clone())
+            s.clip += 1
         return [out[s.id] for s in streams]
 
     def _denoise(self, streams: list[Stream], steps: int) -> torch.Tensor:
@@ -286,10 +297,20 @@ class DiffusionClipGenerator:
     def restore(self, snapshot: StreamSnapshot) -> Stream:
         """Reopen a stream from its truth: load the checkpoint, replay the pending clips'
         write passes; the next ``step`` continues as if nothing had happened."""
+        num_clips = self._check(snapshot.request)
+        cfg = self.config
+        context = snapshot.request.context
+        check_truth(
+            snapshot,
+            num_clips,
+            context_clips=0 if context is None else len(context) // self.clip_len,
+            cache_frames_per_clip=self.clip_len,
+            next_frame="next_frame",
+            clip_shape=(self.clip_len, cfg.latent_channels, cfg.latent_size, cfg.latent_size),
+        )
         if snapshot.cache is None:  # truth from the start: open afresh (context included)
             stream = self.open(snapshot.request)
         else:
-            num_clips = self._check(snapshot.request)
             slot = self.cache.add_stream()
             stream = Stream(
                 id=next(self._ids),

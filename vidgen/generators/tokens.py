@@ -37,6 +37,7 @@ from vidgen.generators.base import (
     check_guidance,
     check_open,
     check_tokenizer,
+    check_truth,
     closed_on_error,
     leading_actions,
     seeded,
@@ -179,16 +180,20 @@ class TokenClipGenerator:
 
     @torch.no_grad()
     def _write_context(self, stream: Stream, frames: np.ndarray) -> None:
-        video = to_model_range(frames).to(self.device)
-        clips = video.reshape(-1, self.clip_len, *video.shape[1:])  # (k, t, 3, H, W)
+        clips = len(frames) // self.clip_len
         # Every clip, oldest first (as in the diffusion family): evicted clips still shaped
         # the K/V of those after them, and each clip reads the last block of the one before.
-        for j in range(len(clips)):
-            tokens = self.tokenizer.encode(clips[j : j + 1])[0]
-            self._replay(stream, tokens, clip=-(len(clips) - j))
+        # Converted clip by clip: memory does not grow with the context's length.
+        for j in range(clips):
+            piece = frames[j * self.clip_len : (j + 1) * self.clip_len]
+            tokens = self.tokenizer.encode(to_model_range(piece)[None].to(self.device))[0]
+            self._replay(stream, tokens, clip=-(clips - j))
 
     def close(self, stream: Stream) -> None:
-        if self._streams.pop(stream.id, None) is not None:
+        """Free the stream's slots; a stream already closed (or another generator's) is
+        left alone."""
+        if self._streams.get(stream.id) is stream:
+            del self._streams[stream.id]
             for slot in self._rows.pop(stream.id).slots:
                 self.cache.remove_stream(slot)
 
@@ -270,18 +275,24 @@ class TokenClipGenerator:
         if again:  # re-tokenised before anything is written: a failure here changes no stream
             frames = self._decode_ids(tokens[again], [contexts[i] for i in again])
             tokens[again] = self.tokenizer.encode(frames)
+        if again:  # the re-tokenised clips' K/V, by a teacher-forced replay: first, as the
+            # one part that can fail (it appends only at its end), before anything else is
+            redo = [streams[i] for i in again]
+            self._replay_batch(redo, tokens[again], [s.clip for s in redo])
         if len(again) < b:  # the sampled clips' K/V, computed while they were made
             keep = [r for r, i in enumerate(owner) if i not in again]
             self.model.commit(_rows_of(partial, keep), self.cache, [slots[r] for r in keep])
-        if again:  # the re-tokenised clips' K/V, by a teacher-forced replay
-            redo = [streams[i] for i in again]
-            self._replay_batch(redo, tokens[again], [s.clip for s in redo])
         out = []
+        tokens = tokens.to("cpu", copy=True)
         for i, s in enumerate(streams):
-            self._rows[s.id].prev = tokens[i, -cfg.block :].cpu()
-            self._rows[s.id].last = tokens[i].cpu()
+            # Each row its own memory: a view would keep the whole batch alive wherever a
+            # clip is held, and a caller's in-place change would reach this stream's state.
+            self._rows[s.id].prev = tokens[i, -cfg.block :].clone()
+            self._rows[s.id].last = tokens[i].clone()
             context = contexts[i] if self.tokenizer.config.context_decoder else None
-            out.append(ClipLatents(stream=s.id, clip=s.clip, data=tokens[i].cpu(), context=context))
+            out.append(
+                ClipLatents(stream=s.id, clip=s.clip, data=tokens[i].clone(), context=context)
+            )
             s.clip += 1
         return out
 
@@ -319,8 +330,8 @@ class TokenClipGenerator:
             prev = rows[:, j * cfg.block : (j + 1) * cfg.block]
         self.model.commit(partial, self.cache, slots)
         for i, s in enumerate(streams):
-            self._rows[s.id].prev = tokens[i, -cfg.block :].cpu()
-            self._rows[s.id].last = tokens[i].cpu()
+            self._rows[s.id].prev = tokens[i, -cfg.block :].to("cpu", copy=True)
+            self._rows[s.id].last = tokens[i].to("cpu", copy=True)
 
     def _owners(self, streams: Sequence[Stream]) -> list[int]:
         """The stream of each row ``_cond`` makes: every stream's conditional row, then the
@@ -369,10 +380,20 @@ class TokenClipGenerator:
     def restore(self, snapshot: StreamSnapshot) -> Stream:
         """Reopen a stream from its truth: load the checkpoint (or open afresh when the truth
         starts at clip 0) and replay the pending clips' block steps."""
+        num_clips = self._check(snapshot.request)
+        cfg, context = self.config, snapshot.request.context
+        check_truth(
+            snapshot,
+            num_clips,
+            context_clips=0 if context is None else len(context) // self.clip_len,
+            cache_frames_per_clip=cfg.frames_per_clip,
+            next_frame="slot0.next_frame",
+            clip_shape=(cfg.tokens_per_clip,),
+            vocab=cfg.vocab,
+        )
         if snapshot.cache is None:
             stream = self.open(snapshot.request)
         else:
-            num_clips = self._check(snapshot.request)
             stream = self._new_stream(
                 snapshot.request, clip=snapshot.checkpoint_clip, num_clips=num_clips
             )
@@ -399,6 +420,24 @@ class TokenClipGenerator:
             self.cache.load(slot, tensors)
         if "prev" not in cache:
             raise ValueError("snapshot cache has no 'prev' (not a token generator's snapshot)")
+        cfg = self.config
+        _check_ids("prev", cache["prev"], (cfg.block,), cfg.vocab, low=BOS)
         rows.prev = cache["prev"].clone()
         last = cache.get("last")
+        if last is not None:
+            _check_ids("last", last, (cfg.tokens_per_clip,), cfg.vocab)
         rows.last = None if last is None else last.clone()
+
+
+def _check_ids(
+    name: str, ids: torch.Tensor, shape: tuple[int, ...], vocab: int, low: int = 0
+) -> None:
+    """A snapshot's token row: ``shape``, integers in [low, vocab)."""
+    if (
+        not isinstance(ids, torch.Tensor)
+        or tuple(ids.shape) != shape
+        or ids.is_floating_point()
+        or ids.dtype == torch.bool
+        or not (low <= int(ids.min()) and int(ids.max()) < vocab)
+    ):
+        raise ValueError(f"snapshot cache {name!r} must be {shape} token ids in [{low}, {vocab})")
