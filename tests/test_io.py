@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from fractions import Fraction
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from vidgen.io import (
+    MAX_FPS,
     VideoReadError,
     VideoWriter,
     concat_videos,
@@ -61,6 +63,19 @@ def luma(frames: np.ndarray) -> np.ndarray:
 def write(path: Path, frames: np.ndarray, **kwargs) -> Path:
     with VideoWriter(path, **kwargs) as writer:
         writer.write(frames)
+    return path
+
+
+def b_frame_mkv(path: Path, num_frames: int = 20, step: int = 12, first: int = 0) -> Path:
+    """Flat grey frames of value (first + i) * step from libx264 with B-frames allowed:
+    Matroska gives the first packets that B-frames delay a pts but no dts."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25, options={"bf": "3"})
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for i in range(first, first + num_frames):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), i * step, np.uint8), "rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
     return path
 
 
@@ -219,6 +234,10 @@ def test_odd_size_needs_lossless(tmp_path):
         ({"lossless": True, "crf": 10}, "crf"),
         ({"fps": 0}, "fps"),
         ({"fps": 1 / 5000}, "fps must be >= 1/1001"),
+        ({"fps": 3e9}, r"fps must be <= 1000 .*got fps=3000000000\.0"),
+        ({"fps": 1000.5}, r"fps must be <= 1000"),
+        ({"metadata": {"comment": "a\x00b"}}, r"metadata key 'comment'.*NUL"),
+        ({"metadata": {"x\x00y": "v"}}, r"metadata key 'x\\x00y'.*NUL"),
     ],
 )
 def test_writer_rejects_bad_settings(tmp_path, kwargs, match):
@@ -238,14 +257,7 @@ def test_a_raw_h264_stream_without_timestamps_is_probed_and_read(tmp_path):
 def test_an_mkv_with_b_frames_keeps_its_delayed_first_frames(tmp_path):
     """Matroska gives the first B-frame-delayed packets a pts and no dts; they were counted
     as untimed and dropped, so the last frames of a video went missing."""
-    path = tmp_path / "b.mkv"
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=25, options={"bf": "3"})
-        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
-        for i in range(20):
-            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), i * 12, np.uint8), "rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
+    path = b_frame_mkv(tmp_path / "b.mkv")
     assert probe_video(path).num_frames == 20
     video = read_video(path, backend="pyav")
     assert len(video) == 20 and abs(float(video[-1].float().mean()) - 19 * 12) < 4
@@ -254,6 +266,25 @@ def test_an_mkv_with_b_frames_keeps_its_delayed_first_frames(tmp_path):
 def test_writer_takes_numpy_frame_rates(tmp_path):
     for fps in (np.int64(8), np.float32(12.5)):
         assert VideoWriter(tmp_path / "a.mp4", fps=fps).rate == Fraction(float(fps))
+
+
+def test_writer_at_max_fps_keeps_distinct_matroska_timestamps(tmp_path):
+    # MAX_FPS is where Matroska's millisecond timestamps run out; there it still works.
+    path = write(tmp_path / "fast.mkv", noise(3, 8, 8), fps=MAX_FPS, lossless=True)
+    info = probe_video(path)
+    assert (info.num_frames, info.fps) == (3, MAX_FPS)
+
+
+def test_writer_refuses_a_directory_before_encoding(tmp_path):
+    target = tmp_path / "out.mp4"
+    target.mkdir()
+    with pytest.raises(IsADirectoryError, match=r"out\.mp4: it is an existing directory"):
+        VideoWriter(target)
+    segment = write(tmp_path / "s.mp4", noise(2, 8, 8), lossless=True)
+    with pytest.raises(IsADirectoryError, match=r"out\.mp4: it is an existing directory"):
+        concat_videos([segment], target)
+    assert target.is_dir() and not list(target.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4", "s.mp4"]
 
 
 def test_close_without_frames_raises(tmp_path):
@@ -359,6 +390,25 @@ def test_frames_an_edit_list_hides_are_not_counted(tmp_path):
     assert probe_video(cut).num_frames == 9
     for backend in ("decord", "pyav"):
         assert np.array_equal(read_video(cut, backend=backend).numpy(), frames[3:])
+
+
+def test_a_frame_size_change_midway_names_file_frame_and_sizes(tmp_path):
+    # Raw H.264 streams joined byte for byte: the second one's SPS switches the size.
+    parts = [
+        write(tmp_path / "a.h264", noise(3, 32, 32), lossless=True),
+        write(tmp_path / "b.h264", noise(2, 48, 64), lossless=True),
+    ]
+    joined = tmp_path / "joined.h264"
+    joined.write_bytes(b"".join(part.read_bytes() for part in parts))
+    assert probe_video(joined).num_frames == 5
+    sizes = r"frame 3: frame 0 is 32x32 but frame 3 is 64x48 \(width x height\)"
+    for backend in ("auto", "pyav"):
+        with pytest.raises(VideoReadError, match=rf"joined\.h264 changes frame size at {sizes}"):
+            read_video(joined, backend=backend)
+    with pytest.raises(VideoReadError, match=r"frame 1 is 32x32 but frame 3 is 64x48"):
+        read_video(joined, start=1, size=16, backend="pyav")
+    # The part before the change still reads.
+    assert read_video(joined, num_frames=3, backend="pyav").shape == (3, 32, 32, 3)
 
 
 # --- slicing and resizing -----------------------------------------------------------------
@@ -473,6 +523,65 @@ def test_concat_rejects_mismatched_segments(tmp_path, second, match):
     with pytest.raises(ValueError, match=match):
         concat_videos([first, other], tmp_path / "all.mp4")
     assert not (tmp_path / "all.mp4").exists()
+
+
+def test_concat_raw_h264_segments_without_timestamps(tmp_path):
+    """Raw .h264 has no timestamps; its packets were all dropped and a 0-byte file replaced
+    the previous render."""
+    frames = noise(20, 32, 32, seed=3)
+    segments = [
+        write(tmp_path / f"s{i}.h264", frames[i * 10 : (i + 1) * 10], lossless=True)
+        for i in range(2)
+    ]
+    out = tmp_path / "all.mp4"
+    out.write_bytes(b"previous render")
+    concat_videos(segments, out)
+    info = probe_video(out)
+    assert (info.num_frames, info.fps) == (20, pytest.approx(8.0))
+    for backend in ("decord", "pyav"):
+        assert np.array_equal(read_video(out, backend=backend).numpy(), frames)
+    with av.open(str(out)) as container:
+        dts = [p.dts for p in container.demux(video=0) if p.size]
+    assert dts == sorted(set(dts))
+
+
+@pytest.mark.parametrize("suffix", [".mkv", ".mp4"])
+def test_concat_b_frame_mkv_segments_keeps_the_delayed_first_frames(tmp_path, suffix):
+    """The first packets of a B-frame mkv have a pts but no dts; dropping them dropped the
+    keyframe, so nothing decoded."""
+    segments = [b_frame_mkv(tmp_path / f"b{i}.mkv", step=6, first=20 * i) for i in range(2)]
+    out = concat_videos(segments, tmp_path / f"all{suffix}")
+    assert probe_video(out).num_frames == 40
+    video = read_video(out, backend="pyav").float()
+    means = video.mean(dim=(1, 2, 3)).numpy()
+    assert np.abs(means - 6 * np.arange(40)).max() < 4  # every frame, in order
+
+
+def test_concat_never_publishes_fewer_frames_than_probed(tmp_path, monkeypatch):
+    """A segment whose packets are not all copied must fail, leaving `out` as it was."""
+    segments = [write(tmp_path / f"s{i}.mp4", noise(3, 16, 16), lossless=True) for i in range(2)]
+    out = tmp_path / "all.mp4"
+    out.write_bytes(b"previous render")
+    probe = video_module.probe_video
+
+    def over_reporting_probe(path):
+        info = probe(path)
+        if Path(path).name == "s1.mp4":
+            return dataclasses.replace(info, num_frames=info.num_frames + 1)
+        return info
+
+    monkeypatch.setattr(video_module, "probe_video", over_reporting_probe)
+    with pytest.raises(ValueError, match=r"copied 3 of the 4 frames of .*s1\.mp4"):
+        concat_videos(segments, out)
+    assert out.read_bytes() == b"previous render"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["all.mp4", "s0.mp4", "s1.mp4"]
+
+
+def test_concat_refuses_metadata_with_nul_before_writing(tmp_path):
+    segment = write(tmp_path / "s.mp4", noise(2, 8, 8), lossless=True)
+    with pytest.raises(ValueError, match=r"metadata key 'title'.*NUL"):
+        concat_videos([segment], tmp_path / "all.mp4", metadata={"title": "cut\x00here"})
+    assert [p.name for p in tmp_path.iterdir()] == ["s.mp4"]
 
 
 def test_concat_rejects_no_segments(tmp_path):

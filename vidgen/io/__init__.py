@@ -2,6 +2,7 @@
 
 from vidgen.io.video import (
     DEFAULT_CRF,
+    MAX_FPS,
     VideoInfo,
     VideoReadError,
     VideoWriter,
@@ -13,6 +14,7 @@ from vidgen.io.video import (
 
 __all__ = [
     "DEFAULT_CRF",
+    "MAX_FPS",
     "VideoInfo",
     "VideoReadError",
     "VideoWriter",

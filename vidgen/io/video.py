@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -61,6 +61,9 @@ _MP4_SUFFIXES = frozenset({"", ".mp4", ".m4v", ".mov"})
 _H264_NAMES = frozenset({"h264", "libx264", "libx264rgb"})
 # Frames resized at once; bounds the float copy of a long video.
 _RESIZE_CHUNK = 64
+# Matroska stores timestamps in milliseconds: above 1000 fps frames share a timestamp (and
+# concat_videos could not give them distinct ones), so no writer goes faster.
+MAX_FPS = 1000
 
 
 class VideoReadError(RuntimeError):
@@ -275,6 +278,7 @@ def _read_pyav(info: VideoInfo, indices: range) -> np.ndarray:
             for index, frame in enumerate(container.decode(stream)):
                 if index >= indices.start:
                     frames.append(frame.to_ndarray(format="rgb24"))
+                    _check_same_size(info.path, indices.start, frames)
                 if len(frames) == len(indices):
                     break
         except av.FFmpegError as err:
@@ -288,6 +292,18 @@ def _read_pyav(info: VideoInfo, indices: range) -> np.ndarray:
             f"{indices.start + len(frames)} decodable frames"
         )
     return np.stack(frames)
+
+
+def _check_same_size(path: Path, start: int, frames: list[np.ndarray]) -> None:
+    """Raise unless the last decoded frame has the size of the first: a stream that changes
+    size midway (joined raw H.264 of two sizes) cannot be one (T, H, W, 3) tensor."""
+    first, last = frames[0].shape, frames[-1].shape
+    if last != first:
+        raise VideoReadError(
+            f"{path} changes frame size at frame {start + len(frames) - 1}: frame {start} is "
+            f"{first[1]}x{first[0]} but frame {start + len(frames) - 1} is {last[1]}x{last[0]} "
+            "(width x height); a video must keep one frame size to be read as a tensor"
+        )
 
 
 def read_video(
@@ -369,6 +385,16 @@ def read_metadata(path: PathLike) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 
 
+def _check_target(path: Path) -> None:
+    """Fail before any encoding when the file could never be published at `path`."""
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: directory {path.parent} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"cannot write {path}: it is an existing directory; expected a file path"
+        )
+
+
 def _temp_path(path: Path) -> Path:
     """A new hidden file beside `path` with the same suffix, so the muxer guesses the format."""
     return temp_beside(path, suffix=f".tmp{path.suffix}")
@@ -409,6 +435,13 @@ def _check_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise TypeError(f"metadata must be a dict[str, str], got {metadata!r}")
+    for key, value in metadata.items():
+        # FFmpeg keeps tags as C strings: everything after a NUL would be silently cut.
+        if "\x00" in key or "\x00" in value:
+            raise ValueError(
+                f"metadata key {key!r}: keys and values must not contain a NUL character "
+                "('\\x00'), which the container would cut the text at"
+            )
     return dict(metadata)
 
 
@@ -444,6 +477,8 @@ def _frame_rate(fps: float | Fraction) -> Fraction:
         raise TypeError(f"fps must be a number, got {fps!r}")
     if not math.isfinite(fps) or fps <= 0:
         raise ValueError(f"fps must be a positive finite number, got fps={fps}")
+    if fps > MAX_FPS:
+        raise ValueError(f"fps must be <= {MAX_FPS} (MAX_FPS), got fps={fps}")
     # A small denominator keeps the time base exact for rates like 8, 24 or 29.97.
     rate = Fraction(fps).limit_denominator(1001)
     if rate < Fraction(1, 1001):
@@ -457,6 +492,7 @@ class VideoWriter:
     Default: H.264 (libx264, yuv420p, crf DEFAULT_CRF) that ordinary players open. lossless:
     libx264rgb at qp 0 in rgb24, which decodes back to the exact RGB input (yuv444 would not:
     the colour conversion itself rounds). Any other `codec` name is passed to PyAV as-is.
+    fps: frames per second, in [1/1001, MAX_FPS].
     B-frames are off so that segments can be joined by remuxing with monotonic timestamps.
 
     Frames go to a hidden temporary file in the target's directory, renamed onto `path` on a
@@ -474,10 +510,7 @@ class VideoWriter:
         metadata: dict[str, str] | None = None,
     ) -> None:
         self.path = Path(path)
-        if not self.path.parent.is_dir():
-            raise FileNotFoundError(
-                f"cannot write {self.path}: directory {self.path.parent} does not exist"
-            )
+        _check_target(self.path)
         self.rate = _frame_rate(fps)
         self.metadata = _check_metadata(metadata)
         self._encoder, self._options = _encoder_settings(codec, lossless, crf)
@@ -701,7 +734,9 @@ def concat_videos(
 
     All segments must share codec, frame size, frame rate and encoder settings (segments from
     VideoWriter with the same arguments do). Timestamps of each segment are shifted to follow
-    the previous one. metadata defaults to that of the first segment. Atomic like VideoWriter.
+    the previous one; raw H.264 segments, which have none, are timed one frame after another.
+    metadata defaults to that of the first segment. Atomic like VideoWriter: a segment whose
+    frames cannot all be copied raises ValueError naming it, and `out` is left as it was.
     """
     if isinstance(paths, str | os.PathLike):
         raise TypeError(f"paths must be a sequence of paths, got a single path {paths!r}")
@@ -709,10 +744,9 @@ def concat_videos(
     if not segments:
         raise ValueError("concat_videos needs at least one segment, got paths=[]")
     out = Path(out)
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {out}: directory {out.parent} does not exist")
-    for segment in segments:
-        probe_video(segment)  # names the bad file before anything is written
+    _check_target(out)
+    # Probing first names a bad file before anything is written.
+    frame_counts = [probe_video(segment).num_frames for segment in segments]
     _check_segments(segments)
     tags = read_metadata(segments[0]) if metadata is None else _check_metadata(metadata)
     tmp = _temp_path(out)
@@ -720,8 +754,14 @@ def concat_videos(
     try:
         container = _open_output(tmp, out, tags)
         remuxer = _Remuxer(container)
-        for segment in segments:
-            remuxer.add(segment)
+        for segment, expected in zip(segments, frame_counts, strict=True):
+            muxed = remuxer.add(segment)
+            if muxed != expected:
+                # Never publish a short file over `out`: the old one is worth more.
+                raise ValueError(
+                    f"concat_videos: copied {muxed} of the {expected} frames of {segment}; "
+                    f"{out} was not written"
+                )
         container.close()
     except BaseException:
         _discard(container, tmp)
@@ -745,7 +785,8 @@ class _Remuxer:
         self.last_dts: int | None = None
         self.frame_ticks = 0
 
-    def add(self, path: Path) -> None:
+    def add(self, path: Path) -> int:
+        """Append the frames of `path`; returns how many packets were copied."""
         with _open_input(path) as container:
             in_stream = _video_stream(container, path)
             if self.out_stream is None:
@@ -756,10 +797,9 @@ class _Remuxer:
                 self.frame_ticks = round(1 / (rate * self.time_base)) if rate else 0
             shift: int | None = None
             end = self.offset
-            for packet in container.demux(in_stream):
-                if not _is_frame_packet(packet) or packet.dts is None:
-                    continue  # segments are vidgen's own mp4s: every frame has a dts
-                pts, dts, duration = self._rescaled(packet, in_stream.time_base)
+            count = 0
+            packets = container.demux(in_stream)
+            for packet, pts, dts, duration in self._timed(packets, in_stream.time_base):
                 if shift is None:
                     # Align the segment's first timestamp with the end of the previous one.
                     shift = self.offset - min(pts, dts)
@@ -775,20 +815,54 @@ class _Remuxer:
                 self.output.mux(packet)
                 self.last_dts = dts
                 end = max(end, pts + duration)
+                count += 1
         # The next segment starts after the last shown frame and after the last decoded one.
         last_dts = self.last_dts if self.last_dts is not None else -1
         self.offset = max(end, last_dts + 1)
+        return count
 
-    def _rescaled(self, packet: Any, source: Fraction) -> tuple[int, int, int]:
+    def _timed(
+        self, packets: Iterable[Any], source: Fraction
+    ) -> Iterator[tuple[Any, int, int, int]]:
+        """The frame packets with (pts, dts, duration) in the output time base, gaps filled.
+
+        A raw H.264 stream has no timestamps: its frames follow one another in decode order
+        (VideoWriter writes no B-frames). Matroska gives the first frames that B-frames delay
+        a pts but no dts; their dts count back one frame each from the first known dts, the
+        way ffmpeg fills them, so decode order stays increasing.
+        """
         assert self.time_base is not None
-        pts = packet.pts if packet.pts is not None else packet.dts
-        return (
-            _rescale(pts, source, self.time_base),
-            _rescale(packet.dts, source, self.time_base),
-            _rescale(packet.duration, source, self.time_base)
-            if packet.duration
-            else self.frame_ticks,
-        )
+        pending: list[tuple[Any, int, int]] = []  # (packet, pts, duration) awaiting a dts
+        clock = 0  # decode time after the previous packet, for packets with no timestamp
+        for packet in packets:
+            if not _is_frame_packet(packet):
+                continue
+            duration = (
+                _rescale(packet.duration, source, self.time_base)
+                if packet.duration
+                else self.frame_ticks
+            )
+            if packet.pts is None and packet.dts is None:
+                yield packet, clock, clock, duration
+                clock += duration
+                continue
+            pts = _rescale(
+                packet.pts if packet.pts is not None else packet.dts, source, self.time_base
+            )
+            if packet.dts is None:
+                pending.append((packet, pts, duration))
+                continue
+            dts = _rescale(packet.dts, source, self.time_base)
+            back = dts - sum(d for _, _, d in pending)
+            for early, early_pts, early_duration in pending:
+                yield early, early_pts, back, early_duration
+                back += early_duration
+            pending.clear()
+            yield packet, pts, dts, duration
+            clock = dts + duration
+        # No dts anywhere (a stream of pts only): decode order is presentation order.
+        for packet, pts, duration in pending:
+            yield packet, pts, pts, duration
 
 
 def _rescale(value: int, source: Fraction, target: Fraction) -> int:
