@@ -1,13 +1,17 @@
+import dataclasses
 import hashlib
 import json
 import struct
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from vidgen import checkpoint
 from vidgen.checkpoint import CheckpointError
+from vidgen.validate import check_int, check_number
 
 
 @dataclass
@@ -283,3 +287,175 @@ while True:
     assert not strays, f"files no cleanup can tell apart: {strays}"
     fsutil.remove_temps(folder)
     assert [p.name for p in folder.iterdir()] == ["x.safetensors"]
+
+
+def forge(saved, tmp_path, **header: str | None):
+    """A copy of ``saved`` with header fields replaced (None: dropped) and its digest
+    recomputed, as anyone can (the digest has no key): only ``load``'s checks stand."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(saved, framework="pt") as f:
+        metadata = dict(f.metadata())
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    metadata.pop("digest")
+    for key, value in header.items():
+        if value is None:
+            metadata.pop(key)
+        else:
+            metadata[key] = value
+    metadata["digest"] = checkpoint._digest(metadata, tensors)
+    bad = tmp_path / "forged.safetensors"
+    save_file(tensors, bad, metadata=metadata)
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "got"),
+    [
+        ("config", "null", "null"),  # was a bare TypeError from config_as
+        ("config", "[1, 2]", r"\[1, 2\]"),
+        ("card", "null", "null"),  # was loaded: ckpt.card.get failed later, in the caller
+        ("card", "[1]", r"\[1\]"),
+        ("format_version", "-5", '"-5"'),  # was accepted as version -5
+        ("format_version", "0", '"0"'),
+        ("format_version", "1_0", '"1_0"'),  # int() reads it as 10
+        ("format_version", None, "nothing"),  # was read as version 0
+    ],
+)
+def test_a_forged_header_field_of_the_wrong_kind_is_refused_by_file_and_key(
+    saved, tmp_path, key, value, got
+):
+    bad = forge(saved, tmp_path, **{key: value})
+    with pytest.raises(CheckpointError, match=rf"forged\.safetensors .*'{key}'.*got {got}$"):
+        checkpoint.load(bad)
+
+
+@pytest.mark.parametrize(
+    ("config", "error"),
+    [
+        ({"dim": "8"}, 'field dim must be an int, got "8"'),  # was loaded as the str "8"
+        ({"dim": True}, "field dim must be an int, got true"),
+        ({"dim": 8.5}, "field dim must be an int, got 8.5"),
+        ({"inner": 5}, r"field inner must be an object \(Inner\), got 5"),  # was loaded as 5
+        ({"inner": {"depth": "2"}}, 'field inner.depth must be an int, got "2"'),
+        ({"inner": {"widths": [4]}}, r"field inner.widths must be a list of 2 \(an int, an int\)"),
+        ({"inner": {"widths": [4, "8"]}}, r"field inner.widths\[1\] must be an int"),
+        ({"inner": {"widths": 4}}, "field inner.widths must be a list of 2"),
+        ({"label": "3"}, 'field label must be an int or null, got "3"'),
+    ],
+)
+def test_a_forged_config_field_of_the_wrong_type_is_refused_by_name(saved, tmp_path, config, error):
+    fields = {"dim": 8, "inner": {"depth": 2, "widths": [4, 8]}, "label": 3}
+    bad = forge(saved, tmp_path, config=json.dumps({**fields, **config}))
+    ckpt = checkpoint.load(bad)  # the header is well-formed; the config's types are not
+    with pytest.raises(CheckpointError, match=rf"forged\.safetensors: config {error}"):
+        ckpt.config_as(TinyConfig)
+
+
+@dataclass
+class EveryKindConfig:
+    """A field of each kind of hint the saved configs use."""
+
+    count: int
+    ratio: float = 0.5
+    flag: bool = False
+    name: str = ""
+    root: str | None = None
+    channels: tuple[int, int, int] = (1, 2, 3)
+    sizes: tuple[int, ...] = ()
+    freeze: list[str] = field(default_factory=list)
+    weights: dict[str, float] = field(default_factory=dict)
+    inner: Inner | None = None
+    anything: Any = None
+
+
+def test_config_fields_of_every_kind_round_trip_with_their_types():
+    config = EveryKindConfig(
+        count=3,
+        ratio=2,  # an int where a float is declared stays an int: fingerprints hash it
+        flag=True,
+        name="x",
+        root="/data",
+        channels=(4, 5, 6),
+        sizes=(7, 8),
+        freeze=["encoder"],
+        weights={"a": 1.5},
+        inner=Inner(depth=3, widths=(1, 2)),
+        anything={"free": ["form"]},
+    )
+    data = json.loads(json.dumps(dataclasses.asdict(config)))  # as a file holds it
+    back = checkpoint._from_dict(EveryKindConfig, data)
+    assert back == config
+    assert type(back.ratio) is int and type(back.channels) is tuple and type(back.sizes) is tuple
+    assert type(back.freeze) is list and type(back.inner) is Inner
+    assert checkpoint._from_dict(EveryKindConfig, {"count": 1}) == EveryKindConfig(count=1)
+    bad = {
+        "ratio": ("true", "ratio must be a number"),
+        "flag": ("1", "flag must be true or false"),
+        "freeze": ('["a", 2]', r"freeze\[1\] must be a string"),
+        "weights": ('{"a": "x"}', r"weights\['a'\] must be a number"),
+        "inner": ("[1]", r"inner must be an object \(Inner\)"),
+    }
+    for name, (value, error) in bad.items():
+        with pytest.raises(CheckpointError, match=error):
+            checkpoint._from_dict(EveryKindConfig, {"count": 1, name: json.loads(value)})
+    with pytest.raises(
+        CheckpointError, match=r"lacks fields EveryKindConfig requires: \['count'\]"
+    ):
+        checkpoint._from_dict(EveryKindConfig, {})
+
+
+def test_the_configs_vidgen_saves_round_trip_through_the_type_checks():
+    """Every config class a checkpoint holds, in every preset: the checks must accept all the
+    types they declare (nested dataclasses, tuples, optional fields)."""
+    from vidgen.data.loader import DataConfig
+    from vidgen.generators.base import SnapshotInfo
+    from vidgen.models.ca2vdm import CA2VDM_CONFIGS
+    from vidgen.models.nbp import NBP_CONFIGS
+    from vidgen.tokenizers.kl import KL_CONFIGS
+    from vidgen.tokenizers.larp import LARP_CONFIGS
+    from vidgen.train.encoded import EncodedClipsInfo
+    from vidgen.train.loop import TrainConfig
+
+    presets = [*CA2VDM_CONFIGS.values(), *NBP_CONFIGS.values(), *KL_CONFIGS.values()]
+    presets += [*LARP_CONFIGS.values(), DataConfig(root="/data", stride=2), TrainConfig()]
+    presets += [SnapshotInfo(0, 1, True, "{}"), EncodedClipsInfo(clips=4, keep_video=False)]
+    for config in presets:
+        data = json.loads(json.dumps(dataclasses.asdict(config)))
+        assert checkpoint._from_dict(type(config), data) == config
+
+
+def test_a_wrong_case_or_unknown_bare_name_lists_the_shipped_names(saved, tmp_path, monkeypatch):
+    """ "CA2VDM-TINY" was taken for a path and answered only "does not exist"."""
+    monkeypatch.setattr(checkpoint, "assets_dir", lambda: tmp_path)  # ships "model"
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    with pytest.raises(CheckpointError, match=r"'MODEL'.*did you mean 'model'\?; shipped: model"):
+        checkpoint.resolve("MODEL")
+    with pytest.raises(CheckpointError, match=r"'Model\.safetensors' does not exist.*'model'\?"):
+        checkpoint.resolve("Model.safetensors")
+    with pytest.raises(CheckpointError, match=r"named 'My Model'.*; shipped: model \(paths"):
+        checkpoint.resolve("My Model")
+    (tmp_path / "cwd" / "My Model").write_bytes(saved.read_bytes())
+    assert checkpoint.resolve("My Model") == Path("My Model")  # a file of that name is a path
+    with pytest.raises(CheckpointError, match=r"^checkpoint file './MODEL' does not exist$"):
+        checkpoint.resolve("./MODEL")  # a path, plainly: no guessing
+
+
+def test_check_number_refuses_an_int_too_large_for_a_float_by_name():
+    """``math.isfinite`` and ``float`` raised a bare OverflowError on such an int."""
+    with pytest.raises(ValueError, match=r"^x must be in \[0, 5\], got an int of about 401 digits"):
+        check_number("x", 10**400, minimum=0, maximum=5)
+    with pytest.raises(ValueError, match=r"^x must fit in a float .*about 401 digits"):
+        check_number("x", 10**400, minimum=0)
+    with pytest.raises(ValueError, match=r"^x must be <= 0, got an int of about 401"):
+        check_number("x", 10**400, maximum=0)
+    assert check_number("x", 10**300) == 1e300
+
+
+def test_check_int_names_the_argument_of_an_int_too_long_to_print():
+    """Python refuses str() of an int over 4300 digits: the message was its ValueError."""
+    with pytest.raises(ValueError, match=r"^n must be >= 0, got a negative int of about 5001"):
+        check_int("n", -(10**5000), minimum=0)
+    assert check_int("n", 10**5000) == 10**5000

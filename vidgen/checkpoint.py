@@ -69,7 +69,10 @@ class Checkpoint:
             raise CheckpointError(
                 f"{self.path} holds a {self.config_type} config, not a {_type_name(cls)}"
             )
-        return _from_dict(cls, self.config)
+        try:
+            return _from_dict(cls, self.config)
+        except CheckpointError as err:  # a digest recomputed over a hand-edited config
+            raise CheckpointError(f"{self.path}: {err}") from err
 
     def load_into(
         self, module: torch.nn.Module, prefix: str = "", missing_ok: Collection[str] = ()
@@ -189,10 +192,7 @@ def load(name_or_path: str | os.PathLike, expected_config: type | None = None) -
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated?): {err}") from err
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a vidgen checkpoint")
-    try:
-        version = int(metadata.get("format_version", "0"))
-    except ValueError as err:
-        raise CheckpointError(f"{path} has an unreadable format_version") from err
+    version = _format_version(path, metadata.get("format_version"))
     if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has format version {version}; this vidgen reads up to {FORMAT_VERSION}"
@@ -216,11 +216,30 @@ def load(name_or_path: str | os.PathLike, expected_config: type | None = None) -
         )
     except (KeyError, ValueError) as err:  # a digest recomputed over a hand-edited header
         raise CheckpointError(f"{path} has a missing or unreadable header field: {err}") from err
+    for key in ("config", "card"):  # callers index both as dicts
+        value = getattr(ckpt, key)
+        if not isinstance(value, dict):
+            raise CheckpointError(
+                f"{path} has an unreadable header field {key!r}: expected a JSON object, got "
+                f"{_short(value)}"
+            )
     if expected_config is not None and _type_name(expected_config) != ckpt.config_type:
         raise CheckpointError(
             f"{path} holds a {ckpt.config_type} checkpoint, expected {_type_name(expected_config)}"
         )
     return ckpt
+
+
+def _format_version(path: Path, text: object) -> int:
+    """The header's format version: decimal digits, at least 1 (``int`` alone would take
+    "-5", " 1" or "1_0")."""
+    if not isinstance(text, str) or not re.fullmatch(r"[0-9]{1,9}", text) or int(text) < 1:
+        got = "nothing" if text is None else _short(text)
+        raise CheckpointError(
+            f"{path} has an unreadable header field 'format_version': expected an integer >= 1,"
+            f" got {got}"
+        )
+    return int(text)
 
 
 def config_type(name_or_path: str | os.PathLike) -> str:
@@ -257,11 +276,7 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         shipped = assets_dir() / f"{text}{SUFFIX}"
         if shipped.is_file():
             return shipped
-        names = ", ".join(available()) or "none"
-        raise CheckpointError(
-            f"no shipped checkpoint named {text!r}; shipped: {names} (paths need a / or the "
-            f"{SUFFIX} suffix)"
-        )
+        raise CheckpointError(f"no shipped checkpoint named {text!r}{_shipped_hint(text)}")
     if path.is_file():
         return path
     if path.is_dir():
@@ -270,7 +285,32 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
             f"{text!r} is a folder, not a checkpoint file"
             + (f" (it holds {', '.join(found)})" if found else "")
         )
+    if not looks_like_path:  # a name, but not one of ours ("CA2VDM-TINY", "my model")
+        raise CheckpointError(
+            f"no shipped checkpoint named {text!r} and no file of that name{_shipped_hint(text)}"
+        )
+    if "/" not in text and _near_shipped(text) is not None:  # "CA2VDM-TINY.safetensors"
+        raise CheckpointError(
+            f"checkpoint file {text!r} does not exist; for a shipped checkpoint give its name"
+            f"{_shipped_hint(text, paths_note=False)}"
+        )
     raise CheckpointError(f"checkpoint file {text!r} does not exist")
+
+
+def _near_shipped(text: str) -> str | None:
+    """The shipped name ``text`` differs from only in case or by the file suffix, if any."""
+    stem = text[: -len(SUFFIX)] if text.lower().endswith(SUFFIX) else text
+    return next((name for name in available() if name.lower() == stem.lower()), None)
+
+
+def _shipped_hint(text: str, paths_note: bool = True) -> str:
+    """The tail of a resolve error: the shipped name ``text`` was likely meant to be, and
+    all the shipped names."""
+    near = _near_shipped(text)
+    mean = f"; did you mean {near!r}?" if near else ""
+    names = ", ".join(available()) or "none"
+    note = f" (paths need a / or the {SUFFIX} suffix)" if paths_note else ""
+    return f"{mean}; shipped: {names}{note}"
 
 
 def same_checkpoint(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -356,32 +396,138 @@ def _summary(what: str, items: list[str], limit: int = 5) -> str:
     return f"{what}: {', '.join(items[:limit])}{more}; "
 
 
-def _from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
-    """Rebuild a (possibly nested) dataclass from ``dataclasses.asdict`` output; keys the
-    dataclass does not have (a newer file) are refused rather than silently dropped."""
+def _from_dict(cls: type[C], data: Mapping[str, Any], where: str = "") -> C:
+    """Rebuild a (possibly nested) dataclass from ``dataclasses.asdict`` output, each value
+    checked against its field's type hint (the digest proves only that whoever wrote the file
+    could hash it). Keys the dataclass does not have (a newer file) are refused rather than
+    silently dropped; fields the file lacks (an older file) keep their defaults."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    label, prefix = (f"config field {where}", f"{where}.") if where else ("config", "")
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise CheckpointError(f"config has fields {cls.__name__} does not know: {unknown}")
-    kwargs = {}
-    for name, value in data.items():
-        hint = hints.get(name)
-        sub = _dataclass_in(hint)
-        if sub is not None and isinstance(value, Mapping):
-            value = _from_dict(sub, value)
-        elif typing.get_origin(hint) is tuple and isinstance(value, list):
-            value = tuple(value)  # JSON has no tuples
-        kwargs[name] = value
+        raise CheckpointError(f"{label} has fields {cls.__name__} does not know: {unknown}")
+    required = {
+        name
+        for name, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    missing = sorted(required - set(data))
+    if missing:
+        raise CheckpointError(f"{label} lacks fields {cls.__name__} requires: {missing}")
+    kwargs = {name: _checked(f"{prefix}{name}", hints[name], value) for name, value in data.items()}
     return cls(**kwargs)
 
 
-def _dataclass_in(hint: Any) -> type | None:
-    """The dataclass inside a type hint (``X`` or ``X | None``), if any."""
-    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        return hint
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        for arg in typing.get_args(hint):
-            if isinstance(arg, type) and dataclasses.is_dataclass(arg):
-                return arg
-    return None
+def _checked(name: str, hint: Any, value: Any) -> Any:
+    """``value`` (from JSON) as the field ``name`` of type ``hint`` holds it: lists become
+    tuples where the hint is a tuple, objects become nested dataclasses. Hints JSON cannot
+    hold (a file with them could not have been saved) are left to the dataclass."""
+    origin = typing.get_origin(hint) or hint
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin is types.UnionType or origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _checked(name, option, value)
+            except _FieldError as err:
+                if err.field != name and len(args) == 2:  # X | None: X's error is inside it
+                    raise
+        raise _field_error(name, hint, value)
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        if not isinstance(value, Mapping):
+            raise _field_error(name, hint, value)
+        return _from_dict(hint, value, name)
+    if isinstance(hint, type) and hint in _SCALARS:
+        # bool is an int, but true is no count; an int is a float (JSON writes 4.0 as 4 only
+        # if it was an int, and the value is kept as it was: fingerprints hash it).
+        ok = isinstance(value, (int, float) if hint is float else hint)
+        if not ok or (hint is not bool and isinstance(value, bool)):
+            raise _field_error(name, hint, value)
+        return value
+    if hint is type(None):
+        if value is not None:
+            raise _field_error(name, hint, value)
+        return None
+    if origin is typing.Literal:
+        if not any(value == a and type(value) is type(a) for a in args):
+            raise _field_error(name, hint, value)
+        return value
+    if origin in (tuple, list, dict):
+        return _checked_items(name, hint, value)
+    return value
+
+
+def _checked_items(name: str, hint: Any, value: Any) -> Any:
+    """``_checked`` for a tuple, list or dict hint: the container, then each item."""
+    origin = typing.get_origin(hint) or hint
+    args = typing.get_args(hint)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise _field_error(name, hint, value)
+        inner = args[1] if len(args) == 2 else Any
+        return {k: _checked(f"{name}[{k!r}]", inner, v) for k, v in value.items()}
+    if not isinstance(value, (list, tuple)):
+        raise _field_error(name, hint, value)
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(value) != len(args):
+            raise _field_error(name, hint, value)
+        items = args
+    else:
+        items = (args[0] if args else Any,) * len(value)
+    out = [
+        _checked(f"{name}[{i}]", h, v) for i, (h, v) in enumerate(zip(items, value, strict=True))
+    ]
+    return tuple(out) if origin is tuple else out  # JSON has no tuples
+
+
+_SCALARS = {int: "an int", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _expected(hint: Any) -> str:
+    """What a value of type ``hint`` looks like in JSON, for errors."""
+    origin = typing.get_origin(hint) or hint
+    args = typing.get_args(hint)
+    if isinstance(hint, type) and hint in _SCALARS:
+        return _SCALARS[hint]
+    if hint is type(None):
+        return "null"
+    if origin is types.UnionType or origin is typing.Union:
+        return " or ".join(_expected(a) for a in args)
+    if dataclasses.is_dataclass(hint):
+        return f"an object ({hint.__name__})"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        return f"a list of {len(args)} ({', '.join(_expected(a) for a in args)})"
+    if origin in (tuple, list):
+        return f"a list (each {_expected(args[0])})" if args else "a list"
+    if origin is dict:
+        return "an object"
+    return getattr(hint, "__name__", str(hint))
+
+
+class _FieldError(CheckpointError):
+    """A config value that does not fit its field's type hint."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _field_error(name: str, hint: Any, value: Any) -> _FieldError:
+    message = f"config field {name} must be {_expected(hint)}, got {_short(value)}"
+    return _FieldError(message, name)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``value`` as JSON (else its repr), cut to ``limit`` characters: a forged header can
+    hold anything."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."

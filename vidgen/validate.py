@@ -12,9 +12,11 @@ def check_int(name: str, value: object, minimum: int | None = None) -> int:
     non-integers are refused, as is anything below ``minimum``."""
     if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
         at_least = "" if minimum is None else f" >= {minimum}"
-        raise ValueError(f"{name} must be an int{at_least}, got {value!r} ({type(value).__name__})")
+        raise ValueError(
+            f"{name} must be an int{at_least}, got {_shown(value)} ({type(value).__name__})"
+        )
     if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise ValueError(f"{name} must be >= {minimum}, got {_shown(value)}")
     return int(value)
 
 
@@ -32,8 +34,12 @@ def check_number(
     if isinstance(value, bool | np.bool_) or not isinstance(
         value, int | float | np.integer | np.floating
     ):
-        raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a number, got {_shown(value)} ({type(value).__name__})")
+    try:
+        number: float | None = float(value)
+    except OverflowError:  # an int beyond a float's range (math.isfinite raises on it too)
+        number = None
+    if number is not None and not math.isfinite(number):
         raise ValueError(f"{name} must be finite, got {value}")
     lo = "[" if minimum is not None else "(" if above is not None else None
     hi = "]" if maximum is not None else ")" if below is not None else None
@@ -53,11 +59,23 @@ def check_number(
             expected = f">= {low}" if lo == "[" else f"> {low}"
         else:
             expected = f"<= {high}" if hi == "]" else f"< {high}"
-        raise ValueError(f"{name} must be {expected}, got {value}")
-    return float(value)
+        raise ValueError(f"{name} must be {expected}, got {_shown(value)}")
+    if number is None:  # within the bounds given, but no float can hold it
+        raise ValueError(f"{name} must fit in a float (about 1.8e308), got {_shown(value)}")
+    return number
 
 
 def check_ints(obj: object, minimum: int, *names: str) -> None:
     """``check_int`` on attributes of ``obj`` (a config), each at least ``minimum``."""
     for name in names:
         check_int(name, getattr(obj, name), minimum=minimum)
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    """``value`` for an error message: a huge int by its size (Python refuses to print one of
+    over 4300 digits, and a long one buries the message), anything else by a cut repr."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
+        digits = int(abs(value).bit_length() * math.log10(2)) + 1
+        return f"{'a negative' if value < 0 else 'an'} int of about {digits} digits"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
