@@ -343,6 +343,10 @@ def test_a_snapshot_file_whose_contents_do_not_fit_is_refused_by_name(tmp_path):
         ("actions", 3, r"actions must have one entry per frame \(8\), got a scalar"),
         ("actions", ["a"] * 8, r"actions must be numbers"),
         ("actions", [[0.1, 0.2], [0.3]] + [[0.0, 0.0]] * 6, r"actions must be a rectangular"),
+        ("actions", np.arange(8).astype("timedelta64[s]"), r"actions must be numbers"),
+        ("model", None, r"model must be a shipped name or a checkpoint path, got None"),
+        ("model", "", r"model must be a shipped name"),
+        ("steps", 10**9, r"steps must be <= 1000"),
     ],
 )
 def test_request_fields_are_checked_when_made(field, value, message):
@@ -973,3 +977,60 @@ def test_a_token_models_long_context_is_converted_clip_by_clip():
     finally:
         tokens_module.to_model_range = to_model
     assert len(shapes) == 5 and converted == [gen.clip_len] * 5
+
+
+def continuous_diffusion():
+    autoencoder = randomize_(KLAutoencoder(KL_CONFIGS["test"]), seed=2, std=0.1)
+    cfg = dataclasses.replace(CA2VDM_CONFIGS["test"], num_actions=0, action_dim=2)
+    return DiffusionClipGenerator(randomize_(CausalVideoDiT(cfg), seed=1), autoencoder)
+
+
+def test_continuous_actions_past_max_action_are_refused_by_name():
+    """1e15 passed every check and made an all-black video (float32 activations overflowed
+    to NaN); token models failed mid-step without naming the actions."""
+    gen = continuous_diffusion()
+    frames = gen.clip_len
+    ok = np.full((frames, 2), 3.0)
+    gen.close(gen.open(request_for(gen, frames=frames, label=None, actions=ok)))
+    for big in (1e15, -2e4):
+        with pytest.raises(ValueError, match=r"actions must be within \+-10000"):
+            gen.open(request_for(gen, frames=frames, label=None, actions=np.full((frames, 2), big)))
+    context = np.zeros((frames, 32, 32, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"context_action must be within"):
+        gen.open(
+            request_for(
+                gen, frames=frames, label=None, actions=ok, context=context, context_action=[1e9, 0]
+            )
+        )
+
+
+def test_big_endian_actions_give_the_same_video(family):
+    """A big-endian array (a .npy from another machine) passed every check, then torch
+    refused it mid-step (the stream left open, the error not naming actions)."""
+    gen = make_generator(family)
+    frames = 2 * gen.clip_len
+    acts = np.random.default_rng(2).integers(0, 5, frames)
+    native = clips_of(gen, request_for(gen, frames=frames, actions=acts))
+    swapped = acts.astype(acts.dtype.newbyteorder(">"))
+    assert not swapped.dtype.isnative
+    req = request_for(gen, frames=frames, actions=swapped)
+    assert req.actions.dtype.isnative
+    assert torch.equal(clips_of(gen, req), native)
+
+
+def test_guidance_leaves_a_stream_with_nothing_to_guide_alone():
+    """The diffusion family guided every stream of a conditioned model: a request without a
+    label or actions had its conditional pass read the zero velocity of "no actions" against
+    the null action, so guidance changed a video that asked for no condition at all."""
+    gen = continuous_diffusion()
+    runs = [
+        clips_of(gen, request_for(gen, frames=gen.clip_len, label=None, guidance=g))
+        for g in (1.0, 3.0)
+    ]
+    assert torch.equal(*runs)
+    acts = np.full((gen.clip_len, 2), 2.0)
+    guided = [
+        clips_of(gen, request_for(gen, frames=gen.clip_len, label=None, actions=acts, guidance=g))
+        for g in (1.0, 3.0)
+    ]
+    assert (guided[0] - guided[1]).abs().max() > 1e-3

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -72,9 +73,17 @@ class GenerationRequest:
     contrast: float | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.model, os.PathLike):
+            self.model = os.fspath(self.model)
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(
+                f"model must be a shipped name or a checkpoint path, got {self.model!r}"
+            )
         self.frames = check_int("frames", self.frames, 1)
         self.seed = check_int("seed", self.seed, 0)
         self.steps = check_int("steps", self.steps, 1)
+        if self.steps > MAX_STEPS:  # a typo that would stall an actor and its whole batch
+            raise ValueError(f"steps must be <= {MAX_STEPS}, got {self.steps}")
         self.top_k = check_int("top_k", self.top_k, 0)
         if self.label is not None:
             self.label = check_int("label", self.label, 0)
@@ -101,10 +110,7 @@ class GenerationRequest:
                     f"actions must have one entry per frame ({self.frames}), got "
                     f"{'a scalar' if self.actions.ndim == 0 else len(self.actions)}"
                 )
-            if not (
-                np.issubdtype(self.actions.dtype, np.integer)
-                or np.issubdtype(self.actions.dtype, np.floating)
-            ):
+            if self.actions.dtype.kind not in NUMBER_KINDS:
                 raise ValueError(f"actions must be numbers, got dtype {self.actions.dtype}")
         if self.context is not None:
             self.context = _array("context", self.context)
@@ -126,9 +132,9 @@ class GenerationRequest:
                     "context_action (the action leading to the first new frame) needs actions"
                 )
             self.context_action = _array("context_action", self.context_action)
-            if self.context_action.shape != self.actions.shape[1:] or not (
-                np.issubdtype(self.context_action.dtype, np.integer)
-                or np.issubdtype(self.context_action.dtype, np.floating)
+            if (
+                self.context_action.shape != self.actions.shape[1:]
+                or self.context_action.dtype.kind not in NUMBER_KINDS
             ):
                 raise ValueError(
                     f"context_action must be one action shaped like those in actions "
@@ -451,7 +457,7 @@ def _check_action_values(
     name: str, acts: np.ndarray, num_actions: int, action_dim: int, shape: tuple[int, ...]
 ) -> None:
     if num_actions:
-        if acts.ndim != 1 or not np.issubdtype(acts.dtype, np.integer):
+        if acts.ndim != 1 or acts.dtype.kind not in "iu":
             what = "an int" if name == "context_action" else "int (frames,)"
             raise ValueError(f"{name} must be {what} for this model, got {acts.dtype} {shape}")
         if acts.min() < 0 or acts.max() >= num_actions:
@@ -465,6 +471,11 @@ def _check_action_values(
             raise ValueError(f"{name} must be float {what} for this model, got {shape}")
         if not np.isfinite(acts).all():
             raise ValueError(f"{name} must be finite")
+        if np.abs(acts).max() > MAX_ACTION:  # past it, float32 activations overflow to NaN
+            raise ValueError(
+                f"{name} must be within +-{MAX_ACTION:g} (MAX_ACTION), got values up to "
+                f"{np.abs(acts).max():g}"
+            )
     else:
         raise ValueError("this model takes no actions; leave actions unset")
 
@@ -499,9 +510,12 @@ def leading_actions(
 
 def _array(name: str, value: Any) -> np.ndarray:
     try:
-        return np.asarray(value)
+        array = np.asarray(value)
     except (ValueError, TypeError) as err:  # e.g. rows of different lengths
         raise ValueError(f"{name} must be a rectangular array of numbers: {err}") from err
+    if not array.dtype.isnative:  # e.g. a big-endian .npy: torch refuses it mid-step
+        array = array.astype(array.dtype.newbyteorder("="))
+    return array
 
 
 def _number(name: str, value: Any) -> float:
@@ -512,6 +526,14 @@ def _number(name: str, value: Any) -> float:
     return int(value) if isinstance(value, int | np.integer) else float(value)
 
 
+# numpy dtype kinds of numbers: signed and unsigned ints, floats (not bool, timedelta, ...).
+NUMBER_KINDS = "iuf"
+# Far past any sensible continuous action (velocities of a few pixels per frame; normalised
+# controls near 1), and far below where float32 activations overflow (1e15 made black
+# videos without a word).
+MAX_ACTION = 1e4
+# Denoising steps per clip: samplers use 1-100; more is a typo that would stall an actor.
+MAX_STEPS = 1000
 # Far past any useful setting (guidance is used at 1-10, contrast near 1): a larger value is a
 # typo, and one past float32's range made NaN videos without a word.
 MAX_GUIDANCE = 100.0

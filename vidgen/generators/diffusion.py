@@ -212,8 +212,17 @@ class DiffusionClipGenerator:
         ).to(self.device)
         labels, actions = self._labels(streams), self._actions(streams, clips)
         slots = [s.slot for s in streams]
+        # Guidance per stream, of what its request conditions on: a stream with neither a
+        # label nor actions has nothing to guide (its conditional pass would read the zero
+        # velocity of "no actions" against the null action), so its scale is 1.
         scale = torch.tensor(
-            [setting(s.request, "guidance", self.guidance) for s in streams], device=self.device
+            [
+                setting(s.request, "guidance", self.guidance)
+                if s.request.label is not None or s.request.actions is not None
+                else 1.0
+                for s in streams
+            ],
+            device=self.device,
         )
         guided = (labels is not None or actions is not None) and bool((scale != 1).any())
 
