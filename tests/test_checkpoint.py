@@ -459,3 +459,25 @@ def test_check_int_names_the_argument_of_an_int_too_long_to_print():
     with pytest.raises(ValueError, match=r"^n must be >= 0, got a negative int of about 5001"):
         check_int("n", -(10**5000), minimum=0)
     assert check_int("n", 10**5000) == 10**5000
+
+
+def test_a_companion_is_found_beside_its_owner_then_from_the_working_directory(
+    tmp_path, monkeypatch
+):
+    """A card's tokenizer path was read from the working directory only: a generator
+    trained on a tokenizer of its own failed to load anywhere but where it was trained."""
+    owner = tmp_path / "runs" / "gen" / "gen.safetensors"
+    tok = tmp_path / "runs" / "tok" / "tok.safetensors"
+    for p in (owner, tok):
+        p.parent.mkdir(parents=True)
+        p.write_bytes(b"x")
+    named = checkpoint.named_from(tok, owner.parent)
+    assert named == "../tok/tok.safetensors"
+    assert checkpoint.named_from("kl-tiny", owner.parent) == "kl-tiny"  # shipped: by name
+    monkeypatch.chdir(tmp_path / "runs" / "tok")
+    assert Path(checkpoint.companion(named, owner)).resolve() == tok.resolve()
+    assert checkpoint.companion("kl-tiny", owner) == "kl-tiny"
+    assert checkpoint.companion(str(tok), owner) == str(tok)  # absolute: as it is
+    # A card written before (relative to where training ran) still works from there.
+    monkeypatch.chdir(tmp_path)
+    assert checkpoint.companion("runs/tok/tok.safetensors", owner) == "runs/tok/tok.safetensors"

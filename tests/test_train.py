@@ -176,7 +176,7 @@ def make_autoencoder(tmp_path) -> str:
     return str(checkpoint.save(tmp_path / "kl.safetensors", model, kl_cfg))
 
 
-def test_ca2vdm_resume_is_bitwise(tmp_path):
+def test_ca2vdm_resume_is_bitwise(tmp_path, monkeypatch):
     kl = make_autoencoder(tmp_path)
     overrides = [
         "model=ca2vdm-test",
@@ -192,7 +192,12 @@ def test_ca2vdm_resume_is_bitwise(tmp_path):
 
     # The card pins the latents it was trained on (checked when a generator loads).
     card = checkpoint.load(tmp_path / "straight" / "model.safetensors").card
-    assert card["tokenizer"] == kl
+    assert card["tokenizer"] == "../kl.safetensors"  # relative to the model's folder
+    # ... so the generator loads from any working directory (a Ray job's, for one).
+    from vidgen.generators import load_generator
+
+    monkeypatch.chdir(tmp_path / "straight" / "samples")
+    assert load_generator(str(tmp_path / "straight" / "model.safetensors")).clip_len > 0
     assert card["tokenizer_fingerprint"] == load_autoencoder(kl)[0].encoder_fingerprint()
 
     samples = sorted((tmp_path / "straight" / "samples").glob("step-*.mp4"))

@@ -297,6 +297,34 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     raise CheckpointError(f"checkpoint file {text!r} does not exist")
 
 
+def _is_name(text: str) -> bool:
+    """A shipped checkpoint's name as ``resolve`` reads it (no /, no suffix)."""
+    return "/" not in text and not text.endswith(SUFFIX) and bool(_NAME.match(text))
+
+
+def companion(name_or_path: str | os.PathLike, owner: str | os.PathLike) -> str:
+    """What to load for a checkpoint that another one (``owner``, a file) names: its card's
+    ``tokenizer``, a LARP's ``autoencoder``. A shipped name stays as it is; a relative path
+    is looked up beside ``owner`` first (where ``named_from`` writes them from), then from
+    the working directory (cards written before, relative to where training ran)."""
+    text = os.fspath(name_or_path)
+    if _is_name(text) or Path(text).expanduser().is_absolute():
+        return text
+    beside = Path(owner).parent / text
+    return str(beside) if beside.is_file() else text
+
+
+def named_from(name_or_path: str | os.PathLike, folder: str | os.PathLike) -> str:
+    """How a checkpoint saved in ``folder`` names another: a shipped name as it is, a file
+    by its path relative to ``folder`` (``companion`` finds it there from any working
+    directory, and the two folders can move together)."""
+    text = os.fspath(name_or_path)
+    if _is_name(text):
+        return text
+    target = Path(text).expanduser().resolve()
+    return os.path.relpath(target, Path(folder).resolve())
+
+
 def _near_shipped(text: str) -> str | None:
     """The shipped name ``text`` differs from only in case or by the file suffix, if any."""
     stem = text[: -len(SUFFIX)] if text.lower().endswith(SUFFIX) else text

@@ -87,7 +87,7 @@ class DiffusionClipGenerator:
         ckpt = checkpoint.load(name_or_path, expected_config=Ca2VDMConfig)
         model = CausalVideoDiT(ckpt.config_as(Ca2VDMConfig))
         ckpt.load_into(model)
-        tok_name = ckpt.card.get("tokenizer", "kl-tiny")
+        tok_name = checkpoint.companion(ckpt.card.get("tokenizer", "kl-tiny"), ckpt.path)
         tok = checkpoint.load(tok_name, expected_config=KLConfig)
         autoencoder = KLAutoencoder(tok.config_as(KLConfig))
         tok.load_into(autoencoder)

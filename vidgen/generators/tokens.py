@@ -120,7 +120,7 @@ class TokenClipGenerator:
         ckpt = checkpoint.load(name_or_path, expected_config=NBPConfig)
         model = NextBlockTransformer(ckpt.config_as(NBPConfig))
         ckpt.load_into(model)
-        tok_name = ckpt.card.get("tokenizer", "larp-tiny")
+        tok_name = checkpoint.companion(ckpt.card.get("tokenizer", "larp-tiny"), ckpt.path)
         tokenizer = LARPVideoTokenizer.from_pretrained(tok_name)
         check_tokenizer(str(name_or_path), ckpt.card, tok_name, tokenizer.encoder_fingerprint())
         guidance = ckpt.card.get("guidance", DEFAULT_GUIDANCE)

@@ -617,7 +617,8 @@ class LARPVideoTokenizer(nn.Module):
         ckpt.load_into(larp)
         autoencoder = None
         if larp.config.autoencoder:
-            kl = checkpoint.load(larp.config.autoencoder, expected_config=KLConfig)
+            source = checkpoint.companion(larp.config.autoencoder, ckpt.path)
+            kl = checkpoint.load(source, expected_config=KLConfig)
             autoencoder = KLAutoencoder(kl.config_as(KLConfig))
             kl.load_into(autoencoder)
         return cls(larp, autoencoder)

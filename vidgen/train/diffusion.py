@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vidgen import checkpoint
 from vidgen.data import DataConfig, build_dataset
 from vidgen.models.ca2vdm import Ca2VDMConfig, CausalVideoDiT, Cond, teacher_forcing_mask
 from vidgen.models.nbp import NBPConfig
@@ -288,7 +289,7 @@ def ca2vdm_task(
             "what": "Ca2-VDM-style causal video DiT (flow matching, velocity prediction) with "
             "context K/V cached once and shared by all denoising steps",
             "data": data.name,
-            "tokenizer": tokenizer,
+            "tokenizer": checkpoint.named_from(tokenizer, out),  # the export is in out
             "tokenizer_fingerprint": fingerprint,
             "label": "number of shapes (BouncingShapes)" if config.num_classes else None,
         },

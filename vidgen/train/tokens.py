@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vidgen import checkpoint
 from vidgen.data import DataConfig, build_dataset
 from vidgen.models.nbp import ClipCond, NBPConfig, NextBlockTransformer, nbp_loss
 from vidgen.tokenizers.larp import LARPVideoTokenizer
@@ -143,7 +144,7 @@ def nbp_task(
             "what": "NBP-style next-block-prediction transformer over LARP tokens "
             f"(block {config.block}, window {config.window} frames)",
             "data": data.name,
-            "tokenizer": tokenizer,
+            "tokenizer": checkpoint.named_from(tokenizer, out),  # the export is in out
             "tokenizer_fingerprint": fingerprint,
             "label": "number of shapes (BouncingShapes)" if config.num_classes else None,
         },
