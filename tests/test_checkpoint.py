@@ -89,7 +89,7 @@ def test_tied_weights_are_saved(tmp_path):
 
 def test_wrong_architecture(saved):
     ckpt = checkpoint.load(saved)
-    with pytest.raises(CheckpointError, match="shape mismatch.*0.weight"):
+    with pytest.raises(CheckpointError, match="dtype mismatch.*0.weight"):
         ckpt.load_into(torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.LayerNorm(4)))
     bigger = torch.nn.Sequential(
         torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 8)
@@ -481,3 +481,18 @@ def test_a_companion_is_found_beside_its_owner_then_from_the_working_directory(
     # A card written before (relative to where training ran) still works from there.
     monkeypatch.chdir(tmp_path)
     assert checkpoint.companion("runs/tok/tok.safetensors", owner) == "runs/tok/tok.safetensors"
+
+
+def test_a_tensor_of_another_kind_is_refused_and_other_float_precisions_load(tmp_path):
+    """A float tensor loaded into an int64 buffer was truncated without a word (3.7 -> 3)."""
+    state = make_model().state_dict()
+    floats = {**state, "steps": torch.tensor([3.7])}
+    checkpoint.save(tmp_path / "f.safetensors", floats, TinyConfig())
+    with pytest.raises(CheckpointError, match=r"dtype mismatch.*steps: file torch.float32"):
+        checkpoint.load(tmp_path / "f.safetensors").load_into(make_model())
+    half = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
+    checkpoint.save(tmp_path / "h.safetensors", half, TinyConfig())
+    model = make_model()
+    checkpoint.load(tmp_path / "h.safetensors").load_into(model)
+    assert model[0].weight.dtype == torch.float32
+    torch.testing.assert_close(model[0].weight, state["0.weight"], atol=1e-2, rtol=1e-2)

@@ -92,14 +92,27 @@ class Checkpoint:
             for k in sorted(set(state) & set(expected))
             if state[k].shape != expected[k].shape
         ]
+        # A float file tensor in an int buffer (a step counter, ids) was truncated without a
+        # word, and the reverse rounds; floats of another precision (bf16 weights) are fine.
+        wrong += [
+            f"{k}: file {state[k].dtype} vs model {expected[k].dtype}"
+            for k in sorted(set(state) & set(expected))
+            if _dtype_kind(state[k]) != _dtype_kind(expected[k])
+        ]
         if missing or unexpected or wrong:
             raise CheckpointError(
                 f"{self.path} does not fit {type(module).__name__} (wrong architecture or "
                 f"size?): {_summary('missing', missing)}{_summary('unexpected', unexpected)}"
-                f"{_summary('shape mismatch', wrong)}".rstrip("; ")
+                f"{_summary('shape or dtype mismatch', wrong)}".rstrip("; ")
             )
         module.load_state_dict(state, strict=True)
         return absent
+
+
+def _dtype_kind(t: torch.Tensor) -> str:
+    if t.dtype == torch.bool:
+        return "bool"
+    return "complex" if t.is_complex() else "float" if t.is_floating_point() else "int"
 
 
 def save(
