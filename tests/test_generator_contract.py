@@ -1034,3 +1034,15 @@ def test_guidance_leaves_a_stream_with_nothing_to_guide_alone():
         for g in (1.0, 3.0)
     ]
     assert (guided[0] - guided[1]).abs().max() > 1e-3
+
+
+def test_a_request_keeps_its_own_actions():
+    """The request held the caller's array: an agent loop reusing its action buffer changed
+    a running stream's actions (and its fingerprint) under it."""
+    buffer = np.zeros(8, dtype=np.int64)
+    req = GenerationRequest(frames=8, actions=buffer, context_action=np.int64(1))
+    before = req.fingerprint()
+    buffer[:] = 3
+    assert req.actions.tolist() == [0] * 8 and req.fingerprint() == before
+    with pytest.raises(ValueError, match="read-only"):
+        req.actions[0] = 1

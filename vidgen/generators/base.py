@@ -104,7 +104,7 @@ class GenerationRequest:
         if self.contrast is not None:
             self.contrast = check_contrast(self.contrast)
         if self.actions is not None:
-            self.actions = _array("actions", self.actions)
+            self.actions = _array("actions", self.actions, own=True)
             if self.actions.ndim == 0 or len(self.actions) != self.frames:
                 raise ValueError(
                     f"actions must have one entry per frame ({self.frames}), got "
@@ -131,7 +131,7 @@ class GenerationRequest:
                 raise ValueError(
                     "context_action (the action leading to the first new frame) needs actions"
                 )
-            self.context_action = _array("context_action", self.context_action)
+            self.context_action = _array("context_action", self.context_action, own=True)
             if (
                 self.context_action.shape != self.actions.shape[1:]
                 or self.context_action.dtype.kind not in NUMBER_KINDS
@@ -498,23 +498,29 @@ def leading_actions(
     if acts is None or clip < 0:
         return row
     lo = clip * clip_len
-    given = np.asarray(acts[max(lo - 1, 0) : lo + clip_len - 1])
+    # torch.tensor copies: the request's arrays are read-only, which as_tensor warns about.
+    given = torch.tensor(np.asarray(acts[max(lo - 1, 0) : lo + clip_len - 1]))
     if lo == 0:
-        row[1:] = torch.as_tensor(given).to(row.dtype)
+        row[1:] = given.to(row.dtype)
         if request.context_action is not None:
-            row[0] = torch.as_tensor(np.asarray(request.context_action)).to(row.dtype)
+            row[0] = torch.tensor(np.asarray(request.context_action)).to(row.dtype)
     else:
-        row[:] = torch.as_tensor(given).to(row.dtype)
+        row[:] = given.to(row.dtype)
     return row
 
 
-def _array(name: str, value: Any) -> np.ndarray:
+def _array(name: str, value: Any, own: bool = False) -> np.ndarray:
+    """``value`` as a numpy array in native byte order; ``own``: a read-only copy (a
+    request's actions are part of its fingerprint and of every snapshot of its stream: a
+    caller reusing its buffer must not change them under a running stream)."""
     try:
-        array = np.asarray(value)
+        array = np.array(value) if own else np.asarray(value)
     except (ValueError, TypeError) as err:  # e.g. rows of different lengths
         raise ValueError(f"{name} must be a rectangular array of numbers: {err}") from err
     if not array.dtype.isnative:  # e.g. a big-endian .npy: torch refuses it mid-step
         array = array.astype(array.dtype.newbyteorder("="))
+    if own:
+        array.flags.writeable = False
     return array
 
 
