@@ -62,6 +62,19 @@ def mean(values: list[float | None]) -> float | None:
     return round(statistics.fmean(kept), 4) if kept else None
 
 
+def aggregate(rows: list[dict[str, float | None]]) -> dict[str, float | None]:
+    """The figures of several videos: the mean of each, but the speed ratio pooled over
+    every (object, transition) pair of them all (a video with one pair, a speck seen twice,
+    weighed as much as a full one in a mean of ratios)."""
+    out = {k: mean([r[k] for r in rows]) for k in rows[0]}
+    pairs = sum(r.get("speed_pairs") or 0 for r in rows)
+    if "speed_ratio" in out:
+        moved = sum(r["mean_speed"] * (r.get("speed_pairs") or 0) for r in rows)
+        out["speed_ratio"] = round(moved / pairs / TRUE_SPEED, 4) if pairs else None
+    out["speed_pairs"] = pairs
+    return out
+
+
 def evaluate_model(
     name: str,
     frames: int,
@@ -110,16 +123,17 @@ def evaluate_model(
             video = np.concatenate([c.frames for c in generate_video(gen, request)])
             seconds += time.perf_counter() - start
             scores.append(score_video(video, label, gen.clip_len))
-        per_label[str(label)] = {k: mean([s[k] for s in scores]) for k in scores[0]}
+        per_label[str(label)] = aggregate(scores)
         rows += scores
-    summary = {k: mean([r[k] for r in rows]) for k in rows[0]}
+    summary = aggregate(rows)
     # A slideshow (frozen inside clips, jumping at seams) has an infinite seam ratio and a
     # video that never changes none: the mean leaves both out, so they are counted here.
     seams = summarize_seams([r["seam_ratio"] for r in rows if "seam_ratio" in r])
     summary["seam_ratio_infinite"] = seams["infinite"]
     summary["seam_ratio_undefined"] = seams["undefined"]
-    # Videos in which no object is seen in two consecutive frames have no speed ratio (None,
-    # left out of the mean; until 2026-11-30 they counted as 0): counted here.
+    # Videos in which no object is seen in two consecutive frames have no speed ratio of
+    # their own (None; until 2026-11-30 they counted as 0): counted here. The figure itself
+    # is pooled over all videos' pairs (``aggregate``; since 2026-11-30, later).
     summary["speed_ratio_undefined"] = sum(r.get("speed_ratio") is None for r in rows)
     summary["frames_per_s"] = round(frames * len(labels) * len(seeds) / seconds, 2)
     summary["sha256"] = checkpoint.file_sha256(checkpoint.resolve(name))[:16]
@@ -165,7 +179,7 @@ def real_figures(frames: int, labels: list[int], seeds: list[int], clip_len: int
     """The scene figures of the real videos themselves: what a perfect generator scores (count
     accuracy is below 1 where shapes pass over each other and hide)."""
     rows = [score_video(v, label, clip_len) for label, v in real_videos(frames, labels, seeds)]
-    return {k: mean([r[k] for r in rows]) for k in rows[0]}
+    return aggregate(rows)
 
 
 def tokenizer_round_trip(
@@ -179,7 +193,7 @@ def tokenizer_round_trip(
         score_video(round_trip(gen, to_model_range(v)), label, gen.clip_len)
         for label, v in real_videos(frames, labels, seeds, gen.frame_shape[0])
     ]
-    return {k: mean([r[k] for r in rows]) for k in rows[0]}
+    return aggregate(rows)
 
 
 def main() -> None:

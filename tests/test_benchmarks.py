@@ -72,7 +72,10 @@ def test_quality_counts_videos_without_a_speed_and_leaves_them_out_of_the_mean(
     path = save_test_generators(tmp_path)["diffusion"]
     clip = quality.load_generator(path).clip_len
     scores = iter(
-        [{"count_accuracy": 1.0, "speed_ratio": 2.0}, {"count_accuracy": 0.0, "speed_ratio": None}]
+        [
+            {"count_accuracy": 1.0, "speed_ratio": 2.0, "mean_speed": 3.0, "speed_pairs": 10},
+            {"count_accuracy": 0.0, "speed_ratio": None, "mean_speed": 0.0, "speed_pairs": 0},
+        ]
     )
     monkeypatch.setattr(quality, "score_video", lambda *args: next(scores))
     summary = quality.evaluate_model(path, 2 * clip, [1], [0, 1], 2, 1.0)["summary"]
@@ -83,3 +86,15 @@ def test_tokenizer_benchmark_reports_unmeasurable_figures_as_null():
     tokenizer = pytest.importorskip("tokenizer")
     assert tokenizer._rounded(None) is None and tokenizer._rounded(float("nan")) is None
     assert tokenizer._rounded(float("inf")) is None and tokenizer._rounded(1.23456) == 1.2346
+
+
+def test_quality_pools_the_speed_ratio_over_object_pairs():
+    """A mean of per-video ratios let a video with one pair (a speck seen twice) weigh as
+    much as a full one: 1.0 and 20 averaged to 10.5."""
+    full = {"mean_speed": 1.5, "speed_pairs": 200, "speed_ratio": 1.0, "count_accuracy": 1.0}
+    speck = {"mean_speed": 30.0, "speed_pairs": 1, "speed_ratio": 20.0, "count_accuracy": 0.0}
+    empty = {"mean_speed": 0.0, "speed_pairs": 0, "speed_ratio": None, "count_accuracy": 0.0}
+    out = quality.aggregate([full, speck, empty])
+    assert out["speed_ratio"] == pytest.approx((1.5 * 200 + 30) / 201 / quality.TRUE_SPEED, 1e-3)
+    assert out["speed_pairs"] == 201 and out["count_accuracy"] == pytest.approx(1 / 3, 1e-3)
+    assert quality.aggregate([empty])["speed_ratio"] is None

@@ -225,3 +225,34 @@ def test_metric_arguments_that_gave_silently_wrong_figures_are_refused(shapes):
         seam_ratio(frames, 4.5)
     with pytest.raises(ValueError, match="clip_len must be an int"):
         motion_stats(frames, BOUNCING_PALETTE, clip_len=4.5)
+
+
+def _square(frame: np.ndarray, colour: np.ndarray, x: int, y: int, side: int = 8) -> None:
+    frame[y : y + side, x : x + side] = colour
+
+
+def test_two_blobs_of_one_colour_are_two_objects_and_motion_follows_one_of_them():
+    """Each colour counted once: two red squares and a blue one scored as 2 objects (right
+    for label 2, wrong for 3). And the centroid followed whichever blob was largest, so two
+    red squares swapping sizes counted as a jump across the frame each time."""
+    red, blue = (BOUNCING_PALETTE.colours()[i].astype(np.uint8) for i in (0, 2))
+    frames = np.zeros((12, 64, 64, 3), np.uint8)
+    for t in range(12):
+        _square(frames[t], red, 4 + t, 4, side=8 + (t % 2))  # moves 1 px per frame
+        _square(frames[t], red, 40, 40, side=9 - (t % 2))  # still; sizes alternate
+        _square(frames[t], blue, 40, 4)
+    det = detect_objects(frames, BOUNCING_PALETTE)
+    assert det.counts.tolist() == [3] * 12
+    assert count_accuracy(det, 3) == 1.0 and count_accuracy(det, 2) == 0.0
+    motion = motion_stats(det)
+    assert motion.per_object_speed[det.names[0]] < 1.5  # the moving red one, not jumps
+    assert motion.mean_speed < 1.0
+
+
+def test_an_empty_flickering_video_has_no_seam_ratio():
+    """A nearly black generated video changes by 0.01 levels: its seam ratio (0.06-0.8)
+    entered the mean as better than perfect."""
+    rng = np.random.default_rng(0)
+    frames = (rng.random((32, 64, 64, 3)) < 0.002).astype(np.uint8) * 3  # faint specks
+    assert seam_ratio(frames, 8) is None
+    assert scene_metrics(frames, BOUNCING_PALETTE, 1, 8, 1.5)["seam_ratio"] is None

@@ -28,21 +28,24 @@ MIN_MOVE_PX = 0.25
 
 @dataclass(frozen=True)
 class Detections:
-    """Objects found in T frames, one slot per palette object.
+    """Objects found in T frames, one slot per palette colour.
 
-    present: (T, O) bool; centroids: (T, O, 2) float64 (x, y), NaN where absent; areas:
-    (T, O) int pixel counts.
+    present: (T, O) bool, any object of that colour; centroids: (T, O, 2) float64 (x, y) of
+    the one followed (NaN where absent); areas: (T, O) its pixel count; blobs: (T, O) how
+    many objects of that colour (more than one only in generated videos).
     """
 
     names: tuple[str, ...]
     present: np.ndarray
     centroids: np.ndarray
     areas: np.ndarray
+    blobs: np.ndarray | None = None  # (T, O) objects of each colour; None: ``present``
 
     @property
     def counts(self) -> np.ndarray:
-        """(T,) number of visible objects per frame."""
-        return self.present.sum(axis=1)
+        """(T,) number of visible objects per frame (every blob, duplicates of a colour
+        included)."""
+        return self.present.sum(axis=1) if self.blobs is None else self.blobs.sum(axis=1)
 
     def index(self, name: str) -> int:
         if name not in self.names:
@@ -114,27 +117,46 @@ _IN_FRAME = np.zeros((3, 3, 3), dtype=bool)
 _IN_FRAME[1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
 
 
-def _largest_blobs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For a (T, H, W) mask: per frame the area (T,) and centroid x, y (T,) of its largest
-    4-connected component (area 0 and NaN where the frame has none)."""
+def _blobs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The 4-connected components of each frame of a (T, H, W) mask: their frame, area and
+    centroid x, y (one entry per component, in no particular order)."""
     components, count = ndimage.label(mask, structure=_IN_FRAME)
-    t_len = mask.shape[0]
-    area, cx, cy = np.zeros(t_len, np.int64), np.full(t_len, np.nan), np.full(t_len, np.nan)
     if count == 0:
-        return area, cx, cy
+        empty = np.zeros(0)
+        return empty.astype(np.int64), empty.astype(np.int64), empty, empty
     t_idx, y_idx, x_idx = np.nonzero(components)
     ids = components[t_idx, y_idx, x_idx]
     size = np.bincount(ids, minlength=count + 1)[1:]
     frame = np.bincount(ids, weights=t_idx, minlength=count + 1)[1:] / size
     sum_x = np.bincount(ids, weights=x_idx, minlength=count + 1)[1:]
     sum_y = np.bincount(ids, weights=y_idx, minlength=count + 1)[1:]
-    frame = np.rint(frame).astype(np.int64)
-    order = np.lexsort((size, frame))  # by frame, then size: the last of each frame wins
-    last = order[np.r_[frame[order][1:] != frame[order][:-1], True]]
-    area[frame[last]] = size[last]
-    cx[frame[last]] = sum_x[last] / size[last]
-    cy[frame[last]] = sum_y[last] / size[last]
-    return area, cx, cy
+    return np.rint(frame).astype(np.int64), size, sum_x / size, sum_y / size
+
+
+def _track(
+    frame: np.ndarray, size: np.ndarray, cx: np.ndarray, cy: np.ndarray, t_len: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One colour's blobs -> per frame how many there are (T,), and the area and centroid of
+    the one followed: the blob nearest the one followed in the frame before, else (a first
+    sighting) the largest. Following the largest instead jumped between two blobs of one
+    colour (a generator's duplicate) as their sizes changed, which counted as motion."""
+    count = np.bincount(frame, minlength=t_len)[:t_len]
+    area, fx, fy = np.zeros(t_len, np.int64), np.full(t_len, np.nan), np.full(t_len, np.nan)
+    order = np.argsort(frame, kind="stable")
+    starts = np.searchsorted(frame[order], np.arange(t_len + 1))
+    prev: tuple[float, float] | None = None
+    for t in range(t_len):
+        here = order[starts[t] : starts[t + 1]]
+        if here.size == 0:
+            prev = None
+            continue
+        if prev is None:
+            pick = here[np.argmax(size[here])]
+        else:
+            pick = here[np.argmin((cx[here] - prev[0]) ** 2 + (cy[here] - prev[1]) ** 2)]
+        area[t], fx[t], fy[t] = size[pick], cx[pick], cy[pick]
+        prev = (fx[t], fy[t])
+    return count, area, fx, fy
 
 
 def detect_objects(
@@ -143,17 +165,20 @@ def detect_objects(
     min_blob: int = MIN_BLOB_PX,
     max_distance: float | None = None,
 ) -> Detections:
-    """Visible objects in each frame: for each palette object, the largest 4-connected blob
-    of pixels classified as its colour (``classify_pixels``) that has an interior pixel
-    (bands under 3 px wide everywhere, such as colour blends along an edge between two other
-    objects, are not objects); the object is present when that blob has at least
-    ``min_blob`` pixels, and its centroid is the blob's."""
+    """Visible objects in each frame: the 4-connected blobs of pixels classified as each
+    palette object's colour (``classify_pixels``) that have an interior pixel (bands under
+    3 px wide everywhere, such as colour blends along an edge between two other objects, are
+    not objects) and at least ``min_blob`` pixels. Every such blob counts as an object (two
+    blobs of one colour are two objects: a world never draws that, a generator can); each
+    colour's centroid follows one of them from frame to frame (``_track``)."""
     if min_blob < 1:
         raise ValueError(f"min_blob must be >= 1 pixel, got {min_blob}")
     labels = classify_pixels(frames, palette, max_distance)
     names = tuple(palette.object_names)
-    areas = np.zeros((labels.shape[0], len(names)), dtype=np.int64)
-    centroids = np.full((labels.shape[0], len(names), 2), np.nan)
+    t_len = labels.shape[0]
+    areas = np.zeros((t_len, len(names)), dtype=np.int64)
+    blobs = np.zeros((t_len, len(names)), dtype=np.int64)
+    centroids = np.full((t_len, len(names), 2), np.nan)
     for o in range(len(names)):
         # Only blobs with an interior pixel (one whose 4 neighbours share its colour) count,
         # each kept whole: a band under 3 px wide everywhere is not an object. Where two
@@ -162,12 +187,13 @@ def detect_objects(
         mask = labels == o
         seeds = ndimage.binary_erosion(mask, structure=_IN_FRAME)
         mask = ndimage.binary_propagation(seeds, structure=_IN_FRAME, mask=mask)
-        area, cx, cy = _largest_blobs(mask)
-        areas[:, o] = area
-        centroids[:, o] = np.stack([cx, cy], axis=-1)
-    present = areas >= min_blob
-    centroids[~present] = np.nan
-    return Detections(names=names, present=present, centroids=centroids, areas=areas)
+        frame, size, cx, cy = _blobs(mask)
+        big = size >= min_blob
+        count, area, fx, fy = _track(frame[big], size[big], cx[big], cy[big], t_len)
+        blobs[:, o], areas[:, o] = count, area
+        centroids[:, o] = np.stack([fx, fy], axis=-1)
+    present = blobs > 0
+    return Detections(names=names, present=present, centroids=centroids, areas=areas, blobs=blobs)
 
 
 def count_accuracy(
@@ -280,14 +306,21 @@ def motion_stats(
     )
 
 
+# A mean absolute frame difference (0-255 scale, all pixels) below this is a still video: a
+# 12-pixel object moving by one pixel changes about 1 level; an empty, nearly black
+# generated video about 0.01, and a ratio of two such numbers says nothing about seams.
+STATIC_LEVEL = 0.1
+
+
 def seam_ratio(
-    frames: np.ndarray | torch.Tensor, clip_len: int, static_threshold: float = 1e-3
+    frames: np.ndarray | torch.Tensor, clip_len: int, static_threshold: float = STATIC_LEVEL
 ) -> float | None:
     """Mean absolute frame difference across clip boundaries over that within clips.
 
-    1.0 means the seams are as smooth as the motion inside clips. A video that never changes
-    (both differences below ``static_threshold`` on the 0-255 scale) has no defined ratio:
-    None is returned, never 1.0. A video frozen within clips that jumps at the seams (a
+    1.0 means the seams are as smooth as the motion inside clips. A video that does not move
+    (both differences below ``static_threshold`` on the 0-255 scale, ``STATIC_LEVEL``) has
+    no defined ratio: None is returned, never a number (an empty video's flicker scored
+    0.06-0.8, better than perfect). A video still within clips that jumps at the seams (a
     slideshow) returns ``inf``.
     """
     frames = _as_frames(frames)
@@ -333,6 +366,7 @@ def scene_metrics(
     out: dict[str, float | None] = {
         "mean_count": float(det.counts.mean()),
         "mean_speed": motion.mean_speed,
+        "speed_pairs": motion.pairs,  # what mean_speed is measured on: for pooling
         "moving_fraction": motion.moving_fraction,
     }
     if expected_count is not None:
