@@ -224,6 +224,30 @@ def test_resuming_with_other_weights_under_the_same_path_is_refused(model, tmp_p
         render(Orchestrator(local(str(weights))), req, out, progress=False)
 
 
+@pytest.mark.parametrize("family", ["diffusion", "tokens"])
+def test_resuming_after_its_tokenizer_changed_is_refused(family, tmp_path):
+    """A decoder fine-tuned in place keeps the encoder fingerprint, so the generator still
+    loads: only the tokenizer file's hash tells its frames apart from the old ones, which
+    were joined to them (frames 0-7 of one decoder, 8-31 of another)."""
+    model = save_test_generators(tmp_path / "models")[family]
+    req = request_for(model, frames=48)
+    out = tmp_path / "v.mp4"
+    orch = Orchestrator(local(model))
+    assert orch.info["tokenizer_sha256"]
+
+    def crash_after_a_segment(until=None, poll=0.05):
+        run(until=lambda: any(parts_folder(out).glob("part_*.mp4")))
+        raise Crash
+
+    run, orch.run = orch.run, crash_after_a_segment
+    with pytest.raises(Crash):
+        render(orch, req, out, segment_clips=1, progress=False)
+    tokenizer = checkpoint.load(model).card["tokenizer"]
+    checkpoint.update_card(tokenizer, {"note": "decoder tuned"})  # new bytes, same path
+    with pytest.raises(ValueError, match="another tokenizer of .*delete it"):
+        render(Orchestrator(local(model)), req, out, progress=False)
+
+
 def test_parts_of_an_older_vidgen_are_refused(model, tmp_path):
     """Segments named by index (before they were named by first clip) cannot be placed
     safely: refused with the fix, rather than joined in a wrong order."""

@@ -72,6 +72,10 @@ class GeneratorWorker:
         self.max_streams = max_streams
         self.generator = load_generator(model, max_streams=max_streams, device=device)
         self.sha256 = checkpoint.file_sha256(checkpoint.resolve(model))
+        # Its tokenizer's files too: a decoder fine-tuned under the same path keeps the
+        # generator loading (same encoder fingerprint) but changes its frames.
+        files = getattr(self.generator, "companion_files", [])
+        self.tokenizer_sha256 = checkpoint.files_sha256(files) if files else None
         self.streams: dict[int, Stream] = {}
 
     def ready(self) -> dict[str, Any]:
@@ -84,6 +88,7 @@ class GeneratorWorker:
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "model": self.model_name,
             "sha256": self.sha256,
+            "tokenizer_sha256": self.tokenizer_sha256,
             "clip_len": self.generator.clip_len,
             "frame_shape": list(self.generator.frame_shape),
             "streams": sorted(self.streams),

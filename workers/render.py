@@ -132,11 +132,18 @@ def segments(folder: Path) -> list[Path]:
     return sorted(folder.glob("part_*.mp4"))
 
 
-def _guards(request: GenerationRequest, model_sha256: str | None, lossless: bool) -> dict[str, str]:
+def _guards(
+    request: GenerationRequest,
+    model_sha256: str | None,
+    lossless: bool,
+    tokenizer_sha256: str | None = None,
+) -> dict[str, str]:
     """What a parts folder is made with (file name -> content): a resume must match each."""
     guards = {"request.sha256": request.fingerprint(), "lossless": str(bool(lossless)).lower()}
     if model_sha256:
         guards["model.sha256"] = model_sha256
+    if tokenizer_sha256:
+        guards["tokenizer.sha256"] = tokenizer_sha256
     return guards
 
 
@@ -165,6 +172,15 @@ def _resume_point(
             f"{folder} holds a render made with other weights of {request.model!r} (sha256 "
             f"{found['model.sha256'][:16]}, now {guards['model.sha256'][:16]}); delete it or "
             "choose another out"
+        )
+    if (
+        "tokenizer.sha256" in guards
+        and found.get("tokenizer.sha256", guards["tokenizer.sha256"]) != guards["tokenizer.sha256"]
+    ):
+        raise ValueError(
+            f"{folder} holds a render made with another tokenizer of {request.model!r} (a "
+            "tokenizer file it names was changed since, e.g. a decoder fine-tuned in place); "
+            "delete it or choose another out"
         )
     if found.get("lossless", guards["lossless"]) != guards["lossless"]:
         raise ValueError(
@@ -312,7 +328,10 @@ class RenderJob:
 
     def _start(self, orchestrator: Orchestrator) -> int:
         _remove_stale_temps(self.out, self.folder)  # under the lock: no one else writes them
-        guards = _guards(self.request, orchestrator.info.get("sha256"), self.lossless)
+        info = orchestrator.info
+        guards = _guards(
+            self.request, info.get("sha256"), self.lossless, info.get("tokenizer_sha256")
+        )
         truth, self.done_before = _resume_point(
             self.folder, self.request, guards, orchestrator.clip_len
         )
@@ -422,6 +441,7 @@ def _provenance(
         "vidgen_version": vidgen.__version__,
         "model": request.model,
         "model_sha256": info.get("sha256"),
+        "tokenizer_sha256": info.get("tokenizer_sha256"),
         "seed": request.seed,
         "request": request.to_json(),
         "request_sha256": request.fingerprint(),
@@ -433,7 +453,11 @@ def _provenance(
 
 
 def finished_render(
-    out: Path, request: GenerationRequest, model_sha256: str | None, lossless: bool
+    out: Path,
+    request: GenerationRequest,
+    model_sha256: str | None,
+    lossless: bool,
+    tokenizer_sha256: str | None = None,
 ) -> dict[str, Any] | None:
     """The provenance of a render of ``request`` already finished at ``out`` (its mp4 and
     sidecar there, its parts folder gone; same request, weights and ``lossless``), else
@@ -452,6 +476,8 @@ def finished_render(
         or provenance.get("request_sha256") not in same
         or provenance.get("model_sha256") != model_sha256
         or provenance.get("lossless") != lossless
+        # Sidecars written before 2026-11-30 (later) do not name it: not checked.
+        or provenance.get("tokenizer_sha256", tokenizer_sha256) != tokenizer_sha256
     ):
         return None
     return provenance

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -77,6 +78,9 @@ class DiffusionClipGenerator:
         self.frame_shape = (autoencoder.config.image_size, autoencoder.config.image_size, 3)
         self._streams: dict[int, Stream] = {}
         self._ids = itertools.count()
+        # Checkpoint files besides the generator's own that its frames depend on (its
+        # tokenizer's; set by ``from_pretrained``): resume and provenance check them too.
+        self.companion_files: list[Path] = []
 
     @classmethod
     def from_pretrained(
@@ -92,7 +96,7 @@ class DiffusionClipGenerator:
         autoencoder = KLAutoencoder(tok.config_as(KLConfig))
         tok.load_into(autoencoder)
         check_tokenizer(str(name_or_path), ckpt.card, tok_name, autoencoder.encoder_fingerprint())
-        return cls(
+        gen = cls(
             model,
             autoencoder,
             max_streams,
@@ -101,6 +105,8 @@ class DiffusionClipGenerator:
             contrast=ckpt.card.get("contrast", 1.0),
             guidance=ckpt.card.get("guidance", DEFAULT_GUIDANCE),
         )
+        gen.companion_files = [tok.path]
+        return gen
 
     # --- streams ----------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -112,6 +113,9 @@ class TokenClipGenerator:
         self._streams: dict[int, Stream] = {}
         self._rows: dict[int, _Rows] = {}
         self._ids = itertools.count()
+        # Checkpoint files besides the generator's own that its frames depend on (its
+        # tokenizer's; set by ``from_pretrained``): resume and provenance check them too.
+        self.companion_files: list[Path] = []
 
     @classmethod
     def from_pretrained(
@@ -124,7 +128,9 @@ class TokenClipGenerator:
         tokenizer = LARPVideoTokenizer.from_pretrained(tok_name)
         check_tokenizer(str(name_or_path), ckpt.card, tok_name, tokenizer.encoder_fingerprint())
         guidance = ckpt.card.get("guidance", DEFAULT_GUIDANCE)
-        return cls(model, tokenizer, max_streams, device, name=str(name_or_path), guidance=guidance)
+        gen = cls(model, tokenizer, max_streams, device, name=str(name_or_path), guidance=guidance)
+        gen.companion_files = list(tokenizer.files)
+        return gen
 
     # --- streams ------------------------------------------------------------------------
 

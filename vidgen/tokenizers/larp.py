@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -602,6 +603,9 @@ class LARPVideoTokenizer(nn.Module):
         self.larp, self.autoencoder = larp.eval(), autoencoder
         if autoencoder is not None:
             autoencoder.eval()
+        # The checkpoint files it was loaded from (``from_pretrained``): what its ids and
+        # frames depend on, for provenance and resume checks.
+        self.files: list[Path] = []
 
     @property
     def config(self) -> LARPConfig:
@@ -621,7 +625,9 @@ class LARPVideoTokenizer(nn.Module):
             kl = checkpoint.load(source, expected_config=KLConfig)
             autoencoder = KLAutoencoder(kl.config_as(KLConfig))
             kl.load_into(autoencoder)
-        return cls(larp, autoencoder)
+        tokenizer = cls(larp, autoencoder)
+        tokenizer.files = [ckpt.path] + ([kl.path] if larp.config.autoencoder else [])
+        return tokenizer
 
     def encoder_fingerprint(self) -> str:
         """The LARP's encoder fingerprint over its autoencoder's (pixels -> ids)."""

@@ -229,7 +229,13 @@ def _render_group(
                         item.context, orch.info["frame_shape"], orch.clip_len
                     )
                 path = out / f"{item.id}.mp4"
-                found = finished_render(path, item.request, orch.info.get("sha256"), lossless)
+                found = finished_render(
+                    path,
+                    item.request,
+                    orch.info.get("sha256"),
+                    lossless,
+                    orch.info.get("tokenizer_sha256"),
+                )
                 if found is not None:
                     log.info("%s: already finished at %s, no row yet: recorded", item.id, path)
                     rows.append(_ok_row(item.id, item.request.frames, 0.0, path, found))
