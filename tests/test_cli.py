@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -358,3 +359,20 @@ def test_the_provenance_names_the_context_video(tmp_path, monkeypatch):
     args = ["render", f"model={model}", "frames=4", "steps=1", f"context={start}", f"out={out}"]
     assert main(args) == 0
     assert json.loads(out.with_suffix(".json").read_text())["context"] == str(start)
+
+
+@pytest.mark.parametrize(
+    ("command", "overrides", "key"),
+    [
+        ("render", ["+framez=32"], "framez"),
+        ("train", ["tokenizer=kl-test", "+train.stepz=5"], "train.stepz"),
+        ("train", ["tokenizer=kl-test", "+tokenizer.foo=1"], "tokenizer.foo"),
+    ],
+)
+def test_a_key_added_with_plus_that_no_config_has_is_refused(command, overrides, key):
+    """Hydra's own error for a typo says "use +framez=32"; doing so rendered the default 256
+    frames, the key dropped without a word."""
+    from vidgen.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=rf"unknown key\(s\) {re.escape(key)}"):
+        load_config(command, overrides)

@@ -8,6 +8,7 @@ back a typed dataclass instance.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,9 +92,30 @@ def compose_config(config_name: str | None, overrides: Sequence[str] = ()) -> Di
         raise ConfigError(_describe(err)) from err
 
 
+def _unknown_keys(cfg: Any, where: str = "") -> list[str]:
+    """Keys of a composed config that its schema dataclasses do not have: Hydra's ``+key=v``
+    adds any key to a structured config, which ``to_object`` then drops without a word."""
+    schema = OmegaConf.get_type(cfg)
+    if not (dataclasses.is_dataclass(schema) and isinstance(schema, type)):
+        return []
+    known = {f.name for f in dataclasses.fields(schema)}
+    unknown = [f"{where}{k}" for k in cfg if k not in known]
+    for key in cfg:
+        if key in known and OmegaConf.is_dict(cfg._get_node(key)):
+            unknown += _unknown_keys(cfg[key], f"{where}{key}.")
+    return unknown
+
+
 def load_config(config_name: str, overrides: Sequence[str] = ()) -> Any:
-    """The composed config as its schema dataclass (validated by its ``__post_init__``)."""
+    """The composed config as its schema dataclass (validated by its ``__post_init__``);
+    a key no schema has (``+framez=32``) is an error, not a setting dropped."""
     cfg = compose_config(config_name, overrides)
+    unknown = _unknown_keys(cfg)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(unknown)}: not settings of {config_name!r} (a typo? "
+            "'+' adds a key, it cannot make one the command reads)"
+        )
     try:
         return OmegaConf.to_object(cfg)
     except (OmegaConfBaseException, ValueError) as err:
