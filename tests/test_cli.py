@@ -1,6 +1,7 @@
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -376,3 +377,30 @@ def test_a_key_added_with_plus_that_no_config_has_is_refused(command, overrides,
 
     with pytest.raises(ConfigError, match=rf"unknown key\(s\) {re.escape(key)}"):
         load_config(command, overrides)
+
+
+def test_a_generator_whose_tokenizer_is_missing_fails_before_ray_starts(tmp_path, capsys, connects):
+    """Only the generator's header was checked: its missing tokenizer failed inside the
+    actor, a 50-line ActorDiedError traceback."""
+    from tests.models import save_test_generators
+    from vidgen import checkpoint
+
+    models = save_test_generators(tmp_path / "models")
+    tokenizer = checkpoint.load(models["diffusion"]).card["tokenizer"]
+    Path(tokenizer).unlink()
+    assert main(["render", f"model={models['diffusion']}", f"out={tmp_path / 'x.mp4'}"]) == 2
+    err = capsys.readouterr().err
+    assert "the tokenizer it names" in err and "does not exist" in err
+    assert "Traceback" not in err and not connects
+
+
+def test_a_damaged_parts_folder_is_an_error_not_a_traceback(tmp_path, capsys, monkeypatch):
+    from workers.render import parts_folder
+
+    model = serve_locally(tmp_path, monkeypatch)
+    out = tmp_path / "x.mp4"
+    parts_folder(out).mkdir()
+    (parts_folder(out) / "truth.safetensors").write_bytes(b"not a checkpoint")
+    assert main(["render", f"model={model}", "frames=8", "steps=1", f"out={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "CheckpointError" in err and "truth.safetensors" in err and "Traceback" not in err

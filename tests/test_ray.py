@@ -547,3 +547,18 @@ def test_waiting_for_the_first_result_does_not_wait_for_the_rest(ray_session):
         assert RayExecutor.wait([slow, fast], timeout=0.5) == [fast]
     finally:
         ray.cancel(slow, force=True)
+
+
+def test_an_actor_that_cannot_load_its_model_says_why_without_a_traceback(ray_session, tmp_path):
+    """The remote CheckpointError came back as a 50-line ActorDiedError with the actor's
+    traceback and colour codes (in the CLI, and in a batch job's error row)."""
+    from vidgen import checkpoint
+    from workers.actor import ActorLoadError, start_actor
+
+    models = save_test_generators(tmp_path / "models")
+    Path(checkpoint.load(models["diffusion"]).card["tokenizer"]).unlink()
+    with pytest.raises(ActorLoadError) as caught:
+        start_actor(models["diffusion"], timeout=120)
+    message = str(caught.value)
+    assert "CheckpointError" in message and "does not exist" in message
+    assert "Traceback" not in message and "\x1b[" not in message and "\n" not in message

@@ -255,9 +255,7 @@ def _format_version(path: Path, text: object) -> int:
     return int(text)
 
 
-def config_type(name_or_path: str | os.PathLike) -> str:
-    """The config type a checkpoint holds, read from its header alone (no tensors loaded, no
-    digest checked: ``load`` verifies the file when it is used)."""
+def _header(name_or_path: str | os.PathLike) -> tuple[Path, dict[str, str]]:
     path = resolve(name_or_path)
     try:
         with safe_open(path, framework="pt") as f:
@@ -266,7 +264,27 @@ def config_type(name_or_path: str | os.PathLike) -> str:
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated?): {err}") from err
     if metadata.get("format") != FORMAT or "config_type" not in metadata:
         raise CheckpointError(f"{path} is a safetensors file but not a vidgen checkpoint")
-    return metadata["config_type"]
+    return path, metadata
+
+
+def config_type(name_or_path: str | os.PathLike) -> str:
+    """The config type a checkpoint holds, read from its header alone (no tensors loaded, no
+    digest checked: ``load`` verifies the file when it is used)."""
+    return _header(name_or_path)[1]["config_type"]
+
+
+def header_fields(name_or_path: str | os.PathLike) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """(path, config, card) of a checkpoint, read from its header alone as ``config_type``
+    is (unverified; non-objects come back empty)."""
+    path, metadata = _header(name_or_path)
+    fields = []
+    for key in ("config", "card"):
+        try:
+            value = json.loads(metadata.get(key, "{}"))
+        except ValueError:
+            value = {}
+        fields.append(value if isinstance(value, dict) else {})
+    return path, fields[0], fields[1]
 
 
 def assets_dir() -> Path:

@@ -104,7 +104,9 @@ def run_render(cfg: Any, choices: dict[str, str]) -> int:
 
 
 def _render(cfg: Any) -> int:
-    from workers.actor import SchedulingError
+    from vidgen.checkpoint import CheckpointError
+    from vidgen.io import VideoReadError
+    from workers.actor import ActorLoadError, SchedulingError
     from workers.executors import RayExecutor
     from workers.orchestrator import NoExecutorsLeft, Orchestrator
     from workers.render import render
@@ -113,7 +115,7 @@ def _render(cfg: Any) -> int:
     try:
         for _ in range(cfg.actors):
             executors.append(RayExecutor(cfg.model, cfg.max_streams, cfg.threads, cfg.max_restarts))
-    except SchedulingError as err:
+    except (SchedulingError, ActorLoadError) as err:
         for executor in executors:  # free what did start (a running cluster keeps going)
             executor.retire()
         print(f"{PROG} render: actors={cfg.actors}: {err}", file=sys.stderr)
@@ -121,7 +123,7 @@ def _render(cfg: Any) -> int:
     info = executors[0].info
     try:
         request = cfg.request(tuple(info["frame_shape"]), info["clip_len"])
-    except ValueError as err:  # a context video that cannot be read or is too short
+    except (ValueError, VideoReadError) as err:  # a context video unreadable or too short
         print(f"{PROG} render: bad input: {err}", file=sys.stderr)
         return 2
     orch = Orchestrator(
@@ -136,6 +138,9 @@ def _render(cfg: Any) -> int:
         result = render(
             orch, request, cfg.out, cfg.segment_clips, cfg.lossless, extra_provenance=extra
         )
+    except (CheckpointError, VideoReadError) as err:  # a damaged parts folder (its file named)
+        print(f"{PROG} render: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
     except ValueError as err:  # refused by the model (frames not whole clips, label range)
         # An actor's refusal arrives as Ray's error wrapping the ValueError, with the remote
         # traceback in its text: print the refusal itself.

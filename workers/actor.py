@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,6 +167,21 @@ class SchedulingError(RuntimeError):
     """An actor could not be placed: the message says what was asked and what exists."""
 
 
+class ActorLoadError(RuntimeError):
+    """An actor started but could not load its generator: the message is the remote error
+    itself (its last line), without Ray's traceback."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def remote_reason(err: BaseException) -> str:
+    """The exception line at the end of a Ray error's text (the remote ``Type: message``),
+    without colour codes; the whole text when there is no such line."""
+    lines = [line.strip() for line in _ANSI.sub("", str(err)).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
 def start_actor(
     model: str,
     max_streams: int = 8,
@@ -189,4 +205,11 @@ def start_actor(
             f"the cluster has {ray.cluster_resources()} (available now: "
             f"{ray.available_resources()})"
         )
-    return handle, ray.get(ready)
+    try:
+        return handle, ray.get(ready)
+    except ray.exceptions.RayActorError as err:
+        if not err.actor_init_failed:
+            raise
+        raise ActorLoadError(
+            f"a GeneratorActor could not load model {model!r}: {remote_reason(err)}"
+        ) from None

@@ -64,6 +64,21 @@ def check_generator(
         raise ValueError(
             f"contrast applies to diffusion models only; {name_or_path} is a token model"
         )
+    # The files it loads besides itself: a missing one failed only inside an actor.
+    path, _, card = checkpoint.header_fields(name_or_path)
+    default = "larp-tiny" if families[kind] is TokenClipGenerator else "kl-tiny"
+    needed = [(path, card.get("tokenizer") or default)]
+    while needed:
+        owner, name = needed.pop()
+        try:
+            tok_path, tok_config, _ = checkpoint.header_fields(checkpoint.companion(name, owner))
+        except checkpoint.CheckpointError as err:
+            raise ValueError(
+                f"model {name_or_path!r} cannot load: the tokenizer it names ({name!r}) is "
+                f"not usable: {err}"
+            ) from err
+        if tok_config.get("autoencoder"):
+            needed.append((tok_path, tok_config["autoencoder"]))
 
 
 def load_generator(name_or_path: str, max_streams: int = 8, device: str = "cpu") -> ClipGenerator:

@@ -31,9 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
+
 from vidgen import checkpoint
 from vidgen.generators import GenerationRequest, check_generator
 from vidgen.render_config import load_context
+from workers.actor import remote_reason
 from workers.orchestrator import NoExecutorsLeft, Orchestrator
 from workers.render import RenderJob, finished_render
 
@@ -127,6 +130,8 @@ def _describe(err: BaseException) -> str:
     """``Type: message`` of an error; for an actor's error the remote one itself (Ray's
     wrapper carries the whole remote traceback, with colour codes, in its text)."""
     reason = getattr(err, "cause", None) or err
+    if isinstance(reason, ray.exceptions.RayError):  # no cause kept: its text's last line
+        return remote_reason(reason)
     return f"{type(reason).__name__}: {reason}"
 
 
