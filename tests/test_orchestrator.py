@@ -258,17 +258,35 @@ def test_parts_of_an_older_vidgen_are_refused(model, tmp_path):
         render(Orchestrator(local(model)), request_for(model), out, progress=False)
 
 
-def test_a_render_to_a_long_valid_name_works(models, tmp_path):
+@pytest.mark.parametrize(("char", "count"), [("v", 246), ("\U0001f600", 62), ("\u6f22", 80)])
+def test_a_render_to_a_long_valid_name_works(models, tmp_path, char, count):
     """An output name near the 255-byte limit: its parts folder and temporary files get
-    shortened names (distinct for names that differ only at the end)."""
+    shortened names (distinct for names that differ only at the end; cut by bytes: 62
+    emoji were cut to 100 characters, 400 bytes, "File name too long")."""
     model = models["diffusion"]
-    out = tmp_path / ("v" * 246 + ".mp4")
-    assert parts_folder(out) != parts_folder(tmp_path / ("v" * 245 + "w.mp4"))
+    out = tmp_path / (char * count + ".mp4")
+    assert parts_folder(out) != parts_folder(tmp_path / (char * (count - 1) + "w.mp4"))
     assert parts_folder(tmp_path / "v.mp4").name == ".v.mp4.parts"  # short names as before
     req = request_for(model, frames=16)
     done = render(Orchestrator(local(model)), req, out, segment_clips=1, progress=False)
     assert done.path == out and not parts_folder(out).exists()
     assert read_video(out).shape[0] == 16
+
+
+def test_a_long_names_leftover_temps_are_removed_and_no_other_outs(models, tmp_path):
+    """Temp files of stems of 64 bytes or more were left for good (their cut names could
+    have been another out's): a long stem's temp names now end in a hash of it."""
+    from vidgen.fsutil import temp_beside
+
+    model = models["diffusion"]
+    out = tmp_path / ("x" * 70 + ".mp4")
+    other = tmp_path / ("x" * 70 + "y.mp4")  # the same first 64 bytes
+    mine = temp_beside(out, suffix=".tmp.mp4")  # a join killed part way
+    theirs = temp_beside(other, suffix=".tmp.mp4")
+    parts_folder(out).mkdir()  # a render of it was under way
+    req = request_for(model, frames=8)
+    render(Orchestrator(local(model)), req, out, progress=False)
+    assert not mine.exists() and theirs.exists()
 
 
 def test_batch_items_beyond_the_actor_slots_wait_their_turn(models, tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import re
 import secrets
@@ -22,13 +23,24 @@ from pathlib import Path
 STEM_BYTES = 64  # the hidden name stays well under 255 bytes for any valid final name
 
 
+def temp_stem(path: Path) -> str:
+    """The stem of ``path``'s temporary names: its own, or for a long one its first bytes
+    and a hash of the whole, so that the temp files of two long names that begin alike
+    stay apart (a cleanup of one must never take the other's)."""
+    stem = path.stem
+    if len(stem.encode()) <= STEM_BYTES:
+        return stem
+    # Cut by bytes, not characters: 64 four-byte characters would be 256 bytes.
+    head = stem.encode()[: STEM_BYTES - 13].decode("utf-8", "ignore")
+    return f"{head}~{hashlib.sha256(stem.encode()).hexdigest()[:12]}"
+
+
 def temp_beside(path: Path, suffix: str = ".tmp") -> Path:
-    """A new empty hidden file in ``path``'s folder (created if missing)."""
+    """A new empty hidden file in ``path``'s folder (created if missing), named
+    ``.<temp_stem>.<8 hex><suffix>``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        # Cut by bytes, not characters: 64 four-byte characters would be 256 bytes.
-        stem = path.stem.encode()[:STEM_BYTES].decode("utf-8", "ignore")
-        tmp = path.parent / f".{stem}.{secrets.token_hex(4)}{suffix}"
+        tmp = path.parent / f".{temp_stem(path)}.{secrets.token_hex(4)}{suffix}"
         try:
             fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
         except FileExistsError:

@@ -30,7 +30,7 @@ from typing import Any
 from tqdm import tqdm
 
 import vidgen
-from vidgen.fsutil import STEM_BYTES, publish, temp_beside
+from vidgen.fsutil import publish, temp_beside, temp_stem
 from vidgen.generators import Clip, GenerationRequest
 from vidgen.generators.base import load_snapshot, save_snapshot
 from vidgen.io import VideoWriter, concat_videos, probe_video
@@ -118,8 +118,9 @@ def parts_folder(out: Path) -> Path:
     """``.<out's name>.parts`` beside ``out``; a name too long for that (a file name has at
     most 255 bytes) is shortened and made unique by its hash."""
     name = out.name
-    if len(name.encode()) > 200:
-        name = f"{name[:100]}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+    if len(name.encode()) > 200:  # cut by bytes: 100 four-byte characters are 400
+        head = name.encode()[:100].decode("utf-8", "ignore")
+        name = f"{head}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
     return out.parent / f".{name}.parts"
 
 
@@ -258,8 +259,8 @@ def _remove_stale_temps(out: Path, folder: Path) -> None:
     """Temporary files a killed render left: every hidden file in its parts folder (segments
     and truths being written; safetensors' own temp files, from before checkpoints were
     written into our own), and the joined video's and
-    sidecar's beside ``out`` (``.<stem>.<8 hex>.tmp[.mp4]``; only for a stem short enough
-    that its temp names are not cut, which could make them another out's)."""
+    sidecar's beside ``out`` (``.<temp stem>.<8 hex>.tmp[.mp4]``: a long stem's temp stem
+    ends in a hash of it, so they are never another out's)."""
     if not folder.is_dir():
         # The joined video and sidecar are written while the parts folder still exists: no
         # folder, no leftovers of them (and no scan of a batch's ever larger output folder).
@@ -267,9 +268,7 @@ def _remove_stale_temps(out: Path, folder: Path) -> None:
     for path in folder.iterdir():
         if path.name.startswith(".") and path.is_file():
             path.unlink(missing_ok=True)
-    stem = out.stem
-    if len(stem.encode()) >= STEM_BYTES:
-        return
+    stem = temp_stem(out)  # a long name's carries a hash of it: never another out's
     pattern = re.compile(rf"\.{re.escape(stem)}\.[0-9a-f]{{8}}\.tmp(\.mp4)?")
     for path in out.parent.glob(f".{glob.escape(stem)}.*.tmp*"):
         if pattern.fullmatch(path.name) and path.is_file():
