@@ -404,3 +404,14 @@ def test_a_damaged_parts_folder_is_an_error_not_a_traceback(tmp_path, capsys, mo
     assert main(["render", f"model={model}", "frames=8", "steps=1", f"out={out}"]) == 2
     err = capsys.readouterr().err
     assert "CheckpointError" in err and "truth.safetensors" in err and "Traceback" not in err
+
+
+def test_out_and_fps_are_checked_as_the_render_checks_them(tmp_path, capsys, connects):
+    """out='.mp4' passed the config and failed after Ray started; 'x.MP4' was refused by the
+    config and taken by the render; fps=12.5 was refused though a request takes it."""
+    from vidgen.render_config import RenderConfig
+
+    assert main(["render", f"out={tmp_path / '.mp4'}"]) == 2
+    assert "out must end in .mp4" in capsys.readouterr().err and not connects
+    assert RenderConfig(out=str(tmp_path / "x.MP4")).out.endswith(".MP4")
+    assert RenderConfig(fps=12.5, out=str(tmp_path / "x.mp4")).fps == 12.5

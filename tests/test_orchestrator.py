@@ -324,6 +324,22 @@ def test_batch_items_beyond_the_actor_slots_wait_their_turn(models, tmp_path):
         assert np.abs(got - want).max() <= 2 and (got != want).mean() < 1e-3
 
 
+def test_a_batch_item_done_for_another_request_is_skipped_with_a_warning(models, tmp_path, caplog):
+    """An ok row whose manifest line changed since kept its old video without a word."""
+    from workers.jobs.render import parse_manifest, run_batch
+
+    model = models["diffusion"]
+    manifest, out = tmp_path / "items.jsonl", tmp_path / "out"
+    out.mkdir()
+    executor = LocalExecutor(GeneratorWorker(model, max_streams=2))
+    line = {"id": "a", "model": model, "frames": 8, "seed": 1, "steps": 2, "label": 1}
+    for seed, warned in ((1, False), (1, False), (2, True)):
+        manifest.write_text(json.dumps({**line, "seed": seed}) + "\n")
+        caplog.clear()
+        run_batch(parse_manifest(manifest, out, 1000), out, lambda m: [executor])
+        assert ("made for another request" in caplog.text) == warned
+
+
 class Dead(LocalExecutor):
     """Dies for good at step call ``die_at`` (its restarts used up: ``recover`` raises)."""
 
@@ -930,6 +946,22 @@ def test_batch_flags_are_checked_before_anything_runs(tmp_path, capsys, flag, va
     assert exit_info.value.code == 2
     assert f"{flag} must be" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_batch_out_that_is_a_file_exits_2_before_ray(tmp_path, capsys, monkeypatch):
+    """It was a FileExistsError traceback (exit 1) once Ray had started."""
+    import workers.cluster
+    from workers.jobs.render import main
+
+    monkeypatch.setattr(workers.cluster, "connect", lambda address: pytest.fail("connected"))
+    manifest = tmp_path / "items.jsonl"
+    manifest.write_text('{"id": "a", "model": "ca2vdm-tiny", "frames": 16}\n')
+    (tmp_path / "out").write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--manifest", str(manifest), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "is a file" in err
 
 
 def test_a_batch_with_no_cluster_at_its_address_makes_no_out_folder(tmp_path, capsys, monkeypatch):

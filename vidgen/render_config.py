@@ -35,7 +35,7 @@ class RenderConfig:
     top_p: float = 1.0
     reencode: bool = False
     contrast: float | None = None
-    fps: int = 8
+    fps: float = 8  # frames per second of the file (a request takes 12.5 as well)
     out: str = "video.mp4"
     actors: int = 1
     address: str = ""
@@ -60,7 +60,7 @@ class RenderConfig:
             raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
         if self.step_timeout is not None and not self.step_timeout > 0:
             raise ValueError(f"step_timeout must be > 0 or null, got {self.step_timeout}")
-        if not self.out.endswith(".mp4"):
+        if Path(self.out).suffix.lower() != ".mp4":  # as the render checks: ".mp4" has none
             raise ValueError(f"out must end in .mp4, got {self.out!r}")
         if not Path(self.out).expanduser().parent.is_dir():
             raise ValueError(f"out={self.out!r}: its folder does not exist")

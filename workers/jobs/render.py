@@ -102,6 +102,7 @@ class Results:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.ok: set[str] = set()
+        self.made_for: dict[str, str | None] = {}  # ok id -> its video's request fingerprint
         if path.exists():
             for raw in path.read_text().splitlines():
                 try:
@@ -110,6 +111,9 @@ class Results:
                     continue  # a line cut by a crash: that item simply runs again
                 if row.get("status") == "ok":
                     self.ok.add(row["id"])
+                    provenance = row.get("provenance")
+                    if isinstance(provenance, dict):
+                        self.made_for[row["id"]] = provenance.get("request_sha256")
 
     def add(self, row: dict[str, Any]) -> None:
         line = json.dumps(row, sort_keys=True) + "\n"
@@ -181,6 +185,24 @@ def run_batch(
         if item.error is not None and item.id not in results.ok:
             rows.append(_error_row(item, item.error))
             results.add(rows[-1])
+    for item in items:
+        made = results.made_for.get(item.id)
+        req = item.request
+        if (
+            req is not None
+            and made is not None
+            and made
+            not in {
+                req.fingerprint(),
+                req.fingerprint(canonical=False),
+            }
+        ):
+            log.warning(
+                "%s: skipped as done, but its video was made for another request (the "
+                "manifest line changed since); delete %s.mp4 and its row to render anew",
+                item.id,
+                item.id,
+            )
     todo = [i for i in items if i.request is not None and i.id not in results.ok]
     for model in dict.fromkeys(i.request.model for i in todo):
         group = [i for i in todo if i.request.model == model]
@@ -336,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if not args.manifest.is_file():
         parser.error(f"--manifest {args.manifest} is not a file")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file; give the folder the videos go to")
     items = parse_manifest(args.manifest, args.out, args.max_frames)
 
     from workers.cluster import connect
