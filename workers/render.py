@@ -361,7 +361,9 @@ class RenderJob:
             raise
         self.folder.mkdir(parents=True, exist_ok=True)
         for name, value in guards.items():
-            (self.folder / name).write_text(value)
+            path = self.folder / name
+            if not path.exists() or path.read_text().strip() != value:
+                _write_text(path, value)  # atomic: a kill must not leave an empty guard
         return self.key
 
     def _save_truth(self, clips: int) -> None:
@@ -483,6 +485,10 @@ def finished_render(
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
+    _write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
     tmp = temp_beside(path, suffix=".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(text)
     publish(tmp, path)
