@@ -68,8 +68,10 @@ def aggregate(rows: list[dict[str, float | None]]) -> dict[str, float | None]:
     weighed as much as a full one in a mean of ratios)."""
     out = {k: mean([r[k] for r in rows]) for k in rows[0]}
     pairs = sum(r.get("speed_pairs") or 0 for r in rows)
+    moved = sum(r.get("mean_speed", 0.0) * (r.get("speed_pairs") or 0) for r in rows)
+    if "mean_speed" in out:  # pooled the same way: speed_ratio = mean_speed / TRUE_SPEED
+        out["mean_speed"] = round(moved / pairs, 4) if pairs else None
     if "speed_ratio" in out:
-        moved = sum(r["mean_speed"] * (r.get("speed_pairs") or 0) for r in rows)
         out["speed_ratio"] = round(moved / pairs / TRUE_SPEED, 4) if pairs else None
     out["speed_pairs"] = pairs
     return out

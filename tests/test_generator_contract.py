@@ -347,6 +347,7 @@ def test_a_snapshot_file_whose_contents_do_not_fit_is_refused_by_name(tmp_path):
         ("model", None, r"model must be a shipped name or a checkpoint path, got None"),
         ("model", "", r"model must be a shipped name"),
         ("steps", 10**9, r"steps must be <= 1000"),
+        ("fps", 2000, r"fps must be <= 1000"),
     ],
 )
 def test_request_fields_are_checked_when_made(field, value, message):

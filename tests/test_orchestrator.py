@@ -2,6 +2,7 @@
 backpressure, segmented resumable renders."""
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -267,6 +268,8 @@ def test_a_render_to_a_long_valid_name_works(models, tmp_path, char, count):
     out = tmp_path / (char * count + ".mp4")
     assert parts_folder(out) != parts_folder(tmp_path / (char * (count - 1) + "w.mp4"))
     assert parts_folder(tmp_path / "v.mp4").name == ".v.mp4.parts"  # short names as before
+    # Names that fitted when cut by characters keep the folder they had (a render under way).
+    assert parts_folder(tmp_path / ("\u00e9" * 110 + ".mp4")).name.startswith("." + "\u00e9" * 100)
     req = request_for(model, frames=16)
     done = render(Orchestrator(local(model)), req, out, segment_clips=1, progress=False)
     assert done.path == out and not parts_folder(out).exists()
@@ -332,12 +335,22 @@ def test_a_batch_item_done_for_another_request_is_skipped_with_a_warning(models,
     manifest, out = tmp_path / "items.jsonl", tmp_path / "out"
     out.mkdir()
     executor = LocalExecutor(GeneratorWorker(model, max_streams=2))
+    from vidgen.io import VideoWriter
+
+    start = tmp_path / "start.mp4"
+    with VideoWriter(start, lossless=True) as writer:
+        writer.write(np.full((8, 32, 32, 3), 90, np.uint8))
     line = {"id": "a", "model": model, "frames": 8, "seed": 1, "steps": 2, "label": 1}
+    # "b" continues a video: its frames are read only when it runs (its ok row must still
+    # match its unchanged line on a re-run).
+    other = {**line, "id": "b", "context": str(start)}
     for seed, warned in ((1, False), (1, False), (2, True)):
-        manifest.write_text(json.dumps({**line, "seed": seed}) + "\n")
+        text = json.dumps({**line, "seed": seed}) + "\n" + json.dumps(other) + "\n"
+        manifest.write_text(text)
         caplog.clear()
         run_batch(parse_manifest(manifest, out, 1000), out, lambda m: [executor])
-        assert ("made for another request" in caplog.text) == warned
+        assert ("a: skipped as done, but" in caplog.text) == warned
+        assert "b: skipped" not in caplog.text
 
 
 class Dead(LocalExecutor):
@@ -1216,10 +1229,12 @@ def test_a_local_ray_start_that_times_out_is_tried_again(monkeypatch):
         calls.append(kwargs)
         if len(calls) <= failures:
             # A failed start leaves its node's processes running, unknown to ray.shutdown.
-            cmd = [sys.executable, "-c", "import time; time.sleep(120)", "raylet"]
+            ray_file = os.path.join(os.path.dirname(cluster.ray.__file__), "_private", "node.py")
+            cmd = [sys.executable, "-c", "import time; time.sleep(120)", ray_file]
             spawned.append(subprocess.Popen(cmd))
-            # Not Ray's: another thread's child started meanwhile is left alone.
-            bystander = [sys.executable, "-c", "import time; time.sleep(120)", "encoder"]
+            # Not Ray's, though "ray" is in its command line: another thread's child started
+            # meanwhile is left alone.
+            bystander = [sys.executable, "-c", "import time; time.sleep(120)", "--array-size=3"]
             others.append(subprocess.Popen(bystander))
             raise error
 

@@ -249,6 +249,18 @@ def test_two_blobs_of_one_colour_are_two_objects_and_motion_follows_one_of_them(
     assert motion.mean_speed < 1.0
 
 
+def test_a_shape_cut_in_two_by_another_passing_over_it_is_one_object():
+    """Counting every blob made a real occlusion two objects: a bar over the middle of a
+    square leaves two pieces of its colour, joined through the bar."""
+    red, blue = (BOUNCING_PALETTE.colours()[i].astype(np.uint8) for i in (0, 2))
+    frame = np.zeros((1, 64, 64, 3), np.uint8)
+    _square(frame[0], red, 10, 10, side=20)
+    frame[0, 8:32, 18:22] = blue  # a bar across it: two red pieces either side
+    _square(frame[0], red, 44, 44, side=8)  # a red duplicate apart: a second red object
+    det = detect_objects(frame, BOUNCING_PALETTE)
+    assert det.blobs[0, 0] == 2 and det.counts.tolist() == [3]
+
+
 def test_an_empty_flickering_video_has_no_seam_ratio():
     """A nearly black generated video changes by 0.01 levels: its seam ratio (0.06-0.8)
     entered the mean as better than perfect."""

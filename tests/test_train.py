@@ -344,6 +344,17 @@ LARP_SMALL = [
 ]
 
 
+def test_a_larp_names_its_autoencoder_relative_to_itself(tmp_path, monkeypatch):
+    """The exported LARP named its autoencoder as given on the command line: a relative
+    path loaded only from the folder training ran in (and its NBP with it)."""
+    larp = [*LARP_SMALL, f"tokenizer.autoencoder={make_autoencoder(tmp_path)}"]
+    path = train(larp, tmp_path / "runs" / "larp", 3)
+    assert checkpoint.load(path).config["autoencoder"] == "../../kl.safetensors"
+    monkeypatch.chdir(tmp_path / "runs")
+    tokenizer = LARPVideoTokenizer.from_pretrained(str(path))
+    assert tokenizer.autoencoder is not None and len(tokenizer.files) == 2
+
+
 # All of a LARP's encoding path (a freeze of part of it is refused).
 ENCODING = "encoder,patch_in,patch_pos,queries,to_code,quantizer"
 

@@ -3,7 +3,8 @@
     vidgen <command> [<subcommand>] key=value ...
 
 Each command names a top-level YAML in ``configs/`` and a function taking its typed config;
-``key=value`` arguments are Hydra overrides (``world=agent``, ``world.size=96``, ``+x=1``).
+``key=value`` arguments are Hydra overrides (``world=agent``, ``world.size=96``, ``+data=mix``
+for an optional group); a key no config has is an error, ``+`` or not.
 ``vidgen --help`` lists the commands; ``vidgen <command> --help`` shows a command's config.
 """
 

@@ -27,17 +27,22 @@ def _descendants() -> dict[int, object]:
 
 
 def _is_ray(process: object) -> bool:
-    """Whether a process (psutil) is one of Ray's own: its GCS, raylet, agents and workers
-    all run from Ray's package (``.../ray/core/src/ray/raylet/raylet``, ``python
-    .../ray/_private/...``, ``ray::IDLE``). Another thread's child that appears meanwhile is
-    not."""
+    """Whether a process (psutil) is one of Ray's own: its GCS and raylet binaries, its
+    workers (``ray::IDLE``, ``ray::GeneratorWorker``) and agents, all run from Ray's
+    package. Another thread's child that appears meanwhile is not."""
     import psutil
 
     try:
-        text = " ".join([process.name(), *process.cmdline()])  # type: ignore[attr-defined]
+        name = process.name()  # type: ignore[attr-defined]
+        cmdline = process.cmdline()  # type: ignore[attr-defined]
     except psutil.Error:
         return False
-    return "ray" in text.lower()
+    if name in {"raylet", "gcs_server"} or name.startswith("ray::"):
+        return True
+    if cmdline and cmdline[0].startswith("ray::"):
+        return True
+    package = os.path.dirname(ray.__file__) + os.sep
+    return any(part.startswith(package) for part in cmdline)
 
 
 def _stop(processes: list) -> None:

@@ -118,8 +118,10 @@ def parts_folder(out: Path) -> Path:
     """``.<out's name>.parts`` beside ``out``; a name too long for that (a file name has at
     most 255 bytes) is shortened and made unique by its hash."""
     name = out.name
-    if len(name.encode()) > 200:  # cut by bytes: 100 four-byte characters are 400
-        head = name.encode()[:100].decode("utf-8", "ignore")
+    if len(name.encode()) > 200:
+        head = name[:100]  # as before (folders of renders under way keep their names) ...
+        if len(head.encode()) > 200:  # ... unless too long in bytes: 100 emoji are 400
+            head = name.encode()[:100].decode("utf-8", "ignore")
         name = f"{head}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
     return out.parent / f".{name}.parts"
 

@@ -117,30 +117,33 @@ _IN_FRAME = np.zeros((3, 3, 3), dtype=bool)
 _IN_FRAME[1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
 
 
-def _blobs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The 4-connected components of each frame of a (T, H, W) mask: their frame, area and
-    centroid x, y (one entry per component, in no particular order)."""
+def _blobs(mask: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The 4-connected components of each frame of a (T, H, W) mask: their frame, area,
+    centroid x, y and one pixel of each (y, x) (one entry per component, in no particular
+    order)."""
     components, count = ndimage.label(mask, structure=_IN_FRAME)
     if count == 0:
         empty = np.zeros(0)
-        return empty.astype(np.int64), empty.astype(np.int64), empty, empty
+        ints = empty.astype(np.int64)
+        return ints, ints, empty, empty, ints, ints
     t_idx, y_idx, x_idx = np.nonzero(components)
     ids = components[t_idx, y_idx, x_idx]
     size = np.bincount(ids, minlength=count + 1)[1:]
     frame = np.bincount(ids, weights=t_idx, minlength=count + 1)[1:] / size
     sum_x = np.bincount(ids, weights=x_idx, minlength=count + 1)[1:]
     sum_y = np.bincount(ids, weights=y_idx, minlength=count + 1)[1:]
-    return np.rint(frame).astype(np.int64), size, sum_x / size, sum_y / size
+    _, first = np.unique(ids, return_index=True)  # ids 1..count, each one pixel of it
+    frame = np.rint(frame).astype(np.int64)
+    return frame, size, sum_x / size, sum_y / size, y_idx[first], x_idx[first]
 
 
 def _track(
     frame: np.ndarray, size: np.ndarray, cx: np.ndarray, cy: np.ndarray, t_len: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """One colour's blobs -> per frame how many there are (T,), and the area and centroid of
-    the one followed: the blob nearest the one followed in the frame before, else (a first
-    sighting) the largest. Following the largest instead jumped between two blobs of one
-    colour (a generator's duplicate) as their sizes changed, which counted as motion."""
-    count = np.bincount(frame, minlength=t_len)[:t_len]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One colour's blobs -> per frame (T,) the area and centroid of the one followed: the
+    blob nearest the one followed in the frame before, else (a first sighting) the largest.
+    Following the largest instead jumped between two blobs of one colour (a generator's
+    duplicate) as their sizes changed, which counted as motion."""
     area, fx, fy = np.zeros(t_len, np.int64), np.full(t_len, np.nan), np.full(t_len, np.nan)
     order = np.argsort(frame, kind="stable")
     starts = np.searchsorted(frame[order], np.arange(t_len + 1))
@@ -156,7 +159,7 @@ def _track(
             pick = here[np.argmin((cx[here] - prev[0]) ** 2 + (cy[here] - prev[1]) ** 2)]
         area[t], fx[t], fy[t] = size[pick], cx[pick], cy[pick]
         prev = (fx[t], fy[t])
-    return count, area, fx, fy
+    return area, fx, fy
 
 
 def detect_objects(
@@ -170,12 +173,15 @@ def detect_objects(
     3 px wide everywhere, such as colour blends along an edge between two other objects, are
     not objects) and at least ``min_blob`` pixels. Every such blob counts as an object (two
     blobs of one colour are two objects: a world never draws that, a generator can); each
-    colour's centroid follows one of them from frame to frame (``_track``)."""
+    colour's centroid follows one of them from frame to frame (``_track``). Blobs of one
+    colour joined through pixels of other objects count once: a shape that another passes
+    over can show in two pieces."""
     if min_blob < 1:
         raise ValueError(f"min_blob must be >= 1 pixel, got {min_blob}")
     labels = classify_pixels(frames, palette, max_distance)
     names = tuple(palette.object_names)
     t_len = labels.shape[0]
+    objects = (labels >= 0) & (labels < len(names))
     areas = np.zeros((t_len, len(names)), dtype=np.int64)
     blobs = np.zeros((t_len, len(names)), dtype=np.int64)
     centroids = np.full((t_len, len(names), 2), np.nan)
@@ -187,10 +193,16 @@ def detect_objects(
         mask = labels == o
         seeds = ndimage.binary_erosion(mask, structure=_IN_FRAME)
         mask = ndimage.binary_propagation(seeds, structure=_IN_FRAME, mask=mask)
-        frame, size, cx, cy = _blobs(mask)
+        frame, size, cx, cy, py, px = _blobs(mask)
         big = size >= min_blob
-        count, area, fx, fy = _track(frame[big], size[big], cx[big], cy[big], t_len)
-        blobs[:, o], areas[:, o] = count, area
+        area, fx, fy = _track(frame[big], size[big], cx[big], cy[big], t_len)
+        # Blobs of one colour joined through pixels of other objects are one object that
+        # another passes over (a real shape cut in two by its occluder), not two.
+        joined, _ = ndimage.label(mask | (objects & (labels != o)), structure=_IN_FRAME)
+        group = joined[frame[big], py[big], px[big]]
+        per_frame = np.unique(np.stack([frame[big], group]), axis=1)[0]
+        blobs[:, o] = np.bincount(per_frame, minlength=t_len)[:t_len]
+        areas[:, o] = area
         centroids[:, o] = np.stack([fx, fy], axis=-1)
     present = blobs > 0
     return Detections(names=names, present=present, centroids=centroids, areas=areas, blobs=blobs)

@@ -31,6 +31,7 @@ import torch
 from vidgen.validate import check_int
 
 MIN_FPS = 1 / 1001  # the lowest frame rate an mp4 of vidgen can carry
+MAX_FPS = 1000  # the highest (vidgen.io.MAX_FPS: Matroska's millisecond timestamps)
 # The guidance of requests that leave it unset, on a model whose card names none.
 DEFAULT_GUIDANCE = 2.0
 
@@ -95,6 +96,8 @@ class GenerationRequest:
         self.fps = _number("fps", self.fps)
         if self.fps < MIN_FPS:  # mp4 time bases have denominators up to 1001
             raise ValueError(f"fps must be >= 1/1001 (one frame per 1001 s), got {self.fps}")
+        if self.fps > MAX_FPS:  # the video writers' limit: refused before anything is made
+            raise ValueError(f"fps must be <= {MAX_FPS}, got {self.fps}")
         self.temperature = _number("temperature", self.temperature)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
@@ -366,16 +369,19 @@ def check_open(open_streams: dict[int, Stream], streams: list[Stream], step: boo
 def check_truth(
     snapshot: StreamSnapshot,
     num_clips: int,
-    context_clips: int,
+    clip_len: int,
     cache_frames_per_clip: int,
     next_frame: str,
     clip_shape: tuple[int, ...],
     vocab: int | None = None,
 ) -> None:
     """A snapshot to ``restore`` must fit the stream its request opens: a clip counter in
-    range and matching its cache (whose frames count the context's clips too), and pending
-    clips of the generator's shape (token ids: integers below ``vocab``). A snapshot file is
-    data from disk: a wrong counter would make clips with another clip's seeds and actions."""
+    range and matching its cache (whose ``next_frame`` counts the request context's clips
+    of ``clip_len`` frames too), and pending clips of the generator's shape (token ids:
+    integers below ``vocab``). A snapshot file is data from disk: a wrong counter would
+    make clips with another clip's seeds and actions."""
+    context = snapshot.request.context
+    context_clips = 0 if context is None else len(context) // clip_len
     c = snapshot.checkpoint_clip
     if isinstance(c, bool) or not isinstance(c, int | np.integer) or c < 0:
         raise ValueError(f"snapshot.checkpoint_clip must be an int >= 0, got {c!r}")

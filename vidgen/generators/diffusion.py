@@ -201,7 +201,7 @@ class DiffusionClipGenerator:
         latents = torch.cat(made)
         self._write(order, latents, [s.clip for s in order])
         out: dict[int, ClipLatents] = {}
-        for s, lat in zip(order, latents.to("cpu", copy=True), strict=True):
+        for s, lat in zip(order, latents.cpu(), strict=True):
             # clone: each clip owns its memory (a view would keep the whole batch alive in
             # every truth, queue and pickle that holds it)
             out[s.id] = ClipLatents(stream=s.id, clip=s.clip, data=lat.clone())
@@ -314,15 +314,8 @@ class DiffusionClipGenerator:
         write passes; the next ``step`` continues as if nothing had happened."""
         num_clips = self._check(snapshot.request)
         cfg = self.config
-        context = snapshot.request.context
-        check_truth(
-            snapshot,
-            num_clips,
-            context_clips=0 if context is None else len(context) // self.clip_len,
-            cache_frames_per_clip=self.clip_len,
-            next_frame="next_frame",
-            clip_shape=(self.clip_len, cfg.latent_channels, cfg.latent_size, cfg.latent_size),
-        )
+        shape = (self.clip_len, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+        check_truth(snapshot, num_clips, self.clip_len, self.clip_len, "next_frame", shape)
         if snapshot.cache is None:  # truth from the start: open afresh (context included)
             stream = self.open(snapshot.request)
         else:

@@ -289,7 +289,7 @@ class TokenClipGenerator:
             keep = [r for r, i in enumerate(owner) if i not in again]
             self.model.commit(_rows_of(partial, keep), self.cache, [slots[r] for r in keep])
         out = []
-        tokens = tokens.to("cpu", copy=True)
+        tokens = tokens.cpu()  # each row cloned below
         for i, s in enumerate(streams):
             # Each row its own memory: a view would keep the whole batch alive wherever a
             # clip is held, and a caller's in-place change would reach this stream's state.
@@ -387,15 +387,11 @@ class TokenClipGenerator:
         """Reopen a stream from its truth: load the checkpoint (or open afresh when the truth
         starts at clip 0) and replay the pending clips' block steps."""
         num_clips = self._check(snapshot.request)
-        cfg, context = self.config, snapshot.request.context
+        cfg = self.config
+        shape = (cfg.tokens_per_clip,)
+        frames = cfg.frames_per_clip
         check_truth(
-            snapshot,
-            num_clips,
-            context_clips=0 if context is None else len(context) // self.clip_len,
-            cache_frames_per_clip=cfg.frames_per_clip,
-            next_frame="slot0.next_frame",
-            clip_shape=(cfg.tokens_per_clip,),
-            vocab=cfg.vocab,
+            snapshot, num_clips, self.clip_len, frames, "slot0.next_frame", shape, cfg.vocab
         )
         if snapshot.cache is None:
             stream = self.open(snapshot.request)

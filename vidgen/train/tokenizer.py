@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vidgen import checkpoint
 from vidgen.data import DataConfig, build_dataset
 from vidgen.tokenizers.gan import PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from vidgen.tokenizers.kl import KLAutoencoder, KLConfig
@@ -233,7 +234,14 @@ def larp_task(
                 "not quantise yet, its ids mean nothing; run again to resume",
                 config.vq_warmup,
             )
-        return config
+        if not config.autoencoder:
+            return config
+        # The exported file names its autoencoder relative to its own folder (as generators
+        # name their tokenizer), so it loads from any working directory; the path is not in
+        # the encoder fingerprint.
+        return dataclasses.replace(
+            config, autoencoder=checkpoint.named_from(config.autoencoder, out)
+        )
 
     return Task(
         name=name,

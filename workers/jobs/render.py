@@ -102,7 +102,8 @@ class Results:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.ok: set[str] = set()
-        self.made_for: dict[str, str | None] = {}  # ok id -> its video's request fingerprint
+        # ok id -> (its video's request JSON, which holds no context frames; the context path)
+        self.made_for: dict[str, tuple[Any, Any]] = {}
         if path.exists():
             for raw in path.read_text().splitlines():
                 try:
@@ -112,8 +113,9 @@ class Results:
                 if row.get("status") == "ok":
                     self.ok.add(row["id"])
                     provenance = row.get("provenance")
-                    if isinstance(provenance, dict):
-                        self.made_for[row["id"]] = provenance.get("request_sha256")
+                    if isinstance(provenance, dict) and "request" in provenance:
+                        made = (provenance["request"], provenance.get("context"))
+                        self.made_for[row["id"]] = made
 
     def add(self, row: dict[str, Any]) -> None:
         line = json.dumps(row, sort_keys=True) + "\n"
@@ -188,14 +190,13 @@ def run_batch(
     for item in items:
         made = results.made_for.get(item.id)
         req = item.request
+        # The request's JSON, not its fingerprint: the context frames, which the fingerprint
+        # hashes, are read only when the item runs (its path is compared instead).
+        context = None if item.context is None else str(item.context)
         if (
             req is not None
             and made is not None
-            and made
-            not in {
-                req.fingerprint(),
-                req.fingerprint(canonical=False),
-            }
+            and (made[0] not in (req.to_json(), req.to_json(canonical=False)) or made[1] != context)
         ):
             log.warning(
                 "%s: skipped as done, but its video was made for another request (the "
