@@ -393,3 +393,30 @@ def test_foreground_weight_weights_the_flow_loss_towards_objects(monkeypatch):
     for bad in (dict(foreground_weight=-1.0), dict(foreground_threshold=0.0)):
         with pytest.raises(ValueError, match="foreground_weight must be >= 0"):
             dataclasses.replace(CFG, **bad)
+
+
+def test_the_model_runs_in_float64_and_reads_a_cache_of_another_dtype(model):
+    """The timestep features were always float32 (a float64 or bf16 model failed in its
+    first layer), and a cache wider than the model promoted the context keys past the
+    queries' dtype (float32 model, float64 cache: sdpa refused)."""
+    import copy
+
+    wide = copy.deepcopy(model).double()
+    hist, noisy, acts = latents(L, seed=5), latents(L, seed=6), actions(2 * L, seed=7)
+    outs = []
+    with torch.no_grad():
+        for m, dtype, cache_dtype in (
+            (model, torch.float32, torch.float32),
+            (model, torch.float32, torch.float64),
+            (wide, torch.float64, torch.float64),
+            (wide, torch.float64, torch.float32),
+        ):
+            cache = KVCache(m.cache_spec(1, cache_dtype))
+            s = cache.add_stream()
+            m.write(hist.to(dtype), cache, [s], actions=acts[:, :L])
+            cond = Cond(t=torch.full((1, L), 0.6), labels=torch.tensor([2]), actions=acts[:, L:])
+            out = m(noisy.to(dtype), cond, cache, [s])
+            assert out.dtype == dtype
+            outs.append(out.double())
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], atol=1e-4, rtol=0)

@@ -180,7 +180,9 @@ def test_a_reused_slot_starts_clean_and_first_frames_are_not_negative():
         (lambda s: s.update(k=s["k"].half()), "snapshot k must be torch.float32"),
         (lambda s: s.update(next_frame=torch.tensor(0)), "bookkeeping is inconsistent"),
         (lambda s: s.update(chunks=torch.tensor([[0, 0, 9]])), "does not fit|inconsistent"),
-        (lambda s: s.update(head=torch.tensor(7)), "bookkeeping is inconsistent"),
+        (lambda s: s.update(head=torch.tensor(7)), "is not where the last chunk"),
+        # A head moved inside the window: the next clip overwrote held frames.
+        (lambda s: s.update(head=(s["head"] + 1) % 4), "is not where the last chunk"),
     ],
 )
 def test_a_snapshot_that_does_not_fit_is_refused_naming_what(change, message):
@@ -194,4 +196,21 @@ def test_a_snapshot_that_does_not_fit_is_refused_naming_what(change, message):
     change(snap)
     other = KVCache(SPEC)
     with pytest.raises(ValueError, match=message):
+        other.load(other.add_stream(), snap)
+
+
+def test_a_snapshot_whose_chunks_do_not_follow_each_other_is_refused():
+    """Two chunks with a gap of frames between them loaded, and RoPE positions jumped."""
+    cache = KVCache(SPEC)
+    s = cache.add_stream()
+    for seed in (0, 1):
+        k, v = clip_kv(2, seed=seed)
+        cache.append([s], k, v)
+    snap = cache.snapshot(s)
+    assert snap["chunks"].shape == (2, 3)
+    snap["chunks"] = snap["chunks"] + torch.tensor([[0, 0, 0], [0, 5, 0]])
+    snap["frame_index"] = torch.tensor([0, 1, 7, 8, -1, -1])
+    snap["next_frame"] = torch.tensor(9)
+    other = KVCache(SPEC)
+    with pytest.raises(ValueError, match="do not follow each other"):
         other.load(other.add_stream(), snap)

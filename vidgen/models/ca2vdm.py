@@ -393,8 +393,12 @@ class CausalVideoDiT(nn.Module):
         angles = self.blocks[0].rope.angles(cache.positions(streams))  # (b, w, e/2)
         angles = angles.repeat_interleave(n, dim=0)[:, None]  # (b n) 1 w e/2
         ks, vs = [], []
+        dtype = angles.dtype if not self.blocks else next(self.blocks[0].parameters()).dtype
         for layer in range(len(self.blocks)):
             k, v = cache.read(layer, streams)  # (b, h, w, n, e), ring order
+            # In the model's dtype: a wider cache (float64 under float32 weights) would
+            # promote the joined keys past the queries' dtype.
+            k, v = k.to(dtype), v.to(dtype)
             ks.append(apply_rope(rearrange(k, "b h w n e -> (b n) h w e"), angles))
             vs.append(rearrange(v, "b h w n e -> (b n) h w e"))
         valid = cache.valid(streams)

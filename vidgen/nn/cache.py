@@ -22,6 +22,7 @@ window, ``n`` tokens per frame, ``d`` head dim, ``f`` frames of one clip.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -299,6 +300,15 @@ def _check_snapshot(
             raise ValueError(f"snapshot chunk {c} does not fit a window of {spec.window}")
         slots = [(c.start_slot + i) % spec.window for i in range(c.frames)]
         expected[slots] = torch.arange(c.first_frame, c.first_frame + c.frames)
+    for a, b in itertools.pairwise(chunks):  # each chunk follows the one before, in frames
+        follows = b.first_frame == a.first_frame + a.frames  # and in ring slots
+        if not (follows and b.start_slot == (a.start_slot + a.frames) % spec.window):
+            raise ValueError(f"snapshot chunks {a} and {b} do not follow each other")
+    if chunks and head != (chunks[-1].start_slot + chunks[-1].frames) % spec.window:
+        raise ValueError(
+            f"snapshot head {head} is not where the last chunk {chunks[-1]} ends: the next "
+            "clip would be written over held frames"
+        )
     last = chunks[-1].first_frame + chunks[-1].frames if chunks else None
     if (
         held > spec.window

@@ -43,7 +43,8 @@ class TimestepEmbedding(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """(...) timesteps -> (..., dim)."""
-        return self.mlp(sinusoidal_embedding(t, self.freq_dim))
+        # The features are float32: cast to the weights' dtype (a float64, bf16 or fp16 model)
+        return self.mlp(sinusoidal_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedding(nn.Module):
