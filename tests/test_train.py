@@ -535,10 +535,45 @@ def test_grad_clip_zero_means_no_clipping(tmp_path):
     assert any(not torch.equal(off[n], fresh[n]) for n in off)  # it trained
 
 
-def test_kl_without_eval_batches_says_why_it_cannot_export(tmp_path):
+def test_kl_without_eval_batches_is_refused_before_it_trains(tmp_path):
+    """It trained every step and failed only at export (and again on every re-run, its
+    state being at the last step)."""
     kl = ["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2", "train.eval_batches=0"]
-    with pytest.raises(ValueError, match="train.eval_batches must be >= 1"):
+    with pytest.raises(TrainSetupError, match="train.eval_batches must be >= 1"):
         train(kl, tmp_path / "run", 1)
+    assert not (tmp_path / "run" / "state.safetensors").exists()
+
+
+def test_the_card_history_of_a_resumed_run_is_the_uninterrupted_ones(tmp_path):
+    """A resumed run's first step entered the history off the log_every grid: steps
+    [1, 2, 3, 4] against [1, 2, 4] for the same run uninterrupted."""
+    kl = ["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2", "train.log_every=2"]
+    straight = train(kl, tmp_path / "straight", 4)
+    train(kl, tmp_path / "resumed", 4, stop_at=2)
+    resumed = train(kl, tmp_path / "resumed", 4)
+    logged = [
+        [h["step"] for h in checkpoint.load(p).card["history"] if "loss" in h]
+        for p in (straight, resumed)
+    ]
+    assert logged[0] == logged[1] == [1, 2, 4]
+
+
+def test_a_larp_resumed_with_a_lower_vq_warmup_still_quantises(tmp_path):
+    """Quantisation switched on only at step == vq_warmup: a resume past a lowered warm-up
+    exported a tokenizer that never quantised."""
+    larp = [*LARP_SMALL, f"tokenizer.autoencoder={make_autoencoder(tmp_path)}"]
+    train([*larp, "tokenizer.vq_warmup=4"], tmp_path / "run", 6, stop_at=3)
+    path = train([*larp, "tokenizer.vq_warmup=2"], tmp_path / "run", 6)
+    assert int(tensors(path)["quantizer.active"]) == 1
+
+
+def test_an_unreadable_frozen_tokenizer_is_a_setup_error_and_leaves_no_folder(tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a checkpoint")
+    gen = ["model=ca2vdm-test", *SMALL_BOUNCING, "data.clip_len=6", f"frozen_tokenizer={junk}"]
+    with pytest.raises(TrainSetupError, match="junk.safetensors"):
+        train(gen, tmp_path / "runs" / "gen", 1)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_the_patch_gan_decodes_on_the_clips_device():

@@ -175,7 +175,12 @@ def run_train(cfg: Any, choices: dict[str, str]) -> int:
     except TrainSetupError as err:
         print(f"{PROG} train: cannot start: {err}", file=sys.stderr)
         return 2
-    print(f"exported {path}")
+    from vidgen.train.loop import STATE_FILE
+
+    if path.name == STATE_FILE:  # train.stop_at: nothing exported yet
+        print(f"stopped at train.stop_at; state saved to {path}: run again to resume")
+    else:
+        print(f"exported {path}")
     return 0
 
 

@@ -250,6 +250,9 @@ def _import_decord() -> Any | None:
     return decord
 
 
+_DECORD_FAILED: set[Path] = set()  # files decord failed on (its warning is logged once)
+
+
 def _read_decord(decord: Any, info: VideoInfo, indices: range) -> np.ndarray | None:
     """Decode `indices` with decord; None when it reports fewer frames than the probe."""
     reader = decord.VideoReader(str(info.path), ctx=decord.cpu(0), num_threads=1)
@@ -355,7 +358,11 @@ def _decode(info: VideoInfo, indices: range, backend: Backend) -> np.ndarray:
     except Exception as err:  # decord raises its own DECORDError and plain RuntimeErrors
         if backend == "decord":
             raise VideoReadError(f"decord failed to read {info.path}: {err}") from err
-        logger.warning("decord failed on %s (%s); decoding with PyAV instead", info.path, err)
+        # Once per file: a dataset of small videos (decord fails on some widths) read clip
+        # by clip would log it at every read.
+        level = logging.DEBUG if info.path in _DECORD_FAILED else logging.WARNING
+        _DECORD_FAILED.add(info.path)
+        logger.log(level, "decord failed on %s (%s); decoding with PyAV instead", info.path, err)
         return _read_pyav(info, indices)
     if array is None:
         if backend == "decord":

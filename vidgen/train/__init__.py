@@ -13,6 +13,7 @@ import torch
 from vidgen import checkpoint
 from vidgen.data import DataConfig
 from vidgen.fsutil import exclusive, remove_temps
+from vidgen.io import VideoReadError
 from vidgen.train.loop import StepSampler, Task, TrainConfig, TrainSetupError, lr_at, train
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,7 @@ def run_train(cfg: TrainCommandConfig) -> Path:
         torch.manual_seed(cfg.train.seed)  # the model's initial weights are part of the run
         try:
             task = build_task(cfg)
-        except (FileNotFoundError, ValueError) as err:
+        except (FileNotFoundError, ValueError, VideoReadError, checkpoint.CheckpointError) as err:
             if made and [p.name for p in out.iterdir()] == [LOCK_FILE]:
                 lock.unlink()  # a run refused at setup leaves no folder it made behind
                 for folder in made:

@@ -417,9 +417,11 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
         if ema is not None:
             ema.update(model, reset)
         bar.update(1)
-        if (step + 1) % cfg.log_every == 0 or step == start:
+        logged = (step + 1) % cfg.log_every == 0
+        if logged or step == start:  # a resumed run logs its first step too ...
             bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
-            history.append({"step": step + 1, **metrics})
+            if logged or step == 0:  # ... but its history is an uninterrupted run's
+                history.append({"step": step + 1, **metrics})
             log.info(
                 "step %d %s", step + 1, json.dumps({k: round(v, 5) for k, v in metrics.items()})
             )

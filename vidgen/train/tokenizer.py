@@ -64,6 +64,15 @@ def fit_latent_scale(model: KLAutoencoder, batches: list[dict[str, torch.Tensor]
 
 
 def kl_task(config: KLConfig, data: DataConfig, run_config: object, name: str) -> Task:
+    train_cfg = getattr(run_config, "train", None)
+    frozen = "encoder" in (getattr(run_config, "freeze", None) or [])
+    if train_cfg is not None and train_cfg.eval_batches == 0 and not frozen:
+        # Checked here, not at export after every step was trained.
+        raise ValueError(
+            "train.eval_batches must be >= 1 for the KL autoencoder: its latent scale is "
+            "measured on held-out batches when it is exported (a decoder fine-tune with "
+            "'freeze=[encoder]' keeps its init's scale and needs none)"
+        )
     if data.eval_clips == 0:
         raise ValueError(
             "data.eval_clips must be >= 1 for the KL autoencoder: its latent scale is measured "
@@ -198,7 +207,9 @@ def larp_task(
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
         if not model.quantizer.codebook.requires_grad:  # a frozen codebook stays as it is
             return {}
-        if step + 1 == config.vq_warmup and not bool(model.quantizer.active):
+        # >=, not ==: a run resumed with a lower vq_warmup than the step it is at would
+        # otherwise never quantise.
+        if step + 1 >= config.vq_warmup and not bool(model.quantizer.active):
             # Data-dependent init: codes start on encoder outputs. Only for a model still in
             # its VQ warm-up: a fine-tuned one (``init=``) keeps its trained codebook.
             model.restart_dead_codes(out["z"], gen, everything=True)
