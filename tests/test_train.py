@@ -100,7 +100,7 @@ def test_fine_tuning_arguments_are_checked(tmp_path):
         train([*kl, f"init={base}", "tokenizer.latent_noise=0.2"], tmp_path / "noise", 1)
     with pytest.raises(ValueError, match="freeze needs init"):
         train([*kl, "freeze=[encoder]"], tmp_path / "no-init", 1)
-    with pytest.raises(checkpoint.CheckpointError, match="shape"):  # another architecture
+    with pytest.raises(TrainSetupError, match="shape"):  # another architecture: exit 2
         train([*kl, f"init={base}", "tokenizer.latent_channels=8"], tmp_path / "other", 1)
 
 
