@@ -204,6 +204,19 @@ def test_resuming_with_another_request_is_refused(model, tmp_path):
         render(Orchestrator(local(model)), request_for(model), out, progress=False)
 
 
+def render_until_a_segment(orch: Orchestrator, req: GenerationRequest, out: Path) -> None:
+    """A render killed once its first segment is on disk (its parts folder stays)."""
+    run = orch.run
+
+    def crash_after_a_segment(until=None, poll=0.05):
+        run(until=lambda: any(parts_folder(out).glob("part_*.mp4")))
+        raise Crash
+
+    orch.run = crash_after_a_segment
+    with pytest.raises(Crash):
+        render(orch, req, out, segment_clips=1, progress=False)
+
+
 def test_resuming_with_other_weights_under_the_same_path_is_refused(model, tmp_path):
     """The request names the model by path, so only the weights' hash tells a retrained
     file apart: its clips must not be joined to the old ones."""
@@ -213,13 +226,7 @@ def test_resuming_with_other_weights_under_the_same_path_is_refused(model, tmp_p
     out = tmp_path / "v.mp4"
     orch = Orchestrator(local(str(weights)))
 
-    def crash_after_a_segment(until=None, poll=0.05):
-        run(until=lambda: any(parts_folder(out).glob("part_*.mp4")))
-        raise Crash
-
-    run, orch.run = orch.run, crash_after_a_segment
-    with pytest.raises(Crash):
-        render(orch, req, out, segment_clips=1, progress=False)
+    render_until_a_segment(orch, req, out)
     checkpoint.update_card(weights, {"note": "trained further"})  # new bytes, same path
     with pytest.raises(ValueError, match="other weights of .*delete it"):
         render(Orchestrator(local(str(weights))), req, out, progress=False)
@@ -236,13 +243,7 @@ def test_resuming_after_its_tokenizer_changed_is_refused(family, tmp_path):
     orch = Orchestrator(local(model))
     assert orch.info["tokenizer_sha256"]
 
-    def crash_after_a_segment(until=None, poll=0.05):
-        run(until=lambda: any(parts_folder(out).glob("part_*.mp4")))
-        raise Crash
-
-    run, orch.run = orch.run, crash_after_a_segment
-    with pytest.raises(Crash):
-        render(orch, req, out, segment_clips=1, progress=False)
+    render_until_a_segment(orch, req, out)
     tokenizer = checkpoint.load(model).card["tokenizer"]
     checkpoint.update_card(tokenizer, {"note": "decoder tuned"})  # new bytes, same path
     with pytest.raises(ValueError, match="another tokenizer of .*delete it"):
