@@ -182,3 +182,14 @@ def test_frame_conversions_refuse_what_they_would_scramble(tmp_path):
     _write(tmp_path / "a.mp4", frames.repeat(4, axis=0), lossless=True)
     with pytest.raises(ValueError, match="size must hold positive ints"):
         VideoFolder(tmp_path, clip_len=2, size=0)  # was found at the first item only
+
+
+def test_a_world_that_does_not_fit_the_data_size_is_named_with_the_size():
+    """The error named only size/4: data.size, which replaces the world's own, was not
+    mentioned."""
+    from vidgen.data import DataConfig, build_dataset
+    from vidgen.worlds.bouncing import BouncingShapesConfig
+
+    cfg = DataConfig(size=32, bouncing=BouncingShapesConfig(min_radius=5, max_radius=12))
+    with pytest.raises(ValueError, match=r"data.bouncing at data.size=32 .*max_radius"):
+        build_dataset(cfg)

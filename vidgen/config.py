@@ -148,6 +148,7 @@ def _describe(err: BaseException) -> str:
     """One readable line from a Hydra/OmegaConf error and its cause, without the search
     path and key-context lines they append, and without the internal ``*_schema`` options."""
     parts: list[str] = []
+    where = ""
     for e in (err, err.__cause__):
         if e is None:
             continue
@@ -155,11 +156,17 @@ def _describe(err: BaseException) -> str:
             line = line.strip()
             if line.startswith("Config search path"):
                 break
+            if line.startswith("full_key:") and not where:
+                where = line.removeprefix("full_key:").strip()
             if not line or line.endswith("_schema") or line.startswith(_CONTEXT_LINES):
                 continue
             if line not in parts:
                 parts.append(line)
-    return " ".join(parts) or type(err).__name__
+    text = " ".join(parts) or type(err).__name__
+    # A nested schema's own check names only its leaf field: say which key it is under.
+    if where and where not in text:
+        text = f"{where}: {text}"
+    return text
 
 
 _CONTEXT_LINES = ("full_key:", "object_type=", "reference_type=", "provider=")

@@ -98,10 +98,17 @@ class WorldClips(Dataset):
         # world that is not used is not resized (it may not fit a small size).
         self.bouncing = bouncing or BouncingShapesConfig()
         self.agent = agent or AgentWorldConfig()
-        if world in ("bouncing", "mix"):
-            self.bouncing = dataclasses.replace(self.bouncing, size=size)
-        if world in ("agent", "mix"):
-            self.agent = dataclasses.replace(self.agent, size=size)
+        try:
+            if world in ("bouncing", "mix"):
+                key = "data.bouncing"
+                self.bouncing = dataclasses.replace(self.bouncing, size=size)
+            if world in ("agent", "mix"):
+                key = "data.agent"
+                self.agent = dataclasses.replace(self.agent, size=size)
+        except ValueError as err:  # its settings do not fit the dataset's frame size
+            raise ValueError(
+                f"{key} at data.size={size} (its own size is replaced): {err}"
+            ) from err
         self.agent_policy, self.agent_fraction = agent_policy, agent_fraction
         self._action_dtype = np.float32 if self.agent.continuous else np.int64
 
