@@ -190,6 +190,8 @@ def test_guided_logits_keep_masked_tokens_out_and_tiny_temperatures_are_greedy()
     scale = torch.tensor([[2.0], [0.0]])  # per row, as the generator passes it
     assert guide_logits(torch.cat([u, u]), torch.cat([c, c]), scale)[1].tolist() == c[0].tolist()
     assert int(sample_tokens(guide_logits(c, u, 3.0), None, temperature=0)) == 0
+    # Scale 0 is the unconditional logits even where only they are out (it gave c's 0.5).
+    assert guide_logits(c, u, 0.0).tolist() == u.tolist()
     logits = torch.tensor([[0.0, 5.0, 4.999]])
     for temperature in (1e-39, 1e-6):
         assert int(sample_tokens(logits, torch.Generator(), temperature=temperature)) == 1

@@ -343,8 +343,10 @@ class NextBlockTransformer(nn.Module):
         pos = (frames[:, :, None] * n + torch.arange(n, device=frames.device)).flatten(1)
         angles = self.rope.angles(pos)[:, None]  # (b, 1, w*n, e/2)
         ks, vs = [], []
+        dtype = next(self.parameters()).dtype  # a wider cache would promote the keys
         for layer in range(len(self.blocks)):
             k, v = cache.read(layer, streams)  # (b, h, w, n, e)
+            k, v = k.to(dtype), v.to(dtype)
             ks.append(apply_rope(rearrange(k, "b h w n e -> b h (w n) e"), angles))
             vs.append(rearrange(v, "b h w n e -> b h (w n) e"))
         valid = cache.valid(streams)[:, :, None].expand(-1, -1, n).flatten(1)

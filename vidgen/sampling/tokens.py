@@ -43,7 +43,10 @@ def guide_logits(
     c, u = conditional.masked_fill(c_out, 0.0), unconditional.masked_fill(u_out, 0.0)
     guided = u + scale * (c - u)
     guided = torch.where(c_out & torch.as_tensor(scale != 0), float("-inf"), guided)
-    return torch.where(u_out, conditional, guided)
+    # Out only in the unconditional logits: the conditional logit, except at scale 0, which
+    # is the unconditional logits themselves.
+    kept = torch.where(torch.as_tensor(scale != 0), conditional, float("-inf"))
+    return torch.where(u_out, kept, guided)
 
 
 def sample_tokens(
