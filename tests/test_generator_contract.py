@@ -808,16 +808,24 @@ def test_a_streams_memory_does_not_grow_with_its_length(family):
     assert sizes[4] == sizes[14] > 0
 
 
+def spy_encode(gen, encoder) -> list[tuple[int, ...]]:
+    """The shapes ``encoder.encode`` is called with from now on."""
+    shapes, real = [], encoder.encode
+    encoder.encode = lambda video: shapes.append(tuple(video.shape)) or real(video)
+    return shapes
+
+
+def five_clips_of_context(gen) -> np.ndarray:
+    h, w, _ = gen.frame_shape
+    return np.random.default_rng(0).integers(0, 255, (5 * gen.clip_len, h, w, 3), np.uint8)
+
+
 def test_a_long_context_is_encoded_clip_by_clip():
     """The diffusion family encoded the whole context video in one call: memory grew with
     the context's length (float frames and activations of every frame at once)."""
     gen = make_generator("diffusion")
-    shapes = []
-    real = gen.autoencoder.encode
-    gen.autoencoder.encode = lambda video: shapes.append(tuple(video.shape)) or real(video)
-    h, w, _ = gen.frame_shape
-    context = np.random.default_rng(0).integers(0, 255, (5 * gen.clip_len, h, w, 3), np.uint8)
-    gen.open(request_for(gen, context=context))
+    shapes = spy_encode(gen, gen.autoencoder)
+    gen.open(request_for(gen, context=five_clips_of_context(gen)))
     assert len(shapes) == 5 and all(s[1] == gen.clip_len for s in shapes)
 
 
@@ -927,7 +935,7 @@ def test_a_snapshot_that_does_not_fit_its_request_is_refused(family):
     if gen.family == "tokens":
         bad["token ids must be"] = dataclasses.replace(snap, pending=[made.data + 10**6])
         prev = {**snap.cache, "prev": snap.cache["prev"][:1]}
-        bad["'prev' must be"] = dataclasses.replace(snap, cache=prev)
+        bad["'prev': token ids must be"] = dataclasses.replace(snap, cache=prev)
     else:
         bad["finite floats"] = dataclasses.replace(snap, pending=[made.data * float("nan")])
     open_before = len(gen._streams)
@@ -958,19 +966,15 @@ def test_emitted_clips_own_their_memory(family):
 def test_a_token_models_long_context_is_converted_clip_by_clip():
     """The token family converted the whole context to float frames on the device at once
     (4x its uint8 size, growing with the context's length)."""
-    gen = make_generator("tokens")
-    shapes = []
-    real = gen.tokenizer.encode
-    gen.tokenizer.encode = lambda video: shapes.append(tuple(video.shape)) or real(video)
-    h, w, _ = gen.frame_shape
-    context = np.random.default_rng(0).integers(0, 255, (5 * gen.clip_len, h, w, 3), np.uint8)
     import vidgen.generators.tokens as tokens_module
 
+    gen = make_generator("tokens")
+    shapes = spy_encode(gen, gen.tokenizer)
     converted = []
     to_model = tokens_module.to_model_range
     tokens_module.to_model_range = lambda x: converted.append(len(x)) or to_model(x)
     try:
-        gen.open(request_for(gen, context=context))
+        gen.open(request_for(gen, context=five_clips_of_context(gen)))
     finally:
         tokens_module.to_model_range = to_model
     assert len(shapes) == 5 and converted == [gen.clip_len] * 5

@@ -161,31 +161,25 @@ def _resume_point(
     if not folder.exists():
         return None, 0
     found = {n: (folder / n).read_text().strip() for n in guards if (folder / n).exists()}
+    changed = {n for n, value in found.items() if value != guards[n]}
     # Folders started before fingerprints were canonical hold the request's number forms.
-    same = {guards["request.sha256"], request.fingerprint(canonical=False)}
-    if found.get("request.sha256", guards["request.sha256"]) not in same:
+    if "request.sha256" in changed and found["request.sha256"] != request.fingerprint(False):
         raise ValueError(
             f"{folder} holds a render of a different request; delete it or choose another out"
         )
-    if (
-        "model.sha256" in guards
-        and found.get("model.sha256", guards["model.sha256"]) != (guards["model.sha256"])
-    ):
+    if "model.sha256" in changed:
         raise ValueError(
             f"{folder} holds a render made with other weights of {request.model!r} (sha256 "
             f"{found['model.sha256'][:16]}, now {guards['model.sha256'][:16]}); delete it or "
             "choose another out"
         )
-    if (
-        "tokenizer.sha256" in guards
-        and found.get("tokenizer.sha256", guards["tokenizer.sha256"]) != guards["tokenizer.sha256"]
-    ):
+    if "tokenizer.sha256" in changed:
         raise ValueError(
             f"{folder} holds a render made with another tokenizer of {request.model!r} (a "
             "tokenizer file it names was changed since, e.g. a decoder fine-tuned in place); "
             "delete it or choose another out"
         )
-    if found.get("lossless", guards["lossless"]) != guards["lossless"]:
+    if "lossless" in changed:
         raise ValueError(
             f"{folder} holds segments written with lossless={found['lossless']}: resume with "
             "the same setting (segments of two codecs do not join), or delete it"

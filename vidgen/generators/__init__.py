@@ -66,8 +66,7 @@ def check_generator(
         )
     # The files it loads besides itself: a missing one failed only inside an actor.
     path, _, card = checkpoint.header_fields(name_or_path)
-    default = "larp-tiny" if families[kind] is TokenClipGenerator else "kl-tiny"
-    needed = [(path, card.get("tokenizer", default))]  # as from_pretrained reads it
+    needed = [(path, card.get("tokenizer", families[kind].default_tokenizer))]
     while needed:
         owner, name = needed.pop()
         try:

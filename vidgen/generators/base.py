@@ -405,21 +405,33 @@ def check_truth(
                 "context clip(s))"
             )
     for i, clip in enumerate(snapshot.pending):
-        kind = "token ids" if vocab is not None else "latents"
-        if not isinstance(clip, torch.Tensor) or tuple(clip.shape) != clip_shape:
-            got = tuple(clip.shape) if isinstance(clip, torch.Tensor) else type(clip).__name__
-            raise ValueError(f"snapshot pending clip {i}: {kind} must be {clip_shape}, got {got}")
-        if vocab is None:
-            if not clip.is_floating_point() or not bool(clip.isfinite().all()):
-                raise ValueError(f"snapshot pending clip {i}: latents must be finite floats")
+        if vocab is not None:
+            check_token_ids(f"snapshot pending clip {i}", clip, clip_shape, vocab)
         elif (
-            clip.is_floating_point()
-            or clip.dtype == torch.bool
-            or (clip.numel() and not (int(clip.min()) >= 0 and int(clip.max()) < vocab))
+            not isinstance(clip, torch.Tensor)
+            or tuple(clip.shape) != clip_shape
+            or not clip.is_floating_point()
+            or not bool(clip.isfinite().all())
         ):
+            got = tuple(clip.shape) if isinstance(clip, torch.Tensor) else type(clip).__name__
             raise ValueError(
-                f"snapshot pending clip {i}: token ids must be integers in [0, {vocab})"
+                f"snapshot pending clip {i}: latents must be finite floats {clip_shape}, got {got}"
             )
+
+
+def check_token_ids(what: str, ids: Any, shape: tuple[int, ...], vocab: int, low: int = 0) -> None:
+    """Token ids from a snapshot: a tensor of ``shape``, integers in [low, vocab)."""
+    if (
+        not isinstance(ids, torch.Tensor)
+        or tuple(ids.shape) != shape
+        or ids.is_floating_point()
+        or ids.dtype == torch.bool
+        or (ids.numel() and not (low <= int(ids.min()) and int(ids.max()) < vocab))
+    ):
+        got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(
+            f"{what}: token ids must be {shape} integers in [{low}, {vocab}), got {got}"
+        )
 
 
 def check_tokenizer(name: str, card: dict[str, Any], tokenizer: str, fingerprint: str) -> None:

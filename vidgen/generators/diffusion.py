@@ -53,6 +53,7 @@ class DiffusionClipGenerator:
     """
 
     family = "diffusion"
+    default_tokenizer = "kl-tiny"  # of a checkpoint whose card names none
 
     def __init__(
         self,
@@ -91,7 +92,9 @@ class DiffusionClipGenerator:
         ckpt = checkpoint.load(name_or_path, expected_config=Ca2VDMConfig)
         model = CausalVideoDiT(ckpt.config_as(Ca2VDMConfig))
         ckpt.load_into(model)
-        tok_name = checkpoint.companion(ckpt.card.get("tokenizer", "kl-tiny"), ckpt.path)
+        tok_name = checkpoint.companion(
+            ckpt.card.get("tokenizer", cls.default_tokenizer), ckpt.path
+        )
         tok = checkpoint.load(tok_name, expected_config=KLConfig)
         autoencoder = KLAutoencoder(tok.config_as(KLConfig))
         tok.load_into(autoencoder)

@@ -37,6 +37,7 @@ from vidgen.generators.base import (
     check_frames_and_label,
     check_guidance,
     check_open,
+    check_token_ids,
     check_tokenizer,
     check_truth,
     closed_on_error,
@@ -77,6 +78,7 @@ def _rows_of(partial: Partial, rows: list[int]) -> Partial:
 
 class TokenClipGenerator:
     family = "tokens"
+    default_tokenizer = "larp-tiny"  # of a checkpoint whose card names none
 
     def __init__(
         self,
@@ -124,7 +126,9 @@ class TokenClipGenerator:
         ckpt = checkpoint.load(name_or_path, expected_config=NBPConfig)
         model = NextBlockTransformer(ckpt.config_as(NBPConfig))
         ckpt.load_into(model)
-        tok_name = checkpoint.companion(ckpt.card.get("tokenizer", "larp-tiny"), ckpt.path)
+        tok_name = checkpoint.companion(
+            ckpt.card.get("tokenizer", cls.default_tokenizer), ckpt.path
+        )
         tokenizer = LARPVideoTokenizer.from_pretrained(tok_name)
         check_tokenizer(str(name_or_path), ckpt.card, tok_name, tokenizer.encoder_fingerprint())
         guidance = ckpt.card.get("guidance", DEFAULT_GUIDANCE)
@@ -423,23 +427,9 @@ class TokenClipGenerator:
         if "prev" not in cache:
             raise ValueError("snapshot cache has no 'prev' (not a token generator's snapshot)")
         cfg = self.config
-        _check_ids("prev", cache["prev"], (cfg.block,), cfg.vocab, low=BOS)
+        check_token_ids("snapshot cache 'prev'", cache["prev"], (cfg.block,), cfg.vocab, BOS)
         rows.prev = cache["prev"].clone()
         last = cache.get("last")
         if last is not None:
-            _check_ids("last", last, (cfg.tokens_per_clip,), cfg.vocab)
+            check_token_ids("snapshot cache 'last'", last, (cfg.tokens_per_clip,), cfg.vocab)
         rows.last = None if last is None else last.clone()
-
-
-def _check_ids(
-    name: str, ids: torch.Tensor, shape: tuple[int, ...], vocab: int, low: int = 0
-) -> None:
-    """A snapshot's token row: ``shape``, integers in [low, vocab)."""
-    if (
-        not isinstance(ids, torch.Tensor)
-        or tuple(ids.shape) != shape
-        or ids.is_floating_point()
-        or ids.dtype == torch.bool
-        or not (low <= int(ids.min()) and int(ids.max()) < vocab)
-    ):
-        raise ValueError(f"snapshot cache {name!r} must be {shape} token ids in [{low}, {vocab})")

@@ -393,7 +393,7 @@ class CausalVideoDiT(nn.Module):
         angles = self.blocks[0].rope.angles(cache.positions(streams))  # (b, w, e/2)
         angles = angles.repeat_interleave(n, dim=0)[:, None]  # (b n) 1 w e/2
         ks, vs = [], []
-        dtype = angles.dtype if not self.blocks else next(self.blocks[0].parameters()).dtype
+        dtype = next(self.parameters()).dtype
         for layer in range(len(self.blocks)):
             k, v = cache.read(layer, streams)  # (b, h, w, n, e), ring order
             # In the model's dtype: a wider cache (float64 under float32 weights) would

@@ -240,15 +240,23 @@ class StochasticVQ(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (ids (...), quantised (..., e)): the straight-through codeword, whose value is
         exactly the chosen (normalised) codebook row."""
+        ids, quantised, _ = self.quantize(z, generator)
+        return ids, quantised
+
+    def quantize(
+        self, z: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward`` plus the nearest codes' ids (those ``encode`` picks), from the same
+        logits: the sampled ids are the nearest ones when no generator is given."""
         z = F.normalize(z, dim=-1)
         logits = self.logits(z)
-        if generator is None:
-            ids = logits.argmax(dim=-1)
-        else:
+        nearest = logits.argmax(dim=-1)
+        ids = nearest
+        if generator is not None:
             flat = logits.reshape(-1, logits.shape[-1]).float().softmax(dim=-1)
             ids = torch.multinomial(flat, 1, generator=generator).reshape(logits.shape[:-1])
         code = self.codes()[ids]
-        return ids, z + (code - z).detach()
+        return ids, z + (code - z).detach(), nearest
 
     @torch.no_grad()
     def track(self, ids: torch.Tensor) -> None:
@@ -486,12 +494,11 @@ class LARPTokenizer(nn.Module):
         z = F.normalize(self.embed(video), dim=-1)
         # Sampled codes in training only: evaluation takes the nearest (as ``encode`` does).
         sample = cfg.stochastic and self.training and generator is not None
-        ids, quantised = self.quantizer(z, generator if sample else None)
-        if not bool(self.quantizer.active):
-            quantised = z  # VQ warm-up: the bottleneck is continuous
         # Usage (dead codes, perplexity) counts the codes ``encode`` would pick: a code that
         # is only ever sampled, never the nearest, is dead to every model trained on the ids.
-        nearest = ids if not sample else self.quantizer.logits(z).argmax(dim=-1)
+        ids, quantised, nearest = self.quantizer.quantize(z, generator if sample else None)
+        if not bool(self.quantizer.active):
+            quantised = z  # VQ warm-up: the bottleneck is continuous
         if self.training:
             self.quantizer.track(nearest)
         if m > 1:  # clip i reads clip i - 1's codes; clip 0 (rolled onto from m - 1) none
