@@ -420,3 +420,35 @@ def test_the_model_runs_in_float64_and_reads_a_cache_of_another_dtype(model):
             outs.append(out.double())
     for out in outs[1:]:
         torch.testing.assert_close(out, outs[0], atol=1e-4, rtol=0)
+
+
+def test_a_full_cache_is_read_with_no_mask_tensor(model, monkeypatch):
+    """DESIGN.md section 5: a clip after a full cache (or none) attends to every cached frame
+    and causally to itself with no mask tensor (the fused kernels); a filling cache needs one."""
+    import vidgen.models.ca2vdm as ca2vdm
+
+    calls = []
+
+    def spy(q, k, v, mask=None, causal=False, **kwargs):
+        calls.append((q.shape[2], k.shape[2], mask is None, causal))
+        return real(q, k, v, mask=mask, causal=causal, **kwargs)
+
+    real = ca2vdm.attention
+    monkeypatch.setattr(ca2vdm, "attention", spy)
+    cache = KVCache(model.cache_spec())
+    s = cache.add_stream()
+    cond = Cond(t=torch.full((1, L), 0.5), labels=torch.tensor([2]), actions=actions(L))
+    seen = []
+    with torch.no_grad():
+        for k in range(CFG.window_clips + 1):
+            calls.clear()
+            model(latents(L, seed=k), cond, cache, [s])
+            temporal = [c for c in calls if c[0] == L]  # spatial calls attend over tokens
+            seen.append({(lk, no_mask, causal) for _, lk, no_mask, causal in temporal})
+            model.write(latents(L, seed=50 + k), cache, [s], actions=actions(L))
+        calls.clear()
+        model(latents(L), cond)  # no cache at all: causal over its own frames
+        assert {c[1:] for c in calls if c[0] == L} == {(L, True, True)}
+    w = CFG.window_clips * L
+    assert all(s == {(w + L, False, False)} for s in seen[:-1])  # filling: key padding
+    assert seen[-1] == {(w + L, True, True)}  # full: causal aligned to the last key

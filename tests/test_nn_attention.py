@@ -117,3 +117,27 @@ def test_a_query_that_sees_no_key_gets_zeros_on_every_backend(backend):
     out = attention(q, k, v, mask=mask, backend=backend)
     assert not out.isnan().any()
     assert torch.equal(out[:, :, 2], torch.zeros_like(out[:, :, 2]))
+
+
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+@pytest.mark.parametrize(("lq", "lk"), [(8, 32), (8, 8), (1, 5)])
+def test_causal_is_aligned_to_the_last_key_on_every_backend(backend, lq, lk):
+    """A clip after a full cache: query i sees every key up to lk - lq + i, no mask passed."""
+    q, k, v = qkv(lq=lq, lk=lk, kv_heads=2)
+    pattern = torch.ones(lq, lk, dtype=torch.bool).tril(diagonal=lk - lq)
+    expected = reference(q, k, v, pattern[None, None])
+    assert rel_err(attention(q, k, v, backend=backend, causal=True), expected) < 1e-5
+    if lq < lk:  # not the top-left alignment
+        top_left = torch.ones(lq, lk, dtype=torch.bool).tril()[None, None]
+        assert rel_err(reference(q, k, v, top_left), expected) > 1e-2
+    if lq > 1:  # nor no mask at all
+        assert rel_err(reference(q, k, v), expected) > 1e-2
+
+
+def test_causal_refuses_a_mask_and_more_queries_than_keys():
+    q, k, v = qkv(lq=8, lk=4)
+    with pytest.raises(ValueError, match="at least as many keys as queries"):
+        attention(q, k, v, causal=True)
+    q, k, v = qkv(lq=4, lk=8)
+    with pytest.raises(ValueError, match="causal=True takes no mask"):
+        attention(q, k, v, mask=torch.ones(1, 1, 4, 8, dtype=torch.bool), causal=True)

@@ -266,14 +266,15 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         positions: torch.Tensor,
-        self_mask: torch.Tensor,
+        self_mask: torch.Tensor | None,
         ctx: tuple[int, Context] | None,
         collect: _Collected | None,
         angles: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (b, t, n, d) attends per location to the context frames (this layer's rotated
-        keys and values) and, through ``self_mask`` (t, t), to its own frames; positions
-        (b, t) are frame positions (``angles``: their RoPE angles, if already computed)."""
+        keys and values) and, through ``self_mask`` (t, t; None = causal), to its own frames;
+        positions (b, t) are frame positions (``angles``: their RoPE angles, if already
+        computed)."""
         b, t, n, _ = x.shape
         q, k, v = self.temporal_qkv(rearrange(x, "b t n d -> (b n) t d"))  # (b n) h t e
         if collect is not None:
@@ -283,6 +284,16 @@ class Block(nn.Module):
             angles = self.rope.angles(positions)
         angles = angles.repeat_interleave(n, dim=0)[:, None]  # (b n) 1 t e/2
         q, k = apply_rope(q, angles), apply_rope(k, angles)
+        if self_mask is None and (ctx is None or ctx[1].all_valid):
+            # A causal clip after a full cache (or none): every context key and its own frames
+            # causally, the lower-right causal pattern, with no mask tensor (DESIGN.md
+            # section 5: the fused kernels on GPUs).
+            if ctx is not None:
+                k, v = ctx[1].join(ctx[0], k, v)
+            y = attention(q, k, v, causal=True)
+            return self.temporal_out(rearrange(y, "(b n) h t e -> b t n (h e)", b=b))
+        if self_mask is None:
+            self_mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
         needs_mask = t > 1  # frames inside the clip are causal
         if ctx is not None:
             layer, context = ctx
@@ -299,7 +310,7 @@ class Block(nn.Module):
         x: torch.Tensor,
         cond: torch.Tensor,
         positions: torch.Tensor,
-        self_mask: torch.Tensor,
+        self_mask: torch.Tensor | None,
         ctx: tuple[int, Context] | None = None,
         collect: _Collected | None = None,
         angles: torch.Tensor | None = None,
@@ -410,7 +421,7 @@ class CausalVideoDiT(nn.Module):
         x: torch.Tensor,
         cond: Cond,
         positions: torch.Tensor,
-        self_mask: torch.Tensor,
+        self_mask: torch.Tensor | None,
         context: Context | None,
         collect: _Collected | None,
     ) -> torch.Tensor:
@@ -469,14 +480,12 @@ class CausalVideoDiT(nn.Module):
             raise ValueError(f"streams must name one cache stream per batch row ({x.shape[0]})")
         return self.prepare_context(cache, streams)
 
-    def _clip_layout(
-        self, x: torch.Tensor, context: Context | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _clip_layout(self, x: torch.Tensor, context: Context | None) -> tuple[torch.Tensor, None]:
+        """The clip's frame positions, and its frame mask: None, causal (``temporal``)."""
         t = x.shape[1]
-        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
         if context is None:
-            return torch.arange(t, device=x.device).expand(x.shape[0], t), causal
-        return context.clip_positions(t).to(x.device), causal
+            return torch.arange(t, device=x.device).expand(x.shape[0], t), None
+        return context.clip_positions(t).to(x.device), None
 
     # --- the reference: one forward over the whole history ---------------------------------
 

@@ -4,7 +4,11 @@
 
 ``mask`` is a boolean (B or 1, 1, Lq or 1, Lk) tensor (True = may attend; a (B, 1, 1, Lk) key
 padding mask broadcasts over queries) or a FlexAttention
-``BlockMask``. Backends (DESIGN.md section 5):
+``BlockMask``. ``causal=True`` (with no mask) is causal attention aligned to the last key:
+query i sees keys up to ``Lk - Lq + i`` (a clip after a full cache: every cached key, and its
+own frames causally); ``sdpa`` runs it without a mask tensor (``is_causal``, or torch's
+lower-right ``CausalBias``, which takes the fused kernels on GPUs). Backends (DESIGN.md
+section 5):
 
 - ``sdpa``: torch ``scaled_dot_product_attention``, the default. With no mask it runs the
   fused flash/efficient kernels; cached inference of full caches needs no mask.
@@ -138,6 +142,21 @@ def _sdpa(q, k, v, mask, scale: float) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+def lower_right_causal(lq: int, lk: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(lq, lk) bool: query i sees keys j <= lk - lq + i (causal, aligned to the last key)."""
+    return torch.ones(lq, lk, dtype=torch.bool, device=device).tril(diagonal=lk - lq)
+
+
+def _sdpa_causal(q, k, v, scale: float) -> torch.Tensor:
+    k, v = _repeat_kv(k, v, q.shape[1])
+    if q.shape[2] == k.shape[2]:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    from torch.nn.attention.bias import causal_lower_right
+
+    bias = causal_lower_right(q.shape[2], k.shape[2])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
 @functools.cache
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
@@ -188,10 +207,24 @@ def attention(
     mask: Any = None,
     backend: Backend | str = "auto",
     scale: float | None = None,
+    causal: bool = False,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v over (B, heads, L, head_dim); returns (B, Hq, Lq, D).
-    ``scale`` defaults to 1/sqrt(head_dim). See the module docstring for masks and backends."""
+    ``scale`` defaults to 1/sqrt(head_dim). See the module docstring for masks, ``causal``
+    and backends."""
     _check(q, k, v, mask)
+    if causal:
+        if mask is not None:
+            raise ValueError("causal=True takes no mask; fold the causal part into the mask")
+        if q.shape[2] > k.shape[2]:
+            raise ValueError(
+                f"causal=True needs at least as many keys as queries, got {q.shape[2]} queries "
+                f"and {k.shape[2]} keys"
+            )
+        if backend in ("auto", "sdpa"):
+            scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+            return _sdpa_causal(q, k, v, scale)
+        mask = lower_right_causal(q.shape[2], k.shape[2], q.device)[None, None]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if backend == "auto":
         backend = "flex" if _is_block_mask(mask) else "sdpa"
