@@ -98,3 +98,18 @@ def test_quality_pools_the_speed_ratio_over_object_pairs():
     assert out["speed_ratio"] == pytest.approx((1.5 * 200 + 30) / 201 / quality.TRUE_SPEED, 1e-3)
     assert out["speed_pairs"] == 201 and out["count_accuracy"] == pytest.approx(1 / 3, 1e-3)
     assert quality.aggregate([empty])["speed_ratio"] is None
+
+
+@pytest.mark.parametrize("family", ["diffusion", "tokens"])
+def test_dtype_benchmark_compares_the_two_dtypes_of_one_model(family, tmp_path):
+    import dtype
+
+    model = save_test_generators(tmp_path)[family]
+    got = dtype.measure(model, frames=16, streams=2, device="cpu")
+    assert got["float32_frames_per_s"] > 0 and got["bfloat16_frames_per_s"] > 0
+    assert got["cache_ratio"] == 0.5
+    assert got["bfloat16_cache_bytes"] * 2 == got["float32_cache_bytes"]
+    if family == "diffusion":  # the same noise: rounding apart, not another video
+        assert 0 < got["first_clip_mean_abs_diff"] < 8
+    else:
+        assert "first_clip_mean_abs_diff" not in got

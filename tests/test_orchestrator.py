@@ -608,7 +608,7 @@ def test_batch_main_releases_a_partly_started_pool(models, tmp_path, monkeypatch
     class Fake:
         made = 0
 
-        def __init__(self, model, max_streams, max_restarts=0):
+        def __init__(self, model, max_streams, max_restarts=0, dtype="float32"):
             Fake.made += 1
             if Fake.made == 2:
                 raise RuntimeError("no GPU free for actor 2")

@@ -115,7 +115,11 @@ def _render(cfg: Any) -> int:
     executors: list[RayExecutor] = []
     try:
         for _ in range(cfg.actors):
-            executors.append(RayExecutor(cfg.model, cfg.max_streams, cfg.threads, cfg.max_restarts))
+            executors.append(
+                RayExecutor(
+                    cfg.model, cfg.max_streams, cfg.threads, cfg.max_restarts, dtype=cfg.dtype
+                )
+            )
     except (SchedulingError, ActorLoadError) as err:
         for executor in executors:  # free what did start (a running cluster keeps going)
             executor.retire()

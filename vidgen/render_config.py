@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vidgen.generators import GenerationRequest
+from vidgen.generators import GenerationRequest, check_dtype
 from vidgen.io import VideoReadError, probe_video, read_video
 
 
@@ -20,7 +20,8 @@ class RenderConfig:
     classifier-free guidance scale (null = the model's default); ``contrast``: diffusion
     models scale each new clip's latent contrast by it (null = the model's default);
     ``address``: ``""`` starts a local Ray instance, ``auto`` joins a running cluster,
-    ``ray://host:port`` connects a client."""
+    ``ray://host:port`` connects a client; ``dtype``: what the actors' networks run in
+    (``float32``, or ``bfloat16`` for GPUs: half the memory, the fast kernels)."""
 
     model: str = "ca2vdm-tiny"
     frames: int = 256
@@ -46,6 +47,7 @@ class RenderConfig:
     max_restarts: int = 1
     step_timeout: float | None = None
     lossless: bool = False
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         # The request's own checks (frames, seed, label, guidance, steps, fps, sampling),
@@ -56,6 +58,7 @@ class RenderConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0 (0 = torch's default), got {self.threads}")
+        check_dtype(self.dtype)
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
         if self.step_timeout is not None and not self.step_timeout > 0:

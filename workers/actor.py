@@ -62,7 +62,12 @@ class GeneratorWorker:
     """Holds one generator and the streams placed on it."""
 
     def __init__(
-        self, model: str, max_streams: int = 8, device: str = "auto", threads: int = 1
+        self,
+        model: str,
+        max_streams: int = 8,
+        device: str = "auto",
+        threads: int = 1,
+        dtype: str = "float32",
     ) -> None:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -71,7 +76,8 @@ class GeneratorWorker:
         self.model_name = model
         self.device = device
         self.max_streams = max_streams
-        self.generator = load_generator(model, max_streams=max_streams, device=device)
+        self.dtype = dtype
+        self.generator = load_generator(model, max_streams=max_streams, device=device, dtype=dtype)
         self.sha256 = checkpoint.file_sha256(checkpoint.resolve(model))
         # Its tokenizer's files too: a decoder fine-tuned under the same path keeps the
         # generator loading (same encoder fingerprint) but changes its frames.
@@ -85,6 +91,7 @@ class GeneratorWorker:
         return {
             "pid": os.getpid(),
             "device": self.device,
+            "dtype": self.dtype,
             "gpu_ids": [str(g) for g in gpu_ids],
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "model": self.model_name,
@@ -189,13 +196,14 @@ def start_actor(
     max_restarts: int = 0,
     timeout: float = 120.0,
     name: str | None = None,
+    dtype: str = "float32",
 ) -> tuple[Any, dict[str, Any]]:
     """Create a GeneratorActor and wait until it has loaded its model; returns the handle
     and its ``ready`` info. Raises ``SchedulingError`` if it is not running in ``timeout``."""
     resources = actor_resources()
     handle = GeneratorActor.options(
         **resources, max_restarts=max_restarts, max_task_retries=0, name=name
-    ).remote(model, max_streams, "auto", threads)
+    ).remote(model, max_streams, "auto", threads, dtype)
     ready = handle.ready.remote()
     done, _ = ray.wait([ready], timeout=timeout)
     if not done:

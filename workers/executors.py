@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import ray
 
-from vidgen.generators import GenerationRequest, StreamSnapshot
+from vidgen.generators import GenerationRequest, StreamSnapshot, check_dtype
 from workers.actor import ClipOut, GeneratorWorker, start_actor
 
 log = logging.getLogger(__name__)
@@ -116,11 +116,13 @@ class RayExecutor:
         max_restarts: int = 0,
         ready_timeout: float = 120.0,
         name: str = "",
+        dtype: str = "float32",
     ) -> None:
+        check_dtype(dtype)  # here, not as an actor that fails to start
         self.model, self.max_streams, self.threads = model, max_streams, threads
-        self.max_restarts, self.ready_timeout = max_restarts, ready_timeout
+        self.max_restarts, self.ready_timeout, self.dtype = max_restarts, ready_timeout, dtype
         self.handle, self.info = start_actor(
-            model, max_streams, threads, max_restarts, ready_timeout
+            model, max_streams, threads, max_restarts, ready_timeout, dtype=dtype
         )
         self.name = name or f"actor-{self.info['pid']}"
 
@@ -187,5 +189,10 @@ class RayExecutor:
         one is retired first, so that its GPU is free for the new one."""
         self.retire()
         return RayExecutor(
-            self.model, self.max_streams, self.threads, self.max_restarts, self.ready_timeout
+            self.model,
+            self.max_streams,
+            self.threads,
+            self.max_restarts,
+            self.ready_timeout,
+            dtype=self.dtype,
         )

@@ -48,6 +48,25 @@ _DRAINED = (
 )
 
 
+# What an executor reports that decides its frames: streams move between executors on
+# failures, so every executor of one orchestrator must agree on all of them.
+SAME_FRAMES = (
+    "model",
+    "sha256",
+    "tokenizer_sha256",
+    "clip_len",
+    "frame_shape",
+    "dtype",
+    "guidance",
+    "contrast",
+)
+
+
+def _differ(info: dict[str, Any], other: dict[str, Any]) -> list[str]:
+    """The ``SAME_FRAMES`` keys whose values differ between two executors' infos."""
+    return [k for k in SAME_FRAMES if info.get(k) != other.get(k)]
+
+
 class NoExecutorsLeft(RuntimeError):
     """Every executor failed and none could be replaced: the streams cannot go on."""
 
@@ -185,6 +204,12 @@ class Orchestrator:
         # What every executor of this model reports alike (clip length, frame shape, sha256),
         # kept here so it stays known whichever executors are later lost.
         self.info: dict[str, Any] = dict(executors[0].info)
+        for i, executor in enumerate(executors[1:], 1):
+            differ = _differ(self.info, executor.info)
+            if differ:  # a stream restored on it would change its frames mid-video
+                raise ValueError(
+                    f"executors 0 and {i} would make different frames: they differ in {differ}"
+                )
         self.clip_len = self.info["clip_len"]
 
     # --- streams -------------------------------------------------------------------------
@@ -546,6 +571,13 @@ class Orchestrator:
                         replacement = self.replace(executor)
                     except Exception as replace_err:  # e.g. no GPU free for a new actor
                         log.warning("executor %s could not be replaced (%s)", index, replace_err)
+                differ = None if replacement is None else _differ(self.info, replacement.info)
+                if differ:
+                    log.warning(
+                        "executor %s's replacement is not used: it differs in %s", index, differ
+                    )
+                    getattr(replacement, "retire", replacement.kill)()  # a Ray actor for good
+                    replacement = None
                 self.executors[index] = replacement
             gone, retry = self.executors[index] is None, None
             for s in hit:

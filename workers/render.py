@@ -140,9 +140,14 @@ def _guards(
     model_sha256: str | None,
     lossless: bool,
     tokenizer_sha256: str | None = None,
+    dtype: str = "float32",
 ) -> dict[str, str]:
     """What a parts folder is made with (file name -> content): a resume must match each."""
-    guards = {"request.sha256": request.fingerprint(), "lossless": str(bool(lossless)).lower()}
+    guards = {
+        "request.sha256": request.fingerprint(),
+        "lossless": str(bool(lossless)).lower(),
+        "dtype": dtype,
+    }
     if model_sha256:
         guards["model.sha256"] = model_sha256
     if tokenizer_sha256:
@@ -161,6 +166,8 @@ def _resume_point(
     if not folder.exists():
         return None, 0
     found = {n: (folder / n).read_text().strip() for n in guards if (folder / n).exists()}
+    if "request.sha256" in found:  # folders from before the dtype guard were float32 ones
+        found.setdefault("dtype", "float32")
     changed = {n for n, value in found.items() if value != guards[n]}
     # Folders started before fingerprints were canonical hold the request's number forms.
     if "request.sha256" in changed and found["request.sha256"] != request.fingerprint(False):
@@ -178,6 +185,12 @@ def _resume_point(
             f"{folder} holds a render made with another tokenizer of {request.model!r} (a "
             "tokenizer file it names was changed since, e.g. a decoder fine-tuned in place); "
             "delete it or choose another out"
+        )
+    if "dtype" in changed:
+        raise ValueError(
+            f"{folder} holds a render made in {found['dtype']}, this one runs in "
+            f"{guards['dtype']}: resume with dtype={found['dtype']} (a video's frames would "
+            "change numerics midway), or delete it"
         )
     if "lossless" in changed:
         raise ValueError(
@@ -325,7 +338,11 @@ class RenderJob:
         _remove_stale_temps(self.out, self.folder)  # under the lock: no one else writes them
         info = orchestrator.info
         guards = _guards(
-            self.request, info.get("sha256"), self.lossless, info.get("tokenizer_sha256")
+            self.request,
+            info.get("sha256"),
+            self.lossless,
+            info.get("tokenizer_sha256"),
+            info.get("dtype", "float32"),
         )
         truth, self.done_before = _resume_point(
             self.folder, self.request, guards, orchestrator.clip_len
@@ -445,6 +462,7 @@ def _provenance(
         # What the video was made with: the request's own, else the model's default.
         "guidance": request.guidance if request.guidance is not None else info.get("guidance"),
         "contrast": request.contrast if request.contrast is not None else info.get("contrast"),
+        "dtype": info.get("dtype", "float32"),
         **(extra or {}),
     }
 
@@ -455,6 +473,7 @@ def finished_render(
     model_sha256: str | None,
     lossless: bool,
     tokenizer_sha256: str | None = None,
+    dtype: str = "float32",
 ) -> dict[str, Any] | None:
     """The provenance of a render of ``request`` already finished at ``out`` (its mp4 and
     sidecar there, its parts folder gone; same request, weights and ``lossless``), else
@@ -475,6 +494,8 @@ def finished_render(
         or provenance.get("lossless") != lossless
         # Sidecars written before 2026-11-30 (later) do not name it: not checked.
         or provenance.get("tokenizer_sha256", tokenizer_sha256) != tokenizer_sha256
+        # Sidecars written before the dtype was recorded are float32 renders.
+        or provenance.get("dtype", "float32") != dtype
     ):
         return None
     return provenance

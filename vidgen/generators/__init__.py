@@ -7,6 +7,7 @@ from vidgen.generators.base import (
     GenerationRequest,
     Stream,
     StreamSnapshot,
+    check_dtype,
     generate_video,
 )
 from vidgen.generators.diffusion import DiffusionClipGenerator
@@ -80,13 +81,17 @@ def check_generator(
             needed.append((tok_path, tok_config["autoencoder"]))
 
 
-def load_generator(name_or_path: str, max_streams: int = 8, device: str = "cpu") -> ClipGenerator:
+def load_generator(
+    name_or_path: str, max_streams: int = 8, device: str = "cpu", dtype: str = "float32"
+) -> ClipGenerator:
     """The generator of a shipped name (``ca2vdm-tiny``, ``nbp-tiny``) or a checkpoint path,
-    whichever family its config says it is."""
+    whichever family its config says it is; ``dtype`` is what its networks and cache run in
+    (``float32`` or ``bfloat16``; see ``DTYPES``)."""
     from vidgen import checkpoint
 
+    check_dtype(dtype)  # before the checkpoint is read: a typo is named first
     ckpt = checkpoint.load(name_or_path)
     families = _families()
     if ckpt.config_type not in families:
         raise ValueError(f"{name_or_path} is a {ckpt.config_type} checkpoint, not a generator")
-    return families[ckpt.config_type].from_pretrained(name_or_path, max_streams, device)
+    return families[ckpt.config_type].from_pretrained(name_or_path, max_streams, device, dtype)

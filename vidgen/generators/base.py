@@ -596,6 +596,30 @@ def check_contrast(value: Any) -> float:
     return value
 
 
+# The dtypes a generator's networks can run in (``dtype`` of ``load_generator``, actors and
+# renders). The sampler's arithmetic, the noise and the clips it returns stay float32, so a
+# stream's truth is the same kind of data in either; bfloat16 halves the weights and the cache
+# and runs the fast tensor-core paths on GPUs. float16 is left out: its range overflows in
+# attention scores and adaLN products that bfloat16 (float32's range) keeps.
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def check_dtype(value: Any) -> torch.dtype:
+    """A generator's ``dtype``: one of ``DTYPES``' names (``"bfloat16"``) or its torch dtype."""
+    if isinstance(value, torch.dtype):
+        for dtype in DTYPES.values():
+            if value == dtype:
+                return dtype
+    elif isinstance(value, str) and value in DTYPES:
+        return DTYPES[value]
+    raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {value!r}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The ``DTYPES`` name of a dtype (``torch.bfloat16`` -> ``"bfloat16"``)."""
+    return str(dtype).removeprefix("torch.")
+
+
 def derived_seed(seed: int, clip: int, purpose: str) -> int:
     """A 63-bit seed for one random draw of one clip of a stream."""
     digest = hashlib.sha256(f"{seed}/{clip}/{purpose}".encode()).digest()

@@ -26,6 +26,7 @@ from vidgen.generators.base import (
     StreamSnapshot,
     check_actions,
     check_contrast,
+    check_dtype,
     check_frames_and_label,
     check_guidance,
     check_open,
@@ -49,7 +50,9 @@ class DiffusionClipGenerator:
     ``max_streams`` sizes the preallocated cache (the actor's memory budget); ``time_shift``
     is the sampler's schedule shift; ``guidance`` and ``contrast`` the defaults of requests
     that leave theirs unset (``GenerationRequest``; a checkpoint card's ``guidance`` and
-    ``contrast`` when loaded).
+    ``contrast`` when loaded). ``dtype`` (``DTYPES``: float32 or bfloat16) is what the DiT,
+    the autoencoder and the cache run in; noise, the Euler sampler and the clip latents it
+    returns stay float32.
     """
 
     family = "diffusion"
@@ -65,17 +68,19 @@ class DiffusionClipGenerator:
         name: str = "",
         contrast: float = 1.0,
         guidance: float = DEFAULT_GUIDANCE,
+        dtype: torch.dtype | str = torch.float32,
     ) -> None:
         self.contrast = check_contrast(contrast)
         self.guidance = check_guidance(guidance)
+        self.dtype = check_dtype(dtype)
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        self.autoencoder = autoencoder.to(self.device).eval()
+        self.model = model.to(self.device, self.dtype).eval()
+        self.autoencoder = autoencoder.to(self.device, self.dtype).eval()
         self.config: Ca2VDMConfig = model.config
         self.clip_len = self.config.clip_len
         self.time_shift = time_shift
         self.name = name
-        self.cache = KVCache(model.cache_spec(max_streams), self.device)
+        self.cache = KVCache(model.cache_spec(max_streams, self.dtype), self.device)
         self.frame_shape = (autoencoder.config.image_size, autoencoder.config.image_size, 3)
         self._streams: dict[int, Stream] = {}
         self._ids = itertools.count()
@@ -85,7 +90,11 @@ class DiffusionClipGenerator:
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str, max_streams: int = 8, device: torch.device | str = "cpu"
+        cls,
+        name_or_path: str,
+        max_streams: int = 8,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | str = torch.float32,
     ) -> DiffusionClipGenerator:
         """Load a shipped name (``ca2vdm-tiny``) or a checkpoint path; its model card names
         the autoencoder it was trained with."""
@@ -107,6 +116,7 @@ class DiffusionClipGenerator:
             name=str(name_or_path),
             contrast=ckpt.card.get("contrast", 1.0),
             guidance=ckpt.card.get("guidance", DEFAULT_GUIDANCE),
+            dtype=dtype,
         )
         gen.companion_files = [tok.path]
         return gen
@@ -154,7 +164,7 @@ class DiffusionClipGenerator:
         # Encoded clip by clip: memory does not grow with the context's length.
         for j in range(clips):
             piece = frames[j * self.clip_len : (j + 1) * self.clip_len]
-            video = to_model_range(piece)[None].to(self.device)  # (1, clip, 3, H, W)
+            video = to_model_range(piece)[None].to(self.device, self.dtype)  # (1, clip, 3, H, W)
             self._write([stream], self.autoencoder.encode(video), [-(clips - j)])
 
     def close(self, stream: Stream) -> None:
@@ -240,8 +250,10 @@ class DiffusionClipGenerator:
 
         def denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             t_frames = t[:, None].expand(-1, L)
+            x = x.to(self.dtype)  # the DiT's dtype in, float32 out: the sampler stays float32
             if not guided:
-                return self.model(x, Cond(t=t_frames, labels=labels, actions=actions), context)
+                cond = Cond(t=t_frames, labels=labels, actions=actions)
+                return self.model(x, cond, context).float()
             # Conditional and unconditional rows in one batch over the same cached context.
             drop = torch.arange(2 * b, device=self.device) >= b
             cond = Cond(
@@ -251,7 +263,7 @@ class DiffusionClipGenerator:
                 drop_label=drop,
                 drop_actions=drop,
             )
-            v = self.model(torch.cat([x, x]), cond, context)
+            v = self.model(torch.cat([x, x]), cond, context).float()
             v_c, v_u = v.chunk(2)
             return classifier_free(v_c, v_u, scale.view(-1, 1, 1, 1, 1))
 
@@ -274,11 +286,11 @@ class DiffusionClipGenerator:
             ]
         ).to(self.device)
         self.model.write(
-            latents,
+            latents.to(self.dtype),
             self.cache,
             [s.slot for s in streams],
             actions=self._actions(streams, clips),
-            noise=noise,
+            noise=noise.to(self.dtype),
         )
 
     @torch.no_grad()
@@ -293,8 +305,9 @@ class DiffusionClipGenerator:
                     f"clip {c.clip} of stream {c.stream}: latents must be {shape}, got "
                     f"{tuple(c.data.shape)}"
                 )
-        latents = torch.stack([c.data for c in clips]).to(self.device)
-        frames = to_uint8(self.autoencoder.decode(latents).clamp(-1, 1)).cpu().numpy()
+        latents = torch.stack([c.data for c in clips]).to(self.device, self.dtype)
+        frames = self.autoencoder.decode(latents).float().clamp(-1, 1)
+        frames = to_uint8(frames).cpu().numpy()
         return [
             Clip(stream=c.stream, clip=c.clip, frames=f) for c, f in zip(clips, frames, strict=True)
         ]

@@ -34,6 +34,7 @@ from vidgen.generators.base import (
     Stream,
     StreamSnapshot,
     check_actions,
+    check_dtype,
     check_frames_and_label,
     check_guidance,
     check_open,
@@ -77,6 +78,13 @@ def _rows_of(partial: Partial, rows: list[int]) -> Partial:
 
 
 class TokenClipGenerator:
+    """Streams of clips of LARP tokens from a ``NextBlockTransformer``, decoded by the LARP.
+
+    ``max_streams`` sizes the preallocated cache; ``guidance`` is the default of requests that
+    leave theirs unset. ``dtype`` (``DTYPES``: float32 or bfloat16) is what the transformer,
+    the tokenizer and the cache run in; logits are sampled in float32.
+    """
+
     family = "tokens"
     default_tokenizer = "larp-tiny"  # of a checkpoint whose card names none
 
@@ -88,6 +96,7 @@ class TokenClipGenerator:
         device: torch.device | str = "cpu",
         name: str = "",
         guidance: float = DEFAULT_GUIDANCE,
+        dtype: torch.dtype | str = torch.float32,
     ) -> None:
         cfg: NBPConfig = model.config
         tok = tokenizer.config
@@ -101,9 +110,10 @@ class TokenClipGenerator:
                 f"{cfg.frames_per_clip} frames; the tokenizer makes {tok.num_tokens} of "
                 f"{tok.codebook_size} per {tok.frames} frames"
             )
+        self.dtype = check_dtype(dtype)
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        self.tokenizer = tokenizer.to(self.device).eval()
+        self.model = model.to(self.device, self.dtype).eval()
+        self.tokenizer = tokenizer.to(self.device, self.dtype).eval()
         self.config = cfg
         self.clip_len = tok.frames
         self.name = name
@@ -111,7 +121,7 @@ class TokenClipGenerator:
         size = tokenizer.autoencoder.config.image_size if tokenizer.autoencoder else tok.size
         self.frame_shape = (size, size, 3)
         # Guided streams use two slots, so the cache holds twice the streams it serves.
-        self.cache = KVCache(model.cache_spec(2 * max_streams), self.device)
+        self.cache = KVCache(model.cache_spec(2 * max_streams, self.dtype), self.device)
         self._streams: dict[int, Stream] = {}
         self._rows: dict[int, _Rows] = {}
         self._ids = itertools.count()
@@ -121,7 +131,11 @@ class TokenClipGenerator:
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str, max_streams: int = 8, device: torch.device | str = "cpu"
+        cls,
+        name_or_path: str,
+        max_streams: int = 8,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | str = torch.float32,
     ) -> TokenClipGenerator:
         ckpt = checkpoint.load(name_or_path, expected_config=NBPConfig)
         model = NextBlockTransformer(ckpt.config_as(NBPConfig))
@@ -132,7 +146,15 @@ class TokenClipGenerator:
         tokenizer = LARPVideoTokenizer.from_pretrained(tok_name)
         check_tokenizer(str(name_or_path), ckpt.card, tok_name, tokenizer.encoder_fingerprint())
         guidance = ckpt.card.get("guidance", DEFAULT_GUIDANCE)
-        gen = cls(model, tokenizer, max_streams, device, name=str(name_or_path), guidance=guidance)
+        gen = cls(
+            model,
+            tokenizer,
+            max_streams,
+            device,
+            name=str(name_or_path),
+            guidance=guidance,
+            dtype=dtype,
+        )
         gen.companion_files = list(tokenizer.files)
         return gen
 
@@ -196,7 +218,8 @@ class TokenClipGenerator:
         # Converted clip by clip: memory does not grow with the context's length.
         for j in range(clips):
             piece = frames[j * self.clip_len : (j + 1) * self.clip_len]
-            tokens = self.tokenizer.encode(to_model_range(piece)[None].to(self.device))[0]
+            video = to_model_range(piece)[None].to(self.device, self.dtype)
+            tokens = self.tokenizer.encode(video)[0]
             self._replay(stream, tokens, clip=-(clips - j))
 
     def close(self, stream: Stream) -> None:
@@ -264,7 +287,7 @@ class TokenClipGenerator:
         context = self.model.prepare_context(self.cache, slots)  # shared by all block steps
         for j in range(cfg.blocks_per_clip):
             logits, partial = self.model.step_block(prev, clip_cond, context, partial)
-            logits = self._guide(logits, owner, uncond, scale, b)
+            logits = self._guide(logits.float(), owner, uncond, scale, b)
             block = torch.stack(
                 [
                     sample_tokens(
@@ -284,7 +307,7 @@ class TokenClipGenerator:
         again = [i for i, s in enumerate(streams) if s.request.reencode]
         if again:  # re-tokenised before anything is written: a failure here changes no stream
             frames = self._decode_ids(tokens[again], [contexts[i] for i in again])
-            tokens[again] = self.tokenizer.encode(frames)
+            tokens[again] = self.tokenizer.encode(frames.to(self.dtype))
         if again:  # the re-tokenised clips' K/V, by a teacher-forced replay: first, as the
             # one part that can fail (it appends only at its end), before anything else is
             redo = [streams[i] for i in again]
@@ -369,7 +392,7 @@ class TokenClipGenerator:
             none = torch.full_like(ids[0], NO_CONTEXT, device="cpu")
             context = torch.stack([none if c is None else c.cpu() for c in contexts])
             context = context.to(self.device)
-        return self.tokenizer.decode(ids.to(self.device), context).clamp(-1.0, 1.0)
+        return self.tokenizer.decode(ids.to(self.device), context).float().clamp(-1.0, 1.0)
 
     # --- truth ---------------------------------------------------------------------------------
 

@@ -198,7 +198,9 @@ class ClipCondition(nn.Module):
                     f"ClipCond.{name} must be (b, clips) = ({batch}, {clips}) or ({batch}, 1), "
                     f"got {tuple(mask.shape)}"
                 )
-        out = torch.zeros(batch, clips, cfg.dim, device=device)
+        # The weights' dtype (a bf16 model's inputs would be promoted to float32 by float32 zeros)
+        dtype = next((p.dtype for p in self.parameters()), torch.float32)
+        out = torch.zeros(batch, clips, cfg.dim, device=device, dtype=dtype)
         if self.label is not None:
             labels = (
                 cond.labels
@@ -223,7 +225,7 @@ class ClipCondition(nn.Module):
         if cfg.num_actions:
             emb = self.action(torch.where(acts == NULL, cfg.num_actions, acts))
         else:
-            emb = self.action(acts.float())
+            emb = self.action(acts.to(self.action.weight.dtype))
         per_clip = rearrange(emb, "b (c f) d -> b c (f d)", f=cfg.frames_per_clip)
         mixed = self.action_mix(per_clip)  # (b, clips, d)
         drop = cond.drop_actions

@@ -35,6 +35,7 @@ import ray
 
 from vidgen import checkpoint
 from vidgen.generators import GenerationRequest, check_generator
+from vidgen.generators.base import DTYPES
 from vidgen.render_config import load_context
 from workers.actor import remote_reason
 from workers.orchestrator import NoExecutorsLeft, Orchestrator
@@ -263,6 +264,7 @@ def _render_group(
                     orch.info.get("sha256"),
                     lossless,
                     orch.info.get("tokenizer_sha256"),
+                    orch.info.get("dtype", "float32"),
                 )
                 if found is not None:
                     log.info("%s: already finished at %s, no row yet: recorded", item.id, path)
@@ -343,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--step-timeout", type=float, default=None)
     parser.add_argument("--max-restarts", type=int, default=1)
     parser.add_argument("--lossless", action="store_true")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=sorted(DTYPES),
+        help="what the actors' networks and caches run in (bfloat16: half the memory)",
+    )
     return parser
 
 
@@ -383,7 +391,12 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 for _ in range(args.actors):
                     started.append(
-                        RayExecutor(model, args.max_streams, max_restarts=args.max_restarts)
+                        RayExecutor(
+                            model,
+                            args.max_streams,
+                            max_restarts=args.max_restarts,
+                            dtype=args.dtype,
+                        )
                     )
             except BaseException:
                 release(started)  # the ones that did start would hold their GPUs

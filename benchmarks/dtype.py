@@ -1,0 +1,96 @@
+"""bfloat16 against float32 serving: speed, cache memory and how far the frames move.
+
+Usage: python benchmarks/dtype.py [--models ca2vdm-tiny,nbp-tiny] [--frames 64]
+                                  [--streams 4] [--device cpu|cuda] [--threads 2]
+
+For each model, in one process and run: ``--streams`` streams (seeds 0.., label 2) batched
+on one in-process generator, once with ``dtype=float32`` and once with ``bfloat16`` (each
+after a one-clip warm-up). Figures per model: frames/s of each and ``bf16_speedup`` (their
+ratio), the cache bytes of each (``cache_ratio``, 0.5 expected), and, for the diffusion family,
+``first_clip_mean_abs_diff``: the mean absolute pixel difference (0-255) of the first clips
+(the samplers start from the same noise, so this is rounding, not another draw; token models
+sample other tokens as soon as a logit rounds differently, so their videos are compared only
+by the figures of ``benchmarks/quality.py``). bfloat16 is meant for GPUs; on a CPU its speed
+depends on the CPU's bfloat16 support and the batch. One JSON object last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import numpy as np
+import torch
+
+from vidgen.generators import GenerationRequest, load_generator
+
+
+def run(gen, model: str, frames: int, streams: int) -> tuple[float, np.ndarray]:
+    """Seconds for ``streams`` batched videos of ``frames`` frames, and seed 0's first clip."""
+    reqs = [GenerationRequest(model=model, frames=frames, seed=s, label=2) for s in range(streams)]
+    opened = [gen.open(r) for r in reqs]
+    first = None
+    if gen.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    while not opened[0].done:
+        latents = gen.step(opened)
+        clips = gen.decode(latents)
+        if first is None:
+            first = clips[0].frames
+    if gen.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    for s in opened:
+        gen.close(s)
+    return seconds, first
+
+
+def measure(model: str, frames: int, streams: int, device: str) -> dict[str, object]:
+    out: dict[str, object] = {}
+    firsts = {}
+    for dtype in ("float32", "bfloat16"):
+        gen = load_generator(model, max_streams=streams, device=device, dtype=dtype)
+        run(gen, model, gen.clip_len, streams)  # warm-up: one clip
+        seconds, firsts[dtype] = run(gen, model, frames, streams)
+        out[f"{dtype}_frames_per_s"] = round(frames * streams / seconds, 2)
+        out[f"{dtype}_cache_bytes"] = gen.cache.spec.nbytes
+        family = gen.family
+    out["bf16_speedup"] = round(out["bfloat16_frames_per_s"] / out["float32_frames_per_s"], 3)
+    out["cache_ratio"] = round(out["bfloat16_cache_bytes"] / out["float32_cache_bytes"], 3)
+    if family == "diffusion":
+        diff = np.abs(firsts["float32"].astype(int) - firsts["bfloat16"].astype(int))
+        out["first_clip_mean_abs_diff"] = round(float(diff.mean()), 3)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="ca2vdm-tiny,nbp-tiny")
+    parser.add_argument("--frames", type=int, default=64)
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads on a CPU")
+    args = parser.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    result: dict[str, object] = {
+        "frames": args.frames,
+        "streams": args.streams,
+        "device": args.device,
+        "machine": (
+            torch.cuda.get_device_name()
+            if args.device == "cuda"
+            else f"{platform.platform()}, {args.threads} threads, torch {torch.__version__}"
+        ),
+    }
+    for model in args.models.split(","):
+        result[model] = measure(model, args.frames, args.streams, args.device)
+        print(model, result[model], flush=True)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
