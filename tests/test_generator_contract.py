@@ -2,7 +2,9 @@
 sizes and random weights: determinism, snapshot/restore, batching, conditioning, memory."""
 
 import dataclasses
+import gc
 import itertools
+import types
 
 import numpy as np
 import pytest
@@ -101,7 +103,15 @@ def test_snapshot_restore_continues_bit_identically(family, guidance):
 
 def test_batched_streams_of_different_ages_equal_single_runs(family):
     gen = make_generator(family)
-    reqs = [request_for(gen, seed=s, label=s % 4, frames=4 * gen.clip_len) for s in (1, 2, 3)]
+    # Each stream its own guidance and token sampling: a batch must not apply one stream's
+    # settings (the first's, say) to the others.
+    settings = [(1, 1.5, 1.0, 0), (2, 3.0, 0.7, 8), (3, 2.0, 1.3, 0)]
+    reqs = [
+        request_for(
+            gen, seed=s, label=s % 4, frames=4 * gen.clip_len, guidance=g, temperature=t, top_k=k
+        )
+        for s, g, t, k in settings
+    ]
     singles = [clips_of(gen, r) for r in reqs]
     streams = [gen.open(r) for r in reqs]
     made: dict[int, list[torch.Tensor]] = {s.id: [] for s in streams}
@@ -419,11 +429,11 @@ def test_reencode_and_plain_streams_batch_together():
     so each clip's K/V went to its own slots, once."""
     gen = make_generator("tokens")
     L = gen.clip_len
-    reqs = [
-        request_for(gen, seed=1, frames=3 * L, reencode=True),
-        request_for(gen, seed=2, frames=3 * L),
-        request_for(gen, seed=3, frames=3 * L, reencode=True, guidance=1.0),
-        request_for(gen, seed=4, frames=3 * L, guidance=1.0),
+    reqs = [  # each guided stream its own scale and sampling: none takes another's
+        request_for(gen, seed=1, frames=3 * L, reencode=True, guidance=1.5),
+        request_for(gen, seed=2, frames=3 * L, guidance=3.0, temperature=0.7, top_k=8),
+        request_for(gen, seed=3, frames=3 * L, reencode=True, guidance=1.0, top_p=0.9),
+        request_for(gen, seed=4, frames=3 * L, guidance=2.0, temperature=1.3),
     ]
 
     def run(streams):
@@ -446,7 +456,7 @@ def test_reencode_and_plain_streams_batch_together():
                 torch.testing.assert_close(got_cache[key], value, atol=1e-5, rtol=0)
             else:
                 assert torch.equal(got_cache[key], value), key
-    plain = run([gen.open(request_for(gen, seed=1, frames=3 * L))])[0][0]
+    plain = run([gen.open(request_for(gen, seed=1, frames=3 * L, guidance=1.5))])[0][0]
     assert not torch.equal(singles[0][0], plain)
 
 
@@ -775,8 +785,10 @@ def test_restore_after_any_clip_continues_bit_identically_frames_too(family, aft
 
 
 def _tensor_bytes(root: object) -> int:
-    """Bytes of the distinct tensors reachable from ``root`` through attributes, dicts,
-    lists and tuples (module parameters included: they are constant)."""
+    """Bytes of the distinct tensors (and numpy arrays) reachable from ``root`` through any
+    container the garbage collector can see into (attributes, ``__slots__``, dicts, lists,
+    deques, ...; module parameters included: they are constant). Classes, modules and
+    functions' globals are shared state, not the generator's: not followed."""
     seen, total, todo = set(), 0, [root]
     while todo:
         obj = todo.pop()
@@ -785,12 +797,14 @@ def _tensor_bytes(root: object) -> int:
         seen.add(id(obj))
         if isinstance(obj, torch.Tensor):
             total += obj.untyped_storage().nbytes()
-        elif isinstance(obj, dict):
-            todo += list(obj.values())
-        elif isinstance(obj, list | tuple | set):
-            todo += list(obj)
-        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
-            todo += list(vars(obj).values())
+        elif isinstance(obj, np.ndarray):
+            total += obj.nbytes
+        elif isinstance(obj, type | types.ModuleType):
+            continue
+        elif isinstance(obj, types.FunctionType):  # a closure's cells, not its globals
+            todo += list(obj.__closure__ or ())
+        else:
+            todo += gc.get_referents(obj)
     return total
 
 

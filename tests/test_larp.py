@@ -39,7 +39,7 @@ def test_eval_encode_is_deterministic_and_the_nearest_codeword():
     assert torch.equal(ids, m.encode(video))
     with torch.no_grad():
         z = F.normalize(m.embed(video), dim=-1)
-        sims = z @ m.quantizer.codes().t()
+        sims = z @ F.normalize(m.quantizer.codebook, dim=-1).t()  # cosine, not raw dot
     assert torch.equal(ids, sims.argmax(-1))
     assert ids.unique().numel() > 1  # non-trivial: several codes in use
 
@@ -56,9 +56,21 @@ def test_straight_through_value_is_the_codeword_and_passes_gradients():
 def test_stochastic_sampling_follows_the_generator():
     m = model()
     z = torch.randn(64, CFG.code_dim)
+    tau = m.quantizer.tau = 1.0  # flat enough that a draw is rarely the argmax
     a, _ = m.quantizer(z, torch.Generator().manual_seed(3))
     b, _ = m.quantizer(z, torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
+    other, _ = m.quantizer(z, torch.Generator().manual_seed(4))
+    nearest, _ = m.quantizer(z)
+    assert not torch.equal(a, other)
+    assert (a != nearest).float().mean() > 0.5  # sampled, not the argmax
+    # The draws are softmax(cos / tau) sampled with the given generator, nothing else.
+    with torch.no_grad():
+        cos = F.normalize(z, dim=-1) @ F.normalize(m.quantizer.codebook, dim=-1).t()
+    expected = torch.multinomial(
+        (cos / tau).softmax(-1), 1, generator=torch.Generator().manual_seed(3)
+    )
+    assert torch.equal(a, expected[:, 0])
 
 
 def test_prior_position_i_ignores_tokens_after_i():

@@ -108,6 +108,14 @@ def test_blocks_predict_in_parallel_and_see_only_earlier_blocks():
     # Block 1's inputs are block 0's tokens: blocks 0 and 1 are unaffected, block 2 on is.
     assert torch.equal(out[:, : 2 * B], base[:, : 2 * B])
     assert (out[:, 2 * B :] - base[:, 2 * B :]).abs().max() > 1e-4
+    # Positions inside a block see each other: token 2B-1 is the input at 3B-1, the last
+    # position of block 2, and the block's first position 2B reads it (a causal mask would not).
+    with torch.no_grad():
+        changed = tokens.clone()
+        changed[0, 2 * B - 1] = (changed[0, 2 * B - 1] + 1) % CFG.vocab
+        out = m(changed, cond)
+    assert torch.equal(out[:, : 2 * B], base[:, : 2 * B])
+    assert (out[:, 2 * B] - base[:, 2 * B]).abs().max() > 1e-4
 
 
 def test_label_and_actions_change_the_logits():
@@ -155,10 +163,33 @@ def test_sampling_draws_from_the_given_generator():
     a = sample_tokens(logits, torch.Generator().manual_seed(1), temperature=1.0, top_k=5)
     b = sample_tokens(logits, torch.Generator().manual_seed(1), temperature=1.0, top_k=5)
     assert torch.equal(a, b)
+    c = sample_tokens(logits, torch.Generator().manual_seed(2), temperature=1.0, top_k=5)
+    assert not torch.equal(a, c)
     assert torch.equal(sample_tokens(logits, None, temperature=0), logits.argmax(-1))
     for bad in (0.0, float("nan")):
         with pytest.raises(ValueError, match="top_p"):
             top_p_filter(logits, bad)
+
+
+def test_sampling_applies_temperature_top_k_and_top_p_together():
+    """Over many draws: top_k / top_p keep only their ids, a low temperature is nearly
+    greedy; each setting on its own, so that dropping any one of them is caught."""
+    rows = torch.tensor([3.0, 1.0, 2.0, 0.0, -1.0]).expand(4000, 5)  # p 0.64 .09 .23 .03 .01
+
+    def counts(**kwargs) -> list[int]:
+        ids = sample_tokens(rows, torch.Generator().manual_seed(0), **kwargs)
+        return torch.bincount(ids, minlength=5).tolist()
+
+    plain = counts(temperature=1.0)
+    assert all(n > 0 for n in plain) and plain[0] < 0.7 * len(rows)
+    for kwargs in (dict(top_k=2), dict(top_p=0.8), dict(top_k=3, top_p=0.8)):
+        kept = counts(temperature=1.0, **kwargs)  # the top two: ids 0 and 2
+        assert kept[0] > 0 and kept[2] > 0 and kept[1] == kept[3] == kept[4] == 0, kwargs
+    assert counts(temperature=1.0, top_k=3)[1] > 0 and counts(temperature=1.0, top_p=0.9)[1] > 0
+    cold = counts(temperature=0.05, top_k=5, top_p=1.0)
+    assert cold[0] > 0.99 * len(rows)
+    hot = counts(temperature=2.0, top_k=5)
+    assert hot[0] < plain[0] and hot[4] > plain[4]
 
 
 def test_a_clip_without_any_action_is_conditioned_as_the_null_action():

@@ -89,7 +89,8 @@ def test_positions_masks_and_views():
         cache.append([s0], *clip_kv(2, seed=i))  # s0: frames 0..7 made, window holds 2..7
     pos = cache.positions([s0, s1])
     valid = cache.valid([s0, s1])
-    assert sorted(pos[0].tolist()) == [0, 1, 2, 3, 4, 5]
+    # The ring wrapped: slots 0-1 hold frames 6-7, slots 2-5 frames 2-5 (window start 2).
+    assert pos.tolist() == [[4, 5, 0, 1, 2, 3], [0, 1, 0, 0, 0, 0]]
     assert valid[0].all() and valid[1].sum() == 2
     assert cache.query_positions([s0, s1], 2).tolist() == [[6, 7], [2, 3]]
     mask = cache.key_mask([s0, s1])
@@ -99,6 +100,20 @@ def test_positions_masks_and_views():
     k, _ = cache.read(0, [s0, s1])
     assert k.shape == (2, SPEC.kv_heads, SPEC.window, SPEC.tokens_per_frame, SPEC.head_dim)
     assert k.data_ptr() == cache.k[0, s0].data_ptr()  # consecutive streams: a view, no copy
+
+
+def test_reading_streams_out_of_order_keeps_the_order_asked_for():
+    """Non-consecutive streams are gathered (a copy): row i must be streams[i]'s K/V."""
+    cache = KVCache(SPEC)
+    s0, s1, s2 = (cache.add_stream() for _ in range(3))
+    cache.append([s0, s1, s2], *clip_kv(2, batch=3))
+    cache.append([s2], *clip_kv(2, seed=1))
+    for layer in range(SPEC.layers):
+        for streams in ([s1, s0], [s2, s0], [s2, s1, s0]):
+            k, v = cache.read(layer, streams)
+            singles = [cache.read(layer, [s]) for s in streams]
+            assert torch.equal(k, torch.cat([sk for sk, _ in singles]))
+            assert torch.equal(v, torch.cat([sv for _, sv in singles]))
 
 
 def test_memory_is_constant_once_the_window_is_full():
