@@ -124,6 +124,22 @@ def test_render_through_ray_equals_in_process(ray_session, models, tmp_path):
             e.retire()
 
 
+def test_a_bfloat16_actor_renders_what_a_bfloat16_generator_makes(ray_session, models, tmp_path):
+    model = models["tokens"]
+    req = request_for(model, frames=16)
+    executor = RayExecutor(model, dtype="bfloat16")
+    try:
+        assert executor.info["dtype"] == "bfloat16"
+        out = render(Orchestrator([executor]), req, tmp_path / "v.mp4", lossless=True)
+        assert out.provenance["dtype"] == "bfloat16"
+        gen = load_generator(model, max_streams=1, dtype="bfloat16")
+        alone = np.concatenate([c.frames for c in generate_video(gen, req)])
+        np.testing.assert_array_equal(read_video(out.path).numpy(), alone)
+        assert not np.array_equal(alone, reference(model, req))  # not a float32 video
+    finally:
+        executor.retire()
+
+
 def test_an_actor_killed_for_good_leaves_its_streams_to_the_survivor(ray_session, models):
     """Two actors of 2 slots and 4 streams; one actor is killed (no restart, no replacement)
     mid-run: its streams wait for the survivor's slots and every video is whole and exact.

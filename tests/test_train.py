@@ -307,6 +307,21 @@ def test_encoded_clips_cache_is_keyed_by_the_data(tmp_path):
         cache_path(tmp_path, "latents", "ab" * 32, base, "eval")
     )
     assert cache_path(tmp_path, "latents", "cd" * 32, base, "train") != path
+    # Settings its source never reads do not change the clips: the cache is reused.
+    key = lambda d: cache_path(tmp_path, "latents", "ab" * 32, d, "train")  # noqa: E731
+    for same in (
+        replace(base, root=str(tmp_path), stride=2),
+        replace(base, agent_policy="push", agent_fraction=0.2),
+    ):
+        assert key(same) == path
+    mix = replace(base, name="mix")
+    assert key(replace(mix, agent_fraction=0.2)) != key(mix)
+    agent = replace(base, name="agent")
+    assert key(replace(agent, bouncing=replace(base.bouncing, max_shapes=2))) == key(agent)
+    assert key(replace(agent, agent_policy="push")) != key(agent)
+    folder = DataConfig(name="folder", root=str(tmp_path), clip_len=4, size=32)
+    assert key(replace(folder, seed=3, agent_fraction=0.1)) == key(folder)
+    assert key(replace(folder, stride=2)) != key(folder)
     with pytest.raises(ValueError, match="split must be"):
         data_description(base, "test")
 

@@ -29,6 +29,15 @@ from vidgen.worlds import WORLDS_VERSION
 # DataConfig fields that change batching or the other split, never the clips of this one.
 _NOT_CONTENT = {"batch_size", "num_workers"}
 _OTHER_SPLIT = {"train": {"eval_clips", "eval_root"}, "eval": {"num_clips"}}
+# Fields a source never reads (a world's clips do not depend on a folder's root, nor a folder's
+# on the worlds' settings): a run that changes one of them reuses the cache. The agent config
+# stays in a bouncing key: its ``continuous`` decides the dtype of the clips' null actions.
+_UNUSED = {
+    "bouncing": {"root", "eval_root", "stride", "agent_policy", "agent_fraction"},
+    "agent": {"root", "eval_root", "stride", "bouncing", "agent_fraction"},
+    "mix": {"root", "eval_root", "stride"},
+    "folder": {"seed", "bouncing", "agent", "agent_policy", "agent_fraction"},
+}
 
 
 @dataclass
@@ -45,8 +54,8 @@ def data_description(data: DataConfig, split: str) -> str:
     if split not in _OTHER_SPLIT:
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     fields = asdict(data)
-    for name in _NOT_CONTENT | _OTHER_SPLIT[split]:
-        fields.pop(name)
+    for name in _NOT_CONTENT | _OTHER_SPLIT[split] | _UNUSED.get(data.name, set()):
+        fields.pop(name, None)
     if data.name == "folder":  # the files themselves: a replaced video is other data
         root = Path(data.eval_root if split == "eval" and data.eval_root else data.root)
         root = root.expanduser()
