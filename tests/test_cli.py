@@ -166,6 +166,9 @@ def test_data_group_composes_to_data_config(name):
         (["data.stride=0"], "bad config: data.stride must be >= 1"),
         (["data.size=0"], "bad config: data.size must be >= 1"),
         (["train.device=bogus"], "bad config: train.device must be auto, cpu, cuda or cuda:N"),
+        # A nested world config's own check names its leaf field: the key it is under too.
+        (["data.bouncing.max_shapes=9"], "bad config: data.bouncing: need 1 <= min_shapes"),
+        (["data=agent", "data.agent.step=0"], "bad config: data.agent: step must be"),
         (["data=folder", "data.root=EMPTY"], "cannot start: no video files"),
         (["data=folder", "data.root=MISSING"], "cannot start: data.root="),
     ],
@@ -183,6 +186,11 @@ def test_a_train_that_cannot_start_says_why_without_a_traceback(
     assert main(args) == 2
     assert message in capsys.readouterr().err
     assert not out.parent.exists()
+
+
+def test_a_nested_group_option_names_its_key():
+    with pytest.raises(ConfigError, match=r"^data\.bouncing: need 1 <= min_shapes"):
+        load_group("data", "mix", ["data.bouncing.max_shapes=9"])
 
 
 def test_folder_data_needs_root(tmp_path):

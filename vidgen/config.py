@@ -116,10 +116,37 @@ def load_config(config_name: str, overrides: Sequence[str] = ()) -> Any:
             f"unknown key(s) {', '.join(unknown)}: not settings of {config_name!r} (a typo? "
             "'+' adds a key, it cannot make one the command reads)"
         )
+    return _to_object(cfg)
+
+
+def _to_object(cfg: DictConfig, where: str = "") -> Any:
+    """``OmegaConf.to_object``, its errors as ``ConfigError``s naming the nested config whose
+    own check failed (``data.bouncing: need ... max_shapes <= 8``)."""
     try:
         return OmegaConf.to_object(cfg)
     except (OmegaConfBaseException, ValueError) as err:
-        raise ConfigError(_describe(err)) from err
+        text = _describe(err)
+        key = _failing_key(cfg, where)
+        if key and not text.startswith(f"{key}:") and f"{key}." not in text:
+            text = f"{key}: {text}"
+        raise ConfigError(text) from err
+
+
+def _failing_key(cfg: DictConfig, where: str = "") -> str | None:
+    """The dotted key of the innermost nested schema config that fails to build on its own."""
+    for key in cfg:
+        if not OmegaConf.is_dict(cfg._get_node(key)):
+            continue
+        if not dataclasses.is_dataclass(OmegaConf.get_type(cfg[key])):
+            continue
+        inner = _failing_key(cfg[key], f"{where}{key}.")
+        if inner is not None:
+            return inner
+        try:
+            OmegaConf.to_object(cfg[key])
+        except (OmegaConfBaseException, ValueError):
+            return f"{where}{key}"
+    return None
 
 
 def group_choices(config_name: str, overrides: Sequence[str] = ()) -> dict[str, str]:
@@ -138,10 +165,7 @@ def load_group(group: str, option: str, overrides: Sequence[str] = ()) -> Any:
     """One option of a config group as its schema dataclass: ``load_group("data", "mix",
     ["data.batch_size=2"])``."""
     cfg = compose_config(None, [f"+{group}={option}", *overrides])
-    try:
-        return OmegaConf.to_object(cfg[group])
-    except (OmegaConfBaseException, ValueError) as err:
-        raise ConfigError(_describe(err)) from err
+    return _to_object(cfg[group], f"{group}.")
 
 
 def _describe(err: BaseException) -> str:
