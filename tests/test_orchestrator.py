@@ -493,6 +493,17 @@ def test_batch_goes_on_past_bad_items_and_frees_each_models_actors(models, tmp_p
     assert not np.array_equal(read_video(out / "good-t.mp4"), read_video(out / "re-t.mp4"))
     assert [r[0] for r in released] == [made[models["diffusion"]][0], made[models["tokens"]][0]]
     assert not any(out.glob(".*.parts"))
+    # Run again: the errors are this run's rows too, but the same error is not appended twice.
+    written = (out / "results.jsonl").read_text().splitlines()
+    again = run_batch(parse_manifest(manifest, out, 1000), out, executors_for)
+    assert sorted(r["id"] for r in again) == ["bad-label", "not-gen", "re-d"]
+    assert (out / "results.jsonl").read_text().splitlines() == written
+    # Another error for an item (its manifest line changed) is a new row.
+    rows_in[1]["label"] = 98
+    manifest.write_text("\n".join(json.dumps(r) for r in rows_in) + "\n")
+    run_batch(parse_manifest(manifest, out, 1000), out, executors_for)
+    after = [json.loads(r) for r in (out / "results.jsonl").read_text().splitlines()]
+    assert len(after) == len(written) + 1 and "98" in after[-1]["error"]
 
     # Every actor of the model dies for good: its items are errors, the run does not crash.
     lines = [

@@ -105,12 +105,19 @@ class Results:
         self.ok: set[str] = set()
         # ok id -> (its video's request JSON, which holds no context frames; the context path)
         self.made_for: dict[str, tuple[Any, Any]] = {}
+        # id -> its last error row's (error, line): the same error again is not appended
+        self.last_error: dict[str, tuple[Any, Any]] = {}
         if path.exists():
             for raw in path.read_text().splitlines():
                 try:
                     row = json.loads(raw)
                 except json.JSONDecodeError:
                     continue  # a line cut by a crash: that item simply runs again
+                if not isinstance(row, dict) or "id" not in row:
+                    continue
+                self.last_error.pop(row["id"], None)
+                if row.get("status") == "error":
+                    self.last_error[row["id"]] = (row.get("error"), row.get("line"))
                 if row.get("status") == "ok":
                     self.ok.add(row["id"])
                     provenance = row.get("provenance")
@@ -118,7 +125,16 @@ class Results:
                         made = (provenance["request"], provenance.get("context"))
                         self.made_for[row["id"]] = made
 
-    def add(self, row: dict[str, Any]) -> None:
+    def add(self, row: dict[str, Any]) -> bool:
+        """Append a row; an error row that repeats its item's last row (a re-run failing the
+        same way) is not written again. Returns whether it was written."""
+        if row["status"] == "error":
+            error = (row.get("error"), row.get("line"))
+            if self.last_error.get(row["id"]) == error:
+                return False
+            self.last_error[row["id"]] = error
+        else:
+            self.last_error.pop(row["id"], None)
         line = json.dumps(row, sort_keys=True) + "\n"
         if self.path.exists() and self.path.stat().st_size:
             with open(self.path, "rb") as f:
@@ -131,6 +147,7 @@ class Results:
             os.fsync(f.fileno())
         if row["status"] == "ok":
             self.ok.add(row["id"])
+        return True
 
 
 def _describe(err: BaseException) -> str:
@@ -181,7 +198,8 @@ def run_batch(
     """Render the items (``executors_for(model)`` gives the executors of a model, one model
     after another; ``release(executors)`` is called with the model's executors, replacements
     included, once its items are all done, to free its actors for the next model;
-    ``replace`` as in ``Orchestrator``); returns the result rows written this run."""
+    ``replace`` as in ``Orchestrator``); returns this run's result rows (an error row that
+    repeats its item's last row in ``results.jsonl`` is returned but not written again)."""
     results = Results(out / "results.jsonl")
     rows: list[dict[str, Any]] = []
     for item in items:
