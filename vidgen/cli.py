@@ -35,7 +35,7 @@ COMMANDS: dict[tuple[str, ...], Command] = {
     ("render",): Command(
         config_name="render",
         run="vidgen.cli:run_render",
-        help="render a video of any length with Ray actors (resumable; writes out + out.json)",
+        help="render a video of any length with Ray actors (resumable; out + a .json sidecar)",
         example="vidgen render model=ca2vdm-tiny frames=1024 label=3 seed=0 out=video.mp4",
     ),
     ("train",): Command(
