@@ -191,6 +191,11 @@ def test_a_train_that_cannot_start_says_why_without_a_traceback(
 def test_a_nested_group_option_names_its_key():
     with pytest.raises(ConfigError, match=r"^data\.bouncing: need 1 <= min_shapes"):
         load_group("data", "mix", ["data.bouncing.max_shapes=9"])
+    # A node that cannot even be read is named too (not an OmegaConf error escaping).
+    with pytest.raises(ConfigError, match=r"data\.bouncing.*missing mandatory value"):
+        load_group("data", "mix", ["data.bouncing=???"])
+    with pytest.raises(ConfigError, match="nope"):
+        load_group("data", "mix", ["data.bouncing=${nope}"])
 
 
 def test_folder_data_needs_root(tmp_path):

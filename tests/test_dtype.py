@@ -211,9 +211,73 @@ def test_a_ray_executors_replacement_keeps_its_dtype(monkeypatch):
 
     monkeypatch.setattr(workers.executors, "start_actor", fake_start)
     monkeypatch.setattr(workers.executors.RayExecutor, "retire", lambda self: None)
-    executor = workers.executors.RayExecutor("m", dtype="bfloat16")
+    executor = workers.executors.RayExecutor("m", dtype=torch.bfloat16)
     assert executor.replacement().info["dtype"] == "bfloat16"
     assert started == ["bfloat16", "bfloat16"]
     with pytest.raises(ValueError, match="dtype must be one of"):
         workers.executors.RayExecutor("m", dtype="float16")  # before any actor starts
     assert len(started) == 2
+
+
+def test_a_torch_dtype_is_reported_by_name(models, tmp_path):
+    """torch.bfloat16 passed to a worker made its info compare unequal to the name and broke
+    the render guard (not a string)."""
+    model = models["diffusion"]
+    a = LocalExecutor(GeneratorWorker(model, max_streams=2, dtype=torch.bfloat16), "a")
+    b = local(model, "bfloat16", "b")
+    assert a.info["dtype"] == "bfloat16"
+    orch = Orchestrator([a, b])
+    req = request_for(make_generator("diffusion"), model=model, frames=8, steps=2)
+    assert render(orch, req, tmp_path / "v.mp4").provenance["dtype"] == "bfloat16"
+
+
+def test_an_executor_that_comes_back_different_is_not_used(models, caplog):
+    """Restarted on a file replaced in place (other weights), an actor would have gone on
+    making the stream's clips with them."""
+    model = models["diffusion"]
+
+    class ComesBackChanged(LocalExecutor):
+        calls = 0
+        retired = False
+
+        def step(self, keys, epochs, snapshot_keys):
+            self.calls += 1
+            if self.calls == 2:
+                self.worker.streams.clear()
+                return self._call(_fail)
+            return super().step(keys, epochs, snapshot_keys)
+
+        def recover(self):
+            self.info = {**self.info, "sha256": "f" * 64}
+
+        def retire(self):
+            self.retired = True
+
+    changed = ComesBackChanged(GeneratorWorker(model, max_streams=2), "changed")
+    orch = Orchestrator([changed, local(model, name="other")])
+    req = request_for(make_generator("diffusion"), model=model, frames=32, steps=2)
+    key = orch.submit(req)
+    frames = np.concatenate([c.frames for c in orch.clips(key)])
+    assert changed.retired and orch.executors[0] is None
+    assert "came back different" in caplog.text and "sha256" in caplog.text
+    alone = np.concatenate([c.frames for c in generate_video(load_generator(model, 1), req)])
+    assert np.array_equal(frames, alone)
+
+
+def test_a_batch_frees_executors_its_orchestrator_refuses(models, tmp_path):
+    import json
+
+    from workers.jobs.render import parse_manifest, run_batch
+
+    model = models["diffusion"]
+    manifest = tmp_path / "items.jsonl"
+    manifest.write_text(json.dumps({"id": "a", "model": model, "frames": 8}) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    pool = [local(model), local(model, "bfloat16")]
+    released = []
+    rows = run_batch(
+        parse_manifest(manifest, out, 100), out, lambda m: pool, release=released.append
+    )
+    assert released == [pool]
+    assert rows[0]["status"] == "error" and "differ in ['dtype']" in rows[0]["error"]

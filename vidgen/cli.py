@@ -131,12 +131,18 @@ def _render(cfg: Any) -> int:
     except (ValueError, VideoReadError) as err:  # a context video unreadable or too short
         print(f"{PROG} render: bad input: {err}", file=sys.stderr)
         return 2
-    orch = Orchestrator(
-        executors,
-        snapshot_every=cfg.snapshot_every,
-        step_timeout=cfg.step_timeout,
-        replace=lambda failed: failed.replacement(),
-    )
+    try:
+        orch = Orchestrator(
+            executors,
+            snapshot_every=cfg.snapshot_every,
+            step_timeout=cfg.step_timeout,
+            replace=lambda failed: failed.replacement(),
+        )
+    except ValueError as err:  # actors that would make different frames (a file changed
+        for executor in executors:  # while they loaded): free them, say why
+            executor.retire()
+        print(f"{PROG} render: actors={cfg.actors}: {err}", file=sys.stderr)
+        return 2
     try:
         # The request's JSON holds no frames: the provenance names the video continued.
         extra = {"context": str(cfg.context)} if cfg.context else None

@@ -135,14 +135,14 @@ def _to_object(cfg: DictConfig, where: str = "") -> Any:
 def _failing_key(cfg: DictConfig, where: str = "") -> str | None:
     """The dotted key of the innermost nested schema config that fails to build on its own."""
     for key in cfg:
-        if not OmegaConf.is_dict(cfg._get_node(key)):
-            continue
-        if not dataclasses.is_dataclass(OmegaConf.get_type(cfg[key])):
-            continue
-        inner = _failing_key(cfg[key], f"{where}{key}.")
-        if inner is not None:
-            return inner
-        try:
+        try:  # a missing (???) or unresolvable node fails when read: that is the key
+            if not OmegaConf.is_dict(cfg._get_node(key)):
+                continue
+            if not dataclasses.is_dataclass(OmegaConf.get_type(cfg[key])):
+                continue
+            inner = _failing_key(cfg[key], f"{where}{key}.")
+            if inner is not None:
+                return inner
             OmegaConf.to_object(cfg[key])
         except (OmegaConfBaseException, ValueError):
             return f"{where}{key}"

@@ -29,8 +29,10 @@ from vidgen.generators import (
     GenerationRequest,
     Stream,
     StreamSnapshot,
+    check_dtype,
     load_generator,
 )
+from vidgen.generators.base import dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ class GeneratorWorker:
         self.model_name = model
         self.device = device
         self.max_streams = max_streams
-        self.dtype = dtype
+        self.dtype = dtype_name(check_dtype(dtype))  # a name: info, guards and JSON compare it
         self.generator = load_generator(model, max_streams=max_streams, device=device, dtype=dtype)
         self.sha256 = checkpoint.file_sha256(checkpoint.resolve(model))
         # Its tokenizer's files too: a decoder fine-tuned under the same path keeps the

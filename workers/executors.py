@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import ray
 
 from vidgen.generators import GenerationRequest, StreamSnapshot, check_dtype
+from vidgen.generators.base import dtype_name
 from workers.actor import ClipOut, GeneratorWorker, start_actor
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ class RayExecutor:
         name: str = "",
         dtype: str = "float32",
     ) -> None:
-        check_dtype(dtype)  # here, not as an actor that fails to start
+        dtype = dtype_name(check_dtype(dtype))  # here, not as an actor that fails to start
         self.model, self.max_streams, self.threads = model, max_streams, threads
         self.max_restarts, self.ready_timeout, self.dtype = max_restarts, ready_timeout, dtype
         self.handle, self.info = start_actor(

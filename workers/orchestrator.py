@@ -67,6 +67,10 @@ def _differ(info: dict[str, Any], other: dict[str, Any]) -> list[str]:
     return [k for k in SAME_FRAMES if info.get(k) != other.get(k)]
 
 
+class ExecutorChanged(RuntimeError):
+    """An executor came back from a restart making other frames (``SAME_FRAMES``)."""
+
+
 class NoExecutorsLeft(RuntimeError):
     """Every executor failed and none could be replaced: the streams cannot go on."""
 
@@ -563,6 +567,10 @@ class Orchestrator:
             executor = self.executors[index]
             try:
                 executor.recover()
+                differ = _differ(self.info, executor.info)
+                if differ:  # restarted on other weights (a file replaced in place) or settings
+                    getattr(executor, "retire", executor.kill)()
+                    raise ExecutorChanged(f"it came back different, in {differ}")
             except Exception as recover_err:
                 log.warning("executor %s did not come back (%s)", index, recover_err)
                 replacement = None

@@ -226,15 +226,16 @@ def run_batch(
     todo = [i for i in items if i.request is not None and i.id not in results.ok]
     for model in dict.fromkeys(i.request.model for i in todo):
         group = [i for i in todo if i.request.model == model]
+        executors = None
         try:
+            executors = executors_for(model)
             orch = Orchestrator(
-                executors_for(model),
-                snapshot_every=snapshot_every,
-                step_timeout=step_timeout,
-                replace=replace,
+                executors, snapshot_every=snapshot_every, step_timeout=step_timeout, replace=replace
             )
         except Exception as err:  # the actors could not start: this model's items fail
             log.error("no actors for %s: %s", model, err)
+            if executors is not None and release is not None:  # refused: free their GPUs
+                release(executors)
             for item in group:
                 rows.append(_error_row(item, f"actors for {model!r}: {_describe(err)}"))
                 results.add(rows[-1])
