@@ -183,9 +183,11 @@ def test_failed_save_keeps_the_old_file(saved, monkeypatch):
     before = saved.read_bytes()
 
     def boom(*args, **kwargs):
+        if args and hasattr(args[0], "write"):  # part of the file is written first
+            args[0].write(b"partial")
         raise OSError("disk full")
 
-    for step in ("save_safetensors", "publish"):  # serialising, or after the temp file
+    for step in ("write_safetensors", "publish"):  # writing, or after the temp file
         with monkeypatch.context() as m:
             m.setattr(checkpoint, step, boom)
             with pytest.raises(OSError, match="disk full"):
@@ -496,3 +498,30 @@ def test_a_tensor_of_another_kind_is_refused_and_other_float_precisions_load(tmp
     checkpoint.load(tmp_path / "h.safetensors").load_into(model)
     assert model[0].weight.dtype == torch.float32
     torch.testing.assert_close(model[0].weight, state["0.weight"], atol=1e-2, rtol=1e-2)
+
+
+def test_checkpoints_are_written_tensor_by_tensor_in_safetensors_own_bytes():
+    """The streaming writer (no whole-file copy in memory) lays out exactly what
+    ``safetensors.torch.save`` does: every dtype, empty and 0-d tensors, non-ASCII metadata."""
+    import io
+
+    from safetensors.torch import save
+
+    from vidgen.checkpoint import write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    dtypes = [torch.float64, torch.int64, torch.float32, torch.int32, torch.float16]
+    dtypes += [torch.bfloat16, torch.int16, torch.int8, torch.uint8, torch.bool]
+    state = {}
+    for i, dtype in enumerate(dtypes):
+        state[f"w{i}"] = (torch.randn(3, 4, generator=g) * 50).to(dtype)
+        state[f"a{9 - i}"] = torch.zeros(0, 2, dtype=dtype)
+        state[f"s{i}"] = torch.tensor(1, dtype=dtype)
+    for metadata in ({"card": '{"note": "ünïcode — dash\\n"}', "format": "x"}, {}):
+        out = io.BytesIO()
+        write_safetensors(out, state, metadata)
+        assert out.getvalue() == save(state, metadata=metadata or None)
+    with pytest.raises(TypeError, match=r"tensors\['c'\]: dtype torch.complex64"):
+        write_safetensors(io.BytesIO(), {"c": torch.zeros(2, dtype=torch.complex64)}, {})
+    with pytest.raises(ValueError, match="contiguous CPU tensor"):
+        write_safetensors(io.BytesIO(), {"t": torch.zeros(4, 4).t()}, {})

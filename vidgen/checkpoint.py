@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import struct
 import types
 import typing
 from collections.abc import Collection, Mapping, Sequence
@@ -32,7 +33,6 @@ from typing import Any, TypeVar
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 import vidgen
 from vidgen.fsutil import publish, temp_beside
@@ -154,19 +154,67 @@ def _metadata(
 
 def _write(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     metadata = {**metadata, "digest": _digest(metadata, state)}
-    # Serialised here and written into our own temp file: safetensors' save_file writes a
-    # temp file of its own (".tmpXXXXXX", mode 0600) that a kill left behind for good, under
-    # a name no cleanup can tell from anything else's. It costs one copy in memory.
-    data = save_safetensors(state, metadata=metadata)
+    # Written into our own temp file, tensor by tensor: safetensors' save_file writes a temp
+    # file of its own (".tmpXXXXXX", mode 0600) that a kill left behind for good, under a name
+    # no cleanup can tell from anything else's, and its ``save`` builds the whole file in
+    # memory first (one more copy of every weight).
     tmp = temp_beside(path)
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
-        del data
+            write_safetensors(f, state, metadata)
         publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+# safetensors' dtype names, in the order its writer lays tensors out (widest first, so every
+# tensor's bytes are aligned to its item size after the 8-byte-aligned header).
+_SAFETENSORS_DTYPES = {
+    torch.int64: "I64",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.int32: "I32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_LAYOUT_RANK = {dtype: rank for rank, dtype in enumerate(_SAFETENSORS_DTYPES)}
+
+
+def write_safetensors(
+    f: Any, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> None:
+    """Write CPU-contiguous ``state`` with string ``metadata`` to the binary file ``f`` in the
+    safetensors format, one tensor at a time (the same bytes as ``safetensors.torch.save``)."""
+    for name, t in state.items():
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"tensors[{name!r}]: dtype {t.dtype} cannot be saved")
+        if t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"tensors[{name!r}] must be a contiguous CPU tensor")
+    names = sorted(state, key=lambda n: (_LAYOUT_RANK[state[n].dtype], n))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in names:
+        t = state[name]
+        size = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    for name in names:
+        t = state[name]
+        if t.numel():
+            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
 def update_card(
