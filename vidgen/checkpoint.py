@@ -475,7 +475,8 @@ def _hash_tensors(digest: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():  # the bytes in place, not a copy
+            digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     return digest
 
 
