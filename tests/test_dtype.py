@@ -137,22 +137,11 @@ def test_executors_of_two_dtypes_never_serve_one_orchestrator(models, caplog):
     # A replacement in another dtype is not used: the stream waits for the executor left.
     first, second = local(model, "bfloat16", "a"), local(model, "bfloat16", "b")
 
-    class Dies(LocalExecutor):
-        def __init__(self, inner):
-            self.__dict__.update(inner.__dict__)
-            self.calls = 0
-
-        def step(self, keys, epochs, snapshot_keys):
-            self.calls += 1
-            if self.calls == 2:
-                self.worker.streams.clear()
-                return self._call(_fail)
-            return super().step(keys, epochs, snapshot_keys)
-
+    class Dies(FailsSecondStep):
         def recover(self):
             raise RuntimeError("gone")
 
-    dying = Dies(first)
+    dying = Dies(first.worker, first.name)
     replaced = []
 
     def replace(failed):
@@ -168,6 +157,19 @@ def test_executors_of_two_dtypes_never_serve_one_orchestrator(models, caplog):
     gen = load_generator(model, max_streams=1, dtype="bfloat16")
     alone = np.concatenate([c.frames for c in generate_video(gen, req)])
     assert np.array_equal(frames, alone)
+
+
+class FailsSecondStep(LocalExecutor):
+    """Its second step fails as a killed actor's would (its streams gone with it)."""
+
+    calls = 0
+
+    def step(self, keys, epochs, snapshot_keys):
+        self.calls += 1
+        if self.calls == 2:
+            self.worker.streams.clear()
+            return self._call(_fail)
+        return super().step(keys, epochs, snapshot_keys)
 
 
 def _fail():
@@ -236,16 +238,8 @@ def test_an_executor_that_comes_back_different_is_not_used(models, caplog):
     making the stream's clips with them."""
     model = models["diffusion"]
 
-    class ComesBackChanged(LocalExecutor):
-        calls = 0
+    class ComesBackChanged(FailsSecondStep):
         retired = False
-
-        def step(self, keys, epochs, snapshot_keys):
-            self.calls += 1
-            if self.calls == 2:
-                self.worker.streams.clear()
-                return self._call(_fail)
-            return super().step(keys, epochs, snapshot_keys)
 
         def recover(self):
             self.info = {**self.info, "sha256": "f" * 64}
