@@ -4,7 +4,7 @@ Usage: python benchmarks/quality.py [--models ca2vdm-tiny,nbp-tiny] [--frames 51
                                     [--labels 1,2,3,4] [--seeds 0] [--steps 12]
                                     [--guidance G] [--temperature 1] [--top-k 0] [--top-p 1]
                                     [--device cpu] [--context 0] [--reencode]
-                                    [--contrast C]
+                                    [--contrast C] [--dtype float32|bfloat16]
 
 For each model, label (the number of shapes) and seed: one video of ``--frames`` frames made
 in process with ``generate_video`` (with ``--context N``: continuing the first N frames of a
@@ -88,6 +88,7 @@ def evaluate_model(
     context: int = 0,
     reencode: bool = False,
     contrast: float | None = None,
+    dtype: str = "float32",
     **sampling: float,
 ) -> dict[str, object]:
     """``sampling``: token-sampling fields of the request (temperature, top_k, top_p).
@@ -95,8 +96,8 @@ def evaluate_model(
     2000 + seed; scored on the new frames only), which tells drift from a poor start.
     ``reencode``: token generators re-tokenise each sampled clip before it becomes context
     (ignored by the diffusion family). ``contrast``: the diffusion family's request contrast
-    (None: the model's default; ignored by the token family)."""
-    gen = load_generator(name, max_streams=1, device=device)
+    (None: the model's default; ignored by the token family). ``dtype``: the generator's."""
+    gen = load_generator(name, max_streams=1, device=device, dtype=dtype)
     reencode = reencode and gen.family == "tokens"
     contrast = contrast if gen.family == "diffusion" else None
     per_label: dict[str, dict[str, float | None]] = {}
@@ -150,14 +151,14 @@ def evaluate_model(
 def round_trip(gen, video: torch.Tensor) -> np.ndarray:
     """Real frames (T, 3, H, W) in [-1, 1] through the generator's tokenizer and back, clip by
     clip as the generator decodes: uint8 (T, H, W, 3)."""
-    video = video.to(gen.device)
+    video = video.to(gen.device, gen.dtype)
     if hasattr(gen, "tokenizer"):  # token family: LARP, each clip encoded on its own
         clips = video.reshape(-1, gen.clip_len, *video.shape[1:])
         ids = gen.tokenizer.encode(clips)  # (clips, N): each clip on its own, in one batch
         recon = gen.tokenizer.decode_video(ids[None])  # a context decoder reads clip i - 1
     else:  # diffusion family: the per-frame KL autoencoder
         recon = gen.autoencoder.decode(gen.autoencoder.encode(video[None]))
-    return to_uint8(recon[0].clamp(-1, 1).cpu()).numpy()
+    return to_uint8(recon[0].float().clamp(-1, 1).cpu()).numpy()
 
 
 def real_videos(
@@ -185,12 +186,17 @@ def real_figures(frames: int, labels: list[int], seeds: list[int], clip_len: int
 
 
 def tokenizer_round_trip(
-    name: str, frames: int, labels: list[int], seeds: list[int], device: str = "cpu"
+    name: str,
+    frames: int,
+    labels: list[int],
+    seeds: list[int],
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> dict[str, float | None]:
     """The scene figures of the real videos after the round trip through the model's
     tokenizer: the ceiling of what its generator can score, and the seam baseline of the
     token family."""
-    gen = load_generator(name, max_streams=1, device=device)
+    gen = load_generator(name, max_streams=1, device=device, dtype=dtype)
     rows = [
         score_video(round_trip(gen, to_model_range(v)), label, gen.clip_len)
         for label, v in real_videos(frames, labels, seeds, gen.frame_shape[0])
@@ -213,6 +219,7 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="token models; 1 = off")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="float32", help="the generators': float32 or bfloat16")
     parser.add_argument(
         "--context", type=int, default=0, help="continue real videos' first N frames (0 = off)"
     )
@@ -243,6 +250,7 @@ def main() -> None:
         "true_mean_speed": TRUE_SPEED,
         "machine": f"{platform.platform()}, {os.cpu_count()} cpus, torch {torch.__version__}",
         "device": args.device,
+        "dtype": args.dtype,
         "context_frames": args.context,
         "reencode": args.reencode,
         "contrast": args.contrast,
@@ -265,9 +273,12 @@ def main() -> None:
             args.context,
             args.reencode,
             args.contrast,
+            args.dtype,
             **sampling,
         )
-        trip = tokenizer_round_trip(name, min(args.frames, 256), labels, seeds, args.device)
+        trip = tokenizer_round_trip(
+            name, min(args.frames, 256), labels, seeds, args.device, args.dtype
+        )
         result[name]["tokenizer_round_trip"] = trip
         seam = result[name]["summary"].get("seam_ratio")
         if trip["seam_ratio"] and seam:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests.models import save_test_generators
 
@@ -113,3 +114,21 @@ def test_dtype_benchmark_compares_the_two_dtypes_of_one_model(family, tmp_path):
         assert 0 < got["first_clip_mean_abs_diff"] < 8
     else:
         assert "first_clip_mean_abs_diff" not in got
+
+
+@pytest.mark.parametrize("family", ["diffusion", "tokens"])
+def test_quality_scores_a_bfloat16_generator_and_its_round_trip(family, tmp_path, monkeypatch):
+    path = save_test_generators(tmp_path)[family]
+    made = []
+    real_load = quality.load_generator
+
+    def spy(*args, **kwargs):
+        made.append(real_load(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(quality, "load_generator", spy)
+    clip = real_load(path).clip_len
+    out = quality.evaluate_model(path, 2 * clip, [1], [0], 2, 1.0, dtype="bfloat16")
+    trip = quality.tokenizer_round_trip(path, 2 * clip, [1], [0], dtype="bfloat16")
+    assert [g.dtype for g in made] == [torch.bfloat16, torch.bfloat16]
+    assert 0 <= out["summary"]["count_accuracy"] <= 1 and 0 <= trip["count_accuracy"] <= 1
