@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from vidgen.cli import main
 from vidgen.config import ConfigError, load_group
@@ -166,6 +167,11 @@ def test_data_group_composes_to_data_config(name):
         (["data.stride=0"], "bad config: data.stride must be >= 1"),
         (["data.size=0"], "bad config: data.size must be >= 1"),
         (["train.device=bogus"], "bad config: train.device must be auto, cpu, cuda or cuda:N"),
+        pytest.param(
+            ["train.device=cuda"],
+            "cannot start: train.device='cuda' but CUDA is not available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine"),
+        ),
         # A nested world config's own check names its leaf field: the key it is under too.
         (["data.bouncing.max_shapes=9"], "bad config: data.bouncing: need 1 <= min_shapes"),
         (["data=agent", "data.agent.step=0"], "bad config: data.agent: step must be"),

@@ -985,3 +985,55 @@ def test_world_clips_are_keyed_by_the_worlds_version(monkeypatch):
     before = encoded.data_description(data, "train")
     monkeypatch.setattr(encoded, "WORLDS_VERSION", encoded.WORLDS_VERSION + 1)
     assert encoded.data_description(data, "train") != before
+
+
+def test_a_resume_on_another_thread_count_is_recorded(tmp_path, caplog):
+    """CPU sums depend on the thread count: a resume with another one is not bitwise equal to
+    the uninterrupted run, and was not even logged (train.threads is an invocation setting)."""
+    kl = ["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2"]
+    before = torch.get_num_threads()
+    try:
+        train([*kl, "train.threads=1"], tmp_path, 2, stop_at=1)
+        assert checkpoint.load(tmp_path / "state.safetensors").card["threads"] == 1
+        with caplog.at_level("WARNING"):
+            final = train([*kl, "train.threads=2"], tmp_path, 2)
+    finally:
+        torch.set_num_threads(before)
+    assert "torch threads 1 -> 2" in caplog.text
+    assert checkpoint.load(final).card["resumes"] == [
+        {"step": 1, "changes": {"torch threads": [1, 2]}}
+    ]
+
+
+def test_a_resume_into_another_architecture_is_refused_naming_the_change(tmp_path):
+    kl = ["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2"]
+    train(kl, tmp_path, 2, stop_at=1)
+    with pytest.raises(
+        TrainSetupError,
+        match=r"does not fit this run's model \(changed since "
+        r"it was saved: tokenizer.latent_channels 4 -> 8\)",
+    ):
+        train([*kl, "tokenizer.latent_channels=8"], tmp_path, 2)
+
+
+@pytest.mark.parametrize("key", ["grad_clip", "max_seconds"])
+def test_nan_train_settings_are_refused_by_name(key):
+    with pytest.raises(ValueError, match=f"train.{key} must be finite, got nan"):
+        TrainConfig(**{key: float("nan")})
+
+
+def test_an_nbp_run_over_frames_of_another_size_is_refused_before_encoding(tmp_path):
+    from tests.models import save_test_generators
+
+    save_test_generators(tmp_path / "models")
+    overrides = [
+        "model=nbp-test",
+        *SMALL_BOUNCING,
+        "data.size=64",
+        "data.clip_len=8",
+        "data.num_clips=4",
+        f"frozen_tokenizer={tmp_path / 'models' / 'larp-test.safetensors'}",
+    ]
+    with pytest.raises(TrainSetupError, match="data.size=64 must equal the tokenizer's frame"):
+        train(overrides, tmp_path / "run", 2)
+    assert not (tmp_path / "run").exists()

@@ -14,7 +14,15 @@ from vidgen import checkpoint
 from vidgen.data import DataConfig
 from vidgen.fsutil import exclusive, remove_temps
 from vidgen.io import VideoReadError
-from vidgen.train.loop import StepSampler, Task, TrainConfig, TrainSetupError, lr_at, train
+from vidgen.train.loop import (
+    StepSampler,
+    Task,
+    TrainConfig,
+    TrainSetupError,
+    lr_at,
+    resolve_device,
+    train,
+)
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +208,7 @@ def run_train(cfg: TrainCommandConfig) -> Path:
             log.info("removed %d temporary file(s) a killed run left in %s", stale, out)
         torch.manual_seed(cfg.train.seed)  # the model's initial weights are part of the run
         try:
+            resolve_device(cfg.train.device)  # no CUDA for train.device=cuda: refused here
             task = build_task(cfg)
         except (FileNotFoundError, ValueError, VideoReadError, checkpoint.CheckpointError) as err:
             if made and [p.name for p in out.iterdir()] == [LOCK_FILE]:

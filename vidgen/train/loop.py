@@ -79,8 +79,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_batches < 0:
             raise ValueError(f"train.eval_batches must be >= 0, got {self.eval_batches}")
-        if self.grad_clip < 0:
-            raise ValueError(f"train.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        # check_number refuses NaN, which passed a plain `< 0` (a NaN clip wrecked the weights)
+        check_number("train.grad_clip", self.grad_clip, minimum=0)
         check_number("train.lr", self.lr, minimum=0)
         check_number("train.min_lr_ratio", self.min_lr_ratio, minimum=0, maximum=1)
         check_number("train.beta1", self.beta1, minimum=0, below=1)
@@ -88,8 +88,7 @@ class TrainConfig:
         check_number("train.weight_decay", self.weight_decay, minimum=0)
         for name in ("warmup", "stop_at", "threads"):
             check_int(f"train.{name}", getattr(self, name), minimum=0)
-        if self.max_seconds < 0:
-            raise ValueError(f"train.max_seconds must be >= 0 (0 = off), got {self.max_seconds}")
+        check_number("train.max_seconds", self.max_seconds, minimum=0)
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"train.precision must be fp32 or bf16, got {self.precision!r}")
         if self.device != "auto":
@@ -371,12 +370,25 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
     history: list[dict[str, float]] = []  # metrics logged, earlier runs' included
     resumes: list[dict[str, Any]] = []  # each resume's step and changed settings
     state_path = out / STATE_FILE
+    threads = torch.get_num_threads()  # CPU sums, so results, depend on it
     if cfg.resume and state_path.exists():
         state = checkpoint.load(state_path)
-        start, before = _load_state(state, model, ema, opt, gen, adv)
+        changes = setting_changes(state.config, dataclasses.asdict(task.run_config))
+        saved_threads = state.card.get("threads")
+        if device.type == "cpu" and saved_threads not in (None, threads):
+            changes["torch threads"] = [saved_threads, threads]
+        try:
+            start, before = _load_state(state, model, ema, opt, gen, adv)
+        except checkpoint.CheckpointError as err:  # another architecture than the state's
+            named = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+            raise TrainSetupError(
+                f"the state in {out} does not fit this run's model"
+                + (f" (changed since it was saved: {named})" if named else "")
+                + f": {err}. Resume with its settings, or start over with another out (or "
+                "train.resume=false)"
+            ) from None
         history = list(state.card.get("history", []))
         resumes = list(state.card.get("resumes", []))
-        changes = setting_changes(state.config, dataclasses.asdict(task.run_config))
         resumes.append({"step": start, "changes": changes})
         log.info("resuming %s from step %d", state_path, start)
         if changes:
@@ -557,6 +569,8 @@ def _save_state(
     tensors, card = _state_tensors(model, ema, opt, gen, adv)
     card.update(step=step, wall_seconds=wall, history=(history or [])[-HISTORY_KEPT:])
     card["resumes"] = resumes or []
+    # CPU results depend on the thread count (reduction order): a resume compares it.
+    card["threads"] = torch.get_num_threads()
     checkpoint.save(path, tensors, task.run_config, card=card)
 
 

@@ -90,6 +90,9 @@ def nbp_task(
         raise ValueError(
             f"data.clip_len={data.clip_len} must be whole clips of {larp.config.frames} frames"
         )
+    size = larp.autoencoder.config.image_size if larp.autoencoder else larp.config.size
+    if data.size != size:  # found only once the first batch was encoded, without the key
+        raise ValueError(f"data.size={data.size} must equal the tokenizer's frame size {size}")
     ours = (config.tokens_per_clip, config.vocab, config.frames_per_clip)
     theirs = (larp.config.num_tokens, larp.config.codebook_size, larp.config.frames)
     if ours != theirs:
