@@ -365,6 +365,22 @@ def test_a_render_that_cannot_go_on_exits_1_and_says_it_resumes(tmp_path, capsys
     assert "Traceback" not in err
 
 
+def test_a_render_whose_writes_fail_exits_1_and_says_it_resumes(tmp_path, capsys, monkeypatch):
+    import workers.render
+
+    model = serve_locally(tmp_path, monkeypatch)
+
+    def full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(workers.render, "save_snapshot", full)
+    out = tmp_path / "x.mp4"
+    assert main(["render", f"model={model}", "frames=8", "steps=1", f"out={out}"]) == 1
+    err = capsys.readouterr().err
+    assert "stopped: writing the video failed: OSError: No space left on device" in err
+    assert "resumes" in err and "Traceback" not in err and not out.exists()
+
+
 def test_the_provenance_names_the_context_video(tmp_path, monkeypatch):
     """The request's JSON leaves the context frames out: the sidecar names the video."""
     import json

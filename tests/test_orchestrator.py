@@ -16,7 +16,7 @@ from vidgen.generators import Clip, GenerationRequest, generate_video, load_gene
 from vidgen.io import read_metadata, read_video
 from workers.actor import GeneratorWorker
 from workers.executors import ExecutorFailed, LocalExecutor
-from workers.orchestrator import Orchestrator, QueueSink
+from workers.orchestrator import Orchestrator, QueueSink, SinkError
 from workers.render import parts_folder, render
 
 
@@ -932,7 +932,7 @@ def test_a_clip_whose_sink_raised_is_delivered_on_the_next_run(model):
     orch = Orchestrator(local(model))
     sink = _BrokenOnce()
     key = orch.submit(req, sink=sink)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(SinkError, match="OSError: disk full"):
         orch.run()
     orch.run()
     assert [c.clip for c in sink.queue] == list(range(orch.streams[key].num_clips))
@@ -1408,3 +1408,105 @@ def test_no_progress_for_one_stream_leaves_the_others_whole(model):
     got = np.concatenate([c.frames for c in orch.streams[q].sink.queue])
     diff = np.abs(got.astype(int) - reference(model, rq))
     assert diff.max() <= 2 and (diff == 0).mean() > 0.99  # batched vs alone
+
+
+def test_a_last_segment_that_failed_to_close_is_never_published_short(model, tmp_path, monkeypatch):
+    """The close of the last, partial segment raised inside the sink's finish: the stream
+    still counted as done, and finish joined the segments on disk into a short video,
+    removing the parts folder a re-run would resume from."""
+    import workers.render as R
+    from vidgen.io import VideoWriter
+
+    clip = load_generator(model, 1).clip_len
+    req = request_for(model, frames=10 * clip)
+    last = 8  # segments of 4 clips: the last one (clips 8 and 9) is partial
+    real_close, failed = VideoWriter.close, []
+
+    def close(self):
+        if self.path.name == R.segment_name(last) and not failed:
+            failed.append(self.path)
+            self.abort()
+            raise OSError("disk full")
+        return real_close(self)
+
+    monkeypatch.setattr(VideoWriter, "close", close)
+    orch = Orchestrator(local(model))
+    out = tmp_path / "v.mp4"
+    job = R.RenderJob(req, out, segment_clips=4, lossless=True, progress=False)
+    job.start(orch)
+    with pytest.raises(SinkError, match="disk full"):
+        orch.run(until=lambda: job.done)
+    orch.run(until=lambda: job.done)  # as a caller retrying after a sink error does
+    assert failed and job.done
+    with pytest.raises(R.IncompleteRender, match="do not hold all 10 clips"):
+        job.finish()
+    job.abandon()
+    assert not out.exists() and parts_folder(out).exists()
+    monkeypatch.setattr(VideoWriter, "close", real_close)
+    again = render(Orchestrator(local(model)), req, out, segment_clips=4, lossless=True)
+    np.testing.assert_array_equal(read_video(again.path).numpy(), reference(model, req))
+
+
+def test_a_start_that_fails_after_submitting_leaves_no_stream_behind(model, tmp_path, monkeypatch):
+    """A guard write failed after the stream was submitted: the stream went on writing
+    segments into the unlocked folder, without that guard."""
+    import workers.render as R
+
+    real = R._write_text
+
+    def write_text(path, text):
+        if path.name == "model.sha256":
+            raise OSError("disk full")
+        return real(path, text)
+
+    monkeypatch.setattr(R, "_write_text", write_text)
+    orch = Orchestrator(local(model))
+    job = R.RenderJob(request_for(model, frames=16), tmp_path / "a.mp4", 1, progress=False)
+    with pytest.raises(OSError, match="disk full"):
+        job.start(orch)
+    assert orch.streams == {} and not R.lock_file(tmp_path / "a.mp4").exists()
+    monkeypatch.setattr(R, "_write_text", real)
+    render(orch, request_for(model, frames=16, seed=7), tmp_path / "b.mp4", progress=False)
+    assert not any(parts_folder(tmp_path / "a.mp4").glob("part_*"))
+
+
+def test_one_batch_items_write_error_fails_that_item_alone(models, tmp_path, monkeypatch):
+    """A truth save that raised (disk full) escaped the batch: no row for any item, and the
+    other items' locks stayed held."""
+    import workers.render as R
+    from workers.jobs.render import parse_manifest, run_batch
+
+    model = models["diffusion"]
+    real = R.save_snapshot
+
+    def save(path, truth):
+        if ".a.mp4.parts" in str(path):
+            raise OSError("disk full")
+        return real(path, truth)
+
+    monkeypatch.setattr(R, "save_snapshot", save)
+    lines = [
+        {"id": i, "model": model, "frames": 16, "label": 1, "steps": 2, "seed": s}
+        for s, i in enumerate("abc")
+    ]
+    manifest = tmp_path / "items.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def executors_for(m):
+        return [LocalExecutor(GeneratorWorker(m, max_streams=2))]
+
+    rows = run_batch(parse_manifest(manifest, out, 1000), out, executors_for, segment_clips=1)
+    status = {r["id"]: r["status"] for r in rows}
+    assert status == {"a": "error", "b": "ok", "c": "ok"}
+    assert "OSError: disk full" in next(r["error"] for r in rows if r["id"] == "a")
+    assert not list(out.glob("*.lock")) and parts_folder(out / "a.mp4").exists()
+    monkeypatch.setattr(R, "save_snapshot", real)  # room again: the re-run resumes a
+    (row,) = run_batch(parse_manifest(manifest, out, 1000), out, executors_for, segment_clips=1)
+    assert row["id"] == "a" and row["status"] == "ok"
+
+
+def test_queue_clips_must_hold_a_clip(model):
+    with pytest.raises(ValueError, match="queue_clips must be >= 1, got 0"):
+        Orchestrator(local(model), queue_clips=0)

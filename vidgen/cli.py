@@ -109,8 +109,8 @@ def _render(cfg: Any) -> int:
     from vidgen.io import VideoReadError
     from workers.actor import ActorLoadError, SchedulingError
     from workers.executors import RayExecutor
-    from workers.orchestrator import NoExecutorsLeft, Orchestrator
-    from workers.render import render
+    from workers.orchestrator import NoExecutorsLeft, Orchestrator, SinkError
+    from workers.render import IncompleteRender, render
 
     executors: list[RayExecutor] = []
     try:
@@ -158,6 +158,14 @@ def _render(cfg: Any) -> int:
         reason = getattr(err, "cause", None) or err
         print(f"{PROG} render: bad request: {reason}", file=sys.stderr)  # or a resume refused
         return 2
+    except (SinkError, IncompleteRender) as err:  # a segment or truth write failed (disk full)
+        reason = err.cause if isinstance(err, SinkError) else err
+        print(
+            f"{PROG} render: stopped: writing the video failed: {type(reason).__name__}: "
+            f"{reason}. The finished segments stay: the same command resumes from them.",
+            file=sys.stderr,
+        )
+        return 1
     except NoExecutorsLeft as err:  # actors lost for good, or a step that always fails
         print(
             f"{PROG} render: stopped: {err}. The finished segments stay: the same command "

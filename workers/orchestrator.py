@@ -67,6 +67,15 @@ def _differ(info: dict[str, Any], other: dict[str, Any]) -> list[str]:
     return [k for k in SAME_FRAMES if info.get(k) != other.get(k)]
 
 
+class SinkError(RuntimeError):
+    """A stream's sink raised (a segment or truth write failed): ``key`` is the stream,
+    ``cause`` the sink's error. The stream keeps the clip; a run delivers it again."""
+
+    def __init__(self, key: int, cause: BaseException) -> None:
+        super().__init__(f"stream {key}'s sink failed: {type(cause).__name__}: {cause}")
+        self.key, self.cause = key, cause
+
+
 class ExecutorChanged(RuntimeError):
     """An executor came back from a restart making other frames (``SAME_FRAMES``)."""
 
@@ -194,6 +203,8 @@ class Orchestrator:
             raise ValueError(f"step_timeout must be > 0 seconds (or None), got {step_timeout}")
         if max_failures < 1:
             raise ValueError(f"max_failures must be >= 1, got {max_failures}")
+        if queue_clips < 1:  # 0 made every run fail as if no sink were drained
+            raise ValueError(f"queue_clips must be >= 1, got {queue_clips}")
         self.max_failures = max_failures
         self.executors: list[Executor | None] = list(executors)
         self.snapshot_every = max(1, snapshot_every)
@@ -493,13 +504,20 @@ class Orchestrator:
     def _deliver(self, s: _Stream) -> None:
         while s.delivered in s.frames:
             # Taken out only once the sink has it: a sink that raises keeps the clip here.
-            s.sink.put(Clip(stream=s.key, clip=s.delivered, frames=s.frames[s.delivered]))
+            clip = Clip(stream=s.key, clip=s.delivered, frames=s.frames[s.delivered])
+            try:
+                s.sink.put(clip)
+            except Exception as err:  # named by stream: a caller can give up on it alone
+                raise SinkError(s.key, err) from err
             del s.frames[s.delivered]
             s.delivered += 1
             s.failures = 0
             self._forget_old_truths(s)
         if s.done:
-            s.sink.finish()
+            try:
+                s.sink.finish()
+            except Exception as err:
+                raise SinkError(s.key, err) from err
 
     def _forget_old_truths(self, s: _Stream) -> None:
         """Keep the newest checkpoint at or before the last delivered clip, and later ones:

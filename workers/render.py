@@ -52,6 +52,11 @@ class RenderResult:
         return (self.frames - self.resumed_frames) / max(self.seconds, 1e-9)
 
 
+class IncompleteRender(RuntimeError):
+    """A render's stream is done but its segments do not hold every clip (a write failed):
+    nothing is published; its parts folder stays for a re-run to resume from."""
+
+
 class SegmentSink:
     """Writes a stream's clips to numbered segment files; calls ``on_flush(clips)`` after
     each segment is safely on disk."""
@@ -105,7 +110,13 @@ class SegmentSink:
             self._flush()
 
     def _flush(self) -> None:
-        self.writer.close()
+        try:
+            self.writer.close()
+        except BaseException as err:  # the segment never reached its name: its clips are
+            self.failed = err  # not on disk, and the render must not count them
+            self.writer.abort()
+            self.writer = None
+            raise
         self.writer, self.in_segment = None, 0
         try:
             self.on_flush(self.clips)
@@ -367,16 +378,20 @@ class RenderJob:
             on_clip=lambda clip: self.bar.update(len(clip.frames)),
         )
         self.started = time.perf_counter()
+        self.sink = sink
         try:
             self.key = orchestrator.submit(self.request, sink=sink, truth=truth)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for name, value in guards.items():
+                path = self.folder / name
+                if not path.exists() or path.read_text().strip() != value:
+                    _write_text(path, value)  # atomic: a kill must not leave an empty guard
         except BaseException:
             self.bar.close()
+            if self.key is not None:  # submitted: it would go on writing into the folder,
+                orchestrator.cancel(self.key)  # unlocked and without all its guards
+                self.key = None
             raise
-        self.folder.mkdir(parents=True, exist_ok=True)
-        for name, value in guards.items():
-            path = self.folder / name
-            if not path.exists() or path.read_text().strip() != value:
-                _write_text(path, value)  # atomic: a kill must not leave an empty guard
         return self.key
 
     def _save_truth(self, clips: int) -> None:
@@ -405,7 +420,15 @@ class RenderJob:
         extra = {"lossless": self.lossless, **(self.extra or {})}
         provenance = _provenance(self.orchestrator, self.request, extra)
         # Contiguity was checked when the folder was resumed; since then this render (holding
-        # the lock) appended segments in clip order, which its sink enforces.
+        # the lock) appended segments in clip order, which its sink enforces. A sink whose
+        # last write failed holds fewer: never publish a short video.
+        clips = self.request.frames // self.orchestrator.clip_len
+        sink = self.sink
+        if sink.failed is not None or sink.writer is not None or sink.clips != clips:
+            raise IncompleteRender(
+                f"{self.out}: its segments do not hold all {clips} clips (a write failed: "
+                f"{sink.failed}); the parts folder stays, run again to resume"
+            )
         concat_videos(
             segments(self.folder),
             self.out,

@@ -38,7 +38,7 @@ from vidgen.generators import GenerationRequest, check_generator
 from vidgen.generators.base import DTYPES
 from vidgen.render_config import load_context
 from workers.actor import remote_reason
-from workers.orchestrator import NoExecutorsLeft, Orchestrator
+from workers.orchestrator import NoExecutorsLeft, Orchestrator, SinkError
 from workers.render import RenderJob, finished_render
 
 log = logging.getLogger("workers.jobs.render")
@@ -326,10 +326,25 @@ def _render_group(
             results.add(rows[-1])
             log.info("%s: %d frames in %.1fs", item_id, result.frames, result.seconds)
 
+    def drop_failed(err: SinkError) -> None:
+        """An item whose segment or truth write failed: given up on (its parts folder stays
+        for a re-run to resume), recorded as an error; the others go on."""
+        found = [i for i, job in pending.items() if job.key == err.key]
+        if not found:  # not one of this batch's streams
+            raise err
+        item_id = found[0]
+        log.error("%s: writing its video failed: %s", item_id, err.cause)
+        pending.pop(item_id).abandon()
+        rows.append(_error_row(items[item_id], _describe(err.cause)))
+        results.add(rows[-1])
+
     try:
         admit()
         while pending:
-            orch.run(until=lambda: any(job.done for job in pending.values()))
+            try:
+                orch.run(until=lambda: any(job.done for job in pending.values()))
+            except SinkError as err:
+                drop_failed(err)
             finish_done()
             admit()
     except NoExecutorsLeft as err:
@@ -341,6 +356,10 @@ def _render_group(
                 pending.pop(item.id).abandon()
             rows.append(_error_row(item, _describe(err)))
             results.add(rows[-1])
+    except BaseException:  # anything else ends the batch: no item's stream goes on, and
+        for job in pending.values():  # no lock stays held
+            job.abandon()
+        raise
     return rows
 
 
