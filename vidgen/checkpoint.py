@@ -189,7 +189,8 @@ def write_safetensors(
     f: Any, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
 ) -> None:
     """Write CPU-contiguous ``state`` with string ``metadata`` to the binary file ``f`` in the
-    safetensors format, one tensor at a time (the same bytes as ``safetensors.torch.save``)."""
+    safetensors format, one tensor at a time: the layout of ``safetensors.torch.save`` (whose
+    metadata comes out in hash order; here in the order given, so a file is reproducible)."""
     for name, t in state.items():
         if t.dtype not in _SAFETENSORS_DTYPES:
             raise TypeError(f"tensors[{name!r}]: dtype {t.dtype} cannot be saved")
