@@ -512,11 +512,17 @@ def test_checkpoints_are_written_tensor_by_tensor_in_safetensors_own_bytes():
     g = torch.Generator().manual_seed(0)
     dtypes = [torch.float64, torch.int64, torch.float32, torch.int32, torch.float16]
     dtypes += [torch.bfloat16, torch.int16, torch.int8, torch.uint8, torch.bool]
+    # those safetensors' own save took before this writer, which must too
+    dtypes += [torch.uint64, torch.uint32, torch.uint16, torch.complex64]
+    dtypes += [torch.float8_e4m3fn, torch.float8_e5m2]
     state = {}
     for i, dtype in enumerate(dtypes):
-        state[f"w{i}"] = (torch.randn(3, 4, generator=g) * 50).to(dtype)
-        state[f"a{9 - i}"] = torch.zeros(0, 2, dtype=dtype)
-        state[f"s{i}"] = torch.tensor(1, dtype=dtype)
+        values = torch.randn(3, 4, generator=g) * 50
+        if not (dtype.is_floating_point or dtype.is_complex):
+            values = values.abs()  # unsigned kinds
+        state[f"w{i:02d}"] = values.to(dtype)
+        state[f"a{len(dtypes) - i:02d}"] = torch.zeros(0, 2, dtype=dtype)
+        state[f"s{i:02d}"] = torch.tensor(1).to(dtype)
 
     def parts(data: bytes) -> tuple[dict, bytes]:  # (header, tensor bytes)
         n = int.from_bytes(data[:8], "little")
@@ -529,7 +535,11 @@ def test_checkpoints_are_written_tensor_by_tensor_in_safetensors_own_bytes():
         # and the same tensor bytes at the same offsets.
         assert parts(out.getvalue()) == parts(save(state, metadata=metadata or None))
         assert len(out.getvalue()) == len(save(state, metadata=metadata or None))
-    with pytest.raises(TypeError, match=r"tensors\['c'\]: dtype torch.complex64"):
-        write_safetensors(io.BytesIO(), {"c": torch.zeros(2, dtype=torch.complex64)}, {})
+    with pytest.raises(TypeError, match=r"tensors\['c'\]: dtype torch.complex128"):
+        write_safetensors(io.BytesIO(), {"c": torch.zeros(2, dtype=torch.complex128)}, {})
+    with pytest.raises(ValueError, match="a tensor cannot be named '__metadata__'"):
+        write_safetensors(io.BytesIO(), {"__metadata__": torch.zeros(2)}, {})
+    with pytest.raises(ValueError, match="safetensors reads at most 100,000,000"):
+        write_safetensors(io.BytesIO(), {}, {"card": "x" * 100_000_001})
     with pytest.raises(ValueError, match="contiguous CPU tensor"):
         write_safetensors(io.BytesIO(), {"t": torch.zeros(4, 4).t()}, {})

@@ -108,3 +108,27 @@ def test_remove_temps_takes_only_the_temp_files_a_writer_left(tmp_path):
     assert all((tmp_path / name).exists() for name in kept)
     assert (tmp_path / ".sub.01234567.tmp").is_dir()
     assert fsutil.remove_temps(tmp_path / "missing") == 0
+
+
+@pytest.mark.parametrize("raw", [b"caf\xe9", b"\xe9" * 100])
+def test_a_name_that_is_not_utf8_is_written(tmp_path, raw):
+    """Names decoded with surrogate escapes (Latin-1 bytes on a UTF-8 system) had no
+    str.encode(): every atomic write to them raised UnicodeEncodeError."""
+    final = tmp_path / os.fsdecode(raw + b".bin")
+    tmp = fsutil.temp_beside(final)
+    tmp.write_bytes(b"data")
+    fsutil.publish(tmp, final)
+    assert final.read_bytes() == b"data" and os.listdir(tmp_path) == [final.name]
+
+
+def test_a_write_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path):
+    real = tmp_path / "real" / "f.bin"
+    real.parent.mkdir()
+    real.write_bytes(b"old")
+    link = tmp_path / "link.bin"
+    link.symlink_to(real)
+    tmp = fsutil.temp_beside(link)
+    assert tmp.parent == real.parent  # the rename stays on the target's filesystem
+    tmp.write_bytes(b"new")
+    fsutil.publish(tmp, link)
+    assert link.is_symlink() and real.read_bytes() == b"new" and link.read_bytes() == b"new"

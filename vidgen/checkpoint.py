@@ -171,17 +171,24 @@ def _write(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str])
 # safetensors' dtype names, in the order its writer lays tensors out (widest first, so every
 # tensor's bytes are aligned to its item size after the 8-byte-aligned header).
 _SAFETENSORS_DTYPES = {
+    torch.uint64: "U64",
     torch.int64: "I64",
     torch.float64: "F64",
+    torch.complex64: "C64",
     torch.float32: "F32",
+    torch.uint32: "U32",
     torch.int32: "I32",
     torch.bfloat16: "BF16",
     torch.float16: "F16",
+    torch.uint16: "U16",
     torch.int16: "I16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
     torch.int8: "I8",
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+MAX_HEADER_BYTES = 100_000_000  # safetensors refuses to read a larger header
 _LAYOUT_RANK = {dtype: rank for rank, dtype in enumerate(_SAFETENSORS_DTYPES)}
 
 
@@ -192,6 +199,8 @@ def write_safetensors(
     safetensors format, one tensor at a time: the layout of ``safetensors.torch.save`` (whose
     metadata comes out in hash order; here in the order given, so a file is reproducible)."""
     for name, t in state.items():
+        if name == "__metadata__":  # the header's own key: it would replace the metadata
+            raise ValueError("a tensor cannot be named '__metadata__'")
         if t.dtype not in _SAFETENSORS_DTYPES:
             raise TypeError(f"tensors[{name!r}]: dtype {t.dtype} cannot be saved")
         if t.device.type != "cpu" or not t.is_contiguous():
@@ -210,6 +219,11 @@ def write_safetensors(
         offset += size
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     raw += b" " * (-len(raw) % 8)
+    if len(raw) > MAX_HEADER_BYTES:  # written, it could never be loaded
+        raise ValueError(
+            f"the checkpoint's header (config, card and tensor names) would be {len(raw):,} "
+            f"bytes; safetensors reads at most {MAX_HEADER_BYTES:,}: keep the card smaller"
+        )
     f.write(struct.pack("<Q", len(raw)))
     f.write(raw)
     for name in names:

@@ -28,16 +28,24 @@ def temp_stem(path: Path) -> str:
     and a hash of the whole, so that the temp files of two long names that begin alike
     stay apart (a cleanup of one must never take the other's)."""
     stem = path.stem
-    if len(stem.encode()) <= STEM_BYTES:
+    raw = os.fsencode(stem)  # the name's bytes: a non-UTF-8 one has no str.encode()
+    if len(raw) <= STEM_BYTES:
         return stem
     # Cut by bytes, not characters: 64 four-byte characters would be 256 bytes.
-    head = stem.encode()[: STEM_BYTES - 13].decode("utf-8", "ignore")
-    return f"{head}~{hashlib.sha256(stem.encode()).hexdigest()[:12]}"
+    head = os.fsdecode(raw[: STEM_BYTES - 13].decode("utf-8", "ignore").encode())
+    return f"{head}~{hashlib.sha256(raw).hexdigest()[:12]}"
+
+
+def target(path: Path) -> Path:
+    """Where a write to ``path`` goes: through a symlink, to the file it points to (a
+    rename over the link would replace the link and leave its target stale)."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
 def temp_beside(path: Path, suffix: str = ".tmp") -> Path:
     """A new empty hidden file in ``path``'s folder (created if missing), named
-    ``.<temp_stem>.<8 hex><suffix>``."""
+    ``.<temp_stem>.<8 hex><suffix>`` (beside a symlink's target, as ``publish`` writes it)."""
+    path = target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         tmp = path.parent / f".{temp_stem(path)}.{secrets.token_hex(4)}{suffix}"
@@ -89,7 +97,9 @@ def _fsync(path: Path) -> None:
 
 def publish(tmp: Path, final: Path) -> None:
     """Rename the finished ``tmp`` onto ``final`` atomically, with ordinary permissions,
-    and flush both the file and the folder's entry to disk."""
+    and flush both the file and the folder's entry to disk. A symlink ``final`` keeps
+    pointing where it did: its target is replaced."""
+    final = target(final)
     # A new file keeps the mode it was created with (0666 less the umask).
     with contextlib.suppress(FileNotFoundError):
         os.chmod(tmp, stat.S_IMODE(os.stat(final).st_mode))
