@@ -129,6 +129,12 @@ def test_env_continuous_action_space_and_step() -> None:
     env.reset(seed=0)
     with pytest.raises(ValueError, match="finite"):
         env.step(np.array([np.nan, 0.0], dtype=np.float32))
+    # Outside the space: refused, not clipped to max_speed without a word.
+    with pytest.raises(ValueError, match=r"within the action space's \+-3 per axis"):
+        env.step(np.array([100.0, 0.0]))
+    for _ in range(200):  # the space's own samples, its bounds included, pass
+        env.step(space.sample())
+    env.step(space.high)
 
 
 # -- world basics -----------------------------------------------------------------------------

@@ -101,6 +101,8 @@ def test_iter_frames_matches_trajectory():
         ({"num_shapes": True}, "num_shapes must be an int"),
         ({"max_speed": float("inf")}, "max_speed must be finite"),
         ({"min_radius": "5"}, "min_radius must be a number"),
+        # a triangle this small can cover no pixel centre: drawn as nothing, counted anyway
+        ({"min_radius": 1.0, "max_radius": 2.0}, r"need 1.414 <= min_radius"),
     ],
 )
 def test_bad_config_names_the_field(kwargs, message):

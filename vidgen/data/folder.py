@@ -13,6 +13,7 @@ from tqdm import tqdm
 from vidgen.data.worlds import NO_LABEL, to_model_range
 from vidgen.io import VideoInfo, VideoReadError, probe_video, read_video
 from vidgen.io.video import _parse_size
+from vidgen.validate import check_int
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,9 @@ class VideoFolder(Dataset):
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f"root {str(self.root)!r} is not a folder")
-        if clip_len < 1:
-            raise ValueError(f"clip_len must be >= 1, got {clip_len}")
+        check_int("clip_len", clip_len, minimum=1)  # 8.0 failed later as a bare TypeError
         stride = clip_len if stride is None else stride
-        if stride < 1:
-            raise ValueError(f"stride must be >= 1, got {stride}")
+        check_int("stride", stride, minimum=1)
         _parse_size(size)  # a bad size was only found at the first item, blamed on its file
         self.clip_len, self.size, self.stride = clip_len, size, stride
         self.files = video_files(self.root)

@@ -24,11 +24,18 @@ SPLITS = {"train": 0, "eval": 1}
 NO_LABEL = -1  # label of clips that have none (AgentWorld, real videos)
 
 
+# Eval world seeds lie at and above it, train ones below: the splits never share a world (32-bit
+# hashes of both splits collided now and then, and an eval clip was then a training clip).
+EVAL_SEED_OFFSET = 2**32
+
+
 def item_seed(seed: int, split: str, index: int) -> int:
-    """The world seed of item ``index`` of a split: independent streams per (seed, split)."""
+    """The world seed of item ``index`` of a split: independent streams per (seed, split),
+    the eval split's offset by ``EVAL_SEED_OFFSET`` (disjoint from every train seed)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
-    return int(np.random.SeedSequence([seed, SPLITS[split], index]).generate_state(1)[0])
+    drawn = int(np.random.SeedSequence([seed, SPLITS[split], index]).generate_state(1)[0])
+    return drawn + SPLITS[split] * EVAL_SEED_OFFSET
 
 
 def to_model_range(frames: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -77,11 +77,28 @@ class AgentWorldEnv(gymnasium.Env[np.ndarray, Any]):
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         world = self.world
+        if self.config.continuous:  # the world clips for policies; the env refuses instead
+            self._check_bounds(action)
         before = world.state.box
         state = world.step(action)
         self._frame_index += 1
         reward = float(np.hypot(state.box[0] - before[0], state.box[1] - before[1]))
         return world.render(state), reward, False, False, self._info(state)
+
+    def _check_bounds(self, action: Any) -> None:
+        """A continuous action outside the action space is refused (the world's own checks
+        name a wrong shape or a non-finite value)."""
+        try:
+            value = np.asarray(action, dtype=np.float64)
+        except (TypeError, ValueError):
+            return
+        limit = np.float32(self.config.max_speed)  # float32, as the space's samples are
+        inside = np.abs(value.astype(np.float32)) <= limit
+        if value.shape == (2,) and np.isfinite(value).all() and not inside.all():
+            raise ValueError(
+                f"action must be within the action space's +-{limit:g} per axis, got "
+                f"{value.tolist()}"
+            )
 
     def render(self) -> np.ndarray | None:
         if self.render_mode is None:

@@ -63,6 +63,8 @@ def data_description(data: DataConfig, split: str) -> str:
         fields["files"] = [[name, st.st_size, st.st_mtime_ns] for name, st in stats]
     else:  # procedural: the same settings render other frames after a change to the worlds
         fields["worlds_version"] = WORLDS_VERSION
+        if split == "eval":  # eval seeds moved past every train seed (EVAL_SEED_OFFSET)
+            fields["eval_seeds"] = "offset"
     return json.dumps({"split": split, **fields}, sort_keys=True)
 
 

@@ -24,6 +24,9 @@ SHAPES = ("circle", "square", "triangle")
 BOUNCING_PALETTE = ScenePalette(objects=dict(OBJECT_COLOURS), scenery=(BACKGROUND,))
 
 
+MIN_RADIUS = 2**0.5  # the smallest shape radius that always covers a pixel centre
+
+
 @dataclass
 class BouncingShapesConfig:
     """Sizes are in pixels, speeds in pixels per frame. ``num_shapes=None`` draws K from
@@ -56,9 +59,11 @@ class BouncingShapesConfig:
             raise ValueError(
                 f"num_shapes must be in [1, {len(OBJECT_COLOURS)}] or None, got {self.num_shapes}"
             )
-        if not 1.0 <= self.min_radius <= self.max_radius <= self.size / 4:
+        # A triangle's inscribed radius is half its radius: below sqrt(2) one can fall between
+        # pixel centres and draw nothing while its label and ground truth still count it.
+        if not MIN_RADIUS <= self.min_radius <= self.max_radius <= self.size / 4:
             raise ValueError(
-                f"need 1 <= min_radius <= max_radius <= size/4 = {self.size / 4}, "
+                f"need {MIN_RADIUS:.3f} <= min_radius <= max_radius <= size/4 = {self.size / 4}, "
                 f"got min_radius={self.min_radius}, max_radius={self.max_radius}"
             )
         if not 0.0 <= self.min_speed <= self.max_speed:
