@@ -543,3 +543,8 @@ def test_checkpoints_are_written_tensor_by_tensor_in_safetensors_own_bytes():
         write_safetensors(io.BytesIO(), {}, {"card": "x" * 100_000_001})
     with pytest.raises(ValueError, match="contiguous CPU tensor"):
         write_safetensors(io.BytesIO(), {"t": torch.zeros(4, 4).t()}, {})
+
+
+def test_a_path_too_long_for_the_filesystem_is_a_checkpoint_error(tmp_path):
+    with pytest.raises(CheckpointError, match="cannot be read: File name too long"):
+        checkpoint.resolve(tmp_path / ("x" * 300 + ".safetensors"))

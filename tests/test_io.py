@@ -600,3 +600,12 @@ def test_without_pyav_reading_and_writing_say_so(tmp_path, monkeypatch, lossless
     with pytest.raises(ImportError, match="needs PyAV"):
         probe_video(lossless_clip[0])
     assert not list(tmp_path.iterdir())
+
+
+def test_a_video_path_too_long_for_the_filesystem_is_a_read_error(tmp_path):
+    from vidgen.io import probe_video, read_video
+
+    path = tmp_path / ("y" * 300 + ".mp4")
+    for read in (read_video, probe_video):
+        with pytest.raises(VideoReadError, match="cannot be read: File name too long"):
+            read(path)

@@ -371,9 +371,13 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         if shipped.is_file():
             return shipped
         raise CheckpointError(f"no shipped checkpoint named {text!r}{_shipped_hint(text)}")
-    if path.is_file():
+    try:
+        is_file, is_dir = path.is_file(), path.is_dir()
+    except OSError as err:  # a name too long for the filesystem (ENAMETOOLONG), ...
+        raise CheckpointError(f"checkpoint path {text!r} cannot be read: {err.strerror}") from None
+    if is_file:
         return path
-    if path.is_dir():
+    if is_dir:
         found = sorted(p.name for p in path.glob(f"*{SUFFIX}"))[:5]
         raise CheckpointError(
             f"{text!r} is a folder, not a checkpoint file"

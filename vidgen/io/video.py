@@ -94,9 +94,13 @@ class VideoInfo:
 
 def _open_input(path: Path) -> Any:
     """Open `path` with PyAV, turning every failure into a VideoReadError naming the file."""
-    if not path.exists():
+    try:
+        exists, is_file = path.exists(), path.is_file()
+    except OSError as err:  # a name too long for the filesystem (ENAMETOOLONG), ...
+        raise VideoReadError(f"video path {path} cannot be read: {err.strerror}") from None
+    if not exists:
         raise VideoReadError(f"video file {path} does not exist")
-    if not path.is_file():
+    if not is_file:
         raise VideoReadError(f"video path {path} is not a regular file")
     if path.stat().st_size == 0:
         raise VideoReadError(f"video file {path} is empty (0 bytes)")
