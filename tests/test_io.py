@@ -238,6 +238,9 @@ def test_odd_size_needs_lossless(tmp_path):
         ({"fps": 1000.5}, r"fps must be <= 1000"),
         ({"metadata": {"comment": "a\x00b"}}, r"metadata key 'comment'.*NUL"),
         ({"metadata": {"x\x00y": "v"}}, r"metadata key 'x\\x00y'.*NUL"),
+        # the muxer's own tag (dropped on reading), and a key Matroska would lower-case
+        ({"metadata": {"encoder": "mine"}}, r"metadata key 'encoder' is the container's own"),
+        ({"metadata": {"Title": "x"}}, r"metadata key 'Title' must be lower-case"),
     ],
 )
 def test_writer_rejects_bad_settings(tmp_path, kwargs, match):

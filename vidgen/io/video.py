@@ -447,6 +447,13 @@ def _check_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
     ):
         raise TypeError(f"metadata must be a dict[str, str], got {metadata!r}")
     for key, value in metadata.items():
+        if key in _MUXER_TAGS:  # the muxer writes its own and reading drops them
+            raise ValueError(
+                f"metadata key {key!r} is the container's own ({', '.join(sorted(_MUXER_TAGS))})"
+                ": it would not be read back; choose another key"
+            )
+        if key != key.lower():  # Matroska stores tags lower-cased: it would read back so
+            raise ValueError(f"metadata key {key!r} must be lower-case (e.g. {key.lower()!r})")
         # FFmpeg keeps tags as C strings: everything after a NUL would be silently cut.
         if "\x00" in key or "\x00" in value:
             raise ValueError(
