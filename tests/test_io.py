@@ -612,3 +612,17 @@ def test_a_video_path_too_long_for_the_filesystem_is_a_read_error(tmp_path):
     for read in (read_video, probe_video):
         with pytest.raises(VideoReadError, match="cannot be read: File name too long"):
             read(path)
+
+
+def test_a_video_replaced_after_probing_is_not_read_as_the_probed_one(tmp_path):
+    """Probed at 16x16, then replaced by a 32x32 file: the new file's frames came back as
+    the old video's, without a word."""
+    from vidgen.io import probe_video, read_video
+
+    path = write(tmp_path / "a.mp4", moving_squares(5, size=16))
+    info = probe_video(path)
+    write(path, moving_squares(10, size=32))
+    for backend in ("auto", "pyav"):
+        with pytest.raises(VideoReadError, match="has changed since it was probed"):
+            read_video(path, info=info, backend=backend)
+    assert read_video(path, info=probe_video(path)).shape == (10, 32, 32, 3)

@@ -77,6 +77,8 @@ class VideoInfo:
     num_frames: frames actually present (counted from the packets, not the header).
     fps: average frame rate; 0.0 when the container does not say.
     codec: decoder name of the video stream, e.g. "h264".
+    identity: the file's (inode, size, modification time in ns) when probed: `read_video`
+    refuses an `info` whose file has changed since (None: not checked).
     """
 
     path: Path
@@ -85,6 +87,19 @@ class VideoInfo:
     width: int
     height: int
     codec: str
+    identity: tuple[int, int, int] | None = None
+
+
+def _stat_or_none(path: Path) -> tuple[int, int, int] | None:
+    try:
+        return _identity(path)
+    except OSError:
+        return None
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,6 +173,7 @@ def probe_video(path: PathLike) -> VideoInfo:
     """
     path = Path(path)
     with _open_input(path) as container:
+        identity = _identity(path)
         stream = _video_stream(container, path)
         ctx = stream.codec_context
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
@@ -175,6 +191,7 @@ def probe_video(path: PathLike) -> VideoInfo:
         width=width,
         height=height,
         codec=codec,
+        identity=identity,
     )
 
 
@@ -337,6 +354,9 @@ def read_video(
         info = probe_video(path)
     elif Path(info.path) != Path(path):
         raise ValueError(f"info describes {info.path}, not {path}")
+    elif info.identity is not None and _stat_or_none(Path(path)) != info.identity:
+        # Replaced or rewritten since: its frames would be read as the probed video's.
+        raise VideoReadError(f"{path} has changed since it was probed: probe it again")
     indices = _frame_range(info, start, num_frames)
     array = _decode(info, indices, backend)
     frames = torch.from_numpy(np.ascontiguousarray(array))
