@@ -548,3 +548,13 @@ def test_checkpoints_are_written_tensor_by_tensor_in_safetensors_own_bytes():
 def test_a_path_too_long_for_the_filesystem_is_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match="cannot be read: File name too long"):
         checkpoint.resolve(tmp_path / ("x" * 300 + ".safetensors"))
+
+
+def test_a_card_key_that_is_not_a_string_is_named(tmp_path):
+    for card, where in (
+        ({1: "a", "b": 2}, "card"),
+        ({"runs": [{"x": 1, 2: "y"}]}, r"card\['runs'\]\[0\]"),
+    ):
+        with pytest.raises(TypeError, match=rf"{where} keys must be str, got"):
+            checkpoint.save(tmp_path / "m.safetensors", make_model(4), TinyConfig(dim=4), card=card)
+    assert not list(tmp_path.iterdir())

@@ -148,8 +148,22 @@ def _metadata(
         "vidgen_version": vidgen.__version__ if vidgen_version is None else vidgen_version,
         "config_type": config_type,
         "config": json.dumps(dict(config), sort_keys=True),
-        "card": json.dumps(dict(card), sort_keys=True, default=str),
+        "card": json.dumps(_str_keys(dict(card), "card"), sort_keys=True, default=str),
     }
+
+
+def _str_keys(value: Any, where: str) -> Any:
+    """``value`` with every mapping key checked to be a str (JSON objects have no others:
+    keys of mixed types failed deep in json.dumps, naming nothing)."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where} keys must be str, got {key!r} ({type(key).__name__})")
+            _str_keys(item, f"{where}[{key!r}]")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _str_keys(item, f"{where}[{i}]")
+    return value
 
 
 def _write(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
