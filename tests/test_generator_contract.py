@@ -940,7 +940,7 @@ def test_a_snapshot_that_does_not_fit_its_request_is_refused(family):
     good = dataclasses.replace(snap, pending=[made.data])
     gen.restore(good)  # fits
     bad = {
-        "checkpoint_clip must be an int >= 0": dataclasses.replace(snap, checkpoint_clip=-2),
+        "checkpoint_clip must be >= 0, got -2": dataclasses.replace(snap, checkpoint_clip=-2),
         "does not match checkpoint_clip": dataclasses.replace(snap, checkpoint_clip=1),
         "without a cache": dataclasses.replace(snap, cache=None, pending=[made.data]),
         "its request makes 4": dataclasses.replace(snap, pending=[made.data] * 3),

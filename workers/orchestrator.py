@@ -67,6 +67,12 @@ def _differ(info: dict[str, Any], other: dict[str, Any]) -> list[str]:
     return [k for k in SAME_FRAMES if info.get(k) != other.get(k)]
 
 
+def _retire(executor: Executor) -> None:
+    """Stop an executor for good (a Ray actor is not restarted; a local one has nothing to
+    stop)."""
+    getattr(executor, "retire", executor.kill)()
+
+
 class SinkError(RuntimeError):
     """A stream's sink raised (a segment or truth write failed): ``key`` is the stream,
     ``cause`` the sink's error. The stream keeps the clip; a run delivers it again."""
@@ -587,7 +593,7 @@ class Orchestrator:
                 executor.recover()
                 differ = _differ(self.info, executor.info)
                 if differ:  # restarted on other weights (a file replaced in place) or settings
-                    getattr(executor, "retire", executor.kill)()
+                    _retire(executor)
                     raise ExecutorChanged(f"it came back different, in {differ}")
             except Exception as recover_err:
                 log.warning("executor %s did not come back (%s)", index, recover_err)
@@ -602,7 +608,7 @@ class Orchestrator:
                     log.warning(
                         "executor %s's replacement is not used: it differs in %s", index, differ
                     )
-                    getattr(replacement, "retire", replacement.kill)()  # a Ray actor for good
+                    _retire(replacement)
                     replacement = None
                 self.executors[index] = replacement
             gone, retry = self.executors[index] is None, None

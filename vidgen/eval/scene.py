@@ -129,11 +129,11 @@ def _blobs(mask: np.ndarray) -> tuple[np.ndarray, ...]:
     t_idx, y_idx, x_idx = np.nonzero(components)
     ids = components[t_idx, y_idx, x_idx]
     size = np.bincount(ids, minlength=count + 1)[1:]
-    frame = np.bincount(ids, weights=t_idx, minlength=count + 1)[1:] / size
     sum_x = np.bincount(ids, weights=x_idx, minlength=count + 1)[1:]
     sum_y = np.bincount(ids, weights=y_idx, minlength=count + 1)[1:]
     _, first = np.unique(ids, return_index=True)  # ids 1..count, each one pixel of it
-    frame = np.rint(frame).astype(np.int64)
+    # A component lies in one frame (labelling joins pixels within a frame only).
+    frame = t_idx[first].astype(np.int64)
     return frame, size, sum_x / size, sum_y / size, y_idx[first], x_idx[first]
 
 

@@ -382,9 +382,7 @@ def check_truth(
     make clips with another clip's seeds and actions."""
     context = snapshot.request.context
     context_clips = 0 if context is None else len(context) // clip_len
-    c = snapshot.checkpoint_clip
-    if isinstance(c, bool) or not isinstance(c, int | np.integer) or c < 0:
-        raise ValueError(f"snapshot.checkpoint_clip must be an int >= 0, got {c!r}")
+    c = check_int("snapshot.checkpoint_clip", snapshot.checkpoint_clip, minimum=0)
     if snapshot.cache is None and c != 0:
         raise ValueError(
             f"a snapshot without a cache is a stream's start (checkpoint_clip 0), got "
@@ -606,11 +604,9 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bf
 
 def check_dtype(value: Any) -> torch.dtype:
     """A generator's ``dtype``: one of ``DTYPES``' names (``"bfloat16"``) or its torch dtype."""
-    if isinstance(value, torch.dtype):
-        for dtype in DTYPES.values():
-            if value == dtype:
-                return dtype
-    elif isinstance(value, str) and value in DTYPES:
+    if isinstance(value, torch.dtype) and value in DTYPES.values():
+        return value
+    if isinstance(value, str) and value in DTYPES:
         return DTYPES[value]
     raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {value!r}")
 

@@ -362,9 +362,10 @@ class TokenClipGenerator:
             _, partial = self.model.step_block(prev, clip_cond, context, partial)
             prev = rows[:, j * cfg.block : (j + 1) * cfg.block]
         self.model.commit(partial, self.cache, slots)
+        tokens = tokens.cpu()  # one copy to the host; each row cloned below
         for i, s in enumerate(streams):
-            self._rows[s.id].prev = tokens[i, -cfg.block :].to("cpu", copy=True)
-            self._rows[s.id].last = tokens[i].to("cpu", copy=True)
+            self._rows[s.id].prev = tokens[i, -cfg.block :].clone()
+            self._rows[s.id].last = tokens[i].clone()
 
     def _owners(self, streams: Sequence[Stream]) -> list[int]:
         """The stream of each row ``_cond`` makes: every stream's conditional row, then the

@@ -444,8 +444,8 @@ class CausalVideoDiT(nn.Module):
         cached context of ``streams`` (one per batch row), or a ``Context`` prepared from it
         once for all the clip's denoising steps. Never changes the cache."""
         context = self._context(x, cache, streams)
-        positions, mask = self._clip_layout(x, context)
-        return self._run(x, cond, positions, mask, context, None)
+        # The clip's own frames are causal: no frame mask (None; see ``Block.temporal``).
+        return self._run(x, cond, self._clip_positions(x, context), None, context, None)
 
     @torch.no_grad()
     def write(
@@ -463,9 +463,8 @@ class CausalVideoDiT(nn.Module):
         x = latents if noise is None else (1 - pt) * latents + pt * noise
         cond = self.context_cond(x.shape[1], x.shape[0], actions, x.device)
         context = self._context(x, cache, streams)
-        positions, mask = self._clip_layout(x, context)
         collect = _Collected()
-        self._run(x, cond, positions, mask, context, collect)
+        self._run(x, cond, self._clip_positions(x, context), None, context, collect)
         n = self.config.tokens_per_frame
         k = torch.stack([rearrange(k, "(b n) h t e -> b h t n e", n=n) for k in collect.k])
         v = torch.stack([rearrange(v, "(b n) h t e -> b h t n e", n=n) for v in collect.v])
@@ -480,12 +479,12 @@ class CausalVideoDiT(nn.Module):
             raise ValueError(f"streams must name one cache stream per batch row ({x.shape[0]})")
         return self.prepare_context(cache, streams)
 
-    def _clip_layout(self, x: torch.Tensor, context: Context | None) -> tuple[torch.Tensor, None]:
-        """The clip's frame positions, and its frame mask: None, causal (``temporal``)."""
+    def _clip_positions(self, x: torch.Tensor, context: Context | None) -> torch.Tensor:
+        """The (b, t) frame positions of the clip ``x`` after its context (or none)."""
         t = x.shape[1]
         if context is None:
-            return torch.arange(t, device=x.device).expand(x.shape[0], t), None
-        return context.clip_positions(t).to(x.device), None
+            return torch.arange(t, device=x.device).expand(x.shape[0], t)
+        return context.clip_positions(t).to(x.device)
 
     # --- the reference: one forward over the whole history ---------------------------------
 

@@ -380,7 +380,7 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
         try:
             start, before = _load_state(state, model, ema, opt, gen, adv)
         except checkpoint.CheckpointError as err:  # another architecture than the state's
-            named = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+            named = _describe_changes(changes)
             raise TrainSetupError(
                 f"the state in {out} does not fit this run's model"
                 + (f" (changed since it was saved: {named})" if named else "")
@@ -395,7 +395,7 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
             log.warning(
                 "resuming with settings changed since the state was saved (recorded in the "
                 "card's resumes): %s",
-                ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()),
+                _describe_changes(changes),
             )
     # The schedule always spans `steps`; `stop_at` only ends this invocation early.
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
@@ -499,6 +499,11 @@ def setting_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> dict[st
         and a.get(key) != b.get(key)
         and not (key not in a and not b.get(key))
     }
+
+
+def _describe_changes(changes: Mapping[str, list[Any]]) -> str:
+    """``setting_changes`` as ``key old -> new, ...``."""
+    return ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
 
 
 def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
