@@ -171,6 +171,31 @@ def test_the_recorded_sha256_is_that_of_the_bytes_loaded(saved, monkeypatch):
     assert ckpt.sha256 == hashlib.sha256(real(saved)).hexdigest()
 
 
+def test_combined_sha256_is_files_sha256_of_known_digests(saved, tmp_path):
+    other = checkpoint.save(tmp_path / "other.safetensors", make_model(4), OtherConfig(dim=4))
+    digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (saved, other)]
+    assert checkpoint.combined_sha256(digests) == checkpoint.files_sha256([saved, other])
+    assert checkpoint.combined_sha256(digests[::-1]) != checkpoint.combined_sha256(digests)
+
+
+def test_read_header_reads_the_header_once(saved, monkeypatch):
+    """Type, config and card from one read (``check_generator`` runs on every item of a
+    manifest), as ``config_type`` and ``header_fields`` read them."""
+    opened = []
+    real_open = checkpoint.safe_open
+
+    def safe_open(path, *args, **kwargs):
+        opened.append(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "safe_open", safe_open)
+    header = checkpoint.read_header(saved)
+    assert opened == [saved]
+    assert header.config_type == checkpoint.config_type(saved)
+    assert (header.path, header.config, header.card) == checkpoint.header_fields(saved)
+    assert header.config["label"] == 3 and header.card == {"data": "bouncing", "steps": 5}
+
+
 def test_plain_safetensors_is_refused(tmp_path):
     from safetensors.torch import save_file
 

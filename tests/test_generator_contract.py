@@ -1061,3 +1061,49 @@ def test_a_request_keeps_its_own_actions():
     assert req.actions.tolist() == [0] * 8 and req.fingerprint() == before
     with pytest.raises(ValueError, match="read-only"):
         req.actions[0] = 1
+
+
+def test_check_generator_reads_each_checkpoint_header_once(tmp_path, monkeypatch):
+    """It runs on every item of a manifest before anything renders: the model's header was
+    read twice (its config type, then its card)."""
+    from pathlib import Path
+
+    from tests.models import save_test_generators
+    from vidgen import checkpoint
+    from vidgen.generators import check_generator
+
+    paths = save_test_generators(tmp_path)
+    opened: list[str] = []
+    real_open = checkpoint.safe_open
+
+    def safe_open(path, *args, **kwargs):
+        opened.append(Path(path).name)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "safe_open", safe_open)
+    check_generator(paths["tokens"], reencode=True)
+    assert opened == ["nbp-test.safetensors", "larp-test.safetensors", "kl-test.safetensors"]
+    opened.clear()
+    check_generator(paths["diffusion"], contrast=1.2)
+    assert opened == ["ca2vdm-test.safetensors", "kl-test.safetensors"]
+
+
+def test_check_generator_names_what_is_wrong(tmp_path):
+    from tests.models import save_test_generators
+    from vidgen import checkpoint
+    from vidgen.generators import check_generator
+
+    paths = save_test_generators(tmp_path)
+    kl = str(tmp_path / "kl-test.safetensors")
+    with pytest.raises(ValueError, match="is a KLConfig checkpoint, not a generator; shipped "):
+        check_generator(kl)
+    with pytest.raises(ValueError, match="reencode applies to token models only; .* diffusion"):
+        check_generator(paths["diffusion"], reencode=True)
+    with pytest.raises(ValueError, match="contrast applies to diffusion models only; .* token"):
+        check_generator(paths["tokens"], contrast=1.2)
+    missing = str(tmp_path / "gone.safetensors")
+    checkpoint.update_card(paths["diffusion"], {"tokenizer": missing})
+    with pytest.raises(ValueError, match="the tokenizer it names .*gone.* is not usable"):
+        check_generator(paths["diffusion"])
+    with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+        check_generator(str(tmp_path / "nothing.safetensors"))

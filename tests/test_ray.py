@@ -1,6 +1,7 @@
 """Ray's part of serving: placement, equality with in-process generation, actor deaths,
 batch jobs (one shared Ray instance; the orchestrator's logic is tested in-process)."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -51,6 +52,75 @@ def test_two_actors_get_distinct_gpus(ray_session, models):
     finally:
         a.kill()
         b.kill()
+
+
+def _checkpoint_reads(monkeypatch) -> list[Path]:
+    """The checkpoint files read from now on, once per whole-file read or open."""
+    import builtins
+
+    reads: list[Path] = []
+    real_read_bytes, real_open = Path.read_bytes, builtins.open
+
+    def read_bytes(self):
+        if self.suffix == ".safetensors":
+            reads.append(Path(self))
+        return real_read_bytes(self)
+
+    def open_(file, mode="r", *args, **kwargs):
+        path = str(file) if isinstance(file, str | os.PathLike) else ""
+        if path.endswith(".safetensors") and "r" in mode:
+            reads.append(Path(path))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(builtins, "open", open_)
+    return reads
+
+
+@pytest.mark.parametrize("family", ["diffusion", "tokens"])
+def test_an_actor_reports_the_sha256s_of_the_bytes_it_loaded(family, tmp_path, monkeypatch):
+    """In process (the actor's own class): the model's and its tokenizer files' sha256s are
+    those ``checkpoint.load`` computed while loading them. Hashing the files again read each
+    one twice, and reported other bytes for a file replaced after it was loaded (a training
+    run re-exporting it)."""
+    from vidgen import checkpoint
+    from workers import actor
+
+    model = save_test_generators(tmp_path / "models")[family]
+    files = [Path(model), *_companions(model)]
+    sha = {f: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    reads = _checkpoint_reads(monkeypatch)
+    load_generator(model, max_streams=1)
+    alone = list(reads)
+    real_load = actor.load_generator
+
+    def load_then_replace(*args, **kwargs):
+        generator = real_load(*args, **kwargs)
+        done = len(reads)
+        for f in files:  # new bytes under the same paths, once loaded
+            checkpoint.update_card(f, {"note": "re-exported"})
+        del reads[done:]  # update_card's own reads
+        return generator
+
+    monkeypatch.setattr(actor, "load_generator", load_then_replace)
+    reads.clear()
+    worker = actor.GeneratorWorker(model, max_streams=1)
+    read = list(reads)
+    assert all(sha[f] != hashlib.sha256(f.read_bytes()).hexdigest() for f in files)  # replaced
+    assert worker.sha256 == sha[files[0]]
+    assert worker.tokenizer_sha256 == checkpoint.combined_sha256([sha[f] for f in files[1:]])
+    assert sorted(read) == sorted(alone)  # nothing read besides what load_generator reads
+    assert all(alone.count(f) == 1 for f in files)  # each file read once
+
+
+def _companions(model: str) -> list[Path]:
+    """The tokenizer files a test generator loads besides itself, in its load order."""
+    from vidgen import checkpoint
+
+    tokenizer = checkpoint.companion(checkpoint.load(model).card["tokenizer"], model)
+    autoencoder = checkpoint.load(tokenizer).config.get("autoencoder")
+    found = [tokenizer] + ([checkpoint.companion(autoencoder, tokenizer)] if autoencoder else [])
+    return [Path(f) for f in found]
 
 
 class KillingExecutor(RayExecutor):

@@ -350,9 +350,20 @@ def config_type(name_or_path: str | os.PathLike) -> str:
     return _header(name_or_path)[1]["config_type"]
 
 
-def header_fields(name_or_path: str | os.PathLike) -> tuple[Path, dict[str, Any], dict[str, Any]]:
-    """(path, config, card) of a checkpoint, read from its header alone as ``config_type``
-    is (unverified; non-objects come back empty)."""
+@dataclass(frozen=True)
+class Header:
+    """What a checkpoint's header says, read alone as ``config_type`` is (unverified;
+    a ``config`` or ``card`` that is not a JSON object comes back empty)."""
+
+    path: Path
+    config_type: str
+    config: dict[str, Any]
+    card: dict[str, Any]
+
+
+def read_header(name_or_path: str | os.PathLike) -> Header:
+    """A checkpoint's header in one read: for checks that need its type and its card (a
+    manifest's every item), without reading the file once for each."""
     path, metadata = _header(name_or_path)
     fields = []
     for key in ("config", "card"):
@@ -361,7 +372,13 @@ def header_fields(name_or_path: str | os.PathLike) -> tuple[Path, dict[str, Any]
         except ValueError:
             value = {}
         fields.append(value if isinstance(value, dict) else {})
-    return path, fields[0], fields[1]
+    return Header(path, metadata["config_type"], fields[0], fields[1])
+
+
+def header_fields(name_or_path: str | os.PathLike) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """(path, config, card) of a checkpoint, read from its header alone (``read_header``)."""
+    header = read_header(name_or_path)
+    return header.path, header.config, header.card
 
 
 def assets_dir() -> Path:
@@ -466,9 +483,15 @@ def same_checkpoint(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 def files_sha256(paths: Sequence[str | os.PathLike]) -> str:
     """One sha256 over the files' own sha256s, in order (a generator's companion files)."""
+    return combined_sha256([file_sha256(path) for path in paths])
+
+
+def combined_sha256(digests: Sequence[str]) -> str:
+    """One sha256 over hex sha256s, in order: ``files_sha256`` of files whose digests are
+    known already (``Checkpoint.sha256``)."""
     digest = hashlib.sha256()
-    for path in paths:
-        digest.update(file_sha256(path).encode())
+    for hex_digest in digests:
+        digest.update(hex_digest.encode())
     return digest.hexdigest()
 
 

@@ -80,11 +80,14 @@ class GeneratorWorker:
         self.max_streams = max_streams
         self.dtype = dtype_name(check_dtype(dtype))  # a name: info, guards and JSON compare it
         self.generator = load_generator(model, max_streams=max_streams, device=device, dtype=dtype)
-        self.sha256 = checkpoint.file_sha256(checkpoint.resolve(model))
-        # Its tokenizer's files too: a decoder fine-tuned under the same path keeps the
-        # generator loading (same encoder fingerprint) but changes its frames.
-        files = getattr(self.generator, "companion_files", [])
-        self.tokenizer_sha256 = checkpoint.files_sha256(files) if files else None
+        # The digests of the bytes the generator loaded (its model file and its tokenizer's):
+        # hashing the files again read each twice, and named other bytes if one was replaced
+        # after it was loaded. Its tokenizer's files matter too: a decoder fine-tuned under
+        # the same path keeps the generator loading (same encoder fingerprint) but changes
+        # its frames.
+        self.sha256 = self.generator.sha256
+        digests = self.generator.companion_sha256
+        self.tokenizer_sha256 = checkpoint.combined_sha256(digests) if digests else None
         self.streams: dict[int, Stream] = {}
 
     def ready(self) -> dict[str, Any]:

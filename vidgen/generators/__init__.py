@@ -47,7 +47,8 @@ def check_generator(
     diffusion model; ``CheckpointError`` if it is not a vidgen checkpoint at all."""
     from vidgen import checkpoint
 
-    kind = checkpoint.config_type(name_or_path)
+    header = checkpoint.read_header(name_or_path)  # one read for its type and its card
+    kind = header.config_type
     families = _families()
     if kind not in families:
         generators = [
@@ -66,8 +67,7 @@ def check_generator(
             f"contrast applies to diffusion models only; {name_or_path} is a token model"
         )
     # The files it loads besides itself: a missing one failed only inside an actor.
-    path, _, card = checkpoint.header_fields(name_or_path)
-    needed = [(path, card.get("tokenizer", families[kind].default_tokenizer))]
+    needed = [(header.path, header.card.get("tokenizer", families[kind].default_tokenizer))]
     while needed:
         owner, name = needed.pop()
         try:
@@ -90,8 +90,10 @@ def load_generator(
     from vidgen import checkpoint
 
     check_dtype(dtype)  # before the checkpoint is read: a typo is named first
-    ckpt = checkpoint.load(name_or_path)
+    # Its header picks the family; the family's from_pretrained reads and verifies the file
+    # (reading it whole here too read every generator twice).
+    kind = checkpoint.config_type(name_or_path)
     families = _families()
-    if ckpt.config_type not in families:
-        raise ValueError(f"{name_or_path} is a {ckpt.config_type} checkpoint, not a generator")
-    return families[ckpt.config_type].from_pretrained(name_or_path, max_streams, device, dtype)
+    if kind not in families:
+        raise ValueError(f"{name_or_path} is a {kind} checkpoint, not a generator")
+    return families[kind].from_pretrained(name_or_path, max_streams, device, dtype)

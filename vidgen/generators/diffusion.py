@@ -87,6 +87,10 @@ class DiffusionClipGenerator:
         # Checkpoint files besides the generator's own that its frames depend on (its
         # tokenizer's; set by ``from_pretrained``): resume and provenance check them too.
         self.companion_files: list[Path] = []
+        # The sha256s of the bytes ``from_pretrained`` loaded: its own file's, and each
+        # companion file's in order (None for a generator built from modules).
+        self.sha256: str | None = None
+        self.companion_sha256: list[str] = []
 
     @classmethod
     def from_pretrained(
@@ -118,7 +122,8 @@ class DiffusionClipGenerator:
             guidance=ckpt.card.get("guidance", DEFAULT_GUIDANCE),
             dtype=dtype,
         )
-        gen.companion_files = [tok.path]
+        gen.companion_files, gen.companion_sha256 = [tok.path], [tok.sha256]
+        gen.sha256 = ckpt.sha256
         return gen
 
     # --- streams ----------------------------------------------------------------------

@@ -128,6 +128,10 @@ class TokenClipGenerator:
         # Checkpoint files besides the generator's own that its frames depend on (its
         # tokenizer's; set by ``from_pretrained``): resume and provenance check them too.
         self.companion_files: list[Path] = []
+        # The sha256s of the bytes ``from_pretrained`` loaded: its own file's, and each
+        # companion file's in order (None for a generator built from modules).
+        self.sha256: str | None = None
+        self.companion_sha256: list[str] = []
 
     @classmethod
     def from_pretrained(
@@ -156,6 +160,8 @@ class TokenClipGenerator:
             dtype=dtype,
         )
         gen.companion_files = list(tokenizer.files)
+        gen.companion_sha256 = list(tokenizer.file_sha256)
+        gen.sha256 = ckpt.sha256
         return gen
 
     # --- streams ------------------------------------------------------------------------

@@ -611,8 +611,10 @@ class LARPVideoTokenizer(nn.Module):
         if autoencoder is not None:
             autoencoder.eval()
         # The checkpoint files it was loaded from (``from_pretrained``): what its ids and
-        # frames depend on, for provenance and resume checks.
+        # frames depend on, for provenance and resume checks, and the sha256s of the bytes
+        # loaded from each.
         self.files: list[Path] = []
+        self.file_sha256: list[str] = []
 
     @property
     def config(self) -> LARPConfig:
@@ -633,7 +635,9 @@ class LARPVideoTokenizer(nn.Module):
             autoencoder = KLAutoencoder(kl.config_as(KLConfig))
             kl.load_into(autoencoder)
         tokenizer = cls(larp, autoencoder)
-        tokenizer.files = [ckpt.path] + ([kl.path] if larp.config.autoencoder else [])
+        loaded = [ckpt] + ([kl] if larp.config.autoencoder else [])
+        tokenizer.files = [c.path for c in loaded]
+        tokenizer.file_sha256 = [c.sha256 for c in loaded]
         return tokenizer
 
     def encoder_fingerprint(self) -> str:
