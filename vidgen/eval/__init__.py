@@ -1,5 +1,6 @@
-"""Evaluation: scene metrics against the procedural worlds' ground truth."""
+"""Evaluation: scene metrics against the procedural worlds' ground truth, and FVD."""
 
+from vidgen.eval.fvd import FVDError, frechet_distance, fvd, i3d_features, load_i3d
 from vidgen.eval.scene import (
     Detections,
     MotionStats,
@@ -13,10 +14,15 @@ from vidgen.eval.scene import (
 
 __all__ = [
     "Detections",
+    "FVDError",
     "MotionStats",
     "centroid_error",
     "count_accuracy",
     "detect_objects",
+    "frechet_distance",
+    "fvd",
+    "i3d_features",
+    "load_i3d",
     "motion_stats",
     "scene_metrics",
     "seam_ratio",
