@@ -1,6 +1,8 @@
-"""Evaluation: scene metrics against the procedural worlds' ground truth, and FVD."""
+"""Evaluation: scene metrics against the procedural worlds' ground truth, and FVD
+(``vidgen.eval.fvd.fvd``; the module, not re-exported here, so that its name stays the
+module's)."""
 
-from vidgen.eval.fvd import FVDError, frechet_distance, fvd, i3d_features, load_i3d
+from vidgen.eval.fvd import FVDError, frechet_distance, i3d_features, load_i3d
 from vidgen.eval.scene import (
     Detections,
     MotionStats,
@@ -20,7 +22,6 @@ __all__ = [
     "count_accuracy",
     "detect_objects",
     "frechet_distance",
-    "fvd",
     "i3d_features",
     "load_i3d",
     "motion_stats",

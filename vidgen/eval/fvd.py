@@ -298,7 +298,7 @@ def _check_clips(clips: np.ndarray, name: str) -> np.ndarray:
 
 def preprocess(clips: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 (b, t, h, w, 3) -> float (b, 3, t, 224, 224) in [-1, 1] (bilinear resize)."""
-    x = torch.as_tensor(np.asarray(clips)).float()
+    x = torch.as_tensor(clips).float()
     b, t = x.shape[:2]
     x = x.flatten(0, 1).permute(0, 3, 1, 2)  # (b t) c h w
     x = F.interpolate(x, size=(I3D_SIZE, I3D_SIZE), mode="bilinear", align_corners=False)
@@ -321,9 +321,11 @@ def i3d_features(
     progress: bool = False,
 ) -> np.ndarray:
     """I3D logits (n, 400) float64 of uint8 clips (n, t, h, w, 3) (an array, or an iterable
-    of such arrays to bound memory)."""
+    of such arrays to bound memory), computed on the model's device (``model.to("cuda")``;
+    the model of ``load_i3d`` is shared: move a copy of it, or load it with a path)."""
     batch_size = check_int("batch_size", batch_size, minimum=1)
     model = load_i3d() if model is None else model
+    device = next(model.parameters()).device  # clips are resized there: 224^2 is the bulk
     parts = [clips] if isinstance(clips, np.ndarray) else clips
     out: list[np.ndarray] = []
     bar = tqdm(desc="I3D clips", unit="clip", disable=not progress)
@@ -331,8 +333,9 @@ def i3d_features(
         for part in parts:
             part = _check_clips(part, "clips")
             for i in range(0, len(part), batch_size):
-                logits = model(preprocess(part[i : i + batch_size]))
-                out.append(logits.double().numpy())
+                batch = torch.as_tensor(part[i : i + batch_size]).to(device)
+                logits = model(preprocess(batch))
+                out.append(logits.double().cpu().numpy())
                 bar.update(len(logits))
     bar.close()
     if not out:
