@@ -155,9 +155,9 @@ def test_world_clips_refuse_bad_arguments_up_front(kwargs, message):
 
 def test_benchmark_videos_are_not_training_clips():
     """The benchmarks' held-out world seeds (tokenizer.py: 900000 + i; quality.py: 1000 + s,
-    2000 + s and, for FVD, 3000 + s) are not reserved by ``item_seed``'s hash: check that the train and eval
-    splits of the shipped training commands (data.seed 0, up to 16,384 train clips) and of
-    data.seed 1 never draw them."""
+    2000 + s and, for FVD, 3000 + s) are not reserved by ``item_seed``'s hash: check that
+    the train and eval splits of the shipped training commands (data.seed 0, up to 16,384
+    train clips) and of data.seed 1 never draw them."""
     from vidgen.data.worlds import item_seed
 
     held_out = {900_000 + i for i in range(1000)}

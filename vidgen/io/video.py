@@ -74,11 +74,17 @@ class VideoReadError(RuntimeError):
 class VideoInfo:
     """What `probe_video` found in a file.
 
-    num_frames: frames actually present (counted from the packets, not the header).
+    num_frames: frames that can be decoded (counted from the packets, not the header): the
+    packets from the first keyframe on.
     fps: average frame rate; 0.0 when the container does not say.
+    width, height: of the first frame.
     codec: decoder name of the video stream, e.g. "h264".
     identity: the file's (inode, size, modification time in ns) when probed: `read_video`
     refuses an `info` whose file has changed since (None: not checked).
+    undecodable_packets: packets before the first keyframe (a stream cut mid-GOP without
+    re-encoding); they reference frames that are not in the file and are not counted.
+    size_changes: the keyframes do not all have one frame size (`read_video` then decodes
+    with PyAV, which reads up to the change and refuses frames after it).
     """
 
     path: Path
@@ -88,6 +94,8 @@ class VideoInfo:
     height: int
     codec: str
     identity: tuple[int, int, int] | None = None
+    undecodable_packets: int = 0
+    size_changes: bool = False
 
 
 def _stat_or_none(path: Path) -> tuple[int, int, int] | None:
@@ -144,32 +152,108 @@ def _is_frame_packet(packet: Any) -> bool:
     return packet.size > 0 and not packet.is_corrupt and not packet.is_discard
 
 
-def _count_packets(container: Any, stream: Any, path: Path) -> int:
+@dataclass
+class _PacketScan:
+    """What one pass over the packets of a video stream found."""
+
+    num_frames: int
+    undecodable: int
+    end: float | None  # seconds at which the last frame packet ends; None: no timestamps
+    sizes: list[tuple[int, int]]  # (width, height) of each decoded keyframe
+
+
+def _is_keyframe(packet: Any) -> bool:
+    return packet.is_keyframe and packet.size > 0 and not packet.is_corrupt
+
+
+def _scan_packets(container: Any, stream: Any, path: Path) -> _PacketScan:
     """Count the video packets really present; the header's frame count can over-report.
-    Packets without a timestamp count only in a stream where none has one (a raw H.264
-    elementary stream). A packet with a pts but no dts is timed: Matroska stores the first
-    frames that B-frames delay so."""
-    timed = untimed = 0
+
+    Packets before the first keyframe (a discarded one counts: it is still decoded) cannot be
+    decoded and are not frames, unless no packet is marked a keyframe at all. Packets without
+    a timestamp count only in a stream where none has one (a raw H.264 elementary stream). A
+    packet with a pts but no dts is timed: Matroska stores the first frames that B-frames
+    delay so. Keyframes are decoded for their size: a stream can change size only at one
+    (H.264, HEVC; VP9 and AV1 can also change at other frames, which this does not see).
+    """
+    counts = [[0, 0], [0, 0]]  # [before / from the first keyframe][timed / untimed]
+    keyed = False
+    end_ticks: int | None = None
+    sizes: list[tuple[int, int]] = []
+    ctx = stream.codec_context
     try:
         for packet in container.demux(stream):
+            if _is_keyframe(packet):
+                keyed = True
+                sizes.extend((frame.width, frame.height) for frame in ctx.decode(packet))
             if not _is_frame_packet(packet):
                 continue
-            if packet.dts is None and packet.pts is None:
-                untimed += 1
-            else:
-                timed += 1
+            untimed = packet.dts is None and packet.pts is None
+            counts[keyed][untimed] += 1
+            if packet.pts is not None:
+                packet_end = packet.pts + (packet.duration or 0)
+                end_ticks = packet_end if end_ticks is None else max(end_ticks, packet_end)
+        if keyed:
+            sizes.extend((frame.width, frame.height) for frame in ctx.decode(None))
     except av.FFmpegError as err:
+        seen = sum(map(sum, counts))
         raise VideoReadError(
-            f"{path} is damaged: demuxing failed after {timed + untimed} video packets: {err}"
+            f"{path} is damaged: reading its video packets failed after {seen}: {err}"
         ) from err
-    return timed or untimed
+    column = 1 if counts[0][0] + counts[1][0] == 0 else 0  # untimed only if nothing is timed
+    before, after = counts[0][column], counts[1][column]
+    end = None if end_ticks is None else float(end_ticks * stream.time_base)
+    if not keyed:  # no keyframe flags at all: trust every packet, the decoder will tell
+        return _PacketScan(before, 0, end, sizes)
+    return _PacketScan(after, before, end, sizes)
+
+
+def _matroska_duration(container: Any, stream: Any) -> float | None:
+    """Seconds the Matroska header gives the video stream: its DURATION tag (ffmpeg and
+    mkvmerge write one per track), else the segment's duration when the video is the only
+    stream (with audio, the segment may be the longer audio's). None when unknown."""
+    tag = stream.metadata.get("DURATION")
+    if tag is not None:
+        try:
+            hours, minutes, seconds = tag.split(":")
+            return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+        except ValueError:
+            return None
+    if len(container.streams) == 1 and container.duration is not None:
+        return container.duration / av.time_base
+    return None
+
+
+def _check_complete(
+    container: Any, stream: Any, path: Path, scan: _PacketScan, rate: Fraction | None
+) -> None:
+    """Raise if a Matroska file ends clearly before its header says: its duration is written
+    into the header on closing, so a cut file keeps it, but the demuxer just stops early.
+    Other containers are not checked: a cut mp4 loses its index and does not open, or, written
+    with faststart, keeps an index that lists the lost frames and is read up to the cut."""
+    if "matroska" not in container.format.name or scan.end is None:
+        return
+    claimed = _matroska_duration(container, stream)
+    if claimed is None:
+        return
+    # One frame: the last packet's duration may be unknown; 1 ms: Matroska's rounding.
+    slack = (1 / float(rate) if rate else 0.0) + 0.001
+    if claimed - scan.end <= slack:
+        return
+    expected = f" (about {round(claimed * rate)} frames at {float(rate):g} fps)" if rate else ""
+    raise VideoReadError(
+        f"{path} is truncated: its Matroska header gives the video {claimed:.3f} s{expected} "
+        f"but its packets end at {scan.end:.3f} s ({scan.num_frames} frames)"
+    )
 
 
 def probe_video(path: PathLike) -> VideoInfo:
     """Describe the first video stream of `path`, counting its frames by demuxing.
 
-    Raises VideoReadError (naming the file) when it is missing, empty, truncated, not a video
-    container, has no video stream, or has no video frames.
+    Raises VideoReadError (naming the file) when it is missing, empty, truncated (a Matroska
+    file that ends before its header's duration), not a video container, has no video
+    stream, or has no video frames. Keyframes are decoded to find size changes, so an
+    all-keyframe stream (MJPEG, FFV1, ...) is decoded in full.
     """
     path = Path(path)
     with _open_input(path) as container:
@@ -177,21 +261,26 @@ def probe_video(path: PathLike) -> VideoInfo:
         stream = _video_stream(container, path)
         ctx = stream.codec_context
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        num_frames = _count_packets(container, stream, path)
         codec = ctx.name
         width, height = ctx.width, ctx.height
-    if num_frames == 0:
+        scan = _scan_packets(container, stream, path)
+        _check_complete(container, stream, path, scan, rate)
+    if scan.num_frames == 0:
         raise VideoReadError(f"{path} has a video stream but no video frames")
+    if scan.sizes:  # the header's size can be that of a later part of the stream
+        width, height = scan.sizes[0]
     if width <= 0 or height <= 0:
         raise VideoReadError(f"{path} has a video stream without a frame size ({width}x{height})")
     return VideoInfo(
         path=path,
-        num_frames=num_frames,
+        num_frames=scan.num_frames,
         fps=float(rate) if rate else 0.0,
         width=width,
         height=height,
         codec=codec,
         identity=identity,
+        undecodable_packets=scan.undecodable,
+        size_changes=len(set(scan.sizes)) > 1,
     )
 
 
@@ -291,6 +380,24 @@ def _read_decord(decord: Any, info: VideoInfo, indices: range) -> np.ndarray | N
     return batch.asnumpy() if hasattr(batch, "asnumpy") else batch.numpy()
 
 
+def _from_first_keyframe(packets: Iterable[Any]) -> Iterator[Any]:
+    """The packets from the first keyframe on: those before it reference frames that are
+    not in the file (a stream cut mid-GOP), and some decoders would make up frames for them."""
+    keyed = False
+    for packet in packets:
+        keyed = keyed or _is_keyframe(packet)
+        if keyed:
+            yield packet
+
+
+def _decoded(container: Any, stream: Any, info: VideoInfo) -> Iterator[Any]:
+    packets = container.demux(stream)
+    if info.undecodable_packets:
+        packets = _from_first_keyframe(packets)
+    for packet in packets:  # the demuxer's last, empty packet flushes the decoder
+        yield from packet.decode()
+
+
 def _read_pyav(info: VideoInfo, indices: range) -> np.ndarray:
     frames: list[np.ndarray] = []
     with _open_input(info.path) as container:
@@ -299,7 +406,7 @@ def _read_pyav(info: VideoInfo, indices: range) -> np.ndarray:
         try:
             # Decoding from the start is slow for a late `start` but exact; seeking lands on
             # keyframes and frame-accurate seeking in arbitrary files is fragile.
-            for index, frame in enumerate(container.decode(stream)):
+            for index, frame in enumerate(_decoded(container, stream, info)):
                 if index >= indices.start:
                     frames.append(frame.to_ndarray(format="rgb24"))
                     _check_same_size(info.path, indices.start, frames)
@@ -344,6 +451,9 @@ def read_video(
     (height, width) a rectangle; the frame is scaled to cover it and center-cropped.
     backend: "decord" or "pyav" to force one decoder (no fallback); "auto" uses decord and
     falls back to PyAV when decord is missing, fails or sees fewer frames than the probe.
+    Files decord would read wrongly go to PyAV ("decord" refuses them): a stream that changes
+    frame size (frames up to the change read; a range past it raises VideoReadError), and
+    a stream cut mid-GOP, whose frame 0 is its first keyframe (see `VideoInfo`).
     info: the file's `probe_video` result, to skip probing it again (datasets read many clips
     of one file).
     """
@@ -365,8 +475,28 @@ def read_video(
     return frames
 
 
+def _decord_pitfall(info: VideoInfo) -> str | None:
+    """Why decord would return wrong frames for `info`'s file, or None."""
+    if info.size_changes:
+        return "it changes frame size midway, and decord scales every frame to one size"
+    if info.undecodable_packets:
+        return (
+            f"its first {info.undecodable_packets} video packets come before the first "
+            "keyframe (cut mid-GOP), and decord's frame indices then count them"
+        )
+    return None
+
+
 def _decode(info: VideoInfo, indices: range, backend: Backend) -> np.ndarray:
     if backend == "pyav":
+        return _read_pyav(info, indices)
+    pitfall = _decord_pitfall(info)
+    if pitfall is not None:
+        if backend == "decord":
+            raise VideoReadError(
+                f"decord cannot read {info.path} correctly: {pitfall}; use backend='pyav' or 'auto'"
+            )
+        logger.debug("reading %s with PyAV: %s", info.path, pitfall)
         return _read_pyav(info, indices)
     decord = _import_decord()
     if decord is None:
@@ -784,7 +914,7 @@ def concat_videos(
     out = Path(out)
     _check_target(out)
     # Probing first names a bad file before anything is written.
-    frame_counts = [probe_video(segment).num_frames for segment in segments]
+    infos = [probe_video(segment) for segment in segments]
     _check_segments(segments)
     tags = read_metadata(segments[0]) if metadata is None else _check_metadata(metadata)
     tmp = _temp_path(out)
@@ -792,8 +922,10 @@ def concat_videos(
     try:
         container = _open_output(tmp, out, tags)
         remuxer = _Remuxer(container)
-        for segment, expected in zip(segments, frame_counts, strict=True):
-            muxed = remuxer.add(segment)
+        for segment, info in zip(segments, infos, strict=True):
+            # Packets before a segment's first keyframe would not decode in the joined file.
+            muxed = remuxer.add(segment, from_keyframe=info.undecodable_packets > 0)
+            expected = info.num_frames
             if muxed != expected:
                 # Never publish a short file over `out`: the old one is worth more.
                 raise ValueError(
@@ -823,8 +955,9 @@ class _Remuxer:
         self.last_dts: int | None = None
         self.frame_ticks = 0
 
-    def add(self, path: Path) -> int:
-        """Append the frames of `path`; returns how many packets were copied."""
+    def add(self, path: Path, from_keyframe: bool = False) -> int:
+        """Append the frames of `path` (from its first keyframe on if `from_keyframe`);
+        returns how many packets were copied."""
         with _open_input(path) as container:
             in_stream = _video_stream(container, path)
             if self.out_stream is None:
@@ -837,6 +970,8 @@ class _Remuxer:
             end = self.offset
             count = 0
             packets = container.demux(in_stream)
+            if from_keyframe:
+                packets = _from_first_keyframe(packets)
             for packet, pts, dts, duration in self._timed(packets, in_stream.time_base):
                 if shift is None:
                     # Align the segment's first timestamp with the end of the previous one.

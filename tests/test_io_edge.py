@@ -1,0 +1,193 @@
+"""vidgen.io on damaged and unusual streams: a cut Matroska file, a stream cut mid-GOP, a
+stream that changes frame size."""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from vidgen.io import VideoReadError, VideoWriter, concat_videos, probe_video, read_video
+
+# Frame i of `gop_stream` is a fixed noise texture brightened by i * LEVEL_STEP.
+LEVEL_STEP = 6
+
+
+def write(path: Path, frames: np.ndarray, **kwargs) -> Path:
+    with VideoWriter(path, **kwargs) as writer:
+        writer.write(frames)
+    return path
+
+
+def noise(num_frames: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (num_frames, height, width, 3), dtype=np.uint8)
+
+
+def gop_stream(path: Path, num_frames: int = 30, gop: int = 6, b_frames: int = 2) -> Path:
+    """H.264 with a keyframe every `gop` frames (scene cuts off, so no extra ones)."""
+    texture = np.random.default_rng(0).integers(0, 60, (32, 32, 3), dtype=np.uint8)
+    options = {"g": str(gop), "bf": str(b_frames), "sc_threshold": "0", "crf": "10"}
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=8, options=options)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for i in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(texture + np.uint8(i * LEVEL_STEP), "rgb24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
+
+
+def frame_numbers(video) -> list[int]:
+    """Which frame of `gop_stream` each decoded frame is, from its brightness."""
+    means = np.asarray(video, dtype=np.float64).mean(axis=(1, 2, 3))
+    return [round((mean - 29.5) / LEVEL_STEP) for mean in means]
+
+
+def drop_first_packets(source: Path, out: Path, count: int) -> Path:
+    """Remux `source` without its first `count` packets, as `ffmpeg -c copy` does when
+    cutting at a frame that is not a keyframe."""
+    with av.open(str(source)) as inp, av.open(str(out), "w") as output:
+        stream_in = inp.streams.video[0]
+        stream_out = output.add_stream_from_template(stream_in)
+        packets = [packet for packet in inp.demux(stream_in) if packet.size]
+        for packet in packets[count:]:
+            packet.stream = stream_out
+            output.mux(packet)
+    return out
+
+
+# --- a Matroska file cut short ------------------------------------------------------------
+
+
+def test_a_truncated_mkv_is_refused_with_expected_and_found(tmp_path):
+    """A cut mkv keeps the duration its header was given on closing, but the demuxer just
+    stops early: it was read with fewer frames, without a word."""
+    full = write(tmp_path / "full.mkv", noise(48, 32, 32), lossless=True)
+    assert probe_video(full).num_frames == 48
+    data = full.read_bytes()
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    expected = r"cut\.mkv is truncated: .* 6\.000 s \(about 48 frames at 8 fps\) but its packets"
+    for call in (probe_video, read_video):
+        with pytest.raises(VideoReadError, match=expected):
+            call(cut)
+
+
+def _vfr_mkv(path: Path) -> Path:
+    durations_ms = [40, 40, 200, 17, 1000]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25, options={"bf": "2"})
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        stream.time_base = Fraction(1, 1000)
+        pts = 0
+        for i, frame in enumerate(noise(10, 32, 32)):
+            video_frame = av.VideoFrame.from_ndarray(frame, "rgb24")
+            video_frame.pts, video_frame.time_base = pts, Fraction(1, 1000)
+            pts += durations_ms[i % len(durations_ms)]
+            container.mux(stream.encode(video_frame))
+        container.mux(stream.encode(None))
+    return path
+
+
+def _mkv_with_longer_audio(path: Path) -> Path:
+    """8 video frames (1 s) and 3 s of audio: the segment's duration is the audio's."""
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=8)
+        video.width, video.height, video.pix_fmt = 32, 32, "yuv420p"
+        audio = container.add_stream("aac", rate=16000)
+        audio.layout = "mono"
+        for frame in noise(8, 32, 32):
+            container.mux(video.encode(av.VideoFrame.from_ndarray(frame, "rgb24")))
+        container.mux(video.encode(None))
+        for i in range(48):
+            samples = np.zeros((1, 1024), np.float32)
+            audio_frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+            audio_frame.sample_rate, audio_frame.pts = 16000, i * 1024
+            container.mux(audio.encode(audio_frame))
+        container.mux(audio.encode(None))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "num_frames"),
+    [
+        (_vfr_mkv, 10),
+        (_mkv_with_longer_audio, 8),
+        (lambda path: gop_stream(path, num_frames=12), 12),  # B-frames
+        (lambda path: write(path, noise(3, 8, 8), fps=Fraction(1, 1001), lossless=True), 3),
+    ],
+    ids=["variable_rate", "longer_audio", "b_frames", "one_frame_per_1001_s"],
+)
+def test_complete_mkv_files_are_not_taken_for_truncated(tmp_path, make, num_frames):
+    path = make(tmp_path / "ok.mkv")
+    assert probe_video(path).num_frames == num_frames
+    assert len(read_video(path)) == num_frames
+
+
+# --- a stream cut mid-GOP -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".mkv", ".mp4"])
+def test_a_stream_cut_mid_gop_counts_and_reads_from_its_first_keyframe(tmp_path, suffix):
+    """Packets before the first keyframe cannot be decoded: they were counted as frames, so
+    PyAV refused to read the last frames and decord repeated the last one instead."""
+    source = gop_stream(tmp_path / f"source{suffix}")
+    # Cut after frame 2: frames 2..5 have no keyframe to decode from; 6 is the next one.
+    cut = drop_first_packets(source, tmp_path / f"cut{suffix}", 2)
+    info = probe_video(cut)
+    assert info.num_frames == 24
+    assert info.undecodable_packets == 4
+    for backend in ("auto", "pyav"):
+        assert frame_numbers(read_video(cut, backend=backend)) == list(range(6, 30))
+        assert frame_numbers(read_video(cut, start=21, backend=backend)) == [27, 28, 29]
+        middle = read_video(cut, start=10, num_frames=3, backend=backend)
+        assert frame_numbers(middle) == [16, 17, 18]
+    with pytest.raises(VideoReadError, match=r"first 4 video packets come before the first key"):
+        read_video(cut, backend="decord")
+    # Joined without re-encoding, the undecodable packets are left out.
+    joined = concat_videos([cut, cut], tmp_path / f"joined{suffix}")
+    assert frame_numbers(read_video(joined)) == list(range(6, 30)) * 2
+
+
+# --- a stream that changes frame size -----------------------------------------------------
+
+
+def test_an_mkv_that_changes_frame_size_is_not_stretched_by_decord(tmp_path):
+    """decord scaled every frame to one size (here the second part's 64x48, stretching the
+    first part's 32x32 frames) and read_video returned them without a word."""
+    parts = [
+        write(tmp_path / "a.h264", noise(3, 32, 32), lossless=True),
+        write(tmp_path / "b.h264", noise(2, 48, 64, seed=1), lossless=True),
+    ]
+    raw = tmp_path / "joined.h264"
+    raw.write_bytes(b"".join(part.read_bytes() for part in parts))
+    path = tmp_path / "joined.mkv"
+    with av.open(str(raw)) as inp, av.open(str(path), "w") as out:
+        stream_in = inp.streams.video[0]
+        stream_out = out.add_stream_from_template(stream_in)
+        packets = [packet for packet in inp.demux(stream_in) if packet.size]
+        for i, packet in enumerate(packets):
+            packet.pts = packet.dts = i
+            packet.duration, packet.time_base = 1, Fraction(1, 8)
+            packet.stream = stream_out
+            out.mux(packet)
+    sizes = r"frame 0 is 32x32 but frame 3 is 64x48 \(width x height\)"
+    for backend in ("auto", "pyav"):
+        with pytest.raises(
+            VideoReadError, match=rf"joined\.mkv changes frame size at frame 3: {sizes}"
+        ):
+            read_video(path, backend=backend)
+        # The part before the change reads, unscaled (lossless: exactly as written).
+        first = read_video(path, num_frames=3, backend=backend).numpy()
+        assert np.array_equal(first, noise(3, 32, 32))
+    info = probe_video(path)
+    assert (info.num_frames, info.width, info.height, info.size_changes) == (5, 32, 32, True)
+    decord_error = re.escape(f"decord cannot read {path} correctly: it changes frame size")
+    with pytest.raises(VideoReadError, match=decord_error):
+        read_video(path, backend="decord")
