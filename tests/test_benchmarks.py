@@ -148,3 +148,19 @@ def test_fvd_clips_spread_over_videos_and_their_length():
     assert [int(c[0, 0, 0, 0]) for c in clips] == [0, 100, 2, 102, 3]
     with pytest.raises(SystemExit, match="only 8 clips"):
         quality.fvd_clips(videos, 9)
+
+
+def test_tokenizer_fvd_of_a_perfect_reconstruction_is_zero():
+    """tokenizer.py --fvd: reconstructions equal to the videos score 0, and the floor (other
+    held-out videos of the world) does not."""
+    from vidgen.eval.fvd import FVDError, i3d_weights_path
+
+    try:
+        i3d_weights_path()
+    except FVDError as err:
+        pytest.skip(str(err))
+    bench = pytest.importorskip("tokenizer")
+    videos = [v for v, *_ in bench.world_videos("bouncing", 2, 32)]
+    out = bench.world_fvd("bouncing", [(v, v.copy()) for v in videos], 64)
+    assert out["fvd_clips_bouncing"] == 4
+    assert out["fvd_bouncing"] < 1e-6 < 1.0 < out["fvd_floor_bouncing"]
