@@ -393,6 +393,7 @@ class EveryKindConfig:
     sizes: tuple[int, ...] = ()
     freeze: list[str] = field(default_factory=list)
     weights: dict[str, float] = field(default_factory=dict)
+    per_label: dict[int, float] = field(default_factory=dict)
     inner: Inner | None = None
     anything: Any = None
 
@@ -408,6 +409,7 @@ def test_config_fields_of_every_kind_round_trip_with_their_types():
         sizes=(7, 8),
         freeze=["encoder"],
         weights={"a": 1.5},
+        per_label={1: 0.5, -2: 2.0},  # JSON writes the keys as strings; they come back ints
         inner=Inner(depth=3, widths=(1, 2)),
         anything={"free": ["form"]},
     )
@@ -423,6 +425,7 @@ def test_config_fields_of_every_kind_round_trip_with_their_types():
         "freeze": ('["a", 2]', r"freeze\[1\] must be a string"),
         "weights": ('{"a": "x"}', r"weights\['a'\] must be a number"),
         "inner": ("[1]", r"inner must be an object \(Inner\)"),
+        "per_label": ('{"01": 1.0}', r"per_label has key '01', expected int keys"),
     }
     for name, (value, error) in bad.items():
         with pytest.raises(CheckpointError, match=error):

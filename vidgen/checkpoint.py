@@ -640,8 +640,12 @@ def _checked_items(name: str, hint: Any, value: Any) -> Any:
     if origin is dict:
         if not isinstance(value, Mapping):
             raise _field_error(name, hint, value)
-        inner = args[1] if len(args) == 2 else Any
-        return {k: _checked(f"{name}[{k!r}]", inner, v) for k, v in value.items()}
+        key_hint, inner = args if len(args) == 2 else (Any, Any)
+        out = {}
+        for k, v in value.items():
+            key = _json_key(name, key_hint, k)
+            out[key] = _checked(f"{name}[{key!r}]", inner, v)
+        return out
     if not isinstance(value, (list, tuple)):
         raise _field_error(name, hint, value)
     if origin is tuple and args and args[-1] is not Ellipsis:
@@ -654,6 +658,18 @@ def _checked_items(name: str, hint: Any, value: Any) -> Any:
         _checked(f"{name}[{i}]", h, v) for i, (h, v) in enumerate(zip(items, value, strict=True))
     ]
     return tuple(out) if origin is tuple else out  # JSON has no tuples
+
+
+def _json_key(name: str, hint: Any, key: Any) -> Any:
+    """A dict key as its field declares it: JSON writes every key as a string, so an int key
+    comes back as its decimal digits (exactly: "01" or "1.0" is no int key)."""
+    if hint is int and not isinstance(key, bool):
+        if isinstance(key, int):
+            return key
+        if isinstance(key, str) and re.fullmatch(r"-?[0-9]+", key) and str(int(key)) == key:
+            return int(key)
+        raise CheckpointError(f"config field {name} has key {key!r}, expected int keys")
+    return key
 
 
 _SCALARS = {int: "an int", float: "a number", bool: "true or false", str: "a string"}
