@@ -39,7 +39,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 
 import numpy as np
@@ -47,8 +46,14 @@ import torch
 
 from vidgen import checkpoint
 from vidgen.data.worlds import to_model_range, to_uint8
-from vidgen.eval.fvd import FVD_CLIP_LEN, frechet_distance, i3d_features, load_i3d
-from vidgen.eval.scene import scene_metrics, summarize_seams
+from vidgen.eval.fvd import (
+    FVD_CLIP_LEN,
+    frechet_distance,
+    i3d_features,
+    load_i3d,
+    sample_clips,
+)
+from vidgen.eval.scene import scene_metrics, summarize_seams, summarize_videos
 from vidgen.generators import (
     GenerationRequest,
     check_generator,
@@ -66,24 +71,8 @@ def score_video(frames: np.ndarray, label: int, clip_len: int) -> dict[str, floa
     )
 
 
-def mean(values: list[float | None]) -> float | None:
-    kept = [v for v in values if v is not None and np.isfinite(v)]
-    return round(statistics.fmean(kept), 4) if kept else None
-
-
 def aggregate(rows: list[dict[str, float | None]]) -> dict[str, float | None]:
-    """The figures of several videos: the mean of each, but the speed ratio pooled over
-    every (object, transition) pair of them all (a video with one pair, a speck seen twice,
-    weighed as much as a full one in a mean of ratios)."""
-    out = {k: mean([r[k] for r in rows]) for k in rows[0]}
-    pairs = sum(r.get("speed_pairs") or 0 for r in rows)
-    moved = sum(r.get("mean_speed", 0.0) * (r.get("speed_pairs") or 0) for r in rows)
-    if "mean_speed" in out:  # pooled the same way: speed_ratio = mean_speed / TRUE_SPEED
-        out["mean_speed"] = round(moved / pairs, 4) if pairs else None
-    if "speed_ratio" in out:
-        out["speed_ratio"] = round(moved / pairs / TRUE_SPEED, 4) if pairs else None
-    out["speed_pairs"] = pairs
-    return out
+    return summarize_videos(rows, TRUE_SPEED)
 
 
 def evaluate_model(
@@ -218,22 +207,14 @@ def tokenizer_round_trip(
 
 
 def fvd_clips(videos: list[np.ndarray], count: int) -> np.ndarray:
-    """``count`` 16-frame clips (count, 16, H, W, 3), taken evenly over the length of each
-    video (late, drifted frames count as much as early ones) and round robin over the videos
-    (a count that is not a multiple of their number spreads over them all)."""
-    per_video = -(-count // len(videos))
-    picks = []
-    for video in videos:
-        n = len(video) // FVD_CLIP_LEN
-        starts = np.linspace(0, n - 1, min(per_video, n)).round().astype(int) * FVD_CLIP_LEN
-        picks.append([video[i : i + FVD_CLIP_LEN] for i in starts])
-    clips = [p[j] for j in range(per_video) for p in picks if j < len(p)]
+    """``count`` 16-frame clips of the videos (``sample_clips``); exits if they hold fewer."""
+    clips = sample_clips(videos, count)
     if len(clips) < count:
         raise SystemExit(
             f"--fvd-clips {count}: the videos hold only {len(clips)} clips of {FVD_CLIP_LEN} "
             "frames; ask for fewer clips or more frames"
         )
-    return np.stack(clips[:count])
+    return clips
 
 
 def fvd_features(videos: list[np.ndarray], count: int) -> np.ndarray:

@@ -44,6 +44,12 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         help="train a tokenizer or a generator (resumable; exports <out>/<name>.safetensors)",
         example="vidgen train tokenizer=kl-tiny data=mix train.steps=6000",
     ),
+    ("eval",): Command(
+        config_name="eval",
+        run="vidgen.cli:run_eval",
+        help="score videos against the procedural worlds (counts, motion, seams) and FVD",
+        example="vidgen eval videos=video.mp4 fvd_reference=real/ out=scores.json",
+    ),
     ("data", "preview"): Command(
         config_name="preview",
         run="vidgen.cli:run_preview",
@@ -199,6 +205,22 @@ def run_train(cfg: Any, choices: dict[str, str]) -> int:
         print(f"stopped at train.stop_at; state saved to {path}: run again to resume")
     else:
         print(f"exported {path}")
+    return 0
+
+
+def run_eval(cfg: Any, choices: dict[str, str]) -> int:
+    from vidgen.eval.fvd import FVDError
+    from vidgen.eval.report import evaluate, report_json, write_report
+    from vidgen.io import VideoReadError
+
+    try:
+        report = evaluate(cfg)
+    except (ValueError, VideoReadError, FVDError) as err:
+        print(f"{PROG} eval: {err}", file=sys.stderr)
+        return 2
+    if cfg.out:
+        print(f"wrote {write_report(report, cfg.out)}", file=sys.stderr)
+    print(report_json(report))
     return 0
 
 

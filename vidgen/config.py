@@ -41,6 +41,7 @@ def register_schemas(presets: bool = True) -> None:
     ``presets=False`` leaves out (removes) the model preset groups."""
     from vidgen.data.loader import DataConfig
     from vidgen.data.preview import PreviewConfig
+    from vidgen.eval.report import EvalConfig
     from vidgen.models.ca2vdm import CA2VDM_CONFIGS
     from vidgen.models.nbp import NBP_CONFIGS
     from vidgen.render_config import RenderConfig
@@ -57,6 +58,7 @@ def register_schemas(presets: bool = True) -> None:
     cs.store(name="preview_schema", node=PreviewConfig)
     cs.store(name="train_schema", node=TrainCommandConfig)
     cs.store(name="render_schema", node=RenderConfig)
+    cs.store(name="eval_schema", node=EvalConfig)
     if not presets:
         for group in PRESET_GROUPS:
             cs.repo.pop(group, None)

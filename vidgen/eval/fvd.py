@@ -16,7 +16,7 @@ import importlib
 import importlib.util
 import io
 import pickle
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -312,6 +312,27 @@ def split_clips(video: np.ndarray, clip_len: int = FVD_CLIP_LEN) -> np.ndarray:
     video = np.asarray(video)
     n = video.shape[0] // clip_len
     return video[: n * clip_len].reshape(n, clip_len, *video.shape[1:])
+
+
+def sample_clips(
+    videos: Sequence[np.ndarray], count: int, clip_len: int = FVD_CLIP_LEN
+) -> np.ndarray:
+    """Up to ``count`` clips (n, clip_len, H, W, 3) of the videos (T, H, W, 3): taken evenly
+    over the length of each video (late frames, where a generator drifts, count as much as
+    early ones) and round robin over the videos (a count that is not a multiple of their
+    number spreads over them all). Fewer when the videos hold fewer whole clips."""
+    count = check_int("count", count, minimum=1)
+    clip_len = check_int("clip_len", clip_len, minimum=1)
+    per_video = -(-count // max(len(videos), 1))
+    picks = []
+    for video in videos:
+        n = len(video) // clip_len
+        starts = np.linspace(0, n - 1, min(per_video, n)).round().astype(int) * clip_len
+        picks.append([video[i : i + clip_len] for i in starts])
+    clips = [p[j] for j in range(per_video) for p in picks if j < len(p)]
+    if not clips:
+        raise FVDError(f"no video holds a whole clip of {clip_len} frames")
+    return np.stack(clips[:count])
 
 
 def i3d_features(

@@ -8,6 +8,7 @@ metrics compare generators against the worlds' exact ground truth.
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 import numpy as np
@@ -362,6 +363,34 @@ def summarize_seams(ratios: list[float | None]) -> dict[str, float | int | None]
         "infinite": sum(r is not None and r == float("inf") for r in ratios),
         "undefined": sum(r is None for r in ratios),
     }
+
+
+def _mean(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None and np.isfinite(v)]
+    return round(statistics.fmean(kept), 4) if kept else None
+
+
+def summarize_videos(
+    rows: list[dict[str, float | None]], true_speed: float | None = None
+) -> dict[str, float | None]:
+    """The ``scene_metrics`` of several videos as one: the mean of each figure (finite
+    values only: an infinite or undefined seam ratio is counted by ``summarize_seams``), but
+    the mean speed and speed ratio pooled over every (object, transition) pair of them all
+    (in a mean of ratios a video with one pair, a speck seen twice, weighs as much as a full
+    one). ``speed_pairs``: the pairs pooled."""
+    if not rows:
+        raise ValueError("rows must hold at least one video's figures")
+    keys = dict.fromkeys(k for r in rows for k in r)  # a label only some videos had too
+    out = {k: _mean([r.get(k) for r in rows]) for k in keys}
+    pairs = sum(r.get("speed_pairs") or 0 for r in rows)
+    moved = sum((r.get("mean_speed") or 0.0) * (r.get("speed_pairs") or 0) for r in rows)
+    if "mean_speed" in out:
+        out["mean_speed"] = round(moved / pairs, 4) if pairs else None
+    if "speed_ratio" in out:
+        ok = pairs and true_speed
+        out["speed_ratio"] = round(moved / pairs / true_speed, 4) if ok else None
+    out["speed_pairs"] = pairs
+    return out
 
 
 def scene_metrics(

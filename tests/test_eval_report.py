@@ -1,0 +1,110 @@
+"""``vidgen eval``: scene figures of video files (labels from render sidecars), strict JSON,
+FVD against a reference folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vidgen.cli import main
+from vidgen.eval.report import EvalConfig, evaluate, report_json
+from vidgen.io import VideoWriter
+from vidgen.worlds.bouncing import BouncingShapes, BouncingShapesConfig
+
+
+def shapes_video(path: Path, shapes: int, seed: int, frames: int = 32) -> np.ndarray:
+    video = BouncingShapes(BouncingShapesConfig(num_shapes=shapes), seed=seed).trajectory(frames)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with VideoWriter(path, lossless=True) as writer:
+        writer.write(video.frames)
+    return video.frames
+
+
+def sidecar(video: Path, label: int) -> None:
+    """What ``vidgen render`` writes beside its video (the fields eval reads)."""
+    video.with_suffix(".json").write_text(json.dumps({"request": {"label": label}}))
+
+
+def test_labels_come_from_the_config_or_each_render_sidecar(tmp_path):
+    shapes_video(tmp_path / "a.mp4", 3, seed=0)
+    shapes_video(tmp_path / "sub" / "b.mp4", 1, seed=1)
+    sidecar(tmp_path / "sub" / "b.mp4", 1)
+    report = evaluate(EvalConfig(videos=str(tmp_path)))
+    videos = report["per_video"]
+    assert sorted(videos) == ["a.mp4", "sub/b.mp4"]
+    assert videos["a.mp4"]["label"] is None and "count_accuracy" not in videos["a.mp4"]
+    assert videos["sub/b.mp4"]["label"] == 1 and videos["sub/b.mp4"]["count_accuracy"] > 0.9
+    # The summary pools what the videos have: one count accuracy, both videos' motion.
+    summary = report["summary"]
+    assert summary["count_accuracy"] == round(videos["sub/b.mp4"]["count_accuracy"], 4)
+    pairs = videos["a.mp4"]["speed_pairs"] + videos["sub/b.mp4"]["speed_pairs"]
+    assert summary["speed_pairs"] == pairs and 0.8 < summary["speed_ratio"] < 1.25
+    assert summary["moving_fraction"] == 1.0
+    # label= overrides the sidecars: 3 shapes are not 1.
+    wrong = evaluate(EvalConfig(videos=str(tmp_path / "a.mp4"), label=1))
+    assert wrong["per_video"]["a.mp4"]["count_accuracy"] < 0.2
+
+
+def test_a_slideshow_reports_strict_json(tmp_path, capsys):
+    """Frozen inside clips, jumping at seams: an infinite seam ratio, written as null (JSON
+    has no Infinity) and counted in the summary."""
+    frames = BouncingShapes(BouncingShapesConfig(num_shapes=2), seed=0).trajectory(32).frames
+    slideshow = np.repeat(frames[::8], 8, axis=0)
+    with VideoWriter(tmp_path / "s.mp4", lossless=True) as writer:
+        writer.write(slideshow)
+    report = evaluate(EvalConfig(videos=str(tmp_path / "s.mp4"), label=2))
+    assert report["per_video"]["s.mp4"]["seam_ratio"] == float("inf")
+    strict = json.loads(report_json(report))
+    assert strict["per_video"]["s.mp4"]["seam_ratio"] is None
+    assert strict["summary"]["seam_ratio_infinite"] == 1
+    out = tmp_path / "report.json"
+    assert main(["eval", f"videos={tmp_path / 's.mp4'}", "label=2", f"out={out}"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == json.loads(out.read_text()) == strict
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("videos=missing", "videos='missing': no such file or folder"),
+        ("scene=moon", "scene must be one of"),
+        ("out=report.txt", "out must end in .json"),
+        ("fvd_clips=1", "fvd_clips"),
+    ],
+)
+def test_bad_eval_keys_are_named(tmp_path, monkeypatch, capsys, override, message):
+    monkeypatch.chdir(tmp_path)
+    shapes_video(tmp_path / "v.mp4", 2, seed=0, frames=8)
+    args = ["eval", "videos=v.mp4", override] if "videos" not in override else ["eval", override]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "report.txt").exists()
+
+
+def test_empty_folder_is_refused(tmp_path, capsys):
+    assert main(["eval", f"videos={tmp_path}"]) == 2
+    assert "holds no video files" in capsys.readouterr().err
+
+
+def test_fvd_against_a_reference_folder(tmp_path):
+    from vidgen.eval.fvd import FVDError, i3d_weights_path
+
+    try:
+        i3d_weights_path()
+    except FVDError as err:
+        pytest.skip(str(err))
+    for i in range(2):
+        shapes_video(tmp_path / "made" / f"{i}.mp4", 2, seed=i)
+        shapes_video(tmp_path / "real" / f"{i}.mp4", 2, seed=10 + i)
+    same = evaluate(EvalConfig(videos=str(tmp_path / "made"), fvd_reference=str(tmp_path / "made")))
+    assert same["fvd_clips"] == 4 and same["fvd"] < 1e-3
+    other = evaluate(
+        EvalConfig(videos=str(tmp_path / "made"), fvd_reference=str(tmp_path / "real"), fvd_clips=3)
+    )
+    assert other["fvd_clips"] == 3 and other["fvd"] > 1.0
+    shapes_video(tmp_path / "short" / "s.mp4", 2, seed=0, frames=8)
+    with pytest.raises(ValueError, match="s.mp4 has 8 frames; FVD needs clips of 16"):
+        evaluate(EvalConfig(videos=str(tmp_path / "made"), fvd_reference=str(tmp_path / "short")))
