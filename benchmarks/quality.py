@@ -261,7 +261,9 @@ def main() -> None:
     if args.fvd_clips:
         if args.fvd_clips < 2:
             parser.error("--fvd-clips must be 0 (off) or at least 2")
-        load_i3d()  # a missing weights file fails now, not after the videos are made
+        # A missing weights file fails now, not after the videos are made; the benchmark owns
+        # the process, so the shared model may move to the device.
+        load_i3d().to(args.device)
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -318,10 +320,12 @@ def main() -> None:
             name, min(args.frames, 256), labels, seeds, args.device, args.dtype
         )
         result[name]["tokenizer_round_trip"] = trip
-        if reference is not None:
+        gen = load_generator(name, max_streams=1, device=args.device, dtype=args.dtype)
+        if reference is not None and gen.frame_shape[0] != 64:
+            result[name]["summary"]["fvd"] = None  # the reference videos are 64x64
+        elif reference is not None:
             made = fvd_features(videos, args.fvd_clips)
             result[name]["summary"]["fvd"] = round(frechet_distance(reference, made), 2)
-            gen = load_generator(name, max_streams=1, device=args.device, dtype=args.dtype)
             trips = [round_trip(gen, to_model_range(v)) for v in others]
             trip["fvd"] = round(frechet_distance(reference, fvd_features(trips, args.fvd_clips)), 2)
         seam = result[name]["summary"].get("seam_ratio")

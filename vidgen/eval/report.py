@@ -120,7 +120,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     rows = []
     clips: list[np.ndarray] = []
     root = Path(cfg.videos).expanduser()
-    for path in tqdm(paths, desc="scoring videos", unit="video", disable=None):
+    for index, path in enumerate(tqdm(paths, desc="scoring videos", unit="video", disable=None)):
         frames = _read(path)
         label = cfg.label if cfg.label is not None else sidecar_label(path)
         scores = scene_metrics(frames, palette, label, cfg.clip_len, true_speed)
@@ -128,7 +128,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         name = str(path.relative_to(root)) if root.is_dir() else path.name
         per_video[name] = {"frames": len(frames), "label": label, **scores}
         if references:
-            clips.append(_fvd_clips(path, frames, cfg.fvd_clips, len(paths)))
+            clips.append(_fvd_clips(path, frames, index, len(paths), cfg.fvd_clips))
     summary = summarize_videos(rows, true_speed)
     seams = summarize_seams([r.get("seam_ratio") for r in rows])
     summary["seam_ratio_infinite"] = seams["infinite"]
@@ -141,24 +141,34 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "per_video": per_video,
     }
     if references:
-        report.update(_fvd(np.concatenate(clips)[: cfg.fvd_clips], references, cfg))
+        report.update(_fvd(_joined(clips, "videos"), references, cfg))
     return report
 
 
-def _fvd_clips(path: Path, frames: np.ndarray, count: int, videos: int) -> np.ndarray:
-    from vidgen.eval.fvd import FVD_CLIP_LEN, sample_clips
+def _fvd_clips(path: Path, frames: np.ndarray, index: int, total: int, count: int) -> np.ndarray:
+    """Video ``index`` of ``total``'s share of ``count`` clips, as ``sample_clips`` takes
+    them (one video at a time: a folder of long videos need not fit in memory)."""
+    from vidgen.eval.fvd import FVD_CLIP_LEN, shares, video_clips
 
     if len(frames) < FVD_CLIP_LEN:
         raise ValueError(f"{path} has {len(frames)} frames; FVD needs clips of {FVD_CLIP_LEN}")
-    return sample_clips([frames], -(-count // videos))
+    return video_clips(frames, shares(count, total)[index], (index + 0.5) / total)
+
+
+def _joined(clips: list[np.ndarray], key: str) -> np.ndarray:
+    if len({c.shape[2:] for c in clips}) > 1:
+        raise ValueError(f"the {key} differ in frame size: FVD takes one set of one size")
+    return np.concatenate(clips)
 
 
 def _fvd(made: np.ndarray, references: list[Path], cfg: EvalConfig) -> dict[str, Any]:
     from vidgen.eval.fvd import frechet_distance, i3d_features
 
-    real = np.concatenate(
-        [_fvd_clips(p, _read(p), cfg.fvd_clips, len(references)) for p in references]
-    )[: cfg.fvd_clips]
+    total = len(references)
+    real = _joined(
+        [_fvd_clips(p, _read(p), i, total, cfg.fvd_clips) for i, p in enumerate(references)],
+        "fvd_reference videos",
+    )
     n = min(len(made), len(real))  # FVD's bias depends on the count: the same for both
     if n < 2:
         raise ValueError(

@@ -178,18 +178,21 @@ def _scan_packets(container: Any, stream: Any, path: Path) -> _PacketScan:
     """
     counts = [[0, 0], [0, 0]]  # [before / from the first keyframe][timed / untimed]
     keyed = False
+    key_pts: int | None = None
     end_ticks: int | None = None
     sizes: list[tuple[int, int]] = []
     ctx = stream.codec_context
     try:
         for packet in container.demux(stream):
             if _is_keyframe(packet):
+                if not keyed:
+                    key_pts = packet.pts
                 keyed = True
                 sizes.extend((frame.width, frame.height) for frame in ctx.decode(packet))
             if not _is_frame_packet(packet):
                 continue
             untimed = packet.dts is None and packet.pts is None
-            counts[keyed][untimed] += 1
+            counts[keyed and not _leading(packet, key_pts)][untimed] += 1
             if packet.pts is not None:
                 packet_end = packet.pts + (packet.duration or 0)
                 end_ticks = packet_end if end_ticks is None else max(end_ticks, packet_end)
@@ -380,13 +383,22 @@ def _read_decord(decord: Any, info: VideoInfo, indices: range) -> np.ndarray | N
     return batch.asnumpy() if hasattr(batch, "asnumpy") else batch.numpy()
 
 
+def _leading(packet: Any, key_pts: int | None) -> bool:
+    """A frame shown before the first keyframe although it comes after it in the stream: an
+    open GOP's leading B-frame, which references the GOP before, cut away."""
+    return key_pts is not None and packet.pts is not None and packet.pts < key_pts
+
+
 def _from_first_keyframe(packets: Iterable[Any]) -> Iterator[Any]:
-    """The packets from the first keyframe on: those before it reference frames that are
-    not in the file (a stream cut mid-GOP), and some decoders would make up frames for them."""
+    """The packets from the first keyframe on, less the leading frames shown before it: they
+    reference frames that are not in the file (a stream cut mid-GOP), and some decoders
+    would make up frames for them."""
     keyed = False
+    key_pts = None
     for packet in packets:
-        keyed = keyed or _is_keyframe(packet)
-        if keyed:
+        if not keyed and _is_keyframe(packet):
+            keyed, key_pts = True, packet.pts
+        if keyed and not _leading(packet, key_pts):
             yield packet
 
 
@@ -915,6 +927,14 @@ def concat_videos(
     _check_target(out)
     # Probing first names a bad file before anything is written.
     infos = [probe_video(segment) for segment in segments]
+    for segment, info in zip(segments, infos, strict=True):
+        if info.undecodable_packets:
+            # Its first keyframe may be no clean start (an open GOP's), so the joined file
+            # could hold frames that do not decode: refuse rather than publish it.
+            raise ValueError(
+                f"concat_videos: {segment} starts mid-GOP ({info.undecodable_packets} packets "
+                "before its first keyframe); re-encode it to join it without re-encoding the rest"
+            )
     _check_segments(segments)
     tags = read_metadata(segments[0]) if metadata is None else _check_metadata(metadata)
     tmp = _temp_path(out)
@@ -923,8 +943,7 @@ def concat_videos(
         container = _open_output(tmp, out, tags)
         remuxer = _Remuxer(container)
         for segment, info in zip(segments, infos, strict=True):
-            # Packets before a segment's first keyframe would not decode in the joined file.
-            muxed = remuxer.add(segment, from_keyframe=info.undecodable_packets > 0)
+            muxed = remuxer.add(segment)
             expected = info.num_frames
             if muxed != expected:
                 # Never publish a short file over `out`: the old one is worth more.
@@ -955,9 +974,8 @@ class _Remuxer:
         self.last_dts: int | None = None
         self.frame_ticks = 0
 
-    def add(self, path: Path, from_keyframe: bool = False) -> int:
-        """Append the frames of `path` (from its first keyframe on if `from_keyframe`);
-        returns how many packets were copied."""
+    def add(self, path: Path) -> int:
+        """Append the frames of `path`; returns how many packets were copied."""
         with _open_input(path) as container:
             in_stream = _video_stream(container, path)
             if self.out_stream is None:
@@ -970,8 +988,6 @@ class _Remuxer:
             end = self.offset
             count = 0
             packets = container.demux(in_stream)
-            if from_keyframe:
-                packets = _from_first_keyframe(packets)
             for packet, pts, dts, duration in self._timed(packets, in_stream.time_base):
                 if shift is None:
                     # Align the segment's first timestamp with the end of the previous one.
