@@ -216,3 +216,26 @@ def test_an_open_gop_stream_cut_mid_gop_leaves_out_its_leading_frames(tmp_path):
     numbers = frame_numbers(video)
     assert numbers == list(range(numbers[0], 32)) and numbers[0] >= 16
     assert info.undecodable_packets == 32 - 5 - info.num_frames
+
+
+@pytest.mark.parametrize("suffix", [".mkv", ".mp4", ".h264"])
+def test_the_probe_decodes_only_keyframes_that_bring_new_parameters(tmp_path, suffix, monkeypatch):
+    """H.264 gives its frame size in the sequence parameter set: a keyframe without a new one
+    keeps the size, so decoding every keyframe (5-34x slower probes) is not needed."""
+    from vidgen.io import video
+
+    decisions: list[bool] = []
+    real = video._SizeWatch.needs_decode
+
+    def spy(self, packet):
+        decisions.append(real(self, packet))
+        return decisions[-1]
+
+    monkeypatch.setattr(video._SizeWatch, "needs_decode", spy)
+    if suffix == ".h264":  # Annex B, parameter sets repeated in-band at every keyframe
+        path = write(tmp_path / "s.h264", np.repeat(noise(5, 32, 32), 6, axis=0), lossless=True)
+    else:
+        path = gop_stream(tmp_path / f"s{suffix}")
+    info = probe_video(path)
+    assert info.num_frames == 30 and not info.size_changes
+    assert len(decisions) >= 3 and decisions.count(True) == 1
