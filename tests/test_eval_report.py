@@ -73,15 +73,31 @@ def test_a_slideshow_reports_strict_json(tmp_path, capsys):
         ("scene=moon", "scene must be one of"),
         ("out=report.txt", "out must end in .json"),
         ("fvd_clips=1", "fvd_clips"),
+        ("clip_len=1", "clip_len"),
+        ("videos=", "videos is empty"),
+        ("out=v.json", "out='v.json' is the render sidecar of a scored video"),
+        ("out=v.mp4/r.json", "out='v.mp4/r.json' cannot be written"),
     ],
 )
 def test_bad_eval_keys_are_named(tmp_path, monkeypatch, capsys, override, message):
     monkeypatch.chdir(tmp_path)
     shapes_video(tmp_path / "v.mp4", 2, seed=0, frames=8)
+    sidecar(tmp_path / "v.mp4", 2)
+    before = (tmp_path / "v.json").read_text()
     args = ["eval", "videos=v.mp4", override] if "videos" not in override else ["eval", override]
     assert main(args) == 2
     assert message in capsys.readouterr().err
-    assert not (tmp_path / "report.txt").exists()
+    assert (tmp_path / "v.json").read_text() == before  # the sidecar is never replaced
+
+
+def test_sidecar_labels_that_are_no_counts_are_not_taken(tmp_path, caplog):
+    shapes_video(tmp_path / "a.mp4", 2, seed=0)
+    for bad in (-1, 2.0, "2", True):
+        (tmp_path / "a.json").write_text(json.dumps({"request": {"label": bad}}))
+        report = evaluate(EvalConfig(videos=str(tmp_path / "a.mp4")))
+        assert report["per_video"]["a.mp4"]["label"] is None
+        assert "no count of objects" in caplog.text
+    assert report["summary"]["videos"] == 1 and report["summary"]["videos_with_label"] == 0
 
 
 def test_empty_folder_is_refused(tmp_path, capsys):
@@ -105,6 +121,15 @@ def test_fvd_against_a_reference_folder(tmp_path):
         EvalConfig(videos=str(tmp_path / "made"), fvd_reference=str(tmp_path / "real"), fvd_clips=3)
     )
     assert other["fvd_clips"] == 3 and other["fvd"] > 1.0
+    # Fewer clips asked than videos, and sets of other sizes: every clip from a video that
+    # has one (a 3rd, short video gives none), the same number from both sets.
+    shapes_video(tmp_path / "made" / "2.mp4", 2, seed=5, frames=8)
+    few = evaluate(
+        EvalConfig(videos=str(tmp_path / "made"), fvd_reference=str(tmp_path / "real"), fvd_clips=2)
+    )
+    assert few["fvd_clips"] == 2 and few["per_video"]["2.mp4"]["seam_ratio"] is None
     shapes_video(tmp_path / "short" / "s.mp4", 2, seed=0, frames=8)
-    with pytest.raises(ValueError, match="s.mp4 has 8 frames; FVD needs clips of 16"):
+    with pytest.raises(
+        ValueError, match="at least 2 clips of 16 frames in each set; videos hold 4"
+    ):
         evaluate(EvalConfig(videos=str(tmp_path / "made"), fvd_reference=str(tmp_path / "short")))

@@ -103,8 +103,10 @@ def test_weights_reader_admits_numpy_arrays_only(tmp_path, monkeypatch):
     for bad, match in [
         ({"params": np.zeros(3, dtype=np.float64)}, "expected float32"),
         ({"params": np.array([1, "a"], dtype=object)}, "expected float32"),
-        ({1: np.zeros(3, dtype=np.float32)}, "is not a str"),
+        ({1: np.zeros(3, dtype=np.float32)}, "is not a non-empty str"),
         ({"params": [np.zeros(3, dtype=np.float32)]}, "is a list"),
+        ({"": np.zeros(3, dtype=np.float32)}, "is not a non-empty str"),
+        ({"a/b": np.zeros(1, np.float32), "a": {"b": np.ones(1, np.float32)}}, "two arrays"),
     ]:
         path.write_bytes(pickle.dumps(bad))
         with pytest.raises(FVDError, match=match):
@@ -176,6 +178,18 @@ def test_preprocess_and_split():
     assert parts[1, 0, 0, 0, 0] == 16 and parts[1, -1, 0, 0, 0] == 31
     with pytest.raises(ValueError, match="clip_len"):
         split_clips(video, 0)
+
+
+def test_allocate_spreads_clips_and_moves_what_a_video_cannot_give():
+    from vidgen.eval.fvd import allocate
+
+    assert allocate(8, [1, 10]) == [1, 7]
+    assert allocate(2, [4, 4, 4]) == [0, 1, 1]  # the remainder spread, not piled on the first
+    assert allocate(12, [4, 4, 4]) == [4, 4, 4] and allocate(20, [4, 0, 4]) == [4, 0, 4]
+    for count, caps in [(7, [3, 1, 9, 2]), (5, [0, 0, 6]), (30, [2, 2])]:
+        taken = allocate(count, caps)
+        assert sum(taken) == min(count, sum(caps))
+        assert all(0 <= t <= c for t, c in zip(taken, caps, strict=True))
 
 
 def test_i3d_features_check_clips():

@@ -215,11 +215,11 @@ def run_eval(cfg: Any, choices: dict[str, str]) -> int:
 
     try:
         report = evaluate(cfg)
-    except (ValueError, VideoReadError, FVDError) as err:
+        if cfg.out:
+            print(f"wrote {write_report(report, cfg.out)}", file=sys.stderr)
+    except (ValueError, VideoReadError, FVDError, OSError) as err:
         print(f"{PROG} eval: {err}", file=sys.stderr)
         return 2
-    if cfg.out:
-        print(f"wrote {write_report(report, cfg.out)}", file=sys.stderr)
     print(report_json(report))
     return 0
 

@@ -101,17 +101,19 @@ def i3d_weights_path() -> Path:
     return path
 
 
-def _flatten(tree: object, prefix: str, out: dict[str, np.ndarray]) -> None:
-    if prefix.count("/") > _MAX_DEPTH:
+def _flatten(tree: object, prefix: str, out: dict[str, np.ndarray], depth: int = 0) -> None:
+    if depth > _MAX_DEPTH:
         raise FVDError(f"I3D weights: nested deeper than {_MAX_DEPTH} levels at {prefix[:200]}")
     if isinstance(tree, dict):
         for key, value in tree.items():
-            if not isinstance(key, str):
+            if not isinstance(key, str) or not key:
                 raise FVDError(
-                    f"I3D weights: key {key!r} under {prefix or 'the root'} is not a str"
+                    f"I3D weights: key {key!r} under {prefix or 'the root'} is not a non-empty str"
                 )
-            _flatten(value, f"{prefix}/{key}" if prefix else key, out)
+            _flatten(value, f"{prefix}/{key}" if prefix else key, out, depth + 1)
     elif isinstance(tree, np.ndarray) and tree.dtype == np.float32:
+        if prefix in out:  # keys holding "/" (as Flax names some modules) can collide
+            raise FVDError(f"I3D weights: two arrays are named {prefix}")
         out[prefix] = tree
     else:
         raise FVDError(
@@ -341,8 +343,10 @@ def video_clips(
     video that gives one clip gives the one at ``phase`` of its length."""
     n = len(video) // clip_len
     k = min(count, n)
+    if k <= 0:
+        return np.empty((0, clip_len, *np.shape(video)[1:]), np.asarray(video).dtype)
     starts = [min(int((j + phase) * n / k), n - 1) * clip_len for j in range(k)]
-    return np.stack([video[i : i + clip_len] for i in starts]) if k else video[:0, None]
+    return np.stack([video[i : i + clip_len] for i in starts])
 
 
 def shares(count: int, videos: int) -> list[int]:
@@ -351,26 +355,44 @@ def shares(count: int, videos: int) -> list[int]:
     return [(v + 1) * count // videos - v * count // videos for v in range(videos)]
 
 
+def allocate(count: int, capacities: Sequence[int]) -> list[int]:
+    """``count`` clips split over videos holding ``capacities`` whole clips: as evenly as
+    whole numbers allow, no video giving more than it holds, what one cannot give taken from
+    the others (fewer in all only when they hold fewer)."""
+    taken = [0] * len(capacities)
+    left = min(count, sum(max(c, 0) for c in capacities))
+    open_ = [i for i, c in enumerate(capacities) if c > 0]
+    while left > 0 and open_:
+        for i, share in zip(open_, shares(left, len(open_)), strict=True):
+            extra = min(share, capacities[i] - taken[i])
+            taken[i] += extra
+            left -= extra
+        open_ = [i for i in open_ if taken[i] < capacities[i]]
+    return taken
+
+
 def sample_clips(
     videos: Sequence[np.ndarray], count: int, clip_len: int = FVD_CLIP_LEN
 ) -> np.ndarray:
     """Up to ``count`` clips (n, clip_len, H, W, 3) of the videos (T, H, W, 3): an even share
-    of each video, spread over its length (late frames, where a generator drifts, count as
-    much as early ones) with each video's grid shifted by its own phase, so that videos
-    giving one clip each still cover the whole length between them. Fewer when the videos
-    hold fewer whole clips."""
+    of each video (``allocate``), spread over its length (late frames, where a generator
+    drifts, count as much as early ones) with each video's grid shifted by its own phase, so
+    that videos giving one clip each still cover the whole length between them. Fewer when
+    the videos hold fewer whole clips."""
     count = check_int("count", count, minimum=1)
     clip_len = check_int("clip_len", clip_len, minimum=1)
     if not videos:
         raise FVDError("videos is empty: no clip to take")
-    if len({tuple(np.shape(v)[1:]) for v in videos}) > 1:
-        raise FVDError("the videos must all have one frame size to be taken as one set")
-    parts = [
-        video_clips(video, k, (v + 0.5) / len(videos), clip_len)
-        for v, (video, k) in enumerate(zip(videos, shares(count, len(videos)), strict=True))
-        if k
-    ]
-    clips = np.concatenate(parts)
+    sizes = sorted({tuple(np.shape(v)[1:]) for v in videos})
+    if len(sizes) > 1:
+        raise FVDError(f"the videos must all have one frame size to be one array, got {sizes}")
+    taken = allocate(count, [len(v) // clip_len for v in videos])
+    clips = np.concatenate(
+        [
+            video_clips(v, k, (i + 0.5) / len(videos), clip_len)
+            for i, (v, k) in enumerate(zip(videos, taken, strict=True))
+        ]
+    )
     if not len(clips):
         raise FVDError(f"no video holds a whole clip of {clip_len} frames")
     return clips

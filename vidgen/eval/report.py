@@ -40,8 +40,9 @@ class EvalConfig:
     ``label``: the expected number of objects (None: each video's sidecar request label).
     ``clip_len``: the frames of one generated clip (seams are measured between clips).
     ``fvd_reference``: real videos to compute FVD against (None: no FVD); ``fvd_clips``: at
-    most this many 16-frame clips of each set. ``out``: a .json file the report is written
-    to (atomically), besides being printed."""
+    most this many 16-frame clips of each set (the same number from both); ``device``: where
+    I3D runs (``cuda`` is much faster). ``out``: a .json file the report is written to
+    (atomically), besides being printed."""
 
     videos: str = MISSING
     scene: str = "bouncing"
@@ -49,6 +50,7 @@ class EvalConfig:
     clip_len: int = 8
     fvd_reference: str | None = None
     fvd_clips: int = 256
+    device: str = "cpu"
     out: str | None = None
 
     def __post_init__(self) -> None:
@@ -56,7 +58,10 @@ class EvalConfig:
             raise ValueError(f"scene must be one of {list(SCENES)}, got {self.scene!r}")
         if self.label is not None:
             check_int("label", self.label, minimum=0)
-        check_int("clip_len", self.clip_len, minimum=1)
+        check_int("clip_len", self.clip_len, minimum=2)
+        for key in ("videos", "fvd_reference", "out", "device"):
+            if getattr(self, key) == "":
+                raise ValueError(f"{key} is empty: give a value or leave the key out")
         check_int("fvd_clips", self.fvd_clips, minimum=2)
         if self.out is not None:
             out = Path(self.out).expanduser()
@@ -91,7 +96,10 @@ def sidecar_label(video: Path) -> int | None:
     except (OSError, ValueError, KeyError, TypeError):
         log.warning("%s: not a vidgen render sidecar; no label taken from it", sidecar)
         return None
-    return label if isinstance(label, int) and not isinstance(label, bool) else None
+    if label is not None and (not isinstance(label, int) or isinstance(label, bool) or label < 0):
+        log.warning("%s: request.label %r is no count of objects; not taken", sidecar, label)
+        return None
+    return label
 
 
 def _read(path: Path) -> np.ndarray:
@@ -100,22 +108,47 @@ def _read(path: Path) -> np.ndarray:
     return read_video(path)
 
 
+def _check_out(out: Path, paths: list[Path]) -> None:
+    """Refuse an ``out`` that would replace a scored video's render sidecar (its provenance)
+    or that cannot be written, before any video is scored."""
+    from vidgen import fsutil
+
+    sidecars = {p.with_suffix(".json").resolve() for p in paths}
+    if out.resolve() in sidecars:
+        raise ValueError(f"out={str(out)!r} is the render sidecar of a scored video")
+    try:
+        fsutil.temp_beside(out).unlink()
+    except OSError as err:
+        raise ValueError(f"out={str(out)!r} cannot be written: {err}") from err
+
+
+def _clip_counts(paths: list[Path]) -> list[int]:
+    from vidgen.eval.fvd import FVD_CLIP_LEN
+    from vidgen.io import probe_video
+
+    return [probe_video(p).num_frames // FVD_CLIP_LEN for p in paths]
+
+
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """The report: per video its figures (and the label used), the summary, and FVD."""
-    from vidgen.eval.scene import scene_metrics, summarize_seams, summarize_videos
-    from vidgen.worlds.agent import AGENT_PALETTE
-    from vidgen.worlds.bouncing import BOUNCING_PALETTE, BouncingShapesConfig
+    from vidgen.eval.fvd import allocate
+    from vidgen.eval.scene import summarize_seams, summarize_videos
 
     paths = video_paths(cfg.videos)
+    if cfg.out:
+        _check_out(Path(cfg.out).expanduser(), paths)
     references = video_paths(cfg.fvd_reference, "fvd_reference") if cfg.fvd_reference else []
+    made_share = real_share = []
     if references:
-        from vidgen.eval.fvd import load_i3d
-
-        load_i3d()  # a missing weights file fails before the videos are scored
-    bouncing = cfg.scene == "bouncing"
-    palette = BOUNCING_PALETTE if bouncing else AGENT_PALETTE
-    world = BouncingShapesConfig()
-    true_speed = (world.min_speed + world.max_speed) / 2 if bouncing else None
+        made_caps, real_caps = _clip_counts(paths), _clip_counts(references)
+        n = min(cfg.fvd_clips, sum(made_caps), sum(real_caps))  # one count: FVD's bias
+        if n < 2:
+            raise ValueError(
+                f"FVD needs at least 2 clips of 16 frames in each set; videos hold "
+                f"{sum(made_caps)}, fvd_reference {sum(real_caps)}"
+            )
+        made_share, real_share = allocate(n, made_caps), allocate(n, real_caps)
+        _i3d(cfg.device)  # a missing weights file fails before the videos are scored
     per_video: dict[str, dict[str, Any]] = {}
     rows = []
     clips: list[np.ndarray] = []
@@ -123,16 +156,21 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     for index, path in enumerate(tqdm(paths, desc="scoring videos", unit="video", disable=None)):
         frames = _read(path)
         label = cfg.label if cfg.label is not None else sidecar_label(path)
-        scores = scene_metrics(frames, palette, label, cfg.clip_len, true_speed)
+        try:
+            scores = _score(frames, label, cfg)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
         rows.append(scores)
         name = str(path.relative_to(root)) if root.is_dir() else path.name
         per_video[name] = {"frames": len(frames), "label": label, **scores}
-        if references:
-            clips.append(_fvd_clips(path, frames, index, len(paths), cfg.fvd_clips))
-    summary = summarize_videos(rows, true_speed)
+        if references and made_share[index]:
+            clips.append(_clips(frames, made_share, index))
+    summary = summarize_videos(rows, _true_speed(cfg))
     seams = summarize_seams([r.get("seam_ratio") for r in rows])
     summary["seam_ratio_infinite"] = seams["infinite"]
     summary["seam_ratio_undefined"] = seams["undefined"]
+    summary["videos"] = len(rows)
+    summary["videos_with_label"] = sum(v["label"] is not None for v in per_video.values())
     report: dict[str, Any] = {
         "videos": str(cfg.videos),
         "scene": cfg.scene,
@@ -141,44 +179,63 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "per_video": per_video,
     }
     if references:
-        report.update(_fvd(_joined(clips, "videos"), references, cfg))
+        real = [_clips(_read(p), real_share, i) for i, p in enumerate(references) if real_share[i]]
+        report.update(_fvd(clips, real, cfg))
     return report
 
 
-def _fvd_clips(path: Path, frames: np.ndarray, index: int, total: int, count: int) -> np.ndarray:
-    """Video ``index`` of ``total``'s share of ``count`` clips, as ``sample_clips`` takes
-    them (one video at a time: a folder of long videos need not fit in memory)."""
-    from vidgen.eval.fvd import FVD_CLIP_LEN, shares, video_clips
+def _true_speed(cfg: EvalConfig) -> float | None:
+    from vidgen.worlds.bouncing import BouncingShapesConfig
 
-    if len(frames) < FVD_CLIP_LEN:
-        raise ValueError(f"{path} has {len(frames)} frames; FVD needs clips of {FVD_CLIP_LEN}")
-    return video_clips(frames, shares(count, total)[index], (index + 0.5) / total)
+    world = BouncingShapesConfig()
+    return (world.min_speed + world.max_speed) / 2 if cfg.scene == "bouncing" else None
 
 
-def _joined(clips: list[np.ndarray], key: str) -> np.ndarray:
-    if len({c.shape[2:] for c in clips}) > 1:
-        raise ValueError(f"the {key} differ in frame size: FVD takes one set of one size")
-    return np.concatenate(clips)
+def _score(frames: np.ndarray, label: int | None, cfg: EvalConfig) -> dict[str, Any]:
+    """One video's scene figures; a video of one clip or less has no seams to measure."""
+    from vidgen.eval.scene import scene_metrics
+    from vidgen.worlds.agent import AGENT_PALETTE
+    from vidgen.worlds.bouncing import BOUNCING_PALETTE
+
+    palette = BOUNCING_PALETTE if cfg.scene == "bouncing" else AGENT_PALETTE
+    clip_len = cfg.clip_len if len(frames) > cfg.clip_len else None
+    scores = scene_metrics(frames, palette, label, clip_len, _true_speed(cfg))
+    if clip_len is None:
+        scores["seam_ratio"] = None
+    return scores
 
 
-def _fvd(made: np.ndarray, references: list[Path], cfg: EvalConfig) -> dict[str, Any]:
+def _clips(frames: np.ndarray, share: list[int], index: int) -> np.ndarray:
+    """Video ``index``'s share of the FVD clips, as ``sample_clips`` takes them (one video
+    at a time: a folder of long videos need not fit in memory at once)."""
+    from vidgen.eval.fvd import video_clips
+
+    return video_clips(frames, share[index], (index + 0.5) / len(share))
+
+
+def _i3d(device: str):
+    import copy
+
+    from vidgen.eval.fvd import load_i3d
+
+    model = load_i3d()
+    # The loaded model is shared by the process: a copy moves to another device.
+    return model if device == "cpu" else copy.deepcopy(model).to(device)
+
+
+def _fvd(made: list[np.ndarray], real: list[np.ndarray], cfg: EvalConfig) -> dict[str, Any]:
+    """FVD of the two sets, each a list of per-video clip arrays (videos of any frame size:
+    I3D resizes every clip to 224x224)."""
     from vidgen.eval.fvd import frechet_distance, i3d_features
 
-    total = len(references)
-    real = _joined(
-        [_fvd_clips(p, _read(p), i, total, cfg.fvd_clips) for i, p in enumerate(references)],
-        "fvd_reference videos",
-    )
-    n = min(len(made), len(real))  # FVD's bias depends on the count: the same for both
-    if n < 2:
-        raise ValueError(
-            f"FVD needs at least 2 clips of 16 frames in each set; videos give {len(made)}, "
-            f"fvd_reference {len(real)}"
-        )
-    distance = frechet_distance(
-        i3d_features(real[:n], progress=True), i3d_features(made[:n], progress=True)
-    )
-    return {"fvd": round(distance, 3), "fvd_clips": n, "fvd_reference": str(cfg.fvd_reference)}
+    model = _i3d(cfg.device)
+    real_features = i3d_features(real, model, progress=True)
+    made_features = i3d_features(made, model, progress=True)
+    return {
+        "fvd": round(frechet_distance(real_features, made_features), 3),
+        "fvd_clips": len(made_features),
+        "fvd_reference": str(cfg.fvd_reference),
+    }
 
 
 def _finite(value: Any) -> Any:
