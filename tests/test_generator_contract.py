@@ -358,6 +358,8 @@ def test_a_snapshot_file_whose_contents_do_not_fit_is_refused_by_name(tmp_path):
         ("model", "", r"model must be a shipped name"),
         ("steps", 10**9, r"steps must be <= 1000"),
         ("fps", 2000, r"fps must be <= 1000"),
+        ("temperature", 10**400, r"temperature must be finite"),
+        ("guidance", 2**70 * 10**300, r"guidance must be finite"),
     ],
 )
 def test_request_fields_are_checked_when_made(field, value, message):
@@ -1107,3 +1109,32 @@ def test_check_generator_names_what_is_wrong(tmp_path):
         check_generator(paths["diffusion"])
     with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
         check_generator(str(tmp_path / "nothing.safetensors"))
+
+
+def test_a_stream_keeps_its_own_checked_copy_of_the_request(family):
+    """A caller that changes its request object after ``open`` changes neither the running
+    stream nor its snapshot; a field set after construction (which skips the checks) is
+    checked when the stream opens."""
+    gen = make_generator(family)
+    whole = clips_of(gen, request_for(gen))
+    req = request_for(gen)
+    stream = gen.open(req)
+    (first,) = gen.step([stream])
+    req.seed, req.label = 99, 1
+    rest = [first.data]
+    while not stream.done:
+        (clip,) = gen.step([stream])
+        rest.append(clip.data)
+    assert torch.equal(torch.stack(rest), whole)
+    assert stream.request is not req and stream.request.seed == 5
+    gen.close(stream)
+    bad = request_for(gen)
+    bad.guidance = float("nan")
+    with pytest.raises(ValueError, match="guidance must be finite"):
+        gen.open(bad)
+
+
+def test_a_diffusion_generator_refuses_a_bad_time_shift():
+    gen = make_generator("diffusion")
+    with pytest.raises(ValueError, match="time_shift"):
+        type(gen)(gen.model, gen.autoencoder, time_shift=0)

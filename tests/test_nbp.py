@@ -156,6 +156,9 @@ def test_top_k_keeps_k_and_top_p_keeps_the_smallest_set_reaching_p():
     assert kept == [True, False, True, False, False]  # 0.636 < 0.8 <= 0.636 + 0.234
     assert torch.isfinite(top_p_filter(logits, 0.5))[0].tolist() == [True] + [False] * 4
     assert probs[0] >= 0.5 and torch.isfinite(top_p_filter(logits, 1.0)).all()
+    # A p that rounds to 0 in float32 still keeps the most likely entry (it dropped them all,
+    # and sampling failed on NaNs).
+    assert torch.isfinite(top_p_filter(logits, 1e-50))[0].tolist() == [True] + [False] * 4
 
 
 def test_sampling_draws_from_the_given_generator():

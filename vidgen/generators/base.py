@@ -21,7 +21,7 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -543,10 +543,21 @@ def _array(name: str, value: Any, own: bool = False) -> np.ndarray:
     return array
 
 
+def own_request(request: GenerationRequest) -> GenerationRequest:
+    """The stream's own copy of ``request``, checked again: a caller that changes or reuses
+    its object after ``open`` (a field set after construction skips the checks) changes
+    neither the running stream nor its snapshots."""
+    return replace(request)
+
+
 def _number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
         raise ValueError(f"{name} must be a number, got {value!r}")
-    if not np.isfinite(value):
+    try:  # an int past float range (JSON allows 10**400) overflows rather than failing
+        finite = bool(np.isfinite(float(value)))
+    except OverflowError:
+        finite = False
+    if not finite:
         raise ValueError(f"{name} must be finite, got {value}")
     return int(value) if isinstance(value, int | np.integer) else float(value)
 

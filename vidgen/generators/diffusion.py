@@ -34,6 +34,7 @@ from vidgen.generators.base import (
     check_truth,
     closed_on_error,
     leading_actions,
+    own_request,
     seeded,
     setting,
 )
@@ -42,6 +43,7 @@ from vidgen.nn.cache import KVCache
 from vidgen.nn.conditioning import NULL
 from vidgen.sampling.flow import classifier_free, euler_sample, scale_contrast, time_grid
 from vidgen.tokenizers.kl import KLAutoencoder, KLConfig
+from vidgen.validate import check_number
 
 
 class DiffusionClipGenerator:
@@ -78,7 +80,7 @@ class DiffusionClipGenerator:
         self.autoencoder = autoencoder.to(self.device, self.dtype).eval()
         self.config: Ca2VDMConfig = model.config
         self.clip_len = self.config.clip_len
-        self.time_shift = time_shift
+        self.time_shift = check_number("time_shift", time_shift, above=0)
         self.name = name
         self.cache = KVCache(model.cache_spec(max_streams, self.dtype), self.device)
         self.frame_shape = (autoencoder.config.image_size, autoencoder.config.image_size, 3)
@@ -152,6 +154,7 @@ class DiffusionClipGenerator:
         return request.frames // self.clip_len
 
     def open(self, request: GenerationRequest) -> Stream:
+        request = own_request(request)
         num_clips = self._check(request)
         slot = self.cache.add_stream()
         stream = Stream(id=next(self._ids), request=request, slot=slot, clip=0, num_clips=num_clips)
@@ -343,7 +346,7 @@ class DiffusionClipGenerator:
             slot = self.cache.add_stream()
             stream = Stream(
                 id=next(self._ids),
-                request=snapshot.request,
+                request=own_request(snapshot.request),
                 slot=slot,
                 clip=snapshot.checkpoint_clip,
                 num_clips=num_clips,

@@ -43,6 +43,7 @@ from vidgen.generators.base import (
     check_truth,
     closed_on_error,
     leading_actions,
+    own_request,
     seeded,
     setting,
 )
@@ -202,6 +203,7 @@ class TokenClipGenerator:
         return stream
 
     def _new_stream(self, request: GenerationRequest, clip: int, num_clips: int) -> Stream:
+        request = own_request(request)
         slots = [self.cache.add_stream()]
         if self._guided(request):
             try:

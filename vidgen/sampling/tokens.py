@@ -26,8 +26,10 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
         return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
-    # An entry is dropped when the mass before it already reaches p (the first never is).
+    # An entry is dropped when the mass before it already reaches p; the first never is (a
+    # p that rounds to 0 in float32, below about 1e-45, would otherwise drop every entry).
     drop_sorted = (probs.cumsum(dim=-1) - probs) >= p
+    drop_sorted[..., 0] = False
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
