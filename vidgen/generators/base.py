@@ -100,8 +100,11 @@ class GenerationRequest:
         if self.fps > MAX_FPS:  # the video writers' limit: refused before anything is made
             raise ValueError(f"fps must be <= {MAX_FPS}, got {self.fps}")
         self.temperature = _number("temperature", self.temperature)
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(
+                f"temperature must be in [0, {MAX_TEMPERATURE:g}] (0 = greedy), "
+                f"got {self.temperature}"
+            )
         self.top_p = _number("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -574,6 +577,9 @@ MAX_STEPS = 1000
 # Far past any useful setting (guidance is used at 1-10, contrast near 1): a larger value is a
 # typo, and one past float32's range made NaN videos without a word.
 MAX_GUIDANCE = 100.0
+# Token sampling past this is uniform noise in all but name (at 1e39 float32 logits / T are
+# 0: uniform sampling, without a word).
+MAX_TEMPERATURE = 100.0
 MAX_CONTRAST = 10.0
 
 
