@@ -320,10 +320,12 @@ def main() -> None:
             name, min(args.frames, 256), labels, seeds, args.device, args.dtype
         )
         result[name]["tokenizer_round_trip"] = trip
-        gen = load_generator(name, max_streams=1, device=args.device, dtype=args.dtype)
-        if reference is not None and gen.frame_shape[0] != 64:
+        gen = None
+        if reference is not None:
+            gen = load_generator(name, max_streams=1, device=args.device, dtype=args.dtype)
+        if gen is not None and gen.frame_shape[0] != 64:
             result[name]["summary"]["fvd"] = None  # the reference videos are 64x64
-        elif reference is not None:
+        elif gen is not None:
             made = fvd_features(videos, args.fvd_clips)
             result[name]["summary"]["fvd"] = round(frechet_distance(reference, made), 2)
             trips = [round_trip(gen, to_model_range(v)) for v in others]

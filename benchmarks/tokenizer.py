@@ -30,7 +30,7 @@ import torch
 
 from vidgen import checkpoint
 from vidgen.data.worlds import to_model_range, to_uint8
-from vidgen.eval.fvd import frechet_distance, i3d_features, load_i3d, split_clips
+from vidgen.eval.fvd import frechet_distance, i3d_features, load_i3d, video_clips
 from vidgen.eval.scene import centroid_error, seam_ratio, summarize_seams
 from vidgen.tokenizers.larp import (
     LARPVideoTokenizer,
@@ -143,7 +143,7 @@ def world_fvd(world: str, pairs: list[tuple[np.ndarray, np.ndarray]], size: int)
     frames = len(pairs[0][0])
 
     def features(videos) -> np.ndarray:
-        clips = np.concatenate([split_clips(v) for v in videos])
+        clips = np.concatenate([video_clips(v, len(v)) for v in videos])  # every whole clip
         return i3d_features(clips, load_i3d(), progress=True)
 
     real = features(v for v, _ in pairs)

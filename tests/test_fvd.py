@@ -22,7 +22,7 @@ from vidgen.eval.fvd import (
     load_i3d,
     load_i3d_variables,
     preprocess,
-    split_clips,
+    video_clips,
 )
 
 DATA = Path(__file__).parent / "data"
@@ -173,11 +173,11 @@ def test_preprocess_and_split():
     flat = np.full((1, 9, 8, 8, 3), 255, np.uint8)
     assert torch.allclose(preprocess(flat), torch.ones(1, 3, 9, 224, 224))
     video = np.arange(35)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
-    parts = split_clips(video, 16)
+    parts = video_clips(video, 99, clip_len=16)  # more than it holds: every whole clip
     assert parts.shape == (2, 16, 2, 2, 3)
     assert parts[1, 0, 0, 0, 0] == 16 and parts[1, -1, 0, 0, 0] == 31
     with pytest.raises(ValueError, match="clip_len"):
-        split_clips(video, 0)
+        video_clips(video, 2, clip_len=0)
 
 
 def test_allocate_spreads_clips_and_moves_what_a_video_cannot_give():

@@ -375,12 +375,6 @@ def read_header(name_or_path: str | os.PathLike) -> Header:
     return Header(path, metadata["config_type"], fields[0], fields[1])
 
 
-def header_fields(name_or_path: str | os.PathLike) -> tuple[Path, dict[str, Any], dict[str, Any]]:
-    """(path, config, card) of a checkpoint, read from its header alone (``read_header``)."""
-    header = read_header(name_or_path)
-    return header.path, header.config, header.card
-
-
 def assets_dir() -> Path:
     """The folder of shipped checkpoints (package data)."""
     return Path(str(resources.files("vidgen.assets")))
@@ -481,14 +475,10 @@ def same_checkpoint(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return False
 
 
-def files_sha256(paths: Sequence[str | os.PathLike]) -> str:
-    """One sha256 over the files' own sha256s, in order (a generator's companion files)."""
-    return combined_sha256([file_sha256(path) for path in paths])
-
-
 def combined_sha256(digests: Sequence[str]) -> str:
-    """One sha256 over hex sha256s, in order: ``files_sha256`` of files whose digests are
-    known already (``Checkpoint.sha256``)."""
+    """One sha256 over hex sha256s, in order (a generator's companion files, from the
+    digests their loads computed, ``Checkpoint.sha256``): the ``tokenizer.sha256`` of
+    render guards and provenance."""
     digest = hashlib.sha256()
     for hex_digest in digests:
         digest.update(hex_digest.encode())

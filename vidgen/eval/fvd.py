@@ -327,20 +327,14 @@ def preprocess(clips: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x / 127.5 - 1.0
 
 
-def split_clips(video: np.ndarray, clip_len: int = FVD_CLIP_LEN) -> np.ndarray:
-    """(T, H, W, 3) -> (T // clip_len, clip_len, H, W, 3), the leftover frames dropped."""
-    clip_len = check_int("clip_len", clip_len, minimum=1)
-    video = np.asarray(video)
-    n = video.shape[0] // clip_len
-    return video[: n * clip_len].reshape(n, clip_len, *video.shape[1:])
-
-
 def video_clips(
     video: np.ndarray, count: int, phase: float = 0.5, clip_len: int = FVD_CLIP_LEN
 ) -> np.ndarray:
     """Up to ``count`` clips (k, clip_len, H, W, 3) of one video (T, H, W, 3), evenly spaced
     over its length: clip j starts at whole clip ``(j + phase) * n / count`` of its n, so a
-    video that gives one clip gives the one at ``phase`` of its length."""
+    video that gives one clip gives the one at ``phase`` of its length; ``count`` >= the
+    clips it holds gives them all, in order."""
+    clip_len = check_int("clip_len", clip_len, minimum=1)
     n = len(video) // clip_len
     k = min(count, n)
     if k <= 0:
@@ -349,7 +343,7 @@ def video_clips(
     return np.stack([video[i : i + clip_len] for i in starts])
 
 
-def shares(count: int, videos: int) -> list[int]:
+def _shares(count: int, videos: int) -> list[int]:
     """``count`` split over ``videos`` as evenly as whole numbers allow, the remainder spread
     over them (not piled on the first)."""
     return [(v + 1) * count // videos - v * count // videos for v in range(videos)]
@@ -363,7 +357,7 @@ def allocate(count: int, capacities: Sequence[int]) -> list[int]:
     left = min(count, sum(max(c, 0) for c in capacities))
     open_ = [i for i, c in enumerate(capacities) if c > 0]
     while left > 0 and open_:
-        for i, share in zip(open_, shares(left, len(open_)), strict=True):
+        for i, share in zip(open_, _shares(left, len(open_)), strict=True):
             extra = min(share, capacities[i] - taken[i])
             taken[i] += extra
             left -= extra

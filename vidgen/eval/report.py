@@ -139,6 +139,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         _check_out(Path(cfg.out).expanduser(), paths)
     references = video_paths(cfg.fvd_reference, "fvd_reference") if cfg.fvd_reference else []
     made_share = real_share = []
+    model = None
     if references:
         made_caps, real_caps = _clip_counts(paths), _clip_counts(references)
         n = min(cfg.fvd_clips, sum(made_caps), sum(real_caps))  # one count: FVD's bias
@@ -148,7 +149,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 f"{sum(made_caps)}, fvd_reference {sum(real_caps)}"
             )
         made_share, real_share = allocate(n, made_caps), allocate(n, real_caps)
-        _i3d(cfg.device)  # a missing weights file fails before the videos are scored
+        model = _i3d(cfg.device)  # a missing weights file fails before videos are scored
     per_video: dict[str, dict[str, Any]] = {}
     rows = []
     clips: list[np.ndarray] = []
@@ -180,7 +181,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     }
     if references:
         real = [_clips(_read(p), real_share, i) for i, p in enumerate(references) if real_share[i]]
-        report.update(_fvd(clips, real, cfg))
+        report.update(_fvd(clips, real, model, cfg))
     return report
 
 
@@ -223,12 +224,13 @@ def _i3d(device: str):
     return model if device == "cpu" else copy.deepcopy(model).to(device)
 
 
-def _fvd(made: list[np.ndarray], real: list[np.ndarray], cfg: EvalConfig) -> dict[str, Any]:
+def _fvd(
+    made: list[np.ndarray], real: list[np.ndarray], model: Any, cfg: EvalConfig
+) -> dict[str, Any]:
     """FVD of the two sets, each a list of per-video clip arrays (videos of any frame size:
     I3D resizes every clip to 224x224)."""
     from vidgen.eval.fvd import frechet_distance, i3d_features
 
-    model = _i3d(cfg.device)
     real_features = i3d_features(real, model, progress=True)
     made_features = i3d_features(made, model, progress=True)
     return {

@@ -71,14 +71,14 @@ def check_generator(
     while needed:
         owner, name = needed.pop()
         try:
-            tok_path, tok_config, _ = checkpoint.header_fields(checkpoint.companion(name, owner))
+            tok = checkpoint.read_header(checkpoint.companion(name, owner))
         except checkpoint.CheckpointError as err:
             raise ValueError(
                 f"model {name_or_path!r} cannot load: the tokenizer it names ({name!r}) is "
                 f"not usable: {err}"
             ) from err
-        if tok_config.get("autoencoder"):
-            needed.append((tok_path, tok_config["autoencoder"]))
+        if tok.config.get("autoencoder"):
+            needed.append((tok.path, tok.config["autoencoder"]))
 
 
 def load_generator(

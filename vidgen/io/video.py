@@ -208,21 +208,14 @@ class _SizeWatch:
         self.first = True
 
     def needs_decode(self, packet: Any) -> bool:
-        if self.first or self.codec not in _SPS_TYPE:
-            self.first = False
-            self._remember(packet)
-            return True
-        if packet.has_sidedata("new_extradata"):
+        if self.codec not in _SPS_TYPE:
             return True
         sps = self._sps(packet)
-        if sps is None or sps == self.last_sps:
-            return False
-        self.last_sps = sps
-        return True
-
-    def _remember(self, packet: Any) -> None:
-        if self.codec in _SPS_TYPE:
-            self.last_sps = self._sps(packet) or self.last_sps
+        new = sps is not None and sps != self.last_sps
+        needed = self.first or new or packet.has_sidedata("new_extradata")
+        self.first = False
+        self.last_sps = sps or self.last_sps
+        return needed
 
     def _sps(self, packet: Any) -> bytes | None:
         nal_type, sps_type = _SPS_TYPE[self.codec]
