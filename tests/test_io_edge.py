@@ -10,8 +10,16 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 
-from vidgen.io import VideoReadError, VideoWriter, concat_videos, probe_video, read_video
+from vidgen.io import (
+    VideoReadError,
+    VideoWriter,
+    concat_videos,
+    iter_video,
+    probe_video,
+    read_video,
+)
 
 # Frame i of `gop_stream` is a fixed noise texture brightened by i * LEVEL_STEP.
 LEVEL_STEP = 6
@@ -187,6 +195,11 @@ def test_an_mkv_that_changes_frame_size_is_not_stretched_by_decord(tmp_path):
         # The part before the change reads, unscaled (lossless: exactly as written).
         first = read_video(path, num_frames=3, backend=backend).numpy()
         assert np.array_equal(first, noise(3, 32, 32))
+    # Streamed: the chunks before the change come out, then the same error.
+    chunks = iter_video(path, chunk=2)
+    assert np.array_equal(next(chunks).numpy(), noise(3, 32, 32)[:2])
+    with pytest.raises(VideoReadError, match=r"joined\.mkv changes frame size at frame 3"):
+        list(chunks)
     info = probe_video(path)
     assert (info.num_frames, info.width, info.height, info.size_changes) == (5, 32, 32, True)
     decord_error = re.escape(f"decord cannot read {path} correctly: it changes frame size")
@@ -213,6 +226,7 @@ def test_an_open_gop_stream_cut_mid_gop_leaves_out_its_leading_frames(tmp_path):
     info = probe_video(cut)
     video = read_video(cut, backend="pyav")
     assert len(video) == info.num_frames  # before: more counted than decode (an error)
+    assert torch.equal(torch.cat(list(iter_video(cut, chunk=5))), video)
     numbers = frame_numbers(video)
     assert numbers == list(range(numbers[0], 32)) and numbers[0] >= 16
     assert info.undecodable_packets == 32 - 5 - info.num_frames
@@ -239,3 +253,28 @@ def test_the_probe_decodes_only_keyframes_that_bring_new_parameters(tmp_path, su
     info = probe_video(path)
     assert info.num_frames == 30 and not info.size_changes
     assert len(decisions) >= 3 and decisions.count(True) == 1
+
+
+# --- streamed reading ---------------------------------------------------------------------
+
+
+def test_iter_video_streams_what_read_video_reads_in_chunks(tmp_path):
+    frames = noise(11, 16, 24)
+    path = write(tmp_path / "v.mp4", frames, lossless=True)
+    chunks = list(iter_video(path, chunk=4))
+    assert [len(c) for c in chunks] == [4, 4, 3]
+    assert all(c.dtype == torch.uint8 and c.shape[1:] == (16, 24, 3) for c in chunks)
+    assert np.array_equal(torch.cat(chunks).numpy(), frames)
+    part = list(iter_video(path, chunk=100, start=3, num_frames=5, info=probe_video(path)))
+    assert len(part) == 1 and np.array_equal(part[0].numpy(), frames[3:8])
+    assert [len(c) for c in iter_video(path, chunk=1, start=9)] == [1, 1]
+    for bad, error, message in [
+        (0, ValueError, "chunk must be >= 1"),
+        (2.0, TypeError, "chunk must be an int"),
+    ]:
+        with pytest.raises(error, match=message):
+            next(iter_video(path, chunk=bad))
+    with pytest.raises(ValueError, match="start"):
+        next(iter_video(path, start=11))
+    with pytest.raises(ValueError, match="info describes"):
+        next(iter_video(path, info=probe_video(write(tmp_path / "w.mp4", frames[:2]))))

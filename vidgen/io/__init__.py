@@ -1,4 +1,5 @@
-"""Video files: probe and read (PyAV-probed, decord-decoded), write (streaming, atomic), join."""
+"""Video files: probe and read (PyAV-probed, decord-decoded; or streamed in chunks), write
+(streaming, atomic), join."""
 
 from vidgen.io.video import (
     DEFAULT_CRF,
@@ -7,6 +8,7 @@ from vidgen.io.video import (
     VideoReadError,
     VideoWriter,
     concat_videos,
+    iter_video,
     probe_video,
     read_metadata,
     read_video,
@@ -19,6 +21,7 @@ __all__ = [
     "VideoReadError",
     "VideoWriter",
     "concat_videos",
+    "iter_video",
     "probe_video",
     "read_metadata",
     "read_video",
