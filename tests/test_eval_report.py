@@ -133,3 +133,42 @@ def test_fvd_against_a_reference_folder(tmp_path):
         ValueError, match="at least 2 clips of 16 frames in each set; videos hold 4"
     ):
         evaluate(EvalConfig(videos=str(tmp_path / "made"), fvd_reference=str(tmp_path / "short")))
+
+
+def test_videos_are_read_and_scored_in_pieces_as_if_whole(tmp_path, monkeypatch):
+    """A video of any length is decoded and scored CHUNK_FRAMES at a time, with the figures
+    of the whole video."""
+    from vidgen.eval import report as report_module
+
+    shapes_video(tmp_path / "a.mp4", 3, seed=0, frames=40)
+    sidecar(tmp_path / "a.mp4", 3)
+    whole = evaluate(EvalConfig(videos=str(tmp_path)))["per_video"]["a.mp4"]
+    sizes = []
+    real_add = report_module._ClipPicker.add
+
+    def spy(self, chunk):
+        sizes.append(len(chunk))
+        real_add(self, chunk)
+
+    monkeypatch.setattr(report_module._ClipPicker, "add", spy)
+    monkeypatch.setattr(report_module, "CHUNK_FRAMES", 7)
+    pieces = evaluate(EvalConfig(videos=str(tmp_path)))["per_video"]["a.mp4"]
+    assert sizes == [7] * 5 + [5]
+    assert pieces == pytest.approx(whole, rel=1e-12)
+    assert pieces["frames"] == 40 and pieces["count_accuracy"] > 0.7
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16, 100])
+def test_fvd_clips_picked_from_pieces_are_those_of_the_whole_video(chunk):
+    from vidgen.eval.fvd import video_clips
+    from vidgen.eval.report import _ClipPicker
+
+    video = np.random.default_rng(0).integers(0, 256, (70, 4, 4, 3), dtype=np.uint8)
+    for count, index, videos in [(3, 0, 1), (4, 1, 3), (9, 2, 3), (1, 0, 2)]:
+        picker = _ClipPicker(len(video), count, index, videos)
+        for lo in range(0, len(video), chunk):
+            picker.add(video[lo : lo + chunk])
+        expected = video_clips(video, count, (index + 0.5) / videos)
+        assert np.array_equal(picker.clips, expected)
+        assert picker.needed == max(picker.starts) + 16 <= len(video)
+    assert _ClipPicker(len(video), 0, 0, 1).clips.shape[0] == 0

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from vidgen.eval.scene import (
+    SceneScorer,
     centroid_error,
     count_accuracy,
     detect_objects,
@@ -268,3 +269,49 @@ def test_an_empty_flickering_video_has_no_seam_ratio():
     frames = (rng.random((32, 64, 64, 3)) < 0.002).astype(np.uint8) * 3  # faint specks
     assert seam_ratio(frames, 8) is None
     assert scene_metrics(frames, BOUNCING_PALETTE, 1, 8, 1.5)["seam_ratio"] is None
+
+
+def _duplicate_video() -> np.ndarray:
+    """A red square that moves 1 px per frame and, from frame 3, a larger red one that
+    stays far away: the one followed is the moving one (seen first), never the larger."""
+    background = np.array(BOUNCING_PALETTE.scenery[0], np.uint8)
+    red = np.array(BOUNCING_PALETTE.objects["red"], np.uint8)
+    frames = np.broadcast_to(background, (24, 48, 48, 3)).copy()
+    for t in range(24):
+        frames[t, 4:10, 4 + t : 10 + t] = red
+        if t >= 3:
+            frames[t, 30:44, 30:44] = red
+    return frames
+
+
+@pytest.mark.parametrize("pieces", [[24], [1, 7, 5, 11], [5, 19], [8, 8, 8]])
+def test_a_video_scored_in_pieces_scores_as_a_whole(shapes, pieces):
+    world, traj = shapes
+    teleport = traj.frames[:24].copy()
+    teleport[8:16] = traj.frames[100:108]  # a seam that jumps
+    for video, label in [(teleport, world.label), (_duplicate_video(), 1)]:
+        whole = scene_metrics(video, BOUNCING_PALETTE, label, clip_len=4, true_speed=1.5)
+        scorer = SceneScorer(BOUNCING_PALETTE, label, clip_len=4, true_speed=1.5)
+        for lo, hi in zip(np.cumsum([0, *pieces[:-1]]), np.cumsum(pieces), strict=True):
+            scorer.add(video[lo:hi])
+        assert scorer.frames == len(video)
+        assert scorer.result() == pytest.approx(whole, rel=1e-12)
+    # The moving square is followed across every piece: 1 px per frame inside the clips.
+    assert scorer.result()["mean_speed"] == pytest.approx(1.0)
+
+
+def test_the_scorer_refuses_what_does_not_continue_the_video():
+    scorer = SceneScorer(BOUNCING_PALETTE, 1, clip_len=4)
+    scorer.add(_duplicate_video()[:3])
+    with pytest.raises(ValueError, match="frames must keep the video's frame size"):
+        scorer.add(np.zeros((2, 32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="clip_len must be in"):
+        scorer.result()  # 3 frames, clips of 4
+    scorer.add(_duplicate_video()[3:4])
+    with pytest.raises(ValueError, match="seam ratio needs more than one clip"):
+        scorer.result()
+    for bad in (1, 2.5):
+        with pytest.raises(ValueError, match="clip_len must be"):
+            SceneScorer(BOUNCING_PALETTE, clip_len=bad)
+    with pytest.raises(ValueError, match="expected_count must be"):
+        SceneScorer(BOUNCING_PALETTE, expected_count=-1)

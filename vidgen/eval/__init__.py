@@ -6,6 +6,7 @@ from vidgen.eval.fvd import FVDError, frechet_distance, i3d_features, load_i3d
 from vidgen.eval.scene import (
     Detections,
     MotionStats,
+    SceneScorer,
     centroid_error,
     count_accuracy,
     detect_objects,
@@ -18,6 +19,7 @@ __all__ = [
     "Detections",
     "FVDError",
     "MotionStats",
+    "SceneScorer",
     "centroid_error",
     "count_accuracy",
     "detect_objects",

@@ -334,13 +334,21 @@ def video_clips(
     over its length: clip j starts at whole clip ``(j + phase) * n / count`` of its n, so a
     video that gives one clip gives the one at ``phase`` of its length; ``count`` >= the
     clips it holds gives them all, in order."""
-    clip_len = check_int("clip_len", clip_len, minimum=1)
-    n = len(video) // clip_len
-    k = min(count, n)
-    if k <= 0:
+    starts = clip_starts(len(video), count, phase, clip_len)
+    if not starts:
         return np.empty((0, clip_len, *np.shape(video)[1:]), np.asarray(video).dtype)
-    starts = [min(int((j + phase) * n / k), n - 1) * clip_len for j in range(k)]
     return np.stack([video[i : i + clip_len] for i in starts])
+
+
+def clip_starts(
+    frames: int, count: int, phase: float = 0.5, clip_len: int = FVD_CLIP_LEN
+) -> list[int]:
+    """The first frames of the clips ``video_clips`` takes from a video of ``frames``
+    frames (to pick them from a video read in pieces)."""
+    clip_len = check_int("clip_len", clip_len, minimum=1)
+    n = frames // clip_len
+    k = min(count, n)
+    return [min(int((j + phase) * n / k), n - 1) * clip_len for j in range(max(k, 0))]
 
 
 def _shares(count: int, videos: int) -> list[int]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,12 +103,6 @@ def sidecar_label(video: Path) -> int | None:
     return label
 
 
-def _read(path: Path) -> np.ndarray:
-    from vidgen.io import read_video
-
-    return read_video(path)
-
-
 def _check_out(out: Path, paths: list[Path]) -> None:
     """Refuse an ``out`` that would replace a scored video's render sidecar (its provenance)
     or that cannot be written, before any video is scored."""
@@ -155,17 +150,17 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     clips: list[np.ndarray] = []
     root = Path(cfg.videos).expanduser()
     for index, path in enumerate(tqdm(paths, desc="scoring videos", unit="video", disable=None)):
-        frames = _read(path)
         label = cfg.label if cfg.label is not None else sidecar_label(path)
+        share = made_share[index] if references else 0
         try:
-            scores = _score(frames, label, cfg)
+            scores, frames, made = _score_file(path, label, cfg, share, index, len(paths))
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from err
         rows.append(scores)
         name = str(path.relative_to(root)) if root.is_dir() else path.name
-        per_video[name] = {"frames": len(frames), "label": label, **scores}
-        if references and made_share[index]:
-            clips.append(_clips(frames, made_share, index))
+        per_video[name] = {"frames": frames, "label": label, **scores}
+        if share:
+            clips.append(made)
     summary = summarize_videos(rows, _true_speed(cfg))
     seams = summarize_seams([r.get("seam_ratio") for r in rows])
     summary["seam_ratio_infinite"] = seams["infinite"]
@@ -180,7 +175,11 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "per_video": per_video,
     }
     if references:
-        real = [_clips(_read(p), real_share, i) for i, p in enumerate(references) if real_share[i]]
+        real = [
+            _read_clips(p, real_share[i], i, len(references))
+            for i, p in enumerate(references)
+            if real_share[i]
+        ]
         report.update(_fvd(clips, real, model, cfg))
     return report
 
@@ -192,26 +191,86 @@ def _true_speed(cfg: EvalConfig) -> float | None:
     return (world.min_speed + world.max_speed) / 2 if cfg.scene == "bouncing" else None
 
 
-def _score(frames: np.ndarray, label: int | None, cfg: EvalConfig) -> dict[str, Any]:
-    """One video's scene figures; a video of one clip or less has no seams to measure."""
-    from vidgen.eval.scene import scene_metrics
+# Frames decoded and scored at a time: a video of any length is scored in this much memory.
+CHUNK_FRAMES = 256
+
+
+def _score_file(
+    path: Path, label: int | None, cfg: EvalConfig, share: int, index: int, videos: int
+) -> tuple[dict[str, Any], int, np.ndarray]:
+    """One video's scene figures (a video of one clip or less has no seams to measure), its
+    number of frames, and its ``share`` of FVD clips (``video_clips``, video ``index`` of
+    ``videos``), read and scored ``CHUNK_FRAMES`` at a time."""
+    from vidgen.eval.scene import SceneScorer
+    from vidgen.io import probe_video
     from vidgen.worlds.agent import AGENT_PALETTE
     from vidgen.worlds.bouncing import BOUNCING_PALETTE
 
+    info = probe_video(path)
     palette = BOUNCING_PALETTE if cfg.scene == "bouncing" else AGENT_PALETTE
-    clip_len = cfg.clip_len if len(frames) > cfg.clip_len else None
-    scores = scene_metrics(frames, palette, label, clip_len, _true_speed(cfg))
+    clip_len = cfg.clip_len if info.num_frames > cfg.clip_len else None
+    scorer = SceneScorer(palette, label, clip_len, _true_speed(cfg))
+    picker = _ClipPicker(info.num_frames, share, index, videos)
+    for chunk in _chunks(path, info):
+        scorer.add(chunk)
+        picker.add(chunk)
+    scores = scorer.result()
     if clip_len is None:
         scores["seam_ratio"] = None
-    return scores
+    return scores, scorer.frames, picker.clips
 
 
-def _clips(frames: np.ndarray, share: list[int], index: int) -> np.ndarray:
-    """Video ``index``'s share of the FVD clips, as ``sample_clips`` takes them (one video
-    at a time: a folder of long videos need not fit in memory at once)."""
-    from vidgen.eval.fvd import video_clips
+def _chunks(path: Path, info: Any, frames: int | None = None) -> Iterator[np.ndarray]:
+    """The first ``frames`` frames of the video (None: all), ``CHUNK_FRAMES`` at a time."""
+    from vidgen.io import iter_video
 
-    return video_clips(frames, share[index], (index + 0.5) / len(share))
+    for chunk in iter_video(path, CHUNK_FRAMES, num_frames=frames, info=info):
+        yield chunk.numpy()
+
+
+class _ClipPicker:
+    """The FVD clips ``video_clips`` would take from a whole video, picked from its pieces
+    as they pass: video ``index`` of ``videos`` gives ``count`` of them."""
+
+    def __init__(self, frames: int, count: int, index: int, videos: int) -> None:
+        from vidgen.eval.fvd import FVD_CLIP_LEN, clip_starts
+
+        self.starts = clip_starts(frames, count, (index + 0.5) / videos) if count else []
+        self.parts: list[list[np.ndarray]] = [[] for _ in self.starts]
+        self.seen = 0
+        self.clip_len = FVD_CLIP_LEN
+
+    @property
+    def needed(self) -> int:
+        """How many of the video's frames hold its clips."""
+        return max(self.starts, default=-self.clip_len) + self.clip_len
+
+    def add(self, chunk: np.ndarray) -> None:
+        lo, hi = self.seen, self.seen + len(chunk)
+        for start, parts in zip(self.starts, self.parts, strict=True):
+            a, b = max(start, lo), min(start + self.clip_len, hi)
+            if a < b:
+                parts.append(chunk[a - lo : b - lo])
+        self.seen = hi
+
+    @property
+    def clips(self) -> np.ndarray:
+        """(count, clip_len, H, W, 3) uint8: every clip whole once the video has passed."""
+        if not self.starts:
+            return np.empty((0, self.clip_len, 0, 0, 3), np.uint8)
+        return np.stack([np.concatenate(parts) for parts in self.parts])
+
+
+def _read_clips(path: Path, count: int, index: int, videos: int) -> np.ndarray:
+    """``count`` FVD clips of a reference video (video ``index`` of ``videos``), read in
+    pieces."""
+    from vidgen.io import probe_video
+
+    info = probe_video(path)
+    picker = _ClipPicker(info.num_frames, count, index, videos)
+    for chunk in _chunks(path, info, picker.needed):  # no further than its last clip
+        picker.add(chunk)
+    return picker.clips
 
 
 def _i3d(device: str):

@@ -139,16 +139,21 @@ def _blobs(mask: np.ndarray) -> tuple[np.ndarray, ...]:
 
 
 def _track(
-    frame: np.ndarray, size: np.ndarray, cx: np.ndarray, cy: np.ndarray, t_len: int
+    frame: np.ndarray,
+    size: np.ndarray,
+    cx: np.ndarray,
+    cy: np.ndarray,
+    t_len: int,
+    prev: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One colour's blobs -> per frame (T,) the area and centroid of the one followed: the
-    blob nearest the one followed in the frame before, else (a first sighting) the largest.
-    Following the largest instead jumped between two blobs of one colour (a generator's
-    duplicate) as their sizes changed, which counted as motion."""
+    blob nearest the one followed in the frame before (``prev`` for the first frame), else
+    (a first sighting) the largest. Following the largest instead jumped between two blobs
+    of one colour (a generator's duplicate) as their sizes changed, which counted as
+    motion."""
     area, fx, fy = np.zeros(t_len, np.int64), np.full(t_len, np.nan), np.full(t_len, np.nan)
     order = np.argsort(frame, kind="stable")
     starts = np.searchsorted(frame[order], np.arange(t_len + 1))
-    prev: tuple[float, float] | None = None
     for t in range(t_len):
         here = order[starts[t] : starts[t + 1]]
         if here.size == 0:
@@ -168,6 +173,7 @@ def detect_objects(
     palette: ScenePalette,
     min_blob: int = MIN_BLOB_PX,
     max_distance: float | None = None,
+    follow: np.ndarray | None = None,
 ) -> Detections:
     """Visible objects in each frame: the 4-connected blobs of pixels classified as each
     palette object's colour (``classify_pixels``) that have an interior pixel (bands under
@@ -176,11 +182,14 @@ def detect_objects(
     blobs of one colour are two objects: a world never draws that, a generator can); each
     colour's centroid follows one of them from frame to frame (``_track``). Blobs of one
     colour joined through pixels of other objects count once: a shape that another passes
-    over can show in two pieces."""
+    over can show in two pieces. ``follow``: (O, 2) the centroids followed in the frame
+    before these (NaN where a colour was absent), to continue a video fed in pieces."""
     if min_blob < 1:
         raise ValueError(f"min_blob must be >= 1 pixel, got {min_blob}")
     labels = classify_pixels(frames, palette, max_distance)
     names = tuple(palette.object_names)
+    if follow is not None and np.shape(follow) != (len(names), 2):
+        raise ValueError(f"follow must be ({len(names)}, 2), got shape {np.shape(follow)}")
     t_len = labels.shape[0]
     objects = (labels >= 0) & (labels < len(names))
     areas = np.zeros((t_len, len(names)), dtype=np.int64)
@@ -196,7 +205,8 @@ def detect_objects(
         mask = ndimage.binary_propagation(seeds, structure=_IN_FRAME, mask=mask)
         frame, size, cx, cy, py, px = _blobs(mask)
         big = size >= min_blob
-        area, fx, fy = _track(frame[big], size[big], cx[big], cy[big], t_len)
+        start = None if follow is None or np.isnan(follow[o]).any() else tuple(follow[o])
+        area, fx, fy = _track(frame[big], size[big], cx[big], cy[big], t_len, start)
         # Blobs of one colour joined through pixels of other objects are one object that
         # another passes over (a real shape cut in two by its occluder), not two.
         joined, _ = ndimage.label(mask | (objects & (labels != o)), structure=_IN_FRAME)
@@ -298,24 +308,52 @@ def motion_stats(
     inner = np.ones(t_len - 1, dtype=bool)
     if clip_len is not None:
         inner = (np.arange(1, t_len) % clip_len) != 0  # transition i -> i+1 inside a clip
-    both = det.present[1:] & det.present[:-1] & inner[:, None]  # (T-1, O)
-    step = np.linalg.norm(det.centroids[1:] - det.centroids[:-1], axis=-1)  # (T-1, O)
-    step = np.where(both, step, 0.0)
-    pairs = both.sum()
+    moved = _transitions(det.present, det.centroids, inner, min_move)
     per_object = {
-        name: float(step[:, o].sum() / both[:, o].sum())
+        name: float(moved.steps[o] / moved.object_pairs[o])
         for o, name in enumerate(det.names)
-        if both[:, o].any()
+        if moved.object_pairs[o]
     }
+    return MotionStats(
+        mean_speed=float(moved.steps.sum() / moved.pairs) if moved.pairs else 0.0,
+        moving_fraction=float(moved.moving / moved.inner),
+        per_object_speed=per_object,
+        transitions=moved.inner,
+        pairs=moved.pairs,
+    )
+
+
+@dataclass(frozen=True)
+class _Moved:
+    """Sums over frame transitions: per object its summed steps and (object, transition)
+    pairs; the transitions scored (``inner``) and those in which the objects moved."""
+
+    steps: np.ndarray
+    object_pairs: np.ndarray
+    inner: int
+    moving: int
+
+    @property
+    def pairs(self) -> int:
+        return int(self.object_pairs.sum())
+
+
+def _transitions(
+    present: np.ndarray, centroids: np.ndarray, inner: np.ndarray, min_move: float
+) -> _Moved:
+    """The motion sums of transitions i -> i + 1 of (T, O) ``present`` / (T, O, 2)
+    ``centroids``, of those where ``inner`` (T - 1,) holds."""
+    both = present[1:] & present[:-1] & inner[:, None]  # (T-1, O)
+    step = np.linalg.norm(centroids[1:] - centroids[:-1], axis=-1)  # (T-1, O)
+    step = np.where(both, step, 0.0)
     visible = both.sum(axis=1)
     mean_step = step.sum(axis=1) / np.maximum(visible, 1)  # (T-1,); 0 where nothing visible
     moving = (visible > 0) & (mean_step >= min_move)
-    return MotionStats(
-        mean_speed=float(step.sum() / pairs) if pairs else 0.0,
-        moving_fraction=float(moving[inner].mean()),
-        per_object_speed=per_object,
-        transitions=int(inner.sum()),
-        pairs=int(pairs),
+    return _Moved(
+        steps=step.sum(axis=0),
+        object_pairs=both.sum(axis=0),
+        inner=int(inner.sum()),
+        moving=int(moving[inner].sum()),
     )
 
 
@@ -345,9 +383,17 @@ def seam_ratio(
             f"seam ratio needs more than one clip: got {len(frames)} frames with "
             f"clip_len={clip_len}"
         )
-    diffs = np.abs(np.diff(frames.astype(np.int16), axis=0)).mean(axis=(1, 2, 3))  # (T-1,)
+    diffs = _frame_diffs(frames)  # (T-1,)
     at_seam = (np.arange(1, len(frames)) % clip_len) == 0  # transition i -> i+1 crosses
-    within, seam = diffs[~at_seam].mean(), diffs[at_seam].mean()
+    return _seam_value(diffs[~at_seam].mean(), diffs[at_seam].mean(), static_threshold)
+
+
+def _frame_diffs(frames: np.ndarray) -> np.ndarray:
+    """(T - 1,) mean absolute difference of each frame to the next, 0-255 scale."""
+    return np.abs(np.diff(frames.astype(np.int16), axis=0)).mean(axis=(1, 2, 3))
+
+
+def _seam_value(within: float, seam: float, static_threshold: float) -> float | None:
     if within < static_threshold:
         return None if seam < static_threshold else float("inf")
     return float(seam / within)
@@ -401,26 +447,110 @@ def scene_metrics(
     true_speed: float | None = None,
     min_blob: int = MIN_BLOB_PX,
 ) -> dict[str, float | None]:
-    """The figures the quality benchmarks report for one video, as a JSON-ready dict."""
-    det = detect_objects(frames, palette, min_blob)
-    motion = motion_stats(det, clip_len=clip_len)
-    out: dict[str, float | None] = {
-        "mean_count": float(det.counts.mean()),
-        "mean_speed": motion.mean_speed,
-        "speed_pairs": motion.pairs,  # what mean_speed is measured on: for pooling
-        "moving_fraction": motion.moving_fraction,
-    }
-    if expected_count is not None:
-        out["count_accuracy"] = count_accuracy(det, expected_count)
-    if true_speed is not None:
-        # None, not 0, where no speed can be measured (no object seen in two consecutive
-        # frames): an empty video is not a still one, and a 0 would pull a mean of ratios
-        # that are too high towards the target.
-        measurable = true_speed > 0 and motion.pairs > 0
-        out["speed_ratio"] = float(motion.mean_speed / true_speed) if measurable else None
-    if clip_len is not None:
-        out["seam_ratio"] = seam_ratio(frames, clip_len)
-    return out
+    """The figures the quality benchmarks report for one video, as a JSON-ready dict
+    (``SceneScorer`` fed the whole video at once)."""
+    scorer = SceneScorer(palette, expected_count, clip_len, true_speed, min_blob)
+    scorer.add(frames)
+    return scorer.result()
+
+
+class SceneScorer:
+    """``scene_metrics`` of a video fed in pieces (``add``, in order; any sizes), in memory
+    bounded by the largest piece: objects are followed across pieces and the transitions
+    between pieces are scored as those inside them, so the figures are those of the whole
+    video at once (up to float rounding of the sums).
+
+    Figures (``result``): ``mean_count`` (objects per frame), ``mean_speed`` (pixels per
+    frame over every (object, transition) pair, ``speed_pairs`` of them), ``moving_fraction``
+    (see ``MotionStats``), and with ``expected_count`` its ``count_accuracy``, with
+    ``true_speed`` the ``speed_ratio`` (None where no pair was seen), with ``clip_len`` the
+    ``seam_ratio`` (motion is then measured inside clips only)."""
+
+    def __init__(
+        self,
+        palette: ScenePalette,
+        expected_count: int | None = None,
+        clip_len: int | None = None,
+        true_speed: float | None = None,
+        min_blob: int = MIN_BLOB_PX,
+    ) -> None:
+        if clip_len is not None:
+            check_int("clip_len", clip_len, minimum=2)  # a float marks the wrong seams
+        if expected_count is not None:
+            check_int("expected_count", expected_count, minimum=0)
+        self.palette, self.expected_count, self.clip_len = palette, expected_count, clip_len
+        self.true_speed, self.min_blob = true_speed, min_blob
+        self.frames = 0
+        self._objects = self._hits = 0
+        self._steps, self._pairs, self._inner, self._moving = 0.0, 0, 0, 0
+        self._diffs = {True: [0.0, 0], False: [0.0, 0]}  # at a seam or not: [sum, count]
+        self._last: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # frame, det
+
+    def add(self, frames: np.ndarray | torch.Tensor) -> None:
+        """The next frames (T, H, W, 3) uint8 of the video."""
+        frames = _as_frames(frames)
+        if len(frames) == 0:
+            return
+        if self._last is not None and frames.shape[1:] != self._last[0].shape:
+            raise ValueError(
+                f"frames must keep the video's frame size {self._last[0].shape}, got "
+                f"{frames.shape[1:]}"
+            )
+        follow = None if self._last is None else self._last[2]
+        det = detect_objects(frames, self.palette, self.min_blob, follow=follow)
+        self._objects += int(det.counts.sum())
+        if self.expected_count is not None:
+            self._hits += int((det.counts == self.expected_count).sum())
+        present, centroids, pixels = det.present, det.centroids, frames
+        if self._last is not None:  # the transition from the last piece's last frame
+            present = np.concatenate([self._last[1][None], present])
+            centroids = np.concatenate([self._last[2][None], centroids])
+            pixels = np.concatenate([self._last[0][None], frames])
+        # Transition i goes to frame `to[i]` of the video; it crosses a seam there.
+        to = np.arange(self.frames + len(frames) - len(present) + 1, self.frames + len(frames))
+        at_seam = (to % self.clip_len) == 0 if self.clip_len else np.zeros(len(to), bool)
+        moved = _transitions(present, centroids, ~at_seam, MIN_MOVE_PX)
+        self._steps += float(moved.steps.sum())
+        self._pairs += moved.pairs
+        self._inner += moved.inner
+        self._moving += moved.moving
+        if self.clip_len:
+            diffs = _frame_diffs(pixels)
+            for seam in (True, False):
+                self._diffs[seam][0] += float(diffs[at_seam == seam].sum())
+                self._diffs[seam][1] += int((at_seam == seam).sum())
+        self._last = (frames[-1].copy(), det.present[-1].copy(), det.centroids[-1].copy())
+        self.frames += len(frames)
+
+    def result(self) -> dict[str, float | None]:
+        """The figures of the frames added so far (JSON-ready)."""
+        if self.frames < 2:
+            raise ValueError(f"motion needs at least 2 frames, got {self.frames}")
+        if self.clip_len is not None and self.clip_len > self.frames:
+            raise ValueError(f"clip_len must be in [2, frames={self.frames}], got {self.clip_len}")
+        out: dict[str, float | None] = {
+            "mean_count": self._objects / self.frames,
+            "mean_speed": self._steps / self._pairs if self._pairs else 0.0,
+            "speed_pairs": self._pairs,  # what mean_speed is measured on: for pooling
+            "moving_fraction": self._moving / self._inner,
+        }
+        if self.expected_count is not None:
+            out["count_accuracy"] = self._hits / self.frames
+        if self.true_speed is not None:
+            # None, not 0, where no speed can be measured (no object seen in two consecutive
+            # frames): an empty video is not a still one, and a 0 would pull a mean of
+            # ratios that are too high towards the target.
+            measurable = self.true_speed > 0 and self._pairs > 0
+            out["speed_ratio"] = out["mean_speed"] / self.true_speed if measurable else None
+        if self.clip_len is not None:
+            if self.frames <= self.clip_len:
+                raise ValueError(
+                    f"seam ratio needs more than one clip: got {self.frames} frames with "
+                    f"clip_len={self.clip_len}"
+                )
+            (seam, seams), (within, inner) = self._diffs[True], self._diffs[False]
+            out["seam_ratio"] = _seam_value(within / inner, seam / seams, STATIC_LEVEL)
+        return out
 
 
 def _detections(
