@@ -4,7 +4,7 @@ Usage: python benchmarks/quality.py [--models ca2vdm-tiny,nbp-tiny] [--frames 51
                                     [--labels 1,2,3,4] [--seeds 0] [--steps 12]
                                     [--guidance G] [--temperature 1] [--top-k 0] [--top-p 1]
                                     [--device cpu] [--context 0] [--reencode]
-                                    [--contrast C] [--dtype float32|bfloat16]
+                                    [--contrast C] [--eta E] [--dtype float32|bfloat16]
                                     [--fvd-clips N]
 
 For each model, label (the number of shapes) and seed: one video of ``--frames`` frames made
@@ -60,6 +60,8 @@ from vidgen.generators import (
     generate_video,
     load_generator,
 )
+from vidgen.sampling.flow import MAX_ETA
+from vidgen.validate import check_number
 from vidgen.worlds.bouncing import BOUNCING_PALETTE, BouncingShapes, BouncingShapesConfig
 
 TRUE_SPEED = (BouncingShapesConfig().min_speed + BouncingShapesConfig().max_speed) / 2
@@ -88,6 +90,7 @@ def evaluate_model(
     contrast: float | None = None,
     dtype: str = "float32",
     videos: list[np.ndarray] | None = None,
+    eta: float | None = None,
     **sampling: float,
 ) -> dict[str, object]:
     """``sampling``: token-sampling fields of the request (temperature, top_k, top_p).
@@ -95,11 +98,15 @@ def evaluate_model(
     2000 + seed; scored on the new frames only), which tells drift from a poor start.
     ``reencode``: token generators re-tokenise each sampled clip before it becomes context
     (ignored by the diffusion family). ``contrast``: the diffusion family's request contrast
-    (None: the model's default; ignored by the token family). ``dtype``: the generator's.
+    (None: the model's default; ignored by the token family). ``eta``: the diffusion
+    family's sampler noise (``sde_sample``; None: the model's own, its card's ``eta``, else
+    0). ``dtype``: the generator's.
     ``videos``: a list the generated videos are appended to (for FVD)."""
     gen = load_generator(name, max_streams=1, device=device, dtype=dtype)
     reencode = reencode and gen.family == "tokens"
     contrast = contrast if gen.family == "diffusion" else None
+    if eta is not None and gen.family == "diffusion":
+        gen.eta = check_number("eta", eta, minimum=0, maximum=MAX_ETA)
     per_label: dict[str, dict[str, float | None]] = {}
     rows = []
     seconds = 0.0  # generation only, not scoring
@@ -146,6 +153,7 @@ def evaluate_model(
     summary["guidance"] = gen.guidance if guidance is None else guidance
     if gen.family == "diffusion":
         summary["contrast"] = gen.contrast if contrast is None else contrast
+        summary["eta"] = gen.eta
     return {"summary": summary, "per_label": per_label}
 
 
@@ -247,6 +255,12 @@ def main() -> None:
         help="diffusion models: the request's contrast (default: the model's own)",
     )
     parser.add_argument(
+        "--eta",
+        type=float,
+        default=None,
+        help="diffusion models: the sampler's noise, 0 = Euler ODE (default: the model's own)",
+    )
+    parser.add_argument(
         "--reencode",
         action="store_true",
         help="token models: re-tokenise each sampled clip before it becomes context",
@@ -283,6 +297,7 @@ def main() -> None:
         "context_frames": args.context,
         "reencode": args.reencode,
         "contrast": args.contrast,
+        "eta": args.eta,
         "real_videos": real_figures(min(args.frames, 256), labels, seeds, clip_len=8),
     }
     reference = others = None
@@ -314,6 +329,7 @@ def main() -> None:
             args.contrast,
             args.dtype,
             videos,
+            args.eta,
             **sampling,
         )
         trip = tokenizer_round_trip(

@@ -67,6 +67,29 @@ def test_quality_asks_diffusion_models_for_the_contrast_and_reports_it(
         assert requests[0].contrast is None and "contrast" not in out["summary"]
 
 
+def test_quality_sets_the_diffusion_samplers_eta_and_reports_it(tmp_path, monkeypatch):
+    paths = save_test_generators(tmp_path)
+    used = []
+    real_generate = quality.generate_video
+
+    def spy(gen, request):
+        used.append(getattr(gen, "eta", None))
+        return real_generate(gen, request)
+
+    monkeypatch.setattr(quality, "generate_video", spy)
+    clip = quality.load_generator(paths["diffusion"]).clip_len
+    out = quality.evaluate_model(paths["diffusion"], 2 * clip, [1], [0], 2, 1.0, eta=0.5)
+    assert used == [0.5] and out["summary"]["eta"] == 0.5
+    plain = quality.evaluate_model(paths["diffusion"], 2 * clip, [1], [0], 2, 1.0)
+    assert used[1] == 0.0 and plain["summary"]["eta"] == 0.0  # the card's (none: 0)
+    assert out["summary"]["count_accuracy"] is not None
+    with pytest.raises(ValueError, match="eta must be"):
+        quality.evaluate_model(paths["diffusion"], 2 * clip, [1], [0], 2, 1.0, eta=-1.0)
+    clip = quality.load_generator(paths["tokens"]).clip_len
+    tokens = quality.evaluate_model(paths["tokens"], 2 * clip, [1], [0], 2, 1.0, eta=0.5)
+    assert "eta" not in tokens["summary"] and used[2] is None
+
+
 def test_quality_counts_videos_without_a_speed_and_leaves_them_out_of_the_mean(
     tmp_path, monkeypatch
 ):

@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from vidgen.sampling import add_noise, classifier_free, euler_sample, time_grid, velocity_target
+from vidgen.sampling import (
+    add_noise,
+    classifier_free,
+    euler_sample,
+    sde_sample,
+    time_grid,
+    velocity_target,
+)
 
 
 def test_time_grid_runs_from_noise_to_data():
@@ -34,6 +41,72 @@ def test_euler_with_the_exact_velocity_recovers_the_data():
     torch.testing.assert_close(out, x0)
     # A denoiser that predicts nothing leaves the noise where it is.
     assert torch.equal(euler_sample(lambda x, t: torch.zeros_like(x), eps, time_grid(4)), eps)
+
+
+def _gaussian_velocity(mu: float, sigma: float):
+    """The exact flow velocity E[eps - x0 | x_t] for data x0 ~ N(mu, sigma^2)."""
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(-1, *([1] * (x.ndim - 1))).double()
+        var = (1 - t) ** 2 * sigma**2 + t**2  # of x_t
+        centred = x.double() - (1 - t) * mu
+        x0 = mu + (1 - t) * sigma**2 / var * centred
+        eps = t / var * centred
+        return (eps - x0).float()
+
+    return velocity
+
+
+def test_sde_sampler_with_the_exact_velocity_samples_the_data():
+    mu, sigma = 1.5, 0.5
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(100_000, 1, generator=gen)
+    velocity = _gaussian_velocity(mu, sigma)
+    draws = lambda: torch.randn(noise.shape, generator=gen)  # noqa: E731
+    out = sde_sample(velocity, noise, time_grid(200), eta=1.0, draws=draws)
+    assert abs(out.mean().item() - mu) < 0.01
+    assert abs(out.std().item() - sigma) < 0.01
+    # A wrong start (noise twice too wide): the ODE carries the error to the data, the SDE
+    # replaces the noise as it goes and forgets the error, the faster the larger eta.
+    ode_error = abs(euler_sample(velocity, 2 * noise, time_grid(200)).std().item() - sigma)
+    sde_error = {
+        eta: abs(
+            sde_sample(
+                velocity,
+                2 * noise,
+                time_grid(200),
+                eta=eta,
+                draws=draws,
+            )
+            .std()
+            .item()
+            - sigma
+        )
+        for eta in (1.0, 2.0)
+    }
+    assert ode_error > 0.4
+    assert sde_error[1.0] < 0.2 * ode_error
+    assert sde_error[2.0] < 0.02
+
+
+def test_sde_sampler_at_eta_0_is_euler_and_draws_from_the_source_given():
+    x0, eps = torch.randn(4, 5), torch.randn(4, 5)
+    denoiser = lambda x, t: velocity_target(x0, eps) * (1 + t[:, None])  # noqa: E731
+    grid = time_grid(5, shift=2.0)
+    assert torch.equal(sde_sample(denoiser, eps, grid, eta=0.0), euler_sample(denoiser, eps, grid))
+    calls = []
+
+    def draws() -> torch.Tensor:
+        calls.append(1)
+        return torch.zeros(4, 5)
+
+    # With zero draws the result is deterministic but not Euler's: the drift correction acts.
+    out = sde_sample(denoiser, eps, grid, eta=0.5, draws=draws)
+    assert len(calls) == 4  # every step but the last, which adds no noise
+    assert not torch.allclose(out, euler_sample(denoiser, eps, grid))
+    for eta in (-0.1, float("nan"), 11.0):
+        with pytest.raises(ValueError, match="eta must be"):
+            sde_sample(denoiser, eps, grid, eta=eta)
 
 
 def test_classifier_free_guidance():

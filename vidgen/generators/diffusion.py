@@ -41,7 +41,13 @@ from vidgen.generators.base import (
 from vidgen.models.ca2vdm import Ca2VDMConfig, CausalVideoDiT, Cond
 from vidgen.nn.cache import KVCache
 from vidgen.nn.conditioning import NULL
-from vidgen.sampling.flow import classifier_free, euler_sample, scale_contrast, time_grid
+from vidgen.sampling.flow import (
+    MAX_ETA,
+    classifier_free,
+    scale_contrast,
+    sde_sample,
+    time_grid,
+)
 from vidgen.tokenizers.kl import KLAutoencoder, KLConfig
 from vidgen.validate import check_number
 
@@ -50,11 +56,12 @@ class DiffusionClipGenerator:
     """Streams of clips from a ``CausalVideoDiT`` in the latent space of a ``KLAutoencoder``.
 
     ``max_streams`` sizes the preallocated cache (the actor's memory budget); ``time_shift``
-    is the sampler's schedule shift; ``guidance`` and ``contrast`` the defaults of requests
-    that leave theirs unset (``GenerationRequest``; a checkpoint card's ``guidance`` and
-    ``contrast`` when loaded). ``dtype`` (``DTYPES``: float32 or bfloat16) is what the DiT,
-    the autoencoder and the cache run in; noise, the Euler sampler and the clip latents it
-    returns stay float32.
+    is the sampler's schedule shift and ``eta`` its noise (``sde_sample``: 0 = the Euler ODE
+    sampler; a checkpoint card's ``eta`` when loaded); ``guidance`` and ``contrast`` the
+    defaults of requests that leave theirs unset (``GenerationRequest``; a checkpoint card's
+    ``guidance`` and ``contrast`` when loaded). ``dtype`` (``DTYPES``: float32 or bfloat16)
+    is what the DiT, the autoencoder and the cache run in; noise, the sampler and the clip
+    latents it returns stay float32.
     """
 
     family = "diffusion"
@@ -71,8 +78,10 @@ class DiffusionClipGenerator:
         contrast: float = 1.0,
         guidance: float = DEFAULT_GUIDANCE,
         dtype: torch.dtype | str = torch.float32,
+        eta: float = 0.0,
     ) -> None:
         self.contrast = check_contrast(contrast)
+        self.eta = check_number("eta", eta, minimum=0, maximum=MAX_ETA)
         self.guidance = check_guidance(guidance)
         self.dtype = check_dtype(dtype)
         self.device = torch.device(device)
@@ -123,6 +132,7 @@ class DiffusionClipGenerator:
             contrast=ckpt.card.get("contrast", 1.0),
             guidance=ckpt.card.get("guidance", DEFAULT_GUIDANCE),
             dtype=dtype,
+            eta=ckpt.card.get("eta", 0.0),
         )
         gen.companion_files, gen.companion_sha256 = [tok.path], [tok.sha256]
         gen.sha256 = ckpt.sha256
@@ -275,7 +285,15 @@ class DiffusionClipGenerator:
             v_c, v_u = v.chunk(2)
             return classifier_free(v_c, v_u, scale.view(-1, 1, 1, 1, 1))
 
-        latents = euler_sample(denoiser, noise, time_grid(steps, self.time_shift))
+        # The sampler's fresh noise, like the initial noise, is drawn per stream from (seed,
+        # clip): a batch of streams samples what each would alone, and a replay the same.
+        sources = [seeded(s.request.seed, s.clip, "sampler") for s in streams]
+
+        def draws() -> torch.Tensor:
+            return torch.stack([torch.randn(shape, generator=g) for g in sources])
+
+        grid = time_grid(steps, self.time_shift)
+        latents = sde_sample(denoiser, noise, grid, self.eta, draws)
         contrast = [setting(s.request, "contrast", self.contrast) for s in streams]
         if any(c != 1 for c in contrast):  # before the write: the context sees it too
             factor = torch.tensor(contrast, device=self.device, dtype=latents.dtype)

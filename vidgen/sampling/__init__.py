@@ -4,6 +4,7 @@ from vidgen.sampling.flow import (
     add_noise,
     classifier_free,
     euler_sample,
+    sde_sample,
     time_grid,
     velocity_target,
 )
@@ -15,6 +16,7 @@ __all__ = [
     "euler_sample",
     "guide_logits",
     "sample_tokens",
+    "sde_sample",
     "time_grid",
     "top_k_filter",
     "top_p_filter",
