@@ -167,7 +167,10 @@ def test_fvd_clips_picked_from_pieces_are_those_of_the_whole_video(chunk):
     for count, index, videos in [(3, 0, 1), (4, 1, 3), (9, 2, 3), (1, 0, 2)]:
         picker = _ClipPicker(len(video), count, index, videos)
         for lo in range(0, len(video), chunk):
-            picker.add(video[lo : lo + chunk])
+            piece = video[lo : lo + chunk].copy()
+            picker.add(piece)
+            # Parts are copies: a view would keep every chunk holding a clip frame alive.
+            assert not any(np.shares_memory(p, piece) for parts in picker.parts for p in parts)
         expected = video_clips(video, count, (index + 0.5) / videos)
         assert np.array_equal(picker.clips, expected)
         assert picker.needed == max(picker.starts) + 16 <= len(video)

@@ -278,3 +278,50 @@ def test_iter_video_streams_what_read_video_reads_in_chunks(tmp_path):
         next(iter_video(path, start=11))
     with pytest.raises(ValueError, match="info describes"):
         next(iter_video(path, info=probe_video(write(tmp_path / "w.mp4", frames[:2]))))
+
+
+def _png_mov_damaged_at(path: Path, frames: np.ndarray, bad: int) -> Path:
+    """An intra-only (PNG) stream whose packet ``bad`` is garbage."""
+    source = path.with_name("source.mov")
+    with av.open(str(source), "w") as container:
+        stream = container.add_stream("png", rate=8)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "rgb24"
+        for i, array in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(array, "rgb24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    with av.open(str(source)) as inp, av.open(str(path), "w") as out:
+        stream_in = inp.streams.video[0]
+        stream_out = out.add_stream_from_template(stream_in)
+        for i, packet in enumerate(p for p in inp.demux(stream_in) if p.size):
+            if i == bad:
+                garbage = av.Packet(b"garbage" * 20)
+                garbage.pts, garbage.dts = packet.pts, packet.dts
+                garbage.duration, garbage.time_base = packet.duration, packet.time_base
+                packet = garbage
+            packet.stream = stream_out
+            out.mux(packet)
+    return path
+
+
+def test_reading_stops_at_the_range_before_a_damaged_frame_after_it(tmp_path):
+    """PyAV decoded one frame past the range asked for, so a damaged packet there failed a
+    read of frames that are all fine."""
+    frames = noise(10, 16, 16)
+    path = _png_mov_damaged_at(tmp_path / "bad.mov", frames, bad=5)
+    assert np.array_equal(read_video(path, num_frames=5, backend="pyav").numpy(), frames[:5])
+    chunks = list(iter_video(path, chunk=5, num_frames=5))
+    assert len(chunks) == 1 and np.array_equal(chunks[0].numpy(), frames[:5])
+    with pytest.raises(VideoReadError, match="damaged: decoding failed at frame 5"):
+        read_video(path, num_frames=6, backend="pyav")
+
+
+def test_iter_video_checks_its_arguments_when_called(tmp_path):
+    path = write(tmp_path / "v.mp4", noise(3, 16, 16))
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        iter_video(path, chunk=0)  # no next(): the call itself refuses
+    with pytest.raises(ValueError, match="start"):
+        iter_video(path, start=3)
+    with pytest.raises(VideoReadError):
+        iter_video(tmp_path / "missing.mp4")

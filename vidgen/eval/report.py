@@ -250,7 +250,7 @@ class _ClipPicker:
         for start, parts in zip(self.starts, self.parts, strict=True):
             a, b = max(start, lo), min(start + self.clip_len, hi)
             if a < b:
-                parts.append(chunk[a - lo : b - lo])
+                parts.append(chunk[a - lo : b - lo].copy())  # a view keeps the chunk alive
         self.seen = hi
 
     @property

@@ -449,6 +449,7 @@ def scene_metrics(
 ) -> dict[str, float | None]:
     """The figures the quality benchmarks report for one video, as a JSON-ready dict
     (``SceneScorer`` fed the whole video at once)."""
+    frames = _as_frames(frames)  # the frames' errors before the arguments', as before
     scorer = SceneScorer(palette, expected_count, clip_len, true_speed, min_blob)
     scorer.add(frames)
     return scorer.result()
@@ -501,11 +502,10 @@ class SceneScorer:
         self._objects += int(det.counts.sum())
         if self.expected_count is not None:
             self._hits += int((det.counts == self.expected_count).sum())
-        present, centroids, pixels = det.present, det.centroids, frames
+        present, centroids = det.present, det.centroids
         if self._last is not None:  # the transition from the last piece's last frame
             present = np.concatenate([self._last[1][None], present])
             centroids = np.concatenate([self._last[2][None], centroids])
-            pixels = np.concatenate([self._last[0][None], frames])
         # Transition i goes to frame `to[i]` of the video; it crosses a seam there.
         to = np.arange(self.frames + len(frames) - len(present) + 1, self.frames + len(frames))
         at_seam = (to % self.clip_len) == 0 if self.clip_len else np.zeros(len(to), bool)
@@ -515,7 +515,9 @@ class SceneScorer:
         self._inner += moved.inner
         self._moving += moved.moving
         if self.clip_len:
-            diffs = _frame_diffs(pixels)
+            diffs = _frame_diffs(frames)
+            if self._last is not None:
+                diffs = np.concatenate([_frame_diffs(np.stack([self._last[0], frames[0]])), diffs])
             for seam in (True, False):
                 self._diffs[seam][0] += float(diffs[at_seam == seam].sum())
                 self._diffs[seam][1] += int((at_seam == seam).sum())

@@ -486,8 +486,6 @@ def _pyav_frames(info: VideoInfo, indices: range) -> Iterator[np.ndarray]:
             # Decoding from the start is slow for a late `start` but exact; seeking lands on
             # keyframes and frame-accurate seeking in arbitrary files is fragile.
             for index, frame in enumerate(_decoded(container, stream, info)):
-                if done == len(indices):
-                    break
                 if index < indices.start:
                     continue
                 array = reformatter.reformat(frame, format="rgb24").to_ndarray()
@@ -495,6 +493,8 @@ def _pyav_frames(info: VideoInfo, indices: range) -> Iterator[np.ndarray]:
                 _check_same_size(info.path, indices.start, first, array.shape, done)
                 done += 1
                 yield array
+                if done == len(indices):
+                    break  # before decoding past the range: a damaged packet there is no error
         except av.FFmpegError as err:
             raise VideoReadError(
                 f"{info.path} is damaged: decoding failed at frame {indices.start + done}: {err}"
@@ -581,19 +581,24 @@ def iter_video(
     ``read_video``: a stream that changes frame size or holds fewer decodable frames than its
     packets raises VideoReadError when the reading gets there (the chunks before it have
     been yielded). info: the file's `probe_video` result, to skip probing it again."""
+    # Checked now, not at the first ``next`` (this is no generator function itself).
     _require_av("iter_video")
     chunk = _check_int("chunk", chunk)
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1 frame, got {chunk}")
     info = _probed(path, info)
-    frames: list[np.ndarray] = []
-    for frame in _pyav_frames(info, _frame_range(info, start, num_frames)):
-        frames.append(frame)
-        if len(frames) == chunk:
-            yield torch.from_numpy(np.stack(frames))
-            frames = []
-    if frames:
-        yield torch.from_numpy(np.stack(frames))
+    return _chunked(_pyav_frames(info, _frame_range(info, start, num_frames)), chunk)
+
+
+def _chunked(frames: Iterator[np.ndarray], chunk: int) -> Iterator[torch.Tensor]:
+    batch: list[np.ndarray] = []
+    for frame in frames:
+        batch.append(frame)
+        if len(batch) == chunk:
+            yield torch.from_numpy(np.stack(batch))
+            batch = []
+    if batch:
+        yield torch.from_numpy(np.stack(batch))
 
 
 def _decord_pitfall(info: VideoInfo) -> str | None:

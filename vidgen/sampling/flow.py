@@ -69,7 +69,8 @@ def sde_sample(
     (diffusion g^2 = 2 eta t; the score of x_t = (1 - t) x0 + t eps is -eps_hat / t). Each
     step removes part of the noise the model believes x holds and adds fresh noise, which
     corrects errors of earlier steps instead of carrying them to the end; ``eta`` = 0 is
-    exactly ``euler_sample``. The last step (to t = 0) adds no noise. ``draws`` returns the
+    exactly ``euler_sample``. The last step (to t = 0) is a plain Euler step, to the clean
+    sample the model predicts: no noise, no correction. ``draws`` returns the
     next (x.shape) standard normal tensor (a seeded source per stream keeps batched and
     single runs equal); None draws from torch's global generator."""
     check_number("eta", eta, minimum=0, maximum=MAX_ETA)
