@@ -191,3 +191,22 @@ def test_tokenizer_fvd_of_a_perfect_reconstruction_is_zero():
     out = bench.world_fvd("bouncing", [(v, v.copy()) for v in videos], 64)
     assert out["fvd_clips_bouncing"] == 4
     assert out["fvd_bouncing"] < 1e-6 < 1.0 < out["fvd_floor_bouncing"]
+
+
+def test_eval_memory_benchmark_runs_and_compares_equal_figures():
+    """benchmarks/eval_memory.py end to end on short videos: both ways of scoring agree (it
+    exits non-zero otherwise) and it prints its JSON last."""
+    import json
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_memory.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--frames", "24,40", "--size", "32"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["frames"] == [24, 40] and out["streamed_peak_mb_40"] > 0
+    assert {"streamed_growth", "whole_growth", "whole_over_streamed"} <= set(out)
