@@ -1510,3 +1510,149 @@ def test_one_batch_items_write_error_fails_that_item_alone(models, tmp_path, mon
 def test_queue_clips_must_hold_a_clip(model):
     with pytest.raises(ValueError, match="queue_clips must be >= 1, got 0"):
         Orchestrator(local(model), queue_clips=0)
+
+
+class _DiesOnSeed(LocalExecutor):
+    """A step that holds a stream of seed ``poison`` kills the actor (it comes back at once,
+    empty): that stream's own steps always fail, whatever it is batched with."""
+
+    def __init__(self, model: str, poison: int, max_streams: int = 4) -> None:
+        super().__init__(GeneratorWorker(model, max_streams=max_streams))
+        self.model, self.poison, self.max_streams = model, poison, max_streams
+
+    def step(self, keys, epochs, snapshot_keys):
+        streams = self.worker.streams
+        if any(k in streams and streams[k].request.seed == self.poison for k in keys):
+            self.worker = GeneratorWorker(self.model, max_streams=self.max_streams)
+            return self._call(_raise)
+        return super().step(keys, epochs, snapshot_keys)
+
+
+def test_no_progress_names_the_stream_whose_steps_fail_not_its_batch(models):
+    """Q and poison P stepped in one batch: every failure counted against both, NoProgress
+    named whichever came first (Q) and left Q at max_failures, so after P was cancelled Q's
+    next failure-free run still raised. Now the batch's streams go one at a time after a
+    failure: P is named, and Q finishes with its own frames."""
+    from workers.orchestrator import NoProgress
+
+    model = models["diffusion"]
+    executor = _DiesOnSeed(model, poison=666)
+    orch = Orchestrator([executor], max_failures=3)
+    rq = request_for(model, frames=32, seed=1)
+    q = orch.submit(rq, sink=QueueSink(capacity=64))
+    p = orch.submit(request_for(model, frames=32, seed=666), sink=QueueSink(capacity=64))
+    with pytest.raises(NoProgress, match=f"stream {p} went through 3") as caught:
+        orch.run()
+    assert caught.value.key == p and orch.streams[q].failures == 0
+    orch.cancel(p)
+    orch.run()
+    got = np.concatenate([c.frames for c in orch.streams[q].sink.queue])
+    assert_as_alone(got, reference(model, rq))
+
+
+def test_a_batch_item_whose_steps_always_fail_fails_alone(models, tmp_path):
+    """A poison item made every item of its model an error row (NoProgress is a
+    NoExecutorsLeft: "every actor is gone"), those on healthy actors and those waiting
+    included, on every re-run."""
+    from workers.jobs.render import parse_manifest, run_batch
+
+    model = models["diffusion"]
+    lines = [
+        {"id": "good-a", "model": model, "frames": 24, "seed": 1, "steps": 2},
+        {"id": "poison", "model": model, "frames": 24, "seed": 666, "steps": 2},
+        {"id": "good-c", "model": model, "frames": 24, "seed": 3, "steps": 2},
+    ]
+    manifest = tmp_path / "items.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    executors = [_DiesOnSeed(model, poison=666, max_streams=1) for _ in range(2)]
+    rows = run_batch(parse_manifest(manifest, out, 1000), out, lambda m: executors, lossless=True)
+    status = {r["id"]: r["status"] for r in rows}
+    assert status == {"good-a": "ok", "poison": "error", "good-c": "ok"}
+    assert "executor failures in a row" in next(r["error"] for r in rows if r["id"] == "poison")
+    for item in ("good-a", "good-c"):
+        req = request_for(model, frames=24, seed=int(item == "good-c") * 2 + 1, label=None)
+        assert_as_alone(read_video(out / f"{item}.mp4").numpy(), reference(model, req))
+
+
+def test_an_open_or_restore_gets_time_for_the_clips_it_encodes_or_replays(models):
+    """The limit was 2 x step_timeout whatever the work: an open that encodes a long
+    context (or a restore that replays many clips) timed out every time, killing the actor
+    and every stream on it."""
+    model = models["diffusion"]
+    executor = _Serial(GeneratorWorker(model, max_streams=4), 0.0, "serial")
+    orch = Orchestrator([executor], step_timeout=0.5, snapshot_every=4)
+    context = np.zeros((5 * orch.clip_len, 32, 32, 3), np.uint8)  # 5 clips
+    a = orch.submit(request_for(model, frames=16, context=context), sink=QueueSink(64))
+    assert executor.timeouts == [(2 + 5) * 0.5]
+    b = orch.submit(request_for(model, frames=48, seed=4), sink=QueueSink(64))
+    assert executor.timeouts[-1] == 2 * 0.5
+    orch.run(until=lambda: orch.streams[b].accepted == 3)  # 3 clips since its checkpoint
+    executor.kill()
+    executor.timeouts.clear()
+    orch._fail(0, ExecutorFailed("killed"), [])  # restores both from their truths
+    by_key = dict(zip(sorted(orch.streams), executor.timeouts, strict=True))
+    assert by_key[b] == (2 + 3) * 0.5
+    truth = orch.streams[a].truth_at(orch.streams[a].accepted)
+    assert truth.cache is None  # no checkpoint yet: the context is encoded again
+    assert by_key[a] == (2 + 5 + len(truth.pending)) * 0.5
+    orch.run()
+
+
+def test_a_decode_that_raises_a_bug_is_submitted_again(model):
+    """A decode error that is no executor failure reached the caller after its work was
+    dropped: the clip was never decoded again and the next run said nothing could run."""
+
+    class DecodeBugOnce(LocalExecutor):
+        decodes = 0
+
+        def decode(self, clips):
+            self.decodes += 1
+            if self.decodes == 1:
+                return self._call(lambda: (_ for _ in ()).throw(RuntimeError("decoder bug")))
+            return super().decode(clips)
+
+    orch = Orchestrator([DecodeBugOnce(GeneratorWorker(model, max_streams=4))])
+    req = request_for(model, frames=24)
+    key = orch.submit(req, sink=QueueSink(capacity=64))
+    with pytest.raises(RuntimeError, match="decoder bug"):
+        orch.run()
+    orch.run()
+    got = np.concatenate([c.frames for c in orch.streams[key].sink.queue])
+    np.testing.assert_array_equal(got, reference(model, req))
+
+
+def test_an_iterator_dropped_before_its_first_clip_frees_its_stream(model):
+    import gc
+
+    orch = Orchestrator(local(model))
+    (executor,) = orch.executors
+    clips = orch.clips(orch.submit(request_for(model, frames=16)))
+    del clips
+    gc.collect()
+    assert orch.streams == {} and executor.worker.streams == {}
+    # Finished and forgotten: dropping it cancels nothing of a later stream.
+    key = orch.submit(request_for(model, frames=16))
+    frames_of(orch, key)
+    assert orch.streams == {}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"snapshot_every": 0}, "snapshot_every must be >= 1"),
+        ({"snapshot_every": 2.5}, "snapshot_every must be an int"),
+        ({"queue_clips": 2.5}, "queue_clips must be an int"),
+        ({"max_failures": 1.5}, "max_failures must be an int"),
+    ],
+)
+def test_orchestrator_counts_must_be_whole(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Orchestrator(local(model), **kwargs)
+
+
+def test_a_render_segment_of_a_fraction_of_a_clip_is_refused(model, tmp_path):
+    with pytest.raises(ValueError, match="segment_clips must be an int"):
+        orch = Orchestrator(local(model))
+        render(orch, request_for(model), tmp_path / "v.mp4", segment_clips=1.5)

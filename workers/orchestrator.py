@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ import numpy as np
 
 from vidgen.checkpoint import same_checkpoint
 from vidgen.generators import Clip, GenerationRequest, StreamSnapshot
+from vidgen.validate import check_int
 from workers.actor import ClipOut, StepOut, StreamsLost
 from workers.executors import Executor, ExecutorFailed
 
@@ -91,9 +93,17 @@ class NoExecutorsLeft(RuntimeError):
 
 
 class NoProgress(NoExecutorsLeft):
-    """A stream's executor failed ``max_failures`` times in a row without making a clip in
-    between (a step that always fails or always exceeds ``step_timeout``): retrying forever
-    would start actor after actor. The streams stop; their truths stay for a resume."""
+    """Stream ``key`` was in the work of ``max_failures`` executor failures in a row without
+    making a clip in between (a step that always fails or always exceeds ``step_timeout``):
+    retrying forever would start actor after actor. After a batch fails, its streams are
+    stepped one at a time until each makes a clip, so the stream named is the one whose own
+    steps fail. The other streams are restored as after any failure and go on at the next
+    ``run``; this one waits unplaced (``cancel`` it to give up on it; its truth stays for a
+    resume)."""
+
+    def __init__(self, message: str, key: int | None = None) -> None:
+        super().__init__(message)  # one argument: a pickled copy is rebuilt (key None)
+        self.key = key
 
 
 # --- sinks ----------------------------------------------------------------------------------
@@ -178,8 +188,9 @@ class Orchestrator:
 
     ``executors``: the workers to use; ``snapshot_every``: clips between full checkpoints of
     a stream's cache; ``step_timeout``: seconds after which a step counts as failed (None:
-    only actor death counts), and, doubled, the most an open or restore of a stream may
-    take (it waits for the step in flight on its actor); ``queue_clips``: clips a stream may
+    only actor death counts), and, times 2 plus the clips it replays or context clips it
+    encodes, the most an open or restore of a stream may take (it waits for the step in
+    flight on its actor); ``queue_clips``: clips a stream may
     have made but not yet delivered to its sink; ``replace``: called with a failed executor
     that could not be recovered, returns a new executor (or None to drop it; its streams
     move to the others as their slots allow, waiting their turn when all are full);
@@ -207,13 +218,14 @@ class Orchestrator:
             raise ValueError("the orchestrator needs at least one executor")
         if step_timeout is not None and not step_timeout > 0:
             raise ValueError(f"step_timeout must be > 0 seconds (or None), got {step_timeout}")
-        if max_failures < 1:
-            raise ValueError(f"max_failures must be >= 1, got {max_failures}")
-        if queue_clips < 1:  # 0 made every run fail as if no sink were drained
-            raise ValueError(f"queue_clips must be >= 1, got {queue_clips}")
+        # 0 made every run fail as if no sink were drained; snapshot_every 0 or less was
+        # taken as 1 without a word, 2.5 never snapshotted
+        check_int("queue_clips", queue_clips, minimum=1)
+        check_int("snapshot_every", snapshot_every, minimum=1)
+        check_int("max_failures", max_failures, minimum=1)
         self.max_failures = max_failures
         self.executors: list[Executor | None] = list(executors)
-        self.snapshot_every = max(1, snapshot_every)
+        self.snapshot_every = snapshot_every
         self.step_timeout = step_timeout
         self.queue_clips = queue_clips
         self.replace = replace
@@ -316,15 +328,21 @@ class Orchestrator:
         """Open (or restore from its truth) ``stream`` on its executor."""
         err = self._try_place(stream)
         if err is not None:
-            self._fail(stream.executor, err)
+            self._fail(stream.executor, err, [stream.key])
 
     def _try_place(self, stream: _Stream) -> BaseException | None:
         """Place ``stream``; an executor failure is returned (the executor killed if it hung)."""
         executor = self.executors[stream.executor]
         truth = stream.truth_at(stream.accepted)
         # The call queues behind the step in flight on that executor (at most a step_timeout)
-        # and then does about a step's work of its own.
-        timeout = None if self.step_timeout is None else 2 * self.step_timeout
+        # and then does about a step's work of its own, and one more per clip it replays or
+        # context clip it encodes (a fixed limit timed out every open of a long context).
+        timeout = None
+        if self.step_timeout is not None:
+            context = stream.request.context
+            clips = 0 if context is None or truth.cache is not None else len(context)
+            clips = -(-clips // self.clip_len) + len(truth.pending)
+            timeout = (2 + clips) * self.step_timeout
         try:
             if truth.cache is None and not truth.pending:
                 executor.open(stream.key, stream.request, timeout=timeout)
@@ -360,7 +378,12 @@ class Orchestrator:
         stream = self.streams[key]
         if not isinstance(stream.sink, QueueSink):
             raise ValueError(f"stream {key} writes to its own sink, not to an iterator")
-        return self._clips(key, stream)
+        clips = self._clips(key, stream)
+        # An iterator dropped before its first clip never runs its GeneratorExit handler:
+        # the stream is cancelled when it goes (a no-op once the stream is done and
+        # forgotten, or cancelled already; keys are never reused).
+        weakref.finalize(clips, self.cancel, key)
+        return clips
 
     def _clips(self, key: int, stream: _Stream) -> Iterator[Clip]:
         queue = stream.sink.queue
@@ -411,6 +434,12 @@ class Orchestrator:
             ready = [s for s in self.streams.values() if s.executor == index and self._can_step(s)]
             if not ready:
                 continue
+            suspects = [s for s in ready if s.failures]
+            if suspects:
+                # Streams of a failed batch go one at a time until each makes a clip: a
+                # stream whose steps kill the actor then fails alone, and only it is given
+                # up on (batched, every stream of the batch was counted alike).
+                ready = [max(suspects, key=lambda s: (s.failures, -s.key))]
             keys = [s.key for s in ready]
             epochs = [s.epoch for s in ready]
             snaps = [s.key for s in ready if (s.accepted + 1) % self.snapshot_every == 0]
@@ -452,8 +481,12 @@ class Orchestrator:
             value = executor.result(work.handle)
         except Exception as err:
             if not _is_failure(err):
+                # A bug, not a lost executor: the caller hears of it, and a decode taken off
+                # the work list is submitted again (its clip would otherwise never come).
+                self._redo_lost_decodes()
                 raise
-            self._fail(work.executor, err)  # lost decodes are redone: clips stay in to_decode
+            # Lost decodes are redone: clips stay in to_decode.
+            self._fail(work.executor, err, work.keys)
             return
         if work.kind == "step":
             self._apply_step(work, value)
@@ -476,9 +509,6 @@ class Orchestrator:
                 s.truths.append(out.snapshots[clip.key])
                 self._forget_old_truths(s)
         if accepted:
-            for other in self.streams.values():  # the executor works: failures not in a row
-                if other.executor == work.executor:
-                    other.failures = 0
             self._submit_decode(work.executor, accepted)
 
     def _submit_decode(self, index: int, clips: list[ClipOut]) -> None:
@@ -554,40 +584,39 @@ class Orchestrator:
                 overdue.append(w)
         # Work that finished while the loop was busy elsewhere (a slow sink, a restore, a
         # replacement actor starting) is not late: its result is taken next round.
-        late: dict[int, str] = {}
+        late: dict[int, tuple[str, list[int]]] = {}
         for w in overdue:
             if not self.executors[w.executor].wait([w.handle], 0.0):
-                late.setdefault(w.executor, w.kind)
-        for index, kind in late.items():
+                late.setdefault(w.executor, (w.kind, []))[1].extend(w.keys)
+        for index, (kind, keys) in late.items():
             limit = self.step_timeout * (1 if kind == "step" else 2)
             log.warning("%s on executor %s exceeded %.1fs", kind, index, limit)
             executor = self.executors[index]
             if executor is not None:
                 executor.kill()
-            self._fail(index, TimeoutError(f"{kind} exceeded {limit}s"))
+            self._fail(index, TimeoutError(f"{kind} exceeded {limit}s"), keys)
 
-    def _fail(self, index: int, err: BaseException) -> None:
+    def _fail(self, index: int, err: BaseException, blamed: list[int]) -> None:
         """Advance the epochs of the executor's streams, restore them, and redo the decodes
-        that were in flight on it (whichever streams they belong to). A failure while
-        re-placing is handled in the same loop (no recursion); the lost decodes are redone
-        before NoProgress can be raised, so the state stays whole either way."""
+        that were in flight on it (whichever streams they belong to). ``blamed``: the streams
+        whose work failed (a batch's, a decode's clips', the one being placed); only their
+        counts of failures in a row go up. A failure while re-placing is handled in the same
+        loop (no recursion). A blamed stream at ``max_failures`` is not placed again; the
+        others are restored and the lost decodes redone before NoProgress names it, so the
+        state stays whole either way."""
         failure: BaseException | None = err
+        stuck: list[_Stream] = []
         while failure is not None:
+            last = failure
             self.failures += 1
             log.warning("executor %s failed (%s); restoring its streams", index, failure)
             hit = [s for s in self.streams.values() if s.executor == index and not s.done]
             for s in hit:
-                s.failures += 1
+                if s.key in blamed:
+                    s.failures += 1
+                    if s.failures >= self.max_failures and s not in stuck:
+                        stuck.append(s)
             self.work = [w for w in self.work if w.executor != index]
-            stuck = next((s for s in hit if s.failures >= self.max_failures), None)
-            if stuck is not None:
-                self._redo_lost_decodes()
-                raise NoProgress(
-                    f"stream {stuck.key} went through {stuck.failures} executor failures in a "
-                    f"row without a clip made on it (last: {failure}); a step that always "
-                    f"fails or always exceeds step_timeout={self.step_timeout} s is not "
-                    "retried further"
-                ) from failure
             executor = self.executors[index]
             try:
                 executor.recover()
@@ -614,18 +643,28 @@ class Orchestrator:
             gone, retry = self.executors[index] is None, None
             for s in hit:
                 s.epoch += 1
-                if gone:
+                if gone or s in stuck:
                     # `_schedule` places it where a slot is free (a stream with every clip
-                    # made was closed by the worker: it needs no slot, only its decodes redone).
+                    # made was closed by the worker: it needs no slot, only its decodes
+                    # redone); a stuck one waits there until a `run` after NoProgress.
                     s.executor = UNPLACED
                 elif s.accepted < s.num_clips:  # clips left to make: open it again from its truth
                     retry = self._try_place(s)
                     if retry is not None:
+                        blamed = [s.key]
                         break  # failed again: the next turn of the loop handles it
             if all(e is None for e in self.executors):
                 raise NoExecutorsLeft(f"no executor is left to run streams on (last: {failure})")
             failure = retry
         self._redo_lost_decodes()
+        if stuck:
+            first = stuck[0]
+            raise NoProgress(
+                f"stream {first.key} went through {first.failures} executor failures in a row "
+                f"without a clip made on it (last: {last}); a step that always fails or always "
+                f"exceeds step_timeout={self.step_timeout} s is not retried further",
+                first.key,
+            ) from last
 
     def _redo_lost_decodes(self) -> None:
         """Redo every accepted clip whose decode is no longer in flight: those lost with a

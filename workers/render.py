@@ -34,6 +34,7 @@ from vidgen.fsutil import publish, temp_beside, temp_stem
 from vidgen.generators import Clip, GenerationRequest
 from vidgen.generators.base import load_snapshot, save_snapshot
 from vidgen.io import VideoWriter, concat_videos, probe_video
+from vidgen.validate import check_int
 from workers.orchestrator import Orchestrator
 
 log = logging.getLogger(__name__)
@@ -322,8 +323,7 @@ class RenderJob:
             )
         if self.out.is_dir():
             raise ValueError(f"out={str(self.out)!r} is a folder; give the video's file name")
-        if segment_clips < 1:
-            raise ValueError(f"segment_clips must be >= 1, got {segment_clips}")
+        check_int("segment_clips", segment_clips, minimum=1)  # 1.5 never ended a segment
         self.request, self.segment_clips, self.lossless = request, segment_clips, lossless
         self.progress, self.extra = progress, extra_provenance
         self.folder = parts_folder(self.out)

@@ -38,7 +38,7 @@ from vidgen.generators import GenerationRequest, check_generator
 from vidgen.generators.base import DTYPES
 from vidgen.render_config import load_context
 from workers.actor import remote_reason
-from workers.orchestrator import NoExecutorsLeft, Orchestrator, SinkError
+from workers.orchestrator import NoExecutorsLeft, NoProgress, Orchestrator, SinkError
 from workers.render import RenderJob, finished_render
 
 log = logging.getLogger("workers.jobs.render")
@@ -301,6 +301,15 @@ def _render_group(
                 )
                 job.start(orch)
                 pending[item.id] = job
+            except NoProgress as err:
+                # Another item's stream was given up on while this one was placed (the
+                # actor died under both): that item fails, this one tries again. Its own
+                # (it could not be placed at all): it fails.
+                if not drop_stuck(err):
+                    rows.append(_error_row(item, _describe(err)))
+                    results.add(rows[-1])
+                else:
+                    waiting.insert(0, item)
             except NoExecutorsLeft:
                 waiting.insert(0, item)  # not this item's fault: it fails with the rest
                 raise
@@ -338,6 +347,19 @@ def _render_group(
         rows.append(_error_row(items[item_id], _describe(err.cause)))
         results.add(rows[-1])
 
+    def drop_stuck(err: NoProgress) -> bool:
+        """The item whose stream the orchestrator gave up on (its steps kept failing):
+        recorded as an error, its parts folder kept; the other streams go on. False if the
+        stream is none of this batch's pending items."""
+        found = [i for i, job in pending.items() if job.key == err.key]
+        if not found:
+            return False
+        log.error("%s: given up on: %s", found[0], err)
+        pending.pop(found[0]).abandon()
+        rows.append(_error_row(items[found[0]], _describe(err)))
+        results.add(rows[-1])
+        return True
+
     try:
         admit()
         while pending:
@@ -345,6 +367,9 @@ def _render_group(
                 orch.run(until=lambda: any(job.done for job in pending.values()))
             except SinkError as err:
                 drop_failed(err)
+            except NoProgress as err:
+                if not drop_stuck(err):
+                    raise
             finish_done()
             admit()
     except NoExecutorsLeft as err:
