@@ -382,7 +382,8 @@ class Orchestrator:
         # An iterator dropped before its first clip never runs its GeneratorExit handler:
         # the stream is cancelled when it goes (a no-op once the stream is done and
         # forgotten, or cancelled already; keys are never reused).
-        weakref.finalize(clips, self.cancel, key)
+        # Not at interpreter exit: Ray may be shut down by then.
+        weakref.finalize(clips, self.cancel, key).atexit = False
         return clips
 
     def _clips(self, key: int, stream: _Stream) -> Iterator[Clip]:
