@@ -77,6 +77,7 @@ def test_a_slideshow_reports_strict_json(tmp_path, capsys):
         ("videos=", "videos is empty"),
         ("out=v.json", "out='v.json' is the render sidecar of a scored video"),
         ("out=v.mp4/r.json", "out='v.mp4/r.json' cannot be written"),
+        ("device=tpu", "device='tpu' is no torch device"),
     ],
 )
 def test_bad_eval_keys_are_named(tmp_path, monkeypatch, capsys, override, message):
@@ -175,3 +176,12 @@ def test_fvd_clips_picked_from_pieces_are_those_of_the_whole_video(chunk):
         assert np.array_equal(picker.clips, expected)
         assert picker.needed == max(picker.starts) + 16 <= len(video)
     assert _ClipPicker(len(video), 0, 0, 1).clips.shape[0] == 0
+
+
+def test_a_cuda_device_without_cuda_is_refused_by_name(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device='cuda' but CUDA is not available"):
+        EvalConfig(videos="v.mp4", device="cuda")
+    EvalConfig(videos="v.mp4", device="cpu")

@@ -64,12 +64,26 @@ class EvalConfig:
             if getattr(self, key) == "":
                 raise ValueError(f"{key} is empty: give a value or leave the key out")
         check_int("fvd_clips", self.fvd_clips, minimum=2)
+        _check_device(self.device)
         if self.out is not None:
             out = Path(self.out).expanduser()
             if out.suffix.lower() != ".json":
                 raise ValueError(f"out must end in .json, got {self.out!r}")
             if out.is_dir():
                 raise ValueError(f"out={self.out!r} is a folder; give the report's file name")
+
+
+def _check_device(name: str) -> None:
+    """A device torch knows and this machine has (a traceback from deep in I3D otherwise,
+    after the videos were scored)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={name!r} is no torch device: {err}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available here")
 
 
 def video_paths(where: str | os.PathLike, key: str = "videos") -> list[Path]:
