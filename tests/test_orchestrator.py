@@ -1626,16 +1626,101 @@ def test_a_decode_that_raises_a_bug_is_submitted_again(model):
 def test_an_iterator_dropped_before_its_first_clip_frees_its_stream(model):
     import gc
 
-    orch = Orchestrator(local(model))
-    (executor,) = orch.executors
+    executor = LocalExecutor(GeneratorWorker(model, max_streams=1))
+    orch = Orchestrator([executor])
     clips = orch.clips(orch.submit(request_for(model, frames=16)))
     del clips
     gc.collect()
-    assert orch.streams == {} and executor.worker.streams == {}
-    # Finished and forgotten: dropping it cancels nothing of a later stream.
-    key = orch.submit(request_for(model, frames=16))
+    # Its slot is free for the next stream (before, the cache was full for good).
+    key = orch.submit(request_for(model, frames=16, seed=4))
+    assert list(orch.streams) == [key] and list(executor.worker.streams) == [key]
     frames_of(orch, key)
     assert orch.streams == {}
+
+
+def test_an_iterator_that_ended_with_an_error_leaves_its_stream_alone(models):
+    """The natural retry: NoProgress about another stream ends the iterator; cancel that
+    one and iterate again. Dropping the ended iterator cancelled its (healthy) stream."""
+    from workers.orchestrator import NoProgress
+
+    model = models["diffusion"]
+    orch = Orchestrator([_DiesOnSeed(model, poison=666)], max_failures=3)
+    rq = request_for(model, frames=32, seed=1)
+    q = orch.submit(rq)
+    orch.submit(request_for(model, frames=32, seed=666), sink=QueueSink(capacity=64))
+    got = []
+    while True:
+        try:
+            for clip in orch.clips(q):
+                got.append(clip.frames)
+            break
+        except NoProgress as err:
+            orch.cancel(err.key)
+    assert_as_alone(np.concatenate(got), reference(model, rq))
+
+
+def test_a_stream_given_up_on_is_parked_not_stepped_again(models):
+    """Not cancelled after NoProgress, the stuck stream was placed again at once, stepped
+    alone, killed the actor and raised again, run after run, while the good stream waited."""
+    from workers.orchestrator import NoProgress
+
+    model = models["diffusion"]
+    executor = _DiesOnSeed(model, poison=666)
+    orch = Orchestrator([executor], max_failures=3)
+    rq = request_for(model, frames=32, seed=1)
+    q = orch.submit(rq, sink=QueueSink(capacity=64))
+    p = orch.submit(request_for(model, frames=32, seed=666), sink=QueueSink(capacity=64))
+    with pytest.raises(NoProgress):
+        orch.run()
+    failures = orch.failures
+    for _ in range(2):  # the others finish; the stuck one is named again, never stepped
+        with pytest.raises(NoProgress, match=f"stream {p} went through 3") as caught:
+            orch.run()
+        assert caught.value.key == p
+    assert orch.failures == failures and p not in executor.worker.streams
+    got = np.concatenate([c.frames for c in orch.streams[q].sink.queue])
+    assert_as_alone(got, reference(model, rq))
+    with pytest.raises(NoProgress):
+        next(orch.clips(p))
+
+
+def test_a_submit_caught_in_another_streams_no_progress_holds_no_slot(models):
+    """B's open kills the actor, and X's restore then fails until X is given up on: the
+    NoProgress about X left B open on the worker, untracked, its slot taken for good."""
+    from workers.orchestrator import NoProgress
+
+    model = models["diffusion"]
+
+    class DiesOpening(LocalExecutor):
+        open_fail = restore_fail = 0
+
+        def open(self, key, request, timeout=None):
+            if self.open_fail:
+                self.open_fail -= 1
+                self.worker = GeneratorWorker(model, max_streams=2)
+                raise ExecutorFailed("died opening")
+            super().open(key, request)
+
+        def restore(self, key, snapshot, timeout=None):
+            if self.restore_fail:
+                self.restore_fail -= 1
+                self.worker = GeneratorWorker(model, max_streams=2)
+                raise ExecutorFailed("died restoring")
+            super().restore(key, snapshot)
+
+    executor = DiesOpening(GeneratorWorker(model, max_streams=2))
+    orch = Orchestrator([executor], max_failures=2)
+    x = orch.submit(request_for(model, frames=48, seed=1), sink=QueueSink(capacity=64))
+    orch.run(until=lambda: orch.streams[x].accepted == 1)
+    executor.open_fail, executor.restore_fail = 1, 2
+    with pytest.raises(NoProgress) as caught:
+        orch.submit(request_for(model, frames=24, seed=2), sink=QueueSink(capacity=64))
+    assert caught.value.key == x and list(orch.streams) == [x]
+    assert executor.worker.streams == {}
+    orch.cancel(x)
+    keys = [orch.submit(request_for(model, frames=24, seed=s)) for s in (3, 4)]  # 2 slots
+    for key in keys:
+        frames_of(orch, key)
 
 
 @pytest.mark.parametrize(

@@ -98,8 +98,9 @@ class NoProgress(NoExecutorsLeft):
     retrying forever would start actor after actor. After a batch fails, its streams are
     stepped one at a time until each makes a clip, so the stream named is the one whose own
     steps fail. The other streams are restored as after any failure and go on at the next
-    ``run``; this one waits unplaced (``cancel`` it to give up on it; its truth stays for a
-    resume)."""
+    ``run``; this one is parked, never placed or stepped again: a later ``run`` raises
+    NoProgress for it again once the others are done (``cancel`` it to give up on it; its
+    truth stays for a resume)."""
 
     def __init__(self, message: str, key: int | None = None) -> None:
         super().__init__(message)  # one argument: a pickled copy is rebuilt (key None)
@@ -153,6 +154,7 @@ class _Stream:
     accepted: int = 0  # clips in the truth
     delivered: int = 0  # clips handed to the sink
     failures: int = 0  # executor failures it went through since it last made progress
+    stuck: bool = False  # given up on (NoProgress): parked, never placed or stepped again
     frames: dict[int, np.ndarray] = field(default_factory=dict)  # decoded, not delivered
     to_decode: dict[int, ClipOut] = field(default_factory=dict)  # accepted, frames not back
 
@@ -194,8 +196,12 @@ class Orchestrator:
     have made but not yet delivered to its sink; ``replace``: called with a failed executor
     that could not be recovered, returns a new executor (or None to drop it; its streams
     move to the others as their slots allow, waiting their turn when all are full);
-    ``max_failures``: at this many executor failures in a row without a clip made on that
-    executor between them, a stream's loop gives up (``NoProgress``).
+    ``max_failures``: at this many failures in a row of a stream's own work (its steps in a
+    batch that failed, then alone; its decodes; its opens), with no clip made between them,
+    the stream is given up on (``NoProgress``). Keep it at 3 or more where an executor can
+    fail by itself now and then: after a batch fails, each of its streams takes one more
+    failure alone before it is cleared, so at 2 an unlucky stream on a flaky executor is
+    given up on.
 
     Each executor holds at most its ``max_streams`` streams at once: a ``submit`` past that
     is refused by the generator (its cache is full), so submit at most that many and the
@@ -234,6 +240,7 @@ class Orchestrator:
         self._decode_ended: dict[int, float] = {}  # when each executor's last decode ended
         self.failures = 0
         self._keys = itertools.count()
+        self._dropped: list[int] = []  # streams of iterators dropped before their first clip
         # What every executor of this model reports alike (clip length, frame shape, sha256),
         # kept here so it stays known whichever executors are later lost.
         self.info: dict[str, Any] = dict(executors[0].info)
@@ -253,7 +260,9 @@ class Orchestrator:
         sink: Sink | None = None,
         truth: StreamSnapshot | None = None,
     ) -> int:
-        """Start a stream (or resume one from a saved ``truth``); returns its key."""
+        """Start a stream (or resume one from a saved ``truth``); returns its key. If it
+        raises (a refused request, or a NoProgress about another stream given up on while
+        this one was placed), the request was not submitted and holds no slot."""
         served = self.info.get("model")
         if served is not None and not same_checkpoint(request.model, served):
             # Another model's request would be made by these weights and labelled as its own.
@@ -276,14 +285,19 @@ class Orchestrator:
             accepted=truth.next_clip,
             delivered=truth.next_clip,
         )
+        self._cancel_dropped()  # their slots first
         self.streams[key] = stream
         if not stream.done:
             try:
                 self._place(stream)
             except BaseException:
-                # Refused (a request the generator rejects, a full cache): the stream never
-                # existed, so nothing later steps it or waits for it.
-                self.streams.pop(key, None)
+                # Refused (a request the generator rejects, a full cache), or placed and then
+                # caught in another stream's NoProgress: the stream never existed, so nothing
+                # later steps it or waits for it, and no worker keeps its slot.
+                try:
+                    self.cancel(key)
+                except Exception:  # its executor is gone: nothing holds the slot
+                    self.streams.pop(key, None)
                 raise
         return key
 
@@ -361,13 +375,19 @@ class Orchestrator:
 
     def run(self, until: Callable[[], bool] | None = None, poll: float = 0.05) -> None:
         """Loop until every stream is delivered (or ``until()`` is true)."""
-        while any(not s.done for s in self.streams.values()):
+        while any(not s.done and not s.stuck for s in self.streams.values()):
             if until is not None and until():
                 return
             self._schedule()
             if not self.work:
                 raise RuntimeError(_DRAINED)
             self._execute_and_update(poll)
+        stuck = next((s for s in self.streams.values() if s.stuck and not s.done), None)
+        if stuck is not None:
+            while self.work:  # its clips already made are still delivered
+                self._execute_and_update(poll)
+            if not stuck.done:
+                raise _no_progress(stuck, "was given up on before")
 
     def clips(self, key: int) -> Iterator[Clip]:
         """The clips of stream ``key`` in order, driving the loop as needed; once all are
@@ -378,15 +398,20 @@ class Orchestrator:
         stream = self.streams[key]
         if not isinstance(stream.sink, QueueSink):
             raise ValueError(f"stream {key} writes to its own sink, not to an iterator")
-        clips = self._clips(key, stream)
+        started: list[weakref.finalize] = []
+        clips = self._clips(key, stream, started)
         # An iterator dropped before its first clip never runs its GeneratorExit handler:
-        # the stream is cancelled when it goes (a no-op once the stream is done and
-        # forgotten, or cancelled already; keys are never reused).
-        # Not at interpreter exit: Ray may be shut down by then.
-        weakref.finalize(clips, self.cancel, key).atexit = False
+        # its stream is cancelled at the next submit or schedule (not inside whatever loop
+        # the garbage collector interrupts). Detached once it starts: a started one cancels
+        # on GeneratorExit, and one that ended with an error leaves its stream alone. Not at
+        # interpreter exit: Ray may be shut down by then.
+        finalizer = weakref.finalize(clips, self._dropped.append, key)
+        finalizer.atexit = False
+        started.append(finalizer)
         return clips
 
-    def _clips(self, key: int, stream: _Stream) -> Iterator[Clip]:
+    def _clips(self, key: int, stream: _Stream, started: list[weakref.finalize]) -> Iterator[Clip]:
+        started[0].detach()
         queue = stream.sink.queue
         try:
             while True:
@@ -395,6 +420,8 @@ class Orchestrator:
                 if stream.done:
                     self.forget(key)
                     return
+                if stream.stuck:
+                    raise _no_progress(stream, "was given up on before")
                 self._schedule()
                 if not self.work:
                     raise RuntimeError(_DRAINED)
@@ -413,12 +440,17 @@ class Orchestrator:
         if executor is not None and stream.accepted < stream.num_clips:  # else already closed
             executor.close(key)
 
+    def _cancel_dropped(self) -> None:
+        while self._dropped:
+            self.cancel(self._dropped.pop())
+
     def _schedule(self) -> None:
+        self._cancel_dropped()
         for s in list(self.streams.values()):  # clips a sink raised on: it gets them again
             if s.delivered in s.frames:
                 self._deliver(s)
         for s in self.streams.values():  # streams of a lost executor, as slots free up
-            if s.executor != UNPLACED:
+            if s.executor != UNPLACED or s.stuck:
                 continue
             if s.accepted >= s.num_clips:  # all made: only its decodes remain, no slot
                 s.executor = self._least_loaded()
@@ -616,6 +648,7 @@ class Orchestrator:
                 if s.key in blamed:
                     s.failures += 1
                     if s.failures >= self.max_failures and s not in stuck:
+                        s.stuck = True
                         stuck.append(s)
             self.work = [w for w in self.work if w.executor != index]
             executor = self.executors[index]
@@ -659,13 +692,7 @@ class Orchestrator:
             failure = retry
         self._redo_lost_decodes()
         if stuck:
-            first = stuck[0]
-            raise NoProgress(
-                f"stream {first.key} went through {first.failures} executor failures in a row "
-                f"without a clip made on it (last: {last}); a step that always fails or always "
-                f"exceeds step_timeout={self.step_timeout} s is not retried further",
-                first.key,
-            ) from last
+            raise _no_progress(stuck[0], f"(last: {last})", self.step_timeout) from last
 
     def _redo_lost_decodes(self) -> None:
         """Redo every accepted clip whose decode is no longer in flight: those lost with a
@@ -682,6 +709,15 @@ class Orchestrator:
                 redo.setdefault(target, []).append(clip)
         for target, clips in redo.items():
             self._submit_decode(target, sorted(clips, key=lambda c: (c.key, c.clip)))
+
+
+def _no_progress(s: _Stream, detail: str, step_timeout: float | None = None) -> NoProgress:
+    limit = "" if step_timeout is None else f" or always exceeds step_timeout={step_timeout} s"
+    return NoProgress(
+        f"stream {s.key} went through {s.failures} executor failures in a row without a clip "
+        f"made on it {detail}; a step that always fails{limit} is not retried further",
+        s.key,
+    )
 
 
 def _as_latents(clip: ClipOut):
