@@ -1528,6 +1528,17 @@ class _DiesOnSeed(LocalExecutor):
         return super().step(keys, epochs, snapshot_keys)
 
 
+def _poisoned_pair(model: str):
+    """A good stream Q and a poison one P (seed 666) on one ``_DiesOnSeed`` executor:
+    (executor, orchestrator, Q's request, Q's key, P's key)."""
+    executor = _DiesOnSeed(model, poison=666)
+    orch = Orchestrator([executor], max_failures=3)
+    rq = request_for(model, frames=32, seed=1)
+    q = orch.submit(rq, sink=QueueSink(capacity=64))
+    p = orch.submit(request_for(model, frames=32, seed=666), sink=QueueSink(capacity=64))
+    return executor, orch, rq, q, p
+
+
 def test_no_progress_names_the_stream_whose_steps_fail_not_its_batch(models):
     """Q and poison P stepped in one batch: every failure counted against both, NoProgress
     named whichever came first (Q) and left Q at max_failures, so after P was cancelled Q's
@@ -1536,11 +1547,7 @@ def test_no_progress_names_the_stream_whose_steps_fail_not_its_batch(models):
     from workers.orchestrator import NoProgress
 
     model = models["diffusion"]
-    executor = _DiesOnSeed(model, poison=666)
-    orch = Orchestrator([executor], max_failures=3)
-    rq = request_for(model, frames=32, seed=1)
-    q = orch.submit(rq, sink=QueueSink(capacity=64))
-    p = orch.submit(request_for(model, frames=32, seed=666), sink=QueueSink(capacity=64))
+    _, orch, rq, q, p = _poisoned_pair(model)
     with pytest.raises(NoProgress, match=f"stream {p} went through 3") as caught:
         orch.run()
     assert caught.value.key == p and orch.streams[q].failures == 0
@@ -1665,11 +1672,7 @@ def test_a_stream_given_up_on_is_parked_not_stepped_again(models):
     from workers.orchestrator import NoProgress
 
     model = models["diffusion"]
-    executor = _DiesOnSeed(model, poison=666)
-    orch = Orchestrator([executor], max_failures=3)
-    rq = request_for(model, frames=32, seed=1)
-    q = orch.submit(rq, sink=QueueSink(capacity=64))
-    p = orch.submit(request_for(model, frames=32, seed=666), sink=QueueSink(capacity=64))
+    executor, orch, rq, q, p = _poisoned_pair(model)
     with pytest.raises(NoProgress):
         orch.run()
     failures = orch.failures
