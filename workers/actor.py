@@ -56,6 +56,10 @@ class ClipOut:
 
 @dataclass
 class StepOut:
+    """A step's clips, and the checkpoints asked for: each a ``StreamSnapshot`` whose
+    ``request`` is None (the orchestrator holds the request; its context frames need not
+    travel back with every checkpoint)."""
+
     clips: list[ClipOut]
     snapshots: dict[int, StreamSnapshot] = field(default_factory=dict)
 
@@ -148,7 +152,10 @@ class GeneratorWorker:
             ClipOut(key=k, clip=c.clip, epoch=e, data=c.data, context=c.context)
             for k, e, c in zip(keys, epochs, clips, strict=True)
         ]
-        snaps = {k: self.generator.snapshot(self.streams[k]) for k in snapshot_keys}
+        snaps = {}
+        for k in snapshot_keys:
+            snap = self.generator.snapshot(self.streams[k])
+            snaps[k] = StreamSnapshot(None, snap.checkpoint_clip, snap.cache)  # type: ignore[arg-type]
         for k in keys:
             if self.streams[k].done:
                 self.close(k)

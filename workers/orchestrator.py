@@ -538,8 +538,9 @@ class Orchestrator:
             s.failures = 0
             s.to_decode[clip.clip] = clip
             accepted.append(clip)
-            if clip.key in out.snapshots:
-                s.truths.append(out.snapshots[clip.key])
+            if clip.key in out.snapshots:  # the checkpoint, without the request it holds
+                snap = out.snapshots[clip.key]
+                s.truths.append(StreamSnapshot(s.request, snap.checkpoint_clip, snap.cache))
                 self._forget_old_truths(s)
         if accepted:
             self._submit_decode(work.executor, accepted)
