@@ -68,6 +68,22 @@ def clips_of(gen, req: GenerationRequest) -> torch.Tensor:
     return torch.stack(out)
 
 
+def batched_clips(gen, reqs: list[GenerationRequest], stagger: bool = False) -> list:
+    """Each request's clips, made with its streams stepped together (``stagger``: stream j
+    joins after j clips); the streams are closed after."""
+    streams = [gen.open(r) for r in reqs]
+    made: dict[int, list[torch.Tensor]] = {s.id: [] for s in streams}
+    joined = 0
+    while not all(s.done for s in streams):
+        joined += 1
+        active = [s for j, s in enumerate(streams) if (j < joined or not stagger) and not s.done]
+        for clip in gen.step(active):
+            made[clip.stream].append(clip.data)
+    for s in streams:
+        gen.close(s)
+    return [torch.stack(made[s.id]) for s in streams]
+
+
 def test_same_request_same_frames_and_nontrivial(family):
     gen = make_generator(family)
     a = [c.frames for c in generate_video(gen, request_for(gen))]
@@ -549,14 +565,8 @@ def test_contrast_streams_batch_with_plain_ones_and_restore_bit_identically():
         request_for(gen, seed=3, frames=3 * L, contrast=0.8, guidance=1.0),
     ]
     singles = [clips_of(gen, r) for r in reqs]
-    streams = [gen.open(r) for r in reqs]
-    made = {s.id: [] for s in streams}
-    while not streams[0].done:
-        for clip in gen.step(streams):
-            made[clip.stream].append(clip.data)
-    for s, single in zip(streams, singles, strict=True):
-        torch.testing.assert_close(torch.stack(made[s.id]), single, atol=1e-5, rtol=0)
-        gen.close(s)
+    for got, single in zip(batched_clips(gen, reqs), singles, strict=True):
+        torch.testing.assert_close(got, single, atol=1e-5, rtol=0)
     stream = gen.open(reqs[0])
     gen.step([stream])
     snap = gen.snapshot(stream)
@@ -1152,14 +1162,8 @@ def test_the_sde_sampler_batches_restores_and_comes_from_the_card(tmp_path):
     reqs = [request_for(gen, seed=s, frames=3 * L, guidance=g) for s, g in ((1, 2.0), (2, 1.0))]
     singles = [clips_of(gen, r) for r in reqs]
     assert not torch.allclose(singles[0], ode, atol=1e-3)
-    streams = [gen.open(r) for r in reqs]
-    made = {s.id: [] for s in streams}
-    for i in range(4):  # stream 1 joins one clip late
-        for clip in gen.step([s for j, s in enumerate(streams) if j <= i and not s.done]):
-            made[clip.stream].append(clip.data)
-    for s, single in zip(streams, singles, strict=True):
-        torch.testing.assert_close(torch.stack(made[s.id]), single, atol=1e-5, rtol=0)
-        gen.close(s)
+    for got, single in zip(batched_clips(gen, reqs, stagger=True), singles, strict=True):
+        torch.testing.assert_close(got, single, atol=1e-5, rtol=0)  # stream 1 joins late
     stream = gen.open(reqs[0])
     gen.step([stream])
     snap = gen.snapshot(stream)

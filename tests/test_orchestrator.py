@@ -1695,27 +1695,31 @@ def test_a_submit_caught_in_another_streams_no_progress_holds_no_slot(models):
     model = models["diffusion"]
 
     class DiesOpening(LocalExecutor):
-        open_fail = restore_fail = 0
+        """Its next ``fails[call]`` opens or restores kill it (it comes back empty)."""
+
+        def __init__(self, worker) -> None:
+            super().__init__(worker)
+            self.fails = {"open": 0, "restore": 0}
+
+        def _maybe_die(self, call):
+            if self.fails[call]:
+                self.fails[call] -= 1
+                self.worker = GeneratorWorker(model, max_streams=2)
+                raise ExecutorFailed(f"died in {call}")
 
         def open(self, key, request, timeout=None):
-            if self.open_fail:
-                self.open_fail -= 1
-                self.worker = GeneratorWorker(model, max_streams=2)
-                raise ExecutorFailed("died opening")
+            self._maybe_die("open")
             super().open(key, request)
 
         def restore(self, key, snapshot, timeout=None):
-            if self.restore_fail:
-                self.restore_fail -= 1
-                self.worker = GeneratorWorker(model, max_streams=2)
-                raise ExecutorFailed("died restoring")
+            self._maybe_die("restore")
             super().restore(key, snapshot)
 
     executor = DiesOpening(GeneratorWorker(model, max_streams=2))
     orch = Orchestrator([executor], max_failures=2)
     x = orch.submit(request_for(model, frames=48, seed=1), sink=QueueSink(capacity=64))
     orch.run(until=lambda: orch.streams[x].accepted == 1)
-    executor.open_fail, executor.restore_fail = 1, 2
+    executor.fails.update(open=1, restore=2)
     with pytest.raises(NoProgress) as caught:
         orch.submit(request_for(model, frames=24, seed=2), sink=QueueSink(capacity=64))
     assert caught.value.key == x and list(orch.streams) == [x]

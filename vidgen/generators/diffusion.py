@@ -287,10 +287,13 @@ class DiffusionClipGenerator:
 
         # The sampler's fresh noise, like the initial noise, is drawn per stream from (seed,
         # clip): a batch of streams samples what each would alone, and a replay the same.
-        sources = [seeded(s.request.seed, s.clip, "sampler") for s in streams]
+        # (None at eta 0, where nothing is drawn.)
+        draws = None
+        if self.eta:
+            sources = [seeded(s.request.seed, s.clip, "sampler") for s in streams]
 
-        def draws() -> torch.Tensor:
-            return torch.stack([torch.randn(shape, generator=g) for g in sources])
+            def draws() -> torch.Tensor:
+                return torch.stack([torch.randn(shape, generator=g) for g in sources])
 
         grid = time_grid(steps, self.time_shift)
         latents = sde_sample(denoiser, noise, grid, self.eta, draws)

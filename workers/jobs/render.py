@@ -305,7 +305,7 @@ def _render_group(
                 # Another item's stream was given up on while this one was placed (the
                 # actor died under both): that item fails, this one tries again. Its own
                 # (it could not be placed at all): it fails.
-                if not drop_stuck(err):
+                if not drop(err.key, err, "given up on"):
                     rows.append(_error_row(item, _describe(err)))
                     results.add(rows[-1])
                 else:
@@ -335,28 +335,17 @@ def _render_group(
             results.add(rows[-1])
             log.info("%s: %d frames in %.1fs", item_id, result.frames, result.seconds)
 
-    def drop_failed(err: SinkError) -> None:
-        """An item whose segment or truth write failed: given up on (its parts folder stays
-        for a re-run to resume), recorded as an error; the others go on."""
-        found = [i for i, job in pending.items() if job.key == err.key]
-        if not found:  # not one of this batch's streams
-            raise err
-        item_id = found[0]
-        log.error("%s: writing its video failed: %s", item_id, err.cause)
-        pending.pop(item_id).abandon()
-        rows.append(_error_row(items[item_id], _describe(err.cause)))
-        results.add(rows[-1])
-
-    def drop_stuck(err: NoProgress) -> bool:
-        """The item whose stream the orchestrator gave up on (its steps kept failing):
-        recorded as an error, its parts folder kept; the other streams go on. False if the
-        stream is none of this batch's pending items."""
-        found = [i for i, job in pending.items() if job.key == err.key]
+    def drop(key: int | None, cause: BaseException, why: str) -> bool:
+        """The pending item of stream ``key`` (one whose segment or truth write failed, or
+        whose steps kept failing): given up on (its parts folder stays for a re-run to
+        resume), recorded as an error; the others go on. False if no pending item has that
+        stream."""
+        found = [i for i, job in pending.items() if job.key == key]
         if not found:
             return False
-        log.error("%s: given up on: %s", found[0], err)
+        log.error("%s: %s: %s", found[0], why, cause)
         pending.pop(found[0]).abandon()
-        rows.append(_error_row(items[found[0]], _describe(err)))
+        rows.append(_error_row(items[found[0]], _describe(cause)))
         results.add(rows[-1])
         return True
 
@@ -366,9 +355,10 @@ def _render_group(
             try:
                 orch.run(until=lambda: any(job.done for job in pending.values()))
             except SinkError as err:
-                drop_failed(err)
+                if not drop(err.key, err.cause, "writing its video failed"):
+                    raise  # not one of this batch's streams
             except NoProgress as err:
-                if not drop_stuck(err):
+                if not drop(err.key, err, "given up on"):
                     raise
             finish_done()
             admit()
