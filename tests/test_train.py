@@ -309,11 +309,7 @@ def test_encoded_clips_cache_is_keyed_by_the_data(tmp_path):
     assert cache_path(tmp_path, "latents", "cd" * 32, base, "train") != path
     # Settings its source never reads do not change the clips: the cache is reused.
     key = lambda d: cache_path(tmp_path, "latents", "ab" * 32, d, "train")  # noqa: E731
-    for same in (
-        replace(base, root=str(tmp_path), stride=2),
-        replace(base, agent_policy="push", agent_fraction=0.2),
-    ):
-        assert key(same) == path
+    assert key(replace(base, agent_policy="push", agent_fraction=0.2)) == path
     mix = replace(base, name="mix")
     assert key(replace(mix, agent_fraction=0.2)) != key(mix)
     agent = replace(base, name="agent")
@@ -1037,3 +1033,87 @@ def test_an_nbp_run_over_frames_of_another_size_is_refused_before_encoding(tmp_p
     with pytest.raises(TrainSetupError, match="data.size=64 must equal the tokenizer's frame"):
         train(overrides, tmp_path / "run", 2)
     assert not (tmp_path / "run").exists()
+
+
+def _ca2vdm_run(kl: str) -> list[str]:
+    return [
+        "model=ca2vdm-test",
+        *SMALL_BOUNCING,
+        "data.clip_len=6",
+        "data.num_clips=8",
+        f"frozen_tokenizer={kl}",
+        "model.num_actions=0",
+    ]
+
+
+def test_a_resume_after_the_frozen_tokenizer_changed_is_refused(tmp_path):
+    """The file a generator's latents come from was replaced between two invocations: the
+    resume encoded a new cache and went on, so the export's card named the new tokenizer
+    for weights half trained on the old one's latents."""
+    kl = make_autoencoder(tmp_path)
+    run = _ca2vdm_run(kl)
+    train(run, tmp_path / "r", 4, stop_at=2)
+    other = randomize_(KLAutoencoder(KL_CONFIGS["test"]), seed=1, std=0.1)
+    checkpoint.save(kl, other, KL_CONFIGS["test"])
+    with pytest.raises(TrainSetupError, match="another frozen_tokenizer .*fingerprint"):
+        train(run, tmp_path / "r", 4)
+    assert checkpoint.load(tmp_path / "r" / "state.safetensors").card["step"] == 2  # kept
+
+
+def test_a_state_whose_generator_was_on_another_device_resumes_reseeded(tmp_path):
+    """A state saved by a CUDA run holds a CUDA generator's 16-byte state, which a CPU
+    generator cannot load: resuming it on the CPU was a raw RuntimeError."""
+    kl = ["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2"]
+    train(kl, tmp_path, 4, stop_at=2)
+    path = tmp_path / "state.safetensors"
+    state = checkpoint.load(path)
+    moved = {**state.tensors, "rng.train": torch.zeros(16, dtype=torch.uint8)}
+    assert state.card["rng_device"] == "cpu"
+    run = load_config("train", [*kl, "train.steps=4", f"out={tmp_path}"])
+    run.name = "model"
+    checkpoint.save(path, moved, run, card={**state.card, "rng_device": "cuda"})
+    final = checkpoint.load(train(kl, tmp_path, 4))
+    assert final.card["resumes"] == [
+        {"step": 2, "changes": {"random generator": ["cuda state", "cpu, reseeded"]}}
+    ]
+
+
+def test_running_a_finished_run_again_records_no_resume(tmp_path):
+    kl = ["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2"]
+    first = checkpoint.load(train(kl, tmp_path, 2))
+    again = checkpoint.load(train(kl, tmp_path, 2))
+    assert first.card["resumes"] == again.card["resumes"] == []
+    assert first.tensors.keys() == again.tensors.keys()
+    assert all(torch.equal(first.tensors[k], again.tensors[k]) for k in first.tensors)
+
+
+def test_a_damaged_state_is_a_setup_error(tmp_path):
+    kl = ["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2"]
+    train(kl, tmp_path, 4, stop_at=2)
+    (tmp_path / "state.safetensors").write_bytes(b"\0" * 100)
+    with pytest.raises(TrainSetupError, match="state.safetensors .*train.resume=false"):
+        train(kl, tmp_path, 4)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["frozen_tokenizer=kl-tiny"], "frozen_tokenizer is for generators"),
+        (["data.root=/tmp"], "data.root is for data=folder"),
+        (["data.eval_root=/tmp"], "data.eval_root is for data=folder"),
+        (["data.stride=2"], "data.stride is for data=folder"),
+        (["init=nope.safetensors"], "init=nope.safetensors: checkpoint file"),
+    ],
+)
+def test_settings_the_run_would_ignore_or_cannot_load_are_refused_by_name(tmp_path, extra, message):
+    with pytest.raises((TrainSetupError, ValueError), match=message):
+        train(["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2", *extra], tmp_path, 2)
+
+
+def test_a_frozen_tokenizer_of_the_wrong_kind_is_named(tmp_path):
+    from tests.models import save_test_generators
+
+    save_test_generators(tmp_path / "models")
+    larp = tmp_path / "models" / "larp-test.safetensors"
+    with pytest.raises(TrainSetupError, match=f"frozen_tokenizer={larp}: .*LARPConfig"):
+        train(_ca2vdm_run(str(larp)), tmp_path / "a", 2)

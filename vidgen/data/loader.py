@@ -62,6 +62,12 @@ class DataConfig:
         check_number("data.agent_fraction", self.agent_fraction, minimum=0, maximum=1)
         if self.stride is not None and self.stride < 1:
             raise ValueError(f"data.stride must be >= 1 (or null: clip_len), got {self.stride}")
+        for key in ("root", "eval_root", "stride"):
+            if self.name != "folder" and getattr(self, key) is not None:
+                raise ValueError(
+                    f"data.{key} is for data=folder (clips of a folder of videos); "
+                    f"data={self.name} makes its clips procedurally and would ignore it"
+                )
         if self.name in ("agent", "mix") and self.agent_policy not in POLICIES:
             raise ValueError(
                 f"data.agent_policy must be one of {sorted(POLICIES)}, got {self.agent_policy!r}"

@@ -14,6 +14,7 @@ from vidgen import checkpoint
 from vidgen.data import DataConfig
 from vidgen.fsutil import exclusive, remove_temps
 from vidgen.io import VideoReadError
+from vidgen.train.encoded import naming
 from vidgen.train.loop import (
     StepSampler,
     Task,
@@ -64,6 +65,11 @@ class TrainCommandConfig:
             raise ValueError("choose exactly one of tokenizer=<preset> or model=<preset>")
         if self.freeze and not self.init:
             raise ValueError("freeze needs init=<checkpoint>: frozen random weights stay random")
+        if self.frozen_tokenizer and self.tokenizer is not None:
+            raise ValueError(
+                "frozen_tokenizer is for generators (model=...): a tokenizer trains on frames "
+                "(a LARP names its autoencoder as tokenizer.autoencoder)"
+            )
 
 
 def build_task(cfg: TrainCommandConfig) -> Task:
@@ -72,7 +78,8 @@ def build_task(cfg: TrainCommandConfig) -> Task:
     init = None
     if cfg.init:
         target = cfg.tokenizer if cfg.tokenizer is not None else cfg.model
-        init = checkpoint.load(cfg.init, expected_config=type(target))
+        with naming("init", cfg.init):
+            init = checkpoint.load(cfg.init, expected_config=type(target))
         # Hyperparameters come from the command (a different architecture fails to load
         # below); values measured on the trained model (the KL's latent scale) from the init.
         measured = getattr(type(target), "MEASURED", ())

@@ -32,6 +32,7 @@ from vidgen.train.encoded import (
     encode_device,
     held_out_clips,
     load_autoencoder,
+    naming,
 )
 from vidgen.train.loop import Task
 
@@ -237,7 +238,8 @@ def ca2vdm_task(
             data.clip_len,
             config.window + config.clip_len,
         )
-    autoencoder, fingerprint = load_autoencoder(tokenizer)
+    with naming("frozen_tokenizer", tokenizer):
+        autoencoder, fingerprint = load_autoencoder(tokenizer)
     if autoencoder.config.image_size != data.size:
         raise ValueError(f"data.size={data.size} must equal the autoencoder's image_size")
     ours = (config.latent_channels, config.latent_size)

@@ -7,10 +7,11 @@ next to the run (a resumed or repeated run loads them instead of encoding again)
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,15 @@ _LIBC: Any = None
 def encode_device(run_config: object) -> torch.device:
     """Where a run's training data is encoded: its ``train.device`` (auto = CUDA if any)."""
     return resolve_device(getattr(getattr(run_config, "train", None), "device", "cpu"))
+
+
+@contextlib.contextmanager
+def naming(setting: str, value: str) -> Iterator[None]:
+    """A checkpoint that cannot be loaded is reported under the setting that named it."""
+    try:
+        yield
+    except checkpoint.CheckpointError as err:
+        raise checkpoint.CheckpointError(f"{setting}={value}: {err}") from err
 
 
 def load_autoencoder(name_or_path: str) -> tuple[KLAutoencoder, str]:

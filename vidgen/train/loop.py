@@ -334,7 +334,7 @@ def _load_state(
             log.info("the state has no EMA: it starts from the resumed weights")
             ema.model.load_state_dict(model.state_dict())
     _load_optim(opt, ckpt.tensors, "optim", ckpt.card["param_groups"])
-    gen.set_state(ckpt.tensors["rng.train"])
+    _load_rng(gen, ckpt)
     if adv is not None:
         if "adv_param_groups" in ckpt.card:
             ckpt.load_into(adv[0].module, prefix="adv.")
@@ -344,6 +344,26 @@ def _load_state(
     return int(ckpt.card["step"]), float(ckpt.card.get("wall_seconds", 0.0))
 
 
+def _load_rng(gen: torch.Generator, ckpt: checkpoint.Checkpoint) -> None:
+    """The training generator's state; one saved on another kind of device (a run moved
+    from a GPU to the CPU, or back) cannot be loaded there: the generator is seeded from the
+    step instead (``train`` records the change in the card's resumes)."""
+    if ckpt.card.get("rng_device", gen.device.type) == gen.device.type:
+        try:
+            gen.set_state(ckpt.tensors["rng.train"])
+            return
+        except RuntimeError as err:  # a state of before rng_device was saved, from elsewhere
+            log.warning("the state's random generator does not load here (%s)", err)
+    gen.manual_seed(RESEED + int(ckpt.card["step"]))
+
+
+RESEED = 1_000_003  # generator seed (+ the step) of a run resumed on another kind of device
+# What the training data of a task is made from (a frozen tokenizer's or autoencoder's
+# encoder fingerprint, in its card) and the setting that names it: a resume must not mix data.
+FROZEN_INPUTS = {
+    "tokenizer_fingerprint": "frozen_tokenizer",
+    "autoencoder_fingerprint": "tokenizer.autoencoder",
+}
 HISTORY_KEPT = 20  # log entries carried in the state and the exported card
 
 
@@ -372,11 +392,28 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
     state_path = out / STATE_FILE
     threads = torch.get_num_threads()  # CPU sums, so results, depend on it
     if cfg.resume and state_path.exists():
-        state = checkpoint.load(state_path)
+        try:
+            state = checkpoint.load(state_path)
+        except checkpoint.CheckpointError as err:  # damaged: say what to do, no traceback
+            raise TrainSetupError(
+                f"{err}. Start over with another out (or train.resume=false), or restore the file"
+            ) from None
         changes = setting_changes(state.config, dataclasses.asdict(task.run_config))
         saved_threads = state.card.get("threads")
         if device.type == "cpu" and saved_threads not in (None, threads):
             changes["torch threads"] = [saved_threads, threads]
+        for key, setting in FROZEN_INPUTS.items():
+            saved, now = state.card.get(key), task.card.get(key)
+            if saved is not None and saved != now:
+                raise TrainSetupError(
+                    f"the state in {out} was trained on the data of another {setting} (encoder "
+                    f"fingerprint {saved}, now {now}): its steps so far and the rest would "
+                    f"mix two latent spaces. Resume with the {setting} it was saved with, or "
+                    "start over with another out (or train.resume=false)"
+                )
+        saved_rng = state.card.get("rng_device", gen.device.type)
+        if saved_rng != gen.device.type:
+            changes["random generator"] = [f"{saved_rng} state", f"{gen.device.type}, reseeded"]
         try:
             start, before = _load_state(state, model, ema, opt, gen, adv)
         except checkpoint.CheckpointError as err:  # another architecture than the state's
@@ -389,7 +426,8 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
             ) from None
         history = list(state.card.get("history", []))
         resumes = list(state.card.get("resumes", []))
-        resumes.append({"step": start, "changes": changes})
+        if start < cfg.steps or changes:  # a finished run exported again is not a resume
+            resumes.append({"step": start, "changes": changes})
         log.info("resuming %s from step %d", state_path, start)
         if changes:
             log.warning(
@@ -576,6 +614,8 @@ def _save_state(
     card["resumes"] = resumes or []
     # CPU results depend on the thread count (reduction order): a resume compares it.
     card["threads"] = torch.get_num_threads()
+    card["rng_device"] = gen.device.type
+    card.update({k: task.card[k] for k in FROZEN_INPUTS if k in task.card})
     checkpoint.save(path, tensors, task.run_config, card=card)
 
 

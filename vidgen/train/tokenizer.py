@@ -27,6 +27,7 @@ from vidgen.train.encoded import (
     data_description,
     encode_device,
     load_autoencoder,
+    naming,
 )
 from vidgen.train.loop import Adversary, Task
 
@@ -154,7 +155,8 @@ def larp_task(
     ``out``); a pixel-space one on the clips themselves."""
     autoencoder, fingerprint, size, key = None, "", config.size, "video"
     if config.autoencoder:
-        autoencoder, fingerprint = load_autoencoder(config.autoencoder)
+        with naming("tokenizer.autoencoder", config.autoencoder):
+            autoencoder, fingerprint = load_autoencoder(config.autoencoder)
         size, key = autoencoder.config.image_size, "latents"
         latent = (autoencoder.config.latent_channels, autoencoder.config.latent_size)
         if (config.channels, config.size) != latent:
@@ -274,6 +276,7 @@ def larp_task(
                 else ""
             ),
             "data": data.name,
+            **({"autoencoder_fingerprint": fingerprint} if config.autoencoder else {}),
             "loss": "L1 + mse_weight*MSE + VQ codebook/commitment + prior_weight*prior CE"
             + (
                 " + perceptual_weight*(1-SSIM) + grad_weight*L1(gradients)"

@@ -24,6 +24,7 @@ from vidgen.train.encoded import (
     data_description,
     encode_device,
     held_out_clips,
+    naming,
 )
 from vidgen.train.loop import Task
 
@@ -85,7 +86,8 @@ def evaluate_nbp(
 def nbp_task(
     config: NBPConfig, data: DataConfig, run_config: object, name: str, tokenizer: str, out: Path
 ) -> Task:
-    larp = LARPVideoTokenizer.from_pretrained(tokenizer)
+    with naming("frozen_tokenizer", tokenizer):
+        larp = LARPVideoTokenizer.from_pretrained(tokenizer)
     if data.clip_len % larp.config.frames:
         raise ValueError(
             f"data.clip_len={data.clip_len} must be whole clips of {larp.config.frames} frames"
