@@ -101,6 +101,23 @@ def test_sidecar_labels_that_are_no_counts_are_not_taken(tmp_path, caplog):
     assert report["summary"]["videos"] == 1 and report["summary"]["videos_with_label"] == 0
 
 
+def test_a_refused_run_leaves_no_out_folders_and_a_broken_link_is_named(tmp_path, capsys):
+    """The out check made out's missing folders, and a run refused after it left them; a
+    broken link in a videos folder was left out without a word."""
+    shapes_video(tmp_path / "v" / "a.mp4", 2, seed=0, frames=8)
+    out = tmp_path / "new" / "deep" / "r.json"
+    missing = tmp_path / "missing"
+    assert main(["eval", f"videos={tmp_path / 'v'}", f"fvd_reference={missing}", f"out={out}"]) == 2
+    assert "fvd_reference" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "v" / "b.mp4").symlink_to(tmp_path / "gone.mp4")
+    assert main(["eval", f"videos={tmp_path / 'v'}", f"out={out}"]) == 2
+    assert "b.mp4" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    (tmp_path / "v" / "b.mp4").unlink()
+    assert main(["eval", f"videos={tmp_path / 'v'}", f"out={out}"]) == 0
+    assert json.loads(out.read_text())["summary"]["videos"] == 1
+
+
 def test_empty_folder_is_refused(tmp_path, capsys):
     assert main(["eval", f"videos={tmp_path}"]) == 2
     assert "holds no video files" in capsys.readouterr().err

@@ -315,3 +315,22 @@ def test_the_scorer_refuses_what_does_not_continue_the_video():
             SceneScorer(BOUNCING_PALETTE, clip_len=bad)
     with pytest.raises(ValueError, match="expected_count must be"):
         SceneScorer(BOUNCING_PALETTE, expected_count=-1)
+
+
+@pytest.mark.parametrize("shape", [(3, 9, 7), (2, 600, 500)])  # one chunk; frames in chunks
+def test_classify_pixels_is_the_nearest_palette_colour_first_on_ties(shape):
+    """Each pixel's label is the argmin of its squared distances to the palette's colours
+    (the first on a tie), -1 past the distance limit, whatever the frame size."""
+    from vidgen.eval.scene import classify_pixels, default_max_distance
+
+    rng = np.random.default_rng(0)
+    colours = BOUNCING_PALETTE.colours()
+    frames = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    frames[:, 0] = colours[rng.integers(0, len(colours), shape[::2])].astype(np.uint8)
+    frames[:, 1, :] = ((colours[0] + colours[1]) // 2).astype(np.uint8)  # ties
+    dist = ((frames[..., None, :].astype(np.float32) - colours) ** 2).sum(-1)  # float32, exact
+    want = dist.argmin(-1)
+    want[dist.min(-1) > default_max_distance(BOUNCING_PALETTE) ** 2] = -1
+    got = classify_pixels(frames, BOUNCING_PALETTE)
+    assert got.shape == shape and (got == -1).any() and (got >= 0).any()
+    np.testing.assert_array_equal(got, want)

@@ -23,13 +23,14 @@ VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi")
 def video_files(root: Path) -> list[Path]:
     """The video files under ``root`` (recursively, sorted), leaving out hidden ones: a dot
     file or folder is another program's (macOS ``._x.mp4``) or an unfinished write
-    (vidgen's own ``.x.<random>.tmp.mp4``)."""
+    (vidgen's own ``.x.<random>.tmp.mp4``). A broken link is kept, so that reading it fails
+    naming it instead of leaving the video out without a word."""
     return sorted(
         p
         for p in root.rglob("*")
         if p.suffix.lower() in VIDEO_SUFFIXES
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        and p.is_file()
+        and (p.is_file() or p.is_symlink())
     )
 
 

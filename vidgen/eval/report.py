@@ -14,6 +14,7 @@ writes beside ``video.mp4``); a video with neither gets no count accuracy. With
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -125,10 +126,16 @@ def _check_out(out: Path, paths: list[Path]) -> None:
     sidecars = {p.with_suffix(".json").resolve() for p in paths}
     if out.resolve() in sidecars:
         raise ValueError(f"out={str(out)!r} is the render sidecar of a scored video")
+    folder = fsutil.target(out).parent
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         fsutil.temp_beside(out).unlink()
     except OSError as err:
         raise ValueError(f"out={str(out)!r} cannot be written: {err}") from err
+    finally:  # made by the check: a run that fails later leaves none behind
+        for made in missing:
+            with contextlib.suppress(OSError):
+                made.rmdir()
 
 
 def _clip_counts(paths: list[Path]) -> list[int]:

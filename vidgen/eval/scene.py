@@ -103,14 +103,23 @@ def classify_pixels(
     colours = palette.colours()  # (P, 3)
     limit = default_max_distance(palette) if max_distance is None else max_distance
     labels = np.empty(frames.shape[:3], dtype=np.int16)
-    # Chunked so a long video never needs a (T, H, W, P) float array at once.
-    for lo in range(0, len(frames), 64):
-        chunk = frames[lo : lo + 64].astype(np.float32)
-        dist = ((chunk[..., None, :] - colours) ** 2).sum(axis=-1)  # (t, H, W, P)
-        nearest = dist.argmin(axis=-1)
-        far = np.take_along_axis(dist, nearest[..., None], -1)[..., 0] > limit**2
-        labels[lo : lo + 64] = np.where(far, -1, nearest)
+    # Chunked by pixels and one colour at a time, so no frame size needs a (t, H, W, P, 3)
+    # array (108 bytes a pixel: 2.3 GB for 16 frames of 720p): a few float arrays of a chunk.
+    step = max(1, CLASSIFY_PIXELS // (frames.shape[1] * frames.shape[2]))
+    for lo in range(0, len(frames), step):
+        chunk = frames[lo : lo + step].astype(np.float32)
+        best = np.full(chunk.shape[:3], np.inf, np.float32)
+        nearest = np.zeros(chunk.shape[:3], np.int16)
+        for index, colour in enumerate(colours):
+            dist = ((chunk - colour) ** 2).sum(axis=-1)
+            closer = dist < best  # strict: a tie goes to the first colour, as argmin's
+            nearest[closer] = index
+            best[closer] = dist[closer]
+        labels[lo : lo + step] = np.where(best > limit**2, -1, nearest)
     return labels
+
+
+CLASSIFY_PIXELS = 1 << 18  # pixels classified at a time (64 frames of 64x64)
 
 
 # 4-connectivity inside each frame, none across frames.
