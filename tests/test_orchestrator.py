@@ -1577,10 +1577,324 @@ def test_a_batch_item_whose_steps_always_fail_fails_alone(models, tmp_path):
     rows = run_batch(parse_manifest(manifest, out, 1000), out, lambda m: executors, lossless=True)
     status = {r["id"]: r["status"] for r in rows}
     assert status == {"good-a": "ok", "poison": "error", "good-c": "ok"}
-    assert "executor failures in a row" in next(r["error"] for r in rows if r["id"] == "poison")
+    error = next(r["error"] for r in rows if r["id"] == "poison")
+    assert "executor failures in a row (on 2 executors)" in error  # tried on the other too
     for item in ("good-a", "good-c"):
         req = request_for(model, frames=24, seed=int(item == "good-c") * 2 + 1, label=None)
         assert_as_alone(read_video(out / f"{item}.mp4").numpy(), reference(model, req))
+
+
+def _finish_all(orch: Orchestrator, keys: list[int]) -> dict[int, np.ndarray]:
+    """Run every stream to its end; the frames of each (all sinks hold every clip)."""
+    orch.run()
+    return {k: np.concatenate([c.frames for c in orch.streams[k].sink.queue]) for k in keys}
+
+
+@pytest.mark.parametrize("replaced", [False, True])
+def test_an_executor_that_fails_every_step_is_retired_and_its_streams_finish(models, replaced):
+    """An actor that restarts but fails every step wore out every stream placed on it: each
+    was stepped alone until it reached max_failures and was given up on (a review's batch:
+    6 of 8 items errors). Now a stream at max_failures on it moves to the other executor, and
+    once one has made a clip there, the executor's next failure (past max_failures in a row)
+    retires it (replaced when it can be, else dropped while another is left): no stream is
+    lost."""
+    model = models["diffusion"]
+    broken = Flaky(GeneratorWorker(model, max_streams=8), fail_at=set(range(1, 1000)))
+    good = LocalExecutor(GeneratorWorker(model, max_streams=8))
+    fresh: list[LocalExecutor] = []
+
+    def replace(failed):
+        fresh.append(LocalExecutor(GeneratorWorker(model, max_streams=8)))
+        return fresh[-1]
+
+    orch = Orchestrator([broken, good], max_failures=3, replace=replace if replaced else None)
+    reqs = [request_for(model, frames=24, seed=s) for s in range(4)]
+    keys = [orch.submit(r, sink=QueueSink(capacity=64)) for r in reqs]
+    assert {orch.streams[k].executor for k in keys} == {0, 1}  # half on the broken one
+    got = _finish_all(orch, keys)
+    for key, req in zip(keys, reqs, strict=True):
+        assert_as_alone(got[key], reference(model, req))
+    # Its streams fail in turn until one moved off it makes a clip on the other; its next
+    # failure (more than max_failures in a row) retires it: 5 failed steps, never more.
+    assert broken.calls == 5
+    assert orch.executors[0] is (fresh[0] if replaced else None)
+    assert len(fresh) == int(replaced)
+
+
+def test_a_batch_on_an_actor_that_fails_every_step_has_no_error_rows(models, tmp_path):
+    """The review's batch (one of two actors restarts but fails every step): its items were
+    given up on one by one. Now the actor is dropped and every item is rendered."""
+    from workers.jobs.render import parse_manifest, run_batch
+
+    model = models["diffusion"]
+    lines = [{"id": f"v{s}", "model": model, "frames": 16, "seed": s, "steps": 2} for s in range(4)]
+    manifest = tmp_path / "items.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    # (max_streams 8: Flaky drops the worker's streams but not their cache slots)
+    broken = Flaky(GeneratorWorker(model, max_streams=8), fail_at=set(range(1, 1000)))
+    executors = [broken, LocalExecutor(GeneratorWorker(model, max_streams=8))]
+    rows = run_batch(parse_manifest(manifest, out, 1000), out, lambda m: executors, lossless=True)
+    assert {r["id"]: r["status"] for r in rows} == {f"v{s}": "ok" for s in range(4)}
+    assert broken.calls == 5
+    for s in range(4):
+        req = request_for(model, frames=16, seed=s, label=None)
+        assert_as_alone(read_video(out / f"v{s}.mp4").numpy(), reference(model, req))
+
+
+def test_a_stream_that_fails_max_failures_times_on_one_executor_moves_to_another(models):
+    """Three failures in a row on one executor, with another healthy one there, gave the
+    stream up: its steps may not be what fails. It is moved and finishes; the executor,
+    with steps coming back between its failures, stays."""
+    model = models["diffusion"]
+    flaky = Flaky(GeneratorWorker(model, max_streams=8), fail_at={2, 3, 4})
+    good = LocalExecutor(GeneratorWorker(model, max_streams=8))
+    orch = Orchestrator([flaky, good], max_failures=3)
+    req = request_for(model, frames=32, seed=5)
+    key = orch.submit(req, sink=QueueSink(capacity=64))
+    assert orch.streams[key].executor == 0
+    got = _finish_all(orch, [key])[key]
+    np.testing.assert_array_equal(got, reference(model, req))  # alone both times: exact
+    assert flaky.calls == 4 and orch.executors[0] is flaky and orch.failures == 3
+    # A second stream is placed on the flaky executor again (it is not retired).
+    req2 = request_for(model, frames=16, seed=6)
+    key2 = orch.submit(req2, sink=QueueSink(capacity=64))
+    assert orch.streams[key2].executor == 0
+    np.testing.assert_array_equal(_finish_all(orch, [key2])[key2], reference(model, req2))
+
+
+def test_a_moved_stream_with_no_other_slot_free_goes_back_rather_than_wait_for_ever(models):
+    """A stream moved off the executor it failed on waits for a slot elsewhere; when the
+    only other executor's streams wait for a reader that reads the moved stream first,
+    nothing could run (RuntimeError). It goes back to its executor instead, once: failing
+    there again gives it up."""
+    from workers.orchestrator import NoProgress
+
+    model = models["diffusion"]
+    flaky = Flaky(GeneratorWorker(model, max_streams=8), fail_at={2, 3, 4})
+    full = LocalExecutor(GeneratorWorker(model, max_streams=1))
+    orch = Orchestrator([flaky, full], max_failures=3)
+    req = request_for(model, frames=32, seed=5)
+    key = orch.submit(req)
+    other = orch.submit(request_for(model, frames=64, seed=6))  # 8 clips: blocks at 4
+    assert (orch.streams[key].executor, orch.streams[other].executor) == (0, 1)
+    np.testing.assert_array_equal(frames_of(orch, key), reference(model, req))
+    assert flaky.calls == 3 + req.frames // orch.clip_len and orch.failures == 3  # back on it
+    list(orch.clips(other))
+    # Back on the executor it failed on and failing there again: given up on.
+    again = Flaky(GeneratorWorker(model, max_streams=8), fail_at=set(range(2, 100)))
+    orch = Orchestrator([again, LocalExecutor(GeneratorWorker(model, max_streams=1))])
+    key = orch.submit(req)
+    orch.submit(request_for(model, frames=64, seed=6))
+    with pytest.raises(NoProgress, match="4 executor failures in a row \\(on 1 executor\\)"):
+        frames_of(orch, key)
+    assert again.calls == 5
+
+
+def test_poison_streams_one_after_another_do_not_retire_a_healthy_executor(models, tmp_path):
+    """An executor's failures in a row were counted across poison streams given up on: a
+    second poison stream's first failure retired an executor that fails on nothing else
+    (with one executor and a replace that cannot start an actor: every later item lost)."""
+    from workers.jobs.render import parse_manifest, run_batch
+    from workers.orchestrator import NoProgress
+
+    model = models["diffusion"]
+    a, b = _DiesOnSeed(model, poison=666), _DiesOnSeed(model, poison=666)
+    orch = Orchestrator([a, b], max_failures=3)
+    for _ in range(2):
+        p = orch.submit(request_for(model, frames=16, seed=666), sink=QueueSink(capacity=64))
+        assert orch.streams[p].executor == 0
+        with pytest.raises(NoProgress, match="on 2 executors"):
+            orch.run()
+        orch.cancel(p)
+    assert orch.executors == [a, b]
+
+    lines = [{"id": i, "model": model, "frames": 16, "seed": 666, "steps": 2} for i in ("p", "q")]
+    lines.append({"id": "good", "model": model, "frames": 16, "seed": 1, "steps": 2})
+    manifest = tmp_path / "items.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def cannot_replace(failed):
+        raise RuntimeError("no GPU free for a new actor")
+
+    only = [_DiesOnSeed(model, poison=666, max_streams=1)]
+    rows = run_batch(
+        parse_manifest(manifest, out, 1000), out, lambda m: only, replace=cannot_replace
+    )
+    assert {r["id"]: r["status"] for r in rows} == {"p": "error", "q": "error", "good": "ok"}
+
+
+class _DecodeDies(LocalExecutor):
+    """Decoding any clip of a stream of seed ``poison`` kills the actor (it comes back
+    empty); ``deaths`` counts them. ``seeds``: each stream's seed, shared by the executors
+    (a clip may be decoded on another executor than the one that made it)."""
+
+    def __init__(self, model: str, poison: int, seeds: dict[int, int]) -> None:
+        super().__init__(GeneratorWorker(model, max_streams=4))
+        self.model, self.poison, self.deaths, self.seeds = model, poison, 0, seeds
+
+    def open(self, key, request, timeout=None):
+        self.seeds[key] = request.seed
+        super().open(key, request, timeout)
+
+    def restore(self, key, snapshot, timeout=None):
+        self.seeds[key] = snapshot.request.seed
+        super().restore(key, snapshot, timeout)
+
+    def decode(self, clips):
+        if any(self.seeds.get(c.key) == self.poison for c in clips):
+            self.deaths += 1
+            self.worker = GeneratorWorker(self.model, max_streams=4)
+            return self._call(_raise)
+        return super().decode(clips)
+
+
+def test_a_clip_that_kills_every_decode_gives_up_its_stream_alone(models):
+    """P's one clip kills any actor that decodes it. Its decode went back to the executor it
+    was moved off (all made: no slot to find), so it was never given up on and wore actors
+    out; the clips it was decoded with (a step's clips decode together) named an innocent
+    batch-mate; and once given up on, its decode was redone at every later failure, for
+    ever. Now its decodes go alone, it is given up on after failing on two executors, and
+    a later run names it again without killing anything."""
+    from workers.orchestrator import NoProgress
+
+    model = models["diffusion"]
+    seeds: dict[int, int] = {}
+    a, b = _DecodeDies(model, 666, seeds), _DecodeDies(model, 666, seeds)
+    orch = Orchestrator([a, b], max_failures=3)
+    rq = request_for(model, frames=orch.clip_len * 6, seed=1)
+    q = orch.submit(rq, sink=QueueSink(capacity=64))
+    p = orch.submit(request_for(model, frames=orch.clip_len, seed=666), sink=QueueSink(64))
+    with pytest.raises(NoProgress, match=f"stream {p} went through 4 .* \\(on 2 executors\\)"):
+        orch.run()
+    assert a.deaths + b.deaths == 4 and orch.executors == [a, b]
+    with pytest.raises(NoProgress, match=f"stream {p} "):
+        orch.run()
+    assert a.deaths + b.deaths == 4
+    got = np.concatenate([c.frames for c in orch.streams[q].sink.queue])
+    assert_as_alone(got, reference(model, rq))
+
+
+def test_a_moved_stream_whose_decode_kills_the_other_executor_is_given_up(models):
+    """P, moved off A and waiting for B's one slot, had its decode redone on B: it killed B
+    again and again (P was not on B, so never blamed there) while B's own stream stalled."""
+    from workers.orchestrator import NoProgress
+
+    model = models["diffusion"]
+    seeds: dict[int, int] = {}
+    a, b = _DecodeDies(model, 666, seeds), _DecodeDies(model, 666, seeds)
+    b.info = dict(b.info, max_streams=1)
+    orch = Orchestrator([a, b], max_failures=3)
+    p = orch.submit(request_for(model, frames=orch.clip_len * 4, seed=666), sink=QueueSink(64))
+    rq = request_for(model, frames=orch.clip_len * 6, seed=1)
+    q = orch.submit(rq, sink=QueueSink(capacity=64))
+    assert [orch.streams[k].executor for k in (p, q)] == [0, 1]
+    with pytest.raises(NoProgress, match=f"stream {p} .*\\(on 2 executors\\)"):
+        orch.run()
+    assert (a.deaths, b.deaths) == (3, 1)
+    orch.cancel(p)
+    orch.run()
+    got = np.concatenate([c.frames for c in orch.streams[q].sink.queue])
+    assert_as_alone(got, reference(model, rq))
+
+
+def test_two_poison_streams_at_once_do_not_retire_a_healthy_executor(models):
+    """P1 moved off A (waiting for a full B) and P2 failing on A made A's failures in a row
+    pass max_failures for two streams: A was retired, though only poison fails on it."""
+    from workers.orchestrator import NoProgress
+
+    model = models["diffusion"]
+    a = _DiesOnSeed(model, poison=666, max_streams=8)
+    b = _DiesOnSeed(model, poison=666, max_streams=8)
+    b.info = dict(b.info, max_streams=2)
+    orch = Orchestrator([a, b], max_failures=3)
+    n = orch.clip_len
+    q = orch.submit(request_for(model, frames=n * 4, seed=1), sink=QueueSink(64))
+    orch.submit(request_for(model, frames=n * 12, seed=2), sink=QueueSink(64))
+    p1 = orch.submit(request_for(model, frames=n * 4, seed=666), sink=QueueSink(64))
+    orch.submit(request_for(model, frames=n * 12, seed=3), sink=QueueSink(64))
+    p2 = orch.submit(request_for(model, frames=n * 4, seed=666, label=1), sink=QueueSink(64))
+    assert [orch.streams[k].executor for k in (q, p1, p2)] == [0, 0, 0]
+    named = set()
+    for _ in range(3):
+        try:
+            orch.run()
+            break
+        except NoProgress as err:
+            named.add(err.key)
+            orch.cancel(err.key)
+    assert named == {p1, p2} and orch.executors == [a, b]
+
+
+class _FailsOnceFor(LocalExecutor):
+    """Fails once (a transient death), on its first step that holds stream ``key``."""
+
+    def __init__(self, worker, key: int) -> None:
+        super().__init__(worker)
+        self.key, self.failed = key, False
+
+    def step(self, keys, epochs, snapshot_keys):
+        if not self.failed and self.key in keys:
+            self.failed = True
+            self.worker.streams.clear()
+            return self._call(_raise)
+        return super().step(keys, epochs, snapshot_keys)
+
+
+def test_streams_of_a_retired_executor_keep_no_failures_from_it(models):
+    """A stream that failed twice on an executor later retired as broken arrived on the
+    other one with those failures: one transient failure there gave it up."""
+    model = models["diffusion"]
+    broken = Flaky(GeneratorWorker(model, max_streams=8), fail_at=set(range(1, 1000)))
+    other = _FailsOnceFor(GeneratorWorker(model, max_streams=8), key=2)
+    orch = Orchestrator([broken, other], max_failures=3)
+    reqs = [request_for(model, frames=orch.clip_len * 4, seed=s) for s in range(4)]
+    keys = [orch.submit(r, sink=QueueSink(64)) for r in reqs]
+    assert [orch.streams[k].executor for k in keys] == [0, 1, 0, 1]
+    orch.run()
+    assert other.failed and orch.executors[0] is None
+    for key, req in zip(keys, reqs, strict=True):
+        got = np.concatenate([c.frames for c in orch.streams[key].sink.queue])
+        assert_as_alone(got, reference(model, req))
+
+
+def test_a_stream_after_a_failed_reopen_is_still_moved(models):
+    """Q's re-open failed while P (whose steps kill A, not B) was at max_failures: the loop
+    went on from Q's failure and reopened P on A without moving it."""
+
+    class ReopenFailsOnce(_DiesOnSeed):
+        deaths, reopen_failed = 0, False
+
+        def step(self, keys, epochs, snapshot_keys):
+            done = super().step(keys, epochs, snapshot_keys)
+            self.deaths += done.error is not None
+            return done
+
+        def restore(self, key, snapshot, timeout=None):
+            if snapshot.request.seed == 1 and self.deaths == 3 and not self.reopen_failed:
+                self.reopen_failed = True
+                self.worker = GeneratorWorker(self.model, max_streams=self.max_streams)
+                raise ExecutorFailed("died while restoring")
+            super().restore(key, snapshot, timeout)
+
+    model = models["diffusion"]
+    a = ReopenFailsOnce(model, poison=666)
+    b = LocalExecutor(GeneratorWorker(model, max_streams=4))
+    orch = Orchestrator([a, b], max_failures=3)
+    rq = request_for(model, frames=orch.clip_len * 4, seed=1)
+    q = orch.submit(rq, sink=QueueSink(capacity=64))
+    orch.submit(request_for(model, frames=orch.clip_len * 30, seed=9), sink=QueueSink(64))
+    p = orch.submit(request_for(model, frames=orch.clip_len * 4, seed=666), sink=QueueSink(64))
+    assert [orch.streams[k].executor for k in (q, p)] == [0, 0]
+    orch.run()
+    assert a.reopen_failed and a.deaths == 3  # moved after its third: never on A again
+    assert orch.executors[0] is a  # Q's steps come back on it
+    for key, seed in ((q, 1), (p, 666)):
+        got = np.concatenate([c.frames for c in orch.streams[key].sink.queue])
+        assert_as_alone(got, reference(model, request_for(model, frames=len(got), seed=seed)))
 
 
 def test_an_open_or_restore_gets_time_for_the_clips_it_encodes_or_replays(models):

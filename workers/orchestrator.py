@@ -88,16 +88,24 @@ class ExecutorChanged(RuntimeError):
     """An executor came back from a restart making other frames (``SAME_FRAMES``)."""
 
 
+class ExecutorBroken(RuntimeError):
+    """An executor failed more than ``max_failures`` times in a row without a step coming
+    back, for two or more streams not given up on: it is retired (replaced, or dropped)
+    rather than restarted again, while another executor is left."""
+
+
 class NoExecutorsLeft(RuntimeError):
     """Every executor failed and none could be replaced: the streams cannot go on."""
 
 
 class NoProgress(NoExecutorsLeft):
     """Stream ``key`` was in the work of ``max_failures`` executor failures in a row without
-    making a clip in between (a step that always fails or always exceeds ``step_timeout``):
-    retrying forever would start actor after actor. After a batch fails, its streams are
-    stepped one at a time until each makes a clip, so the stream named is the one whose own
-    steps fail. The other streams are restored as after any failure and go on at the next
+    making a clip in between (a step that always fails or always exceeds ``step_timeout``),
+    on two executors (or on the only one there is): retrying forever would start actor after
+    actor. After a batch fails, its streams are stepped one at a time until each makes a
+    clip, so the stream named is the one whose own steps fail; one that reaches the count on
+    a single executor is moved to another first, so a bad executor is not taken for a bad
+    stream. The other streams are restored as after any failure and go on at the next
     ``run``; this one is parked, never placed or stepped again: a later ``run`` raises
     NoProgress for it again once the others are done (``cancel`` it to give up on it; its
     truth stays for a resume)."""
@@ -154,6 +162,10 @@ class _Stream:
     accepted: int = 0  # clips in the truth
     delivered: int = 0  # clips handed to the sink
     failures: int = 0  # executor failures it went through since it last made progress
+    failed_on: list[Any] = field(default_factory=list)  # the executors of those failures
+    avoid: Any = None  # the executor it failed max_failures times on: placed elsewhere
+    moved: bool = False  # moved off that executor since it last made progress (once only)
+    decode_failed: bool = False  # a decode of its clips failed since it last made progress
     stuck: bool = False  # given up on (NoProgress): parked, never placed or stepped again
     frames: dict[int, np.ndarray] = field(default_factory=dict)  # decoded, not delivered
     to_decode: dict[int, ClipOut] = field(default_factory=dict)  # accepted, frames not back
@@ -198,10 +210,15 @@ class Orchestrator:
     move to the others as their slots allow, waiting their turn when all are full);
     ``max_failures``: at this many failures in a row of a stream's own work (its steps in a
     batch that failed, then alone; its decodes; its opens), with no clip made between them,
-    the stream is given up on (``NoProgress``). Keep it at 3 or more where an executor can
+    the stream is moved to another executor if all its failures were on one and another is
+    left (back to its own, once, if it would wait there for a slot with nothing else able to
+    run), and given up on (``NoProgress``) otherwise. An executor that fails more than
+    ``max_failures`` times in a row without a step coming back, in the work of two or more
+    streams not given up on, is retired while others are left (``replace``d, or dropped): an
+    actor that restarts but fails every step would otherwise wear out every stream placed on
+    it. Keep it at 3 or more where an executor can
     fail by itself now and then: after a batch fails, each of its streams takes one more
-    failure alone before it is cleared, so at 2 an unlucky stream on a flaky executor is
-    given up on.
+    failure alone before it is cleared.
 
     Each executor holds at most its ``max_streams`` streams at once: a ``submit`` past that
     is refused by the generator (its cache is full), so submit at most that many and the
@@ -239,6 +256,11 @@ class Orchestrator:
         self.work: list[_Work] = []
         self._decode_ended: dict[int, float] = {}  # when each executor's last decode ended
         self.failures = 0
+        self._failed_in_a_row: dict[int, int] = {}  # per executor, since a step came back
+        self._failed_streams: dict[int, set[int]] = {}  # the streams blamed in those failures
+        # Executors one of whose streams blamed in those failures made a clip elsewhere since
+        # (so the executor, not the stream, failed: a poison stream never does).
+        self._proven: set[int] = set()
         self._keys = itertools.count()
         self._dropped: list[int] = []  # streams of iterators dropped before their first clip
         # What every executor of this model reports alike (clip length, frame shape, sha256),
@@ -322,12 +344,14 @@ class Orchestrator:
                 load[s.executor] += 1
         return load
 
-    def _least_loaded(self, with_room: bool = False) -> int | None:
+    def _least_loaded(self, with_room: bool = False, avoid: Any = None) -> int | None:
         """The live executor with the fewest open streams; with ``with_room``, only one that
-        has a free slot (None if none has)."""
+        has a free slot (None if none has); never ``avoid`` while another is left."""
         load = self._load()
         if not load:
             raise NoExecutorsLeft("no executor is left to run streams on")
+        others = {i: n for i, n in load.items() if self.executors[i] is not avoid}
+        load = others or load
         if with_room:
             load = {
                 i: n
@@ -453,11 +477,11 @@ class Orchestrator:
             if s.executor != UNPLACED or s.stuck:
                 continue
             if s.accepted >= s.num_clips:  # all made: only its decodes remain, no slot
-                s.executor = self._least_loaded()
+                s.executor = self._least_loaded(avoid=s.avoid)
                 continue
-            index = self._least_loaded(with_room=True)
+            index = self._least_loaded(with_room=True, avoid=s.avoid)
             if index is None:
-                break
+                continue
             s.executor = index
             self._place(s)
         busy = {w.executor for w in self.work if w.kind == "step"}
@@ -478,6 +502,14 @@ class Orchestrator:
             snaps = [s.key for s in ready if (s.accepted + 1) % self.snapshot_every == 0]
             handle = executor.step(keys, epochs, snaps)
             self.work.append(_Work("step", index, handle, keys, epochs, time.monotonic()))
+        waiting = [s for s in self.streams.values() if s.executor == UNPLACED and s.avoid]
+        if not self.work and any(not s.stuck for s in waiting):
+            # Nothing runs while they wait for a slot elsewhere (held by streams waiting for
+            # a reader that reads these first): back to the executor they failed on, where
+            # one more failure gives them up.
+            for s in waiting:
+                s.avoid = None
+            self._schedule()
 
     def _can_step(self, s: _Stream) -> bool:
         if s.executor == UNPLACED:
@@ -519,6 +551,8 @@ class Orchestrator:
                 self._redo_lost_decodes()
                 raise
             # Lost decodes are redone: clips stay in to_decode.
+            if work.kind == "decode":
+                self._mark_decode_failed(work.keys)
             self._fail(work.executor, err, work.keys)
             return
         if work.kind == "step":
@@ -528,14 +562,18 @@ class Orchestrator:
             self._apply_frames(work, value)
 
     def _apply_step(self, work: _Work, out: StepOut) -> None:
+        self._failed_in_a_row[work.executor] = 0
+        self._failed_streams[work.executor] = set()
+        self._proven.discard(work.executor)
         accepted: list[ClipOut] = []
         for clip in out.clips:
             s = self.streams.get(clip.key)
             if s is None or clip.epoch != s.epoch or clip.clip != s.accepted:
                 continue  # a superseded epoch: the stream was restored since
+            self._proven |= {i for i, keys in self._failed_streams.items() if s.key in keys}
             s.truth.add(_as_latents(clip))
             s.accepted += 1
-            s.failures = 0
+            _made_progress(s)
             s.to_decode[clip.clip] = clip
             accepted.append(clip)
             if clip.key in out.snapshots:  # the checkpoint, without the request it holds
@@ -581,7 +619,7 @@ class Orchestrator:
                 raise SinkError(s.key, err) from err
             del s.frames[s.delivered]
             s.delivered += 1
-            s.failures = 0
+            _made_progress(s)
             self._forget_old_truths(s)
         if s.done:
             try:
@@ -622,6 +660,8 @@ class Orchestrator:
         for w in overdue:
             if not self.executors[w.executor].wait([w.handle], 0.0):
                 late.setdefault(w.executor, (w.kind, []))[1].extend(w.keys)
+                if w.kind == "decode":
+                    self._mark_decode_failed(w.keys)
         for index, (kind, keys) in late.items():
             limit = self.step_timeout * (1 if kind == "step" else 2)
             log.warning("%s on executor %s exceeded %.1fs", kind, index, limit)
@@ -635,30 +675,49 @@ class Orchestrator:
         that were in flight on it (whichever streams they belong to). ``blamed``: the streams
         whose work failed (a batch's, a decode's clips', the one being placed); only their
         counts of failures in a row go up. A failure while re-placing is handled in the same
-        loop (no recursion). A blamed stream at ``max_failures`` is not placed again; the
-        others are restored and the lost decodes redone before NoProgress names it, so the
-        state stays whole either way."""
+        loop (no recursion). A blamed stream at ``max_failures`` is moved to another executor
+        (all its failures on this one, another left) or not placed again; an executor that
+        looks broken (``_broken``) is retired. The others are restored and the lost decodes
+        redone before NoProgress names a stream given up on, so the state stays whole either
+        way."""
         failure: BaseException | None = err
         stuck: list[_Stream] = []
         while failure is not None:
             last = failure
             self.failures += 1
+            executor = self.executors[index]
+            self._failed_in_a_row[index] = self._failed_in_a_row.get(index, 0) + 1
+            self._failed_streams.setdefault(index, set()).update(blamed)
             log.warning("executor %s failed (%s); restoring its streams", index, failure)
             hit = [s for s in self.streams.values() if s.executor == index and not s.done]
-            for s in hit:
-                if s.key in blamed:
-                    s.failures += 1
-                    if s.failures >= self.max_failures and s not in stuck:
+            # Blamed wherever they are: a stream waiting for a slot (or placed elsewhere since)
+            # whose decode ran here is blamed too.
+            for s in [s for s in self.streams.values() if s.key in blamed and not s.done]:
+                s.failures += 1
+                if not any(e is executor for e in s.failed_on):
+                    s.failed_on.append(executor)
+                if s.failures >= self.max_failures and not s.stuck:
+                    if len(s.failed_on) < 2 and not s.moved and self._elsewhere(s):
+                        # this executor may be the bad one: try another
+                        s.avoid, s.moved = executor, True
+                    else:
                         s.stuck = True
                         stuck.append(s)
+                        self._park(s, index)
             self.work = [w for w in self.work if w.executor != index]
-            executor = self.executors[index]
+            broken = self._broken(index)
             try:
                 executor.recover()
                 differ = _differ(self.info, executor.info)
                 if differ:  # restarted on other weights (a file replaced in place) or settings
                     _retire(executor)
                     raise ExecutorChanged(f"it came back different, in {differ}")
+                if broken:
+                    _retire(executor)
+                    for s in self.streams.values():  # its failures were not the streams'
+                        if any(e is executor for e in s.failed_on):
+                            _made_progress(s)
+                    raise ExecutorBroken(broken)
             except Exception as recover_err:
                 log.warning("executor %s did not come back (%s)", index, recover_err)
                 replacement = None
@@ -675,13 +734,17 @@ class Orchestrator:
                     _retire(replacement)
                     replacement = None
                 self.executors[index] = replacement
+                self._failed_in_a_row[index] = 0
+                self._failed_streams[index] = set()
+                self._proven.discard(index)
             gone, retry = self.executors[index] is None, None
             for s in hit:
                 s.epoch += 1
-                if gone or s in stuck:
+                if gone or s.stuck or s.avoid is not None:
                     # `_schedule` places it where a slot is free (a stream with every clip
                     # made was closed by the worker: it needs no slot, only its decodes
-                    # redone); a stuck one waits there until a `run` after NoProgress.
+                    # redone; a moved one not on the executor it failed on); a stuck one
+                    # waits there until a `run` after NoProgress.
                     s.executor = UNPLACED
                 elif s.accepted < s.num_clips:  # clips left to make: open it again from its truth
                     retry = self._try_place(s)
@@ -695,30 +758,84 @@ class Orchestrator:
         if stuck:
             raise _no_progress(stuck[0], f"(last: {last})", self.step_timeout) from last
 
+    def _broken(self, index: int) -> str:
+        """Why executor ``index`` should be retired ('' if it should not): more than
+        ``max_failures`` failures in a row with no step coming back, one of the streams they
+        were blamed on having made a clip on another executor since (poison streams, however
+        many, never do), while another executor is left to run its streams."""
+        in_a_row = self._failed_in_a_row.get(index, 0)
+        others = any(e is not None for i, e in enumerate(self.executors) if i != index)
+        if in_a_row <= self.max_failures or index not in self._proven or not others:
+            return ""
+        return (
+            f"it failed {in_a_row} times in a row without a step, streams it failed go on elsewhere"
+        )
+
+    def _park(self, s: _Stream, index: int) -> None:
+        """A stream given up on while placed on another executor than the failed one
+        ``index`` (its decode failed there) leaves that executor: closed, never stepped."""
+        if s.executor in (UNPLACED, index):
+            return
+        holder = self.executors[s.executor]
+        if holder is not None and s.accepted < s.num_clips:
+            holder.close(s.key)  # after any step in flight there, whose result is dropped
+        s.epoch += 1
+        s.executor = UNPLACED
+
+    def _elsewhere(self, s: _Stream) -> bool:
+        """Whether a live executor is left that ``s`` has not failed on."""
+        return any(e is not None and not any(e is f for f in s.failed_on) for e in self.executors)
+
+    def _mark_decode_failed(self, keys: list[int]) -> None:
+        for key in keys:
+            if key in self.streams:
+                self.streams[key].decode_failed = True
+
     def _redo_lost_decodes(self) -> None:
         """Redo every accepted clip whose decode is no longer in flight: those lost with a
         failed executor (including the failed call itself), of whichever stream, wherever it
-        is."""
+        is. A stream with failures to its name has its clips decoded alone (a decode batches
+        the clips of a step, so a clip that kills the decoder is found, not its batch-mates),
+        and one given up on after a failed decode has them left undone (they would kill
+        executor after executor; its truth keeps them)."""
         in_flight = {(c.key, c.clip) for w in self.work for c in w.clips}
-        redo: dict[int, list[ClipOut]] = {}
+        redo: dict[int, dict[int, list[ClipOut]]] = {}
         for s in self.streams.values():
+            if s.stuck and s.decode_failed:
+                continue
             for clip in s.to_decode.values():
                 if (clip.key, clip.clip) in in_flight:
                     continue
                 live = s.executor != UNPLACED and self.executors[s.executor] is not None
-                target = s.executor if live else self._least_loaded()
-                redo.setdefault(target, []).append(clip)
-        for target, clips in redo.items():
-            self._submit_decode(target, sorted(clips, key=lambda c: (c.key, c.clip)))
+                target = s.executor if live else self._least_loaded(avoid=s.avoid)
+                redo.setdefault(target, {}).setdefault(s.key, []).append(clip)
+        for target, by_stream in redo.items():
+            calm = [
+                c for k, clips in by_stream.items() if not self.streams[k].failures for c in clips
+            ]
+            if calm:
+                self._submit_decode(target, sorted(calm, key=lambda c: (c.key, c.clip)))
+            for key, clips in sorted(by_stream.items()):
+                if self.streams[key].failures:
+                    self._submit_decode(target, sorted(clips, key=lambda c: c.clip))
 
 
 def _no_progress(s: _Stream, detail: str, step_timeout: float | None = None) -> NoProgress:
     limit = "" if step_timeout is None else f" or always exceeds step_timeout={step_timeout} s"
+    on = "1 executor" if len(s.failed_on) == 1 else f"{len(s.failed_on)} executors"
     return NoProgress(
-        f"stream {s.key} went through {s.failures} executor failures in a row without a clip "
-        f"made on it {detail}; a step that always fails{limit} is not retried further",
+        f"stream {s.key} went through {s.failures} executor failures in a row (on {on}) "
+        f"without a clip made on it {detail}; a step that always fails{limit} is not retried "
+        "further",
         s.key,
     )
+
+
+def _made_progress(s: _Stream) -> None:
+    if s.stuck:  # a stream given up on keeps what NoProgress says of it
+        return
+    s.failures, s.avoid, s.moved, s.decode_failed = 0, None, False, False
+    s.failed_on.clear()
 
 
 def _as_latents(clip: ClipOut):
