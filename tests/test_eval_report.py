@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from vidgen.cli import main
 from vidgen.eval.report import EvalConfig, evaluate, report_json
@@ -193,6 +194,41 @@ def test_fvd_clips_picked_from_pieces_are_those_of_the_whole_video(chunk):
         assert np.array_equal(picker.clips, expected)
         assert picker.needed == max(picker.starts) + 16 <= len(video)
     assert _ClipPicker(len(video), 0, 0, 1).clips.shape[0] == 0
+
+
+class _Pooled(torch.nn.Module):
+    """A stand-in for I3D (no weights needed): a linear map of each clip's mean colour
+    over time and space."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, 3, t, h, w)
+        return self.proj(x.mean(dim=(2, 3, 4)))
+
+
+@pytest.mark.parametrize("chunk", [1, 16, 100])
+def test_fvd_features_of_clips_as_they_pass_are_those_of_the_whole_video(chunk):
+    """Every FVD clip was kept at its frame size until all videos were read (a 1080p clip
+    is 100 MB: 256 of them 25 GB); now each goes to I3D in batches as soon as it is whole,
+    with the features of the clips of the whole video."""
+    from vidgen.eval.fvd import i3d_features, video_clips
+    from vidgen.eval.report import _ClipPicker, _Features
+
+    model = _Pooled()
+    videos = [np.random.default_rng(i).integers(0, 256, (70, 4, 4, 3), np.uint8) for i in range(2)]
+    features = _Features(model, batch_size=2)
+    expected = []
+    for index, video in enumerate(videos):
+        picker = _ClipPicker(len(video), 3, index, len(videos), features)
+        for lo in range(0, len(video), chunk):
+            picker.add(video[lo : lo + chunk].copy())
+            assert len(features.pending) < 2  # no more than a batch held at frame size
+            assert all(sum(map(len, parts)) < 16 for parts in picker.parts)
+        features.flush()
+        expected.append(video_clips(video, 3, (index + 0.5) / len(videos)))
+    np.testing.assert_array_equal(features.result(), i3d_features(expected, model, batch_size=2))
 
 
 def test_a_cuda_device_without_cuda_is_refused_by_name(monkeypatch):

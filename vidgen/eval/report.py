@@ -168,20 +168,18 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         model = _i3d(cfg.device)  # a missing weights file fails before videos are scored
     per_video: dict[str, dict[str, Any]] = {}
     rows = []
-    clips: list[np.ndarray] = []
+    made = _Features(model) if references else None
     root = Path(cfg.videos).expanduser()
     for index, path in enumerate(tqdm(paths, desc="scoring videos", unit="video", disable=None)):
         label = cfg.label if cfg.label is not None else sidecar_label(path)
         share = made_share[index] if references else 0
         try:
-            scores, frames, made = _score_file(path, label, cfg, share, index, len(paths))
+            scores, frames = _score_file(path, label, cfg, share, index, len(paths), made)
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from err
         rows.append(scores)
         name = str(path.relative_to(root)) if root.is_dir() else path.name
         per_video[name] = {"frames": frames, "label": label, **scores}
-        if share:
-            clips.append(made)
     summary = summarize_videos(rows, _true_speed(cfg))
     seams = summarize_seams([r.get("seam_ratio") for r in rows])
     summary["seam_ratio_infinite"] = seams["infinite"]
@@ -196,12 +194,11 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "per_video": per_video,
     }
     if references:
-        real = [
-            _read_clips(p, real_share[i], i, len(references))
-            for i, p in enumerate(references)
-            if real_share[i]
-        ]
-        report.update(_fvd(clips, real, model, cfg))
+        real = _Features(model)
+        for i, p in enumerate(tqdm(references, desc="reference clips", unit="video", disable=None)):
+            if real_share[i]:
+                _read_clips(p, real_share[i], i, len(references), real)
+        report.update(_fvd(made.result(), real.result(), cfg))
     return report
 
 
@@ -217,11 +214,17 @@ CHUNK_FRAMES = 256
 
 
 def _score_file(
-    path: Path, label: int | None, cfg: EvalConfig, share: int, index: int, videos: int
-) -> tuple[dict[str, Any], int, np.ndarray]:
-    """One video's scene figures (a video of one clip or less has no seams to measure), its
-    number of frames, and its ``share`` of FVD clips (``video_clips``, video ``index`` of
-    ``videos``), read and scored ``CHUNK_FRAMES`` at a time."""
+    path: Path,
+    label: int | None,
+    cfg: EvalConfig,
+    share: int,
+    index: int,
+    videos: int,
+    features: _Features | None = None,
+) -> tuple[dict[str, Any], int]:
+    """One video's scene figures (a video of one clip or less has no seams to measure) and
+    its number of frames, read and scored ``CHUNK_FRAMES`` at a time; its ``share`` of FVD
+    clips (``video_clips``, video ``index`` of ``videos``) go to ``features``."""
     from vidgen.eval.scene import SceneScorer
     from vidgen.io import probe_video
     from vidgen.worlds.agent import AGENT_PALETTE
@@ -231,14 +234,16 @@ def _score_file(
     palette = BOUNCING_PALETTE if cfg.scene == "bouncing" else AGENT_PALETTE
     clip_len = cfg.clip_len if info.num_frames > cfg.clip_len else None
     scorer = SceneScorer(palette, label, clip_len, _true_speed(cfg))
-    picker = _ClipPicker(info.num_frames, share, index, videos)
+    picker = _ClipPicker(info.num_frames, share, index, videos, features)
     for chunk in _chunks(path, info):
         scorer.add(chunk)
         picker.add(chunk)
+    if features is not None:
+        features.flush()
     scores = scorer.result()
     if clip_len is None:
         scores["seam_ratio"] = None
-    return scores, scorer.frames, picker.clips
+    return scores, scorer.frames
 
 
 def _chunks(path: Path, info: Any, frames: int | None = None) -> Iterator[np.ndarray]:
@@ -251,15 +256,19 @@ def _chunks(path: Path, info: Any, frames: int | None = None) -> Iterator[np.nda
 
 class _ClipPicker:
     """The FVD clips ``video_clips`` would take from a whole video, picked from its pieces
-    as they pass: video ``index`` of ``videos`` gives ``count`` of them."""
+    as they pass: video ``index`` of ``videos`` gives ``count`` of them. With ``features``,
+    each clip goes there as soon as it is whole (in order) and is not kept."""
 
-    def __init__(self, frames: int, count: int, index: int, videos: int) -> None:
+    def __init__(
+        self, frames: int, count: int, index: int, videos: int, features: _Features | None = None
+    ) -> None:
         from vidgen.eval.fvd import FVD_CLIP_LEN, clip_starts
 
         self.starts = clip_starts(frames, count, (index + 0.5) / videos) if count else []
         self.parts: list[list[np.ndarray]] = [[] for _ in self.starts]
         self.seen = 0
         self.clip_len = FVD_CLIP_LEN
+        self.features = features
 
     @property
     def needed(self) -> int:
@@ -272,6 +281,9 @@ class _ClipPicker:
             a, b = max(start, lo), min(start + self.clip_len, hi)
             if a < b:
                 parts.append(chunk[a - lo : b - lo].copy())  # a view keeps the chunk alive
+                if self.features is not None and b == start + self.clip_len:
+                    self.features.add(np.concatenate(parts))
+                    parts.clear()
         self.seen = hi
 
     @property
@@ -282,16 +294,44 @@ class _ClipPicker:
         return np.stack([np.concatenate(parts) for parts in self.parts])
 
 
-def _read_clips(path: Path, count: int, index: int, videos: int) -> np.ndarray:
+def _read_clips(path: Path, count: int, index: int, videos: int, features: _Features) -> None:
     """``count`` FVD clips of a reference video (video ``index`` of ``videos``), read in
-    pieces."""
+    pieces, into ``features``."""
     from vidgen.io import probe_video
 
     info = probe_video(path)
-    picker = _ClipPicker(info.num_frames, count, index, videos)
+    picker = _ClipPicker(info.num_frames, count, index, videos, features)
     for chunk in _chunks(path, info, picker.needed):  # no further than its last clip
         picker.add(chunk)
-    return picker.clips
+    features.flush()
+
+
+class _Features:
+    """I3D features of clips handed over one at a time, computed ``batch_size`` at a time,
+    so that at most that many clips are held at their frame size (a 1080p clip is 100 MB).
+    ``flush`` at the end of each video: its batches are those of ``i3d_features`` over the
+    video's clips, so the features are too."""
+
+    def __init__(self, model: Any, batch_size: int = 4) -> None:
+        self.model, self.batch_size = model, batch_size
+        self.pending: list[np.ndarray] = []
+        self.done: list[np.ndarray] = []
+
+    def add(self, clip: np.ndarray) -> None:
+        self.pending.append(clip)
+        if len(self.pending) == self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        from vidgen.eval.fvd import i3d_features
+
+        if self.pending:
+            self.done.append(i3d_features(np.stack(self.pending), self.model, self.batch_size))
+            self.pending = []
+
+    def result(self) -> np.ndarray:
+        self.flush()
+        return np.concatenate(self.done)
 
 
 def _i3d(device: str):
@@ -304,18 +344,14 @@ def _i3d(device: str):
     return model if device == "cpu" else copy.deepcopy(model).to(device)
 
 
-def _fvd(
-    made: list[np.ndarray], real: list[np.ndarray], model: Any, cfg: EvalConfig
-) -> dict[str, Any]:
-    """FVD of the two sets, each a list of per-video clip arrays (videos of any frame size:
-    I3D resizes every clip to 224x224)."""
-    from vidgen.eval.fvd import frechet_distance, i3d_features
+def _fvd(made: np.ndarray, real: np.ndarray, cfg: EvalConfig) -> dict[str, Any]:
+    """FVD of the two sets of I3D features (of videos of any frame size: I3D resizes every
+    clip to 224x224)."""
+    from vidgen.eval.fvd import frechet_distance
 
-    real_features = i3d_features(real, model, progress=True)
-    made_features = i3d_features(made, model, progress=True)
     return {
-        "fvd": round(frechet_distance(real_features, made_features), 3),
-        "fvd_clips": len(made_features),
+        "fvd": round(frechet_distance(real, made), 3),
+        "fvd_clips": len(made),
         "fvd_reference": str(cfg.fvd_reference),
     }
 
