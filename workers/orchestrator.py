@@ -89,9 +89,9 @@ class ExecutorChanged(RuntimeError):
 
 
 class ExecutorBroken(RuntimeError):
-    """An executor failed more than ``max_failures`` times in a row without a step coming
-    back, for two or more streams not given up on: it is retired (replaced, or dropped)
-    rather than restarted again, while another executor is left."""
+    """Two streams blamed in an executor's failures in a row (no step came back on it since)
+    have made clips on other executors since: it is retired (replaced, or dropped while
+    another executor is left) rather than restarted again."""
 
 
 class NoExecutorsLeft(RuntimeError):
@@ -101,14 +101,13 @@ class NoExecutorsLeft(RuntimeError):
 class NoProgress(NoExecutorsLeft):
     """Stream ``key`` was in the work of ``max_failures`` executor failures in a row without
     making a clip in between (a step that always fails or always exceeds ``step_timeout``),
-    on two executors (or on the only one there is): retrying forever would start actor after
-    actor. After a batch fails, its streams are stepped one at a time until each makes a
-    clip, so the stream named is the one whose own steps fail; one that reaches the count on
-    a single executor is moved to another first, so a bad executor is not taken for a bad
-    stream. The other streams are restored as after any failure and go on at the next
-    ``run``; this one is parked, never placed or stepped again: a later ``run`` raises
-    NoProgress for it again once the others are done (``cancel`` it to give up on it; its
-    truth stays for a resume)."""
+    and as many again after it was moved to another executor (where there is one): retrying
+    forever would start actor after actor. After a batch fails, its streams are stepped one
+    at a time until each makes a clip, so the stream named is the one whose own steps fail;
+    the move keeps a bad executor from being taken for a bad stream. The other streams are
+    restored as after any failure and go on at the next ``run``; this one is parked, never
+    placed or stepped again: a later ``run`` raises NoProgress for it again once the others
+    are done (``cancel`` it to give up on it; its truth stays for a resume)."""
 
     def __init__(self, message: str, key: int | None = None) -> None:
         super().__init__(message)  # one argument: a pickled copy is rebuilt (key None)
@@ -165,6 +164,7 @@ class _Stream:
     failed_on: list[Any] = field(default_factory=list)  # the executors of those failures
     avoid: Any = None  # the executor it failed max_failures times on: placed elsewhere
     moved: bool = False  # moved off that executor since it last made progress (once only)
+    moved_at: int = 0  # its failures in a row when it was moved: it gets max_failures more
     decode_failed: bool = False  # a decode of its clips failed since it last made progress
     stuck: bool = False  # given up on (NoProgress): parked, never placed or stepped again
     frames: dict[int, np.ndarray] = field(default_factory=dict)  # decoded, not delivered
@@ -211,14 +211,13 @@ class Orchestrator:
     ``max_failures``: at this many failures in a row of a stream's own work (its steps in a
     batch that failed, then alone; its decodes; its opens), with no clip made between them,
     the stream is moved to another executor if all its failures were on one and another is
-    left (back to its own, once, if it would wait there for a slot with nothing else able to
-    run), and given up on (``NoProgress``) otherwise. An executor that fails more than
-    ``max_failures`` times in a row without a step coming back, in the work of two or more
-    streams not given up on, is retired while others are left (``replace``d, or dropped): an
-    actor that restarts but fails every step would otherwise wear out every stream placed on
-    it. Keep it at 3 or more where an executor can
-    fail by itself now and then: after a batch fails, each of its streams takes one more
-    failure alone before it is cleared.
+    left, with ``max_failures`` more tries there (back to its own, once, if it would wait
+    there for a slot with nothing else able to run), and given up on (``NoProgress``)
+    otherwise. An executor is retired (``replace``d, or dropped while others are left) once
+    two streams blamed in its failures in a row have made clips on other executors: an actor
+    that restarts but fails every step would otherwise wear out every stream placed on it.
+    Keep it at 3 or more where an executor can fail by itself now and then: after a batch
+    fails, each of its streams takes one more failure alone before it is cleared.
 
     Each executor holds at most its ``max_streams`` streams at once: a ``submit`` past that
     is refused by the generator (its cache is full), so submit at most that many and the
@@ -258,9 +257,9 @@ class Orchestrator:
         self.failures = 0
         self._failed_in_a_row: dict[int, int] = {}  # per executor, since a step came back
         self._failed_streams: dict[int, set[int]] = {}  # the streams blamed in those failures
-        # Executors one of whose streams blamed in those failures made a clip elsewhere since
-        # (so the executor, not the stream, failed: a poison stream never does).
-        self._proven: set[int] = set()
+        # Per executor, the streams blamed in those failures that made a clip on another
+        # executor since: the executor failed, not they (a poison stream never does).
+        self._proven: dict[int, set[int]] = {}
         self._keys = itertools.count()
         self._dropped: list[int] = []  # streams of iterators dropped before their first clip
         # What every executor of this model reports alike (clip length, frame shape, sha256),
@@ -492,6 +491,10 @@ class Orchestrator:
             if not ready:
                 continue
             suspects = [s for s in ready if s.failures]
+            if suspects and any(w.executor == index for w in self.work):
+                # A suspect's step runs alone on its actor: a decode in flight beside a step
+                # that kills the actor fails with it, and would be blamed for it.
+                continue
             if suspects:
                 # Streams of a failed batch go one at a time until each makes a clip: a
                 # stream whose steps kill the actor then fails alone, and only it is given
@@ -564,13 +567,17 @@ class Orchestrator:
     def _apply_step(self, work: _Work, out: StepOut) -> None:
         self._failed_in_a_row[work.executor] = 0
         self._failed_streams[work.executor] = set()
-        self._proven.discard(work.executor)
+        self._proven.pop(work.executor, None)
         accepted: list[ClipOut] = []
+        proved: set[int] = set()
         for clip in out.clips:
             s = self.streams.get(clip.key)
             if s is None or clip.epoch != s.epoch or clip.clip != s.accepted:
                 continue  # a superseded epoch: the stream was restored since
-            self._proven |= {i for i, keys in self._failed_streams.items() if s.key in keys}
+            for i, keys in self._failed_streams.items():
+                if i != work.executor and s.key in keys:
+                    self._proven.setdefault(i, set()).add(s.key)
+                    proved.add(i)
             s.truth.add(_as_latents(clip))
             s.accepted += 1
             _made_progress(s)
@@ -582,6 +589,10 @@ class Orchestrator:
                 self._forget_old_truths(s)
         if accepted:
             self._submit_decode(work.executor, accepted)
+        for index in sorted(proved):  # its streams moved off it before it was found broken
+            broken = self._broken(index)
+            if broken:
+                self._fail(index, ExecutorBroken(broken), [])
 
     def _submit_decode(self, index: int, clips: list[ClipOut]) -> None:
         executor = self.executors[index]
@@ -696,10 +707,10 @@ class Orchestrator:
                 s.failures += 1
                 if not any(e is executor for e in s.failed_on):
                     s.failed_on.append(executor)
-                if s.failures >= self.max_failures and not s.stuck:
-                    if len(s.failed_on) < 2 and not s.moved and self._elsewhere(s):
-                        # this executor may be the bad one: try another
-                        s.avoid, s.moved = executor, True
+                if s.failures - s.moved_at >= self.max_failures and not s.stuck:
+                    if not s.moved and self._elsewhere(s):
+                        # this executor may be the bad one: another, with a new count
+                        s.avoid, s.moved, s.moved_at = executor, True, s.failures
                     else:
                         s.stuck = True
                         stuck.append(s)
@@ -736,7 +747,7 @@ class Orchestrator:
                 self.executors[index] = replacement
                 self._failed_in_a_row[index] = 0
                 self._failed_streams[index] = set()
-                self._proven.discard(index)
+                self._proven.pop(index, None)
             gone, retry = self.executors[index] is None, None
             for s in hit:
                 s.epoch += 1
@@ -759,16 +770,17 @@ class Orchestrator:
             raise _no_progress(stuck[0], f"(last: {last})", self.step_timeout) from last
 
     def _broken(self, index: int) -> str:
-        """Why executor ``index`` should be retired ('' if it should not): more than
-        ``max_failures`` failures in a row with no step coming back, one of the streams they
-        were blamed on having made a clip on another executor since (poison streams, however
-        many, never do), while another executor is left to run its streams."""
-        in_a_row = self._failed_in_a_row.get(index, 0)
+        """Why executor ``index`` should be retired ('' if it should not): two or more streams
+        blamed in its failures in a row (no step came back on it since) have made a clip on
+        another executor since (poison streams never do), and another executor is left to
+        run its streams."""
+        proven = self._proven.get(index, set())
         others = any(e is not None for i, e in enumerate(self.executors) if i != index)
-        if in_a_row <= self.max_failures or index not in self._proven or not others:
+        if len(proven) < 2 or not others:
             return ""
+        in_a_row = self._failed_in_a_row.get(index, 0)
         return (
-            f"it failed {in_a_row} times in a row without a step, streams it failed go on elsewhere"
+            f"it failed {in_a_row} times in a row; {len(proven)} streams it failed go on elsewhere"
         )
 
     def _park(self, s: _Stream, index: int) -> None:
@@ -834,7 +846,7 @@ def _no_progress(s: _Stream, detail: str, step_timeout: float | None = None) -> 
 def _made_progress(s: _Stream) -> None:
     if s.stuck:  # a stream given up on keeps what NoProgress says of it
         return
-    s.failures, s.avoid, s.moved, s.decode_failed = 0, None, False, False
+    s.failures, s.avoid, s.moved, s.moved_at, s.decode_failed = 0, None, False, 0, False
     s.failed_on.clear()
 
 
