@@ -452,7 +452,11 @@ def test_the_configs_vidgen_saves_round_trip_through_the_type_checks():
     from vidgen.train.loop import TrainConfig
 
     presets = [*CA2VDM_CONFIGS.values(), *NBP_CONFIGS.values(), *KL_CONFIGS.values()]
-    presets += [*LARP_CONFIGS.values(), DataConfig(name="folder", root="/data", stride=2), TrainConfig()]
+    presets += [
+        *LARP_CONFIGS.values(),
+        DataConfig(name="folder", root="/data", stride=2),
+        TrainConfig(),
+    ]
     presets += [SnapshotInfo(0, 1, True, "{}"), EncodedClipsInfo(clips=4, keep_video=False)]
     for config in presets:
         data = json.loads(json.dumps(dataclasses.asdict(config)))

@@ -1963,6 +1963,81 @@ def test_one_stream_moved_long_ago_and_a_poison_stream_retire_nothing(models):
     assert orch.executors == [x, y]
 
 
+class _RayLike(LocalExecutor):
+    """As a Ray actor: a step is done one wait after it was submitted; a step holding a stream
+    of seed ``poison`` kills the actor, and an open/restore submitted while that step is
+    still running queues behind it and dies with it (RayActorError)."""
+
+    def __init__(self, model: str, poison: int) -> None:
+        super().__init__(GeneratorWorker(model, max_streams=4))
+        self.model, self.poison, self.doomed, self.deaths, self.raced = model, poison, None, 0, 0
+
+    def step(self, keys, epochs, snapshot_keys):
+        streams = self.worker.streams
+        if any(k in streams and streams[k].request.seed == self.poison for k in keys):
+            self.worker = GeneratorWorker(self.model, max_streams=4)
+            self.deaths += 1
+            handle = self.doomed = self._call(_raise)
+        else:
+            handle = super().step(keys, epochs, snapshot_keys)
+        handle.waits = 1
+        return handle
+
+    def decode(self, clips):
+        handle = super().decode(clips)
+        handle.waits = 0
+        return handle
+
+    @staticmethod
+    def wait(handles, timeout, first=False):
+        done = [h for h in handles if h.waits <= 0]
+        for h in handles:
+            h.waits -= 1
+        return done
+
+    def result(self, handle):
+        if handle is self.doomed:
+            self.doomed = None
+        return super().result(handle)
+
+    def _behind_the_step(self):
+        if self.doomed is not None:
+            self.raced += 1
+            raise ExecutorFailed("the actor died while this call waited behind a step")
+
+    def open(self, key, request, timeout=None):
+        self._behind_the_step()
+        super().open(key, request, timeout)
+
+    def restore(self, key, snapshot, timeout=None):
+        self._behind_the_step()
+        super().restore(key, snapshot, timeout)
+
+    def recover(self):
+        self.doomed = None  # restarted: later calls run on the new process
+
+
+def test_a_restore_behind_a_poison_step_is_not_blamed_for_it(models):
+    """S failed 3 times on A (by chance) and moved to B, where poison P's step was in
+    flight: S's restore queued behind it and died with it, S took the blame and P's failed
+    step was dropped unblamed, every time: S was given up on. The step's streams are
+    blamed now; P moves to A (where it runs) and both finish."""
+    model = models["diffusion"]
+    a = Flaky(GeneratorWorker(model, max_streams=4), fail_at={1, 2, 3})
+    b = _RayLike(model, poison=666)
+    orch = Orchestrator([a, b], max_failures=3)
+    rs = request_for(model, frames=orch.clip_len * 2, seed=1)
+    s = orch.submit(rs, sink=QueueSink(64))
+    rp = request_for(model, frames=orch.clip_len * 2, seed=666)
+    p = orch.submit(rp, sink=QueueSink(64))
+    assert [orch.streams[k].executor for k in (s, p)] == [0, 1]
+    orch.run()
+    assert b.raced >= 1 and b.deaths == 3
+    for key, req in ((s, rs), (p, rp)):
+        got = np.concatenate([c.frames for c in orch.streams[key].sink.queue])
+        np.testing.assert_array_equal(got, reference(model, req))
+
+
 def test_a_stream_after_a_failed_reopen_is_still_moved(models):
     """Q's re-open failed while P (whose steps kill A, not B) was at max_failures: the loop
     went on from Q's failure and reopened P on A without moving it."""

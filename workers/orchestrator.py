@@ -365,7 +365,10 @@ class Orchestrator:
         """Open (or restore from its truth) ``stream`` on its executor."""
         err = self._try_place(stream)
         if err is not None:
-            self._fail(stream.executor, err, [stream.key])
+            # An open or restore queues behind the step in flight on that executor: a death
+            # it shares with that step is the step's streams' (this one did no work yet).
+            steps = [w for w in self.work if w.kind == "step" and w.executor == stream.executor]
+            self._fail(stream.executor, err, [k for w in steps for k in w.keys] or [stream.key])
 
     def _try_place(self, stream: _Stream) -> BaseException | None:
         """Place ``stream``; an executor failure is returned (the executor killed if it hung)."""
