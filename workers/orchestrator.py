@@ -512,7 +512,7 @@ class Orchestrator:
         if not self.work and any(not s.stuck for s in waiting):
             # Nothing runs while they wait for a slot elsewhere (held by streams waiting for
             # a reader that reads these first): back to the executor they failed on, where
-            # one more failure gives them up.
+            # max_failures more failures give them up.
             for s in waiting:
                 s.avoid = None
             self._schedule()
@@ -687,11 +687,12 @@ class Orchestrator:
     def _fail(self, index: int, err: BaseException, blamed: list[int]) -> None:
         """Advance the epochs of the executor's streams, restore them, and redo the decodes
         that were in flight on it (whichever streams they belong to). ``blamed``: the streams
-        whose work failed (a batch's, a decode's clips', the one being placed); only their
-        counts of failures in a row go up. A failure while re-placing is handled in the same
-        loop (no recursion). A blamed stream at ``max_failures`` is moved to another executor
-        (all its failures on this one, another left) or not placed again; an executor that
-        looks broken (``_broken``) is retired. The others are restored and the lost decodes
+        whose work failed (a batch's, a decode's clips', the one being placed or the step it
+        queued behind); only their counts of failures in a row go up. A failure while
+        re-placing is handled in the same loop (no recursion). A blamed stream at
+        ``max_failures`` (since it was moved, if it was) is moved to another executor (all its
+        failures on this one, another left) or not placed again; an executor that looks
+        broken (``_broken``) is retired. The others are restored and the lost decodes
         redone before NoProgress names a stream given up on, so the state stays whole either
         way."""
         failure: BaseException | None = err
