@@ -2038,6 +2038,24 @@ def test_a_restore_behind_a_poison_step_is_not_blamed_for_it(models):
         np.testing.assert_array_equal(got, reference(model, req))
 
 
+def test_a_stream_moved_off_a_broken_executor_prefers_a_healthy_one(models):
+    """Moved off broken A, S went to the least loaded executor, broken B, and was given up
+    on after failing there too, while healthy C had room."""
+    model = models["diffusion"]
+    healthy = LocalExecutor(GeneratorWorker(model, max_streams=8))
+    a = Flaky(GeneratorWorker(model, max_streams=8), fail_at=set(range(1, 1000)))
+    b = Flaky(GeneratorWorker(model, max_streams=8), fail_at=set(range(1, 1000)))
+    orch = Orchestrator([healthy, a, b], max_failures=3)
+    reqs = [request_for(model, frames=orch.clip_len * 3, seed=s) for s in range(4)]
+    keys = [orch.submit(r, sink=QueueSink(64)) for r in reqs]
+    assert [orch.streams[k].executor for k in keys] == [0, 1, 2, 0]  # B less loaded than C
+    orch.run()
+    assert (a.calls, b.calls) == (3, 3)  # each stream's 3 failures, then never again
+    for key, req in zip(keys, reqs, strict=True):
+        got = np.concatenate([c.frames for c in orch.streams[key].sink.queue])
+        assert_as_alone(got, reference(model, req))
+
+
 def test_a_stream_after_a_failed_reopen_is_still_moved(models):
     """Q's re-open failed while P (whose steps kill A, not B) was at max_failures: the loop
     went on from Q's failure and reopened P on A without moving it."""

@@ -345,7 +345,9 @@ class Orchestrator:
 
     def _least_loaded(self, with_room: bool = False, avoid: Any = None) -> int | None:
         """The live executor with the fewest open streams; with ``with_room``, only one that
-        has a free slot (None if none has); never ``avoid`` while another is left."""
+        has a free slot (None if none has); never ``avoid`` while another is left, and then
+        one whose last step came back before one failing now (a stream moved off a broken
+        executor would otherwise land on another as readily as on a healthy one)."""
         load = self._load()
         if not load:
             raise NoExecutorsLeft("no executor is left to run streams on")
@@ -359,6 +361,9 @@ class Orchestrator:
             }
             if not load:
                 return None
+        if avoid is not None:
+            healthy = {i: n for i, n in load.items() if not self._failed_in_a_row.get(i)}
+            load = healthy or load
         return min(load, key=lambda i: (load[i], i))
 
     def _place(self, stream: _Stream) -> None:
