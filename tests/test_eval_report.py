@@ -184,16 +184,30 @@ def test_fvd_clips_picked_from_pieces_are_those_of_the_whole_video(chunk):
 
     video = np.random.default_rng(0).integers(0, 256, (70, 4, 4, 3), dtype=np.uint8)
     for count, index, videos in [(3, 0, 1), (4, 1, 3), (9, 2, 3), (1, 0, 2)]:
-        picker = _ClipPicker(len(video), count, index, videos)
+        kept = _Kept()
+        picker = _ClipPicker(len(video), count, index, videos, kept)
         for lo in range(0, len(video), chunk):
             piece = video[lo : lo + chunk].copy()
             picker.add(piece)
-            # Parts are copies: a view would keep every chunk holding a clip frame alive.
-            assert not any(np.shares_memory(p, piece) for parts in picker.parts for p in parts)
+            # Copies: a view would keep every chunk holding a clip frame alive.
+            held = [p for parts in picker.parts for p in parts] + kept.clips
+            assert not any(np.shares_memory(p, piece) for p in held)
         expected = video_clips(video, count, (index + 0.5) / videos)
-        assert np.array_equal(picker.clips, expected)
+        assert np.array_equal(np.stack(kept.clips), expected)
         assert picker.needed == max(picker.starts) + 16 <= len(video)
-    assert _ClipPicker(len(video), 0, 0, 1).clips.shape[0] == 0
+    empty = _Kept()
+    _ClipPicker(len(video), 0, 0, 1, empty).add(video)
+    assert empty.clips == []
+
+
+class _Kept:
+    """Keeps the clips a ``_ClipPicker`` hands over."""
+
+    def __init__(self) -> None:
+        self.clips: list[np.ndarray] = []
+
+    def add(self, clip: np.ndarray) -> None:
+        self.clips.append(clip)
 
 
 class _Pooled(torch.nn.Module):

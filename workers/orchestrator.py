@@ -163,8 +163,8 @@ class _Stream:
     failures: int = 0  # executor failures it went through since it last made progress
     failed_on: list[Any] = field(default_factory=list)  # the executors of those failures
     avoid: Any = None  # the executor it failed max_failures times on: placed elsewhere
-    moved: bool = False  # moved off that executor since it last made progress (once only)
-    moved_at: int = 0  # its failures in a row when it was moved: it gets max_failures more
+    moved_at: int = 0  # its failures in a row when it was moved (once; 0: not moved): it
+    # gets max_failures more
     decode_failed: bool = False  # a decode of its clips failed since it last made progress
     stuck: bool = False  # given up on (NoProgress): parked, never placed or stepped again
     frames: dict[int, np.ndarray] = field(default_factory=dict)  # decoded, not delivered
@@ -717,9 +717,9 @@ class Orchestrator:
                 if not any(e is executor for e in s.failed_on):
                     s.failed_on.append(executor)
                 if s.failures - s.moved_at >= self.max_failures and not s.stuck:
-                    if not s.moved and self._elsewhere(s):
+                    if not s.moved_at and self._elsewhere(s):
                         # this executor may be the bad one: another, with a new count
-                        s.avoid, s.moved, s.moved_at = executor, True, s.failures
+                        s.avoid, s.moved_at = executor, s.failures
                     else:
                         s.stuck = True
                         stuck.append(s)
@@ -855,7 +855,7 @@ def _no_progress(s: _Stream, detail: str, step_timeout: float | None = None) -> 
 def _made_progress(s: _Stream) -> None:
     if s.stuck:  # a stream given up on keeps what NoProgress says of it
         return
-    s.failures, s.avoid, s.moved, s.moved_at, s.decode_failed = 0, None, False, 0, False
+    s.failures, s.avoid, s.moved_at, s.decode_failed = 0, None, 0, False
     s.failed_on.clear()
 
 

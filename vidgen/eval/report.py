@@ -256,11 +256,12 @@ def _chunks(path: Path, info: Any, frames: int | None = None) -> Iterator[np.nda
 
 class _ClipPicker:
     """The FVD clips ``video_clips`` would take from a whole video, picked from its pieces
-    as they pass: video ``index`` of ``videos`` gives ``count`` of them. With ``features``,
-    each clip goes there as soon as it is whole (in order) and is not kept."""
+    as they pass: video ``index`` of ``videos`` gives ``count`` of them, each handed to
+    ``features`` (None only with ``count`` 0) as soon as it is whole, in order, and not
+    kept."""
 
     def __init__(
-        self, frames: int, count: int, index: int, videos: int, features: _Features | None = None
+        self, frames: int, count: int, index: int, videos: int, features: _Features | None
     ) -> None:
         from vidgen.eval.fvd import FVD_CLIP_LEN, clip_starts
 
@@ -281,17 +282,10 @@ class _ClipPicker:
             a, b = max(start, lo), min(start + self.clip_len, hi)
             if a < b:
                 parts.append(chunk[a - lo : b - lo].copy())  # a view keeps the chunk alive
-                if self.features is not None and b == start + self.clip_len:
+                if b == start + self.clip_len:
                     self.features.add(np.concatenate(parts))
                     parts.clear()
         self.seen = hi
-
-    @property
-    def clips(self) -> np.ndarray:
-        """(count, clip_len, H, W, 3) uint8: every clip whole once the video has passed."""
-        if not self.starts:
-            return np.empty((0, self.clip_len, 0, 0, 3), np.uint8)
-        return np.stack([np.concatenate(parts) for parts in self.parts])
 
 
 def _read_clips(path: Path, count: int, index: int, videos: int, features: _Features) -> None:
