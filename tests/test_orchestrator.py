@@ -1830,15 +1830,16 @@ def test_two_poison_streams_at_once_do_not_retire_a_healthy_executor(models):
 
 
 class _FailsOnceFor(LocalExecutor):
-    """Fails once (a transient death), on its first step that holds stream ``key``."""
+    """Fails ``times`` times (transient deaths), on its first steps that hold stream ``key``;
+    ``failed``: how many it has."""
 
-    def __init__(self, worker, key: int) -> None:
+    def __init__(self, worker, key: int, times: int = 1) -> None:
         super().__init__(worker)
-        self.key, self.failed = key, False
+        self.key, self.failed, self.times = key, 0, times
 
     def step(self, keys, epochs, snapshot_keys):
-        if not self.failed and self.key in keys:
-            self.failed = True
+        if self.failed < self.times and self.key in keys:
+            self.failed += 1
             self.worker.streams.clear()
             return self._call(_raise)
         return super().step(keys, epochs, snapshot_keys)
@@ -1856,6 +1857,50 @@ def test_streams_of_a_retired_executor_keep_no_failures_from_it(models):
     assert [orch.streams[k].executor for k in keys] == [0, 1, 0, 1]
     orch.run()
     assert other.failed and orch.executors[0] is None
+    for key, req in zip(keys, reqs, strict=True):
+        got = np.concatenate([c.frames for c in orch.streams[key].sink.queue])
+        assert_as_alone(got, reference(model, req))
+
+
+class _SlowBrokenUsedUp(_Delayed):
+    """Every step fails ``delay`` s after it was submitted (a fresh worker, as a restarted
+    actor); ``recover`` raises after ``restarts`` recoveries (a Ray actor's restarts used
+    up)."""
+
+    def __init__(self, model: str, delay: float, restarts: int) -> None:
+        super().__init__(GeneratorWorker(model, max_streams=8), delay, "slow-broken")
+        self.restarts, self.recovered = restarts, 0
+
+    def step(self, keys, epochs, snapshot_keys):
+        self.steps += 1
+        self.worker = GeneratorWorker(self.model, max_streams=8)
+        handle = self._call(_raise)
+        handle.at = time.monotonic() + self.delay
+        return handle
+
+    def recover(self):
+        if self.recovered >= self.restarts:
+            raise ExecutorFailed("restarts used up")
+        self.recovered += 1
+
+
+def test_streams_keep_no_failures_from_a_broken_executor_that_did_not_come_back(models):
+    """An executor found broken is retired; its streams' failures on it were cleared only
+    when it recovered first. One whose restarts ran out then handed its failures on: S,
+    failed once there, was given up on after two transient failures on the healthy one
+    (3 in a row, on both executors)."""
+    model = models["diffusion"]
+    broken = _SlowBrokenUsedUp(model, delay=0.6, restarts=5)
+    other = _FailsOnceFor(GeneratorWorker(model, max_streams=8), key=4, times=2)
+    orch = Orchestrator([broken, other], max_failures=3)
+    reqs = [request_for(model, frames=orch.clip_len * 4, seed=s) for s in range(6)]
+    keys = [orch.submit(r, sink=QueueSink(64)) for r in reqs]
+    assert [orch.streams[k].executor for k in keys] == [0, 1, 0, 1, 0, 1]
+    orch.run()
+    # Streams 0 and 2 failed 3 times each on it and made clips on the other, which retired
+    # it (its sixth step in flight); recovering it then failed (restarts used up).
+    assert broken.steps == 6 and broken.recovered == 5 and orch.executors[0] is None
+    assert other.failed == 2
     for key, req in zip(keys, reqs, strict=True):
         got = np.concatenate([c.frames for c in orch.streams[key].sink.queue])
         assert_as_alone(got, reference(model, req))
@@ -2051,6 +2096,40 @@ def test_a_stream_moved_off_a_broken_executor_prefers_a_healthy_one(models):
     assert [orch.streams[k].executor for k in keys] == [0, 1, 2, 0]  # B less loaded than C
     orch.run()
     assert (a.calls, b.calls) == (3, 3)  # each stream's 3 failures, then never again
+    for key, req in zip(keys, reqs, strict=True):
+        got = np.concatenate([c.frames for c in orch.streams[key].sink.queue])
+        assert_as_alone(got, reference(model, req))
+
+
+def test_a_submit_goes_to_an_executor_with_a_free_slot(model):
+    """With unequal max_streams the least loaded executor may be full: the third stream
+    went to the 1-slot executor (tied at one stream each) and was refused, with 7 slots
+    free on the other."""
+    small = LocalExecutor(GeneratorWorker(model, max_streams=1))
+    large = LocalExecutor(GeneratorWorker(model, max_streams=8))
+    orch = Orchestrator([small, large])
+    reqs = [request_for(model, frames=orch.clip_len * 2, seed=s) for s in range(3)]
+    keys = [orch.submit(r, sink=QueueSink(64)) for r in reqs]
+    assert [orch.streams[k].executor for k in keys] == [0, 1, 1]
+    got = _finish_all(orch, keys)
+    for key, req in zip(keys, reqs, strict=True):
+        assert_as_alone(got[key], reference(model, req))
+
+
+def test_a_moved_stream_waits_for_a_healthy_slot_rather_than_take_a_broken_one(models):
+    """A fuzz of two broken actors and one healthy one with a single slot: S, moved off
+    broken A while the healthy one was busy, took the free slot of broken B, failed there
+    too and was given up on. It now waits for the healthy slot, and both streams finish."""
+    model = models["diffusion"]
+    a = Flaky(GeneratorWorker(model, max_streams=8), fail_at=set(range(1, 1000)))
+    b = Flaky(GeneratorWorker(model, max_streams=8), fail_at=set(range(1, 1000)))
+    healthy = LocalExecutor(GeneratorWorker(model, max_streams=1))
+    orch = Orchestrator([a, b, healthy], max_failures=3)
+    reqs = [request_for(model, frames=orch.clip_len * 2, seed=s) for s in range(2)]
+    keys = [orch.submit(r, sink=QueueSink(64)) for r in reqs]
+    assert [orch.streams[k].executor for k in keys] == [0, 1]
+    orch.run()
+    assert (a.calls, b.calls) == (3, 3)  # each stream's 3 failures on its own, never more
     for key, req in zip(keys, reqs, strict=True):
         got = np.concatenate([c.frames for c in orch.streams[key].sink.queue])
         assert_as_alone(got, reference(model, req))

@@ -296,12 +296,15 @@ class Orchestrator:
             )
         key = next(self._keys)
         truth = truth if truth is not None else StreamSnapshot.start(request)
+        # The least loaded executor with a free slot (with unequal max_streams the least
+        # loaded one may be full), else the least loaded one, which refuses it.
+        placed = self._least_loaded(with_room=True)
         stream = _Stream(
             key=key,
             request=request,
             num_clips=request.frames // self.clip_len,
             sink=sink or QueueSink(self.queue_clips),
-            executor=self._least_loaded(),
+            executor=self._least_loaded() if placed is None else placed,
             truths=[truth],
             accepted=truth.next_clip,
             delivered=truth.next_clip,
@@ -346,13 +349,18 @@ class Orchestrator:
     def _least_loaded(self, with_room: bool = False, avoid: Any = None) -> int | None:
         """The live executor with the fewest open streams; with ``with_room``, only one that
         has a free slot (None if none has); never ``avoid`` while another is left, and then
-        one whose last step came back before one failing now (a stream moved off a broken
-        executor would otherwise land on another as readily as on a healthy one)."""
+        only one whose last step came back while there is one, not one failing now."""
         load = self._load()
         if not load:
             raise NoExecutorsLeft("no executor is left to run streams on")
         others = {i: n for i, n in load.items() if self.executors[i] is not avoid}
         load = others or load
+        if avoid is not None:
+            # A stream moved off a broken executor would otherwise land on another as
+            # readily as on a healthy one; with_room, it waits for a healthy one's slot
+            # (`_schedule` sends it back if nothing could run while it waits).
+            healthy = {i: n for i, n in load.items() if not self._failed_in_a_row.get(i)}
+            load = healthy or load
         if with_room:
             load = {
                 i: n
@@ -361,9 +369,6 @@ class Orchestrator:
             }
             if not load:
                 return None
-        if avoid is not None:
-            healthy = {i: n for i, n in load.items() if not self._failed_in_a_row.get(i)}
-            load = healthy or load
         return min(load, key=lambda i: (load[i], i))
 
     def _place(self, stream: _Stream) -> None:
@@ -697,7 +702,8 @@ class Orchestrator:
         re-placing is handled in the same loop (no recursion). A blamed stream at
         ``max_failures`` (since it was moved, if it was) is moved to another executor (all its
         failures on this one, another left) or not placed again; an executor that looks
-        broken (``_broken``) is retired. The others are restored and the lost decodes
+        broken (``_broken``) is retired, whether it recovers or not, and no stream keeps a
+        failure on it (none is given up on for them). The others are restored and the lost decodes
         redone before NoProgress names a stream given up on, so the state stays whole either
         way."""
         failure: BaseException | None = err
@@ -710,12 +716,15 @@ class Orchestrator:
             self._failed_streams.setdefault(index, set()).update(blamed)
             log.warning("executor %s failed (%s); restoring its streams", index, failure)
             hit = [s for s in self.streams.values() if s.executor == index and not s.done]
+            broken = self._broken(index)
             # Blamed wherever they are: a stream waiting for a slot (or placed elsewhere since)
             # whose decode ran here is blamed too.
             for s in [s for s in self.streams.values() if s.key in blamed and not s.done]:
                 s.failures += 1
                 if not any(e is executor for e in s.failed_on):
                     s.failed_on.append(executor)
+                if broken:  # not the streams' failures: cleared below, none given up on
+                    continue
                 if s.failures - s.moved_at >= self.max_failures and not s.stuck:
                     if not s.moved_at and self._elsewhere(s):
                         # this executor may be the bad one: another, with a new count
@@ -725,7 +734,10 @@ class Orchestrator:
                         stuck.append(s)
                         self._park(s, index)
             self.work = [w for w in self.work if w.executor != index]
-            broken = self._broken(index)
+            if broken:  # retired below, recovered or not: its failures were not the streams'
+                for s in self.streams.values():
+                    if any(e is executor for e in s.failed_on):
+                        _made_progress(s)
             try:
                 executor.recover()
                 differ = _differ(self.info, executor.info)
@@ -734,9 +746,6 @@ class Orchestrator:
                     raise ExecutorChanged(f"it came back different, in {differ}")
                 if broken:
                     _retire(executor)
-                    for s in self.streams.values():  # its failures were not the streams'
-                        if any(e is executor for e in s.failed_on):
-                            _made_progress(s)
                     raise ExecutorBroken(broken)
             except Exception as recover_err:
                 log.warning("executor %s did not come back (%s)", index, recover_err)
