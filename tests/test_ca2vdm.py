@@ -339,6 +339,64 @@ def test_context_recycle_puts_the_models_own_estimate_in_the_context(monkeypatch
             dataclasses.replace(CFG, **bad)
 
 
+def test_context_fade_scales_each_context_clips_contrast_and_keeps_the_targets(monkeypatch):
+    """Fade augmentation: each context clip's deviations from its frames' medians are scaled
+    by its own factor in [1 - context_fade, 1] before the usual prefix_t noise; the noisy
+    frames and the targets are the real clips'; held-out evaluation never fades; off, the
+    loss draws exactly what it drew before the option existed."""
+    import dataclasses
+
+    from vidgen.sampling.flow import add_noise, scale_contrast, velocity_target
+
+    seen = []
+    original = CausalVideoDiT.forward_history
+
+    def spy(self, x, cond, mask, positions):
+        out = original(self, x, cond, mask, positions)
+        seen.append((x.detach(), cond.t.detach(), out.detach()))
+        return out
+
+    monkeypatch.setattr(CausalVideoDiT, "forward_history", spy)
+    clips, total = 4, 4 * L
+    x = latents(total, seed=8, batch=3) * 2  # contrast to scale
+    labels = torch.tensor([1, 2, 3])
+    off = randomize_(CausalVideoDiT(CFG), seed=4)
+    on = randomize_(CausalVideoDiT(dataclasses.replace(CFG, context_fade=0.6)), seed=4)
+    loss_off = flow_matching_loss(off, x, torch.Generator().manual_seed(0), labels=labels)
+    loss_on = flow_matching_loss(on, x, torch.Generator().manual_seed(0), labels=labels)
+    (x_off, t_off, _), (x_on, t_on, v_on) = seen
+    assert torch.equal(t_on, t_off) and torch.equal(x_on[:, total:], x_off[:, total:])
+    # Recover each context clip's factor from the unnoised context: (ctx - noise part) / (1-t).
+    g = torch.Generator().manual_seed(0)
+    context_noise = torch.randn(x.shape, generator=g)
+    t = CFG.prefix_t
+    faded = (x_on[:, :total] - t * context_noise) / (1 - t)
+    torch.testing.assert_close(x_off[:, :total], add_noise(x, context_noise, torch.full((3,), t)))
+    median = x.flatten(3).median(dim=3).values[..., None, None]
+    dev, dev_faded = (x - median).flatten(2), (faded - median).flatten(2)
+    factor = ((dev * dev_faded).sum(-1) / (dev * dev).sum(-1)).reshape(3, clips, L)
+    assert torch.allclose(factor, factor[..., :1].expand_as(factor), atol=1e-4)  # per clip
+    factor = factor[..., 0]
+    assert (factor >= 0.4 - 1e-4).all() and (factor <= 1 + 1e-4).all() and factor.std() > 0.05
+    expected = scale_contrast(x, factor.repeat_interleave(L, dim=1))
+    torch.testing.assert_close(faded, expected, atol=1e-4, rtol=1e-4)
+    # The targets are the real clips': the loss recomputed from the training pass's inputs.
+    t_noisy = t_on[:, total:, None, None, None]
+    noise = (x_on[:, total:] - (1 - t_noisy) * x) / t_noisy
+    target = velocity_target(x, noise)
+    torch.testing.assert_close(
+        loss_on["loss"], torch.nn.functional.mse_loss(v_on[:, total:], target)
+    )
+    assert not torch.equal(loss_on["loss"], loss_off["loss"])
+    seen.clear()
+    flow_matching_loss(on, x, torch.Generator().manual_seed(0), labels=labels, held_out=True)
+    flow_matching_loss(off, x, torch.Generator().manual_seed(0), labels=labels, held_out=True)
+    assert torch.equal(seen[0][0], seen[1][0])  # evaluation: never faded
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="context_fade"):
+            dataclasses.replace(CFG, context_fade=bad)
+
+
 def test_context_noise_max_is_checked():
     import dataclasses
 

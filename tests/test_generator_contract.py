@@ -528,6 +528,13 @@ def test_scale_contrast_scales_deviations_from_each_frames_median():
     assert torch.equal(out[1].flatten(2).median(dim=2).values, median[1, ..., 0, 0])
     with pytest.raises(ValueError, match="latents must be"):
         scale_contrast(x[0], torch.tensor([2.0]))
+    per_frame = scale_contrast(x, torch.tensor([[1.0, 2.0], [0.5, 1.0], [2.0, 2.0]]))
+    assert torch.equal(per_frame[0, 0], x[0, 0]) and torch.equal(per_frame[1, 1], x[1, 1])
+    torch.testing.assert_close(per_frame[0, 1], median[0, 1] + 2 * (x[0, 1] - median[0, 1]))
+    torch.testing.assert_close(per_frame[1, 0], median[1, 0] + 0.5 * (x[1, 0] - median[1, 0]))
+    torch.testing.assert_close(per_frame[2], scale_contrast(x, torch.full((3,), 2.0))[2])
+    with pytest.raises(ValueError, match=r"factor must be \(b,\) or \(b, frames\)"):
+        scale_contrast(x, torch.ones(3, 4))
 
 
 def test_contrast_scales_the_emitted_clip_and_the_context_it_leaves():

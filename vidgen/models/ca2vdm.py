@@ -64,6 +64,11 @@ class Ca2VDMConfig:
     # the targets stay the real clips. 0 = off.
     context_recycle: float = 0.0
     context_recycle_t: float = 0.5
+    # Training against the fading of long videos (the loss of latent contrast that a request's
+    # ``contrast`` counters at inference): each context clip's deviations from its frames'
+    # per-channel spatial medians are scaled by a factor drawn from U(1 - context_fade, 1),
+    # so the model learns to restore faded objects; the targets stay the real clips. 0 = off.
+    context_fade: float = 0.0
     # Training: foreground latent positions (summed channel distance from the frame's
     # per-channel spatial median, its background, over foreground_threshold: 14-38% of
     # kl-tiny's BouncingShapes positions at 1) weigh 1 + foreground_weight times the rest in
@@ -101,6 +106,8 @@ class Ca2VDMConfig:
             raise ValueError(f"context_recycle must be in [0, 1], got {self.context_recycle}")
         if not 0.0 < self.context_recycle_t < 1.0:
             raise ValueError(f"context_recycle_t must be in (0, 1), got {self.context_recycle_t}")
+        if not 0.0 <= self.context_fade < 1.0:
+            raise ValueError(f"context_fade must be in [0, 1) (0 = off), got {self.context_fade}")
         if not (self.foreground_weight >= 0 and self.foreground_threshold > 0):
             raise ValueError(
                 "foreground_weight must be >= 0 (0 = off) and foreground_threshold > 0, got "

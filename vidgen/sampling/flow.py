@@ -96,11 +96,17 @@ def classifier_free(
 
 
 def scale_contrast(latents: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Each frame's deviations from its per-channel spatial median scaled by ``factor`` (b,):
-    latents (b, frames, c, y, x). The median (a frame's background, where objects are small)
-    stays; rows of factor 1 are returned exactly as they were."""
+    """Each frame's deviations from its per-channel spatial median scaled by ``factor``, one
+    per sample (b,) or per frame (b, frames): latents (b, frames, c, y, x). The median (a
+    frame's background, where objects are small) stays; frames of factor 1 are returned
+    exactly as they were."""
     if latents.ndim != 5:
         raise ValueError(f"latents must be (b, frames, c, y, x), got shape {tuple(latents.shape)}")
-    factor = factor.reshape(-1, 1, 1, 1, 1)
+    if factor.shape not in ((latents.shape[0],), tuple(latents.shape[:2])):
+        raise ValueError(
+            f"factor must be (b,) or (b, frames) = {tuple(latents.shape[:2])}, "
+            f"got shape {tuple(factor.shape)}"
+        )
+    factor = factor.reshape(latents.shape[0], -1, 1, 1, 1)
     median = latents.flatten(3).median(dim=3).values[..., None, None]
     return torch.where(factor == 1, latents, median + factor * (latents - median))

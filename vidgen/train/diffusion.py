@@ -23,7 +23,7 @@ from vidgen.data import DataConfig, build_dataset
 from vidgen.models.ca2vdm import Ca2VDMConfig, CausalVideoDiT, Cond, teacher_forcing_mask
 from vidgen.models.nbp import NBPConfig
 from vidgen.nn.conditioning import NULL
-from vidgen.sampling.flow import add_noise, velocity_target
+from vidgen.sampling.flow import add_noise, scale_contrast, velocity_target
 from vidgen.tokenizers.kl import foreground_weights
 from vidgen.train.encoded import (
     EncodedClips,
@@ -112,6 +112,10 @@ def flow_matching_loss(
             own = noisy_r - t_r[..., None, None, None] * v[:, total:].to(latents.dtype)
         pick = pick.repeat_interleave(cfg.clip_len, dim=1)[..., None, None, None]
         clean = torch.where(pick, own, latents)
+    if cfg.context_fade and not held_out:  # drawn after the above: off, nothing changes
+        u = torch.rand((b, clips), generator=generator, device=dev, dtype=latents.dtype)
+        factor = (1 - cfg.context_fade * u).repeat_interleave(cfg.clip_len, dim=1)
+        clean = scale_contrast(clean, factor)
     context = add_noise(clean, context_noise, t_context)
     pred = predict(context, noisy, t_frames, drop_label, drop_action)
     target = velocity_target(latents, noise)
