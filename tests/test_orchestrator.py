@@ -2135,6 +2135,27 @@ def test_a_moved_stream_waits_for_a_healthy_slot_rather_than_take_a_broken_one(m
         assert_as_alone(got, reference(model, req))
 
 
+def test_a_stream_waiting_for_a_slot_gets_it_before_a_new_submit(models):
+    """S, moved off broken B, waited for healthy H's only slot; when H's stream finished,
+    the next submit (a batch admits one as each item finishes) took the slot first, and
+    so on for as long as items came."""
+    model = models["diffusion"]
+    healthy = LocalExecutor(GeneratorWorker(model, max_streams=1))
+    broken = Flaky(GeneratorWorker(model, max_streams=8), fail_at=set(range(1, 1000)))
+    orch = Orchestrator([healthy, broken], max_failures=3)
+    reqs = [request_for(model, frames=orch.clip_len * 2, seed=s) for s in range(3)]
+    t = orch.submit(reqs[0], sink=QueueSink(64))
+    s = orch.submit(reqs[1], sink=QueueSink(64))
+    assert (orch.streams[t].executor, orch.streams[s].executor) == (0, 1)
+    orch.run(until=lambda: orch.streams[t].done)
+    assert broken.calls == 3 and orch.streams[s].avoid is broken
+    u = orch.submit(reqs[2], sink=QueueSink(64))
+    assert (orch.streams[s].executor, orch.streams[u].executor) == (0, 1)
+    got = _finish_all(orch, [t, s, u])
+    for key, req in zip((t, s, u), reqs, strict=True):
+        assert_as_alone(got[key], reference(model, req))
+
+
 def test_a_stream_after_a_failed_reopen_is_still_moved(models):
     """Q's re-open failed while P (whose steps kill A, not B) was at max_failures: the loop
     went on from Q's failure and reopened P on A without moving it."""

@@ -294,6 +294,11 @@ class Orchestrator:
             raise ValueError(
                 f"frames must be a multiple of clip_len={self.clip_len}, got {request.frames}"
             )
+        # Slots of dropped streams are freed, and streams waiting for one take theirs, first:
+        # a slot freed by a finished stream would otherwise go to each new submit while a
+        # stream moved off a failing executor waited for it.
+        self._cancel_dropped()
+        self._place_waiting()
         key = next(self._keys)
         truth = truth if truth is not None else StreamSnapshot.start(request)
         # The least loaded executor with a free slot (with unequal max_streams the least
@@ -309,7 +314,6 @@ class Orchestrator:
             accepted=truth.next_clip,
             delivered=truth.next_clip,
         )
-        self._cancel_dropped()  # their slots first
         self.streams[key] = stream
         if not stream.done:
             try:
@@ -485,17 +489,7 @@ class Orchestrator:
         for s in list(self.streams.values()):  # clips a sink raised on: it gets them again
             if s.delivered in s.frames:
                 self._deliver(s)
-        for s in self.streams.values():  # streams of a lost executor, as slots free up
-            if s.executor != UNPLACED or s.stuck:
-                continue
-            if s.accepted >= s.num_clips:  # all made: only its decodes remain, no slot
-                s.executor = self._least_loaded(avoid=s.avoid)
-                continue
-            index = self._least_loaded(with_room=True, avoid=s.avoid)
-            if index is None:
-                continue
-            s.executor = index
-            self._place(s)
+        self._place_waiting()
         busy = {w.executor for w in self.work if w.kind == "step"}
         for index, executor in enumerate(self.executors):
             if executor is None or index in busy:
@@ -526,6 +520,21 @@ class Orchestrator:
             for s in waiting:
                 s.avoid = None
             self._schedule()
+
+    def _place_waiting(self) -> None:
+        """Place the streams waiting for a slot (of a lost executor, or moved) where one is
+        free."""
+        for s in self.streams.values():
+            if s.executor != UNPLACED or s.stuck:
+                continue
+            if s.accepted >= s.num_clips:  # all made: only its decodes remain, no slot
+                s.executor = self._least_loaded(avoid=s.avoid)
+                continue
+            index = self._least_loaded(with_room=True, avoid=s.avoid)
+            if index is None:
+                continue
+            s.executor = index
+            self._place(s)
 
     def _can_step(self, s: _Stream) -> bool:
         if s.executor == UNPLACED:
