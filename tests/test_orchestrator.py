@@ -1862,24 +1862,26 @@ def test_streams_of_a_retired_executor_keep_no_failures_from_it(models):
         assert_as_alone(got, reference(model, req))
 
 
-class _SlowBrokenUsedUp(_Delayed):
-    """Every step fails ``delay`` s after it was submitted (a fresh worker, as a restarted
-    actor); ``recover`` raises after ``restarts`` recoveries (a Ray actor's restarts used
-    up)."""
+class _Broken(_Delayed):
+    """Every step fails ``delay`` s after it was submitted (a fresh worker of ``max_streams``,
+    as a restarted actor); ``recover`` raises after ``restarts`` recoveries (a Ray actor's
+    restarts used up; None: never)."""
 
-    def __init__(self, model: str, delay: float, restarts: int) -> None:
-        super().__init__(GeneratorWorker(model, max_streams=8), delay, "slow-broken")
-        self.restarts, self.recovered = restarts, 0
+    def __init__(
+        self, model: str, delay: float = 0.0, restarts: int | None = None, max_streams: int = 8
+    ) -> None:
+        super().__init__(GeneratorWorker(model, max_streams=max_streams), delay, "broken")
+        self.restarts, self.recovered, self.max_streams = restarts, 0, max_streams
 
     def step(self, keys, epochs, snapshot_keys):
         self.steps += 1
-        self.worker = GeneratorWorker(self.model, max_streams=8)
+        self.worker = GeneratorWorker(self.model, max_streams=self.max_streams)
         handle = self._call(_raise)
         handle.at = time.monotonic() + self.delay
         return handle
 
     def recover(self):
-        if self.recovered >= self.restarts:
+        if self.restarts is not None and self.recovered >= self.restarts:
             raise ExecutorFailed("restarts used up")
         self.recovered += 1
 
@@ -1890,7 +1892,7 @@ def test_streams_keep_no_failures_from_a_broken_executor_that_did_not_come_back(
     failed once there, was given up on after two transient failures on the healthy one
     (3 in a row, on both executors)."""
     model = models["diffusion"]
-    broken = _SlowBrokenUsedUp(model, delay=0.6, restarts=5)
+    broken = _Broken(model, delay=0.6, restarts=5)
     other = _FailsOnceFor(GeneratorWorker(model, max_streams=8), key=4, times=2)
     orch = Orchestrator([broken, other], max_failures=3)
     reqs = [request_for(model, frames=orch.clip_len * 4, seed=s) for s in range(6)]
@@ -2154,6 +2156,32 @@ def test_a_stream_waiting_for_a_slot_gets_it_before_a_new_submit(models):
     got = _finish_all(orch, [t, s, u])
     for key, req in zip((t, s, u), reqs, strict=True):
         assert_as_alone(got[key], reference(model, req))
+
+
+def test_a_moved_stream_prefers_an_actor_a_poison_stream_failed_over_a_broken_one(models):
+    """A fuzz: P (poison) and G failed 3 times each on broken actors and were moved; P's
+    first step on the healthy actor killed it, so no actor had 0 failures in a row and G
+    went to the least loaded, broken one, where it was given up on. It now goes to the one
+    with the fewest failures in a row, the healthy one, and finishes."""
+    from workers.orchestrator import NoProgress
+
+    model = models["diffusion"]
+    healthy = _DiesOnSeed(model, poison=666, max_streams=3)
+    a, b = _Broken(model, max_streams=1), _Broken(model, max_streams=1)
+    orch = Orchestrator([a, healthy, b], max_failures=3)
+    rp = request_for(model, frames=orch.clip_len, seed=666)
+    rh = request_for(model, frames=orch.clip_len, seed=1)
+    rg = request_for(model, frames=orch.clip_len, seed=0)
+    p, h, g = (orch.submit(r, sink=QueueSink(64)) for r in (rp, rh, rg))
+    assert [orch.streams[k].executor for k in (p, h, g)] == [0, 1, 2]
+    with pytest.raises(NoProgress) as caught:
+        orch.run()
+    assert caught.value.key == p
+    orch.cancel(p)
+    orch.run()
+    for key, req in ((h, rh), (g, rg)):
+        got = np.concatenate([c.frames for c in orch.streams[key].sink.queue])
+        assert_as_alone(got, reference(model, req))
 
 
 def test_a_stream_after_a_failed_reopen_is_still_moved(models):

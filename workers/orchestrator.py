@@ -353,7 +353,7 @@ class Orchestrator:
     def _least_loaded(self, with_room: bool = False, avoid: Any = None) -> int | None:
         """The live executor with the fewest open streams; with ``with_room``, only one that
         has a free slot (None if none has); never ``avoid`` while another is left, and then
-        only one whose last step came back while there is one, not one failing now."""
+        only one of those with the fewest failures in a row."""
         load = self._load()
         if not load:
             raise NoExecutorsLeft("no executor is left to run streams on")
@@ -361,10 +361,13 @@ class Orchestrator:
         load = others or load
         if avoid is not None:
             # A stream moved off a broken executor would otherwise land on another as
-            # readily as on a healthy one; with_room, it waits for a healthy one's slot
-            # (`_schedule` sends it back if nothing could run while it waits).
-            healthy = {i: n for i, n in load.items() if not self._failed_in_a_row.get(i)}
-            load = healthy or load
+            # readily as on a healthy one: it goes to one with the fewest failures in a row
+            # (a healthy one's are 0, or 1 while a poison stream is tried on it, and are
+            # cleared by the next step that comes back; a broken one's only grow); with_room,
+            # it waits for a slot there (`_schedule` sends it back if nothing could run while
+            # it waits).
+            fewest = min(self._failed_in_a_row.get(i, 0) for i in load)
+            load = {i: n for i, n in load.items() if self._failed_in_a_row.get(i, 0) == fewest}
         if with_room:
             load = {
                 i: n
