@@ -2120,8 +2120,9 @@ def test_a_submit_goes_to_an_executor_with_a_free_slot(model):
 
 def test_a_moved_stream_waits_for_a_healthy_slot_rather_than_take_a_broken_one(models):
     """A fuzz of two broken actors and one healthy one with a single slot: S, moved off
-    broken A while the healthy one was busy, took the free slot of broken B, failed there
-    too and was given up on. It now waits for the healthy slot, and both streams finish."""
+    broken B while the healthy one was busy, took the free slot of broken A, failed there
+    3 times and was given up on. It now fails there once (an executor it had not failed
+    on), then waits for the healthy slot, and both streams finish."""
     model = models["diffusion"]
     a = Flaky(GeneratorWorker(model, max_streams=8), fail_at=set(range(1, 1000)))
     b = Flaky(GeneratorWorker(model, max_streams=8), fail_at=set(range(1, 1000)))
@@ -2131,7 +2132,7 @@ def test_a_moved_stream_waits_for_a_healthy_slot_rather_than_take_a_broken_one(m
     keys = [orch.submit(r, sink=QueueSink(64)) for r in reqs]
     assert [orch.streams[k].executor for k in keys] == [0, 1]
     orch.run()
-    assert (a.calls, b.calls) == (3, 3)  # each stream's 3 failures on its own, never more
+    assert (a.calls, b.calls) == (4, 3)  # 3 failures on its own each; S once on A
     for key, req in zip(keys, reqs, strict=True):
         got = np.concatenate([c.frames for c in orch.streams[key].sink.queue])
         assert_as_alone(got, reference(model, req))
@@ -2408,3 +2409,82 @@ def test_checkpoints_leave_the_context_on_the_actor_and_restores_still_have_it(m
     assert orch.failures == 1
     got = np.concatenate([c.frames for c in orch.streams[key].sink.queue])
     np.testing.assert_array_equal(got, reference(model, req))
+
+
+def test_a_moved_stream_is_not_kept_on_a_broken_actor_by_a_poison_streams_old_count(models):
+    """A review: P (poison) failed 3 times on healthy H0 and left it, so idle H0 kept a
+    count of 3 failures in a row. G, moved off broken B1, went to broken B3 (count 0) and,
+    after each failure there, back to B3 (count 1, 2: below H0's 3) until it was given up
+    on, with H0's slots free. An executor it has not failed on now comes first."""
+    from workers.orchestrator import NoProgress
+
+    model = models["diffusion"]
+    h0 = _DiesOnSeed(model, poison=666, max_streams=3)
+    b1 = _Broken(model, max_streams=2)
+    h2 = _DiesOnSeed(model, poison=666, max_streams=1)
+    b3 = _Broken(model, max_streams=3)
+    orch = Orchestrator([h0, b1, h2, b3], max_failures=3)
+    rp = request_for(model, frames=orch.clip_len * 2, seed=666)
+    rg = request_for(model, frames=orch.clip_len * 2, seed=1)
+    p = orch.submit(rp, sink=QueueSink(64))
+    g = orch.submit(rg, sink=QueueSink(64))
+    assert [orch.streams[k].executor for k in (p, g)] == [0, 1]
+    with pytest.raises(NoProgress) as caught:
+        orch.run()
+    assert caught.value.key == p
+    orch.cancel(p)
+    orch.run()  # G finishes (on H0, healthy and idle)
+    got = np.concatenate([c.frames for c in orch.streams[g].sink.queue])
+    assert_as_alone(got, reference(model, rg))
+
+
+def test_a_moved_stream_does_not_wait_while_an_idle_healthy_actor_has_free_slots(models):
+    """A review: P (poison) failed 3 times on X and left it (X idle, 4 slots free, its count
+    of failures in a row at 3). S, moved off broken B, waited for H's one slot (count 0)
+    for as long as H's long stream T ran, while X could run it at once."""
+    model = models["diffusion"]
+    x = _DiesOnSeed(model, poison=666, max_streams=4)
+    b = _Broken(model, max_streams=4)
+    h = LocalExecutor(GeneratorWorker(model, max_streams=1))
+    orch = Orchestrator([x, b, h], max_failures=3)
+    n = orch.clip_len
+    p = orch.submit(request_for(model, frames=n * 2, seed=666), sink=QueueSink(64))
+    s = orch.submit(request_for(model, frames=n * 2, seed=1), sink=QueueSink(64))
+    t = orch.submit(request_for(model, frames=n * 40, seed=2), sink=QueueSink(64))
+    assert [orch.streams[k].executor for k in (p, s, t)] == [0, 1, 2]
+    from workers.orchestrator import NoProgress
+
+    try:
+        orch.run(until=lambda: orch.streams[t].accepted >= 20)
+    except NoProgress as err:  # P, wherever it goes: given up on
+        assert err.key == p
+        orch.cancel(p)
+        orch.run(until=lambda: orch.streams[t].accepted >= 20)
+    assert orch.streams[s].accepted > 0  # S ran on X before T was done
+
+
+def test_a_stream_sent_back_while_a_reader_waits_takes_an_untried_actor(models):
+    """A review: G, moved off broken B1, skipped H3 (idle, 1 slot, one failure in a row:
+    poison P's) for H2 (0 failures, full with T, whose queue fills while the caller reads
+    P). Nothing could run, so G was sent back, to the least loaded executor, B1, and given
+    up on there; H3 stayed idle."""
+    from workers.orchestrator import NoProgress
+
+    model = models["diffusion"]
+    x0 = _DiesOnSeed(model, poison=666, max_streams=2)
+    b1 = _Broken(model, max_streams=3)
+    h2 = _DiesOnSeed(model, poison=666, max_streams=1)
+    h3 = _DiesOnSeed(model, poison=666, max_streams=1)
+    orch = Orchestrator([x0, b1, h2, h3], max_failures=3, queue_clips=2)
+    n = orch.clip_len
+    p = orch.submit(request_for(model, frames=n * 4, seed=666), sink=QueueSink(2))
+    rg = request_for(model, frames=n * 2, seed=1)
+    g = orch.submit(rg, sink=QueueSink(2))
+    t = orch.submit(request_for(model, frames=n * 5, seed=2), sink=QueueSink(2))
+    assert [orch.streams[k].executor for k in (p, g, t)] == [0, 1, 2]
+    with pytest.raises(NoProgress) as caught:
+        list(orch.clips(p))
+    assert caught.value.key == p, f"stream {caught.value.key} (G) given up on, not P"
+    orch.cancel(p)
+    got = [c.frames for c in orch.clips(g)]
+    assert_as_alone(np.concatenate(got), reference(model, rg))

@@ -350,32 +350,42 @@ class Orchestrator:
                 load[s.executor] += 1
         return load
 
-    def _least_loaded(self, with_room: bool = False, avoid: Any = None) -> int | None:
+    def _least_loaded(
+        self, with_room: bool = False, avoid: Any = None, tried: list[Any] | None = None
+    ) -> int | None:
         """The live executor with the fewest open streams; with ``with_room``, only one that
-        has a free slot (None if none has); never ``avoid`` while another is left, and then
-        only one of those with the fewest failures in a row."""
+        has a free slot (None if none has); never ``avoid`` while another is left. ``tried``
+        (the executors a stream with failures failed on): one it has not failed on while
+        there is one, and of those the one with the fewest failures in a row (a broken
+        executor's only grow; a healthy one's are cleared by the next step that comes back,
+        though one a poison stream killed and left keeps its count while idle, which is why
+        an untried executor comes first, whatever its count). A moved stream (``avoid``)
+        waits for an untried executor's slot while there is one."""
         load = self._load()
         if not load:
             raise NoExecutorsLeft("no executor is left to run streams on")
         others = {i: n for i, n in load.items() if self.executors[i] is not avoid}
         load = others or load
-        if avoid is not None:
-            # A stream moved off a broken executor would otherwise land on another as
-            # readily as on a healthy one: it goes to one with the fewest failures in a row
-            # (a healthy one's are 0, or 1 while a poison stream is tried on it, and are
-            # cleared by the next step that comes back; a broken one's only grow); with_room,
-            # it waits for a slot there (`_schedule` sends it back if nothing could run while
-            # it waits).
-            fewest = min(self._failed_in_a_row.get(i, 0) for i in load)
-            load = {i: n for i, n in load.items() if self._failed_in_a_row.get(i, 0) == fewest}
-        if with_room:
-            load = {
-                i: n
-                for i, n in load.items()
-                if n < self.executors[i].info.get("max_streams", 1 << 30)
+
+        def room(d: dict[int, int]) -> dict[int, int]:
+            return {
+                i: n for i, n in d.items() if n < self.executors[i].info.get("max_streams", 1 << 30)
             }
+
+        if tried:
+            untried = {
+                i: n for i, n in load.items() if not any(self.executors[i] is e for e in tried)
+            }
+            # A moved stream waits for an untried executor's slot; one sent back (nothing
+            # could run while it waited) takes any free slot, an untried one first.
+            if untried and (avoid is not None or not with_room or room(untried)):
+                load = untried
+        if with_room:
+            load = room(load)
             if not load:
                 return None
+        if tried:
+            return min(load, key=lambda i: (self._failed_in_a_row.get(i, 0), load[i], i))
         return min(load, key=lambda i: (load[i], i))
 
     def _place(self, stream: _Stream) -> None:
@@ -531,9 +541,9 @@ class Orchestrator:
             if s.executor != UNPLACED or s.stuck:
                 continue
             if s.accepted >= s.num_clips:  # all made: only its decodes remain, no slot
-                s.executor = self._least_loaded(avoid=s.avoid)
+                s.executor = self._least_loaded(avoid=s.avoid, tried=s.failed_on)
                 continue
-            index = self._least_loaded(with_room=True, avoid=s.avoid)
+            index = self._least_loaded(with_room=True, avoid=s.avoid, tried=s.failed_on)
             if index is None:
                 continue
             s.executor = index
@@ -849,7 +859,9 @@ class Orchestrator:
                 if (clip.key, clip.clip) in in_flight:
                     continue
                 live = s.executor != UNPLACED and self.executors[s.executor] is not None
-                target = s.executor if live else self._least_loaded(avoid=s.avoid)
+                target = (
+                    s.executor if live else self._least_loaded(avoid=s.avoid, tried=s.failed_on)
+                )
                 redo.setdefault(target, {}).setdefault(s.key, []).append(clip)
         for target, by_stream in redo.items():
             calm = [
