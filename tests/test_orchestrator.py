@@ -1940,11 +1940,22 @@ class _Actor(LocalExecutor):
         return super().result(handle)
 
 
+def _given_up_after_three_deaths(orch: Orchestrator, actor: _Actor, poison: int) -> None:
+    """The poison stream is given up on after killing the actor 3 times (max_failures); the
+    others then finish."""
+    from workers.orchestrator import NoProgress
+
+    with pytest.raises(NoProgress) as caught:
+        orch.run()
+    assert caught.value.key == poison and actor.deaths == 3
+    orch.cancel(poison)
+    orch.run()
+
+
 def test_a_decode_beside_a_poison_step_is_not_blamed_for_it(models):
     """A's decode was in flight when poison P's step (stepped alone) killed the actor: the
     decode's failure came first, blamed A and dropped P's step unblamed, clip after clip,
     until A was given up on. A suspect's step now waits for the decodes on its actor."""
-    from workers.orchestrator import NoProgress
 
     model = models["diffusion"]
     actor = _Actor(model, poison=666)
@@ -1952,11 +1963,7 @@ def test_a_decode_beside_a_poison_step_is_not_blamed_for_it(models):
     ra = request_for(model, frames=orch.clip_len * 2, seed=1)
     a = orch.submit(ra, sink=QueueSink(64))
     p = orch.submit(request_for(model, frames=orch.clip_len * 2, seed=666), sink=QueueSink(64))
-    with pytest.raises(NoProgress) as caught:
-        orch.run()
-    assert caught.value.key == p and actor.deaths == 3
-    orch.cancel(p)
-    orch.run()
+    _given_up_after_three_deaths(orch, actor, p)
     got = np.concatenate([c.frames for c in orch.streams[a].sink.queue])
     assert_as_alone(got, reference(model, ra))
 
@@ -2008,6 +2015,32 @@ def test_one_stream_moved_long_ago_and_a_poison_stream_retire_nothing(models):
     with pytest.raises(NoProgress, match=f"stream {p} "):
         orch.run()
     assert orch.executors == [x, y]
+
+
+def test_a_poison_step_beside_another_streams_decode_is_blamed(models):
+    """P's first step, batched with A's, killed the actor while A's decode was in flight:
+    the decode's failure was handled first (it was submitted first) and blamed A alone, P's
+    step was dropped unblamed. A then made a clip alone (its count cleared), joined P's batch
+    again beside its next decode, and so on: the actor died again and again and P was never
+    given up on. An executor's death now blames every stream whose work died with it."""
+
+    class Bounded(_Actor):
+        def step(self, keys, epochs, snapshot_keys):
+            if self.deaths >= 12:
+                raise RuntimeError("the poison stream was never given up on")
+            return super().step(keys, epochs, snapshot_keys)
+
+    model = models["diffusion"]
+    actor = Bounded(model, poison=666)
+    orch = Orchestrator([actor], max_failures=3)
+    ra = request_for(model, frames=orch.clip_len * 4, seed=1)
+    a = orch.submit(ra, sink=QueueSink(64))
+    orch.run(until=lambda: any(w.kind == "decode" for w in orch.work))
+    assert [w.kind for w in orch.work] == ["decode"]  # A's first clip, not yet decoded
+    p = orch.submit(request_for(model, frames=orch.clip_len * 2, seed=666), sink=QueueSink(64))
+    _given_up_after_three_deaths(orch, actor, p)
+    got = np.concatenate([c.frames for c in orch.streams[a].sink.queue])
+    assert_as_alone(got, reference(model, ra))
 
 
 class _RayLike(LocalExecutor):

@@ -588,10 +588,18 @@ class Orchestrator:
                 # the work list is submitted again (its clip would otherwise never come).
                 self._redo_lost_decodes()
                 raise
-            # Lost decodes are redone: clips stay in to_decode.
-            if work.kind == "decode":
-                self._mark_decode_failed(work.keys)
-            self._fail(work.executor, err, work.keys)
+            # Lost decodes are redone: clips stay in to_decode. An executor that died took
+            # every call in flight on it along (a step and a decode run side by side on an
+            # actor): which one killed it is unknown, so the streams of all are blamed (the
+            # decode, submitted first, was handled first and blamed alone: a poison stream
+            # new to a batch went unblamed). Lost streams are the failed step's alone.
+            died = [work]
+            if not _streams_lost(err):
+                died += [w for w in self.work if w.executor == work.executor]
+            for w in died:
+                if w.kind == "decode":
+                    self._mark_decode_failed(w.keys)
+            self._fail(work.executor, err, list(dict.fromkeys(k for w in died for k in w.keys)))
             return
         if work.kind == "step":
             self._apply_step(work, value)
@@ -717,17 +725,17 @@ class Orchestrator:
             self._fail(index, TimeoutError(f"{kind} exceeded {limit}s"), keys)
 
     def _fail(self, index: int, err: BaseException, blamed: list[int]) -> None:
-        """Advance the epochs of the executor's streams, restore them, and redo the decodes
-        that were in flight on it (whichever streams they belong to). ``blamed``: the streams
-        whose work failed (a batch's, a decode's clips', the one being placed or the step it
-        queued behind); only their counts of failures in a row go up. A failure while
-        re-placing is handled in the same loop (no recursion). A blamed stream at
-        ``max_failures`` (since it was moved, if it was) is moved to another executor (all its
-        failures on this one, another left) or not placed again; an executor that looks
-        broken (``_broken``) is retired, whether it recovers or not, and no stream keeps a
-        failure on it (none is given up on for them). The others are restored and the lost decodes
-        redone before NoProgress names a stream given up on, so the state stays whole either
-        way."""
+        """Advance the epochs of the executor's streams, restore them, and redo the decodes that
+        were in flight on it (whichever streams they belong to). ``blamed``: the streams whose
+        work failed (a batch's, a decode's clips', every call in flight on an executor that died,
+        the one being placed or the step it queued behind); only their counts of failures in a
+        row go up. A failure while re-placing is handled in the same loop (no recursion). A
+        blamed stream at ``max_failures`` (since it was moved, if it was) is moved to another
+        executor (all its failures on this one, another left) or not placed again; an executor
+        that looks broken (``_broken``) is retired, whether it recovers or not, and no stream
+        keeps a failure on it (none is given up on for them). The others are restored and the
+        lost decodes redone before NoProgress names a stream given up on, so the state stays
+        whole either way."""
         failure: BaseException | None = err
         stuck: list[_Stream] = []
         while failure is not None:
@@ -907,7 +915,11 @@ def _is_failure(err: BaseException) -> bool:
             return True
     except ImportError:  # pragma: no cover - ray is a dependency
         pass
-    # A remote StreamsLost arrives as a RayTaskError that is also a StreamsLost (or, where
-    # Ray cannot make that class, carries it as its cause).
-    lost = isinstance(err, StreamsLost) or isinstance(getattr(err, "cause", None), StreamsLost)
-    return lost or isinstance(err, ExecutorFailed | TimeoutError)
+    return _streams_lost(err) or isinstance(err, ExecutorFailed | TimeoutError)
+
+
+def _streams_lost(err: BaseException) -> bool:
+    """A step on an executor that lost its streams (restarted): it is alive, only that step
+    failed. A remote StreamsLost arrives as a RayTaskError that is also a StreamsLost (or,
+    where Ray cannot make that class, carries it as its cause)."""
+    return isinstance(err, StreamsLost) or isinstance(getattr(err, "cause", None), StreamsLost)
