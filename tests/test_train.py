@@ -277,13 +277,15 @@ def test_nbp_resume_is_bitwise_over_tokens_encoded_once(tmp_path):
     assert card["tokenizer_fingerprint"] == larp.encoder_fingerprint()
 
 
-def test_encoded_clips_cache_is_keyed_by_the_data(tmp_path):
+def test_encoded_clips_cache_is_keyed_by_the_data(tmp_path, monkeypatch, caplog):
     """Encoded training data is cached per (encoder, data settings): a run over other clips
     (clip length, size, seed, world settings) never reads another run's cache, and a file
     made from other data is refused rather than trained on."""
+    import logging
     from dataclasses import replace
 
     from vidgen.data import DataConfig, build_dataset
+    from vidgen.train import encoded
     from vidgen.train.encoded import EncodedClips, cache_path, data_description
 
     base = DataConfig(name="bouncing", clip_len=4, size=32, num_clips=3, eval_clips=2)
@@ -328,9 +330,18 @@ def test_encoded_clips_cache_is_keyed_by_the_data(tmp_path):
         return video.mean(dim=(2, 3, 4))
 
     desc = data_description(base, "train")
-    first = EncodedClips(build_dataset(base), encode, path, description=desc)
+    # The progress bar is off when stderr is a file: a log line says what is encoded,
+    # how far along (every PROGRESS_EVERY seconds; 0 here: every batch) and when it is done.
+    monkeypatch.setattr(encoded, "PROGRESS_EVERY", 0.0)
+    with caplog.at_level(logging.INFO, logger=encoded.__name__):
+        first = EncodedClips(build_dataset(base), encode, path, description=desc, batch_size=2)
+    said = [r.getMessage() for r in caplog.records]
+    assert said[0].startswith("encoding 3 clips (latents) once") and str(path) in said[0]
+    assert said[1:3] == ["encoding clips (latents): 2 of 3", "encoding clips (latents): 3 of 3"]
+    assert said[3].startswith("encoded 3 clips in ")
+    caplog.clear()
     again = EncodedClips(build_dataset(base), encode, path, description=desc)  # from the file
-    assert len(calls) == 1 and len(again) == 3
+    assert len(calls) == 2 and len(again) == 3 and not caplog.records
     assert torch.equal(first.tensors["latents"], again.tensors["latents"])
     # The same file offered for other data (a renamed cache, or an older run's name): refused.
     longer = replace(base, clip_len=8)
@@ -341,7 +352,7 @@ def test_encoded_clips_cache_is_keyed_by_the_data(tmp_path):
     more = replace(base, num_clips=4)
     with pytest.raises(ValueError, match="holds 3 clips"):
         EncodedClips(build_dataset(more), encode, path, description=data_description(more, "train"))
-    assert len(calls) == 1
+    assert len(calls) == 2
 
 
 LARP_SMALL = [

@@ -11,6 +11,8 @@ import contextlib
 import ctypes
 import hashlib
 import json
+import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -26,6 +28,9 @@ from vidgen.data.folder import video_files
 from vidgen.tokenizers.kl import KLAutoencoder, KLConfig
 from vidgen.train.loop import resolve_device
 from vidgen.worlds import WORLDS_VERSION
+
+log = logging.getLogger(__name__)
+PROGRESS_EVERY = 60.0  # seconds between progress lines while encoding
 
 # DataConfig fields that change batching or the other split, never the clips of this one.
 _NOT_CONTENT = {"batch_size", "num_workers"}
@@ -180,9 +185,12 @@ class EncodedClips(Dataset):
                 raise ValueError(f"{path} holds no {key!r}{' or video' * keep_video}")
             tensors = cached.tensors
         else:
+            log.info("encoding %d clips (%s) once; later runs load %s", len(source), key, path)
+            began = time.monotonic()
             tensors = self._encode(
                 source, encode, batch_size, keep_video, key, num_workers, device, module
             )
+            log.info("encoded %d clips in %.0f s", len(source), time.monotonic() - began)
             info = EncodedClipsInfo(len(source), keep_video, description)
             checkpoint.save(path, tensors, info, card={"what": f"encoded clips ({key})"})
         self.tensors = tensors
@@ -213,9 +221,14 @@ class EncodedClips(Dataset):
         home = next(iter(module.parameters())).device if module is not None else None
         if module is not None:
             module.to(device)
+        done, told = 0, time.monotonic()
         try:
             for batch in tqdm(loader, desc=f"encoding clips ({key})", disable=None):
                 parts[key].append(encode(batch["video"].to(device)).cpu())
+                done += len(batch["video"])
+                if time.monotonic() - told > PROGRESS_EVERY:  # the bar is off in a log file
+                    log.info("encoding clips (%s): %d of %d", key, done, len(source))
+                    told = time.monotonic()
                 for name in keys[1:]:
                     parts[name].append(batch[name])
                 del batch
