@@ -2043,6 +2043,86 @@ def test_a_poison_step_beside_another_streams_decode_is_blamed(models):
     assert_as_alone(got, reference(model, ra))
 
 
+def test_a_stream_leaving_an_executor_that_came_back_holding_it_frees_its_slot(models):
+    """An actor restarted by Ray can take an open or restore of a stream before the
+    orchestrator has handled its death; when that death then gave the stream up (or moved
+    it), the stream was marked unplaced but stayed open there, its slot taken for good: the
+    next stream's open raised 'cache is full' out of run(). Here the executor's failures
+    leave its streams open, as such a restarted actor holds them."""
+
+    class KeepsStreams(LocalExecutor):
+        def step(self, keys, epochs, snapshot_keys):
+            streams = self.worker.streams
+            if any(streams[k].request.seed == 666 for k in keys if k in streams):
+                return self._call(_raise)
+            return super().step(keys, epochs, snapshot_keys)
+
+    from workers.orchestrator import NoProgress
+
+    model = models["diffusion"]
+    executor = KeepsStreams(GeneratorWorker(model, max_streams=1))
+    orch = Orchestrator([executor], max_failures=3)
+    p = orch.submit(request_for(model, frames=orch.clip_len, seed=666), sink=QueueSink(64))
+    with pytest.raises(NoProgress, match=f"stream {p} "):
+        orch.run()
+    assert p not in executor.worker.streams
+    orch.cancel(p)
+    ra = request_for(model, frames=orch.clip_len * 2, seed=3)
+    a = orch.submit(ra, sink=QueueSink(64))
+    orch.run()
+    got = np.concatenate([c.frames for c in orch.streams[a].sink.queue])
+    assert_as_alone(got, reference(model, ra))
+
+
+class _ActorDecodeDies(_Actor):
+    """An ``_Actor`` whose decode of a clip of seed ``poison`` kills it when it runs: that
+    decode and every call in flight with it (the decodes queued behind it included) fail."""
+
+    def __init__(self, model: str, poison: int) -> None:
+        super().__init__(model, poison)
+        self.seeds: dict[int, int] = {}
+        self.dying = False
+
+    def open(self, key, request, timeout=None):
+        self.seeds[key] = request.seed
+        super().open(key, request, timeout)
+
+    def restore(self, key, snapshot, timeout=None):
+        self.seeds[key] = snapshot.request.seed
+        super().restore(key, snapshot, timeout)
+
+    def step(self, keys, epochs, snapshot_keys):
+        return self._stamped(LocalExecutor.step(self, keys, epochs, snapshot_keys))
+
+    def decode(self, clips):
+        self.dying |= any(self.seeds.get(c.key) == self.poison for c in clips)
+        return super().decode(clips)
+
+    def result(self, handle):
+        if self.dying:  # the poison decode ran: the actor dies under everything in flight
+            self.dying = False
+            self.life, self.deaths = self.life + 1, self.deaths + 1
+            self.worker = GeneratorWorker(self.model, max_streams=4)
+        return super().result(handle)
+
+
+def test_decodes_queued_behind_a_poison_decode_are_not_blamed_for_it(models):
+    """After a failed decode, each stream with failures has its clips decoded alone, one
+    call after another on the same actor, which runs them in order: P's decode kills it and
+    G's, queued behind, dies with it. Blaming every call in flight (a step's death beside a
+    decode) blamed G at each of P's deaths and gave it up with P; only the step and the
+    first decode in flight were running."""
+    model = models["diffusion"]
+    actor = _ActorDecodeDies(model, poison=666)
+    orch = Orchestrator([actor], max_failures=3)
+    p = orch.submit(request_for(model, frames=orch.clip_len, seed=666), sink=QueueSink(64))
+    rg = request_for(model, frames=orch.clip_len * 3, seed=1)
+    g = orch.submit(rg, sink=QueueSink(64))
+    _given_up_after_three_deaths(orch, actor, p)
+    got = np.concatenate([c.frames for c in orch.streams[g].sink.queue])
+    assert_as_alone(got, reference(model, rg))
+
+
 class _RayLike(LocalExecutor):
     """As a Ray actor: a step is done one wait after it was submitted; a step holding a stream
     of seed ``poison`` kills the actor, and an open/restore submitted while that step is

@@ -195,6 +195,11 @@ class _Work:
     epochs: list[int]
     started: float
     clips: list[ClipOut] = field(default_factory=list)
+    # Submission order: an executor runs its decodes one at a time, in this order.
+    order: int = field(default_factory=lambda: next(_ORDER))
+
+
+_ORDER = itertools.count()
 
 
 class Orchestrator:
@@ -588,14 +593,8 @@ class Orchestrator:
                 # the work list is submitted again (its clip would otherwise never come).
                 self._redo_lost_decodes()
                 raise
-            # Lost decodes are redone: clips stay in to_decode. An executor that died took
-            # every call in flight on it along (a step and a decode run side by side on an
-            # actor): which one killed it is unknown, so the streams of all are blamed (the
-            # decode, submitted first, was handled first and blamed alone: a poison stream
-            # new to a batch went unblamed). Lost streams are the failed step's alone.
-            died = [work]
-            if not _streams_lost(err):
-                died += [w for w in self.work if w.executor == work.executor]
+            # Lost decodes are redone: clips stay in to_decode.
+            died = [work] if _streams_lost(err) else self._running_when_died(work)
             for w in died:
                 if w.kind == "decode":
                     self._mark_decode_failed(w.keys)
@@ -606,6 +605,32 @@ class Orchestrator:
         else:
             self._decode_ended[work.executor] = time.monotonic()  # the next one starts now
             self._apply_frames(work, value)
+
+    def _running_when_died(self, failed: _Work) -> list[_Work]:
+        """The calls that may have killed the executor of ``failed``, which died: every call
+        in flight on it failed with it, but only its step and the first of its decodes were
+        running (decodes run one at a time, in order, beside the step); a call that came back
+        before the death is not one of them. Blaming the call handled first alone blamed a
+        decode beside a poison stream's first step, which went unblamed; blaming all of them
+        blamed the decodes queued behind a poison decode."""
+        executor = self.executors[failed.executor]
+        pending = sorted(
+            [failed, *(w for w in self.work if w.executor == failed.executor)],
+            key=lambda w: w.order,
+        )
+        running: list[_Work] = []
+        decoding = False
+        for w in pending:
+            if w is not failed and executor.wait([w.handle], 0.0):
+                try:
+                    executor.result(w.handle)
+                    continue  # it came back: not running when the executor died
+                except Exception:
+                    pass
+            if w.kind == "step" or not decoding:
+                running.append(w)
+                decoding = decoding or w.kind == "decode"
+        return running
 
     def _apply_step(self, work: _Work, out: StepOut) -> None:
         self._failed_in_a_row[work.executor] = 0
@@ -727,15 +752,15 @@ class Orchestrator:
     def _fail(self, index: int, err: BaseException, blamed: list[int]) -> None:
         """Advance the epochs of the executor's streams, restore them, and redo the decodes that
         were in flight on it (whichever streams they belong to). ``blamed``: the streams whose
-        work failed (a batch's, a decode's clips', every call in flight on an executor that died,
-        the one being placed or the step it queued behind); only their counts of failures in a
-        row go up. A failure while re-placing is handled in the same loop (no recursion). A
-        blamed stream at ``max_failures`` (since it was moved, if it was) is moved to another
-        executor (all its failures on this one, another left) or not placed again; an executor
-        that looks broken (``_broken``) is retired, whether it recovers or not, and no stream
-        keeps a failure on it (none is given up on for them). The others are restored and the
-        lost decodes redone before NoProgress names a stream given up on, so the state stays
-        whole either way."""
+        work failed (a batch's, a decode's clips', the calls running on an executor that died:
+        ``_running_when_died``, the one being placed or the step it queued behind); only their
+        counts of failures in a row go up. A failure while re-placing is handled in the same loop
+        (no recursion). A blamed stream at ``max_failures`` (since it was moved, if it was) is
+        moved to another executor (all its failures on this one, another left) or not placed
+        again; an executor that looks broken (``_broken``) is retired, whether it recovers or
+        not, and no stream keeps a failure on it (none is given up on for them). The others are
+        restored and the lost decodes redone before NoProgress names a stream given up on, so the
+        state stays whole either way."""
         failure: BaseException | None = err
         stuck: list[_Stream] = []
         while failure is not None:
@@ -803,7 +828,11 @@ class Orchestrator:
                     # `_schedule` places it where a slot is free (a stream with every clip
                     # made was closed by the worker: it needs no slot, only its decodes
                     # redone; a moved one not on the executor it failed on); a stuck one
-                    # waits there until a `run` after NoProgress.
+                    # waits there until a `run` after NoProgress. An executor that came back
+                    # may hold it (an open or restore that reached it restarted, before its
+                    # death was handled here): closed, or its slot stayed taken for good.
+                    if not gone:
+                        self.executors[index].close(s.key)
                     s.executor = UNPLACED
                 elif s.accepted < s.num_clips:  # clips left to make: open it again from its truth
                     retry = self._try_place(s)
