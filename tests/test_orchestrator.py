@@ -1727,14 +1727,10 @@ def test_poison_streams_one_after_another_do_not_retire_a_healthy_executor(model
     assert {r["id"]: r["status"] for r in rows} == {"p": "error", "q": "error", "good": "ok"}
 
 
-class _DecodeDies(LocalExecutor):
-    """Decoding any clip of a stream of seed ``poison`` kills the actor (it comes back
-    empty); ``deaths`` counts them. ``seeds``: each stream's seed, shared by the executors
-    (a clip may be decoded on another executor than the one that made it)."""
+class _KnowsSeeds:
+    """Records the seed of each stream opened or restored on it, by key, in ``seeds``."""
 
-    def __init__(self, model: str, poison: int, seeds: dict[int, int]) -> None:
-        super().__init__(GeneratorWorker(model, max_streams=4))
-        self.model, self.poison, self.deaths, self.seeds = model, poison, 0, seeds
+    seeds: dict[int, int]
 
     def open(self, key, request, timeout=None):
         self.seeds[key] = request.seed
@@ -1743,6 +1739,16 @@ class _DecodeDies(LocalExecutor):
     def restore(self, key, snapshot, timeout=None):
         self.seeds[key] = snapshot.request.seed
         super().restore(key, snapshot, timeout)
+
+
+class _DecodeDies(_KnowsSeeds, LocalExecutor):
+    """Decoding any clip of a stream of seed ``poison`` kills the actor (it comes back
+    empty); ``deaths`` counts them. ``seeds``: each stream's seed, shared by the executors
+    (a clip may be decoded on another executor than the one that made it)."""
+
+    def __init__(self, model: str, poison: int, seeds: dict[int, int]) -> None:
+        super().__init__(GeneratorWorker(model, max_streams=4))
+        self.model, self.poison, self.deaths, self.seeds = model, poison, 0, seeds
 
     def decode(self, clips):
         if any(self.seeds.get(c.key) == self.poison for c in clips):
@@ -2074,7 +2080,7 @@ def test_a_stream_leaving_an_executor_that_came_back_holding_it_frees_its_slot(m
     assert_as_alone(got, reference(model, ra))
 
 
-class _ActorDecodeDies(_Actor):
+class _ActorDecodeDies(_KnowsSeeds, _Actor):
     """An ``_Actor`` whose decode of a clip of seed ``poison`` kills it when it runs: that
     decode and every call in flight with it (the decodes queued behind it included) fail."""
 
@@ -2082,14 +2088,6 @@ class _ActorDecodeDies(_Actor):
         super().__init__(model, poison)
         self.seeds: dict[int, int] = {}
         self.dying = False
-
-    def open(self, key, request, timeout=None):
-        self.seeds[key] = request.seed
-        super().open(key, request, timeout)
-
-    def restore(self, key, snapshot, timeout=None):
-        self.seeds[key] = snapshot.request.seed
-        super().restore(key, snapshot, timeout)
 
     def step(self, keys, epochs, snapshot_keys):
         return self._stamped(LocalExecutor.step(self, keys, epochs, snapshot_keys))
