@@ -614,23 +614,21 @@ class Orchestrator:
         decode beside a poison stream's first step, which went unblamed; blaming all of them
         blamed the decodes queued behind a poison decode."""
         executor = self.executors[failed.executor]
-        pending = sorted(
-            [failed, *(w for w in self.work if w.executor == failed.executor)],
-            key=lambda w: w.order,
-        )
-        running: list[_Work] = []
-        decoding = False
-        for w in pending:
-            if w is not failed and executor.wait([w.handle], 0.0):
-                try:
-                    executor.result(w.handle)
-                    continue  # it came back: not running when the executor died
-                except Exception:
-                    pass
-            if w.kind == "step" or not decoding:
-                running.append(w)
-                decoding = decoding or w.kind == "decode"
-        return running
+        others = [w for w in self.work if w.executor == failed.executor]
+        done = set(map(id, executor.wait([w.handle for w in others], 0.0))) if others else set()
+
+        def came_back(w: _Work) -> bool:
+            if id(w.handle) not in done:
+                return False
+            try:
+                executor.result(w.handle)
+                return True
+            except Exception:
+                return False
+
+        lost = sorted([failed, *(w for w in others if not came_back(w))], key=lambda w: w.order)
+        decodes = [w for w in lost if w.kind == "decode"]
+        return [w for w in lost if w.kind == "step"] + decodes[:1]
 
     def _apply_step(self, work: _Work, out: StepOut) -> None:
         self._failed_in_a_row[work.executor] = 0
