@@ -83,7 +83,7 @@ EOF
 # Wheels from $WHEELS (default .whl) into /tmp/site, this checkout and them on PYTHONPATH;
 # once per process tree (the lanes of `all` share it).
 setup_python() {
-    [[ -n "${TRAIN_GPU_PYTHON_READY:-}" ]] && return 0
+    [[ -n "${TRAIN_GPU_PYTHON_READY:-}" && -n "${TRAIN_GPU_DEVICE:-}" ]] && return 0
     local wheels=${WHEELS:-.whl}
     if compgen -G "$wheels/*.whl" >/dev/null; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -92,8 +92,9 @@ setup_python() {
     fi
     export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 TRAIN_GPU_PYTHON_READY=1
     # What training imports, checked before any work (a missing one failed the first
-    # training call, minutes in); scipy only the benchmarks need.
-    python3 - <<'EOF'
+    # training call, minutes in); scipy only the benchmarks need. The device is found here
+    # once (torch takes seconds to import) for every run of the process tree.
+    TRAIN_GPU_DEVICE=$(python3 - <<'EOF'
 import importlib.util, sys
 need = ["torch", "numpy", "einops", "safetensors", "tqdm", "yaml", "packaging", "hydra",
         "omegaconf", "antlr4", "gymnasium"]
@@ -102,7 +103,11 @@ if missing:
     sys.exit(f"train_gpu.sh: missing Python modules {missing}: carry them as wheels (fetch)")
 if importlib.util.find_spec("scipy") is None:
     print("train_gpu.sh: no scipy: training works, benchmarks/*.py will fail", file=sys.stderr)
+import torch
+print("cuda" if torch.cuda.is_available() else "cpu")
 EOF
+)
+    export TRAIN_GPU_DEVICE
 }
 
 run() {
@@ -114,9 +119,7 @@ run() {
     local run_dir="${RUN_DIR:-runs/gpu-$name}"
     local out="${OUT:-$run_dir/export}"
     local precision=fp32
-    if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-        precision=bf16
-    fi
+    [[ "$TRAIN_GPU_DEVICE" == cuda ]] && precision=bf16
     mkdir -p "$run_dir" "$out"
     local override
     for override in "$@"; do
@@ -195,10 +198,7 @@ all() {
     setup_python
     local out="${OUT:-runs/gpu-all/export}" half=$(( $1 / 2 ))
     local threads=${THREADS:-$(( $(nproc) / 3 > 0 ? $(nproc) / 3 : 1 ))}
-    local device=cpu
-    if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-        device=cuda
-    fi
+    local device=$TRAIN_GPU_DEVICE
     mkdir -p "$out"
     out=$(cd "$out" && pwd)
     # Nothing of an earlier call may pass for this one's (a failed lane leaves no model).

@@ -22,6 +22,15 @@ os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.envir
 import pytest  # noqa: E402
 
 
+@pytest.fixture
+def all_threads():
+    """Every core for one test: the I3D of FVD is no test-size model (a clip takes 1.2 s on
+    one thread and 0.46 s on two on the 2-core CI machine)."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One Ray instance for the whole test run, with two logical GPUs so GPU placement is

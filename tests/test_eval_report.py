@@ -124,6 +124,7 @@ def test_empty_folder_is_refused(tmp_path, capsys):
     assert "holds no video files" in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("all_threads")
 def test_fvd_against_a_reference_folder(tmp_path):
     from vidgen.eval.fvd import FVDError, i3d_weights_path
 

@@ -142,6 +142,7 @@ def test_weights_load_strictly():
         I3D().load_variables(wrong)
 
 
+@pytest.mark.usefixtures("all_threads")
 def test_i3d_port_matches_jax_reference(monkeypatch):
     """The logits of the original JAX/Flax model (tests/data/i3d_reference.py) on two clips;
     a port with symmetric instead of TF "SAME" padding must miss them."""
@@ -202,6 +203,7 @@ def test_i3d_features_check_clips():
         i3d_features([], model)
 
 
+@pytest.mark.usefixtures("all_threads")
 def test_fvd_orders_sets():
     """Shapes videos are nearer to other shapes videos than to noise, and a set is at
     distance 0 from itself."""
