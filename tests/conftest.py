@@ -22,6 +22,14 @@ os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.envir
 import pytest  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under pytest-xdist (``-n 2 --dist loadgroup``, the README's command) every Ray test
+    runs in one worker, so the session still has one shared Ray instance."""
+    for item in items:
+        if item.path.name == "test_ray.py":
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 @pytest.fixture
 def all_threads():
     """Every core for one test: the I3D of FVD is no test-size model (a clip takes 1.2 s on
