@@ -2121,6 +2121,24 @@ def test_decodes_queued_behind_a_poison_decode_are_not_blamed_for_it(models):
     assert_as_alone(got, reference(model, rg))
 
 
+
+def test_a_clip_is_made_only_once_decoded_after_a_decode_failed(model):
+    """A stream whose decode died with its actor is under suspicion until a clip of it is
+    decoded: its steps going well cleared its failures, so a stream whose every decode
+    kills an actor (its steps fine, its decodes sent elsewhere while it waited for a slot)
+    killed up to 15 actors in a fuzz of Ray-like actors (at most 2 x max_failures = 6
+    otherwise)."""
+    orch = Orchestrator(local(model))
+    key = orch.submit(request_for(model, frames=32), sink=QueueSink(64))
+    s = orch.streams[key]
+    s.failures, s.decode_failed = 2, True  # as after its decode died with two actors
+    orch._schedule()
+    orch._execute_and_update(0.0)
+    assert (s.accepted, s.delivered, s.failures) == (1, 0, 2)  # made, not decoded yet
+    orch._schedule()
+    orch._execute_and_update(0.0)
+    assert (s.delivered, s.failures, s.decode_failed) == (1, 0, False)
+
 class _RayLike(LocalExecutor):
     """As a Ray actor: a step is done one wait after it was submitted; a step holding a stream
     of seed ``poison`` kills the actor, and an open/restore submitted while that step is

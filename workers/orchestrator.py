@@ -646,7 +646,8 @@ class Orchestrator:
                     proved.add(i)
             s.truth.add(_as_latents(clip))
             s.accepted += 1
-            _made_progress(s)
+            if not s.decode_failed:  # a clip whose decode killed an actor is not made yet
+                _made_progress(s)
             s.to_decode[clip.clip] = clip
             accepted.append(clip)
             if clip.key in out.snapshots:  # the checkpoint, without the request it holds
