@@ -2121,7 +2121,6 @@ def test_decodes_queued_behind_a_poison_decode_are_not_blamed_for_it(models):
     assert_as_alone(got, reference(model, rg))
 
 
-
 def test_a_clip_is_made_only_once_decoded_after_a_decode_failed(model):
     """A stream whose decode died with its actor is under suspicion until a clip of it is
     decoded: its steps going well cleared its failures, so a stream whose every decode
@@ -2138,6 +2137,7 @@ def test_a_clip_is_made_only_once_decoded_after_a_decode_failed(model):
     orch._schedule()
     orch._execute_and_update(0.0)
     assert (s.delivered, s.failures, s.decode_failed) == (1, 0, False)
+
 
 class _RayLike(LocalExecutor):
     """As a Ray actor: a step is done one wait after it was submitted; a step holding a stream
