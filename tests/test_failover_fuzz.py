@@ -213,3 +213,25 @@ def models(tmp_path_factory) -> dict[str, str]:
 @pytest.mark.parametrize("seed", [*range(16), 113, 136, 169, 291])
 def test_random_failures_lose_nothing_and_give_up_only_poison(models, seed):
     run_scenario(seed, models)
+
+
+if __name__ == "__main__":  # a long sweep: python -m tests.test_failover_fuzz FIRST LAST
+    import json
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from tests.models import save_test_generators
+
+    torch.set_num_threads(1)
+    first, last = int(sys.argv[1]), int(sys.argv[2])
+    saved = save_test_generators(Path(tempfile.mkdtemp()))
+    failed = []
+    for seed in range(first, last):
+        try:
+            run_scenario(seed, saved)
+        except AssertionError as err:
+            failed.append([seed, str(err)[:200]])
+    print(json.dumps({"seeds": last - first, "failed": len(failed), "first_failures": failed[:20]}))
