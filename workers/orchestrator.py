@@ -398,9 +398,15 @@ class Orchestrator:
         err = self._try_place(stream)
         if err is not None:
             # An open or restore queues behind the step in flight on that executor: a death
-            # it shares with that step is the step's streams' (this one did no work yet).
-            steps = [w for w in self.work if w.kind == "step" and w.executor == stream.executor]
-            self._fail(stream.executor, err, [k for w in steps for k in w.keys] or [stream.key])
+            # it shares with the calls running there is theirs (this one did no work yet).
+            running = [] if _streams_lost(err) else self._running_on(stream.executor)
+            if isinstance(err, TimeoutError):  # it waited for a hung step (a decode times out)
+                running = [w for w in running if w.kind == "step"]
+            for w in running:
+                if w.kind == "decode":
+                    self._mark_decode_failed(w.keys)
+            blamed = list(dict.fromkeys(k for w in running for k in w.keys))
+            self._fail(stream.executor, err, blamed or [stream.key])
 
     def _try_place(self, stream: _Stream) -> BaseException | None:
         """Place ``stream``; an executor failure is returned (the executor killed if it hung)."""
@@ -613,8 +619,13 @@ class Orchestrator:
         before the death is not one of them. Blaming the call handled first alone blamed a
         decode beside a poison stream's first step, which went unblamed; blaming all of them
         blamed the decodes queued behind a poison decode."""
-        executor = self.executors[failed.executor]
-        others = [w for w in self.work if w.executor == failed.executor]
+        return self._running_on(failed.executor, failed)
+
+    def _running_on(self, index: int, failed: _Work | None = None) -> list[_Work]:
+        """The step and the first decode in flight on executor ``index`` (with ``failed``, a
+        call of it that failed) that had not come back when it died."""
+        executor = self.executors[index]
+        others = [w for w in self.work if w.executor == index and w is not failed]
         done = set(map(id, executor.wait([w.handle for w in others], 0.0))) if others else set()
 
         def came_back(w: _Work) -> bool:
@@ -626,7 +637,8 @@ class Orchestrator:
             except Exception:
                 return False
 
-        lost = sorted([failed, *(w for w in others if not came_back(w))], key=lambda w: w.order)
+        lost = [failed] if failed is not None else []
+        lost = sorted([*lost, *(w for w in others if not came_back(w))], key=lambda w: w.order)
         decodes = [w for w in lost if w.kind == "decode"]
         return [w for w in lost if w.kind == "step"] + decodes[:1]
 
@@ -752,7 +764,7 @@ class Orchestrator:
         """Advance the epochs of the executor's streams, restore them, and redo the decodes that
         were in flight on it (whichever streams they belong to). ``blamed``: the streams whose
         work failed (a batch's, a decode's clips', the calls running on an executor that died:
-        ``_running_when_died``, the one being placed or the step it queued behind); only their
+        ``_running_when_died``; for an open or restore, those on its executor, else it); only their
         counts of failures in a row go up. A failure while re-placing is handled in the same loop
         (no recursion). A blamed stream at ``max_failures`` (since it was moved, if it was) is
         moved to another executor (all its failures on this one, another left) or not placed
