@@ -2125,7 +2125,7 @@ def test_a_clip_is_made_only_once_decoded_after_a_decode_failed(model):
     """A stream whose decode died with its actor is under suspicion until a clip of it is
     decoded: its steps going well cleared its failures, so a stream whose every decode
     kills an actor (its steps fine, its decodes sent elsewhere while it waited for a slot)
-    killed up to 15 actors in a fuzz of Ray-like actors (at most 2 x max_failures = 6
+    killed up to 20 actors in a fuzz of Ray-like actors (at most 2 x max_failures = 6
     otherwise)."""
     orch = Orchestrator(local(model))
     key = orch.submit(request_for(model, frames=32), sink=QueueSink(64))

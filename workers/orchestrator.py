@@ -26,7 +26,7 @@ import logging
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -402,11 +402,7 @@ class Orchestrator:
             running = [] if _streams_lost(err) else self._running_on(stream.executor)
             if isinstance(err, TimeoutError):  # it waited for a hung step (a decode times out)
                 running = [w for w in running if w.kind == "step"]
-            for w in running:
-                if w.kind == "decode":
-                    self._mark_decode_failed(w.keys)
-            blamed = list(dict.fromkeys(k for w in running for k in w.keys))
-            self._fail(stream.executor, err, blamed or [stream.key])
+            self._fail_of(stream.executor, err, running, else_blamed=[stream.key])
 
     def _try_place(self, stream: _Stream) -> BaseException | None:
         """Place ``stream``; an executor failure is returned (the executor killed if it hung)."""
@@ -600,11 +596,8 @@ class Orchestrator:
                 self._redo_lost_decodes()
                 raise
             # Lost decodes are redone: clips stay in to_decode.
-            died = [work] if _streams_lost(err) else self._running_when_died(work)
-            for w in died:
-                if w.kind == "decode":
-                    self._mark_decode_failed(w.keys)
-            self._fail(work.executor, err, list(dict.fromkeys(k for w in died for k in w.keys)))
+            died = [work] if _streams_lost(err) else self._running_on(work.executor, work)
+            self._fail_of(work.executor, err, died)
             return
         if work.kind == "step":
             self._apply_step(work, value)
@@ -612,18 +605,13 @@ class Orchestrator:
             self._decode_ended[work.executor] = time.monotonic()  # the next one starts now
             self._apply_frames(work, value)
 
-    def _running_when_died(self, failed: _Work) -> list[_Work]:
-        """The calls that may have killed the executor of ``failed``, which died: every call
-        in flight on it failed with it, but only its step and the first of its decodes were
-        running (decodes run one at a time, in order, beside the step); a call that came back
-        before the death is not one of them. Blaming the call handled first alone blamed a
-        decode beside a poison stream's first step, which went unblamed; blaming all of them
-        blamed the decodes queued behind a poison decode."""
-        return self._running_on(failed.executor, failed)
-
     def _running_on(self, index: int, failed: _Work | None = None) -> list[_Work]:
-        """The step and the first decode in flight on executor ``index`` (with ``failed``, a
-        call of it that failed) that had not come back when it died."""
+        """The calls that may have killed executor ``index``, which died (``failed``: a call
+        of it seen failing): every call in flight on it failed with it, but only its step and
+        the first of its decodes were running (decodes run one at a time, in order, beside the
+        step); a call that came back before the death is not one of them. Blaming the call
+        handled first alone blamed a decode beside a poison stream's first step, which went
+        unblamed; blaming all of them blamed the decodes queued behind a poison decode."""
         executor = self.executors[index]
         others = [w for w in self.work if w.executor == index and w is not failed]
         done = set(map(id, executor.wait([w.handle for w in others], 0.0))) if others else set()
@@ -760,11 +748,22 @@ class Orchestrator:
                 executor.kill()
             self._fail(index, TimeoutError(f"{kind} exceeded {limit}s"), keys)
 
+    def _fail_of(
+        self, index: int, err: BaseException, calls: list[_Work], else_blamed: Sequence[int] = ()
+    ) -> None:
+        """``_fail`` blaming the streams of ``calls`` (their decodes marked failed), or
+        ``else_blamed`` when there are none."""
+        for w in calls:
+            if w.kind == "decode":
+                self._mark_decode_failed(w.keys)
+        blamed = list(dict.fromkeys(k for w in calls for k in w.keys))
+        self._fail(index, err, blamed or list(else_blamed))
+
     def _fail(self, index: int, err: BaseException, blamed: list[int]) -> None:
         """Advance the epochs of the executor's streams, restore them, and redo the decodes that
         were in flight on it (whichever streams they belong to). ``blamed``: the streams whose
         work failed (a batch's, a decode's clips', the calls running on an executor that died:
-        ``_running_when_died``; for an open or restore, those on its executor, else it); only their
+        ``_running_on``; for an open or restore, those on its executor, else it); only their
         counts of failures in a row go up. A failure while re-placing is handled in the same loop
         (no recursion). A blamed stream at ``max_failures`` (since it was moved, if it was) is
         moved to another executor (all its failures on this one, another left) or not placed
