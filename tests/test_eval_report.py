@@ -141,6 +141,8 @@ def test_fvd_against_a_reference_folder(tmp_path):
         EvalConfig(videos=str(tmp_path / "made"), fvd_reference=str(tmp_path / "real"), fvd_clips=3)
     )
     assert other["fvd_clips"] == 3 and other["fvd"] > 1.0
+    # KVD (unbiased: a set against itself scores below 0 by the self-pairs left out).
+    assert same["kvd"] < 0 < other["kvd"]
     # Fewer clips asked than videos, and sets of other sizes: every clip from a video that
     # has one (a 3rd, short video gives none), the same number from both sets.
     shapes_video(tmp_path / "made" / "2.mp4", 2, seed=5, frames=8)

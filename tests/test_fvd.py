@@ -19,6 +19,7 @@ from vidgen.eval.fvd import (
     frechet_distance,
     i3d_features,
     i3d_weights_path,
+    kernel_distance,
     load_i3d,
     load_i3d_variables,
     preprocess,
@@ -60,6 +61,52 @@ def test_frechet_distance_closed_forms():
     assert frechet_distance(a, b) == pytest.approx(frechet_distance(b, a), rel=1e-8)
 
 
+def _loop_kernel_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """The unbiased MMD^2 written out pair by pair: an independent check."""
+    d = a.shape[1]
+
+    def k(x, y):
+        return (float(x @ y) / d + 1) ** 3
+
+    n, m = len(a), len(b)
+    aa = sum(k(a[i], a[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    bb = sum(k(b[i], b[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    ab = sum(k(x, y) for x in a for y in b) / (n * m)
+    return aa + bb - 2 * ab
+
+
+def test_kernel_distance_is_the_unbiased_mmd():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(7, 5)), rng.normal(size=(9, 5)) * 1.5 + 0.5
+    assert kernel_distance(a, b) == pytest.approx(_loop_kernel_distance(a, b), rel=1e-10)
+    assert kernel_distance(a, b) == pytest.approx(kernel_distance(b, a), rel=1e-10)
+
+
+def test_kernel_distance_has_no_small_sample_bias():
+    """Over many draws the kernel distance of 8 samples a side averages what 400 give (and
+    0 for one distribution), where the Fréchet distance of 8 is several times that of 400."""
+    rng = np.random.default_rng(0)
+    mix = rng.normal(size=(12, 12)) / np.sqrt(12)
+
+    def draw(n: int, shift: float) -> np.ndarray:
+        return rng.normal(size=(n, 12)) @ mix.T * 2 + shift
+
+    def mean_and_error(values: list[float]) -> tuple[float, float]:
+        return float(np.mean(values)), float(np.std(values) / np.sqrt(len(values)))
+
+    small, small_err = mean_and_error([kernel_distance(draw(8, 0), draw(8, 1)) for _ in range(800)])
+    large, large_err = mean_and_error(
+        [kernel_distance(draw(400, 0), draw(400, 1)) for _ in range(8)]
+    )
+    assert large > 20 * large_err  # a real difference, well measured at 400
+    assert abs(small - large) < 4 * np.hypot(small_err, large_err)
+    same, same_err = mean_and_error([kernel_distance(draw(8, 0), draw(8, 0)) for _ in range(800)])
+    assert abs(same) < 4 * same_err
+    fd_small = np.mean([frechet_distance(draw(8, 0), draw(8, 1)) for _ in range(100)])
+    fd_large = np.mean([frechet_distance(draw(400, 0), draw(400, 1)) for _ in range(8)])
+    assert fd_small > 3 * fd_large
+
+
 @pytest.mark.parametrize(
     ("a", "b", "match"),
     [
@@ -69,9 +116,10 @@ def test_frechet_distance_closed_forms():
         (np.full((5, 4), np.nan), np.zeros((5, 4)), "non-finite"),
     ],
 )
-def test_frechet_distance_refuses_bad_features(a, b, match):
+@pytest.mark.parametrize("distance", [frechet_distance, kernel_distance])
+def test_distances_refuse_bad_features(a, b, match, distance):
     with pytest.raises(FVDError, match=match):
-        frechet_distance(a, b)
+        distance(a, b)
 
 
 class _Boom:

@@ -2,7 +2,13 @@
 (``vidgen.eval.fvd.fvd``; the module, not re-exported here, so that its name stays the
 module's)."""
 
-from vidgen.eval.fvd import FVDError, frechet_distance, i3d_features, load_i3d
+from vidgen.eval.fvd import (
+    FVDError,
+    frechet_distance,
+    i3d_features,
+    kernel_distance,
+    load_i3d,
+)
 from vidgen.eval.scene import (
     Detections,
     MotionStats,
@@ -25,6 +31,7 @@ __all__ = [
     "detect_objects",
     "frechet_distance",
     "i3d_features",
+    "kernel_distance",
     "load_i3d",
     "motion_stats",
     "scene_metrics",

