@@ -22,7 +22,7 @@ import random
 import numpy as np
 import pytest
 
-from tests.test_orchestrator import assert_as_alone, reference, request_for
+from tests.test_orchestrator import assert_as_alone, reference, request_for, run_giving_up
 from workers.actor import GeneratorWorker
 from workers.executors import ExecutorFailed, LocalExecutor, _Done
 from workers.orchestrator import NoProgress, Orchestrator, QueueSink
@@ -185,13 +185,7 @@ def run_scenario(seed: int, models: dict[str, str], broken: bool = False) -> Non
             except NoProgress as err:
                 named.add(err.key)
                 orch.cancel(err.key)
-    while True:
-        try:
-            orch.run()
-            break
-        except NoProgress as err:
-            named.add(err.key)
-            orch.cancel(err.key)
+    run_giving_up(orch, tries=len(reqs) + 1, named=named)  # each NoProgress cancels one
 
     random_deaths = any(cause.startswith("random") for cause, _ in world.deaths)
     for key, role, req in zip(keys, roles, reqs, strict=True):

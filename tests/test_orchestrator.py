@@ -16,7 +16,7 @@ from vidgen.generators import Clip, GenerationRequest, generate_video, load_gene
 from vidgen.io import read_metadata, read_video
 from workers.actor import GeneratorWorker
 from workers.executors import ExecutorFailed, LocalExecutor
-from workers.orchestrator import Orchestrator, QueueSink, SinkError
+from workers.orchestrator import NoProgress, Orchestrator, QueueSink, SinkError
 from workers.render import parts_folder, render
 
 
@@ -66,6 +66,20 @@ def _raise():
 
 def frames_of(orch: Orchestrator, key: int) -> np.ndarray:
     return np.concatenate([c.frames for c in orch.clips(key)])
+
+
+def run_giving_up(orch: Orchestrator, tries: int, named: set | None = None) -> set:
+    """Run ``orch`` to the end, cancelling each stream a ``NoProgress`` names (given up on);
+    returns the keys named (added to ``named``). Fails if ``tries`` runs do not finish it."""
+    named = set() if named is None else named
+    for _ in range(tries):
+        try:
+            orch.run()
+            return named
+        except NoProgress as err:
+            named.add(err.key)
+            orch.cancel(err.key)
+    raise AssertionError(f"not finished after {tries} runs; streams given up on: {named}")
 
 
 def assert_as_alone(got: np.ndarray, alone: np.ndarray) -> None:
@@ -889,7 +903,6 @@ def test_a_step_that_always_fails_is_given_up_on_and_progress_resets_the_count(m
     """The loop restored and retried a stream whose step always failed forever (with
     replacement, one new actor per try); failures separated by progress are not counted
     together, and a render that gives up keeps its finished segments."""
-    from workers.orchestrator import NoProgress
 
     req = request_for(model, frames=48)  # 6 clips
     # Failures at calls 2, 4, 6, 8: each followed by a good step.
@@ -1288,7 +1301,6 @@ def test_a_local_ray_start_that_times_out_is_tried_again(monkeypatch):
 def test_many_failures_in_a_row_end_in_no_progress_not_a_recursion_error(model):
     """Each failure while restoring a failed executor's streams nested one more _fail: past
     about 500 failures (max_failures=1000) that was a RecursionError, not NoProgress."""
-    from workers.orchestrator import NoProgress
 
     class RestoreAlwaysFails(LocalExecutor):
         steps = 0
@@ -1377,7 +1389,6 @@ def test_no_progress_for_one_stream_leaves_the_others_whole(model):
     up on (max_failures=2). The decode lost with A is redone before NoProgress is raised, so
     once P is cancelled (as a failed render's abandon does) Q still finishes. Before, Q's
     clip was never decoded again and run() said nothing could run."""
-    from workers.orchestrator import NoProgress
 
     class DiesDecodingThenRestoring(LocalExecutor):
         decodes = restores = 0
@@ -1544,7 +1555,6 @@ def test_no_progress_names_the_stream_whose_steps_fail_not_its_batch(models):
     named whichever came first (Q) and left Q at max_failures, so after P was cancelled Q's
     next failure-free run still raised. Now the batch's streams go one at a time after a
     failure: P is named, and Q finishes with its own frames."""
-    from workers.orchestrator import NoProgress
 
     model = models["diffusion"]
     _, orch, rq, q, p = _poisoned_pair(model)
@@ -1669,7 +1679,6 @@ def test_a_moved_stream_with_no_other_slot_free_goes_back_rather_than_wait_for_e
     only other executor's streams wait for a reader that reads the moved stream first,
     nothing could run (RuntimeError). It goes back to its executor instead, once: failing
     max_failures more times there gives it up."""
-    from workers.orchestrator import NoProgress
 
     model = models["diffusion"]
     flaky = Flaky(GeneratorWorker(model, max_streams=8), fail_at={2, 3, 4})
@@ -1697,7 +1706,6 @@ def test_poison_streams_one_after_another_do_not_retire_a_healthy_executor(model
     second poison stream's first failure retired an executor that fails on nothing else
     (with one executor and a replace that cannot start an actor: every later item lost)."""
     from workers.jobs.render import parse_manifest, run_batch
-    from workers.orchestrator import NoProgress
 
     model = models["diffusion"]
     a, b = _DiesOnSeed(model, poison=666), _DiesOnSeed(model, poison=666)
@@ -1765,7 +1773,6 @@ def test_a_clip_that_kills_every_decode_gives_up_its_stream_alone(models):
     batch-mate; and once given up on, its decode was redone at every later failure, for
     ever. Now its decodes go alone, it is given up on after max_failures failures on each
     of two executors, and a later run names it again without killing anything."""
-    from workers.orchestrator import NoProgress
 
     model = models["diffusion"]
     seeds: dict[int, int] = {}
@@ -1787,7 +1794,6 @@ def test_a_clip_that_kills_every_decode_gives_up_its_stream_alone(models):
 def test_a_moved_stream_whose_decode_kills_the_other_executor_is_given_up(models):
     """P, moved off A and waiting for B's one slot, had its decode redone on B: it killed B
     again and again (P was not on B, so never blamed there) while B's own stream stalled."""
-    from workers.orchestrator import NoProgress
 
     model = models["diffusion"]
     seeds: dict[int, int] = {}
@@ -1810,8 +1816,6 @@ def test_a_moved_stream_whose_decode_kills_the_other_executor_is_given_up(models
 def test_two_poison_streams_at_once_do_not_retire_a_healthy_executor(models):
     """P1 moved off A (waiting for a full B) and P2 failing on A made A's failures in a row
     pass max_failures for two streams: A was retired, though only poison fails on it."""
-    from workers.orchestrator import NoProgress
-
     model = models["diffusion"]
     a = _DiesOnSeed(model, poison=666, max_streams=8)
     b = _DiesOnSeed(model, poison=666, max_streams=8)
@@ -1824,15 +1828,7 @@ def test_two_poison_streams_at_once_do_not_retire_a_healthy_executor(models):
     orch.submit(request_for(model, frames=n * 12, seed=3), sink=QueueSink(64))
     p2 = orch.submit(request_for(model, frames=n * 4, seed=666, label=1), sink=QueueSink(64))
     assert [orch.streams[k].executor for k in (q, p1, p2)] == [0, 0, 0]
-    named = set()
-    for _ in range(3):
-        try:
-            orch.run()
-            break
-        except NoProgress as err:
-            named.add(err.key)
-            orch.cancel(err.key)
-    assert named == {p1, p2} and orch.executors == [a, b]
+    assert run_giving_up(orch, tries=3) == {p1, p2} and orch.executors == [a, b]
 
 
 class _FailsOnceFor(LocalExecutor):
@@ -1949,7 +1945,6 @@ class _Actor(LocalExecutor):
 def _given_up_after_three_deaths(orch: Orchestrator, actor: _Actor, poison: int) -> None:
     """The poison stream is given up on after killing the actor 3 times (max_failures); the
     others then finish."""
-    from workers.orchestrator import NoProgress
 
     with pytest.raises(NoProgress) as caught:
         orch.run()
@@ -1997,7 +1992,6 @@ def test_one_stream_moved_long_ago_and_a_poison_stream_retire_nothing(models):
     """X failed 3 times in a row for S (by chance); S moved and made a clip elsewhere, so X
     counted as proven broken, idle, with its count kept. A poison stream's first failure
     on X later retired it."""
-    from workers.orchestrator import NoProgress
 
     class FlakyThenPoison(_DiesOnSeed):
         calls = 0
@@ -2062,8 +2056,6 @@ def test_a_stream_leaving_an_executor_that_came_back_holding_it_frees_its_slot(m
             if any(streams[k].request.seed == 666 for k in keys if k in streams):
                 return self._call(_raise)
             return super().step(keys, epochs, snapshot_keys)
-
-    from workers.orchestrator import NoProgress
 
     model = models["diffusion"]
     executor = KeepsStreams(GeneratorWorker(model, max_streams=1))
@@ -2293,7 +2285,6 @@ def test_a_moved_stream_prefers_an_actor_a_poison_stream_failed_over_a_broken_on
     first step on the healthy actor killed it, so no actor had 0 failures in a row and G
     went to the least loaded, broken one, where it was given up on. It now goes to the one
     with the fewest failures in a row, the healthy one, and finishes."""
-    from workers.orchestrator import NoProgress
 
     model = models["diffusion"]
     healthy = _DiesOnSeed(model, poison=666, max_streams=3)
@@ -2415,7 +2406,6 @@ def test_an_iterator_dropped_before_its_first_clip_frees_its_stream(model):
 def test_an_iterator_that_ended_with_an_error_leaves_its_stream_alone(models):
     """The natural retry: NoProgress about another stream ends the iterator; cancel that
     one and iterate again. Dropping the ended iterator cancelled its (healthy) stream."""
-    from workers.orchestrator import NoProgress
 
     model = models["diffusion"]
     orch = Orchestrator([_DiesOnSeed(model, poison=666)], max_failures=3)
@@ -2436,7 +2426,6 @@ def test_an_iterator_that_ended_with_an_error_leaves_its_stream_alone(models):
 def test_a_stream_given_up_on_is_parked_not_stepped_again(models):
     """Not cancelled after NoProgress, the stuck stream was placed again at once, stepped
     alone, killed the actor and raised again, run after run, while the good stream waited."""
-    from workers.orchestrator import NoProgress
 
     model = models["diffusion"]
     executor, orch, rq, q, p = _poisoned_pair(model)
@@ -2457,7 +2446,6 @@ def test_a_stream_given_up_on_is_parked_not_stepped_again(models):
 def test_a_submit_caught_in_another_streams_no_progress_holds_no_slot(models):
     """B's open kills the actor, and X's restore then fails until X is given up on: the
     NoProgress about X left B open on the worker, untracked, its slot taken for good."""
-    from workers.orchestrator import NoProgress
 
     model = models["diffusion"]
 
@@ -2545,7 +2533,6 @@ def test_a_moved_stream_is_not_kept_on_a_broken_actor_by_a_poison_streams_old_co
     count of 3 failures in a row. G, moved off broken B1, went to broken B3 (count 0) and,
     after each failure there, back to B3 (count 1, 2: below H0's 3) until it was given up
     on, with H0's slots free. An executor it has not failed on now comes first."""
-    from workers.orchestrator import NoProgress
 
     model = models["diffusion"]
     h0 = _DiesOnSeed(model, poison=666, max_streams=3)
@@ -2581,7 +2568,6 @@ def test_a_moved_stream_does_not_wait_while_an_idle_healthy_actor_has_free_slots
     s = orch.submit(request_for(model, frames=n * 2, seed=1), sink=QueueSink(64))
     t = orch.submit(request_for(model, frames=n * 40, seed=2), sink=QueueSink(64))
     assert [orch.streams[k].executor for k in (p, s, t)] == [0, 1, 2]
-    from workers.orchestrator import NoProgress
 
     try:
         orch.run(until=lambda: orch.streams[t].accepted >= 20)
@@ -2597,7 +2583,6 @@ def test_a_stream_sent_back_while_a_reader_waits_takes_an_untried_actor(models):
     poison P's) for H2 (0 failures, full with T, whose queue fills while the caller reads
     P). Nothing could run, so G was sent back, to the least loaded executor, B1, and given
     up on there; H3 stayed idle."""
-    from workers.orchestrator import NoProgress
 
     model = models["diffusion"]
     x0 = _DiesOnSeed(model, poison=666, max_streams=2)
