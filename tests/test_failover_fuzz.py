@@ -9,7 +9,9 @@ tick per wait of the orchestrator's loop); a lethal call kills the actor when it
 every call of that life not done by then fails with it; the actor comes back empty. Each
 scenario checks DESIGN.md's failover promises: every good stream's video is whole and as
 made alone, every poison stream is given up on (``NoProgress`` names it) within its bound
-of actor deaths, and no good stream is given up on unless a random death took part.
+of actor deaths (2 x max_failures, not counting those of an actor retired as broken, which
+forgives the failures on it), and no good stream is given up on unless a random death took
+part.
 
 Run over thousands of seeds, this harness (in its first form, outside the suite) found
 bugs that tests in test_orchestrator.py now pin down (decodes blamed for a poison step, a
@@ -37,7 +39,8 @@ class World:
     def __init__(self, rng: random.Random) -> None:
         self.rng, self.now = rng, 0
         self.actors: list[VirtualActor] = []
-        self.deaths: list[tuple[str, list[int]]] = []  # (cause, keys of the lethal call)
+        # (cause, keys of the lethal call, the actor that died)
+        self.deaths: list[tuple[str, list[int], VirtualActor]] = []
         self.seeds: dict[int, int] = {}  # stream key -> request seed
 
     def advance_to(self, t: int) -> None:
@@ -89,7 +92,7 @@ class VirtualActor(LocalExecutor):
         self.life += 1
         self.busy = {"step": when, "decode": when}
         self.worker = GeneratorWorker(self.model, max_streams=self.max_streams)
-        self.world.deaths.append((cause, keys))
+        self.world.deaths.append((cause, keys, self))
 
     def _lethal(self, keys: list[int], poison: int, kind: str) -> str | None:
         if any(self.world.seeds.get(k) == poison for k in keys):
@@ -187,16 +190,21 @@ def run_scenario(seed: int, models: dict[str, str], broken: bool = False) -> Non
                 orch.cancel(err.key)
     run_giving_up(orch, tries=len(reqs) + 1, named=named)  # each NoProgress cancels one
 
-    random_deaths = any(cause.startswith("random") for cause, _ in world.deaths)
+    random_deaths = any(cause.startswith("random") for cause, _, _ in world.deaths)
+    # An actor retired as broken (dropped: no replace here) takes the failures of streams on
+    # it with it, a poison's deaths there too: they are not counted against its bound.
+    retired = [a for a in actors if not any(a is e for e in orch.executors)]
     for key, role, req in zip(keys, roles, reqs, strict=True):
         if role != "good":
             assert key in named, f"seed {seed}: the {role} stream was never given up on"
             lethal = role.replace("_", "-")
-            deaths = sum(cause == lethal and key in ks for cause, ks in world.deaths)
+            deaths = sum(
+                cause == lethal and key in ks and not any(a is r for r in retired)
+                for cause, ks, a in world.deaths
+            )
             # A decode of a decode poison already sent when it is given up on still runs.
             bound = 2 * max_failures + (role == "decode_poison")
-            # (Known: a broken actor retired clears its streams' counts, a poison's too.)
-            assert broken or deaths <= bound, f"seed {seed}: the {role} stream killed {deaths}"
+            assert deaths <= bound, f"seed {seed}: the {role} stream killed {deaths}"
             continue
         if key in named:
             assert random_deaths, f"seed {seed}: good stream {key} given up on"
@@ -224,11 +232,13 @@ def test_random_failures_lose_nothing_and_give_up_only_poison(models, seed):
     run_scenario(seed, models)
 
 
-@pytest.mark.parametrize("seed", range(8))
+# The first seeds, and two of the first 200 on which a step poison killed 10 and 14 actors
+# besides the broken one while the broken one's retirement cleared its failure count.
+@pytest.mark.parametrize("seed", [*range(8), 12, 38])
 def test_a_broken_actor_beside_random_failures_costs_no_good_stream(models, seed):
     """With an actor that restarts under every step beside the others: its streams move and
     finish elsewhere (none is given up on for its faults), poison streams are still given up
-    on."""
+    on, within their bound."""
     run_scenario(seed, models, broken=True)
 
 

@@ -1864,6 +1864,47 @@ def test_streams_of_a_retired_executor_keep_no_failures_from_it(models):
         assert_as_alone(got, reference(model, req))
 
 
+def test_retiring_a_broken_executor_forgives_only_the_failures_on_it():
+    """The bookkeeping of a broken executor's retirement: a stream keeps the failures it had
+    elsewhere (a poison's deaths on healthy actors), and a move keeps counting failures since
+    it, unless the move was away from the broken executor."""
+    from workers.orchestrator import _forgive, _Stream
+
+    broken, a, b = object(), object(), object()
+
+    def stream(failed: list[object], moved_after: int = 0) -> _Stream:
+        s = _Stream(key=1, request=None, num_clips=4, sink=None, executor=0)
+        for i, e in enumerate(failed):  # as Orchestrator._fail counts them
+            if i == moved_after and moved_after:
+                s.avoid, s.moved_at = failed[i - 1], i
+                s.failed_before_move = dict(s.failed_times)
+            s.failures += 1
+            if not any(f is e for f in s.failed_on):
+                s.failed_on.append(e)
+            s.failed_times[id(e)] = s.failed_times.get(id(e), 0) + 1
+        s.decode_failed = True
+        return s
+
+    s = stream([a, broken, a, broken])
+    _forgive(s, broken)
+    assert (s.failures, s.failed_on, s.decode_failed) == (2, [a], True)
+    _forgive(s, b)  # never failed there: nothing changes
+    assert s.failures == 2
+    s = stream([broken, a, a, broken, b], moved_after=3)  # moved off a after 3 failures
+    _forgive(s, broken)  # one before the move, one after: 1 failure since the move left
+    assert (s.failures, s.moved_at, s.avoid) == (3, 2, a)
+    s = stream([broken, broken, broken, a], moved_after=3)  # moved off the broken one
+    _forgive(s, broken)
+    assert (s.failures, s.moved_at, s.avoid, s.failed_on) == (1, 0, None, [a])
+    s = stream([broken, broken])  # all its failures there: as if it had made progress
+    _forgive(s, broken)
+    assert (s.failures, s.failed_on, s.decode_failed) == (0, [], False)
+    s = stream([broken, a])
+    s.stuck = True  # given up on: keeps what NoProgress said
+    _forgive(s, broken)
+    assert s.failures == 2
+
+
 class _Broken(_Delayed):
     """Every step fails ``delay`` s after it was submitted (a fresh worker of ``max_streams``,
     as a restarted actor); ``recover`` raises after ``restarts`` recoveries (a Ray actor's

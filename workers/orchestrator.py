@@ -162,6 +162,8 @@ class _Stream:
     delivered: int = 0  # clips handed to the sink
     failures: int = 0  # executor failures it went through since it last made progress
     failed_on: list[Any] = field(default_factory=list)  # the executors of those failures
+    failed_times: dict[int, int] = field(default_factory=dict)  # id(executor) -> how many
+    failed_before_move: dict[int, int] = field(default_factory=dict)  # failed_times then
     avoid: Any = None  # the executor it failed max_failures times on: placed elsewhere
     moved_at: int = 0  # its failures in a row when it was moved (once; 0: not moved): it
     # gets max_failures more
@@ -787,13 +789,15 @@ class Orchestrator:
             for s in [s for s in self.streams.values() if s.key in blamed and not s.done]:
                 s.failures += 1
                 if not any(e is executor for e in s.failed_on):
-                    s.failed_on.append(executor)
+                    s.failed_on.append(executor)  # referenced: its id stays its own
+                s.failed_times[id(executor)] = s.failed_times.get(id(executor), 0) + 1
                 if broken:  # not the streams' failures: cleared below, none given up on
                     continue
                 if s.failures - s.moved_at >= self.max_failures and not s.stuck:
                     if not s.moved_at and self._elsewhere(s):
                         # this executor may be the bad one: another, with a new count
                         s.avoid, s.moved_at = executor, s.failures
+                        s.failed_before_move = dict(s.failed_times)
                     else:
                         s.stuck = True
                         stuck.append(s)
@@ -801,8 +805,7 @@ class Orchestrator:
             self.work = [w for w in self.work if w.executor != index]
             if broken:  # retired below, recovered or not: its failures were not the streams'
                 for s in self.streams.values():
-                    if any(e is executor for e in s.failed_on):
-                        _made_progress(s)
+                    _forgive(s, executor)
             try:
                 executor.recover()
                 differ = _differ(self.info, executor.info)
@@ -937,6 +940,27 @@ def _made_progress(s: _Stream) -> None:
         return
     s.failures, s.avoid, s.moved_at, s.decode_failed = 0, None, 0, False
     s.failed_on.clear()
+    s.failed_times.clear()
+    s.failed_before_move.clear()
+
+
+def _forgive(s: _Stream, executor: Any) -> None:
+    """Take back the failures ``s`` went through on ``executor``, found broken (they were
+    its faults), and only those: a poison stream keeps the deaths it caused elsewhere, so
+    retiring a broken actor does not give it a fresh count. A move away from the broken
+    executor is undone (another may be made); a move away from another keeps the count of
+    failures since it."""
+    if s.stuck or not any(e is executor for e in s.failed_on):
+        return
+    s.failures -= s.failed_times.pop(id(executor), 0)
+    s.failed_on = [e for e in s.failed_on if e is not executor]
+    if s.avoid is executor:
+        s.avoid, s.moved_at = None, 0
+        s.failed_before_move.clear()
+    elif s.moved_at:  # failures on it before the move no longer count towards the move either
+        s.moved_at -= s.failed_before_move.pop(id(executor), 0)
+    if s.failures <= 0:
+        _made_progress(s)
 
 
 def _as_latents(clip: ClipOut):
