@@ -91,6 +91,40 @@ def test_kl_decoder_fine_tuning_keeps_the_encoder_and_its_latent_scale(tmp_path)
     assert part.config["scale"] != base.config["scale"]
 
 
+def test_a_resumed_fine_tune_needs_only_its_state_not_its_init_file(tmp_path):
+    """A fine-tune resumed after its init file was replaced in place (other weights, another
+    latent scale) or removed equals the run made straight through: the state stands in for
+    the init, and the card names the init the run began from."""
+    kl = ["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2"]
+    base = train(kl, tmp_path / "base", 2)
+    other = checkpoint.load(train([*kl, "train.seed=1"], tmp_path / "other", 2))
+    init = tmp_path / "init.safetensors"
+    shutil.copy(base, init)
+    tuned = [*kl, f"init={init}", "freeze=[encoder]"]
+    straight = checkpoint.load(train(tuned, tmp_path / "straight", 4))
+    assert other.config["scale"] != straight.config["scale"]
+
+    def check(resumed: checkpoint.Checkpoint) -> None:
+        assert resumed.config == straight.config  # the scale of the init it began from
+        for key in ("init", "frozen"):
+            assert resumed.card[key] == straight.card[key]
+        assert resumed.card["resumes"] == [{"step": 2, "changes": {}}]
+        assert resumed.tensors.keys() == straight.tensors.keys()
+        for name in straight.tensors:
+            assert torch.equal(resumed.tensors[name], straight.tensors[name]), name
+
+    train(tuned, tmp_path / "swapped", 4, stop_at=2)
+    shutil.copy(other.path, init)
+    check(checkpoint.load(train(tuned, tmp_path / "swapped", 4)))
+    shutil.copy(base, init)
+    train(tuned, tmp_path / "gone", 4, stop_at=2)
+    init.unlink()
+    check(checkpoint.load(train(tuned, tmp_path / "gone", 4)))
+    # A fresh run (no state) still needs the file.
+    with pytest.raises(TrainSetupError, match="init"):
+        train(tuned, tmp_path / "fresh", 4)
+
+
 def test_fine_tuning_arguments_are_checked(tmp_path):
     kl = ["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2"]
     base = train(kl, tmp_path / "base", 1)

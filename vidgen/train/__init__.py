@@ -16,6 +16,8 @@ from vidgen.fsutil import exclusive, remove_temps
 from vidgen.io import VideoReadError
 from vidgen.train.encoded import naming
 from vidgen.train.loop import (
+    INIT_CARD,
+    STATE_FILE,
     StepSampler,
     Task,
     TrainConfig,
@@ -72,12 +74,23 @@ class TrainCommandConfig:
             )
 
 
-def build_task(cfg: TrainCommandConfig) -> Task:
+def build_task(cfg: TrainCommandConfig, resume: checkpoint.Checkpoint | None = None) -> Task:
     """The task of the chosen preset, started from ``cfg.init`` with ``cfg.freeze`` fixed
-    when fine-tuning."""
+    when fine-tuning. ``resume``: the run's saved state, when one is resumed; a fine-tune's
+    state stands in for its ``init`` (whose file is then neither needed nor read: it may
+    have been replaced or removed since the run began), and the card keeps the init the run
+    began from."""
     init = None
-    if cfg.init:
-        target = cfg.tokenizer if cfg.tokenizer is not None else cfg.model
+    field_name = "tokenizer" if cfg.tokenizer is not None else "model"
+    target = getattr(cfg, field_name)
+    began = (resume.card.get(INIT_CARD) if resume is not None and cfg.init else None) or {}
+    if began:
+        # Values measured on the trained model (the KL's latent scale) as the run began.
+        measured = getattr(type(target), "MEASURED", ())
+        saved = resume.config.get(field_name) or {}
+        config = replace(target, **{k: saved[k] for k in measured if k in saved})
+        cfg = replace(cfg, **{field_name: config})
+    elif cfg.init:
         with naming("init", cfg.init):
             init = checkpoint.load(cfg.init, expected_config=type(target))
         # Hyperparameters come from the command (a different architecture fails to load
@@ -85,7 +98,7 @@ def build_task(cfg: TrainCommandConfig) -> Task:
         measured = getattr(type(target), "MEASURED", ())
         trained = init.config_as(type(target))
         config = replace(target, **{k: getattr(trained, k) for k in measured})
-        cfg = replace(cfg, **{"tokenizer" if cfg.tokenizer is not None else "model": config})
+        cfg = replace(cfg, **{field_name: config})
     if getattr(cfg.tokenizer, "latent_noise", 0) and "encoder" not in cfg.freeze:
         # The noise is sized in scaled-latent units, which only a trained, frozen encoder
         # (its scale measured) has; a trainable encoder could also outgrow a fixed noise.
@@ -111,6 +124,15 @@ def build_task(cfg: TrainCommandConfig) -> Task:
         carried = {k: init.card[k] for k in ("guidance", "contrast") if k in init.card}
         if carried:
             task.card = {**task.card, **carried, "sampling_defaults": f"from {cfg.init}"}
+    elif began:
+        # The weights (and buffers: a quantizer switched on) the run has reached; train()
+        # loads the whole state again, optimizer included (and refuses one that does not fit
+        # this run's model, naming the settings changed).
+        with contextlib.suppress(checkpoint.CheckpointError):
+            resume.load_into(task.model, prefix="model.")
+        freeze_parameters(task.model, cfg.freeze)
+        check_encoder_freeze(task.model, cfg.freeze)
+        task.card = {**task.card, **began}
     quantizer = getattr(task.model, "quantizer", None)
     warmup = getattr(cfg.tokenizer, "vq_warmup", 0)
     if (
@@ -214,9 +236,13 @@ def run_train(cfg: TrainCommandConfig) -> Path:
         if stale:
             log.info("removed %d temporary file(s) a killed run left in %s", stale, out)
         torch.manual_seed(cfg.train.seed)  # the model's initial weights are part of the run
+        state, resume = out / STATE_FILE, None
+        if cfg.init and cfg.train.resume and state.exists():
+            with contextlib.suppress(checkpoint.CheckpointError):  # damaged: train() says so
+                resume = checkpoint.load(state)
         try:
             resolve_device(cfg.train.device)  # no CUDA for train.device=cuda: refused here
-            task = build_task(cfg)
+            task = build_task(cfg, resume)
         except (FileNotFoundError, ValueError, VideoReadError, checkpoint.CheckpointError) as err:
             if made and [p.name for p in out.iterdir()] == [LOCK_FILE]:
                 lock.unlink()  # a run refused at setup leaves no folder it made behind

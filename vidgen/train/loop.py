@@ -365,6 +365,10 @@ FROZEN_INPUTS = {
     "autoencoder_fingerprint": "tokenizer.autoencoder",
 }
 HISTORY_KEPT = 20  # log entries carried in the state and the exported card
+# A fine-tune's state keeps what its card says of the init it began from (under INIT_CARD):
+# a resume takes them from there, not from the init file, which may have changed since.
+INIT_CARD = "began_from"
+INIT_CARD_KEYS = ("init", "frozen", "guidance", "contrast", "sampling_defaults")
 
 
 def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
@@ -616,6 +620,8 @@ def _save_state(
     card["threads"] = torch.get_num_threads()
     card["rng_device"] = gen.device.type
     card.update({k: task.card[k] for k in FROZEN_INPUTS if k in task.card})
+    if "init" in task.card:
+        card[INIT_CARD] = {k: task.card[k] for k in INIT_CARD_KEYS if k in task.card}
     checkpoint.save(path, tensors, task.run_config, card=card)
 
 
