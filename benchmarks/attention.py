@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 import warnings
@@ -27,6 +26,7 @@ from collections.abc import Callable
 
 import torch
 
+from vidgen.machine import describe_machine
 from vidgen.nn import (
     attention,
     available_backends,
@@ -159,9 +159,7 @@ def main() -> None:
             )
 
     result: dict[str, object] = {
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or "cpu",
+        "device": describe_machine(device),
         "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "backends": backends,

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 
 import torch
 
 from vidgen.generators import DiffusionClipGenerator, GenerationRequest
+from vidgen.machine import describe_machine
 from vidgen.models.ca2vdm import CA2VDM_CONFIGS, CausalVideoDiT, Cond, history_mask
 from vidgen.nn import KVCache, randomize_
 from vidgen.tokenizers.kl import KL_CONFIGS, KLAutoencoder
@@ -149,7 +148,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     result: dict[str, object] = {
-        "machine": f"{platform.platform()}, {os.cpu_count()} cpus, torch {torch.__version__}",
+        "machine": describe_machine(),
         "threads": torch.get_num_threads(),
     }
     for name in args.configs.split(","):

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import numpy as np
 import torch
 
 from vidgen.generators import GenerationRequest, load_generator
+from vidgen.machine import describe_machine
 
 
 def run(gen, model: str, frames: int, streams: int) -> tuple[float, np.ndarray]:
@@ -80,11 +80,7 @@ def main() -> None:
         "frames": args.frames,
         "streams": args.streams,
         "device": args.device,
-        "machine": (
-            torch.cuda.get_device_name()
-            if args.device == "cuda"
-            else f"{platform.platform()}, {args.threads} threads, torch {torch.__version__}"
-        ),
+        "machine": describe_machine(args.device),
     }
     for model in args.models.split(","):
         result[model] = measure(model, args.frames, args.streams, args.device)

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -110,7 +108,9 @@ def main() -> None:
     )
     out["whole_growth"] = round(runs[long]["whole"]["peak_mb"] / runs[short]["whole"]["peak_mb"], 4)
     out["whole_over_streamed"] = round(over["whole"] / over["streamed"], 2)
-    out["machine"] = f"{platform.platform()}, {os.cpu_count()} cpus"
+    from vidgen.machine import describe_machine  # torch: imported by the children only
+
+    out["machine"] = describe_machine()
     print(json.dumps(out))
 
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+from vidgen.machine import describe_machine
 
 
 def peak_rss_mb() -> float:
@@ -41,10 +41,6 @@ def child(model: str, frames: int, steps: int) -> None:
         for clip in generate_video(gen, request):
             writer.write(clip.frames)
     print(json.dumps({"frames": frames, "peak_mb": peak_rss_mb()}))
-
-
-def machine() -> str:
-    return f"{platform.platform()}, {os.cpu_count()} cpus, torch {torch.__version__}"
 
 
 def main() -> None:
@@ -82,7 +78,7 @@ def main() -> None:
                 "model": args.model,
                 **{f"peak_mb_{f}": round(p, 1) for f, p in peaks.items()},
                 "growth": round(max(peaks.values()) / min(peaks.values()), 4),
-                "machine": machine(),
+                "machine": describe_machine(),
             }
         )
     )

@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import platform
 import time
 
 import torch
 
 from vidgen.generators import GenerationRequest
 from vidgen.generators.tokens import TokenClipGenerator
+from vidgen.machine import describe_machine
 from vidgen.models.nbp import NBP_CONFIGS, NextBlockTransformer
 from vidgen.nn import randomize_
 from vidgen.tokenizers.kl import KL_CONFIGS, KLAutoencoder
@@ -43,10 +42,6 @@ def frames_per_second(block: int, config: str, clips: int) -> tuple[float, int]:
     seconds = time.perf_counter() - start
     made = (clips - 1) * gen.clip_len
     return made / seconds, cfg.blocks_per_clip
-
-
-def machine() -> str:
-    return f"{platform.platform()}, {os.cpu_count()} cpus, torch {torch.__version__}"
 
 
 def main() -> None:
@@ -73,7 +68,7 @@ def main() -> None:
                 "steps_ratio": ntp_steps / nbp_steps,
                 "speedup_vs_ntp": round(nbp_fps / ntp_fps, 2),
                 "threads": torch.get_num_threads(),
-                "machine": machine(),
+                "machine": describe_machine(),
             }
         )
     )

@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 
 import numpy as np
@@ -64,6 +62,7 @@ from vidgen.generators import (
     generate_video,
     load_generator,
 )
+from vidgen.machine import describe_machine
 from vidgen.sampling.flow import MAX_ETA
 from vidgen.validate import check_number
 from vidgen.worlds.bouncing import BOUNCING_PALETTE, BouncingShapes, BouncingShapesConfig
@@ -303,7 +302,7 @@ def main() -> None:
         "guidance": args.guidance,
         **sampling,
         "true_mean_speed": TRUE_SPEED,
-        "machine": f"{platform.platform()}, {os.cpu_count()} cpus, torch {torch.__version__}",
+        "machine": describe_machine(args.device),
         "device": args.device,
         "dtype": args.dtype,
         "context_frames": args.context,

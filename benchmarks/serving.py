@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -37,6 +35,7 @@ import torch
 
 from vidgen import checkpoint
 from vidgen.generators import GenerationRequest, generate_video, load_generator
+from vidgen.machine import describe_machine
 from workers.executors import RayExecutor
 from workers.orchestrator import Orchestrator
 
@@ -241,7 +240,7 @@ def main() -> None:
             "video_difference": {k: round(v, 4) for k, v in differences.items()},
             "video_difference_between_seeds": round(other_seed, 2),
             **memory(model, memory_frames, args.steps),
-            "machine": f"{platform.platform()}, {os.cpu_count()} cpus, torch {torch.__version__}",
+            "machine": describe_machine(),
         }
     print(json.dumps(result))
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 
 import numpy as np
@@ -40,6 +38,7 @@ from vidgen.eval.fvd import (
     video_clips,
 )
 from vidgen.eval.scene import centroid_error, seam_ratio, summarize_seams
+from vidgen.machine import describe_machine
 from vidgen.tokenizers.larp import (
     LARPVideoTokenizer,
     codebook_usage,
@@ -197,7 +196,7 @@ def main() -> None:
         "sha256": checkpoint.file_sha256(checkpoint.resolve(args.model))[:16],
         "videos_per_world": args.videos,
         "frames_per_video": args.frames,
-        "machine": f"{platform.platform()}, {os.cpu_count()} cpus, torch {torch.__version__}",
+        "machine": describe_machine(args.device),
         "device": str(device),
         "context_decoder": tok.config.context_decoder,
     }

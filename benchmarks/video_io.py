@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,6 +23,7 @@ import numpy as np
 
 from vidgen.data.preview import PreviewConfig, preview
 from vidgen.io import DEFAULT_CRF, VideoWriter, read_video
+from vidgen.machine import describe_machine
 from vidgen.worlds import AgentWorldConfig, BouncingShapes, BouncingShapesConfig
 from vidgen.worlds.agent import generate_trajectory
 
@@ -98,7 +97,7 @@ def main() -> None:
             "psnr_h264_rgb": round(psnr(via_decord, frames), 2),
             "psnr_h264_luma": round(psnr(luma(via_decord), luma(frames)), 2),
             "lossless_bit_exact": exact,
-            "machine": f"{platform.platform()} {platform.machine()}, {os.cpu_count()} cpus",
+            "machine": describe_machine(),
         }
     print(json.dumps(result))
 

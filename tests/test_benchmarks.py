@@ -214,3 +214,22 @@ def test_eval_memory_benchmark_runs_and_compares_equal_figures():
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["frames"] == [40] and out["streamed_peak_mb_40"] > 0
     assert {"streamed_growth", "whole_growth", "whole_over_streamed"} <= set(out)
+    assert "torch threads" in out["machine"]
+
+
+def test_the_machine_line_names_the_cpu_model_threads_and_torch(monkeypatch):
+    """Generated videos need not be bit-equal across CPU kinds and kernel levels, and a long
+    rollout amplifies the last bits: a figure's machine line names the processor model,
+    torch's CPU capability, the torch threads and torch's version."""
+    from vidgen import machine
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    line = machine.describe_machine()
+    assert line.startswith(machine.cpu_model())
+    assert "3 torch threads" in line and f"torch {torch.__version__}" in line
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert f"({capability})" in line
+    if Path("/proc/cpuinfo").exists():  # Linux: the model name, not the architecture
+        names = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln]
+        if names:
+            assert machine.cpu_model() == names[0].split(":", 1)[1].strip()
