@@ -32,13 +32,15 @@ unbiased kernel distance of the same I3D features, ``vidgen.eval.fvd.kernel_dist
 real-vs-real one scatters around 0 by as much as chance gives at this N). Clips are taken
 evenly over each video's length.
 
-Prints one JSON object last: per model the mean of each figure over labels and seeds, and the
-per-label figures.
+Prints one JSON object last: per model the mean of each figure over labels and seeds, the
+per-label figures, and per video its label, seed, the sha256 of its bytes (16 hex digits) and
+its figures, so two runs that disagree can be compared video by video.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 
@@ -112,6 +114,7 @@ def evaluate_model(
         gen.eta = check_number("eta", eta, minimum=0, maximum=MAX_ETA)
     per_label: dict[str, dict[str, float | None]] = {}
     rows = []
+    made: list[dict[str, object]] = []  # per video: label, seed, sha256 of its bytes, scores
     seconds = 0.0  # generation only, not scoring
     for label in labels:
         scores = []
@@ -138,6 +141,10 @@ def evaluate_model(
             scores.append(score_video(video, label, gen.clip_len))
             if videos is not None:
                 videos.append(video)
+            # Which video each score came from: two runs that disagree can be compared
+            # video by video (a long rollout need not be bit-equal on another machine).
+            made.append({"label": label, "seed": seed, "sha256": video_digest(video)})
+            made[-1].update(scores[-1])
         per_label[str(label)] = aggregate(scores)
         rows += scores
     summary = aggregate(rows)
@@ -157,7 +164,12 @@ def evaluate_model(
     if gen.family == "diffusion":
         summary["contrast"] = gen.contrast if contrast is None else contrast
         summary["eta"] = gen.eta
-    return {"summary": summary, "per_label": per_label}
+    return {"summary": summary, "per_label": per_label, "videos": made}
+
+
+def video_digest(video: np.ndarray) -> str:
+    """The first 16 hex digits of the sha256 of a (T, H, W, 3) uint8 video's bytes."""
+    return hashlib.sha256(np.ascontiguousarray(video).tobytes()).hexdigest()[:16]
 
 
 @torch.no_grad()

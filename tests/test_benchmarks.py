@@ -42,6 +42,13 @@ def test_quality_continues_real_videos_of_the_models_size(family, tmp_path, monk
         )
         assert np.array_equal(r.context, world.trajectory(clip).frames)
     assert 0 <= out["summary"]["count_accuracy"] <= 1
+    # Each video named by label, seed and the digest of its bytes, beside its own figures.
+    assert [(v["label"], v["seed"]) for v in out["videos"]] == [(2, 0), (2, 1)]
+    again = quality.evaluate_model(path, 2 * clip, [2], [0, 1], 2, 1.0, context=clip)
+    assert again["videos"] == out["videos"]  # seeded: the same bytes, the same figures
+    assert out["videos"][0]["sha256"] != out["videos"][1]["sha256"]
+    means = [v["count_accuracy"] for v in out["videos"]]
+    assert out["summary"]["count_accuracy"] == pytest.approx(sum(means) / 2)
     requests.clear()
     quality.evaluate_model(path, 2 * clip, [1], [0], 2, 1.0)
     assert requests[0].context is None

@@ -791,7 +791,7 @@ class Orchestrator:
                 if not any(e is executor for e in s.failed_on):
                     s.failed_on.append(executor)  # referenced: its id stays its own
                 s.failed_times[id(executor)] = s.failed_times.get(id(executor), 0) + 1
-                if broken:  # not the streams' failures: cleared below, none given up on
+                if broken:  # not the streams' failures: forgiven below, none given up on
                     continue
                 if s.failures - s.moved_at >= self.max_failures and not s.stuck:
                     if not s.moved_at and self._elsewhere(s):
