@@ -111,13 +111,10 @@ def build_task(cfg: TrainCommandConfig, resume: checkpoint.Checkpoint | None = N
         fresh = init.load_into(
             task.model, missing_ok=getattr(task.model, "ADDED_BY_FINE_TUNES", ())
         )
-        frozen = freeze_parameters(task.model, cfg.freeze)
-        check_encoder_freeze(task.model, cfg.freeze)
         task.card = {
             **task.card,
             "init": f"{cfg.init} (sha256 {init.sha256[:16]})"
             + (f"; new, not in it: {', '.join(fresh)}" if fresh else ""),
-            "frozen": f"{frozen} parameters under {cfg.freeze}" if cfg.freeze else "none",
         }
         # A generator's sampling defaults (its best settings, measured on the weights it
         # starts from) carry over, so a fine-tune can replace it as is; its card says so.
@@ -130,9 +127,12 @@ def build_task(cfg: TrainCommandConfig, resume: checkpoint.Checkpoint | None = N
         # this run's model, naming the settings changed).
         with contextlib.suppress(checkpoint.CheckpointError):
             resume.load_into(task.model, prefix="model.")
-        freeze_parameters(task.model, cfg.freeze)
-        check_encoder_freeze(task.model, cfg.freeze)
         task.card = {**task.card, **began}
+    if cfg.init:
+        frozen = freeze_parameters(task.model, cfg.freeze)
+        check_encoder_freeze(task.model, cfg.freeze)
+        described = f"{frozen} parameters under {cfg.freeze}" if cfg.freeze else "none"
+        task.card = {**task.card, "frozen": described}
     quantizer = getattr(task.model, "quantizer", None)
     warmup = getattr(cfg.tokenizer, "vq_warmup", 0)
     if (

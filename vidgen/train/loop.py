@@ -368,7 +368,7 @@ HISTORY_KEPT = 20  # log entries carried in the state and the exported card
 # A fine-tune's state keeps what its card says of the init it began from (under INIT_CARD):
 # a resume takes them from there, not from the init file, which may have changed since.
 INIT_CARD = "began_from"
-INIT_CARD_KEYS = ("init", "frozen", "guidance", "contrast", "sampling_defaults")
+INIT_CARD_KEYS = ("init", "guidance", "contrast", "sampling_defaults")
 
 
 def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
