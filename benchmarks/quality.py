@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import time
 
 import numpy as np
@@ -144,7 +145,8 @@ def evaluate_model(
             # Which video each score came from: two runs that disagree can be compared
             # video by video (a long rollout need not be bit-equal on another machine).
             made.append({"label": label, "seed": seed, "sha256": video_digest(video)})
-            made[-1].update(scores[-1])
+            # A slideshow's infinite seam ratio as "inf": the JSON stays strict.
+            made[-1].update({k: "inf" if v == math.inf else v for k, v in scores[-1].items()})
         per_label[str(label)] = aggregate(scores)
         rows += scores
     summary = aggregate(rows)

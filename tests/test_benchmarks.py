@@ -109,8 +109,23 @@ def test_quality_counts_videos_without_a_speed_and_leaves_them_out_of_the_mean(
         ]
     )
     monkeypatch.setattr(quality, "score_video", lambda *args: next(scores))
-    summary = quality.evaluate_model(path, 2 * clip, [1], [0, 1], 2, 1.0)["summary"]
+    out = quality.evaluate_model(path, 2 * clip, [1], [0, 1], 2, 1.0)
+    summary = out["summary"]
     assert summary["speed_ratio"] == 2.0 and summary["speed_ratio_undefined"] == 1
+    assert [v["speed_ratio"] for v in out["videos"]] == [2.0, None]
+
+
+def test_quality_lists_a_slideshows_infinite_seam_ratio_in_strict_json(tmp_path, monkeypatch):
+    import json
+
+    path = save_test_generators(tmp_path)["diffusion"]
+    clip = quality.load_generator(path).clip_len
+    score = {"count_accuracy": 1.0, "speed_ratio": 1.0, "seam_ratio": float("inf")}
+    monkeypatch.setattr(quality, "score_video", lambda *args: dict(score))
+    out = quality.evaluate_model(path, 2 * clip, [1], [0], 2, 1.0)
+    assert out["videos"][0]["seam_ratio"] == "inf"
+    assert out["summary"]["seam_ratio_infinite"] == 1
+    json.dumps(out["videos"], allow_nan=False)  # raises on Infinity
 
 
 def test_tokenizer_benchmark_reports_unmeasurable_figures_as_null():
