@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from vidgen.machine import describe_machine
+from vidgen.machine import cpu_model, describe_machine
 from vidgen.nn import (
     attention,
     available_backends,
@@ -159,7 +159,8 @@ def main() -> None:
             )
 
     result: dict[str, object] = {
-        "device": describe_machine(device),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "machine": describe_machine(device),
         "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "backends": backends,

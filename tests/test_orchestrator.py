@@ -1896,6 +1896,11 @@ def test_retiring_a_broken_executor_forgives_only_the_failures_on_it():
     s = stream([broken, broken, broken, a], moved_after=3)  # moved off the broken one
     _forgive(s, broken)
     assert (s.failures, s.moved_at, s.avoid, s.failed_on) == (1, 0, None, [a])
+    # Moved off the broken one after failures elsewhere too: still moved (no second move and
+    # a fresh allowance for a poison), counting the 2 failures since the move.
+    s = stream([a, a, broken, b, b], moved_after=3)
+    _forgive(s, broken)
+    assert (s.failures, s.moved_at, s.avoid, s.failed_on) == (4, 2, None, [a, b])
     s = stream([broken, broken])  # all its failures there: as if it had made progress
     _forgive(s, broken)
     assert (s.failures, s.failed_on, s.decode_failed) == (0, [], False)

@@ -432,6 +432,23 @@ def test_fine_tuning_a_larp_keeps_its_trained_codebook(tmp_path):
     assert moved.min() > 0.9  # nudged by gradients, not replaced by encoder outputs
 
 
+def test_a_resumed_larp_fine_tune_is_past_its_vq_warm_up_without_its_init_file(tmp_path):
+    """The resumed fine-tune's model starts from its state, quantizer switched on: a warm-up
+    longer than the run (refused for a LARP that never quantised) is no reason to refuse it,
+    and the result equals the run made straight through."""
+    larp = [*LARP_SMALL, f"tokenizer.autoencoder={make_autoencoder(tmp_path)}"]
+    init = tmp_path / "init.safetensors"
+    shutil.copy(train(larp, tmp_path / "base", 3), init)
+    tuned = [*larp, f"init={init}", "tokenizer.vq_warmup=100"]
+    straight = tensors(train(tuned, tmp_path / "straight", 4))
+    train(tuned, tmp_path / "resumed", 4, stop_at=2)
+    init.unlink()
+    resumed = tensors(train(tuned, tmp_path / "resumed", 4))
+    assert all(torch.equal(resumed[n], straight[n]) for n in straight)
+    with pytest.raises(ValueError, match="vq_warmup=100 must be <= train.steps"):
+        train([*larp, "tokenizer.vq_warmup=100"], tmp_path / "scratch", 4)  # no init: refused
+
+
 def test_a_larp_freeze_must_cover_all_or_none_of_what_its_ids_depend_on(tmp_path):
     """``freeze=[encoder]`` on a LARP left its patch embedding, queries, projection and
     codebook training: new ids without a word, found only when its NBP was refused."""

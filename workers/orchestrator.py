@@ -947,18 +947,20 @@ def _made_progress(s: _Stream) -> None:
 def _forgive(s: _Stream, executor: Any) -> None:
     """Take back the failures ``s`` went through on ``executor``, found broken (they were
     its faults), and only those: a poison stream keeps the deaths it caused elsewhere, so
-    retiring a broken actor does not give it a fresh count. A move away from the broken
-    executor is undone (another may be made); a move away from another keeps the count of
-    failures since it."""
+    retiring a broken actor does not give it a fresh count. A move keeps counting the failures
+    since it (those on the broken executor from before it come off both counts); a move made
+    for failures on the broken executor alone is undone (another may be made)."""
     if s.stuck or not any(e is executor for e in s.failed_on):
         return
     s.failures -= s.failed_times.pop(id(executor), 0)
     s.failed_on = [e for e in s.failed_on if e is not executor]
-    if s.avoid is executor:
-        s.avoid, s.moved_at = None, 0
-        s.failed_before_move.clear()
-    elif s.moved_at:  # failures on it before the move no longer count towards the move either
+    if s.moved_at:
         s.moved_at -= s.failed_before_move.pop(id(executor), 0)
+        if s.avoid is executor:  # retired: nothing left to avoid
+            s.avoid = None
+        if not s.moved_at:  # every failure before the move was on it
+            s.avoid = None
+            s.failed_before_move.clear()
     if s.failures <= 0:
         _made_progress(s)
 

@@ -80,7 +80,7 @@ def build_task(cfg: TrainCommandConfig, resume: checkpoint.Checkpoint | None = N
     state stands in for its ``init`` (whose file is then neither needed nor read: it may
     have been replaced or removed since the run began), and the card keeps the init the run
     began from."""
-    init = None
+    init, fits = None, True  # fits: the resumed state's weights loaded into the model
     field_name = "tokenizer" if cfg.tokenizer is not None else "model"
     target = getattr(cfg, field_name)
     began = (resume.card.get(INIT_CARD) if resume is not None and cfg.init else None) or {}
@@ -124,9 +124,11 @@ def build_task(cfg: TrainCommandConfig, resume: checkpoint.Checkpoint | None = N
     elif began:
         # The weights (and buffers: a quantizer switched on) the run has reached; train()
         # loads the whole state again, optimizer included (and refuses one that does not fit
-        # this run's model, naming the settings changed).
-        with contextlib.suppress(checkpoint.CheckpointError):
+        # this run's model, naming the settings changed: the checks below wait for it).
+        try:
             resume.load_into(task.model, prefix="model.")
+        except checkpoint.CheckpointError:
+            fits = False
         task.card = {**task.card, **began}
     if cfg.init:
         frozen = freeze_parameters(task.model, cfg.freeze)
@@ -136,7 +138,8 @@ def build_task(cfg: TrainCommandConfig, resume: checkpoint.Checkpoint | None = N
     quantizer = getattr(task.model, "quantizer", None)
     warmup = getattr(cfg.tokenizer, "vq_warmup", 0)
     if (
-        quantizer is not None
+        fits
+        and quantizer is not None
         and not bool(quantizer.active)
         and quantizer.codebook.requires_grad
         and warmup > cfg.train.steps
@@ -243,6 +246,7 @@ def run_train(cfg: TrainCommandConfig) -> Path:
         try:
             resolve_device(cfg.train.device)  # no CUDA for train.device=cuda: refused here
             task = build_task(cfg, resume)
+            del resume  # train() reads the state itself: not held for the whole run
         except (FileNotFoundError, ValueError, VideoReadError, checkpoint.CheckpointError) as err:
             if made and [p.name for p in out.iterdir()] == [LOCK_FILE]:
                 lock.unlink()  # a run refused at setup leaves no folder it made behind
