@@ -1868,20 +1868,16 @@ def test_retiring_a_broken_executor_forgives_only_the_failures_on_it():
     """The bookkeeping of a broken executor's retirement: a stream keeps the failures it had
     elsewhere (a poison's deaths on healthy actors), and a move keeps counting failures since
     it, unless the move was away from the broken executor."""
-    from workers.orchestrator import _forgive, _Stream
+    from workers.orchestrator import _count_failure, _forgive, _move_off, _Stream
 
     broken, a, b = object(), object(), object()
 
     def stream(failed: list[object], moved_after: int = 0) -> _Stream:
         s = _Stream(key=1, request=None, num_clips=4, sink=None, executor=0)
-        for i, e in enumerate(failed):  # as Orchestrator._fail counts them
+        for i, e in enumerate(failed):  # with Orchestrator._fail's own bookkeeping
             if i == moved_after and moved_after:
-                s.avoid, s.moved_at = failed[i - 1], i
-                s.failed_before_move = dict(s.failed_times)
-            s.failures += 1
-            if not any(f is e for f in s.failed_on):
-                s.failed_on.append(e)
-            s.failed_times[id(e)] = s.failed_times.get(id(e), 0) + 1
+                _move_off(s, failed[i - 1])
+            _count_failure(s, e)
         s.decode_failed = True
         return s
 

@@ -787,17 +787,13 @@ class Orchestrator:
             # Blamed wherever they are: a stream waiting for a slot (or placed elsewhere since)
             # whose decode ran here is blamed too.
             for s in [s for s in self.streams.values() if s.key in blamed and not s.done]:
-                s.failures += 1
-                if not any(e is executor for e in s.failed_on):
-                    s.failed_on.append(executor)  # referenced: its id stays its own
-                s.failed_times[id(executor)] = s.failed_times.get(id(executor), 0) + 1
+                _count_failure(s, executor)
                 if broken:  # not the streams' failures: forgiven below, none given up on
                     continue
                 if s.failures - s.moved_at >= self.max_failures and not s.stuck:
                     if not s.moved_at and self._elsewhere(s):
                         # this executor may be the bad one: another, with a new count
-                        s.avoid, s.moved_at = executor, s.failures
-                        s.failed_before_move = dict(s.failed_times)
+                        _move_off(s, executor)
                     else:
                         s.stuck = True
                         stuck.append(s)
@@ -942,6 +938,20 @@ def _made_progress(s: _Stream) -> None:
     s.failed_on.clear()
     s.failed_times.clear()
     s.failed_before_move.clear()
+
+
+def _count_failure(s: _Stream, executor: Any) -> None:
+    """One more failure of ``s``'s work, on ``executor``."""
+    s.failures += 1
+    if not any(e is executor for e in s.failed_on):
+        s.failed_on.append(executor)  # referenced: its id stays its own
+    s.failed_times[id(executor)] = s.failed_times.get(id(executor), 0) + 1
+
+
+def _move_off(s: _Stream, executor: Any) -> None:
+    """``s`` goes to another executor than ``executor``, with ``max_failures`` more tries."""
+    s.avoid, s.moved_at = executor, s.failures
+    s.failed_before_move = dict(s.failed_times)
 
 
 def _forgive(s: _Stream, executor: Any) -> None:

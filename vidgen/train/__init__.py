@@ -84,21 +84,20 @@ def build_task(cfg: TrainCommandConfig, resume: checkpoint.Checkpoint | None = N
     field_name = "tokenizer" if cfg.tokenizer is not None else "model"
     target = getattr(cfg, field_name)
     began = (resume.card.get(INIT_CARD) if resume is not None and cfg.init else None) or {}
+    # Hyperparameters come from the command (a different architecture fails to load below);
+    # values measured on the trained model (the KL's latent scale) from the init, or from
+    # the state of a resumed fine-tune (as they were when the run began).
+    measured = getattr(type(target), "MEASURED", ())
     if began:
-        # Values measured on the trained model (the KL's latent scale) as the run began.
-        measured = getattr(type(target), "MEASURED", ())
         saved = resume.config.get(field_name) or {}
-        config = replace(target, **{k: saved[k] for k in measured if k in saved})
-        cfg = replace(cfg, **{field_name: config})
+        values = {k: saved[k] for k in measured if k in saved}
     elif cfg.init:
         with naming("init", cfg.init):
             init = checkpoint.load(cfg.init, expected_config=type(target))
-        # Hyperparameters come from the command (a different architecture fails to load
-        # below); values measured on the trained model (the KL's latent scale) from the init.
-        measured = getattr(type(target), "MEASURED", ())
         trained = init.config_as(type(target))
-        config = replace(target, **{k: getattr(trained, k) for k in measured})
-        cfg = replace(cfg, **{field_name: config})
+        values = {k: getattr(trained, k) for k in measured}
+    if cfg.init:
+        cfg = replace(cfg, **{field_name: replace(target, **values)})
     if getattr(cfg.tokenizer, "latent_noise", 0) and "encoder" not in cfg.freeze:
         # The noise is sized in scaled-latent units, which only a trained, frozen encoder
         # (its scale measured) has; a trainable encoder could also outgrow a fixed noise.

@@ -430,6 +430,7 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
             ) from None
         history = list(state.card.get("history", []))
         resumes = list(state.card.get("resumes", []))
+        del state  # loaded into the model and optimizer: not held for the whole run
         if start < cfg.steps or changes:  # a finished run exported again is not a resume
             resumes.append({"step": start, "changes": changes})
         log.info("resuming %s from step %d", state_path, start)
