@@ -59,7 +59,11 @@ def request_for(gen, **kwargs) -> GenerationRequest:
 
 
 def clips_of(gen, req: GenerationRequest) -> torch.Tensor:
-    stream = gen.open(req)
+    return clips_of_stream(gen, gen.open(req))
+
+
+def clips_of_stream(gen, stream) -> torch.Tensor:
+    """The rest of ``stream``'s clips (it is closed after)."""
     out = []
     while not stream.done:
         (clip,) = gen.step([stream])
@@ -970,6 +974,15 @@ def test_a_snapshot_that_does_not_fit_its_request_is_refused(family):
         bad["token ids must be"] = dataclasses.replace(snap, pending=[made.data + 10**6])
         prev = {**snap.cache, "prev": snap.cache["prev"][:1]}
         bad["'prev': token ids must be"] = dataclasses.replace(snap, cache=prev)
+        # int16 ids passed the checks, then the embedding refused them in restore (pending)
+        # or, worse, at the next step ('prev'), with torch's message naming no snapshot.
+        bad["pending clip 0: token ids must be .* int64"] = dataclasses.replace(
+            snap, pending=[made.data.to(torch.int16)]
+        )
+        short = {**snap.cache, "prev": snap.cache["prev"].to(torch.int16)}
+        bad["'prev': token ids must be .* int64 .*torch.int16"] = dataclasses.replace(
+            snap, cache=short
+        )
     else:
         bad["finite floats"] = dataclasses.replace(snap, pending=[made.data * float("nan")])
     open_before = len(gen._streams)
@@ -1027,7 +1040,8 @@ def test_continuous_actions_past_max_action_are_refused_by_name():
     frames = gen.clip_len
     ok = np.full((frames, 2), 3.0)
     gen.close(gen.open(request_for(gen, frames=frames, label=None, actions=ok)))
-    for big in (1e15, -2e4):
+    # The most negative int64 too: np.abs leaves it negative, and it passed as small.
+    for big in (1e15, -2e4, np.iinfo(np.int64).min):
         with pytest.raises(ValueError, match=r"actions must be within \+-10000"):
             gen.open(request_for(gen, frames=frames, label=None, actions=np.full((frames, 2), big)))
     context = np.zeros((frames, 32, 32, 3), np.uint8)
@@ -1150,6 +1164,29 @@ def test_a_stream_keeps_its_own_checked_copy_of_the_request(family):
     bad.guidance = float("nan")
     with pytest.raises(ValueError, match="guidance must be finite"):
         gen.open(bad)
+    # Checked as the stream will hold it, in both families: a list of actions set after
+    # construction reached the token family's checks unconverted (AttributeError).
+    late = request_for(gen, label=None)
+    late.actions = [1] * late.frames
+    gen.close(gen.open(late))
+    with pytest.raises(ValueError, match="request must be a GenerationRequest"):
+        gen.restore(StreamSnapshot.start({"frames": 8}))
+
+
+def test_a_stream_keeps_its_own_context(family):
+    """The request held the caller's context array: a caller reusing that buffer after
+    ``open`` changed the stream's snapshots (their fingerprint and a restore from the
+    start), where its actions were already copied."""
+    gen = make_generator(family)
+    buffer = five_clips_of_context(gen)[: 2 * gen.clip_len].copy()
+    req = request_for(gen, context=buffer)
+    whole = clips_of(gen, req)
+    stream = gen.open(req)
+    start = gen.snapshot(stream)
+    buffer[:] = 0
+    assert start.request.fingerprint() == req.fingerprint()
+    assert torch.equal(clips_of_stream(gen, gen.restore(start)), whole)
+    gen.close(stream)
 
 
 def test_a_diffusion_generator_refuses_a_bad_time_shift():

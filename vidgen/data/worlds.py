@@ -47,7 +47,11 @@ def to_model_range(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {tuple(frames.shape)}"
         )
-    video = torch.as_tensor(np.ascontiguousarray(frames))
+    if isinstance(frames, np.ndarray):
+        frames = np.ascontiguousarray(frames)
+        if not frames.flags.writeable:  # a request's own context: torch warns of read-only
+            frames = frames.copy()
+    video = torch.as_tensor(frames)
     return video.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 

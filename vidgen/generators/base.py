@@ -123,7 +123,7 @@ class GenerationRequest:
             if self.actions.dtype.kind not in NUMBER_KINDS:
                 raise ValueError(f"actions must be numbers, got dtype {self.actions.dtype}")
         if self.context is not None:
-            self.context = _array("context", self.context)
+            self.context = _array("context", self.context, own=True)
             if (
                 self.context.dtype != np.uint8
                 or self.context.ndim != 4
@@ -426,13 +426,14 @@ def check_token_ids(what: str, ids: Any, shape: tuple[int, ...], vocab: int, low
     if (
         not isinstance(ids, torch.Tensor)
         or tuple(ids.shape) != shape
-        or ids.is_floating_point()
-        or ids.dtype == torch.bool
+        or ids.dtype not in (torch.int64, torch.int32)  # what an embedding takes
         or (ids.numel() and not (low <= int(ids.min()) and int(ids.max()) < vocab))
     ):
         got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        if isinstance(ids, torch.Tensor):
+            got = f"{ids.dtype} {got}"
         raise ValueError(
-            f"{what}: token ids must be {shape} integers in [{low}, {vocab}), got {got}"
+            f"{what}: token ids must be {shape} int64 (or int32) in [{low}, {vocab}), got {got}"
         )
 
 
@@ -494,10 +495,11 @@ def _check_action_values(
             raise ValueError(f"{name} must be float {what} for this model, got {shape}")
         if not np.isfinite(acts).all():
             raise ValueError(f"{name} must be finite")
-        if np.abs(acts).max() > MAX_ACTION:  # past it, float32 activations overflow to NaN
+        # In float64: np.abs of the most negative int64 is itself (negative), which passed.
+        largest = float(np.abs(acts.astype(np.float64)).max()) if acts.size else 0.0
+        if largest > MAX_ACTION:  # past it, float32 activations overflow to NaN
             raise ValueError(
-                f"{name} must be within +-{MAX_ACTION:g} (MAX_ACTION), got values up to "
-                f"{np.abs(acts).max():g}"
+                f"{name} must be within +-{MAX_ACTION:g} (MAX_ACTION), got values up to {largest:g}"
             )
     else:
         raise ValueError("this model takes no actions; leave actions unset")
@@ -550,7 +552,9 @@ def _array(name: str, value: Any, own: bool = False) -> np.ndarray:
 def own_request(request: GenerationRequest) -> GenerationRequest:
     """The stream's own copy of ``request``, checked again: a caller that changes or reuses
     its object after ``open`` (a field set after construction skips the checks) changes
-    neither the running stream nor its snapshots."""
+    neither the running stream nor its snapshots (its actions and context are copies)."""
+    if not isinstance(request, GenerationRequest):
+        raise ValueError(f"request must be a GenerationRequest, got {type(request).__name__}")
     return replace(request)
 
 

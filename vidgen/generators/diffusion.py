@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -357,6 +358,7 @@ class DiffusionClipGenerator:
     def restore(self, snapshot: StreamSnapshot) -> Stream:
         """Reopen a stream from its truth: load the checkpoint, replay the pending clips'
         write passes; the next ``step`` continues as if nothing had happened."""
+        snapshot = replace(snapshot, request=own_request(snapshot.request))
         num_clips = self._check(snapshot.request)
         cfg = self.config
         shape = (self.clip_len, cfg.latent_channels, cfg.latent_size, cfg.latent_size)

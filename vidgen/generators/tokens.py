@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -195,6 +195,7 @@ class TokenClipGenerator:
         return has_cond and setting(request, "guidance", self.guidance) != 1.0
 
     def open(self, request: GenerationRequest) -> Stream:
+        request = own_request(request)  # checked as the stream will hold it
         num_clips = self._check(request)
         stream = self._new_stream(request, clip=0, num_clips=num_clips)
         if request.context is not None:
@@ -422,6 +423,7 @@ class TokenClipGenerator:
     def restore(self, snapshot: StreamSnapshot) -> Stream:
         """Reopen a stream from its truth: load the checkpoint (or open afresh when the truth
         starts at clip 0) and replay the pending clips' block steps."""
+        snapshot = replace(snapshot, request=own_request(snapshot.request))
         num_clips = self._check(snapshot.request)
         cfg = self.config
         shape = (cfg.tokens_per_clip,)
