@@ -12,7 +12,7 @@ from vidgen.config import load_config
 from vidgen.nn import randomize_
 from vidgen.tokenizers.kl import KL_CONFIGS, KLAutoencoder, KLConfig
 from vidgen.tokenizers.larp import LARPTokenizer, LARPVideoTokenizer
-from vidgen.train import StepSampler, TrainSetupError, lr_at, run_train
+from vidgen.train import StepSampler, TrainingDiverged, TrainSetupError, lr_at, run_train
 from vidgen.train.loop import TrainConfig, setting_changes
 
 SMALL_BOUNCING = [
@@ -65,6 +65,28 @@ def assert_bitwise_resume(overrides: list[str], tmp_path, steps: int = 4) -> Non
 
 def test_kl_resume_is_bitwise(tmp_path):
     assert_bitwise_resume(["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2"], tmp_path)
+
+
+def test_a_diverging_run_stops_before_its_nan_update_and_keeps_the_last_state(tmp_path):
+    """Nothing checked the loss: a run that diverged saved NaN weights over its only resume
+    point every ckpt_every steps and exported them (the KL's latent scale then failed with a
+    traceback)."""
+    kl = ["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2", "train.threads=1"]
+    sane = [*kl, "train.lr=1e-3", "train.warmup=0", "train.grad_clip=0"]
+    train(sane, tmp_path / "run", 12, stop_at=2)
+    saved = tensors(tmp_path / "run" / "state.safetensors")
+    with pytest.raises(TrainingDiverged, match=r"at step \d+ is (nan|inf).*lower train.lr"):
+        train([*sane, "train.lr=1e6"], tmp_path / "run", 12)  # diverges within 10 steps
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    state = checkpoint.load(tmp_path / "run" / "state.safetensors")
+    for name, t in state.tensors.items():
+        assert not t.is_floating_point() or bool(torch.isfinite(t).all()), name
+    # The saved state is a good resume point: the run at its lr goes on from it.
+    assert state.card["step"] >= 2
+    if state.card["step"] == 2:
+        assert all(torch.equal(saved[n], state.tensors[n]) for n in saved)
+    path = train(sane, tmp_path / "run", 12)
+    assert checkpoint.load(path).card["resumes"][-1]["step"] == state.card["step"]
 
 
 def test_kl_decoder_fine_tuning_keeps_the_encoder_and_its_latent_scale(tmp_path):

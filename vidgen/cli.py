@@ -189,7 +189,7 @@ def _render(cfg: Any) -> int:
 
 
 def run_train(cfg: Any, choices: dict[str, str]) -> int:
-    from vidgen.train import TrainSetupError
+    from vidgen.train import TrainingDiverged, TrainSetupError
     from vidgen.train import run_train as train
 
     if not cfg.name:
@@ -199,6 +199,9 @@ def run_train(cfg: Any, choices: dict[str, str]) -> int:
     except TrainSetupError as err:
         print(f"{PROG} train: cannot start: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:
+        print(f"{PROG} train: diverged: {err}", file=sys.stderr)
+        return 1
     from vidgen.train.loop import STATE_FILE
 
     if path.name == STATE_FILE:  # train.stop_at: nothing exported yet

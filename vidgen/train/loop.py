@@ -106,6 +106,11 @@ class TrainSetupError(ValueError):
     asked for, ... (nothing trained in this invocation)."""
 
 
+class TrainingDiverged(RuntimeError):
+    """A step's loss or gradient norm was not finite: training stopped before that step's
+    update, so the saved state (the resume point) and the weights are those of before."""
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to ``min_lr_ratio`` x lr at the last step."""
     if step < cfg.warmup:
@@ -580,6 +585,17 @@ def _train_step(
     out["loss"].backward()
     clip = cfg.grad_clip or math.inf  # 0 = off: the norm is still measured
     out["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), clip)
+    # Before the update: a NaN step would make every weight NaN, and the next state saved
+    # would overwrite the last good resume point with them (then be exported, silently).
+    for name in ("loss", "grad_norm"):
+        value = float(out[name].detach())
+        if not math.isfinite(value):
+            raise TrainingDiverged(
+                f"the {name.replace('_', ' ')} at step {step + 1} is {value}: training stopped "
+                f"before that step's update (lr {opt.param_groups[0]['lr']:.3g}, train.grad_clip="
+                f"{cfg.grad_clip:g}). The last state saved stays the resume point; lower "
+                "train.lr, keep train.grad_clip on, or check the data"
+            )
     opt.step()
     if adv is not None and adv[0].active:
         adversary, adv_opt = adv
