@@ -219,6 +219,18 @@ def test_write_rejects_size_change(tmp_path):
             writer.write(np.zeros((1, 10, 8, 3), np.uint8))
 
 
+def test_an_encoder_that_refuses_the_stream_is_named_and_leaves_nothing(tmp_path):
+    """MJPEG takes full-range yuvj420p only: it failed at the first write with FFmpeg's
+    word on the 'bf' option, and a writer outside a with block left its temporary file."""
+    frames = np.full((3, 32, 64, 3), 100, np.uint8)
+    mjpeg = write(tmp_path / "m.mkv", frames, codec="mjpeg")
+    assert np.array_equal(np.asarray(read_video(mjpeg)), frames)
+    writer = VideoWriter(tmp_path / "x.mp4", codec="mpeg2video", fps=7)  # MPEG-2 has no 7 fps
+    with pytest.raises(ValueError, match=r"'mpeg2video' encoder refused .*x\.mp4"):
+        writer.write(frames)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.mkv"]
+
+
 def test_odd_size_needs_lossless(tmp_path):
     with pytest.raises(ValueError, match="lossless=True"), VideoWriter(tmp_path / "a.mp4") as w:
         w.write(np.zeros((2, 9, 8, 3), np.uint8))
@@ -230,6 +242,7 @@ def test_odd_size_needs_lossless(tmp_path):
     [
         ({"codec": "mpeg4", "lossless": True}, "only supported for codec='h264'"),
         ({"codec": "no-such-codec"}, "no-such-codec"),
+        ({"lossless": "no"}, "lossless must be True or False"),  # truthy: it wrote lossless
         ({"crf": 60}, "crf"),
         ({"lossless": True, "crf": 10}, "crf"),
         ({"fps": 0}, "fps"),

@@ -807,7 +807,9 @@ class VideoWriter:
         _check_target(self.path)
         self.rate = _frame_rate(fps)
         self.metadata = _check_metadata(metadata)
-        self._encoder, self._options = _encoder_settings(codec, lossless, crf)
+        if not isinstance(lossless, bool | np.bool_):  # "no" is truthy: it chose lossless
+            raise ValueError(f"lossless must be True or False, got {lossless!r}")
+        self._encoder, self._options = _encoder_settings(codec, bool(lossless), crf)
         self._pix_fmt = _pick_pix_fmt(self._encoder, lossless)
         self._container: Any = None
         self._stream: Any = None
@@ -850,7 +852,17 @@ class VideoWriter:
                 f"shape ({first_h}, {first_w}, 3), this one has shape {array.shape[1:]}"
             )
         for frame in array:
-            self._encode(frame)
+            if self._frames_written:
+                self._encode(frame)
+                continue
+            try:  # the encoder opens on its first frame: a refusal there names the codec
+                self._encode(frame)
+            except av.FFmpegError as err:
+                self.abort()
+                raise ValueError(
+                    f"the {self._encoder!r} encoder refused {self.path} ({width}x{height}, "
+                    f"pixel format {self._pix_fmt}): {err}"
+                ) from err
 
     def close(self) -> None:
         """Flush the encoder and move the finished file onto `path`."""
@@ -970,6 +982,8 @@ def _pick_pix_fmt(encoder: str, lossless: bool) -> str:
     if lossless or encoder == "libx264rgb":
         return "rgb24"
     formats = [fmt.name for fmt in (av.Codec(encoder, "w").video_formats or [])]
+    if formats and formats[0].startswith("yuvj"):  # MJPEG: full range, refuses plain yuv420p
+        return formats[0]
     if not formats or "yuv420p" in formats:
         return "yuv420p"
     return formats[0]
