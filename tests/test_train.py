@@ -593,6 +593,30 @@ def test_a_dit_that_does_not_fit_its_autoencoder_is_refused_before_encoding(tmp_
     assert not list((tmp_path / "run").glob("latents-*"))
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.num_actions=0", "model.action_dim=2"], r"action_dim=2 needs continuous"),
+        (
+            ["model.num_actions=0", "model.action_dim=3", "data.agent.continuous=true"],
+            r"action_dim=3 needs continuous \(3,\) actions, but .* gives continuous \(2,\)",
+        ),
+        (["model.num_actions=5", "data.agent.continuous=true"], "num_actions=5 needs discrete"),
+        (["model.num_actions=3", "data=agent"], r"num_actions=3 is fewer than the 5 actions"),
+    ],
+)
+def test_actions_the_data_cannot_give_are_refused_before_encoding(tmp_path, overrides, message):
+    """A model's actions that the data does not give failed at the first step, after every
+    clip was encoded, with a traceback from the conditioning layer."""
+    kl = make_autoencoder(tmp_path)
+    base = ["model=ca2vdm-test", *SMALL_BOUNCING, "data.clip_len=4", "data.num_clips=2"]
+    with pytest.raises(TrainSetupError, match=message):
+        train([*base, f"frozen_tokenizer={kl}", *overrides], tmp_path / "run", 1)
+    assert not (tmp_path / "run").exists()  # refused before anything was made
+    # Discrete actions on a world without any (zeros) are fine: the model sees noops.
+    train([*base, f"frozen_tokenizer={kl}", "model.num_actions=3"], tmp_path / "ok", 1)
+
+
 def test_an_nbp_whose_clips_are_not_the_tokenizers_is_refused(tmp_path):
     """A clip of 8 frames over a 4-frame LARP conditioned each token clip on the wrong
     frames' actions and sized the window wrongly, without a word."""
@@ -706,6 +730,55 @@ def test_folder_cache_is_keyed_by_the_files_and_hidden_files_are_skipped(tmp_pat
     write("a.mp4", 200)  # same name and length, other frames
     os.utime(root / "a.mp4", ns=(1, 1))
     assert data_description(data, "train") != before
+
+
+@pytest.mark.parametrize(
+    "edit", [{"step": "x"}, {"step": -3}, {"param_groups": None}, {"param_groups": [{}]}]
+)
+def test_a_state_with_an_edited_card_is_refused_in_one_line(tmp_path, edit):
+    """A state whose card was edited (its digest made again) failed with a KeyError or a
+    torch RuntimeError from deep in the resume, or trained on from step -3."""
+    run = ["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2", "train.threads=1"]
+    train(run, tmp_path / "run", 4, stop_at=2)
+    checkpoint.update_card(tmp_path / "run" / "state.safetensors", edit)
+    with pytest.raises(TrainSetupError, match=r"the state in .* is damaged \("):
+        train(run, tmp_path / "run", 4)
+
+
+def test_a_resume_over_other_videos_is_recorded_as_a_change(tmp_path, caplog):
+    """A folder run resumed after its videos changed went on silently over other data (its
+    card's resumes said nothing changed)."""
+    from vidgen.io import VideoWriter
+
+    root = tmp_path / "videos"
+    root.mkdir()
+
+    def write(name: str, frames: int) -> None:
+        with VideoWriter(root / name) as writer:
+            writer.write(np.full((frames, 32, 32, 3), 90, dtype=np.uint8))
+
+    write("a.mp4", 10)
+    run = [
+        "tokenizer=kl-test",
+        "data=folder",
+        f"data.root={root}",
+        "data.size=32",
+        "data.clip_len=2",
+        "data.batch_size=2",
+        "train.eval_batches=1",
+        "train.ckpt_every=2",
+        "train.threads=1",
+    ]
+    train(run, tmp_path / "same", 4, stop_at=2)
+    unchanged = checkpoint.load(train(run, tmp_path / "same", 4)).card
+    assert unchanged["resumes"] == [{"step": 2, "changes": {}}] and unchanged["data_files"]
+    train(run, tmp_path / "run", 4, stop_at=2)
+    write("b.mp4", 6)
+    with caplog.at_level("WARNING"):
+        card = checkpoint.load(train(run, tmp_path / "run", 4)).card
+    (resume,) = card["resumes"]
+    assert resume["changes"]["data.root videos"] == [unchanged["data_files"], card["data_files"]]
+    assert "data.root videos" in caplog.text
 
 
 def test_data_num_workers_loads_in_worker_processes_with_the_same_result(tmp_path, monkeypatch):

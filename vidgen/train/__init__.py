@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,8 +15,9 @@ from vidgen import checkpoint
 from vidgen.data import DataConfig
 from vidgen.fsutil import exclusive, remove_temps
 from vidgen.io import VideoReadError
-from vidgen.train.encoded import naming
+from vidgen.train.encoded import data_description, naming
 from vidgen.train.loop import (
+    DATA_FILES,
     INIT_CARD,
     STATE_FILE,
     StepSampler,
@@ -150,6 +152,10 @@ def build_task(cfg: TrainCommandConfig, resume: checkpoint.Checkpoint | None = N
             f"tokenizer.vq_warmup={warmup} must be <= train.steps={cfg.train.steps}: this run "
             "would end in the VQ warm-up and export a tokenizer that never quantised"
         )
+    if cfg.data.name == "folder":  # the videos themselves (name, size, mtime): a resume
+        # over other files trains on other data, which its card's resumes then record.
+        described = data_description(cfg.data, "train").encode()
+        task.card = {**task.card, DATA_FILES: hashlib.sha256(described).hexdigest()[:16]}
     return task
 
 

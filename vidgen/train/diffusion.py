@@ -35,6 +35,7 @@ from vidgen.train.encoded import (
     naming,
 )
 from vidgen.train.loop import Task
+from vidgen.worlds import NUM_ACTIONS
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,52 @@ def flow_matching_loss(
         latents.flatten(0, 1), cfg.foreground_weight, cfg.foreground_threshold
     ).view(b, total, 1, *latents.shape[-2:])
     return {"loss": (weight * (pred[:, total:] - target) ** 2).mean()}
+
+
+AGENT_ACTION_DIM = 2  # AgentWorld's continuous actions: velocities (vx, vy)
+
+
+def check_actions_fit(config: Ca2VDMConfig | NBPConfig, data: DataConfig) -> None:
+    """A generator taking actions must be able to read the ones ``data`` gives (discrete:
+    int64 (T,), AgentWorld's 5 or zeros; continuous: float (T, 2) when ``data.agent.continuous``
+    and the source is a world; a folder's are zeros): found before anything is encoded,
+    rather than at the first step, in the model's own words."""
+    continuous = data.agent.continuous and data.name != "folder"
+    given = (
+        f"data={data.name}"
+        + (f" (data.agent.continuous={data.agent.continuous})" if data.name != "folder" else "")
+        + " gives "
+        + (
+            f"continuous ({AGENT_ACTION_DIM},) actions"
+            if continuous
+            else "discrete actions"
+            + (f" in [0, {NUM_ACTIONS})" if data.name in ("agent", "mix") else " (all 0)")
+        )
+    )
+    if config.action_dim and (not continuous or config.action_dim != AGENT_ACTION_DIM):
+        raise ValueError(
+            f"model.action_dim={config.action_dim} needs continuous ({config.action_dim},) "
+            f"actions, but {given}: set model.action_dim="
+            + (
+                f"{AGENT_ACTION_DIM}"
+                if continuous
+                else "0 (model.num_actions for discrete actions), or train on data=agent "
+                "data.agent.continuous=true"
+            )
+        )
+    if config.num_actions:
+        if continuous:
+            raise ValueError(
+                f"model.num_actions={config.num_actions} needs discrete actions, but {given}: "
+                f"set model.num_actions=0 model.action_dim={AGENT_ACTION_DIM}, or "
+                "data.agent.continuous=false"
+            )
+        if data.name in ("agent", "mix") and config.num_actions < NUM_ACTIONS:
+            raise ValueError(
+                f"model.num_actions={config.num_actions} is fewer than the {NUM_ACTIONS} "
+                f"actions {given.split(' gives ')[0]} gives: set model.num_actions="
+                f"{NUM_ACTIONS} (or more)"
+            )
 
 
 def batch_condition(
@@ -242,6 +289,7 @@ def ca2vdm_task(
             data.clip_len,
             config.window + config.clip_len,
         )
+    check_actions_fit(config, data)
     with naming("frozen_tokenizer", tokenizer):
         autoencoder, fingerprint = load_autoencoder(tokenizer)
     if autoencoder.config.image_size != data.size:

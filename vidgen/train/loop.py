@@ -346,7 +346,10 @@ def _load_state(
             _load_optim(adv[1], ckpt.tensors, "adv_optim", ckpt.card["adv_param_groups"])
         else:  # e.g. a GAN switched on when resuming a run that trained without one
             log.info("the state has no adversary: it starts from its initial weights")
-    return int(ckpt.card["step"]), float(ckpt.card.get("wall_seconds", 0.0))
+    step = ckpt.card["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"its step must be an int >= 0, got {step!r}")
+    return step, float(ckpt.card.get("wall_seconds", 0.0))
 
 
 def _load_rng(gen: torch.Generator, ckpt: checkpoint.Checkpoint) -> None:
@@ -369,6 +372,9 @@ FROZEN_INPUTS = {
     "tokenizer_fingerprint": "frozen_tokenizer",
     "autoencoder_fingerprint": "tokenizer.autoencoder",
 }
+# A folder run's videos (a digest of their names, sizes and mtimes, in the card): a resume
+# over other files is recorded as a change, as a changed setting is.
+DATA_FILES = "data_files"
 HISTORY_KEPT = 20  # log entries carried in the state and the exported card
 # A fine-tune's state keeps what its card says of the init it began from (under INIT_CARD):
 # a resume takes them from there, not from the init file, which may have changed since.
@@ -420,6 +426,9 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
                     f"mix two latent spaces. Resume with the {setting} it was saved with, or "
                     "start over with another out (or train.resume=false)"
                 )
+        saved_files, files = state.card.get(DATA_FILES), task.card.get(DATA_FILES)
+        if saved_files is not None and files is not None and saved_files != files:
+            changes["data.root videos"] = [saved_files, files]
         saved_rng = state.card.get("rng_device", gen.device.type)
         if saved_rng != gen.device.type:
             changes["random generator"] = [f"{saved_rng} state", f"{gen.device.type}, reseeded"]
@@ -432,6 +441,11 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
                 + (f" (changed since it was saved: {named})" if named else "")
                 + f": {err}. Resume with its settings, or start over with another out (or "
                 "train.resume=false)"
+            ) from None
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:  # its card edited
+            raise TrainSetupError(
+                f"the state in {out} is damaged ({type(err).__name__}: {err}). Start over with "
+                "another out (or train.resume=false), or restore the file"
             ) from None
         history = list(state.card.get("history", []))
         resumes = list(state.card.get("resumes", []))
@@ -636,7 +650,7 @@ def _save_state(
     # CPU results depend on the thread count (reduction order): a resume compares it.
     card["threads"] = torch.get_num_threads()
     card["rng_device"] = gen.device.type
-    card.update({k: task.card[k] for k in FROZEN_INPUTS if k in task.card})
+    card.update({k: task.card[k] for k in (*FROZEN_INPUTS, DATA_FILES) if k in task.card})
     if "init" in task.card:
         card[INIT_CARD] = {k: task.card[k] for k in INIT_CARD_KEYS if k in task.card}
     checkpoint.save(path, tensors, task.run_config, card=card)
