@@ -93,13 +93,29 @@ def test_bad_overrides_are_reported(tmp_path, capsys, connects):
         ("guidance=-1", "guidance must be >= 0"),
         ("top_p=0", "top_p must be in (0, 1]"),
         ("segment_clips=0", "segment_clips must be >= 1"),
-        ("step_timeout=0", "step_timeout must be > 0"),
+        ("step_timeout=0", "step_timeout must be in (0, 604800"),
+        # Ray's waits could not take these: an OverflowError traceback once actors ran
+        ("step_timeout=inf", "step_timeout must be finite"),
+        ("step_timeout=1e300", "step_timeout must be in (0, 604800"),
+        (f"out={'a' * 260}.mp4", "File name too long"),  # an OSError traceback
     ],
 )
 def test_bad_render_keys_fail_before_ray_starts(tmp_path, capsys, connects, override, message):
-    assert main(["render", *override.split(), f"out={tmp_path / 'x.mp4'}"]) == 2
+    out = [] if override.startswith("out=") else [f"out={tmp_path / 'x.mp4'}"]
+    assert main(["render", *override.split(), *out]) == 2
     assert message in capsys.readouterr().err
     assert not connects and not list(tmp_path.iterdir())
+
+
+def test_a_render_whose_sidecar_path_is_a_folder_fails_before_ray_starts(
+    tmp_path, capsys, connects
+):
+    """It was found after the whole render, with the video published, a stray temporary file
+    and the parts folder left, and an IsADirectoryError traceback."""
+    (tmp_path / "x.json").mkdir()
+    assert main(["render", "frames=16", f"out={tmp_path / 'x.mp4'}"]) == 2
+    assert "its sidecar x.json is a folder" in capsys.readouterr().err
+    assert not connects and [p.name for p in tmp_path.iterdir()] == ["x.json"]
 
 
 @pytest.mark.parametrize(
@@ -192,6 +208,24 @@ def test_a_train_that_cannot_start_says_why_without_a_traceback(
     assert main(args) == 2
     assert message in capsys.readouterr().err
     assert not out.parent.exists()
+
+
+@pytest.mark.parametrize("interrupt", [True, False])
+def test_an_interrupted_or_diverged_train_says_how_to_go_on_in_one_line(
+    tmp_path, capsys, monkeypatch, interrupt
+):
+    import vidgen.train
+    from vidgen.train import TrainingDiverged
+
+    def stopped(cfg):
+        raise KeyboardInterrupt if interrupt else TrainingDiverged("the loss at step 3 is nan")
+
+    monkeypatch.setattr(vidgen.train, "run_train", stopped)
+    args = ["train", "tokenizer=kl-tiny", "train.steps=1", f"out={tmp_path / 'run'}"]
+    assert main(args) == (130 if interrupt else 1)
+    err = capsys.readouterr().err
+    assert ("interrupted. The same command resumes" if interrupt else "diverged: the loss") in err
+    assert "Traceback" not in err
 
 
 def test_a_nested_group_option_names_its_key():

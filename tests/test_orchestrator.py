@@ -307,6 +307,29 @@ def test_a_long_names_leftover_temps_are_removed_and_no_other_outs(models, tmp_p
     assert not mine.exists() and theirs.exists()
 
 
+def test_a_manifest_line_not_utf8_or_with_a_bad_context_is_that_lines_error(models, tmp_path):
+    """A byte that is not UTF-8 anywhere in the manifest took the whole batch down (a
+    UnicodeDecodeError traceback); a context that is not a string was a TypeError that did
+    not name it. A byte-order mark is no error."""
+    from workers.jobs.render import parse_manifest
+
+    good = {"model": models["diffusion"], "frames": 8, "steps": 2}
+    manifest = tmp_path / "items.jsonl"
+    manifest.write_bytes(
+        b"\xef\xbb\xbf"
+        + json.dumps({"id": "a", **good}).encode()
+        + b'\n{"id": "b\xff"}\n'
+        + json.dumps({"id": "c", **good, "context": 5}).encode()
+        + b"\n"
+        + json.dumps({"id": "d", **good}).encode()
+        + b"\n"
+    )
+    items = parse_manifest(manifest, tmp_path, max_frames=1000)
+    assert [(i.id, i.error) for i in items if i.error is None] == [("a", None), ("d", None)]
+    errors = {i.line: i.error for i in items if i.error}
+    assert "not UTF-8 text" in errors[2] and "context must be a path" in errors[3]
+
+
 def test_batch_items_beyond_the_actor_slots_wait_their_turn(models, tmp_path):
     from workers.jobs.render import parse_manifest, run_batch
 
@@ -970,6 +993,7 @@ def test_clips_checks_its_key_when_called(model):
         ("--snapshot-every", "0"),
         ("--max-restarts", "-1"),
         ("--step-timeout", "-1"),
+        ("--step-timeout", "inf"),  # an OverflowError in Ray's wait took the batch down
     ],
 )
 def test_batch_flags_are_checked_before_anything_runs(tmp_path, capsys, flag, value):

@@ -179,6 +179,13 @@ def _render(cfg: Any) -> int:
             file=sys.stderr,
         )
         return 1
+    except KeyboardInterrupt:  # render() has kept the parts and freed the lock
+        print(
+            f"\n{PROG} render: interrupted. The finished segments stay: the same command "
+            "resumes from them.",
+            file=sys.stderr,
+        )
+        return 130
     where = ", ".join(f"{e.info['device']}{e.info['gpu_ids'] or ''}" for e in executors)
     resumed = f" (resumed after {result.resumed_frames})" if result.resumed_frames else ""
     print(
@@ -202,6 +209,13 @@ def run_train(cfg: Any, choices: dict[str, str]) -> int:
     except TrainingDiverged as err:
         print(f"{PROG} train: diverged: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(
+            f"\n{PROG} train: interrupted. The same command resumes from the last state saved "
+            "(every train.ckpt_every steps).",
+            file=sys.stderr,
+        )
+        return 130
     from vidgen.train.loop import STATE_FILE
 
     if path.name == STATE_FILE:  # train.stop_at: nothing exported yet

@@ -9,6 +9,7 @@ import numpy as np
 
 from vidgen.generators import GenerationRequest, check_dtype
 from vidgen.io import VideoReadError, probe_video, read_video
+from vidgen.validate import check_step_timeout
 
 
 @dataclass
@@ -61,14 +62,22 @@ class RenderConfig:
         check_dtype(self.dtype)
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
-        if self.step_timeout is not None and not self.step_timeout > 0:
-            raise ValueError(f"step_timeout must be > 0 or null, got {self.step_timeout}")
+        self.step_timeout = check_step_timeout("step_timeout", self.step_timeout)
         if Path(self.out).suffix.lower() != ".mp4":  # as the render checks: ".mp4" has none
             raise ValueError(f"out must end in .mp4, got {self.out!r}")
-        if not Path(self.out).expanduser().parent.is_dir():
-            raise ValueError(f"out={self.out!r}: its folder does not exist")
-        if Path(self.out).expanduser().is_dir():
-            raise ValueError(f"out={self.out!r} is a folder; give the video's file name")
+        out = Path(self.out).expanduser()
+        try:
+            if not out.parent.is_dir():
+                raise ValueError(f"out={self.out!r}: its folder does not exist")
+            if out.is_dir():
+                raise ValueError(f"out={self.out!r} is a folder; give the video's file name")
+            # The provenance sidecar is written beside it at the end: found now, not then.
+            if out.with_suffix(".json").is_dir():
+                raise ValueError(
+                    f"out={self.out!r}: its sidecar {out.with_suffix('.json').name} is a folder"
+                )
+        except OSError as err:  # e.g. a file name over the file system's 255 bytes
+            raise ValueError(f"out={self.out!r}: {err.strerror or err}") from None
         for name in ("actions", "context"):
             value = getattr(self, name)
             if value is not None and not Path(value).expanduser().is_file():

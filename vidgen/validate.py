@@ -65,6 +65,16 @@ def check_number(
     return number
 
 
+MAX_STEP_TIMEOUT = 7 * 24 * 3600.0  # seconds: Ray's waits overflow on inf or 1e300
+
+
+def check_step_timeout(name: str, value: object) -> float | None:
+    """A step timeout in seconds: None (no limit) or a number in (0, ``MAX_STEP_TIMEOUT``]."""
+    if value is None:
+        return None
+    return check_number(name, value, above=0, maximum=MAX_STEP_TIMEOUT)
+
+
 def check_ints(obj: object, minimum: int, *names: str) -> None:
     """``check_int`` on attributes of ``obj`` (a config), each at least ``minimum``."""
     for name in names:

@@ -34,7 +34,7 @@ import numpy as np
 
 from vidgen.checkpoint import same_checkpoint
 from vidgen.generators import Clip, GenerationRequest, StreamSnapshot
-from vidgen.validate import check_int
+from vidgen.validate import check_int, check_step_timeout
 from workers.actor import ClipOut, StepOut, StreamsLost
 from workers.executors import Executor, ExecutorFailed
 
@@ -245,8 +245,7 @@ class Orchestrator:
     ) -> None:
         if not executors:
             raise ValueError("the orchestrator needs at least one executor")
-        if step_timeout is not None and not step_timeout > 0:
-            raise ValueError(f"step_timeout must be > 0 seconds (or None), got {step_timeout}")
+        step_timeout = check_step_timeout("step_timeout", step_timeout)
         # 0 made every run fail as if no sink were drained; snapshot_every 0 or less was
         # taken as 1 without a word, 2.5 never snapshotted
         check_int("queue_clips", queue_clips, minimum=1)

@@ -37,6 +37,7 @@ from vidgen import checkpoint
 from vidgen.generators import GenerationRequest, check_generator
 from vidgen.generators.base import DTYPES
 from vidgen.render_config import load_context
+from vidgen.validate import check_step_timeout
 from workers.actor import remote_reason
 from workers.orchestrator import NoExecutorsLeft, NoProgress, Orchestrator, SinkError
 from workers.render import RenderJob, finished_render
@@ -59,12 +60,18 @@ def parse_manifest(path: Path, out: Path, max_frames: int) -> list[Item]:
     """Every line as an Item; a bad one carries its error instead of a request."""
     items: list[Item] = []
     seen: set[str] = set()
-    for n, raw in enumerate(path.read_text().splitlines(), start=1):
-        if not raw.strip():
+    for n, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if not line.strip():
             continue
         item = Item(id=f"line-{n}", line=n)
         items.append(item)
         try:
+            try:  # a line at a time: one that is not UTF-8 is that line's error alone
+                raw = line.decode("utf-8-sig")  # a BOM (Windows editors) is no error
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"the line is not UTF-8 text ({err.reason} at byte {err.start})"
+                ) from None
             data = json.loads(raw)
             if not isinstance(data, dict):
                 raise ValueError("a manifest line must be a JSON object")
@@ -79,6 +86,8 @@ def parse_manifest(path: Path, out: Path, max_frames: int) -> list[Item]:
             # Unknown models, not generators, reencode for a diffusion model or contrast for
             # a token model fail here.
             check_generator(request.model, request.reencode, request.contrast)
+            if context is not None and not isinstance(context, str):
+                raise ValueError(f"context must be a path (a string), got {context!r}")
             if context is not None and not Path(context).expanduser().is_file():
                 raise ValueError(f"context {context!r} is not a file")
             item.request, item.context = request, context
@@ -415,8 +424,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.max_restarts < 0:
         parser.error(f"--max-restarts must be >= 0, got {args.max_restarts}")
-    if args.step_timeout is not None and not args.step_timeout > 0:
-        parser.error(f"--step-timeout must be > 0 seconds, got {args.step_timeout}")
+    try:
+        check_step_timeout("--step-timeout", args.step_timeout)
+    except ValueError as err:
+        parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if not args.manifest.is_file():
         parser.error(f"--manifest {args.manifest} is not a file")
