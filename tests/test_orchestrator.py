@@ -330,6 +330,26 @@ def test_a_manifest_line_not_utf8_or_with_a_bad_context_is_that_lines_error(mode
     assert "not UTF-8 text" in errors[2] and "context must be a path" in errors[3]
 
 
+def test_a_symlinked_outs_leftover_temps_are_removed_beside_its_target(models, tmp_path):
+    """A join killed part way left its temp file beside the link's target, where the next
+    render's cleanup never looked."""
+    from vidgen.fsutil import temp_beside
+
+    model = models["diffusion"]
+    (tmp_path / "store").mkdir()
+    real = tmp_path / "store" / "real.mp4"
+    real.write_bytes(b"an older video")
+    out = tmp_path / "v.mp4"
+    out.symlink_to(real)
+    joined = temp_beside(out, suffix=".tmp.mp4")  # beside the target, as publish writes
+    sidecar = temp_beside(out.with_suffix(".json"))
+    assert joined.parent == real.parent and sidecar.parent == tmp_path
+    parts_folder(out).mkdir()  # a render of it was under way
+    render(Orchestrator(local(model)), request_for(model, frames=8), out, progress=False)
+    assert not joined.exists() and not sidecar.exists()
+    assert out.is_symlink() and read_video(out).shape[0] == 8  # written through the link
+
+
 def test_batch_items_beyond_the_actor_slots_wait_their_turn(models, tmp_path):
     from workers.jobs.render import parse_manifest, run_batch
 

@@ -30,7 +30,7 @@ from typing import Any
 from tqdm import tqdm
 
 import vidgen
-from vidgen.fsutil import publish, temp_beside, temp_stem
+from vidgen.fsutil import publish, target, temp_beside, temp_stem
 from vidgen.generators import Clip, GenerationRequest
 from vidgen.generators.base import load_snapshot, save_snapshot
 from vidgen.io import VideoWriter, concat_videos, probe_video
@@ -289,11 +289,14 @@ def _remove_stale_temps(out: Path, folder: Path) -> None:
     for path in folder.iterdir():
         if path.name.startswith(".") and path.is_file():
             path.unlink(missing_ok=True)
-    stem = temp_stem(out)  # a long name's carries a hash of it: never another out's
-    pattern = re.compile(rf"\.{re.escape(stem)}\.[0-9a-f]{{8}}\.tmp(\.mp4)?")
-    for path in out.parent.glob(f".{glob.escape(stem)}.*.tmp*"):
-        if pattern.fullmatch(path.name) and path.is_file():
-            path.unlink(missing_ok=True)
+    # The sidecar's beside out; the video's beside out, or beside its target when out is a
+    # symlink (``temp_beside`` writes where ``publish`` will rename to).
+    for beside in dict.fromkeys((out, target(out))):
+        stem = temp_stem(beside)  # a long name's carries a hash of it: never another out's
+        pattern = re.compile(rf"\.{re.escape(stem)}\.[0-9a-f]{{8}}\.tmp(\.mp4)?")
+        for path in beside.parent.glob(f".{glob.escape(stem)}.*.tmp*"):
+            if pattern.fullmatch(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
 
 
 def lock_file(out: Path) -> Path:
