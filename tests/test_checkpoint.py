@@ -383,6 +383,50 @@ def test_a_forged_config_field_of_the_wrong_type_is_refused_by_name(saved, tmp_p
         ckpt.config_as(TinyConfig)
 
 
+def test_a_small_file_describing_a_huge_model_is_refused_before_it_is_built(tmp_path):
+    """The model was built from the file's config before its tensors were compared: a file
+    of a few KB saying dim=1048576 tried to allocate 4 TB (7 GB at dim 2048, depth 24)."""
+    from vidgen.models.ca2vdm import CA2VDM_CONFIGS, Ca2VDMConfig, CausalVideoDiT
+
+    cfg = CA2VDM_CONFIGS["test"]
+    small = checkpoint.save(tmp_path / "m.safetensors", CausalVideoDiT(cfg), cfg)
+    config = {**dataclasses.asdict(cfg), "dim": 2**20, "heads": 2**10}
+    bad = forge(small, tmp_path, config=json.dumps(config))
+    ckpt = checkpoint.load(bad)
+    built = []
+    with pytest.raises(CheckpointError, match=r"forged\.safetensors does not fit CausalVideoDiT"):
+        ckpt.build(lambda c: built.append(c.dim) or CausalVideoDiT(c), Ca2VDMConfig)
+    assert built == [2**20]  # made once, on the meta device: nothing allocated
+    fitting = checkpoint.load(small)
+    model = fitting.build(CausalVideoDiT, Ca2VDMConfig)
+    assert all(torch.equal(v, fitting.tensors[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("config", "error"),
+    [({"heads": 3}, "must be an even head dim"), ({"prefix_t": float("nan")}, "must be finite")],
+)
+def test_a_forged_config_its_own_checks_refuse_is_a_checkpoint_error(tmp_path, config, error):
+    """The config's own checks raised a bare ValueError that did not name the file."""
+    from vidgen.models.ca2vdm import CA2VDM_CONFIGS, Ca2VDMConfig, CausalVideoDiT
+
+    cfg = CA2VDM_CONFIGS["test"]
+    small = checkpoint.save(tmp_path / "m.safetensors", CausalVideoDiT(cfg), cfg)
+    fields = {**dataclasses.asdict(cfg), **config}
+    bad = forge(small, tmp_path, config=json.dumps(fields))
+    with pytest.raises(CheckpointError, match=rf"forged\.safetensors: config: .*{error}"):
+        checkpoint.load(bad).config_as(Ca2VDMConfig)
+
+
+@pytest.mark.parametrize("key", ["config", "card"])
+def test_a_header_nested_past_pythons_limit_is_a_checkpoint_error(saved, tmp_path, key):
+    """json.loads raised a bare RecursionError."""
+    bad = forge(saved, tmp_path, **{key: "[" * 100_000 + "]" * 100_000})
+    with pytest.raises(CheckpointError, match=r"forged\.safetensors has a missing or unread"):
+        checkpoint.load(bad)
+    assert checkpoint.read_header(bad).config_type  # the header alone still reads
+
+
 @dataclass
 class EveryKindConfig:
     """A field of each kind of hint the saved configs use."""

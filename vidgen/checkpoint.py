@@ -24,7 +24,7 @@ import re
 import struct
 import types
 import typing
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -43,6 +43,7 @@ SUFFIX = ".safetensors"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
 C = TypeVar("C")
+M = TypeVar("M", bound=torch.nn.Module)
 
 
 class CheckpointError(RuntimeError):
@@ -73,6 +74,24 @@ class Checkpoint:
             return _from_dict(cls, self.config)
         except CheckpointError as err:  # a digest recomputed over a hand-edited config
             raise CheckpointError(f"{self.path}: {err}") from err
+        except (ValueError, TypeError) as err:  # the config's own checks (heads, NaN, ...)
+            raise CheckpointError(f"{self.path}: config: {err}") from err
+
+    def build(self, factory: Callable[[C], M], config_cls: type[C]) -> M:
+        """``factory(config)`` with this file's weights loaded. The model is first made on
+        the meta device and its shapes checked against the file's tensors: a file of a few
+        bytes whose config describes a huge model is refused before anything is allocated
+        (it was built whole, gigabytes, before the tensors were compared)."""
+        config = self.config_as(config_cls)
+        with torch.device("meta"):
+            probe = factory(config)
+        self._check_fits(probe, self._state(""), ())
+        model = factory(config)
+        self.load_into(model)
+        return model
+
+    def _state(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
 
     def load_into(
         self, module: torch.nn.Module, prefix: str = "", missing_ok: Collection[str] = ()
@@ -81,7 +100,18 @@ class Checkpoint:
         be present with the same shape, and no tensor may be left over. Names in
         ``missing_ok`` (parts a fine-tune adds to a trained model) may be absent: they keep
         the module's values, and the list of those absent is returned."""
-        state = {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+        state = self._state(prefix)
+        absent = self._check_fits(module, state, missing_ok)
+        state.update({k: v for k, v in module.state_dict().items() if k in absent})
+        module.load_state_dict(state, strict=True)
+        return absent
+
+    def _check_fits(
+        self, module: torch.nn.Module, state: dict[str, torch.Tensor], missing_ok: Collection[str]
+    ) -> list[str]:
+        """The names in ``missing_ok`` absent from ``state``; a CheckpointError if ``state``
+        does not fit ``module`` otherwise (names, shapes, kinds of dtype)."""
+        state = dict(state)
         expected = module.state_dict()
         absent = sorted((set(expected) - set(state)) & set(missing_ok))
         state.update({k: expected[k] for k in absent})
@@ -105,7 +135,6 @@ class Checkpoint:
                 f"size?): {_summary('missing', missing)}{_summary('unexpected', unexpected)}"
                 f"{_summary('shape or dtype mismatch', wrong)}".rstrip("; ")
             )
-        module.load_state_dict(state, strict=True)
         return absent
 
 
@@ -278,7 +307,7 @@ def load(name_or_path: str | os.PathLike, expected_config: type | None = None) -
         tensors = load_safetensors(data)
         size = int.from_bytes(data[:8], "little")
         metadata = dict(json.loads(data[8 : 8 + size]).get("__metadata__") or {})
-    except (SafetensorError, OSError, ValueError, AttributeError) as err:
+    except (SafetensorError, OSError, ValueError, AttributeError, RecursionError) as err:
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated?): {err}") from err
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a vidgen checkpoint")
@@ -304,8 +333,8 @@ def load(name_or_path: str | os.PathLike, expected_config: type | None = None) -
             vidgen_version=metadata["vidgen_version"],
             sha256=hashlib.sha256(data).hexdigest(),
         )
-    except (KeyError, ValueError) as err:  # a digest recomputed over a hand-edited header
-        raise CheckpointError(f"{path} has a missing or unreadable header field: {err}") from err
+    except (KeyError, ValueError, RecursionError) as err:  # a digest made over an edited header
+        raise CheckpointError(f"{path} has a missing or unreadable header field: {err}") from None
     for key in ("config", "card"):  # callers index both as dicts
         value = getattr(ckpt, key)
         if not isinstance(value, dict):
@@ -369,7 +398,7 @@ def read_header(name_or_path: str | os.PathLike) -> Header:
     for key in ("config", "card"):
         try:
             value = json.loads(metadata.get(key, "{}"))
-        except ValueError:
+        except (ValueError, RecursionError):  # nested past Python's limit: unreadable too
             value = {}
         fields.append(value if isinstance(value, dict) else {})
     return Header(path, metadata["config_type"], fields[0], fields[1])

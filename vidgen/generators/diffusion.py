@@ -115,14 +115,12 @@ class DiffusionClipGenerator:
         """Load a shipped name (``ca2vdm-tiny``) or a checkpoint path; its model card names
         the autoencoder it was trained with."""
         ckpt = checkpoint.load(name_or_path, expected_config=Ca2VDMConfig)
-        model = CausalVideoDiT(ckpt.config_as(Ca2VDMConfig))
-        ckpt.load_into(model)
+        model = ckpt.build(CausalVideoDiT, Ca2VDMConfig)
         tok_name = checkpoint.companion(
             ckpt.card.get("tokenizer", cls.default_tokenizer), ckpt.path
         )
         tok = checkpoint.load(tok_name, expected_config=KLConfig)
-        autoencoder = KLAutoencoder(tok.config_as(KLConfig))
-        tok.load_into(autoencoder)
+        autoencoder = tok.build(KLAutoencoder, KLConfig)
         check_tokenizer(str(name_or_path), ckpt.card, tok_name, autoencoder.encoder_fingerprint())
         gen = cls(
             model,

@@ -143,8 +143,7 @@ class TokenClipGenerator:
         dtype: torch.dtype | str = torch.float32,
     ) -> TokenClipGenerator:
         ckpt = checkpoint.load(name_or_path, expected_config=NBPConfig)
-        model = NextBlockTransformer(ckpt.config_as(NBPConfig))
-        ckpt.load_into(model)
+        model = ckpt.build(NextBlockTransformer, NBPConfig)
         tok_name = checkpoint.companion(
             ckpt.card.get("tokenizer", cls.default_tokenizer), ckpt.path
         )

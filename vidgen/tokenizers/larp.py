@@ -343,7 +343,9 @@ class LARPTokenizer(nn.Module):
         gather = assign.t().clone()
         empty = gather.sum(1) == 0  # more patches than tokens: take the nearest token
         nearest = torch.arange(cfg.num_patches) * cfg.num_tokens // cfg.num_patches
-        gather[empty, nearest[empty]] = 1.0
+        # gather[empty, nearest[empty]] = 1, without data-dependent indexing (a model built
+        # on the meta device, to check a checkpoint's shapes first, cannot index by mask).
+        gather = gather + empty[:, None].float() * F.one_hot(nearest, cfg.num_tokens).float()
         self.register_buffer("query_init", assign, persistent=False)
         self.register_buffer("patch_init", gather / gather.sum(1, keepdim=True), persistent=False)
 
@@ -626,14 +628,12 @@ class LARPVideoTokenizer(nn.Module):
         from vidgen.tokenizers.kl import KLConfig
 
         ckpt = checkpoint.load(name_or_path, expected_config=LARPConfig)
-        larp = LARPTokenizer(ckpt.config_as(LARPConfig))
-        ckpt.load_into(larp)
+        larp = ckpt.build(LARPTokenizer, LARPConfig)
         autoencoder = None
         if larp.config.autoencoder:
             source = checkpoint.companion(larp.config.autoencoder, ckpt.path)
             kl = checkpoint.load(source, expected_config=KLConfig)
-            autoencoder = KLAutoencoder(kl.config_as(KLConfig))
-            kl.load_into(autoencoder)
+            autoencoder = kl.build(KLAutoencoder, KLConfig)
         tokenizer = cls(larp, autoencoder)
         loaded = [ckpt] + ([kl] if larp.config.autoencoder else [])
         tokenizer.files = [c.path for c in loaded]

@@ -139,8 +139,7 @@ def naming(setting: str, value: str) -> Iterator[None]:
 def load_autoencoder(name_or_path: str) -> tuple[KLAutoencoder, str]:
     """A frozen KL autoencoder and its ``encoder_fingerprint`` (the key of its latents)."""
     ckpt = checkpoint.load(name_or_path, expected_config=KLConfig)
-    autoencoder = KLAutoencoder(ckpt.config_as(KLConfig))
-    ckpt.load_into(autoencoder)
+    autoencoder = ckpt.build(KLAutoencoder, KLConfig)
     return autoencoder.eval().requires_grad_(False), autoencoder.encoder_fingerprint()
 
 
