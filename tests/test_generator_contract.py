@@ -343,6 +343,13 @@ def test_a_snapshot_file_whose_contents_do_not_fit_is_refused_by_name(tmp_path):
     edits = {
         "pending": ({**good.config, "pending": 3}, dict(good.tensors)),
         "context": (good.config, {**good.tensors, "context": torch.zeros(3)}),
+        # Counts out of range were taken (-1 pending as none), tensors the header does not
+        # account for dropped without a word, a request nested past Python's limit a
+        # RecursionError.
+        "negative": ({**good.config, "pending": -1}, dict(good.tensors)),
+        "unaccounted": (good.config, {**good.tensors, "pending.7": torch.arange(4)}),
+        "cache": (good.config, {**good.tensors, "cache.k": torch.zeros(2)}),
+        "nested": ({**good.config, "request": "[" * 100_000 + "]" * 100_000}, good.tensors),
     }
     for name, (config, tensors) in edits.items():
         path = tmp_path / f"{name}.safetensors"

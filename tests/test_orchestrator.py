@@ -1,6 +1,7 @@
 """The orchestrator's own logic with in-process executors (no Ray): order, truth, failures,
 backpressure, segmented resumable renders."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -229,6 +230,31 @@ def render_until_a_segment(orch: Orchestrator, req: GenerationRequest, out: Path
     orch.run = crash_after_a_segment
     with pytest.raises(Crash):
         render(orch, req, out, segment_clips=1, progress=False)
+
+
+def test_a_truth_that_does_not_fit_its_folder_is_refused_before_a_segment_goes(model, tmp_path):
+    """The guard file names the request, but the truth was never compared with it: a truth
+    of another request was resumed (the rest made from its seed, published as this one's);
+    and a truth saying clip -5 had every segment deleted before it was refused."""
+    from vidgen.generators.base import load_snapshot, save_snapshot
+
+    req = request_for(model, frames=32)
+    out = tmp_path / "v.mp4"
+    render_until_a_segment(Orchestrator(local(model)), req, out)
+    folder = parts_folder(out)
+    truth = load_snapshot(folder / "truth.safetensors")
+    kept = sorted(p.name for p in folder.glob("part_*.mp4"))
+    assert kept and truth.next_clip >= 1
+    other = dataclasses.replace(truth.request, seed=999)
+    for bad, message in (
+        (dataclasses.replace(truth, request=other), "truth of a different request"),
+        (dataclasses.replace(truth, checkpoint_clip=-5), "checkpoint_clip must be >= 0"),
+        (dataclasses.replace(truth, checkpoint_clip=999), "past the request's"),
+    ):
+        save_snapshot(folder / "truth.safetensors", bad)
+        with pytest.raises((ValueError, checkpoint.CheckpointError), match=message):
+            render(Orchestrator(local(model)), req, out, progress=False)
+        assert sorted(p.name for p in folder.glob("part_*.mp4")) == kept
 
 
 def test_resuming_with_other_weights_under_the_same_path_is_refused(model, tmp_path):

@@ -216,6 +216,20 @@ def _resume_point(
     truth_path = folder / "truth.safetensors"
     truth = load_snapshot(truth_path) if truth_path.exists() else None
     done = truth.next_clip if truth is not None else 0
+    # Checked before any segment is removed below: the guard names the request, but the
+    # truth is what a resume continues from (its request, seeds included).
+    if truth is not None:
+        if truth.request.fingerprint() not in (request.fingerprint(), request.fingerprint(False)):
+            raise ValueError(
+                f"{truth_path} is the truth of a different request than its folder's "
+                f"(seed {truth.request.seed}, label {truth.request.label}); delete {folder} "
+                "to render anew"
+            )
+        if done > request.frames // clip_len:
+            raise ValueError(
+                f"{truth_path} holds clips up to {done}, past the request's "
+                f"{request.frames // clip_len}; delete {folder} to render anew"
+            )
     # Segments are renamed into place whole, and the truth is saved after each one, so every
     # segment that starts before `done` is complete; a later one was made after the saved
     # truth and is dropped (it will be made again, identically).

@@ -312,16 +312,26 @@ def load_snapshot(path: str | Path) -> StreamSnapshot:
     ckpt = checkpoint.load(Path(path), expected_config=SnapshotInfo)
     info = ckpt.config_as(SnapshotInfo)
     try:
+        check_int("checkpoint_clip", info.checkpoint_clip, minimum=0)
+        check_int("pending", info.pending, minimum=0)
+        expected = {f"pending.{i}" for i in range(info.pending)} | {"context"}
+        extra = sorted(
+            k
+            for k in ckpt.tensors
+            if k not in expected and not (info.has_cache and k.startswith("cache."))
+        )
+        if extra:  # dropped silently before: a file that says less than it holds
+            raise ValueError(f"tensors its header does not account for: {extra[:4]}")
         fields = json.loads(info.request)
         if "context" in ckpt.tensors:  # checked as a request's context is when it is made
             fields["context"] = ckpt.tensors["context"].numpy()
         request = GenerationRequest.from_json(fields)
         cache = {k[6:]: v for k, v in ckpt.tensors.items() if k.startswith("cache.")}
         pending = [ckpt.tensors[f"pending.{i}"] for i in range(info.pending)]
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, RecursionError) as err:
         raise checkpoint.CheckpointError(
             f"{path} is not a valid stream snapshot: {type(err).__name__}: {err}"
-        ) from err
+        ) from None
     return StreamSnapshot(request, info.checkpoint_clip, cache if info.has_cache else None, pending)
 
 
