@@ -54,6 +54,59 @@ def test_two_actors_get_distinct_gpus(ray_session, models):
         b.kill()
 
 
+def test_a_killed_actor_is_recovered_as_a_new_process(ray_session, models):
+    """ray.kill is asynchronous: recover() took the answer of the idle process it had just
+    killed (same pid, its streams still listed), and the next open on it failed with "the
+    actor was restarted": two failures counted for one fault."""
+    executor = RayExecutor(models["diffusion"], max_streams=2, max_restarts=3)
+    try:
+        req = request_for(models["diffusion"], frames=16)
+        for _ in range(2):
+            executor.open(0, req, timeout=60)
+            before = executor.info["pid"]
+            executor.kill()
+            executor.recover()
+            assert executor.info["pid"] != before and executor.info["streams"] == []
+        executor.open(0, req, timeout=60)  # the restarted process takes the stream again
+        assert executor.result(executor.step([0], [0], [])).clips[0].clip == 0
+    finally:
+        executor.retire()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"max_restarts": -1}, "max_restarts must be >= 0"), ({"ready_timeout": None}, "ready")],
+)
+def test_executor_settings_ray_would_misread_are_refused(kwargs, message):
+    """-1 (Ray's "restart forever") was read as no restarts by kill and recover; None as a
+    timeout started the actor and failed its first recover with a TypeError."""
+    with pytest.raises(ValueError, match=message):
+        RayExecutor("ca2vdm-tiny", **kwargs)
+
+
+def test_an_actor_placed_without_a_gpu_stays_off_the_gpus_it_can_see(monkeypatch):
+    """Ray leaves CUDA_VISIBLE_DEVICES as it was for an actor asking no GPU: device "auto"
+    put such an actor on GPU 0 of a node whose GPUs belong to other actors."""
+    import torch
+
+    import workers.actor as actor
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert actor.auto_device() == "cuda"  # not in an actor (a LocalExecutor's worker)
+
+    class InActor:
+        def get_actor_id(self):
+            return "an actor"
+
+    monkeypatch.setattr(actor.ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(actor.ray, "get_runtime_context", lambda: InActor())
+    for gpus, device in (([], "cpu"), ([0], "cuda")):
+        monkeypatch.setattr(actor.ray, "get_gpu_ids", lambda gpus=gpus: gpus)
+        assert actor.auto_device() == device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert actor.auto_device() == "cpu"
+
+
 def _checkpoint_reads(monkeypatch) -> list[Path]:
     """The checkpoint files read from now on, once per whole-file read or open."""
     import builtins

@@ -64,6 +64,17 @@ class StepOut:
     snapshots: dict[int, StreamSnapshot] = field(default_factory=dict)
 
 
+def auto_device() -> str:
+    """``cuda`` where torch sees a GPU, except in a Ray actor placed without one: Ray no
+    longer hides the node's GPUs from such an actor (``CUDA_VISIBLE_DEVICES`` is left as it
+    was), which then loaded onto GPU 0, beside the actors that own it."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+        return "cuda" if ray.get_gpu_ids() else "cpu"
+    return "cuda"
+
+
 class GeneratorWorker:
     """Holds one generator and the streams placed on it."""
 
@@ -76,7 +87,7 @@ class GeneratorWorker:
         dtype: str = "float32",
     ) -> None:
         if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = auto_device()
         if device == "cpu" and threads:
             torch.set_num_threads(threads)
         self.model_name = model

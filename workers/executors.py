@@ -16,6 +16,7 @@ import ray
 
 from vidgen.generators import GenerationRequest, StreamSnapshot, check_dtype
 from vidgen.generators.base import dtype_name
+from vidgen.validate import check_int, check_number
 from workers.actor import ClipOut, GeneratorWorker, start_actor
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,11 @@ class RayExecutor:
         dtype: str = "float32",
     ) -> None:
         dtype = dtype_name(check_dtype(dtype))  # here, not as an actor that fails to start
+        # Ray's -1 (restart forever) read as "no restarts" in kill and recover; None as a
+        # timeout started the actor, then failed its first recover.
+        max_restarts = check_int("max_restarts", max_restarts, minimum=0)
+        ready_timeout = check_number("ready_timeout (seconds)", ready_timeout, above=0)
+        self._killed_pid: int | None = None  # the process kill() was last sent to
         self.model, self.max_streams, self.threads = model, max_streams, threads
         self.max_restarts, self.ready_timeout, self.dtype = max_restarts, ready_timeout, dtype
         self.handle, self.info = start_actor(
@@ -164,18 +170,29 @@ class RayExecutor:
         # While Ray restarts the actor, calls fail at once with ActorUnavailableError
         # ("the actor is restarting"): ask again until it answers or the timeout passes.
         # ActorDiedError (restarts used up) is final.
+        # A kill is asynchronous: an idle actor answers before it lands (its decode thread
+        # hung, say), and that dying process is not the restarted one (its streams would
+        # fail at once, a second failure for one fault). Wait for another process.
         deadline = time.monotonic() + self.ready_timeout
         while True:
             try:
                 left = max(0.1, deadline - time.monotonic())
-                self.info = ray.get(self.handle.ready.remote(), timeout=left)
-                return
+                info = ray.get(self.handle.ready.remote(), timeout=left)
+                if info["pid"] != self._killed_pid:
+                    self.info, self._killed_pid = info, None
+                    return
+                if time.monotonic() > deadline:
+                    raise ExecutorFailed(
+                        f"{self.name} was killed but its process {info['pid']} still answers "
+                        f"after {self.ready_timeout:g} s"
+                    )
             except ray.exceptions.ActorUnavailableError:
                 if time.monotonic() > deadline:
                     raise
-                time.sleep(0.2)
+            time.sleep(0.2)
 
     def kill(self) -> None:
+        self._killed_pid = self.info["pid"]
         ray.kill(self.handle, no_restart=self.max_restarts <= 0)
 
     def retire(self) -> None:
