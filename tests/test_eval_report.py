@@ -61,6 +61,15 @@ def test_a_slideshow_reports_strict_json(tmp_path, capsys):
     strict = json.loads(report_json(report))
     assert strict["per_video"]["s.mp4"]["seam_ratio"] is None
     assert strict["summary"]["seam_ratio_infinite"] == 1
+    # A moving video of one clip has no seam, and is not counted as one that never changes.
+    (tmp_path / "short").mkdir()
+    with VideoWriter(tmp_path / "short" / "one.mp4", lossless=True) as writer:
+        writer.write(frames[:8])
+    with VideoWriter(tmp_path / "short" / "still.mp4", lossless=True) as writer:
+        writer.write(np.repeat(frames[:1], 16, axis=0))
+    short = evaluate(EvalConfig(videos=str(tmp_path / "short"), label=2))["summary"]
+    assert (short["seam_ratio_no_seam"], short["seam_ratio_undefined"]) == (1, 1)
+    assert short["moving_fraction"] == 0.5  # the short one moves, the still one does not
     out = tmp_path / "report.json"
     assert main(["eval", f"videos={tmp_path / 's.mp4'}", "label=2", f"out={out}"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

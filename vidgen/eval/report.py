@@ -182,9 +182,12 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         name = str(path.relative_to(root)) if root.is_dir() else path.name
         per_video[name] = {"frames": frames, "label": label, **scores}
     summary = summarize_videos(rows, _true_speed(cfg))
-    seams = summarize_seams([r.get("seam_ratio") for r in rows])
+    # A video of one clip or less has no seam: not one that never changes (undefined).
+    seamed = [v["frames"] > cfg.clip_len for v in per_video.values()]
+    seams = summarize_seams([r.get("seam_ratio") for r, s in zip(rows, seamed, strict=True) if s])
     summary["seam_ratio_infinite"] = seams["infinite"]
     summary["seam_ratio_undefined"] = seams["undefined"]
+    summary["seam_ratio_no_seam"] = seamed.count(False)
     summary["videos"] = len(rows)
     summary["videos_with_label"] = sum(v["label"] is not None for v in per_video.values())
     report: dict[str, Any] = {
