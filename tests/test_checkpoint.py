@@ -402,6 +402,20 @@ def test_a_small_file_describing_a_huge_model_is_refused_before_it_is_built(tmp_
     assert all(torch.equal(v, fitting.tensors[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_by_name(saved, tmp_path, value):
+    """They loaded without a word (an edited file: training stops before making any)."""
+    good = checkpoint.load(saved)
+    name = next(k for k, t in good.tensors.items() if t.is_floating_point())
+    tensors = dict(good.tensors)
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = value
+    path = tmp_path / "bad.safetensors"
+    checkpoint._write(path, tensors, checkpoint._metadata(good.config_type, good.config, good.card))
+    with pytest.raises(CheckpointError, match=rf"not finite: {name}"):
+        checkpoint.load(path).load_into(make_model())
+
+
 @pytest.mark.parametrize(
     ("config", "error"),
     [({"heads": 3}, "must be an even head dim"), ({"prefix_t": float("nan")}, "must be finite")],

@@ -129,11 +129,21 @@ class Checkpoint:
             for k in sorted(set(state) & set(expected))
             if _dtype_kind(state[k]) != _dtype_kind(expected[k])
         ]
-        if missing or unexpected or wrong:
+        # NaN or inf weights (an edited file: training stops before making any) loaded and
+        # made black videos; a tensor of the meta device (``build``'s probe) has no values.
+        infinite = [
+            k
+            for k in sorted(set(state) & set(expected))
+            if state[k].is_floating_point()
+            and state[k].device.type != "meta"
+            and not bool(torch.isfinite(state[k]).all())
+        ]
+        if missing or unexpected or wrong or infinite:
             raise CheckpointError(
                 f"{self.path} does not fit {type(module).__name__} (wrong architecture or "
                 f"size?): {_summary('missing', missing)}{_summary('unexpected', unexpected)}"
-                f"{_summary('shape or dtype mismatch', wrong)}".rstrip("; ")
+                f"{_summary('shape or dtype mismatch', wrong)}"
+                f"{_summary('not finite', infinite)}".rstrip("; ")
             )
         return absent
 
