@@ -573,6 +573,8 @@ def test_bad_train_settings_are_refused(override, message):
         (["model=ca2vdm-test", "model.label_dropout=1.5"], "label_dropout must be in"),
         (["model=nbp-test", "model.block=0"], "block must be >= 1"),
         (["model=nbp-test", "model.depth=0"], "depth must be >= 1"),
+        (["model=nbp-test", "model.depth=513"], "depth must be <= 512 layers"),
+        (["model=ca2vdm-test", "model.depth=10000"], "depth must be <= 512 layers"),
         (
             ["model=nbp-test", "model.num_actions=5", "model.action_dim=2"],
             "cannot both be > 0",
@@ -742,6 +744,21 @@ def test_a_state_with_an_edited_card_is_refused_in_one_line(tmp_path, edit):
     train(run, tmp_path / "run", 4, stop_at=2)
     checkpoint.update_card(tmp_path / "run" / "state.safetensors", edit)
     with pytest.raises(TrainSetupError, match=r"the state in .* is damaged \("):
+        train(run, tmp_path / "run", 4)
+
+
+def test_a_state_with_nan_weights_is_refused_as_such_not_as_another_model(tmp_path):
+    """It said the state did not fit this run's model, and to resume with its settings."""
+    run = ["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2", "train.threads=1"]
+    train(run, tmp_path / "run", 4, stop_at=2)
+    path = tmp_path / "run" / "state.safetensors"
+    state = checkpoint.load(path)
+    tensors = dict(state.tensors)
+    name = next(k for k in tensors if k.startswith("model.") and tensors[k].is_floating_point())
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    metadata = checkpoint._metadata(state.config_type, state.config, state.card)
+    checkpoint._write(path, tensors, metadata)
+    with pytest.raises(TrainSetupError, match=r"holds NaN or inf weights.*cannot be resumed"):
         train(run, tmp_path / "run", 4)
 
 

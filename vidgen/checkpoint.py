@@ -50,6 +50,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, corrupted, or does not fit what it is loaded into."""
 
 
+class NonFiniteWeights(CheckpointError):
+    """A checkpoint's weights hold NaN or inf: it fits its model, but would make noise."""
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """A loaded checkpoint. ``config`` is the plain dict form of the config dataclass named by
@@ -138,6 +142,11 @@ class Checkpoint:
             and state[k].device.type != "meta"
             and not bool(torch.isfinite(state[k]).all())
         ]
+        if infinite and not (missing or unexpected or wrong):
+            raise NonFiniteWeights(
+                f"{self.path} holds NaN or inf weights (an edited file, or a run that "
+                f"diverged): {', '.join(infinite[:4])}" + (" ..." if len(infinite) > 4 else "")
+            )
         if missing or unexpected or wrong or infinite:
             raise CheckpointError(
                 f"{self.path} does not fit {type(module).__name__} (wrong architecture or "

@@ -75,6 +75,17 @@ def check_step_timeout(name: str, value: object) -> float | None:
     return check_number(name, value, above=0, maximum=MAX_STEP_TIMEOUT)
 
 
+MAX_DEPTH = 512  # layers: a checkpoint's config saying 2**20 took an hour to refuse
+
+
+def check_depths(obj: object, *names: str) -> None:
+    """Each ``obj.<name>`` (a number of layers) at most ``MAX_DEPTH``."""
+    for name in names:
+        value = getattr(obj, name)
+        if value > MAX_DEPTH:
+            raise ValueError(f"{name} must be <= {MAX_DEPTH} layers, got {value}")
+
+
 def check_ints(obj: object, minimum: int, *names: str) -> None:
     """``check_int`` on attributes of ``obj`` (a config), each at least ``minimum``."""
     for name in names:

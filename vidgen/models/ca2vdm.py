@@ -35,7 +35,7 @@ from vidgen.nn.attention import attention
 from vidgen.nn.cache import CacheSpec, KVCache
 from vidgen.nn.conditioning import NULL, AdaLNModulation, FrameCondition, modulate
 from vidgen.nn.rope import RoPE1D, apply_rope
-from vidgen.validate import check_ints, check_number
+from vidgen.validate import check_depths, check_ints, check_number
 
 
 @dataclass
@@ -81,6 +81,7 @@ class Ca2VDMConfig:
 
     def __post_init__(self) -> None:
         check_ints(self, 1, "latent_channels", "latent_size", "patch", "dim", "depth", "heads")
+        check_depths(self, "depth")
         check_ints(self, 1, "clip_len", "window")
         check_ints(self, 0, "num_classes", "num_actions", "action_dim")
         check_number("mlp_ratio", self.mlp_ratio, above=0)

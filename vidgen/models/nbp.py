@@ -40,7 +40,7 @@ from vidgen.nn.cache import CacheSpec, KVCache
 from vidgen.nn.conditioning import NULL
 from vidgen.nn.masks import banded_block_mask
 from vidgen.nn.rope import RoPE1D, apply_rope
-from vidgen.validate import check_ints, check_number
+from vidgen.validate import check_depths, check_ints, check_number
 
 
 @dataclass
@@ -67,6 +67,7 @@ class NBPConfig:
     def __post_init__(self) -> None:
         check_ints(self, 1, "vocab", "tokens_per_clip", "frames_per_clip", "block", "window")
         check_ints(self, 1, "dim", "depth", "heads")
+        check_depths(self, "depth")
         check_ints(self, 0, "num_classes", "num_actions", "action_dim")
         check_number("mlp_ratio", self.mlp_ratio, above=0)
         check_number("label_dropout", self.label_dropout, minimum=0, maximum=1)

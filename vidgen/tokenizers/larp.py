@@ -49,7 +49,7 @@ from vidgen.nn.masks import block_causal_mask
 from vidgen.nn.transformer import Transformer
 from vidgen.tokenizers.kl import KLAutoencoder, foreground_weights
 from vidgen.tokenizers.losses import gradient_l1, ssim
-from vidgen.validate import check_ints, check_number
+from vidgen.validate import check_depths, check_ints, check_number
 
 NO_CONTEXT = -1  # a context row of these: the clip has no previous clip (see ``decode``)
 
@@ -118,6 +118,7 @@ class LARPConfig:
     def __post_init__(self) -> None:
         check_ints(self, 1, "channels", "size", "frames", "patch_t", "patch", "dim", "heads")
         check_ints(self, 1, "enc_depth", "dec_depth", "code_dim", "prior_dim", "prior_depth")
+        check_depths(self, "enc_depth", "dec_depth", "prior_depth")
         check_ints(self, 1, "prior_heads", "disc_dim", "disc_layers")
         check_ints(self, 0, "vq_warmup", "restart_every")
         check_number("tau", self.tau, above=0)

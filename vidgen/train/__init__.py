@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -153,9 +154,11 @@ def build_task(cfg: TrainCommandConfig, resume: checkpoint.Checkpoint | None = N
             "would end in the VQ warm-up and export a tokenizer that never quantised"
         )
     if cfg.data.name == "folder":  # the videos themselves (name, size, mtime): a resume
-        # over other files trains on other data, which its card's resumes then record.
-        described = data_description(cfg.data, "train").encode()
-        task.card = {**task.card, DATA_FILES: hashlib.sha256(described).hexdigest()[:16]}
+        # over other files trains on other data, which its card's resumes then record (the
+        # other data settings are compared as settings).
+        files = json.loads(data_description(cfg.data, "train"))["files"]
+        digest = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+        task.card = {**task.card, DATA_FILES: digest}
     return task
 
 

@@ -434,6 +434,11 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
             changes["random generator"] = [f"{saved_rng} state", f"{gen.device.type}, reseeded"]
         try:
             start, before = _load_state(state, model, ema, opt, gen, adv)
+        except checkpoint.NonFiniteWeights as err:
+            raise TrainSetupError(
+                f"{err}: this state cannot be resumed. Start over with another out (or "
+                "train.resume=false)"
+            ) from None
         except checkpoint.CheckpointError as err:  # another architecture than the state's
             named = _describe_changes(changes)
             raise TrainSetupError(
@@ -442,6 +447,8 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
                 + f": {err}. Resume with its settings, or start over with another out (or "
                 "train.resume=false)"
             ) from None
+        except torch.OutOfMemoryError:  # a good state on a full device: not "damaged"
+            raise
         except (KeyError, TypeError, ValueError, RuntimeError) as err:  # its card edited
             raise TrainSetupError(
                 f"the state in {out} is damaged ({type(err).__name__}: {err}). Start over with "
