@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from vidgen.nn import RoPE1D, RoPE3D, apply_rope, attention, rope_angles
@@ -82,3 +83,16 @@ def test_float64_inputs_are_rotated_in_float64():
         [x[..., :half] * cos - x[..., half:] * sin, x[..., :half] * sin + x[..., half:] * cos], -1
     )
     assert (out - exact).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_a_precomputed_rotation_rotates_bit_for_bit_as_its_angles(dtype):
+    """The DiT computes its rotation once per forward and every layer shares it; that must
+    not change a single bit of what the angles gave."""
+    from vidgen.nn.rope import Rotation
+
+    x = torch.randn(3, 2, 7, 16).to(dtype)
+    angles = rope_angles(torch.arange(7) * 1000 + 5, 16)
+    assert torch.equal(apply_rope(x, Rotation.of(angles)), apply_rope(x, angles))
+    with pytest.raises(ValueError, match="head_dim/2 = 8"):
+        apply_rope(x, Rotation.of(rope_angles(torch.arange(7), 8)))

@@ -34,7 +34,7 @@ from torch import nn
 from vidgen.nn.attention import attention
 from vidgen.nn.cache import CacheSpec, KVCache
 from vidgen.nn.conditioning import NULL, AdaLNModulation, FrameCondition, modulate
-from vidgen.nn.rope import RoPE1D, apply_rope
+from vidgen.nn.rope import RoPE1D, Rotation, apply_rope
 from vidgen.validate import check_depths, check_ints, check_number
 
 
@@ -277,21 +277,20 @@ class Block(nn.Module):
         self_mask: torch.Tensor | None,
         ctx: tuple[int, Context] | None,
         collect: _Collected | None,
-        angles: torch.Tensor | None = None,
+        rot: Rotation | None = None,
     ) -> torch.Tensor:
         """x (b, t, n, d) attends per location to the context frames (this layer's rotated
         keys and values) and, through ``self_mask`` (t, t; None = causal), to its own frames;
-        positions (b, t) are frame positions (``angles``: their RoPE angles, if already
-        computed)."""
+        positions (b, t) are frame positions (``rot``: their RoPE rotation per location,
+        ((b n), 1, t, e/2), if already computed: the same for every layer)."""
         b, t, n, _ = x.shape
         q, k, v = self.temporal_qkv(rearrange(x, "b t n d -> (b n) t d"))  # (b n) h t e
         if collect is not None:
             collect.k.append(k)
             collect.v.append(v)
-        if angles is None:
-            angles = self.rope.angles(positions)
-        angles = angles.repeat_interleave(n, dim=0)[:, None]  # (b n) 1 t e/2
-        q, k = apply_rope(q, angles), apply_rope(k, angles)
+        if rot is None:
+            rot = location_rotation(self.rope.angles(positions), n)
+        q, k = apply_rope(q, rot), apply_rope(k, rot)
         if self_mask is None and (ctx is None or ctx[1].all_valid):
             # A causal clip after a full cache (or none): every context key and its own frames
             # causally, the lower-right causal pattern, with no mask tensor (DESIGN.md
@@ -321,12 +320,12 @@ class Block(nn.Module):
         self_mask: torch.Tensor | None,
         ctx: tuple[int, Context] | None = None,
         collect: _Collected | None = None,
-        angles: torch.Tensor | None = None,
+        rot: Rotation | None = None,
     ) -> torch.Tensor:
         ss, sc, sg, ts, tc, tg, ms, mc, mg = self.modulation(cond)  # each (b, t, d)
         x = x + sg[:, :, None] * self.spatial(modulate(self.norm_s(x), ss, sc))
         h = modulate(self.norm_t(x), ts, tc)
-        x = x + tg[:, :, None] * self.temporal(h, positions, self_mask, ctx, collect, angles)
+        x = x + tg[:, :, None] * self.temporal(h, positions, self_mask, ctx, collect, rot)
         return x + mg[:, :, None] * self.mlp(modulate(self.norm_m(x), ms, mc))
 
 
@@ -409,8 +408,7 @@ class CausalVideoDiT(nn.Module):
         """Read the cache once for a clip: rotate every cached key to its window-relative
         frame position. Every denoising step of the clip then reuses this (cache sharing)."""
         n = self.config.tokens_per_frame
-        angles = self.blocks[0].rope.angles(cache.positions(streams))  # (b, w, e/2)
-        angles = angles.repeat_interleave(n, dim=0)[:, None]  # (b n) 1 w e/2
+        rot = location_rotation(self.blocks[0].rope.angles(cache.positions(streams)), n)
         ks, vs = [], []
         dtype = next(self.parameters()).dtype
         for layer in range(len(self.blocks)):
@@ -418,7 +416,7 @@ class CausalVideoDiT(nn.Module):
             # In the model's dtype: a wider cache (float64 under float32 weights) would
             # promote the joined keys past the queries' dtype.
             k, v = k.to(dtype), v.to(dtype)
-            ks.append(apply_rope(rearrange(k, "b h w n e -> (b n) h w e"), angles))
+            ks.append(apply_rope(rearrange(k, "b h w n e -> (b n) h w e"), rot))
             vs.append(rearrange(v, "b h w n e -> (b n) h w e"))
         valid = cache.valid(streams)
         start = cache.query_positions(streams, 1)[:, 0]
@@ -435,10 +433,11 @@ class CausalVideoDiT(nn.Module):
     ) -> torch.Tensor:
         c = self.embed_cond(cond)
         h = self.tokens(x)
-        angles = self.blocks[0].rope.angles(positions)  # the same for every layer
+        # The same rotation for every layer: its trigonometry once per forward.
+        rot = location_rotation(self.blocks[0].rope.angles(positions), h.shape[2])
         for layer, block in enumerate(self.blocks):
             ctx = None if context is None else (layer, context)
-            h = block(h, c, positions, self_mask, ctx, collect, angles)
+            h = block(h, c, positions, self_mask, ctx, collect, rot)
         return self.untokens(h, c)
 
     def forward(
@@ -508,6 +507,12 @@ class CausalVideoDiT(nn.Module):
         if positions is None:
             positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         return self._run(x, cond, positions, frame_mask, None, None)
+
+
+def location_rotation(angles: torch.Tensor, n: int) -> Rotation:
+    """The rotation of frame angles (b, t, e/2) for each of the ``n`` locations of a frame,
+    ((b n), 1, t, e/2), as temporal attention's per-location rows are laid out."""
+    return Rotation.of(angles.repeat_interleave(n, dim=0)[:, None])
 
 
 def history_mask(

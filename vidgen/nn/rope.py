@@ -10,6 +10,8 @@ Axis letters: ``l`` sequence, ``d`` head dim (split in two halves that rotate to
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 DEFAULT_THETA = 10_000.0
@@ -27,16 +29,34 @@ def rope_angles(positions: torch.Tensor, dim: int, theta: float = DEFAULT_THETA)
     return positions.to(torch.float64)[..., None] * inv_freq
 
 
-def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+class Rotation(NamedTuple):
+    """cos and sin of RoPE angles (float64, as the angles), computed once for every
+    ``apply_rope`` that uses them (a model's layers all rotate by the same positions)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @classmethod
+    def of(cls, angles: torch.Tensor) -> Rotation:
+        return cls(angles.cos(), angles.sin())
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.cos.shape
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor | Rotation) -> torch.Tensor:
     """Rotate (..., L, D) by angles broadcastable to (..., L, D/2) (rotate-half convention:
-    dims i and i + D/2 form a pair)."""
+    dims i and i + D/2 form a pair), or by their ``Rotation`` (the same values, without
+    the trigonometry)."""
     if x.shape[-1] % 2:
         raise ValueError(f"x's head dim must be even (rotated in pairs), got {x.shape[-1]}")
     half = x.shape[-1] // 2
     if angles.shape[-1] != half:
         raise ValueError(f"angles must end in head_dim/2 = {half}, got {tuple(angles.shape)}")
     work = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 x
-    cos, sin = angles.cos().to(work), angles.sin().to(work)  # trig in float64
+    rot = angles if isinstance(angles, Rotation) else Rotation.of(angles)  # trig in float64
+    cos, sin = rot.cos.to(work), rot.sin.to(work)
     x1, x2 = x[..., :half].to(work), x[..., half:].to(work)
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.to(x.dtype)
