@@ -374,6 +374,18 @@ def test_a_symlinked_outs_leftover_temps_are_removed_beside_its_target(models, t
     render(Orchestrator(local(model)), request_for(model, frames=8), out, progress=False)
     assert not joined.exists() and not sidecar.exists()
     assert out.is_symlink() and read_video(out).shape[0] == 8  # written through the link
+    # Its target is locked too: a render of the target itself (or of another link to it)
+    # running now would have its temp files cleaned away by this one.
+    from workers.render import _lock, lock_file
+
+    held = _lock(real)
+    try:
+        with pytest.raises(ValueError, match="being rendered by another process"):
+            render(Orchestrator(local(model)), request_for(model, frames=8), out, progress=False)
+        assert not lock_file(out).exists()  # the link's own lock, taken first, was given back
+    finally:
+        lock_file(real).unlink()
+        os.close(held)
 
 
 def test_batch_items_beyond_the_actor_slots_wait_their_turn(models, tmp_path):

@@ -349,18 +349,23 @@ class RenderJob:
 
     def start(self, orchestrator: Orchestrator) -> int:
         self.orchestrator = orchestrator
-        self._lock_fd = _lock(self.out)
+        # A symlinked out writes (and cleans temp files) beside its target: a render of the
+        # target itself, or of another link to it, must not run at the same time.
+        self._locks: list[tuple[Path, int | None]] = []
         try:
+            for path in dict.fromkeys((self.out, target(self.out))):
+                self._locks.append((path, _lock(path)))
             return self._start(orchestrator)
         except BaseException:
             self._unlock()
             raise
 
     def _unlock(self) -> None:
-        if getattr(self, "_lock_fd", None) is not None:
-            lock_file(self.out).unlink(missing_ok=True)  # while held: no one else uses it
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        for path, fd in reversed(getattr(self, "_locks", [])):
+            if fd is not None:
+                lock_file(path).unlink(missing_ok=True)  # while held: no one else uses it
+                os.close(fd)
+        self._locks = []
 
     def _start(self, orchestrator: Orchestrator) -> int:
         _remove_stale_temps(self.out, self.folder)  # under the lock: no one else writes them
