@@ -89,9 +89,10 @@ class Checkpoint:
         config = self.config_as(config_cls)
         with torch.device("meta"):
             probe = factory(config)
-        self._check_fits(probe, self._state(""), ())
+        state = self._state("")
+        self._check_fits(probe, state, ())  # names, shapes, values: checked once, here
         model = factory(config)
-        self.load_into(model)
+        model.load_state_dict(state, strict=True)
         return model
 
     def _state(self, prefix: str) -> dict[str, torch.Tensor]:

@@ -12,6 +12,26 @@ from vidgen.io import VideoReadError, probe_video, read_video
 from vidgen.validate import check_step_timeout
 
 
+def check_out(out: str | Path) -> Path:
+    """A render's ``out``: an .mp4 path in an existing folder that is not itself a folder,
+    nor its provenance sidecar (``<out>.json``, written at the end: found now, not then)."""
+    path = Path(out).expanduser()
+    if path.suffix.lower() != ".mp4":  # ".mp4" alone has no suffix
+        raise ValueError(f"out must end in .mp4, got {str(out)!r}")
+    try:
+        if not path.parent.is_dir():
+            raise ValueError(f"out={str(out)!r}: folder {str(path.parent)!r} does not exist")
+        if path.is_dir():
+            raise ValueError(f"out={str(out)!r} is a folder; give the video's file name")
+        if path.with_suffix(".json").is_dir():
+            raise ValueError(
+                f"out={str(out)!r}: its sidecar {path.with_suffix('.json').name} is a folder"
+            )
+    except OSError as err:  # e.g. a file name over the file system's 255 bytes
+        raise ValueError(f"out={str(out)!r}: {err.strerror or err}") from None
+    return path
+
+
 @dataclass
 class RenderConfig:
     """``model``: shipped name or checkpoint path; ``label``: class (the number of shapes for
@@ -63,21 +83,7 @@ class RenderConfig:
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
         self.step_timeout = check_step_timeout("step_timeout", self.step_timeout)
-        if Path(self.out).suffix.lower() != ".mp4":  # as the render checks: ".mp4" has none
-            raise ValueError(f"out must end in .mp4, got {self.out!r}")
-        out = Path(self.out).expanduser()
-        try:
-            if not out.parent.is_dir():
-                raise ValueError(f"out={self.out!r}: its folder does not exist")
-            if out.is_dir():
-                raise ValueError(f"out={self.out!r} is a folder; give the video's file name")
-            # The provenance sidecar is written beside it at the end: found now, not then.
-            if out.with_suffix(".json").is_dir():
-                raise ValueError(
-                    f"out={self.out!r}: its sidecar {out.with_suffix('.json').name} is a folder"
-                )
-        except OSError as err:  # e.g. a file name over the file system's 255 bytes
-            raise ValueError(f"out={self.out!r}: {err.strerror or err}") from None
+        check_out(self.out)
         for name in ("actions", "context"):
             value = getattr(self, name)
             if value is not None and not Path(value).expanduser().is_file():

@@ -34,6 +34,7 @@ from vidgen.fsutil import publish, target, temp_beside, temp_stem
 from vidgen.generators import Clip, GenerationRequest
 from vidgen.generators.base import load_snapshot, save_snapshot
 from vidgen.io import VideoWriter, concat_videos, probe_video
+from vidgen.render_config import check_out
 from vidgen.validate import check_int
 from workers.orchestrator import Orchestrator
 
@@ -331,15 +332,7 @@ class RenderJob:
         progress: bool = True,
         extra_provenance: dict[str, Any] | None = None,
     ) -> None:
-        self.out = Path(out).expanduser()
-        if self.out.suffix.lower() != ".mp4":
-            raise ValueError(f"out must end in .mp4, got {str(self.out)!r}")
-        if not self.out.parent.is_dir():
-            raise ValueError(
-                f"out={str(self.out)!r}: folder {str(self.out.parent)!r} does not exist"
-            )
-        if self.out.is_dir():
-            raise ValueError(f"out={str(self.out)!r} is a folder; give the video's file name")
+        self.out = check_out(out)
         check_int("segment_clips", segment_clips, minimum=1)  # 1.5 never ended a segment
         self.request, self.segment_clips, self.lossless = request, segment_clips, lossless
         self.progress, self.extra = progress, extra_provenance

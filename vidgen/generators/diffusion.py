@@ -367,7 +367,7 @@ class DiffusionClipGenerator:
             slot = self.cache.add_stream()
             stream = Stream(
                 id=next(self._ids),
-                request=own_request(snapshot.request),
+                request=snapshot.request,  # its own copy, taken above
                 slot=slot,
                 clip=snapshot.checkpoint_clip,
                 num_clips=num_clips,

@@ -203,7 +203,8 @@ class TokenClipGenerator:
         return stream
 
     def _new_stream(self, request: GenerationRequest, clip: int, num_clips: int) -> Stream:
-        request = own_request(request)
+        """A stream of ``request``, which is already the stream's own copy (``open`` and
+        ``restore`` take it before checking it)."""
         slots = [self.cache.add_stream()]
         if self._guided(request):
             try:

@@ -137,17 +137,16 @@ def check_actions_fit(config: Ca2VDMConfig | NBPConfig, data: DataConfig) -> Non
     and the source is a world; a folder's are zeros): found before anything is encoded,
     rather than at the first step, in the model's own words."""
     continuous = data.agent.continuous and data.name != "folder"
-    given = (
-        f"data={data.name}"
-        + (f" (data.agent.continuous={data.agent.continuous})" if data.name != "folder" else "")
-        + " gives "
-        + (
-            f"continuous ({AGENT_ACTION_DIM},) actions"
-            if continuous
-            else "discrete actions"
-            + (f" in [0, {NUM_ACTIONS})" if data.name in ("agent", "mix") else " (all 0)")
-        )
+    source = f"data={data.name}" + (
+        f" (data.agent.continuous={data.agent.continuous})" if data.name != "folder" else ""
     )
+    kind = (
+        f"continuous ({AGENT_ACTION_DIM},) actions"
+        if continuous
+        else "discrete actions"
+        + (f" in [0, {NUM_ACTIONS})" if data.name in ("agent", "mix") else " (all 0)")
+    )
+    given = f"{source} gives {kind}"
     if config.action_dim and (not continuous or config.action_dim != AGENT_ACTION_DIM):
         raise ValueError(
             f"model.action_dim={config.action_dim} needs continuous ({config.action_dim},) "
@@ -169,7 +168,7 @@ def check_actions_fit(config: Ca2VDMConfig | NBPConfig, data: DataConfig) -> Non
         if data.name in ("agent", "mix") and config.num_actions < NUM_ACTIONS:
             raise ValueError(
                 f"model.num_actions={config.num_actions} is fewer than the {NUM_ACTIONS} "
-                f"actions {given.split(' gives ')[0]} gives: set model.num_actions="
+                f"actions {source} gives: set model.num_actions="
                 f"{NUM_ACTIONS} (or more)"
             )
 

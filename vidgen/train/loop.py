@@ -608,15 +608,17 @@ def _train_step(
     out["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), clip)
     # Before the update: a NaN step would make every weight NaN, and the next state saved
     # would overwrite the last good resume point with them (then be exported, silently).
-    for name in ("loss", "grad_norm"):
-        value = float(out[name].detach())
-        if not math.isfinite(value):
-            raise TrainingDiverged(
-                f"the {name.replace('_', ' ')} at step {step + 1} is {value}: training stopped "
-                f"before that step's update (lr {opt.param_groups[0]['lr']:.3g}, train.grad_clip="
-                f"{cfg.grad_clip:g}). The last state saved stays the resume point; lower "
-                "train.lr, keep train.grad_clip on, or check the data"
-            )
+    # One host sync for both (the loop reads the metrics after the step anyway).
+    watched = torch.stack([out["loss"].detach().float(), out["grad_norm"].detach().float()])
+    if not bool(torch.isfinite(watched).all()):
+        loss, norm = watched.tolist()
+        raise TrainingDiverged(
+            f"the {'loss' if not math.isfinite(loss) else 'grad norm'} at step {step + 1} is "
+            f"{loss if not math.isfinite(loss) else norm}: training stopped before that "
+            f"step's update (lr {opt.param_groups[0]['lr']:.3g}, train.grad_clip="
+            f"{cfg.grad_clip:g}). The last state saved stays the resume point; lower "
+            "train.lr, keep train.grad_clip on, or check the data"
+        )
     opt.step()
     if adv is not None and adv[0].active:
         adversary, adv_opt = adv
