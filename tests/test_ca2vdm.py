@@ -510,3 +510,31 @@ def test_a_full_cache_is_read_with_no_mask_tensor(model, monkeypatch):
     w = CFG.window_clips * L
     assert all(s == {(w + L, False, False)} for s in seen[:-1])  # filling: key padding
     assert seen[-1] == {(w + L, True, True)}  # full: causal aligned to the last key
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # autocast's
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_qkv_normalises_q_and_k_together_as_each_alone(dtype):
+    """QKV normalises q and k in one call (stacked); each must equal its own RMSNorm, with its
+    own weight, bit for bit, and v must be the projection's third part."""
+    from einops import rearrange
+
+    from vidgen.models.ca2vdm import QKV
+
+    qkv = randomize_(QKV(32, 4), seed=3).to(dtype)
+    qkv.k_norm.weight.data.mul_(-3)  # q's and k's weights must not be mixed up
+    x = torch.randn(5, 7, 32).to(dtype)
+    qk, v = qkv(x)
+    q, k, v_ref = rearrange(qkv.proj(x), "b l (three h e) -> three b h l e", three=3, h=4)
+    assert qk.shape == (2, 5, 4, 7, 8)
+    assert torch.equal(qk[0], qkv.q_norm(q))
+    assert torch.equal(qk[1], qkv.k_norm(k))
+    assert torch.equal(v, v_ref)
+    qkv.k_norm.eps = 1e-3  # unequal eps: normalised apart, the same values
+    qk, _ = qkv(x)
+    assert torch.equal(qk[1], qkv.k_norm(k)) and torch.equal(qk[0], qkv.q_norm(q))
+    qkv.k_norm.eps = qkv.q_norm.eps
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as each alone under autocast too
+        qk, _ = qkv(x)
+        q, k, _ = rearrange(qkv.proj(x), "b l (three h e) -> three b h l e", three=3, h=4)
+        assert torch.equal(qk[0], qkv.q_norm(q)) and torch.equal(qk[1], qkv.k_norm(k))

@@ -94,5 +94,14 @@ def test_a_precomputed_rotation_rotates_bit_for_bit_as_its_angles(dtype):
     x = torch.randn(3, 2, 7, 16).to(dtype)
     angles = rope_angles(torch.arange(7) * 1000 + 5, 16)
     assert torch.equal(apply_rope(x, Rotation.of(angles)), apply_rope(x, angles))
+    # Converted once to the dtype it is applied in (the models do, per forward): the same.
+    rot = Rotation.of(angles).for_dtype(dtype)
+    assert rot.cos.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.equal(apply_rope(x, rot), apply_rope(x, angles))
+    # q and k stacked (2, ...) are rotated in one call, each as if alone.
+    qk = torch.randn(2, 3, 2, 7, 16).to(dtype)
+    both = apply_rope(qk, rot)
+    assert torch.equal(both[0], apply_rope(qk[0], angles))
+    assert torch.equal(both[1], apply_rope(qk[1], angles))
     with pytest.raises(ValueError, match="head_dim/2 = 8"):
         apply_rope(x, Rotation.of(rope_angles(torch.arange(7), 8)))

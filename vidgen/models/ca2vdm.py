@@ -232,7 +232,11 @@ class RMSNorm(nn.Module):
 
 
 class QKV(nn.Module):
-    """Projection to per-head q, k, v with RMS-normalised q and k (stable attention)."""
+    """Projection to per-head q, k, v with RMS-normalised q and k (stable attention).
+
+    Returns ``qk`` (2, b, h, l, e), the normalised queries and keys together, and ``v``
+    (b, h, l, e): in float32/64, q and k are normalised (and rotated, by the caller) in one
+    call each instead of two, bit for bit the values of normalising each alone."""
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -240,9 +244,18 @@ class QKV(nn.Module):
         self.proj = nn.Linear(dim, 3 * dim)
         self.q_norm, self.k_norm = RMSNorm(dim // heads), RMSNorm(dim // heads)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = rearrange(self.proj(x), "b l (three h e) -> three b h l e", three=3, h=self.heads)
-        return self.q_norm(q), self.k_norm(k), v
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        qkv = rearrange(self.proj(x), "b l (three h e) -> three b h l e", three=3, h=self.heads)
+        q_norm, k_norm = self.q_norm, self.k_norm
+        if q_norm.eps != k_norm.eps or qkv.dtype not in (torch.float32, torch.float64):
+            # Apart: in lower precision (autocast's too) rms_norm applies its weight before
+            # rounding, which a weight applied afterwards would not match.
+            return torch.stack([q_norm(qkv[0]), k_norm(qkv[1])]), qkv[2]
+        weight = torch.stack([q_norm.weight, k_norm.weight])[:, None, None, None]
+        # In float32/64, rms_norm multiplies by its weight last: scaling after it is the same
+        # arithmetic.
+        qk = F.rms_norm(qkv[:2], (qkv.shape[-1],), None, q_norm.eps) * weight
+        return qk, qkv[2]
 
 
 class Block(nn.Module):
@@ -266,8 +279,8 @@ class Block(nn.Module):
 
     def spatial(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
-        q, k, v = self.spatial_qkv(rearrange(x, "b t n d -> (b t) n d"))  # within each frame
-        y = rearrange(attention(q, k, v), "(b t) h n e -> b t n (h e)", b=b)
+        qk, v = self.spatial_qkv(rearrange(x, "b t n d -> (b t) n d"))  # within each frame
+        y = rearrange(attention(qk[0], qk[1], v), "(b t) h n e -> b t n (h e)", b=b)
         return self.spatial_out(y)
 
     def temporal(
@@ -284,13 +297,13 @@ class Block(nn.Module):
         positions (b, t) are frame positions (``rot``: their RoPE rotation per location,
         ((b n), 1, t, e/2), if already computed: the same for every layer)."""
         b, t, n, _ = x.shape
-        q, k, v = self.temporal_qkv(rearrange(x, "b t n d -> (b n) t d"))  # (b n) h t e
+        qk, v = self.temporal_qkv(rearrange(x, "b t n d -> (b n) t d"))  # 2, (b n), h, t, e
         if collect is not None:
-            collect.k.append(k)
+            collect.k.append(qk[1])
             collect.v.append(v)
         if rot is None:
             rot = location_rotation(self.rope.angles(positions), n)
-        q, k = apply_rope(q, rot), apply_rope(k, rot)
+        q, k = apply_rope(qk, rot).unbind(0)  # q and k by the same rotation, in one call
         if self_mask is None and (ctx is None or ctx[1].all_valid):
             # A causal clip after a full cache (or none): every context key and its own frames
             # causally, the lower-right causal pattern, with no mask tensor (DESIGN.md
@@ -408,9 +421,10 @@ class CausalVideoDiT(nn.Module):
         """Read the cache once for a clip: rotate every cached key to its window-relative
         frame position. Every denoising step of the clip then reuses this (cache sharing)."""
         n = self.config.tokens_per_frame
-        rot = location_rotation(self.blocks[0].rope.angles(cache.positions(streams)), n)
-        ks, vs = [], []
         dtype = next(self.parameters()).dtype
+        rot = location_rotation(self.blocks[0].rope.angles(cache.positions(streams)), n)
+        rot = rot.for_dtype(dtype)
+        ks, vs = [], []
         for layer in range(len(self.blocks)):
             k, v = cache.read(layer, streams)  # (b, h, w, n, e), ring order
             # In the model's dtype: a wider cache (float64 under float32 weights) would
@@ -433,8 +447,10 @@ class CausalVideoDiT(nn.Module):
     ) -> torch.Tensor:
         c = self.embed_cond(cond)
         h = self.tokens(x)
-        # The same rotation for every layer: its trigonometry once per forward.
+        # The same rotation for every layer: its trigonometry (and its conversion to the
+        # dtype it is applied in) once per forward.
         rot = location_rotation(self.blocks[0].rope.angles(positions), h.shape[2])
+        rot = rot.for_dtype(h.dtype)
         for layer, block in enumerate(self.blocks):
             ctx = None if context is None else (layer, context)
             h = block(h, c, positions, self_mask, ctx, collect, rot)

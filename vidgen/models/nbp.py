@@ -39,7 +39,7 @@ from vidgen.nn.attention import attention
 from vidgen.nn.cache import CacheSpec, KVCache
 from vidgen.nn.conditioning import NULL
 from vidgen.nn.masks import banded_block_mask
-from vidgen.nn.rope import RoPE1D, apply_rope
+from vidgen.nn.rope import RoPE1D, Rotation, apply_rope
 from vidgen.validate import check_depths, check_ints, check_number
 
 
@@ -254,17 +254,19 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        angles: torch.Tensor,
+        rot: Rotation,
         context: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,
         keep: list | None,
     ) -> torch.Tensor:
-        """x (b, l, d). context: (rotated keys, values) of earlier positions; keep: where to
-        put this call's own (key, rotated key, value)."""
-        q, k, v = rearrange(
+        """x (b, l, d); rot: the RoPE rotation of its positions. context: (rotated keys,
+        values) of earlier positions; keep: where to put this call's own (key, rotated key,
+        value)."""
+        qkv = rearrange(
             self.qkv(self.norm1(x)), "b l (three h e) -> three b h l e", three=3, h=self.heads
         )
-        q, k_rot = apply_rope(q, angles), apply_rope(k, angles)
+        k, v = qkv[1], qkv[2]
+        q, k_rot = apply_rope(qkv[:2], rot).unbind(0)  # q and k in one call
         if keep is not None:
             keep.append((k, k_rot, v))
         keys, values = k_rot, v
@@ -327,12 +329,17 @@ class NextBlockTransformer(nn.Module):
         mask = banded_block_mask(
             total, cfg.block, cfg.window_clips, group_size=cfg.tokens_per_clip, device=tokens.device
         )
-        angles = self.rope.angles(torch.arange(total, device=tokens.device))
+        rot = self._rotation(torch.arange(total, device=tokens.device), x.dtype)
         for block in self.blocks:
-            x = block(x, angles, None, mask, None)
+            x = block(x, rot, None, mask, None)
         return self.head(self.norm(x))
 
     # --- incremental decoding -----------------------------------------------------------------
+
+    def _rotation(self, positions: torch.Tensor, dtype: torch.dtype) -> Rotation:
+        """The RoPE rotation of token ``positions``, computed once for every layer (and both
+        q and k) of a call, in the dtype ``apply_rope`` works in for ``dtype``."""
+        return Rotation.of(self.rope.angles(positions)).for_dtype(dtype)
 
     def clip_condition(self, cond: ClipCond, batch: int, device: torch.device) -> torch.Tensor:
         """(b, d): the condition vector of the one clip being made."""
@@ -344,13 +351,13 @@ class NextBlockTransformer(nn.Module):
         n = self.config.tokens_per_frame
         frames = cache.positions(streams)  # (b, w)
         pos = (frames[:, :, None] * n + torch.arange(n, device=frames.device)).flatten(1)
-        angles = self.rope.angles(pos)[:, None]  # (b, 1, w*n, e/2)
-        ks, vs = [], []
         dtype = next(self.parameters()).dtype  # a wider cache would promote the keys
+        rot = self._rotation(pos[:, None], dtype)  # (b, 1, w*n, e/2)
+        ks, vs = [], []
         for layer in range(len(self.blocks)):
             k, v = cache.read(layer, streams)  # (b, h, w, n, e)
             k, v = k.to(dtype), v.to(dtype)
-            ks.append(apply_rope(rearrange(k, "b h w n e -> b h (w n) e"), angles))
+            ks.append(apply_rope(rearrange(k, "b h w n e -> b h (w n) e"), rot))
             vs.append(rearrange(v, "b h w n e -> b h (w n) e"))
         valid = cache.valid(streams)[:, :, None].expand(-1, -1, n).flatten(1)
         start = cache.query_positions(streams, 1)[:, 0] * n
@@ -375,7 +382,7 @@ class NextBlockTransformer(nn.Module):
         x = self.inputs(prev, b) + clip_cond[:, None]
         offset = partial.length
         q_pos = context.start[:, None] + offset + torch.arange(cfg.block, device=x.device)
-        angles = self.rope.angles(q_pos)[:, None]  # (b, 1, B, e/2)
+        rot = self._rotation(q_pos[:, None], x.dtype)  # (b, 1, B, e/2)
         mask = None
         if not context.all_valid:
             own = torch.ones(b, offset + cfg.block, dtype=torch.bool, device=x.device)
@@ -387,7 +394,7 @@ class NextBlockTransformer(nn.Module):
                 keys = torch.cat([keys, partial.k_rot[layer]], dim=2)
                 values = torch.cat([values, partial.v[layer]], dim=2)
             keep: list = []
-            x = block(x, angles, (keys, values), mask, keep)
+            x = block(x, rot, (keys, values), mask, keep)
             ((k_new, k_rot_new, v_new),) = keep
             if offset:
                 k_new = torch.cat([partial.k[layer], k_new], dim=2)

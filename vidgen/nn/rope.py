@@ -44,6 +44,13 @@ class Rotation(NamedTuple):
     def shape(self) -> torch.Size:
         return self.cos.shape
 
+    def for_dtype(self, dtype: torch.dtype) -> Rotation:
+        """The cos and sin as ``apply_rope`` uses them on tensors of ``dtype`` (float32, or
+        float64 for float64): converted once here, not again in every call that shares
+        them. The values ``apply_rope`` computes with are the same either way."""
+        work = torch.promote_types(dtype, torch.float32)
+        return Rotation(self.cos.to(work), self.sin.to(work))
+
 
 def apply_rope(x: torch.Tensor, angles: torch.Tensor | Rotation) -> torch.Tensor:
     """Rotate (..., L, D) by angles broadcastable to (..., L, D/2) (rotate-half convention:
