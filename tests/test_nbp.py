@@ -296,3 +296,25 @@ def test_training_drops_the_condition_per_sequence_as_guidance_uses_it():
     assert not torch.equal(cond.drop_label, cond.drop_actions)  # drawn apart
     kept = clip_condition(cfg, batch, clips, None)
     assert not kept.drop_label.any() and not kept.drop_actions.any()
+
+
+def test_top_p_keeps_ties_of_the_least_likely_kept_entry():
+    """Equal logits at the nucleus boundary were split by sort order (one kept, its twin
+    dropped); ties are kept, as top_k keeps them. Without ties nothing changes."""
+    logits = torch.tensor([[1.0, 2.0, 2.0, 0.0]])
+    assert torch.isfinite(top_p_filter(logits, 0.3))[0].tolist() == [False, True, True, False]
+    assert torch.isfinite(top_p_filter(torch.zeros(1, 4), 0.5)).all()
+    gen = torch.Generator().manual_seed(0)
+    for p in (0.1, 0.5, 0.9, 0.99):
+        x = torch.randn(6, 50, generator=gen)
+        sorted_x, order = x.sort(dim=-1, descending=True)
+        probs = sorted_x.softmax(-1)
+        drop = (probs.cumsum(-1) - probs) >= p
+        drop[..., 0] = False
+        ref = x.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+        assert torch.equal(top_p_filter(x, p), ref)
+
+
+def test_sample_tokens_refuses_a_nan_temperature():
+    with pytest.raises(ValueError, match="temperature must be >= 0, got nan"):
+        sample_tokens(torch.zeros(1, 4), None, temperature=float("nan"))

@@ -95,6 +95,8 @@ def test_unavailable_backend_raises_with_reason():
         attention(q, k, v, backend="xformers")
     with pytest.raises(ValueError, match="backend must be one of"):
         attention(q, k, v, backend="flash9")
+    # "auto" is a backend the error lists; it always runs (sdpa at worst).
+    assert backend_unavailable_reason("auto", "cpu") is None
 
 
 def test_bad_inputs_are_named():

@@ -229,3 +229,33 @@ def test_a_snapshot_whose_chunks_do_not_follow_each_other_is_refused():
     other = KVCache(SPEC)
     with pytest.raises(ValueError, match="do not follow each other"):
         other.load(other.add_stream(), snap)
+
+
+def test_append_keeps_values_not_autograd_history():
+    """K/V computed with grad enabled (a model's incremental API outside no_grad) made the
+    cache carry their graph: every clip ever appended, evicted ones too, stayed alive."""
+    import weakref
+
+    cache = KVCache(SPEC)
+    s = cache.add_stream()
+    alive = []
+    for i in range(5):
+        k, v = clip_kv(2, seed=i)
+        k.requires_grad_(True)
+        w = (k * 2, v * 2)  # non-leaf tensors with a graph, as a model's K/V are
+        cache.append([s], *w)
+        alive.append(weakref.ref(k))
+        del k, v, w
+    assert not cache.k.requires_grad and cache.k.grad_fn is None
+    assert sum(r() is not None for r in alive) == 0  # nothing appended is held
+    got = logical(cache, s)[0]
+    expected = torch.cat([clip_kv(2, seed=i)[0][:, 0] * 2 for i in (2, 3, 4)], dim=2)
+    torch.testing.assert_close(got, expected)
+
+
+def test_append_refuses_a_stream_twice_in_one_call():
+    cache = KVCache(SPEC)
+    s = cache.add_stream()
+    with pytest.raises(ValueError, match="must not repeat"):
+        cache.append([s, s], *clip_kv(2, batch=2))
+    assert cache.length(s) == 0

@@ -90,3 +90,17 @@ def test_frame_condition_sums_per_frame():
     assert (null - out).abs().max() > 1e-3
     with pytest.raises(ValueError, match="without labels"):
         FrameCondition(16)(t, labels)
+
+
+def test_frame_condition_refuses_labels_or_actions_that_would_broadcast():
+    """One label for a batch of 4, or one action for a clip of 6 frames, broadcast silently
+    and conditioned every row or frame on it."""
+    cond = randomize_(FrameCondition(8, num_classes=4, num_actions=5), seed=0)
+    t = torch.zeros(4, 6)
+    assert cond(t, torch.arange(4), torch.zeros(4, 6, dtype=torch.int64)).shape == (4, 6, 8)
+    with pytest.raises(ValueError, match=r"labels must be \(b,\) = \(4,\).*got \(1,\)"):
+        cond(t, torch.tensor([2]))
+    with pytest.raises(ValueError, match=r"actions must start with \(b, t\) = \(4, 6\)"):
+        cond(t, torch.arange(4), torch.zeros(4, 1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="t must be"):
+        cond(torch.zeros(4))

@@ -64,6 +64,8 @@ def test_key_padding_mask():
         (lambda: banded_block_mask(8, 2, window=-1), "window"),
         (lambda: banded_block_mask(8, 4, window=1, group_size=6), "multiple of block_size"),
         (lambda: key_padding_mask([6], 5), "lengths"),
+        # 1.5 allowed 2 keys and 0.2 allowed one: lengths are counts
+        (lambda: key_padding_mask([1.5, 0.2], 3), "lengths must be integers"),
     ],
 )
 def test_bad_arguments(call, match):

@@ -72,7 +72,7 @@ def _xformers_import_error() -> str | None:
 def backend_unavailable_reason(backend: str, device: torch.device | str = "cpu") -> str | None:
     """Why ``backend`` cannot run on ``device``, or None if it can."""
     device = torch.device(device)
-    if backend in ("sdpa", "math"):
+    if backend in ("auto", "sdpa", "math"):  # auto falls back to sdpa, which always runs
         return None
     if backend == "flex":
         return _flex_import_error()

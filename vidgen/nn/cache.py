@@ -182,8 +182,14 @@ class KVCache:
 
     def append(self, streams: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> None:
         """Append one clip per stream: k, v (l, b, h, f, n, d). Evicts whole clips, oldest
-        first, until the clip fits; writes only the clip's slots."""
+        first, until the clip fits; writes only the clip's slots. The cache keeps values, not
+        autograd history: K/V computed with grad enabled are detached (else the history of
+        every clip ever appended, evicted ones too, would stay alive with the cache)."""
         self._check_streams(streams)
+        if len(set(streams)) != len(streams):
+            raise ValueError(
+                f"streams must not repeat in one append (one clip each), got {list(streams)}"
+            )
         spec = self.spec
         want = (spec.layers, len(streams), spec.kv_heads)
         tail = (spec.tokens_per_frame, spec.head_dim)
@@ -199,8 +205,8 @@ class KVCache:
             self._evict(stream, frames)
             head = self._head[stream]
             slots = (head + torch.arange(frames, device=self.k.device)) % spec.window
-            self.k[:, stream, :, slots] = k[:, b].to(self.k.dtype)
-            self.v[:, stream, :, slots] = v[:, b].to(self.v.dtype)
+            self.k[:, stream, :, slots] = k[:, b].detach().to(self.k.dtype)
+            self.v[:, stream, :, slots] = v[:, b].detach().to(self.v.dtype)
             first = self._next_frame[stream]
             self.frame_index[stream, slots] = first + torch.arange(frames, device=slots.device)
             self._chunks[stream].append(_Chunk(head, first, frames))

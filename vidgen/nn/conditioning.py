@@ -147,6 +147,19 @@ class FrameCondition(nn.Module):
     ) -> torch.Tensor:
         """t: (b, t) per-frame timesteps -> (b, t, dim). Missing labels/actions are null.
         labels (b,); drop_label (b,) or per frame (b, t); drop_actions (b,) or (b, t)."""
+        if t.ndim != 2:
+            raise ValueError(f"t must be (b, t) per-frame times, got shape {tuple(t.shape)}")
+        # One label or action for a whole batch or clip broadcast silently: name the shapes.
+        if labels is not None and tuple(labels.shape) != tuple(t.shape[:1]):
+            raise ValueError(
+                f"labels must be (b,) = {tuple(t.shape[:1])}, one per row, got "
+                f"{tuple(labels.shape)}"
+            )
+        if actions is not None and tuple(actions.shape[:2]) != tuple(t.shape):
+            raise ValueError(
+                f"actions must start with (b, t) = {tuple(t.shape)}, one per frame, got "
+                f"{tuple(actions.shape)}"
+            )
         cond = self.timestep(t)  # (b, t, d)
         if self.label is not None:
             if labels is None:

@@ -19,19 +19,21 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Keep the smallest set of highest-probability entries whose probability reaches p
-    (nucleus sampling); others -inf. p >= 1 keeps everything."""
+    (nucleus sampling); others -inf. Entries tied with the least likely one kept are kept
+    too (as ``top_k_filter`` keeps ties): which of equal logits a sort puts first is no
+    reason to keep one and drop another. p >= 1 keeps everything."""
     if not p > 0.0:  # also NaN, which every comparison below would let through
         raise ValueError(f"top_p must be in (0, 1], got {p}")
     if p >= 1.0:
         return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    sorted_logits = logits.sort(dim=-1, descending=True).values
     probs = sorted_logits.softmax(dim=-1)
     # An entry is dropped when the mass before it already reaches p; the first never is (a
     # p that rounds to 0 in float32, below about 1e-45, would otherwise drop every entry).
     drop_sorted = (probs.cumsum(dim=-1) - probs) >= p
     drop_sorted[..., 0] = False
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    least_kept = sorted_logits.masked_fill(drop_sorted, float("inf")).amin(dim=-1, keepdim=True)
+    return logits.masked_fill(logits < least_kept, float("-inf"))
 
 
 def guide_logits(
@@ -60,7 +62,7 @@ def sample_tokens(
 ) -> torch.Tensor:
     """Sample one id per row of (..., vocab) logits; temperature 0 is greedy (argmax), and
     so is any below ``GREEDY_BELOW`` (dividing by it would overflow float32 logits)."""
-    if temperature < 0:
+    if not temperature >= 0:  # also NaN, which ``temperature < 0`` lets through
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
