@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -212,3 +214,34 @@ def test_train_and_eval_splits_never_share_a_world():
     for seed in (0, 63):
         assert all(item_seed(seed, "train", i) < EVAL_SEED_OFFSET for i in range(1000))
         assert all(item_seed(seed, "eval", i) >= EVAL_SEED_OFFSET for i in range(1000))
+
+
+def test_a_held_out_folder_inside_the_training_folder_is_not_trained_on(tmp_path):
+    """``videos/`` + ``videos/val/``: the training split read every video under root, the
+    held-out ones too, and evaluated on clips it had trained on. The same folder for both, or
+    a training folder inside the held-out one, is refused."""
+    from vidgen.train.encoded import data_description
+
+    frames = np.zeros((8, 16, 16, 3), dtype=np.uint8)
+    root = tmp_path / "videos"
+    (root / "val").mkdir(parents=True)
+    (root / "valley").mkdir()  # a sibling whose name starts like the held-out folder's
+    for rel in ("a.mp4", "val/b.mp4", "valley/c.mp4"):
+        _write(root / rel, frames, lossless=True)
+    cfg = DataConfig(name="folder", root=str(root), eval_root=str(root / "val"), clip_len=4)
+    train, held = build_dataset(cfg, "train"), build_dataset(cfg, "eval")
+    assert [p.relative_to(root).as_posix() for p in train.files] == ["a.mp4", "valley/c.mp4"]
+    assert [p.name for p in held.files] == ["b.mp4"]
+    described = json.loads(data_description(cfg, "train"))["files"]
+    assert [name for name, *_ in described] == ["a.mp4", "valley/c.mp4"]
+    # Without a held-out folder the training folder is all there is.
+    everything = DataConfig(name="folder", root=str(root), clip_len=4)
+    assert len(build_dataset(everything, "train").files) == 3
+    for bad, match in (
+        ({"eval_root": str(root) + "/"}, "data.eval_root is data.root"),
+        ({"root": str(root / "val"), "eval_root": str(root)}, "is inside data.eval_root"),
+    ):
+        wrong = DataConfig(**{"name": "folder", "root": str(root), "clip_len": 4, **bad})
+        for split in ("train", "eval"):
+            with pytest.raises(ValueError, match=match):
+                build_dataset(wrong, split)

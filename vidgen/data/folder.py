@@ -20,23 +20,32 @@ log = logging.getLogger(__name__)
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi")
 
 
-def video_files(root: Path) -> list[Path]:
+def video_files(root: Path, exclude: Path | None = None) -> list[Path]:
     """The video files under ``root`` (recursively, sorted), leaving out hidden ones: a dot
     file or folder is another program's (macOS ``._x.mp4``) or an unfinished write
     (vidgen's own ``.x.<random>.tmp.mp4``). A broken link is kept, so that reading it fails
-    naming it instead of leaving the video out without a word."""
+    naming it instead of leaving the video out without a word. ``exclude``: a folder inside
+    ``root`` whose videos are left out (the held-out folder of a training folder)."""
+    skip = None
+    if exclude is not None:
+        exclude = exclude.expanduser().resolve()
+        base = root.expanduser().resolve()
+        if exclude.is_relative_to(base):
+            skip = exclude.relative_to(base).parts
     return sorted(
         p
         for p in root.rglob("*")
         if p.suffix.lower() in VIDEO_SUFFIXES
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        and not (skip is not None and p.relative_to(root).parts[: len(skip)] == skip)
         and (p.is_file() or p.is_symlink())
     )
 
 
 class VideoFolder(Dataset):
     """Clips of ``clip_len`` frames every ``stride`` frames from each video under ``root``
-    (searched recursively), resized (shorter side) and centre-cropped to ``size``.
+    (searched recursively; those under ``exclude``, a folder inside it, left out), resized
+    (shorter side) and centre-cropped to ``size``.
 
     Every file is probed when the dataset is built, so a corrupt file fails at once with a
     ``VideoReadError`` naming it instead of in the middle of training. Items have the same
@@ -50,6 +59,7 @@ class VideoFolder(Dataset):
         clip_len: int = 8,
         size: int | tuple[int, int] = 64,
         stride: int | None = None,
+        exclude: str | os.PathLike | None = None,
     ) -> None:
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
@@ -59,10 +69,11 @@ class VideoFolder(Dataset):
         check_int("stride", stride, minimum=1)
         _parse_size(size)  # a bad size was only found at the first item, blamed on its file
         self.clip_len, self.size, self.stride = clip_len, size, stride
-        self.files = video_files(self.root)
+        self.files = video_files(self.root, None if exclude is None else Path(exclude))
         if not self.files:
             raise FileNotFoundError(
                 f"no video files ({', '.join(VIDEO_SUFFIXES)}) under {str(self.root)!r}"
+                + ("" if exclude is None else f" outside {str(exclude)!r}")
             )
         self.clips: list[tuple[int, int]] = []  # (file index, start frame)
         self.infos: list[VideoInfo] = []

@@ -81,15 +81,12 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
     if split == "eval" and cfg.eval_clips == 0:
         raise ValueError("data.eval_clips=0 turns evaluation off: there is no eval split")
     if cfg.name == "folder":
-        key, root = "data.root", cfg.root
-        if split == "eval":
-            if cfg.eval_root:
-                key, root = "data.eval_root", cfg.eval_root
-            else:
-                log.warning("data.eval_root is not set: evaluating on the training folder")
-        if not Path(root).is_dir():
-            raise FileNotFoundError(f"{key}={root!r} is not a folder")
-        return VideoFolder(root, clip_len=cfg.clip_len, size=cfg.size, stride=cfg.stride)
+        if split == "eval" and not cfg.eval_root:
+            log.warning("data.eval_root is not set: evaluating on the training folder")
+        root, exclude = folder_split(cfg, split)
+        return VideoFolder(
+            root, clip_len=cfg.clip_len, size=cfg.size, stride=cfg.stride, exclude=exclude
+        )
     return WorldClips(
         world=cfg.name,
         clip_len=cfg.clip_len,
@@ -102,6 +99,33 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
         agent_policy=cfg.agent_policy,
         agent_fraction=cfg.agent_fraction,
     )
+
+
+def folder_split(cfg: DataConfig, split: str) -> tuple[Path, Path | None]:
+    """The folder of a ``data=folder`` split and the folder its videos leave out: the
+    training split of a ``data.root`` that holds ``data.eval_root`` (``videos/`` and
+    ``videos/val/``) leaves the held-out videos out, instead of training on them. The same
+    folder for both, or a training folder inside the held-out one, is refused."""
+    key, root = "data.root", Path(cfg.root).expanduser()
+    held_out = Path(cfg.eval_root).expanduser() if cfg.eval_root else None
+    if split == "eval" and held_out is not None:
+        key, root = "data.eval_root", held_out
+    if not root.is_dir():
+        raise FileNotFoundError(f"{key}={str(root)!r} is not a folder")
+    if held_out is None or not held_out.is_dir():
+        return root, None
+    train, evals = Path(cfg.root).expanduser().resolve(), held_out.resolve()
+    if train == evals:
+        raise ValueError(
+            f"data.eval_root is data.root ({cfg.root!r}): the held-out videos would be "
+            "trained on; give a folder of other videos, or leave data.eval_root unset"
+        )
+    if train.is_relative_to(evals):
+        raise ValueError(
+            f"data.root={cfg.root!r} is inside data.eval_root={cfg.eval_root!r}: every "
+            "training video would be held out too"
+        )
+    return root, (held_out if split == "train" and evals.is_relative_to(train) else None)
 
 
 def make_loader(cfg: DataConfig, split: str = "train", shuffle: bool | None = None) -> DataLoader:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from vidgen import checkpoint
 from vidgen.data import DataConfig, build_dataset
 from vidgen.data.folder import video_files
+from vidgen.data.loader import folder_split
 from vidgen.tokenizers.kl import KLAutoencoder, KLConfig
 from vidgen.train.loop import resolve_device
 from vidgen.worlds import WORLDS_VERSION
@@ -63,9 +64,8 @@ def data_description(data: DataConfig, split: str) -> str:
     for name in _NOT_CONTENT | _OTHER_SPLIT[split] | _UNUSED.get(data.name, set()):
         fields.pop(name, None)
     if data.name == "folder":  # the files themselves: a replaced video is other data
-        root = Path(data.eval_root if split == "eval" and data.eval_root else data.root)
-        root = root.expanduser()
-        stats = [(str(p.relative_to(root)), p.stat()) for p in video_files(root)]
+        root, exclude = folder_split(data, split)
+        stats = [(str(p.relative_to(root)), p.stat()) for p in video_files(root, exclude)]
         fields["files"] = [[name, st.st_size, st.st_mtime_ns] for name, st in stats]
     else:  # procedural: the same settings render other frames after a change to the worlds
         fields["worlds_version"] = WORLDS_VERSION
