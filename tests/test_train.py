@@ -605,6 +605,15 @@ def test_a_dit_that_does_not_fit_its_autoencoder_is_refused_before_encoding(tmp_
         ),
         (["model.num_actions=5", "data.agent.continuous=true"], "num_actions=5 needs discrete"),
         (["model.num_actions=3", "data=agent"], r"num_actions=3 is fewer than the 5 actions"),
+        # Labels past the model's classes trained as unconditional (the null label), unsaid.
+        (
+            ["data.bouncing.max_shapes=8"],
+            r"num_classes=5 has labels 0..4, but data.bouncing.max_shapes=8 gives label 8",
+        ),
+        (
+            ["data=mix", "data.bouncing.num_shapes=5"],
+            r"data.bouncing.num_shapes=5 gives label 5 .* set model.num_classes=6",
+        ),
     ],
 )
 def test_actions_the_data_cannot_give_are_refused_before_encoding(tmp_path, overrides, message):

@@ -173,6 +173,27 @@ def check_actions_fit(config: Ca2VDMConfig | NBPConfig, data: DataConfig) -> Non
             )
 
 
+def check_labels_fit(config: Ca2VDMConfig | NBPConfig, data: DataConfig) -> None:
+    """A generator with labels must have a class for every label ``data`` gives (the number
+    of shapes, for BouncingShapes clips): a larger label became the null label in every
+    batch, and those clips trained as unconditional without a word."""
+    if not config.num_classes or data.name not in ("bouncing", "mix"):
+        return
+    shapes = data.bouncing
+    most = shapes.num_shapes if shapes.num_shapes is not None else shapes.max_shapes
+    if most >= config.num_classes:
+        setting = (
+            f"data.bouncing.num_shapes={shapes.num_shapes}"
+            if shapes.num_shapes is not None
+            else f"data.bouncing.max_shapes={shapes.max_shapes}"
+        )
+        raise ValueError(
+            f"model.num_classes={config.num_classes} has labels 0..{config.num_classes - 1}, "
+            f"but {setting} gives label {most} (the number of shapes): set "
+            f"model.num_classes={most + 1} (or more), or fewer shapes"
+        )
+
+
 def batch_condition(
     config: Ca2VDMConfig | NBPConfig, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -289,6 +310,7 @@ def ca2vdm_task(
             config.window + config.clip_len,
         )
     check_actions_fit(config, data)
+    check_labels_fit(config, data)
     with naming("frozen_tokenizer", tokenizer):
         autoencoder, fingerprint = load_autoencoder(tokenizer)
     if autoencoder.config.image_size != data.size:

@@ -17,7 +17,7 @@ from vidgen import checkpoint
 from vidgen.data import DataConfig, build_dataset
 from vidgen.models.nbp import ClipCond, NBPConfig, NextBlockTransformer, nbp_loss
 from vidgen.tokenizers.larp import LARPVideoTokenizer
-from vidgen.train.diffusion import batch_condition, check_actions_fit
+from vidgen.train.diffusion import batch_condition, check_actions_fit, check_labels_fit
 from vidgen.train.encoded import (
     EncodedClips,
     cache_path,
@@ -87,6 +87,7 @@ def nbp_task(
     config: NBPConfig, data: DataConfig, run_config: object, name: str, tokenizer: str, out: Path
 ) -> Task:
     check_actions_fit(config, data)
+    check_labels_fit(config, data)
     with naming("frozen_tokenizer", tokenizer):
         larp = LARPVideoTokenizer.from_pretrained(tokenizer)
     if data.clip_len % larp.config.frames:
