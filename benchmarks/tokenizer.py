@@ -49,9 +49,8 @@ from vidgen.tokenizers.losses import psnr, ssim
 from vidgen.worlds.agent import AGENT_PALETTE, AgentWorldConfig, generate_trajectory
 from vidgen.worlds.bouncing import BOUNCING_PALETTE, BouncingShapes, BouncingShapesConfig
 
-# World seeds of the held-out videos: HELD_OUT + i. The training datasets draw 32-bit hashed
-# seeds (``item_seed``), so nothing reserves these; tests/test_data.py checks that none of
-# them is drawn by the train or eval splits of the shipped models' training commands.
+# World seeds of the held-out videos: HELD_OUT + i, below ``vidgen.data.worlds.RESERVED_SEEDS``,
+# which no training or eval split draws (tests/test_data.py).
 HELD_OUT = 900_000
 
 
