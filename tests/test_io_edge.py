@@ -167,7 +167,7 @@ def test_a_stream_cut_mid_gop_counts_and_reads_from_its_first_keyframe(tmp_path,
 # --- a stream that changes frame size -----------------------------------------------------
 
 
-def test_an_mkv_that_changes_frame_size_is_not_stretched_by_decord(tmp_path):
+def test_an_mkv_that_changes_frame_size_is_not_stretched_by_decord(tmp_path, caplog):
     """decord scaled every frame to one size (here the second part's 64x48, stretching the
     first part's 32x32 frames) and read_video returned them without a word."""
     parts = [
@@ -205,6 +205,19 @@ def test_an_mkv_that_changes_frame_size_is_not_stretched_by_decord(tmp_path):
     decord_error = re.escape(f"decord cannot read {path} correctly: it changes frame size")
     with pytest.raises(VideoReadError, match=decord_error):
         read_video(path, backend="decord")
+    # A training folder leaves such a file out when it is built, with a warning, instead of
+    # listing clips across the change that failed at some later training step.
+    from vidgen.data import VideoFolder
+
+    write(tmp_path / "fine.mp4", noise(4, 32, 32), lossless=True)
+    with caplog.at_level("WARNING", logger="vidgen.data.folder"):
+        folder = VideoFolder(tmp_path, clip_len=2, size=32, stride=1)
+    assert [p.name for p in folder.files] == ["fine.mp4", "joined.mkv"]
+    assert {i for i, _ in folder.clips} == {0} and len(folder) == 3
+    assert "joined.mkv changes frame size midway; skipped" in caplog.text
+    (tmp_path / "fine.mp4").unlink()  # nothing left of one frame size
+    with pytest.raises(ValueError, match="has clip_len=2 frames of one frame size"):
+        VideoFolder(tmp_path, clip_len=2, size=32)
 
 
 def test_an_open_gop_stream_cut_mid_gop_leaves_out_its_leading_frames(tmp_path):

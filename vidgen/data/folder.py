@@ -80,13 +80,21 @@ class VideoFolder(Dataset):
         for i, path in enumerate(tqdm(self.files, desc="probing videos", disable=None)):
             info = probe_video(path)  # raises VideoReadError naming a corrupt file
             self.infos.append(info)
+            if info.size_changes:
+                # Its frames cannot be read as one clip across the change (read_video refuses
+                # it): such a clip failed at some later training step, not here.
+                log.warning("%s changes frame size midway; skipped", path)
+                continue
             if info.num_frames < clip_len:
                 log.warning(
                     "%s has %d frames < clip_len=%d; skipped", path, info.num_frames, clip_len
                 )
             self.clips.extend((i, s) for s in range(0, info.num_frames - clip_len + 1, stride))
         if not self.clips:
-            raise ValueError(f"no video under {str(self.root)!r} has clip_len={clip_len} frames")
+            raise ValueError(
+                f"no video under {str(self.root)!r} has clip_len={clip_len} frames of one "
+                "frame size"
+            )
 
     def __len__(self) -> int:
         return len(self.clips)
