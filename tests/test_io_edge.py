@@ -338,3 +338,49 @@ def test_iter_video_checks_its_arguments_when_called(tmp_path):
         iter_video(path, start=3)
     with pytest.raises(VideoReadError):
         iter_video(tmp_path / "missing.mp4")
+
+
+# --- a video stored turned (a phone's portrait video) ---------------------------------------
+
+
+def _turned(path: Path, matrix: tuple[int, int, int, int]) -> Path:
+    """``path`` with the display matrix of its mp4 track header set to (a, b, c, d) (16.16
+    fixed point, as phones write it)."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    at = data.find(b"tkhd")
+    version = data[at + 4]
+    offset = at + 8 + (32 if version == 1 else 20) + 16  # to the matrix
+    a, b, c, d = (v * 0x10000 & 0xFFFFFFFF for v in matrix)
+    data[offset : offset + 36] = struct.pack(">9I", a, b, 0, c, d, 0, 0, 0, 0x40000000)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("matrix", "rotation", "turns"),
+    [((0, 1, -1, 0), 270, -1), ((-1, 0, 0, -1), 180, 2), ((0, -1, 1, 0), 90, 1)],
+)
+def test_a_video_stored_turned_is_read_as_displayed(tmp_path, matrix, rotation, turns):
+    """A phone stores a portrait video landscape with a display rotation; it was read
+    sideways (probe and frames in the stored orientation), and decord failed on it."""
+    from vidgen.data import VideoFolder, to_uint8
+
+    stored = noise(4, 16, 32)  # 32 wide, 16 high, as stored
+    path = _turned(write(tmp_path / "phone.mp4", stored, lossless=True), matrix)
+    with av.open(str(path)) as container:  # what the display matrix says, PyAV's reading
+        assert next(container.decode(video=0)).rotation % 360 == rotation
+    info = probe_video(path)
+    shown = np.rot90(stored, turns, axes=(1, 2))  # counterclockwise, as np.rot90 turns
+    assert info.rotation == rotation and (info.height, info.width) == shown.shape[1:3]
+    for backend in ("auto", "pyav"):
+        assert np.array_equal(read_video(path, backend=backend).numpy(), shown)
+    assert np.array_equal(torch.cat(list(iter_video(path, chunk=3))).numpy(), shown)
+    with pytest.raises(VideoReadError, match=f"displayed turned {rotation} degrees"):
+        read_video(path, backend="decord")
+    # A training folder's clip is the displayed frames' centre 16x16 (the shorter side is 16).
+    clip = to_uint8(VideoFolder(tmp_path, clip_len=4, size=16)[0]["video"]).numpy()
+    h, w = shown.shape[1:3]
+    top, left = (h - 16) // 2, (w - 16) // 2
+    assert np.array_equal(clip, shown[:, top : top + 16, left : left + 16])

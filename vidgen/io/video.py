@@ -86,6 +86,9 @@ class VideoInfo:
     re-encoding); they reference frames that are not in the file and are not counted.
     size_changes: the keyframes do not all have one frame size (`read_video` then decodes
     with PyAV, which reads up to the change and refuses frames after it).
+    rotation: degrees counterclockwise (0, 90, 180, 270) the stored frames are turned for
+    display, as a phone stores a portrait video: reads return the frames as displayed, and
+    width and height are the displayed ones (a player's view, not the stored one).
     """
 
     path: Path
@@ -97,6 +100,7 @@ class VideoInfo:
     identity: tuple[int, int, int] | None = None
     undecodable_packets: int = 0
     size_changes: bool = False
+    rotation: int = 0
 
 
 def _stat_or_none(path: Path) -> tuple[int, int, int] | None:
@@ -161,6 +165,14 @@ class _PacketScan:
     undecodable: int
     end: float | None  # seconds at which the last frame packet ends; None: no timestamps
     sizes: list[tuple[int, int]]  # (width, height) of each decoded keyframe
+    rotation: int = 0  # the first decoded keyframe's display rotation (``_display_rotation``)
+
+
+def _display_rotation(frame: Any) -> int:
+    """Degrees counterclockwise a decoded frame is turned for display (a phone's portrait
+    video is stored landscape with a rotation in its display matrix), as 0, 90, 180 or 270.
+    PyAV gives it in [-180, 180]; older PyAV without ``rotation``: 0."""
+    return round(float(getattr(frame, "rotation", 0) or 0) / 90) % 4 * 90
 
 
 def _is_keyframe(packet: Any) -> bool:
@@ -241,6 +253,7 @@ def _scan_packets(container: Any, stream: Any, path: Path) -> _PacketScan:
     key_pts: int | None = None
     end_ticks: int | None = None
     sizes: list[tuple[int, int]] = []
+    rotations: list[int] = []
     ctx = stream.codec_context
     watch = _SizeWatch(stream)
     try:
@@ -250,7 +263,9 @@ def _scan_packets(container: Any, stream: Any, path: Path) -> _PacketScan:
                     key_pts = packet.pts
                 keyed = True
                 if watch.needs_decode(packet):
-                    sizes.extend((frame.width, frame.height) for frame in ctx.decode(packet))
+                    for frame in ctx.decode(packet):
+                        sizes.append((frame.width, frame.height))
+                        rotations.append(_display_rotation(frame))
             if not _is_frame_packet(packet):
                 continue
             untimed = packet.dts is None and packet.pts is None
@@ -259,7 +274,9 @@ def _scan_packets(container: Any, stream: Any, path: Path) -> _PacketScan:
                 packet_end = packet.pts + (packet.duration or 0)
                 end_ticks = packet_end if end_ticks is None else max(end_ticks, packet_end)
         if keyed:
-            sizes.extend((frame.width, frame.height) for frame in ctx.decode(None))
+            for frame in ctx.decode(None):
+                sizes.append((frame.width, frame.height))
+                rotations.append(_display_rotation(frame))
     except av.FFmpegError as err:
         seen = sum(map(sum, counts))
         raise VideoReadError(
@@ -268,9 +285,10 @@ def _scan_packets(container: Any, stream: Any, path: Path) -> _PacketScan:
     column = 1 if counts[0][0] + counts[1][0] == 0 else 0  # untimed only if nothing is timed
     before, after = counts[0][column], counts[1][column]
     end = None if end_ticks is None else float(end_ticks * stream.time_base)
+    rotation = rotations[0] if rotations else 0
     if not keyed:  # no keyframe flags at all: trust every packet, the decoder will tell
-        return _PacketScan(before, 0, end, sizes)
-    return _PacketScan(after, before, end, sizes)
+        return _PacketScan(before, 0, end, sizes, rotation)
+    return _PacketScan(after, before, end, sizes, rotation)
 
 
 def _matroska_duration(container: Any, stream: Any) -> float | None:
@@ -334,6 +352,8 @@ def probe_video(path: PathLike) -> VideoInfo:
         raise VideoReadError(f"{path} has a video stream but no video frames")
     if scan.sizes:  # the header's size can be that of a later part of the stream
         width, height = scan.sizes[0]
+    if scan.rotation in (90, 270):  # the size as displayed, which is what reads return
+        width, height = height, width
     if width <= 0 or height <= 0:
         raise VideoReadError(f"{path} has a video stream without a frame size ({width}x{height})")
     return VideoInfo(
@@ -346,6 +366,7 @@ def probe_video(path: PathLike) -> VideoInfo:
         identity=identity,
         undecodable_packets=scan.undecodable,
         size_changes=len(set(scan.sizes)) > 1,
+        rotation=scan.rotation,
     )
 
 
@@ -489,6 +510,8 @@ def _pyav_frames(info: VideoInfo, indices: range) -> Iterator[np.ndarray]:
                 if index < indices.start:
                     continue
                 array = reformatter.reformat(frame, format="rgb24").to_ndarray()
+                if info.rotation:  # as displayed (np.rot90 turns counterclockwise)
+                    array = np.ascontiguousarray(np.rot90(array, info.rotation // 90))
                 first = array.shape if first is None else first
                 _check_same_size(info.path, indices.start, first, array.shape, done)
                 done += 1
@@ -605,6 +628,8 @@ def _decord_pitfall(info: VideoInfo) -> str | None:
     """Why decord would return wrong frames for `info`'s file, or None."""
     if info.size_changes:
         return "it changes frame size midway, and decord scales every frame to one size"
+    if info.rotation:
+        return f"it is displayed turned {info.rotation} degrees, which decord does not apply"
     if info.undecodable_packets:
         return (
             f"its first {info.undecodable_packets} video packets come before the first "
