@@ -1,3 +1,4 @@
+import os
 import re
 import subprocess
 import sys
@@ -116,6 +117,27 @@ def test_a_render_whose_sidecar_path_is_a_folder_fails_before_ray_starts(
     assert main(["render", "frames=16", f"out={tmp_path / 'x.mp4'}"]) == 2
     assert "its sidecar x.json is a folder" in capsys.readouterr().err
     assert not connects and [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_a_render_of_an_out_being_rendered_fails_before_ray_starts(tmp_path, capsys, connects):
+    """It was refused only once its own Ray instance and actor had started (28 s here); the
+    lock it found is left as it was, and a symlink to the out being rendered is refused too."""
+    from workers.render import _lock, check_not_rendering, lock_file
+
+    out = tmp_path / "x.mp4"
+    check_not_rendering(out)  # nothing there: no lock file made
+    assert not lock_file(out).exists()
+    fd = _lock(out)  # another render holds it
+    try:
+        assert main(["render", "frames=16", f"out={out}"]) == 2
+        assert "is being rendered by another process right now" in capsys.readouterr().err
+        (tmp_path / "link.mp4").symlink_to(out)
+        assert main(["render", "frames=16", f"out={tmp_path / 'link.mp4'}"]) == 2
+        assert "x.mp4' is being rendered" in capsys.readouterr().err
+        assert not connects and lock_file(out).exists()
+    finally:
+        os.close(fd)
+    check_not_rendering(out)  # let go: nothing to refuse (the stale file is not a lock)
 
 
 @pytest.mark.parametrize(

@@ -81,6 +81,13 @@ def run_render(cfg: Any, choices: dict[str, str]) -> int:
         except ValueError as err:
             print(f"{PROG} render: bad actions: {err}", file=sys.stderr)
             return 2
+    from workers.render import check_not_rendering
+
+    try:  # before Ray and the actors start (seconds): the render itself takes the lock
+        check_not_rendering(cfg.out)
+    except ValueError as err:
+        print(f"{PROG} render: {err}", file=sys.stderr)
+        return 2
     import ray
 
     from workers.actor import actor_resources

@@ -262,6 +262,13 @@ def _check_contiguous(folder: Path, clip_len: int, clips: int) -> None:
         )
 
 
+def _busy(out: Path) -> ValueError:
+    return ValueError(
+        f"out={str(out)!r} is being rendered by another process right now (it holds "
+        f"{lock_file(out).name}); wait for it or choose another out"
+    )
+
+
 def _lock(out: Path) -> int | None:
     """An exclusive lock on ``.<out name>.lock`` beside ``out`` for one render's lifetime:
     two renders of one out at once would write each other's segments. None where there is
@@ -277,10 +284,7 @@ def _lock(out: Path) -> int | None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise ValueError(
-                f"out={str(out)!r} is being rendered by another process right now (it holds "
-                f"{path.name}); wait for it or choose another out"
-            ) from None
+            raise _busy(out) from None
         # Its holder removes the file before it lets go: a lock won on a file no longer
         # at ``path`` locks nothing anyone else sees, so take the one there now.
         try:
@@ -289,6 +293,29 @@ def _lock(out: Path) -> int | None:
         except FileNotFoundError:
             pass
         os.close(fd)
+
+
+def check_not_rendering(out: str | Path) -> None:
+    """Raise the ValueError of ``_lock`` if another process is rendering ``out`` (or the
+    target of a symlinked ``out``) right now: a command can say so before it starts Ray and
+    its actors, instead of after. Takes no lock (``RenderJob.start`` does) and creates no
+    file."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux or macOS
+        return
+    out = Path(out)
+    for path in dict.fromkeys((out, target(out))):
+        try:
+            fd = os.open(lock_file(path), os.O_RDWR)
+        except OSError:  # no lock file: no render holds it
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise _busy(path) from None
+        finally:
+            os.close(fd)  # closing lets go of a lock won here
 
 
 def _remove_stale_temps(out: Path, folder: Path) -> None:
