@@ -315,3 +315,30 @@ def test_usage_counts_the_nearest_codes_and_evaluation_never_samples():
         a = m(video, torch.Generator().manual_seed(1))
         b = m(video, torch.Generator().manual_seed(2))
     assert torch.equal(a["loss"], b["loss"]) and torch.equal(a["recon"], b["recon"])
+
+
+def test_dead_usage_must_be_below_an_evenly_used_codes_share():
+    """larp-large (8,192 codes) had dead_usage 2e-4 > 1/8192: every code, evenly used, was
+    dead, and each restart moved the whole codebook."""
+    with pytest.raises(ValueError, match=r"dead_usage=0.0002 must be below .* 1/codebook_size"):
+        dataclasses.replace(CFG, codebook_size=8192)
+    large = LARP_CONFIGS["large"]
+    assert large.dead_usage < 1 / large.codebook_size
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_low_precision_ids_are_still_the_nearest_codeword(autocast):
+    """In bfloat16 the cosine logits were rounded so coarsely (steps of 0.125 at tau 0.05)
+    that about 2% of the ids were not the nearest codeword of their own z."""
+    from vidgen.tokenizers.larp import StochasticVQ
+
+    torch.manual_seed(0)
+    vq = StochasticVQ(1024, 16, tau=0.05, usage_decay=0.99)
+    z = torch.randn(512, 16)
+    if not autocast:
+        vq, z = vq.to(torch.bfloat16), z.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ids, quantised, nearest = vq.quantize(z)
+    cos = F.normalize(z, dim=-1).double() @ vq.codes().double().t()
+    assert torch.equal(nearest, cos.argmax(-1)) and torch.equal(ids, nearest)
+    assert quantised.dtype == z.dtype  # the straight-through code stays in z's dtype

@@ -1001,6 +1001,9 @@ def test_a_larp_gains_a_context_decoder_by_fine_tuning_on_consecutive_clips(tmp_
         train([*two, f"init={base}"], tmp_path / "plain", 1)
     frozen = "freeze=[encoder,quantizer,to_code,queries,patch_in,patch_pos,prior]"
     context = ["tokenizer.context_decoder=true", "tokenizer.seam_weight=1"]
+    # One clip a video: the context path would never be trained, yet decoding reads it.
+    with pytest.raises(ValueError, match="must be k x frames=4 with k >= 2"):
+        train([*larp, *context, f"init={base}", frozen], tmp_path / "one", 1)
     tuned = train([*two, *context, f"init={base}", frozen], tmp_path / "ctx", 3)
     ckpt = checkpoint.load(tuned, expected_config=LARPConfig)
     assert ckpt.config_as(LARPConfig).context_decoder

@@ -124,6 +124,13 @@ class LARPConfig:
         check_number("tau", self.tau, above=0)
         check_number("usage_decay", self.usage_decay, minimum=0, below=1)
         check_number("dead_usage", self.dead_usage, minimum=0, below=1)
+        if self.dead_usage >= 1 / self.codebook_size:
+            # Every code, evenly used, would count as dead: each restart moved the whole
+            # codebook (and reset its usage below the threshold again).
+            raise ValueError(
+                f"dead_usage={self.dead_usage} must be below an evenly used code's share, "
+                f"1/codebook_size = {1 / self.codebook_size:.3g} (e.g. 0.2/codebook_size)"
+            )
         for name in ("entropy_weight", "prior_weight", "commit_weight", "mse_weight"):
             check_number(name, getattr(self, name), minimum=0)
         check_number("perceptual_weight", self.perceptual_weight, minimum=0)
@@ -207,6 +214,7 @@ LARP_CONFIGS: dict[str, LARPConfig] = {
         heads=12,
         num_tokens=1024,
         codebook_size=8192,
+        dead_usage=0.2 / 8192,  # the share tiny's 2e-4 is of its 1024 codes
         code_dim=16,
         prior_dim=768,
         prior_depth=12,
@@ -233,8 +241,12 @@ class StochasticVQ(nn.Module):
         return F.normalize(self.codebook, dim=-1)
 
     def logits(self, z: torch.Tensor) -> torch.Tensor:
-        """(..., e) unit vectors -> (..., k) cosine logits / tau."""
-        return z @ self.codes().t() / self.tau
+        """(..., e) unit vectors -> (..., k) cosine logits / tau, in float32 at least (under
+        autocast too): in bfloat16 the cosines and logits are rounded so coarsely that about
+        2% of the ids were not the nearest codeword."""
+        work = torch.promote_types(z.dtype, torch.float32)
+        with torch.autocast(z.device.type, enabled=False):
+            return z.to(work) @ self.codes().to(work).t() / self.tau
 
     def forward(
         self, z: torch.Tensor, generator: torch.Generator | None = None

@@ -172,6 +172,12 @@ def larp_task(
             f"tokenizer's frames={config.frames}"
             + (" (or a multiple of it: consecutive clips)" if config.context_decoder else "")
         )
+    if config.context_decoder and clips < 2:
+        raise ValueError(
+            f"a context decoder (tokenizer.context_decoder=true) trains on consecutive clips: "
+            f"data.clip_len={data.clip_len} must be k x frames={config.frames} with k >= 2 "
+            "(with one clip its context path is never trained, yet decoding reads it)"
+        )
     if clips > 1 and not config.context_decoder:
         raise ValueError(
             f"data.clip_len={data.clip_len} holds {clips} clips of {config.frames} frames: "
