@@ -99,6 +99,29 @@ def test_held_out_clips_are_only_those_evaluation_reads():
     assert held_out_clips(data, SimpleNamespace(train=SimpleNamespace(eval_batches=0))) is None
 
 
+def test_a_folders_held_out_clips_are_spread_over_its_videos(tmp_path):
+    """The first clips of a folder's eval split came mostly from its first video; they are
+    spread evenly over all of them, and the cache key says so (a cache of the first ones
+    is not read for them)."""
+    import numpy as np
+
+    from vidgen.io import VideoWriter
+    from vidgen.train.encoded import data_description
+
+    for name in ("a", "b", "c"):
+        with VideoWriter(tmp_path / f"{name}.mp4", lossless=True) as writer:
+            writer.write(np.zeros((32, 16, 16, 3), dtype=np.uint8))
+    data = DataConfig(name="folder", root=str(tmp_path), clip_len=4, size=16, batch_size=3)
+    run = SimpleNamespace(train=SimpleNamespace(eval_batches=1))
+    _, clips = held_out_clips(data, run)
+    videos = [int(clips[i]["index"]) for i in range(len(clips))]
+    assert sorted(videos) == [0, 1, 2]  # one clip of each of the 3 videos (8 clips each)
+    assert '"eval_pick": "spread"' in data_description(data, "eval")
+    world = DataConfig(name="bouncing", clip_len=8, size=32, batch_size=3, eval_clips=256)
+    assert list(held_out_clips(world, run)[1].indices) == [0, 1, 2]  # a world's: its first
+    assert "eval_pick" not in data_description(world, "eval")
+
+
 def test_generator_training_logs_held_out_figures(tmp_path):
     """A short ca2vdm run evaluates at eval_every and at export: its card and history carry
     the held-out loss, and the eval clips encoded are the one batch evaluation reads."""

@@ -67,6 +67,8 @@ def data_description(data: DataConfig, split: str) -> str:
         root, exclude = folder_split(data, split)
         stats = [(str(p.relative_to(root)), p.stat()) for p in video_files(root, exclude)]
         fields["files"] = [[name, st.st_size, st.st_mtime_ns] for name, st in stats]
+        if split == "eval":  # which clips are held out (held_out_indices)
+            fields["eval_pick"] = "spread"
     else:  # procedural: the same settings render other frames after a change to the worlds
         fields["worlds_version"] = WORLDS_VERSION
         if split == "eval":  # eval seeds moved past every train seed (EVAL_SEED_OFFSET)
@@ -89,8 +91,8 @@ def cache_path(out: Path, kind: str, encoder_key: str, data: DataConfig, split: 
 
 def held_out_clips(data: DataConfig, run_config: object) -> tuple[DataConfig, Dataset] | None:
     """The held-out clips a generator's evaluation reads: ``train.eval_batches`` batches of
-    ``data.batch_size``, so only that many eval clips are made and encoded (the first ones
-    of the eval split; ``data.eval_clips`` caps them). Returns the data config that names
+    ``data.batch_size``, so only that many eval clips are made and encoded (``data.eval_clips``
+    caps them; ``held_out_indices`` says which). Returns the data config that names
     them (its ``eval_clips`` is their number: the cache key) and the clips, or None when
     evaluation is off (``train.eval_batches=0``)."""
     batches = getattr(getattr(run_config, "train", None), "eval_batches", 4)
@@ -100,7 +102,18 @@ def held_out_clips(data: DataConfig, run_config: object) -> tuple[DataConfig, Da
     count = min(batches * data.batch_size, data.eval_clips, len(source))
     if count <= 0:
         return None
-    return replace(data, eval_clips=count), Subset(source, range(count))
+    return replace(data, eval_clips=count), Subset(
+        source, held_out_indices(data, len(source), count)
+    )
+
+
+def held_out_indices(data: DataConfig, available: int, count: int) -> list[int]:
+    """Which ``count`` of the ``available`` eval clips are held out: a world's first ones
+    (each is a world of its own), a folder's spread evenly over its clips (the first ones
+    came mostly from its first video)."""
+    if data.name != "folder" or count >= available:
+        return list(range(count))
+    return [k * available // count for k in range(count)]
 
 
 def _release_freed_memory() -> None:
