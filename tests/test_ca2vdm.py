@@ -538,3 +538,22 @@ def test_qkv_normalises_q_and_k_together_as_each_alone(dtype):
         qk, _ = qkv(x)
         q, k, _ = rearrange(qkv.proj(x), "b l (three h e) -> three b h l e", three=3, h=4)
         assert torch.equal(qk[0], qkv.q_norm(q)) and torch.equal(qk[1], qkv.k_norm(k))
+
+
+def test_clips_of_another_length_and_conds_of_another_shape_are_refused(model):
+    """The cache holds whole clips and evicts by them: a 3-frame 'clip' (clip_len 2) was
+    written and evicted as one, and cached predictions no longer matched the reference. A
+    Cond for one row was broadcast over a batch."""
+    cache = KVCache(model.cache_spec(max_streams=2))
+    s = cache.add_stream()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=rf"clip_len={L}"):
+            model.write(latents(L + 1), cache, [s])
+        model.write(latents(L), cache, [s])
+        cond = Cond(t=torch.full((1, L + 1), 0.5), labels=torch.tensor([1]))
+        with pytest.raises(ValueError, match=rf"clip_len={L}"):
+            model(latents(L + 1), cond, cache, [s])
+        one_row = Cond(t=torch.full((1, L), 0.5), labels=torch.tensor([1]))
+        with pytest.raises(ValueError, match=r"cond.t must be \(b, t\) = \(2, "):
+            model(latents(L, batch=2), one_row, cache, [s, cache.add_stream()])
+        assert model(latents(L), one_row, cache, [s]).shape == latents(L).shape

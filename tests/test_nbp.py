@@ -318,3 +318,34 @@ def test_top_p_keeps_ties_of_the_least_likely_kept_entry():
 def test_sample_tokens_refuses_a_nan_temperature():
     with pytest.raises(ValueError, match="temperature must be >= 0, got nan"):
         sample_tokens(torch.zeros(1, 4), None, temperature=float("nan"))
+
+
+def test_malformed_conditions_are_refused():
+    """One clip's actions for three clips (broadcast to every clip), two clips' actions for
+    one (only the first read), label num_classes (the null row read as a label), labels for a
+    batch of one given to two rows, and labels or actions for a model without them were all
+    taken without a word."""
+    m = model()
+    tokens, actions = sequence(3)
+    tokens = tokens.expand(2, -1)
+    actions = actions.expand(2, -1)
+    label = torch.tensor([1, 2])
+    assert m(tokens, ClipCond(labels=label, actions=actions)).shape[0] == 2
+    bad = [
+        (ClipCond(labels=label, actions=actions[:, :F]), "actions must be integer"),
+        (ClipCond(labels=torch.tensor([1]), actions=actions), r"labels must be integer \(b,\)"),
+        (ClipCond(labels=torch.tensor([1, CFG.num_classes])), r"labels must be in \[0, "),
+        (ClipCond(actions=torch.full_like(actions, CFG.num_actions)), r"actions must be in"),
+    ]
+    for cond, message in bad:
+        with pytest.raises(ValueError, match=message):
+            m(tokens, cond)
+    with pytest.raises(ValueError, match="actions must be integer"):
+        m.clip_condition(ClipCond(labels=label, actions=actions[:, : 2 * F]), 2, tokens.device)
+    plain = model(dataclasses.replace(CFG, num_classes=0, num_actions=0))
+    for cond, message in (
+        (ClipCond(labels=label), "without labels"),
+        (ClipCond(actions=actions), "without actions"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            plain(tokens, cond)

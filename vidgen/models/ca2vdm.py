@@ -445,6 +445,11 @@ class CausalVideoDiT(nn.Module):
         context: Context | None,
         collect: _Collected | None,
     ) -> torch.Tensor:
+        if tuple(cond.t.shape) != tuple(x.shape[:2]):  # one row's cond broadcast over a batch
+            raise ValueError(
+                f"cond.t must be (b, t) = {tuple(x.shape[:2])}, one time per frame of x, got "
+                f"{tuple(cond.t.shape)}"
+            )
         c = self.embed_cond(cond)
         h = self.tokens(x)
         # The same rotation for every layer: its trigonometry (and its conversion to the
@@ -467,6 +472,8 @@ class CausalVideoDiT(nn.Module):
         cached context of ``streams`` (one per batch row), or a ``Context`` prepared from it
         once for all the clip's denoising steps. Never changes the cache."""
         context = self._context(x, cache, streams)
+        if context is not None:
+            self._check_clip(x)
         # The clip's own frames are causal: no frame mask (None; see ``Block.temporal``).
         return self._run(x, cond, self._clip_positions(x, context), None, context, None)
 
@@ -482,6 +489,7 @@ class CausalVideoDiT(nn.Module):
         """The write pass: a finished clip (b, t, c, y, x) enters as context (re-noised at
         ``prefix_t`` with ``noise``, if given), its temporal K/V are computed at every layer
         against the current cache, and appended (evicting whole clips past the window)."""
+        self._check_clip(latents)
         pt = self.config.prefix_t
         x = latents if noise is None else (1 - pt) * latents + pt * noise
         cond = self.context_cond(x.shape[1], x.shape[0], actions, x.device)
@@ -492,6 +500,15 @@ class CausalVideoDiT(nn.Module):
         k = torch.stack([rearrange(k, "(b n) h t e -> b h t n e", n=n) for k in collect.k])
         v = torch.stack([rearrange(v, "(b n) h t e -> b h t n e", n=n) for v in collect.v])
         cache.append(streams, k, v)
+
+    def _check_clip(self, x: torch.Tensor) -> None:
+        """The cache holds whole clips and evicts by them: a 'clip' of another length would
+        make it hold chunks the banded reference (and training) never sees."""
+        if x.ndim != 5 or x.shape[1] != self.config.clip_len:
+            raise ValueError(
+                f"a clip must be (b, clip_len={self.config.clip_len}, c, y, x) when a cache is "
+                f"read or written, got {tuple(x.shape)}"
+            )
 
     def _context(
         self, x: torch.Tensor, cache: KVCache | Context | None, streams: Sequence[int] | None

@@ -199,6 +199,7 @@ class ClipCondition(nn.Module):
                     f"ClipCond.{name} must be (b, clips) = ({batch}, {clips}) or ({batch}, 1), "
                     f"got {tuple(mask.shape)}"
                 )
+        self._check(cond, batch, clips)
         # The weights' dtype (a bf16 model's inputs would be promoted to float32 by float32 zeros)
         dtype = next((p.dtype for p in self.parameters()), torch.float32)
         out = torch.zeros(batch, clips, cfg.dim, device=device, dtype=dtype)
@@ -215,6 +216,43 @@ class ClipCondition(nn.Module):
         if self.action is not None:
             out = out + self._actions(cond, batch, clips, device)
         return out
+
+    def _check(self, cond: ClipCond, batch: int, clips: int) -> None:
+        """Labels and actions that would broadcast (one clip's actions for every clip), be
+        cut (only the first clip's read), read the null row as a real one, or be ignored by
+        a model without them were all taken without a word."""
+        cfg = self.cfg
+        if cond.labels is not None:
+            if self.label is None:
+                raise ValueError("labels given to a model built without labels (num_classes=0)")
+            labels = cond.labels
+            if tuple(labels.shape) != (batch,) or labels.is_floating_point():
+                raise ValueError(
+                    f"labels must be integer (b,) = ({batch},), got {labels.dtype} "
+                    f"{tuple(labels.shape)}"
+                )
+            if bool(((labels != NULL) & ((labels < 0) | (labels >= cfg.num_classes))).any()):
+                raise ValueError(
+                    f"labels must be in [0, {cfg.num_classes}) or NULL ({NULL}), got "
+                    f"{labels.tolist()}"
+                )
+        if cond.actions is None:
+            return
+        if self.action is None:
+            raise ValueError("actions given to a model built without actions")
+        frames = clips * cfg.frames_per_clip
+        acts = cond.actions
+        want = (batch, frames) if cfg.num_actions else (batch, frames, cfg.action_dim)
+        if tuple(acts.shape) != want or (cfg.num_actions and acts.is_floating_point()):
+            kind = "integer" if cfg.num_actions else "float"
+            raise ValueError(
+                f"actions must be {kind} {want} ({clips} clips of {cfg.frames_per_clip} frames), "
+                f"got {acts.dtype} {tuple(acts.shape)}"
+            )
+        if cfg.num_actions and bool(
+            ((acts != NULL) & ((acts < 0) | (acts >= cfg.num_actions))).any()
+        ):
+            raise ValueError(f"actions must be in [0, {cfg.num_actions}) or NULL ({NULL})")
 
     def _actions(
         self, cond: ClipCond, batch: int, clips: int, device: torch.device
