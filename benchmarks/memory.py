@@ -5,8 +5,12 @@ Usage: python benchmarks/memory.py [--model ca2vdm-tiny] [--frames 500,5000] [--
 Each length runs in its own fresh Python process: ``generate_video`` makes the video and
 every clip is written to an mp4 as it arrives (what a renderer does), then the process
 reports its peak resident memory (VmHWM). Memory per stream is O(window), so the peak must
-not grow with the length. One JSON object last with the peaks and ``growth`` (largest peak
-over smallest). Diffusion steps do not change memory; a few keep the run short.
+not grow with the length. A third fresh process only imports, loads the model and opens the
+stream (``baseline_mb``): the rest of a peak is generation's own working set. One JSON object
+last with the peaks, ``growth`` (largest peak over smallest) and ``working_set_growth`` (the
+same over the peaks less the baseline, which the totals dilute: 350 MB of imports and model
+under a working set of about 50). Diffusion steps do not change memory; a few keep the run
+short.
 """
 
 from __future__ import annotations
@@ -36,7 +40,11 @@ def child(model: str, frames: int, steps: int) -> None:
 
     torch.set_num_threads(1)
     gen = load_generator(model, max_streams=1)
-    request = GenerationRequest(model=model, frames=frames, seed=0, label=2, steps=steps)
+    request = GenerationRequest(model=model, frames=max(frames, 8), seed=0, label=2, steps=steps)
+    if frames < 0:  # the baseline: everything but the generation itself
+        gen.close(gen.open(request))
+        print(json.dumps({"frames": 0, "peak_mb": peak_rss_mb()}))
+        return
     with tempfile.TemporaryDirectory() as tmp, VideoWriter(Path(tmp) / "v.mp4") as writer:
         for clip in generate_video(gen, request):
             writer.write(clip.frames)
@@ -55,7 +63,7 @@ def main() -> None:
         return
     lengths = [int(x) // 8 * 8 for x in args.frames.split(",")]
     peaks = {}
-    for frames in lengths:
+    for frames in [-1, *lengths]:
         proc = subprocess.run(
             [
                 sys.executable,
@@ -72,12 +80,16 @@ def main() -> None:
             check=True,
         )
         peaks[frames] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"]
+    base = peaks.pop(-1)
+    work = {f: p - base for f, p in peaks.items()}
     print(
         json.dumps(
             {
                 "model": args.model,
                 **{f"peak_mb_{f}": round(p, 1) for f, p in peaks.items()},
+                "baseline_mb": round(base, 1),
                 "growth": round(max(peaks.values()) / min(peaks.values()), 4),
+                "working_set_growth": round(max(work.values()) / min(work.values()), 4),
                 "machine": describe_machine(),
             }
         )
