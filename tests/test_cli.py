@@ -119,7 +119,9 @@ def test_a_render_whose_sidecar_path_is_a_folder_fails_before_ray_starts(
     assert not connects and [p.name for p in tmp_path.iterdir()] == ["x.json"]
 
 
-def test_a_render_of_an_out_being_rendered_fails_before_ray_starts(tmp_path, capsys, connects):
+def test_a_render_of_an_out_being_rendered_fails_before_ray_starts(
+    tmp_path, capsys, connects, monkeypatch
+):
     """It was refused only once its own Ray instance and actor had started (28 s here); the
     lock it found is left as it was, and a symlink to the out being rendered is refused too."""
     from workers.render import _lock, check_not_rendering, lock_file
@@ -135,6 +137,10 @@ def test_a_render_of_an_out_being_rendered_fails_before_ray_starts(tmp_path, cap
         assert main(["render", "frames=16", f"out={tmp_path / 'link.mp4'}"]) == 2
         assert "x.mp4' is being rendered" in capsys.readouterr().err
         assert not connects and lock_file(out).exists()
+        monkeypatch.setenv("HOME", str(tmp_path))  # out=~/x.mp4 is the same out
+        assert main(["render", "frames=16", "out='~/x.mp4'"]) == 2
+        assert "is being rendered by another process" in capsys.readouterr().err
+        assert not connects
     finally:
         os.close(fd)
     check_not_rendering(out)  # let go: nothing to refuse (the stale file is not a lock)

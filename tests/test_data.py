@@ -171,6 +171,9 @@ def test_benchmark_videos_are_not_training_clips():
         first = int(np.random.SeedSequence([0, 0, i]).generate_state(1)[0])
         drawn = item_seed(0, "train", i)
         assert drawn == first if first >= RESERVED_SEEDS else drawn >= RESERVED_SEEDS
+    for i in [*range(2000), 8311]:  # eval seeds, offset past all of these, are unchanged
+        first = int(np.random.SeedSequence([0, 1, i]).generate_state(1)[0])  # 8311: < 2**20
+        assert item_seed(0, "eval", i) == first + 2**32
     for seed in (0, 1):
         assert not {item_seed(seed, "train", i) for i in range(4_096)} & {
             item_seed(seed, "eval", i) for i in range(4_096)

@@ -384,3 +384,15 @@ def test_a_video_stored_turned_is_read_as_displayed(tmp_path, matrix, rotation, 
     h, w = shown.shape[1:3]
     top, left = (h - 16) // 2, (w - 16) // 2
     assert np.array_equal(clip, shown[:, top : top + 16, left : left + 16])
+
+
+def test_a_mirroring_display_matrix_is_not_taken_for_a_turn(tmp_path, caplog):
+    """PyAV gives a horizontal mirror's angle as -180: the frames were turned upside down.
+    A matrix with a reflection is not applied (the frames are read as stored), and said."""
+    stored = noise(2, 16, 32)
+    path = _turned(write(tmp_path / "mirror.mp4", stored, lossless=True), (-1, 0, 0, 1))
+    with caplog.at_level("WARNING", logger="vidgen.io.video"):
+        info = probe_video(path)
+    assert info.rotation == 0 and (info.width, info.height) == (32, 16)
+    assert "mirrors the frames; they are read as stored" in caplog.text
+    assert np.array_equal(read_video(path, backend="pyav").numpy(), stored)

@@ -278,12 +278,17 @@ def _lock(out: Path) -> int | None:
     except ImportError:  # pragma: no cover - not on Linux or macOS
         return None
     path = lock_file(out)
+    tries = 3  # ``check_not_rendering`` holds it for an instant: not a render
     while True:
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
+            tries -= 1
+            if tries:
+                time.sleep(0.05)
+                continue
             raise _busy(out) from None
         # Its holder removes the file before it lets go: a lock won on a file no longer
         # at ``path`` locks nothing anyone else sees, so take the one there now.
@@ -304,7 +309,7 @@ def check_not_rendering(out: str | Path) -> None:
         import fcntl
     except ImportError:  # pragma: no cover - not on Linux or macOS
         return
-    out = Path(out)
+    out = Path(out).expanduser()  # as the render will lock it (``check_out``)
     for path in dict.fromkeys((out, target(out))):
         try:
             fd = os.open(lock_file(path), os.O_RDWR)

@@ -38,15 +38,18 @@ RESERVED_SEEDS = 2**20
 
 def item_seed(seed: int, split: str, index: int) -> int:
     """The world seed of item ``index`` of a split: independent streams per (seed, split),
-    never below ``RESERVED_SEEDS`` (a draw there takes the stream's next word instead), the
-    eval split's offset by ``EVAL_SEED_OFFSET`` (disjoint from every train seed)."""
+    the train split's never below ``RESERVED_SEEDS`` (a draw there takes the stream's next
+    word instead), the eval split's offset by ``EVAL_SEED_OFFSET`` (disjoint from every train
+    and reserved seed, and unchanged)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
     words = np.random.SeedSequence([seed, SPLITS[split], index]).generate_state(8)
+    if split == "eval":  # offset past every reserved (and train) seed: the first word
+        return int(words[0]) + EVAL_SEED_OFFSET
     drawn = next((int(w) for w in words if w >= RESERVED_SEEDS), None)
     if drawn is None:  # 8 words below 2**20 of 2**32: about 1 in 2**96
         raise RuntimeError(f"no world seed above the reserved ones for item {index}")
-    return drawn + SPLITS[split] * EVAL_SEED_OFFSET
+    return drawn
 
 
 def to_model_range(frames: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import struct
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -171,8 +172,26 @@ class _PacketScan:
 def _display_rotation(frame: Any) -> int:
     """Degrees counterclockwise a decoded frame is turned for display (a phone's portrait
     video is stored landscape with a rotation in its display matrix), as 0, 90, 180 or 270.
-    PyAV gives it in [-180, 180]; older PyAV without ``rotation``: 0."""
+    PyAV gives it in [-180, 180]; older PyAV without ``rotation``: 0. A matrix that mirrors
+    (negative determinant) is ``MIRRORED``: its angle alone would turn a mirrored frame
+    upside down instead (PyAV gives a plain horizontal mirror as -180)."""
+    if _mirrors(frame):
+        return MIRRORED
     return round(float(getattr(frame, "rotation", 0) or 0) / 90) % 4 * 90
+
+
+MIRRORED = -1  # a display matrix with a reflection: not applied, the frames read as stored
+
+
+def _mirrors(frame: Any) -> bool:
+    try:
+        data = frame.side_data.get("DISPLAYMATRIX")
+    except Exception:  # an older PyAV without side data by name: rotations only
+        return False
+    if data is None or len(bytes(data)) != 36:
+        return False
+    a, b, _, c, d, *_ = struct.unpack("=9i", bytes(data))  # 16.16 fixed point, native order
+    return a * d - b * c < 0
 
 
 def _is_keyframe(packet: Any) -> bool:
@@ -286,6 +305,9 @@ def _scan_packets(container: Any, stream: Any, path: Path) -> _PacketScan:
     before, after = counts[0][column], counts[1][column]
     end = None if end_ticks is None else float(end_ticks * stream.time_base)
     rotation = rotations[0] if rotations else 0
+    if rotation == MIRRORED:
+        logger.warning("%s: its display matrix mirrors the frames; they are read as stored", path)
+        rotation = 0
     if not keyed:  # no keyframe flags at all: trust every packet, the decoder will tell
         return _PacketScan(before, 0, end, sizes, rotation)
     return _PacketScan(after, before, end, sizes, rotation)

@@ -115,6 +115,19 @@ class LARPConfig:
     context_decoder: bool = False
     seam_weight: float = 0.0
 
+    def restart_problem(self) -> str | None:
+        """Why the dead-code restart cannot work with these settings, or None. Checked when
+        training starts, not when a checkpoint loads (dead_usage is read by training only)."""
+        if self.restart_every and self.dead_usage >= 1 / self.codebook_size:
+            # Every code, evenly used, would count as dead: each restart moved the whole
+            # codebook (and reset its usage below the threshold again).
+            return (
+                f"tokenizer.dead_usage={self.dead_usage} must be below an evenly used code's "
+                f"share, 1/codebook_size = {1 / self.codebook_size:.3g} (e.g. "
+                "0.2/codebook_size), or tokenizer.restart_every=0"
+            )
+        return None
+
     def __post_init__(self) -> None:
         check_ints(self, 1, "channels", "size", "frames", "patch_t", "patch", "dim", "heads")
         check_ints(self, 1, "enc_depth", "dec_depth", "code_dim", "prior_dim", "prior_depth")
@@ -124,13 +137,6 @@ class LARPConfig:
         check_number("tau", self.tau, above=0)
         check_number("usage_decay", self.usage_decay, minimum=0, below=1)
         check_number("dead_usage", self.dead_usage, minimum=0, below=1)
-        if self.dead_usage >= 1 / self.codebook_size:
-            # Every code, evenly used, would count as dead: each restart moved the whole
-            # codebook (and reset its usage below the threshold again).
-            raise ValueError(
-                f"dead_usage={self.dead_usage} must be below an evenly used code's share, "
-                f"1/codebook_size = {1 / self.codebook_size:.3g} (e.g. 0.2/codebook_size)"
-            )
         for name in ("entropy_weight", "prior_weight", "commit_weight", "mse_weight"):
             check_number(name, getattr(self, name), minimum=0)
         check_number("perceptual_weight", self.perceptual_weight, minimum=0)

@@ -172,6 +172,9 @@ def larp_task(
             f"tokenizer's frames={config.frames}"
             + (" (or a multiple of it: consecutive clips)" if config.context_decoder else "")
         )
+    problem = config.restart_problem()
+    if problem is not None:
+        raise ValueError(problem)
     if config.context_decoder and clips < 2:
         raise ValueError(
             f"a context decoder (tokenizer.context_decoder=true) trains on consecutive clips: "
