@@ -322,10 +322,12 @@ def test_dead_usage_must_be_below_an_evenly_used_codes_share():
     dead, and each restart moved the whole codebook. Refused when training starts (a saved
     config of that kind still loads, to encode with)."""
     many = dataclasses.replace(CFG, codebook_size=8192)  # loads: only training reads it
-    assert "dead_usage=0.0002 must be below" in many.restart_problem()
+    assert "dead_usage=0.0002 must not exceed" in many.restart_problem()
     assert dataclasses.replace(many, restart_every=0).restart_problem() is None
     assert LARP_CONFIGS["large"].restart_problem() is None
     assert LARP_CONFIGS["tiny"].restart_problem() is None
+    # At exactly 1/K an evenly used code is not dead (usage < dead_usage): allowed.
+    assert dataclasses.replace(CFG, codebook_size=64, dead_usage=1 / 64).restart_problem() is None
 
 
 @pytest.mark.parametrize("autocast", [False, True])

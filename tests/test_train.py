@@ -1001,7 +1001,7 @@ def test_a_larp_gains_a_context_decoder_by_fine_tuning_on_consecutive_clips(tmp_
         train([*two, f"init={base}"], tmp_path / "plain", 1)
     frozen = "freeze=[encoder,quantizer,to_code,queries,patch_in,patch_pos,prior]"
     context = ["tokenizer.context_decoder=true", "tokenizer.seam_weight=1"]
-    with pytest.raises(ValueError, match="tokenizer.dead_usage=0.0002 must be below"):
+    with pytest.raises(ValueError, match="tokenizer.dead_usage=0.0002 must not exceed"):
         train([*larp, "tokenizer.codebook_size=8192"], tmp_path / "dead", 1)
     # One clip a video: the context path would never be trained, yet decoding reads it.
     with pytest.raises(ValueError, match="must be k x frames=4 with k >= 2"):

@@ -118,11 +118,11 @@ class LARPConfig:
     def restart_problem(self) -> str | None:
         """Why the dead-code restart cannot work with these settings, or None. Checked when
         training starts, not when a checkpoint loads (dead_usage is read by training only)."""
-        if self.restart_every and self.dead_usage >= 1 / self.codebook_size:
+        if self.restart_every and self.dead_usage > 1 / self.codebook_size:
             # Every code, evenly used, would count as dead: each restart moved the whole
             # codebook (and reset its usage below the threshold again).
             return (
-                f"tokenizer.dead_usage={self.dead_usage} must be below an evenly used code's "
+                f"tokenizer.dead_usage={self.dead_usage} must not exceed an evenly used code's "
                 f"share, 1/codebook_size = {1 / self.codebook_size:.3g} (e.g. "
                 "0.2/codebook_size), or tokenizer.restart_every=0"
             )
