@@ -317,7 +317,7 @@ def test_usage_counts_the_nearest_codes_and_evaluation_never_samples():
     assert torch.equal(a["loss"], b["loss"]) and torch.equal(a["recon"], b["recon"])
 
 
-def test_dead_usage_must_be_below_an_evenly_used_codes_share():
+def test_dead_usage_must_not_exceed_an_evenly_used_codes_share():
     """larp-large (8,192 codes) had dead_usage 2e-4 > 1/8192: every code, evenly used, was
     dead, and each restart moved the whole codebook. Refused when training starts (a saved
     config of that kind still loads, to encode with)."""
