@@ -166,32 +166,24 @@ class _PacketScan:
     undecodable: int
     end: float | None  # seconds at which the last frame packet ends; None: no timestamps
     sizes: list[tuple[int, int]]  # (width, height) of each decoded keyframe
-    rotation: int = 0  # the first decoded keyframe's display rotation (``_display_rotation``)
+    rotation: int = 0  # the first decoded keyframe's display rotation (``_display``)
 
 
-def _display_rotation(frame: Any) -> int:
-    """Degrees counterclockwise a decoded frame is turned for display (a phone's portrait
-    video is stored landscape with a rotation in its display matrix), as 0, 90, 180 or 270.
-    PyAV gives it in [-180, 180]; older PyAV without ``rotation``: 0. A matrix that mirrors
-    (negative determinant) is ``MIRRORED``: its angle alone would turn a mirrored frame
-    upside down instead (PyAV gives a plain horizontal mirror as -180)."""
-    if _mirrors(frame):
-        return MIRRORED
-    return round(float(getattr(frame, "rotation", 0) or 0) / 90) % 4 * 90
-
-
-MIRRORED = -1  # a display matrix with a reflection: not applied, the frames read as stored
-
-
-def _mirrors(frame: Any) -> bool:
+def _display(frame: Any) -> tuple[int, bool]:
+    """How a decoded frame is shown: the degrees counterclockwise it is turned (a phone's
+    portrait video is stored landscape with a rotation in its display matrix), as 0, 90, 180
+    or 270, and whether the matrix mirrors it (negative determinant: PyAV gives a plain
+    horizontal mirror as -180, which turning by would show upside down). PyAV gives the
+    angle in [-180, 180]; an older PyAV without ``rotation`` or side data: (0, False)."""
+    rotation = round(float(getattr(frame, "rotation", 0) or 0) / 90) % 4 * 90
     try:
         data = frame.side_data.get("DISPLAYMATRIX")
     except Exception:  # an older PyAV without side data by name: rotations only
-        return False
+        return rotation, False
     if data is None or len(bytes(data)) != 36:
-        return False
+        return rotation, False
     a, b, _, c, d, *_ = struct.unpack("=9i", bytes(data))  # 16.16 fixed point, native order
-    return a * d - b * c < 0
+    return rotation, a * d - b * c < 0
 
 
 def _is_keyframe(packet: Any) -> bool:
@@ -272,7 +264,7 @@ def _scan_packets(container: Any, stream: Any, path: Path) -> _PacketScan:
     key_pts: int | None = None
     end_ticks: int | None = None
     sizes: list[tuple[int, int]] = []
-    rotations: list[int] = []
+    display: tuple[int, bool] | None = None  # the first decoded keyframe's (``_display``)
     ctx = stream.codec_context
     watch = _SizeWatch(stream)
     try:
@@ -284,7 +276,7 @@ def _scan_packets(container: Any, stream: Any, path: Path) -> _PacketScan:
                 if watch.needs_decode(packet):
                     for frame in ctx.decode(packet):
                         sizes.append((frame.width, frame.height))
-                        rotations.append(_display_rotation(frame))
+                        display = display or _display(frame)
             if not _is_frame_packet(packet):
                 continue
             untimed = packet.dts is None and packet.pts is None
@@ -295,7 +287,7 @@ def _scan_packets(container: Any, stream: Any, path: Path) -> _PacketScan:
         if keyed:
             for frame in ctx.decode(None):
                 sizes.append((frame.width, frame.height))
-                rotations.append(_display_rotation(frame))
+                display = display or _display(frame)
     except av.FFmpegError as err:
         seen = sum(map(sum, counts))
         raise VideoReadError(
@@ -304,8 +296,8 @@ def _scan_packets(container: Any, stream: Any, path: Path) -> _PacketScan:
     column = 1 if counts[0][0] + counts[1][0] == 0 else 0  # untimed only if nothing is timed
     before, after = counts[0][column], counts[1][column]
     end = None if end_ticks is None else float(end_ticks * stream.time_base)
-    rotation = rotations[0] if rotations else 0
-    if rotation == MIRRORED:
+    rotation, mirrored = display or (0, False)
+    if mirrored:  # not applied: a turn by its angle alone would show it upside down
         logger.warning("%s: its display matrix mirrors the frames; they are read as stored", path)
         rotation = 0
     if not keyed:  # no keyframe flags at all: trust every packet, the decoder will tell

@@ -286,23 +286,20 @@ class Block(nn.Module):
     def temporal(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
+        rot: Rotation,
         self_mask: torch.Tensor | None,
         ctx: tuple[int, Context] | None,
         collect: _Collected | None,
-        rot: Rotation | None = None,
     ) -> torch.Tensor:
         """x (b, t, n, d) attends per location to the context frames (this layer's rotated
         keys and values) and, through ``self_mask`` (t, t; None = causal), to its own frames;
-        positions (b, t) are frame positions (``rot``: their RoPE rotation per location,
-        ((b n), 1, t, e/2), if already computed: the same for every layer)."""
+        ``rot`` is the RoPE rotation of its frame positions per location, ((b n), 1, t, e/2),
+        the same for every layer (``location_rotation``)."""
         b, t, n, _ = x.shape
         qk, v = self.temporal_qkv(rearrange(x, "b t n d -> (b n) t d"))  # 2, (b n), h, t, e
         if collect is not None:
             collect.k.append(qk[1])
             collect.v.append(v)
-        if rot is None:
-            rot = location_rotation(self.rope.angles(positions), n)
         q, k = apply_rope(qk, rot).unbind(0)  # q and k by the same rotation, in one call
         if self_mask is None and (ctx is None or ctx[1].all_valid):
             # A causal clip after a full cache (or none): every context key and its own frames
@@ -329,16 +326,15 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         cond: torch.Tensor,
-        positions: torch.Tensor,
+        rot: Rotation,
         self_mask: torch.Tensor | None,
         ctx: tuple[int, Context] | None = None,
         collect: _Collected | None = None,
-        rot: Rotation | None = None,
     ) -> torch.Tensor:
         ss, sc, sg, ts, tc, tg, ms, mc, mg = self.modulation(cond)  # each (b, t, d)
         x = x + sg[:, :, None] * self.spatial(modulate(self.norm_s(x), ss, sc))
         h = modulate(self.norm_t(x), ts, tc)
-        x = x + tg[:, :, None] * self.temporal(h, positions, self_mask, ctx, collect, rot)
+        x = x + tg[:, :, None] * self.temporal(h, rot, self_mask, ctx, collect)
         return x + mg[:, :, None] * self.mlp(modulate(self.norm_m(x), ms, mc))
 
 
@@ -458,7 +454,7 @@ class CausalVideoDiT(nn.Module):
         rot = rot.for_dtype(h.dtype)
         for layer, block in enumerate(self.blocks):
             ctx = None if context is None else (layer, context)
-            h = block(h, c, positions, self_mask, ctx, collect, rot)
+            h = block(h, c, rot, self_mask, ctx, collect)
         return self.untokens(h, c)
 
     def forward(
