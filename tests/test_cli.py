@@ -171,6 +171,34 @@ def test_bad_actions_fail_before_ray_starts(tmp_path, capsys, connects, actions,
     assert not connects and not list(out.iterdir())
 
 
+def test_context_actions_from_files(tmp_path, capsys, connects):
+    """``context_actions=`` a .npy of the context frames' actions: it needs context and
+    actions, a bad one fails before Ray starts, and the request carries it end-aligned."""
+    from vidgen.io import VideoWriter
+    from vidgen.render_config import RenderConfig
+
+    video = tmp_path / "c.mp4"
+    with VideoWriter(video, lossless=True) as writer:
+        writer.write(np.zeros((30, 32, 32, 3), dtype=np.uint8))
+    acts, history, bad = tmp_path / "a.npy", tmp_path / "h.npy", tmp_path / "bad.npy"
+    np.save(acts, np.zeros(16, dtype=np.int64))
+    np.save(history, np.arange(30, dtype=np.int64) % 5)
+    np.save(bad, np.zeros((30, 2)))
+    out = str(tmp_path / "x.mp4")
+    with pytest.raises(ValueError, match="context_actions .* needs context and actions"):
+        RenderConfig(context_actions=str(history), actions=str(acts), out=out)
+    cfg = RenderConfig(
+        frames=16, context=str(video), actions=str(acts), context_actions=str(history), out=out
+    )
+    req = cfg.request((32, 32, 3), clip_len=8)
+    assert len(req.context) == 24 and req.context_actions.tolist() == list(np.arange(30) % 5)
+    args = ["render", "frames=16", f"context={video}", f"actions={acts}", f"out={out}"]
+    assert main([*args, f"context_actions={bad}"]) == 2
+    err = capsys.readouterr().err
+    assert "bad actions" in err and "context_actions must be one or more actions" in err
+    assert not connects
+
+
 def test_a_context_video_is_cut_to_its_last_whole_clips(tmp_path):
     from vidgen.io import VideoWriter
     from vidgen.render_config import load_context

@@ -203,6 +203,91 @@ def test_actions_lead_to_the_next_frame(family):
         request_for(gen, frames=frames, actions=acts, context=context, context_action=[1, 2])
 
 
+def test_context_actions_condition_the_context(family):
+    """``context_actions`` are the actions of the context's own frames, end-aligned: the last
+    leads to new frame 0 (so one of them is ``context_action``), earlier ones shape the
+    context's K/V, and those before the context's first frame are not used."""
+    gen = make_generator(family)
+    L, frames = gen.clip_len, 2 * gen.clip_len
+    rng = np.random.default_rng(3)
+    acts = rng.integers(0, 5, frames)
+    context = rng.integers(0, 256, (2 * L, 32, 32, 3), dtype=np.uint8)
+    history = rng.integers(0, 5, 2 * L)
+
+    def run(**kwargs) -> torch.Tensor:
+        # Four seeds: through random weights a token model's context moves its logits only
+        # a little (see test_context_and_actions_condition_the_video).
+        return torch.stack(
+            [
+                clips_of(
+                    gen,
+                    request_for(
+                        gen, frames=frames, actions=acts, context=context, seed=seed, **kwargs
+                    ),
+                )
+                for seed in (5, 6, 7, 8)
+            ]
+        )
+
+    base = run(context_actions=history)
+    assert not torch.equal(base, run())  # the context's frames no longer under the null action
+    # Only the last: the same video as context_action, bit for bit.
+    assert torch.equal(run(context_actions=history[-1:]), run(context_action=history[-1]))
+    # The actions inside the first context clip (leading to its frames 1..L-1) shape what
+    # follows.
+    other = history.copy()
+    other[: L - 1] = (other[: L - 1] + 1) % 5
+    assert not torch.equal(run(context_actions=other), base)
+    # A longer history: only one action per context frame is used (the one leading to the
+    # context's first frame acts from a frame the model never sees; training's first frames
+    # are made under the null action).
+    longer = np.concatenate([rng.integers(0, 5, 5), [(history[0] + 1) % 5], history])
+    assert torch.equal(run(context_actions=longer), base)
+
+    with pytest.raises(ValueError, match="context_actions .* needs actions"):
+        request_for(gen, frames=frames, context=context, context_actions=history)
+    with pytest.raises(ValueError, match="context_action or context_actions, not both"):
+        request_for(gen, frames=frames, actions=acts, context_action=1, context_actions=history)
+    with pytest.raises(ValueError, match="context_actions must be one or more actions"):
+        request_for(gen, frames=frames, actions=acts, context_actions=np.zeros((4, 2)))
+    with pytest.raises(ValueError, match="context_actions .* needs a context"):
+        gen.open(request_for(gen, frames=frames, actions=acts, context_actions=history))
+    with pytest.raises(ValueError, match=r"context_actions must be in \[0, 5\)"):
+        gen.open(
+            request_for(
+                gen, frames=frames, actions=acts, context=context, context_actions=history + 5
+            )
+        )
+
+
+def test_leading_actions_of_context_clips():
+    """Frame f (negative: the context's) is made under the action between f - 1 and f:
+    end-aligned ``context_actions[len + f - 1]``, the null action before the history."""
+    from vidgen.generators.base import leading_actions
+    from vidgen.nn.conditioning import NULL
+
+    L = 4
+    context = np.zeros((2 * L, 8, 8, 3), np.uint8)
+    req = GenerationRequest(
+        frames=L, actions=[10, 11, 12, 13], context=context, context_actions=[1, 2, 3, 4, 5, 6]
+    )
+    rows = [leading_actions(req, clip, L, 20, 0).tolist() for clip in (-2, -1, 0)]
+    assert rows == [[NULL, NULL, NULL, 1], [2, 3, 4, 5], [6, 10, 11, 12]]
+    # One per context frame (8): the first leads to the context's frame 1; more are not used.
+    full = dataclasses.replace(req, context_actions=np.arange(30, 40))
+    rows = [leading_actions(full, clip, L, 50, 0).tolist() for clip in (-2, -1, 0)]
+    assert rows == [[NULL, 32, 33, 34], [35, 36, 37, 38], [39, 10, 11, 12]]
+    cont = GenerationRequest(
+        frames=L, actions=np.zeros((L, 2)), context=context, context_actions=np.ones((2, 2))
+    )
+    assert leading_actions(cont, -1, L, 0, 2)[:, 0].tolist() == [0, 0, 0, 1]
+    assert leading_actions(cont, 0, L, 0, 2)[:, 0].tolist() == [1, 0, 0, 0]
+    # In JSON (and so in every fingerprint and saved snapshot) when given, absent when not.
+    assert GenerationRequest.from_json(req.to_json()).to_json() == req.to_json()
+    assert req.to_json()["context_actions"] == [1, 2, 3, 4, 5, 6]
+    assert "context_actions" not in GenerationRequest(frames=8).to_json()
+
+
 def test_guidance_on_actions_alone(family):
     """Without a label, classifier-free guidance contrasts the actions with the null action:
     the unconditional rows must not see the actions."""
@@ -413,7 +498,7 @@ def test_valid_edge_values_are_accepted():
 def test_request_numbers_keep_their_json_form():
     req = GenerationRequest(frames=np.int64(16), seed=np.int64(3), fps=8, guidance=2)
     assert req.to_json()["frames"] == 16 and type(req.to_json()["frames"]) is int
-    assert GenerationRequest.from_json(req.to_json()).fingerprint() == req.fingerprint()
+    assert GenerationRequest.from_json(req.to_json()).to_json() == req.to_json()
 
 
 def test_reencode_emits_the_tokenizers_own_tokens_and_continues_from_them():

@@ -36,7 +36,10 @@ def check_out(out: str | Path) -> Path:
 class RenderConfig:
     """``model``: shipped name or checkpoint path; ``label``: class (the number of shapes for
     the bouncing models) or null; ``actions``: a .npy of per-frame actions; ``context``: an
-    mp4 to continue (resized and centre-cropped to the model's frame size); ``reencode``: token
+    mp4 to continue (resized and centre-cropped to the model's frame size); ``context_actions``:
+    a .npy of the actions of the context's frames, aligned to its end (the last leads to the
+    first new frame; ``GenerationRequest.context_actions``: it may cover frames before those
+    kept); ``reencode``: token
     models re-tokenise each sampled clip before it becomes context; ``guidance``: the
     classifier-free guidance scale (null = the model's default); ``contrast``: diffusion
     models scale each new clip's latent contrast by it (null = the model's default);
@@ -50,6 +53,7 @@ class RenderConfig:
     label: int | None = None
     actions: str | None = None
     context: str | None = None
+    context_actions: str | None = None
     guidance: float | None = None
     steps: int = 12
     temperature: float = 1.0
@@ -84,19 +88,29 @@ class RenderConfig:
             raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
         self.step_timeout = check_step_timeout("step_timeout", self.step_timeout)
         check_out(self.out)
-        for name in ("actions", "context"):
+        for name in ("actions", "context", "context_actions"):
             value = getattr(self, name)
             if value is not None and not Path(value).expanduser().is_file():
                 raise ValueError(f"{name}={value!r} is not a file")
+        if self.context_actions is not None and (self.context is None or self.actions is None):
+            raise ValueError(
+                "context_actions (the actions of the context's frames) needs context and actions"
+            )
 
     def request(
         self, frame_shape: tuple[int, int, int] | None = None, clip_len: int | None = None
     ) -> GenerationRequest:
         """The request this config describes; ``frame_shape`` (the model's (H, W, 3)) and
         ``clip_len`` are needed to read a context video."""
+        context = load_context(self.context, frame_shape, clip_len) if self.context else None
         return self.request_without_files(
             actions=load_actions(self.actions) if self.actions else None,
-            context=load_context(self.context, frame_shape, clip_len) if self.context else None,
+            context=context,
+            context_actions=(
+                load_actions(self.context_actions, "context_actions")
+                if self.context_actions
+                else None
+            ),
         )
 
     def request_without_files(self, **files: object) -> GenerationRequest:
@@ -117,17 +131,18 @@ class RenderConfig:
         )
 
 
-def load_actions(path: str | Path) -> np.ndarray:
-    """Per-frame actions from a .npy file (loaded without pickle)."""
+def load_actions(path: str | Path, name: str = "actions") -> np.ndarray:
+    """Per-frame actions from a .npy file (loaded without pickle); ``name`` names the key in
+    errors."""
     try:
         actions = np.load(Path(path).expanduser(), allow_pickle=False)
     except (OSError, ValueError) as err:
-        raise ValueError(f"actions={str(path)!r} is not a readable .npy array: {err}") from err
+        raise ValueError(f"{name}={str(path)!r} is not a readable .npy array: {err}") from err
     if not isinstance(actions, np.ndarray):  # an .npz archive
         actions.close()
-        raise ValueError(f"actions={str(path)!r} must be a .npy array, got an .npz archive")
+        raise ValueError(f"{name}={str(path)!r} must be a .npy array, got an .npz archive")
     if actions.ndim not in (1, 2):
-        raise ValueError(f"actions must be (frames,) or (frames, A), got shape {actions.shape}")
+        raise ValueError(f"{name} must be (frames,) or (frames, A), got shape {actions.shape}")
     return actions
 
 

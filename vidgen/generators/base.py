@@ -48,9 +48,18 @@ class GenerationRequest:
     and the last action acts after the video ends; new frame 0 is made under ``context_action``
     (the action between the context's last frame and it; only with ``context`` and ``actions``),
     or the null action when it is unset. context: uint8 frames (T, H, W, 3) to continue from
-    (whole clips). guidance: classifier-free guidance scale (1 = off); None = the model's own
-    default (its checkpoint card's ``guidance``, else ``DEFAULT_GUIDANCE`` = 2). steps:
-    denoising steps per clip (diffusion) — ignored by token models. fps: of the output file.
+    (whole clips). context_actions: the actions of the context's own frames, aligned to its end
+    (a world model continuing a simulator's history), as ``actions`` are: one per context frame,
+    entry t acting between context frame t and t+1, so the last one leads to new frame 0 (it
+    is ``context_action``; give one or the other). The context's first frame is made under the
+    null action, as a training sequence's is. Shorter than the context, the context's earliest
+    frames are made under the null action too; longer, only the last ``len(context)`` are used
+    (a simulator's whole history may be passed with its last frames as context; an mp4 context
+    keeps its last whole clips). Left unset, every context frame is made under the null
+    action: a history the model was not trained on. guidance: classifier-free guidance scale
+    (1 = off); None = the model's own default (its checkpoint card's ``guidance``, else
+    ``DEFAULT_GUIDANCE`` = 2). steps: denoising steps per clip (diffusion) — ignored by token
+    models. fps: of the output file.
     temperature, top_k (0 = off), top_p (1 = off): token sampling — ignored by diffusion models.
     reencode: token models only — each sampled clip is decoded and tokenised again before it
     becomes context, and the new tokens are what the stream emits (about half the speed; closer
@@ -68,6 +77,7 @@ class GenerationRequest:
     actions: Any = None
     context: Any = None
     context_action: Any = None
+    context_actions: Any = None
     guidance: float | None = None
     steps: int = 12
     fps: int = 8
@@ -151,6 +161,30 @@ class GenerationRequest:
                     f"({self.actions.shape[1:]}), got {self.context_action.dtype} "
                     f"{self.context_action.shape}"
                 )
+        if self.context_actions is not None:
+            # Like context_action, its length against the context is checked at open.
+            if self.actions is None:
+                raise ValueError(
+                    "context_actions (the actions of the context's frames) needs actions"
+                )
+            if self.context_action is not None:
+                raise ValueError(
+                    "give context_action or context_actions, not both (the last of "
+                    "context_actions is the action leading to the first new frame)"
+                )
+            self.context_actions = _array("context_actions", self.context_actions, own=True)
+            if (
+                self.context_actions.ndim != self.actions.ndim
+                or self.context_actions.shape[1:] != self.actions.shape[1:]
+                or len(self.context_actions) == 0
+                or self.context_actions.dtype.kind not in NUMBER_KINDS
+            ):
+                raise ValueError(
+                    f"context_actions must be one or more actions shaped like those in "
+                    f"actions (n{', ' if self.actions.ndim > 1 else ''}"
+                    f"{', '.join(map(str, self.actions.shape[1:]))}), got "
+                    f"{self.context_actions.dtype} {self.context_actions.shape}"
+                )
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> GenerationRequest:
@@ -174,13 +208,14 @@ class GenerationRequest:
                 if out[key] is not None:
                     out[key] = float(out[key])
             out["fps"] = int(self.fps) if float(self.fps).is_integer() else float(self.fps)
-        for key in ("actions", "context_action"):
+        for key in ("actions", "context_action", "context_actions"):
             value = getattr(self, key)
             out[key] = None if value is None else np.asarray(value).tolist()
         # Fields added later are left out at their defaults, as before they existed, so the
         # fingerprints of requests (and of render folders made before) stay the same.
-        if self.context_action is None:
-            del out["context_action"]
+        for key in ("context_action", "context_actions"):
+            if getattr(self, key) is None:
+                del out[key]
         if not self.reencode:
             del out["reencode"]
         if self.contrast is None:
@@ -485,6 +520,13 @@ def check_actions(request: GenerationRequest, num_actions: int, action_dim: int)
             )
         one = np.asarray(request.context_action)
         _check_action_values("context_action", one[None], num_actions, action_dim, one.shape)
+    if request.context_actions is not None:
+        if request.context is None:
+            raise ValueError(
+                "context_actions (the actions of the context's frames) needs a context"
+            )
+        acts = np.asarray(request.context_actions)
+        _check_action_values("context_actions", acts, num_actions, action_dim, acts.shape)
 
 
 def _check_action_values(
@@ -520,9 +562,10 @@ def leading_actions(
 ) -> torch.Tensor:
     """The action leading to each frame of clip ``clip`` of a stream (training's convention,
     ``vidgen.train.diffusion.leading_actions``: frame t is made under action t-1): int64
-    (clip_len,) or float (clip_len, action_dim). New frame 0 gets ``context_action``; frames
-    without one (no actions, a context clip: ``clip`` < 0) get the null action (discrete) or
-    the zero velocity (continuous: no movement, as training's first frames have)."""
+    (clip_len,) or float (clip_len, action_dim). A context clip is ``clip`` < 0 (-1 the last);
+    its frames and new frame 0 get theirs from ``context_actions`` (end-aligned) or, for new
+    frame 0, ``context_action``. Frames without one get the null action (discrete) or the zero
+    velocity (continuous: no movement, as training's first frames have)."""
     from vidgen.nn.conditioning import NULL
 
     if num_actions:
@@ -530,9 +573,21 @@ def leading_actions(
     else:
         row = torch.zeros(clip_len, action_dim)
     acts = request.actions
-    if acts is None or clip < 0:
+    if acts is None:
         return row
     lo = clip * clip_len
+    history = request.context_actions
+    if history is not None:
+        if request.context is not None:  # one per context frame: its first frame's is null
+            history = history[-len(request.context) :]
+        # Frame f (new frames from 0, context frames negative) is made under the action
+        # between frames f - 1 and f; history[-1] is the one between frames -1 and 0.
+        first = len(history) + lo - 1  # history's index of the action leading to frame lo
+        for i in range(clip_len):
+            if 0 <= first + i < len(history):
+                row[i] = torch.tensor(np.asarray(history[first + i])).to(row.dtype)
+    if clip < 0:
+        return row
     # torch.tensor copies: the request's arrays are read-only, which as_tensor warns about.
     given = torch.tensor(np.asarray(acts[max(lo - 1, 0) : lo + clip_len - 1]))
     if lo == 0:
