@@ -122,6 +122,27 @@ def test_a_folders_held_out_clips_are_spread_over_its_videos(tmp_path):
     assert "eval_pick" not in data_description(world, "eval")
 
 
+def test_a_folder_gives_at_most_num_clips_spread_over_its_videos(tmp_path):
+    """``data.num_clips`` (eval: ``data.eval_clips``) caps a folder's clips as it sizes a
+    world's: it was ignored (every clip encoded) though it named the cache file."""
+    import numpy as np
+
+    from vidgen.data import build_dataset
+    from vidgen.io import VideoWriter
+    from vidgen.train.encoded import data_description
+
+    for name in ("a", "b", "c"):
+        with VideoWriter(tmp_path / f"{name}.mp4", lossless=True) as writer:
+            writer.write(np.zeros((32, 16, 16, 3), dtype=np.uint8))
+    data = DataConfig(name="folder", root=str(tmp_path), clip_len=4, size=16, num_clips=6)
+    train = build_dataset(data, "train")
+    assert len(train) == 6  # of 24 (8 per video), two of each video
+    assert sorted(int(train[i]["index"]) for i in range(6)) == [0, 0, 1, 1, 2, 2]
+    assert len(build_dataset(dataclasses.replace(data, num_clips=100), "train")) == 24
+    assert len(build_dataset(dataclasses.replace(data, eval_clips=3), "eval")) == 3
+    assert '"capped": "spread"' in data_description(data, "train")
+
+
 def test_generator_training_logs_held_out_figures(tmp_path):
     """A short ca2vdm run evaluates at eval_every and at export: its card and history carry
     the held-out loss, and the eval clips encoded are the one batch evaluation reads."""

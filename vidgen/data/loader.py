@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from vidgen.data.folder import VideoFolder
 from vidgen.data.worlds import WORLDS, WorldClips
@@ -27,6 +27,8 @@ class DataConfig:
     ``name`` is the source: a procedural world (``bouncing``, ``agent``), ``mix`` (both, an
     ``agent_fraction`` of AgentWorld clips), or ``folder`` (every video under ``root``; eval
     uses ``eval_root`` when given). ``size`` is the frame size for every source.
+    ``num_clips`` (``eval_clips``) is how many clips the train (eval) split has: a world makes
+    that many; a folder gives all of its clips up to that many, spread evenly over them.
     """
 
     name: str = "bouncing"
@@ -84,9 +86,22 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
         if split == "eval" and not cfg.eval_root:
             log.warning("data.eval_root is not set: evaluating on the training folder")
         root, exclude = folder_split(cfg, split)
-        return VideoFolder(
+        folder = VideoFolder(
             root, clip_len=cfg.clip_len, size=cfg.size, stride=cfg.stride, exclude=exclude
         )
+        # At most data.num_clips (eval: data.eval_clips) of them, spread evenly: the first
+        # ones come mostly from the first video.
+        cap = cfg.num_clips if split == "train" else cfg.eval_clips
+        if len(folder) <= cap:
+            return folder
+        log.info(
+            "data=folder %s split: %d of its %d clips (data.%s), spread over its videos",
+            split,
+            cap,
+            len(folder),
+            "num_clips" if split == "train" else "eval_clips",
+        )
+        return Subset(folder, spread_indices(len(folder), cap))
     return WorldClips(
         world=cfg.name,
         clip_len=cfg.clip_len,
@@ -99,6 +114,13 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
         agent_policy=cfg.agent_policy,
         agent_fraction=cfg.agent_fraction,
     )
+
+
+def spread_indices(available: int, count: int) -> list[int]:
+    """``count`` of ``range(available)`` spread evenly (all of them if ``count`` >= it)."""
+    if count >= available:
+        return list(range(available))
+    return [k * available // count for k in range(count)]
 
 
 def folder_split(cfg: DataConfig, split: str) -> tuple[Path, Path | None]:

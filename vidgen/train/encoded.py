@@ -25,7 +25,7 @@ from tqdm import tqdm
 from vidgen import checkpoint
 from vidgen.data import DataConfig, build_dataset
 from vidgen.data.folder import video_files
-from vidgen.data.loader import folder_split
+from vidgen.data.loader import folder_split, spread_indices
 from vidgen.tokenizers.kl import KLAutoencoder, KLConfig
 from vidgen.train.loop import resolve_device
 from vidgen.worlds import WORLDS_VERSION
@@ -69,6 +69,9 @@ def data_description(data: DataConfig, split: str) -> str:
         fields["files"] = [[name, st.st_size, st.st_mtime_ns] for name, st in stats]
         if split == "eval":  # which clips are held out (held_out_indices)
             fields["eval_pick"] = "spread"
+        # At most num_clips (eval_clips) of its clips, spread (build_dataset; until
+        # 2026-12-01 every clip, whatever the cap).
+        fields["capped"] = "spread"
     else:  # procedural: the same settings render other frames after a change to the worlds
         fields["worlds_version"] = WORLDS_VERSION
         if split == "eval":  # eval seeds moved past every train seed (EVAL_SEED_OFFSET)
@@ -113,7 +116,7 @@ def held_out_indices(data: DataConfig, available: int, count: int) -> list[int]:
     came mostly from its first video)."""
     if data.name != "folder" or count >= available:
         return list(range(count))
-    return [k * available // count for k in range(count)]
+    return spread_indices(available, count)
 
 
 def _release_freed_memory() -> None:
