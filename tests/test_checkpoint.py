@@ -1,6 +1,7 @@
 import dataclasses
 import hashlib
 import json
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,21 +155,23 @@ def test_a_header_edited_with_its_digest_recomputed_is_a_checkpoint_error(saved,
         checkpoint.load(bad)
 
 
-def test_the_recorded_sha256_is_that_of_the_bytes_loaded(saved, monkeypatch):
-    """A file replaced between reading its tensors and hashing it would record another
-    file's sha256 as provenance: the bytes are read once."""
-    reads = []
-    real = type(saved).read_bytes
+def test_the_recorded_sha256_is_that_of_the_bytes_loaded(saved, tmp_path, monkeypatch):
+    """A file replaced while it is loaded (a training run re-exporting it: a new file renamed
+    over it) must not give one file's tensors under the other's sha256 as provenance: the
+    tensors and the sha256 come from the one mapping of the file opened."""
+    original = saved.read_bytes()
+    other = checkpoint.save(tmp_path / "other.safetensors", make_model(4), OtherConfig(dim=4))
+    real = checkpoint.map_safetensors
 
-    def read_bytes(self):
-        reads.append(self)
-        return real(self)
+    def replaced_meanwhile(buffer):
+        os.replace(other, saved)  # the path now names another file
+        return real(buffer)
 
-    monkeypatch.setattr(type(saved), "read_bytes", read_bytes)
+    monkeypatch.setattr(checkpoint, "map_safetensors", replaced_meanwhile)
     monkeypatch.setattr(checkpoint, "file_sha256", lambda path: pytest.fail("read again"))
     ckpt = checkpoint.load(saved)
-    assert reads == [saved]
-    assert ckpt.sha256 == hashlib.sha256(real(saved)).hexdigest()
+    assert ckpt.sha256 == hashlib.sha256(original).hexdigest()
+    assert ckpt.config_type.endswith("TinyConfig") and saved.read_bytes() != original
 
 
 def test_combined_sha256_is_the_hash_render_guards_recorded(saved, tmp_path):
@@ -651,3 +654,49 @@ def test_a_card_key_that_is_not_a_string_is_named(tmp_path):
         with pytest.raises(TypeError, match=rf"{where} keys must be str, got"):
             checkpoint.save(tmp_path / "m.safetensors", make_model(4), TinyConfig(dim=4), card=card)
     assert not list(tmp_path.iterdir())
+
+
+def _rss_anon_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("no RssAnon in /proc/self/status (not Linux)")
+
+
+def test_a_loaded_checkpoint_maps_its_file_instead_of_copying_it(tmp_path):
+    """The tensors are views of the file's pages (page cache), not copies in the process's
+    own memory: a model built from them costs its own size, not twice (the read file, then
+    its tensors, as until 2026-12-01). A tensor changed in place changes neither the file
+    nor a second load."""
+    model = torch.nn.Linear(2048, 4096, bias=False)  # 32 MiB of weights
+    path = checkpoint.save(tmp_path / "big.safetensors", model, OtherConfig(dim=2048))
+    digest = checkpoint.file_sha256(path)
+    before = _rss_anon_mb()
+    ckpt = checkpoint.load(path)
+    weight = ckpt.tensors["weight"]
+    assert float(weight.abs().sum()) > 0  # every page read
+    assert _rss_anon_mb() - before < 8, "the tensors were copied into process memory"
+    assert torch.equal(weight, model.weight.detach())
+    weight.zero_()
+    assert checkpoint.file_sha256(path) == digest
+    assert torch.equal(checkpoint.load(path).tensors["weight"], model.weight.detach())
+    # Odd layouts other writers make: a tensor whose bytes are not aligned to its item size
+    # is copied, not viewed misaligned.
+    raw = json.dumps(
+        {
+            "a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+            "b": {"dtype": "F32", "shape": [2], "data_offsets": [3, 11]},
+        }
+    ).encode()
+    raw += b" " * (-len(raw) % 8)
+    data = bytearray(struct.pack("<Q", len(raw)) + raw + bytes([1, 2, 3]))
+    data += struct.pack("<2f", 1.5, -2.0)
+    tensors, _ = checkpoint.map_safetensors(data)
+    assert tensors["a"].tolist() == [1, 2, 3] and tensors["b"].tolist() == [1.5, -2.0]
+    for bad, message in [
+        (data[:-1], "cover .* bytes"),
+        (data[:5], "shorter than a safetensors header"),
+        (data.replace(b"[3,11]", b"[4,12]", 1).replace(b"[3, 11]", b"[4, 12]", 1), "starts at"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            checkpoint.map_safetensors(bytearray(bad))

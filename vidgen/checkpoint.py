@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import mmap
 import os
 import re
 import struct
@@ -32,7 +33,6 @@ from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load as load_safetensors
 
 import vidgen
 from vidgen.fsutil import publish, temp_beside
@@ -295,6 +295,75 @@ def write_safetensors(
             f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
+_TORCH_DTYPES = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
+
+
+def map_safetensors(buffer: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a safetensors file held in ``buffer`` (a writable buffer: a
+    private ``mmap`` of the file, or a bytearray), checked as safetensors checks them: one
+    JSON header, every tensor's dtype known, its bytes the size of its shape, the tensors
+    tiling the data exactly. The tensors are views of ``buffer``, not copies (a tensor whose
+    bytes are not aligned to its item size is copied): loading a mapped file costs page
+    cache, which the kernel may drop, not memory of the process's own. ValueError if the
+    buffer is no safetensors file."""
+    view = memoryview(buffer)
+    if len(view) < 8:
+        raise ValueError(f"{len(view)} bytes: shorter than a safetensors header")
+    (size,) = struct.unpack("<Q", view[:8])
+    if size > MAX_HEADER_BYTES or 8 + size > len(view):
+        raise ValueError(f"header of {size:,} bytes in a file of {len(view):,} (truncated?)")
+    try:
+        header = json.loads(bytes(view[8 : 8 + size]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"the header is not JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise ValueError("the header's __metadata__ must map strings to strings")
+    start, data_len = 8 + size, len(view) - 8 - size
+    layout = []
+    for name, entry in header.items():
+        try:
+            dtype = _TORCH_DTYPES[entry["dtype"]]
+            shape = [int(d) for d in entry["shape"]]
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"tensor {name!r}: unreadable entry {entry!r} ({err})") from None
+        if any(d < 0 for d in shape) or begin < 0 or end < begin:
+            raise ValueError(f"tensor {name!r}: bad shape {shape} or offsets {[begin, end]}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel * dtype.itemsize != end - begin:
+            raise ValueError(
+                f"tensor {name!r}: {end - begin} bytes for shape {shape} of {entry['dtype']}"
+            )
+        layout.append((begin, end, name, dtype, shape, numel))
+    layout.sort(key=lambda item: item[:2])
+    at = 0
+    for begin, end, name, *_ in layout:
+        if begin != at:  # a gap or an overlap
+            raise ValueError(f"tensor {name!r}: data starts at {begin}, expected {at}")
+        at = end
+    if at != data_len:
+        raise ValueError(f"the tensors cover {at:,} bytes of {data_len:,} (truncated?)")
+    tensors = {}
+    for begin, _, name, dtype, shape, numel in layout:
+        offset = start + begin
+        if numel == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        elif offset % dtype.itemsize:  # unaligned (not from vidgen's writer): copied
+            raw = bytearray(view[offset : offset + numel * dtype.itemsize])
+            tensors[name] = torch.frombuffer(raw, dtype=dtype).reshape(shape)
+        else:
+            tensors[name] = torch.frombuffer(buffer, dtype=dtype, count=numel, offset=offset)
+            tensors[name] = tensors[name].reshape(shape)
+    return tensors, metadata
+
+
 def update_card(
     name_or_path: str | os.PathLike,
     changes: Mapping[str, Any],
@@ -320,14 +389,16 @@ def load(name_or_path: str | os.PathLike, expected_config: type | None = None) -
     """Load and verify a checkpoint (a shipped name or a path); with ``expected_config``,
     refuse a checkpoint whose config is of another type."""
     path = resolve(name_or_path)
-    # One read: the sha256 recorded as provenance is that of the very bytes loaded, even if
-    # the file is replaced meanwhile (a training run re-exporting it).
+    # Mapped, not read: the tensors are views of the file's pages (page cache the kernel can
+    # drop), so a model built from them costs its own size, not twice that (a read file, then
+    # its tensors). One mapping: the sha256 recorded as provenance is that of the very bytes
+    # loaded, even if the file is replaced meanwhile (a training run re-exporting it: a new
+    # file renamed over it, the mapping keeps the old). Private (copy on write): a tensor
+    # changed in place changes neither the file nor other loads.
     try:
-        data = path.read_bytes()
-        tensors = load_safetensors(data)
-        size = int.from_bytes(data[:8], "little")
-        metadata = dict(json.loads(data[8 : 8 + size]).get("__metadata__") or {})
-    except (SafetensorError, OSError, ValueError, AttributeError, RecursionError) as err:
+        data = _map(path)
+        tensors, metadata = map_safetensors(data)
+    except (OSError, ValueError, RecursionError) as err:
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated?): {err}") from err
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a vidgen checkpoint")
@@ -351,7 +422,7 @@ def load(name_or_path: str | os.PathLike, expected_config: type | None = None) -
             tensors=tensors,
             format_version=version,
             vidgen_version=metadata["vidgen_version"],
-            sha256=hashlib.sha256(data).hexdigest(),
+            sha256=hashlib.sha256(memoryview(data)).hexdigest(),
         )
     except (KeyError, ValueError, RecursionError) as err:  # a digest made over an edited header
         raise CheckpointError(f"{path} has a missing or unreadable header field: {err}") from None
@@ -367,6 +438,15 @@ def load(name_or_path: str | os.PathLike, expected_config: type | None = None) -
             f"{path} holds a {ckpt.config_type} checkpoint, expected {_type_name(expected_config)}"
         )
     return ckpt
+
+
+def _map(path: Path) -> Any:
+    """The file's bytes as a private writable mapping (an empty file: an empty bytearray,
+    which mmap cannot map)."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return bytearray()
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
 
 
 def _format_version(path: Path, text: object) -> int:
