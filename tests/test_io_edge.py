@@ -396,3 +396,58 @@ def test_a_mirroring_display_matrix_is_not_taken_for_a_turn(tmp_path, caplog):
     assert info.rotation == 0 and (info.width, info.height) == (32, 16)
     assert "mirrors the frames; they are read as stored" in caplog.text
     assert np.array_equal(read_video(path, backend="pyav").numpy(), stored)
+
+
+# --- an anamorphic video (its pixels displayed wider than high) -------------------------------
+
+
+def _anamorphic(path: Path, frames: np.ndarray, sar) -> Path:
+    """``frames`` stored losslessly (libx264rgb, qp 0) with sample aspect ratio ``sar``."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264rgb", rate=8, options={"qp": "0"})
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "rgb24"
+        stream.codec_context.sample_aspect_ratio = sar
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def test_an_anamorphic_video_is_resized_as_displayed(tmp_path):
+    """A stream whose pixels are shown twice as wide as high (sample aspect ratio 2:1) was
+    resized as if they were square: training folders and render contexts saw the picture
+    squeezed to half its width. Reads at a size now show it as displayed; native reads keep
+    the stored pixels."""
+    from fractions import Fraction
+
+    from vidgen.data import VideoFolder, to_uint8
+
+    stored = np.zeros((4, 32, 32, 3), dtype=np.uint8)  # red | green | blue columns, stored
+    stored[:, :, :8, 0] = stored[:, :, 8:24, 1] = stored[:, :, 24:, 2] = 200
+    path = _anamorphic(tmp_path / "wide.mp4", stored, Fraction(2, 1))
+    info = probe_video(path)
+    assert info.pixel_aspect == 2.0 and (info.width, info.height) == (32, 32)
+    assert np.array_equal(read_video(path).numpy(), stored)  # native: the stored pixels
+    # Displayed 64 x 32: covering 32 x 32 keeps its middle half, the green (its edge columns
+    # blend with the neighbours the interpolation reads).
+    square = read_video(path, size=32).numpy()
+    assert (np.abs(square[:, :, 1:-1].astype(int) - [0, 200, 0]) <= 2).all()
+    clip = to_uint8(VideoFolder(tmp_path, clip_len=4, size=32)[0]["video"]).numpy()
+    assert np.array_equal(clip, square)
+    # Displayed 64 x 32 at half size is 32 wide, 16 high: every column kept, rows halved.
+    half = read_video(path, size=(16, 32)).numpy()
+    assert half.shape == (4, 16, 32, 3)
+    np.testing.assert_allclose(half[:, :, 2:6, 0], 200, atol=3)
+    np.testing.assert_allclose(half[:, :, 12:20, 1], 200, atol=3)
+    # Turned a quarter (a phone's portrait video): a stored pixel's width is now its height.
+    turned = _turned(_anamorphic(tmp_path / "t.mp4", stored, Fraction(2, 1)), (0, 1, -1, 0))
+    assert probe_video(turned).pixel_aspect == 0.5
+    upright = read_video(turned, size=32).numpy()  # displayed 32 wide, 64 high: the middle
+    assert (np.abs(upright[:, 1:-1].astype(int) - [0, 200, 0]) <= 2).all()  # the green rows
+    # Unset (0:1) or absurd ratios are square pixels.
+    plain = _anamorphic(tmp_path / "plain.mp4", stored, Fraction(0, 1))
+    assert probe_video(plain).pixel_aspect == 1.0
+    assert np.array_equal(read_video(plain, size=32).numpy(), stored)

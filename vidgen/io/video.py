@@ -90,6 +90,10 @@ class VideoInfo:
     rotation: degrees counterclockwise (0, 90, 180, 270) the stored frames are turned for
     display, as a phone stores a portrait video: reads return the frames as displayed, and
     width and height are the displayed ones (a player's view, not the stored one).
+    pixel_aspect: the displayed width of a returned frame's pixel over its height (the
+    stream's sample aspect ratio, turned with the frame: an anamorphic video stores a wide
+    picture in narrower pixels). Reads at a given ``size`` show the picture as displayed;
+    reads at the native size return the pixels as stored (width x height of them).
     """
 
     path: Path
@@ -102,6 +106,28 @@ class VideoInfo:
     undecodable_packets: int = 0
     size_changes: bool = False
     rotation: int = 0
+    pixel_aspect: float = 1.0
+
+
+# A sample aspect ratio outside this range is taken for broken metadata, not a picture.
+_PIXEL_ASPECT_RANGE = (0.1, 10.0)
+
+
+def _pixel_aspect(stream: Any, path: Path) -> float:
+    """The stream's sample aspect ratio (pixel width over height as displayed) as a float:
+    1 when it has none (0/1 or unset) or one outside ``_PIXEL_ASPECT_RANGE``."""
+    sar = getattr(stream, "sample_aspect_ratio", None) or getattr(
+        stream.codec_context, "sample_aspect_ratio", None
+    )
+    try:
+        value = float(sar) if sar else 1.0
+    except (TypeError, ValueError, ZeroDivisionError):
+        value = 1.0
+    low, high = _PIXEL_ASPECT_RANGE
+    if not low <= value <= high:
+        logger.warning("%s: sample aspect ratio %s ignored (read as square pixels)", path, sar)
+        return 1.0
+    return value
 
 
 def _stat_or_none(path: Path) -> tuple[int, int, int] | None:
@@ -360,6 +386,7 @@ def probe_video(path: PathLike) -> VideoInfo:
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         codec = ctx.name
         width, height = ctx.width, ctx.height
+        pixel_aspect = _pixel_aspect(stream, path)
         scan = _scan_packets(container, stream, path)
         _check_complete(container, stream, path, scan, rate)
     if scan.num_frames == 0:
@@ -368,6 +395,7 @@ def probe_video(path: PathLike) -> VideoInfo:
         width, height = scan.sizes[0]
     if scan.rotation in (90, 270):  # the size as displayed, which is what reads return
         width, height = height, width
+        pixel_aspect = 1 / pixel_aspect  # a stored pixel's width is now its height
     if width <= 0 or height <= 0:
         raise VideoReadError(f"{path} has a video stream without a frame size ({width}x{height})")
     return VideoInfo(
@@ -381,6 +409,7 @@ def probe_video(path: PathLike) -> VideoInfo:
         undecodable_packets=scan.undecodable,
         size_changes=len(set(scan.sizes)) > 1,
         rotation=scan.rotation,
+        pixel_aspect=pixel_aspect,
     )
 
 
@@ -429,14 +458,18 @@ def _parse_size(size: int | Sequence[int] | None) -> tuple[int, int] | None:
     return int(dims[0]), int(dims[1])
 
 
-def _resize_cover_crop(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Scale so the frame covers `size` (shorter side first), then center-crop to it."""
+def _resize_cover_crop(
+    frames: torch.Tensor, size: tuple[int, int], pixel_aspect: float = 1.0
+) -> torch.Tensor:
+    """Scale so the frame as displayed (its pixels ``pixel_aspect`` times as wide as high)
+    covers `size` (shorter side first), then center-crop to it."""
     height, width = frames.shape[1:3]
+    shown_width = width * pixel_aspect
     target_h, target_w = size
-    scale = max(target_h / height, target_w / width)
+    scale = max(target_h / height, target_w / shown_width)
     # max() guards against rounding leaving the scaled frame a pixel short of the target.
     scaled_h = max(target_h, round(height * scale))
-    scaled_w = max(target_w, round(width * scale))
+    scaled_w = max(target_w, round(shown_width * scale))
     top = (scaled_h - target_h) // 2
     left = (scaled_w - target_w) // 2
     if (scaled_h, scaled_w) == (height, width):
@@ -583,8 +616,9 @@ def read_video(
 ) -> torch.Tensor:
     """Read frames [start, start + num_frames) of `path` as a uint8 tensor (T, H, W, 3).
 
-    num_frames=None reads to the end. size: None keeps the native size, an int gives a square,
-    (height, width) a rectangle; the frame is scaled to cover it and center-cropped.
+    num_frames=None reads to the end. size: None keeps the native size (the stored pixels),
+    an int gives a square, (height, width) a rectangle; the frame as displayed (its sample
+    aspect ratio applied, `VideoInfo.pixel_aspect`) is scaled to cover it and center-cropped.
     backend: "decord" or "pyav" to force one decoder (no fallback); "auto" uses decord and
     falls back to PyAV when decord is missing, fails or sees fewer frames than the probe.
     Files decord would read wrongly go to PyAV ("decord" refuses them): a stream that changes
@@ -600,8 +634,8 @@ def read_video(
     indices = _frame_range(info, start, num_frames)
     array = _decode(info, indices, backend)
     frames = torch.from_numpy(np.ascontiguousarray(array))
-    if target is not None and target != tuple(frames.shape[1:3]):
-        frames = _resize_cover_crop(frames, target)
+    if target is not None and (target != tuple(frames.shape[1:3]) or info.pixel_aspect != 1):
+        frames = _resize_cover_crop(frames, target, info.pixel_aspect)
     return frames
 
 
