@@ -141,6 +141,7 @@ def test_a_folder_gives_at_most_num_clips_spread_over_its_videos(tmp_path):
     assert len(build_dataset(dataclasses.replace(data, num_clips=100), "train")) == 24
     assert len(build_dataset(dataclasses.replace(data, eval_clips=3), "eval")) == 3
     assert '"capped": "spread"' in data_description(data, "train")
+    assert '"pixel_aspect": "applied"' in data_description(data, "eval")
 
 
 def test_generator_training_logs_held_out_figures(tmp_path):

@@ -72,6 +72,9 @@ def data_description(data: DataConfig, split: str) -> str:
         # At most num_clips (eval_clips) of its clips, spread (build_dataset; until
         # 2026-12-01 every clip, whatever the cap).
         fields["capped"] = "spread"
+        # Anamorphic videos read as displayed (``VideoInfo.pixel_aspect``; until 2026-12-01
+        # squeezed): their clips changed, and a cache key naming only the files would not say.
+        fields["pixel_aspect"] = "applied"
     else:  # procedural: the same settings render other frames after a change to the worlds
         fields["worlds_version"] = WORLDS_VERSION
         if split == "eval":  # eval seeds moved past every train seed (EVAL_SEED_OFFSET)
