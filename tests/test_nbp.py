@@ -349,3 +349,35 @@ def test_malformed_conditions_are_refused():
     ):
         with pytest.raises(ValueError, match=message):
             plain(tokens, cond)
+
+
+def test_guidances_pass_is_trained_by_a_joint_drop_of_label_and_actions():
+    """As in the diffusion family: ``joint_dropout`` drops label and actions of a sequence
+    together for a model taking both; a model taking one draws nothing more."""
+    from vidgen.train.tokens import clip_condition
+
+    cfg = dataclasses.replace(NBP_CONFIGS["test"], label_dropout=0.0, action_dropout=0.0)
+    b, clips = 64, 3
+    batch = {
+        "tokens": torch.zeros(b, clips * cfg.tokens_per_clip, dtype=torch.int64),
+        "label": torch.full((b,), 2),
+        "actions": torch.randint(0, 5, (b, clips * cfg.frames_per_clip)),
+    }
+
+    def drops(config):
+        gen = torch.Generator().manual_seed(0)
+        cond = clip_condition(config, batch, clips, gen)
+        return cond.drop_label, cond.drop_actions, gen.get_state()
+
+    label, action, _ = drops(dataclasses.replace(cfg, joint_dropout=1.0))
+    assert label.all() and action.all()
+    label, action, _ = drops(dataclasses.replace(cfg, joint_dropout=0.0))
+    assert not label.any() and not action.any()
+    label, action, _ = drops(dataclasses.replace(cfg, joint_dropout=0.5))
+    assert torch.equal(label, action) and 10 < int(label[:, 0].sum()) < 54
+    assert torch.equal(label, label[:, :1].expand_as(label))  # per sequence, every clip
+    no_actions = dataclasses.replace(cfg, num_actions=0, label_dropout=0.1)
+    plain = drops(dataclasses.replace(no_actions, joint_dropout=0.0))
+    joint = drops(dataclasses.replace(no_actions, joint_dropout=1.0))
+    assert torch.equal(plain[0], joint[0]) and torch.equal(plain[2], joint[2])
+    assert not joint[0].all()

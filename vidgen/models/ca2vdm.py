@@ -78,6 +78,10 @@ class Ca2VDMConfig:
     foreground_threshold: float = 1.0
     label_dropout: float = 0.1  # training: p(label -> null), for classifier-free guidance
     action_dropout: float = 0.1
+    # Training, for a model taking both a label and actions: p(both -> null together), on top
+    # of the drops above, which are independent (both at once: 1%). It trains the pass
+    # guidance subtracts, which drops both. Nothing is drawn for a model taking one.
+    joint_dropout: float = 0.1
 
     def __post_init__(self) -> None:
         check_ints(self, 1, "latent_channels", "latent_size", "patch", "dim", "depth", "heads")
@@ -88,6 +92,7 @@ class Ca2VDMConfig:
         check_number("prefix_t", self.prefix_t, minimum=0, below=1)
         check_number("label_dropout", self.label_dropout, minimum=0, maximum=1)
         check_number("action_dropout", self.action_dropout, minimum=0, maximum=1)
+        check_number("joint_dropout", self.joint_dropout, minimum=0, maximum=1)
         if self.latent_size % self.patch:
             raise ValueError(
                 f"latent_size={self.latent_size} must be a multiple of patch={self.patch}"

@@ -59,6 +59,10 @@ class NBPConfig:
     action_dim: int = 0
     label_dropout: float = 0.1
     action_dropout: float = 0.1
+    # Training, for a model taking both a label and actions: p(both -> null together), on top
+    # of the drops above, which are independent (both at once: 1%). It trains the pass
+    # guidance subtracts, which drops both. Nothing is drawn for a model taking one.
+    joint_dropout: float = 0.1
     # Training: the fraction of *input* tokens replaced by uniformly random ones (targets stay
     # clean), so that the model learns to read a history with errors in it, as its own
     # samples are at inference (exposure bias). 0 = plain teacher forcing.
@@ -72,6 +76,7 @@ class NBPConfig:
         check_number("mlp_ratio", self.mlp_ratio, above=0)
         check_number("label_dropout", self.label_dropout, minimum=0, maximum=1)
         check_number("action_dropout", self.action_dropout, minimum=0, maximum=1)
+        check_number("joint_dropout", self.joint_dropout, minimum=0, maximum=1)
         if self.num_actions and self.action_dim:
             raise ValueError(
                 "num_actions (discrete) and action_dim (continuous) cannot both be > 0, got "

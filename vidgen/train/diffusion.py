@@ -85,6 +85,9 @@ def flow_matching_loss(
     if not held_out:
         drop_label = torch.rand(b, generator=generator, device=dev) < cfg.label_dropout
         drop_action = torch.rand(b, generator=generator, device=dev) < cfg.action_dropout
+        if labels is not None and actions is not None:  # guidance's pass: both dropped
+            both = torch.rand(b, generator=generator, device=dev) < cfg.joint_dropout
+            drop_label, drop_action = drop_label | both, drop_action | both
     ones = torch.ones(b, total, dtype=torch.bool, device=dev)
     positions = torch.arange(total, device=dev).repeat(2).expand(b, -1)
     mask = teacher_forcing_mask(clips, cfg.clip_len, cfg.window_clips, device=dev)

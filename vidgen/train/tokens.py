@@ -54,6 +54,9 @@ def clip_condition(
     if gen is not None:
         drop_label = torch.rand(b, 1, generator=gen, device=dev) < config.label_dropout
         drop_actions = torch.rand(b, 1, generator=gen, device=dev) < config.action_dropout
+        if labels is not None and actions is not None:  # guidance's pass: both dropped
+            both = torch.rand(b, 1, generator=gen, device=dev) < config.joint_dropout
+            drop_label, drop_actions = drop_label | both, drop_actions | both
         drop_label, drop_actions = drop_label.repeat(1, clips), drop_actions.repeat(1, clips)
     return ClipCond(labels, actions, drop_label, drop_actions)
 
