@@ -700,3 +700,39 @@ def test_a_loaded_checkpoint_maps_its_file_instead_of_copying_it(tmp_path):
     ]:
         with pytest.raises(ValueError, match=message):
             checkpoint.map_safetensors(bytearray(bad))
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"dtype": "F32", "shape": [0, 10**30], "data_offsets": [0, 0]},  # crashed torch.empty
+        {"dtype": "F32", "shape": [0, 2**62, 8], "data_offsets": [0, 0]},
+        {"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]},  # taken as 1 by int()
+        {"dtype": "F32", "shape": "1", "data_offsets": [0, 4]},
+        {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]},
+        {"dtype": "F32", "shape": [1], "data_offsets": ["0", "4"]},
+        {"dtype": "F32", "shape": [1], "data_offsets": [0, 4, 8]},
+        {"dtype": "Q7", "shape": [1], "data_offsets": [0, 4]},
+        [1, 2],
+    ],
+)
+def test_a_malformed_tensor_entry_is_a_checkpoint_error(tmp_path, entry):
+    """What safetensors refuses is refused, as a CheckpointError naming the file, never a
+    TypeError or RuntimeError from building the tensor, nor a reading of a bad entry."""
+    raw = json.dumps({"t": entry}).encode()
+    raw += b" " * (-len(raw) % 8)
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(4 if "[0, 4" in str(entry) else 0))
+    with pytest.raises(CheckpointError, match="bad.safetensors is not a readable checkpoint"):
+        checkpoint.load(path)
+
+
+def test_a_header_in_another_encoding_or_odd_metadata_is_refused():
+    utf16 = json.dumps({"__metadata__": {"a": "b"}}).encode("utf-16")
+    utf16 += b" " * (-len(utf16) % 8)
+    with pytest.raises(ValueError, match="not UTF-8 JSON"):
+        checkpoint.map_safetensors(bytearray(struct.pack("<Q", len(utf16)) + utf16))
+    odd = json.dumps({"__metadata__": []}).encode()
+    odd += b" " * (-len(odd) % 8)
+    with pytest.raises(ValueError, match="must map strings to strings"):
+        checkpoint.map_safetensors(bytearray(struct.pack("<Q", len(odd)) + odd))

@@ -105,6 +105,7 @@ def test_a_folders_held_out_clips_are_spread_over_its_videos(tmp_path):
     is not read for them)."""
     import numpy as np
 
+    from vidgen.data import build_dataset
     from vidgen.io import VideoWriter
     from vidgen.train.encoded import data_description
 
@@ -118,7 +119,17 @@ def test_a_folders_held_out_clips_are_spread_over_its_videos(tmp_path):
     assert sorted(videos) == [0, 1, 2]  # one clip of each of the 3 videos (8 clips each)
     assert '"eval_pick": "spread"' in data_description(data, "eval")
     world = DataConfig(name="bouncing", clip_len=8, size=32, batch_size=3, eval_clips=256)
-    assert list(held_out_clips(world, run)[1].indices) == [0, 1, 2]  # a world's: its first
+    firsts = [int(c["seed"]) for c in held_out_clips(world, run)[1]]  # a world's: its first
+    assert firsts == [int(build_dataset(world, "eval")[i]["seed"]) for i in range(3)]
+    # The clips held out depend only on their number, which names the cache: a larger
+    # data.eval_clips picked other clips under the same cache file.
+    for cap in (4, 10, 20):
+        held, picked = held_out_clips(dataclasses.replace(data, eval_clips=cap), run)
+        assert held.eval_clips == 3
+        assert [int(picked[i]["index"]) for i in range(3)] == [0, 1, 2]
+        assert [int(picked[i]["start"]) for i in range(3)] == [
+            int(clips[i]["start"]) for i in range(3)
+        ]
     assert "eval_pick" not in data_description(world, "eval")
 
 

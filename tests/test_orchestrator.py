@@ -349,11 +349,14 @@ def test_a_manifest_line_not_utf8_or_with_a_bad_context_is_that_lines_error(mode
         + b"\n"
         + json.dumps({"id": "d", **good}).encode()
         + b"\n"
+        + json.dumps({"id": "e", **good, "actions": [0] * 8, "context_actions": [1]}).encode()
+        + b"\n"
     )
     items = parse_manifest(manifest, tmp_path, max_frames=1000)
     assert [(i.id, i.error) for i in items if i.error is None] == [("a", None), ("d", None)]
     errors = {i.line: i.error for i in items if i.error}
     assert "not UTF-8 text" in errors[2] and "context must be a path" in errors[3]
+    assert "context_actions needs a context" in errors[5]
 
 
 def test_a_symlinked_outs_leftover_temps_are_removed_beside_its_target(models, tmp_path):

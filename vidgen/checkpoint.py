@@ -16,6 +16,7 @@ never leaves a half file under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -313,12 +314,13 @@ def map_safetensors(buffer: Any) -> tuple[dict[str, torch.Tensor], dict[str, str
     if size > MAX_HEADER_BYTES or 8 + size > len(view):
         raise ValueError(f"header of {size:,} bytes in a file of {len(view):,} (truncated?)")
     try:
-        header = json.loads(bytes(view[8 : 8 + size]))
+        header = json.loads(bytes(view[8 : 8 + size]).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"the header is not JSON: {err}") from None
+        raise ValueError(f"the header is not UTF-8 JSON: {err}") from None
     if not isinstance(header, dict):
         raise ValueError("the header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -326,14 +328,22 @@ def map_safetensors(buffer: Any) -> tuple[dict[str, torch.Tensor], dict[str, str
     start, data_len = 8 + size, len(view) - 8 - size
     layout = []
     for name, entry in header.items():
-        try:
-            dtype = _TORCH_DTYPES[entry["dtype"]]
-            shape = [int(d) for d in entry["shape"]]
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"tensor {name!r}: unreadable entry {entry!r} ({err})") from None
-        if any(d < 0 for d in shape) or begin < 0 or end < begin:
-            raise ValueError(f"tensor {name!r}: bad shape {shape} or offsets {[begin, end]}")
+        dtype = _TORCH_DTYPES.get(entry.get("dtype")) if isinstance(entry, dict) else None
+        shape, offsets = (entry.get(k) if dtype else None for k in ("shape", "data_offsets"))
+        if (
+            dtype is None
+            or not isinstance(shape, list)
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(map(_is_size, [*shape, *offsets]))
+        ):
+            raise ValueError(
+                f"tensor {name!r}: unreadable entry {_short(entry)} (a known dtype, a shape and "
+                "two data offsets of non-negative integers)"
+            )
+        begin, end = offsets
+        if end < begin:
+            raise ValueError(f"tensor {name!r}: data offsets {offsets} run backwards")
         numel = 1
         for d in shape:
             numel *= d
@@ -353,15 +363,23 @@ def map_safetensors(buffer: Any) -> tuple[dict[str, torch.Tensor], dict[str, str
     tensors = {}
     for begin, _, name, dtype, shape, numel in layout:
         offset = start + begin
-        if numel == 0:
-            tensors[name] = torch.empty(shape, dtype=dtype)
-        elif offset % dtype.itemsize:  # unaligned (not from vidgen's writer): copied
-            raw = bytearray(view[offset : offset + numel * dtype.itemsize])
-            tensors[name] = torch.frombuffer(raw, dtype=dtype).reshape(shape)
-        else:
-            tensors[name] = torch.frombuffer(buffer, dtype=dtype, count=numel, offset=offset)
-            tensors[name] = tensors[name].reshape(shape)
+        try:
+            if numel == 0:
+                tensors[name] = torch.empty(shape, dtype=dtype)
+            elif offset % dtype.itemsize:  # unaligned (not from vidgen's writer): copied
+                raw = bytearray(view[offset : offset + numel * dtype.itemsize])
+                tensors[name] = torch.frombuffer(raw, dtype=dtype).reshape(shape)
+            else:
+                flat = torch.frombuffer(buffer, dtype=dtype, count=numel, offset=offset)
+                tensors[name] = flat.reshape(shape)
+        except (RuntimeError, TypeError, OverflowError) as err:  # e.g. shape [0, 2**62, 8]
+            raise ValueError(f"tensor {name!r}: shape {shape}: {err}") from None
     return tensors, metadata
+
+
+def _is_size(value: Any) -> bool:
+    """A JSON integer usable as a dimension or offset (not a bool, a float or a string)."""
+    return type(value) is int and 0 <= value < 2**63
 
 
 def update_card(
@@ -394,11 +412,17 @@ def load(name_or_path: str | os.PathLike, expected_config: type | None = None) -
     # its tensors). One mapping: the sha256 recorded as provenance is that of the very bytes
     # loaded, even if the file is replaced meanwhile (a training run re-exporting it: a new
     # file renamed over it, the mapping keeps the old). Private (copy on write): a tensor
-    # changed in place changes neither the file nor other loads.
+    # changed in place changes neither the file nor other loads. vidgen replaces files by
+    # renames only; a file rewritten in place (``cp`` over it) while its tensors are in use
+    # would change them, and one truncated would kill the process (SIGBUS) when read.
+    data = None
     try:
         data = _map(path)
         tensors, metadata = map_safetensors(data)
     except (OSError, ValueError, RecursionError) as err:
+        if isinstance(data, mmap.mmap):  # the traceback would hold it (and its fd) open
+            with contextlib.suppress(BufferError):  # unless a tensor made still views it
+                data.close()
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated?): {err}") from err
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a vidgen checkpoint")
@@ -446,7 +470,10 @@ def _map(path: Path) -> Any:
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             return bytearray()
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        try:  # Python 3.13+: the mapping keeps no file descriptor of its own
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY, trackfd=False)
+        except TypeError:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
 
 
 def _format_version(path: Path, text: object) -> int:

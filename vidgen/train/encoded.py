@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from vidgen import checkpoint
 from vidgen.data import DataConfig, build_dataset
 from vidgen.data.folder import video_files
-from vidgen.data.loader import folder_split, spread_indices
+from vidgen.data.loader import folder_split
 from vidgen.tokenizers.kl import KLAutoencoder, KLConfig
 from vidgen.train.loop import resolve_device
 from vidgen.worlds import WORLDS_VERSION
@@ -67,7 +67,7 @@ def data_description(data: DataConfig, split: str) -> str:
         root, exclude = folder_split(data, split)
         stats = [(str(p.relative_to(root)), p.stat()) for p in video_files(root, exclude)]
         fields["files"] = [[name, st.st_size, st.st_mtime_ns] for name, st in stats]
-        if split == "eval":  # which clips are held out (held_out_indices)
+        if split == "eval":  # which clips are held out (held_out_clips)
             fields["eval_pick"] = "spread"
         # At most num_clips (eval_clips) of its clips, spread (build_dataset; until
         # 2026-12-01 every clip, whatever the cap).
@@ -98,28 +98,19 @@ def cache_path(out: Path, kind: str, encoder_key: str, data: DataConfig, split: 
 def held_out_clips(data: DataConfig, run_config: object) -> tuple[DataConfig, Dataset] | None:
     """The held-out clips a generator's evaluation reads: ``train.eval_batches`` batches of
     ``data.batch_size``, so only that many eval clips are made and encoded (``data.eval_clips``
-    caps them; ``held_out_indices`` says which). Returns the data config that names
-    them (its ``eval_clips`` is their number: the cache key) and the clips, or None when
+    caps them): a world's first ones (each is a world of its own), a folder's spread evenly
+    over its clips (``build_dataset``: the first ones came mostly from its first video).
+    Returns the data config that names them (its ``eval_clips`` is their number: the cache
+    key; which clips they are depends on nothing else) and the clips, or None when
     evaluation is off (``train.eval_batches=0``)."""
     batches = getattr(getattr(run_config, "train", None), "eval_batches", 4)
     if batches <= 0 or data.eval_clips <= 0:  # evaluation off: no eval split to build
         return None
-    source = build_dataset(data, "eval")
-    count = min(batches * data.batch_size, data.eval_clips, len(source))
-    if count <= 0:
+    held = replace(data, eval_clips=min(batches * data.batch_size, data.eval_clips))
+    source = build_dataset(held, "eval")
+    if len(source) == 0:
         return None
-    return replace(data, eval_clips=count), Subset(
-        source, held_out_indices(data, len(source), count)
-    )
-
-
-def held_out_indices(data: DataConfig, available: int, count: int) -> list[int]:
-    """Which ``count`` of the ``available`` eval clips are held out: a world's first ones
-    (each is a world of its own), a folder's spread evenly over its clips (the first ones
-    came mostly from its first video)."""
-    if data.name != "folder" or count >= available:
-        return list(range(count))
-    return spread_indices(available, count)
+    return replace(held, eval_clips=len(source)), source
 
 
 def _release_freed_memory() -> None:

@@ -88,6 +88,9 @@ def parse_manifest(path: Path, out: Path, max_frames: int) -> list[Item]:
             check_generator(request.model, request.reencode, request.contrast)
             if context is not None and not isinstance(context, str):
                 raise ValueError(f"context must be a path (a string), got {context!r}")
+            for key in ("context_action", "context_actions"):  # refused now, not at its turn
+                if context is None and getattr(request, key) is not None:
+                    raise ValueError(f"{key} needs a context (the path of an mp4)")
             if context is not None and not Path(context).expanduser().is_file():
                 raise ValueError(f"context {context!r} is not a file")
             item.request, item.context = request, context
