@@ -102,6 +102,10 @@ def test_kl_decoder_fine_tuning_keeps_the_encoder_and_its_latent_scale(tmp_path)
     assert all(torch.equal(base.tensors[n], tuned.tensors[n]) for n in encoder)
     assert any(not torch.equal(base.tensors[n], tuned.tensors[n]) for n in decoder)
     assert str(base.path) in tuned.card["init"]
+    # It measures nothing on held-out clips, so it needs none (it was refused for it).
+    frozen = [*kl, f"init={base.path}", "freeze=[encoder]", "data.eval_clips=0"]
+    blind = checkpoint.load(train(frozen, tmp_path / "blind", 2))
+    assert blind.config["scale"] == base.config["scale"]
     # Without the freeze the encoder trains too and the scale is measured again.
     free = checkpoint.load(train([*kl, f"init={base.path}"], tmp_path / "free", 3))
     assert any(not torch.equal(base.tensors[n], free.tensors[n]) for n in encoder)
@@ -199,6 +203,35 @@ def test_larp_with_patch_gan_resumes_bitwise(tmp_path):
     )
     exported = tensors(tmp_path / "straight" / "model.safetensors")
     assert not any(k.startswith(("adv", "net.")) for k in exported)  # the model ships alone
+
+
+def test_a_diverging_discriminator_stops_before_its_update(tmp_path, monkeypatch):
+    """Only the model's loss was checked: a NaN discriminator update on a checkpoint step was
+    saved into the resume point, which then could not be resumed."""
+    import vidgen.train.tokenizer as tokenizer_train
+
+    overrides = [
+        *LARP_GAN,
+        f"tokenizer.autoencoder={make_autoencoder(tmp_path)}",
+        "tokenizer.gan_start=0",
+    ]
+    real, calls = tokenizer_train.hinge_d_loss, []
+
+    def diverging(*args):
+        calls.append(1)
+        return real(*args) * (float("inf") if len(calls) == 3 else 1.0)  # at step 3
+
+    monkeypatch.setattr(tokenizer_train, "hinge_d_loss", diverging)
+    with pytest.raises(TrainingDiverged, match=r"discriminator's loss at step 3 is inf"):
+        train(overrides, tmp_path / "run", 6)
+    state = checkpoint.load(tmp_path / "run" / "state.safetensors")
+    assert state.card["step"] == 2
+    assert all(
+        bool(torch.isfinite(t).all()) for t in state.tensors.values() if t.is_floating_point()
+    )
+    monkeypatch.setattr(tokenizer_train, "hinge_d_loss", real)
+    path = train(overrides, tmp_path / "run", 6)  # the resume point is good
+    assert checkpoint.load(path).card["resumes"][-1]["step"] == 2
 
 
 def test_patch_gan_is_off_before_gan_start_and_trains_both_sides_after(tmp_path):

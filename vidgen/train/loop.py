@@ -61,7 +61,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     threads: int = 0
-    precision: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
+    precision: str = "fp32"  # fp32 | bf16 (autocast: for CUDA; a CPU runs it too, slowly)
     resume: bool = True
     stop_at: int = 0  # stop (with a resumable state) after this step; 0 = run to `steps`
     # A time box: once this invocation has trained this many seconds (data preparation not
@@ -627,7 +627,18 @@ def _train_step(
             adv_loss = adversary.loss(adversary.module, batch, out)
         adv_opt.zero_grad(set_to_none=True)
         adv_loss.backward()
-        nn.utils.clip_grad_norm_(adversary.module.parameters(), clip)
+        adv_norm = nn.utils.clip_grad_norm_(adversary.module.parameters(), clip)
+        # As the model's: a NaN update would be saved into the resume point.
+        watched = torch.stack([adv_loss.detach().float(), adv_norm.detach().float()])
+        if not bool(torch.isfinite(watched).all()):
+            loss, norm = watched.tolist()
+            raise TrainingDiverged(
+                f"the discriminator's {'loss' if not math.isfinite(loss) else 'grad norm'} at "
+                f"step {step + 1} is {loss if not math.isfinite(loss) else norm}: training "
+                "stopped before its update. The last state saved stays the resume point; "
+                "lower train.lr or tokenizer.gan_weight, or start the GAN later "
+                "(tokenizer.gan_start)"
+            )
         adv_opt.step()
         out["adv_loss"] = adv_loss.detach()
     return out

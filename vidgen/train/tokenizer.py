@@ -74,10 +74,11 @@ def kl_task(config: KLConfig, data: DataConfig, run_config: object, name: str) -
             "measured on held-out batches when it is exported (a decoder fine-tune with "
             "'freeze=[encoder]' keeps its init's scale and needs none)"
         )
-    if data.eval_clips == 0:
+    if data.eval_clips == 0 and not frozen:
         raise ValueError(
             "data.eval_clips must be >= 1 for the KL autoencoder: its latent scale is measured "
-            "on held-out clips when it is exported"
+            "on held-out clips when it is exported (a decoder fine-tune with "
+            "'freeze=[encoder]' keeps its init's scale and needs none)"
         )
     if data.size != config.image_size:
         raise ValueError(
@@ -98,7 +99,7 @@ def kl_task(config: KLConfig, data: DataConfig, run_config: object, name: str) -
         model=model,
         loss=lambda model, batch, gen: model(batch["video"], gen),
         train_data=build_dataset(data, "train"),
-        eval_data=build_dataset(data, "eval"),
+        eval_data=build_dataset(data, "eval") if data.eval_clips else None,
         batch_size=data.batch_size,
         num_workers=data.num_workers,
         export_config=config,
