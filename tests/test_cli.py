@@ -219,6 +219,53 @@ def test_a_context_video_is_cut_to_its_last_whole_clips(tmp_path):
         load_context(tmp_path / "bad.mp4", None, clip_len=8)
 
 
+def test_a_bare_word_after_a_command_is_named_not_taken_for_the_command(capsys):
+    """`vidgen eval a.mp4` said "unknown command 'eval a.mp4'"; a leading Hydra `~key`
+    deletion was taken for part of the command too."""
+    assert main(["eval", "a.mp4"]) == 2
+    err = capsys.readouterr().err
+    assert "vidgen eval: 'a.mp4' is not a key=value override (did you mean videos=a.mp4?" in err
+    assert main(["data", "preview", "p.mp4"]) == 2
+    assert "did you mean out=p.mp4?" in capsys.readouterr().err
+    assert main(["evil"]) == 2
+    assert "unknown command 'evil'; commands: render" in capsys.readouterr().err
+    assert main(["eval", "~out", "videos=v.mp4"]) == 2  # an override, read by Hydra
+    err = capsys.readouterr().err
+    assert "vidgen eval: bad config" in err and "unknown command" not in err
+
+
+def test_preview_and_eval_failures_are_messages_not_tracebacks(tmp_path, capsys, monkeypatch):
+    """A full disk or Ctrl-C in `data preview` (and Ctrl-C in `eval`) ended in a traceback;
+    an eval report that could not be written did not name `out`."""
+    import errno
+
+    import vidgen.data.preview
+    import vidgen.eval.report
+
+    def full(cfg):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "p.mp4"
+    monkeypatch.setattr(vidgen.data.preview, "preview", full)
+    assert main(["data", "preview", "frames=8", f"out={out}"]) == 2
+    assert "vidgen data preview: [Errno 28] No space left" in capsys.readouterr().err
+    monkeypatch.setattr(vidgen.data.preview, "preview", interrupted)
+    assert main(["data", "preview", "frames=8", f"out={out}"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    video = tmp_path / "v.mp4"
+    video.write_bytes(b"")
+    monkeypatch.setattr(vidgen.eval.report, "evaluate", lambda cfg: {})
+    monkeypatch.setattr(vidgen.eval.report, "write_report", lambda report, path: full(None))
+    assert main(["eval", f"videos={video}", f"out={tmp_path / 's.json'}"]) == 2
+    assert "s.json' cannot be written: [Errno 28]" in capsys.readouterr().err
+    monkeypatch.setattr(vidgen.eval.report, "evaluate", interrupted)
+    assert main(["eval", f"videos={video}"]) == 130
+    assert "vidgen eval: interrupted" in capsys.readouterr().err
+
+
 def test_command_help_shows_config(capsys):
     assert main(["data", "preview", "world=agent", "--help"]) == 0
     out = capsys.readouterr().out

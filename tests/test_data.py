@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -252,3 +253,25 @@ def test_a_held_out_folder_inside_the_training_folder_is_not_trained_on(tmp_path
         for split in ("train", "eval"):
             with pytest.raises(ValueError, match=match):
                 build_dataset(wrong, split)
+
+
+def test_video_files_follow_linked_folders_once(tmp_path):
+    """A linked subfolder was left out without a word (``rglob`` does not follow links to
+    folders); a link loop must still end, and hidden, excluded and non-video entries stay
+    out."""
+    from vidgen.data.folder import video_files
+
+    store = tmp_path / "store"
+    (store / "deep").mkdir(parents=True)
+    for name in ("a.mp4", "deep/b.mkv", "notes.txt", ".c.mp4"):
+        (store / name).write_bytes(b"x")
+    root = tmp_path / "root"
+    (root / "held").mkdir(parents=True)
+    (root / "own.mp4").write_bytes(b"x")
+    (root / "held" / "h.mp4").write_bytes(b"x")
+    (root / "linked").symlink_to(store, target_is_directory=True)
+    (store / "deep" / "loop").symlink_to(root, target_is_directory=True)  # a cycle
+    (root / "gone.mp4").symlink_to(tmp_path / "missing.mp4")  # broken: kept, to be named
+    os.mkfifo(root / "pipe.mp4")
+    names = [p.relative_to(root).as_posix() for p in video_files(root, exclude=root / "held")]
+    assert names == ["gone.mp4", "linked/a.mp4", "linked/deep/b.mkv", "own.mp4"]

@@ -264,3 +264,10 @@ def test_a_cuda_device_without_cuda_is_refused_by_name(monkeypatch):
     with pytest.raises(ValueError, match="device='cuda' but CUDA is not available"):
         EvalConfig(videos="v.mp4", device="cuda")
     EvalConfig(videos="v.mp4", device="cpu")
+
+
+def test_a_device_torch_names_but_cannot_use_is_refused_by_name():
+    """device=meta (or mps on Linux) passed the check and failed with a traceback deep in
+    I3D, after the videos were scored."""
+    with pytest.raises(ValueError, match="device='meta' cannot be used here"):
+        EvalConfig(videos="v.mp4", device="meta")

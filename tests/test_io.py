@@ -219,6 +219,17 @@ def test_write_rejects_size_change(tmp_path):
             writer.write(np.zeros((1, 10, 8, 3), np.uint8))
 
 
+def test_an_empty_write_starts_nothing(tmp_path):
+    """A write of no frames started the file and fixed the frame size, so the first real
+    frames of another size were refused."""
+    writer = VideoWriter(tmp_path / "a.mp4")
+    writer.write(np.zeros((0, 64, 64, 3), np.uint8))
+    assert list(tmp_path.iterdir()) == []
+    writer.write(np.zeros((2, 48, 48, 3), np.uint8))
+    writer.close()
+    assert probe_video(tmp_path / "a.mp4").width == 48
+
+
 def test_an_encoder_that_refuses_the_stream_is_named_and_leaves_nothing(tmp_path):
     """MJPEG takes full-range yuvj420p only: it failed at the first write with FFmpeg's
     word on the 'bf' option, and a writer outside a with block left its temporary file."""

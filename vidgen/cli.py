@@ -247,10 +247,16 @@ def run_eval(cfg: Any, choices: dict[str, str]) -> int:
     try:
         report = evaluate(cfg)
         if cfg.out:
-            print(f"wrote {write_report(report, cfg.out)}", file=sys.stderr)
+            try:
+                print(f"wrote {write_report(report, cfg.out)}", file=sys.stderr)
+            except OSError as err:
+                raise OSError(f"out={cfg.out!r} cannot be written: {err}") from err
     except (ValueError, VideoReadError, FVDError, OSError) as err:
         print(f"{PROG} eval: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\n{PROG} eval: interrupted; nothing written", file=sys.stderr)
+        return 130
     print(report_json(report))
     return 0
 
@@ -258,7 +264,14 @@ def run_eval(cfg: Any, choices: dict[str, str]) -> int:
 def run_preview(cfg: Any, choices: dict[str, str]) -> int:
     from vidgen.data.preview import preview
 
-    result = preview(cfg)
+    try:
+        result = preview(cfg)
+    except (ValueError, OSError) as err:  # a full disk, an out in a missing folder
+        print(f"{PROG} data preview: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # the writer removed its temp file
+        print(f"\n{PROG} data preview: interrupted; {cfg.out} not written", file=sys.stderr)
+        return 130
     label = f", label {result.label}" if result.label is not None else ""
     print(
         f"wrote {result.path} ({result.frames} frames{label}) in {result.seconds:.2f}s: "
@@ -285,11 +298,15 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+# The key a bare path given to a command most likely meant.
+_PATH_KEYS = {"eval": "videos", "render": "out", "data preview": "out"}
+
+
 def _split(argv: Sequence[str]) -> tuple[tuple[str, ...], list[str], list[str]]:
     """(command words, overrides, flags)."""
     words: list[str] = []
     rest = list(argv)
-    while rest and "=" not in rest[0] and not rest[0].startswith("-"):
+    while rest and "=" not in rest[0] and not rest[0].startswith(("-", "~", "+")):
         words.append(rest.pop(0))
     flags = [a for a in rest if a.startswith("-")]
     overrides = [a for a in rest if not a.startswith("-")]
@@ -310,6 +327,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if asked else 2
     command = COMMANDS.get(words)
     if command is None:
+        # A known command followed by a bare word (`vidgen eval a.mp4`): that word is the
+        # mistake, not the command.
+        found = next((n for n in range(len(words) - 1, 0, -1) if words[:n] in COMMANDS), 0)
+        if found:
+            name, stray = " ".join(words[:found]), words[found]
+            key = _PATH_KEYS.get(name, "key")
+            print(
+                f"{PROG} {name}: {stray!r} is not a key=value override (did you mean "
+                f"{key}={stray}? '{PROG} {name} --help' shows the keys)",
+                file=sys.stderr,
+            )
+            return 2
         known = ", ".join(" ".join(w) for w in COMMANDS)
         print(f"{PROG}: unknown command {' '.join(words)!r}; commands: {known}", file=sys.stderr)
         return 2

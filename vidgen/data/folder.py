@@ -23,23 +23,38 @@ VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi")
 def video_files(root: Path, exclude: Path | None = None) -> list[Path]:
     """The video files under ``root`` (recursively, sorted), leaving out hidden ones: a dot
     file or folder is another program's (macOS ``._x.mp4``) or an unfinished write
-    (vidgen's own ``.x.<random>.tmp.mp4``). A broken link is kept, so that reading it fails
-    naming it instead of leaving the video out without a word. ``exclude``: a folder inside
-    ``root`` whose videos are left out (the held-out folder of a training folder)."""
+    (vidgen's own ``.x.<random>.tmp.mp4``). Linked folders are followed (each real folder
+    once: a link loop ends). A broken link is kept, so that reading it fails naming it
+    instead of leaving the video out without a word. ``exclude``: a folder inside ``root``
+    whose videos are left out (the held-out folder of a training folder)."""
     skip = None
     if exclude is not None:
         exclude = exclude.expanduser().resolve()
         base = root.expanduser().resolve()
         if exclude.is_relative_to(base):
             skip = exclude.relative_to(base).parts
-    return sorted(
-        p
-        for p in root.rglob("*")
-        if p.suffix.lower() in VIDEO_SUFFIXES
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        and not (skip is not None and p.relative_to(root).parts[: len(skip)] == skip)
-        and (p.is_file() or p.is_symlink())
-    )
+    found = []
+    seen: set[tuple[int, int]] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        here = Path(folder)
+        st = here.stat()
+        if (st.st_dev, st.st_ino) in seen:  # reached again through a link: a loop
+            dirs.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        rel = here.relative_to(root).parts
+        if skip is not None and rel[: len(skip)] == skip:
+            dirs.clear()
+            continue
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [
+            here / name
+            for name in files
+            if not name.startswith(".")
+            and Path(name).suffix.lower() in VIDEO_SUFFIXES
+            and ((here / name).is_file() or (here / name).is_symlink())  # no fifo, socket
+        ]
+    return sorted(found)
 
 
 class VideoFolder(Dataset):

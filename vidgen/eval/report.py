@@ -86,6 +86,14 @@ def _check_device(name: str) -> None:
         raise ValueError(f"device={name!r} is no torch device: {err}") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} but CUDA is not available here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    try:  # a device torch names but cannot use here (mps on Linux, meta): said now
+        torch.zeros(1, device=device).cpu()
+    except (RuntimeError, NotImplementedError, TypeError) as err:
+        raise ValueError(f"device={name!r} cannot be used here: {err}") from None
 
 
 def video_paths(where: str | os.PathLike, key: str = "videos") -> list[Path]:

@@ -915,6 +915,8 @@ class VideoWriter:
         if self._closed:
             raise RuntimeError(f"VideoWriter for {self.path} is closed")
         array = _as_frames(frames)
+        if len(array) == 0:  # nothing to encode: no file started, no frame size fixed
+            return
         height, width = array.shape[1:3]
         if self._frame_hw is None:
             self._start(height, width)
