@@ -227,6 +227,10 @@ def test_a_bare_word_after_a_command_is_named_not_taken_for_the_command(capsys):
     assert "vidgen eval: 'a.mp4' is not a key=value override (did you mean videos=a.mp4?" in err
     assert main(["data", "preview", "p.mp4"]) == 2
     assert "did you mean out=p.mp4?" in capsys.readouterr().err
+    assert main(["eval", "videos=run(1).mp4"]) == 2  # Hydra's grammar: the fix is quoting
+    assert "quote a value holding ( ) [ ]" in capsys.readouterr().err
+    assert main(["eval", "videos='run(1).mp4'"]) == 2
+    assert "videos='run(1).mp4': no such file" in capsys.readouterr().err
     assert main(["evil"]) == 2
     assert "unknown command 'evil'; commands: render" in capsys.readouterr().err
     assert main(["eval", "~out", "videos=v.mp4"]) == 2  # an override, read by Hydra
@@ -264,6 +268,29 @@ def test_preview_and_eval_failures_are_messages_not_tracebacks(tmp_path, capsys,
     monkeypatch.setattr(vidgen.eval.report, "evaluate", interrupted)
     assert main(["eval", f"videos={video}"]) == 130
     assert "vidgen eval: interrupted" in capsys.readouterr().err
+
+
+def test_sigterm_takes_the_interrupt_path_and_leaves_no_temp_file(tmp_path):
+    """`kill` of a `data preview` left its half-written temp file behind for good."""
+    import signal
+    import time
+
+    out = tmp_path / "p.mp4"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vidgen.cli", "data", "preview", "frames=100000", f"out={out}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not any(tmp_path.glob(".*.tmp.mp4")) and time.monotonic() < deadline:
+        time.sleep(0.05)  # until it is writing
+    assert any(tmp_path.glob(".*.tmp.mp4")), proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_command_help_shows_config(capsys):

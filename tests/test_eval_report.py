@@ -85,7 +85,7 @@ def test_a_slideshow_reports_strict_json(tmp_path, capsys):
         ("fvd_clips=1", "fvd_clips"),
         ("clip_len=1", "clip_len"),
         ("videos=", "videos is empty"),
-        ("out=v.json", "out='v.json' is the render sidecar of a scored video"),
+        ("out=v.json", "out='v.json' is the sidecar path of scored video v.mp4"),
         ("out=v.mp4/r.json", "out='v.mp4/r.json' cannot be written"),
         ("device=tpu", "device='tpu' is no torch device"),
     ],

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -361,10 +363,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(command.config_name, overrides)
         choices = group_choices(command.config_name, overrides)
     except ConfigError as err:
-        print(f"{PROG} {' '.join(words)}: bad config: {err}", file=sys.stderr)
+        hint = ""
+        if "override_grammar" in str(err):  # Hydra's parser: ( ) [ ] { } , = ~ in a value
+            hint = (
+                f"\n(quote a value holding ( ) [ ] {{ }} , or spaces, shell quotes around "
+                f"Hydra's: {PROG} {' '.join(words)} \"videos='run(1).mp4'\")"
+            )
+        print(f"{PROG} {' '.join(words)}: bad config: {err}{hint}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    return _resolve(command.run)(cfg, choices)
+    run = _resolve(command.run)
+    if threading.current_thread() is not threading.main_thread():
+        return run(cfg, choices)
+    # SIGTERM (`kill`, a scheduler's stop) takes the Ctrl-C path, which every command handles
+    # (temp files removed, a training state or a render's segments kept): by default it
+    # killed the process where it stood, leaving a half-written temp file behind.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return run(cfg, choices)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -132,9 +132,13 @@ def _check_out(out: Path, paths: list[Path]) -> None:
     or that cannot be written, before any video is scored."""
     from vidgen import fsutil
 
-    sidecars = {p.with_suffix(".json").resolve() for p in paths}
+    sidecars = {p.with_suffix(".json").resolve(): p for p in paths}
     if out.resolve() in sidecars:
-        raise ValueError(f"out={str(out)!r} is the render sidecar of a scored video")
+        video = sidecars[out.resolve()]
+        raise ValueError(
+            f"out={str(out)!r} is the sidecar path of scored video {video.name} (where a "
+            "render keeps its provenance, whether or not one is there now): choose another name"
+        )
     folder = fsutil.target(out).parent
     missing = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
