@@ -1013,15 +1013,15 @@ def test_a_token_step_whose_replay_fails_changes_no_stream():
     gen = make_generator("tokens")
     plain = gen.open(request_for(gen, seed=1))
     again = gen.open(request_for(gen, seed=2, reencode=True))
-    replay = gen._replay_batch
+    replay = gen._replay_partial
 
     def fails(*args):
         raise RuntimeError("out of memory (simulated)")
 
-    gen._replay_batch = fails
+    gen._replay_partial = fails
     with pytest.raises(RuntimeError, match="simulated"):
         gen.step([plain, again])
-    gen._replay_batch = replay
+    gen._replay_partial = replay
     assert_a_retry_goes_on_as_if_nothing_failed(gen, plain, again)
 
 
@@ -1322,3 +1322,54 @@ def test_the_sde_sampler_batches_restores_and_comes_from_the_card(tmp_path):
     checkpoint.update_card(path, {"eta": 11})
     with pytest.raises(ValueError, match=r"eta must be in \[0, 10"):
         load_generator(path)
+
+
+def test_a_snapshots_request_and_a_decoded_clips_frames_are_their_own(family):
+    """A snapshot handed back the running stream's own request (a caller branching the video
+    from it with another label changed the stream too, unchecked); decoded clips were views
+    of one batch array (one clip held kept every clip's frames alive)."""
+    gen = make_generator(family)
+    frames = 3 * gen.clip_len
+    stream = gen.open(request_for(gen, frames=frames))
+    gen.step([stream])
+    snap = gen.snapshot(stream)
+    assert snap.request is not stream.request and snap.request == stream.request
+    snap.request.label = 4
+    assert stream.request.label == 2
+    other = gen.open(request_for(gen, frames=frames, seed=9))
+    clips = gen.decode(gen.step([stream, other]))
+    assert all(c.frames.base is None and c.frames.flags.owndata for c in clips)
+    gen.close(stream)
+    gen.close(other)
+
+
+def test_a_failed_commit_of_a_step_with_reencode_changes_no_stream(monkeypatch):
+    """A step with re-tokenised and sampled streams committed their K/V in two writes: when
+    the second failed (out of memory, say), the re-tokenised streams had a clip in their
+    cache that their count did not have, and a retried step made other clips."""
+    gen = make_generator("tokens")
+    frames = 3 * gen.clip_len
+    requests = [request_for(gen, frames=frames, reencode=True), request_for(gen, frames=frames)]
+    expected = batched_clips(gen, requests)
+    streams = [gen.open(r) for r in requests]
+    made = [[c.data] for c in gen.step(streams)]
+    plain_slots = set(gen._rows[streams[1].id].slots)
+    real = type(gen.model).commit
+    before = [gen.cache.next_frame(s) for r in streams for s in gen._rows[r.id].slots]
+
+    def failing(self, partial, cache, slots):
+        if plain_slots & set(slots):
+            raise RuntimeError("out of memory (simulated)")
+        return real(self, partial, cache, slots)
+
+    monkeypatch.setattr(type(gen.model), "commit", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        gen.step(streams)
+    assert [gen.cache.next_frame(s) for r in streams for s in gen._rows[r.id].slots] == before
+    assert [s.clip for s in streams] == [1, 1]
+    monkeypatch.setattr(type(gen.model), "commit", real)
+    while not streams[0].done:
+        for out, clip in zip(made, gen.step(streams), strict=True):
+            out.append(clip.data)
+    for got, want in zip(made, expected, strict=True):
+        assert torch.equal(torch.stack(got), want)

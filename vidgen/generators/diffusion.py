@@ -8,6 +8,7 @@ reading its stream's cached context; then one batched write pass appends the new
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Sequence
 from dataclasses import replace
@@ -336,8 +337,11 @@ class DiffusionClipGenerator:
         latents = torch.stack([c.data for c in clips]).to(self.device, self.dtype)
         frames = self.autoencoder.decode(latents).float().clamp(-1, 1)
         frames = to_uint8(frames).cpu().numpy()
+        # Each clip its own frames: a view would keep the whole batch's alive wherever one
+        # clip is held (an orchestrator's reorder buffer).
         return [
-            Clip(stream=c.stream, clip=c.clip, frames=f) for c, f in zip(clips, frames, strict=True)
+            Clip(stream=c.stream, clip=c.clip, frames=f.copy())
+            for c, f in zip(clips, frames, strict=True)
         ]
 
     # --- truth ---------------------------------------------------------------------------
@@ -347,7 +351,7 @@ class DiffusionClipGenerator:
         added to ``pending`` by whoever keeps the truth."""
         check_open(self._streams, [stream], step=False)
         return StreamSnapshot(
-            request=stream.request,
+            request=copy.copy(stream.request),  # a caller's edit reaches not the stream
             checkpoint_clip=stream.clip,
             cache=self.cache.snapshot(stream.slot),
         )

@@ -16,6 +16,7 @@ encode and a replay per clip, for those streams only.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -74,6 +75,15 @@ def _rows_of(partial: Partial, rows: list[int]) -> Partial:
     index = torch.tensor(rows, device=partial.k[0].device)
     k, k_rot, v = (
         [t.index_select(0, index) for t in ts] for ts in (partial.k, partial.k_rot, partial.v)
+    )
+    return Partial(k, k_rot, v)
+
+
+def _cat_rows(first: Partial, second: Partial) -> Partial:
+    """The K/V of the batch rows of ``first`` followed by those of ``second``."""
+    k, k_rot, v = (
+        [torch.cat(pair) for pair in zip(a, b, strict=True)]
+        for a, b in ((first.k, second.k), (first.k_rot, second.k_rot), (first.v, second.v))
     )
     return Partial(k, k_rot, v)
 
@@ -317,13 +327,20 @@ class TokenClipGenerator:
         if again:  # re-tokenised before anything is written: a failure here changes no stream
             frames = self._decode_ids(tokens[again], [contexts[i] for i in again])
             tokens[again] = self.tokenizer.encode(frames.to(self.dtype))
-        if again:  # the re-tokenised clips' K/V, by a teacher-forced replay: first, as the
-            # one part that can fail (it appends only at its end), before anything else is
+        keep = [r for r, i in enumerate(owner) if i not in again]
+        # The sampled clips' K/V, computed while they were made, and the re-tokenised clips'
+        # K/V by a teacher-forced replay, appended in one commit: a failure anywhere before
+        # its end changes no stream (two commits left the first one's streams a clip ahead).
+        write = _rows_of(partial, keep) if keep else None
+        write_slots = [slots[r] for r in keep]
+        if again:
             redo = [streams[i] for i in again]
-            self._replay_batch(redo, tokens[again], [s.clip for s in redo])
-        if len(again) < b:  # the sampled clips' K/V, computed while they were made
-            keep = [r for r, i in enumerate(owner) if i not in again]
-            self.model.commit(_rows_of(partial, keep), self.cache, [slots[r] for r in keep])
+            replayed, replay_slots = self._replay_partial(
+                redo, tokens[again], [s.clip for s in redo]
+            )
+            write = replayed if write is None else _cat_rows(replayed, write)
+            write_slots = replay_slots + write_slots
+        self.model.commit(write, self.cache, write_slots)
         out = []
         tokens = tokens.cpu()  # each row cloned below
         for i, s in enumerate(streams):
@@ -359,6 +376,18 @@ class TokenClipGenerator:
     ) -> None:
         """Write known clips of tokens (b, N), one per stream, all streams batched: the same
         block steps as ``step``, teacher-forced, so a replay reproduces the original K/V."""
+        partial, slots = self._replay_partial(streams, tokens, clips)
+        self.model.commit(partial, self.cache, slots)
+        tokens = tokens.cpu()  # one copy to the host; each row cloned below
+        for i, s in enumerate(streams):
+            self._rows[s.id].prev = tokens[i, -self.config.block :].clone()
+            self._rows[s.id].last = tokens[i].clone()
+
+    def _replay_partial(
+        self, streams: Sequence[Stream], tokens: torch.Tensor, clips: Sequence[int]
+    ) -> tuple[Partial, list[int]]:
+        """The K/V of known clips of tokens (b, N) by the teacher-forced block steps, and
+        the cache slots of their rows; nothing written."""
         cfg = self.config
         cond, slots, _ = self._cond(streams, clips)
         clip_cond = self.model.clip_condition(cond, len(slots), self.device)
@@ -370,11 +399,7 @@ class TokenClipGenerator:
         for j in range(cfg.blocks_per_clip):
             _, partial = self.model.step_block(prev, clip_cond, context, partial)
             prev = rows[:, j * cfg.block : (j + 1) * cfg.block]
-        self.model.commit(partial, self.cache, slots)
-        tokens = tokens.cpu()  # one copy to the host; each row cloned below
-        for i, s in enumerate(streams):
-            self._rows[s.id].prev = tokens[i, -cfg.block :].clone()
-            self._rows[s.id].last = tokens[i].clone()
+        return partial, slots
 
     def _owners(self, streams: Sequence[Stream]) -> list[int]:
         """The stream of each row ``_cond`` makes: every stream's conditional row, then the
@@ -388,8 +413,11 @@ class TokenClipGenerator:
             return []
         ids = torch.stack([c.data for c in clips])
         frames = to_uint8(self._decode_ids(ids, [c.context for c in clips])).cpu().numpy()
+        # Each clip its own frames: a view would keep the whole batch's alive wherever one
+        # clip is held (an orchestrator's reorder buffer).
         return [
-            Clip(stream=c.stream, clip=c.clip, frames=f) for c, f in zip(clips, frames, strict=True)
+            Clip(stream=c.stream, clip=c.clip, frames=f.copy())
+            for c, f in zip(clips, frames, strict=True)
         ]
 
     def _decode_ids(
@@ -417,7 +445,10 @@ class TokenClipGenerator:
         cache["prev"] = rows.prev.clone()
         if rows.last is not None:
             cache["last"] = rows.last.clone()
-        return StreamSnapshot(request=stream.request, checkpoint_clip=stream.clip, cache=cache)
+        # A copy: a caller's edit of the snapshot's request must not reach the running stream.
+        return StreamSnapshot(
+            request=copy.copy(stream.request), checkpoint_clip=stream.clip, cache=cache
+        )
 
     @torch.no_grad()
     def restore(self, snapshot: StreamSnapshot) -> Stream:
