@@ -108,6 +108,13 @@ print("cuda" if torch.cuda.is_available() else "cpu")
 EOF
 )
     export TRAIN_GPU_DEVICE
+    # A GPU run that found no GPU would train on the CPU for its whole budget and return
+    # models worth nothing: refused, unless asked for (the tests, a CPU machine on purpose).
+    if [[ "$TRAIN_GPU_DEVICE" != cuda && "${ALLOW_CPU:-0}" != 1 ]]; then
+        echo "train_gpu.sh: no CUDA device (torch.cuda.is_available() is False); set" \
+            "ALLOW_CPU=1 to train on the CPU" >&2
+        exit 3
+    fi
 }
 
 run() {
@@ -189,8 +196,9 @@ EOF
 # leave most of it idle): ca2vdm-tiny for SECONDS; larp-tiny for SECONDS/2, then nbp-tiny on
 # that new LARP for SECONDS/2 (a pair to ship together); nbp-tiny on the shipped larp-tiny
 # (or $NBP_TOKENIZER) for SECONDS. Then, side by side, benchmarks/quality.py on the new
-# generators and benchmarks/tokenizer.py on the new LARP. Each lane's output is in
-# $OUT/<lane>.log and its model in $OUT/<lane>/ (run folders: $RUNS/gpu-<lane>, default runs/); a failed lane does
+# generators and benchmarks/tokenizer.py on the new LARP. Each lane's model is in
+# $OUT/<lane>/, its output <lane>.log and its train.log and samples in $OUT/logs.tgz (the
+# device tool brings back 8 files at most) (run folders: $RUNS/gpu-<lane>, default runs/); a failed lane does
 # not stop the others (the exit status says one failed). Extra overrides per family: $CA2VDM_OVERRIDES, $LARP_OVERRIDES, $NBP_OVERRIDES
 # (space-separated words).
 all() {
@@ -206,7 +214,7 @@ all() {
     for lane in ca2vdm-tiny larp-tiny nbp-tiny-new nbp-tiny; do
         rm -rf "${out:?}/$lane" "$out/$lane.log"
     done
-    rm -f "$out/quality.log" "$out/tokenizer.log"
+    rm -f "$out/quality.log" "$out/tokenizer.log" "$out/logs.tgz"
     local common=(train.threads="$threads" data.num_workers=4)
     # The override lists are word lists (unquoted on purpose).
     local runs=${RUNS:-runs}
@@ -289,6 +297,14 @@ if "error" in quality:  # the benchmark failed: the end of its log
 result["tokenizer"] = last_json("tokenizer.log")
 print(json.dumps(result))
 EOF
+    # The device tool brings back at most 8 files: the models stay files, the logs and
+    # samples go into one archive (logs.tgz; `tar xzf` it).
+    local packed=()
+    while IFS= read -r file; do packed+=("${file#"$out"/}"); done < <(
+        find "$out" -type f \( -name '*.log' -o -name 'step-*' \) | sort)
+    if [[ ${#packed[@]} -gt 0 ]]; then
+        tar czf "$out/logs.tgz" -C "$out" "${packed[@]}" && (cd "$out" && rm -f "${packed[@]}")
+    fi
     return $failed
 }
 

@@ -12,6 +12,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import yaml
@@ -49,6 +50,9 @@ def _ignored(path: str) -> bool:
 
 def train_gpu(*args: str, env: dict | None = None, timeout: int = 60):
     """``bash docker/train_gpu.sh ARGS`` (stdout and stderr captured as text)."""
+    # This machine has no GPU: the script refuses the CPU unless asked (ALLOW_CPU=1).
+    env = dict(os.environ if env is None else env)
+    env.setdefault("ALLOW_CPU", "1")
     return subprocess.run(
         ["bash", str(ROOT / "docker" / "train_gpu.sh"), *args],
         env=env,
@@ -185,6 +189,16 @@ def test_train_gpu_script_all_trains_three_lanes_then_benchmarks_them(tmp_path):
     )
     done = train_gpu("all", "0", env=env, timeout=900)
     out = tmp_path / "out"
+    # Logs and samples come packed (the device tool returns 8 files at most): 5 files.
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "ca2vdm-tiny/ca2vdm-tiny.safetensors",
+        "larp-tiny/larp-tiny.safetensors",
+        "logs.tgz",
+        "nbp-tiny-new/nbp-tiny.safetensors",
+        "nbp-tiny/nbp-tiny.safetensors",
+    ], done.stderr[-2000:]
+    with tarfile.open(out / "logs.tgz") as archive:
+        archive.extractall(out, filter="data")
     logs = {p.name: p.read_text()[-1500:] for p in out.glob("*.log")}
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-2000:], logs)
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -247,12 +261,22 @@ def test_train_gpu_script_all_reports_failed_lanes_and_no_stale_models(tmp_path)
     )
     done = train_gpu("all", "0", env=env, timeout=300)
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert (out / "logs.tgz").exists() and not list(out.glob("*.log"))
     result = json.loads(done.stdout.strip().splitlines()[-1])
     for lane in ("ca2vdm-tiny", "larp-tiny", "nbp-tiny"):
         assert "no_such_key" in result[lane]["error"], lane
     assert result["nbp-tiny-new"] is None  # never started: its LARP failed
     assert not list(out.glob("*/*.safetensors"))  # the earlier model is gone too
     assert result["quality"] == {} and result["tokenizer"] is None
+
+
+def test_train_gpu_script_refuses_to_train_on_the_cpu_unless_asked(tmp_path):
+    """A GPU run that found no GPU trained on the CPU for its whole budget and exited 0."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", WHEELS=str(tmp_path / "no-wheels"))
+    env["ALLOW_CPU"] = "0"
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    done = train_gpu("run", "nbp-tiny", "60", env=env)
+    assert done.returncode == 3 and "no CUDA device" in done.stderr, done.stderr[-2000:]
 
 
 def test_train_gpu_script_rejects_an_unknown_model_and_keys_it_sets():

@@ -683,6 +683,8 @@ def _samples(task: Task, model: nn.Module, step: int, out: Path) -> None:
     rng = torch.random.get_rng_state()
     try:
         task.samples(model, step, out)
+    except Exception:  # a preview must not end the run (a GPU run lost its lane so)
+        log.exception("samples at step %d failed; training goes on", step)
     finally:
         torch.random.set_rng_state(rng)
         model.train(was_training)
