@@ -335,6 +335,30 @@ def test_samples_are_npy_where_pyav_is_missing(tmp_path, monkeypatch):
     assert sorted(p.name for p in npy.parent.iterdir()) == [mp4.name, npy.name]  # no temp left
 
 
+def test_a_failed_preview_is_logged_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    """Any error writing the samples ended the run (a GPU lane lost its model so): the run
+    now logs it and trains and exports as without samples."""
+    import vidgen.train.diffusion as diffusion_train
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a sampling bug (simulated)")
+
+    monkeypatch.setattr(diffusion_train, "write_samples", broken)
+    overrides = [
+        "model=ca2vdm-test",
+        *SMALL_BOUNCING,
+        "data.clip_len=6",
+        "data.num_clips=8",
+        f"frozen_tokenizer={make_autoencoder(tmp_path)}",
+        "model.num_actions=0",
+    ]
+    with caplog.at_level("ERROR", logger="vidgen.train.loop"):
+        path = train(overrides, tmp_path / "run", 4)
+    assert checkpoint.load(path).card["steps"] == 4
+    assert "samples at step 2 failed; training goes on" in caplog.text
+    assert "a sampling bug (simulated)" in caplog.text
+
+
 def test_nbp_resume_is_bitwise_over_tokens_encoded_once(tmp_path):
     """model=nbp-*: clips tokenised once by the frozen LARP and cached beside the run (a
     resumed run reads the cache, the same tokens), and resume is bitwise."""
