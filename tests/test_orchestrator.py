@@ -447,9 +447,13 @@ def test_a_batch_item_done_for_another_request_is_skipped_with_a_warning(models,
         text = json.dumps({**line, "seed": seed}) + "\n" + json.dumps(other) + "\n"
         manifest.write_text(text)
         caplog.clear()
-        run_batch(parse_manifest(manifest, out, 1000), out, lambda m: [executor])
+        items = parse_manifest(manifest, out, 1000)
+        run_batch(items, out, lambda m: [executor])
         assert ("a: skipped as done, but" in caplog.text) == warned
         assert "b: skipped" not in caplog.text
+        # The context frames went to the job's copy of the request, not the item (a batch of
+        # many such items held every one's frames until it ended).
+        assert all(item.request.context is None for item in items)
 
 
 class Dead(LocalExecutor):
@@ -978,7 +982,8 @@ def test_a_batch_item_that_cannot_be_joined_is_an_error_and_the_rest_go_on(
         lambda m: [LocalExecutor(GeneratorWorker(m, max_streams=2))],
     )
     assert {r["id"]: r["status"] for r in rows} == {"a": "error", "b": "ok"}
-    assert "OSError: disk full" in next(r["error"] for r in rows if r["id"] == "a")
+    error = next(r["error"] for r in rows if r["id"] == "a")
+    assert "IncompleteRender" in error and "joining its segments failed (disk full)" in error
     assert (out / "b.mp4").exists() and parts_folder(out / "a.mp4").exists()
     assert Results(out / "results.jsonl").ok == {"b"}  # no row joined to the cut line
 
@@ -2528,6 +2533,13 @@ def test_an_iterator_dropped_before_its_first_clip_frees_its_stream(model):
     assert list(orch.streams) == [key] and list(executor.worker.streams) == [key]
     frames_of(orch, key)
     assert orch.streams == {}
+    # run() with nothing left but a dropped iterator's stream: nothing to do, no error (it
+    # raised "nothing can run").
+    dropped = orch.clips(orch.submit(request_for(model, frames=16, seed=5)))
+    del dropped
+    gc.collect()
+    orch.run()
+    assert orch.streams == {} and executor.worker.streams == {}
 
 
 def test_an_iterator_that_ended_with_an_error_leaves_its_stream_alone(models):
@@ -2729,3 +2741,68 @@ def test_a_stream_sent_back_while_a_reader_waits_takes_an_untried_actor(models):
     orch.cancel(p)
     got = [c.frames for c in orch.clips(g)]
     assert_as_alone(np.concatenate(got), reference(model, rg))
+
+
+def test_a_join_that_fails_on_a_full_disk_keeps_the_parts_to_resume_from(model, tmp_path):
+    """A full disk at the join (a second copy of the whole video) escaped as a raw OSError
+    (a traceback from `vidgen render`): it is an IncompleteRender, the parts stay, and the
+    same render resumes and publishes."""
+    import errno
+
+    import workers.render as render_module
+    from workers.render import IncompleteRender
+
+    req = request_for(model, frames=16)
+    out = tmp_path / "v.mp4"
+    real = render_module.concat_videos
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    render_module.concat_videos = full
+    try:
+        with pytest.raises(IncompleteRender, match="joining its segments failed.*No space"):
+            render(Orchestrator(local(model)), req, out, 1, lossless=True, progress=False)
+    finally:
+        render_module.concat_videos = real
+    assert parts_folder(out).exists() and not out.exists()
+    done = render(Orchestrator(local(model)), req, out, segment_clips=1, lossless=True)
+    np.testing.assert_array_equal(read_video(done.path).numpy(), reference(model, req))
+
+
+def test_render_names_with_undecodable_bytes_and_file_systems_without_locks(
+    model, tmp_path, monkeypatch
+):
+    """A file name not in UTF-8 crashed parts_folder (UnicodeEncodeError); a file system
+    that does not lock files (ENOLCK) was taken for another render holding the lock."""
+    import errno
+    import fcntl
+    import os
+
+    from workers.render import _write_text, check_not_rendering, lock_file
+
+    odd = tmp_path / os.fsdecode(b"caf\xe9.mp4")
+    assert parts_folder(odd).name == os.fsdecode(b".caf\xe9.mp4.parts")
+    long = tmp_path / (os.fsdecode(b"\xe9" * 150) + ".mp4")
+    assert len(os.fsencode(parts_folder(long).name)) < 255
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(ValueError, match="file system does not lock files"):
+        render(Orchestrator(local(model)), request_for(model, frames=8), tmp_path / "x.mp4")
+    lock_file(tmp_path / "x.mp4").touch()
+    with pytest.raises(ValueError, match="file system does not lock files"):
+        check_not_rendering(tmp_path / "x.mp4")
+    monkeypatch.undo()
+    lock_file(tmp_path / "x.mp4").unlink()
+
+    def full(self, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError, match="No space"):
+        _write_text(tmp_path / "guard", "x")
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == []  # no temp file left behind

@@ -180,7 +180,7 @@ def _render(cfg: Any) -> int:
         reason = getattr(err, "cause", None) or err
         print(f"{PROG} render: bad request: {reason}", file=sys.stderr)  # or a resume refused
         return 2
-    except (SinkError, IncompleteRender) as err:  # a segment or truth write failed (disk full)
+    except (SinkError, IncompleteRender, OSError) as err:  # a write failed (a full disk)
         reason = err.cause if isinstance(err, SinkError) else err
         print(
             f"{PROG} render: stopped: writing the video failed: {type(reason).__name__}: "

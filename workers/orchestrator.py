@@ -436,11 +436,14 @@ class Orchestrator:
 
     def run(self, until: Callable[[], bool] | None = None, poll: float = 0.05) -> None:
         """Loop until every stream is delivered (or ``until()`` is true)."""
+        self._cancel_dropped()  # an iterator dropped unstarted leaves nothing to wait for
         while any(not s.done and not s.stuck for s in self.streams.values()):
             if until is not None and until():
                 return
             self._schedule()
             if not self.work:
+                if not any(not s.done and not s.stuck for s in self.streams.values()):
+                    break  # the last unfinished streams were cancelled in _schedule
                 raise RuntimeError(_DRAINED)
             self._execute_and_update(poll)
         stuck = next((s for s in self.streams.values() if s.stuck and not s.done), None)

@@ -14,6 +14,7 @@ metadata and a sidecar ``<out>.json``, and the folder is removed.
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
@@ -131,11 +132,12 @@ def parts_folder(out: Path) -> Path:
     """``.<out's name>.parts`` beside ``out``; a name too long for that (a file name has at
     most 255 bytes) is shortened and made unique by its hash."""
     name = out.name
-    if len(name.encode()) > 200:
+    raw = os.fsencode(name)  # a name not in UTF-8 (undecodable bytes) encodes too
+    if len(raw) > 200:
         head = name[:100]  # as before (folders of renders under way keep their names) ...
-        if len(head.encode()) > 200:  # ... unless too long in bytes: 100 emoji are 400
-            head = name.encode()[:100].decode("utf-8", "ignore")
-        name = f"{head}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+        if len(os.fsencode(head)) > 200:  # ... unless too long in bytes: 100 emoji are 400
+            head = raw[:100].decode("utf-8", "ignore")
+        name = f"{head}-{hashlib.sha256(raw).hexdigest()[:12]}"
     return out.parent / f".{name}.parts"
 
 
@@ -282,7 +284,10 @@ def _lock(out: Path) -> int | None:
     while True:
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock(fcntl, fd, out)
+        except ValueError:  # no locks on this file system
+            os.close(fd)
+            raise
         except OSError:
             os.close(fd)
             tries -= 1
@@ -316,11 +321,26 @@ def check_not_rendering(out: str | Path) -> None:
         except OSError:  # no lock file: no render holds it
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock(fcntl, fd, path)
         except OSError:
             raise _busy(path) from None
         finally:
             os.close(fd)  # closing lets go of a lock won here
+
+
+def _flock(fcntl: Any, fd: int, out: Path) -> None:
+    """Lock ``fd`` (non-blocking): OSError when another process holds it; ValueError when
+    the file system does not lock files (ENOLCK, EOPNOTSUPP: Lustre, some NFS mounts), which
+    was taken for another render holding it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        raise ValueError(
+            f"out={str(out)!r}: its folder's file system does not lock files ({err}): render "
+            "into a local folder, or one mounted with locks"
+        ) from err
 
 
 def _remove_stale_temps(out: Path, folder: Path) -> None:
@@ -476,12 +496,18 @@ class RenderJob:
                 f"{self.out}: its segments do not hold all {clips} clips (a write failed: "
                 f"{sink.failed}); the parts folder stays, run again to resume"
             )
-        concat_videos(
-            segments(self.folder),
-            self.out,
-            metadata={"comment": json.dumps(provenance, sort_keys=True)},
-        )
-        _write_json(self.out.with_suffix(".json"), provenance)
+        try:  # the join writes a second copy of the video: where a full disk is likeliest
+            concat_videos(
+                segments(self.folder),
+                self.out,
+                metadata={"comment": json.dumps(provenance, sort_keys=True)},
+            )
+            _write_json(self.out.with_suffix(".json"), provenance)
+        except OSError as err:
+            raise IncompleteRender(
+                f"{self.out}: joining its segments failed ({err}); the parts folder stays, "
+                "run again to resume"
+            ) from err
         # The truth goes first: a kill part way through the removal must not leave a truth
         # whose segments are gone (a re-run would join what is left over the whole video).
         (self.folder / "truth.safetensors").unlink(missing_ok=True)
@@ -577,5 +603,8 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def _write_text(path: Path, text: str) -> None:
     tmp = temp_beside(path, suffix=".tmp")
-    tmp.write_text(text)
-    publish(tmp, path)
+    try:
+        tmp.write_text(text)
+        publish(tmp, path)
+    finally:  # a failed write (a full disk) leaves no temp file behind
+        tmp.unlink(missing_ok=True)

@@ -20,6 +20,7 @@ workers.jobs.render ...`` (see the README for token authentication).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -284,14 +285,16 @@ def _render_group(
         while waiting and len(pending) < max(1, capacity()):
             item = waiting.pop(0)
             try:
-                if item.context is not None:
-                    item.request.context = load_context(
+                request = item.request
+                if item.context is not None:  # on the job's copy: the item keeps no frames
+                    request = copy.copy(item.request)  # (a manifest of many held them all)
+                    request.context = load_context(
                         item.context, orch.info["frame_shape"], orch.clip_len
                     )
                 path = out / f"{item.id}.mp4"
                 found = finished_render(
                     path,
-                    item.request,
+                    request,
                     orch.info.get("sha256"),
                     lossless,
                     orch.info.get("tokenizer_sha256"),
@@ -303,7 +306,7 @@ def _render_group(
                     results.add(rows[-1])
                     continue
                 job = RenderJob(
-                    item.request,
+                    request,
                     path,
                     segment_clips,
                     lossless,
