@@ -216,6 +216,8 @@ all() {
     done
     rm -f "$out/quality.log" "$out/tokenizer.log" "$out/logs.tgz"
     local common=(train.threads="$threads" data.num_workers=4)
+    # Killed by an outer timeout: the lanes stop, and what they wrote is packed to come back.
+    trap 'pack_logs "$out"; exit 124' TERM
     # The override lists are word lists (unquoted on purpose).
     local runs=${RUNS:-runs}
     (RUN_DIR="$runs/gpu-ca2vdm-tiny" OUT="$out/ca2vdm-tiny" \
@@ -259,7 +261,7 @@ all() {
         bench+=($!)
     fi
     local pid
-    for pid in "${bench[@]}"; do
+    for pid in ${bench[@]+"${bench[@]}"}; do
         wait "$pid" || failed=1
     done
     # One JSON line last: each lane's result line (or the end of its log) and the benchmarks'.
@@ -297,15 +299,20 @@ if "error" in quality:  # the benchmark failed: the end of its log
 result["tokenizer"] = last_json("tokenizer.log")
 print(json.dumps(result))
 EOF
-    # The device tool brings back at most 8 files: the models stay files, the logs and
-    # samples go into one archive (logs.tgz; `tar xzf` it).
-    local packed=()
+    pack_logs "$out" || failed=1
+    trap - TERM
+    return $failed
+}
+
+# The device tool brings back at most 8 files: the models stay files, the logs and samples
+# go into one archive ($1/logs.tgz; `tar xzf` it). Also on SIGTERM (an outer `timeout`).
+pack_logs() {
+    local out="$1" file packed=()
     while IFS= read -r file; do packed+=("${file#"$out"/}"); done < <(
         find "$out" -type f \( -name '*.log' -o -name 'step-*' \) | sort)
-    if [[ ${#packed[@]} -gt 0 ]]; then
-        tar czf "$out/logs.tgz" -C "$out" "${packed[@]}" && (cd "$out" && rm -f "${packed[@]}")
-    fi
-    return $failed
+    [[ ${#packed[@]} -gt 0 ]] || return 0
+    tar czf "$out/logs.tgz" -C "$out" -- "${packed[@]}" || return 1
+    (cd "$out" && rm -f -- "${packed[@]}")
 }
 
 # SECONDS and CALIBRATE are whole numbers (shell arithmetic); calibration times the second

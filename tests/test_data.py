@@ -275,3 +275,30 @@ def test_video_files_follow_linked_folders_once(tmp_path):
     os.mkfifo(root / "pipe.mp4")
     names = [p.relative_to(root).as_posix() for p in video_files(root, exclude=root / "held")]
     assert names == ["gone.mp4", "linked/a.mp4", "linked/deep/b.mkv", "own.mp4"]
+
+
+def test_held_out_videos_reached_through_links_are_not_trained_on(tmp_path):
+    """Links are followed, so a held-out folder linked into the training folder (or linked
+    under another name that sorts first) must still be left out of training."""
+    from vidgen.data import DataConfig
+    from vidgen.data.folder import video_files
+    from vidgen.data.loader import folder_split
+
+    data, held = tmp_path / "data", tmp_path / "held"
+    (data / "train").mkdir(parents=True)
+    held.mkdir()
+    (data / "train" / "a.mp4").write_bytes(b"x")
+    (held / "e.mp4").write_bytes(b"x")
+    (data / "eval").symlink_to(held, target_is_directory=True)
+    (data / "train" / "also.mp4").symlink_to(held / "e.mp4")
+    cfg = DataConfig(name="folder", root=str(data), eval_root=str(data / "eval"))
+    root, exclude = folder_split(cfg, "train")
+    assert [p.name for p in video_files(root, exclude)] == ["a.mp4"]
+    root, exclude = folder_split(cfg, "eval")
+    assert [p.name for p in video_files(root, exclude)] == ["e.mp4"]
+    # An alias of the held-out folder that sorts before it: left out too.
+    real = data / "real"
+    real.mkdir()
+    (real / "x.mp4").write_bytes(b"x")
+    (data / "alias").symlink_to(real, target_is_directory=True)
+    assert "x.mp4" not in [p.name for p in video_files(data, exclude=real)]

@@ -270,6 +270,46 @@ def test_train_gpu_script_all_reports_failed_lanes_and_no_stale_models(tmp_path)
     assert result["quality"] == {} and result["tokenizer"] is None
 
 
+def test_train_gpu_script_all_packs_its_logs_when_killed_by_a_timeout(tmp_path):
+    """An outer `timeout` (SIGTERM to the process group) killed `all` before it packed its
+    logs: the device tool would have brought back 8 of its loose files at random."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    env = dict(
+        os.environ,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        ALLOW_CPU="1",
+        CALIBRATE="100000",  # every lane is still calibrating when the timeout comes
+        WHEELS=str(tmp_path / "no-wheels"),
+        RUNS=str(tmp_path / "runs"),
+        OUT=str(out),
+        THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+    )
+    proc = subprocess.Popen(
+        ["bash", str(ROOT / "docker" / "train_gpu.sh"), "all", "10"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (
+        (out / "ca2vdm-tiny.log").exists() and (out / "ca2vdm-tiny.log").stat().st_size
+    ):
+        time.sleep(0.2)
+    time.sleep(2)
+    os.killpg(proc.pid, signal.SIGTERM)  # what `timeout` does
+    proc.communicate(timeout=120)
+    assert proc.returncode == 124
+    assert (out / "logs.tgz").exists() and not list(out.rglob("*.log"))
+    with tarfile.open(out / "logs.tgz") as archive:
+        assert "ca2vdm-tiny.log" in archive.getnames()
+
+
 def test_train_gpu_script_refuses_to_train_on_the_cpu_unless_asked(tmp_path):
     """A GPU run that found no GPU trained on the CPU for its whole budget and exited 0."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", WHEELS=str(tmp_path / "no-wheels"))

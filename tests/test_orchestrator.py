@@ -2792,6 +2792,7 @@ def test_render_names_with_undecodable_bytes_and_file_systems_without_locks(
     monkeypatch.setattr(fcntl, "flock", no_locks)
     with pytest.raises(ValueError, match="file system does not lock files"):
         render(Orchestrator(local(model)), request_for(model, frames=8), tmp_path / "x.mp4")
+    assert not lock_file(tmp_path / "x.mp4").exists()  # the lock file it made is gone
     lock_file(tmp_path / "x.mp4").touch()
     with pytest.raises(ValueError, match="file system does not lock files"):
         check_not_rendering(tmp_path / "x.mp4")

@@ -180,6 +180,8 @@ def _render(cfg: Any) -> int:
         reason = getattr(err, "cause", None) or err
         print(f"{PROG} render: bad request: {reason}", file=sys.stderr)  # or a resume refused
         return 2
+    except TimeoutError:  # an OSError too (Ray's GetTimeoutError): no write failure
+        raise
     except (SinkError, IncompleteRender, OSError) as err:  # a write failed (a full disk)
         reason = err.cause if isinstance(err, SinkError) else err
         print(
@@ -381,6 +383,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return run(cfg, choices)
+    except KeyboardInterrupt:  # before a command's own handling (render: while Ray starts)
+        print(f"\n{PROG} {' '.join(words)}: interrupted", file=sys.stderr)
+        return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -282,11 +282,14 @@ def _lock(out: Path) -> int | None:
     path = lock_file(out)
     tries = 3  # ``check_not_rendering`` holds it for an instant: not a render
     while True:
+        created = not path.exists()
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
         try:
             _flock(fcntl, fd, out)
         except ValueError:  # no locks on this file system
             os.close(fd)
+            if created:
+                path.unlink(missing_ok=True)
             raise
         except OSError:
             os.close(fd)

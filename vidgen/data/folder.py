@@ -25,27 +25,26 @@ def video_files(root: Path, exclude: Path | None = None) -> list[Path]:
     file or folder is another program's (macOS ``._x.mp4``) or an unfinished write
     (vidgen's own ``.x.<random>.tmp.mp4``). Linked folders are followed (each real folder
     once: a link loop ends). A broken link is kept, so that reading it fails naming it
-    instead of leaving the video out without a word. ``exclude``: a folder inside ``root``
-    whose videos are left out (the held-out folder of a training folder)."""
-    skip = None
-    if exclude is not None:
-        exclude = exclude.expanduser().resolve()
-        base = root.expanduser().resolve()
-        if exclude.is_relative_to(base):
-            skip = exclude.relative_to(base).parts
+    instead of leaving the video out without a word. ``exclude``: a folder whose videos are
+    left out wherever they are reached from, through links too (the held-out folder of a
+    training folder)."""
+    excluded = exclude.expanduser().resolve() if exclude is not None else None
+
+    def held_out(path: Path) -> bool:
+        return excluded is not None and path.resolve().is_relative_to(excluded)
+
     found = []
     seen: set[tuple[int, int]] = set()
     for folder, dirs, files in os.walk(root, followlinks=True):
         here = Path(folder)
+        if held_out(here):
+            dirs.clear()
+            continue
         st = here.stat()
         if (st.st_dev, st.st_ino) in seen:  # reached again through a link: a loop
             dirs.clear()
             continue
         seen.add((st.st_dev, st.st_ino))
-        rel = here.relative_to(root).parts
-        if skip is not None and rel[: len(skip)] == skip:
-            dirs.clear()
-            continue
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found += [
             here / name
@@ -53,6 +52,7 @@ def video_files(root: Path, exclude: Path | None = None) -> list[Path]:
             if not name.startswith(".")
             and Path(name).suffix.lower() in VIDEO_SUFFIXES
             and ((here / name).is_file() or (here / name).is_symlink())  # no fifo, socket
+            and not held_out(here / name)
         ]
     return sorted(found)
 

@@ -147,7 +147,8 @@ def folder_split(cfg: DataConfig, split: str) -> tuple[Path, Path | None]:
             f"data.root={cfg.root!r} is inside data.eval_root={cfg.eval_root!r}: every "
             "training video would be held out too"
         )
-    return root, (held_out if split == "train" and evals.is_relative_to(train) else None)
+    # Left out of training wherever it lies: inside data.root, or reached through a link.
+    return root, (held_out if split == "train" else None)
 
 
 def make_loader(cfg: DataConfig, split: str = "train", shuffle: bool | None = None) -> DataLoader:
