@@ -162,7 +162,7 @@ class GenerationRequest:
                     f"{self.context_action.shape}"
                 )
         if self.context_actions is not None:
-            # Like context_action, its length against the context is checked at open.
+            # Like context_action, that it has a context is checked at open.
             if self.actions is None:
                 raise ValueError(
                     "context_actions (the actions of the context's frames) needs actions"
@@ -583,9 +583,9 @@ def leading_actions(
         # Frame f (new frames from 0, context frames negative) is made under the action
         # between frames f - 1 and f; history[-1] is the one between frames -1 and 0.
         first = len(history) + lo - 1  # history's index of the action leading to frame lo
-        for i in range(clip_len):
-            if 0 <= first + i < len(history):
-                row[i] = torch.tensor(np.asarray(history[first + i])).to(row.dtype)
+        a, b = max(first, 0), min(first + clip_len, len(history))
+        if a < b:
+            row[a - first : b - first] = torch.tensor(np.asarray(history[a:b])).to(row.dtype)
     if clip < 0:
         return row
     # torch.tensor copies: the request's arrays are read-only, which as_tensor warns about.
