@@ -76,17 +76,8 @@ def run_render(cfg: Any, choices: dict[str, str]) -> int:
             print(f"{PROG} render: bad model: {err}", file=sys.stderr)
             return 2
     if cfg.actions:  # checked against `frames` (and each other) before any actor starts
-        from vidgen.render_config import load_actions
-
         try:
-            cfg.request_without_files(
-                actions=load_actions(cfg.actions),
-                context_actions=(
-                    load_actions(cfg.context_actions, "context_actions")
-                    if cfg.context_actions
-                    else None
-                ),
-            )
+            cfg.request_without_files(**cfg.action_files())
         except ValueError as err:
             print(f"{PROG} render: bad actions: {err}", file=sys.stderr)
             return 2

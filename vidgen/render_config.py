@@ -102,16 +102,17 @@ class RenderConfig:
     ) -> GenerationRequest:
         """The request this config describes; ``frame_shape`` (the model's (H, W, 3)) and
         ``clip_len`` are needed to read a context video."""
-        context = load_context(self.context, frame_shape, clip_len) if self.context else None
         return self.request_without_files(
-            actions=load_actions(self.actions) if self.actions else None,
-            context=context,
-            context_actions=(
-                load_actions(self.context_actions, "context_actions")
-                if self.context_actions
-                else None
-            ),
+            context=load_context(self.context, frame_shape, clip_len) if self.context else None,
+            **self.action_files(),
         )
+
+    def action_files(self) -> dict[str, np.ndarray | None]:
+        """``actions`` and ``context_actions`` read from their .npy files (None: unset)."""
+        return {
+            name: load_actions(path, name) if path else None
+            for name, path in (("actions", self.actions), ("context_actions", self.context_actions))
+        }
 
     def request_without_files(self, **files: object) -> GenerationRequest:
         return GenerationRequest(

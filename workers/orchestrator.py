@@ -436,15 +436,14 @@ class Orchestrator:
 
     def run(self, until: Callable[[], bool] | None = None, poll: float = 0.05) -> None:
         """Loop until every stream is delivered (or ``until()`` is true)."""
-        self._cancel_dropped()  # an iterator dropped unstarted leaves nothing to wait for
-        while any(not s.done and not s.stuck for s in self.streams.values()):
+        while self._unfinished():
             if until is not None and until():
                 return
-            self._schedule()
+            self._schedule()  # cancels the streams of dropped iterators first
             if not self.work:
-                if not any(not s.done and not s.stuck for s in self.streams.values()):
-                    break  # the last unfinished streams were cancelled in _schedule
-                raise RuntimeError(_DRAINED)
+                if self._unfinished():
+                    raise RuntimeError(_DRAINED)
+                break  # the last unfinished streams were a dropped iterator's
             self._execute_and_update(poll)
         stuck = next((s for s in self.streams.values() if s.stuck and not s.done), None)
         if stuck is not None:
@@ -452,6 +451,9 @@ class Orchestrator:
                 self._execute_and_update(poll)
             if not stuck.done:
                 raise _no_progress(stuck, "was given up on before")
+
+    def _unfinished(self) -> bool:
+        return any(not s.done and not s.stuck for s in self.streams.values())
 
     def clips(self, key: int) -> Iterator[Clip]:
         """The clips of stream ``key`` in order, driving the loop as needed; once all are

@@ -83,11 +83,8 @@ def flow_matching_loss(
     noisy = add_noise(latents, noise, t_frames)
     drop_label = drop_action = torch.zeros(b, dtype=torch.bool, device=dev)
     if not held_out:
-        drop_label = torch.rand(b, generator=generator, device=dev) < cfg.label_dropout
-        drop_action = torch.rand(b, generator=generator, device=dev) < cfg.action_dropout
-        if labels is not None and actions is not None:  # guidance's pass: both dropped
-            both = torch.rand(b, generator=generator, device=dev) < cfg.joint_dropout
-            drop_label, drop_action = drop_label | both, drop_action | both
+        both = labels is not None and actions is not None
+        drop_label, drop_action = condition_drops(cfg, (b,), both, generator, dev)
     ones = torch.ones(b, total, dtype=torch.bool, device=dev)
     positions = torch.arange(total, device=dev).repeat(2).expand(b, -1)
     mask = teacher_forcing_mask(clips, cfg.clip_len, cfg.window_clips, device=dev)
@@ -195,6 +192,24 @@ def check_labels_fit(config: Ca2VDMConfig | NBPConfig, data: DataConfig) -> None
             f"but {setting} gives label {most} (the number of shapes): set "
             f"model.num_classes={most + 1} (or more), or fewer shapes"
         )
+
+
+def condition_drops(
+    config: Ca2VDMConfig | NBPConfig,
+    shape: tuple[int, ...],
+    both: bool,
+    generator: torch.Generator,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which labels and actions training drops (bool ``shape`` each), for classifier-free
+    guidance: each at its own rate, and for a model given ``both``, both together at
+    ``joint_dropout`` (guidance's unconditional pass; nothing is drawn for it otherwise)."""
+    drop_label = torch.rand(shape, generator=generator, device=device) < config.label_dropout
+    drop_action = torch.rand(shape, generator=generator, device=device) < config.action_dropout
+    if both:
+        joint = torch.rand(shape, generator=generator, device=device) < config.joint_dropout
+        drop_label, drop_action = drop_label | joint, drop_action | joint
+    return drop_label, drop_action
 
 
 def batch_condition(

@@ -608,17 +608,14 @@ def _train_step(
     out["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), clip)
     # Before the update: a NaN step would make every weight NaN, and the next state saved
     # would overwrite the last good resume point with them (then be exported, silently).
-    # One host sync for both (the loop reads the metrics after the step anyway).
-    watched = torch.stack([out["loss"].detach().float(), out["grad_norm"].detach().float()])
-    if not bool(torch.isfinite(watched).all()):
-        loss, norm = watched.tolist()
-        raise TrainingDiverged(
-            f"the {'loss' if not math.isfinite(loss) else 'grad norm'} at step {step + 1} is "
-            f"{loss if not math.isfinite(loss) else norm}: training stopped before that "
-            f"step's update (lr {opt.param_groups[0]['lr']:.3g}, train.grad_clip="
-            f"{cfg.grad_clip:g}). The last state saved stays the resume point; lower "
-            "train.lr, keep train.grad_clip on, or check the data"
-        )
+    _check_finite(
+        out["loss"],
+        out["grad_norm"],
+        f"the {{}} at step {step + 1} is {{}}: training stopped before that step's update (lr "
+        f"{opt.param_groups[0]['lr']:.3g}, train.grad_clip={cfg.grad_clip:g}). The last "
+        "state saved stays the resume point; lower train.lr, keep train.grad_clip on, or "
+        "check the data",
+    )
     opt.step()
     if adv is not None and adv[0].active:
         adversary, adv_opt = adv
@@ -628,20 +625,27 @@ def _train_step(
         adv_opt.zero_grad(set_to_none=True)
         adv_loss.backward()
         adv_norm = nn.utils.clip_grad_norm_(adversary.module.parameters(), clip)
-        # As the model's: a NaN update would be saved into the resume point.
-        watched = torch.stack([adv_loss.detach().float(), adv_norm.detach().float()])
-        if not bool(torch.isfinite(watched).all()):
-            loss, norm = watched.tolist()
-            raise TrainingDiverged(
-                f"the discriminator's {'loss' if not math.isfinite(loss) else 'grad norm'} at "
-                f"step {step + 1} is {loss if not math.isfinite(loss) else norm}: training "
-                "stopped before its update. The last state saved stays the resume point; "
-                "lower train.lr or tokenizer.gan_weight, or start the GAN later "
-                "(tokenizer.gan_start)"
-            )
+        _check_finite(  # as the model's: a NaN update would be saved into the resume point
+            adv_loss,
+            adv_norm,
+            f"the discriminator's {{}} at step {step + 1} is {{}}: training stopped before "
+            "its update. The last state saved stays the resume point; lower train.lr or "
+            "tokenizer.gan_weight, or start the GAN later (tokenizer.gan_start)",
+        )
         adv_opt.step()
         out["adv_loss"] = adv_loss.detach()
     return out
+
+
+def _check_finite(loss: torch.Tensor, norm: torch.Tensor, message: str) -> None:
+    """Raise TrainingDiverged (``message`` formatted with what is not finite and its value)
+    unless the loss and the grad norm are finite: one host sync for both (the loop reads the
+    metrics after the step anyway)."""
+    watched = torch.stack([loss.detach().float(), norm.detach().float()])
+    if not bool(torch.isfinite(watched).all()):
+        value, grad = watched.tolist()
+        bad = ("loss", value) if not math.isfinite(value) else ("grad norm", grad)
+        raise TrainingDiverged(message.format(*bad))
 
 
 def _eval_batches(task: Task, cfg: TrainConfig) -> list[dict[str, torch.Tensor]]:

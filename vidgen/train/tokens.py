@@ -17,7 +17,12 @@ from vidgen import checkpoint
 from vidgen.data import DataConfig, build_dataset
 from vidgen.models.nbp import ClipCond, NBPConfig, NextBlockTransformer, nbp_loss
 from vidgen.tokenizers.larp import LARPVideoTokenizer
-from vidgen.train.diffusion import batch_condition, check_actions_fit, check_labels_fit
+from vidgen.train.diffusion import (
+    batch_condition,
+    check_actions_fit,
+    check_labels_fit,
+    condition_drops,
+)
 from vidgen.train.encoded import (
     EncodedClips,
     cache_path,
@@ -52,11 +57,8 @@ def clip_condition(
     labels, actions = batch_condition(config, batch)
     drop_label = drop_actions = torch.zeros(b, clips, dtype=torch.bool, device=dev)
     if gen is not None:
-        drop_label = torch.rand(b, 1, generator=gen, device=dev) < config.label_dropout
-        drop_actions = torch.rand(b, 1, generator=gen, device=dev) < config.action_dropout
-        if labels is not None and actions is not None:  # guidance's pass: both dropped
-            both = torch.rand(b, 1, generator=gen, device=dev) < config.joint_dropout
-            drop_label, drop_actions = drop_label | both, drop_actions | both
+        both = labels is not None and actions is not None
+        drop_label, drop_actions = condition_drops(config, (b, 1), both, gen, dev)
         drop_label, drop_actions = drop_label.repeat(1, clips), drop_actions.repeat(1, clips)
     return ClipCond(labels, actions, drop_label, drop_actions)
 
