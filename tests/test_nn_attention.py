@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vidgen.nn import (
     BackendUnavailable,
@@ -134,6 +135,19 @@ def test_causal_is_aligned_to_the_last_key_on_every_backend(backend, lq, lk):
         assert rel_err(reference(q, k, v, top_left), expected) > 1e-2
     if lq > 1:  # nor no mask at all
         assert rel_err(reference(q, k, v), expected) > 1e-2
+
+
+@pytest.mark.parametrize(("lq", "lk"), [(8, 32), (3, 5)])
+def test_causal_on_the_cpu_is_torchs_lower_right_bias_bit_for_bit(lq, lk):
+    """On the CPU the lower-right causal pattern goes to sdpa as a cached mask tensor, not as
+    torch's CausalBias (slower there): the same outputs to the bit, and a second call (the
+    cached mask) too."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    q, k, v = qkv(lq=lq, lk=lk)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(lq, lk))
+    assert torch.equal(attention(q, k, v, causal=True), expected)
+    assert torch.equal(attention(q, k, v, causal=True), expected)
 
 
 def test_causal_refuses_a_mask_and_more_queries_than_keys():

@@ -5,10 +5,12 @@ from torch import nn
 from vidgen.nn import (
     NULL,
     ActionEmbedding,
+    AdaLNModulation,
     AdaLNZeroResidual,
     FrameCondition,
     LabelEmbedding,
     TimestepEmbedding,
+    modulate,
     randomize_,
 )
 
@@ -104,3 +106,18 @@ def test_frame_condition_refuses_labels_or_actions_that_would_broadcast():
         cond(t, torch.arange(4), torch.zeros(4, 1, dtype=torch.int64))
     with pytest.raises(ValueError, match="t must be"):
         cond(torch.zeros(4))
+
+
+def test_modulation_over_tokens_is_the_chunks_broadcast_over_a_frames_tokens():
+    """The DiT blocks take their shifts, scales and gates as (b, t, 1, d) views: the same
+    values as the chunks, and ``modulate`` gives the same bits either way."""
+    mod = randomize_(AdaLNModulation(8, 6, chunks=3), seed=0)
+    cond, x = torch.randn(2, 5, 6), torch.randn(2, 5, 4, 8)
+    chunks, views = mod(cond), mod(cond, over_tokens=True)
+    assert [v.shape for v in views] == [torch.Size([2, 5, 1, 8])] * 3
+    for chunk, view in zip(chunks, views, strict=True):
+        assert torch.equal(chunk[:, :, None], view)
+    assert torch.equal(modulate(x, views[0], views[1]), modulate(x, chunks[0], chunks[1]))
+    # Each frame's own modulation: frame 1 of row 0 is x * (1 + scale) + shift there.
+    expected = x[0, 1] * (1 + chunks[1][0, 1]) + chunks[0][0, 1]
+    assert torch.allclose(modulate(x, *views[:2])[0, 1], expected)

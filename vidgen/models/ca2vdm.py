@@ -256,10 +256,11 @@ class QKV(nn.Module):
             # Apart: in lower precision (autocast's too) rms_norm applies its weight before
             # rounding, which a weight applied afterwards would not match.
             return torch.stack([q_norm(qkv[0]), k_norm(qkv[1])]), qkv[2]
-        weight = torch.stack([q_norm.weight, k_norm.weight])[:, None, None, None]
+        weight = torch.stack([q_norm.weight, k_norm.weight]).view(2, 1, 1, 1, -1)
         # In float32/64, rms_norm multiplies by its weight last: scaling after it is the same
         # arithmetic.
-        qk = F.rms_norm(qkv[:2], (qkv.shape[-1],), None, q_norm.eps) * weight
+        # Contiguous first: rms_norm of a strided view is slower, and the same bits.
+        qk = F.rms_norm(qkv[:2].contiguous(), (qkv.shape[-1],), None, q_norm.eps) * weight
         return qk, qkv[2]
 
 
@@ -336,11 +337,12 @@ class Block(nn.Module):
         ctx: tuple[int, Context] | None = None,
         collect: _Collected | None = None,
     ) -> torch.Tensor:
-        ss, sc, sg, ts, tc, tg, ms, mc, mg = self.modulation(cond)  # each (b, t, d)
-        x = x + sg[:, :, None] * self.spatial(modulate(self.norm_s(x), ss, sc))
+        # each (b, t, 1, d): per frame, broadcast over its tokens
+        ss, sc, sg, ts, tc, tg, ms, mc, mg = self.modulation(cond, over_tokens=True)
+        x = x + sg * self.spatial(modulate(self.norm_s(x), ss, sc))
         h = modulate(self.norm_t(x), ts, tc)
-        x = x + tg[:, :, None] * self.temporal(h, rot, self_mask, ctx, collect)
-        return x + mg[:, :, None] * self.mlp(modulate(self.norm_m(x), ms, mc))
+        x = x + tg * self.temporal(h, rot, self_mask, ctx, collect)
+        return x + mg * self.mlp(modulate(self.norm_m(x), ms, mc))
 
 
 # --- the model ----------------------------------------------------------------------------

@@ -147,10 +147,22 @@ def lower_right_causal(lq: int, lk: int, device: torch.device | str = "cpu") -> 
     return torch.ones(lq, lk, dtype=torch.bool, device=device).tril(diagonal=lk - lq)
 
 
+@functools.lru_cache(maxsize=64)
+def _cpu_lower_right(lq: int, lk: int) -> torch.Tensor:
+    """``lower_right_causal`` on the CPU, made once per shape: cached inference calls it at
+    every layer of every denoising step."""
+    return lower_right_causal(lq, lk)[None, None]
+
+
 def _sdpa_causal(q, k, v, scale: float) -> torch.Tensor:
     k, v = _repeat_kv(k, v, q.shape[1])
     if q.shape[2] == k.shape[2]:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if q.device.type == "cpu":
+        # On the CPU torch's CausalBias builds its mask afresh at each call and is slower
+        # than the same mask given as a tensor (the same kernel and values, bit for bit).
+        mask = _cpu_lower_right(q.shape[2], k.shape[2])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     from torch.nn.attention.bias import causal_lower_right
 
     bias = causal_lower_right(q.shape[2], k.shape[2])

@@ -191,8 +191,11 @@ class FrameCondition(nn.Module):
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN: x * (1 + scale) + shift, with per-frame (b, t, d) modulation broadcast over the
-    tokens of each frame of x (b, t, n, d)."""
-    return x * (1 + scale[:, :, None]) + shift[:, :, None]
+    tokens of each frame of x (b, t, n, d); (b, t, 1, d) (``AdaLNModulation`` with
+    ``over_tokens``) broadcasts as it is."""
+    if scale.ndim < x.ndim:
+        shift, scale = shift[:, :, None], scale[:, :, None]
+    return x * (1 + scale) + shift
 
 
 class AdaLNModulation(nn.Module):
@@ -210,8 +213,13 @@ class AdaLNModulation(nn.Module):
         nn.init.zeros_(self.proj[1].weight)
         nn.init.zeros_(self.proj[1].bias)
 
-    def forward(self, cond: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.proj(cond).chunk(self.chunks, dim=-1)
+    def forward(self, cond: torch.Tensor, over_tokens: bool = False) -> tuple[torch.Tensor, ...]:
+        """``chunks`` tensors (b, t, dim), or with ``over_tokens`` (b, t, 1, dim), ready to
+        broadcast over the tokens of each frame (one view for all, not one per use)."""
+        out = self.proj(cond)
+        if over_tokens:
+            return out.unflatten(-1, (self.chunks, -1)).unsqueeze(-3).unbind(-2)
+        return out.chunk(self.chunks, dim=-1)
 
 
 class AdaLNZeroResidual(nn.Module):

@@ -31,10 +31,16 @@ def rope_angles(positions: torch.Tensor, dim: int, theta: float = DEFAULT_THETA)
 
 class Rotation(NamedTuple):
     """cos and sin of RoPE angles (float64, as the angles), computed once for every
-    ``apply_rope`` that uses them (a model's layers all rotate by the same positions)."""
+    ``apply_rope`` that uses them (a model's layers all rotate by the same positions).
+
+    ``for_dtype`` also lays them out over the whole head dim (``cos_full`` = [cos | cos],
+    ``sin_full`` = [-sin | sin]), so that each call rotates in four operations:
+    ``x * cos_full + swap_halves(x) * sin_full``."""
 
     cos: torch.Tensor
     sin: torch.Tensor
+    cos_full: torch.Tensor | None = None
+    sin_full: torch.Tensor | None = None
 
     @classmethod
     def of(cls, angles: torch.Tensor) -> Rotation:
@@ -47,9 +53,11 @@ class Rotation(NamedTuple):
     def for_dtype(self, dtype: torch.dtype) -> Rotation:
         """The cos and sin as ``apply_rope`` uses them on tensors of ``dtype`` (float32, or
         float64 for float64): converted once here, not again in every call that shares
-        them. The values ``apply_rope`` computes with are the same either way."""
+        them, with their full-width layouts. The values ``apply_rope`` computes with are the
+        same either way, bit for bit."""
         work = torch.promote_types(dtype, torch.float32)
-        return Rotation(self.cos.to(work), self.sin.to(work))
+        cos, sin = self.cos.to(work), self.sin.to(work)
+        return Rotation(cos, sin, torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1))
 
 
 def apply_rope(x: torch.Tensor, angles: torch.Tensor | Rotation) -> torch.Tensor:
@@ -63,6 +71,12 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor | Rotation) -> torch.Tensor
         raise ValueError(f"angles must end in head_dim/2 = {half}, got {tuple(angles.shape)}")
     work = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 x
     rot = angles if isinstance(angles, Rotation) else Rotation.of(angles)  # trig in float64
+    if rot.cos_full is not None and rot.cos_full.dtype == work:
+        # The same products and sums as below, bit for bit: x1 * cos + x2 * (-sin) is
+        # x1 * cos - x2 * sin exactly, and x2 * cos + x1 * sin is x1 * sin + x2 * cos.
+        xw = x.to(work)
+        swapped = torch.cat([xw[..., half:], xw[..., :half]], dim=-1)
+        return (xw * rot.cos_full + swapped * rot.sin_full).to(x.dtype)
     cos, sin = rot.cos.to(work), rot.sin.to(work)
     x1, x2 = x[..., :half].to(work), x[..., half:].to(work)
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
