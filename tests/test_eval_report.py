@@ -271,3 +271,29 @@ def test_a_device_torch_names_but_cannot_use_is_refused_by_name():
     I3D, after the videos were scored."""
     with pytest.raises(ValueError, match="device='meta' cannot be used here"):
         EvalConfig(videos="v.mp4", device="meta")
+
+
+def test_an_anamorphic_video_is_scored_as_displayed(tmp_path):
+    """A video stored at half its width with pixels shown twice as wide as high (sample
+    aspect ratio 2:1) was scored at its stored pixels: every horizontal move counted half
+    (speed ratio 0.70 where the square video scores 1.05). Scored as displayed, it moves as
+    the square video does."""
+    from fractions import Fraction
+
+    from tests.test_io_edge import _anamorphic
+    from vidgen.io import as_displayed
+
+    frames = shapes_video(tmp_path / "square" / "a.mp4", 3, seed=0, frames=64)
+    (tmp_path / "wide").mkdir()
+    squeezed = np.ascontiguousarray(frames[:, :, ::2])  # every other column: 64 high, 32 wide
+    _anamorphic(tmp_path / "wide" / "a.mp4", squeezed, Fraction(2, 1))
+    square = evaluate(EvalConfig(videos=str(tmp_path / "square"), label=3))["summary"]
+    wide = evaluate(EvalConfig(videos=str(tmp_path / "wide"), label=3))["summary"]
+    assert abs(wide["speed_ratio"] / square["speed_ratio"] - 1) < 0.1
+    # as_displayed: wider for wide pixels, taller for narrow ones, unchanged for square.
+    clip = torch.from_numpy(squeezed[:2])
+    assert as_displayed(clip, 2.0).shape == (2, 64, 64, 3)
+    assert as_displayed(clip, 0.5).shape == (2, 128, 32, 3)
+    assert as_displayed(clip, 1.0) is clip
+    with pytest.raises(ValueError, match="pixel_aspect must be a positive number"):
+        as_displayed(clip, 0.0)

@@ -263,11 +263,13 @@ def _score_file(
 
 
 def _chunks(path: Path, info: Any, frames: int | None = None) -> Iterator[np.ndarray]:
-    """The first ``frames`` frames of the video (None: all), ``CHUNK_FRAMES`` at a time."""
-    from vidgen.io import iter_video
+    """The first ``frames`` frames of the video (None: all), ``CHUNK_FRAMES`` at a time, as
+    displayed: an anamorphic video's pixels made square, so that shapes and speeds are
+    measured as they are seen."""
+    from vidgen.io import as_displayed, iter_video
 
     for chunk in iter_video(path, CHUNK_FRAMES, num_frames=frames, info=info):
-        yield chunk.numpy()
+        yield as_displayed(chunk, info.pixel_aspect).numpy()
 
 
 class _ClipPicker:

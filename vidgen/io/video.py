@@ -458,6 +458,25 @@ def _parse_size(size: int | Sequence[int] | None) -> tuple[int, int] | None:
     return int(dims[0]), int(dims[1])
 
 
+def as_displayed(frames: torch.Tensor, pixel_aspect: float) -> torch.Tensor:
+    """uint8 frames (T, H, W, 3) of a video whose pixels are shown ``pixel_aspect`` times as
+    wide as high (``VideoInfo.pixel_aspect``), resized so that its pixels are square: wider
+    when they are shown wide, taller when narrow (never smaller). Square pixels are returned
+    as they are."""
+    if pixel_aspect == 1:
+        return frames
+    if not (isinstance(pixel_aspect, int | float) and math.isfinite(pixel_aspect)) or (
+        pixel_aspect <= 0
+    ):
+        raise ValueError(f"pixel_aspect must be a positive number, got {pixel_aspect!r}")
+    height, width = frames.shape[1:3]
+    if pixel_aspect > 1:
+        size = (height, max(1, round(width * pixel_aspect)))
+    else:
+        size = (max(1, round(height / pixel_aspect)), width)
+    return _resize_cover_crop(frames, size, pixel_aspect)
+
+
 def _resize_cover_crop(
     frames: torch.Tensor, size: tuple[int, int], pixel_aspect: float = 1.0
 ) -> torch.Tensor:
