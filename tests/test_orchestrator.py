@@ -1329,6 +1329,40 @@ def test_the_render_lock_is_not_won_on_a_file_its_holder_removed(tmp_path, monke
     os.close(b)
 
 
+def test_connecting_keeps_the_callers_sigterm_handler(monkeypatch):
+    """ray.init puts its own SIGTERM handler (sys.exit(15)) over the caller's, so a `vidgen
+    render` stopped by SIGTERM left through SystemExit, past the Ctrl-C handling that keeps
+    its segments and says how to resume. connect puts the caller's handler back; with none
+    set (the default) Ray's stays."""
+    import signal
+
+    import workers.cluster as cluster
+
+    def rays_handler(signum, frame):
+        raise SystemExit(signum)
+
+    def fake_init(**kwargs):  # what ray.init does to the handler, on the main thread
+        signal.signal(signal.SIGTERM, rays_handler)
+
+    def callers_handler(signum, frame):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cluster.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(cluster.ray, "init", fake_init)
+    monkeypatch.setattr(cluster.ray, "cluster_resources", lambda: {})
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        for address in ("", "auto"):
+            signal.signal(signal.SIGTERM, callers_handler)
+            assert cluster.connect(address) is True
+            assert signal.getsignal(signal.SIGTERM) is callers_handler
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        assert cluster.connect("auto") is True
+        assert signal.getsignal(signal.SIGTERM) is rays_handler
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_a_local_ray_start_that_times_out_is_tried_again(monkeypatch):
     """Ray's fixed 30 s node registration can miss on a loaded machine; connect("") tries a
     local start again (after a shutdown) up to `attempts` times, and other errors at once."""

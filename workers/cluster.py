@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 
 import ray
 
@@ -96,9 +98,27 @@ def connect(
     the caller knows to ``ray.shutdown()`` when done)."""
     if ray.is_initialized():
         return False
-    if address == "":
-        _start_local(num_cpus, num_gpus, attempts)
-    else:
-        ray.init(address=address, log_to_driver=False)
+    with _keeping_sigterm_handler():
+        if address == "":
+            _start_local(num_cpus, num_gpus, attempts)
+        else:
+            ray.init(address=address, log_to_driver=False)
     log.info("ray: %s", ray.cluster_resources())
     return True
+
+
+@contextlib.contextmanager
+def _keeping_sigterm_handler():
+    """``ray.init`` sets its own SIGTERM handler (``sys.exit(15)``) over the caller's: put
+    back one the caller set (the ``vidgen`` CLI sends SIGTERM down Ctrl-C's path, where a
+    render keeps its finished segments and says how to resume). The default is left to
+    Ray."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Ray sets no handler from another thread either
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if previous not in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGTERM, previous)
