@@ -150,6 +150,16 @@ def test_causal_on_the_cpu_is_torchs_lower_right_bias_bit_for_bit(lq, lk):
     assert torch.equal(attention(q, k, v, causal=True), expected)
 
 
+def test_flex_refuses_training_on_the_cpu_by_name():
+    """FlexAttention has no backward on the CPU: a training call is refused as unavailable
+    (torch's NotImplementedError came first), and a no-grad call still runs."""
+    q, k, v = qkv(lq=8, lk=8)
+    with torch.no_grad():
+        assert rel_err(attention(q, k, v, backend="flex"), reference(q, k, v)) < 1e-5
+    with pytest.raises(BackendUnavailable, match="no backward there"):
+        attention(q.requires_grad_(), k, v, backend="flex")
+
+
 def test_causal_refuses_a_mask_and_more_queries_than_keys():
     q, k, v = qkv(lq=8, lk=4)
     with pytest.raises(ValueError, match="at least as many keys as queries"):

@@ -121,3 +121,18 @@ def test_modulation_over_tokens_is_the_chunks_broadcast_over_a_frames_tokens():
     # Each frame's own modulation: frame 1 of row 0 is x * (1 + scale) + shift there.
     expected = x[0, 1] * (1 + chunks[1][0, 1]) + chunks[0][0, 1]
     assert torch.allclose(modulate(x, *views[:2])[0, 1], expected)
+
+
+def test_frame_condition_refuses_drop_masks_that_would_broadcast():
+    """A (1,) drop mask silently dropped every row of a batch, and a longer one made the
+    condition's batch larger than the frames' (an unrelated shape error later): both are
+    refused by name; (b,) and (b, t) are taken."""
+    fc = randomize_(FrameCondition(8, num_classes=3, num_actions=4), seed=0)
+    t, labels = torch.rand(3, 2), torch.tensor([0, 1, 2])
+    actions = torch.randint(0, 4, (3, 2))
+    for name in ("drop_label", "drop_actions"):
+        for bad in (torch.tensor([True]), torch.ones(4, dtype=torch.bool)):
+            with pytest.raises(ValueError, match=rf"{name} must be \(b,\) = \(3,\)"):
+                fc(t, labels, actions, **{name: bad})
+        for good in (torch.ones(3, dtype=torch.bool), torch.ones(3, 2, dtype=torch.bool)):
+            assert fc(t, labels, actions, **{name: good}).shape == (3, 2, 8)

@@ -50,6 +50,8 @@ def test_banded_structure():
 
 
 def test_key_padding_mask():
+    # An empty batch is an empty mask (torch.as_tensor([]) is float: not refused as such).
+    assert key_padding_mask([], 5).shape == (0, 1, 1, 5)
     m = key_padding_mask([3, 0, 5], 5)
     assert m.shape == (3, 1, 1, 5)
     assert m[0, 0, 0].tolist() == [True, True, True, False, False]

@@ -6,8 +6,9 @@
 padding mask broadcasts over queries) or a FlexAttention
 ``BlockMask``. ``causal=True`` (with no mask) is causal attention aligned to the last key:
 query i sees keys up to ``Lk - Lq + i`` (a clip after a full cache: every cached key, and its
-own frames causally); ``sdpa`` runs it without a mask tensor (``is_causal``, or torch's
-lower-right ``CausalBias``, which takes the fused kernels on GPUs). Backends (DESIGN.md
+own frames causally); ``sdpa`` runs it with ``is_causal`` when Lq == Lk, else with torch's
+lower-right ``CausalBias`` on GPUs (it takes the fused kernels there) and a mask tensor made
+once per shape on the CPU (where the bias rebuilds one at every call). Backends (DESIGN.md
 section 5):
 
 - ``sdpa``: torch ``scaled_dot_product_attention``, the default. With no mask it runs the
@@ -182,6 +183,11 @@ def _flex(q, k, v, mask, scale: float) -> torch.Tensor:
     if isinstance(mask, torch.Tensor):
         mask = to_block_mask(mask.expand(-1, -1, q.shape[2], -1))
     enable_gqa = q.shape[1] != k.shape[1]
+    if not q.is_cuda and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        raise BackendUnavailable(
+            "attention backend 'flex' is unavailable for training on the CPU: FlexAttention "
+            "has no backward there; use 'sdpa' or 'math'"
+        )
     if q.is_cuda:
         return _compiled_flex()(q, k, v, block_mask=mask, scale=scale, enable_gqa=enable_gqa)
     with warnings.catch_warnings():

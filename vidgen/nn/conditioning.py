@@ -160,6 +160,12 @@ class FrameCondition(nn.Module):
                 f"actions must start with (b, t) = {tuple(t.shape)}, one per frame, got "
                 f"{tuple(actions.shape)}"
             )
+        for name, drop in (("drop_label", drop_label), ("drop_actions", drop_actions)):
+            if drop is not None and tuple(drop.shape) not in (tuple(t.shape[:1]), tuple(t.shape)):
+                raise ValueError(
+                    f"{name} must be (b,) = {tuple(t.shape[:1])} or (b, t) = {tuple(t.shape)}, "
+                    f"per row or per frame, got {tuple(drop.shape)}"
+                )
         cond = self.timestep(t)  # (b, t, d)
         if self.label is not None:
             if labels is None:

@@ -109,6 +109,8 @@ def key_padding_mask(
 ) -> torch.Tensor:
     """(B, 1, 1, Lk): row b may attend to the first ``lengths[b]`` keys."""
     lengths = torch.as_tensor(lengths, device=device)
+    if lengths.numel() == 0 and lengths.ndim == 1:  # an empty batch: as_tensor([]) is float
+        lengths = lengths.long()
     if lengths.dtype == torch.bool or lengths.is_floating_point() or lengths.is_complex():
         raise ValueError(f"lengths must be integers (key counts), got {lengths.dtype}")
     if lengths.ndim != 1:
