@@ -405,6 +405,39 @@ def test_a_small_file_describing_a_huge_model_is_refused_before_it_is_built(tmp_
     assert all(torch.equal(v, fitting.tensors[k]) for k, v in model.state_dict().items())
 
 
+def test_a_config_torch_cannot_build_or_whose_own_buffers_are_huge_is_refused(tmp_path):
+    """A forged config with sizes past what torch counts raised torch's own TypeError or
+    RuntimeError from the meta-device probe; one asking for gigabytes of buffers the model
+    makes itself (a LARP's masks and initial queries, in no file) was built anyway."""
+    from vidgen.tokenizers.larp import LARP_CONFIGS, LARPConfig, LARPTokenizer
+
+    cfg = LARP_CONFIGS["test"]
+    small = checkpoint.save(tmp_path / "m.safetensors", LARPTokenizer(cfg), cfg)
+    huge = {**dataclasses.asdict(cfg), "num_tokens": 2**62}
+    with pytest.raises(CheckpointError, match="config describes no model torch can build"):
+        checkpoint.load(forge(small, tmp_path, config=json.dumps(huge))).build(
+            LARPTokenizer, LARPConfig
+        )
+    # 4,096 tokens: a (4096, 4096) prior mask and a (4096, 8) query init, about 16 MiB of
+    # made buffers beside 0.3 MiB of weights: within the allowance; 16,384 are 256 MiB.
+    made: list[int] = []
+
+    def factory(c: LARPConfig) -> LARPTokenizer:
+        made.append(c.num_tokens)
+        return LARPTokenizer(c)
+
+    for tokens, refused in ((4096, False), (16384, True)):
+        config = json.dumps({**dataclasses.asdict(cfg), "num_tokens": tokens})
+        ckpt = checkpoint.load(forge(small, tmp_path, config=config))
+        if refused:
+            with pytest.raises(CheckpointError, match=r"MiB of buffers the model makes itself"):
+                ckpt.build(factory, LARPConfig)
+        else:  # past the buffers' check: refused for its weights' shapes, as before
+            with pytest.raises(CheckpointError, match="does not fit LARPTokenizer"):
+                ckpt.build(factory, LARPConfig)
+    assert made == [4096, 16384]  # each only as the meta-device probe
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_weights_are_refused_by_name(saved, tmp_path, value):
     """They loaded without a word (an edited file: training stops before making any)."""
@@ -713,6 +746,8 @@ def test_a_loaded_checkpoint_maps_its_file_instead_of_copying_it(tmp_path):
         {"dtype": "F32", "shape": [1], "data_offsets": ["0", "4"]},
         {"dtype": "F32", "shape": [1], "data_offsets": [0, 4, 8]},
         {"dtype": "Q7", "shape": [1], "data_offsets": [0, 4]},
+        {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]},  # unhashable: a TypeError
+        {"dtype": {"a": 1}, "shape": [1], "data_offsets": [0, 4]},
         [1, 2],
     ],
 )

@@ -346,3 +346,26 @@ def test_low_precision_ids_are_still_the_nearest_codeword(autocast):
     cos = F.normalize(z, dim=-1).double() @ vq.codes().double().t()
     assert torch.equal(nearest, cos.argmax(-1)) and torch.equal(ids, nearest)
     assert quantised.dtype == z.dtype  # the straight-through code stays in z's dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_ids_of_any_integer_dtype_decode_as_int64_ones(dtype):
+    """uint8 ids indexed the codebook as a boolean mask and int16 ones not at all (torch's
+    errors, naming neither ids nor their dtype)."""
+    m = model(CTX)
+    ids = m.encode(clip(batch=2))  # in [0, 64): they fit every dtype here
+    expected = m.decode(ids[1:], ids[:1])
+    assert torch.equal(m.decode(ids[1:].to(dtype), ids[:1].to(dtype)), expected)
+    with pytest.raises(ValueError, match="ids must be integer"):
+        m.decode(ids.float())
+    with pytest.raises(ValueError, match="context must be integer ids"):
+        m.decode(ids[1:], ids[:1].float())
+
+
+@pytest.mark.parametrize(
+    "key", ["foreground_weight", "foreground_threshold", "seam_weight", "gan_weight"]
+)
+def test_nan_loss_settings_are_refused_by_name(key):
+    """NaN passed their `<` checks: the run then stopped as diverged, blaming the lr."""
+    with pytest.raises(ValueError, match=f"{key} must be finite, got nan"):
+        dataclasses.replace(CTX, **{key: float("nan")})

@@ -1,5 +1,6 @@
 """The training loop: N steps in one run equal N/2, resume, N/2 — bitwise on CPU."""
 
+import dataclasses
 import re
 import shutil
 
@@ -110,11 +111,7 @@ def test_kl_decoder_fine_tuning_keeps_the_encoder_and_its_latent_scale(tmp_path)
     free = checkpoint.load(train([*kl, f"init={base.path}"], tmp_path / "free", 3))
     assert any(not torch.equal(base.tensors[n], free.tensors[n]) for n in encoder)
     assert free.config["scale"] != base.config["scale"]
-    # Part of the encoder frozen: the rest of it trains, so the scale is measured again.
-    part = checkpoint.load(
-        train([*kl, f"init={base.path}", "freeze=[encoder.conv_in]"], tmp_path / "part", 3)
-    )
-    assert part.config["scale"] != base.config["scale"]
+    # Part of the encoder frozen is refused (test_a_kl_freeze_must_cover_all_or_none_...).
 
 
 def test_a_resumed_fine_tune_needs_only_its_state_not_its_init_file(tmp_path):
@@ -539,6 +536,44 @@ def test_a_larp_freeze_must_cover_all_or_none_of_what_its_ids_depend_on(tmp_path
     encoding = [n for n in tuned if n.startswith(LARPTokenizer.ENCODER_TENSORS)]
     assert "quantizer.codebook" in encoding and "queries" in encoding
     assert all(torch.equal(tuned[n], tensors(base)[n]) for n in encoding)
+
+
+def test_a_kl_freeze_must_cover_all_or_none_of_its_encoder(tmp_path):
+    """Only a LARP named what its codes depend on: a KL fine-tune freezing part of its
+    encoder trained the rest, and every model on its latents was refused only at load."""
+    kl = ["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2"]
+    base = train(kl, tmp_path / "base", 2)
+    with pytest.raises(ValueError, match=r"fixes only part .* encoder\.body"):
+        train([*kl, f"init={base}", "freeze=[encoder.conv_in]"], tmp_path / "part", 1)
+    tuned = tensors(train([*kl, f"init={base}", "freeze=[encoder]"], tmp_path / "all", 1))
+    assert all(torch.equal(tuned[n], tensors(base)[n]) for n in tuned if n.startswith("encoder."))
+
+
+def test_a_larp_is_refused_with_an_autoencoder_it_was_not_trained_on(tmp_path):
+    """The LARP loaded whatever autoencoder is now under its name: a retrained or replaced
+    one turned the same frames into other ids without a word. Its card's fingerprint is
+    checked, and the latents' shape against the LARP's."""
+    larp = [*LARP_SMALL, f"tokenizer.autoencoder={make_autoencoder(tmp_path)}"]
+    path = train(larp, tmp_path / "larp", 2)
+    assert LARPVideoTokenizer.from_pretrained(str(path)).autoencoder is not None
+    other = randomize_(KLAutoencoder(KL_CONFIGS["test"]), seed=5, std=0.1)
+    checkpoint.save(tmp_path / "kl.safetensors", other, KL_CONFIGS["test"])
+    with pytest.raises(checkpoint.CheckpointError, match="trained on the latents of an autoen"):
+        LARPVideoTokenizer.from_pretrained(str(path))
+    wide = dataclasses.replace(KL_CONFIGS["test"], latent_channels=8)
+    checkpoint.save(tmp_path / "kl.safetensors", KLAutoencoder(wide), wide)
+    checkpoint.update_card(path, {"autoencoder_fingerprint": None})  # as cards before it
+    with pytest.raises(checkpoint.CheckpointError, match="latents of 8 channels .* reads 4"):
+        LARPVideoTokenizer.from_pretrained(str(path))
+
+
+def test_a_patch_gan_too_deep_for_the_frames_is_refused_at_setup(tmp_path):
+    """It was found at gan_start, thousands of steps in, with the deeper discriminator's
+    weights already in the state (a resume with fewer layers was then refused too)."""
+    overrides = [*LARP_GAN, f"tokenizer.autoencoder={make_autoencoder(tmp_path)}"]
+    with pytest.raises(ValueError, match=r"disc_layers=6 stride-2 layers need frames of at "):
+        train([*overrides, "tokenizer.disc_layers=6", "tokenizer.gan_start=50"], tmp_path, 1)
+    assert not (tmp_path / "state.safetensors").exists()
 
 
 def test_initial_weights_do_not_depend_on_an_existing_cache(tmp_path):

@@ -40,6 +40,9 @@ from vidgen.fsutil import publish, temp_beside
 
 FORMAT = "vidgen-checkpoint"
 FORMAT_VERSION = 1
+# Buffers a model may make beyond the size of the tensors its file holds (``build``): the
+# models here make well under 1% of what they load (a LARP's masks and initial queries).
+MADE_BUFFERS_ALLOWANCE = 64 * 2**20
 SUFFIX = ".safetensors"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
@@ -88,13 +91,36 @@ class Checkpoint:
         bytes whose config describes a huge model is refused before anything is allocated
         (it was built whole, gigabytes, before the tensors were compared)."""
         config = self.config_as(config_cls)
-        with torch.device("meta"):
-            probe = factory(config)
+        try:
+            with torch.device("meta"):
+                probe = factory(config)
+        except (RuntimeError, TypeError, OverflowError, ValueError) as err:
+            # A config that passed its own checks but describes no model torch can make
+            # (sizes past what it can count): the file's fault, named as such.
+            raise CheckpointError(
+                f"{self.path}: its {self.config_type} config describes no model torch can "
+                f"build: {err}"
+            ) from err
+        self._check_buffers(probe)
         state = self._state("")
         self._check_fits(probe, state, ())  # names, shapes, values: checked once, here
         model = factory(config)
         model.load_state_dict(state, strict=True)
         return model
+
+    def _check_buffers(self, probe: torch.nn.Module) -> None:
+        """Buffers a model makes itself (masks, initial queries: not in the file) are sized
+        by the config alone: a small file whose config asks for gigabytes of them is refused
+        before they are made. Every model here makes far less of them than it loads."""
+        kept = set(probe.state_dict())
+        made = sum(b.numel() * b.element_size() for n, b in probe.named_buffers() if n not in kept)
+        held = sum(t.numel() * t.element_size() for t in self.tensors.values())
+        if made > held + MADE_BUFFERS_ALLOWANCE:
+            raise CheckpointError(
+                f"{self.path}: its {self.config_type} config describes {made / 2**20:,.0f} MiB "
+                f"of buffers the model makes itself, against {held / 2**20:,.1f} MiB of "
+                "tensors in the file: an edited config?"
+            )
 
     def _state(self, prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
@@ -328,7 +354,8 @@ def map_safetensors(buffer: Any) -> tuple[dict[str, torch.Tensor], dict[str, str
     start, data_len = 8 + size, len(view) - 8 - size
     layout = []
     for name, entry in header.items():
-        dtype = _TORCH_DTYPES.get(entry.get("dtype")) if isinstance(entry, dict) else None
+        code = entry.get("dtype") if isinstance(entry, dict) else None
+        dtype = _TORCH_DTYPES.get(code) if isinstance(code, str) else None
         shape, offsets = (entry.get(k) if dtype else None for k in ("shape", "data_offsets"))
         if (
             dtype is None

@@ -146,6 +146,8 @@ class KLAutoencoder(nn.Module):
 
     # Bump when the encoder's code changes what it computes from the same weights.
     ENCODER_VERSION: ClassVar[int] = 1
+    # The tensors the fingerprint covers (a freeze of part of them is refused in training).
+    ENCODER_TENSORS: ClassVar[tuple[str, ...]] = ("encoder.",)
     # The config fields that decide what the encoder computes (the rest are losses).
     ENCODER_SETTINGS: ClassVar[tuple[str, ...]] = (
         "image_size",
@@ -202,7 +204,7 @@ class KLAutoencoder(nn.Module):
 
         fields, version = self.ENCODER_SETTINGS, self.ENCODER_VERSION
         return module_fingerprint(
-            self, ("encoder.",), self.config, fields, kind="kl", version=version
+            self, self.ENCODER_TENSORS, self.config, fields, kind="kl", version=version
         )
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

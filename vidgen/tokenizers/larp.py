@@ -141,6 +141,10 @@ class LARPConfig:
             check_number(name, getattr(self, name), minimum=0)
         check_number("perceptual_weight", self.perceptual_weight, minimum=0)
         check_number("grad_weight", self.grad_weight, minimum=0)
+        check_number("foreground_weight", self.foreground_weight, minimum=0)
+        check_number("foreground_threshold", self.foreground_threshold, above=0)
+        check_number("seam_weight", self.seam_weight, minimum=0)
+        check_number("gan_weight", self.gan_weight, minimum=0)
         if self.foreground_weight < 0 or self.foreground_threshold <= 0:
             raise ValueError(
                 "foreground_weight must be >= 0 and foreground_threshold > 0, got "
@@ -304,6 +308,10 @@ class Prior(nn.Module):
         return self.head(h) @ codes.t()
 
 
+def _is_integer(t: torch.Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
 class LARPTokenizer(nn.Module):
     """Clips (b, t, 3, H, W) in [-1, 1] <-> N token ids (b, N) in [0, codebook_size)."""
 
@@ -459,19 +467,21 @@ class LARPTokenizer(nn.Module):
         (b, N): the ids of each clip's previous clip, for a context decoder; a row of
         ``NO_CONTEXT`` (a video's first clip) decodes without one, as does ``None``."""
         n, k = self.config.num_tokens, self.config.codebook_size
-        if ids.ndim != 2 or ids.shape[1] != n or ids.is_floating_point() or ids.dtype == torch.bool:
+        if ids.ndim != 2 or ids.shape[1] != n or not _is_integer(ids):
             raise ValueError(f"ids must be integer (b, {n}), got {ids.dtype} {tuple(ids.shape)}")
         if bool(((ids < 0) | (ids >= k)).any()):  # one check (one device sync)
             raise ValueError(f"ids must lie in [0, {k}), got {int(ids.min())}..{int(ids.max())}")
+        ids = ids.long()  # indices: uint8 would index as a mask, int16 not at all
         codes = self.quantizer.codes()
         if context is None:
             out = self.decode_codes(codes[ids])
         else:
-            if context.shape != ids.shape:
+            if context.shape != ids.shape or not _is_integer(context):
                 raise ValueError(
-                    f"context must be ids of the shape of ids {tuple(ids.shape)}, got "
-                    f"{tuple(context.shape)}"
+                    f"context must be integer ids of the shape of ids {tuple(ids.shape)}, got "
+                    f"{context.dtype} {tuple(context.shape)}"
                 )
+            context = context.long()
             none = context == NO_CONTEXT
             has = ~none.all(1)
             valid = (context >= 0) & (context < k)
@@ -628,6 +638,14 @@ class LARPVideoTokenizer(nn.Module):
         super().__init__()
         if (autoencoder is None) != (larp.config.channels == 3):
             raise ValueError("a latent-space LARP needs its autoencoder; a pixel one none")
+        if autoencoder is not None:
+            kl, cfg = autoencoder.config, larp.config
+            if (kl.latent_channels, kl.latent_size) != (cfg.channels, cfg.size):
+                raise ValueError(
+                    f"the autoencoder makes latents of {kl.latent_channels} channels at "
+                    f"{kl.latent_size}x{kl.latent_size}; this LARP reads {cfg.channels} at "
+                    f"{cfg.size}x{cfg.size}"
+                )
         self.larp, self.autoencoder = larp.eval(), autoencoder
         if autoencoder is not None:
             autoencoder.eval()
@@ -653,7 +671,21 @@ class LARPVideoTokenizer(nn.Module):
             source = checkpoint.companion(larp.config.autoencoder, ckpt.path)
             kl = checkpoint.load(source, expected_config=KLConfig)
             autoencoder = kl.build(KLAutoencoder, KLConfig)
-        tokenizer = cls(larp, autoencoder)
+            # Trained on the latents of one encoder: another under the same name (retrained,
+            # replaced) would turn the same frames into other ids without a word. Cards from
+            # before the fingerprint was recorded pass.
+            trained = ckpt.card.get("autoencoder_fingerprint")
+            if trained is not None and trained != autoencoder.encoder_fingerprint():
+                raise checkpoint.CheckpointError(
+                    f"{ckpt.path} was trained on the latents of an autoencoder with encoder "
+                    f"fingerprint {trained}, but {source} has "
+                    f"{autoencoder.encoder_fingerprint()}: restore the autoencoder it was "
+                    "trained with, or train it again on this one"
+                )
+        try:
+            tokenizer = cls(larp, autoencoder)
+        except ValueError as err:
+            raise checkpoint.CheckpointError(f"{ckpt.path}: {err}") from err
         loaded = [ckpt] + ([kl] if larp.config.autoencoder else [])
         tokenizer.files = [c.path for c in loaded]
         tokenizer.file_sha256 = [c.sha256 for c in loaded]

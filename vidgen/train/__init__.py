@@ -191,7 +191,7 @@ def check_encoder_freeze(model: torch.nn.Module, prefixes: list[str]) -> None:
     if loose and len(loose) < len(params):
         tops = list(dict.fromkeys(n.split(".")[0] for n in loose))
         raise ValueError(
-            f"freeze={prefixes} fixes only part of what this {type(model).__name__}'s ids "
+            f"freeze={prefixes} fixes only part of what this {type(model).__name__}'s codes "
             f"depend on (its encoder fingerprint): {', '.join(loose[:6])}"
             f"{' ...' if len(loose) > 6 else ''} would still train; freeze them too "
             f"('freeze=[{','.join([*prefixes, *tops])}]') or none of them"

@@ -322,6 +322,15 @@ def larp_adversary(
     if config.gan_weight == 0:
         return None
     channels = autoencoder.config.in_channels if autoencoder is not None else config.channels
+    # Checked now, not when the discriminator first sees frames at gan_start (thousands of
+    # steps in, with its weights already in the run's state).
+    pixels = autoencoder.config.image_size if autoencoder is not None else config.size
+    if pixels < 2**config.disc_layers:
+        raise ValueError(
+            f"tokenizer.disc_layers={config.disc_layers} stride-2 layers need frames of at "
+            f"least {2**config.disc_layers} pixels; this tokenizer's are {pixels}: lower "
+            "disc_layers"
+        )
     disc = PatchDiscriminator(channels, config.disc_dim, config.disc_layers)
 
     def disc_loss(
