@@ -149,6 +149,12 @@ def main() -> None:
     kc, vc = tensor(b, h, kv_len, d), tensor(b, h, kv_len, d)
     half = key_padding_mask([kv_len] * (b - 1) + [kv_len // 2], kv_len, device=device)
     with torch.no_grad():
+        # The padded read, too, must compute what the math backend does with that mask.
+        padded = attention(qc, kc, vc, half).float()
+        diff = float((padded - attention(qc, kc, vc, half, backend="math").float()).abs().max())
+        agreement["sdpa_padding_mask"] = diff
+        if diff > tol:
+            raise RuntimeError(f"sdpa_padding_mask differs from the math backend by {diff:.3g}")
         cached = {
             "sdpa_full_window": timed(lambda: attention(qc, kc, vc), device, repeats * 4),
             "sdpa_padding_mask": timed(lambda: attention(qc, kc, vc, half), device, repeats * 4),

@@ -1,12 +1,13 @@
 """bfloat16 against float32 serving: speed, cache memory and how far the frames move.
 
 Usage: python benchmarks/dtype.py [--models ca2vdm-tiny,nbp-tiny] [--frames 64]
-                                  [--streams 4] [--device cpu|cuda] [--threads 2]
+                                  [--streams 4] [--device cpu|cuda] [--threads 2] [--repeats 3]
 
 For each model, in one process and run: ``--streams`` streams (seeds 0.., label 2) batched
-on one in-process generator, once with ``dtype=float32`` and once with ``bfloat16`` (each
-after a one-clip warm-up). Figures per model: frames/s of each and ``bf16_speedup`` (their
-ratio), the cache bytes of each (``cache_ratio``, 0.5 expected), and, for the diffusion family,
+on an in-process generator with ``dtype=float32`` and one with ``bfloat16`` (each after a
+one-clip warm-up), the two timed in turn ``--repeats`` times. Figures per model: the median
+frames/s of each and ``bf16_speedup`` (their ratio), the bytes of each one's cache tensors
+(``cache_ratio``, 0.5 expected), and, for the diffusion family,
 ``first_clip_mean_abs_diff``: the mean absolute pixel difference (0-255) of the first clips
 (the samplers start from the same noise, so this is rounding, not another draw; token models
 sample other tokens as soon as a logit rounds differently, so their videos are compared only
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import numpy as np
@@ -48,19 +50,25 @@ def run(gen, model: str, frames: int, streams: int) -> tuple[float, np.ndarray]:
     return seconds, first
 
 
-def measure(model: str, frames: int, streams: int, device: str) -> dict[str, object]:
+def measure(model: str, frames: int, streams: int, device: str, repeats: int) -> dict[str, object]:
     out: dict[str, object] = {}
-    firsts = {}
-    for dtype in ("float32", "bfloat16"):
-        gen = load_generator(model, max_streams=streams, device=device, dtype=dtype)
+    dtypes = ("float32", "bfloat16")
+    gens = {d: load_generator(model, max_streams=streams, device=device, dtype=d) for d in dtypes}
+    for gen in gens.values():
         run(gen, model, gen.clip_len, streams)  # warm-up: one clip
-        seconds, firsts[dtype] = run(gen, model, frames, streams)
-        out[f"{dtype}_frames_per_s"] = round(frames * streams / seconds, 2)
-        out[f"{dtype}_cache_bytes"] = gen.cache.spec.nbytes
-        family = gen.family
+    times: dict[str, list[float]] = {d: [] for d in dtypes}
+    firsts = {}
+    for _ in range(repeats):  # in turn, so that a load from elsewhere falls on both alike
+        for dtype, gen in gens.items():
+            seconds, firsts[dtype] = run(gen, model, frames, streams)
+            times[dtype].append(seconds)
+    for dtype, gen in gens.items():
+        out[f"{dtype}_frames_per_s"] = round(frames * streams / statistics.median(times[dtype]), 2)
+        out[f"{dtype}_cache_bytes"] = gen.cache.nbytes  # its K/V tensors, as allocated
+    out["repeats"] = repeats
     out["bf16_speedup"] = round(out["bfloat16_frames_per_s"] / out["float32_frames_per_s"], 3)
     out["cache_ratio"] = round(out["bfloat16_cache_bytes"] / out["float32_cache_bytes"], 3)
-    if family == "diffusion":
+    if gens["float32"].family == "diffusion":
         diff = np.abs(firsts["float32"].astype(int) - firsts["bfloat16"].astype(int))
         out["first_clip_mean_abs_diff"] = round(float(diff.mean()), 3)
     return out
@@ -73,6 +81,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on a CPU")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, medians")
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
@@ -83,7 +92,7 @@ def main() -> None:
         "machine": describe_machine(args.device),
     }
     for model in args.models.split(","):
-        result[model] = measure(model, args.frames, args.streams, args.device)
+        result[model] = measure(model, args.frames, args.streams, args.device, args.repeats)
         print(model, result[model], flush=True)
     print(json.dumps(result))
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -87,12 +88,16 @@ def main() -> None:
                 writer.write(world.trajectory(frames).frames)
             runs[frames] = {mode: run(mode, video) for mode in ("baseline", "streamed", "whole")}
             streamed, whole = runs[frames]["streamed"], runs[frames]["whole"]
+            if streamed["figures"].keys() != whole["figures"].keys():
+                raise SystemExit(f"{frames} frames: streamed and whole give other figures")
             for key, value in whole["figures"].items():
-                if abs(streamed["figures"][key] - value) > 1e-9 * max(1.0, abs(value)):
-                    raise SystemExit(
-                        f"{frames} frames: {key} streamed {streamed['figures'][key]}"
-                        f" != whole {value}"
-                    )
+                got = streamed["figures"][key]
+                # Equal (inf too: inf - inf is NaN, which no tolerance test catches), both
+                # NaN, or within a relative 1e-9.
+                numbers = all(isinstance(x, int | float) for x in (got, value))
+                same = got == value or (numbers and math.isnan(got) and math.isnan(value))
+                if not (same or (numbers and abs(got - value) <= 1e-9 * max(1.0, abs(value)))):
+                    raise SystemExit(f"{frames} frames: {key} streamed {got} != whole {value}")
         for frames, modes in runs.items():
             for mode in ("baseline", "streamed", "whole"):
                 out[f"{mode}_peak_mb_{frames}"] = round(modes[mode]["peak_mb"], 1)

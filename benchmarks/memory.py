@@ -62,6 +62,8 @@ def main() -> None:
         child(args.model, args.child, args.steps)
         return
     lengths = [int(x) // 8 * 8 for x in args.frames.split(",")]
+    if min(lengths) < 8:  # 0 is the child flag's "not a child": the child would rerun all this
+        parser.error(f"--frames must be whole clips of 8 frames or more, got {args.frames}")
     peaks = {}
     for frames in [-1, *lengths]:
         proc = subprocess.run(

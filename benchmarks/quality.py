@@ -73,6 +73,9 @@ from vidgen.worlds.bouncing import BOUNCING_PALETTE, BouncingShapes, BouncingSha
 TRUE_SPEED = (BouncingShapesConfig().min_speed + BouncingShapesConfig().max_speed) / 2
 
 
+REFERENCE_FRAMES = 256  # frames of real videos and round trips scored (see main)
+
+
 def score_video(frames: np.ndarray, label: int, clip_len: int) -> dict[str, float | None]:
     return scene_metrics(
         frames, BOUNCING_PALETTE, expected_count=label, clip_len=clip_len, true_speed=TRUE_SPEED
@@ -323,7 +326,11 @@ def main() -> None:
         "reencode": args.reencode,
         "contrast": args.contrast,
         "eta": args.eta,
-        "real_videos": real_figures(min(args.frames, 256), labels, seeds, clip_len=8),
+        # The real videos and the tokenizers' round trips of them are scored over their first
+        # REFERENCE_FRAMES frames (their figures hardly move with length, and a LARP round
+        # trip of 512 frames costs minutes): named here, beside the generated videos' length.
+        "reference_frames": min(args.frames, REFERENCE_FRAMES),
+        "real_videos": real_figures(min(args.frames, REFERENCE_FRAMES), labels, seeds, clip_len=8),
     }
     reference = others = None
     if args.fvd_clips:
@@ -359,7 +366,7 @@ def main() -> None:
             **sampling,
         )
         trip = tokenizer_round_trip(
-            name, min(args.frames, 256), labels, seeds, args.device, args.dtype
+            name, min(args.frames, REFERENCE_FRAMES), labels, seeds, args.device, args.dtype
         )
         result[name]["tokenizer_round_trip"] = trip
         gen = None

@@ -215,10 +215,12 @@ def main() -> None:
     if args.memory_child:
         memory_child(args.model, args.memory_child, args.steps)
         return
+    frames = args.frames // 8 * 8
+    memory_frames = [int(x) // 8 * 8 for x in args.memory_frames.split(",")]
+    if min(frames, *memory_frames) < 8:  # 0 would be the child flag's "not a child"
+        parser.error("--frames and --memory-frames must be whole clips of 8 frames or more")
     with tempfile.TemporaryDirectory() as tmp:
         model = model_or_random(args.model, Path(tmp))
-        frames = args.frames // 8 * 8
-        memory_frames = [int(x) // 8 * 8 for x in args.memory_frames.split(",")]
         t_local, t_piped, local_video = in_process_seconds(model, frames, args.steps)
         ray.init(
             address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False

@@ -151,8 +151,9 @@ def test_dtype_benchmark_compares_the_two_dtypes_of_one_model(family, tmp_path):
     import dtype
 
     model = save_test_generators(tmp_path)[family]
-    got = dtype.measure(model, frames=16, streams=2, device="cpu")
+    got = dtype.measure(model, frames=16, streams=2, device="cpu", repeats=2)
     assert got["float32_frames_per_s"] > 0 and got["bfloat16_frames_per_s"] > 0
+    assert got["repeats"] == 2
     assert got["cache_ratio"] == 0.5
     assert got["bfloat16_cache_bytes"] * 2 == got["float32_cache_bytes"]
     if family == "diffusion":  # the same noise: rounding apart, not another video
@@ -255,3 +256,17 @@ def test_the_machine_line_names_the_cpu_model_threads_and_torch(monkeypatch):
         names = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln]
         if names:
             assert machine.cpu_model() == names[0].split(":", 1)[1].strip()
+
+
+def test_cache_benchmark_times_a_whole_clip_with_its_read_and_write():
+    """The per-step figure leaves out what only the cached path pays once per clip (reading
+    the cache, the write pass); the per-clip figure counts them. Both paths must first agree
+    (the script asserts it), and the write must keep the timed cache full."""
+    import cache
+
+    got = cache.compare("test", repeats=1, clip_steps=2)
+    assert got["max_abs_diff"] < 1e-4 and got["clip_steps"] == 2
+    assert got["cached_clip_ms"] > 0 and got["recompute_clip_ms"] > 0
+    ratio = got["recompute_clip_ms"] / got["cached_clip_ms"]  # of the rounded times
+    assert got["speedup_per_clip"] == pytest.approx(ratio, rel=0.05)
+    assert "speedup_per_clip" not in cache.compare("test", repeats=1)
