@@ -151,14 +151,18 @@ def test_a_render_of_an_out_being_rendered_fails_before_ray_starts(
     [
         (np.zeros(10, dtype=np.int64), "actions must have one entry per frame (16), got 10"),
         ("npz", "must be a .npy array, got an .npz archive"),
+        ("empty", "is not a readable .npy array"),  # np.load raised EOFError: a traceback
     ],
 )
 def test_bad_actions_fail_before_ray_starts(tmp_path, capsys, connects, actions, message):
     inputs = tmp_path / "in"
     inputs.mkdir()
-    if isinstance(actions, str):
+    if isinstance(actions, str) and actions == "npz":
         path = inputs / "a.npz"
         np.savez(path, actions=np.zeros(16, dtype=np.int64))
+    elif isinstance(actions, str):  # "empty"
+        path = inputs / "a.npy"
+        path.write_bytes(b"")
     else:
         path = inputs / "a.npy"
         np.save(path, actions)

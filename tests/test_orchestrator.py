@@ -456,6 +456,81 @@ def test_a_batch_item_done_for_another_request_is_skipped_with_a_warning(models,
         assert all(item.request.context is None for item in items)
 
 
+def test_a_batchs_bad_lines_never_mix_their_rows_with_another_items(models, tmp_path, caplog):
+    """A bad line's rows went under ``line-N``, which a real item may be called (its error
+    then hidden as done); a duplicate's under the first item's id (their errors replaced each
+    other as its last: two new rows each run); an id with a trailing newline passed; a line
+    of a done item now refused was dropped without a word."""
+    from workers.jobs.render import parse_manifest, run_batch
+
+    model = models["diffusion"]
+    manifest, out = tmp_path / "items.jsonl", tmp_path / "out"
+    out.mkdir()
+    executor = LocalExecutor(GeneratorWorker(model, max_streams=2))
+    good = {"model": model, "frames": 8, "seed": 1, "steps": 2, "label": 1}
+    lines = [
+        {"id": "line-2", **good},
+        "{not json",
+        {"id": "a", **good, "label": 99},  # fails when it runs
+        {"id": "a", **good},  # the duplicate
+        {"id": "b\n", **good},
+    ]
+    manifest.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines))
+    rows = run_batch(parse_manifest(manifest, out, 1000), out, lambda m: [executor])
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["line-2"]["status"] == "ok" and "JSON" in by_id["line 2"]["error"]
+    assert "appears twice" in by_id["line 4"]["error"] and "label" in by_id["a"]["error"]
+    assert "plain file name" in by_id["line 5"]["error"]
+    assert sorted(p.name for p in out.glob("*.mp4")) == ["line-2.mp4"]
+    before = (out / "results.jsonl").read_text()
+    run_batch(parse_manifest(manifest, out, 1000), out, lambda m: [executor])
+    assert (out / "results.jsonl").read_text() == before  # the same errors: no new rows
+    # The done item's line, now refused: it stays done, with a warning.
+    lines[0] = {"id": "line-2", **good, "steps": 0}
+    manifest.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines))
+    caplog.clear()
+    assert "line-2" not in {
+        r["id"] for r in run_batch(parse_manifest(manifest, out, 1000), out, lambda m: [executor])
+    }
+    assert "line-2: skipped as done, but its manifest line (line 1) is now refused" in caplog.text
+
+
+def test_a_manifests_relative_context_is_beside_the_manifest(models, tmp_path, monkeypatch):
+    """It was looked for in the working directory: refused when the job ran elsewhere (as
+    under Ray Jobs), or another file of that name taken."""
+    from vidgen.io import VideoWriter
+    from workers.jobs.render import parse_manifest
+
+    (tmp_path / "data").mkdir()
+    with VideoWriter(tmp_path / "data" / "start.mp4", lossless=True) as writer:
+        writer.write(np.full((8, 32, 32, 3), 90, np.uint8))
+    manifest = tmp_path / "data" / "items.jsonl"
+    line = {"id": "a", "model": models["diffusion"], "frames": 8, "context": "start.mp4"}
+    manifest.write_text(json.dumps(line) + "\n")
+    monkeypatch.chdir(tmp_path)
+    (item,) = parse_manifest(manifest, tmp_path, 1000)
+    assert item.error is None and item.context == str(tmp_path / "data" / "start.mp4")
+
+
+def test_a_batch_item_killed_while_its_parts_were_removed_is_not_rendered_again(models, tmp_path):
+    """``finish`` unlinks the truth, then the folder: a kill between left a folder with no
+    resume point, and the finished video was rendered again from clip 0."""
+    from workers.jobs.render import parse_manifest, run_batch
+
+    model = models["diffusion"]
+    manifest, out = tmp_path / "items.jsonl", tmp_path / "out"
+    out.mkdir()
+    line = {"id": "a", "model": model, "frames": 16, "seed": 1, "steps": 2, "label": 1}
+    manifest.write_text(json.dumps(line) + "\n")
+    executor = LocalExecutor(GeneratorWorker(model, max_streams=2))
+    run_batch(parse_manifest(manifest, out, 1000), out, lambda m: [executor])
+    made = (out / "a.mp4").stat().st_mtime_ns
+    (out / "results.jsonl").unlink()  # killed before its row was written ...
+    parts_folder(out / "a.mp4").mkdir()  # ... and while its parts folder was removed
+    (row,) = run_batch(parse_manifest(manifest, out, 1000), out, lambda m: [executor])
+    assert row["status"] == "ok" and (out / "a.mp4").stat().st_mtime_ns == made
+
+
 class Dead(LocalExecutor):
     """Dies for good at step call ``die_at`` (its restarts used up: ``recover`` raises)."""
 

@@ -505,8 +505,8 @@ def test_batch_job_resumes_after_its_driver_is_killed(ray_session, models, tmp_p
     for item_id in done_first:
         assert sum(r["status"] == "ok" for r in by_id[item_id]) == 1  # skipped, not redone
     errors = {i: rs[-1]["error"] for i, rs in by_id.items() if i not in ok}
-    assert ("line-2" in errors and "JSON" in errors["line-2"]) or "Expecting" in errors["line-2"]
-    assert "plain file name" in errors["line-4"]
+    assert ("line 2" in errors and "JSON" in errors["line 2"]) or "Expecting" in errors["line 2"]
+    assert "plain file name" in errors["line 4"]
     assert "no-such-model" in errors["c"] and "frames" in errors["d"] and "colour" in errors["e"]
     for item_id, frames in (("a", 32), ("b", 24), ("f", 48)):
         row = next(r for r in by_id[item_id] if r["status"] == "ok")

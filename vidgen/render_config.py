@@ -137,7 +137,7 @@ def load_actions(path: str | Path, name: str = "actions") -> np.ndarray:
     errors."""
     try:
         actions = np.load(Path(path).expanduser(), allow_pickle=False)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, EOFError) as err:  # EOFError: an empty file
         raise ValueError(f"{name}={str(path)!r} is not a readable .npy array: {err}") from err
     if not isinstance(actions, np.ndarray):  # an .npz archive
         actions.close()

@@ -128,6 +128,9 @@ class SegmentSink:
             raise
 
 
+TRUTH_FILE = "truth.safetensors"  # a render's resume point, in its parts folder
+
+
 def parts_folder(out: Path) -> Path:
     """``.<out's name>.parts`` beside ``out``; a name too long for that (a file name has at
     most 255 bytes) is shortened and made unique by its hash."""
@@ -216,7 +219,7 @@ def _resume_point(
         raise ValueError(
             f"{folder} holds segments of an older vidgen (seg_*.mp4); delete it to render anew"
         )
-    truth_path = folder / "truth.safetensors"
+    truth_path = folder / TRUTH_FILE
     truth = load_snapshot(truth_path) if truth_path.exists() else None
     done = truth.next_clip if truth is not None else 0
     # Checked before any segment is removed below: the guard names the request, but the
@@ -466,7 +469,7 @@ class RenderJob:
 
     def _save_truth(self, clips: int) -> None:
         truth = self.orchestrator.streams[self.key].truth_at(clips)
-        save_snapshot(self.folder / "truth.safetensors", truth)
+        save_snapshot(self.folder / TRUTH_FILE, truth)
 
     def abandon(self) -> None:
         """Give up on this render (its stream cannot go on, or the caller stopped): its
@@ -513,7 +516,7 @@ class RenderJob:
             ) from err
         # The truth goes first: a kill part way through the removal must not leave a truth
         # whose segments are gone (a re-run would join what is left over the whole video).
-        (self.folder / "truth.safetensors").unlink(missing_ok=True)
+        (self.folder / TRUTH_FILE).unlink(missing_ok=True)
         shutil.rmtree(self.folder)
         self.orchestrator.forget(self.key)
         self._unlock()
@@ -575,11 +578,14 @@ def finished_render(
     dtype: str = "float32",
 ) -> dict[str, Any] | None:
     """The provenance of a render of ``request`` already finished at ``out`` (its mp4 and
-    sidecar there, its parts folder gone; same request, weights and ``lossless``), else
-    None: a batch item killed after its video was joined but before its result row was
-    written is recorded, not rendered again."""
+    sidecar there, no resume point in its parts folder; same request, weights and
+    ``lossless``), else None: a batch item killed after its video was joined but before its
+    result row was written is recorded, not rendered again. A parts folder left without its
+    truth (a kill while ``finish`` removed it: the truth goes first) holds nothing to resume
+    from; the finished video stands."""
     sidecar = out.with_suffix(".json")
-    if not (out.is_file() and sidecar.is_file()) or parts_folder(out).exists():
+    resumable = (parts_folder(out) / TRUTH_FILE).exists()
+    if not (out.is_file() and sidecar.is_file()) or resumable:
         return None
     try:
         provenance = json.loads(sidecar.read_text())

@@ -45,7 +45,7 @@ from workers.render import RenderJob, finished_render
 
 log = logging.getLogger("workers.jobs.render")
 
-SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # whole (fullmatch): no "a\n"
 
 
 @dataclass
@@ -64,7 +64,9 @@ def parse_manifest(path: Path, out: Path, max_frames: int) -> list[Item]:
     for n, line in enumerate(path.read_bytes().splitlines(), start=1):
         if not line.strip():
             continue
-        item = Item(id=f"line-{n}", line=n)
+        # Until its own id is read and found unique, a line's rows go under a name no id
+        # can take (SAFE_ID has no spaces): never mixed with another item's rows.
+        item = Item(id=f"line {n}", line=n)
         items.append(item)
         try:
             try:  # a line at a time: one that is not UTF-8 is that line's error alone
@@ -76,10 +78,11 @@ def parse_manifest(path: Path, out: Path, max_frames: int) -> list[Item]:
             data = json.loads(raw)
             if not isinstance(data, dict):
                 raise ValueError("a manifest line must be a JSON object")
-            item.id = _check_id(data.pop("id", None), out)
-            if item.id in seen:
-                raise ValueError(f"id {item.id!r} appears twice in the manifest")
-            seen.add(item.id)
+            ident = _check_id(data.pop("id", None), out)
+            if ident in seen:
+                raise ValueError(f"id {ident!r} appears twice in the manifest")
+            seen.add(ident)
+            item.id = ident
             context = data.pop("context", None)
             request = GenerationRequest.from_json(data)
             if request.frames > max_frames:
@@ -92,8 +95,10 @@ def parse_manifest(path: Path, out: Path, max_frames: int) -> list[Item]:
             for key in ("context_action", "context_actions"):  # refused now, not at its turn
                 if context is None and getattr(request, key) is not None:
                     raise ValueError(f"{key} needs a context (the path of an mp4)")
-            if context is not None and not Path(context).expanduser().is_file():
-                raise ValueError(f"context {context!r} is not a file")
+            if context is not None:  # a relative path is the manifest's, wherever it runs
+                context = str(path.parent / Path(context).expanduser())
+                if not Path(context).is_file():
+                    raise ValueError(f"context {context!r} is not a file")
             item.request, item.context = request, context
         except (ValueError, TypeError, checkpoint.CheckpointError, OSError) as err:
             item.error = f"{type(err).__name__}: {err}"
@@ -101,7 +106,7 @@ def parse_manifest(path: Path, out: Path, max_frames: int) -> list[Item]:
 
 
 def _check_id(value: Any, out: Path) -> str:
-    if not isinstance(value, str) or not SAFE_ID.match(value):
+    if not isinstance(value, str) or not SAFE_ID.fullmatch(value):
         raise ValueError(
             f"id must be a plain file name (letters, digits, '.', '_', '-'), got {value!r}"
         )
@@ -219,6 +224,13 @@ def run_batch(
         if item.error is not None and item.id not in results.ok:
             rows.append(_error_row(item, item.error))
             results.add(rows[-1])
+        elif item.error is not None:  # its video is done: it stays done, but say so
+            log.warning(
+                "%s: skipped as done, but its manifest line (line %d) is now refused: %s",
+                item.id,
+                item.line,
+                item.error,
+            )
     for item in items:
         made = results.made_for.get(item.id)
         req = item.request
