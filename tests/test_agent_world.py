@@ -410,3 +410,15 @@ def test_iter_trajectory_pieces_equal_the_whole() -> None:
         np.testing.assert_array_equal(
             np.concatenate([getattr(p, name) for p in pieces]), getattr(whole, name)
         )
+
+
+def test_an_empty_room_barely_larger_than_agent_and_box_lays_out():
+    """With no obstacles the box took the widest margins that fit (4 px each side in a
+    16 px room), leaving the agent no room, and every try failed alike: an accepted config
+    that could never make a room (the error blamed obstacles it did not have)."""
+    from vidgen.worlds.agent import AgentWorld, AgentWorldConfig
+
+    cfg = AgentWorldConfig(size=24, min_obstacles=0, max_obstacles=0)
+    for seed in range(5):
+        state = AgentWorld(cfg, seed=seed).state
+        assert state.agent != state.box

@@ -302,3 +302,25 @@ def test_held_out_videos_reached_through_links_are_not_trained_on(tmp_path):
     (real / "x.mp4").write_bytes(b"x")
     (data / "alias").symlink_to(real, target_is_directory=True)
     assert "x.mp4" not in [p.name for p in video_files(data, exclude=real)]
+
+
+def test_a_held_out_folder_that_is_not_there_is_refused_not_ignored(tmp_path, monkeypatch):
+    """A typo in data.eval_root (or an exclude meant inside root) excluded nothing: the
+    held-out videos were trained on, and with eval_clips=0 nothing said so."""
+    from vidgen.data import VideoFolder
+    from vidgen.data.loader import folder_split
+
+    data = tmp_path / "data"
+    (data / "val").mkdir(parents=True)
+    frames = BouncingShapes(seed=0).trajectory(8).frames
+    _write(data / "a.mp4", frames)
+    _write(data / "val" / "held.mp4", frames)
+    for split in ("train", "eval"):
+        cfg = DataConfig(name="folder", root=str(data), eval_root=str(data / "vall"))
+        with pytest.raises(FileNotFoundError, match="data.eval_root=.*vall' is not a folder"):
+            folder_split(cfg, split)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="exclude 'val' is not a folder"):
+        VideoFolder(data, clip_len=4, exclude="val")  # the working directory's, not root's
+    kept = VideoFolder(data, clip_len=4, exclude="data/val")
+    assert [p.name for p in kept.files] == ["a.mp4"]

@@ -59,8 +59,10 @@ def video_files(root: Path, exclude: Path | None = None) -> list[Path]:
 
 class VideoFolder(Dataset):
     """Clips of ``clip_len`` frames every ``stride`` frames from each video under ``root``
-    (searched recursively; those under ``exclude``, a folder inside it, left out), resized
-    (shorter side) and centre-cropped to ``size``.
+    (searched recursively; those under ``exclude``, a folder, left out wherever they are
+    reached from: a relative ``exclude`` is the working directory's, as every path given on
+    the command line is, and one that is not a folder is refused rather than excluding
+    nothing), resized (shorter side) and centre-cropped to ``size``.
 
     Every file is probed when the dataset is built, so a corrupt file fails at once with a
     ``VideoReadError`` naming it instead of in the middle of training. Items have the same
@@ -84,6 +86,10 @@ class VideoFolder(Dataset):
         check_int("stride", stride, minimum=1)
         _parse_size(size)  # a bad size was only found at the first item, blamed on its file
         self.clip_len, self.size, self.stride = clip_len, size, stride
+        if exclude is not None and not Path(exclude).expanduser().is_dir():
+            # A typo (or a path meant inside root) excluded nothing: the held-out videos
+            # were trained on without a word.
+            raise FileNotFoundError(f"exclude {str(exclude)!r} is not a folder")
         self.files = video_files(self.root, None if exclude is None else Path(exclude))
         if not self.files:
             raise FileNotFoundError(

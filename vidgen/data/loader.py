@@ -134,7 +134,11 @@ def folder_split(cfg: DataConfig, split: str) -> tuple[Path, Path | None]:
         key, root = "data.eval_root", held_out
     if not root.is_dir():
         raise FileNotFoundError(f"{key}={str(root)!r} is not a folder")
-    if held_out is None or not held_out.is_dir():
+    if held_out is not None and not held_out.is_dir():
+        # For the training split too: a typo excluded nothing, and with eval_clips=0 (no
+        # eval split built) nothing else would have said so.
+        raise FileNotFoundError(f"data.eval_root={str(held_out)!r} is not a folder")
+    if held_out is None:
         return root, None
     train, evals = Path(cfg.root).expanduser().resolve(), held_out.resolve()
     if train == evals:

@@ -3,8 +3,8 @@
 Item ``i`` is a pure function of (seed, split, i): its world, the world's seed and where in
 the world's (unbounded) video the clip starts. A dataset therefore needs no storage, any
 worker can make any item, and the ``eval`` split draws its world seeds from a stream of its
-own: two splits share a world seed only by a 32-bit hash collision (for 8,192 training
-clips and 256 eval clips, a chance of about 1 in 2,000 that some pair does).
+own, offset past every 32-bit seed (``EVAL_SEED_OFFSET``): no eval world is a training
+world (``item_seed``).
 """
 
 from __future__ import annotations

@@ -375,22 +375,23 @@ def _sample_layout(
         if not np.isfinite(_distance_field(corners, _first(corners))[corners]).all():
             continue
         # Room for the agent (plus 1 px) on every side lets the box be pushed any way; a
-        # small or crowded room settles for the most it has, at least 1 px.
+        # small or crowded room settles for the most it has, at least 1 px, and less again
+        # where the box so placed leaves the agent no room (an empty room barely larger than
+        # the two: a box centred with wide margins fills it).
         for c in range(cfg.agent_size + 1, 0, -1):
             box = _pick_free(occupied, cfg.box_size + 2 * c, rng)
-            if box is not None:
-                break
-        if box is None:
-            continue
-        box = (box[0] + c, box[1] + c)
-        occupied[box[1] : box[1] + cfg.box_size, box[0] : box[0] + cfg.box_size] = True
-        agent = _pick_free(occupied, cfg.agent_size, rng)
-        if agent is None:
-            continue
-        return rects, (float(agent[0]), float(agent[1])), (float(box[0]), float(box[1]))
+            if box is None:
+                continue
+            box = (box[0] + c, box[1] + c)
+            placed = occupied.copy()
+            placed[box[1] : box[1] + cfg.box_size, box[0] : box[0] + cfg.box_size] = True
+            agent = _pick_free(placed, cfg.agent_size, rng)
+            if agent is not None:
+                return rects, (float(agent[0]), float(agent[1])), (float(box[0]), float(box[1]))
     raise RuntimeError(
-        f"could not lay out a room in {_LAYOUT_ATTEMPTS} random tries; use fewer or smaller "
-        f"obstacles than {cfg}"
+        f"could not lay out a room in {_LAYOUT_ATTEMPTS} random tries: the agent, the box and "
+        f"the obstacles do not fit together; use a larger room, or fewer or smaller obstacles "
+        f"than {cfg}"
     )
 
 
