@@ -295,5 +295,7 @@ def test_an_anamorphic_video_is_scored_as_displayed(tmp_path):
     assert as_displayed(clip, 2.0).shape == (2, 64, 64, 3)
     assert as_displayed(clip, 0.5).shape == (2, 128, 32, 3)
     assert as_displayed(clip, 1.0) is clip
+    assert as_displayed(clip, np.float32(2.0)).shape == (2, 64, 64, 3)  # any real number
+    assert as_displayed(clip, Fraction(1, 2)).shape == (2, 128, 32, 3)
     with pytest.raises(ValueError, match="pixel_aspect must be a positive number"):
         as_displayed(clip, 0.0)

@@ -495,7 +495,7 @@ def test_a_batchs_bad_lines_never_mix_their_rows_with_another_items(models, tmp_
     assert "line-2: skipped as done, but its manifest line (line 1) is now refused" in caplog.text
 
 
-def test_a_manifests_relative_context_is_beside_the_manifest(models, tmp_path, monkeypatch):
+def test_a_manifests_relative_context_is_beside_the_manifest(models, tmp_path, monkeypatch, caplog):
     """It was looked for in the working directory: refused when the job ran elsewhere (as
     under Ray Jobs), or another file of that name taken."""
     from vidgen.io import VideoWriter
@@ -510,6 +510,22 @@ def test_a_manifests_relative_context_is_beside_the_manifest(models, tmp_path, m
     monkeypatch.chdir(tmp_path)
     (item,) = parse_manifest(manifest, tmp_path, 1000)
     assert item.error is None and item.context == str(tmp_path / "data" / "start.mp4")
+    # Done before relative contexts were the manifest's: its row records the path as given,
+    # and it is the same item (no "made for another request" warning).
+    from workers.jobs.render import run_batch
+
+    out = tmp_path / "out"
+    out.mkdir()
+    row = {"id": "a", "status": "ok", "provenance": {"request": item.request.to_json()}}
+    row["provenance"]["context"] = "start.mp4"
+    (out / "results.jsonl").write_text(json.dumps(row) + "\n")
+
+    def no_actors(model):
+        raise AssertionError("a done item was run again")
+
+    with caplog.at_level("WARNING"):
+        assert run_batch(parse_manifest(manifest, out, 1000), out, no_actors) == []
+    assert "skipped as done" not in caplog.text
 
 
 def test_a_batch_item_killed_while_its_parts_were_removed_is_not_rendered_again(models, tmp_path):

@@ -463,12 +463,15 @@ def as_displayed(frames: torch.Tensor, pixel_aspect: float) -> torch.Tensor:
     wide as high (``VideoInfo.pixel_aspect``), resized so that its pixels are square: wider
     when they are shown wide, taller when narrow (never smaller). Square pixels are returned
     as they are."""
+    try:  # any real number: numpy's, a Fraction
+        aspect = float(pixel_aspect)
+    except (TypeError, ValueError):
+        aspect = math.nan
+    if isinstance(pixel_aspect, bool) or not (math.isfinite(aspect) and aspect > 0):
+        raise ValueError(f"pixel_aspect must be a positive number, got {pixel_aspect!r}")
+    pixel_aspect = aspect
     if pixel_aspect == 1:
         return frames
-    if not (isinstance(pixel_aspect, int | float) and math.isfinite(pixel_aspect)) or (
-        pixel_aspect <= 0
-    ):
-        raise ValueError(f"pixel_aspect must be a positive number, got {pixel_aspect!r}")
     height, width = frames.shape[1:3]
     if pixel_aspect > 1:
         size = (height, max(1, round(width * pixel_aspect)))

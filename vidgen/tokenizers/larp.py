@@ -469,9 +469,11 @@ class LARPTokenizer(nn.Module):
         n, k = self.config.num_tokens, self.config.codebook_size
         if ids.ndim != 2 or ids.shape[1] != n or not _is_integer(ids):
             raise ValueError(f"ids must be integer (b, {n}), got {ids.dtype} {tuple(ids.shape)}")
+        # int64 first: uint8 ids would index as a mask, int16 ones not at all, and a narrow
+        # dtype would wrap the codebook size in the range check (1024 is 0 in uint8).
+        ids = ids.long()
         if bool(((ids < 0) | (ids >= k)).any()):  # one check (one device sync)
             raise ValueError(f"ids must lie in [0, {k}), got {int(ids.min())}..{int(ids.max())}")
-        ids = ids.long()  # indices: uint8 would index as a mask, int16 not at all
         codes = self.quantizer.codes()
         if context is None:
             out = self.decode_codes(codes[ids])

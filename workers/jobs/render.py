@@ -55,6 +55,9 @@ class Item:
     request: GenerationRequest | None = None
     context: str | None = None  # an mp4, read once the model's frame size is known
     error: str | None = None
+    # ``context`` as the line gives it: rows written before relative contexts were taken
+    # as the manifest's record it so, and are the same item's.
+    context_given: str | None = None
 
 
 def parse_manifest(path: Path, out: Path, max_frames: int) -> list[Item]:
@@ -96,6 +99,7 @@ def parse_manifest(path: Path, out: Path, max_frames: int) -> list[Item]:
                 if context is None and getattr(request, key) is not None:
                     raise ValueError(f"{key} needs a context (the path of an mp4)")
             if context is not None:  # a relative path is the manifest's, wherever it runs
+                item.context_given = context
                 context = str(path.parent / Path(context).expanduser())
                 if not Path(context).is_file():
                     raise ValueError(f"context {context!r} is not a file")
@@ -240,7 +244,10 @@ def run_batch(
         if (
             req is not None
             and made is not None
-            and (made[0] not in (req.to_json(), req.to_json(canonical=False)) or made[1] != context)
+            and (
+                made[0] not in (req.to_json(), req.to_json(canonical=False))
+                or made[1] not in (context, item.context_given)
+            )
         ):
             log.warning(
                 "%s: skipped as done, but its video was made for another request (the "
