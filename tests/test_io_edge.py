@@ -18,6 +18,7 @@ from vidgen.io import (
     concat_videos,
     iter_video,
     probe_video,
+    read_metadata,
     read_video,
 )
 
@@ -451,3 +452,58 @@ def test_an_anamorphic_video_is_resized_as_displayed(tmp_path):
     plain = _anamorphic(tmp_path / "plain.mp4", stored, Fraction(0, 1))
     assert probe_video(plain).pixel_aspect == 1.0
     assert np.array_equal(read_video(plain, size=32).numpy(), stored)
+
+
+# --- names, tags and cuts FFmpeg reads its own way ---------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".mkv", ".mp4"])
+def test_a_tag_that_is_not_utf8_leaves_the_video_readable(tmp_path, suffix):
+    """An old muxer's Latin-1 title made every read a bare UnicodeDecodeError (PyAV reads
+    tags strictly): the video itself was fine."""
+    path = tmp_path / f"latin1{suffix}"
+    frames = np.full((2, 16, 16, 3), 77, np.uint8)
+    with VideoWriter(path, lossless=True, metadata={"title": "caf\u00e9"}) as writer:
+        writer.write(frames)
+    raw = path.read_bytes()
+    path.write_bytes(raw.replace(b"caf\xc3\xa9", b"caf\xe9!"))  # same length, Latin-1
+    assert probe_video(path).num_frames == 2
+    assert np.array_equal(read_video(path).numpy(), frames)
+    assert read_metadata(path)["title"].startswith("caf")
+
+
+def test_an_mp4_cut_inside_its_index_is_a_video_read_error(tmp_path):
+    """Cut inside its moov, the stream has no codec parameters: an AttributeError escaped
+    where a VideoReadError naming the file is promised."""
+    src = tmp_path / "src.mp4"
+    with VideoWriter(src) as writer:
+        writer.write(np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8))
+    data = src.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    for end in range(len(data) - 1, len(data) - 600, -1):
+        cut.write_bytes(data[:end])
+        try:
+            probe_video(cut)
+        except VideoReadError as err:
+            assert "cut.mp4" in str(err)
+
+
+def test_a_relative_name_with_a_colon_is_a_file_not_a_protocol(tmp_path, monkeypatch):
+    """FFmpeg took `run-12:30.mp4` for the protocol `run-12`: reads said "not a video?" and
+    the writer raised ProtocolNotFoundError. A probe's info names the file however it is
+    written (relative or absolute)."""
+    monkeypatch.chdir(tmp_path)
+    frames = np.full((2, 16, 16, 3), 40, np.uint8)
+    with VideoWriter("run-12:30.mp4", lossless=True) as writer:
+        writer.write(frames)
+    assert np.array_equal(read_video("run-12:30.mp4").numpy(), frames)
+    info = probe_video(tmp_path / "run-12:30.mp4")
+    assert read_video("run-12:30.mp4", info=info).shape[0] == 2
+
+
+def test_a_frame_rate_below_the_least_is_refused_not_rounded_up(tmp_path):
+    with pytest.raises(ValueError, match="fps must be >= 1/1001"):
+        VideoWriter(tmp_path / "slow.mp4", fps=0.0006)  # was written at 1/1001
+    with VideoWriter(tmp_path / "least.mp4", fps=1 / 1001, lossless=True) as writer:
+        writer.write(np.zeros((1, 16, 16, 3), np.uint8))
+    assert probe_video(tmp_path / "least.mp4").num_frames == 1

@@ -161,11 +161,28 @@ def _open_input(path: Path) -> Any:
         raise VideoReadError(f"video file {path} is empty (0 bytes)")
     _require_av(f"reading {path}")
     try:
-        return av.open(str(path))
+        # Tags that are not UTF-8 (an old muxer's Latin-1 title) must not make the video
+        # unreadable: they are read with replacement characters.
+        return av.open(_ffmpeg_path(path), metadata_errors="replace")
     except (av.FFmpegError, OSError) as err:
         raise VideoReadError(
             f"cannot open {path} as a video container (truncated or not a video?): {err}"
         ) from err
+
+
+def _ffmpeg_path(path: Path) -> str:
+    """``path`` as FFmpeg must be given it: absolute, so that a relative name with a colon
+    (``run-12:30.mp4``) is not taken for a protocol prefix (``run-12:``)."""
+    return os.path.abspath(path)
+
+
+def _codec_context(stream: Any, path: Path) -> Any:
+    """The stream's codec context; an mp4 cut inside its index has none."""
+    if stream.codec_context is None:
+        raise VideoReadError(
+            f"{path}: its video stream has no codec parameters (truncated inside its index?)"
+        )
+    return stream.codec_context
 
 
 def _video_stream(container: Any, path: Path) -> Any:
@@ -382,7 +399,7 @@ def probe_video(path: PathLike) -> VideoInfo:
     with _open_input(path) as container:
         identity = _identity(path)
         stream = _video_stream(container, path)
-        ctx = stream.codec_context
+        ctx = _codec_context(stream, path)
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         codec = ctx.name
         width, height = ctx.width, ctx.height
@@ -520,7 +537,7 @@ _DECORD_FAILED: set[Path] = set()  # files decord failed on (its warning is logg
 
 def _read_decord(decord: Any, info: VideoInfo, indices: range) -> np.ndarray | None:
     """Decode `indices` with decord; None when it reports fewer frames than the probe."""
-    reader = decord.VideoReader(str(info.path), ctx=decord.cpu(0), num_threads=1)
+    reader = decord.VideoReader(_ffmpeg_path(info.path), ctx=decord.cpu(0), num_threads=1)
     available = len(reader)
     if available < indices.stop:
         logger.warning(
@@ -620,7 +637,7 @@ def _probed(path: PathLike, info: VideoInfo | None) -> VideoInfo:
     """``info`` checked to describe ``path`` as it is now, or the file probed afresh."""
     if info is None:
         return probe_video(path)
-    if Path(info.path) != Path(path):
+    if os.path.abspath(info.path) != os.path.abspath(path):  # a relative name is the same
         raise ValueError(f"info describes {info.path}, not {path}")
     if info.identity is not None and _stat_or_none(Path(path)) != info.identity:
         # Replaced or rewritten since: its frames would be read as the probed video's.
@@ -790,7 +807,7 @@ def _open_output(tmp: Path, final: Path, metadata: dict[str, str]) -> Any:
         options["movflags"] = "use_metadata_tags"
         fmt = "mp4" if final.suffix == "" else None
     try:
-        container = av.open(str(tmp), mode="w", format=fmt, options=options)
+        container = av.open(_ffmpeg_path(tmp), mode="w", format=fmt, options=options)
     except ValueError as err:
         raise ValueError(
             f"cannot choose a container format for {final} from its suffix {final.suffix!r}; "
@@ -868,11 +885,12 @@ def _frame_rate(fps: float | Fraction) -> Fraction:
         raise ValueError(f"fps must be a positive finite number, got fps={fps}")
     if fps > MAX_FPS:
         raise ValueError(f"fps must be <= {MAX_FPS} (MAX_FPS), got fps={fps}")
-    # A small denominator keeps the time base exact for rates like 8, 24 or 29.97.
-    rate = Fraction(fps).limit_denominator(1001)
-    if rate < Fraction(1, 1001):
+    # Checked before the rounding below, which would lift 0.0006 to 1/1001; 1/1001 as a
+    # float (a hair below it) passes.
+    if Fraction(fps).limit_denominator(10**9) < Fraction(1, 1001):
         raise ValueError(f"fps must be >= 1/1001 (one frame per 1001 s), got fps={fps}")
-    return rate
+    # A small denominator keeps the time base exact for rates like 8, 24 or 29.97.
+    return Fraction(fps).limit_denominator(1001)
 
 
 class VideoWriter:
@@ -1109,7 +1127,7 @@ class _StreamSignature:
 def _signature(path: Path) -> _StreamSignature:
     with _open_input(path) as container:
         stream = _video_stream(container, path)
-        ctx = stream.codec_context
+        ctx = _codec_context(stream, path)
         return _StreamSignature(
             codec=ctx.name,
             width=ctx.width,
