@@ -600,3 +600,26 @@ def test_guidances_pass_is_trained_by_a_joint_drop_of_label_and_actions(monkeypa
         runs.append((flow_matching_loss(model, x, gen, labels=labels)["loss"], gen.get_state()))
         assert not seen.pop()[0].all()
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_a_context_shared_by_denoising_steps_equals_the_reference(model):
+    """As the generator runs: one ``prepare_context`` per clip, reused by every denoising
+    step (its joined K/V buffers rewritten in place each step). The other equivalence tests
+    read the cache afresh at each call, so a stale buffer (the clip's values of the first
+    step kept) passed them."""
+    clips = 4
+    hist, acts = latents(clips * L, seed=3), actions((clips + 1) * L, seed=4)
+    cache = KVCache(model.cache_spec())
+    s = cache.add_stream()
+    with torch.no_grad():
+        for k in range(clips):
+            ctx = model.prepare_context(cache, [s])
+            for step, t in enumerate((1.0, 0.6, 0.2)):
+                noisy = latents(L, seed=100 * k + step)
+                clip_actions = acts[:, k * L : (k + 1) * L]
+                cond = Cond(t=torch.full((1, L), t), labels=torch.tensor([2]), actions=clip_actions)
+                out = model(noisy, cond, ctx)
+                assert out.std() > 0.1
+                ref = reference(model, hist[:, : k * L], acts[:, : (k + 1) * L], noisy, t, 2)
+                torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+            model.write(hist[:, k * L : (k + 1) * L], cache, [s], actions=clip_actions)

@@ -1373,3 +1373,32 @@ def test_a_failed_commit_of_a_step_with_reencode_changes_no_stream(monkeypatch):
             out.append(clip.data)
     for got, want in zip(made, expected, strict=True):
         assert torch.equal(torch.stack(got), want)
+
+
+def test_the_diffusion_write_pass_renoises_each_clip_from_its_stream_seed():
+    """The finished clip enters the cache lightly re-noised (``prefix_t``) with noise drawn
+    from (seed, clip), as training showed the model its context: a write without the noise
+    passed every other test, which compare the generator with itself."""
+    from vidgen.generators.base import seeded
+    from vidgen.nn import KVCache
+
+    gen = make_generator("diffusion", max_streams=1)
+    req = request_for(gen, guidance=1.0)
+    stream = gen.open(req)
+    (clip,) = gen.step([stream])
+    got = gen.cache.snapshot(stream.slot)["k"]
+    acts = gen._actions([stream], [0])
+    written = []
+    for noise in (torch.randn(clip.data.shape, generator=seeded(req.seed, 0, "context")), None):
+        fresh = KVCache(gen.model.cache_spec())
+        slot = fresh.add_stream()
+        gen.model.write(
+            clip.data[None],
+            fresh,
+            [slot],
+            actions=acts,
+            noise=None if noise is None else noise[None],
+        )
+        written.append(fresh.snapshot(slot)["k"])
+    torch.testing.assert_close(got, written[0], atol=1e-6, rtol=0)
+    assert (got - written[1]).abs().max() > 1e-3
