@@ -432,7 +432,7 @@ def test_a_frame_size_change_midway_names_file_frame_and_sizes(tmp_path):
     for backend in ("auto", "pyav"):
         with pytest.raises(VideoReadError, match=rf"joined\.h264 changes frame size at {sizes}"):
             read_video(joined, backend=backend)
-    with pytest.raises(VideoReadError, match=r"frame 1 is 32x32 but frame 3 is 64x48"):
+    with pytest.raises(VideoReadError, match=r"frame 0 is 32x32 but frame 3 is 64x48"):
         read_video(joined, start=1, size=16, backend="pyav")
     # The part before the change still reads.
     assert read_video(joined, num_frames=3, backend="pyav").shape == (3, 32, 32, 3)

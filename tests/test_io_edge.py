@@ -86,6 +86,14 @@ def test_a_truncated_mkv_is_refused_with_expected_and_found(tmp_path):
     for call in (probe_video, read_video):
         with pytest.raises(VideoReadError, match=expected):
             call(cut)
+    # Cut where its last frame's block starts: one frame short. The slack of one frame (for
+    # a last packet of unknown duration) let it pass, though every duration was known.
+    with av.open(str(full)) as container:
+        last = [p for p in container.demux(video=0) if p.size][-1]
+        assert last.duration
+    cut.write_bytes(data[: last.pos])
+    with pytest.raises(VideoReadError, match=r"packets end at 5\.875 s \(47 frames\)"):
+        probe_video(cut)
 
 
 def _vfr_mkv(path: Path) -> Path:
@@ -201,6 +209,13 @@ def test_an_mkv_that_changes_frame_size_is_not_stretched_by_decord(tmp_path, cap
     assert np.array_equal(next(chunks).numpy(), noise(3, 32, 32)[:2])
     with pytest.raises(VideoReadError, match=r"joined\.mkv changes frame size at frame 3"):
         list(chunks)
+    # A range wholly after the change is refused too (it was read at the new size, unlike
+    # the video's probed one).
+    for start in (3, 4):
+        with pytest.raises(VideoReadError, match=r"changes frame size at frame 3"):
+            read_video(path, start=start, backend="pyav")
+        with pytest.raises(VideoReadError, match=r"changes frame size at frame 3"):
+            list(iter_video(path, start=start))
     info = probe_video(path)
     assert (info.num_frames, info.width, info.height, info.size_changes) == (5, 32, 32, True)
     decord_error = re.escape(f"decord cannot read {path} correctly: it changes frame size")

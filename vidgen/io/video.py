@@ -210,6 +210,7 @@ class _PacketScan:
     end: float | None  # seconds at which the last frame packet ends; None: no timestamps
     sizes: list[tuple[int, int]]  # (width, height) of each decoded keyframe
     rotation: int = 0  # the first decoded keyframe's display rotation (``_display``)
+    end_known: bool = False  # the last packet's duration was given (not taken as 0)
 
 
 def _display(frame: Any) -> tuple[int, bool]:
@@ -306,6 +307,7 @@ def _scan_packets(container: Any, stream: Any, path: Path) -> _PacketScan:
     keyed = False
     key_pts: int | None = None
     end_ticks: int | None = None
+    end_known = False
     sizes: list[tuple[int, int]] = []
     display: tuple[int, bool] | None = None  # the first decoded keyframe's (``_display``)
     ctx = stream.codec_context
@@ -326,7 +328,8 @@ def _scan_packets(container: Any, stream: Any, path: Path) -> _PacketScan:
             counts[keyed and not _leading(packet, key_pts)][untimed] += 1
             if packet.pts is not None:
                 packet_end = packet.pts + (packet.duration or 0)
-                end_ticks = packet_end if end_ticks is None else max(end_ticks, packet_end)
+                if end_ticks is None or packet_end > end_ticks:
+                    end_ticks, end_known = packet_end, bool(packet.duration)
         if keyed:
             for frame in ctx.decode(None):
                 sizes.append((frame.width, frame.height))
@@ -344,8 +347,8 @@ def _scan_packets(container: Any, stream: Any, path: Path) -> _PacketScan:
         logger.warning("%s: its display matrix mirrors the frames; they are read as stored", path)
         rotation = 0
     if not keyed:  # no keyframe flags at all: trust every packet, the decoder will tell
-        return _PacketScan(before, 0, end, sizes, rotation)
-    return _PacketScan(after, before, end, sizes, rotation)
+        return _PacketScan(before, 0, end, sizes, rotation, end_known)
+    return _PacketScan(after, before, end, sizes, rotation, end_known)
 
 
 def _matroska_duration(container: Any, stream: Any) -> float | None:
@@ -376,8 +379,11 @@ def _check_complete(
     claimed = _matroska_duration(container, stream)
     if claimed is None:
         return
-    # One frame: the last packet's duration may be unknown; 1 ms: Matroska's rounding.
-    slack = (1 / float(rate) if rate else 0.0) + 0.001
+    # One frame where the last packet's duration is unknown (its end is then its start),
+    # half of one where it is known (a file one frame short is cut); 1 ms: Matroska's
+    # rounding.
+    frame = 1 / float(rate) if rate else 0.0
+    slack = (frame / 2 if scan.end_known else frame) + 0.001
     if claimed - scan.end <= slack:
         return
     expected = f" (about {round(claimed * rate)} frames at {float(rate):g} fps)" if rate else ""
@@ -581,7 +587,7 @@ def _decoded(container: Any, stream: Any, info: VideoInfo) -> Iterator[Any]:
 
 def _pyav_frames(info: VideoInfo, indices: range) -> Iterator[np.ndarray]:
     """Frames ``indices`` of the file, decoded by PyAV in one pass from its start."""
-    done, first = 0, None
+    done, first = 0, None  # first: frame 0's (height, width) as decoded, before any turn
     # One converter for the whole read: ``frame.to_ndarray(format=...)`` sets up a new
     # swscale context for every frame, which cost 30x the conversion itself (1.6 ms per
     # 64x64 frame, against 0.07 ms); the output is the same.
@@ -593,13 +599,15 @@ def _pyav_frames(info: VideoInfo, indices: range) -> Iterator[np.ndarray]:
             # Decoding from the start is slow for a late `start` but exact; seeking lands on
             # keyframes and frame-accurate seeking in arbitrary files is fragile.
             for index, frame in enumerate(_decoded(container, stream, info)):
+                # Against frame 0, frames before the range too: a range wholly after a size
+                # change was read at the new size, unlike the video's probed one.
+                first = (frame.height, frame.width) if first is None else first
+                _check_same_size(info.path, first, (frame.height, frame.width), index)
                 if index < indices.start:
                     continue
                 array = reformatter.reformat(frame, format="rgb24").to_ndarray()
                 if info.rotation:  # as displayed (np.rot90 turns counterclockwise)
                     array = np.ascontiguousarray(np.rot90(array, info.rotation // 90))
-                first = array.shape if first is None else first
-                _check_same_size(info.path, indices.start, first, array.shape, done)
                 done += 1
                 yield array
                 if done == len(indices):
@@ -619,17 +627,15 @@ def _read_pyav(info: VideoInfo, indices: range) -> np.ndarray:
     return np.stack(list(_pyav_frames(info, indices)))
 
 
-def _check_same_size(
-    path: Path, start: int, first: tuple[int, ...], last: tuple[int, ...], offset: int
-) -> None:
-    """Raise unless frame ``start + offset`` (of shape ``last``) has the size of frame
-    ``start`` (``first``): a stream that changes size midway (joined raw H.264 of two sizes)
+def _check_same_size(path: Path, first: tuple[int, int], size: tuple[int, int], index: int) -> None:
+    """Raise unless frame ``index`` (``size``, height and width as stored) has the size of
+    frame 0 (``first``): a stream that changes size midway (joined raw H.264 of two sizes)
     cannot be one (T, H, W, 3) tensor."""
-    if last != first:
+    if size != first:
         raise VideoReadError(
-            f"{path} changes frame size at frame {start + offset}: frame {start} is "
-            f"{first[1]}x{first[0]} but frame {start + offset} is {last[1]}x{last[0]} "
-            "(width x height); a video must keep one frame size to be read as a tensor"
+            f"{path} changes frame size at frame {index}: frame 0 is {first[1]}x{first[0]} "
+            f"but frame {index} is {size[1]}x{size[0]} (width x height); a video must keep "
+            "one frame size to be read as a tensor"
         )
 
 
