@@ -1402,3 +1402,16 @@ def test_the_diffusion_write_pass_renoises_each_clip_from_its_stream_seed():
         written.append(fresh.snapshot(slot)["k"])
     torch.testing.assert_close(got, written[0], atol=1e-6, rtol=0)
     assert (got - written[1]).abs().max() > 1e-3
+
+
+def test_a_label_for_a_model_without_labels_is_refused_as_such():
+    """It said "label must be in [0, 0) or None", an empty range, not that the model takes
+    no labels."""
+    from vidgen.generators import DiffusionClipGenerator
+
+    ae = randomize_(KLAutoencoder(KL_CONFIGS["test"]), seed=2, std=0.1)
+    cfg = dataclasses.replace(CA2VDM_CONFIGS["test"], num_classes=0)
+    gen = DiffusionClipGenerator(randomize_(CausalVideoDiT(cfg), seed=1), ae, max_streams=2)
+    with pytest.raises(ValueError, match="label must be None: this model takes no labels"):
+        gen.open(GenerationRequest(model="test", frames=cfg.clip_len, label=1))
+    gen.close(gen.open(GenerationRequest(model="test", frames=cfg.clip_len, label=None)))

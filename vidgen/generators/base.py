@@ -501,6 +501,8 @@ def check_frames_and_label(request: GenerationRequest, clip_len: int, num_classe
     """The checks every generator makes of a request: whole clips, a known label."""
     if request.frames % clip_len:
         raise ValueError(f"frames must be a multiple of clip_len={clip_len}, got {request.frames}")
+    if request.label is not None and num_classes == 0:
+        raise ValueError(f"label must be None: this model takes no labels, got {request.label}")
     if request.label is not None and not 0 <= request.label < num_classes:
         raise ValueError(f"label must be in [0, {num_classes}) or None, got {request.label}")
 

@@ -483,7 +483,8 @@ class TokenClipGenerator:
             raise ValueError(
                 f"snapshot holds {len(held)} cache slot(s), this stream needs "
                 f"{len(rows.slots)} (a second one with classifier-free guidance: was the "
-                "snapshot made by a generator with another default guidance?)"
+                "snapshot made by a generator with another default guidance, or its "
+                "request's guidance edited?)"
             )
         for i, slot in enumerate(rows.slots):
             prefix = f"slot{i}."
