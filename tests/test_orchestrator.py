@@ -125,6 +125,42 @@ def test_failures_lose_and_duplicate_nothing(model, snapshot_every):
     np.testing.assert_array_equal(got, reference(model, req))
 
 
+def _ray_error(name: str) -> BaseException:
+    import ray.exceptions as rex
+
+    if name == "OutOfMemoryError":  # Ray's memory monitor killed the actor mid-call
+        return rex.OutOfMemoryError("Task was killed due to the node running low on memory.")
+    if name == "ObjectReconstructionFailedError":  # the result was lost with its node
+        return rex.ObjectReconstructionFailedError("0" * 56)
+    return rex.NodeDiedError("node 1 died")
+
+
+@pytest.mark.parametrize(
+    "error", ["OutOfMemoryError", "ObjectReconstructionFailedError", "NodeDiedError"]
+)
+def test_ray_errors_of_an_actor_gone_are_failures_not_bugs(model, error):
+    """Ray raises these, not a RayActorError, when its memory monitor kills an actor or a
+    finished step's result is lost with its node: they ended the render as if the request
+    were at fault, with the failover never tried."""
+
+    def killed():
+        raise _ray_error(error)
+
+    class Killed(Flaky):
+        def step(self, keys, epochs, snapshot_keys):
+            self.calls += 1
+            if self.calls in self.fail_at:
+                self.worker.streams.clear()  # the actor's state is gone with it
+                return self._call(killed)
+            return LocalExecutor.step(self, keys, epochs, snapshot_keys)
+
+    req = request_for(model, frames=24)
+    orch = Orchestrator([Killed(GeneratorWorker(model, max_streams=4), fail_at={2})])
+    got = frames_of(orch, orch.submit(req))
+    assert orch.failures == 1
+    np.testing.assert_array_equal(got, reference(model, req))
+
+
 def test_stale_results_are_dropped(model):
     orch = Orchestrator(local(model))
     key = orch.submit(request_for(model, frames=16))

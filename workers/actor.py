@@ -232,8 +232,9 @@ def start_actor(
     if not done:
         ray.kill(handle, no_restart=True)
         raise SchedulingError(
-            f"a GeneratorActor asking for {resources} was not running after {timeout:.0f}s; "
-            f"the cluster has {ray.cluster_resources()} (available now: "
+            f"a GeneratorActor asking for {resources} was not placed and its model loaded "
+            f"after {timeout:g}s (placement or a slow load: a slow file system, a large "
+            f"model); the cluster has {ray.cluster_resources()} (available now: "
             f"{ray.available_resources()})"
         )
     try:

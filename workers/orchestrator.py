@@ -986,11 +986,21 @@ def _as_latents(clip: ClipOut):
 
 
 def _is_failure(err: BaseException) -> bool:
-    """Errors that mean the executor is gone (not a bug in the request or the code)."""
+    """Errors that mean the executor is gone (not a bug in the request or the code): besides
+    a dead actor or a timeout, Ray's memory monitor killing it (``OutOfMemoryError``, not an
+    actor error) and a result lost with its node (``ObjectLostError``: a step counts as done
+    while its result is still in that node's object store) or the node itself."""
     try:
-        from ray.exceptions import GetTimeoutError, RayActorError
+        from ray.exceptions import (
+            GetTimeoutError,
+            NodeDiedError,
+            ObjectLostError,
+            OutOfMemoryError,
+            RayActorError,
+        )
 
-        if isinstance(err, RayActorError | GetTimeoutError):
+        gone = RayActorError | GetTimeoutError | OutOfMemoryError | ObjectLostError | NodeDiedError
+        if isinstance(err, gone):
             return True
     except ImportError:  # pragma: no cover - ray is a dependency
         pass
