@@ -265,6 +265,9 @@ def test_odd_size_needs_lossless(tmp_path):
         # the muxer's own tag (dropped on reading), and a key Matroska would lower-case
         ({"metadata": {"encoder": "mine"}}, r"metadata key 'encoder' is the container's own"),
         ({"metadata": {"Title": "x"}}, r"metadata key 'Title' must be lower-case"),
+        # Matroska renames a key with a space and drops its own "duration"
+        ({"metadata": {"prompt text": "x"}}, r"must not contain spaces .* as 'prompt_text'"),
+        ({"metadata": {"duration": "5 s"}}, r"metadata key 'duration' is the container's own"),
     ],
 )
 def test_writer_rejects_bad_settings(tmp_path, kwargs, match):

@@ -58,7 +58,11 @@ DEFAULT_CRF = 16
 
 # Tags the muxers add by themselves (mp4; Matroska's ENCODER, read back lower-case);
 # read_metadata leaves them out so a round trip returns exactly what was written.
-_MUXER_TAGS = frozenset({"major_brand", "minor_version", "compatible_brands", "encoder"})
+# Tags the muxers write (or, Matroska's "duration", drop) themselves: refused for every
+# container, as the lower-case rule below, so that metadata reads back from any of them.
+_MUXER_TAGS = frozenset(
+    {"major_brand", "minor_version", "compatible_brands", "encoder", "duration"}
+)
 _MP4_SUFFIXES = frozenset({"", ".mp4", ".m4v", ".mov"})
 _H264_NAMES = frozenset({"h264", "libx264", "libx264rgb"})
 # Frames resized at once; bounds the float copy of a long video.
@@ -848,6 +852,12 @@ def _check_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
             )
         if key != key.lower():  # Matroska stores tags lower-cased: it would read back so
             raise ValueError(f"metadata key {key!r} must be lower-case (e.g. {key.lower()!r})")
+        if any(c.isspace() for c in key):  # Matroska stores "a b" as "a_b"
+            underscored = "".join("_" if c.isspace() else c for c in key)
+            raise ValueError(
+                f"metadata key {key!r} must not contain spaces (Matroska would read it back "
+                f"as {underscored!r})"
+            )
         # FFmpeg keeps tags as C strings: everything after a NUL would be silently cut.
         if "\x00" in key or "\x00" in value:
             raise ValueError(
