@@ -387,6 +387,38 @@ def test_nbp_resume_is_bitwise_over_tokens_encoded_once(tmp_path):
     assert card["tokenizer_fingerprint"] == larp.encoder_fingerprint()
 
 
+def test_both_generator_families_warn_of_sequences_too_short_for_their_window(tmp_path, caplog):
+    """Every prefix length trains at once, so sequences shorter than window + clip never
+    train a full window of context, which inference reads from the window's end on. The DiT
+    warned; NBP trained on in silence (nbp-test: 4-frame clips, an 8-frame window)."""
+    from tests.models import save_test_generators
+    from vidgen.train import build_task
+
+    save_test_generators(tmp_path / "models")
+    larp = tmp_path / "models" / "larp-test.safetensors"
+    runs = {
+        "ca2vdm": ["model=ca2vdm-test", f"frozen_tokenizer={make_autoencoder(tmp_path)}"],
+        "nbp": ["model=nbp-test", f"frozen_tokenizer={larp}", "model.num_actions=0"],
+    }
+    for family, model in runs.items():
+        for clip_len, warned in ((4, True), (12, False)):
+            cfg = load_config(
+                "train",
+                [
+                    *model,
+                    *SMALL_BOUNCING,
+                    f"data.clip_len={clip_len}",
+                    "data.num_clips=2",
+                    f"out={tmp_path / family / str(clip_len)}",
+                ],
+            )
+            cfg.name = "model"
+            caplog.clear()
+            with caplog.at_level("WARNING"):
+                build_task(cfg)
+            assert ("never train with a full window" in caplog.text) == warned, family
+
+
 def test_encoded_clips_cache_is_keyed_by_the_data(tmp_path, monkeypatch, caplog):
     """Encoded training data is cached per (encoder, data settings): a run over other clips
     (clip length, size, seed, world settings) never reads another run's cache, and a file

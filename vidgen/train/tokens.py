@@ -8,6 +8,7 @@ is tested against.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -32,6 +33,8 @@ from vidgen.train.encoded import (
     naming,
 )
 from vidgen.train.loop import Task
+
+log = logging.getLogger(__name__)
 
 
 def clip_tokens(tokenizer: LARPVideoTokenizer, video: torch.Tensor) -> torch.Tensor:
@@ -98,6 +101,13 @@ def nbp_task(
     if data.clip_len % larp.config.frames:
         raise ValueError(
             f"data.clip_len={data.clip_len} must be whole clips of {larp.config.frames} frames"
+        )
+    if data.clip_len < config.window + config.frames_per_clip:  # as the DiT's task warns
+        log.warning(
+            "data.clip_len=%d < window + clip = %d: later clips never train with a full "
+            "window of context",
+            data.clip_len,
+            config.window + config.frames_per_clip,
         )
     size = larp.autoencoder.config.image_size if larp.autoencoder else larp.config.size
     if data.size != size:  # found only once the first batch was encoded, without the key
