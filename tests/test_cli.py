@@ -235,6 +235,19 @@ def test_a_bare_word_after_a_command_is_named_not_taken_for_the_command(capsys):
     assert "quote a value holding ( ) [ ]" in capsys.readouterr().err
     assert main(["eval", "videos='run(1).mp4'"]) == 2
     assert "videos='run(1).mp4': no such file" in capsys.readouterr().err
+    # The hint names the command's own key (render has no videos), and a bare word after an
+    # override is named as one, not taken for a quoting problem.
+    assert main(["render", "out=run(1).mp4"]) == 2
+    assert "\"out='run(1).mp4'\"" in capsys.readouterr().err
+    assert main(["eval", "label=3", "a.mp4"]) == 2
+    assert "'a.mp4' is not a key=value override: did you mean videos=a.mp4?" in (
+        capsys.readouterr().err
+    )
+    # A config group set to null, or an override with no key: Hydra's plain errors.
+    assert main(["data", "preview", "world=null"]) == 2
+    assert "bad config: Config group override must be a string" in capsys.readouterr().err
+    assert main(["render", "+="]) == 2
+    assert "bad config: Hydra could not read them" in capsys.readouterr().err
     assert main(["evil"]) == 2
     assert "unknown command 'evil'; commands: render" in capsys.readouterr().err
     assert main(["eval", "~out", "videos=v.mp4"]) == 2  # an override, read by Hydra

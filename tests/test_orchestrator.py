@@ -369,6 +369,19 @@ def test_a_long_names_leftover_temps_are_removed_and_no_other_outs(models, tmp_p
     assert not mine.exists() and theirs.exists()
 
 
+def test_an_upper_case_outs_leftover_temps_are_removed(models, tmp_path):
+    """The joined video's temp name ends in out's own suffix: `.MP4` ones were left for good
+    (the pattern knew only `.mp4`)."""
+    from vidgen.fsutil import temp_beside
+
+    model = models["diffusion"]
+    out = tmp_path / "x.MP4"
+    left = temp_beside(out, suffix=".tmp.MP4")  # a join killed part way
+    parts_folder(out).mkdir()
+    render(Orchestrator(local(model)), request_for(model, frames=8), out, progress=False)
+    assert not left.exists() and read_video(out).shape[0] == 8
+
+
 def test_a_manifest_line_not_utf8_or_with_a_bad_context_is_that_lines_error(models, tmp_path):
     """A byte that is not UTF-8 anywhere in the manifest took the whole batch down (a
     UnicodeDecodeError traceback); a context that is not a string was a TypeError that did

@@ -358,9 +358,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         hint = ""
         if "override_grammar" in str(err):  # Hydra's parser: ( ) [ ] { } , = ~ in a value
+            key = _PATH_KEYS.get(" ".join(words), "out")
+            bare = [o for o in overrides if "=" not in o and not o.startswith(("~", "+"))]
             hint = (
-                f"\n(quote a value holding ( ) [ ] {{ }} , or spaces, shell quotes around "
-                f"Hydra's: {PROG} {' '.join(words)} \"videos='run(1).mp4'\")"
+                f"\n(quote a value holding ( ) [ ] {{ }} , spaces or letters beyond ASCII, "
+                f"shell quotes around Hydra's: {PROG} {' '.join(words)} \"{key}='run(1).mp4'\")"
+                if not bare
+                else f"\n({bare[0]!r} is not a key=value override: did you mean {key}={bare[0]}?)"
             )
         print(f"{PROG} {' '.join(words)}: bad config: {err}{hint}", file=sys.stderr)
         return 2

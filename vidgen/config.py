@@ -92,6 +92,17 @@ def compose_config(config_name: str | None, overrides: Sequence[str] = ()) -> Di
             return hydra_compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_describe(err)) from err
+    except (ValueError, AssertionError) as err:  # Hydra's own, for `group=null` or `+=`
+        raise ConfigError(_hydra_refusal(err, overrides)) from err
+
+
+def _hydra_refusal(err: BaseException, overrides: Sequence[str]) -> str:
+    """What Hydra raised as a plain ValueError or AssertionError (a config group set to
+    null, an override with no key), said with the overrides it came from."""
+    said = str(err)
+    if isinstance(err, AssertionError) or not said:  # an internal check: its text is no help
+        said = "Hydra could not read them (a `key=value` with no key?)"
+    return f"{said} (in the overrides {' '.join(overrides)})"
 
 
 def _unknown_keys(cfg: Any, where: str = "") -> list[str]:
@@ -159,6 +170,8 @@ def group_choices(config_name: str, overrides: Sequence[str] = ()) -> dict[str, 
             cfg = hydra_compose(config_name, list(overrides), return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_describe(err)) from err
+    except (ValueError, AssertionError) as err:  # Hydra's own, for `group=null` or `+=`
+        raise ConfigError(_hydra_refusal(err, overrides)) from err
     choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
     return {k: v for k, v in choices.items() if v is not None and not k.startswith("hydra")}
 

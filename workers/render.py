@@ -366,7 +366,8 @@ def _remove_stale_temps(out: Path, folder: Path) -> None:
     # symlink (``temp_beside`` writes where ``publish`` will rename to).
     for beside in dict.fromkeys((out, target(out))):
         stem = temp_stem(beside)  # a long name's carries a hash of it: never another out's
-        pattern = re.compile(rf"\.{re.escape(stem)}\.[0-9a-f]{{8}}\.tmp(\.mp4)?")
+        # The joined video's temp name ends in out's own suffix, which may be ".MP4".
+        pattern = re.compile(rf"\.{re.escape(stem)}\.[0-9a-f]{{8}}\.tmp(\.mp4)?", re.IGNORECASE)
         for path in beside.parent.glob(f".{glob.escape(stem)}.*.tmp*"):
             if pattern.fullmatch(path.name) and path.is_file():
                 path.unlink(missing_ok=True)
@@ -438,7 +439,8 @@ class RenderJob:
             total=self.request.frames,
             initial=self.done_before * clip_len,
             unit="frame",
-            disable=not self.progress,
+            # None: off where stderr is no terminal (a log, a pipe), as every other bar.
+            disable=None if self.progress else True,
             desc=self.out.name,
         )
         sink = SegmentSink(
