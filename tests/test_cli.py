@@ -77,6 +77,22 @@ def test_bad_overrides_are_reported(tmp_path, capsys, connects):
     assert not connects  # failed before connecting
 
 
+def test_an_out_that_links_nowhere_it_can_write_is_refused_before_ray(tmp_path, capsys, connects):
+    """A symlink into a folder that does not exist passed every check: the render failed
+    after Ray and its actors started, with a resume hint that could not help (a link loop
+    failed at the join, after the whole video)."""
+    (tmp_path / "latest.mp4").symlink_to(tmp_path / "renders" / "new" / "v.mp4")
+    (tmp_path / "loop.mp4").symlink_to(tmp_path / "loop.mp4")
+    for name, said in (("latest", "whose folder does not exist"), ("loop", "a symlink loop")):
+        assert main(["render", "frames=16", f"out={tmp_path / name}.mp4"]) == 2
+        assert said in capsys.readouterr().err
+    (tmp_path / "renders" / "new").mkdir(parents=True)  # a link to a new file there is fine
+    from vidgen.render_config import check_out
+
+    assert check_out(tmp_path / "latest.mp4") == tmp_path / "latest.mp4"
+    assert not connects
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,18 @@ def check_out(out: str | Path) -> Path:
             raise ValueError(
                 f"out={str(out)!r}: its sidecar {path.with_suffix('.json').name} is a folder"
             )
+        if path.is_symlink():  # the video is written where it points (``fsutil.target``)
+            try:
+                os.stat(path)  # a loop raises ELOOP; a dangling link (no file yet) is fine
+            except OSError as err:
+                if err.errno == errno.ELOOP:
+                    raise ValueError(f"out={str(out)!r} is a symlink loop") from None
+            pointed = Path(os.path.realpath(path))
+            if not pointed.parent.is_dir():
+                raise ValueError(
+                    f"out={str(out)!r} is a symlink to {str(pointed)!r}, whose folder does "
+                    "not exist"
+                )
     except OSError as err:  # e.g. a file name over the file system's 255 bytes
         raise ValueError(f"out={str(out)!r}: {err.strerror or err}") from None
     return path
