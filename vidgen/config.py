@@ -86,10 +86,17 @@ def _initialize() -> Any:
 def compose_config(config_name: str | None, overrides: Sequence[str] = ()) -> DictConfig:
     """The composed (untyped view of the) config ``configs/<config_name>.yaml``; with
     ``None``, only what the overrides add (``+data=mix``)."""
+    return _compose(config_name, overrides)
+
+
+def _compose(
+    config_name: str | None, overrides: Sequence[str], return_hydra_config: bool = False
+) -> DictConfig:
+    """Hydra's compose, with every error it raises for the overrides as a ConfigError."""
     register_schemas(presets=config_name not in NO_PRESETS)
     try:
         with _initialize():
-            return hydra_compose(config_name=config_name, overrides=list(overrides))
+            return hydra_compose(config_name, list(overrides), return_hydra_config)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_describe(err)) from err
     except (ValueError, AssertionError) as err:  # Hydra's own, for `group=null` or `+=`
@@ -164,14 +171,7 @@ def _failing_key(cfg: DictConfig, where: str = "") -> str | None:
 
 def group_choices(config_name: str, overrides: Sequence[str] = ()) -> dict[str, str]:
     """Which option of each config group was chosen (``{"tokenizer": "kl-tiny", ...}``)."""
-    register_schemas(presets=config_name not in NO_PRESETS)
-    try:
-        with _initialize():
-            cfg = hydra_compose(config_name, list(overrides), return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(_describe(err)) from err
-    except (ValueError, AssertionError) as err:  # Hydra's own, for `group=null` or `+=`
-        raise ConfigError(_hydra_refusal(err, overrides)) from err
+    cfg = _compose(config_name, overrides, return_hydra_config=True)
     choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
     return {k: v for k, v in choices.items() if v is not None and not k.startswith("hydra")}
 

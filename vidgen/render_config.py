@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vidgen.fsutil import target
 from vidgen.generators import GenerationRequest, check_dtype
 from vidgen.io import VideoReadError, probe_video, read_video
 from vidgen.validate import check_step_timeout
@@ -29,13 +30,13 @@ def check_out(out: str | Path) -> Path:
             raise ValueError(
                 f"out={str(out)!r}: its sidecar {path.with_suffix('.json').name} is a folder"
             )
-        if path.is_symlink():  # the video is written where it points (``fsutil.target``)
+        if path.is_symlink():  # the video is written where it points
             try:
                 os.stat(path)  # a loop raises ELOOP; a dangling link (no file yet) is fine
             except OSError as err:
                 if err.errno == errno.ELOOP:
                     raise ValueError(f"out={str(out)!r} is a symlink loop") from None
-            pointed = Path(os.path.realpath(path))
+            pointed = target(path)
             if not pointed.parent.is_dir():
                 raise ValueError(
                     f"out={str(out)!r} is a symlink to {str(pointed)!r}, whose folder does "
