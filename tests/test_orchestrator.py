@@ -293,6 +293,39 @@ def test_a_truth_that_does_not_fit_its_folder_is_refused_before_a_segment_goes(m
         assert sorted(p.name for p in folder.glob("part_*.mp4")) == kept
 
 
+def test_a_render_resumes_with_its_model_named_another_way(model, tmp_path, monkeypatch):
+    """A relative and an absolute path (or a shipped name and its path) are one model: the
+    resume was refused as "a different request", and so was a finished item's record."""
+    from workers.render import finished_render
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copyfile(model, tmp_path / "m.safetensors")
+    relative, absolute = "m.safetensors", str(tmp_path / "m.safetensors")
+    out = tmp_path / "v.mp4"
+    render_until_a_segment(Orchestrator(local(relative)), request_for(relative, frames=48), out)
+    done = len(list(parts_folder(out).glob("part_*.mp4")))
+    req = request_for(absolute, frames=48)
+    orch = Orchestrator(local(absolute))
+    result = render(orch, req, out, lossless=False, progress=False)
+    assert done and result.resumed_frames == done * orch.clip_len
+    assert len(read_video(out)) == 48
+    sha, tok = checkpoint.file_sha256(absolute), orch.info.get("tokenizer_sha256")
+    assert finished_render(out, request_for(relative, frames=48), sha, False, tok) is not None
+    assert finished_render(out, request_for(relative, frames=40), sha, False, tok) is None
+    # Another file is another model, whatever its bytes.
+    shutil.copyfile(model, tmp_path / "other.safetensors")
+    other = request_for("other.safetensors", frames=48)
+    assert finished_render(out, other, sha, False, tok) is None
+
+
+def test_an_unconditional_render_records_guidance_1(model, tmp_path):
+    """Without a label or actions nothing is guided (one pass): the sidecar said the
+    model's default guidance."""
+    req = request_for(model, frames=8, label=None, guidance=None)
+    render(Orchestrator(local(model)), req, tmp_path / "u.mp4", lossless=True, progress=False)
+    assert json.loads((tmp_path / "u.json").read_text())["guidance"] == 1.0
+
+
 def test_resuming_with_other_weights_under_the_same_path_is_refused(model, tmp_path):
     """The request names the model by path, so only the weights' hash tells a retrained
     file apart: its clips must not be joined to the old ones."""

@@ -24,13 +24,14 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 import vidgen
+from vidgen.checkpoint import CheckpointError, canonical_name, same_checkpoint
 from vidgen.fsutil import publish, target, temp_beside, temp_stem
 from vidgen.generators import Clip, GenerationRequest
 from vidgen.generators.base import load_snapshot, save_snapshot
@@ -162,7 +163,8 @@ def _guards(
 ) -> dict[str, str]:
     """What a parts folder is made with (file name -> content): a resume must match each."""
     guards = {
-        "request.sha256": request.fingerprint(),
+        # The model under its canonical name: a resume may name it another way.
+        "request.sha256": replace(request, model=canonical_name(request.model)).fingerprint(),
         "lossless": str(bool(lossless)).lower(),
         "dtype": dtype,
     }
@@ -171,6 +173,28 @@ def _guards(
     if tokenizer_sha256:
         guards["tokenizer.sha256"] = tokenizer_sha256
     return guards
+
+
+def _fingerprints(request: GenerationRequest, *aliases: Any) -> set[str]:
+    """The fingerprints a render of ``request`` may have recorded: of the request with its
+    model as given, under its canonical name (``checkpoint.canonical_name``: a shipped name
+    and its path, a relative and an absolute path are one model) and under each of
+    ``aliases`` that names the same file, each in both number forms (``to_json``)."""
+    names = {request.model, canonical_name(request.model)}
+    names.update(a for a in aliases if isinstance(a, str) and same_checkpoint(a, request.model))
+    found = set()
+    for name in names:
+        named = request if name == request.model else replace(request, model=name)
+        found.update((named.fingerprint(), named.fingerprint(False)))
+    return found
+
+
+def _saved_model(truth_path: Path) -> str | None:
+    """The model as the saved truth's request names it (None without a readable one)."""
+    try:
+        return load_snapshot(truth_path).request.model if truth_path.exists() else None
+    except (CheckpointError, OSError, ValueError):
+        return None
 
 
 def _resume_point(
@@ -187,8 +211,12 @@ def _resume_point(
     if "request.sha256" in found:  # folders from before the dtype guard were float32 ones
         found.setdefault("dtype", "float32")
     changed = {n for n, value in found.items() if value != guards[n]}
-    # Folders started before fingerprints were canonical hold the request's number forms.
-    if "request.sha256" in changed and found["request.sha256"] != request.fingerprint(False):
+    truth_path = folder / TRUTH_FILE
+    # Folders started before fingerprints were canonical hold the request's number forms,
+    # and the model as that render named it (the truth's request says how).
+    if "request.sha256" in changed and found["request.sha256"] not in _fingerprints(
+        request, _saved_model(truth_path)
+    ):
         raise ValueError(
             f"{folder} holds a render of a different request; delete it or choose another out"
         )
@@ -219,13 +247,12 @@ def _resume_point(
         raise ValueError(
             f"{folder} holds segments of an older vidgen (seg_*.mp4); delete it to render anew"
         )
-    truth_path = folder / TRUTH_FILE
     truth = load_snapshot(truth_path) if truth_path.exists() else None
     done = truth.next_clip if truth is not None else 0
     # Checked before any segment is removed below: the guard names the request, but the
     # truth is what a resume continues from (its request, seeds included).
     if truth is not None:
-        if truth.request.fingerprint() not in (request.fingerprint(), request.fingerprint(False)):
+        if truth.request.fingerprint() not in _fingerprints(request, truth.request.model):
             raise ValueError(
                 f"{truth_path} is the truth of a different request than its folder's "
                 f"(seed {truth.request.seed}, label {truth.request.label}); delete {folder} "
@@ -563,8 +590,15 @@ def _provenance(
         "seed": request.seed,
         "request": request.to_json(),
         "request_sha256": request.fingerprint(),
-        # What the video was made with: the request's own, else the model's default.
-        "guidance": request.guidance if request.guidance is not None else info.get("guidance"),
+        # What the video was made with: the request's own, else the model's default; 1 (no
+        # unconditional pass) where it conditions on neither a label nor actions.
+        "guidance": (
+            1.0
+            if request.label is None and request.actions is None
+            else request.guidance
+            if request.guidance is not None
+            else info.get("guidance")
+        ),
         "contrast": request.contrast if request.contrast is not None else info.get("contrast"),
         "dtype": info.get("dtype", "float32"),
         **(extra or {}),
@@ -593,10 +627,9 @@ def finished_render(
         provenance = json.loads(sidecar.read_text())
     except (OSError, ValueError):
         return None
-    same = {request.fingerprint(), request.fingerprint(canonical=False)}
     if (
         not isinstance(provenance, dict)
-        or provenance.get("request_sha256") not in same
+        or provenance.get("request_sha256") not in _fingerprints(request, provenance.get("model"))
         or provenance.get("model_sha256") != model_sha256
         or provenance.get("lossless") != lossless
         # Sidecars written before 2026-11-30 (later) do not name it: not checked.
