@@ -778,3 +778,23 @@ def test_an_actor_that_cannot_load_its_model_says_why_without_a_traceback(ray_se
     message = str(caught.value)
     assert "CheckpointError" in message and "does not exist" in message
     assert "Traceback" not in message and "\x1b[" not in message and "\n" not in message
+
+
+def test_a_command_line_not_in_utf8_reaches_ray_as_utf8(monkeypatch):
+    """Ray hands the driver's command line (read with surrogate escapes) to its core worker
+    as UTF-8: `vidgen render out=<a name of other bytes>` failed in ray.init with a
+    UnicodeEncodeError. Inside connect's wrapper the name is encodable, and after it Ray's
+    own function is back."""
+    import ray._private.utils as ray_utils
+
+    from workers.cluster import _utf8_entrypoint
+
+    original = ray_utils.get_entrypoint_name
+    monkeypatch.setattr(ray_utils, "get_entrypoint_name", lambda: "vidgen out=v\udcff.mp4")
+    with _utf8_entrypoint():
+        name = ray_utils.get_entrypoint_name()
+        assert name == "vidgen out=v\ufffd.mp4"
+        name.encode("utf-8")
+    assert ray_utils.get_entrypoint_name() == "vidgen out=v\udcff.mp4"
+    monkeypatch.undo()
+    assert ray_utils.get_entrypoint_name is original

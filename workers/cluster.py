@@ -98,7 +98,7 @@ def connect(
     the caller knows to ``ray.shutdown()`` when done)."""
     if ray.is_initialized():
         return False
-    with _keeping_sigterm_handler():
+    with _keeping_sigterm_handler(), _utf8_entrypoint():
         if address == "":
             _start_local(num_cpus, num_gpus, attempts)
         else:
@@ -122,3 +122,24 @@ def _keeping_sigterm_handler():
     finally:
         if previous not in (signal.SIG_DFL, None):
             signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _utf8_entrypoint():
+    """``ray.init`` hands the driver's command line to its core worker as UTF-8, and failed
+    (``UnicodeEncodeError``) on an argument that is not: a file name of other bytes, read
+    as surrogate escapes. Such bytes are given to Ray as replacement characters."""
+    utils = getattr(getattr(ray, "_private", None), "utils", None)
+    original = getattr(utils, "get_entrypoint_name", None)
+    if original is None:  # another Ray: nothing to wrap
+        yield
+        return
+
+    def entrypoint_name() -> str:
+        return os.fsencode(original()).decode("utf-8", "replace")
+
+    utils.get_entrypoint_name = entrypoint_name
+    try:
+        yield
+    finally:
+        utils.get_entrypoint_name = original
