@@ -315,9 +315,25 @@ def test_top_p_keeps_ties_of_the_least_likely_kept_entry():
         assert torch.equal(top_p_filter(x, p), ref)
 
 
-def test_sample_tokens_refuses_a_nan_temperature():
-    with pytest.raises(ValueError, match="temperature must be >= 0, got nan"):
-        sample_tokens(torch.zeros(1, 4), None, temperature=float("nan"))
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), 1e39, -1.0])
+def test_sample_tokens_refuses_a_temperature_it_cannot_divide_by(temperature):
+    """NaN and infinity (also a float beyond float32's range) made NaN probabilities, which
+    torch.multinomial refused without naming the temperature."""
+    logits = torch.tensor([[0.0, float("-inf"), 1.0]])
+    with pytest.raises(ValueError, match="temperature must be finite and >= 0, got"):
+        sample_tokens(logits, None, temperature=temperature)
+    assert sample_tokens(logits, None, temperature=3e38).item() in (0, 2)
+
+
+def test_top_p_sums_half_precision_logits_in_float32():
+    """A bfloat16 running sum stopped short of p (kept mass 0.893 of 0.9 asked): half
+    precision logits keep what their float32 values keep."""
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16):
+        x = (torch.randn(16, 1000, generator=gen) * 3).to(dtype)
+        kept = torch.isfinite(top_p_filter(x, 0.9))
+        assert torch.equal(kept, torch.isfinite(top_p_filter(x.float(), 0.9)))
+        assert (x.float().softmax(-1) * kept).sum(-1).min() >= 0.9
 
 
 def test_malformed_conditions_are_refused():

@@ -27,7 +27,9 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     if p >= 1.0:
         return logits
     sorted_logits = logits.sort(dim=-1, descending=True).values
-    probs = sorted_logits.softmax(dim=-1)
+    # In float32 at least: a bfloat16 running sum rounds at every entry and stopped short of
+    # p (a kept mass of 0.893 for p = 0.9).
+    probs = sorted_logits.float().softmax(dim=-1)
     # An entry is dropped when the mass before it already reaches p; the first never is (a
     # p that rounds to 0 in float32, below about 1e-45, would otherwise drop every entry).
     drop_sorted = (probs.cumsum(dim=-1) - probs) >= p
@@ -62,8 +64,10 @@ def sample_tokens(
 ) -> torch.Tensor:
     """Sample one id per row of (..., vocab) logits; temperature 0 is greedy (argmax), and
     so is any below ``GREEDY_BELOW`` (dividing by it would overflow float32 logits)."""
-    if not temperature >= 0:  # also NaN, which ``temperature < 0`` lets through
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    # Also NaN, which ``temperature < 0`` lets through, and infinity (or beyond float32's
+    # range), which made every -inf logit NaN.
+    if not 0 <= temperature <= torch.finfo(torch.float32).max:
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
     if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     filtered = top_p_filter(top_k_filter(logits.float() / temperature, top_k), top_p)
