@@ -299,3 +299,31 @@ def test_an_anamorphic_video_is_scored_as_displayed(tmp_path):
     assert as_displayed(clip, Fraction(1, 2)).shape == (2, 128, 32, 3)
     with pytest.raises(ValueError, match="pixel_aspect must be a positive number"):
         as_displayed(clip, 0.0)
+
+
+def test_a_one_frame_video_gets_its_count_and_no_motion(tmp_path):
+    """A still frame in a folder of videos failed the whole report ('motion needs at least 2
+    frames'): it is counted, its motion figures are null, and the summary's motion is the
+    other videos'."""
+    shapes_video(tmp_path / "still.mp4", 2, seed=0, frames=1)
+    shapes_video(tmp_path / "moving.mp4", 2, seed=1)
+    report = evaluate(EvalConfig(videos=str(tmp_path), label=2))
+    still, moving = report["per_video"]["still.mp4"], report["per_video"]["moving.mp4"]
+    assert still["frames"] == 1 and still["count_accuracy"] == 1.0
+    for key in ("mean_speed", "moving_fraction", "speed_ratio", "seam_ratio"):
+        assert still[key] is None, key
+    assert still["speed_pairs"] == 0
+    summary = report["summary"]
+    assert summary["moving_fraction"] == round(moving["moving_fraction"], 4) == 1.0
+    assert summary["speed_ratio"] == round(moving["speed_ratio"], 4)
+    assert summary["count_accuracy"] == round((1.0 + moving["count_accuracy"]) / 2, 4)
+    assert summary["seam_ratio_no_seam"] == 1 and summary["videos"] == 2
+    json.loads(report_json(report))
+
+
+def test_a_scorer_without_frames_says_so():
+    from vidgen.eval.scene import SceneScorer
+    from vidgen.worlds.bouncing import BOUNCING_PALETTE
+
+    with pytest.raises(ValueError, match="no frames were added"):
+        SceneScorer(BOUNCING_PALETTE).result()

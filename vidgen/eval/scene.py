@@ -534,16 +534,18 @@ class SceneScorer:
         self.frames += len(frames)
 
     def result(self) -> dict[str, float | None]:
-        """The figures of the frames added so far (JSON-ready)."""
-        if self.frames < 2:
-            raise ValueError(f"motion needs at least 2 frames, got {self.frames}")
+        """The figures of the frames added so far (JSON-ready); of one frame, the counts only
+        (speed and moving fraction None: no motion to measure)."""
+        if self.frames < 1:
+            raise ValueError("no frames were added")
         if self.clip_len is not None and self.clip_len > self.frames:
             raise ValueError(f"clip_len must be in [2, frames={self.frames}], got {self.clip_len}")
+        still = self.frames < 2  # one frame: not a video that does not move
         out: dict[str, float | None] = {
             "mean_count": self._objects / self.frames,
-            "mean_speed": self._steps / self._pairs if self._pairs else 0.0,
+            "mean_speed": None if still else self._steps / self._pairs if self._pairs else 0.0,
             "speed_pairs": self._pairs,  # what mean_speed is measured on: for pooling
-            "moving_fraction": self._moving / self._inner,
+            "moving_fraction": None if still else self._moving / self._inner,
         }
         if self.expected_count is not None:
             out["count_accuracy"] = self._hits / self.frames
