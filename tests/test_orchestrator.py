@@ -3014,3 +3014,145 @@ def test_render_names_with_undecodable_bytes_and_file_systems_without_locks(
         _write_text(tmp_path / "guard", "x")
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == []  # no temp file left behind
+
+
+def test_a_render_is_published_beside_a_stream_given_up_on_before(models, tmp_path):
+    """The loop left with the render's stream done and raised an older NoProgress of
+    another stream (left uncancelled, as allowed): the finished render was abandoned, and
+    every re-run failed the same way until that stream was cancelled."""
+    model = models["diffusion"]
+    orch = Orchestrator([_DiesOnSeed(model, poison=666)], max_failures=1)
+    bad = orch.submit(request_for(model, frames=16, seed=666))
+    with pytest.raises(NoProgress):
+        orch.run()
+    req = request_for(model, frames=16, seed=1)
+    out = tmp_path / "v.mp4"
+    result = render(orch, req, out, lossless=True, progress=False)
+    assert result.frames == 16 and not parts_folder(out).exists()
+    np.testing.assert_array_equal(read_video(out).numpy(), reference(model, req))
+    assert orch.streams[bad].stuck  # still there for its owner
+    with pytest.raises(NoProgress, match="given up on before"):
+        orch.run()
+
+
+def test_a_stream_has_one_iterator_at_a_time(models):
+    """A second iterator split the clips with the first, and the first one dropped before
+    it started cancelled the stream under the second ('waits for its sink to be drained')."""
+    model = models["diffusion"]
+    orch = Orchestrator(local(model))
+    key = orch.submit(request_for(model, frames=16))
+    first = orch.clips(key)
+    with pytest.raises(ValueError, match="being read by another iterator"):
+        orch.clips(key)
+    del first  # dropped before its first clip: its cancel is queued ...
+    frames = np.concatenate([c.frames for c in orch.clips(key)])  # ... and taken back
+    np.testing.assert_array_equal(frames, reference(model, request_for(model, frames=16)))
+    # One that ended lets another read; a cancel under a reader is said as such.
+    key = orch.submit(request_for(model, frames=16))
+    reader = orch.clips(key)
+    next(reader)
+    orch.cancel(key)
+    with pytest.raises(RuntimeError, match=f"stream {key} was cancelled"):
+        list(reader)
+
+
+def test_an_iterator_collected_inside_the_loop_is_cancelled_after_it(models):
+    """The garbage collector closes an abandoned started iterator wherever it runs; its
+    cancel inside the loop's pass over the streams failed the run ('dictionary changed size
+    during iteration'). Here the collection runs inside an executor's restore."""
+    import gc
+
+    class CollectsOnRestore(LocalExecutor):
+        def restore(self, key, snapshot, timeout=None):
+            gc.collect()
+            super().restore(key, snapshot, timeout)
+
+    model = models["diffusion"]
+    dies = Flaky(GeneratorWorker(model, max_streams=3), fail_at={2})
+    dies.recover = lambda: _raise()  # gone for good: its streams move to the other
+    survivor = CollectsOnRestore(GeneratorWorker(model, max_streams=4))
+    orch = Orchestrator([dies, survivor])
+    a = orch.submit(request_for(model, frames=16, seed=1))
+    d = orch.submit(request_for(model, frames=16, seed=4))
+    orch.submit(request_for(model, frames=16, seed=2))
+    orch.submit(request_for(model, frames=16, seed=3))
+    assert orch.streams[a].executor == 0 and orch.streams[d].executor == 1
+
+    class Cycle:
+        pass
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        holder = Cycle()
+        holder.me, holder.reader = holder, orch.clips(d)
+        next(holder.reader)  # started, then abandoned in a cycle: freed by a collection
+        del holder
+        frames = np.concatenate([c.frames for c in orch.clips(a)])
+    finally:
+        if enabled:
+            gc.enable()
+    np.testing.assert_array_equal(frames, reference(model, request_for(model, frames=16, seed=1)))
+    assert d not in orch.streams  # cancelled by the loop after the collection
+
+
+def test_a_falsy_sink_is_used(models):
+    """``sink or QueueSink()``: a sink with a __len__ of clips so far (0 at submit) was
+    replaced by a hidden queue, and the run stalled."""
+    model = models["diffusion"]
+
+    class Collect:
+        def __init__(self):
+            self.clips = []
+
+        def __len__(self):
+            return len(self.clips)
+
+        def room(self):
+            return 1 << 30
+
+        def put(self, clip):
+            self.clips.append(clip)
+
+        def finish(self):
+            pass
+
+    sink = Collect()
+    orch = Orchestrator(local(model))
+    orch.submit(request_for(model, frames=16), sink=sink)
+    orch.run()
+    assert len(sink) == 16 // orch.clip_len
+
+
+def test_a_queue_sink_without_room_is_refused():
+    with pytest.raises(ValueError, match="capacity must be >= 1, got 0"):
+        QueueSink(0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_streams": 2.5}, "max_streams must be an int"),
+        ({"max_streams": 0}, "max_streams must be >= 1"),
+        ({"threads": -1}, "threads must be >= 0"),
+        ({"threads": "4"}, "threads must be an int"),
+    ],
+)
+def test_a_ray_executor_names_a_bad_setting_before_an_actor_starts(kwargs, message):
+    """They reached the actor, whose start failed as a model-load error."""
+    from workers.executors import RayExecutor
+
+    with pytest.raises(ValueError, match=message):
+        RayExecutor("ca2vdm-tiny", **kwargs)
+
+
+def test_finishing_a_render_job_again_gives_its_result(models, tmp_path):
+    from workers.render import RenderJob
+
+    model = models["diffusion"]
+    orch = Orchestrator(local(model))
+    job = RenderJob(request_for(model, frames=8), tmp_path / "v.mp4", progress=False)
+    job.start(orch)
+    orch.run(until=lambda: job.done)
+    first = job.finish()
+    assert job.finish() is first and first.path.is_file()

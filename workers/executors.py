@@ -124,6 +124,9 @@ class RayExecutor:
         # Ray's -1 (restart forever) read as "no restarts" in kill and recover; None as a
         # timeout started the actor, then failed its first recover.
         max_restarts = check_int("max_restarts", max_restarts, minimum=0)
+        # Taken by the actor as they came: 2.5 or -1 failed its start as a load error.
+        max_streams = check_int("max_streams", max_streams, minimum=1)
+        threads = check_int("threads", threads, minimum=0)  # 0: torch's own count
         ready_timeout = check_number("ready_timeout (seconds)", ready_timeout, above=0)
         self._killed_pid: int | None = None  # the process kill() was last sent to
         self.model, self.max_streams, self.threads = model, max_streams, threads

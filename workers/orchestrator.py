@@ -21,6 +21,7 @@ cache snapshot, taken every ``snapshot_every`` clips) plus the clips made since.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -131,7 +132,8 @@ class QueueSink:
     """A bounded queue of clips for a caller to take (``Orchestrator.clips``)."""
 
     def __init__(self, capacity: int = 4) -> None:
-        self.capacity = capacity
+        # 0 took no clip, and every run failed as if no reader drained it
+        self.capacity = check_int("capacity", capacity, minimum=1)
         self.queue: deque[Clip] = deque()
         self.finished = False
 
@@ -169,6 +171,7 @@ class _Stream:
     # gets max_failures more
     decode_failed: bool = False  # a decode of its clips failed since it last made progress
     stuck: bool = False  # given up on (NoProgress): parked, never placed or stepped again
+    reader: Any = None  # weakref to the iterator of ``Orchestrator.clips`` reading it
     frames: dict[int, np.ndarray] = field(default_factory=dict)  # decoded, not delivered
     to_decode: dict[int, ClipOut] = field(default_factory=dict)  # accepted, frames not back
 
@@ -202,6 +205,22 @@ class _Work:
 
 
 _ORDER = itertools.count()
+
+
+def _busy_while(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Marks the orchestrator busy during ``method``: an iterator the garbage collector
+    closes then (its GeneratorExit handler runs wherever the collector interrupts) has its
+    stream cancelled after, not while the streams are gone over."""
+
+    @functools.wraps(method)
+    def busy(self: Orchestrator, *args: Any, **kwargs: Any) -> Any:
+        self._busy += 1
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._busy -= 1
+
+    return busy
 
 
 class Orchestrator:
@@ -268,6 +287,7 @@ class Orchestrator:
         self._proven: dict[int, set[int]] = {}
         self._keys = itertools.count()
         self._dropped: list[int] = []  # streams of iterators dropped before their first clip
+        self._busy = 0  # depth of the loop's own work (see ``_busy_while``)
         # What every executor of this model reports alike (clip length, frame shape, sha256),
         # kept here so it stays known whichever executors are later lost.
         self.info: dict[str, Any] = dict(executors[0].info)
@@ -281,6 +301,7 @@ class Orchestrator:
 
     # --- streams -------------------------------------------------------------------------
 
+    @_busy_while
     def submit(
         self,
         request: GenerationRequest,
@@ -314,7 +335,8 @@ class Orchestrator:
             key=key,
             request=request,
             num_clips=request.frames // self.clip_len,
-            sink=sink or QueueSink(self.queue_clips),
+            sink=sink if sink is not None else QueueSink(self.queue_clips),  # an empty
+            # sink may be falsy (a __len__ of clips so far), and was replaced unseen
             executor=self._least_loaded() if placed is None else placed,
             truths=[truth],
             accepted=truth.next_clip,
@@ -445,6 +467,10 @@ class Orchestrator:
                     raise RuntimeError(_DRAINED)
                 break  # the last unfinished streams were a dropped iterator's
             self._execute_and_update(poll)
+        # What it waits for came with the last clips: a stream given up on before is not its
+        # concern (its owner hears of it when it drives the loop).
+        if until is not None and until():
+            return
         stuck = next((s for s in self.streams.values() if s.stuck and not s.done), None)
         if stuck is not None:
             while self.work:  # its clips already made are still delivered
@@ -464,8 +490,19 @@ class Orchestrator:
         stream = self.streams[key]
         if not isinstance(stream.sink, QueueSink):
             raise ValueError(f"stream {key} writes to its own sink, not to an iterator")
+        reader = stream.reader() if stream.reader is not None else None
+        if reader is not None and reader.gi_frame is not None:  # neither ended nor closed
+            # Two would split the clips between them, and the first one dropped cancelled
+            # the stream under the other.
+            raise ValueError(
+                f"stream {key} is being read by another iterator: take its clips from that "
+                "one, or close it first"
+            )
+        # A dropped iterator's cancel not yet done: this one takes the stream over.
+        self._dropped = [k for k in self._dropped if k != key]
         started: list[weakref.finalize] = []
         clips = self._clips(key, stream, started)
+        stream.reader = weakref.ref(clips)
         # An iterator dropped before its first clip never runs its GeneratorExit handler:
         # its stream is cancelled at the next submit or schedule (not inside whatever loop
         # the garbage collector interrupts). Detached once it starts: a started one cancels
@@ -483,6 +520,8 @@ class Orchestrator:
             while True:
                 while queue:
                     yield queue.popleft()
+                if self.streams.get(key) is not stream:  # cancel(key) while it was read
+                    raise RuntimeError(f"stream {key} was cancelled")
                 if stream.done:
                     self.forget(key)
                     return
@@ -493,7 +532,10 @@ class Orchestrator:
                     raise RuntimeError(_DRAINED)
                 self._execute_and_update(0.05)
         except GeneratorExit:  # the caller stopped taking clips (a break, a dropped iterator)
-            self.cancel(key)
+            if self._busy:  # closed by the garbage collector inside the loop's own work,
+                self._dropped.append(key)  # which goes over the streams: cancelled after
+            else:
+                self.cancel(key)
             raise
 
     def cancel(self, key: int) -> None:
@@ -510,6 +552,7 @@ class Orchestrator:
         while self._dropped:
             self.cancel(self._dropped.pop())
 
+    @_busy_while
     def _schedule(self) -> None:
         self._cancel_dropped()
         for s in list(self.streams.values()):  # clips a sink raised on: it gets them again
@@ -568,6 +611,7 @@ class Orchestrator:
         waiting = s.accepted - s.delivered  # made but not yet handed over
         return s.accepted < s.num_clips and waiting < self.queue_clips and s.sink.room() > waiting
 
+    @_busy_while
     def _execute_and_update(self, poll: float) -> None:
         if not self.work:
             return

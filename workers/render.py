@@ -38,7 +38,7 @@ from vidgen.generators.base import load_snapshot, save_snapshot
 from vidgen.io import VideoWriter, concat_videos, probe_video
 from vidgen.render_config import check_out
 from vidgen.validate import check_int
-from workers.orchestrator import Orchestrator
+from workers.orchestrator import NoProgress, Orchestrator
 
 log = logging.getLogger(__name__)
 
@@ -425,6 +425,7 @@ class RenderJob:
         self.folder = parts_folder(self.out)
         self.key: int | None = None
         self.done_before = 0
+        self.result: RenderResult | None = None  # once finished
 
     def start(self, orchestrator: Orchestrator) -> int:
         self.orchestrator = orchestrator
@@ -447,6 +448,7 @@ class RenderJob:
         self._locks = []
 
     def _start(self, orchestrator: Orchestrator) -> int:
+        self.result = None
         _remove_stale_temps(self.out, self.folder)  # under the lock: no one else writes them
         info = orchestrator.info
         guards = _guards(
@@ -517,6 +519,10 @@ class RenderJob:
         return stream is None or stream.done  # None: finished and forgotten
 
     def finish(self) -> RenderResult:
+        """Join the segments into ``out`` (the stream must be done); called again, the same
+        result (its parts folder is gone by then)."""
+        if self.result is not None:
+            return self.result
         seconds = time.perf_counter() - self.started
         self.bar.close()
         extra = {"lossless": self.lossless, **(self.extra or {})}
@@ -549,13 +555,14 @@ class RenderJob:
         shutil.rmtree(self.folder)
         self.orchestrator.forget(self.key)
         self._unlock()
-        return RenderResult(
+        self.result = RenderResult(
             self.out,
             self.request.frames,
             seconds,
             self.done_before * self.orchestrator.clip_len,
             provenance,
         )
+        return self.result
 
 
 def render(
@@ -571,7 +578,18 @@ def render(
     job = RenderJob(request, out, segment_clips, lossless, progress, extra_provenance)
     job.start(orchestrator)
     try:
-        orchestrator.run(until=lambda: job.done)  # other streams of the orchestrator may wait
+        given_up: set[int] = set()
+        while True:  # other streams of the orchestrator may wait
+            try:
+                orchestrator.run(until=lambda: job.done)
+                break
+            except NoProgress as err:
+                # Another stream given up on (on a shared orchestrator): its owner hears of
+                # it when it drives the loop; this render goes on.
+                if err.key == job.key or err.key in given_up:
+                    raise
+                given_up.add(err.key)
+                log.warning("%s: another stream was given up on (%s); going on", job.out, err)
         return job.finish()
     except BaseException:
         job.abandon()  # the parts folder stays for a re-run to resume from
