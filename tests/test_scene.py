@@ -334,3 +334,20 @@ def test_classify_pixels_is_the_nearest_palette_colour_first_on_ties(shape):
     got = classify_pixels(frames, BOUNCING_PALETTE)
     assert got.shape == shape and (got == -1).any() and (got >= 0).any()
     np.testing.assert_array_equal(got, want)
+
+
+def test_a_moving_video_of_large_frames_has_a_seam_ratio():
+    """The still-video level was a mean over all pixels: at 256x256 one moving shape
+    changes it 16 times less than at 64x64, and its videos were counted as never changing
+    (seam ratio None). A still video stays None at any size."""
+    from vidgen.eval.scene import SceneScorer, seam_ratio
+
+    for size in (64, 256):
+        config = BouncingShapesConfig(num_shapes=1, size=size)
+        frames = BouncingShapes(config, seed=0).trajectory(40).frames
+        whole = seam_ratio(frames, 8)
+        scorer = SceneScorer(BOUNCING_PALETTE, clip_len=8)
+        scorer.add(frames)
+        assert 0.8 < whole < 1.25 and scorer.result()["seam_ratio"] == pytest.approx(whole)
+        still = np.repeat(frames[:1], 40, axis=0)
+        assert seam_ratio(still, 8) is None

@@ -366,10 +366,19 @@ def _transitions(
     )
 
 
-# A mean absolute frame difference (0-255 scale, all pixels) below this is a still video: a
-# 12-pixel object moving by one pixel changes about 1 level; an empty, nearly black
-# generated video about 0.01, and a ratio of two such numbers says nothing about seams.
+# A mean absolute frame difference (0-255 scale, all pixels of a 64x64 frame) below this is
+# a still video: a 12-pixel object moving by one pixel changes about 1 level; an empty,
+# nearly black generated video about 0.01, and a ratio of two such numbers says nothing
+# about seams. Other frame sizes scale it by 64 * 64 / (height * width): the same object
+# moving in a 256x256 frame changes the mean 16 times less (a moving video was taken for a
+# still one there).
 STATIC_LEVEL = 0.1
+STATIC_AREA = 64 * 64
+
+
+def _static_level(threshold: float, frame_shape: tuple[int, ...]) -> float:
+    """``threshold`` (for a 64x64 frame) for frames of ``frame_shape`` (H, W, ...)."""
+    return threshold * STATIC_AREA / (frame_shape[0] * frame_shape[1])
 
 
 def seam_ratio(
@@ -378,7 +387,8 @@ def seam_ratio(
     """Mean absolute frame difference across clip boundaries over that within clips.
 
     1.0 means the seams are as smooth as the motion inside clips. A video that does not move
-    (both differences below ``static_threshold`` on the 0-255 scale, ``STATIC_LEVEL``) has
+    (both differences below ``static_threshold`` on the 0-255 scale, ``STATIC_LEVEL``, for
+    a 64x64 frame: scaled by 64 * 64 / (height * width) for other sizes) has
     no defined ratio: None is returned, never a number (an empty video's flicker scored
     0.06-0.8, better than perfect). A video still within clips that jumps at the seams (a
     slideshow) returns ``inf``.
@@ -394,7 +404,8 @@ def seam_ratio(
         )
     diffs = _frame_diffs(frames)  # (T-1,)
     at_seam = (np.arange(1, len(frames)) % clip_len) == 0  # transition i -> i+1 crosses
-    return _seam_value(diffs[~at_seam].mean(), diffs[at_seam].mean(), static_threshold)
+    level = _static_level(static_threshold, frames.shape[1:])
+    return _seam_value(diffs[~at_seam].mean(), diffs[at_seam].mean(), level)
 
 
 def _frame_diffs(frames: np.ndarray) -> np.ndarray:
@@ -562,7 +573,8 @@ class SceneScorer:
                     f"clip_len={self.clip_len}"
                 )
             (seam, seams), (within, inner) = self._diffs[True], self._diffs[False]
-            out["seam_ratio"] = _seam_value(within / inner, seam / seams, STATIC_LEVEL)
+            level = _static_level(STATIC_LEVEL, self._last[0].shape)
+            out["seam_ratio"] = _seam_value(within / inner, seam / seams, level)
         return out
 
 
