@@ -1050,12 +1050,18 @@ def test_a_snapshot_that_does_not_fit_its_request_is_refused(family):
     gen = make_generator(family)
     stream = gen.open(request_for(gen, frames=4 * gen.clip_len))
     gen.step([stream])
+    first = gen.snapshot(stream)
     gen.step([stream])
     snap = gen.snapshot(stream)
     (made,) = gen.step([stream])
     good = dataclasses.replace(snap, pending=[made.data])
     gen.restore(good)  # fits
+    # A NaN in the cache made black frames (diffusion) or failed the next step (tokens).
+    k_name = next(n for n in snap.cache if n.split(".")[-1] == "k")
+    nan_k = {**snap.cache, k_name: snap.cache[k_name].clone()}
+    nan_k[k_name].view(-1)[0] = float("nan")
     bad = {
+        "snapshot k holds values that are not finite": dataclasses.replace(snap, cache=nan_k),
         "checkpoint_clip must be >= 0, got -2": dataclasses.replace(snap, checkpoint_clip=-2),
         "does not match checkpoint_clip": dataclasses.replace(snap, checkpoint_clip=1),
         "without a cache": dataclasses.replace(snap, cache=None, pending=[made.data]),
@@ -1075,6 +1081,12 @@ def test_a_snapshot_that_does_not_fit_its_request_is_refused(family):
         bad["'prev': token ids must be .* int64 .*torch.int16"] = dataclasses.replace(
             snap, cache=short
         )
+        # The unconditional slot a clip behind the conditional one: read as the guided
+        # step's context, other frames without a word.
+        behind = {**snap.cache, **{n: t for n, t in first.cache.items() if "slot1." in n}}
+        bad["slot1.next_frame differs from slot0's"] = dataclasses.replace(snap, cache=behind)
+        bos = {**snap.cache, "prev": torch.full_like(snap.cache["prev"], -1)}
+        bad["'prev' must be the last block written"] = dataclasses.replace(snap, cache=bos)
     else:
         bad["finite floats"] = dataclasses.replace(snap, pending=[made.data * float("nan")])
     open_before = len(gen._streams)

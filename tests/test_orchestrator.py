@@ -3156,3 +3156,23 @@ def test_finishing_a_render_job_again_gives_its_result(models, tmp_path):
     orch.run(until=lambda: job.done)
     first = job.finish()
     assert job.finish() is first and first.path.is_file()
+
+
+def test_the_orchestrator_keeps_its_own_copy_of_a_request(model):
+    """Its truth held the caller's object: a caller that reused it (a new seed for the next
+    video) changed every clip restored after a failure. A truth of another request is
+    refused at submit (it went on with that request's stream, labelled as this one)."""
+    req = request_for(model, frames=24)
+    expected = reference(model, req)
+    flaky = Flaky(GeneratorWorker(model, max_streams=4), fail_at={3})
+    orch = Orchestrator([flaky])
+    key = orch.submit(req)
+    req.seed = 99  # the caller's next video
+    frames = np.concatenate([c.frames for c in orch.clips(key)])
+    assert orch.failures == 1
+    np.testing.assert_array_equal(frames, expected)
+    from vidgen.generators import StreamSnapshot
+
+    other = StreamSnapshot.start(request_for(model, frames=24, seed=4))
+    with pytest.raises(ValueError, match="the truth is of another request"):
+        orch.submit(request_for(model, frames=24), truth=other)

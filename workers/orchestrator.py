@@ -28,13 +28,14 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
 
 from vidgen.checkpoint import same_checkpoint
 from vidgen.generators import Clip, GenerationRequest, StreamSnapshot
+from vidgen.generators.base import own_request, request_fingerprints
 from vidgen.validate import check_int, check_step_timeout
 from workers.actor import ClipOut, StepOut, StreamsLost
 from workers.executors import Executor, ExecutorFailed
@@ -311,6 +312,19 @@ class Orchestrator:
         """Start a stream (or resume one from a saved ``truth``); returns its key. If it
         raises (a refused request, or a NoProgress about another stream given up on while
         this one was placed), the request was not submitted and holds no slot."""
+        # Its own copies: a caller that reuses its request object (a new seed for the next
+        # video) changed the clips restored after a failure.
+        request = own_request(request)
+        if truth is not None:
+            truth = replace(truth, request=own_request(truth.request))
+            if truth.request.fingerprint() not in request_fingerprints(
+                request, truth.request.model
+            ):  # it would go on with another request's stream, labelled as this one
+                raise ValueError(
+                    f"the truth is of another request (seed {truth.request.seed}, label "
+                    f"{truth.request.label}) than the one submitted (seed {request.seed}, "
+                    f"label {request.label})"
+                )
         served = self.info.get("model")
         if served is not None and not same_checkpoint(request.model, served):
             # Another model's request would be made by these weights and labelled as its own.

@@ -31,10 +31,10 @@ from typing import Any
 from tqdm import tqdm
 
 import vidgen
-from vidgen.checkpoint import CheckpointError, canonical_name, same_checkpoint
+from vidgen.checkpoint import CheckpointError, canonical_name
 from vidgen.fsutil import publish, target, temp_beside, temp_stem
 from vidgen.generators import Clip, GenerationRequest
-from vidgen.generators.base import load_snapshot, save_snapshot
+from vidgen.generators.base import load_snapshot, request_fingerprints, save_snapshot
 from vidgen.io import VideoWriter, concat_videos, probe_video
 from vidgen.render_config import check_out
 from vidgen.validate import check_int
@@ -175,20 +175,6 @@ def _guards(
     return guards
 
 
-def _fingerprints(request: GenerationRequest, *aliases: Any) -> set[str]:
-    """The fingerprints a render of ``request`` may have recorded: of the request with its
-    model as given, under its canonical name (``checkpoint.canonical_name``: a shipped name
-    and its path, a relative and an absolute path are one model) and under each of
-    ``aliases`` that names the same file, each in both number forms (``to_json``)."""
-    names = {request.model, canonical_name(request.model)}
-    names.update(a for a in aliases if isinstance(a, str) and same_checkpoint(a, request.model))
-    found = set()
-    for name in names:
-        named = request if name == request.model else replace(request, model=name)
-        found.update((named.fingerprint(), named.fingerprint(False)))
-    return found
-
-
 def _saved_model(truth_path: Path) -> str | None:
     """The model as the saved truth's request names it (None without a readable one)."""
     try:
@@ -214,7 +200,7 @@ def _resume_point(
     truth_path = folder / TRUTH_FILE
     # Folders started before fingerprints were canonical hold the request's number forms,
     # and the model as that render named it (the truth's request says how).
-    if "request.sha256" in changed and found["request.sha256"] not in _fingerprints(
+    if "request.sha256" in changed and found["request.sha256"] not in request_fingerprints(
         request, _saved_model(truth_path)
     ):
         raise ValueError(
@@ -252,7 +238,7 @@ def _resume_point(
     # Checked before any segment is removed below: the guard names the request, but the
     # truth is what a resume continues from (its request, seeds included).
     if truth is not None:
-        if truth.request.fingerprint() not in _fingerprints(request, truth.request.model):
+        if truth.request.fingerprint() not in request_fingerprints(request, truth.request.model):
             raise ValueError(
                 f"{truth_path} is the truth of a different request than its folder's "
                 f"(seed {truth.request.seed}, label {truth.request.label}); delete {folder} "
@@ -647,7 +633,8 @@ def finished_render(
         return None
     if (
         not isinstance(provenance, dict)
-        or provenance.get("request_sha256") not in _fingerprints(request, provenance.get("model"))
+        or provenance.get("request_sha256")
+        not in request_fingerprints(request, provenance.get("model"))
         or provenance.get("model_sha256") != model_sha256
         or provenance.get("lossless") != lossless
         # Sidecars written before 2026-11-30 (later) do not name it: not checked.

@@ -625,6 +625,22 @@ def own_request(request: GenerationRequest) -> GenerationRequest:
     return replace(request)
 
 
+def request_fingerprints(request: GenerationRequest, *aliases: Any) -> set[str]:
+    """The fingerprints a render or truth of ``request`` may have recorded: of the request
+    with its model as given, under its canonical name (``checkpoint.canonical_name``: a
+    shipped name and its path, a relative and an absolute path are one model) and under each
+    of ``aliases`` that names the same file, each in both number forms (``to_json``)."""
+    from vidgen.checkpoint import canonical_name, same_checkpoint
+
+    names = {request.model, canonical_name(request.model)}
+    names.update(a for a in aliases if isinstance(a, str) and same_checkpoint(a, request.model))
+    found = set()
+    for name in names:
+        named = request if name == request.model else replace(request, model=name)
+        found.update((named.fingerprint(), named.fingerprint(False)))
+    return found
+
+
 def _number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
         raise ValueError(f"{name} must be a number, got {value!r}")

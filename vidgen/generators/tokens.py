@@ -489,11 +489,29 @@ class TokenClipGenerator:
         for i, slot in enumerate(rows.slots):
             prefix = f"slot{i}."
             tensors = {k[len(prefix) :]: v for k, v in cache.items() if k.startswith(prefix)}
+            for name in ("next_frame", "chunks") if i else ():
+                # The unconditional slot holds the same frames as the conditional one: one
+                # a clip behind was read as this clip's context by the guided step.
+                mine, first = tensors.get(name), cache.get(f"slot0.{name}")
+                if mine is None or first is None or not torch.equal(mine, first):
+                    raise ValueError(
+                        f"snapshot slot{i}.{name} differs from slot0's: its cache slots "
+                        "hold different frames"
+                    )
             self.cache.load(slot, tensors)
         if "prev" not in cache:
             raise ValueError("snapshot cache has no 'prev' (not a token generator's snapshot)")
         cfg = self.config
         check_token_ids("snapshot cache 'prev'", cache["prev"], (cfg.block,), cfg.vocab, BOS)
+        # BOS before anything is written, the last block written after.
+        written = int(cache["slot0.next_frame"]) > 0
+        if bool((cache["prev"] == BOS).any()) if written else bool((cache["prev"] != BOS).any()):
+            raise ValueError(
+                "snapshot cache 'prev' must be "
+                + ("the last block written, with no BOS" if written else "all BOS (-1)")
+                + " for a cache holding "
+                + ("frames" if written else "none")
+            )
         rows.prev = cache["prev"].clone()
         last = cache.get("last")
         if last is not None:

@@ -288,6 +288,8 @@ def _check_snapshot(
                 f"snapshot {name} must be {spec.dtype} of shape {shape}, got {got.dtype} "
                 f"{tuple(got.shape)}"
             )
+        if not bool(torch.isfinite(got).all()):  # read by every later step: black frames
+            raise ValueError(f"snapshot {name} holds values that are not finite (NaN or inf)")
     index, table = tensors["frame_index"], tensors["chunks"]
     if tuple(index.shape) != (spec.window,) or index.is_floating_point():
         raise ValueError(
