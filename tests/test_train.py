@@ -1429,3 +1429,25 @@ def test_a_frozen_tokenizer_of_the_wrong_kind_is_named(tmp_path):
     larp = tmp_path / "models" / "larp-test.safetensors"
     with pytest.raises(TrainSetupError, match=f"frozen_tokenizer={larp}: .*LARPConfig"):
         train(_ca2vdm_run(str(larp)), tmp_path / "a", 2)
+
+
+def test_a_model_without_actions_on_data_with_actions_is_warned_about(caplog):
+    """The presets take no actions: trained on data=agent they ignore them without a word,
+    found only when a request with actions is refused."""
+    import dataclasses
+    import logging
+
+    from vidgen.data import DataConfig
+    from vidgen.models.ca2vdm import CA2VDM_CONFIGS
+    from vidgen.train.diffusion import check_actions_fit
+
+    plain = dataclasses.replace(CA2VDM_CONFIGS["test"], num_actions=0, action_dim=0)
+    with caplog.at_level(logging.WARNING, logger="vidgen.train.diffusion"):
+        check_actions_fit(plain, DataConfig(name="bouncing"))
+        assert not caplog.records
+        check_actions_fit(plain, DataConfig(name="agent"))
+    assert "set model.num_actions=5" in caplog.text and "ignore them" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vidgen.train.diffusion"):
+        check_actions_fit(dataclasses.replace(plain, num_actions=5), DataConfig(name="agent"))
+    assert not caplog.records

@@ -171,6 +171,17 @@ def check_actions_fit(config: Ca2VDMConfig | NBPConfig, data: DataConfig) -> Non
                 f"actions {source} gives: set model.num_actions="
                 f"{NUM_ACTIONS} (or more)"
             )
+    if not config.num_actions and not config.action_dim and data.name in ("agent", "mix"):
+        # The presets take none: a "world model" trained so ignores its actions, found only
+        # when a request with actions is refused.
+        log.warning(
+            "%s, but the model takes none (model.num_actions=0, model.action_dim=0): it will "
+            "ignore them; set model.num_actions=%d (discrete) or model.action_dim=%d with "
+            "data.agent.continuous=true to condition on them",
+            given,
+            NUM_ACTIONS,
+            AGENT_ACTION_DIM,
+        )
 
 
 def check_labels_fit(config: Ca2VDMConfig | NBPConfig, data: DataConfig) -> None:
