@@ -3047,7 +3047,22 @@ def test_a_stream_has_one_iterator_at_a_time(models):
     del first  # dropped before its first clip: its cancel is queued ...
     frames = np.concatenate([c.frames for c in orch.clips(key)])  # ... and taken back
     np.testing.assert_array_equal(frames, reference(model, request_for(model, frames=16)))
-    # One that ended lets another read; a cancel under a reader is said as such.
+    # Another stream's new iterator leaves a dropped one's cancel be (the list it goes to
+    # was replaced, and the dropped stream kept its slot and filled its queue).
+    a, b = orch.submit(request_for(model, frames=16)), orch.submit(request_for(model, frames=16))
+    dropped, reader = orch.clips(a), orch.clips(b)
+    del dropped
+    assert len(list(reader)) == 16 // orch.clip_len
+    assert a not in orch.streams
+    # One closed before it started, then another: the first, collected later, is no drop.
+    key = orch.submit(request_for(model, frames=16))
+    closed = orch.clips(key)
+    closed.close()
+    second = orch.clips(key)
+    next(second)
+    del closed
+    assert len(list(second)) == 16 // orch.clip_len - 1
+    # A cancel under a reader is said as such.
     key = orch.submit(request_for(model, frames=16))
     reader = orch.clips(key)
     next(reader)

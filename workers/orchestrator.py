@@ -172,7 +172,8 @@ class _Stream:
     # gets max_failures more
     decode_failed: bool = False  # a decode of its clips failed since it last made progress
     stuck: bool = False  # given up on (NoProgress): parked, never placed or stepped again
-    reader: Any = None  # weakref to the iterator of ``Orchestrator.clips`` reading it
+    # (weakref, finalizer) of the iterator of ``Orchestrator.clips`` reading it
+    reader: tuple[Any, Any] | None = None
     frames: dict[int, np.ndarray] = field(default_factory=dict)  # decoded, not delivered
     to_decode: dict[int, ClipOut] = field(default_factory=dict)  # accepted, frames not back
 
@@ -504,19 +505,20 @@ class Orchestrator:
         stream = self.streams[key]
         if not isinstance(stream.sink, QueueSink):
             raise ValueError(f"stream {key} writes to its own sink, not to an iterator")
-        reader = stream.reader() if stream.reader is not None else None
-        if reader is not None and reader.gi_frame is not None:  # neither ended nor closed
-            # Two would split the clips between them, and the first one dropped cancelled
-            # the stream under the other.
-            raise ValueError(
-                f"stream {key} is being read by another iterator: take its clips from that "
-                "one, or close it first"
-            )
-        # A dropped iterator's cancel not yet done: this one takes the stream over.
-        self._dropped = [k for k in self._dropped if k != key]
+        if stream.reader is not None:
+            reader, finalizer = stream.reader[0](), stream.reader[1]
+            if reader is not None and reader.gi_frame is not None:  # neither ended nor closed
+                # Two would split the clips between them, and the first one dropped
+                # cancelled the stream under the other.
+                raise ValueError(
+                    f"stream {key} is being read by another iterator: take its clips from that one"
+                )
+            finalizer.detach()  # one closed before it started, collected later: not a drop
+        # A dropped iterator's cancel not yet done: this one takes the stream over (in place:
+        # the finalizers of other streams' iterators append to this very list).
+        self._dropped[:] = [k for k in self._dropped if k != key]
         started: list[weakref.finalize] = []
         clips = self._clips(key, stream, started)
-        stream.reader = weakref.ref(clips)
         # An iterator dropped before its first clip never runs its GeneratorExit handler:
         # its stream is cancelled at the next submit or schedule (not inside whatever loop
         # the garbage collector interrupts). Detached once it starts: a started one cancels
@@ -525,6 +527,7 @@ class Orchestrator:
         finalizer = weakref.finalize(clips, self._dropped.append, key)
         finalizer.atexit = False
         started.append(finalizer)
+        stream.reader = (weakref.ref(clips), finalizer)
         return clips
 
     def _clips(self, key: int, stream: _Stream, started: list[weakref.finalize]) -> Iterator[Clip]:
