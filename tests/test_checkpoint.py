@@ -771,20 +771,3 @@ def test_a_header_in_another_encoding_or_odd_metadata_is_refused():
     odd += b" " * (-len(odd) % 8)
     with pytest.raises(ValueError, match="must map strings to strings"):
         checkpoint.map_safetensors(bytearray(struct.pack("<Q", len(odd)) + odd))
-
-
-def test_canonical_name_is_one_per_file(tmp_path, monkeypatch):
-    """A shipped name and its path, a relative and an absolute path, a link: one name each
-    (render folders are keyed by it); a name that resolves to nothing stays as given."""
-    shipped = checkpoint.available()[0]
-    path = checkpoint.assets_dir() / f"{shipped}.safetensors"
-    assert checkpoint.canonical_name(shipped) == shipped
-    assert checkpoint.canonical_name(path) == shipped
-    assert checkpoint.canonical_name(str(path)) == shipped
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "m.safetensors").write_bytes(b"x")
-    (tmp_path / "link.safetensors").symlink_to("m.safetensors")
-    absolute = str(tmp_path.resolve() / "m.safetensors")
-    for name in ("m.safetensors", "./m.safetensors", absolute, "link.safetensors"):
-        assert checkpoint.canonical_name(name) == absolute
-    assert checkpoint.canonical_name("gone.safetensors") == "gone.safetensors"

@@ -295,7 +295,8 @@ def test_a_truth_that_does_not_fit_its_folder_is_refused_before_a_segment_goes(m
 
 def test_a_render_resumes_with_its_model_named_another_way(model, tmp_path, monkeypatch):
     """A relative and an absolute path (or a shipped name and its path) are one model: the
-    resume was refused as "a different request", and so was a finished item's record."""
+    resume was refused as "a different request", and a finished item's record was not
+    found. The weights' sha256 says which model made it."""
     from workers.render import finished_render
 
     monkeypatch.chdir(tmp_path)
@@ -312,10 +313,38 @@ def test_a_render_resumes_with_its_model_named_another_way(model, tmp_path, monk
     sha, tok = checkpoint.file_sha256(absolute), orch.info.get("tokenizer_sha256")
     assert finished_render(out, request_for(relative, frames=48), sha, False, tok) is not None
     assert finished_render(out, request_for(relative, frames=40), sha, False, tok) is None
-    # Another file is another model, whatever its bytes.
-    shutil.copyfile(model, tmp_path / "other.safetensors")
-    other = request_for("other.safetensors", frames=48)
-    assert finished_render(out, other, sha, False, tok) is None
+    # The same weights under another name are the same model; other weights are not.
+    assert (
+        finished_render(out, request_for("x.safetensors", frames=48), "0" * 64, False, tok) is None
+    )
+
+
+def test_a_render_resumes_after_its_project_folder_moved(models, tmp_path, monkeypatch):
+    """The guard held the model's absolute path for a while: a project renamed (or mounted
+    elsewhere) was 'a different request'. The weights' sha256 names the model; a link moved
+    to other weights is said as such, not as another request."""
+    model = models["diffusion"]
+    old, new = tmp_path / "projA", tmp_path / "projB"
+    old.mkdir()
+    shutil.copyfile(model, old / "m.safetensors")
+    (old / "latest.safetensors").symlink_to("m.safetensors")
+    monkeypatch.chdir(old)
+    req = request_for("latest.safetensors", frames=24)
+    render_until_a_segment(Orchestrator(local("latest.safetensors")), req, old / "v.mp4")
+    old.rename(new)
+    monkeypatch.chdir(new)
+    absolute = request_for(str(new / "m.safetensors"), frames=24)  # and named another way
+    orch = Orchestrator(local(absolute.model))
+    result = render(orch, absolute, new / "v.mp4", progress=False)
+    assert result.resumed_frames > 0 and len(read_video(new / "v.mp4")) == 24
+    # A link moved to retrained weights: their sha256 says so first.
+    render_until_a_segment(Orchestrator(local("latest.safetensors")), req, new / "w.mp4")
+    shutil.copyfile(model, new / "m2.safetensors")
+    checkpoint.update_card(new / "m2.safetensors", {"note": "trained further"})
+    (new / "latest.safetensors").unlink()
+    (new / "latest.safetensors").symlink_to("m2.safetensors")
+    with pytest.raises(ValueError, match="other weights of 'latest.safetensors'"):
+        render(Orchestrator(local("latest.safetensors")), req, new / "w.mp4", progress=False)
 
 
 def test_an_unconditional_render_records_guidance_1(model, tmp_path):

@@ -658,19 +658,6 @@ def same_checkpoint(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return False
 
 
-def canonical_name(name_or_path: str | os.PathLike) -> str:
-    """One name for each checkpoint file, however it is given: a shipped checkpoint's name
-    (also for its path), else the file's absolute path with links resolved; a name this
-    machine cannot resolve (e.g. through a Ray client) as given."""
-    try:
-        path = resolve(name_or_path).resolve()
-    except (CheckpointError, OSError):
-        return os.fspath(name_or_path)
-    if path.parent == assets_dir().resolve() and _is_name(path.name[: -len(SUFFIX)]):
-        return path.name[: -len(SUFFIX)]
-    return str(path)
-
-
 def combined_sha256(digests: Sequence[str]) -> str:
     """One sha256 over hex sha256s, in order (a generator's companion files, from the
     digests their loads computed, ``Checkpoint.sha256``): the ``tokenizer.sha256`` of

@@ -318,8 +318,10 @@ class Orchestrator:
         request = own_request(request)
         if truth is not None:
             truth = replace(truth, request=own_request(truth.request))
-            if truth.request.fingerprint() not in request_fingerprints(
-                request, truth.request.model
+            named = truth.request.model  # the same file under another name is the same model
+            same = same_checkpoint(named, request.model)
+            if not same or truth.request.fingerprint() not in request_fingerprints(
+                request, named
             ):  # it would go on with another request's stream, labelled as this one
                 raise ValueError(
                     f"the truth is of another request (seed {truth.request.seed}, label "

@@ -31,7 +31,7 @@ from typing import Any
 from tqdm import tqdm
 
 import vidgen
-from vidgen.checkpoint import CheckpointError, canonical_name
+from vidgen.checkpoint import CheckpointError
 from vidgen.fsutil import publish, target, temp_beside, temp_stem
 from vidgen.generators import Clip, GenerationRequest
 from vidgen.generators.base import load_snapshot, request_fingerprints, save_snapshot
@@ -163,8 +163,9 @@ def _guards(
 ) -> dict[str, str]:
     """What a parts folder is made with (file name -> content): a resume must match each."""
     guards = {
-        # The model under its canonical name: a resume may name it another way.
-        "request.sha256": replace(request, model=canonical_name(request.model)).fingerprint(),
+        # Without the model's name where its weights' sha256 is known (a guard of its own): a
+        # resume may name it another way, or from another folder (a project moved).
+        "request.sha256": request.fingerprint(model="" if model_sha256 else None),
         "lossless": str(bool(lossless)).lower(),
         "dtype": dtype,
     }
@@ -173,6 +174,12 @@ def _guards(
     if tokenizer_sha256:
         guards["tokenizer.sha256"] = tokenizer_sha256
     return guards
+
+
+def _fingerprints(request: GenerationRequest, weighed: bool, *aliases: Any) -> set[str]:
+    """``request_fingerprints`` with ``aliases`` of its model where the weights are checked
+    by their sha256 (``weighed``), else of the request as named only."""
+    return request_fingerprints(request, *aliases) if weighed else request_fingerprints(request)
 
 
 def _saved_model(truth_path: Path) -> str | None:
@@ -198,19 +205,20 @@ def _resume_point(
         found.setdefault("dtype", "float32")
     changed = {n for n, value in found.items() if value != guards[n]}
     truth_path = folder / TRUTH_FILE
-    # Folders started before fingerprints were canonical hold the request's number forms,
-    # and the model as that render named it (the truth's request says how).
-    if "request.sha256" in changed and found["request.sha256"] not in request_fingerprints(
-        request, _saved_model(truth_path)
-    ):
-        raise ValueError(
-            f"{folder} holds a render of a different request; delete it or choose another out"
-        )
-    if "model.sha256" in changed:
+    if "model.sha256" in changed:  # first: a link to a retrained file is no other request
         raise ValueError(
             f"{folder} holds a render made with other weights of {request.model!r} (sha256 "
             f"{found['model.sha256'][:16]}, now {guards['model.sha256'][:16]}); delete it or "
             "choose another out"
+        )
+    # Folders started before fingerprints were canonical hold the request's number forms,
+    # and before 2026-12-02 the model as that render named it (the truth's request says how).
+    weighed = "model.sha256" in guards  # the same weights, whatever their name
+    if "request.sha256" in changed and found["request.sha256"] not in _fingerprints(
+        request, weighed, "", _saved_model(truth_path)
+    ):
+        raise ValueError(
+            f"{folder} holds a render of a different request; delete it or choose another out"
         )
     if "tokenizer.sha256" in changed:
         raise ValueError(
@@ -238,7 +246,7 @@ def _resume_point(
     # Checked before any segment is removed below: the guard names the request, but the
     # truth is what a resume continues from (its request, seeds included).
     if truth is not None:
-        if truth.request.fingerprint() not in request_fingerprints(request, truth.request.model):
+        if truth.request.fingerprint() not in _fingerprints(request, weighed, truth.request.model):
             raise ValueError(
                 f"{truth_path} is the truth of a different request than its folder's "
                 f"(seed {truth.request.seed}, label {truth.request.label}); delete {folder} "
@@ -249,6 +257,8 @@ def _resume_point(
                 f"{truth_path} holds clips up to {done}, past the request's "
                 f"{request.frames // clip_len}; delete {folder} to render anew"
             )
+        # Named as this render names it: the generators refuse a model of another name.
+        truth = replace(truth, request=replace(truth.request, model=request.model))
     # Segments are renamed into place whole, and the truth is saved after each one, so every
     # segment that starts before `done` is complete; a later one was made after the saved
     # truth and is dropped (it will be made again, identically).
@@ -634,7 +644,7 @@ def finished_render(
     if (
         not isinstance(provenance, dict)
         or provenance.get("request_sha256")
-        not in request_fingerprints(request, provenance.get("model"))
+        not in _fingerprints(request, model_sha256 is not None, provenance.get("model"))
         or provenance.get("model_sha256") != model_sha256
         or provenance.get("lossless") != lossless
         # Sidecars written before 2026-11-30 (later) do not name it: not checked.

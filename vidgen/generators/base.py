@@ -228,10 +228,14 @@ class GenerationRequest:
         out["context"] = None
         return out
 
-    def fingerprint(self, canonical: bool = True) -> str:
+    def fingerprint(self, canonical: bool = True, model: str | None = None) -> str:
         """sha256 of everything that determines the output frames (``canonical``: see
-        ``to_json``; a render folder may hold either form)."""
-        payload = json.dumps(self.to_json(canonical), sort_keys=True).encode()
+        ``to_json``; a render folder may hold either form), with the model named ``model``
+        where given (``""``: none, where the weights' own sha256 names them)."""
+        data = self.to_json(canonical)
+        if model is not None:
+            data["model"] = model
+        payload = json.dumps(data, sort_keys=True).encode()
         digest = hashlib.sha256(payload)
         if self.context is not None:
             digest.update(np.ascontiguousarray(self.context).tobytes())
@@ -626,19 +630,13 @@ def own_request(request: GenerationRequest) -> GenerationRequest:
 
 
 def request_fingerprints(request: GenerationRequest, *aliases: Any) -> set[str]:
-    """The fingerprints a render or truth of ``request`` may have recorded: of the request
-    with its model as given, under its canonical name (``checkpoint.canonical_name``: a
-    shipped name and its path, a relative and an absolute path are one model) and under each
-    of ``aliases`` that names the same file, each in both number forms (``to_json``)."""
-    from vidgen.checkpoint import canonical_name, same_checkpoint
-
-    names = {request.model, canonical_name(request.model)}
-    names.update(a for a in aliases if isinstance(a, str) and same_checkpoint(a, request.model))
-    found = set()
-    for name in names:
-        named = request if name == request.model else replace(request, model=name)
-        found.update((named.fingerprint(), named.fingerprint(False)))
-    return found
+    """The fingerprints a record of ``request`` (a render folder's guard, a truth, a sidecar)
+    may hold: of the request with its model as given and as each of ``aliases`` names it
+    (``""``: no model, how render folders record it since 2026-12-02), each in both number
+    forms (``to_json``). Aliases are taken as they come: a caller passing any has checked that
+    the weights are the same (their sha256)."""
+    names = {request.model, *(a for a in aliases if isinstance(a, str))}
+    return {request.fingerprint(form, name) for name in names for form in (True, False)}
 
 
 def _number(name: str, value: Any) -> float:
