@@ -339,7 +339,8 @@ def test_classify_pixels_is_the_nearest_palette_colour_first_on_ties(shape):
 def test_a_moving_video_of_large_frames_has_a_seam_ratio():
     """The still-video level was a mean over all pixels: at 256x256 one moving shape
     changes it 16 times less than at 64x64, and its videos were counted as never changing
-    (seam ratio None). A still video stays None at any size."""
+    (seam ratio None). Pixels that move say so at any size; a still or flickering video stays
+    None."""
     from vidgen.eval.scene import SceneScorer, seam_ratio
 
     for size in (64, 256):
@@ -351,3 +352,12 @@ def test_a_moving_video_of_large_frames_has_a_seam_ratio():
         assert 0.8 < whole < 1.25 and scorer.result()["seam_ratio"] == pytest.approx(whole)
         still = np.repeat(frames[:1], 40, axis=0)
         assert seam_ratio(still, 8) is None
+        # Flicker of a level on 2% of the pixels: no motion at any size (the mean over the
+        # pixels is the same at every size; a level scaled down by area took it for some).
+        rng = np.random.default_rng(0)
+        flicker = still.astype(np.int16) + (rng.random(still.shape[:3]) < 0.02)[..., None]
+        flicker = np.clip(flicker, 0, 255).astype(np.uint8)
+        assert seam_ratio(flicker, 8) is None
+        scorer = SceneScorer(BOUNCING_PALETTE, clip_len=8)
+        scorer.add(flicker)
+        assert scorer.result()["seam_ratio"] is None

@@ -366,19 +366,17 @@ def _transitions(
     )
 
 
-# A mean absolute frame difference (0-255 scale, all pixels of a 64x64 frame) below this is
-# a still video: a 12-pixel object moving by one pixel changes about 1 level; an empty,
-# nearly black generated video about 0.01, and a ratio of two such numbers says nothing
-# about seams. Other frame sizes scale it by 64 * 64 / (height * width): the same object
-# moving in a 256x256 frame changes the mean 16 times less (a moving video was taken for a
-# still one there).
+# A mean absolute frame difference (0-255 scale, all pixels) below this is a still video,
+# unless pixels move (below): a 12-pixel object moving by one pixel in a 64x64 frame changes
+# it by about 1 level; an empty, nearly black generated video about 0.01, and a ratio of two
+# such numbers says nothing about seams.
 STATIC_LEVEL = 0.1
-STATIC_AREA = 64 * 64
-
-
-def _static_level(threshold: float, frame_shape: tuple[int, ...]) -> float:
-    """``threshold`` (for a 64x64 frame) for frames of ``frame_shape`` (H, W, ...)."""
-    return threshold * STATIC_AREA / (frame_shape[0] * frame_shape[1])
+# A pixel whose largest channel changes by more than MOVED_LEVEL levels moved; a video where
+# STATIC_PIXELS or more move per transition (on average) is not still, whatever the mean:
+# the mean falls with the frame's area (a shape moving in a 256x256 frame changes it by 0.04-
+# 0.07, under STATIC_LEVEL), while flicker of a level or two moves no pixel at any size.
+MOVED_LEVEL = 16
+STATIC_PIXELS = 4
 
 
 def seam_ratio(
@@ -387,11 +385,11 @@ def seam_ratio(
     """Mean absolute frame difference across clip boundaries over that within clips.
 
     1.0 means the seams are as smooth as the motion inside clips. A video that does not move
-    (both differences below ``static_threshold`` on the 0-255 scale, ``STATIC_LEVEL``, for
-    a 64x64 frame: scaled by 64 * 64 / (height * width) for other sizes) has
-    no defined ratio: None is returned, never a number (an empty video's flicker scored
-    0.06-0.8, better than perfect). A video still within clips that jumps at the seams (a
-    slideshow) returns ``inf``.
+    (both differences below ``static_threshold`` on the 0-255 scale, ``STATIC_LEVEL``, with
+    fewer than ``STATIC_PIXELS`` pixels changing by more than ``MOVED_LEVEL`` levels per
+    transition) has no defined ratio: None is returned, never a number (an empty video's
+    flicker scored 0.06-0.8, better than perfect). A video still within clips that jumps at
+    the seams (a slideshow) returns ``inf``.
     """
     frames = _as_frames(frames)
     check_int("clip_len", clip_len)
@@ -402,21 +400,31 @@ def seam_ratio(
             f"seam ratio needs more than one clip: got {len(frames)} frames with "
             f"clip_len={clip_len}"
         )
-    diffs = _frame_diffs(frames)  # (T-1,)
+    diffs, moved = _frame_diffs(frames)  # (T-1,) each
     at_seam = (np.arange(1, len(frames)) % clip_len) == 0  # transition i -> i+1 crosses
-    level = _static_level(static_threshold, frames.shape[1:])
-    return _seam_value(diffs[~at_seam].mean(), diffs[at_seam].mean(), level)
+    within = (diffs[~at_seam].mean(), moved[~at_seam].mean())
+    return _seam_value(within, (diffs[at_seam].mean(), moved[at_seam].mean()), static_threshold)
 
 
-def _frame_diffs(frames: np.ndarray) -> np.ndarray:
-    """(T - 1,) mean absolute difference of each frame to the next, 0-255 scale."""
-    return np.abs(np.diff(frames.astype(np.int16), axis=0)).mean(axis=(1, 2, 3))
+def _frame_diffs(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(T - 1,) mean absolute difference of each frame to the next, 0-255 scale, and (T - 1,)
+    how many pixels changed by more than ``MOVED_LEVEL`` in some channel."""
+    step = np.abs(np.diff(frames.astype(np.int16), axis=0))
+    moved = (step.max(axis=-1) > MOVED_LEVEL).sum(axis=(1, 2))
+    return step.mean(axis=(1, 2, 3)), moved
 
 
-def _seam_value(within: float, seam: float, static_threshold: float) -> float | None:
-    if within < static_threshold:
-        return None if seam < static_threshold else float("inf")
-    return float(seam / within)
+def _seam_value(
+    within: tuple[float, float], seam: tuple[float, float], static_threshold: float
+) -> float | None:
+    """The ratio of the (mean difference, moved pixels) of seams to those within clips."""
+
+    def still(diff_moved: tuple[float, float]) -> bool:
+        return diff_moved[0] < static_threshold and diff_moved[1] < STATIC_PIXELS
+
+    if still(within):
+        return None if still(seam) else float("inf")
+    return float(seam[0] / within[0])
 
 
 def summarize_seams(ratios: list[float | None]) -> dict[str, float | int | None]:
@@ -504,7 +512,8 @@ class SceneScorer:
         self.frames = 0
         self._objects = self._hits = 0
         self._steps, self._pairs, self._inner, self._moving = 0.0, 0, 0, 0
-        self._diffs = {True: [0.0, 0], False: [0.0, 0]}  # at a seam or not: [sum, count]
+        # At a seam or not: [difference sum, transitions, moved pixels sum].
+        self._diffs = {True: [0.0, 0, 0], False: [0.0, 0, 0]}
         self._last: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # frame, det
 
     def add(self, frames: np.ndarray | torch.Tensor) -> None:
@@ -535,12 +544,14 @@ class SceneScorer:
         self._inner += moved.inner
         self._moving += moved.moving
         if self.clip_len:
-            diffs = _frame_diffs(frames)
+            diffs, moved = _frame_diffs(frames)
             if self._last is not None:
-                diffs = np.concatenate([_frame_diffs(np.stack([self._last[0], frames[0]])), diffs])
+                first, first_moved = _frame_diffs(np.stack([self._last[0], frames[0]]))
+                diffs, moved = np.concatenate([first, diffs]), np.concatenate([first_moved, moved])
             for seam in (True, False):
                 self._diffs[seam][0] += float(diffs[at_seam == seam].sum())
                 self._diffs[seam][1] += int((at_seam == seam).sum())
+                self._diffs[seam][2] += int(moved[at_seam == seam].sum())
         self._last = (frames[-1].copy(), det.present[-1].copy(), det.centroids[-1].copy())
         self.frames += len(frames)
 
@@ -572,9 +583,13 @@ class SceneScorer:
                     f"seam ratio needs more than one clip: got {self.frames} frames with "
                     f"clip_len={self.clip_len}"
                 )
-            (seam, seams), (within, inner) = self._diffs[True], self._diffs[False]
-            level = _static_level(STATIC_LEVEL, self._last[0].shape)
-            out["seam_ratio"] = _seam_value(within / inner, seam / seams, level)
+            (seam, seams, seam_moved), (within, inner, moved) = (
+                self._diffs[True],
+                self._diffs[False],
+            )
+            out["seam_ratio"] = _seam_value(
+                (within / inner, moved / inner), (seam / seams, seam_moved / seams), STATIC_LEVEL
+            )
         return out
 
 
