@@ -1367,9 +1367,12 @@ def test_a_resume_after_the_frozen_tokenizer_changed_is_refused(tmp_path):
     train(run, tmp_path / "r", 4, stop_at=2)
     other = randomize_(KLAutoencoder(KL_CONFIGS["test"]), seed=1, std=0.1)
     checkpoint.save(kl, other, KL_CONFIGS["test"])
+    before = sorted(p.name for p in (tmp_path / "r").iterdir())
     with pytest.raises(TrainSetupError, match="another frozen_tokenizer .*fingerprint"):
         train(run, tmp_path / "r", 4)
     assert checkpoint.load(tmp_path / "r" / "state.safetensors").card["step"] == 2  # kept
+    # Refused before a clip was encoded with it (every clip was, then the caches stayed).
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == before
 
 
 def test_a_state_whose_generator_was_on_another_device_resumes_reseeded(tmp_path):
@@ -1451,3 +1454,69 @@ def test_a_model_without_actions_on_data_with_actions_is_warned_about(caplog):
     with caplog.at_level(logging.WARNING, logger="vidgen.train.diffusion"):
         check_actions_fit(dataclasses.replace(plain, num_actions=5), DataConfig(name="agent"))
     assert not caplog.records
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.device=mps"], "train.device must be auto, cpu, cuda or cuda:N, got 'mps'"),
+        (["train.device=meta"], "train.device must be auto, cpu, cuda or cuda:N, got 'meta'"),
+        (["name=state"], "name='state' would export over the run's own resume point"),
+        (["name=latents-x"], "would export over the run's own encoded clips"),
+    ],
+)
+def test_settings_that_failed_later_are_refused_at_the_start(tmp_path, overrides, message):
+    """mps and meta passed as devices and failed with tracebacks at the first tensor; an
+    export named 'state' went over the resume point (which then could not be resumed)."""
+    kl = ["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2"]
+    with pytest.raises(ValueError, match=message):
+        train([*kl, *overrides], tmp_path / "run", 2)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_larp_on_frames_needs_rgb_and_init_of_another_size_is_named(tmp_path):
+    """larp-test reads 4-channel latents: on frames it failed at the first step with a
+    shape error; a KL init of another size was not reported under init=."""
+    larp = ["tokenizer=larp-test", *SMALL_BOUNCING, "data.size=16", "data.clip_len=4"]
+    with pytest.raises(ValueError, match="tokenizer.channels=4: set tokenizer.channels=3"):
+        train([*larp, "tokenizer.size=16"], tmp_path / "larp", 2)
+    kl = ["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2"]
+    with pytest.raises(ValueError, match="init=kl-tiny: .*does not fit"):
+        train([*kl, "init=kl-tiny"], tmp_path / "init", 2)
+
+
+def test_an_empty_data_root_is_named_and_threads_hold_while_encoding(tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    folder = ["tokenizer=kl-test", "data=folder", f"data.root={tmp_path / 'empty'}"]
+    with pytest.raises(ValueError, match=r"data.root='.*empty': no video files"):
+        train([*folder, "data.size=32", "data.clip_len=2"], tmp_path / "run", 2)
+    # train.threads is set before the clips are encoded (it held for training only).
+    from vidgen.train import encoded
+
+    seen = []
+    real = encoded.EncodedClips.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(encoded.EncodedClips, "__init__", spy)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        kl = make_autoencoder(tmp_path)
+        train([*_ca2vdm_run(kl), "train.threads=1"], tmp_path / "t", 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen and set(seen) == {1}
+
+
+def test_the_default_frozen_tokenizer_named_is_no_change(tmp_path):
+    """A resume naming frozen_tokenizer=kl-tiny, the default, was recorded as a change."""
+    from vidgen.train import TrainCommandConfig
+
+    cfg = load_config("train", ["model=ca2vdm-test"])
+    assert isinstance(cfg, TrainCommandConfig) and cfg.frozen_tokenizer == "kl-tiny"
+    cfg = load_config("train", ["model=nbp-test"])
+    assert cfg.frozen_tokenizer == "larp-tiny"
+    assert load_config("train", ["tokenizer=kl-test"]).frozen_tokenizer == ""

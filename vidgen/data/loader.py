@@ -86,9 +86,13 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
         if split == "eval" and not cfg.eval_root:
             log.warning("data.eval_root is not set: evaluating on the training folder")
         root, exclude = folder_split(cfg, split)
-        folder = VideoFolder(
-            root, clip_len=cfg.clip_len, size=cfg.size, stride=cfg.stride, exclude=exclude
-        )
+        key = "data.eval_root" if split == "eval" and cfg.eval_root else "data.root"
+        try:
+            folder = VideoFolder(
+                root, clip_len=cfg.clip_len, size=cfg.size, stride=cfg.stride, exclude=exclude
+            )
+        except FileNotFoundError as err:  # a folder without videos: named by its key
+            raise FileNotFoundError(f"{key}={str(root)!r}: {err}") from None
         # At most data.num_clips (eval: data.eval_clips) of them, spread evenly: the first
         # ones come mostly from the first video.
         cap = cfg.num_clips if split == "train" else cfg.eval_clips

@@ -28,12 +28,17 @@ from vidgen.train.loop import (
     TrainSetupError,
     lr_at,
     resolve_device,
+    resuming,
     train,
 )
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".train.lock"  # in the run folder: one vidgen train at a time uses a folder
+# The tokenizer whose codes a generator family models unless frozen_tokenizer names another.
+DEFAULT_FROZEN_TOKENIZERS = {"Ca2VDMConfig": "kl-tiny", "NBPConfig": "larp-tiny"}
+# The kinds of encoded-clip caches in a run folder (``encoded.cache_path``: <kind>-<key>...).
+CACHE_KINDS = ("latents", "latents+video", "tokens")
 
 __all__ = [
     "StepSampler",
@@ -72,6 +77,17 @@ class TrainCommandConfig:
             raise ValueError("choose exactly one of tokenizer=<preset> or model=<preset>")
         if self.freeze and not self.init:
             raise ValueError("freeze needs init=<checkpoint>: frozen random weights stay random")
+        if self.name == Path(STATE_FILE).stem or self.name.split("-")[0] in CACHE_KINDS:
+            # Exported as out/<name>.safetensors: over the resume point (which could then
+            # not be resumed) or a cache of encoded clips.
+            raise ValueError(
+                f"name={self.name!r} would export over the run's own "
+                + ("resume point" if self.name == Path(STATE_FILE).stem else "encoded clips")
+                + ": choose another name"
+            )
+        if not self.frozen_tokenizer and self.model is not None:
+            # The default named: a resume that names it was reported as a changed setting.
+            self.frozen_tokenizer = DEFAULT_FROZEN_TOKENIZERS.get(type(self.model).__name__, "")
         if self.frozen_tokenizer and self.tokenizer is not None:
             raise ValueError(
                 "frozen_tokenizer is for generators (model=...): a tokenizer trains on frames "
@@ -112,9 +128,10 @@ def build_task(cfg: TrainCommandConfig, resume: checkpoint.Checkpoint | None = N
         )
     task = _preset_task(cfg)
     if init is not None:
-        fresh = init.load_into(
-            task.model, missing_ok=getattr(task.model, "ADDED_BY_FINE_TUNES", ())
-        )
+        with naming("init", cfg.init):  # a checkpoint of another size, under its setting
+            fresh = init.load_into(
+                task.model, missing_ok=getattr(task.model, "ADDED_BY_FINE_TUNES", ())
+            )
         task.card = {
             **task.card,
             "init": f"{cfg.init} (sha256 {init.sha256[:16]})"
@@ -250,12 +267,16 @@ def run_train(cfg: TrainCommandConfig) -> Path:
             log.info("removed %d temporary file(s) a killed run left in %s", stale, out)
         torch.manual_seed(cfg.train.seed)  # the model's initial weights are part of the run
         state, resume = out / STATE_FILE, None
-        if cfg.init and cfg.train.resume and state.exists():
+        if cfg.train.resume and state.exists():
             with contextlib.suppress(checkpoint.CheckpointError):  # damaged: train() says so
                 resume = checkpoint.load(state)
         try:
             resolve_device(cfg.train.device)  # no CUDA for train.device=cuda: refused here
-            task = build_task(cfg, resume)
+            if cfg.train.threads:  # also while the clips are encoded (often the longest part)
+                torch.set_num_threads(cfg.train.threads)
+            # A state of another frozen tokenizer is refused before any clip is encoded.
+            with resuming(out, None if resume is None else resume.card):
+                task = build_task(cfg, resume if cfg.init else None)
             del resume  # train() reads the state itself: not held for the whole run
         except (FileNotFoundError, ValueError, VideoReadError, checkpoint.CheckpointError) as err:
             if made and [p.name for p in out.iterdir()] == [LOCK_FILE]:

@@ -34,7 +34,7 @@ from vidgen.train.encoded import (
     load_autoencoder,
     naming,
 )
-from vidgen.train.loop import Task
+from vidgen.train.loop import Task, check_frozen_input
 from vidgen.worlds import NUM_ACTIONS
 
 log = logging.getLogger(__name__)
@@ -342,6 +342,7 @@ def ca2vdm_task(
     check_labels_fit(config, data)
     with naming("frozen_tokenizer", tokenizer):
         autoencoder, fingerprint = load_autoencoder(tokenizer)
+    check_frozen_input("tokenizer_fingerprint", fingerprint)  # before any clip is encoded
     if autoencoder.config.image_size != data.size:
         raise ValueError(f"data.size={data.size} must equal the autoencoder's image_size")
     ours = (config.latent_channels, config.latent_size)

@@ -15,6 +15,8 @@ weights, its config and a model card), which is what ships in ``vidgen/assets/``
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import dataclasses
 import json
@@ -93,11 +95,13 @@ class TrainConfig:
             raise ValueError(f"train.precision must be fp32 or bf16, got {self.precision!r}")
         if self.device != "auto":
             try:
-                torch.device(self.device)
+                kind = torch.device(self.device).type
             except RuntimeError:
+                kind = None
+            if kind not in ("cpu", "cuda"):  # mps, meta: a traceback at the first tensor
                 raise ValueError(
                     f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}"
-                ) from None
+                )
 
 
 class TrainSetupError(ValueError):
@@ -127,6 +131,10 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device={name!r} but CUDA is not available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"train.device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
     return device
 
 
@@ -372,6 +380,44 @@ FROZEN_INPUTS = {
     "tokenizer_fingerprint": "frozen_tokenizer",
     "autoencoder_fingerprint": "tokenizer.autoencoder",
 }
+# The run folder and card of the state a run resumes, while its task is built (``resuming``):
+# a task checks its frozen input as soon as it is loaded (``check_frozen_input``), before it
+# encodes every clip with another one (minutes to hours, then refused by ``train``).
+_RESUMING: contextvars.ContextVar[tuple[Path, Mapping[str, Any]] | None] = contextvars.ContextVar(
+    "resuming", default=None
+)
+
+
+@contextlib.contextmanager
+def resuming(out: Path, card: Mapping[str, Any] | None) -> Iterator[None]:
+    """Within it, ``check_frozen_input`` compares with ``card`` (a saved state's; None: no
+    state to resume)."""
+    token = _RESUMING.set(None if card is None else (Path(out), card))
+    try:
+        yield
+    finally:
+        _RESUMING.reset(token)
+
+
+def check_frozen_input(key: str, fingerprint: str) -> None:
+    """A task's frozen input (``FROZEN_INPUTS`` key, its encoder fingerprint) against the
+    state being resumed (``resuming``), if any."""
+    found = _RESUMING.get()
+    if found is not None:
+        _check_frozen(found[0], key, found[1].get(key), fingerprint)
+
+
+def _check_frozen(out: Path, key: str, saved: Any, now: Any) -> None:
+    if saved is not None and saved != now:
+        setting = FROZEN_INPUTS[key]
+        raise TrainSetupError(
+            f"the state in {out} was trained on the data of another {setting} (encoder "
+            f"fingerprint {saved}, now {now}): its steps so far and the rest would mix two "
+            f"latent spaces. Resume with the {setting} it was saved with, or start over with "
+            "another out (or train.resume=false)"
+        )
+
+
 # A folder run's videos (a digest of their names, sizes and mtimes, in the card): a resume
 # over other files is recorded as a change, as a changed setting is.
 DATA_FILES = "data_files"
@@ -417,15 +463,8 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
         saved_threads = state.card.get("threads")
         if device.type == "cpu" and saved_threads not in (None, threads):
             changes["torch threads"] = [saved_threads, threads]
-        for key, setting in FROZEN_INPUTS.items():
-            saved, now = state.card.get(key), task.card.get(key)
-            if saved is not None and saved != now:
-                raise TrainSetupError(
-                    f"the state in {out} was trained on the data of another {setting} (encoder "
-                    f"fingerprint {saved}, now {now}): its steps so far and the rest would "
-                    f"mix two latent spaces. Resume with the {setting} it was saved with, or "
-                    "start over with another out (or train.resume=false)"
-                )
+        for key in FROZEN_INPUTS:
+            _check_frozen(out, key, state.card.get(key), task.card.get(key))
         saved_files, files = state.card.get(DATA_FILES), task.card.get(DATA_FILES)
         if saved_files is not None and files is not None and saved_files != files:
             changes["data.root videos"] = [saved_files, files]

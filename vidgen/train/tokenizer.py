@@ -29,7 +29,7 @@ from vidgen.train.encoded import (
     load_autoencoder,
     naming,
 )
-from vidgen.train.loop import Adversary, Task
+from vidgen.train.loop import Adversary, Task, check_frozen_input
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,7 @@ def larp_task(
     if config.autoencoder:
         with naming("tokenizer.autoencoder", config.autoencoder):
             autoencoder, fingerprint = load_autoencoder(config.autoencoder)
+        check_frozen_input("autoencoder_fingerprint", fingerprint)  # before encoding
         size, key = autoencoder.config.image_size, "latents"
         latent = (autoencoder.config.latent_channels, autoencoder.config.latent_size)
         if (config.channels, config.size) != latent:
@@ -166,6 +167,12 @@ def larp_task(
                 f"the latent channels and size of its autoencoder {config.autoencoder!r}: "
                 f"{latent[0]} and {latent[1]}"
             )
+    elif config.channels != 3:  # on frames: RGB (larp-test is made for a kl-test's latents)
+        raise ValueError(
+            f"a LARP on frames (no tokenizer.autoencoder) reads 3 channels, got "
+            f"tokenizer.channels={config.channels}: set tokenizer.channels=3, or "
+            "tokenizer.autoencoder=<a kl checkpoint whose latents it reads>"
+        )
     clips = data.clip_len // config.frames
     if data.size != size or data.clip_len != clips * config.frames or clips < 1:
         raise ValueError(

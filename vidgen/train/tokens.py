@@ -32,7 +32,7 @@ from vidgen.train.encoded import (
     held_out_clips,
     naming,
 )
-from vidgen.train.loop import Task
+from vidgen.train.loop import Task, check_frozen_input
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,7 @@ def nbp_task(
     # The tokens depend on the LARP's encoder and on the autoencoder it loads (by name or
     # path, so that file can change under it): its fingerprint covers both.
     fingerprint = larp.encoder_fingerprint()
+    check_frozen_input("tokenizer_fingerprint", fingerprint)  # before any clip is encoded
     out.mkdir(parents=True, exist_ok=True)
     encoded = EncodedClips(
         build_dataset(data, "train"),
