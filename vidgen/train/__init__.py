@@ -77,7 +77,9 @@ class TrainCommandConfig:
             raise ValueError("choose exactly one of tokenizer=<preset> or model=<preset>")
         if self.freeze and not self.init:
             raise ValueError("freeze needs init=<checkpoint>: frozen random weights stay random")
-        if self.name == Path(STATE_FILE).stem or self.name.split("-")[0] in CACHE_KINDS:
+        if self.name == Path(STATE_FILE).stem or self.name.startswith(
+            tuple(f"{kind}-" for kind in CACHE_KINDS)
+        ):
             # Exported as out/<name>.safetensors: over the resume point (which could then
             # not be resumed) or a cache of encoded clips.
             raise ValueError(
