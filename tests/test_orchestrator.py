@@ -347,6 +347,27 @@ def test_a_render_resumes_after_its_project_folder_moved(models, tmp_path, monke
         render(Orchestrator(local("latest.safetensors")), req, new / "w.mp4", progress=False)
 
 
+def test_a_folder_without_a_weights_guard_names_its_model(models, tmp_path, monkeypatch):
+    """A folder made before the weights were guarded holds no model.sha256: the model's name
+    is all that ties it to its weights, so a resume under another name (other weights) is
+    another request, not an alias."""
+    model = models["diffusion"]
+    monkeypatch.chdir(tmp_path)
+    shutil.copyfile(model, tmp_path / "m.safetensors")
+    shutil.copyfile(model, tmp_path / "b.safetensors")
+    checkpoint.update_card(tmp_path / "b.safetensors", {"note": "other weights"})
+    render_until_a_segment(
+        Orchestrator(local("m.safetensors")),
+        request_for("m.safetensors", frames=24),
+        tmp_path / "v.mp4",
+    )
+    for guard in ("model.sha256", "tokenizer.sha256"):
+        (parts_folder(tmp_path / "v.mp4") / guard).unlink(missing_ok=True)
+    other = request_for("b.safetensors", frames=24)
+    with pytest.raises(ValueError, match="a different request"):
+        render(Orchestrator(local("b.safetensors")), other, tmp_path / "v.mp4", progress=False)
+
+
 def test_an_unconditional_render_records_guidance_1(model, tmp_path):
     """Without a label or actions nothing is guided (one pass): the sidecar said the
     model's default guidance."""

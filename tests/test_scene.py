@@ -361,3 +361,10 @@ def test_a_moving_video_of_large_frames_has_a_seam_ratio():
         scorer = SceneScorer(BOUNCING_PALETTE, clip_len=8)
         scorer.add(flicker)
         assert scorer.result()["seam_ratio"] is None
+        # Lone bright specks on black, two a frame: each counted as it came and went, they
+        # made the video 'move' (a ratio of 1.0 from noise).
+        specks = np.zeros((40, size, size, 3), np.uint8)
+        for t in range(40):
+            y, x = rng.integers(0, size, 2), rng.integers(0, size, 2)
+            specks[t, y, x] = 40
+        assert seam_ratio(specks, 8) is None

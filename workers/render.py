@@ -213,7 +213,9 @@ def _resume_point(
         )
     # Folders started before fingerprints were canonical hold the request's number forms,
     # and before 2026-12-02 the model as that render named it (the truth's request says how).
-    weighed = "model.sha256" in guards  # the same weights, whatever their name
+    # The same weights, whatever their name: where the folder's own guard says so (one made
+    # before the weights were guarded must name the model as this render does).
+    weighed = "model.sha256" in found
     if "request.sha256" in changed and found["request.sha256"] not in _fingerprints(
         request, weighed, "", _saved_model(truth_path)
     ):

@@ -371,8 +371,9 @@ def _transitions(
 # it by about 1 level; an empty, nearly black generated video about 0.01, and a ratio of two
 # such numbers says nothing about seams.
 STATIC_LEVEL = 0.1
-# A pixel whose largest channel changes by more than MOVED_LEVEL levels moved; a video where
-# STATIC_PIXELS or more move per transition (on average) is not still, whatever the mean:
+# A pixel whose largest channel changes by more than MOVED_LEVEL levels next to another that
+# does moved; a video where STATIC_PIXELS or more move per transition (on average) is not
+# still, whatever the mean:
 # the mean falls with the frame's area (a shape moving in a 256x256 frame changes it by 0.04-
 # 0.07, under STATIC_LEVEL), while flicker of a level or two moves no pixel at any size.
 MOVED_LEVEL = 16
@@ -408,10 +409,17 @@ def seam_ratio(
 
 def _frame_diffs(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(T - 1,) mean absolute difference of each frame to the next, 0-255 scale, and (T - 1,)
-    how many pixels changed by more than ``MOVED_LEVEL`` in some channel."""
+    how many pixels changed by more than ``MOVED_LEVEL`` in some channel next to another
+    that did (a moving edge; lone specks of noise, each counted as it comes and goes, gave a
+    nearly black video a ratio of 1.0)."""
     step = np.abs(np.diff(frames.astype(np.int16), axis=0))
-    moved = (step.max(axis=-1) > MOVED_LEVEL).sum(axis=(1, 2))
-    return step.mean(axis=(1, 2, 3)), moved
+    moved = step.max(axis=-1) > MOVED_LEVEL  # (T-1, H, W)
+    neighbours = ndimage.convolve(moved.astype(np.uint8), _AROUND, mode="constant")
+    return step.mean(axis=(1, 2, 3)), (moved & (neighbours > 0)).sum(axis=(1, 2))
+
+
+_AROUND = np.ones((1, 3, 3), dtype=np.uint8)
+_AROUND[0, 1, 1] = 0  # a pixel's 8 neighbours in its frame
 
 
 def _seam_value(
