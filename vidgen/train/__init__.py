@@ -87,9 +87,6 @@ class TrainCommandConfig:
                 + ("resume point" if self.name == Path(STATE_FILE).stem else "encoded clips")
                 + ": choose another name"
             )
-        if not self.frozen_tokenizer and self.model is not None:
-            # The default named: a resume that names it was reported as a changed setting.
-            self.frozen_tokenizer = DEFAULT_FROZEN_TOKENIZERS.get(type(self.model).__name__, "")
         if self.frozen_tokenizer and self.tokenizer is not None:
             raise ValueError(
                 "frozen_tokenizer is for generators (model=...): a tokenizer trains on frames "
@@ -272,6 +269,13 @@ def run_train(cfg: TrainCommandConfig) -> Path:
         if cfg.train.resume and state.exists():
             with contextlib.suppress(checkpoint.CheckpointError):  # damaged: train() says so
                 resume = checkpoint.load(state)
+        if resume is not None and cfg.model is not None:
+            # The default tokenizer, left unset or named, spelled as the state has it: naming
+            # it on a resume (or not) was recorded as a changed setting.
+            default = DEFAULT_FROZEN_TOKENIZERS.get(type(cfg.model).__name__, "")
+            saved = resume.config.get("frozen_tokenizer")
+            if saved in ("", default) and cfg.frozen_tokenizer in ("", default):
+                cfg = replace(cfg, frozen_tokenizer=saved)
         try:
             resolve_device(cfg.train.device)  # no CUDA for train.device=cuda: refused here
             if cfg.train.threads:  # also while the clips are encoded (often the longest part)
