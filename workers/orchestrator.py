@@ -519,8 +519,7 @@ class Orchestrator:
         # A dropped iterator's cancel not yet done: this one takes the stream over (in place:
         # the finalizers of other streams' iterators append to this very list).
         self._dropped[:] = [k for k in self._dropped if k != key]
-        started: list[weakref.finalize] = []
-        clips = self._clips(key, stream, started)
+        clips = self._clips(key, stream)
         # An iterator dropped before its first clip never runs its GeneratorExit handler:
         # its stream is cancelled at the next submit or schedule (not inside whatever loop
         # the garbage collector interrupts). Detached once it starts: a started one cancels
@@ -528,12 +527,11 @@ class Orchestrator:
         # interpreter exit: Ray may be shut down by then.
         finalizer = weakref.finalize(clips, self._dropped.append, key)
         finalizer.atexit = False
-        started.append(finalizer)
         stream.reader = (weakref.ref(clips), finalizer)
         return clips
 
-    def _clips(self, key: int, stream: _Stream, started: list[weakref.finalize]) -> Iterator[Clip]:
-        started[0].detach()
+    def _clips(self, key: int, stream: _Stream) -> Iterator[Clip]:
+        stream.reader[1].detach()  # its own finalizer: a started iterator is no drop
         queue = stream.sink.queue
         try:
             while True:

@@ -229,16 +229,17 @@ def _preset_task(cfg: TrainCommandConfig) -> Task:
     if isinstance(target, Ca2VDMConfig):
         from vidgen.train.diffusion import ca2vdm_task
 
-        return ca2vdm_task(
-            target, cfg.data, cfg, cfg.name, cfg.frozen_tokenizer or "kl-tiny", out_dir(cfg)
-        )
+        return ca2vdm_task(target, cfg.data, cfg, cfg.name, _frozen_tokenizer(cfg), out_dir(cfg))
     if isinstance(target, NBPConfig):
         from vidgen.train.tokens import nbp_task
 
-        return nbp_task(
-            target, cfg.data, cfg, cfg.name, cfg.frozen_tokenizer or "larp-tiny", out_dir(cfg)
-        )
+        return nbp_task(target, cfg.data, cfg, cfg.name, _frozen_tokenizer(cfg), out_dir(cfg))
     raise ValueError(f"no training task for {type(target).__name__}")
+
+
+def _frozen_tokenizer(cfg: TrainCommandConfig) -> str:
+    """The tokenizer a generator's run models: ``frozen_tokenizer``, else its family's."""
+    return cfg.frozen_tokenizer or DEFAULT_FROZEN_TOKENIZERS[type(cfg.model).__name__]
 
 
 def run_train(cfg: TrainCommandConfig) -> Path:
