@@ -114,12 +114,6 @@ class LARPConfig:
     # the ids, are unaffected.
     context_decoder: bool = False
     seam_weight: float = 0.0
-    # motion_weight x the L1 between the reconstructed and the true step from each frame of a
-    # clip to the next: the frames of one temporal patch (patch_t) are decoded from one patch
-    # query, and a decoder trained on L1/MSE alone learned to give them nearly the same value
-    # (objects then stand still inside each patch and jump between patches). Decoder-side
-    # only: the ids do not change.
-    motion_weight: float = 0.0
 
     def restart_problem(self) -> str | None:
         """Why the dead-code restart cannot work with these settings, or None. Checked when
@@ -150,7 +144,6 @@ class LARPConfig:
         check_number("foreground_weight", self.foreground_weight, minimum=0)
         check_number("foreground_threshold", self.foreground_threshold, above=0)
         check_number("seam_weight", self.seam_weight, minimum=0)
-        check_number("motion_weight", self.motion_weight, minimum=0)
         check_number("gan_weight", self.gan_weight, minimum=0)
         if self.foreground_weight < 0 or self.foreground_threshold <= 0:
             raise ValueError(
@@ -565,11 +558,9 @@ class LARPTokenizer(nn.Module):
         )
         entropy = self._entropy_loss(z) if cfg.entropy_weight else zero
         seam = self._seam_loss(recon, video, m) if m > 1 and cfg.seam_weight else zero
-        motion = self._motion_loss(recon, video) if cfg.motion_weight else zero
         loss = (
             cfg.entropy_weight * entropy
             + cfg.seam_weight * seam
-            + cfg.motion_weight * motion
             + l1
             + cfg.mse_weight * mse
             + cfg.perceptual_weight * structural
@@ -591,7 +582,6 @@ class LARPTokenizer(nn.Module):
             "commit": commit,
             "prior_ce": prior_ce,
             "seam": seam,
-            "motion": motion,
             "perplexity": perplexity,
             "dead_codes": (self.quantizer.usage < cfg.dead_usage).float().sum(),
         }
@@ -605,12 +595,6 @@ class LARPTokenizer(nn.Module):
         video = video.reshape(-1, m, *video.shape[1:])
         step = recon[:, 1:, 0] - recon[:, :-1, -1].detach()
         return (step - (video[:, 1:, 0] - video[:, :-1, -1])).abs().mean()
-
-    @staticmethod
-    def _motion_loss(recon: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
-        """L1 between the reconstructed and the true step from each frame of a clip to the
-        next (clips (b, t, ...); the steps across seams are ``_seam_loss``'s)."""
-        return ((recon[:, 1:] - recon[:, :-1]) - (video[:, 1:] - video[:, :-1])).abs().mean()
 
     def _entropy_loss(self, z: torch.Tensor) -> torch.Tensor:
         """Mean per-token assignment entropy minus the entropy of the batch's mean
