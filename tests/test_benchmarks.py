@@ -140,7 +140,7 @@ def test_tokenizer_benchmark_reports_reconstructions_standing_still_inside_patch
     stutter, monkeypatch
 ):
     """moving_fraction_<world>: a round trip giving each pair of frames (a temporal patch) the
-    same picture, as larp-tiny's decoder did, moves in about half the transitions inside
+    same picture, as larp-tiny does, moves in about half the transitions inside
     clips; the videos themselves in all."""
     from vidgen.nn import randomize_
     from vidgen.tokenizers.larp import LARPConfig, LARPTokenizer, LARPVideoTokenizer
