@@ -226,6 +226,11 @@ def test_train_gpu_script_all_trains_three_lanes_then_benchmarks_them(tmp_path):
     # Its VQ warm-up (500 steps) was cut to half of its 20 steps: it quantises.
     assert int(new_larp.larp.quantizer.active) == 1
     assert "tokenizer.vq_warmup=500 -> 10" in (out / "larp-tiny.log").read_text()
+    # Temporal patches of one frame (two stand objects still inside each patch; its card).
+    assert (
+        new_larp.config.patch_t == 1
+        and LARPVideoTokenizer.from_pretrained(str(larp)).config.patch_t == 2
+    )
     new_nbp = out / "nbp-tiny-new" / "nbp-tiny.safetensors"
     card = checkpoint.load(new_nbp).card
     assert card["tokenizer_fingerprint"] == new_larp.encoder_fingerprint()
