@@ -1485,6 +1485,29 @@ def test_a_larp_on_frames_needs_rgb_and_init_of_another_size_is_named(tmp_path):
         train([*kl, "init=kl-tiny"], tmp_path / "init", 2)
 
 
+@pytest.mark.parametrize(
+    ("preset", "module"),
+    [
+        (["tokenizer=larp-tiny", "tokenizer.patch_t=1", "init=larp-tiny"], "tokenizer"),
+        (["model=ca2vdm-tiny", "model.patch=1", "init=ca2vdm-tiny"], "diffusion"),
+    ],
+)
+def test_an_init_of_another_architecture_is_refused_before_any_data(
+    tmp_path, monkeypatch, preset, module
+):
+    """tokenizer.patch_t=1 init=larp-tiny (patch_t=2) was refused only after the data were
+    rendered and encoded (16 minutes for 4,096 clips): the shapes are compared first."""
+    import importlib
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data built before the init was compared")
+
+    monkeypatch.setattr(importlib.import_module(f"vidgen.train.{module}"), "build_dataset", no_data)
+    with pytest.raises(ValueError, match=r"init=\w+-tiny: .*does not fit .*shape"):
+        train([*preset, "data=bouncing"], tmp_path / "run", 2)
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_empty_data_root_is_named_and_threads_hold_while_encoding(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     folder = ["tokenizer=kl-test", "data=folder", f"data.root={tmp_path / 'empty'}"]

@@ -138,6 +138,13 @@ class Checkpoint:
         module.load_state_dict(state, strict=True)
         return absent
 
+    def check_fits(
+        self, module: torch.nn.Module, prefix: str = "", missing_ok: Collection[str] = ()
+    ) -> None:
+        """Refuse (CheckpointError) what ``load_into`` would refuse, without copying: ``module``
+        may be made on the meta device, so a mismatch is named before anything is built."""
+        self._check_fits(module, self._state(prefix), missing_ok)
+
     def _check_fits(
         self, module: torch.nn.Module, state: dict[str, torch.Tensor], missing_ok: Collection[str]
     ) -> list[str]:

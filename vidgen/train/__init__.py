@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,14 @@ def build_task(cfg: TrainCommandConfig, resume: checkpoint.Checkpoint | None = N
             "tokenizer.latent_noise is for fine-tuning a decoder under a trained encoder: "
             "use it with init=<kl checkpoint> 'freeze=[encoder]'"
         )
+    if init is not None:
+        # The architecture is compared before the task is made: making it renders and
+        # encodes the data (minutes to an hour), and an init of another shape (say
+        # tokenizer.patch_t=1 from a patch_t=2 file) was refused only after that.
+        with torch.device("meta"):
+            probe = _model_class(getattr(cfg, field_name))(getattr(cfg, field_name))
+        with naming("init", cfg.init):
+            init.check_fits(probe, missing_ok=getattr(probe, "ADDED_BY_FINE_TUNES", ()))
     task = _preset_task(cfg)
     if init is not None:
         with naming("init", cfg.init):  # a checkpoint of another size, under its setting
@@ -212,6 +221,25 @@ def check_encoder_freeze(model: torch.nn.Module, prefixes: list[str]) -> None:
             f"{' ...' if len(loose) > 6 else ''} would still train; freeze them too "
             f"('freeze=[{','.join([*prefixes, *tops])}]') or none of them"
         )
+
+
+def _model_class(config: object) -> Callable[[Any], torch.nn.Module]:
+    """The model a preset's config makes (as its task makes it)."""
+    from vidgen.models.ca2vdm import Ca2VDMConfig, CausalVideoDiT
+    from vidgen.models.nbp import NBPConfig, NextBlockTransformer
+    from vidgen.tokenizers.kl import KLAutoencoder, KLConfig
+    from vidgen.tokenizers.larp import LARPConfig, LARPTokenizer
+
+    classes = {
+        KLConfig: KLAutoencoder,
+        LARPConfig: LARPTokenizer,
+        Ca2VDMConfig: CausalVideoDiT,
+        NBPConfig: NextBlockTransformer,
+    }
+    for kind, cls in classes.items():
+        if isinstance(config, kind):
+            return cls
+    raise ValueError(f"no model for {type(config).__name__}")
 
 
 def _preset_task(cfg: TrainCommandConfig) -> Task:
