@@ -37,7 +37,12 @@ def open_stream(block: int, config: str, clips: int) -> tuple[TokenClipGenerator
     cfg = dataclasses.replace(NBP_CONFIGS[config], block=block)
     torch.manual_seed(0)
     model = randomize_(NextBlockTransformer(cfg), seed=0, std=0.02)
-    larp = LARPTokenizer(LARP_CONFIGS["tiny"])  # never run here: only steps are timed
+    # Never run here (only steps are timed): the tiny LARP over kl-tiny's latents, shaped to
+    # make the config's clips (tokens, codes, frames), so that every config runs.
+    shape = {"num_tokens": cfg.tokens_per_clip, "codebook_size": cfg.vocab}
+    larp = LARPTokenizer(
+        dataclasses.replace(LARP_CONFIGS["tiny"], **shape, frames=cfg.frames_per_clip)
+    )
     gen = TokenClipGenerator(model, LARPVideoTokenizer(larp, KLAutoencoder(KL_CONFIGS["tiny"])), 1)
     request = GenerationRequest(model="bench", frames=clips * gen.clip_len, label=2, guidance=1.0)
     stream = gen.open(request)
@@ -58,11 +63,16 @@ def clip_seconds(variants: list[tuple[TokenClipGenerator, Stream]], rounds: int)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="tiny")
+    parser.add_argument("--config", default="tiny", choices=sorted(NBP_CONFIGS))
     parser.add_argument("--clips", type=int, default=12, help="clips timed of each")
     parser.add_argument("--block", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: default)")
     args = parser.parse_args()
+    tokens = NBP_CONFIGS[args.config].tokens_per_clip
+    if args.block < 1 or tokens % args.block:
+        parser.error(f"--block must divide the {tokens} tokens of a {args.config} clip")
+    if args.clips < 1:
+        parser.error("--clips must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     nbp = open_stream(args.block, args.config, args.clips + 1)

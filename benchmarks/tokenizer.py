@@ -195,6 +195,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     tok = LARPVideoTokenizer.from_pretrained(args.model).to(device)
+    clip = tok.config.frames
+    if args.frames % clip or args.frames < 2 * clip:  # seams need two clips in a row
+        parser.error(f"--frames must be a multiple of the clip length {clip}, at least {2 * clip}")
+    if args.videos < 1:
+        parser.error("--videos must be >= 1")
     ae = tok.autoencoder
     size = ae.config.image_size if ae is not None else tok.config.size
     with torch.no_grad():  # warm-up: the first calls (allocations, kernels) are not timed

@@ -305,3 +305,37 @@ def test_cache_benchmark_times_a_whole_clip_with_its_read_and_write():
     ratio = got["recompute_clip_ms"] / got["cached_clip_ms"]  # of the rounded times
     assert got["speedup_per_clip"] == pytest.approx(ratio, rel=0.05)
     assert "speedup_per_clip" not in cache.compare("test", repeats=1)
+
+
+def test_nbp_benchmark_runs_any_config_and_names_a_block_that_does_not_divide():
+    """--config test could never run: the tokenizer was always the tiny LARP's shape."""
+    import json
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "nbp.py"
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, str(script), "--config", "test", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    proc = run("--block", "4", "--clips", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["config"] == "test" and out["steps_per_clip_nbp"] == 2
+    assert out["steps_ratio"] == 4 and out["speedup_vs_ntp"] > 0
+    refused = run("--block", "16")
+    assert refused.returncode == 2 and "--block must divide the 8 tokens" in refused.stderr
+
+
+@pytest.mark.parametrize("frames", ["6", "4"])
+def test_tokenizer_benchmark_names_frames_that_are_not_two_clips_or_more(frames, tmp_path):
+    """--frames 6 failed inside the first world with a reshape error, --frames 4 (one clip)
+    only after every round trip, in the seam ratio."""
+    import subprocess
+
+    save_test_generators(tmp_path)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "tokenizer.py"
+    command = [sys.executable, str(script), "--model", str(tmp_path / "larp-test.safetensors")]
+    proc = subprocess.run([*command, "--frames", frames], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "--frames must be a multiple of the clip length 4, at least 8" in proc.stderr

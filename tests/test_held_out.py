@@ -176,3 +176,54 @@ def test_generator_training_logs_held_out_figures(tmp_path):
     assert [p.name.split("-")[-1] for p in (tmp_path / "run").glob("latents-*-eval-*")] == [
         "2.safetensors"
     ]
+
+
+def test_held_out_scores_weigh_each_batch_by_its_clips_and_keep_the_mode():
+    """A short last batch (eval clips not a multiple of the batch size) counted as much as a
+    full one; and the tokenizers' evaluations left the (eval-mode) EMA copy in train mode."""
+    from vidgen.tokenizers.kl import KL_CONFIGS, KLAutoencoder
+    from vidgen.tokenizers.larp import LARP_CONFIGS, LARPTokenizer
+    from vidgen.train.tokenizer import evaluate_kl, evaluate_larp
+
+    gen = torch.Generator().manual_seed(0)
+    kl = randomize_(KLAutoencoder(KL_CONFIGS["test"]), seed=2, std=0.1).eval()
+    size = KL_CONFIGS["test"].image_size
+    video = torch.rand(3, 2, 3, size, size, generator=gen) * 2 - 1
+    larp_cfg = LARP_CONFIGS["test"]
+    larp = randomize_(LARPTokenizer(larp_cfg), seed=1, std=0.1).eval()
+    shape = (3, larp_cfg.frames, larp_cfg.channels, larp_cfg.size, larp_cfg.size)
+    latents = torch.randn(shape, generator=gen)
+    pixels = torch.rand(3, larp_cfg.frames, 3, size, size, generator=gen) * 2 - 1
+    nbp_cfg = dataclasses.replace(NBP_CONFIGS["test"], num_actions=0)
+    nbp = randomize_(NextBlockTransformer(nbp_cfg), seed=1, std=0.1).eval()
+    tokens = torch.randint(0, nbp_cfg.vocab, (3, 2 * nbp_cfg.tokens_per_clip), generator=gen)
+    labels = torch.tensor([1, 2, 3])
+    cases = [
+        (kl, lambda m, bs: evaluate_kl(m, bs), {"video": video}, ("psnr", "ssim")),
+        (
+            larp,
+            lambda m, bs: evaluate_larp(m, bs, kl),
+            {"latents": latents, "video": pixels},
+            ("psnr", "ssim"),
+        ),
+        (nbp, lambda m, bs: evaluate_nbp(m, bs, 2), {"tokens": tokens, "label": labels}, ("ce",)),
+    ]
+    for model, evaluate, batch, keys in cases:
+        full = {k: v[:2] for k, v in batch.items()}
+        short = {k: v[2:] for k, v in batch.items()}
+        both = evaluate(model, [full, short])
+        assert not model.training  # given back in the mode it came in
+        one, two = evaluate(model, [full]), evaluate(model, [short])
+        for key in keys:
+            assert one[key] != pytest.approx(two[key])  # non-trivial: the batches differ
+            assert both[key] == pytest.approx((2 * one[key] + two[key]) / 3, rel=1e-6)
+    model = dit()
+    latent = latent_batch(model.config, b=3)
+    latent["label"] = torch.tensor([1, 3, 2])
+    full = {k: v[:2] for k, v in latent.items()}
+    short = {k: v[2:] for k, v in latent.items()}
+    # One generator seeded per batch: the draws of a batch of 2 begin those of a batch of 3.
+    one, two = evaluate_flow(model, [full]), evaluate_flow(model, [short])
+    assert evaluate_flow(model, [full, short])["loss"] == pytest.approx(
+        (2 * one["loss"] + two["loss"]) / 3, rel=1e-6
+    )

@@ -44,13 +44,64 @@ def test_eval_encode_is_deterministic_and_the_nearest_codeword():
     assert ids.unique().numel() > 1  # non-trivial: several codes in use
 
 
-def test_straight_through_value_is_the_codeword_and_passes_gradients():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_straight_through_value_is_the_codeword_and_passes_gradients(dtype):
+    """Exactly the codeword: z + (code - z).detach() rounded twice (3e-8 off in float32, 2e-3
+    in bfloat16), so training's decoder read other values than decoding the ids does."""
     m = model()
-    z = torch.randn(3, 5, CFG.code_dim, requires_grad=True)
+    m.quantizer.to(dtype)
+    torch.manual_seed(0)
+    z = torch.randn(3, 50, CFG.code_dim, dtype=dtype, requires_grad=True)
     ids, q = m.quantizer(z, torch.Generator().manual_seed(0))  # stochastic (training) path
-    torch.testing.assert_close(q, m.quantizer.codes()[ids], atol=1e-6, rtol=0)
+    assert torch.equal(q, m.quantizer.codes()[ids].to(dtype))
     q.sum().backward()
     assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+def test_a_larp_over_3_channel_latents_is_not_clamped_as_pixels():
+    """channels == 3 was taken for pixel space: a LARP over a 3-channel autoencoder's latents
+    had its decodes clamped to [-1, 1] and could not be loaded with its autoencoder."""
+    from vidgen.tokenizers.kl import KL_CONFIGS, KLAutoencoder
+    from vidgen.tokenizers.larp import LARPVideoTokenizer
+
+    kl_cfg = dataclasses.replace(KL_CONFIGS["test"], latent_channels=3)
+    autoencoder = randomize_(KLAutoencoder(kl_cfg), seed=2, std=0.1)
+    cfg = dataclasses.replace(CFG, channels=3, size=kl_cfg.latent_size, autoencoder="kl-x")
+    larp = randomize_(LARPTokenizer(cfg), seed=1, std=1.0).eval()
+    ids = larp.encode(clip(cfg=cfg))
+    decoded = larp.decode(ids)
+    with torch.no_grad():
+        assert torch.equal(decoded, larp.decode_codes(larp.quantizer.codes()[ids]))
+    assert decoded.abs().max() > 1  # latents are not bounded (non-trivial: not clamped)
+    assert LARPVideoTokenizer(larp, autoencoder).autoencoder is autoencoder
+    pixels = dataclasses.replace(cfg, autoencoder="")  # on frames: clamped, no autoencoder
+    assert randomize_(LARPTokenizer(pixels), seed=1, std=1.0).decode(ids).abs().max() <= 1
+    with pytest.raises(ValueError, match="a pixel one none"):
+        LARPVideoTokenizer(LARPTokenizer(pixels), autoencoder)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"num_tokens": 8.5}, r"num_tokens must be an int >= 1, got 8.5 \(float\)"),
+        ({"num_tokens": True}, r"num_tokens must be an int >= 1, got True \(bool\)"),
+        ({"num_tokens": 0}, "num_tokens must be >= 1, got 0"),
+        ({"codebook_size": 64.0}, r"codebook_size must be an int >= 2, got 64.0 \(float\)"),
+        ({"codebook_size": 1}, "codebook_size must be >= 2, got 1"),
+    ],
+)
+def test_token_and_codebook_counts_must_be_ints(change, message):
+    """8.5 tokens or 64.0 codes passed and failed inside torch when the model was made."""
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(CFG, **change)
+
+
+def test_decode_video_names_ids_of_the_wrong_shape():
+    m = model()
+    ids = m.encode(clip())
+    assert m.decode_video(ids[:, None]).shape == (2, CFG.frames, CFG.channels, CFG.size, CFG.size)
+    with pytest.raises(ValueError, match=r"ids must be \(batch, clips, num_tokens=8\).* \(2, 8\)"):
+        m.decode_video(ids)
 
 
 def test_stochastic_sampling_follows_the_generator():

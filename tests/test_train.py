@@ -1239,9 +1239,9 @@ def test_a_fine_tune_keeps_its_inits_sampling_defaults(tmp_path):
     base = ["model=ca2vdm-test", *SMALL_BOUNCING, "data.clip_len=4", "data.num_clips=2"]
     base += [f"frozen_tokenizer={kl}", "model.num_actions=0"]
     first = train(base, tmp_path / "a", 1)
-    checkpoint.update_card(first, {"guidance": 1.0, "contrast": 1.15})
+    checkpoint.update_card(first, {"guidance": 1.0, "contrast": 1.15, "eta": 0.3})
     card = checkpoint.load(train([*base, f"init={first}"], tmp_path / "b", 1)).card
-    assert (card["guidance"], card["contrast"]) == (1.0, 1.15)
+    assert (card["guidance"], card["contrast"], card["eta"]) == (1.0, 1.15, 0.3)
     assert card["sampling_defaults"] == f"from {first}"
 
 

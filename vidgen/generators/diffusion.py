@@ -63,7 +63,8 @@ class DiffusionClipGenerator:
     defaults of requests that leave theirs unset (``GenerationRequest``; a checkpoint card's
     ``guidance`` and ``contrast`` when loaded). ``dtype`` (``DTYPES``: float32 or bfloat16)
     is what the DiT, the autoencoder and the cache run in; noise, the sampler and the clip
-    latents it returns stay float32.
+    latents it returns stay float32. The generator takes the modules given as its own: they
+    are moved to ``device`` and ``dtype`` in place (give each generator its own copies).
     """
 
     family = "diffusion"

@@ -93,7 +93,9 @@ class TokenClipGenerator:
 
     ``max_streams`` sizes the preallocated cache; ``guidance`` is the default of requests that
     leave theirs unset. ``dtype`` (``DTYPES``: float32 or bfloat16) is what the transformer,
-    the tokenizer and the cache run in; logits are sampled in float32.
+    the tokenizer and the cache run in; logits are sampled in float32. The generator takes
+    the modules given as its own: they are moved to ``device`` and ``dtype`` in place (give
+    each generator its own copies).
     """
 
     family = "tokens"

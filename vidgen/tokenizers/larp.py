@@ -168,11 +168,14 @@ class LARPConfig:
             heads = self.heads if name == "dim" else self.prior_heads
             if getattr(self, name) % heads:
                 raise ValueError(f"{name}={getattr(self, name)} must be divisible by its heads")
-        if self.num_tokens < 1 or self.codebook_size < 2:
-            raise ValueError(
-                f"need num_tokens >= 1 and codebook_size >= 2, got {self.num_tokens}, "
-                f"{self.codebook_size}"
-            )
+        check_ints(self, 1, "num_tokens")
+        check_ints(self, 2, "codebook_size")
+
+    @property
+    def on_pixels(self) -> bool:
+        """RGB frames in and out (no autoencoder named): decodes are clamped to [-1, 1]. A
+        LARP over latents of 3 channels is not (they are not bounded)."""
+        return self.channels == 3 and not self.autoencoder
 
     @property
     def num_patches(self) -> int:
@@ -279,7 +282,10 @@ class StochasticVQ(nn.Module):
             flat = logits.reshape(-1, logits.shape[-1]).float().softmax(dim=-1)
             ids = torch.multinomial(flat, 1, generator=generator).reshape(logits.shape[:-1])
         code = self.codes()[ids]
-        return ids, z + (code - z).detach(), nearest
+        # code + (z - z.detach()), not z + (code - z).detach(): the value is exactly the
+        # codeword (the latter rounds twice: 3e-8 off in float32, 2e-3 in bfloat16), the
+        # gradient the same.
+        return ids, code + (z - z.detach()), nearest
 
     @torch.no_grad()
     def track(self, ids: torch.Tensor) -> None:
@@ -492,14 +498,20 @@ class LARPTokenizer(nn.Module):
                     f"each context row must be all ids in [0, {k}) or all NO_CONTEXT ({NO_CONTEXT})"
                 )
             out = self.decode_codes(codes[ids], codes[context.clamp_min(0)], has)
-        return out.clamp(-1, 1) if self.config.channels == 3 else out
+        return out.clamp(-1, 1) if self.config.on_pixels else out
 
     @torch.no_grad()
     def decode_video(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (b, m, N) of m consecutive clips -> (b, m t, c, s, s): each clip decoded with
         the previous one's ids as its context (a context decoder; the first clip without),
         all clips in one batch."""
-        b, m, n = ids.shape
+        n = self.config.num_tokens
+        if ids.dim() != 3 or ids.shape[2] != n:
+            raise ValueError(
+                f"ids must be (batch, clips, num_tokens={n}) for decode_video, got shape "
+                f"{tuple(ids.shape)} (one clip's ids (batch, {n}) go to decode)"
+            )
+        b, m = ids.shape[:2]
         context = None
         if self.config.context_decoder:
             context = torch.full_like(ids, NO_CONTEXT)
@@ -638,7 +650,7 @@ class LARPVideoTokenizer(nn.Module):
 
     def __init__(self, larp: LARPTokenizer, autoencoder: KLAutoencoder | None) -> None:
         super().__init__()
-        if (autoencoder is None) != (larp.config.channels == 3):
+        if (autoencoder is None) != larp.config.on_pixels:
             raise ValueError("a latent-space LARP needs its autoencoder; a pixel one none")
         if autoencoder is not None:
             kl, cfg = autoencoder.config, larp.config

@@ -21,6 +21,7 @@ from vidgen.train.encoded import data_description, naming
 from vidgen.train.loop import (
     DATA_FILES,
     INIT_CARD,
+    SAMPLING_CARD_KEYS,
     STATE_FILE,
     StepSampler,
     Task,
@@ -147,7 +148,7 @@ def build_task(cfg: TrainCommandConfig, resume: checkpoint.Checkpoint | None = N
         }
         # A generator's sampling defaults (its best settings, measured on the weights it
         # starts from) carry over, so a fine-tune can replace it as is; its card says so.
-        carried = {k: init.card[k] for k in ("guidance", "contrast") if k in init.card}
+        carried = {k: init.card[k] for k in SAMPLING_CARD_KEYS if k in init.card}
         if carried:
             task.card = {**task.card, **carried, "sampling_defaults": f"from {cfg.init}"}
     elif began:

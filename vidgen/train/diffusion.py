@@ -34,7 +34,7 @@ from vidgen.train.encoded import (
     load_autoencoder,
     naming,
 )
-from vidgen.train.loop import Task, check_frozen_input
+from vidgen.train.loop import Task, batch_shares, check_frozen_input
 from vidgen.worlds import NUM_ACTIONS
 
 log = logging.getLogger(__name__)
@@ -252,14 +252,14 @@ def evaluate_flow(
     names = ("loss", "loss_null_label") if cfg.num_classes else ("loss",)
     scores = dict.fromkeys(names, 0.0)
     try:
-        for batch in batches:
+        for batch, share in zip(batches, batch_shares(batches), strict=True):
             labels, actions = batch_condition(cfg, batch)
             latents = batch["latents"]
             for name in names:
                 gen = torch.Generator(latents.device).manual_seed(seed)
                 given = labels if name == "loss" else None
                 out = flow_matching_loss(model, latents, gen, given, actions, held_out=True)
-                scores[name] += float(out["loss"]) / len(batches)
+                scores[name] += float(out["loss"]) * share
     finally:
         model.train(was_training)
     return scores

@@ -425,7 +425,10 @@ HISTORY_KEPT = 20  # log entries carried in the state and the exported card
 # A fine-tune's state keeps what its card says of the init it began from (under INIT_CARD):
 # a resume takes them from there, not from the init file, which may have changed since.
 INIT_CARD = "began_from"
-INIT_CARD_KEYS = ("init", "guidance", "contrast", "sampling_defaults")
+# A generator's sampling defaults in its card (what ``from_pretrained`` reads): a fine-tune
+# carries them over from its init.
+SAMPLING_CARD_KEYS = ("guidance", "contrast", "eta")
+INIT_CARD_KEYS = ("init", *SAMPLING_CARD_KEYS, "sampling_defaults")
 
 
 def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
@@ -685,6 +688,14 @@ def _check_finite(loss: torch.Tensor, norm: torch.Tensor, message: str) -> None:
         value, grad = watched.tolist()
         bad = ("loss", value) if not math.isfinite(value) else ("grad norm", grad)
         raise TrainingDiverged(message.format(*bad))
+
+
+def batch_shares(batches: list[dict[str, torch.Tensor]]) -> list[float]:
+    """Each held-out batch's share of their clips, to weigh its scores by: a plain mean over
+    batches counted a short last one (eval clips not a multiple of the batch size) as much
+    as a full one, so the same clips scored differently batched differently."""
+    sizes = [len(next(iter(batch.values()))) for batch in batches]
+    return [n / sum(sizes) for n in sizes]
 
 
 def _eval_batches(task: Task, cfg: TrainConfig) -> list[dict[str, torch.Tensor]]:

@@ -29,7 +29,7 @@ from vidgen.train.encoded import (
     load_autoencoder,
     naming,
 )
-from vidgen.train.loop import Adversary, Task, check_frozen_input
+from vidgen.train.loop import Adversary, Task, batch_shares, check_frozen_input
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +37,18 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def evaluate_kl(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     """PSNR and SSIM of deterministic (posterior-mean) reconstructions of held-out clips."""
+    was_training = model.training
     model.eval()
     scores = {"psnr": 0.0, "ssim": 0.0}
-    for batch in batches:
-        video = batch["video"]
-        recon = model.decode(model.encode(video)).clamp(-1, 1)
-        flat, target = recon.flatten(0, 1), video.flatten(0, 1)
-        scores["psnr"] += float(psnr(flat, target)) / len(batches)
-        scores["ssim"] += float(ssim(flat, target)) / len(batches)
-    model.train()
+    try:
+        for batch, share in zip(batches, batch_shares(batches), strict=True):
+            video = batch["video"]
+            recon = model.decode(model.encode(video)).clamp(-1, 1)
+            flat, target = recon.flatten(0, 1), video.flatten(0, 1)
+            scores["psnr"] += float(psnr(flat, target)) * share
+            scores["ssim"] += float(ssim(flat, target)) * share
+    finally:
+        model.train(was_training)
     return scores
 
 
@@ -124,28 +127,31 @@ def evaluate_larp(
     """Deterministic round trips of held-out clips, scored in pixel space (through the
     frozen autoencoder for a latent-space LARP): PSNR, SSIM, codebook usage, and the prior's
     cross-entropy over the unigram entropy of the codes (< 1: the prior found order)."""
+    was_training = model.training
     model.eval()
     scores = {"psnr": 0.0, "ssim": 0.0}
     all_ids = []
-    for batch in batches:
-        inputs = batch["latents"] if autoencoder is not None else batch["video"]
-        b, m = inputs.shape[0], inputs.shape[1] // model.config.frames  # m consecutive clips
-        ids = model.encode(inputs.reshape(b * m, model.config.frames, *inputs.shape[2:]))
-        recon = model.decode_video(ids.reshape(b, m, -1))
-        if autoencoder is not None:
-            recon = autoencoder.to(recon.device).decode(recon).clamp(-1, 1)
-        flat, target = recon.flatten(0, 1), batch["video"].flatten(0, 1)
-        scores["psnr"] += float(psnr(flat, target)) / len(batches)
-        scores["ssim"] += float(ssim(flat, target)) / len(batches)
-        all_ids.append(ids)
-    ids = torch.cat(all_ids)
-    size = model.config.codebook_size
-    scores.update(codebook_usage(ids, size))
-    entropy = unigram_entropy(ids, size)
-    scores["prior_ce"] = prior_cross_entropy(model, ids)
-    scores["unigram_entropy"] = entropy
-    scores["prior_ce_over_unigram"] = scores["prior_ce"] / max(entropy, 1e-9)
-    model.train()
+    try:
+        for batch, share in zip(batches, batch_shares(batches), strict=True):
+            inputs = batch["latents"] if autoencoder is not None else batch["video"]
+            b, m = inputs.shape[0], inputs.shape[1] // model.config.frames  # m clips in a row
+            ids = model.encode(inputs.reshape(b * m, model.config.frames, *inputs.shape[2:]))
+            recon = model.decode_video(ids.reshape(b, m, -1))
+            if autoencoder is not None:
+                recon = autoencoder.to(recon.device).decode(recon).clamp(-1, 1)
+            flat, target = recon.flatten(0, 1), batch["video"].flatten(0, 1)
+            scores["psnr"] += float(psnr(flat, target)) * share
+            scores["ssim"] += float(ssim(flat, target)) * share
+            all_ids.append(ids)
+        ids = torch.cat(all_ids)
+        size = model.config.codebook_size
+        scores.update(codebook_usage(ids, size))
+        entropy = unigram_entropy(ids, size)
+        scores["prior_ce"] = prior_cross_entropy(model, ids)
+        scores["unigram_entropy"] = entropy
+        scores["prior_ce_over_unigram"] = scores["prior_ce"] / max(entropy, 1e-9)
+    finally:
+        model.train(was_training)
     return scores
 
 

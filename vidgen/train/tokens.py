@@ -32,7 +32,7 @@ from vidgen.train.encoded import (
     held_out_clips,
     naming,
 )
-from vidgen.train.loop import Task, check_frozen_input
+from vidgen.train.loop import Task, batch_shares, check_frozen_input
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +78,13 @@ def evaluate_nbp(
     cfg = model.config
     scores = {"ce": 0.0}
     try:
-        for batch in batches:
+        for batch, share in zip(batches, batch_shares(batches), strict=True):
             tokens = batch["tokens"].long()
             cond = clip_condition(cfg, batch, clips, None)
-            scores["ce"] += float(nbp_loss(model, tokens, cond)) / len(batches)
+            scores["ce"] += float(nbp_loss(model, tokens, cond)) * share
             if cfg.num_classes:
                 cond.drop_label = torch.ones_like(cond.drop_label)
-                null = float(nbp_loss(model, tokens, cond)) / len(batches)
+                null = float(nbp_loss(model, tokens, cond)) * share
                 scores["ce_null_label"] = scores.get("ce_null_label", 0.0) + null
     finally:
         model.train(was_training)
