@@ -236,14 +236,13 @@ def test_an_mkv_that_changes_frame_size_is_not_stretched_by_decord(tmp_path, cap
         VideoFolder(tmp_path, clip_len=2, size=32)
 
 
-def test_an_open_gop_stream_cut_mid_gop_leaves_out_its_leading_frames(tmp_path):
-    """An open GOP's keyframe is followed (in the stream) by B-frames shown before it, which
-    reference the GOP that was cut away: they cannot be decoded, so they are no frames."""
-    source = tmp_path / "open.mkv"
+def open_gop_stream(path: Path, gop: int = 16) -> Path:
+    """32 frames of H.264 in open GOPs of ``gop`` (B-frames after each keyframe shown before
+    it, referencing the GOP before), frame i brightened as `gop_stream`'s."""
     texture = np.random.default_rng(0).integers(0, 60, (32, 32, 3), dtype=np.uint8)
-    x264 = "open-gop=1:keyint=16:min-keyint=16:scenecut=0:bframes=3:b-adapt=0"
-    options = {"g": "16", "bf": "3", "crf": "10", "x264-params": x264}
-    with av.open(str(source), "w") as container:
+    x264 = f"open-gop=1:keyint={gop}:min-keyint={gop}:scenecut=0:bframes=3:b-adapt=0"
+    options = {"g": str(gop), "bf": "3", "crf": "10", "x264-params": x264}
+    with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=8, options=options)
         stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
         for i in range(32):  # brightness stays below 256
@@ -251,6 +250,13 @@ def test_an_open_gop_stream_cut_mid_gop_leaves_out_its_leading_frames(tmp_path):
             frame.pts = i
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
+    return path
+
+
+def test_an_open_gop_stream_cut_mid_gop_leaves_out_its_leading_frames(tmp_path):
+    """An open GOP's keyframe is followed (in the stream) by B-frames shown before it, which
+    reference the GOP that was cut away: they cannot be decoded, so they are no frames."""
+    source = open_gop_stream(tmp_path / "open.mkv")
     cut = drop_first_packets(source, tmp_path / "cut.mkv", 5)
     info = probe_video(cut)
     video = read_video(cut, backend="pyav")
@@ -259,6 +265,23 @@ def test_an_open_gop_stream_cut_mid_gop_leaves_out_its_leading_frames(tmp_path):
     numbers = frame_numbers(video)
     assert numbers == list(range(numbers[0], 32)) and numbers[0] >= 16
     assert info.undecodable_packets == 32 - 5 - info.num_frames
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+def test_open_gops_are_read_with_pyav_where_decords_seeks_land_frames_off(tmp_path, suffix):
+    """libx265's default (and x264's open-gop=1): decord read such a file from a later start
+    frames off (start 13 gave frames 16-20), with no error; a read to the end repeated the
+    last frame to make up the count."""
+    info = probe_video(open_gop_stream(tmp_path / f"open{suffix}", gop=8))
+    assert info.open_gop and info.num_frames == 32
+    for start, count in [(0, 32), (5, 6), (13, 5), (19, 13), (27, 5)]:
+        video = read_video(info.path, start, count)
+        assert frame_numbers(video) == list(range(start, start + count)), start
+    with pytest.raises(VideoReadError, match="its GOPs are open"):
+        read_video(info.path, 13, 5, backend="decord")
+    closed = probe_video(gop_stream(tmp_path / f"closed{suffix}", gop=8, b_frames=3))
+    assert not closed.open_gop  # B-frames alone are no open GOP: decord reads those
+    assert frame_numbers(read_video(closed.path, 13, 5, backend="decord")) == list(range(13, 18))
 
 
 @pytest.mark.parametrize("suffix", [".mkv", ".mp4", ".h264"])

@@ -98,6 +98,9 @@ class VideoInfo:
     stream's sample aspect ratio, turned with the frame: an anamorphic video stores a wide
     picture in narrower pixels). Reads at a given ``size`` show the picture as displayed;
     reads at the native size return the pixels as stored (width x height of them).
+    open_gop: a frame after a keyframe (not the first) in the stream is shown before it: an
+    open GOP (libx265's default), whose leading frames reference the GOP before; decord's
+    seeks then land frames off, so `read_video` decodes such a file with PyAV.
     """
 
     path: Path
@@ -111,6 +114,7 @@ class VideoInfo:
     size_changes: bool = False
     rotation: int = 0
     pixel_aspect: float = 1.0
+    open_gop: bool = False
 
 
 # A sample aspect ratio outside this range is taken for broken metadata, not a picture.
@@ -215,6 +219,7 @@ class _PacketScan:
     sizes: list[tuple[int, int]]  # (width, height) of each decoded keyframe
     rotation: int = 0  # the first decoded keyframe's display rotation (``_display``)
     end_known: bool = False  # the last packet's duration was given (not taken as 0)
+    open_gop: bool = False  # a frame shown before a later keyframe it follows in the stream
 
 
 def _display(frame: Any) -> tuple[int, bool]:
@@ -310,6 +315,8 @@ def _scan_packets(container: Any, stream: Any, path: Path) -> _PacketScan:
     counts = [[0, 0], [0, 0]]  # [before / from the first keyframe][timed / untimed]
     keyed = False
     key_pts: int | None = None
+    last_key_pts: int | None = None  # of the latest keyframe after the first
+    open_gop = False
     end_ticks: int | None = None
     end_known = False
     sizes: list[tuple[int, int]] = []
@@ -321,6 +328,8 @@ def _scan_packets(container: Any, stream: Any, path: Path) -> _PacketScan:
             if _is_keyframe(packet):
                 if not keyed:
                     key_pts = packet.pts
+                elif packet.pts is not None:
+                    last_key_pts = packet.pts
                 keyed = True
                 if watch.needs_decode(packet):
                     for frame in ctx.decode(packet):
@@ -330,6 +339,7 @@ def _scan_packets(container: Any, stream: Any, path: Path) -> _PacketScan:
                 continue
             untimed = packet.dts is None and packet.pts is None
             counts[keyed and not _leading(packet, key_pts)][untimed] += 1
+            open_gop = open_gop or _leading(packet, last_key_pts)
             if packet.pts is not None:
                 packet_end = packet.pts + (packet.duration or 0)
                 if end_ticks is None or packet_end > end_ticks:
@@ -352,7 +362,7 @@ def _scan_packets(container: Any, stream: Any, path: Path) -> _PacketScan:
         rotation = 0
     if not keyed:  # no keyframe flags at all: trust every packet, the decoder will tell
         return _PacketScan(before, 0, end, sizes, rotation, end_known)
-    return _PacketScan(after, before, end, sizes, rotation, end_known)
+    return _PacketScan(after, before, end, sizes, rotation, end_known, open_gop)
 
 
 def _matroska_duration(container: Any, stream: Any) -> float | None:
@@ -437,6 +447,7 @@ def probe_video(path: PathLike) -> VideoInfo:
         size_changes=len(set(scan.sizes)) > 1,
         rotation=scan.rotation,
         pixel_aspect=pixel_aspect,
+        open_gop=scan.open_gop,
     )
 
 
@@ -731,6 +742,11 @@ def _decord_pitfall(info: VideoInfo) -> str | None:
         return (
             f"its first {info.undecodable_packets} video packets come before the first "
             "keyframe (cut mid-GOP), and decord's frame indices then count them"
+        )
+    if info.open_gop:
+        return (
+            "its GOPs are open (frames shown before the keyframe they follow), and decord's "
+            "seeks then land frames off"
         )
     return None
 
