@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -302,6 +303,21 @@ def test_held_out_videos_reached_through_links_are_not_trained_on(tmp_path):
     (real / "x.mp4").write_bytes(b"x")
     (data / "alias").symlink_to(real, target_is_directory=True)
     assert "x.mp4" not in [p.name for p in video_files(data, exclude=real)]
+
+
+def test_a_held_out_link_to_a_training_video_keeps_that_video_out_of_training(tmp_path):
+    """val/c.mp4 -> ../c.mp4 (a held-out set made of links) left c.mp4 in training and in the
+    held-out split at once; a link beside its target listed one video twice."""
+    from vidgen.data.folder import video_files
+
+    data = tmp_path / "videos"
+    (data / "val").mkdir(parents=True)
+    for name in ("a.mp4", "b.mp4", "c.mp4"):
+        (data / name).write_bytes(b"x")
+    (data / "val" / "c.mp4").symlink_to(Path("..") / "c.mp4")
+    (data / "twice.mp4").symlink_to(data / "a.mp4")
+    assert [p.name for p in video_files(data, exclude=data / "val")] == ["a.mp4", "b.mp4"]
+    assert [p.name for p in video_files(data / "val")] == ["c.mp4"]
 
 
 def test_a_held_out_folder_that_is_not_there_is_refused_not_ignored(tmp_path, monkeypatch):

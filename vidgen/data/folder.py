@@ -27,11 +27,19 @@ def video_files(root: Path, exclude: Path | None = None) -> list[Path]:
     once: a link loop ends). A broken link is kept, so that reading it fails naming it
     instead of leaving the video out without a word. ``exclude``: a folder whose videos are
     left out wherever they are reached from, through links too (the held-out folder of a
-    training folder)."""
+    training folder), and so are the files its links point to (``val/c.mp4 -> ../c.mp4``:
+    ``c.mp4`` is held out). A file reached twice (a link beside its target) is listed once,
+    by its first path."""
     excluded = exclude.expanduser().resolve() if exclude is not None else None
+    held_files = set()
+    if excluded is not None and excluded.is_dir():
+        held_files = {path.resolve() for path in video_files(excluded)}
 
     def held_out(path: Path) -> bool:
-        return excluded is not None and path.resolve().is_relative_to(excluded)
+        if excluded is None:
+            return False
+        real = path.resolve()
+        return real.is_relative_to(excluded) or real in held_files
 
     found = []
     seen: set[tuple[int, int]] = set()
@@ -54,7 +62,10 @@ def video_files(root: Path, exclude: Path | None = None) -> list[Path]:
             and ((here / name).is_file() or (here / name).is_symlink())  # no fifo, socket
             and not held_out(here / name)
         ]
-    return sorted(found)
+    once: dict[Path, Path] = {}
+    for path in sorted(found):
+        once.setdefault(path.resolve(), path)
+    return sorted(once.values())
 
 
 class VideoFolder(Dataset):
