@@ -771,3 +771,30 @@ def test_a_header_in_another_encoding_or_odd_metadata_is_refused():
     odd += b" " * (-len(odd) % 8)
     with pytest.raises(ValueError, match="must map strings to strings"):
         checkpoint.map_safetensors(bytearray(struct.pack("<Q", len(odd)) + odd))
+
+
+def test_a_path_object_named_like_a_shipped_model_stays_a_path(tmp_path, monkeypatch):
+    """Path("ca2vdm-tiny") (a local file) resolves to that file, but it was then written as
+    the text "ca2vdm-tiny", which is the shipped model: its generator served requests for the
+    shipped model with the local file's weights."""
+    import shutil
+    from pathlib import Path
+
+    from tests.models import save_test_generators
+    from vidgen.generators import GenerationRequest, load_generator
+
+    paths = save_test_generators(tmp_path / "made")
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(paths["diffusion"], tmp_path / "ca2vdm-tiny")
+    local = Path("ca2vdm-tiny")
+    assert checkpoint.spelled(local) == "./ca2vdm-tiny"
+    assert checkpoint.spelled("ca2vdm-tiny") == "ca2vdm-tiny"  # text: the shipped name
+    assert checkpoint.spelled(Path("a/b.safetensors")) == "a/b.safetensors"
+    assert not checkpoint.same_checkpoint(local, "ca2vdm-tiny")
+    assert checkpoint.same_checkpoint(local, "./ca2vdm-tiny")
+    assert GenerationRequest(model=local, frames=8).model == "./ca2vdm-tiny"
+    gen = load_generator(local)
+    assert gen.name == "./ca2vdm-tiny"
+    with pytest.raises(ValueError, match="the request is for model 'ca2vdm-tiny'"):
+        gen.open(GenerationRequest(model="ca2vdm-tiny", frames=gen.clip_len))
+    gen.open(GenerationRequest(model=local, frames=gen.clip_len))  # its own file: served

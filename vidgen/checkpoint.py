@@ -610,6 +610,16 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     raise CheckpointError(f"checkpoint file {text!r} does not exist")
 
 
+def spelled(name_or_path: str | os.PathLike) -> str:
+    """``name_or_path`` as text that ``resolve`` reads the same way: a path object whose text
+    looks like a shipped name (``Path("ca2vdm-tiny")``, a local file) gains ``./``, so that
+    it is not taken for the shipped checkpoint once it is a string."""
+    text = os.fspath(name_or_path)
+    if isinstance(name_or_path, os.PathLike) and _is_name(text):
+        return os.path.join(os.curdir, text)
+    return text
+
+
 def _is_name(text: str) -> bool:
     """A shipped checkpoint's name as ``resolve`` reads it (no /, no suffix)."""
     return "/" not in text and not text.endswith(SUFFIX) and bool(_NAME.match(text))
@@ -620,7 +630,7 @@ def companion(name_or_path: str | os.PathLike, owner: str | os.PathLike) -> str:
     ``tokenizer``, a LARP's ``autoencoder``. A shipped name stays as it is; a relative path
     is looked up beside ``owner`` first (where ``named_from`` writes them from), then from
     the working directory (cards written before, relative to where training ran)."""
-    text = os.fspath(name_or_path)
+    text = spelled(name_or_path)
     if _is_name(text) or Path(text).expanduser().is_absolute():
         return text
     beside = Path(owner).parent / text
@@ -631,7 +641,7 @@ def named_from(name_or_path: str | os.PathLike, folder: str | os.PathLike) -> st
     """How a checkpoint saved in ``folder`` names another: a shipped name as it is, a file
     by its path relative to ``folder`` (``companion`` finds it there from any working
     directory, and the two folders can move together)."""
-    text = os.fspath(name_or_path)
+    text = spelled(name_or_path)
     if _is_name(text):
         return text
     target = Path(text).expanduser().resolve()
@@ -657,7 +667,7 @@ def _shipped_hint(text: str, paths_note: bool = True) -> str:
 def same_checkpoint(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Whether two names or paths name one checkpoint file (a shipped name and its path are
     one; names this machine cannot resolve, e.g. through a Ray client, must be equal)."""
-    if os.fspath(a) == os.fspath(b):
+    if spelled(a) == spelled(b):
         return True
     try:
         return resolve(a).resolve() == resolve(b).resolve()

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from vidgen import checkpoint
 from vidgen.validate import check_int
 
 MIN_FPS = 1 / 1001  # the lowest frame rate an mp4 of vidgen can carry
@@ -88,8 +89,8 @@ class GenerationRequest:
     contrast: float | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.model, os.PathLike):
-            self.model = os.fspath(self.model)
+        if isinstance(self.model, os.PathLike):  # Path("x") is a file, not shipped "x"
+            self.model = checkpoint.spelled(self.model)
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(
                 f"model must be a shipped name or a checkpoint path, got {self.model!r}"

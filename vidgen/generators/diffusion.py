@@ -129,7 +129,7 @@ class DiffusionClipGenerator:
             autoencoder,
             max_streams,
             device,
-            name=str(name_or_path),
+            name=checkpoint.spelled(name_or_path),
             contrast=ckpt.card.get("contrast", 1.0),
             guidance=ckpt.card.get("guidance", DEFAULT_GUIDANCE),
             dtype=dtype,

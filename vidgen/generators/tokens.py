@@ -167,7 +167,7 @@ class TokenClipGenerator:
             tokenizer,
             max_streams,
             device,
-            name=str(name_or_path),
+            name=checkpoint.spelled(name_or_path),
             guidance=guidance,
             dtype=dtype,
         )
