@@ -662,8 +662,10 @@ def test_a_manifests_relative_context_is_beside_the_manifest(models, tmp_path, m
 
 def test_a_batch_item_killed_while_its_parts_were_removed_is_not_rendered_again(models, tmp_path):
     """``finish`` unlinks the truth, then the folder: a kill between left a folder with no
-    resume point, and the finished video was rendered again from clip 0."""
+    resume point, and the finished video was rendered again from clip 0; then (recorded, not
+    rendered) the folder, a second copy of the video, and the lock file stayed for good."""
     from workers.jobs.render import parse_manifest, run_batch
+    from workers.render import lock_file
 
     model = models["diffusion"]
     manifest, out = tmp_path / "items.jsonl", tmp_path / "out"
@@ -674,9 +676,25 @@ def test_a_batch_item_killed_while_its_parts_were_removed_is_not_rendered_again(
     run_batch(parse_manifest(manifest, out, 1000), out, lambda m: [executor])
     made = (out / "a.mp4").stat().st_mtime_ns
     (out / "results.jsonl").unlink()  # killed before its row was written ...
-    parts_folder(out / "a.mp4").mkdir()  # ... and while its parts folder was removed
+    folder = parts_folder(out / "a.mp4")
+    folder.mkdir()  # ... and while its parts folder was removed
+    (folder / "part_000000000.mp4").write_bytes((out / "a.mp4").read_bytes())
+    (folder / "model.sha256").write_text("x")
+    lock_file(out / "a.mp4").write_bytes(b"")
     (row,) = run_batch(parse_manifest(manifest, out, 1000), out, lambda m: [executor])
     assert row["status"] == "ok" and (out / "a.mp4").stat().st_mtime_ns == made
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "a.mp4", "results.jsonl"]
+    # Not while another process renders that out (it holds the lock), nor with a truth in it.
+    import fcntl
+
+    from workers.render import TRUTH_FILE, remove_finished_parts
+
+    folder.mkdir()
+    with open(lock_file(out / "a.mp4"), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert not remove_finished_parts(out / "a.mp4") and folder.is_dir()
+    (folder / TRUTH_FILE).write_bytes(b"")
+    assert not remove_finished_parts(out / "a.mp4") and folder.is_dir()
 
 
 class Dead(LocalExecutor):
@@ -1496,6 +1514,30 @@ def test_a_render_removes_the_temp_files_a_killed_one_left(model, tmp_path):
         path.write_bytes(b"x" * 100)
     render(Orchestrator(local(model)), request_for(model, frames=8), out, progress=False)
     assert not any(p.exists() for p in stale) and all(p.exists() for p in others)
+
+
+def test_an_abandoned_render_discards_its_open_segment_at_once(model, tmp_path):
+    """abandon() left the open segment's writer (and its hidden temp file) to the cyclic
+    collector (job -> sink -> on_clip -> job); a resume then renders the video exactly."""
+    import gc
+
+    from workers.render import RenderJob
+
+    out, request = tmp_path / "v.mp4", request_for(model, frames=24)
+    orch = Orchestrator(local(model))
+    job = RenderJob(request, out, segment_clips=4, lossless=True, progress=False)
+    job.start(orch)
+    orch.run(until=lambda: job.sink.clips == 2)  # two clips in the open segment
+    gc.disable()  # the collector would close it in its own time
+    try:
+        job.abandon()
+        assert not [p.name for p in parts_folder(out).iterdir() if p.name.startswith(".")]
+    finally:
+        gc.enable()
+    with pytest.raises(RuntimeError, match="abandoned"):
+        job.sink.put(Clip(0, 2, np.zeros((8, 32, 32, 3), np.uint8)))
+    render(Orchestrator(local(model)), request, out, lossless=True, progress=False)
+    np.testing.assert_array_equal(read_video(out).numpy(), reference(model, request))
 
 
 def test_a_truth_that_failed_to_save_does_not_let_a_clip_in_twice(model, tmp_path):

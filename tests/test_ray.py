@@ -73,6 +73,29 @@ def test_a_killed_actor_is_recovered_as_a_new_process(ray_session, models):
         executor.retire()
 
 
+def test_an_actor_that_cannot_load_its_model_again_after_a_restart_says_so_in_a_line(
+    ray_session, models, tmp_path
+):
+    """recover() let Ray's ActorDiedError through: 18 lines of remote traceback with colour
+    codes, logged as is, where starting the actor says why in one line."""
+    import shutil
+
+    from workers.executors import ExecutorFailed
+
+    path = tmp_path / "gone.safetensors"
+    shutil.copy(models["diffusion"], path)
+    executor = RayExecutor(str(path), max_streams=2, max_restarts=1, ready_timeout=60)
+    try:
+        path.unlink()  # the restarted process finds no model
+        executor.kill()
+        with pytest.raises(ExecutorFailed, match="restarted but could not load model") as err:
+            executor.recover()
+        assert "\n" not in str(err.value) and "\x1b" not in str(err.value)
+        assert "does not exist" in str(err.value)
+    finally:
+        executor.retire()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({"max_restarts": -1}, "max_restarts must be >= 0"), ({"ready_timeout": None}, "ready")],

@@ -17,7 +17,7 @@ import ray
 from vidgen.generators import GenerationRequest, StreamSnapshot, check_dtype
 from vidgen.generators.base import dtype_name
 from vidgen.validate import check_int, check_number
-from workers.actor import ClipOut, GeneratorWorker, start_actor
+from workers.actor import ClipOut, GeneratorWorker, remote_reason, start_actor
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,15 @@ class RayExecutor:
             except ray.exceptions.ActorUnavailableError:
                 if time.monotonic() > deadline:
                     raise
+            except ray.exceptions.RayActorError as err:
+                if not err.actor_init_failed:
+                    raise
+                # Restarted, but its model did not load again (the file removed or changed
+                # since): one line, not Ray's remote traceback.
+                raise ExecutorFailed(
+                    f"{self.name} restarted but could not load model {self.model!r}: "
+                    f"{remote_reason(err)}"
+                ) from None
             time.sleep(0.2)
 
     def kill(self) -> None:

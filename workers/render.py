@@ -113,6 +113,14 @@ class SegmentSink:
         if self.writer is not None:
             self._flush()
 
+    def abort(self) -> None:
+        """Discard the segment being written (its temp file, now, not when the collector
+        frees the writer) and take no more clips: the render resumes from its last truth."""
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+            self.failed = self.failed or RuntimeError("the render was abandoned")
+
     def _flush(self) -> None:
         try:
             self.writer.close()
@@ -507,6 +515,9 @@ class RenderJob:
         self.bar.close()
         if self.key is not None:
             self.orchestrator.cancel(self.key)
+        sink = getattr(self, "sink", None)
+        if sink is not None:
+            sink.abort()  # under the lock: the temp segment is this render's
         self._unlock()
 
     @property
@@ -656,6 +667,33 @@ def finished_render(
     ):
         return None
     return provenance
+
+
+def remove_finished_parts(out: Path) -> bool:
+    """Remove the parts folder a kill left beside the finished render at ``out`` (killed
+    while ``finish`` removed it, after its truth: nothing in it to resume), with the
+    render's lock file and temp files, under that lock; whether it was removed. Call it
+    once ``finished_render`` found the video standing: the folder held a second copy of the
+    video, and nothing else would ever remove it. Left alone while another process holds
+    the lock, or once a truth is back in it (a render of it started since)."""
+    out = check_out(out)
+    folder = parts_folder(out)
+    if not folder.is_dir() or (folder / TRUTH_FILE).exists():
+        return False
+    try:
+        fd = _lock(out)
+    except ValueError:  # rendered right now (or no locks here): not ours to remove
+        return False
+    try:
+        if (folder / TRUTH_FILE).exists():
+            return False
+        _remove_stale_temps(out, folder)
+        shutil.rmtree(folder)
+        return True
+    finally:
+        if fd is not None:
+            lock_file(out).unlink(missing_ok=True)  # while held, as ``_unlock`` does
+            os.close(fd)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

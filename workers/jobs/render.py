@@ -41,7 +41,7 @@ from vidgen.render_config import load_context
 from vidgen.validate import check_step_timeout
 from workers.actor import remote_reason
 from workers.orchestrator import NoExecutorsLeft, NoProgress, Orchestrator, SinkError
-from workers.render import RenderJob, finished_render
+from workers.render import RenderJob, finished_render, remove_finished_parts
 
 log = logging.getLogger("workers.jobs.render")
 
@@ -321,6 +321,8 @@ def _render_group(
                 )
                 if found is not None:
                     log.info("%s: already finished at %s, no row yet: recorded", item.id, path)
+                    if remove_finished_parts(path):
+                        log.info("%s: removed the parts folder a kill left beside it", item.id)
                     rows.append(_ok_row(item.id, item.request.frames, 0.0, path, found))
                     results.add(rows[-1])
                     continue
