@@ -38,7 +38,7 @@ def child(model: str, frames: int, steps: int) -> None:
     from vidgen.generators import GenerationRequest, generate_video, load_generator
     from vidgen.io import VideoWriter
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(CHILD_THREADS)
     gen = load_generator(model, max_streams=1)
     request = GenerationRequest(model=model, frames=max(frames, 8), seed=0, label=2, steps=steps)
     if frames < 0:  # the baseline: everything but the generation itself
@@ -49,6 +49,9 @@ def child(model: str, frames: int, steps: int) -> None:
         for clip in generate_video(gen, request):
             writer.write(clip.frames)
     print(json.dumps({"frames": frames, "peak_mb": peak_rss_mb()}))
+
+
+CHILD_THREADS = 1  # what each measured process runs with (and the machine line says)
 
 
 def main() -> None:
@@ -83,6 +86,7 @@ def main() -> None:
         )
         peaks[frames] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"]
     base = peaks.pop(-1)
+    torch.set_num_threads(CHILD_THREADS)  # the machine line names the children's threads
     work = {f: p - base for f, p in peaks.items()}
     print(
         json.dumps(

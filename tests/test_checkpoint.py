@@ -798,3 +798,19 @@ def test_a_path_object_named_like_a_shipped_model_stays_a_path(tmp_path, monkeyp
     with pytest.raises(ValueError, match="the request is for model 'ca2vdm-tiny'"):
         gen.open(GenerationRequest(model="ca2vdm-tiny", frames=gen.clip_len))
     gen.open(GenerationRequest(model=local, frames=gen.clip_len))  # its own file: served
+
+
+@pytest.mark.parametrize(
+    ("tensors", "error", "message"),
+    [
+        ({"a": torch.zeros(2, dtype=torch.complex128)}, TypeError, "dtype torch.complex128"),
+        ({"__metadata__": torch.zeros(2)}, ValueError, "cannot be named '__metadata__'"),
+    ],
+)
+def test_a_refused_save_names_its_file_and_makes_no_folders(tmp_path, tensors, error, message):
+    """The temp file's folders were made before the tensors were checked: a refused save
+    left runs/exp1/ behind, and its error did not name the file."""
+    path = tmp_path / "runs" / "exp1" / "m.safetensors"
+    with pytest.raises(error, match=rf"exp1/m\.safetensors: .*{message}"):
+        checkpoint.save(path, tensors, TinyConfig())
+    assert list(tmp_path.iterdir()) == []

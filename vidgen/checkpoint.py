@@ -250,6 +250,10 @@ def _str_keys(value: Any, where: str) -> Any:
 
 
 def _write(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    try:  # before the temp file (and the folders it makes): a refused save leaves nothing
+        _check_saveable(state)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{path}: {err}") from None
     metadata = {**metadata, "digest": _digest(metadata, state)}
     # Written into our own temp file, tensor by tensor: safetensors' save_file writes a temp
     # file of its own (".tmpXXXXXX", mode 0600) that a kill left behind for good, under a name
@@ -289,12 +293,8 @@ MAX_HEADER_BYTES = 100_000_000  # safetensors refuses to read a larger header
 _LAYOUT_RANK = {dtype: rank for rank, dtype in enumerate(_SAFETENSORS_DTYPES)}
 
 
-def write_safetensors(
-    f: Any, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
-) -> None:
-    """Write CPU-contiguous ``state`` with string ``metadata`` to the binary file ``f`` in the
-    safetensors format, one tensor at a time: the layout of ``safetensors.torch.save`` (whose
-    metadata comes out in hash order; here in the order given, so a file is reproducible)."""
+def _check_saveable(state: Mapping[str, torch.Tensor]) -> None:
+    """TypeError or ValueError unless every tensor can be written as it is."""
     for name, t in state.items():
         if name == "__metadata__":  # the header's own key: it would replace the metadata
             raise ValueError("a tensor cannot be named '__metadata__'")
@@ -302,6 +302,15 @@ def write_safetensors(
             raise TypeError(f"tensors[{name!r}]: dtype {t.dtype} cannot be saved")
         if t.device.type != "cpu" or not t.is_contiguous():
             raise ValueError(f"tensors[{name!r}] must be a contiguous CPU tensor")
+
+
+def write_safetensors(
+    f: Any, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> None:
+    """Write CPU-contiguous ``state`` with string ``metadata`` to the binary file ``f`` in the
+    safetensors format, one tensor at a time: the layout of ``safetensors.torch.save`` (whose
+    metadata comes out in hash order; here in the order given, so a file is reproducible)."""
+    _check_saveable(state)
     names = sorted(state, key=lambda n: (_LAYOUT_RANK[state[n].dtype], n))
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
