@@ -163,7 +163,7 @@ def evaluate_model(
     # is pooled over all videos' pairs (``aggregate``; since 2026-11-30, later).
     summary["speed_ratio_undefined"] = sum(r.get("speed_ratio") is None for r in rows)
     summary["frames_per_s"] = round(frames * len(labels) * len(seeds) / seconds, 2)
-    summary["sha256"] = checkpoint.file_sha256(checkpoint.resolve(name))[:16]
+    summary["sha256"] = gen.sha256[:16]  # of the bytes loaded, not of the file now
     # What was used: the request's, else the model's default.
     summary["guidance"] = gen.guidance if guidance is None else guidance
     if gen.family == "diffusion":

@@ -30,7 +30,6 @@ import time
 import numpy as np
 import torch
 
-from vidgen import checkpoint
 from vidgen.data.worlds import to_model_range, to_uint8
 from vidgen.eval.fvd import (
     frechet_distance,
@@ -207,7 +206,7 @@ def main() -> None:
         synchronize(device)
     result: dict[str, object] = {
         "model": args.model,
-        "sha256": checkpoint.file_sha256(checkpoint.resolve(args.model))[:16],
+        "sha256": tok.file_sha256[0][:16],  # of the bytes loaded, not of the file now
         "videos_per_world": args.videos,
         "frames_per_video": args.frames,
         "machine": describe_machine(args.device),
