@@ -201,7 +201,7 @@ EOF
 # (or $NBP_TOKENIZER) for SECONDS. Then, side by side, benchmarks/quality.py on the new
 # generators and benchmarks/tokenizer.py on the new LARP. Each lane's model is in
 # $OUT/<lane>/, its output <lane>.log and its train.log and samples in $OUT/logs.tgz (the
-# device tool brings back 8 files at most) (run folders: $RUNS/gpu-<lane>, default runs/); a failed lane does
+# device tool brings back 8 files at most) (run folders: $RUNS/gpu-all/<lane>, default runs/); a failed lane does
 # not stop the others (the exit status says one failed). Extra overrides per family: $CA2VDM_OVERRIDES, $LARP_OVERRIDES, $NBP_OVERRIDES
 # (space-separated words).
 all() {
@@ -223,19 +223,22 @@ all() {
     trap 'pack_logs "$out"; exit 124' TERM
     # The override lists are word lists (unquoted on purpose).
     local runs=${RUNS:-runs}
-    (RUN_DIR="$runs/gpu-ca2vdm-tiny" OUT="$out/ca2vdm-tiny" \
+    (RUN_DIR="$runs/gpu-all/ca2vdm-tiny" OUT="$out/ca2vdm-tiny" \
         run ca2vdm-tiny "$seconds" "${common[@]}" ${CA2VDM_OVERRIDES:-}) \
         >"$out/ca2vdm-tiny.log" 2>&1 &
     local lane_a=$!
     # `;` and not `&&`: set -e stays on inside the first run (a failed LARP ends the lane).
-    ( (RUN_DIR="$runs/gpu-larp-tiny" OUT="$out/larp-tiny" \
+    # The run folders are named as the lanes' folders in $out: the new NBP's card names its
+    # LARP relative to its own folder (../larp-tiny/larp-tiny.safetensors), which then
+    # holds in $out too, and wherever $out is fetched to.
+    ( (RUN_DIR="$runs/gpu-all/larp-tiny" OUT="$out/larp-tiny" \
         run larp-tiny "$half" "${common[@]}" ${LARP_OVERRIDES:-}) >"$out/larp-tiny.log" 2>&1
-        (RUN_DIR="$runs/gpu-nbp-tiny-new" OUT="$out/nbp-tiny-new" \
+        (RUN_DIR="$runs/gpu-all/nbp-tiny-new" OUT="$out/nbp-tiny-new" \
             run nbp-tiny "$half" "${common[@]}" ${NBP_OVERRIDES:-} \
-            frozen_tokenizer="$out/larp-tiny/larp-tiny.safetensors") \
+            frozen_tokenizer="$runs/gpu-all/larp-tiny/larp-tiny.safetensors") \
         >"$out/nbp-tiny-new.log" 2>&1) &
     local lane_b=$!
-    (RUN_DIR="$runs/gpu-nbp-tiny" OUT="$out/nbp-tiny" \
+    (RUN_DIR="$runs/gpu-all/nbp-tiny" OUT="$out/nbp-tiny" \
         run nbp-tiny "$seconds" "${common[@]}" ${NBP_OVERRIDES:-} \
         frozen_tokenizer="${NBP_TOKENIZER:-larp-tiny}") >"$out/nbp-tiny.log" 2>&1 &
     local lane_c=$!

@@ -10,6 +10,7 @@ import fnmatch
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -173,8 +174,12 @@ def test_train_gpu_script_all_trains_three_lanes_then_benchmarks_them(tmp_path):
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         CALIBRATE="4",
         WHEELS=str(tmp_path / "no-wheels"),
-        RUNS=str(tmp_path / "runs"),
-        OUT=str(tmp_path / "out"),
+        # Run folders and OUT apart (as on the device: the repository's runs/ and $OUT): a
+        # card's relative path only held when they were side by side. (Both lanes' folders
+        # lie 4 deep, as the fetched copy below: the test LARP's autoencoder is a file named
+        # relative to its run folder; on the device it is kl-tiny, a shipped name.)
+        RUNS=str(tmp_path / "repo" / "runs"),
+        OUT=str(tmp_path / "device" / "out" / "export"),
         THREADS="1",
         QUALITY_FRAMES="16",
         TOKENIZER_VIDEOS="1",
@@ -188,7 +193,7 @@ def test_train_gpu_script_all_trains_three_lanes_then_benchmarks_them(tmp_path):
         NBP_TOKENIZER=str(larp),
     )
     done = train_gpu("all", "0", env=env, timeout=900)
-    out = tmp_path / "out"
+    out = tmp_path / "device" / "out" / "export"
     # Logs and samples come packed (the device tool returns 8 files at most): 5 files.
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
         "ca2vdm-tiny/ca2vdm-tiny.safetensors",
@@ -238,9 +243,14 @@ def test_train_gpu_script_all_trains_three_lanes_then_benchmarks_them(tmp_path):
         checkpoint.load(out / "nbp-tiny" / "nbp-tiny.safetensors").card["tokenizer_fingerprint"]
         == LARPVideoTokenizer.from_pretrained(str(larp)).encoder_fingerprint()
     )
+    # It names that LARP beside it, so the pair loads from OUT and wherever OUT is fetched to.
+    assert card["tokenizer"] == "../larp-tiny/larp-tiny.safetensors"
     load_generator(str(new_nbp))
-    assert not (ROOT / "runs" / "gpu-larp-tiny" / "calibrate.log").exists() or (
-        (ROOT / "runs" / "gpu-larp-tiny" / "calibrate.log").stat().st_mtime
+    fetched = tmp_path / "here" / "files" / "at"
+    shutil.copytree(out, fetched)
+    load_generator(str(fetched / "nbp-tiny-new" / "nbp-tiny.safetensors"))
+    assert not (ROOT / "runs" / "gpu-all" / "larp-tiny" / "calibrate.log").exists() or (
+        (ROOT / "runs" / "gpu-all" / "larp-tiny" / "calibrate.log").stat().st_mtime
         < (tmp_path / "models").stat().st_mtime
     ), "the lanes' run folders must follow RUNS"
 
