@@ -135,6 +135,46 @@ def test_a_render_whose_sidecar_path_is_a_folder_fails_before_ray_starts(
     assert not connects and [p.name for p in tmp_path.iterdir()] == ["x.json"]
 
 
+def test_a_render_keeps_a_users_file_where_its_sidecar_goes_and_names_unwritable_folders(
+    tmp_path, capsys, connects, monkeypatch
+):
+    """A user's notes.json beside out=notes.mp4 was written over with provenance at the end;
+    a folder that cannot be written failed after Ray and the actor started, exit 1, with a
+    resume hint that could not help; a bad address was a Ray traceback."""
+    import errno
+    import json
+    import tempfile
+
+    import workers.cluster
+    from vidgen import render_config
+
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"my": "precious notes"}')
+    assert main(["render", "frames=16", f"out={tmp_path / 'notes.mp4'}"]) == 2
+    assert "is a file vidgen did not write; move it" in capsys.readouterr().err
+    assert notes.read_text() == '{"my": "precious notes"}' and not connects
+    # A sidecar of an earlier render is vidgen's own: written over as before.
+    notes.write_text(json.dumps({"vidgen_version": "0", "request_sha256": "ab", "seed": 1}))
+    assert render_config.check_out(tmp_path / "notes.mp4") == tmp_path / "notes.mp4"
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    assert main(["render", "frames=16", f"out={tmp_path / 'v.mp4'}"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be written: Read-only file system" in err and "resumes" not in err
+    assert not connects
+    monkeypatch.undo()
+
+    def bad_address(address, *args, **kwargs):
+        raise ValueError(f"Invalid address format: {address}")
+
+    monkeypatch.setattr(workers.cluster, "connect", bad_address)
+    assert main(["render", "frames=16", "address=bogus", f"out={tmp_path / 'v.mp4'}"]) == 2
+    assert "address='bogus': Invalid address format: bogus" in capsys.readouterr().err
+
+
 def test_a_render_of_an_out_being_rendered_fails_before_ray_starts(
     tmp_path, capsys, connects, monkeypatch
 ):

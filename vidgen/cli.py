@@ -81,10 +81,12 @@ def run_render(cfg: Any, choices: dict[str, str]) -> int:
         except ValueError as err:
             print(f"{PROG} render: bad actions: {err}", file=sys.stderr)
             return 2
+    from vidgen.render_config import check_writable
     from workers.render import check_not_rendering
 
     try:  # before Ray and the actors start (seconds): the render itself takes the lock
         check_not_rendering(cfg.out)
+        check_writable(cfg.out)
     except ValueError as err:
         print(f"{PROG} render: {err}", file=sys.stderr)
         return 2
@@ -95,7 +97,7 @@ def run_render(cfg: Any, choices: dict[str, str]) -> int:
 
     try:
         started = connect(cfg.address)
-    except ConnectionError as err:
+    except (ConnectionError, ValueError) as err:  # ValueError: Ray's "Invalid address format"
         print(f"{PROG} render: address={cfg.address!r}: {err}", file=sys.stderr)
         return 2
     try:

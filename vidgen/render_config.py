@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +28,14 @@ def check_out(out: str | Path) -> Path:
             raise ValueError(f"out={str(out)!r}: folder {str(path.parent)!r} does not exist")
         if path.is_dir():
             raise ValueError(f"out={str(out)!r} is a folder; give the video's file name")
-        if path.with_suffix(".json").is_dir():
+        sidecar = path.with_suffix(".json")
+        if sidecar.is_dir():
+            raise ValueError(f"out={str(out)!r}: its sidecar {sidecar.name} is a folder")
+        if sidecar.is_file() and not _is_provenance(sidecar):
+            # Written over at the end without a word: a user's own notes.json was lost.
             raise ValueError(
-                f"out={str(out)!r}: its sidecar {path.with_suffix('.json').name} is a folder"
+                f"out={str(out)!r}: {str(sidecar)!r}, where its provenance sidecar goes, is "
+                "a file vidgen did not write; move it, or choose another out"
             )
         if path.is_symlink():  # the video is written where it points
             try:
@@ -45,6 +52,31 @@ def check_out(out: str | Path) -> Path:
     except OSError as err:  # e.g. a file name over the file system's 255 bytes
         raise ValueError(f"out={str(out)!r}: {err.strerror or err}") from None
     return path
+
+
+def _is_provenance(path: Path) -> bool:
+    """Whether ``path`` holds a render's provenance sidecar (vidgen's own, to write over)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"vidgen_version", "request_sha256"} <= data.keys()
+
+
+def check_writable(out: str | Path) -> None:
+    """ValueError naming ``out`` unless a file can be made in its folder (and in its
+    target's, for a symlinked ``out``): a read-only folder failed only after Ray and the
+    actors had started, as a failed write whose segments a re-run would resume from."""
+    path = Path(out).expanduser()
+    for where in dict.fromkeys((path.parent, target(path).parent)):
+        try:
+            with tempfile.TemporaryFile(dir=where):
+                pass
+        except OSError as err:
+            raise ValueError(
+                f"out={str(out)!r}: its folder {str(where)!r} cannot be written: "
+                f"{err.strerror or err}"
+            ) from None
 
 
 @dataclass
