@@ -3199,7 +3199,8 @@ def test_an_iterator_collected_inside_the_loop_is_cancelled_after_it(models):
     finally:
         if enabled:
             gc.enable()
-    np.testing.assert_array_equal(frames, reference(model, request_for(model, frames=16, seed=1)))
+    # Batched with the others on the survivor (CI once saw one pixel a step off).
+    assert_as_alone(frames, reference(model, request_for(model, frames=16, seed=1)))
     assert d not in orch.streams  # cancelled by the loop after the collection
 
 
