@@ -328,14 +328,18 @@ def test_nbp_benchmark_runs_any_config_and_names_a_block_that_does_not_divide():
 
 
 @pytest.mark.parametrize("frames", ["6", "4"])
-def test_tokenizer_benchmark_names_frames_that_are_not_two_clips_or_more(frames, tmp_path):
+def test_tokenizer_benchmark_names_frames_that_are_not_two_clips_or_more(
+    frames, tmp_path, monkeypatch, capsys
+):
     """--frames 6 failed inside the first world with a reshape error, --frames 4 (one clip)
     only after every round trip, in the seam ratio."""
-    import subprocess
-
+    bench = pytest.importorskip("tokenizer")
     save_test_generators(tmp_path)
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "tokenizer.py"
-    command = [sys.executable, str(script), "--model", str(tmp_path / "larp-test.safetensors")]
-    proc = subprocess.run([*command, "--frames", frames], capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert "--frames must be a multiple of the clip length 4, at least 8" in proc.stderr
+    model = str(tmp_path / "larp-test.safetensors")
+    monkeypatch.setattr(sys, "argv", ["tokenizer.py", "--model", model, "--frames", frames])
+    with pytest.raises(SystemExit) as exited:
+        bench.main()
+    assert exited.value.code == 2
+    assert "--frames must be a multiple of the clip length 4, at least 8" in (
+        capsys.readouterr().err
+    )
