@@ -1594,6 +1594,33 @@ def test_the_render_lock_is_not_won_on_a_file_its_holder_removed(tmp_path, monke
     os.close(b)
 
 
+def test_an_address_where_nothing_answers_is_named_at_once(monkeypatch):
+    """address=127.0.0.1:1 with no cluster there: Ray retried for minutes (a render hung,
+    then took half a minute more to die on SIGTERM)."""
+    import socket
+
+    import workers.cluster as cluster
+
+    inits = []
+    monkeypatch.setattr(cluster.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(cluster.ray, "init", lambda **kwargs: inits.append(kwargs))
+    monkeypatch.setattr(cluster.ray, "cluster_resources", lambda: {})
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        start = time.monotonic()
+        with pytest.raises(ConnectionError, match=f"nothing answers at 127.0.0.1:{port}"):
+            cluster.connect(address)
+        assert time.monotonic() - start < 5 and not inits
+    with socket.socket() as listening:  # a cluster there: Ray is asked to join it
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        address = f"127.0.0.1:{listening.getsockname()[1]}"
+        assert cluster.connect(address) is True and inits[-1]["address"] == address
+    assert cluster.connect("auto") is True  # no host:port: Ray finds it
+
+
 def test_connecting_keeps_the_callers_sigterm_handler(monkeypatch):
     """ray.init puts its own SIGTERM handler (sys.exit(15)) over the caller's, so a `vidgen
     render` stopped by SIGTERM left through SystemExit, past the Ctrl-C handling that keeps

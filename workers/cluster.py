@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
 
 import ray
@@ -85,6 +86,26 @@ def _start_local(num_cpus: int | None, num_gpus: int | None, attempts: int) -> N
             log.warning("ray: local start %d of %d timed out; trying again", attempt, attempts)
 
 
+ANSWER_TIMEOUT = 5.0  # seconds a cluster's address has to accept a connection
+
+
+def _check_answers(address: str) -> None:
+    """ConnectionError at once when nothing accepts connections at a ``host:port`` address
+    (``ray://host:port`` too): Ray retried it for minutes before it said so."""
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or not port.isdigit():  # "", "auto", or a form Ray names itself
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), ANSWER_TIMEOUT):
+            pass
+    except OSError as err:
+        raise ConnectionError(
+            f"nothing answers at {hostport} ({err.strerror or err}): is the cluster running, "
+            "and is this its address?"
+        ) from None
+
+
 def connect(
     address: str = "",
     num_cpus: int | None = None,
@@ -98,6 +119,7 @@ def connect(
     the caller knows to ``ray.shutdown()`` when done)."""
     if ray.is_initialized():
         return False
+    _check_answers(address)
     with _keeping_sigterm_handler(), _utf8_entrypoint():
         if address == "":
             _start_local(num_cpus, num_gpus, attempts)
