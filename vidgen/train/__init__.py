@@ -132,7 +132,7 @@ def build_task(cfg: TrainCommandConfig, resume: checkpoint.Checkpoint | None = N
         # encodes the data (minutes to an hour), and an init of another shape (say
         # tokenizer.patch_t=1 from a patch_t=2 file) was refused only after that.
         with torch.device("meta"):
-            probe = _model_class(getattr(cfg, field_name))(getattr(cfg, field_name))
+            probe = _preset(getattr(cfg, field_name))[0](getattr(cfg, field_name))
         with naming("init", cfg.init):
             init.check_fits(probe, missing_ok=getattr(probe, "ADDED_BY_FINE_TUNES", ()))
     task = _preset_task(cfg)
@@ -224,46 +224,39 @@ def check_encoder_freeze(model: torch.nn.Module, prefixes: list[str]) -> None:
         )
 
 
-def _model_class(config: object) -> Callable[[Any], torch.nn.Module]:
-    """The model a preset's config makes (as its task makes it)."""
+def _preset(config: object) -> tuple[type[torch.nn.Module], Callable[[TrainCommandConfig], Task]]:
+    """The model a preset's config makes and the task that trains it, by the config's type."""
     from vidgen.models.ca2vdm import Ca2VDMConfig, CausalVideoDiT
     from vidgen.models.nbp import NBPConfig, NextBlockTransformer
     from vidgen.tokenizers.kl import KLAutoencoder, KLConfig
     from vidgen.tokenizers.larp import LARPConfig, LARPTokenizer
+    from vidgen.train.diffusion import ca2vdm_task
+    from vidgen.train.tokenizer import kl_task, larp_task
+    from vidgen.train.tokens import nbp_task
 
-    classes = {
-        KLConfig: KLAutoencoder,
-        LARPConfig: LARPTokenizer,
-        Ca2VDMConfig: CausalVideoDiT,
-        NBPConfig: NextBlockTransformer,
+    def frozen(task: Callable[..., Task]) -> Callable[[TrainCommandConfig], Task]:
+        return lambda cfg: task(
+            cfg.model, cfg.data, cfg, cfg.name, _frozen_tokenizer(cfg), out_dir(cfg)
+        )
+
+    presets: dict[type, tuple[type[torch.nn.Module], Callable[[TrainCommandConfig], Task]]] = {
+        KLConfig: (KLAutoencoder, lambda cfg: kl_task(cfg.tokenizer, cfg.data, cfg, cfg.name)),
+        LARPConfig: (
+            LARPTokenizer,
+            lambda cfg: larp_task(cfg.tokenizer, cfg.data, cfg, cfg.name, out_dir(cfg)),
+        ),
+        Ca2VDMConfig: (CausalVideoDiT, frozen(ca2vdm_task)),
+        NBPConfig: (NextBlockTransformer, frozen(nbp_task)),
     }
-    for kind, cls in classes.items():
+    for kind, preset in presets.items():
         if isinstance(config, kind):
-            return cls
-    raise ValueError(f"no model for {type(config).__name__}")
+            return preset
+    raise ValueError(f"no training task for {type(config).__name__}")
 
 
 def _preset_task(cfg: TrainCommandConfig) -> Task:
-    from vidgen.models.ca2vdm import Ca2VDMConfig
-    from vidgen.models.nbp import NBPConfig
-    from vidgen.tokenizers.kl import KLConfig
-    from vidgen.tokenizers.larp import LARPConfig
-    from vidgen.train.tokenizer import kl_task, larp_task
-
     target = cfg.tokenizer if cfg.tokenizer is not None else cfg.model
-    if isinstance(target, KLConfig):
-        return kl_task(target, cfg.data, cfg, cfg.name)
-    if isinstance(target, LARPConfig):
-        return larp_task(target, cfg.data, cfg, cfg.name, out_dir(cfg))
-    if isinstance(target, Ca2VDMConfig):
-        from vidgen.train.diffusion import ca2vdm_task
-
-        return ca2vdm_task(target, cfg.data, cfg, cfg.name, _frozen_tokenizer(cfg), out_dir(cfg))
-    if isinstance(target, NBPConfig):
-        from vidgen.train.tokens import nbp_task
-
-        return nbp_task(target, cfg.data, cfg, cfg.name, _frozen_tokenizer(cfg), out_dir(cfg))
-    raise ValueError(f"no training task for {type(target).__name__}")
+    return _preset(target)[1](cfg)
 
 
 def _frozen_tokenizer(cfg: TrainCommandConfig) -> str:
