@@ -14,6 +14,9 @@ torch.set_num_threads(1)
 # timeout. Every Ray instance the tests start, in this process or in subprocesses (vidgen
 # render, the batch job, a second head), inherits this.
 os.environ.setdefault("RAY_worker_niceness", "0")
+# A killed worker that does not exit (the hung-actor test's SIGSTOPped process) is SIGKILLed
+# after this grace: Ray's default of 5 s delayed every restart behind such a kill.
+os.environ.setdefault("RAY_kill_worker_timeout_milliseconds", "300")
 # Subprocesses run this environment's `vidgen` and `ray`, even when pytest was started by the
 # venv's python without the venv activated.
 os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
