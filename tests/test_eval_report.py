@@ -153,7 +153,9 @@ def test_fvd_against_a_reference_folder(tmp_path):
     # A 3rd, short video gives no clip; more asked (256) than either set holds: all 4 of
     # each, as many from both sets.
     shapes_video(tmp_path / "made" / "2.mp4", 2, seed=5, frames=8)
-    other = evaluate(EvalConfig(videos=str(tmp_path / "made"), fvd_reference=str(tmp_path / "real")))
+    other = evaluate(
+        EvalConfig(videos=str(tmp_path / "made"), fvd_reference=str(tmp_path / "real"))
+    )
     assert other["fvd_clips"] == 4 and other["fvd"] > 1.0
     assert other["per_video"]["2.mp4"]["seam_ratio"] is None
     # KVD (unbiased: a set against itself scores below 0 by the self-pairs left out).

@@ -1,6 +1,7 @@
 """Ray's part of serving: placement, equality with in-process generation, actor deaths,
 batch jobs (one shared Ray instance; the orchestrator's logic is tested in-process)."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -601,10 +602,8 @@ def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
 
     # SIGKILL to its whole process group (it was started in a session of its own): a
     # SIGTERM drains for up to 30 s and was never done within 5, which every test waited.
-    try:
+    with contextlib.suppress(ProcessLookupError):  # it has exited already
         os.killpg(head.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass  # it has exited already
     head.wait(timeout=30)
     shutil.rmtree(temp_dir, ignore_errors=True)
 
