@@ -366,6 +366,31 @@ def test_sigterm_takes_the_interrupt_path_and_leaves_no_temp_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_sigterm_while_the_config_is_read_takes_the_interrupt_path(monkeypatch, capsys):
+    """The handler was set only once the config was composed: a stop in the seconds of
+    imports and composing killed the process (exit -15) where the others exit 130."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import vidgen.config
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers are set in the main thread only")
+
+    def stopped(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the signal arrives here
+        raise AssertionError("SIGTERM did not interrupt")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(vidgen.config, "load_config", stopped)
+    assert main(["train", "model=ca2vdm-test"]) == 130
+    assert "vidgen train: interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before  # given back
+
+
 def test_command_help_shows_config(capsys):
     assert main(["data", "preview", "world=agent", "--help"]) == 0
     out = capsys.readouterr().out

@@ -317,6 +317,23 @@ def _resolve(run: str) -> Callable[[Any, dict[str, str]], int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    # SIGTERM (`kill`, a scheduler's stop) takes the Ctrl-C path, which every command handles
+    # (temp files removed, a training state or a render's segments kept): by default it
+    # killed the process where it stood, leaving a half-written temp file behind. Set before
+    # the config is read: a stop in the seconds of imports and composing exited -15.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before a command's own handling (render: while Ray starts)
+        print(f"\n{' '.join([PROG, *_split(argv)[0]])}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str]) -> int:
     words, overrides, flags = _split(argv)
     if not words:
         asked = not argv or bool(set(flags) & {"-h", "--help"})
@@ -371,20 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG} {' '.join(words)}: bad config: {err}{hint}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    run = _resolve(command.run)
-    if threading.current_thread() is not threading.main_thread():
-        return run(cfg, choices)
-    # SIGTERM (`kill`, a scheduler's stop) takes the Ctrl-C path, which every command handles
-    # (temp files removed, a training state or a render's segments kept): by default it
-    # killed the process where it stood, leaving a half-written temp file behind.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        return run(cfg, choices)
-    except KeyboardInterrupt:  # before a command's own handling (render: while Ray starts)
-        print(f"\n{PROG} {' '.join(words)}: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return _resolve(command.run)(cfg, choices)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
