@@ -1,8 +1,11 @@
 """Shared test setup: test-size models are tiny, so one torch thread is fastest and keeps
 timings steady when other processes share the CPU."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +20,11 @@ os.environ.setdefault("RAY_worker_niceness", "0")
 # A killed worker that does not exit (the hung-actor test's SIGSTOPped process) is SIGKILLed
 # after this grace: Ray's default of 5 s delayed every restart behind such a kill.
 os.environ.setdefault("RAY_kill_worker_timeout_milliseconds", "300")
+# The files that passed the checkpoint probe are remembered here (vidgen.checkpoint), not in
+# ~/.cache: one folder per test process, shared by the actors and subprocesses it starts.
+_CACHE = tempfile.mkdtemp(prefix="vidgen-test-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ.setdefault("VIDGEN_CACHE_DIR", _CACHE)
 # Subprocesses run this environment's `vidgen` and `ray`, even when pytest was started by the
 # venv's python without the venv activated.
 os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])

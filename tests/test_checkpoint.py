@@ -438,6 +438,86 @@ def test_a_config_torch_cannot_build_or_whose_own_buffers_are_huge_is_refused(tm
     assert made == [4096, 16384]  # each only as the meta-device probe
 
 
+def test_a_file_that_passed_the_probe_is_made_at_once_next_time(tmp_path, monkeypatch):
+    """The meta-device probe costs a fresh process about 2 s (torch imports torch._dynamo
+    for its meta kernels), paid by every actor start: the bytes of a file that passed it
+    are remembered, and only those bytes, under this vidgen and model class."""
+    from vidgen.models.ca2vdm import CA2VDM_CONFIGS, Ca2VDMConfig, CausalVideoDiT
+
+    monkeypatch.setenv("VIDGEN_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = CA2VDM_CONFIGS["test"]
+    one = checkpoint.save(tmp_path / "one.safetensors", CausalVideoDiT(cfg), cfg)
+    other = checkpoint.save(tmp_path / "other.safetensors", CausalVideoDiT(cfg), cfg)
+    devices: list[str] = []
+
+    def factory(c: Ca2VDMConfig) -> CausalVideoDiT:
+        devices.append(torch.empty(0).device.type)
+        return CausalVideoDiT(c)
+
+    def built(path: Path) -> list[str]:
+        devices.clear()
+        ckpt = checkpoint.load(path)
+        model = ckpt.build(factory, Ca2VDMConfig)
+        assert all(torch.equal(v, ckpt.tensors[k]) for k, v in model.state_dict().items())
+        return list(devices)
+
+    assert built(one) == ["meta", "cpu"]
+    assert built(one) == ["cpu"]  # remembered
+    assert built(other) == ["meta", "cpu"]  # the same config, other bytes: probed
+    assert len(list((tmp_path / "cache" / "probed").iterdir())) == 2
+    # Another model class over the same bytes is probed for itself.
+    devices.clear()
+    checkpoint.load(one).build(lambda c: factory(c), Ca2VDMConfig)
+    assert devices == ["meta", "cpu"]
+    # A forged config (the same weights, another size) is other bytes: refused on the meta
+    # device, as ever, and never remembered.
+    forged = forge(one, tmp_path, config=json.dumps({**dataclasses.asdict(cfg), "dim": 2**20}))
+    for _ in range(2):
+        devices.clear()
+        with pytest.raises(CheckpointError, match="does not fit CausalVideoDiT"):
+            checkpoint.load(forged).build(factory, Ca2VDMConfig)
+        assert devices == ["meta"]
+    # Off, or a cache that cannot be written: every build probes, and builds.
+    monkeypatch.setenv("VIDGEN_CACHE_DIR", "off")
+    assert checkpoint.probe_cache_dir() is None and built(one) == ["meta", "cpu"]
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("VIDGEN_CACHE_DIR", str(tmp_path / "file"))
+    assert built(one) == ["meta", "cpu"] and built(one) == ["meta", "cpu"]
+
+
+def test_a_fresh_process_loading_and_running_probed_generators_never_imports_dynamo(tmp_path):
+    """What the probe's memory is for: torch._dynamo (about 2 s to import) stays out of a
+    process that loads both families of generators and makes a clip with each. Any other
+    import of it (a torch.compile on the serving path) shows here too."""
+    import subprocess
+    import sys
+
+    from tests.models import save_test_generators
+
+    models = save_test_generators(tmp_path / "models")
+    script = f"""
+import sys
+from vidgen.generators import GenerationRequest, generate_video, load_generator
+for model in {sorted(models.values())!r}:
+    gen = load_generator(model, max_streams=1)
+    clip = next(iter(generate_video(gen, GenerationRequest(model=model, frames=gen.clip_len,
+                                                           seed=0, label=1, steps=2))))
+    assert clip.frames.shape[0] == gen.clip_len
+print("torch._dynamo" in sys.modules)
+"""
+    env = {**os.environ, "VIDGEN_CACHE_DIR": str(tmp_path / "cache")}
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+        )
+        for _ in range(2)
+    ]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-2000:]
+    # The first process probed (and so imported it); the second made them at once.
+    assert [r.stdout.split()[-1] for r in runs] == ["True", "False"]
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_weights_are_refused_by_name(saved, tmp_path, value):
     """They loaded without a word (an edited file: training stops before making any)."""

@@ -150,6 +150,8 @@ def test_train_gpu_script_run_calibrates_trains_exports_and_reads_its_cache(tmp_
     assert log.count("vidgen.train.loop: step") >= 20
     ckpt = checkpoint.load(tmp_path / "out" / "nbp-tiny.safetensors")
     assert ckpt.card["steps"] == 20 and ckpt.card["run_config"]["model"]["dim"] == 32
+    assert result["train_wall_s"] == ckpt.card["wall_seconds"]
+    assert result["sha256"] == ckpt.sha256[:16]
 
 
 def test_train_gpu_script_all_trains_three_lanes_then_benchmarks_them(tmp_path):

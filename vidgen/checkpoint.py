@@ -89,8 +89,21 @@ class Checkpoint:
         """``factory(config)`` with this file's weights loaded. The model is first made on
         the meta device and its shapes checked against the file's tensors: a file of a few
         bytes whose config describes a huge model is refused before anything is allocated
-        (it was built whole, gigabytes, before the tensors were compared)."""
+        (it was built whole, gigabytes, before the tensors were compared).
+
+        That probe costs about 2 s in a fresh process (torch imports ``torch._dynamo`` for its
+        meta kernels), paid by every actor start and restart: a file whose bytes passed it
+        once, under this vidgen and model class, is remembered on disk (``probe_cache_dir``)
+        and then made at once, the same checks run on the real model."""
         config = self.config_as(config_cls)
+        marker = _probe_marker(self.sha256, factory, config_cls)
+        state = self._state("")
+        if marker is not None and marker.exists():
+            model = factory(config)
+            self._check_buffers(model)
+            self._check_fits(model, state, ())
+            model.load_state_dict(state, strict=True)
+            return model
         try:
             with torch.device("meta"):
                 probe = factory(config)
@@ -102,10 +115,13 @@ class Checkpoint:
                 f"build: {err}"
             ) from err
         self._check_buffers(probe)
-        state = self._state("")
         self._check_fits(probe, state, ())  # names, shapes, values: checked once, here
         model = factory(config)
         model.load_state_dict(state, strict=True)
+        if marker is not None:
+            with contextlib.suppress(OSError):  # a read-only home: probed again next time
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.touch()
         return model
 
     def _check_buffers(self, probe: torch.nn.Module) -> None:
@@ -190,6 +206,32 @@ class Checkpoint:
                 f"{_summary('not finite', infinite)}".rstrip("; ")
             )
         return absent
+
+
+def probe_cache_dir() -> Path | None:
+    """Where ``Checkpoint.build`` remembers the files that passed its meta-device probe:
+    ``$VIDGEN_CACHE_DIR/probed``, else ``$XDG_CACHE_HOME/vidgen/probed`` (default
+    ``~/.cache``); None (no memory: every build probes) when ``VIDGEN_CACHE_DIR=off``."""
+    root = os.environ.get("VIDGEN_CACHE_DIR", "")
+    if root.lower() == "off":
+        return None
+    if not root:
+        try:
+            base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        except RuntimeError:  # no home directory to be found
+            return None
+        root = os.path.join(base, "vidgen")
+    return Path(root).expanduser() / "probed"
+
+
+def _probe_marker(sha256: str, factory: Callable[..., Any], config_cls: type) -> Path | None:
+    """The marker of a file's bytes probed under this vidgen, config class and factory."""
+    folder = probe_cache_dir()
+    if folder is None:
+        return None
+    maker = f"{getattr(factory, '__module__', '')}.{getattr(factory, '__qualname__', factory)}"
+    key = "\0".join([sha256, vidgen.__version__, _type_name(config_cls), maker])
+    return folder / hashlib.sha256(key.encode()).hexdigest()
 
 
 def _dtype_kind(t: torch.Tensor) -> str:
