@@ -450,9 +450,12 @@ def test_a_file_that_passed_the_probe_is_made_at_once_next_time(tmp_path, monkey
     other = checkpoint.save(tmp_path / "other.safetensors", CausalVideoDiT(cfg), cfg)
     devices: list[str] = []
 
-    def factory(c: Ca2VDMConfig) -> CausalVideoDiT:
-        devices.append(torch.empty(0).device.type)
-        return CausalVideoDiT(c)
+    class Counted(CausalVideoDiT):  # the factory: a class, as the generators pass
+        def __init__(self, c: Ca2VDMConfig) -> None:
+            devices.append(torch.empty(0).device.type)
+            super().__init__(c)
+
+    factory = Counted
 
     def built(path: Path) -> list[str]:
         devices.clear()
@@ -465,16 +468,35 @@ def test_a_file_that_passed_the_probe_is_made_at_once_next_time(tmp_path, monkey
     assert built(one) == ["cpu"]  # remembered
     assert built(other) == ["meta", "cpu"]  # the same config, other bytes: probed
     assert len(list((tmp_path / "cache" / "probed").iterdir())) == 2
-    # Another model class over the same bytes is probed for itself.
-    devices.clear()
-    checkpoint.load(one).build(lambda c: factory(c), Ca2VDMConfig)
-    assert devices == ["meta", "cpu"]
+    # A factory that is not a class (two lambdas could share a name and make models of
+    # other sizes) is probed every time.
+    for _ in range(2):
+        devices.clear()
+        checkpoint.load(one).build(lambda c: factory(c), Ca2VDMConfig)
+        assert devices == ["meta", "cpu"]
+    assert len(list((tmp_path / "cache" / "probed").iterdir())) == 2
+    # A folder others can write to could hold their markers: not trusted.
+    (tmp_path / "cache" / "probed").chmod(0o777)
+    assert built(one) == ["meta", "cpu"] and built(one) == ["meta", "cpu"]
+    (tmp_path / "cache" / "probed").chmod(0o700)
+    assert built(one) == ["cpu"]
+    # A folder this user may not enter (a HOME of another user's): probed, and built.
+    real_is_file = Path.is_file
+
+    def denied(self: Path) -> bool:
+        if "probed" in self.parts:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_is_file(self)
+
+    monkeypatch.setattr(Path, "is_file", denied)
+    assert built(one) == ["meta", "cpu"]
+    monkeypatch.setattr(Path, "is_file", real_is_file)
     # A forged config (the same weights, another size) is other bytes: refused on the meta
     # device, as ever, and never remembered.
     forged = forge(one, tmp_path, config=json.dumps({**dataclasses.asdict(cfg), "dim": 2**20}))
     for _ in range(2):
         devices.clear()
-        with pytest.raises(CheckpointError, match="does not fit CausalVideoDiT"):
+        with pytest.raises(CheckpointError, match="does not fit Counted"):
             checkpoint.load(forged).build(factory, Ca2VDMConfig)
         assert devices == ["meta"]
     # Off, or a cache that cannot be written: every build probes, and builds.

@@ -135,6 +135,10 @@ def test_train_gpu_script_run_calibrates_trains_exports_and_reads_its_cache(tmp_
         f"frozen_tokenizer={models / 'larp-test.safetensors'}",
         "model.num_actions=0",
     ]
+    # A run folder used before keeps its cached tokens, never its state (a resume of it
+    # would fail on these bytes).
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "state.safetensors").write_bytes(b"an earlier call's state")
     # A budget of 0 s gives the script's minimum of 20 steps on any machine.
     done = train_gpu("run", "nbp-tiny", "0", *overrides, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

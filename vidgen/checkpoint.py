@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import mmap
 import os
 import re
 import struct
+import sys
 import types
 import typing
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -93,12 +95,13 @@ class Checkpoint:
 
         That probe costs about 2 s in a fresh process (torch imports ``torch._dynamo`` for its
         meta kernels), paid by every actor start and restart: a file whose bytes passed it
-        once, under this vidgen and model class, is remembered on disk (``probe_cache_dir``)
-        and then made at once, the same checks run on the real model."""
+        once, made by this model class (a class, not any callable) and its code under this
+        torch, is remembered on disk (``probe_cache_dir``) and then made at once, the same
+        checks run on the real model."""
         config = self.config_as(config_cls)
         marker = _probe_marker(self.sha256, factory, config_cls)
         state = self._state("")
-        if marker is not None and marker.exists():
+        if marker is not None and _is_file(marker):
             model = factory(config)
             self._check_buffers(model)
             self._check_fits(model, state, ())
@@ -120,8 +123,9 @@ class Checkpoint:
         model.load_state_dict(state, strict=True)
         if marker is not None:
             with contextlib.suppress(OSError):  # a read-only home: probed again next time
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.touch()
+                marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                if _own_folder(marker.parent):
+                    marker.touch()
         return model
 
     def _check_buffers(self, probe: torch.nn.Module) -> None:
@@ -211,26 +215,70 @@ class Checkpoint:
 def probe_cache_dir() -> Path | None:
     """Where ``Checkpoint.build`` remembers the files that passed its meta-device probe:
     ``$VIDGEN_CACHE_DIR/probed``, else ``$XDG_CACHE_HOME/vidgen/probed`` (default
-    ``~/.cache``); None (no memory: every build probes) when ``VIDGEN_CACHE_DIR=off``."""
+    ``~/.cache``); None (no memory: every build probes) when ``VIDGEN_CACHE_DIR=off`` or no
+    home directory can be found. Its markers count only while the folder is this user's
+    and no one else can write to it."""
     root = os.environ.get("VIDGEN_CACHE_DIR", "")
     if root.lower() == "off":
         return None
-    if not root:
-        try:
+    try:
+        if not root:
             base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        except RuntimeError:  # no home directory to be found
-            return None
-        root = os.path.join(base, "vidgen")
-    return Path(root).expanduser() / "probed"
+            root = os.path.join(base, "vidgen")
+        return Path(root).expanduser() / "probed"
+    except RuntimeError:  # no home directory to be found (for ~ or the default)
+        return None
+
+
+def _own_folder(folder: Path) -> bool:
+    """``folder`` is this user's and only they can write to it: a marker anyone else could
+    have made would let a hostile file past the probe."""
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return False
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def _is_file(marker: Path) -> bool:
+    """``marker`` exists in a folder of this user's own (an unreadable folder: no)."""
+    try:
+        return marker.is_file() and _own_folder(marker.parent)
+    except OSError:  # a folder this user may not enter
+        return False
+
+
+@functools.lru_cache(maxsize=64)
+def _code_digest(module_name: str) -> str:
+    """sha256 of a module's source file ("" when it has none): a model's code that changed
+    (an editable install, another commit) is probed again."""
+    module = sys.modules.get(module_name)
+    source = getattr(module, "__file__", None)
+    if not source:
+        return ""
+    try:
+        return hashlib.sha256(Path(source).read_bytes()).hexdigest()
+    except OSError:
+        return ""
 
 
 def _probe_marker(sha256: str, factory: Callable[..., Any], config_cls: type) -> Path | None:
-    """The marker of a file's bytes probed under this vidgen, config class and factory."""
+    """The marker of a file's bytes probed as made by the class ``factory``, its code and
+    this torch; None for any other callable (two lambdas, or partials, could share a name
+    and make models of other sizes: those are probed every time)."""
     folder = probe_cache_dir()
-    if folder is None:
+    if folder is None or not isinstance(factory, type):
         return None
-    maker = f"{getattr(factory, '__module__', '')}.{getattr(factory, '__qualname__', factory)}"
-    key = "\0".join([sha256, vidgen.__version__, _type_name(config_cls), maker])
+    key = "\0".join(
+        [
+            sha256,
+            vidgen.__version__,
+            torch.__version__,
+            _type_name(config_cls),
+            f"{factory.__module__}.{factory.__qualname__}",
+            _code_digest(factory.__module__),
+        ]
+    )
     return folder / hashlib.sha256(key.encode()).hexdigest()
 
 
