@@ -344,3 +344,15 @@ def test_tokenizer_benchmark_names_frames_that_are_not_two_clips_or_more(
     assert "--frames must be a multiple of the clip length 4, at least 8" in (
         capsys.readouterr().err
     )
+
+
+def test_actor_start_benchmark_names_restarts_it_cannot_time():
+    """benchmarks/actor_start.py (its run starts two Ray instances: not in the suite) takes a
+    median over --restarts: none is refused before any Ray starts."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "actor_start.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--restarts", "0"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2 and "--restarts must be >= 1, got 0" in proc.stderr
