@@ -147,6 +147,7 @@ run() {
     rm -f "$run_dir/state.safetensors" "$run_dir/$name.safetensors"
     rm -rf "$run_dir/samples"
     rm -f "$out/$name.safetensors" "$out/train.log" "$out"/step-*
+    if [[ -n "${LOG_OUT:-}" ]]; then rm -f "$LOG_OUT/train.log" "$LOG_OUT"/step-*; fi
     # Calibration: CALIBRATE steps of a long schedule, stopped early (no export, no samples),
     # timed over the second half. The frozen tokenizer's latents or tokens are computed and
     # cached in the run folder on the way, so the real run starts at once.
@@ -176,8 +177,12 @@ run() {
         train.eval_every=$(( steps / 2 )) train.max_seconds=$(( seconds * 5 / 4 + 30 )) \
         2>&1 | tee "$run_dir/train.log"
     local wall=$(( SECONDS - start ))
-    cp "$run_dir/$name.safetensors" "$run_dir/train.log" "$out/"
-    if [[ -d "$run_dir/samples" ]]; then cp "$run_dir"/samples/* "$out/"; fi
+    # The log and samples go to $LOG_OUT when set (`all`: outside $OUT, packed at the end).
+    local logs="${LOG_OUT:-$out}"
+    mkdir -p "$logs"
+    cp "$run_dir/$name.safetensors" "$out/"
+    cp "$run_dir/train.log" "$logs/"
+    if [[ -d "$run_dir/samples" ]]; then cp "$run_dir"/samples/* "$logs/"; fi
     # What was trained, read back from the exported file's card (its header alone: no torch
     # to import, seconds per lane).
     python3 - "$out/$name.safetensors" "$per_step" "$wall" <<'EOF'
@@ -207,47 +212,54 @@ EOF
 # that new LARP for SECONDS/2 (a pair to ship together); nbp-tiny on the shipped larp-tiny
 # (or $NBP_TOKENIZER) for SECONDS. Then, side by side, benchmarks/quality.py on the new
 # generators and benchmarks/tokenizer.py on the new LARP. Each lane's model is in
-# $OUT/<lane>/, its output <lane>.log and its train.log and samples in $OUT/logs.tgz (the
-# device tool brings back 8 files at most) (run folders: $RUNS/gpu-all/<lane>, default runs/); a failed lane does
-# not stop the others (the exit status says one failed). Extra overrides per family: $CA2VDM_OVERRIDES, $LARP_OVERRIDES, $NBP_OVERRIDES
-# (space-separated words).
+# $OUT/<lane>/ and nothing else is ever in $OUT but $OUT/logs.tgz: the device tool brings
+# back 8 files at most, and a call killed outright (no time to pack) still returns every
+# model. The logs (each lane's output <lane>.log, its train.log and samples in <lane>/, the
+# benchmarks' logs) are written to $RUNS/gpu-all/logs and packed into $OUT/logs.tgz at the
+# end, or on SIGTERM (run folders: $RUNS/gpu-all/<lane>, default runs/). A failed lane does
+# not stop the others (the exit status says one failed). Extra overrides per family:
+# $CA2VDM_OVERRIDES, $LARP_OVERRIDES, $NBP_OVERRIDES (space-separated words).
 all() {
     local seconds="$1"
     setup_python
     local out="${OUT:-runs/gpu-all/export}" half=$(( $1 / 2 ))
     local threads=${THREADS:-$(( $(nproc) / 3 > 0 ? $(nproc) / 3 : 1 ))}
     local device=$TRAIN_GPU_DEVICE
-    mkdir -p "$out"
+    local runs=${RUNS:-runs}
+    mkdir -p "$out" "$runs/gpu-all/logs"
     out=$(cd "$out" && pwd)
+    local logs
+    logs=$(cd "$runs/gpu-all/logs" && pwd)
     # Nothing of an earlier call may pass for this one's (a failed lane leaves no model).
     local lane
     for lane in ca2vdm-tiny larp-tiny nbp-tiny-new nbp-tiny; do
-        rm -rf "${out:?}/$lane" "$out/$lane.log"
+        rm -rf "${out:?}/$lane" "$out/$lane.log" "${logs:?}/$lane" "$logs/$lane.log"
     done
-    rm -f "$out/quality.log" "$out/tokenizer.log" "$out/logs.tgz"
+    rm -f "$out/quality.log" "$out/tokenizer.log" "$out/logs.tgz" "$logs/quality.log" \
+        "$logs/tokenizer.log"
     local common=(train.threads="$threads" data.num_workers=4)
     # Killed by an outer timeout: the lanes stop, and what they wrote is packed to come back.
-    trap 'pack_logs "$out"; exit 124' TERM
+    trap 'pack_logs "$logs" "$out"; exit 124' TERM
     # The override lists are word lists (unquoted on purpose).
-    local runs=${RUNS:-runs}
-    (RUN_DIR="$runs/gpu-all/ca2vdm-tiny" OUT="$out/ca2vdm-tiny" \
+    (RUN_DIR="$runs/gpu-all/ca2vdm-tiny" OUT="$out/ca2vdm-tiny" LOG_OUT="$logs/ca2vdm-tiny" \
         run ca2vdm-tiny "$seconds" "${common[@]}" ${CA2VDM_OVERRIDES:-}) \
-        >"$out/ca2vdm-tiny.log" 2>&1 &
+        >"$logs/ca2vdm-tiny.log" 2>&1 &
     local lane_a=$!
     # `;` and not `&&`: set -e stays on inside the first run (a failed LARP ends the lane).
     # The run folders are named as the lanes' folders in $out: the new NBP's card names its
     # LARP relative to its own folder (../larp-tiny/larp-tiny.safetensors), which then
     # holds in $out too, and wherever $out is fetched to.
-    ( (RUN_DIR="$runs/gpu-all/larp-tiny" OUT="$out/larp-tiny" \
-        run larp-tiny "$half" "${common[@]}" ${LARP_OVERRIDES:-}) >"$out/larp-tiny.log" 2>&1
+    ( (RUN_DIR="$runs/gpu-all/larp-tiny" OUT="$out/larp-tiny" LOG_OUT="$logs/larp-tiny" \
+        run larp-tiny "$half" "${common[@]}" ${LARP_OVERRIDES:-}) >"$logs/larp-tiny.log" 2>&1
         (RUN_DIR="$runs/gpu-all/nbp-tiny-new" OUT="$out/nbp-tiny-new" \
+            LOG_OUT="$logs/nbp-tiny-new" \
             run nbp-tiny "$half" "${common[@]}" ${NBP_OVERRIDES:-} \
             frozen_tokenizer="$runs/gpu-all/larp-tiny/larp-tiny.safetensors") \
-        >"$out/nbp-tiny-new.log" 2>&1) &
+        >"$logs/nbp-tiny-new.log" 2>&1) &
     local lane_b=$!
-    (RUN_DIR="$runs/gpu-all/nbp-tiny" OUT="$out/nbp-tiny" \
+    (RUN_DIR="$runs/gpu-all/nbp-tiny" OUT="$out/nbp-tiny" LOG_OUT="$logs/nbp-tiny" \
         run nbp-tiny "$seconds" "${common[@]}" ${NBP_OVERRIDES:-} \
-        frozen_tokenizer="${NBP_TOKENIZER:-larp-tiny}") >"$out/nbp-tiny.log" 2>&1 &
+        frozen_tokenizer="${NBP_TOKENIZER:-larp-tiny}") >"$logs/nbp-tiny.log" 2>&1 &
     local lane_c=$!
     local failed=0
     wait $lane_a || failed=1
@@ -264,13 +276,13 @@ all() {
     if [[ -f "$out/larp-tiny/larp-tiny.safetensors" ]]; then
         python3 benchmarks/tokenizer.py --model "$out/larp-tiny/larp-tiny.safetensors" \
             --videos "${TOKENIZER_VIDEOS:-12}" --device "$device" --threads "$threads" \
-            >"$out/tokenizer.log" 2>&1 &
+            >"$logs/tokenizer.log" 2>&1 &
         bench+=($!)
     fi
     if [[ ${#models[@]} -gt 0 ]]; then
         python3 benchmarks/quality.py --models "$(IFS=,; echo "${models[*]}")" \
             --frames "${QUALITY_FRAMES:-256}" --seeds 0,1 --device "$device" \
-            --threads "$threads" >"$out/quality.log" 2>&1 &
+            --threads "$threads" >"$logs/quality.log" 2>&1 &
         bench+=($!)
     fi
     local pid
@@ -278,11 +290,11 @@ all() {
         wait "$pid" || failed=1
     done
     # One JSON line last: each lane's result line (or the end of its log) and the benchmarks'.
-    python3 - "$out" <<'EOF'
+    python3 - "$logs" <<'EOF'
 import json, sys
 from pathlib import Path
 
-out = Path(sys.argv[1])
+out = Path(sys.argv[1])  # the logs folder
 
 
 def last_json(name):
@@ -312,20 +324,19 @@ if "error" in quality:  # the benchmark failed: the end of its log
 result["tokenizer"] = last_json("tokenizer.log")
 print(json.dumps(result))
 EOF
-    pack_logs "$out" || failed=1
+    pack_logs "$logs" "$out" || failed=1
     trap - TERM
     return $failed
 }
 
-# The device tool brings back at most 8 files: the models stay files, the logs and samples
-# go into one archive ($1/logs.tgz; `tar xzf` it). Also on SIGTERM (an outer `timeout`).
+# The device tool brings back at most 8 files: the logs and samples written to $1 go into
+# one archive, $2/logs.tgz (`tar xzf` it). Also on SIGTERM (an outer `timeout`).
 pack_logs() {
-    local out="$1" file packed=()
-    while IFS= read -r file; do packed+=("${file#"$out"/}"); done < <(
-        find "$out" -type f \( -name '*.log' -o -name 'step-*' \) | sort)
+    local logs="$1" out="$2" file packed=()
+    while IFS= read -r file; do packed+=("${file#"$logs"/}"); done < <(
+        find "$logs" -type f \( -name '*.log' -o -name 'step-*' \) | sort)
     [[ ${#packed[@]} -gt 0 ]] || return 0
-    tar czf "$out/logs.tgz" -C "$out" -- "${packed[@]}" || return 1
-    (cd "$out" && rm -f -- "${packed[@]}")
+    tar czf "$out/logs.tgz" -C "$logs" -- "${packed[@]}"
 }
 
 # SECONDS and CALIBRATE are whole numbers (shell arithmetic); calibration times the second

@@ -292,7 +292,8 @@ def test_train_gpu_script_all_reports_failed_lanes_and_no_stale_models(tmp_path)
 
 def test_train_gpu_script_all_packs_its_logs_when_killed_by_a_timeout(tmp_path):
     """An outer `timeout` (SIGTERM to the process group) killed `all` before it packed its
-    logs: the device tool would have brought back 8 of its loose files at random."""
+    logs: the device tool would have brought back 8 of its loose files at random. The logs
+    are now written outside OUT and packed into it."""
     import signal
     import time
 
@@ -316,12 +317,14 @@ def test_train_gpu_script_all_packs_its_logs_when_killed_by_a_timeout(tmp_path):
         text=True,
         start_new_session=True,
     )
+    lane_log = tmp_path / "runs" / "gpu-all" / "logs" / "ca2vdm-tiny.log"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (
-        (out / "ca2vdm-tiny.log").exists() and (out / "ca2vdm-tiny.log").stat().st_size
-    ):
+    while time.monotonic() < deadline and not (lane_log.exists() and lane_log.stat().st_size):
         time.sleep(0.2)
     time.sleep(2)
+    # Nothing but models ever lies in OUT: a call killed outright (SIGKILL, no time to
+    # pack) brings back every model, not 8 files of models and logs at random.
+    assert lane_log.stat().st_size and not [p for p in out.rglob("*") if p.is_file()]
     os.killpg(proc.pid, signal.SIGTERM)  # what `timeout` does
     proc.communicate(timeout=120)
     assert proc.returncode == 124
