@@ -491,6 +491,11 @@ def test_a_file_that_passed_the_probe_is_made_at_once_next_time(tmp_path, monkey
     monkeypatch.setattr(Path, "is_file", denied)
     assert built(one) == ["meta", "cpu"]
     monkeypatch.setattr(Path, "is_file", real_is_file)
+    # No owner to compare (Windows has no geteuid): nothing remembered, nothing trusted.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delattr(os, "geteuid")
+        assert built(one) == ["meta", "cpu"]
+    assert built(one) == ["cpu"]
     # A forged config (the same weights, another size) is other bytes: refused on the meta
     # device, as ever, and never remembered.
     forged = forge(one, tmp_path, config=json.dumps({**dataclasses.asdict(cfg), "dim": 2**20}))

@@ -233,11 +233,12 @@ def probe_cache_dir() -> Path | None:
 def _own_folder(folder: Path) -> bool:
     """``folder`` is this user's and only they can write to it: a marker anyone else could
     have made would let a hostile file past the probe."""
+    geteuid = getattr(os, "geteuid", None)  # none on Windows: no memory there
     try:
         st = os.stat(folder)
     except OSError:
         return False
-    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
+    return geteuid is not None and st.st_uid == geteuid() and not st.st_mode & 0o022
 
 
 def _is_file(marker: Path) -> bool:
