@@ -147,7 +147,6 @@ run() {
     rm -f "$run_dir/state.safetensors" "$run_dir/$name.safetensors"
     rm -rf "$run_dir/samples"
     rm -f "$out/$name.safetensors" "$out/train.log" "$out"/step-*
-    if [[ -n "${LOG_OUT:-}" ]]; then rm -f "$LOG_OUT/train.log" "$LOG_OUT"/step-*; fi
     # Calibration: CALIBRATE steps of a long schedule, stopped early (no export, no samples),
     # timed over the second half. The frozen tokenizer's latents or tokens are computed and
     # cached in the run folder on the way, so the real run starts at once.

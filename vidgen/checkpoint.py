@@ -100,16 +100,26 @@ class Checkpoint:
         checks run on the real model."""
         config = self.config_as(config_cls)
         marker = _probe_marker(self.sha256, factory, config_cls)
+        remembered = marker is not None and _remembered(marker)
+        # Checked once: on the meta-device probe, or on the model itself when remembered.
+        checked = factory(config) if remembered else self._probe(factory, config)
         state = self._state("")
-        if marker is not None and _is_file(marker):
-            model = factory(config)
-            self._check_buffers(model)
-            self._check_fits(model, state, ())
-            model.load_state_dict(state, strict=True)
-            return model
+        self._check_buffers(checked)
+        self._check_fits(checked, state, ())  # names, shapes, values
+        model = checked if remembered else factory(config)
+        model.load_state_dict(state, strict=True)
+        if marker is not None and not remembered:
+            with contextlib.suppress(OSError):  # a read-only home: probed again next time
+                marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                if _own_folder(marker.parent):
+                    marker.touch()
+        return model
+
+    def _probe(self, factory: Callable[[C], M], config: C) -> M:
+        """``factory(config)`` made on the meta device (no memory allocated)."""
         try:
             with torch.device("meta"):
-                probe = factory(config)
+                return factory(config)
         except (RuntimeError, TypeError, OverflowError, ValueError) as err:
             # A config that passed its own checks but describes no model torch can make
             # (sizes past what it can count): the file's fault, named as such.
@@ -117,16 +127,6 @@ class Checkpoint:
                 f"{self.path}: its {self.config_type} config describes no model torch can "
                 f"build: {err}"
             ) from err
-        self._check_buffers(probe)
-        self._check_fits(probe, state, ())  # names, shapes, values: checked once, here
-        model = factory(config)
-        model.load_state_dict(state, strict=True)
-        if marker is not None:
-            with contextlib.suppress(OSError):  # a read-only home: probed again next time
-                marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                if _own_folder(marker.parent):
-                    marker.touch()
-        return model
 
     def _check_buffers(self, probe: torch.nn.Module) -> None:
         """Buffers a model makes itself (masks, initial queries: not in the file) are sized
@@ -241,7 +241,7 @@ def _own_folder(folder: Path) -> bool:
     return geteuid is not None and st.st_uid == geteuid() and not st.st_mode & 0o022
 
 
-def _is_file(marker: Path) -> bool:
+def _remembered(marker: Path) -> bool:
     """``marker`` exists in a folder of this user's own (an unreadable folder: no)."""
     try:
         return marker.is_file() and _own_folder(marker.parent)
