@@ -385,7 +385,7 @@ def test_sigterm_while_the_config_is_read_takes_the_interrupt_path(monkeypatch, 
         raise AssertionError("SIGTERM did not interrupt")
 
     before = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(vidgen.config, "load_config", stopped)
+    monkeypatch.setattr(vidgen.config, "load_config_and_choices", stopped)
     assert main(["train", "model=ca2vdm-test"]) == 130
     assert "vidgen train: interrupted" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is before  # given back
@@ -481,6 +481,28 @@ def test_render_model_key_is_a_plain_value_even_after_train_composes():
     render = load_config("render", ["model=ca2vdm-tiny", "frames=16"])
     assert render.model == "ca2vdm-tiny" and render.frames == 16
     assert load_config("train", ["tokenizer=kl-test"]).tokenizer is not None
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("render", ["model=nbp-tiny", "frames=16"]),
+        ("train", ["model=ca2vdm-test", "data=bouncing", "train.steps=3"]),
+        ("train", ["tokenizer=larp-test", "data=folder", "data.root=videos"]),
+        ("eval", ["videos=a.mp4"]),
+    ],
+)
+def test_the_cli_reads_config_and_group_choices_from_one_composition(name, overrides):
+    """The CLI composes once (``load_config_and_choices``), not twice; it must read what
+    ``load_config`` and ``group_choices`` read apart, and refuse what they refuse."""
+    from vidgen.config import ConfigError, group_choices, load_config, load_config_and_choices
+
+    cfg, choices = load_config_and_choices(name, overrides)
+    assert cfg == load_config(name, overrides)
+    assert choices == group_choices(name, overrides)
+    assert "hydra" not in choices
+    with pytest.raises(ConfigError, match="framez"):
+        load_config_and_choices(name, [*overrides, "+framez=3"])
 
 
 def test_configs_are_found_beside_an_uninstalled_source_checkout(monkeypatch):

@@ -363,7 +363,7 @@ def _main(argv: list[str]) -> int:
 
     from omegaconf import OmegaConf
 
-    from vidgen.config import ConfigError, compose_config, group_choices, load_config
+    from vidgen.config import ConfigError, compose_config, load_config_and_choices
 
     try:
         if flags:
@@ -372,8 +372,7 @@ def _main(argv: list[str]) -> int:
             print("config (override any key with key=value):")
             print(OmegaConf.to_yaml(cfg), end="")
             return 0
-        cfg = load_config(command.config_name, overrides)
-        choices = group_choices(command.config_name, overrides)
+        cfg, choices = load_config_and_choices(command.config_name, overrides)
     except ConfigError as err:
         hint = ""
         if "override_grammar" in str(err):  # Hydra's parser: ( ) [ ] { } , = ~ in a value
