@@ -93,6 +93,25 @@ def test_an_out_that_links_nowhere_it_can_write_is_refused_before_ray(tmp_path, 
     assert not connects
 
 
+def test_an_out_whose_name_differs_from_another_video_only_in_suffix_case_is_refused(tmp_path):
+    """v.mp4 and v.MP4 are two files on Linux with one sidecar, v.json: the second render
+    wrote its provenance over the first's, and `vidgen eval` read it for both."""
+    from vidgen.render_config import check_out, parts_folder
+
+    (tmp_path / "v.MP4").write_bytes(b"a user's video")
+    with pytest.raises(ValueError, match=r"v\.MP4.*share the provenance sidecar v\.json"):
+        check_out(tmp_path / "v.mp4")
+    parts_folder(tmp_path / "w.mP4").mkdir()  # a render of w.mP4 under way
+    with pytest.raises(ValueError, match=r"\.w\.mP4\.parts"):
+        check_out(tmp_path / "w.mp4")
+    assert check_out(tmp_path / "x.mp4") == tmp_path / "x.mp4"
+    # The same file under two spellings (a case-insensitive file system; a hard link here)
+    (tmp_path / "y.mp4").write_bytes(b"a render")
+    (tmp_path / "y.MP4").hardlink_to(tmp_path / "y.mp4")
+    assert check_out(tmp_path / "y.mp4") == tmp_path / "y.mp4"
+    assert check_out(tmp_path / "y.MP4") == tmp_path / "y.MP4"
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

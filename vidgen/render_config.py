@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import hashlib
+import itertools
 import json
 import os
 import tempfile
@@ -37,6 +39,13 @@ def check_out(out: str | Path) -> Path:
                 f"out={str(out)!r}: {str(sidecar)!r}, where its provenance sidecar goes, is "
                 "a file vidgen did not write; move it, or choose another out"
             )
+        other = _sharing_the_sidecar(path)
+        if other is not None:
+            raise ValueError(
+                f"out={str(out)!r}: {str(other)!r} is beside it, and the two would share the "
+                f"provenance sidecar {sidecar.name} (and `vidgen eval` would read one's for the "
+                "other); choose another name"
+            )
         if path.is_symlink():  # the video is written where it points
             try:
                 os.stat(path)  # a loop raises ELOOP; a dangling link (no file yet) is fine
@@ -52,6 +61,44 @@ def check_out(out: str | Path) -> Path:
     except OSError as err:  # e.g. a file name over the file system's 255 bytes
         raise ValueError(f"out={str(out)!r}: {err.strerror or err}") from None
     return path
+
+
+def parts_folder(out: Path) -> Path:
+    """``.<out's name>.parts`` beside ``out``; a name too long for that (a file name has at
+    most 255 bytes) is shortened and made unique by its hash."""
+    name = out.name
+    raw = os.fsencode(name)  # a name not in UTF-8 (undecodable bytes) encodes too
+    if len(raw) > 200:
+        head = name[:100]  # as before (folders of renders under way keep their names) ...
+        if len(os.fsencode(head)) > 200:  # ... unless too long in bytes: 100 emoji are 400
+            head = raw[:100].decode("utf-8", "ignore")
+        name = f"{head}-{hashlib.sha256(raw).hexdigest()[:12]}"
+    return out.parent / f".{name}.parts"
+
+
+def _sharing_the_sidecar(path: Path) -> Path | None:
+    """Another video (or a render of one under way: its parts folder) beside ``path`` whose
+    name differs only in the case of its suffix (``v.MP4`` beside ``v.mp4``), not the same
+    file (as on a case-insensitive file system): both would have the sidecar ``v.json``."""
+    for m, p in itertools.product("mM", "pP"):
+        suffix = f".{m}{p}4"
+        if suffix == path.suffix:
+            continue
+        other = path.with_suffix(suffix)
+        for found in (other, parts_folder(other)):
+            if found.exists() and not _same_file(found, path, parts_folder(path)):
+                return found
+    return None
+
+
+def _same_file(found: Path, *paths: Path) -> bool:
+    for p in paths:
+        try:
+            if os.path.samefile(found, p):
+                return True
+        except OSError:  # not there
+            pass
+    return False
 
 
 def _is_provenance(path: Path) -> bool:

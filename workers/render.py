@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ from vidgen.fsutil import publish, target, temp_beside, temp_stem
 from vidgen.generators import Clip, GenerationRequest
 from vidgen.generators.base import load_snapshot, request_fingerprints, save_snapshot
 from vidgen.io import VideoWriter, concat_videos, probe_video
-from vidgen.render_config import check_out
+from vidgen.render_config import check_out, parts_folder
 from vidgen.validate import check_int
 from workers.orchestrator import NoProgress, Orchestrator
 
@@ -138,19 +137,6 @@ class SegmentSink:
 
 
 TRUTH_FILE = "truth.safetensors"  # a render's resume point, in its parts folder
-
-
-def parts_folder(out: Path) -> Path:
-    """``.<out's name>.parts`` beside ``out``; a name too long for that (a file name has at
-    most 255 bytes) is shortened and made unique by its hash."""
-    name = out.name
-    raw = os.fsencode(name)  # a name not in UTF-8 (undecodable bytes) encodes too
-    if len(raw) > 200:
-        head = name[:100]  # as before (folders of renders under way keep their names) ...
-        if len(os.fsencode(head)) > 200:  # ... unless too long in bytes: 100 emoji are 400
-            head = raw[:100].decode("utf-8", "ignore")
-        name = f"{head}-{hashlib.sha256(raw).hexdigest()[:12]}"
-    return out.parent / f".{name}.parts"
 
 
 def segment_name(first_clip: int) -> str:
