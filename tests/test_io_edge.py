@@ -545,3 +545,60 @@ def test_a_frame_rate_below_the_least_is_refused_not_rounded_up(tmp_path):
     with VideoWriter(tmp_path / "least.mp4", fps=1 / 1001, lossless=True) as writer:
         writer.write(np.zeros((1, 16, 16, 3), np.uint8))
     assert probe_video(tmp_path / "least.mp4").num_frames == 1
+
+
+def _two_stream_mp4(path: Path) -> Path:
+    """Stream 0: a flat red 32x32 video; stream 1: a blue 48x64 one, its top half noise (a
+    higher bit rate, which FFmpeg's "best stream" pick, decord's, prefers)."""
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w") as out:
+        streams = []
+        for (height, width), colour in (((32, 32), (200, 30, 30)), ((48, 64), (30, 30, 200))):
+            stream = out.add_stream("libx264", rate=8, options={"bf": "0"})
+            stream.height, stream.width, stream.pix_fmt = height, width, "yuv420p"
+            streams.append((stream, height, width, colour))
+        for _ in range(12):
+            for k, (stream, height, width, colour) in enumerate(streams):
+                frame = np.zeros((height, width, 3), np.uint8)
+                frame[:] = colour
+                if k:
+                    frame[: height // 2] = rng.integers(0, 256, (height // 2, width, 3))
+                out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        for stream, *_ in streams:
+            out.mux(stream.encode(None))
+    return path
+
+
+def test_a_file_with_two_video_streams_is_read_from_the_probed_one(tmp_path):
+    """decord decoded the stream FFmpeg found "best" (here the second, at another size)
+    while the probe described the first: read_video (auto) and training folders returned
+    the other stream's frames, at a size the probe never gave."""
+    path = _two_stream_mp4(tmp_path / "two.mp4")
+    info = probe_video(path)
+    assert (info.width, info.height, info.num_frames, info.video_streams) == (32, 32, 12, 2)
+    for backend in ("auto", "pyav"):
+        video = read_video(path, backend=backend)
+        assert video.shape == (12, 32, 32, 3)
+        assert video.float().mean((0, 1, 2)).tolist() == pytest.approx([200, 30, 30], abs=5)
+    with pytest.raises(VideoReadError, match="it has 2 video streams"):
+        read_video(path, backend="decord")
+    from vidgen.data import VideoFolder, to_uint8
+
+    (tmp_path / "folder").mkdir()
+    path.rename(tmp_path / "folder" / "two.mp4")
+    clip = to_uint8(VideoFolder(tmp_path / "folder", clip_len=4, size=32)[0]["video"])
+    assert clip.float().mean((0, 1, 2)).tolist() == pytest.approx([200, 30, 30], abs=5)
+
+
+def test_cover_art_is_not_taken_for_the_video_stream():
+    """A still picture attached as cover art (disposition attached_pic) may come first."""
+    from types import SimpleNamespace
+
+    from vidgen.io.video import _video_stream
+
+    cover = SimpleNamespace(disposition=av.stream.Disposition.attached_pic, type="video")
+    moving = SimpleNamespace(disposition=av.stream.Disposition.default, type="video")
+    container = SimpleNamespace(streams=SimpleNamespace(video=[cover, moving]))
+    assert _video_stream(container, Path("x.mp4")) is moving
+    container = SimpleNamespace(streams=SimpleNamespace(video=[cover]))
+    assert _video_stream(container, Path("x.mp4")) is cover  # nothing else: the picture

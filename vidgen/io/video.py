@@ -101,6 +101,9 @@ class VideoInfo:
     open_gop: a frame after a keyframe (not the first) in the stream is shown before it: an
     open GOP (libx265's default), whose leading frames reference the GOP before; decord's
     seeks then land frames off, so `read_video` decodes such a file with PyAV.
+    video_streams: video streams in the file, cover art included. Everything here describes
+    and reads the first that is not cover art; decord decodes the one FFmpeg finds "best"
+    (by bit rate, say), so `read_video` decodes a file with more than one with PyAV.
     """
 
     path: Path
@@ -115,6 +118,7 @@ class VideoInfo:
     rotation: int = 0
     pixel_aspect: float = 1.0
     open_gop: bool = False
+    video_streams: int = 1
 
 
 # A sample aspect ratio outside this range is taken for broken metadata, not a picture.
@@ -193,13 +197,18 @@ def _codec_context(stream: Any, path: Path) -> Any:
     return stream.codec_context
 
 
+_ATTACHED_PIC = 1024  # AV_DISPOSITION_ATTACHED_PIC
+
+
 def _video_stream(container: Any, path: Path) -> Any:
     if not container.streams.video:
         kinds = sorted({s.type for s in container.streams}) or ["none"]
         raise VideoReadError(
             f"{path} has no video stream (streams found: {', '.join(map(str, kinds))})"
         )
-    return container.streams.video[0]
+    # Cover art (an attached picture: one still image) is no stream of the video's frames.
+    moving = [s for s in container.streams.video if not int(s.disposition) & _ATTACHED_PIC]
+    return (moving or container.streams.video)[0]
 
 
 def _is_frame_packet(packet: Any) -> bool:
@@ -419,6 +428,7 @@ def probe_video(path: PathLike) -> VideoInfo:
     with _open_input(path) as container:
         identity = _identity(path)
         stream = _video_stream(container, path)
+        video_streams = len(container.streams.video)
         ctx = _codec_context(stream, path)
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         codec = ctx.name
@@ -448,6 +458,7 @@ def probe_video(path: PathLike) -> VideoInfo:
         rotation=scan.rotation,
         pixel_aspect=pixel_aspect,
         open_gop=scan.open_gop,
+        video_streams=video_streams,
     )
 
 
@@ -747,6 +758,11 @@ def _decord_pitfall(info: VideoInfo) -> str | None:
         return (
             "its GOPs are open (frames shown before the keyframe they follow), and decord's "
             "seeks then land frames off"
+        )
+    if info.video_streams > 1:
+        return (
+            f"it has {info.video_streams} video streams, and decord may decode another than "
+            "the first, which the probe describes"
         )
     return None
 
