@@ -59,6 +59,11 @@ def test_frechet_distance_closed_forms():
     b = rng.normal(size=(150, 6)) * 2 + 1
     assert frechet_distance(a, b) == pytest.approx(_scipy_frechet(a, b), rel=1e-6)
     assert frechet_distance(a, b) == pytest.approx(frechet_distance(b, a), rel=1e-8)
+    # One feature: (mu_a - mu_b)^2 + (s_a - s_b)^2 (np.cov's 0-d result failed in eigh)
+    x, y = a[:, :1], b[:, :1]
+    sd_x, sd_y = np.std(x, ddof=1), np.std(y, ddof=1)
+    one = (x.mean() - y.mean()) ** 2 + (sd_x - sd_y) ** 2
+    assert frechet_distance(x, y) == pytest.approx(one, rel=1e-8)
 
 
 def _loop_kernel_distance(a: np.ndarray, b: np.ndarray) -> float:

@@ -121,6 +121,15 @@ def test_seam_ratio_of_a_slideshow_is_infinite(shapes):
     assert seam_ratio(slideshow, clip_len=8) == float("inf")
 
 
+@pytest.mark.parametrize("threshold", [0.0, -1.0, float("nan"), "1"])
+def test_seam_ratio_refuses_a_static_threshold_that_is_not_above_zero(threshold):
+    """At 0 or less no video was still, and a frozen one scored 0 / 0: nan, not None."""
+    frozen = np.full((24, 8, 8, 3), 20, np.uint8)
+    assert seam_ratio(frozen, clip_len=8) is None
+    with pytest.raises(ValueError, match="static_threshold must be"):
+        seam_ratio(frozen, clip_len=8, static_threshold=threshold)
+
+
 def test_pooled_seams_count_slideshows_and_frozen_videos_apart(shapes):
     _world, traj = shapes
     real = seam_ratio(traj.frames[:64], clip_len=8)

@@ -451,7 +451,9 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     ``kernel_distance``."""
     a, b = _check_features(a, b)
     mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    # 2-D even for one feature (np.cov gives a 0-d array then, which eigh refuses)
+    cov_a = np.atleast_2d(np.cov(a, rowvar=False))
+    cov_b = np.atleast_2d(np.cov(b, rowvar=False))
     # tr((S_a S_b)^(1/2)) = sum of sqrt(eigenvalues of S_a^(1/2) S_b S_a^(1/2)), a symmetric
     # PSD matrix: stable where a general matrix square root of S_a S_b is not.
     vals, vecs = np.linalg.eigh(cov_a)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from vidgen.validate import check_int
+from vidgen.validate import check_int, check_number
 from vidgen.worlds.palette import ScenePalette
 
 # Smallest object the worlds draw: a triangle of radius 5 covers ~32 pixels, the agent 36.
@@ -394,6 +394,8 @@ def seam_ratio(
     """
     frames = _as_frames(frames)
     check_int("clip_len", clip_len)
+    # 0 or less: no video is still, and a frozen one's ratio was 0 / 0 (nan)
+    check_number("static_threshold", static_threshold, above=0)
     if clip_len < 2:
         raise ValueError(f"clip_len must be >= 2 (a clip needs inner transitions), got {clip_len}")
     if len(frames) <= clip_len:
