@@ -385,6 +385,26 @@ def test_sigterm_takes_the_interrupt_path_and_leaves_no_temp_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("error", ["read", "disk"])
+def test_a_training_run_stopped_by_a_read_or_disk_error_says_so_in_one_line(
+    error, monkeypatch, capsys
+):
+    """A video that fails to decode midway (or a full disk) gave a raw traceback."""
+    import vidgen.train
+    from vidgen.io import VideoReadError
+
+    def fails(cfg):
+        if error == "read":
+            raise VideoReadError("a.mp4: could not decode frames")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(vidgen.train, "run_train", fails)
+    assert main(["train", "tokenizer=kl-test"]) == 1
+    err = capsys.readouterr().err
+    assert "vidgen train: stopped:" in err and "The same command resumes" in err
+    assert "Traceback" not in err
+
+
 def test_sigterm_while_the_config_is_read_takes_the_interrupt_path(monkeypatch, capsys):
     """The handler was set only once the config was composed: a stop in the seconds of
     imports and composing killed the process (exit -15) where the others exit 130."""

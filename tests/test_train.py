@@ -512,8 +512,13 @@ def test_a_larp_names_its_autoencoder_relative_to_itself(tmp_path, monkeypatch):
     """The exported LARP named its autoencoder as given on the command line: a relative
     path loaded only from the folder training ran in (and its NBP with it)."""
     larp = [*LARP_SMALL, f"tokenizer.autoencoder={make_autoencoder(tmp_path)}"]
+    larp = [o for o in larp if not o.startswith("data.eval_clips=")] + ["data.eval_clips=6"]
     path = train(larp, tmp_path / "runs" / "larp", 3)
     assert checkpoint.load(path).config["autoencoder"] == "../../kl.safetensors"
+    # Only the held-out clips evaluation reads (train.eval_batches=1 batch of 2) are encoded
+    # and kept with their videos, not all data.eval_clips (6).
+    (cache,) = (tmp_path / "runs" / "larp").glob("latents+video*")
+    assert checkpoint.load(cache).tensors["video"].shape[0] == 2
     monkeypatch.chdir(tmp_path / "runs")
     tokenizer = LARPVideoTokenizer.from_pretrained(str(path))
     assert tokenizer.autoencoder is not None and len(tokenizer.files) == 2
@@ -674,11 +679,24 @@ def test_nbp_token_cache_is_keyed_by_the_larps_autoencoder_too(tmp_path):
         ("train.stop_at=-1", "train.stop_at must be >= 0"),
         ("train.warmup=-5", "train.warmup must be >= 0"),
         ("train.weight_decay=-0.1", "train.weight_decay must be >= 0"),
+        ("train.seed=-1", "train.seed must be >= 0"),
+        # seed x 1,000,003 overflowed torch's generator seed at the first batch, after the
+        # data was prepared (hours for a generator's encoded clips)
+        ("train.seed=4294967296", "train.seed must be <= 4294967295"),
     ],
 )
 def test_bad_train_settings_are_refused(override, message):
     with pytest.raises(Exception, match=message):
         load_config("train", ["tokenizer=kl-test", override])
+
+
+def test_a_train_out_under_home_is_expanded(monkeypatch, tmp_path):
+    """out='~/runs/kl' trained into a folder named '~' in the working directory."""
+    from vidgen.train import out_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config("train", ["tokenizer=kl-test", "out='~/runs/kl'"])
+    assert out_dir(cfg) == tmp_path / "runs" / "kl"
 
 
 @pytest.mark.parametrize(

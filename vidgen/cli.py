@@ -206,7 +206,13 @@ def _render(cfg: Any) -> int:
     return 0
 
 
+_RESUMES = (
+    "The same command resumes from the last state saved (every train.ckpt_every steps), if any."
+)
+
+
 def run_train(cfg: Any, choices: dict[str, str]) -> int:
+    from vidgen.io import VideoReadError
     from vidgen.train import TrainingDiverged, TrainSetupError
     from vidgen.train import run_train as train
 
@@ -222,11 +228,13 @@ def run_train(cfg: Any, choices: dict[str, str]) -> int:
         return 1
     except KeyboardInterrupt:
         print(
-            f"\n{PROG} train: interrupted. The same command resumes from the last state saved "
-            "(every train.ckpt_every steps).",
+            f"\n{PROG} train: interrupted. {_RESUMES}",
             file=sys.stderr,
         )
         return 130
+    except (VideoReadError, OSError) as err:  # a video that fails to decode midway, a full disk
+        print(f"{PROG} train: stopped: {err}\n{_RESUMES}", file=sys.stderr)
+        return 1
     from vidgen.train.loop import STATE_FILE
 
     if path.name == STATE_FILE:  # train.stop_at: nothing exported yet

@@ -318,4 +318,4 @@ def run_train(cfg: TrainCommandConfig) -> Path:
 
 
 def out_dir(cfg: TrainCommandConfig) -> Path:
-    return Path(cfg.out or f"runs/{cfg.name}")
+    return Path(cfg.out or f"runs/{cfg.name}").expanduser()

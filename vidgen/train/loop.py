@@ -39,6 +39,7 @@ from vidgen.validate import check_int, check_number
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.safetensors"
+MAX_SEED = 2**32 - 1  # x 1,000,003 + a step stays within torch's 64-bit generator seed
 
 
 @dataclass
@@ -88,8 +89,10 @@ class TrainConfig:
         check_number("train.beta1", self.beta1, minimum=0, below=1)
         check_number("train.beta2", self.beta2, minimum=0, below=1)
         check_number("train.weight_decay", self.weight_decay, minimum=0)
-        for name in ("warmup", "stop_at", "threads"):
+        for name in ("warmup", "stop_at", "threads", "seed"):
             check_int(f"train.{name}", getattr(self, name), minimum=0)
+        if self.seed > MAX_SEED:  # seeds per epoch and step (seed x 1,000,003 + n) overflowed
+            raise ValueError(f"train.seed must be <= {MAX_SEED}, got {self.seed}")
         check_number("train.max_seconds", self.max_seconds, minimum=0)
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"train.precision must be fp32 or bf16, got {self.precision!r}")

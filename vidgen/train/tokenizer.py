@@ -26,6 +26,7 @@ from vidgen.train.encoded import (
     cache_path,
     data_description,
     encode_device,
+    held_out_clips,
     load_autoencoder,
     naming,
 )
@@ -201,7 +202,10 @@ def larp_task(
             "only a context decoder (tokenizer.context_decoder=true) trains on consecutive clips"
         )
     train_data = build_dataset(data, "train")
-    eval_data = build_dataset(data, "eval") if data.eval_clips else None  # 0: no evaluation
+    # Only the clips evaluation reads (train.eval_batches batches): over an autoencoder each
+    # is encoded and kept with its video, and all data.eval_clips (256) were, for 32 read.
+    held = held_out_clips(data, run_config)
+    eval_config, eval_data = held if held is not None else (data, None)
     if autoencoder is not None:
         out.mkdir(parents=True, exist_ok=True)
         train_data = EncodedClips(
@@ -217,9 +221,9 @@ def larp_task(
                 eval_data,
                 autoencoder,
                 # Named apart from a generator's held-out latents, which hold no video.
-                cache_path(out, "latents+video", fingerprint, data, "eval"),
+                cache_path(out, "latents+video", fingerprint, eval_config, "eval"),
                 keep_video=True,
-                description=data_description(data, "eval"),
+                description=data_description(eval_config, "eval"),
                 num_workers=data.num_workers,
                 device=encode_device(run_config),
             )
