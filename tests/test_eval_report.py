@@ -101,6 +101,23 @@ def test_bad_eval_keys_are_named(tmp_path, monkeypatch, capsys, override, messag
     assert (tmp_path / "v.json").read_text() == before  # the sidecar is never replaced
 
 
+def test_a_renders_label_is_read_from_its_own_provenance_before_its_sidecar(tmp_path, caplog):
+    """A render stopped between publishing its video and its sidecar (or v.MP4 beside
+    v.mp4) left a video beside another render's sidecar: eval scored it against that
+    render's label. The video's own comment tag holds its provenance."""
+    frames = BouncingShapes(BouncingShapesConfig(num_shapes=2), seed=0).trajectory(16).frames
+    own = {"request": {"label": 2}, "request_sha256": "new"}
+    with VideoWriter(tmp_path / "v.mp4", lossless=True, metadata={"comment": json.dumps(own)}) as w:
+        w.write(frames)
+    (tmp_path / "v.json").write_text(json.dumps({"request": {"label": 4}, "request_sha256": "old"}))
+    report = evaluate(EvalConfig(videos=str(tmp_path / "v.mp4")))
+    assert report["per_video"]["v.mp4"]["label"] == 2
+    assert report["per_video"]["v.mp4"]["count_accuracy"] > 0.9
+    assert "provenance of another render" in caplog.text
+    (tmp_path / "v.json").unlink()  # no sidecar: the video's own still counts
+    assert evaluate(EvalConfig(videos=str(tmp_path / "v.mp4")))["per_video"]["v.mp4"]["label"] == 2
+
+
 def test_sidecar_labels_that_are_no_counts_are_not_taken(tmp_path, caplog):
     shapes_video(tmp_path / "a.mp4", 2, seed=0)
     for bad in (-1, 2.0, "2", True):

@@ -132,3 +132,21 @@ def test_a_write_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_pa
     tmp.write_bytes(b"new")
     fsutil.publish(tmp, link)
     assert link.is_symlink() and real.read_bytes() == b"new" and link.read_bytes() == b"new"
+
+
+def test_a_tilde_with_no_such_user_is_left_as_it_is(tmp_path, monkeypatch):
+    """Path.expanduser raised RuntimeError for ~draft.mp4 or ~nosuchuser/x.mp4: `vidgen
+    render out=~draft.mp4` ended in a traceback, and a batch line's context ended the whole
+    batch. A shell leaves such a word as it is; so does vidgen."""
+    from pathlib import Path
+
+    from vidgen.render_config import check_out
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert fsutil.expand_user("~/runs") == tmp_path / "runs"
+    assert fsutil.expand_user("~draft.mp4") == Path("~draft.mp4")
+    assert fsutil.expand_user("~no-such-user-here/x.mp4") == Path("~no-such-user-here/x.mp4")
+    monkeypatch.chdir(tmp_path)
+    assert check_out("~draft.mp4") == Path("~draft.mp4")
+    with pytest.raises(ValueError, match="does not exist"):
+        check_out("~no-such-user-here/x.mp4")

@@ -18,7 +18,7 @@ from vidgen.io import read_metadata, read_video
 from workers.actor import GeneratorWorker
 from workers.executors import ExecutorFailed, LocalExecutor
 from workers.orchestrator import NoProgress, Orchestrator, QueueSink, SinkError
-from workers.render import parts_folder, render
+from workers.render import parts_folder, render, segment_name
 
 
 @pytest.fixture(scope="module")
@@ -249,10 +249,27 @@ def test_an_interrupted_render_resumes_from_its_segments(
 
 def test_resuming_with_another_request_is_refused(model, tmp_path):
     out = tmp_path / "v.mp4"
-    parts_folder(out).mkdir()
-    (parts_folder(out) / "request.sha256").write_text("0" * 64)
+    render_until_a_segment(Orchestrator(local(model)), request_for(model, frames=48), out)
+    other = request_for(model, frames=48, seed=4)
     with pytest.raises(ValueError, match="different request"):
-        render(Orchestrator(local(model)), request_for(model), out, progress=False)
+        render(Orchestrator(local(model)), other, out, progress=False)
+
+
+def test_a_folder_stopped_before_its_first_truth_does_not_block_another_request(model, tmp_path):
+    """Stopped before a segment's truth was saved (Ctrl-C at once), a parts folder holds
+    its guards and maybe a segment, but nothing to resume: a re-run with a corrected
+    request (or lossless) was refused as 'a different request'."""
+    out = tmp_path / "v.mp4"
+    folder = parts_folder(out)
+    folder.mkdir()
+    for name, value in (("request.sha256", "0" * 64), ("lossless", "true"), ("dtype", "x")):
+        (folder / name).write_text(value)
+    stray = folder / segment_name(0)  # saved, its truth not yet: made again
+    stray.write_bytes(b"not this request's clips")
+    req = request_for(model, frames=16)
+    result = render(Orchestrator(local(model)), req, out, lossless=True, progress=False)
+    assert result.resumed_frames == 0 and not folder.exists()
+    np.testing.assert_array_equal(read_video(out).numpy(), reference(model, req))
 
 
 def render_until_a_segment(orch: Orchestrator, req: GenerationRequest, out: Path) -> None:
@@ -1333,12 +1350,21 @@ def test_a_batch_out_that_is_a_file_exits_2_before_ray(tmp_path, capsys, monkeyp
     assert "--out" in err and "is a file" in err
 
 
-def test_a_batch_with_no_cluster_at_its_address_makes_no_out_folder(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        ConnectionError("Could not find any running Ray instance."),
+        ValueError("Invalid address format: foo"),  # Ray's for an address it cannot parse
+    ],
+)
+def test_a_batch_with_no_cluster_at_its_address_makes_no_out_folder(
+    refusal, tmp_path, capsys, monkeypatch
+):
     import workers.cluster
     from workers.jobs.render import main
 
     def no_cluster(address):
-        raise ConnectionError("Could not find any running Ray instance.")
+        raise refusal
 
     monkeypatch.setattr(workers.cluster, "connect", no_cluster)
     manifest = tmp_path / "items.jsonl"
@@ -1346,7 +1372,7 @@ def test_a_batch_with_no_cluster_at_its_address_makes_no_out_folder(tmp_path, ca
     with pytest.raises(SystemExit) as exit_info:
         main(["--manifest", str(manifest), "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
-    assert "Could not find any running Ray instance" in capsys.readouterr().err
+    assert str(refusal) in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -3311,3 +3337,82 @@ def test_the_orchestrator_keeps_its_own_copy_of_a_request(model):
     other = StreamSnapshot.start(request_for(model, frames=24, seed=4))
     with pytest.raises(ValueError, match="the truth is of another request"):
         orch.submit(request_for(model, frames=24), truth=other)
+
+
+def test_lossless_must_be_a_bool():
+    """lossless="false" guarded a new parts folder as lossless=true, failed at the first
+    clip's write, and the corrected call was then refused by that guard."""
+    from workers.render import RenderJob
+
+    req = GenerationRequest(model="m", frames=8)
+    for bad in ("false", 1, None):
+        with pytest.raises(ValueError, match="lossless must be True or False"):
+            RenderJob(req, Path("v.mp4"), lossless=bad)
+
+
+def test_a_render_stopped_before_its_sidecar_leaves_no_other_renders_sidecar(model, tmp_path):
+    """Rendered over an earlier render, a stop between the join and the sidecar's write
+    left the new video beside the earlier request's sidecar (eval read its label)."""
+    import workers.render
+
+    out, sidecar = tmp_path / "v.mp4", tmp_path / "v.json"
+    render(Orchestrator(local(model)), request_for(model, frames=8, label=1), out, progress=False)
+    assert json.loads(sidecar.read_text())["request"]["label"] == 1
+    write_json = workers.render._write_json
+
+    def stopped(path, data):
+        raise KeyboardInterrupt
+
+    workers.render._write_json = stopped
+    req = request_for(model, frames=8, label=3)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            render(Orchestrator(local(model)), req, out, progress=False)
+    finally:
+        workers.render._write_json = write_json
+    assert not sidecar.exists()  # no sidecar rather than the wrong one
+    assert json.loads(read_metadata(out)["comment"])["request"]["label"] == 3
+    result = render(Orchestrator(local(model)), req, out, progress=False)  # joined again
+    assert result.resumed_frames == 8 and json.loads(sidecar.read_text())["request"]["label"] == 3
+
+
+def test_a_batch_interrupted_while_joining_an_item_lets_go_of_its_lock(models, tmp_path):
+    """finish() ran after the item left ``pending``: an interrupt there skipped the batch's
+    cleanup, and the render's lock stayed held (a later run_batch in the same process
+    failed the item as 'being rendered by another process')."""
+    from workers.jobs.render import parse_manifest, run_batch
+    from workers.render import RenderJob, lock_file
+
+    model = models["diffusion"]
+    manifest = tmp_path / "items.jsonl"
+    line = {"id": "a", "model": model, "frames": 8, "seed": 0, "steps": 2, "label": 1}
+    manifest.write_text(json.dumps(line) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    items = parse_manifest(manifest, out, max_frames=1000)
+    executor = LocalExecutor(GeneratorWorker(model, max_streams=2))
+    finish = RenderJob.finish
+
+    def stopped(self):
+        raise KeyboardInterrupt
+
+    RenderJob.finish = stopped
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_batch(items, out, lambda m: [executor], lossless=True)
+    finally:
+        RenderJob.finish = finish
+    assert not lock_file(out / "a.mp4").exists()
+    rows = run_batch(items, out, lambda m: [executor], lossless=True)
+    assert [r["status"] for r in rows] == ["ok"]
+
+
+def test_a_manifest_line_nested_too_deep_is_that_lines_error(models, tmp_path):
+    """json's RecursionError escaped parse_manifest and ended the whole batch."""
+    from workers.jobs.render import parse_manifest
+
+    good = {"id": "a", "model": models["diffusion"], "frames": 8}
+    manifest = tmp_path / "items.jsonl"
+    manifest.write_text("[" * 100_000 + "\n" + json.dumps(good) + "\n")
+    bad, fine = parse_manifest(manifest, tmp_path, max_frames=1000)
+    assert "RecursionError" in bad.error and fine.error is None

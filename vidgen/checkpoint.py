@@ -38,7 +38,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 import vidgen
-from vidgen.fsutil import publish, temp_beside
+from vidgen.fsutil import expand_user, publish, temp_beside
 
 FORMAT = "vidgen-checkpoint"
 FORMAT_VERSION = 1
@@ -225,7 +225,7 @@ def probe_cache_dir() -> Path | None:
         if not root:
             base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
             root = os.path.join(base, "vidgen")
-        return Path(root).expanduser() / "probed"
+        return expand_user(root) / "probed"
     except RuntimeError:  # no home directory to be found (for ~ or the default)
         return None
 
@@ -678,7 +678,7 @@ def available() -> list[str]:
 def resolve(name_or_path: str | os.PathLike) -> Path:
     """A shipped checkpoint's name (``larp-tiny``) or a path -> the path of an existing file."""
     text = os.fspath(name_or_path)
-    path = Path(text).expanduser()
+    path = expand_user(text)
     looks_like_path = isinstance(name_or_path, os.PathLike) or "/" in text or text.endswith(SUFFIX)
     # A bare name means a shipped checkpoint even if a file of that name is in the cwd.
     if not looks_like_path and _NAME.match(text):
@@ -731,7 +731,7 @@ def companion(name_or_path: str | os.PathLike, owner: str | os.PathLike) -> str:
     is looked up beside ``owner`` first (where ``named_from`` writes them from), then from
     the working directory (cards written before, relative to where training ran)."""
     text = spelled(name_or_path)
-    if _is_name(text) or Path(text).expanduser().is_absolute():
+    if _is_name(text) or expand_user(text).is_absolute():
         return text
     beside = Path(owner).parent / text
     return str(beside) if beside.is_file() else text
@@ -744,7 +744,7 @@ def named_from(name_or_path: str | os.PathLike, folder: str | os.PathLike) -> st
     text = spelled(name_or_path)
     if _is_name(text):
         return text
-    target = Path(text).expanduser().resolve()
+    target = expand_user(text).resolve()
     return os.path.relpath(target, Path(folder).resolve())
 
 

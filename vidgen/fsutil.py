@@ -23,6 +23,17 @@ from pathlib import Path
 STEM_BYTES = 64  # the hidden name stays well under 255 bytes for any valid final name
 
 
+def expand_user(path: str | os.PathLike) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` expanded, as a shell does: left as it is
+    where there is no such user or home folder (``~draft.mp4`` is a file of that name; Python's
+    ``expanduser`` raised RuntimeError there, a traceback instead of a clear error)."""
+    path = Path(path)
+    try:
+        return path.expanduser()
+    except RuntimeError:
+        return path
+
+
 def temp_stem(path: Path) -> str:
     """The stem of ``path``'s temporary names: its own, or for a long one its first bytes
     and a hash of the whole, so that the temp files of two long names that begin alike

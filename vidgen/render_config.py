@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vidgen.fsutil import target
+from vidgen.fsutil import expand_user, target
 from vidgen.generators import GenerationRequest, check_dtype
 from vidgen.io import VideoReadError, probe_video, read_video
 from vidgen.validate import check_step_timeout
@@ -22,7 +22,7 @@ from vidgen.validate import check_step_timeout
 def check_out(out: str | Path) -> Path:
     """A render's ``out``: an .mp4 path in an existing folder that is not itself a folder,
     nor its provenance sidecar (``<out>.json``, written at the end: found now, not then)."""
-    path = Path(out).expanduser()
+    path = expand_user(out)
     if path.suffix.lower() != ".mp4":  # ".mp4" alone has no suffix
         raise ValueError(f"out must end in .mp4, got {str(out)!r}")
     try:
@@ -114,7 +114,7 @@ def check_writable(out: str | Path) -> None:
     """ValueError naming ``out`` unless a file can be made in its folder (and in its
     target's, for a symlinked ``out``): a read-only folder failed only after Ray and the
     actors had started, as a failed write whose segments a re-run would resume from."""
-    path = Path(out).expanduser()
+    path = expand_user(out)
     for where in dict.fromkeys((path.parent, target(path).parent)):
         try:
             with tempfile.TemporaryFile(dir=where):
@@ -184,7 +184,7 @@ class RenderConfig:
         check_out(self.out)
         for name in ("actions", "context", "context_actions"):
             value = getattr(self, name)
-            if value is not None and not Path(value).expanduser().is_file():
+            if value is not None and not expand_user(value).is_file():
                 raise ValueError(f"{name}={value!r} is not a file")
         if self.context_actions is not None and (self.context is None or self.actions is None):
             raise ValueError(
@@ -230,7 +230,7 @@ def load_actions(path: str | Path, name: str = "actions") -> np.ndarray:
     """Per-frame actions from a .npy file (loaded without pickle); ``name`` names the key in
     errors."""
     try:
-        actions = np.load(Path(path).expanduser(), allow_pickle=False)
+        actions = np.load(expand_user(path), allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:  # EOFError: an empty file
         raise ValueError(f"{name}={str(path)!r} is not a readable .npy array: {err}") from err
     if not isinstance(actions, np.ndarray):  # an .npz archive
@@ -248,7 +248,7 @@ def load_context(
     model's frame size when they differ. With ``clip_len``, only its last whole clips are
     kept (the generators take a context of whole clips; the video continues from its end)."""
     size = None if frame_shape is None else tuple(frame_shape[:2])
-    path = Path(path).expanduser()
+    path = expand_user(path)
     try:
         info = probe_video(path)
         start = 0

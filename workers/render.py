@@ -27,11 +27,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 import vidgen
 from vidgen.checkpoint import CheckpointError
-from vidgen.fsutil import publish, target, temp_beside, temp_stem
+from vidgen.fsutil import expand_user, publish, target, temp_beside, temp_stem
 from vidgen.generators import Clip, GenerationRequest
 from vidgen.generators.base import load_snapshot, request_fingerprints, save_snapshot
 from vidgen.io import VideoWriter, concat_videos, probe_video
@@ -188,17 +189,29 @@ def _resume_point(
     folder: Path, request: GenerationRequest, guards: dict[str, str], clip_len: int
 ) -> tuple[Any, int]:
     """(saved truth or None, clips already on disk); drops segments past the saved truth.
-    Reads (and prunes) an existing folder only: nothing is created here. A folder made for
-    another request, with other weights under the same model name or path, or with the other
-    ``lossless`` setting (segments of two codecs do not join) is refused; a guard file an
-    older folder lacks is not checked."""
+    Reads (and prunes) an existing folder only: nothing is created here. A folder with a
+    truth made for another request, with other weights under the same model name or path,
+    or with the other ``lossless`` setting (segments of two codecs do not join) is refused;
+    a guard file an older folder lacks is not checked. One without a truth holds nothing to
+    resume: its segments (made after the last truth) are dropped, whatever its guards say."""
     if not folder.exists():
+        return None, 0
+    if any(folder.glob("seg_*.mp4")):
+        raise ValueError(
+            f"{folder} holds segments of an older vidgen (seg_*.mp4); delete it to render anew"
+        )
+    truth_path = folder / TRUTH_FILE
+    if not truth_path.exists():
+        # Nothing to resume (stopped before its first segment's truth was saved): its guards
+        # are written anew, and a segment saved without its truth is made again. Refusing
+        # it kept the corrected command (another label, say) from running.
+        for seg in segments(folder):
+            seg.unlink()
         return None, 0
     found = {n: (folder / n).read_text().strip() for n in guards if (folder / n).exists()}
     if "request.sha256" in found:  # folders from before the dtype guard were float32 ones
         found.setdefault("dtype", "float32")
     changed = {n for n, value in found.items() if value != guards[n]}
-    truth_path = folder / TRUTH_FILE
     if "model.sha256" in changed:  # first: a link to a retrained file is no other request
         raise ValueError(
             f"{folder} holds a render made with other weights of {request.model!r} (sha256 "
@@ -233,36 +246,30 @@ def _resume_point(
             f"{folder} holds segments written with lossless={found['lossless']}: resume with "
             "the same setting (segments of two codecs do not join), or delete it"
         )
-    if any(folder.glob("seg_*.mp4")):
-        raise ValueError(
-            f"{folder} holds segments of an older vidgen (seg_*.mp4); delete it to render anew"
-        )
-    truth = load_snapshot(truth_path) if truth_path.exists() else None
-    done = truth.next_clip if truth is not None else 0
+    truth = load_snapshot(truth_path)
+    done = truth.next_clip
     # Checked before any segment is removed below: the guard names the request, but the
     # truth is what a resume continues from (its request, seeds included).
-    if truth is not None:
-        if truth.request.fingerprint() not in _fingerprints(request, weighed, truth.request.model):
-            raise ValueError(
-                f"{truth_path} is the truth of a different request than its folder's "
-                f"(seed {truth.request.seed}, label {truth.request.label}); delete {folder} "
-                "to render anew"
-            )
-        if done > request.frames // clip_len:
-            raise ValueError(
-                f"{truth_path} holds clips up to {done}, past the request's "
-                f"{request.frames // clip_len}; delete {folder} to render anew"
-            )
-        # Named as this render names it: the generators refuse a model of another name.
-        truth = replace(truth, request=replace(truth.request, model=request.model))
+    if truth.request.fingerprint() not in _fingerprints(request, weighed, truth.request.model):
+        raise ValueError(
+            f"{truth_path} is the truth of a different request than its folder's "
+            f"(seed {truth.request.seed}, label {truth.request.label}); delete {folder} "
+            "to render anew"
+        )
+    if done > request.frames // clip_len:
+        raise ValueError(
+            f"{truth_path} holds clips up to {done}, past the request's "
+            f"{request.frames // clip_len}; delete {folder} to render anew"
+        )
+    # Named as this render names it: the generators refuse a model of another name.
+    truth = replace(truth, request=replace(truth.request, model=request.model))
     # Segments are renamed into place whole, and the truth is saved after each one, so every
     # segment that starts before `done` is complete; a later one was made after the saved
     # truth and is dropped (it will be made again, identically).
     for seg in segments(folder):
         if int(seg.stem.split("_")[1]) >= done:
             seg.unlink()
-    if truth is not None:
-        _check_contiguous(folder, clip_len, done)
+    _check_contiguous(folder, clip_len, done)
     return truth, done
 
 
@@ -339,7 +346,7 @@ def check_not_rendering(out: str | Path) -> None:
         import fcntl
     except ImportError:  # pragma: no cover - not on Linux or macOS
         return
-    out = Path(out).expanduser()  # as the render will lock it (``check_out``)
+    out = expand_user(out)  # as the render will lock it (``check_out``)
     for path in dict.fromkeys((out, target(out))):
         try:
             fd = os.open(lock_file(path), os.O_RDWR)
@@ -412,6 +419,8 @@ class RenderJob:
     ) -> None:
         self.out = check_out(out)
         check_int("segment_clips", segment_clips, minimum=1)  # 1.5 never ended a segment
+        if not isinstance(lossless, bool | np.bool_):  # "false" guarded its folder as true
+            raise ValueError(f"lossless must be True or False, got {lossless!r}")
         self.request, self.segment_clips, self.lossless = request, segment_clips, lossless
         self.progress, self.extra = progress, extra_provenance
         self.folder = parts_folder(self.out)
@@ -532,13 +541,18 @@ class RenderJob:
                 f"{self.out}: its segments do not hold all {clips} clips (a write failed: "
                 f"{sink.failed}); the parts folder stays, run again to resume"
             )
+        sidecar = self.out.with_suffix(".json")
         try:  # the join writes a second copy of the video: where a full disk is likeliest
+            # An earlier render's sidecar goes first: a stop between the join and the write
+            # below left the new video beside it (its provenance is in its own comment tag,
+            # and the truth stays until the sidecar is written: a re-run joins again).
+            sidecar.unlink(missing_ok=True)
             concat_videos(
                 segments(self.folder),
                 self.out,
                 metadata={"comment": json.dumps(provenance, sort_keys=True)},
             )
-            _write_json(self.out.with_suffix(".json"), provenance)
+            _write_json(sidecar, provenance)
         except OSError as err:
             raise IncompleteRender(
                 f"{self.out}: joining its segments failed ({err}); the parts folder stays, "

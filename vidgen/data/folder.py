@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from vidgen.data.worlds import NO_LABEL, to_model_range
+from vidgen.fsutil import expand_user
 from vidgen.io import VideoInfo, VideoReadError, probe_video, read_video
 from vidgen.io.video import _parse_size
 from vidgen.validate import check_int
@@ -30,7 +31,7 @@ def video_files(root: Path, exclude: Path | None = None) -> list[Path]:
     training folder), and so are the files its links point to (``val/c.mp4 -> ../c.mp4``:
     ``c.mp4`` is held out). A file reached twice (a link beside its target) is listed once,
     by its first path."""
-    excluded = exclude.expanduser().resolve() if exclude is not None else None
+    excluded = expand_user(exclude).resolve() if exclude is not None else None
     held_files = set()
     if excluded is not None and excluded.is_dir():
         held_files = {path.resolve() for path in video_files(excluded)}
@@ -89,7 +90,7 @@ class VideoFolder(Dataset):
         stride: int | None = None,
         exclude: str | os.PathLike | None = None,
     ) -> None:
-        self.root = Path(root).expanduser()
+        self.root = expand_user(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"root {str(self.root)!r} is not a folder")
         check_int("clip_len", clip_len, minimum=1)  # 8.0 failed later as a bare TypeError
@@ -97,7 +98,7 @@ class VideoFolder(Dataset):
         check_int("stride", stride, minimum=1)
         _parse_size(size)  # a bad size was only found at the first item, blamed on its file
         self.clip_len, self.size, self.stride = clip_len, size, stride
-        if exclude is not None and not Path(exclude).expanduser().is_dir():
+        if exclude is not None and not expand_user(exclude).is_dir():
             # A typo (or a path meant inside root) excluded nothing: the held-out videos
             # were trained on without a word.
             raise FileNotFoundError(f"exclude {str(exclude)!r} is not a folder")

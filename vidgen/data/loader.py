@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from vidgen.data.folder import VideoFolder
 from vidgen.data.worlds import WORLDS, WorldClips
+from vidgen.fsutil import expand_user
 from vidgen.validate import check_int, check_number
 from vidgen.worlds.agent import POLICIES, AgentWorldConfig
 from vidgen.worlds.bouncing import BouncingShapesConfig
@@ -132,8 +133,8 @@ def folder_split(cfg: DataConfig, split: str) -> tuple[Path, Path | None]:
     training split of a ``data.root`` that holds ``data.eval_root`` (``videos/`` and
     ``videos/val/``) leaves the held-out videos out, instead of training on them. The same
     folder for both, or a training folder inside the held-out one, is refused."""
-    key, root = "data.root", Path(cfg.root).expanduser()
-    held_out = Path(cfg.eval_root).expanduser() if cfg.eval_root else None
+    key, root = "data.root", expand_user(cfg.root)
+    held_out = expand_user(cfg.eval_root) if cfg.eval_root else None
     if split == "eval" and held_out is not None:
         key, root = "data.eval_root", held_out
     if not root.is_dir():
@@ -144,7 +145,7 @@ def folder_split(cfg: DataConfig, split: str) -> tuple[Path, Path | None]:
         raise FileNotFoundError(f"data.eval_root={str(held_out)!r} is not a folder")
     if held_out is None:
         return root, None
-    train, evals = Path(cfg.root).expanduser().resolve(), held_out.resolve()
+    train, evals = expand_user(cfg.root).resolve(), held_out.resolve()
     if train == evals:
         raise ValueError(
             f"data.eval_root is data.root ({cfg.root!r}): the held-out videos would be "

@@ -13,6 +13,7 @@ import numpy as np
 from omegaconf import MISSING
 from tqdm import tqdm
 
+from vidgen.fsutil import expand_user
 from vidgen.io import VideoWriter
 from vidgen.worlds.agent import POLICIES, AgentWorldConfig, iter_trajectory
 from vidgen.worlds.bouncing import BouncingShapes, BouncingShapesConfig
@@ -49,7 +50,7 @@ class PreviewConfig:
             raise ValueError(
                 f"world.size={size} is odd: h264 in yuv420p needs even sizes (or lossless=true)"
             )
-        out = Path(self.out).expanduser()
+        out = expand_user(self.out)
         if out.suffix.lower() not in (".mp4", ".mkv", ".mov"):
             raise ValueError(f"out must end in .mp4 (or .mkv/.mov), got {self.out!r}")
         if not out.parent.is_dir():
@@ -82,7 +83,7 @@ def preview(cfg: PreviewConfig) -> PreviewResult:
         chunks = (piece.frames for piece in pieces)
     else:
         raise ValueError(f"world must be a world config, got {type(cfg.world).__name__}")
-    out = Path(cfg.out).expanduser()
+    out = expand_user(cfg.out)
     start = time.perf_counter()
     with (
         VideoWriter(out, fps=cfg.fps, lossless=cfg.lossless) as writer,

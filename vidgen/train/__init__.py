@@ -15,7 +15,7 @@ import torch
 
 from vidgen import checkpoint
 from vidgen.data import DataConfig
-from vidgen.fsutil import exclusive, remove_temps
+from vidgen.fsutil import exclusive, expand_user, remove_temps
 from vidgen.io import VideoReadError
 from vidgen.train.encoded import data_description, naming
 from vidgen.train.loop import (
@@ -318,4 +318,4 @@ def run_train(cfg: TrainCommandConfig) -> Path:
 
 
 def out_dir(cfg: TrainCommandConfig) -> Path:
-    return Path(cfg.out or f"runs/{cfg.name}").expanduser()
+    return expand_user(cfg.out or f"runs/{cfg.name}")

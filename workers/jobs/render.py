@@ -35,6 +35,7 @@ from typing import Any
 import ray
 
 from vidgen import checkpoint
+from vidgen.fsutil import expand_user
 from vidgen.generators import GenerationRequest, check_generator
 from vidgen.generators.base import DTYPES
 from vidgen.render_config import load_context
@@ -100,11 +101,17 @@ def parse_manifest(path: Path, out: Path, max_frames: int) -> list[Item]:
                     raise ValueError(f"{key} needs a context (the path of an mp4)")
             if context is not None:  # a relative path is the manifest's, wherever it runs
                 item.context_given = context
-                context = str(path.parent / Path(context).expanduser())
+                context = str(path.parent / expand_user(context))
                 if not Path(context).is_file():
                     raise ValueError(f"context {context!r} is not a file")
             item.request, item.context = request, context
-        except (ValueError, TypeError, checkpoint.CheckpointError, OSError) as err:
+        except (
+            ValueError,
+            TypeError,
+            RecursionError,  # a line nested too deep for json (it killed the whole batch)
+            checkpoint.CheckpointError,
+            OSError,
+        ) as err:
             item.error = f"{type(err).__name__}: {err}"
     return items
 
@@ -358,7 +365,11 @@ def _render_group(
             job = pending.pop(item_id)
             try:
                 result = job.finish()
-            except (ValueError, RuntimeError, OSError) as err:  # e.g. segments that do not join
+            except BaseException as err:
+                if not isinstance(err, ValueError | RuntimeError | OSError):
+                    job.abandon()  # an interrupt while it joined: its lock is let go
+                    raise
+                # e.g. segments that do not join
                 log.error("%s: could not be finished: %s", item_id, err)
                 job.abandon()  # its parts folder stays, as after a crash
                 orch.forget(job.key)
@@ -467,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         connect(args.address)
-    except ConnectionError as err:  # exits 2 before --out is made
+    except (ConnectionError, ValueError) as err:  # exits 2 before --out is made
+        # ValueError: an address Ray cannot parse ("foo", "host:port")
         parser.error(f"--address {args.address!r}: {err}")
     args.out.mkdir(parents=True, exist_ok=True)
     pools: dict[str, list] = {}
