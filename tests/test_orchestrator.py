@@ -3416,3 +3416,19 @@ def test_a_manifest_line_nested_too_deep_is_that_lines_error(models, tmp_path):
     manifest.write_text("[" * 100_000 + "\n" + json.dumps(good) + "\n")
     bad, fine = parse_manifest(manifest, tmp_path, max_frames=1000)
     assert "RecursionError" in bad.error and fine.error is None
+
+
+def test_results_rows_whose_id_is_no_string_are_passed_over(tmp_path):
+    """A hand-edited results.jsonl row with a list id failed as a dict key (TypeError) and
+    ended the batch before it ran; a row nested too deep for json, likewise."""
+    from workers.jobs.render import Results
+
+    path = tmp_path / "results.jsonl"
+    rows = [
+        {"id": ["a"], "status": "ok"},
+        {"id": 7, "status": "error", "error": "x"},
+        {"id": "b", "status": "ok"},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n" + "[" * 100_000 + "\n")
+    results = Results(path)
+    assert results.ok == {"b"} and results.last_error == {}

@@ -1571,3 +1571,15 @@ def test_the_default_frozen_tokenizer_named_or_not_is_no_change(tmp_path):
         train([*run, *first], out, 2, stop_at=1)
         final = checkpoint.load(train([*run, *second], out, 2))
         assert final.card["resumes"] == [{"step": 1, "changes": {}}]
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_about(tmp_path, caplog):
+    """The default warmup (200) with train.steps=100: the rate never reached train.lr."""
+    kl = ["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2", "data.num_clips=4"]
+    with caplog.at_level("WARNING", logger="vidgen.train.loop"):
+        train([*kl, "train.warmup=3"], tmp_path / "long", 2)
+    assert "train.warmup=3 is not below train.steps=2" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vidgen.train.loop"):
+        train([*kl, "train.warmup=1"], tmp_path / "short", 2)
+    assert "warmup" not in caplog.text

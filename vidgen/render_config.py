@@ -105,7 +105,7 @@ def _is_provenance(path: Path) -> bool:
     """Whether ``path`` holds a render's provenance sidecar (vidgen's own, to write over)."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(data, dict) and {"vidgen_version", "request_sha256"} <= data.keys()
 

@@ -439,6 +439,14 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
     state when ``stop_at`` ended this invocation early)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.warmup >= cfg.steps:
+        log.warning(
+            "train.warmup=%d is not below train.steps=%d: the learning rate never reaches "
+            "train.lr=%g nor decays (a shorter warmup, or more steps?)",
+            cfg.warmup,
+            cfg.steps,
+            cfg.lr,
+        )
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -140,9 +140,11 @@ class Results:
             for raw in path.read_text().splitlines():
                 try:
                     row = json.loads(raw)
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, RecursionError):
                     continue  # a line cut by a crash: that item simply runs again
-                if not isinstance(row, dict) or "id" not in row:
+                # An id that is no string (a hand-edited file) names no item: a list failed
+                # as a dict key and ended the batch before it ran.
+                if not isinstance(row, dict) or not isinstance(row.get("id"), str):
                     continue
                 self.last_error.pop(row["id"], None)
                 if row.get("status") == "error":
