@@ -119,7 +119,8 @@ class TrainingDiverged(RuntimeError):
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to ``min_lr_ratio`` x lr at the last step."""
+    """Linear warm-up, then cosine decay towards ``min_lr_ratio`` x lr, reached at step
+    ``steps`` (one past the last: the last step runs a little above it)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
