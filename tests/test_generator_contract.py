@@ -435,6 +435,8 @@ def test_a_snapshot_file_whose_contents_do_not_fit_is_refused_by_name(tmp_path):
         "unaccounted": (good.config, {**good.tensors, "pending.7": torch.arange(4)}),
         "cache": (good.config, {**good.tensors, "cache.k": torch.zeros(2)}),
         "nested": ({**good.config, "request": "[" * 100_000 + "]" * 100_000}, good.tensors),
+        # Checked before the names it implies are made: 10**12 built a set that size
+        "huge": ({**good.config, "pending": 10**12}, dict(good.tensors)),
     }
     for name, (config, tensors) in edits.items():
         path = tmp_path / f"{name}.safetensors"
@@ -473,6 +475,18 @@ def test_a_snapshot_file_whose_contents_do_not_fit_is_refused_by_name(tmp_path):
         ("fps", 2000, r"fps must be <= 1000"),
         ("temperature", 10**400, r"temperature must be finite"),
         ("guidance", 2**70 * 10**300, r"guidance must be finite"),
+        # Past 4,300 digits Python cannot print an int: the fingerprint, the JSON and the
+        # stream's seeds failed later without naming the field
+        pytest.param(
+            "seed",
+            10**5000,
+            r"seed must be <= 18446744073709551615, got an int of about 5001",
+            id="seed-10**5000",
+        ),
+        ("seed", 2**64, r"seed must be <= 18446744073709551615"),
+        ("frames", 2**60, r"frames must be <= 9007199254740992"),
+        pytest.param("top_k", 10**5000, r"top_k must be <=", id="top_k-10**5000"),
+        pytest.param("label", 10**5000, r"label must be <=", id="label-10**5000"),
     ],
 )
 def test_request_fields_are_checked_when_made(field, value, message):
@@ -1157,6 +1171,21 @@ def test_continuous_actions_past_max_action_are_refused_by_name():
         )
 
 
+def test_long_double_actions_are_taken_as_float64():
+    """np.longdouble passed every check and failed at the first step (torch has no such
+    dtype), naming neither the request nor its actions."""
+    gen = continuous_diffusion()
+    frames = gen.clip_len
+    wide = np.linspace(-2, 2, frames * 2).reshape(frames, 2).astype(np.longdouble)
+    request = request_for(gen, frames=frames, label=None, actions=wide)
+    assert request.actions.dtype == np.float64
+    narrow = request_for(gen, frames=frames, label=None, actions=wide.astype(np.float64))
+    assert request.fingerprint() == narrow.fingerprint()
+    a, b = gen.open(request), gen.open(narrow)
+    first, second = gen.step([a, b])
+    torch.testing.assert_close(first.data, second.data, rtol=0, atol=1e-5)
+
+
 def test_big_endian_actions_give_the_same_video(family):
     """A big-endian array (a .npy from another machine) passed every check, then torch
     refused it mid-step (the stream left open, the error not naming actions)."""
@@ -1427,3 +1456,12 @@ def test_a_label_for_a_model_without_labels_is_refused_as_such():
     with pytest.raises(ValueError, match="label must be None: this model takes no labels"):
         gen.open(GenerationRequest(model="test", frames=cfg.clip_len, label=1))
     gen.close(gen.open(GenerationRequest(model="test", frames=cfg.clip_len, label=None)))
+
+
+def test_a_token_models_top_k_past_its_vocabulary_is_refused():
+    """top_k=1000 on a 64-code model kept every code: the frames of top_k=0, silently."""
+    gen = make_generator("tokens")
+    vocab = gen.config.vocab
+    gen.close(gen.open(request_for(gen, top_k=vocab)))
+    with pytest.raises(ValueError, match=f"top_k must be at most the model's {vocab} codes"):
+        gen.open(request_for(gen, top_k=vocab + 1))

@@ -13,10 +13,10 @@ def check_int(name: str, value: object, minimum: int | None = None) -> int:
     if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
         at_least = "" if minimum is None else f" >= {minimum}"
         raise ValueError(
-            f"{name} must be an int{at_least}, got {_shown(value)} ({type(value).__name__})"
+            f"{name} must be an int{at_least}, got {shown(value)} ({type(value).__name__})"
         )
     if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {_shown(value)}")
+        raise ValueError(f"{name} must be >= {minimum}, got {shown(value)}")
     return int(value)
 
 
@@ -34,7 +34,7 @@ def check_number(
     if isinstance(value, bool | np.bool_) or not isinstance(
         value, int | float | np.integer | np.floating
     ):
-        raise ValueError(f"{name} must be a number, got {_shown(value)} ({type(value).__name__})")
+        raise ValueError(f"{name} must be a number, got {shown(value)} ({type(value).__name__})")
     try:
         number: float | None = float(value)
     except OverflowError:  # an int beyond a float's range (math.isfinite raises on it too)
@@ -59,9 +59,9 @@ def check_number(
             expected = f">= {low}" if lo == "[" else f"> {low}"
         else:
             expected = f"<= {high}" if hi == "]" else f"< {high}"
-        raise ValueError(f"{name} must be {expected}, got {_shown(value)}")
+        raise ValueError(f"{name} must be {expected}, got {shown(value)}")
     if number is None:  # within the bounds given, but no float can hold it
-        raise ValueError(f"{name} must fit in a float (about 1.8e308), got {_shown(value)}")
+        raise ValueError(f"{name} must fit in a float (about 1.8e308), got {shown(value)}")
     return number
 
 
@@ -92,7 +92,7 @@ def check_ints(obj: object, minimum: int, *names: str) -> None:
         check_int(name, getattr(obj, name), minimum=minimum)
 
 
-def _shown(value: object, limit: int = 80) -> str:
+def shown(value: object, limit: int = 80) -> str:
     """``value`` for an error message: a huge int by its size (Python refuses to print one of
     over 4300 digits, and a long one buries the message), anything else by a cut repr."""
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:

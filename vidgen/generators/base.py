@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from vidgen import checkpoint
-from vidgen.validate import check_int
+from vidgen.validate import check_int, shown
 
 MIN_FPS = 1 / 1001  # the lowest frame rate an mp4 of vidgen can carry
 MAX_FPS = 1000  # the highest (vidgen.io.MAX_FPS: Matroska's millisecond timestamps)
@@ -95,14 +95,16 @@ class GenerationRequest:
             raise ValueError(
                 f"model must be a shipped name or a checkpoint path, got {self.model!r}"
             )
-        self.frames = check_int("frames", self.frames, 1)
-        self.seed = check_int("seed", self.seed, 0)
+        # Bounded: past 4,300 digits Python cannot even print an int (the fingerprint, the
+        # JSON and the stream's seeds failed later, naming no field).
+        self.frames = _bounded_int("frames", self.frames, 1, MAX_FRAMES)
+        self.seed = _bounded_int("seed", self.seed, 0, MAX_SEED)
         self.steps = check_int("steps", self.steps, 1)
         if self.steps > MAX_STEPS:  # a typo that would stall an actor and its whole batch
             raise ValueError(f"steps must be <= {MAX_STEPS}, got {self.steps}")
-        self.top_k = check_int("top_k", self.top_k, 0)
+        self.top_k = _bounded_int("top_k", self.top_k, 0, MAX_SEED)
         if self.label is not None:
-            self.label = check_int("label", self.label, 0)
+            self.label = _bounded_int("label", self.label, 0, MAX_SEED)
         if self.guidance is not None:
             self.guidance = check_guidance(self.guidance)
         self.fps = _number("fps", self.fps)
@@ -354,6 +356,9 @@ def load_snapshot(path: str | Path) -> StreamSnapshot:
     try:
         check_int("checkpoint_clip", info.checkpoint_clip, minimum=0)
         check_int("pending", info.pending, minimum=0)
+        held = sum(k.startswith("pending.") for k in ckpt.tensors)
+        if info.pending > held:  # checked first: a forged 10**12 built a set of that size
+            raise ValueError(f"its header says {info.pending} pending clips; it holds {held}")
         expected = {f"pending.{i}" for i in range(info.pending)} | {"context"}
         extra = sorted(
             k
@@ -616,6 +621,8 @@ def _array(name: str, value: Any, own: bool = False) -> np.ndarray:
         raise ValueError(f"{name} must be a rectangular array of numbers: {err}") from err
     if not array.dtype.isnative:  # e.g. a big-endian .npy: torch refuses it mid-step
         array = array.astype(array.dtype.newbyteorder("="))
+    if array.dtype.kind == "f" and array.dtype.itemsize > 8:  # long double: torch has none
+        array = array.astype(np.float64)  # (failed at the first step; beyond range: inf)
     if own:
         array.flags.writeable = False
     return array
@@ -640,6 +647,13 @@ def request_fingerprints(request: GenerationRequest, *aliases: Any) -> set[str]:
     return {request.fingerprint(form, name) for name in names for form in (True, False)}
 
 
+def _bounded_int(name: str, value: Any, minimum: int, maximum: int) -> int:
+    value = check_int(name, value, minimum)
+    if value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {shown(value)}")
+    return value
+
+
 def _number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
         raise ValueError(f"{name} must be a number, got {value!r}")
@@ -660,6 +674,8 @@ NUMBER_KINDS = "iuf"
 MAX_ACTION = 1e4
 # Denoising steps per clip: samplers use 1-100; more is a typo that would stall an actor.
 MAX_STEPS = 1000
+MAX_SEED = 2**64 - 1  # numpy's and torch's generators take 64-bit seeds
+MAX_FRAMES = 2**53  # any JSON reader holds an integer exactly up to here
 # Far past any useful setting (guidance is used at 1-10, contrast near 1): a larger value is a
 # typo, and one past float32's range made NaN videos without a word.
 MAX_GUIDANCE = 100.0

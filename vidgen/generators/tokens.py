@@ -192,6 +192,10 @@ class TokenClipGenerator:
             )
         check_frames_and_label(request, self.clip_len, cfg.num_classes)
         check_actions(request, cfg.num_actions, cfg.action_dim)
+        if request.top_k > cfg.vocab:  # kept every code: the frames of top_k=0, silently
+            raise ValueError(
+                f"top_k must be at most the model's {cfg.vocab} codes (0: off), got {request.top_k}"
+            )
         if request.context is not None:
             context = np.asarray(request.context)
             if tuple(context.shape[1:]) != self.frame_shape or len(context) % self.clip_len:
