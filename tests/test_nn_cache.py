@@ -198,6 +198,11 @@ def test_a_reused_slot_starts_clean_and_first_frames_are_not_negative():
         (lambda s: s.update(head=torch.tensor(7)), "is not where the last chunk"),
         # A head moved inside the window: the next clip overwrote held frames.
         (lambda s: s.update(head=(s["head"] + 1) % 4), "is not where the last chunk"),
+        # 2.7 was taken as 2, two numbers failed with torch's message naming no field
+        (lambda s: s.update(head=s["head"].double() + 0.7), "head must be one integer"),
+        (lambda s: s.update(next_frame=torch.tensor([4, 4])), "next_frame must be one integer"),
+        # More chunks than the window holds frames: refused before they are walked
+        (lambda s: s.update(chunks=torch.zeros(10**5, 3, dtype=torch.int64)), "more than its"),
     ],
 )
 def test_a_snapshot_that_does_not_fit_is_refused_naming_what(change, message):

@@ -298,6 +298,14 @@ def _check_snapshot(
         )
     if table.ndim != 2 or table.shape[1] != 3 or table.is_floating_point():
         raise ValueError(f"snapshot chunks must be integer (c, 3), got {tuple(table.shape)}")
+    if len(table) > spec.window:  # each holds a frame or more: checked before walking them
+        raise ValueError(f"snapshot holds {len(table)} chunks, more than its window's frames")
+    for name in ("head", "next_frame"):  # 2.7 was taken as 2; two numbers failed unnamed
+        got = tensors[name]
+        if got.numel() != 1 or got.is_floating_point() or got.dtype == torch.bool:
+            raise ValueError(
+                f"snapshot {name} must be one integer, got {got.dtype} {tuple(got.shape)}"
+            )
     chunks = [_Chunk(*map(int, row)) for row in table.tolist()]
     head, next_frame = int(tensors["head"]), int(tensors["next_frame"])
     held = sum(c.frames for c in chunks)
