@@ -3432,3 +3432,119 @@ def test_results_rows_whose_id_is_no_string_are_passed_over(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n" + "[" * 100_000 + "\n")
     results = Results(path)
     assert results.ok == {"b"} and results.last_error == {}
+
+
+def test_ray_wait_hands_back_the_callers_own_handles(monkeypatch):
+    """Over a Ray client (ray://) ray.wait returns new refs, equal to those given but not
+    the same objects; the orchestrator matches finished work by identity, so it never saw a
+    step come back and the render hung."""
+    import workers.executors
+    from workers.executors import RayExecutor
+
+    class Ref:  # a ClientObjectRef: equal and hashed by its id
+        def __init__(self, ident):
+            self.ident = ident
+
+        def __eq__(self, other):
+            return isinstance(other, Ref) and other.ident == self.ident
+
+        def __hash__(self):
+            return hash(self.ident)
+
+    def client_wait(refs, num_returns, timeout, fetch_local):
+        copies = [Ref(r.ident) for r in refs]
+        return copies[:num_returns], copies[num_returns:]
+
+    monkeypatch.setattr(workers.executors.ray, "wait", client_wait)
+    handles = [Ref(1), Ref(2), Ref(3)]
+    for first in (False, True):
+        ready = RayExecutor.wait(handles, timeout=0, first=first)
+        assert len(ready) == 3 and all(any(r is h for h in handles) for r in ready)
+
+
+class _DiesWithoutComingBack(LocalExecutor):
+    """Its second step fails and ``recover`` cannot bring it back (a restarted actor still
+    loading past its ready timeout); counts its retires."""
+
+    def __init__(self, worker, name):
+        super().__init__(worker, name)
+        self.calls, self.retired = 0, 0
+
+    def step(self, keys, epochs, snaps):
+        self.calls += 1
+        if self.calls == 2:
+            self.worker.streams.clear()
+            return self._call(lambda: (_ for _ in ()).throw(ExecutorFailed("actor died")))
+        return super().step(keys, epochs, snaps)
+
+    def recover(self):
+        raise TimeoutError("the restarted actor did not answer in ready_timeout")
+
+    def retire(self):
+        self.retired += 1
+
+
+@pytest.mark.parametrize("replace", [None, "none", "a worker"])
+def test_an_executor_that_does_not_come_back_is_retired(models, replace):
+    """Dropped without a retire (no replace, or one that gave None), an actor that came back
+    behind the orchestrator's back kept its GPU. A replace that returned a worker, not an
+    executor, failed half-way through the failure's handling, and every later run with it."""
+    model = models["diffusion"]
+    dying = _DiesWithoutComingBack(GeneratorWorker(model, max_streams=4), "dying")
+    replacer = {
+        None: None,
+        "none": lambda failed: None,
+        "a worker": lambda failed: GeneratorWorker(model, max_streams=4),
+    }[replace]
+    orch = Orchestrator([dying, *local(model)], replace=replacer)
+    req = request_for(model)
+    key = orch.submit(req)
+    frames = np.concatenate([c.frames for c in orch.clips(key)])
+    assert dying.retired >= 1 and orch.executors[0] is None
+    np.testing.assert_allclose(frames, reference(model, req), atol=2)
+
+
+def test_serving_arguments_are_checked_by_name(models, monkeypatch):
+    from workers import cluster
+
+    model = models["diffusion"]
+    executor = local(model)[0]
+    with pytest.raises(ValueError, match="same executor more than once"):
+        Orchestrator([executor, executor])  # its slots were counted twice
+    with pytest.raises(ValueError, match="replace must be callable"):
+        Orchestrator([executor], replace=True)
+    orch = Orchestrator([executor])
+    with pytest.raises(ValueError, match=r"sink must have room\(\), put\(clip\) and finish"):
+        orch.submit(request_for(model, frames=8), sink=0)
+    assert executor.worker.streams == {}  # it held its slot for good
+    with pytest.raises(ValueError, match="poll must be >= 0"):
+        orch.run(poll=-1)
+    for kwargs, message in (
+        ({"max_streams": 2.5}, "max_streams must be an int"),
+        ({"threads": -1}, "threads must be >= 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            GeneratorWorker(model, **kwargs)
+    monkeypatch.setattr(cluster.ray, "is_initialized", lambda: True)  # never connects here
+    for args, kwargs, message in (
+        ((None,), {}, "address must be a string"),
+        (("",), {"num_cpus": 0}, "num_cpus must be >= 1"),
+        (("",), {"num_gpus": -1}, "num_gpus must be >= 0"),
+        (("auto",), {"num_cpus": 2}, "num_cpus sizes a local instance"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            cluster.connect(*args, **kwargs)
+
+
+def test_the_in_process_worker_leaves_the_callers_torch_threads_alone(models):
+    """A GeneratorWorker set torch's thread count (1) for its whole process: right for an
+    actor, wrong for the in-process twin behind LocalExecutor."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        GeneratorWorker(models["diffusion"], max_streams=1, threads=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -33,6 +33,7 @@ from vidgen.generators import (
     load_generator,
 )
 from vidgen.generators.base import dtype_name
+from vidgen.validate import check_int
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +65,17 @@ class StepOut:
     snapshots: dict[int, StreamSnapshot] = field(default_factory=dict)
 
 
+def _in_actor() -> bool:
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+
+
 def auto_device() -> str:
     """``cuda`` where torch sees a GPU, except in a Ray actor placed without one: Ray no
     longer hides the node's GPUs from such an actor (``CUDA_VISIBLE_DEVICES`` is left as it
     was), which then loaded onto GPU 0, beside the actors that own it."""
     if not torch.cuda.is_available():
         return "cpu"
-    if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+    if _in_actor():
         return "cuda" if ray.get_gpu_ids() else "cpu"
     return "cuda"
 
@@ -86,9 +91,14 @@ class GeneratorWorker:
         threads: int = 1,
         dtype: str = "float32",
     ) -> None:
+        # Checked here too: the in-process twin (LocalExecutor) has no RayExecutor before it.
+        max_streams = check_int("max_streams", max_streams, minimum=1)
+        threads = check_int("threads", threads, minimum=0)  # 0: torch's own count
         if device == "auto":
             device = auto_device()
-        if device == "cpu" and threads:
+        # An actor's process is its own; the in-process twin left its caller's whole process
+        # at one thread.
+        if device == "cpu" and threads and _in_actor():
             torch.set_num_threads(threads)
         self.model_name = model
         self.device = device

@@ -11,6 +11,8 @@ import threading
 
 import ray
 
+from vidgen.validate import check_int
+
 log = logging.getLogger(__name__)
 
 # Ray gives a new node's raylet a fixed 30 s to register with its GCS; on a loaded machine a
@@ -117,6 +119,17 @@ def connect(
     A local start that times out registering its node is tried again, up to ``attempts``
     times in all. Already connected: nothing to do. Returns whether this call connected (so
     the caller knows to ``ray.shutdown()`` when done)."""
+    if not isinstance(address, str):  # None failed as an AttributeError
+        raise ValueError(f"address must be a string ('' for a local instance), got {address!r}")
+    for name, count in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
+        if count is None:
+            continue
+        # 0 CPUs read as "all of them"; a negative count went to Ray as it was
+        check_int(name, count, minimum=1 if name == "num_cpus" else 0)
+        if address != "":
+            raise ValueError(
+                f"{name} sizes a local instance (address ''); a cluster at {address!r} has its own"
+            )
     if ray.is_initialized():
         return False
     _check_answers(address)

@@ -134,6 +134,7 @@ class RayExecutor:
         self.handle, self.info = start_actor(
             model, max_streams, threads, max_restarts, ready_timeout, dtype=dtype
         )
+        self._given_name = name
         self.name = name or f"actor-{self.info['pid']}"
 
     # An actor runs its calls one at a time: an open or restore waits for the step in flight
@@ -157,12 +158,18 @@ class RayExecutor:
     def wait(handles: list[Any], timeout: float | None, first: bool = False) -> list[Any]:
         if first:  # block until one is done, then take every other that is done too
             ready, rest = ray.wait(handles, num_returns=1, timeout=timeout, fetch_local=False)
-            if not ready or not rest:
-                return ready
-            more, _ = ray.wait(rest, num_returns=len(rest), timeout=0, fetch_local=False)
-            return ready + more
-        ready, _ = ray.wait(handles, num_returns=len(handles), timeout=timeout, fetch_local=False)
-        return ready
+            if ready and rest:
+                more, _ = ray.wait(rest, num_returns=len(rest), timeout=0, fetch_local=False)
+                ready = ready + more
+        else:
+            ready, _ = ray.wait(
+                handles, num_returns=len(handles), timeout=timeout, fetch_local=False
+            )
+        # The caller's own objects: over a Ray client (ray://) ray.wait hands back new refs,
+        # equal to those given but not the same, and the orchestrator, which matches finished
+        # work by identity, never saw a step come back (a render hung).
+        own = {handle: handle for handle in handles}
+        return [own.get(ref, ref) for ref in ready]
 
     def result(self, handle: Any) -> Any:
         return ray.get(handle)
@@ -224,5 +231,6 @@ class RayExecutor:
             self.threads,
             self.max_restarts,
             self.ready_timeout,
+            name=self._given_name,
             dtype=self.dtype,
         )

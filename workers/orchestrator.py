@@ -36,7 +36,7 @@ import numpy as np
 from vidgen.checkpoint import same_checkpoint
 from vidgen.generators import Clip, GenerationRequest, StreamSnapshot
 from vidgen.generators.base import own_request, request_fingerprints
-from vidgen.validate import check_int, check_step_timeout
+from vidgen.validate import check_int, check_number, check_step_timeout
 from workers.actor import ClipOut, StepOut, StreamsLost
 from workers.executors import Executor, ExecutorFailed
 
@@ -266,6 +266,10 @@ class Orchestrator:
     ) -> None:
         if not executors:
             raise ValueError("the orchestrator needs at least one executor")
+        if len({id(e) for e in executors}) != len(executors):  # its slots counted twice
+            raise ValueError("executors holds the same executor more than once")
+        if replace is not None and not callable(replace):  # failed as "not replaced" later
+            raise ValueError(f"replace must be callable or None, got {replace!r}")
         step_timeout = check_step_timeout("step_timeout", step_timeout)
         # 0 made every run fail as if no sink were drained; snapshot_every 0 or less was
         # taken as 1 without a word, 2.5 never snapshotted
@@ -316,6 +320,12 @@ class Orchestrator:
         # Its own copies: a caller that reuses its request object (a new seed for the next
         # video) changed the clips restored after a failure.
         request = own_request(request)
+        if sink is not None and not all(
+            callable(getattr(sink, name, None)) for name in ("room", "put", "finish")
+        ):  # every run failed, and the stream held its slot for good
+            raise ValueError(
+                f"sink must have room(), put(clip) and finish() (a Sink), got {type(sink).__name__}"
+            )
         if truth is not None:
             truth = replace(truth, request=own_request(truth.request))
             named = truth.request.model  # the same file under another name is the same model
@@ -475,6 +485,7 @@ class Orchestrator:
 
     def run(self, until: Callable[[], bool] | None = None, poll: float = 0.05) -> None:
         """Loop until every stream is delivered (or ``until()`` is true)."""
+        check_number("poll", poll, minimum=0)  # Ray refused -1 mid-loop
         while self._unfinished():
             if until is not None and until():
                 return
@@ -878,12 +889,26 @@ class Orchestrator:
                     raise ExecutorBroken(broken)
             except Exception as recover_err:
                 log.warning("executor %s did not come back (%s)", index, recover_err)
+                # For good, before a new one is asked for: one still loading after the
+                # timeout, or alive but unreachable, kept its GPU (the new one's, maybe).
+                try:
+                    _retire(executor)
+                except Exception as retire_err:
+                    log.warning("executor %s could not be retired (%s)", index, retire_err)
                 replacement = None
                 if self.replace is not None:
                     try:
                         replacement = self.replace(executor)
+                        if replacement is not None and not isinstance(
+                            getattr(replacement, "info", None), dict
+                        ):  # a worker, not its executor: failed half-way through this loop
+                            raise TypeError(
+                                f"replace returned {type(replacement).__name__}, not an "
+                                "executor (with .info) or None"
+                            )
                     except Exception as replace_err:  # e.g. no GPU free for a new actor
                         log.warning("executor %s could not be replaced (%s)", index, replace_err)
+                        replacement = None
                 differ = None if replacement is None else _differ(self.info, replacement.info)
                 if differ:
                     log.warning(
