@@ -189,17 +189,25 @@ def test_a_render_resumes_only_in_its_own_dtype(models, tmp_path):
     tok = orch.info["tokenizer_sha256"]
     assert finished_render(out, req, sha, False, tok, "bfloat16") is not None
     assert finished_render(out, req, sha, False, tok, "float32") is None
-    # A parts folder made in one dtype is refused by a render in the other.
-    folder = parts_folder(out)
-    folder.mkdir()
-    (folder / "request.sha256").write_text(req.fingerprint())
-    (folder / "dtype").write_text("bfloat16")
+    # A parts folder made in one dtype (a render stopped after its first segment) is
+    # refused by a render in the other.
+    stopped = tmp_path / "stopped.mp4"
+    orch = Orchestrator([local(model, "bfloat16")])
+    run = orch.run
+
+    def stop_after_a_segment(until=None, poll=0.05):
+        run(until=lambda: any(parts_folder(stopped).glob("part_*.mp4")))
+        raise KeyboardInterrupt
+
+    orch.run = stop_after_a_segment
+    with pytest.raises(KeyboardInterrupt):
+        render(orch, req, stopped, segment_clips=1)
     with pytest.raises(ValueError, match="made in bfloat16, this one runs in float32"):
-        render(Orchestrator([local(model)]), req, out, segment_clips=1)
+        render(Orchestrator([local(model)]), req, stopped, segment_clips=1)
     # A folder from before the guard (no dtype file) was made in float32.
-    (folder / "dtype").unlink()
+    (parts_folder(stopped) / "dtype").unlink()
     with pytest.raises(ValueError, match="made in float32, this one runs in bfloat16"):
-        render(Orchestrator([local(model, "bfloat16")]), req, out, segment_clips=1)
+        render(Orchestrator([local(model, "bfloat16")]), req, stopped, segment_clips=1)
 
 
 def test_a_ray_executors_replacement_keeps_its_dtype(monkeypatch):
