@@ -9,6 +9,7 @@ import torch
 
 from tests.models import save_test_generators
 from tests.test_generator_contract import FAMILIES, make_generator, request_for
+from tests.test_orchestrator import render_until_a_segment
 from vidgen.generators import (
     DiffusionClipGenerator,
     TokenClipGenerator,
@@ -192,16 +193,7 @@ def test_a_render_resumes_only_in_its_own_dtype(models, tmp_path):
     # A parts folder made in one dtype (a render stopped after its first segment) is
     # refused by a render in the other.
     stopped = tmp_path / "stopped.mp4"
-    orch = Orchestrator([local(model, "bfloat16")])
-    run = orch.run
-
-    def stop_after_a_segment(until=None, poll=0.05):
-        run(until=lambda: any(parts_folder(stopped).glob("part_*.mp4")))
-        raise KeyboardInterrupt
-
-    orch.run = stop_after_a_segment
-    with pytest.raises(KeyboardInterrupt):
-        render(orch, req, stopped, segment_clips=1)
+    render_until_a_segment(Orchestrator([local(model, "bfloat16")]), req, stopped)
     with pytest.raises(ValueError, match="made in bfloat16, this one runs in float32"):
         render(Orchestrator([local(model)]), req, stopped, segment_clips=1)
     # A folder from before the guard (no dtype file) was made in float32.
