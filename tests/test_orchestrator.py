@@ -3548,3 +3548,28 @@ def test_the_in_process_worker_leaves_the_callers_torch_threads_alone(models):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_batch_whose_out_cannot_be_written_exits_before_ray_starts(tmp_path, capsys, monkeypatch):
+    """A read-only --out failed only at the first result row, after the actors started."""
+    import tempfile
+
+    import workers.cluster
+    from workers.jobs.render import main
+
+    connected = []
+    monkeypatch.setattr(workers.cluster, "connect", lambda address: connected.append(address))
+    made_in = []
+
+    def read_only(dir=None, **kwargs):
+        made_in.append(Path(dir))
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    manifest = tmp_path / "items.jsonl"
+    manifest.write_text('{"id": "a", "model": "ca2vdm-tiny", "frames": 16}\n')
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--manifest", str(manifest), "--out", str(tmp_path / "new" / "out")])
+    assert exit_info.value.code == 2 and not connected
+    assert made_in == [tmp_path]  # the nearest folder that exists, where out would be made
+    assert "cannot be written: Permission denied" in capsys.readouterr().err

@@ -38,7 +38,7 @@ from vidgen import checkpoint
 from vidgen.fsutil import expand_user
 from vidgen.generators import GenerationRequest, check_generator
 from vidgen.generators.base import DTYPES
-from vidgen.render_config import load_context
+from vidgen.render_config import check_writable, load_context
 from vidgen.validate import check_step_timeout
 from workers.actor import remote_reason
 from workers.orchestrator import NoExecutorsLeft, NoProgress, Orchestrator, SinkError
@@ -473,6 +473,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--manifest {args.manifest} is not a file")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} is a file; give the folder the videos go to")
+    where = args.out  # the folder, or the nearest one above it that exists (made in there)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:  # before Ray and the actors start, not at the first result row
+        check_writable(where / "results.jsonl")
+    except ValueError as err:
+        parser.error(f"--out {args.out}: {err}")
     items = parse_manifest(args.manifest, args.out, args.max_frames)
 
     from workers.cluster import connect
