@@ -83,3 +83,52 @@ def test_frames_or_latents_of_another_size_are_refused():
             model.encode(torch.zeros(1, 1, 3, cfg.image_size, cfg.image_size, dtype=torch.uint8))
         with pytest.raises(ValueError, match="latents must be"):
             model.decode(torch.zeros(1, 1, cfg.latent_channels, 3, 3))
+
+
+def test_an_empty_batch_and_other_dtypes():
+    """A batch of 0 failed in einops (ZeroDivisionError); float64 or float16 inside a conv,
+    naming no argument."""
+    cfg = KL_CONFIGS["test"]
+    model = KLAutoencoder(cfg).eval()
+    size = cfg.image_size
+    with torch.no_grad():
+        latents = model.encode(torch.zeros(0, 3, 3, size, size))
+        assert latents.shape == (0, 3, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+        assert model.decode(latents).shape == (0, 3, 3, size, size)
+        with pytest.raises(ValueError, match="video must be torch.float32"):
+            model.encode(torch.zeros(1, 1, 3, size, size, dtype=torch.float64))
+        with pytest.raises(ValueError, match="latents must be torch.float32"):
+            model.decode(latents.half())
+
+
+def test_channels_are_checked_as_ints():
+    for bad, message in (
+        ((0, 8, 16, 16), "channels\\[0\\] must be >= 8"),
+        ((8.0, 8, 16, 16), "must be an int"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            dataclasses.replace(KL_CONFIGS["test"], channels=bad)
+
+
+def test_an_evaluation_forward_is_deterministic_and_leaves_the_global_rng_alone():
+    """In eval mode without a generator it sampled the posterior from the global RNG."""
+    cfg = KL_CONFIGS["test"]
+    model = KLAutoencoder(cfg).eval()
+    video = torch.rand(1, 2, 3, cfg.image_size, cfg.image_size) * 2 - 1
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        a, b = model(video), model(video)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert float(a["loss"]) == float(b["loss"])
+
+
+def test_ssim_after_a_call_under_inference_mode_still_trains():
+    """The cached window, made as an inference tensor, failed every later backward."""
+    from vidgen.tokenizers.losses import ssim
+
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.inference_mode():
+        ssim(x, x, window=5, sigma=1.1)  # a window size no other test makes first
+    y = x.clone().requires_grad_()
+    ssim(y, x * 0.5, window=5, sigma=1.1).backward()
+    assert y.grad is not None

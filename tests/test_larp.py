@@ -100,7 +100,9 @@ def test_decode_video_names_ids_of_the_wrong_shape():
     m = model()
     ids = m.encode(clip())
     assert m.decode_video(ids[:, None]).shape == (2, CFG.frames, CFG.channels, CFG.size, CFG.size)
-    with pytest.raises(ValueError, match=r"ids must be \(batch, clips, num_tokens=8\).* \(2, 8\)"):
+    with pytest.raises(
+        ValueError, match=r"ids must be integer \(batch, clips, num_tokens=8\).* \(2, 8\)"
+    ):
         m.decode_video(ids)
 
 
@@ -421,3 +423,48 @@ def test_nan_loss_settings_are_refused_by_name(key):
     """NaN passed their `<` checks: the run then stopped as diverged, blaming the lr."""
     with pytest.raises(ValueError, match=f"{key} must be finite, got nan"):
         dataclasses.replace(CTX, **{key: float("nan")})
+
+
+def test_decode_video_of_narrow_integer_ids_gives_the_first_clip_no_context():
+    """NO_CONTEXT (-1) in uint8 ids was 255: the first clip was decoded as if the clip
+    before were all code 255 (a real code of a 1024-code book; refused here, 64 codes)."""
+    m = model(CTX)
+    ids = m.encode(clip(batch=4, seed=2)).reshape(2, 2, -1)
+    wide = m.decode_video(ids)
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        torch.testing.assert_close(m.decode_video(ids.to(dtype)), wide, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="ids must be integer"):
+        m.decode_video(ids.float())
+
+
+def test_training_on_no_frames_is_refused_and_leaves_code_usage_finite():
+    """A batch of nothing gave a NaN loss, and 0 / 0 made every code's usage NaN for good:
+    dead codes never restarted again, and the exported file did not load."""
+    m = model(CFG).train()
+    with pytest.raises(ValueError, match=r"video must hold frames, got shape \(0,"):
+        m(clip(batch=2)[:0])
+    m.quantizer.track(torch.zeros(0, dtype=torch.int64))
+    assert torch.isfinite(m.quantizer.usage).all()
+    ctx = model(CTX).train()
+    with pytest.raises(ValueError, match="video must hold frames"):
+        ctx(clip(batch=2)[:, :0])
+
+
+def test_video_of_another_dtype_is_refused_by_name():
+    m = model()
+    with pytest.raises(ValueError, match="video must be torch.float32 .*got torch.float64"):
+        m.encode(clip().double())
+    with pytest.raises(ValueError, match="video must be floating point"):
+        m.encode((clip() > 0).to(torch.uint8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts it itself
+        assert m.encode(clip().bfloat16()).shape == (2, CFG.num_tokens)
+
+
+@pytest.mark.parametrize("dim", [4, 9, 72, 100])
+def test_a_disc_dim_the_patch_gan_cannot_be_built_with_is_refused(dim):
+    """GroupNorm's groups must divide each layer's width: 72 failed when the discriminator
+    was built, in torch's words, naming no setting."""
+    with pytest.raises(ValueError, match=f"disc_dim must be >= 8 .*got {dim}"):
+        dataclasses.replace(CFG, disc_dim=dim)
+    for fine in (8, 16, 24, 64):
+        dataclasses.replace(CFG, disc_dim=fine)

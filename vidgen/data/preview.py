@@ -13,7 +13,7 @@ import numpy as np
 from omegaconf import MISSING
 from tqdm import tqdm
 
-from vidgen.fsutil import expand_user
+from vidgen.fsutil import expand_user, target
 from vidgen.io import VideoWriter
 from vidgen.worlds.agent import POLICIES, AgentWorldConfig, iter_trajectory
 from vidgen.worlds.bouncing import BouncingShapes, BouncingShapesConfig
@@ -53,8 +53,10 @@ class PreviewConfig:
         out = expand_user(self.out)
         if out.suffix.lower() not in (".mp4", ".mkv", ".mov"):
             raise ValueError(f"out must end in .mp4 (or .mkv/.mov), got {self.out!r}")
-        if not out.parent.is_dir():
-            raise ValueError(f"out={self.out!r}: folder {str(out.parent)!r} does not exist")
+        # The link's target's too: written there, its missing folders were made silently.
+        for where in dict.fromkeys((out.parent, target(out).parent)):
+            if not where.is_dir():
+                raise ValueError(f"out={self.out!r}: folder {str(where)!r} does not exist")
         if out.is_dir():
             raise ValueError(f"out={self.out!r} is a folder; give the video's file name")
 

@@ -29,7 +29,20 @@ from einops import rearrange
 from torch import nn
 
 from vidgen.tokenizers.losses import gradient_l1, ssim
-from vidgen.validate import check_ints, check_number
+from vidgen.validate import check_int, check_ints, check_number
+
+
+def check_float_input(name: str, x: torch.Tensor, dtype: torch.dtype) -> None:
+    """``x`` must be floating point in the model's ``dtype`` (autocast casts it itself):
+    integer frames (uint8: ``to_model_range`` first) or float64 failed inside a layer,
+    naming no argument."""
+    if not x.is_floating_point():
+        raise ValueError(
+            f"{name} must be floating point in [-1, 1] (uint8 frames: to_model_range), got "
+            f"{x.dtype}"
+        )
+    if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(f"{name} must be {dtype} (the model's dtype), got {x.dtype}")
 
 
 @dataclass
@@ -58,6 +71,8 @@ class KLConfig:
         self.channels = tuple(self.channels)  # Hydra hands lists
         if len(self.channels) != 4:
             raise ValueError(f"channels must have 4 levels (8x downsampling), got {self.channels}")
+        for i, c in enumerate(self.channels):  # 0, -8 and 8.0 passed `c % 8`
+            check_int(f"channels[{i}]", c, minimum=8)
         if self.image_size % 8:
             raise ValueError(f"image_size must be a multiple of 8, got {self.image_size}")
         if any(c % 8 for c in self.channels):
@@ -177,12 +192,14 @@ class KLAutoencoder(nn.Module):
             raise ValueError(
                 f"video must be float {expected} in [-1, 1], got {video.dtype} {tuple(video.shape)}"
             )
-        b = video.shape[0]
+        check_float_input("video", video, self.encoder.conv_in.weight.dtype)
+        b, t = video.shape[:2]
         # Contiguous: frames made from HWC arrays have channels-last strides, and with the
         # input conv frozen (decoder fine-tuning) torch 2.13's CPU conv backward segfaults on
         # them.
         moments = self.encoder(rearrange(video, "b t c h w -> (b t) c h w").contiguous())
-        mean, logvar = rearrange(moments, "(b t) c h w -> b t c h w", b=b).chunk(2, dim=2)
+        # t as well as b: with b = 0 einops could not tell t (a ZeroDivisionError)
+        mean, logvar = rearrange(moments, "(b t) c h w -> b t c h w", b=b, t=t).chunk(2, dim=2)
         return mean, logvar.clamp(-30.0, 20.0)
 
     def encode(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -212,9 +229,10 @@ class KLAutoencoder(nn.Module):
         shape = (self.config.latent_channels, self.config.latent_size, self.config.latent_size)
         if latents.ndim != 5 or tuple(latents.shape[2:]) != shape:
             raise ValueError(f"latents must be (b, t, *{shape}), got {tuple(latents.shape)}")
-        b = latents.shape[0]
+        check_float_input("latents", latents, self.decoder.conv_in.weight.dtype)
+        b, t = latents.shape[:2]
         z = rearrange(latents / self.config.scale, "b t c h w -> (b t) c h w")
-        return rearrange(self.decoder(z), "(b t) c h w -> b t c h w", b=b)
+        return rearrange(self.decoder(z), "(b t) c h w -> b t c h w", b=b, t=t)
 
     def forward(
         self, video: torch.Tensor, generator: torch.Generator | None = None
@@ -222,8 +240,12 @@ class KLAutoencoder(nn.Module):
         """Losses and metrics of reconstructing ``video`` (b, t, 3, H, W) in [-1, 1]."""
         cfg = self.config
         mean, logvar = self.posterior(video)
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        z = mean + (0.5 * logvar).exp() * noise
+        z = mean  # evaluation without a generator: deterministic, the global RNG untouched
+        if self.training or generator is not None:
+            noise = torch.randn(
+                mean.shape, generator=generator, device=mean.device, dtype=mean.dtype
+            )
+            z = mean + (0.5 * logvar).exp() * noise
         if cfg.latent_noise > 0 and self.training:
             z = z + self._latent_noise(z, generator)
         recon = self.decoder(rearrange(z, "b t c h w -> (b t) c h w"))  # (b*t, 3, H, W)

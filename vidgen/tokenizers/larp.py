@@ -47,7 +47,7 @@ from torch import nn
 
 from vidgen.nn.masks import block_causal_mask
 from vidgen.nn.transformer import Transformer
-from vidgen.tokenizers.kl import KLAutoencoder, foreground_weights
+from vidgen.tokenizers.kl import KLAutoencoder, check_float_input, foreground_weights
 from vidgen.tokenizers.losses import gradient_l1, ssim
 from vidgen.validate import check_depths, check_ints, check_number
 
@@ -133,6 +133,15 @@ class LARPConfig:
         check_ints(self, 1, "enc_depth", "dec_depth", "code_dim", "prior_dim", "prior_depth")
         check_depths(self, "enc_depth", "dec_depth", "prior_depth")
         check_ints(self, 1, "prior_heads", "disc_dim", "disc_layers")
+        if self.disc_dim < 8 or any(  # the patch-GAN's GroupNorms (checked when it was built)
+            (w := self.disc_dim * min(2**i, 8)) % min(32, w // 4)
+            for i in range(1, self.disc_layers)
+        ):
+            raise ValueError(
+                f"disc_dim must be >= 8 and give each patch-GAN layer's width (disc_dim x 2, "
+                f"x 4, x 8) a GroupNorm of min(32, width / 4) groups (a multiple of 16 does), "
+                f"got {self.disc_dim}"
+            )
         check_ints(self, 0, "vq_warmup", "restart_every")
         check_number("tau", self.tau, above=0)
         check_number("usage_decay", self.usage_decay, minimum=0, below=1)
@@ -290,7 +299,8 @@ class StochasticVQ(nn.Module):
     @torch.no_grad()
     def track(self, ids: torch.Tensor) -> None:
         counts = torch.bincount(ids.flatten(), minlength=self.usage.numel()).float()
-        self.usage.lerp_(counts / counts.sum(), 1.0 - self.usage_decay)
+        if counts.sum() > 0:  # none: 0 / 0 made every code's usage NaN for good
+            self.usage.lerp_(counts / counts.sum(), 1.0 - self.usage_decay)
 
 
 class Prior(nn.Module):
@@ -391,6 +401,7 @@ class LARPTokenizer(nn.Module):
             raise ValueError(
                 f"video must be (b, {', '.join(map(str, expected))}), got {tuple(video.shape)}"
             )
+        check_float_input("video", video, self.patch_in.weight.dtype)
         return rearrange(
             video,
             "b (t pt) c (h ph) (w pw) -> b (t h w) (pt ph pw c)",
@@ -506,11 +517,12 @@ class LARPTokenizer(nn.Module):
         the previous one's ids as its context (a context decoder; the first clip without),
         all clips in one batch."""
         n = self.config.num_tokens
-        if ids.dim() != 3 or ids.shape[2] != n:
+        if ids.dim() != 3 or ids.shape[2] != n or not _is_integer(ids):
             raise ValueError(
-                f"ids must be (batch, clips, num_tokens={n}) for decode_video, got shape "
-                f"{tuple(ids.shape)} (one clip's ids (batch, {n}) go to decode)"
+                f"ids must be integer (batch, clips, num_tokens={n}) for decode_video, got "
+                f"{ids.dtype} {tuple(ids.shape)} (one clip's ids (batch, {n}) go to decode)"
             )
+        ids = ids.long()  # NO_CONTEXT (-1) in uint8 ids was 255, a real code
         b, m = ids.shape[:2]
         context = None
         if self.config.context_decoder:
@@ -531,6 +543,9 @@ class LARPTokenizer(nn.Module):
         """Losses and metrics on ``video``; codes are sampled when a generator is given.
         ``z`` (b, n, e) is the batch's normalised encoder output (for dead-code restarts)."""
         cfg = self.config
+        if video.ndim == 5 and (video.shape[0] == 0 or video.shape[1] == 0):
+            # Losses of nothing are NaN (0 / 0), and were trained on without a word.
+            raise ValueError(f"video must hold frames, got shape {tuple(video.shape)}")
         b, m = video.shape[0], 1
         if cfg.context_decoder and video.ndim == 5 and video.shape[1] % cfg.frames == 0:
             # m consecutive clips: decoded as a video is, each reading the one before.
@@ -718,6 +733,12 @@ class LARPVideoTokenizer(nn.Module):
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """Frames (b, frames, 3, H, W) in [-1, 1] -> ids (b, N) (the autoencoder checks the
         frames' size, the LARP their number)."""
+        frames = self.larp.config.frames
+        if video.ndim != 5 or video.shape[1] != frames:  # said in latents' shapes before
+            raise ValueError(
+                f"video must be (b, {frames}, channels, height, width) frames, got "
+                f"{tuple(video.shape)}"
+            )
         return self.larp.encode(self.to_input(video))
 
     @torch.no_grad()

@@ -26,7 +26,9 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7, sigma: float = 1.5) 
     """Mean SSIM of two (N, C, H, W) batches in [-1, 1] (computed on [0, 1])."""
     x, y = (x + 1) / 2, (y + 1) / 2
     channels = x.shape[1]
-    kernel = _gaussian_window(window, sigma).to(x).expand(channels, 1, window, window)
+    # A copy: the cached window itself, made under inference_mode once, failed every later
+    # backward through it ("inference tensors cannot be saved for backward").
+    kernel = _gaussian_window(window, sigma).to(x, copy=True).expand(channels, 1, window, window)
 
     def blur(t: torch.Tensor) -> torch.Tensor:
         return F.conv2d(t, kernel, padding=window // 2, groups=channels)
