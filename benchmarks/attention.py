@@ -24,6 +24,7 @@ import time
 import warnings
 from collections.abc import Callable
 
+import _args
 import torch
 
 from vidgen.machine import cpu_model, describe_machine
@@ -67,9 +68,13 @@ def train_step(q, k, v, mask, backend: str) -> Callable[[], None]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument(
+        "--device", type=_args.device, default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], help="float32 (CPU default) or bfloat16"
+    )
+    parser.add_argument("--repeats", type=_args.positive_int, default=None)
     parser.add_argument("--compile-cpu-flex", action="store_true")
     args = parser.parse_args()
     device = torch.device(args.device)

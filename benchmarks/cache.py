@@ -32,6 +32,7 @@ import statistics
 import time
 
 import torch
+from _args import threads
 
 from vidgen.generators import DiffusionClipGenerator, GenerationRequest
 from vidgen.machine import describe_machine
@@ -175,11 +176,14 @@ def main() -> None:
     parser.add_argument("--configs", default="tiny,base")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--ar-steps", type=int, default=52)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: default)")
+    parser.add_argument("--threads", type=threads, default=1, help="torch CPU threads (0: default)")
     parser.add_argument(
         "--clip-steps", type=int, default=12, help="denoising steps of the per-clip figure (tiny)"
     )
     args = parser.parse_args()
+    unknown = sorted(set(args.configs.split(",")) - set(CA2VDM_CONFIGS))
+    if unknown:  # a KeyError, after the other configs had run
+        parser.error(f"--configs: unknown {unknown}; known: {sorted(CA2VDM_CONFIGS)}")
     if args.repeats < 1 or args.clip_steps < 0:
         parser.error("--repeats must be >= 1 and --clip-steps >= 0")
     if args.ar_steps < 4 + args.repeats:  # the early steps (5 on) must end before the late

@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 import torch
+from _args import positive_int, threads
 
 from vidgen.generators import GenerationRequest, load_generator
 from vidgen.machine import describe_machine
@@ -77,13 +78,17 @@ def measure(model: str, frames: int, streams: int, device: str, repeats: int) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="ca2vdm-tiny,nbp-tiny")
-    parser.add_argument("--frames", type=int, default=64)
-    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--frames", type=positive_int, default=64)
+    parser.add_argument("--streams", type=positive_int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads on a CPU")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, medians")
+    parser.add_argument(
+        "--threads", type=threads, default=2, help="torch threads on a CPU (0: default)"
+    )
+    parser.add_argument(
+        "--repeats", type=positive_int, default=3, help="timed runs of each, medians"
+    )
     args = parser.parse_args()
-    if args.device == "cpu":
+    if args.device == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
     result: dict[str, object] = {
         "frames": args.frames,

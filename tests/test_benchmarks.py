@@ -356,3 +356,34 @@ def test_actor_start_benchmark_names_restarts_it_cannot_time():
         [sys.executable, str(script), "--restarts", "0"], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 2 and "--restarts must be >= 1, got 0" in proc.stderr
+
+
+def test_benchmark_flags_are_checked_by_argparse_and_a_failed_child_says_why(capsys):
+    """--repeats -1, --threads -1, --seeds '' or --configs foo ended in tracebacks from deep
+    inside a run (or, --repeats 0, were replaced without a word); a child process that
+    failed raised a bare CalledProcessError, its own error dropped."""
+    import argparse
+    import subprocess
+
+    import _args
+
+    assert _args.int_list("0, 2,3") == [0, 2, 3] and _args.threads("0") == 0
+    for check, text in (
+        (_args.positive_int, "0"),
+        (_args.threads, "-1"),
+        (_args.int_list, ""),
+        (_args.int_list, "1,x"),
+        (_args.device, "bogus"),
+    ):
+        with pytest.raises(argparse.ArgumentTypeError):
+            check(text)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "attention.py"
+    for flag, value in (("--repeats", "0"), ("--dtype", "foo")):
+        done = subprocess.run(
+            [sys.executable, str(script), flag, value], capture_output=True, text=True
+        )
+        assert done.returncode == 2 and f"argument {flag}" in done.stderr, done.stderr[-500:]
+    with pytest.raises(SystemExit) as failed:
+        _args.child_stdout([sys.executable, "-c", "raise SystemExit('steps must be >= 1')"])
+    assert "a child run failed (exit 1)" in str(failed.value)
+    assert "steps must be >= 1" in str(failed.value)

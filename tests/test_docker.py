@@ -348,5 +348,26 @@ def test_train_gpu_script_rejects_an_unknown_model_and_keys_it_sets():
     assert "MODEL must be ca2vdm-tiny, larp-tiny or nbp-tiny" in done.stderr
     done = train_gpu("all")
     assert done.returncode == 2 and "usage:" in done.stderr and "all SECONDS" in done.stderr
-    done = train_gpu("run", "nbp-tiny", "60", "train.steps=5")
+    # Refused before the Python setup: without CUDA this exited 3, not naming the key.
+    no_cuda = dict(os.environ, ALLOW_CPU="0", CUDA_VISIBLE_DEVICES="")
+    done = train_gpu("run", "nbp-tiny", "60", "train.steps=5", env=no_cuda)
     assert done.returncode == 2 and "train.steps=5 is set by the script" in done.stderr
+
+
+def test_train_gpu_script_refuses_numbers_with_a_leading_zero_and_out_in_the_run_folder(
+    tmp_path,
+):
+    """08 passed the check, then bash (bad octal) or Python refused it after the whole
+    calibration; OUT equal to RUN_DIR copied the export onto itself after the training."""
+    no_cuda = dict(os.environ, ALLOW_CPU="0", CUDA_VISIBLE_DEVICES="")
+    for args, env in (
+        (("run", "nbp-tiny", "08"), no_cuda),
+        (("all", "09"), no_cuda),
+        (("run", "nbp-tiny", "60"), {**no_cuda, "CALIBRATE": "010"}),
+    ):
+        done = train_gpu(*args, env=env)
+        assert done.returncode == 2 and "must be a whole number" in done.stderr, done.stderr
+    same = {**no_cuda, "RUN_DIR": str(tmp_path / "run"), "OUT": str(tmp_path / "run" / ".")}
+    done = train_gpu("run", "nbp-tiny", "60", env=same)
+    assert done.returncode == 2 and "OUT must be another folder" in done.stderr, done.stderr
+    assert not (tmp_path / "run").exists()
