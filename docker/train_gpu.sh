@@ -16,6 +16,8 @@
 #       schedule over the whole run, samples at the half), trains, and copies the exported
 #       model (its card is in the file's metadata), the samples and the log to $OUT (default
 #       $RUN_DIR/export; RUN_DIR defaults to runs/gpu-MODEL); prints one JSON line last.
+#       Relative RUN_DIR, OUT, RUNS and WHEELS are taken from the repository root (the
+#       script runs there), not from the folder it was called in.
 #       MODEL is ca2vdm-tiny, larp-tiny or nbp-tiny, each over the shipped frozen tokenizer, so a generator can replace its file
 #       in vidgen/assets/ as is; a new larp-tiny needs nbp-tiny trained on it after it
 #       (frozen_tokenizer=<its path>). Extra Hydra overrides go last (e.g. train.threads=8).
@@ -131,9 +133,12 @@ run() {
     # not naming the argument) and before any folder is made.
     local override
     for override in "$@"; do
-        case "$override" in
+        # +key= and ++key= name the key too; the log, eval and checkpoint cadences come
+        # after the caller's overrides on the command line: theirs were dropped silently.
+        case "${override#"${override%%[!+]*}"}" in
             name=* | out=* | train.steps=* | train.stop_at=* | train.resume=* | \
-                train.max_seconds=*)
+                train.max_seconds=* | train.log_every=* | train.eval_every=* | \
+                train.ckpt_every=*)
                 echo "train_gpu.sh: $override is set by the script (RUN_DIR, OUT, SECONDS)" >&2
                 return 2 ;;
         esac
