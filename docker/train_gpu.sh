@@ -133,12 +133,11 @@ run() {
     # not naming the argument) and before any folder is made.
     local override
     for override in "$@"; do
-        # +key= and ++key= name the key too; the log, eval and checkpoint cadences come
-        # after the caller's overrides on the command line: theirs were dropped silently.
+        # +key= and ++key= name the key too. (The log, eval and checkpoint cadences the
+        # script sets come after the caller's overrides: its own are used.)
         case "${override#"${override%%[!+]*}"}" in
             name=* | out=* | train.steps=* | train.stop_at=* | train.resume=* | \
-                train.max_seconds=* | train.log_every=* | train.eval_every=* | \
-                train.ckpt_every=*)
+                train.max_seconds=*)
                 echo "train_gpu.sh: $override is set by the script (RUN_DIR, OUT, SECONDS)" >&2
                 return 2 ;;
         esac

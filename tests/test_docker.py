@@ -350,7 +350,7 @@ def test_train_gpu_script_rejects_an_unknown_model_and_keys_it_sets():
     assert done.returncode == 2 and "usage:" in done.stderr and "all SECONDS" in done.stderr
     # Refused before the Python setup: without CUDA this exited 3, not naming the key.
     no_cuda = dict(os.environ, ALLOW_CPU="0", CUDA_VISIBLE_DEVICES="")
-    for key in ("train.steps=5", "++train.steps=5", "train.eval_every=9"):
+    for key in ("train.steps=5", "++train.steps=5", "+train.max_seconds=9"):
         done = train_gpu("run", "nbp-tiny", "60", key, env=no_cuda)
         assert done.returncode == 2 and f"{key} is set by the script" in done.stderr
 
