@@ -882,15 +882,14 @@ class Orchestrator:
                 executor.recover()
                 differ = _differ(self.info, executor.info)
                 if differ:  # restarted on other weights (a file replaced in place) or settings
-                    _retire(executor)
                     raise ExecutorChanged(f"it came back different, in {differ}")
                 if broken:
-                    _retire(executor)
                     raise ExecutorBroken(broken)
             except Exception as recover_err:
                 log.warning("executor %s did not come back (%s)", index, recover_err)
-                # For good, before a new one is asked for: one still loading after the
-                # timeout, or alive but unreachable, kept its GPU (the new one's, maybe).
+                # Retired for good (changed or broken, or did not come back), before a new one
+                # is asked for: one still loading after the timeout, or alive but
+                # unreachable, kept its GPU (the new one's, maybe).
                 try:
                     _retire(executor)
                 except Exception as retire_err:

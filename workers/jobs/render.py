@@ -367,17 +367,16 @@ def _render_group(
             job = pending.pop(item_id)
             try:
                 result = job.finish()
-            except BaseException as err:
-                if not isinstance(err, ValueError | RuntimeError | OSError):
-                    job.abandon()  # an interrupt while it joined: its lock is let go
-                    raise
-                # e.g. segments that do not join
+            except (ValueError, RuntimeError, OSError) as err:  # e.g. segments that do not join
                 log.error("%s: could not be finished: %s", item_id, err)
                 job.abandon()  # its parts folder stays, as after a crash
                 orch.forget(job.key)
                 rows.append(_error_row(items[item_id], _describe(err)))
                 results.add(rows[-1])
                 continue
+            except BaseException:  # an interrupt while it joined: its lock is let go
+                job.abandon()
+                raise
             rows.append(
                 _ok_row(item_id, result.frames, result.seconds, result.path, result.provenance)
             )
