@@ -4,7 +4,10 @@ actors load them by path, like shipped ones)."""
 import dataclasses
 from pathlib import Path
 
+import numpy as np
+
 from vidgen import checkpoint
+from vidgen.generators import GenerationRequest, generate_video, load_generator
 from vidgen.models.ca2vdm import CA2VDM_CONFIGS, CausalVideoDiT
 from vidgen.models.nbp import NBP_CONFIGS, NextBlockTransformer
 from vidgen.nn import randomize_
@@ -38,3 +41,26 @@ def save_test_generators(folder: Path) -> dict[str, str]:
         card={"tokenizer": str(larp), "tokenizer_fingerprint": larp_fingerprint},
     )
     return {"diffusion": str(dit), "tokens": str(nbp)}
+
+
+_REFERENCES: dict[tuple, np.ndarray] = {}
+
+
+def reference(model: str, request: GenerationRequest) -> np.ndarray:
+    """The frames ``request`` makes in this process (``generate_video`` on a fresh
+    generator), remembered: many tests compare their serving path against the same video.
+    Keyed by the request's fingerprint and the size and time of every checkpoint in the
+    model's folder (a test that rewrites one, the tokenizer a card names included, gets a
+    new reference); read-only, so a test cannot change what the next one compares with."""
+    folder = Path(model).parent
+    files = tuple(
+        (p.name, p.stat().st_mtime_ns, p.stat().st_size)
+        for p in sorted(folder.glob("*.safetensors"))
+    )
+    key = (str(Path(model).resolve()), files, request.fingerprint(canonical=False))
+    if key not in _REFERENCES:
+        gen = load_generator(model, max_streams=1)
+        frames = np.concatenate([c.frames for c in generate_video(gen, request)])
+        frames.setflags(write=False)
+        _REFERENCES[key] = frames
+    return _REFERENCES[key]

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.models import save_test_generators
+from tests.models import reference, save_test_generators
 from vidgen import checkpoint
-from vidgen.generators import Clip, GenerationRequest, generate_video, load_generator
+from vidgen.generators import Clip, GenerationRequest, load_generator
 from vidgen.io import read_metadata, read_video
 from workers.actor import GeneratorWorker
 from workers.executors import ExecutorFailed, LocalExecutor
@@ -35,11 +35,6 @@ def request_for(model: str, **kwargs) -> GenerationRequest:
     base = dict(model=model, frames=32, seed=3, label=2, steps=2, guidance=2.0)
     base.update(kwargs)
     return GenerationRequest(**base)
-
-
-def reference(model: str, request: GenerationRequest) -> np.ndarray:
-    gen = load_generator(model, max_streams=1)
-    return np.concatenate([c.frames for c in generate_video(gen, request)])
 
 
 def local(model: str, n: int = 1) -> list[LocalExecutor]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.models import save_test_generators
+from tests.models import reference, save_test_generators
 from vidgen.generators import GenerationRequest, generate_video, load_generator
 from vidgen.io import read_video
 from workers.executors import RayExecutor
@@ -30,11 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, str]:
     return save_test_generators(tmp_path_factory.mktemp("models"))
-
-
-def reference(model: str, request: GenerationRequest) -> np.ndarray:
-    gen = load_generator(model, max_streams=1)
-    return np.concatenate([c.frames for c in generate_video(gen, request)])
 
 
 def request_for(model: str, **kwargs) -> GenerationRequest:
