@@ -178,9 +178,9 @@ def _fingerprints(request: GenerationRequest, weighed: bool, *aliases: Any) -> s
 
 
 def _saved_model(truth_path: Path) -> str | None:
-    """The model as the saved truth's request names it (None without a readable one)."""
+    """The model as the saved truth's request names it (None where it cannot be read)."""
     try:
-        return load_snapshot(truth_path).request.model if truth_path.exists() else None
+        return load_snapshot(truth_path).request.model
     except (CheckpointError, OSError, ValueError):
         return None
 
