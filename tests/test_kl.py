@@ -101,6 +101,30 @@ def test_an_empty_batch_and_other_dtypes():
             model.decode(latents.half())
 
 
+def test_frames_of_another_range_are_refused_and_a_resampling_overshoot_is_not():
+    """Frames of 0-255 as floats were encoded without a word (latents of nothing seen in
+    training); NaN frames too."""
+    cfg = KL_CONFIGS["test"]
+    model = KLAutoencoder(cfg).eval()
+    size = cfg.image_size
+    frames = torch.rand(1, 2, 3, size, size) * 255
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="video must hold values in \\[-1, 1\\].* up to 25"):
+            model.encode(frames)
+        with pytest.raises(ValueError, match="video must hold values in .* up to nan"):
+            model.encode(torch.full((1, 1, 3, size, size), float("nan")))
+        fine = (frames / 127.5 - 1) * 1.1  # a bicubic resize overshoots [-1, 1] a little
+        assert model.encode(fine).shape == (
+            1,
+            2,
+            cfg.latent_channels,
+            cfg.latent_size,
+            cfg.latent_size,
+        )
+        # Latents have no such bound.
+        model.decode(torch.full((1, 1, cfg.latent_channels, cfg.latent_size, cfg.latent_size), 5.0))
+
+
 def test_channels_are_checked_as_ints():
     for bad, message in (
         ((0, 8, 16, 16), "channels\\[0\\] must be >= 8"),

@@ -456,6 +456,11 @@ def test_video_of_another_dtype_is_refused_by_name():
         m.encode(clip().double())
     with pytest.raises(ValueError, match="video must be floating point"):
         m.encode((clip() > 0).to(torch.uint8))
+    # RGB frames must be in [-1, 1] (0-255 floats were taken); latents have no such bound.
+    rgb = dataclasses.replace(CFG, channels=3)
+    with pytest.raises(ValueError, match=r"video must hold values in \[-1, 1\]"):
+        model(rgb).encode((clip(cfg=rgb) + 1) * 127.5)
+    assert m.encode(clip() * 5).shape == (2, CFG.num_tokens)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts it itself
         assert m.encode(clip().bfloat16()).shape == (2, CFG.num_tokens)
 

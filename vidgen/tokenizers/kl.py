@@ -31,11 +31,17 @@ from torch import nn
 from vidgen.tokenizers.losses import gradient_l1, ssim
 from vidgen.validate import check_int, check_ints, check_number
 
+# Frames in [-1, 1] may overshoot a little after resampling (bicubic, antialiased resizes):
+# only values past this are refused, as frames of another range (0-255 floats).
+VIDEO_BOUND = 2.0
 
-def check_float_input(name: str, x: torch.Tensor, dtype: torch.dtype) -> None:
+
+def check_float_input(name: str, x: torch.Tensor, dtype: torch.dtype, video: bool = False) -> None:
     """``x`` must be floating point in the model's ``dtype`` (autocast casts it itself):
     integer frames (uint8: ``to_model_range`` first) or float64 failed inside a layer,
-    naming no argument."""
+    naming no argument. A ``video`` must also lie in [-1, 1] (within ``VIDEO_BOUND``):
+    frames of 0-255 as floats were encoded without a word, into latents of nothing seen in
+    training."""
     if not x.is_floating_point():
         raise ValueError(
             f"{name} must be floating point in [-1, 1] (uint8 frames: to_model_range), got "
@@ -43,6 +49,13 @@ def check_float_input(name: str, x: torch.Tensor, dtype: torch.dtype) -> None:
         )
     if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
         raise ValueError(f"{name} must be {dtype} (the model's dtype), got {x.dtype}")
+    if video and x.numel():
+        peak = float(x.detach().abs().amax())
+        if not peak <= VIDEO_BOUND:  # NaN too
+            raise ValueError(
+                f"{name} must hold values in [-1, 1] (uint8 frames: to_model_range), got "
+                f"values up to {peak:g} in magnitude"
+            )
 
 
 @dataclass
@@ -192,7 +205,7 @@ class KLAutoencoder(nn.Module):
             raise ValueError(
                 f"video must be float {expected} in [-1, 1], got {video.dtype} {tuple(video.shape)}"
             )
-        check_float_input("video", video, self.encoder.conv_in.weight.dtype)
+        check_float_input("video", video, self.encoder.conv_in.weight.dtype, video=True)
         b, t = video.shape[:2]
         # Contiguous: frames made from HWC arrays have channels-last strides, and with the
         # input conv frozen (decoder fine-tuning) torch 2.13's CPU conv backward segfaults on

@@ -401,7 +401,8 @@ class LARPTokenizer(nn.Module):
             raise ValueError(
                 f"video must be (b, {', '.join(map(str, expected))}), got {tuple(video.shape)}"
             )
-        check_float_input("video", video, self.patch_in.weight.dtype)
+        # Frames in [-1, 1] on pixels; a latent-space model's scaled latents have no such bound.
+        check_float_input("video", video, self.patch_in.weight.dtype, video=cfg.on_pixels)
         return rearrange(
             video,
             "b (t pt) c (h ph) (w pw) -> b (t h w) (pt ph pw c)",
