@@ -325,6 +325,22 @@ def test_sample_tokens_refuses_a_temperature_it_cannot_divide_by(temperature):
     assert sample_tokens(logits, None, temperature=3e38).item() in (0, 2)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_sample_tokens_checks_its_filters_and_refuses_nan_logits_at_any_temperature(temperature):
+    """The greedy path called no filter, so top_p=-3 was taken there; and argmax takes NaN for
+    the largest logit: a diverged model's greedy tokens were garbage without a word."""
+    logits = torch.tensor([[0.0, 1.0, 5.0]])
+    with pytest.raises(ValueError, match="top_p must be in"):
+        sample_tokens(logits, None, temperature, top_p=-3.0)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        sample_tokens(logits, None, temperature, top_p=float("nan"))
+    with pytest.raises(ValueError, match="top_k must be an int"):
+        sample_tokens(logits, None, temperature, top_k=2.5)
+    with pytest.raises(ValueError, match="logits hold NaN"):
+        sample_tokens(torch.tensor([[0.0, float("nan"), 5.0]]), None, temperature)
+    assert sample_tokens(logits, None, temperature, top_k=1).item() == 2
+
+
 def test_top_p_sums_half_precision_logits_in_float32():
     """A bfloat16 running sum stopped short of p (kept mass 0.893 of 0.9 asked): half
     precision logits keep what their float32 values keep."""

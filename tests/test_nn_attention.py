@@ -160,6 +160,18 @@ def test_flex_refuses_training_on_the_cpu_by_name():
         attention(q.requires_grad_(), k, v, backend="flex")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float16_scores_that_fit_only_once_scaled_are_right_on_every_backend(backend):
+    """The math backend scaled q.k after the product: in float16 q.k passed 65504 (inf),
+    softmax made NaN and the NaN was zeroed as if the query saw no key."""
+    q = torch.randn(1, 1, 4, 64, generator=torch.Generator().manual_seed(0)) * 40
+    k, v = q + 0.1, torch.randn(1, 1, 4, 64, generator=torch.Generator().manual_seed(1))
+    assert torch.isinf(q.half() @ k.half().transpose(-1, -2)).any()  # unscaled: overflows
+    ref = reference(q, k, v)
+    out = attention(q.half(), k.half(), v.half(), backend=backend)
+    assert (out.double() - ref).abs().max() < 0.01
+
+
 def test_causal_refuses_a_mask_and_more_queries_than_keys():
     q, k, v = qkv(lq=8, lk=4)
     with pytest.raises(ValueError, match="at least as many keys as queries"):

@@ -65,6 +65,12 @@ def test_key_padding_mask():
         (lambda: block_causal_mask(8, 2, prefix_len=9), "prefix_len"),
         (lambda: banded_block_mask(8, 2, window=-1), "window"),
         (lambda: banded_block_mask(8, 4, window=1, group_size=6), "multiple of block_size"),
+        # Counts: 4.5 made a mask of 5 rows, 1.5 uneven blocks, 0.5 another window.
+        (lambda: block_causal_mask(4.5, 1), "seq_len must be an int"),
+        (lambda: block_causal_mask(4, 1.5), "block_size must be an int"),
+        (lambda: block_causal_mask(4, 1, prefix_len=1.0), "prefix_len must be an int"),
+        (lambda: banded_block_mask(8, 2, window=0.5), "window must be an int"),
+        (lambda: banded_block_mask(8, 2, window=1, group_size=4.0), "group_size must be an int"),
         (lambda: key_padding_mask([6], 5), "lengths"),
         # 1.5 allowed 2 keys and 0.2 allowed one: lengths are counts
         (lambda: key_padding_mask([1.5, 0.2], 3), "lengths must be integers"),

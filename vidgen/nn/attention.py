@@ -131,11 +131,15 @@ def _repeat_kv(k: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[torch.Tens
 
 def _math(q, k, v, mask, scale: float) -> torch.Tensor:
     k, v = _repeat_kv(k, v, q.shape[1])
-    scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, Lq, Lk)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    # A query that sees no key gets zeros, as sdpa and flex give (softmax of -inf is NaN).
-    return scores.softmax(dim=-1).nan_to_num(0.0) @ v
+    # Scaled before the product, as sdpa does: in float16 q.k itself can pass 65504 where
+    # q.k * scale does not.
+    scores = (q * scale) @ k.transpose(-1, -2)  # (B, H, Lq, Lk)
+    if mask is None:
+        return scores.softmax(dim=-1) @ v
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    # A query that sees no key gets zeros, as sdpa and flex give (softmax of -inf is NaN);
+    # only those rows: a NaN from anything else (an overflow) is not hidden as zeros.
+    return probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0) @ v
 
 
 def _sdpa(q, k, v, mask, scale: float) -> torch.Tensor:

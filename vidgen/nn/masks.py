@@ -14,13 +14,15 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from vidgen.validate import check_int
+
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _check_positive(**values: int) -> None:
+    # Ints: a float size made a mask of another length (4.5 -> 5) or uneven blocks (1.5).
     for name, value in values.items():
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+        check_int(name, value, minimum=1)
 
 
 def block_causal_mod(block_size: int, prefix_len: int = 0) -> MaskMod:
@@ -74,7 +76,7 @@ def block_causal_mask(
     size 1 is plain causal attention. ``flex=True`` returns the same mask as a FlexAttention
     ``BlockMask`` built from index arithmetic (no L x L tensor) with ``tile``-sized tiles."""
     _check_positive(seq_len=seq_len, block_size=block_size)
-    if not 0 <= prefix_len <= seq_len:
+    if not 0 <= check_int("prefix_len", prefix_len) <= seq_len:
         raise ValueError(f"prefix_len must be in [0, seq_len={seq_len}], got {prefix_len}")
     mod = block_causal_mod(block_size, prefix_len)
     return _flex(mod, seq_len, device, tile) if flex else _dense(mod, seq_len, device)
@@ -96,8 +98,7 @@ def banded_block_mask(
     ``flex=True`` as in ``block_causal_mask``."""
     group_size = block_size if group_size is None else group_size
     _check_positive(seq_len=seq_len, block_size=block_size, group_size=group_size)
-    if window < 0:
-        raise ValueError(f"window must be >= 0 groups, got {window}")
+    check_int("window", window, minimum=0)
     if group_size % block_size:
         raise ValueError(f"group_size={group_size} must be a multiple of block_size={block_size}")
     mod = banded_mod(block_size, window, group_size)

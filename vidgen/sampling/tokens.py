@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from vidgen.validate import check_int
+
 GREEDY_BELOW = 1e-4  # temperatures this small sample the argmax (see sample_tokens)
 
 
@@ -68,6 +70,14 @@ def sample_tokens(
     # range), which made every -inf logit NaN.
     if not 0 <= temperature <= torch.finfo(torch.float32).max:
         raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+    # Checked here, not only in the filters: the greedy path below calls none of them.
+    check_int("top_k", top_k)
+    if not top_p > 0.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    # argmax takes NaN for the largest logit: a diverged model's greedy tokens were garbage
+    # without a word (and multinomial's error named no argument).
+    if torch.isnan(logits).any():
+        raise ValueError("logits hold NaN (a diverged model or a NaN input): nothing to sample")
     if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     filtered = top_p_filter(top_k_filter(logits.float() / temperature, top_k), top_p)
