@@ -138,6 +138,25 @@ def test_data_config_validation():
         DataConfig(agent_fraction=2)
     with pytest.raises(ValueError, match="data.seed must be >= 0"):
         DataConfig(seed=-1)
+    # The loader's torch generator failed on it, naming no key.
+    with pytest.raises(ValueError, match=r"data.seed must be at most 2\*\*64 - 1"):
+        DataConfig(seed=2**64)
+    # Checked whatever the source: a typo failed only once the command ran with data=mix.
+    with pytest.raises(ValueError, match="data.agent_policy"):
+        DataConfig(name="bouncing", agent_policy="greedy")
+
+
+def test_a_worlds_own_size_apart_from_data_size_is_refused_not_ignored():
+    """WorldClips replaces each world's size by data.size: data.bouncing.size=32 gave 64x64
+    clips without a word."""
+    from vidgen.worlds import AgentWorldConfig, BouncingShapesConfig
+
+    with pytest.raises(ValueError, match=r"data.bouncing.size=32 is not read: data.size \(now 64"):
+        DataConfig(name="bouncing", bouncing=BouncingShapesConfig(size=32))
+    with pytest.raises(ValueError, match="data.agent.size=32 is not read"):
+        DataConfig(name="agent", agent=AgentWorldConfig(size=32))
+    same = DataConfig(name="mix", size=32, bouncing=BouncingShapesConfig(size=32))
+    assert build_dataset(same)[0]["video"].shape[-2:] == (32, 32)
 
 
 @pytest.mark.parametrize(
@@ -276,6 +295,35 @@ def test_video_files_follow_linked_folders_once(tmp_path):
     os.mkfifo(root / "pipe.mp4")
     names = [p.relative_to(root).as_posix() for p in video_files(root, exclude=root / "held")]
     assert names == ["gone.mp4", "linked/a.mp4", "linked/deep/b.mkv", "own.mp4"]
+
+
+def test_a_file_link_loop_is_kept_to_be_named_and_an_unlistable_folder_is_an_error(
+    tmp_path, monkeypatch
+):
+    """a.mp4 -> b.mp4 -> a.mp4 made Path.resolve raise RuntimeError: a traceback from
+    `vidgen train` and `vidgen eval`. A folder os.walk could not list (no permission) was
+    left out without a word."""
+    from vidgen.data.folder import video_files
+    from vidgen.io import VideoReadError
+
+    root = tmp_path / "videos"
+    (root / "locked").mkdir(parents=True)
+    (root / "good.mp4").write_bytes(b"x")
+    (root / "locked" / "c.mp4").write_bytes(b"x")
+    (root / "a.mp4").symlink_to(root / "b.mp4")
+    (root / "b.mp4").symlink_to(root / "a.mp4")
+    names = [p.relative_to(root).as_posix() for p in video_files(root, exclude=tmp_path / "x")]
+    assert names == ["a.mp4", "b.mp4", "good.mp4", "locked/c.mp4"]
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path).name == "locked":  # as for a folder of mode 000 (the tests run as root)
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(VideoReadError, match="cannot list the folder .*locked: Permission denied"):
+        video_files(root)
 
 
 def test_held_out_videos_reached_through_links_are_not_trained_on(tmp_path):

@@ -30,21 +30,28 @@ def video_files(root: Path, exclude: Path | None = None) -> list[Path]:
     left out wherever they are reached from, through links too (the held-out folder of a
     training folder), and so are the files its links point to (``val/c.mp4 -> ../c.mp4``:
     ``c.mp4`` is held out). A file reached twice (a link beside its target) is listed once,
-    by its first path."""
-    excluded = expand_user(exclude).resolve() if exclude is not None else None
+    by its first path. A folder that cannot be listed is a ``VideoReadError`` naming it (its
+    videos were left out without a word)."""
+    excluded = _real(expand_user(exclude)) if exclude is not None else None
     held_files = set()
     if excluded is not None and excluded.is_dir():
-        held_files = {path.resolve() for path in video_files(excluded)}
+        held_files = {_real(path) for path in video_files(excluded)}
 
     def held_out(path: Path) -> bool:
         if excluded is None:
             return False
-        real = path.resolve()
+        real = _real(path)
         return real.is_relative_to(excluded) or real in held_files
+
+    def unlisted(err: OSError) -> None:
+        raise VideoReadError(
+            f"cannot list the folder {err.filename!s}: {err.strerror or err} (its videos "
+            "would be left out)"
+        )
 
     found = []
     seen: set[tuple[int, int]] = set()
-    for folder, dirs, files in os.walk(root, followlinks=True):
+    for folder, dirs, files in os.walk(root, onerror=unlisted, followlinks=True):
         here = Path(folder)
         if held_out(here):
             dirs.clear()
@@ -65,8 +72,15 @@ def video_files(root: Path, exclude: Path | None = None) -> list[Path]:
         ]
     once: dict[Path, Path] = {}
     for path in sorted(found):
-        once.setdefault(path.resolve(), path)
+        once.setdefault(_real(path), path)
     return sorted(once.values())
+
+
+def _real(path: Path) -> Path:
+    """``path`` with its links followed; a link loop is left as far as it goes (``resolve``
+    raised RuntimeError on it, a traceback from ``vidgen train`` and ``vidgen eval``: it is
+    kept as a broken link is, and reading it fails naming it)."""
+    return Path(os.path.realpath(path))
 
 
 class VideoFolder(Dataset):

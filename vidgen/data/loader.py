@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from vidgen.data.folder import VideoFolder
 from vidgen.data.worlds import WORLDS, WorldClips
 from vidgen.fsutil import expand_user
-from vidgen.validate import check_int, check_number
+from vidgen.validate import check_int, check_number, shown
 from vidgen.worlds.agent import POLICIES, AgentWorldConfig
 from vidgen.worlds.bouncing import BouncingShapesConfig
 
@@ -62,6 +62,8 @@ class DataConfig:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("num_workers", "seed"):
             check_int(f"data.{name}", getattr(self, name), minimum=0)
+        if self.seed > 2**64 - 1:  # the loader's torch generator failed, naming no key
+            raise ValueError(f"data.seed must be at most 2**64 - 1, got {shown(self.seed)}")
         check_number("data.agent_fraction", self.agent_fraction, minimum=0, maximum=1)
         if self.stride is not None and self.stride < 1:
             raise ValueError(f"data.stride must be >= 1 (or null: clip_len), got {self.stride}")
@@ -71,10 +73,22 @@ class DataConfig:
                     f"data.{key} is for data=folder (clips of a folder of videos); "
                     f"data={self.name} makes its clips procedurally and would ignore it"
                 )
-        if self.name in ("agent", "mix") and self.agent_policy not in POLICIES:
+        # Checked whatever the source (a typo was taken with data=bouncing, to fail only when
+        # the same command was run with data=mix).
+        if self.agent_policy not in POLICIES:
             raise ValueError(
                 f"data.agent_policy must be one of {sorted(POLICIES)}, got {self.agent_policy!r}"
             )
+        # One frame size for every source: a world's own size is replaced by data.size, so
+        # one set apart from it was ignored without a word.
+        for world in ("bouncing", "agent"):
+            own = getattr(self, world).size
+            default = type(getattr(self, world))().size
+            if own not in (default, self.size):
+                raise ValueError(
+                    f"data.{world}.size={own} is not read: data.size (now {self.size}) is the "
+                    "frame size of every source; set data.size instead"
+                )
 
 
 def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
