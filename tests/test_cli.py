@@ -460,6 +460,14 @@ def test_data_group_composes_to_data_config(name):
         (["data=agent", "data.agent.step=0"], "bad config: data.agent: step must be"),
         (["data=folder", "data.root=EMPTY"], "no video files"),
         (["data=folder", "data.root=MISSING"], "cannot start: data.root="),
+        # Taken and ignored before: a world's own size (data.size wins) and hydra settings.
+        (["data.bouncing.size=32"], "data.bouncing.size=32 is not read"),
+        (["hydra.run.dir=EMPTY"], "'hydra.run.dir="),
+        (["+hydra.foo=1"], "'+hydra.foo=1': hydra settings are not read"),
+        (["++hydra.job.chdir=true"], "hydra settings are not read"),
+        # Exported as out/<name>.safetensors: ../x wrote outside out.
+        (["name=../escape"], "name must be a file name"),
+        (["name=a/b"], "name must be a file name"),
     ],
 )
 def test_a_train_that_cannot_start_says_why_without_a_traceback(

@@ -93,6 +93,7 @@ def _compose(
     config_name: str | None, overrides: Sequence[str], return_hydra_config: bool = False
 ) -> DictConfig:
     """Hydra's compose, with every error it raises for the overrides as a ConfigError."""
+    _refuse_hydra_keys(overrides)
     register_schemas(presets=config_name not in NO_PRESETS)
     try:
         with _initialize():
@@ -101,6 +102,19 @@ def _compose(
         raise ConfigError(_describe(err)) from err
     except (ValueError, AssertionError) as err:  # Hydra's own, for `group=null` or `+=`
         raise ConfigError(_hydra_refusal(err, overrides)) from err
+
+
+def _refuse_hydra_keys(overrides: Sequence[str]) -> None:
+    """``hydra.run.dir=x``, ``hydra.job.chdir=true`` or ``+hydra.foo=1`` were taken and did
+    nothing: vidgen composes its configs with Hydra but runs no Hydra app (its ``hydra``
+    node is dropped unread)."""
+    for override in overrides:
+        key = str(override).lstrip("~+").split("=", 1)[0].strip()
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")):
+            raise ConfigError(
+                f"{override!r}: hydra settings are not read (vidgen runs no Hydra app: no run "
+                "folder, no chdir, no logging config); out= names where a command writes"
+            )
 
 
 def _hydra_refusal(err: BaseException, overrides: Sequence[str]) -> str:

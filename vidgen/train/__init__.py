@@ -79,6 +79,12 @@ class TrainCommandConfig:
             raise ValueError("choose exactly one of tokenizer=<preset> or model=<preset>")
         if self.freeze and not self.init:
             raise ValueError("freeze needs init=<checkpoint>: frozen random weights stay random")
+        if self.name and (Path(self.name).name != self.name or self.name in (".", "..")):
+            # name=../x exported out/../x.safetensors: outside out, beside other runs.
+            raise ValueError(
+                f"name must be a file name (the export is out/<name>.safetensors), got "
+                f"{self.name!r}: out= chooses the folder"
+            )
         if self.name == Path(STATE_FILE).stem or self.name.startswith(
             tuple(f"{kind}-" for kind in CACHE_KINDS)
         ):
