@@ -559,6 +559,45 @@ def test_non_finite_weights_are_refused_by_name(saved, tmp_path, value):
         checkpoint.load(path).load_into(make_model())
 
 
+def test_float64_weights_past_the_models_range_are_refused(saved, tmp_path):
+    """1e300 in a float64 tensor is finite, but loads as inf into the float32 model: the
+    check read the file's dtype."""
+    good = checkpoint.load(saved)
+    name = next(k for k, t in good.tensors.items() if t.is_floating_point())
+    tensors = dict(good.tensors)
+    tensors[name] = tensors[name].double()
+    path = tmp_path / "wide.safetensors"
+    checkpoint._write(path, tensors, checkpoint._metadata(good.config_type, good.config, good.card))
+    checkpoint.load(path).load_into(make_model())  # float64 of float32 values: fine
+    tensors[name].view(-1)[0] = 1e300
+    checkpoint._write(path, tensors, checkpoint._metadata(good.config_type, good.config, good.card))
+    with pytest.raises(checkpoint.NonFiniteWeights, match=rf"holds NaN or inf weights.*{name}"):
+        checkpoint.load(path).load_into(make_model())
+
+
+@pytest.mark.parametrize(
+    ("family", "config", "error"),
+    [
+        ("kl", {"blocks": 2**40}, "blocks must be <= 64"),
+        ("larp", {"disc_layers": 2**62}, "disc_layers must be <= "),
+    ],
+)
+def test_a_forged_depth_is_refused_before_anything_is_built(tmp_path, family, config, error):
+    """A KL file saying blocks=2**40 built blocks for ever (memory growing) and a LARP one
+    saying disc_layers=2**62 looped in its own config check for ever."""
+    from vidgen.tokenizers.kl import KL_CONFIGS, KLAutoencoder, KLConfig
+    from vidgen.tokenizers.larp import LARP_CONFIGS, LARPConfig, LARPTokenizer
+
+    module, config_type, cfg = {
+        "kl": (KLAutoencoder, KLConfig, KL_CONFIGS["test"]),
+        "larp": (LARPTokenizer, LARPConfig, LARP_CONFIGS["test"]),
+    }[family]
+    small = checkpoint.save(tmp_path / "m.safetensors", module(cfg), cfg)
+    bad = forge(small, tmp_path, config=json.dumps({**dataclasses.asdict(cfg), **config}))
+    with pytest.raises(CheckpointError, match=rf"forged\.safetensors: config: .*{error}"):
+        checkpoint.load(bad).build(module, config_type)
+
+
 @pytest.mark.parametrize(
     ("config", "error"),
     [({"heads": 3}, "must be an even head dim"), ({"prefix_t": float("nan")}, "must be finite")],

@@ -190,12 +190,13 @@ class Checkpoint:
         ]
         # NaN or inf weights (an edited file: training stops before making any) loaded and
         # made black videos; a tensor of the meta device (``build``'s probe) has no values.
+        # In the model's dtype: a float64 1e300 is finite and loads as inf in float32.
         infinite = [
             k
             for k in sorted(set(state) & set(expected))
             if state[k].is_floating_point()
             and state[k].device.type != "meta"
-            and not bool(torch.isfinite(state[k]).all())
+            and not bool(torch.isfinite(_as_model_dtype(state[k], expected[k])).all())
         ]
         if infinite and not (missing or unexpected or wrong):
             raise NonFiniteWeights(
@@ -281,6 +282,13 @@ def _probe_marker(sha256: str, factory: Callable[..., Any], config_cls: type) ->
         ]
     )
     return folder / hashlib.sha256(key.encode()).hexdigest()
+
+
+def _as_model_dtype(tensor: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as ``load_state_dict`` copies it into ``model``'s floating tensor."""
+    if model.is_floating_point() and tensor.dtype != model.dtype:
+        return tensor.to(model.dtype)
+    return tensor
 
 
 def _dtype_kind(t: torch.Tensor) -> str:

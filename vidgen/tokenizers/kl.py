@@ -29,7 +29,9 @@ from einops import rearrange
 from torch import nn
 
 from vidgen.tokenizers.losses import gradient_l1, ssim
-from vidgen.validate import check_int, check_ints, check_number
+from vidgen.validate import check_int, check_ints, check_number, shown
+
+MAX_BLOCKS = 64  # residual blocks per level (8 levels of them in all)
 
 # Frames in [-1, 1] may overshoot a little after resampling (bicubic, antialiased resizes):
 # only values past this are refused, as frames of another range (0-255 floats).
@@ -91,6 +93,8 @@ class KLConfig:
         if any(c % 8 for c in self.channels):
             raise ValueError(f"channels must be multiples of 8 (GroupNorm), got {self.channels}")
         check_ints(self, 1, "image_size", "in_channels", "latent_channels", "blocks")
+        if self.blocks > MAX_BLOCKS:  # a file saying 2**40 built blocks for ever at load
+            raise ValueError(f"blocks must be <= {MAX_BLOCKS} per level, got {shown(self.blocks)}")
         for name in ("kl_weight", "perceptual_weight", "grad_weight", "foreground_weight"):
             check_number(name, getattr(self, name), minimum=0)
         check_number("latent_noise", self.latent_noise, minimum=0)

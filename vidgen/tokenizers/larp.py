@@ -133,9 +133,12 @@ class LARPConfig:
         check_ints(self, 1, "enc_depth", "dec_depth", "code_dim", "prior_dim", "prior_depth")
         check_depths(self, "enc_depth", "dec_depth", "prior_depth")
         check_ints(self, 1, "prior_heads", "disc_dim", "disc_layers")
+        check_depths(self, "disc_layers")
+        # Widths stop growing at x 8 (layer 3): the layers past it are checked by it (a file
+        # saying disc_layers=2**62 looped here for ever).
         if self.disc_dim < 8 or any(  # the patch-GAN's GroupNorms (checked when it was built)
             (w := self.disc_dim * min(2**i, 8)) % min(32, w // 4)
-            for i in range(1, self.disc_layers)
+            for i in range(1, min(self.disc_layers, 4))
         ):
             raise ValueError(
                 f"disc_dim must be >= 8 and give each patch-GAN layer's width (disc_dim x 2, "
