@@ -135,6 +135,13 @@ def test_env_continuous_action_space_and_step() -> None:
     for _ in range(200):  # the space's own samples, its bounds included, pass
         env.step(space.sample())
     env.step(space.high)
+    # An int past float64 escaped as OverflowError; 1e300 warned of an overflowing cast.
+    with pytest.raises(ValueError, match="real velocity"):
+        env.step([10**400, 0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="within the action space"):
+            env.step([1e300, 0.0])
 
 
 # -- world basics -----------------------------------------------------------------------------
@@ -295,6 +302,29 @@ def test_continuous_push_uses_what_is_left_of_the_move() -> None:
     world = _world_at(EMPTY_CONTINUOUS, agent=(20.0, 22.0), box=(26.5, 20.0))
     state = world.step([2.25, 0.0])  # 0.5 px to contact, then 1.75 px of push
     assert state.box == (28.25, 20.0) and state.agent == (22.25, 22.0)
+
+
+@pytest.mark.parametrize(
+    "corner", [(24.0, 32.0, 99.0), (24.0,), ("a", "b"), None, (True, 3.0), [[24.0, 32.0]]]
+)
+def test_a_corner_that_is_not_two_numbers_is_refused_by_name(corner) -> None:
+    """(x, y, 99) was taken (the 99 unread); (x,), strings or None failed in arithmetic."""
+    world = AgentWorld(EMPTY, seed=0)
+    for state in (AgentState(corner, (40.0, 40.0), 6, 8), AgentState((20.0, 20.0), corner, 6, 8)):
+        with pytest.raises(ValueError, match=r"must be an \(x, y\) corner of 2 real numbers"):
+            world.reset(state)
+
+
+def test_render_of_a_state_checks_it_and_reset_keeps_float_corners() -> None:
+    """render(state) drew an agent partly off the room's edge as nothing at all."""
+    world = AgentWorld(EMPTY, seed=0)
+    with pytest.raises(ValueError, match="outside the room"):
+        world.render(AgentState((-2.0, 5.0), (40.0, 40.0), 6, 8))
+    with pytest.raises(ValueError, match="must match the config"):
+        world.render(AgentState((20.0, 20.0), (40.0, 40.0), 6, 30))
+    state = world.reset(AgentState(np.array([20, 20]), (40, 40), 6, 8))
+    assert state.agent == (20.0, 20.0) and type(state.box[0]) is float
+    assert np.array_equal(world.render(state), world.render())
 
 
 def test_reset_rejects_overlapping_states() -> None:

@@ -118,6 +118,9 @@ def test_bad_config_names_the_field(kwargs, message):
         (lambda w: w.iter_frames(-3), "num_frames must be >= 1"),
         (lambda w: w.iter_frames(4, start=-5), "start must be >= 0"),
         (lambda w: w.iter_frames(4, chunk=0), "chunk must be >= 1"),
+        # Positions lose exactness past 2**40 (three equal frames of a moving world at 10**20).
+        (lambda w: w.trajectory(3, start=10**20), r"start \+ num_frames must be at most 2\*\*40"),
+        (lambda w: w.iter_frames(2, start=2**40 - 1), "must be at most 2"),
         (lambda w: BouncingShapes(seed=-1), "seed must be >= 0"),
         (lambda w: BouncingShapes(seed=1.7), "seed must be an int"),
         (lambda w: BouncingShapes({"size": 32}), "config must be a BouncingShapesConfig"),

@@ -73,7 +73,7 @@ class AgentWorldEnv(gymnasium.Env[np.ndarray, Any]):
         self._world = AgentWorld(self.config, world_seed)
         self._frame_index = 0
         state = self._world.reset()
-        return self._world.render(state), self._info(state)
+        return self._world.render(), self._info(state)
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         world = self.world
@@ -83,17 +83,18 @@ class AgentWorldEnv(gymnasium.Env[np.ndarray, Any]):
         state = world.step(action)
         self._frame_index += 1
         reward = float(np.hypot(state.box[0] - before[0], state.box[1] - before[1]))
-        return world.render(state), reward, False, False, self._info(state)
+        return world.render(), reward, False, False, self._info(state)
 
     def _check_bounds(self, action: Any) -> None:
         """A continuous action outside the action space is refused (the world's own checks
         name a wrong shape or a non-finite value)."""
         try:
             value = np.asarray(action, dtype=np.float64)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # 10**400: the world's check names it
             return
         limit = np.float32(self.config.max_speed)  # float32, as the space's samples are
-        inside = np.abs(value.astype(np.float32)) <= limit
+        with np.errstate(over="ignore"):  # 1e300 is inf in float32: outside, as it should be
+            inside = np.abs(value.astype(np.float32)) <= limit
         if value.shape == (2,) and np.isfinite(value).all() and not inside.all():
             raise ValueError(
                 f"action must be within the action space's +-{limit:g} per axis, got "

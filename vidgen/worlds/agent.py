@@ -20,6 +20,7 @@ size; with no rounding anywhere, touching is reached exactly and overlap never h
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -209,7 +210,7 @@ class AgentWorld:
     def reset(self, state: AgentState | None = None) -> AgentState:
         """Back to the seeded start, or to ``state`` (which must be a valid placement)."""
         if state is not None:
-            self._check_state(state)
+            state = self._check_state(state)
         self._state = self._initial if state is None else state
         return self._state
 
@@ -253,9 +254,10 @@ class AgentWorld:
         return int(value)
 
     def render(self, state: AgentState | None = None) -> np.ndarray:
-        """(H, W, 3) uint8 frame of ``state`` (default: the current state)."""
+        """(H, W, 3) uint8 frame of ``state`` (default: the current state), which must be a
+        valid placement (one off the room's edge lost its agent without a word)."""
         out = np.empty_like(self._background)
-        self._paint(out, self._state if state is None else state)
+        self._paint(out, self._state if state is None else self._check_state(state))
         return out
 
     # -- internals -------------------------------------------------------------------------
@@ -266,9 +268,27 @@ class AgentWorld:
         out[_span(state.agent[1], a), _span(state.agent[0], a)] = self._agent_colour
         out[_span(state.box[1], b), _span(state.box[0], b)] = self._box_colour
 
-    def _check_state(self, state: AgentState) -> None:
+    def _check_state(self, state: AgentState) -> AgentState:
+        """``state`` with its corners as float pairs, if it is a valid placement."""
         if not isinstance(state, AgentState):
             raise ValueError(f"state must be an AgentState, got {type(state).__name__}")
+        corners = []
+        for name, corner in (("agent", state.agent), ("box", state.box)):
+            # (x, y, 99) was taken (the 99 unread); (x,) or ("a", "b") failed in arithmetic.
+            if (
+                np.ndim(corner) != 1
+                or len(corner) != 2
+                or not all(
+                    isinstance(v, int | float | np.integer | np.floating)
+                    and not isinstance(v, bool | np.bool_)
+                    for v in corner
+                )
+            ):
+                raise ValueError(
+                    f"state.{name} must be an (x, y) corner of 2 real numbers, got {corner!r}"
+                )
+            corners.append((float(corner[0]), float(corner[1])))
+        state = dataclasses.replace(state, agent=corners[0], box=corners[1])
         cfg = self.config
         if (state.agent_size, state.box_size) != (cfg.agent_size, cfg.box_size):
             raise ValueError(
@@ -292,6 +312,7 @@ class AgentWorld:
             hit = next((o for o in self._obstacles if rect.overlaps(o)), None)
             if hit is not None:
                 raise ValueError(f"state places the {name} {rect} over the obstacle {hit}")
+        return state
 
     def _advance(self, dx: float, dy: float) -> AgentState:
         self._state = self._move(self._state, dx, dy)

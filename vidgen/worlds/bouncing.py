@@ -2,7 +2,8 @@
 
 Motion is computed in closed form, not integrated: along each axis an elastic bounce between
 two walls is a triangle wave of the unfolded position ``p0 + v * t``. Any frame, however far
-into the video, is exact (no drift after 10,000 frames) and can be rendered on its own.
+into the video (up to frame 2**40), is exact (no drift after 10,000 frames) and can be
+rendered on its own.
 
 Coordinates: pixel (row i, col j) has its centre at (x=j, y=i); positions are the area
 centroids of the shapes in that convention. Shapes pass through each other and are drawn in a
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vidgen.validate import check_int, check_number
+from vidgen.validate import check_int, check_number, shown
 from vidgen.worlds.palette import BACKGROUND, OBJECT_COLOURS, ScenePalette
 
 SHAPES = ("circle", "square", "triangle")
@@ -223,8 +224,7 @@ class BouncingShapes:
 
     def trajectory(self, num_frames: int, start: int = 0) -> ShapesTrajectory:
         """Frames ``start .. start + num_frames - 1`` with their ground truth."""
-        num_frames = check_int("num_frames", num_frames, minimum=1)
-        start = check_int("start", start, minimum=0)
+        num_frames, start = _check_span(num_frames, start)
         positions, velocities = self.state(np.arange(start, start + num_frames))
         frames, occluded = self.render(positions)
         return ShapesTrajectory(
@@ -245,8 +245,7 @@ class BouncingShapes:
     ) -> Iterator[np.ndarray]:
         """Yield (H, W, 3) frames one at a time, rendering ``chunk`` at once: constant memory
         for any length. The arguments are checked when it is called."""
-        num_frames = check_int("num_frames", num_frames, minimum=1)
-        start = check_int("start", start, minimum=0)
+        num_frames, start = _check_span(num_frames, start)
         chunk = check_int("chunk", chunk, minimum=1)
         return self._frames(start, start + num_frames, chunk)
 
@@ -255,3 +254,19 @@ class BouncingShapes:
             positions, _ = self.state(np.arange(lo, min(lo + chunk, end)))
             frames, _ = self.render(positions)
             yield from frames
+
+
+MAX_FRAME = 2**40  # float64 time keeps positions within 1e-3 px up to here (0.17 px at 2**50)
+
+
+def _check_span(num_frames: int, start: int) -> tuple[int, int]:
+    """Checked ``num_frames`` and ``start``: frames past ``MAX_FRAME`` are refused (at 10**20
+    three frames of a moving world came out the same)."""
+    num_frames = check_int("num_frames", num_frames, minimum=1)
+    start = check_int("start", start, minimum=0)
+    if start + num_frames > MAX_FRAME:
+        raise ValueError(
+            f"start + num_frames must be at most 2**40 (exact positions), got {shown(start)} + "
+            f"{shown(num_frames)}"
+        )
+    return num_frames, start
