@@ -614,6 +614,14 @@ def test_a_forged_config_its_own_checks_refuse_is_a_checkpoint_error(tmp_path, c
         checkpoint.load(bad).config_as(Ca2VDMConfig)
 
 
+def test_a_header_of_too_many_tensors_is_refused_before_any_is_made(saved, monkeypatch):
+    """200,000 empty tensors cost 200 MB and 4 s of views before the file was refused."""
+    count = len(checkpoint.load(saved).tensors)
+    monkeypatch.setattr(checkpoint, "MAX_TENSORS", count - 1)
+    with pytest.raises(CheckpointError, match=f"lists {count:,} tensors, more than {count - 1:,}"):
+        checkpoint.load(saved)
+
+
 @pytest.mark.parametrize("key", ["config", "card"])
 def test_a_header_nested_past_pythons_limit_is_a_checkpoint_error(saved, tmp_path, key):
     """json.loads raised a bare RecursionError."""
