@@ -1,6 +1,7 @@
 """Ca2-VDM invariants (DESIGN.md section 4): cached == banded reference, causality, cache
 sharing, conditioning. Test size, every weight random, 2 layers."""
 
+import dataclasses
 import hashlib
 
 import pytest
@@ -623,3 +624,21 @@ def test_a_context_shared_by_denoising_steps_equals_the_reference(model):
                 ref = reference(model, hist[:, : k * L], acts[:, : (k + 1) * L], noisy, t, 2)
                 torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
             model.write(hist[:, k * L : (k + 1) * L], cache, [s], actions=clip_actions)
+
+
+def test_flow_times_out_of_range_and_a_cache_of_another_window_are_refused(model):
+    """t = 5 or NaN was embedded as it came (NaN frames out); a cache of another window was
+    read without a word (history the model never saw)."""
+    x = latents(L)
+    with torch.no_grad():
+        for t in (5.0, -0.5, float("nan")):
+            cond = Cond(t=torch.full((1, L), t), labels=torch.tensor([2]), actions=actions(L))
+            with pytest.raises(ValueError, match=r"cond.t must be flow times in \[0, 1\]"):
+                model(x, cond)
+        wide = KVCache(dataclasses.replace(model.cache_spec(), window=CFG.window * 2))
+        s = wide.add_stream()
+        cond = Cond(t=torch.full((1, L), 0.5), labels=torch.tensor([2]), actions=actions(L))
+        with pytest.raises(ValueError, match="made for another model: its window is"):
+            model(x, cond, wide, [s])
+        with pytest.raises(ValueError, match="made for another model: its window is"):
+            model.write(x, wide, [s], actions(L))

@@ -413,3 +413,38 @@ def test_guidances_pass_is_trained_by_a_joint_drop_of_label_and_actions():
     joint = drops(dataclasses.replace(no_actions, joint_dropout=1.0))
     assert torch.equal(plain[0], joint[0]) and torch.equal(plain[2], joint[2])
     assert not joint[0].all()
+
+
+def test_a_cache_of_another_shape_tokens_out_of_range_and_a_block_past_the_clip_are_refused():
+    """A cache of another window was read without a word (another depth: extra layers
+    ignored); ids past the vocabulary failed in the embedding as an IndexError (a device-side
+    assert on a GPU); step_block went on past the clip's last block, giving logits of
+    positions outside it."""
+    m = model()
+    cc = m.clip_condition(ClipCond(labels=torch.tensor([2]), actions=sequence(1)[1]), 1, "cpu")
+    for field, value in (("window", CFG.window * 2), ("layers", CFG.depth + 1)):
+        other = KVCache(dataclasses.replace(m.cache_spec(), **{field: value}))
+        s = other.add_stream()
+        with pytest.raises(ValueError, match=f"made for another model: its {field} is {value}"):
+            m.step_block(None, cc, other, Partial(), [s])
+    tokens, actions = sequence(1)
+    cond = ClipCond(labels=torch.tensor([2]), actions=actions)
+    for bad, match in (
+        (tokens.clone().fill_(CFG.vocab), rf"tokens must be token ids in \[0, {CFG.vocab}\)"),
+        (tokens.clone().fill_(-1), r"tokens must be token ids in \[0,"),
+        (tokens.float(), "tokens must be integer token ids, got torch.float32"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            m(bad, cond)
+    cache = KVCache(m.cache_spec())
+    s = cache.add_stream()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"prev must be token ids in \[-1,"):
+            m.step_block(torch.full((1, B), CFG.vocab), cc, cache, Partial(), [s])
+        part, prev = Partial(), None
+        for j in range(CFG.blocks_per_clip):
+            _, part = m.step_block(prev, cc, cache, part, [s])
+            prev = tokens[:, j * B : (j + 1) * B]
+        with pytest.raises(ValueError, match=f"the clip's {N} tokens are all fed"):
+            m.step_block(prev, cc, cache, part, [s])
+        m.commit(part, cache, [s])  # the clip itself is whole

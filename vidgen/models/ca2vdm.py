@@ -423,6 +423,7 @@ class CausalVideoDiT(nn.Module):
     def prepare_context(self, cache: KVCache, streams: Sequence[int]) -> Context:
         """Read the cache once for a clip: rotate every cached key to its window-relative
         frame position. Every denoising step of the clip then reuses this (cache sharing)."""
+        cache.spec.check_fits(self.cache_spec())
         n = self.config.tokens_per_frame
         dtype = next(self.parameters()).dtype
         rot = location_rotation(self.blocks[0].rope.angles(cache.positions(streams)), n)
@@ -452,6 +453,13 @@ class CausalVideoDiT(nn.Module):
             raise ValueError(
                 f"cond.t must be (b, t) = {tuple(x.shape[:2])}, one time per frame of x, got "
                 f"{tuple(cond.t.shape)}"
+            )
+        # Flow times: 5 or NaN were embedded as they came (NaN frames out). Not inside a
+        # compiled training step (a host sync and a graph break).
+        if not torch.compiler.is_compiling() and not bool(((cond.t >= 0) & (cond.t <= 1)).all()):
+            raise ValueError(
+                f"cond.t must be flow times in [0, 1], got values from {cond.t.min().item():g} "
+                f"to {cond.t.max().item():g}"
             )
         c = self.embed_cond(cond)
         h = self.tokens(x)

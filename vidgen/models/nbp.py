@@ -353,6 +353,7 @@ class NextBlockTransformer(nn.Module):
         are a stream's first block, which reads the learned BOS embeddings."""
         if prev is None:
             return self.bos.expand(batch, -1, -1)
+        self._check_tokens("prev", prev, minimum=-1)
         emb = self.embed(prev.clamp(min=0))
         return torch.where(prev[..., None] < 0, self.bos.to(emb.dtype), emb)
 
@@ -365,6 +366,7 @@ class NextBlockTransformer(nn.Module):
         b, total = tokens.shape
         if total % cfg.tokens_per_clip:
             raise ValueError(f"tokens must be whole clips of {cfg.tokens_per_clip}, got {total}")
+        self._check_tokens("tokens", tokens)
         clips = total // cfg.tokens_per_clip
         x = torch.cat([self.bos.expand(b, -1, -1), self.embed(tokens[:, : -cfg.block])], dim=1)
         c = self.condition(cond, b, clips, tokens.device)
@@ -376,6 +378,20 @@ class NextBlockTransformer(nn.Module):
         for block in self.blocks:
             x = block(x, rot, None, mask, None)
         return self.head(self.norm(x))
+
+    def _check_tokens(self, name: str, ids: torch.Tensor, minimum: int = 0) -> None:
+        """Integer ids below the vocabulary (``minimum`` -1: BOS rows too): others failed in
+        the embedding as an IndexError (a device-side assert on a GPU)."""
+        vocab = self.config.vocab
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"{name} must be integer token ids, got {ids.dtype}")
+        if torch.compiler.is_compiling() or not ids.numel():  # no host sync in a compiled step
+            return
+        if not bool(((ids >= minimum) & (ids < vocab)).all()):
+            raise ValueError(
+                f"{name} must be token ids in [{minimum}, {vocab}), got values from "
+                f"{ids.min().item()} to {ids.max().item()}"
+            )
 
     # --- incremental decoding -----------------------------------------------------------------
 
@@ -391,6 +407,7 @@ class NextBlockTransformer(nn.Module):
     def prepare_context(self, cache: KVCache, streams: Sequence[int]) -> BlockContext:
         """Read the cache once for a clip (rotating every cached key to its window-relative
         position); all of the clip's block steps share it."""
+        cache.spec.check_fits(self.cache_spec())
         n = self.config.tokens_per_frame
         frames = cache.positions(streams)  # (b, w)
         pos = (frames[:, :, None] * n + torch.arange(n, device=frames.device)).flatten(1)
@@ -421,6 +438,11 @@ class NextBlockTransformer(nn.Module):
         cfg = self.config
         if isinstance(context, KVCache):
             context = self.prepare_context(context, streams)
+        if partial.length + cfg.block > cfg.tokens_per_clip:  # logits of positions past it
+            raise ValueError(
+                f"the clip's {cfg.tokens_per_clip} tokens are all fed ({partial.length}): "
+                "commit it, then start the next with a new Partial"
+            )
         b = clip_cond.shape[0]
         x = self.inputs(prev, b) + clip_cond[:, None]
         offset = partial.length

@@ -47,6 +47,17 @@ class CacheSpec:
             if getattr(self, name) < 1:
                 raise ValueError(f"CacheSpec.{name} must be >= 1, got {getattr(self, name)}")
 
+    def check_fits(self, model: CacheSpec) -> None:
+        """ValueError unless a cache of this spec has the shape ``model`` (its own
+        ``cache_spec()``) reads and writes: one of another window was read without a word
+        (history the model never saw), others failed deep inside a layer."""
+        for name in ("layers", "kv_heads", "head_dim", "tokens_per_frame", "window"):
+            if getattr(self, name) != getattr(model, name):
+                raise ValueError(
+                    f"the cache was made for another model: its {name} is "
+                    f"{getattr(self, name)}, this model's {getattr(model, name)}"
+                )
+
     @property
     def bytes_per_frame(self) -> int:
         """K and V bytes of one frame of one stream, all layers."""
