@@ -642,3 +642,11 @@ def test_flow_times_out_of_range_and_a_cache_of_another_window_are_refused(model
             model(x, cond, wide, [s])
         with pytest.raises(ValueError, match="made for another model: its window is"):
             model.write(x, wide, [s], actions(L))
+        # Latents of another shape or dtype failed in a matrix product, naming nothing.
+        for bad, match in (
+            (x[:, :, :-1], r"x must be latents \(b, t, "),
+            (x[..., :-2, :-2], r"x must be latents \(b, t, "),
+            (x.double(), "x must be torch.float32 latents"),
+        ):
+            with pytest.raises(ValueError, match=match):
+                model(bad, cond)

@@ -449,6 +449,16 @@ class CausalVideoDiT(nn.Module):
         context: Context | None,
         collect: _Collected | None,
     ) -> torch.Tensor:
+        cfg = self.config
+        latent = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+        if x.ndim != 5 or tuple(x.shape[2:]) != latent:  # failed in a matrix product
+            raise ValueError(
+                f"x must be latents (b, t, {', '.join(map(str, latent))}), got {tuple(x.shape)}"
+            )
+        dtype = self.patch_in.weight.dtype
+        autocast = x.is_floating_point() and torch.is_autocast_enabled(x.device.type)
+        if x.dtype != dtype and not autocast:  # autocast casts x itself
+            raise ValueError(f"x must be {dtype} latents (the model's dtype), got {x.dtype}")
         if tuple(cond.t.shape) != tuple(x.shape[:2]):  # one row's cond broadcast over a batch
             raise ValueError(
                 f"cond.t must be (b, t) = {tuple(x.shape[:2])}, one time per frame of x, got "
