@@ -128,3 +128,15 @@ def test_the_token_samplers_are_exported_where_the_readme_says():
     from vidgen.sampling import guide_logits, sample_tokens, top_k_filter, top_p_filter
 
     assert all(callable(f) for f in (guide_logits, sample_tokens, top_k_filter, top_p_filter))
+
+
+def test_value_checks_are_made_only_where_they_cost_no_host_sync():
+    """Range and NaN checks read values: free on the CPU, a host sync per denoising or block
+    step on a GPU (a device with no values stands in for one here)."""
+    from vidgen.sampling.tokens import sample_tokens
+    from vidgen.validate import values_checkable
+
+    assert values_checkable(torch.zeros(2))
+    assert not values_checkable(torch.zeros(2, device="meta"))
+    with pytest.raises(ValueError, match="logits hold NaN"):
+        sample_tokens(torch.tensor([[0.0, float("nan")]]), None, 0.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -100,3 +101,13 @@ def shown(value: object, limit: int = 80) -> str:
         return f"{'a negative' if value < 0 else 'an'} int of about {digits} digits"
     text = repr(value)
     return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def values_checkable(x: Any) -> bool:
+    """Whether a check that reads the values of tensor ``x`` (a range, NaN) is free: on the
+    CPU, outside a compiled graph. On a GPU it is a host sync, which on the per-step paths
+    (each denoising or block step) stalls the queue of kernels; in a compiled graph it is a
+    graph break. Such checks are made where this holds and skipped elsewhere."""
+    import torch
+
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()

@@ -35,7 +35,7 @@ from vidgen.nn.attention import attention
 from vidgen.nn.cache import CacheSpec, KVCache
 from vidgen.nn.conditioning import NULL, AdaLNModulation, FrameCondition, modulate
 from vidgen.nn.rope import RoPE1D, Rotation, apply_rope
-from vidgen.validate import check_depths, check_ints, check_number
+from vidgen.validate import check_depths, check_ints, check_number, values_checkable
 
 
 @dataclass
@@ -464,9 +464,8 @@ class CausalVideoDiT(nn.Module):
                 f"cond.t must be (b, t) = {tuple(x.shape[:2])}, one time per frame of x, got "
                 f"{tuple(cond.t.shape)}"
             )
-        # Flow times: 5 or NaN were embedded as they came (NaN frames out). Not inside a
-        # compiled training step (a host sync and a graph break).
-        if not torch.compiler.is_compiling() and not bool(((cond.t >= 0) & (cond.t <= 1)).all()):
+        # Flow times: 5 or NaN were embedded as they came (NaN frames out).
+        if values_checkable(cond.t) and not bool(((cond.t >= 0) & (cond.t <= 1)).all()):
             raise ValueError(
                 f"cond.t must be flow times in [0, 1], got values from {cond.t.min().item():g} "
                 f"to {cond.t.max().item():g}"

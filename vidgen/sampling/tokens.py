@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from vidgen.validate import check_int
+from vidgen.validate import check_int, values_checkable
 
 GREEDY_BELOW = 1e-4  # temperatures this small sample the argmax (see sample_tokens)
 
@@ -76,7 +76,7 @@ def sample_tokens(
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     # argmax takes NaN for the largest logit: a diverged model's greedy tokens were garbage
     # without a word (and multinomial's error named no argument).
-    if torch.isnan(logits).any():
+    if values_checkable(logits) and torch.isnan(logits).any():
         raise ValueError("logits hold NaN (a diverged model or a NaN input): nothing to sample")
     if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)

@@ -29,7 +29,7 @@ from einops import rearrange
 from torch import nn
 
 from vidgen.tokenizers.losses import gradient_l1, ssim
-from vidgen.validate import check_int, check_ints, check_number, shown
+from vidgen.validate import check_int, check_ints, check_number, shown, values_checkable
 
 MAX_BLOCKS = 64  # residual blocks per level (8 levels of them in all)
 
@@ -41,9 +41,9 @@ VIDEO_BOUND = 2.0
 def check_float_input(name: str, x: torch.Tensor, dtype: torch.dtype, video: bool = False) -> None:
     """``x`` must be floating point in the model's ``dtype`` (autocast casts it itself):
     integer frames (uint8: ``to_model_range`` first) or float64 failed inside a layer,
-    naming no argument. A ``video`` must also lie in [-1, 1] (within ``VIDEO_BOUND``):
-    frames of 0-255 as floats were encoded without a word, into latents of nothing seen in
-    training."""
+    naming no argument. A ``video`` must also lie in [-1, 1] (within ``VIDEO_BOUND``; where
+    ``values_checkable``): frames of 0-255 as floats were encoded without a word, into
+    latents of nothing seen in training."""
     if not x.is_floating_point():
         raise ValueError(
             f"{name} must be floating point in [-1, 1] (uint8 frames: to_model_range), got "
@@ -51,8 +51,7 @@ def check_float_input(name: str, x: torch.Tensor, dtype: torch.dtype, video: boo
         )
     if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
         raise ValueError(f"{name} must be {dtype} (the model's dtype), got {x.dtype}")
-    # Not inside a compiled training step: a host sync and a graph break per step there.
-    if video and x.numel() and not torch.compiler.is_compiling():
+    if video and x.numel() and values_checkable(x):
         peak = float(x.detach().abs().amax())
         if not peak <= VIDEO_BOUND:  # NaN too
             raise ValueError(
