@@ -781,3 +781,14 @@ def test_out_and_fps_are_checked_as_the_render_checks_them(tmp_path, capsys, con
     assert "out must end in .mp4" in capsys.readouterr().err and not connects
     assert RenderConfig(out=str(tmp_path / "x.MP4")).out.endswith(".MP4")
     assert RenderConfig(fps=12.5, out=str(tmp_path / "x.mp4")).fps == 12.5
+
+
+def test_commands_with_and_without_model_presets_compose_in_any_order():
+    """The schemas are stored once per process and again only when a command without model
+    preset groups (render: ``model`` is a plain key) follows one with them (train), or the
+    other way round."""
+    from vidgen.config import load_config
+
+    for _ in range(2):
+        assert load_config("train", ["model=nbp-test"]).model.dim == 32
+        assert load_config("render", ["model=nbp-test"]).model == "nbp-test"
