@@ -558,6 +558,10 @@ def test_clips_of_another_length_and_conds_of_another_shape_are_refused(model):
         with pytest.raises(ValueError, match=r"cond.t must be \(b, t\) = \(2, "):
             model(latents(L, batch=2), one_row, cache, [s, cache.add_stream()])
         assert model(latents(L), one_row, cache, [s]).shape == latents(L).shape
+        # A context prepared for two streams read by a one-row clip failed in a concatenation.
+        context = model.prepare_context(cache, [s, s])  # (as guidance reads a stream twice)
+        with pytest.raises(ValueError, match="context was prepared for 2 streams, x has 1 rows"):
+            model(latents(L), one_row, context)
 
 
 def test_guidances_pass_is_trained_by_a_joint_drop_of_label_and_actions(monkeypatch):

@@ -448,3 +448,32 @@ def test_a_cache_of_another_shape_tokens_out_of_range_and_a_block_past_the_clip_
         with pytest.raises(ValueError, match=f"the clip's {N} tokens are all fed"):
             m.step_block(prev, cc, cache, part, [s])
         m.commit(part, cache, [s])  # the clip itself is whole
+
+
+def test_block_step_inputs_of_another_batch_or_shape_are_refused():
+    """A prev of one row (or 1-D) was broadcast over every stream's block without a word, an
+    integer clip_cond was added as it came; a context, partial or streams of another batch
+    and a clip_cond of another shape failed deep inside (a concatenation, einops)."""
+    m = model()
+    cache = KVCache(m.cache_spec(max_streams=2))
+    s = [cache.add_stream(), cache.add_stream()]
+    acts = sequence(1)[1].expand(2, -1)
+    cc = m.clip_condition(ClipCond(labels=torch.tensor([2, 1]), actions=acts), 2, "cpu")
+    prev = torch.zeros(2, B, dtype=torch.int64)
+    with torch.no_grad():
+        _, part = m.step_block(None, cc, cache, Partial(), s)
+        for bad in (prev[:1], prev[0], prev[:, :-1]):
+            with pytest.raises(ValueError, match=rf"prev must .* \(b, block\) = \(2, {B}\)"):
+                m.step_block(bad, cc, cache, part, s)
+        for bad in (cc[:, None], cc[:, :-1], cc.long()):
+            with pytest.raises(ValueError, match=rf"clip_cond must be float \(b, dim={CFG.dim}\)"):
+                m.step_block(None, bad, cache, Partial(), s)
+        with pytest.raises(ValueError, match=r"streams must name one cache stream per row .*\(1\)"):
+            m.step_block(None, cc[:1], cache, Partial(), s)
+        with pytest.raises(ValueError, match="context was prepared for 2 streams, clip_cond has 1"):
+            m.step_block(None, cc[:1], m.prepare_context(cache, s), Partial())
+        with pytest.raises(ValueError, match="partial holds the blocks of 2 streams"):
+            m.step_block(prev[:1], cc[:1], cache, part, s[:1])
+        # What was refused is made from the right inputs.
+        logits, _ = m.step_block(prev, cc, cache, part, s)
+        assert logits.shape == (2, B, CFG.vocab)

@@ -136,3 +136,18 @@ def test_frame_condition_refuses_drop_masks_that_would_broadcast():
                 fc(t, labels, actions, **{name: bad})
         for good in (torch.ones(3, dtype=torch.bool), torch.ones(3, 2, dtype=torch.bool)):
             assert fc(t, labels, actions, **{name: good}).shape == (3, 2, 8)
+
+
+def test_frame_condition_refuses_float_labels_and_integer_drop_masks():
+    """A float label failed as an embedding index and a bool one read as class 0 or 1; 0/1
+    integer drop masks failed in torch.where. Each is refused naming the argument."""
+    fc = randomize_(FrameCondition(8, num_classes=3, num_actions=4), seed=0)
+    t, labels = torch.rand(3, 2), torch.tensor([0, 1, 2])
+    for bad in (labels.float(), labels.bool()):
+        with pytest.raises(ValueError, match=f"labels must be integer class ids, got {bad.dtype}"):
+            fc(t, bad)
+    for name in ("drop_label", "drop_actions"):
+        with pytest.raises(ValueError, match=f"{name} must be a bool mask .* got torch.int64"):
+            fc(t, labels, **{name: torch.tensor([0, 1, 0])})
+    # int32 labels are class ids too.
+    assert torch.equal(fc(t, labels.int()), fc(t, labels))

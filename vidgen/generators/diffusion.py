@@ -253,16 +253,15 @@ class DiffusionClipGenerator:
         # Guidance per stream, of what its request conditions on: a stream with neither a
         # label nor actions has nothing to guide (its conditional pass would read the zero
         # velocity of "no actions" against the null action), so its scale is 1.
-        scale = torch.tensor(
-            [
-                setting(s.request, "guidance", self.guidance)
-                if s.request.label is not None or s.request.actions is not None
-                else 1.0
-                for s in streams
-            ],
-            device=self.device,
-        )
-        guided = (labels is not None or actions is not None) and bool((scale != 1).any())
+        scales = [
+            setting(s.request, "guidance", self.guidance)
+            if s.request.label is not None or s.request.actions is not None
+            else 1.0
+            for s in streams
+        ]
+        scale = torch.tensor(scales, device=self.device)
+        # From the list, not the tensor: no host sync.
+        guided = (labels is not None or actions is not None) and any(g != 1 for g in scales)
 
         # The cache is read (and its keys rotated) once; every Euler step shares it.
         context = self.model.prepare_context(self.cache, slots + slots if guided else slots)

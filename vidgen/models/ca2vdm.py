@@ -533,6 +533,12 @@ class CausalVideoDiT(nn.Module):
     def _context(
         self, x: torch.Tensor, cache: KVCache | Context | None, streams: Sequence[int] | None
     ) -> Context | None:
+        if isinstance(cache, Context) and cache.valid.shape[0] != x.shape[0]:
+            # (failed in a concatenation of the joined keys, naming neither)
+            raise ValueError(
+                f"the context was prepared for {cache.valid.shape[0]} streams, x has "
+                f"{x.shape[0]} rows"
+            )
         if cache is None or isinstance(cache, Context):
             return cache
         if streams is None or len(streams) != x.shape[0]:

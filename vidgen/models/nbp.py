@@ -236,7 +236,11 @@ class ClipCondition(nn.Module):
                     f"labels must be integer (b,) = ({batch},), got {labels.dtype} "
                     f"{tuple(labels.shape)}"
                 )
-            if bool(((labels != NULL) & ((labels < 0) | (labels >= cfg.num_classes))).any()):
+            # Value checks on the CPU only (values_checkable): a host sync per block step
+            # on a GPU; the generators check a request's label and actions once.
+            if values_checkable(labels) and bool(
+                ((labels != NULL) & ((labels < 0) | (labels >= cfg.num_classes))).any()
+            ):
                 raise ValueError(
                     f"labels must be in [0, {cfg.num_classes}) or NULL ({NULL}), got "
                     f"{labels.tolist()}"
@@ -254,8 +258,10 @@ class ClipCondition(nn.Module):
                 f"actions must be {kind} {want} ({clips} clips of {cfg.frames_per_clip} frames), "
                 f"got {acts.dtype} {tuple(acts.shape)}"
             )
-        if cfg.num_actions and bool(
-            ((acts != NULL) & ((acts < 0) | (acts >= cfg.num_actions))).any()
+        if (
+            cfg.num_actions
+            and values_checkable(acts)
+            and bool(((acts != NULL) & ((acts < 0) | (acts >= cfg.num_actions))).any())
         ):
             raise ValueError(f"actions must be in [0, {cfg.num_actions}) or NULL ({NULL})")
 
@@ -436,6 +442,7 @@ class NextBlockTransformer(nn.Module):
         ``context`` is the clip's ``prepare_context`` (or a cache and ``streams`` to prepare
         it from). Never changes the cache."""
         cfg = self.config
+        b = self._check_step(prev, clip_cond, context, partial, streams)
         if isinstance(context, KVCache):
             context = self.prepare_context(context, streams)
         if partial.length + cfg.block > cfg.tokens_per_clip:  # logits of positions past it
@@ -443,7 +450,6 @@ class NextBlockTransformer(nn.Module):
                 f"the clip's {cfg.tokens_per_clip} tokens are all fed ({partial.length}): "
                 "commit it, then start the next with a new Partial"
             )
-        b = clip_cond.shape[0]
         x = self.inputs(prev, b) + clip_cond[:, None]
         offset = partial.length
         q_pos = context.start[:, None] + offset + torch.arange(cfg.block, device=x.device)
@@ -469,6 +475,47 @@ class NextBlockTransformer(nn.Module):
             out.k_rot.append(k_rot_new)
             out.v.append(v_new)
         return self.head(self.norm(x)), out
+
+    def _check_step(
+        self,
+        prev: torch.Tensor | None,
+        clip_cond: torch.Tensor,
+        context: BlockContext | KVCache,
+        partial: Partial,
+        streams: Sequence[int] | None,
+    ) -> int:
+        """The batch size b of a block step, its inputs' shapes checked against it: a
+        ``prev`` of one row (or 1-D) was broadcast over every stream without a word, and
+        other mismatches failed deep inside as a concatenation or einops error."""
+        dim, block = self.config.dim, self.config.block
+        if clip_cond.ndim != 2 or clip_cond.shape[1] != dim or not clip_cond.is_floating_point():
+            raise ValueError(
+                f"clip_cond must be float (b, dim={dim}) (clip_condition's), got "
+                f"{clip_cond.dtype} {tuple(clip_cond.shape)}"
+            )
+        b = clip_cond.shape[0]
+        if prev is not None and tuple(prev.shape) != (b, block):
+            raise ValueError(
+                f"prev must be the previous block's tokens (b, block) = ({b}, {block}), one row "
+                f"per row of clip_cond, got {tuple(prev.shape)}"
+            )
+        if isinstance(context, KVCache):
+            if streams is None or len(streams) != b:
+                raise ValueError(
+                    f"streams must name one cache stream per row of clip_cond ({b}), got "
+                    f"{None if streams is None else len(streams)}"
+                )
+        elif context.valid.shape[0] != b:
+            raise ValueError(
+                f"context was prepared for {context.valid.shape[0]} streams, clip_cond has "
+                f"{b} rows"
+            )
+        if partial.length and partial.k[0].shape[0] != b:
+            raise ValueError(
+                f"partial holds the blocks of {partial.k[0].shape[0]} streams, clip_cond has "
+                f"{b} rows"
+            )
+        return b
 
     def commit(self, partial: Partial, cache: KVCache, streams: Sequence[int]) -> None:
         """The write pass of a finished clip: its blocks' K/V, computed while it was made,

@@ -19,6 +19,8 @@ import math
 import torch
 from torch import nn
 
+from vidgen.validate import values_checkable
+
 NULL = -1  # null label / null discrete action
 
 
@@ -59,7 +61,10 @@ class LabelEmbedding(nn.Module):
 
     def forward(self, labels: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
         """(b,) int64 labels in [0, num_classes) or NULL; ``drop`` (b,) bool -> null."""
-        if ((labels < NULL) | (labels >= self.num_classes)).any():
+        # A range check reads the values: made on the CPU only (values_checkable). On a GPU
+        # it was a host sync in every denoising step; the generators check a request's
+        # label once, before any step.
+        if values_checkable(labels) and ((labels < NULL) | (labels >= self.num_classes)).any():
             raise ValueError(
                 f"labels must be in [0, {self.num_classes}) or {NULL} (null), got "
                 f"{labels.unique().tolist()}"
@@ -97,7 +102,12 @@ class ActionEmbedding(nn.Module):
                     f"discrete actions must be int64 (b, t), got {actions.dtype} "
                     f"{tuple(actions.shape)}"
                 )
-            if ((actions < NULL) | (actions >= self.num_actions)).any():
+            if (
+                values_checkable(actions)
+                and (  # as labels above
+                    (actions < NULL) | (actions >= self.num_actions)
+                ).any()
+            ):
                 raise ValueError(f"actions must be in [0, {self.num_actions}) or {NULL} (null)")
             null = (actions == NULL) | self._dropped(actions, drop)
             return self.table(torch.where(null, self.num_actions, actions))
@@ -160,12 +170,19 @@ class FrameCondition(nn.Module):
                 f"actions must start with (b, t) = {tuple(t.shape)}, one per frame, got "
                 f"{tuple(actions.shape)}"
             )
+        if labels is not None and (labels.is_floating_point() or labels.dtype == torch.bool):
+            # (a float label failed as an index in the embedding; a bool one read as 0 or 1)
+            raise ValueError(f"labels must be integer class ids, got {labels.dtype}")
         for name, drop in (("drop_label", drop_label), ("drop_actions", drop_actions)):
-            if drop is not None and tuple(drop.shape) not in (tuple(t.shape[:1]), tuple(t.shape)):
+            if drop is None:
+                continue
+            if tuple(drop.shape) not in (tuple(t.shape[:1]), tuple(t.shape)):
                 raise ValueError(
                     f"{name} must be (b,) = {tuple(t.shape[:1])} or (b, t) = {tuple(t.shape)}, "
                     f"per row or per frame, got {tuple(drop.shape)}"
                 )
+            if drop.dtype != torch.bool:  # 0/1 integers failed in torch.where
+                raise ValueError(f"{name} must be a bool mask (True: dropped), got {drop.dtype}")
         cond = self.timestep(t)  # (b, t, d)
         if self.label is not None:
             if labels is None:
