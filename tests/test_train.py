@@ -1187,6 +1187,41 @@ def test_a_state_past_the_steps_asked_for_is_refused_and_an_ema_can_start_on_res
     assert smoothed.card["steps"] == 5 and plain.keys() == smoothed.tensors.keys()
 
 
+def test_the_ema_warms_up_so_a_short_run_exports_what_it_trained(tmp_path):
+    """Without a warm-up the EMA of a short run was nearly its random init (0.999^n of it
+    after n steps): the model exported had hardly trained. With it (the default) the decay
+    after step n is min(ema_decay, (1 + n) / (10 + n)), and a resume keeps the step count."""
+    from vidgen.train.loop import EMA
+
+    ema = EMA(torch.nn.Linear(2, 2), 0.999, warmup=True)
+    assert [ema.decay_at(n) for n in (0, 890, 8990, 10**6)] == [0.1, 0.99, 0.999, 0.999]
+    assert EMA(torch.nn.Linear(2, 2), 0.999).decay_at(0) == 0.999
+    kl = ["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2", "train.ema_decay=0.999"]
+    init = tensors(train([*kl, "train.lr=0"], tmp_path / "init", 4))
+    warm = tensors(train(kl, tmp_path / "warm", 4))
+    cold = tensors(train([*kl, "train.ema_warmup=false"], tmp_path / "cold", 4))
+    raw = {
+        k[len("model.") :]: v
+        for k, v in tensors(tmp_path / "warm" / "state.safetensors").items()
+        if k.startswith("model.")
+    }
+
+    def moved(weights) -> float:  # distance from the init, all float weights together
+        return sum(float((weights[k] - init[k]).norm() ** 2) for k in init) ** 0.5
+
+    assert moved(raw) > 0
+    assert moved(cold) < 0.01 * moved(raw) < 0.5 * moved(raw) < moved(warm)
+    # Step by step (a resume per step: the warm-up counts the run's steps, not the
+    # invocation's), the export is the average of the raw weights at those decays.
+    expected = {k: v.clone() for k, v in init.items()}
+    for step in range(4):
+        train(kl, tmp_path / "steps", 4, stop_at=step + 1)
+        state = tensors(tmp_path / "steps" / "state.safetensors")
+        for k in expected:
+            expected[k].lerp_(state[f"model.{k}"], 1 - ema.decay_at(step))
+    assert all(torch.equal(expected[k], warm[k]) for k in warm)
+
+
 def test_without_an_ema_the_card_keeps_the_scale_the_run_started_from(tmp_path):
     """Measuring the latent scale at export must not rewrite the run's own config (the
     card's run_config) in place, whether the shipped model is an EMA copy or the model."""

@@ -46,7 +46,9 @@ MAX_SEED = 2**32 - 1  # x 1,000,003 + a step stays within torch's 64-bit generat
 class TrainConfig:
     """Optimisation and bookkeeping. ``device="auto"`` = CUDA when available; ``threads`` 0
     leaves torch's default; ``ema_decay`` 0 disables the EMA (then the raw weights ship);
-    ``grad_clip`` 0 turns gradient clipping off."""
+    with ``ema_warmup`` its decay after step n is min(ema_decay, (1 + n) / (10 + n)), so the
+    early average is not the random init's (at 0.999 without it, 37% of the weights exported
+    after 1,000 steps were still the init's); ``grad_clip`` 0 turns gradient clipping off."""
 
     steps: int = 10_000
     lr: float = 1e-3
@@ -57,6 +59,7 @@ class TrainConfig:
     beta2: float = 0.99
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    ema_warmup: bool = True
     log_every: int = 50
     eval_every: int = 1000
     eval_batches: int = 4
@@ -175,23 +178,29 @@ Resets = Mapping[str, "torch.Tensor | None"]
 
 
 class EMA:
-    """Exponential moving average of a model's parameters (buffers copied)."""
+    """Exponential moving average of a model's parameters (buffers copied). With ``warmup``
+    the decay after step n (0-based) is min(decay, (1 + n) / (10 + n)): 0.1 at the first
+    step, 0.99 from step 890, ``decay`` (0.999) from step 8,990 on."""
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False) -> None:
+        self.decay, self.warmup = decay, warmup
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
+    def decay_at(self, step: int) -> float:
+        return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
+
     @torch.no_grad()
-    def update(self, model: nn.Module, reset: Resets | None = None) -> None:
-        """Move towards ``model``; what ``reset`` names (whole parameters, or the given rows
-        of them) is copied."""
+    def update(self, model: nn.Module, reset: Resets | None = None, step: int = 0) -> None:
+        """Move towards ``model`` after ``step``; what ``reset`` names (whole parameters, or
+        the given rows of them) is copied."""
+        decay = self.decay_at(step)
         rows = reset or {}
         pairs = zip(self.model.named_parameters(), model.parameters(), strict=True)
         for (name, ema_p), p in pairs:
             if name in rows and rows[name] is None:
                 ema_p.copy_(p.detach())
                 continue
-            ema_p.lerp_(p.detach(), 1.0 - self.decay)
+            ema_p.lerp_(p.detach(), 1.0 - decay)
             if name in rows:
                 index = rows[name].to(ema_p.device)
                 ema_p[index] = p.detach()[index]
@@ -453,7 +462,7 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model = task.model.to(device).train()
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    ema = EMA(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
     opt = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
     )
@@ -550,7 +559,7 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
         reset = as_resets(task.after_step(model, step, result) if task.after_step else None)
         reset_rows(opt, model, reset)
         if ema is not None:
-            ema.update(model, reset)
+            ema.update(model, reset, step)
         bar.update(1)
         logged = (step + 1) % cfg.log_every == 0
         if logged or step == start:  # a resumed run logs its first step too ...
