@@ -3334,6 +3334,43 @@ def test_the_orchestrator_keeps_its_own_copy_of_a_request(model):
         orch.submit(request_for(model, frames=24), truth=other)
 
 
+def test_a_resume_point_submitted_twice_gives_the_same_clips_and_a_complete_one_finishes(
+    models,
+):
+    """The stream appended the clips it made to the caller's snapshot (its pending list),
+    so the same resume point submitted again started later and skipped clips. A truth
+    already at the stream's end never finished its sink; a truth that is not a snapshot
+    (a path) failed with an AttributeError."""
+    model = models["diffusion"]
+    req = request_for(model, frames=24)
+    orch = Orchestrator(local(model))
+    key = orch.submit(req)
+    clips = orch.clips(key)
+    next(clips), next(clips)
+    point = orch.streams[key].truth_at(2)
+    clips.close()
+    assert point.next_clip == 2 and len(point.pending) == 0
+    expected, n = reference(model, req), req.frames // orch.clip_len
+    for _ in range(2):
+        again = Orchestrator(local(model))
+        got = list(again.clips(again.submit(req, truth=point)))
+        assert [c.clip for c in got] == list(range(2, n))
+        frames = np.concatenate([c.frames for c in got])
+        np.testing.assert_array_equal(frames, expected[2 * orch.clip_len :])
+        assert point.next_clip == 2 and len(point.pending) == 0
+    # A complete truth: no clip to make, and the sink is told it is finished.
+    orch = Orchestrator(local(model))
+    key = orch.submit(req, sink=QueueSink(n))
+    orch.run()
+    complete = orch.streams[key].truth_at(n)
+    sink = QueueSink(4)
+    again = Orchestrator(local(model))
+    done = again.submit(req, sink=sink, truth=complete)
+    assert again.streams[done].done and sink.finished and list(again.clips(done)) == []
+    with pytest.raises(ValueError, match="truth must be a StreamSnapshot .* got str"):
+        again.submit(req, truth="truth.safetensors")
+
+
 def test_lossless_must_be_a_bool():
     """lossless="false" guarded a new parts folder as lossless=true, failed at the first
     clip's write, and the corrected call was then refused by that guard."""

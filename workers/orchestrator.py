@@ -327,7 +327,14 @@ class Orchestrator:
                 f"sink must have room(), put(clip) and finish() (a Sink), got {type(sink).__name__}"
             )
         if truth is not None:
-            truth = replace(truth, request=own_request(truth.request))
+            if not isinstance(truth, StreamSnapshot):  # a path: an AttributeError below
+                raise ValueError(
+                    "truth must be a StreamSnapshot (load_snapshot(path) of a saved one), got "
+                    f"{type(truth).__name__}"
+                )
+            # Its own pending list too: the clips this stream makes were appended to the
+            # caller's snapshot, and the same resume point submitted again skipped them.
+            truth = replace(truth, request=own_request(truth.request), pending=list(truth.pending))
             named = truth.request.model  # the same file under another name is the same model
             same = same_checkpoint(named, request.model)
             if not same or truth.request.fingerprint() not in request_fingerprints(
@@ -370,7 +377,13 @@ class Orchestrator:
             delivered=truth.next_clip,
         )
         self.streams[key] = stream
-        if not stream.done:
+        if stream.done:  # a complete truth: nothing to make, but its sink is finished
+            try:
+                self._deliver(stream)
+            except BaseException:
+                self.streams.pop(key, None)  # not submitted, as a refused request is not
+                raise
+        else:
             try:
                 self._place(stream)
             except BaseException:

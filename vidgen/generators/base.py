@@ -470,7 +470,14 @@ def check_truth(
             or not clip.is_floating_point()
             or not bool(clip.isfinite().all())
         ):
-            got = tuple(clip.shape) if isinstance(clip, torch.Tensor) else type(clip).__name__
+            # What failed: the message named the shape alone, the expected one when the
+            # dtype or the values were wrong.
+            if not isinstance(clip, torch.Tensor):
+                got = type(clip).__name__
+            else:
+                got = f"{clip.dtype} {tuple(clip.shape)}"
+                if tuple(clip.shape) == clip_shape and clip.is_floating_point():
+                    got += " with non-finite values"
             raise ValueError(
                 f"snapshot pending clip {i}: latents must be finite floats {clip_shape}, got {got}"
             )
