@@ -602,3 +602,22 @@ def test_cover_art_is_not_taken_for_the_video_stream():
     assert _video_stream(container, Path("x.mp4")) is moving
     container = SimpleNamespace(streams=SimpleNamespace(video=[cover]))
     assert _video_stream(container, Path("x.mp4")) is cover  # nothing else: the picture
+
+
+@pytest.mark.parametrize("suffix", [".ts", ".mpg"])
+def test_mpeg_ts_and_ps_streams_with_b_frames_read_every_frame_in_place(tmp_path, suffix):
+    """MPEG-TS with B-frames (libx264's default): decord returned the frames shifted (start
+    20 gave frames 30-34, the last repeated to make up the count), with no error. MPEG-PS
+    times only the first frame of each pack: the probe counted the timed packets only (6 of
+    30 here), and reads returned those alone; counted, decord read them from a later start
+    as frames from 0. Both are read with PyAV."""
+    info = probe_video(gop_stream(tmp_path / f"b{suffix}", num_frames=30, gop=10, b_frames=3))
+    assert info.num_frames == 30
+    for backend in ("auto", "pyav"):
+        assert frame_numbers(read_video(info.path, backend=backend)) == list(range(30))
+        assert frame_numbers(read_video(info.path, 20, 5, backend=backend)) == list(range(20, 25))
+    assert frame_numbers(torch.cat(list(iter_video(info.path, chunk=8)))) == list(range(30))
+    container, kind = {".ts": ("mpegts", "TS"), ".mpg": ("mpeg", "PS")}[suffix]
+    assert info.container == container
+    with pytest.raises(VideoReadError, match=f"it is an MPEG-{kind} stream"):
+        read_video(info.path, backend="decord")

@@ -104,6 +104,9 @@ class VideoInfo:
     video_streams: video streams in the file, cover art included. Everything here describes
     and reads the first that is not cover art; decord decodes the one FFmpeg finds "best"
     (by bit rate, say), so `read_video` decodes a file with more than one with PyAV.
+    container: FFmpeg's name of the container format, e.g. "mov,mp4,m4a,3gp,3g2,mj2" or
+    "mpegts" (decord returns MPEG-TS and MPEG-PS streams shifted by frames, silently:
+    `read_video` decodes them with PyAV).
     """
 
     path: Path
@@ -119,6 +122,7 @@ class VideoInfo:
     pixel_aspect: float = 1.0
     open_gop: bool = False
     video_streams: int = 1
+    container: str = ""
 
 
 # A sample aspect ratio outside this range is taken for broken metadata, not a picture.
@@ -362,8 +366,9 @@ def _scan_packets(container: Any, stream: Any, path: Path) -> _PacketScan:
         raise VideoReadError(
             f"{path} is damaged: reading its video packets failed after {seen}: {err}"
         ) from err
-    column = 1 if counts[0][0] + counts[1][0] == 0 else 0  # untimed only if nothing is timed
-    before, after = counts[0][column], counts[1][column]
+    # Untimed frame packets count whether or not others are timed: an MPEG-PS muxer times
+    # only the first frame of each pack, and 37 frames were counted as 1.
+    before, after = sum(counts[0]), sum(counts[1])
     end = None if end_ticks is None else float(end_ticks * stream.time_base)
     rotation, mirrored = display or (0, False)
     if mirrored:  # not applied: a turn by its angle alone would show it upside down
@@ -429,6 +434,7 @@ def probe_video(path: PathLike) -> VideoInfo:
         identity = _identity(path)
         stream = _video_stream(container, path)
         video_streams = len(container.streams.video)
+        container_format = container.format.name
         ctx = _codec_context(stream, path)
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         codec = ctx.name
@@ -459,6 +465,7 @@ def probe_video(path: PathLike) -> VideoInfo:
         pixel_aspect=pixel_aspect,
         open_gop=scan.open_gop,
         video_streams=video_streams,
+        container=container_format,
     )
 
 
@@ -763,6 +770,13 @@ def _decord_pitfall(info: VideoInfo) -> str | None:
         return (
             f"it has {info.video_streams} video streams, and decord may decode another than "
             "the first, which the probe describes"
+        )
+    if info.container in ("mpegts", "mpeg"):
+        # TS: a B-frame stream came back shifted, the last frame repeated; PS (which times
+        # one frame a pack): reads from a later start came back from frame 0.
+        return (
+            f"it is an MPEG-{'TS' if info.container == 'mpegts' else 'PS'} stream, which "
+            "decord returns shifted by frames"
         )
     return None
 
