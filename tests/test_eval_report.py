@@ -12,7 +12,7 @@ import torch
 
 from vidgen.cli import main
 from vidgen.eval.report import EvalConfig, evaluate, report_json
-from vidgen.io import VideoWriter
+from vidgen.io import VideoWriter, probe_video
 from vidgen.worlds.bouncing import BouncingShapes, BouncingShapesConfig
 
 
@@ -206,6 +206,17 @@ def test_videos_are_read_and_scored_in_pieces_as_if_whole(tmp_path, monkeypatch)
     assert sizes == [7] * 5 + [5]
     assert pieces == pytest.approx(whole, rel=1e-12)
     assert pieces["frames"] == 40 and pieces["count_accuracy"] > 0.7
+    # Pieces are bounded in pixels too: 256 frames of 1080p held about 10 GiB while scored.
+    assert report_module.chunk_frames(1920, 1080) == 4
+    assert report_module.chunk_frames(64, 64) == report_module.CHUNK_FRAMES == 7
+    assert report_module.chunk_frames(10**5, 10**5) == 1
+    side = probe_video(tmp_path / "a.mp4").width
+    monkeypatch.setattr(report_module, "CHUNK_FRAMES", 256)
+    monkeypatch.setattr(report_module, "CHUNK_PIXELS", 3 * side * side + 1)
+    sizes.clear()
+    pieces = evaluate(EvalConfig(videos=str(tmp_path)))["per_video"]["a.mp4"]
+    assert sizes == [3] * 13 + [1]
+    assert pieces == pytest.approx(whole, rel=1e-12)
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 16, 100])

@@ -259,8 +259,16 @@ def _true_speed(cfg: EvalConfig) -> float | None:
     return (world.min_speed + world.max_speed) / 2 if cfg.scene == "bouncing" else None
 
 
-# Frames decoded and scored at a time: a video of any length is scored in this much memory.
+# Frames decoded and scored at a time: at most CHUNK_FRAMES, and at most CHUNK_PIXELS
+# pixels. A video of any length and size is scored in this much memory: scoring holds about
+# 20 bytes per pixel of a chunk (measured), and 256 frames of 1080p came to 10 GiB.
 CHUNK_FRAMES = 256
+CHUNK_PIXELS = 2**23  # ~170 MB scored; 4 frames of 1080p, CHUNK_FRAMES of 64x64
+
+
+def chunk_frames(width: int, height: int) -> int:
+    """Frames of ``width`` x ``height`` scored at a time."""
+    return max(1, min(CHUNK_FRAMES, CHUNK_PIXELS // max(1, width * height)))
 
 
 def _score_file(
@@ -273,7 +281,7 @@ def _score_file(
     features: _Features | None = None,
 ) -> tuple[dict[str, Any], int]:
     """One video's scene figures (a video of one clip or less has no seams to measure) and
-    its number of frames, read and scored ``CHUNK_FRAMES`` at a time; its ``share`` of FVD
+    its number of frames, read and scored ``chunk_frames`` at a time; its ``share`` of FVD
     clips (``video_clips``, video ``index`` of ``videos``) go to ``features``."""
     from vidgen.eval.scene import SceneScorer
     from vidgen.io import probe_video
@@ -297,12 +305,15 @@ def _score_file(
 
 
 def _chunks(path: Path, info: Any, frames: int | None = None) -> Iterator[np.ndarray]:
-    """The first ``frames`` frames of the video (None: all), ``CHUNK_FRAMES`` at a time, as
+    """The first ``frames`` frames of the video (None: all), ``chunk_frames`` at a time, as
     displayed: an anamorphic video's pixels made square, so that shapes and speeds are
     measured as they are seen."""
     from vidgen.io import as_displayed, iter_video
 
-    for chunk in iter_video(path, CHUNK_FRAMES, num_frames=frames, info=info):
+    # Counted as displayed: an anamorphic frame is made wider (or taller).
+    aspect = info.pixel_aspect
+    size = chunk_frames(round(info.width * max(aspect, 1)), round(info.height * max(1 / aspect, 1)))
+    for chunk in iter_video(path, size, num_frames=frames, info=info):
         yield as_displayed(chunk, info.pixel_aspect).numpy()
 
 
