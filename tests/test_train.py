@@ -1196,6 +1196,11 @@ def test_the_ema_warms_up_so_a_short_run_exports_what_it_trained(tmp_path):
     ema = EMA(torch.nn.Linear(2, 2), 0.999, warmup=True)
     assert [ema.decay_at(n) for n in (0, 890, 8990, 10**6)] == [0.1, 0.99, 0.999, 0.999]
     assert EMA(torch.nn.Linear(2, 2), 0.999).decay_at(0) == 0.999
+    from vidgen.train.loop import TrainConfig
+
+    for name in ("ema_warmup", "resume"):
+        with pytest.raises(ValueError, match=f"train.{name} must be true or false, got 'false'"):
+            TrainConfig(**{name: "false"})
     kl = ["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2", "train.ema_decay=0.999"]
     init = tensors(train([*kl, "train.lr=0"], tmp_path / "init", 4))
     warm = tensors(train(kl, tmp_path / "warm", 4))

@@ -97,6 +97,9 @@ class TrainConfig:
         if self.seed > MAX_SEED:  # seeds per epoch and step (seed x 1,000,003 + n) overflowed
             raise ValueError(f"train.seed must be <= {MAX_SEED}, got {self.seed}")
         check_number("train.max_seconds", self.max_seconds, minimum=0)
+        for name in ("resume", "ema_warmup"):  # from Python, "false" was taken as true
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"train.{name} must be true or false, got {getattr(self, name)!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"train.precision must be fp32 or bf16, got {self.precision!r}")
         if self.device != "auto":
