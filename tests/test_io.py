@@ -510,6 +510,20 @@ def test_metadata_round_trip(tmp_path, suffix):
     assert read_metadata(path) == tags
 
 
+def test_avi_metadata_reads_back_as_written_or_is_refused(tmp_path):
+    """AVI keeps a fixed set of RIFF INFO keys: others were dropped without a word, and
+    the muxer's own "software" tag came back as if written."""
+    tags = {"comment": "seed=3", "title": "t"}
+    assert read_metadata(write(tmp_path / "a.avi", moving_squares(2), metadata=tags)) == tags
+    with pytest.raises(
+        ValueError, match=r"metadata keys \['provenance'\] cannot be stored in b.avi"
+    ):
+        VideoWriter(tmp_path / "b.avi", metadata={"comment": "c", "provenance": "{}"})
+    with pytest.raises(ValueError, match="metadata key 'software' is the container's own"):
+        VideoWriter(tmp_path / "c.mp4", metadata={"software": "x"})
+    assert not (tmp_path / "b.avi").exists()
+
+
 def test_concat_lossless_segments_bit_exact(tmp_path):
     frames = noise(15, 24, 32, seed=1)
     segments = [

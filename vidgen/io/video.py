@@ -61,7 +61,13 @@ DEFAULT_CRF = 16
 # Tags the muxers write (or, Matroska's "duration", drop) themselves: refused for every
 # container, as the lower-case rule below, so that metadata reads back from any of them.
 _MUXER_TAGS = frozenset(
-    {"major_brand", "minor_version", "compatible_brands", "encoder", "duration"}
+    {"major_brand", "minor_version", "compatible_brands", "encoder", "duration", "software"}
+)
+# AVI stores tags as RIFF INFO chunks: these keys only (others were dropped without a word;
+# "album" reads back as "product").
+_AVI_TAGS = frozenset(
+    {"artist", "comment", "copyright", "date", "encoded_by", "genre", "language", "timecode"}
+    | {"title", "track"}
 )
 _MP4_SUFFIXES = frozenset({"", ".mp4", ".m4v", ".mov"})
 _H264_NAMES = frozenset({"h264", "libx264", "libx264rgb"})
@@ -883,9 +889,16 @@ def _discard(container: Any, tmp: Path) -> None:
     tmp.unlink(missing_ok=True)
 
 
-def _check_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
+def _check_metadata(metadata: dict[str, str] | None, path: Path | None = None) -> dict[str, str]:
     if metadata is None:
         return {}
+    if path is not None and path.suffix.lower() == ".avi" and isinstance(metadata, dict):
+        dropped = sorted(str(k) for k in metadata if k not in _AVI_TAGS)
+        if dropped:
+            raise ValueError(
+                f"metadata keys {dropped} cannot be stored in {path.name} (AVI keeps only "
+                f"{', '.join(sorted(_AVI_TAGS))}): use one of those, or an .mp4 or .mkv"
+            )
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -981,7 +994,7 @@ class VideoWriter:
         self.path = Path(path)
         _check_target(self.path)
         self.rate = _frame_rate(fps)
-        self.metadata = _check_metadata(metadata)
+        self.metadata = _check_metadata(metadata, self.path)
         if not isinstance(lossless, bool | np.bool_):  # "no" is truthy: it chose lossless
             raise ValueError(f"lossless must be True or False, got {lossless!r}")
         self._encoder, self._options = _encoder_settings(codec, bool(lossless), crf)
@@ -1246,7 +1259,7 @@ def concat_videos(
                 "before its first keyframe); re-encode it to join it without re-encoding the rest"
             )
     _check_segments(segments)
-    tags = read_metadata(segments[0]) if metadata is None else _check_metadata(metadata)
+    tags = read_metadata(segments[0]) if metadata is None else _check_metadata(metadata, out)
     tmp = _temp_path(out)
     container = None
     try:
