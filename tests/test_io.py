@@ -524,6 +524,32 @@ def test_avi_metadata_reads_back_as_written_or_is_refused(tmp_path):
     assert not (tmp_path / "b.avi").exists()
 
 
+def test_concat_into_avi_refuses_segment_tags_avi_cannot_keep(tmp_path):
+    """With metadata=None the first segment's tags are copied: into an .avi, keys outside
+    RIFF INFO were dropped without a word."""
+    frames = moving_squares(8)
+    tags = {"comment": "c", "provenance": "{}"}
+    segments = [write(tmp_path / f"s{i}.mp4", frames, metadata=tags) for i in range(2)]
+    with pytest.raises(ValueError, match=r"the tags \['provenance'\] of .*s0.mp4 cannot be"):
+        concat_videos(segments, tmp_path / "all.avi")
+    assert not (tmp_path / "all.avi").exists()
+    out = concat_videos(segments, tmp_path / "all.avi", metadata={"comment": "c"})
+    assert read_metadata(out) == {"comment": "c"}
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv", ".avi"])
+def test_concat_into_avi_from_any_container(tmp_path, suffix):
+    """H.264 from mp4/mkv is length-prefixed: copied into AVI as it was, the file did not
+    decode (InvalidDataError); it is rewritten to start codes on the way."""
+    frames = moving_squares(16)
+    segments = [write(tmp_path / f"s{i}{suffix}", frames[i * 8 : (i + 1) * 8]) for i in range(2)]
+    out = concat_videos(segments, tmp_path / "all.avi")
+    expected = np.concatenate([read_video(s).numpy() for s in segments])
+    for backend in ("decord", "pyav"):
+        assert np.array_equal(read_video(out, backend=backend).numpy(), expected)
+    assert probe_video(out).num_frames == 16
+
+
 def test_concat_lossless_segments_bit_exact(tmp_path):
     frames = noise(15, 24, 32, seed=1)
     segments = [

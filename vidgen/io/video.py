@@ -35,9 +35,10 @@ from vidgen.fsutil import publish, temp_beside
 
 try:
     import av
+    from av.bitstream import BitStreamFilterContext
     from av.video.reformatter import VideoReformatter
 except ImportError:  # a bare training image (CUDA, no ffmpeg) can still import vidgen
-    av = VideoReformatter = None
+    av = BitStreamFilterContext = VideoReformatter = None
 
 
 def _require_av(what: str) -> None:
@@ -56,8 +57,6 @@ Backend = Literal["auto", "decord", "pyav"]
 # falls about 1.5 dB per 2 crf steps.
 DEFAULT_CRF = 16
 
-# Tags the muxers add by themselves (mp4; Matroska's ENCODER, read back lower-case);
-# read_metadata leaves them out so a round trip returns exactly what was written.
 # Tags the muxers write (or, Matroska's "duration", drop) themselves: refused for every
 # container, as the lower-case rule below, so that metadata reads back from any of them.
 _MUXER_TAGS = frozenset(
@@ -1238,7 +1237,8 @@ def concat_videos(
     All segments must share codec, frame size, frame rate and encoder settings (segments from
     VideoWriter with the same arguments do). Timestamps of each segment are shifted to follow
     the previous one; raw H.264 segments, which have none, are timed one frame after another.
-    metadata defaults to that of the first segment. Atomic like VideoWriter: a segment whose
+    metadata defaults to that of the first segment (an .avi `out` refuses tags AVI cannot
+    keep rather than drop them). Atomic like VideoWriter: a segment whose
     frames cannot all be copied raises ValueError naming it, and `out` is left as it was.
     """
     if isinstance(paths, str | os.PathLike):
@@ -1259,7 +1259,18 @@ def concat_videos(
                 "before its first keyframe); re-encode it to join it without re-encoding the rest"
             )
     _check_segments(segments)
-    tags = read_metadata(segments[0]) if metadata is None else _check_metadata(metadata, out)
+    if metadata is None:
+        tags = read_metadata(segments[0])
+        if out.suffix.lower() == ".avi":
+            lost = sorted(key for key in tags if key not in _AVI_TAGS)
+            if lost:
+                raise ValueError(
+                    f"concat_videos: the tags {lost} of {segments[0]} cannot be stored in "
+                    f"{out.name} (AVI keeps only {', '.join(sorted(_AVI_TAGS))}); pass "
+                    "metadata= with the ones to keep, or join into an .mp4 or .mkv"
+                )
+    else:
+        tags = _check_metadata(metadata, out)
     tmp = _temp_path(out)
     container = None
     try:
@@ -1311,6 +1322,8 @@ class _Remuxer:
             end = self.offset
             count = 0
             packets = container.demux(in_stream)
+            if self._needs_annexb(in_stream):
+                packets = _annexb(packets, in_stream, self.out_stream)
             for packet, pts, dts, duration in self._timed(packets, in_stream.time_base):
                 if shift is None:
                     # Align the segment's first timestamp with the end of the previous one.
@@ -1332,6 +1345,17 @@ class _Remuxer:
         last_dts = self.last_dts if self.last_dts is not None else -1
         self.offset = max(end, last_dts + 1)
         return count
+
+    def _needs_annexb(self, in_stream: Any) -> bool:
+        """H.264 from mp4/mkv carries length-prefixed NAL units (avcC extradata): the AVI
+        muxer copies them as they are, where readers expect start codes (Annex B), and the
+        file does not decode. The other muxers convert by themselves."""
+        extradata = in_stream.codec_context.extradata or b""
+        return (
+            "avi" in self.output.format.name
+            and in_stream.codec_context.name in _H264_NAMES
+            and extradata[:1] == b"\x01"
+        )
 
     def _timed(
         self, packets: Iterable[Any], source: Fraction
@@ -1375,6 +1399,16 @@ class _Remuxer:
         # No dts anywhere (a stream of pts only): decode order is presentation order.
         for packet, pts, duration in pending:
             yield packet, pts, pts, duration
+
+
+def _annexb(packets: Iterable[Any], in_stream: Any, out_stream: Any) -> Iterator[Any]:
+    """`packets` rewritten from length-prefixed H.264 to Annex B (start codes), the SPS/PPS
+    put in band; `out_stream` takes the filter's parameters."""
+    bsf = BitStreamFilterContext("h264_mp4toannexb", in_stream, out_stream)
+    for packet in packets:
+        if packet.size:  # demux ends with an empty packet; the filter is flushed below
+            yield from bsf.filter(packet)
+    yield from bsf.filter(None)
 
 
 def _rescale(value: int, source: Fraction, target: Fraction) -> int:

@@ -507,8 +507,7 @@ class NextBlockTransformer(nn.Module):
                 )
         elif context.valid.shape[0] != b:
             raise ValueError(
-                f"context was prepared for {context.valid.shape[0]} streams, clip_cond has "
-                f"{b} rows"
+                f"context was prepared for {context.valid.shape[0]} streams, clip_cond has {b} rows"
             )
         if partial.length and partial.k[0].shape[0] != b:
             raise ValueError(
