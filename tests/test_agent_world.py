@@ -189,7 +189,8 @@ def test_bad_actions_raise() -> None:
             world.step(bad)
     world.step(np.int64(RIGHT))  # what Discrete.sample() returns
     continuous = AgentWorld(AgentWorldConfig(continuous=True), seed=0)
-    for bad in (1, [1.0], [1.0, 2.0, 3.0], ["a", "b"], [np.inf, 0.0], [0.0, np.nan]):
+    ragged = [1.0, [2.0]]  # numpy's own "inhomogeneous shape" error escaped
+    for bad in (1, [1.0], [1.0, 2.0, 3.0], ["a", "b"], [np.inf, 0.0], [0.0, np.nan], ragged):
         with pytest.raises(ValueError, match="continuous action"):
             continuous.step(bad)
 
@@ -397,6 +398,32 @@ def test_push_policy_moves_the_box(continuous: bool) -> None:
         steps = np.sign(np.diff(box, axis=0))
         directions = {(axis, int(s)) for axis in (0, 1) for s in steps[:, axis] if s != 0}
         assert len(directions) >= 2, f"seed {seed}: pushed only {directions}"
+
+
+def test_push_policy_moves_the_box_below_one_px_per_frame() -> None:
+    """Moves planned on the 1 px field were clipped to max_speed and re-planned from the
+    fractional corner half-way, where no move looked better: the box moved 0-12 px in
+    3,000 frames."""
+    config = AgentWorldConfig(continuous=True, max_speed=0.5)
+    for seed in range(3):
+        box = _check_invariants(config, seed=seed, num_frames=600, policy="push")
+        travelled = np.abs(np.diff(box, axis=0)).sum()
+        assert travelled > 50, f"seed {seed}: the box travelled only {travelled} px"
+
+
+def test_continuous_velocity_never_exceeds_max_speed_off_the_grid() -> None:
+    """Clipping before snapping to the 2**-16 px grid rounded 0.1 up to 0.10000610: the
+    recorded action left the env's action space and could not be replayed."""
+    world = AgentWorld(AgentWorldConfig(continuous=True, max_speed=0.1), seed=0)
+    dx, dy = world.displacement([5.0, -5.0])
+    assert 0.1 - 2**-16 < dx <= 0.1 and -0.1 <= dy < -0.1 + 2**-16
+    traj = generate_trajectory(AgentWorldConfig(continuous=True, max_speed=0.1), 0, 200)
+    assert np.abs(traj.actions).max() <= np.float32(0.1)
+    env = gymnasium.make(ENV_ID, config=AgentWorldConfig(continuous=True, max_speed=0.1))
+    env.reset(seed=0)
+    for action in traj.actions[:50]:
+        assert env.action_space.contains(action)
+        env.step(action)
 
 
 def test_custom_policy_and_action_layout() -> None:

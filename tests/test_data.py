@@ -167,6 +167,8 @@ def test_a_worlds_own_size_apart_from_data_size_is_refused_not_ignored():
         ({"clip_len": 2.0}, "clip_len must be an int"),
         ({"max_start": 2.5}, "max_start must be an int"),
         ({"num_clips": 0}, "num_clips must be >= 1"),
+        # Accepted, then an item drawn past 2**40 failed inside a DataLoader worker.
+        ({"max_start": 2**41}, "max_start \\+ clip_len must be at most 2\\*\\*40"),
     ],
 )
 def test_world_clips_refuse_bad_arguments_up_front(kwargs, message):

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from vidgen.validate import check_int, check_number
 from vidgen.worlds.agent import POLICIES, AgentWorldConfig, generate_trajectory
-from vidgen.worlds.bouncing import BouncingShapes, BouncingShapesConfig
+from vidgen.worlds.bouncing import MAX_FRAME, BouncingShapes, BouncingShapesConfig
 
 WORLDS = ("bouncing", "agent")
 SPLITS = {"train": 0, "eval": 1}
@@ -110,6 +110,12 @@ class WorldClips(Dataset):
         num_clips = check_int("num_clips", num_clips, minimum=1)
         seed = check_int("seed", seed, minimum=0)
         max_start = check_int("max_start", max_start, minimum=0)
+        if world in ("bouncing", "mix") and max_start + clip_len > MAX_FRAME:
+            # Caught here, not in a DataLoader worker at the first late start drawn.
+            raise ValueError(
+                f"max_start + clip_len must be at most 2**40 (the last frame BouncingShapes "
+                f"renders exactly), got max_start={max_start}, clip_len={clip_len}"
+            )
         if not 0.0 <= check_number("agent_fraction", agent_fraction) <= 1.0:
             raise ValueError(f"agent_fraction must be in [0, 1], got {agent_fraction}")
         if world in ("agent", "mix") and agent_policy not in POLICIES:

@@ -224,18 +224,23 @@ class AgentWorld:
         if not self.config.continuous:
             dx, dy = ACTION_DIRECTIONS[self.discrete_action(action)]
             return (float(dx * self.config.step), float(dy * self.config.step))
-        v = np.asarray(action)
-        if v.shape != (2,) or v.dtype.kind not in "iuf":
+        try:
+            v = np.asarray(action)
+        except ValueError:  # ragged, like [1.0, [2.0]]
+            v = None
+        if v is None or v.shape != (2,) or v.dtype.kind not in "iuf":
             raise ValueError(
                 f"a continuous action must be a real velocity (vx, vy) of shape (2,), got "
                 f"{action!r}"
             )
-        limit = self.config.max_speed
+        # The largest grid value not above max_speed: snapping after the clip could round
+        # past it (max_speed 0.1 applied 0.10000610), out of the action space.
+        limit = math.floor(self.config.max_speed * _GRID) / _GRID
         out = []
         for value in v.tolist():  # plain floats: far cheaper than numpy for two numbers
             if not math.isfinite(value):
                 raise ValueError(f"a continuous action must be finite, got {action!r}")
-            out.append(round(min(max(value, -limit), limit) * _GRID) / _GRID)
+            out.append(min(max(round(value * _GRID) / _GRID, -limit), limit))
         return (out[0], out[1])
 
     def discrete_action(self, action: Any) -> int:
@@ -518,6 +523,10 @@ class _PushPolicy:
         self._idle = 0  # steps since the box last moved
         self._detour: tuple[int, int] = (0, 1)
         self._detour_left = 0
+        # A planned move that max_speed clipped: (corner it should reach, axis, px left).
+        # Planning again from the fractional corner half-way finds no move that is strictly
+        # better on the 1 px field, so below 1 px per frame the agent never reached the box.
+        self._rest: tuple[tuple[float, float], int, float] | None = None
 
     def __call__(self, world: AgentWorld, state: AgentState, rng: np.random.Generator) -> Any:
         self._observe(state)
@@ -527,13 +536,22 @@ class _PushPolicy:
             self._direction = None
         if self._direction is None and self._detour_left == 0 and state.box != self._hopeless:
             self._choose_direction(world, state, rng)
+        rest, self._rest = self._rest, None
         move = None
-        if self._detour_left == 0 and self._direction is not None:
+        if rest is not None and rest[0] == state.agent and self._direction is not None:
+            move = (rest[1], rest[2], False)  # finish the clipped move
+        elif self._detour_left == 0 and self._direction is not None:
             move = self._plan(world, state)
         self._pushing = move is not None and move[2]
         if move is None:  # blocked, lost, or no direction: wander a little
             return self._wander(world, state, rng)
-        return _axis_action(world, move[0], move[1])
+        action = _axis_action(world, move[0], move[1])
+        if world.config.continuous and not move[2]:
+            applied = world.displacement(action)
+            left = move[1] - applied[move[0]]
+            if left and applied[move[0]]:
+                self._rest = (world._move(state, *applied).agent, move[0], left)
+        return action
 
     def _wander(self, world: AgentWorld, state: AgentState, rng: np.random.Generator) -> Any:
         """One step of a short random detour that does not push the box: a stray push can
