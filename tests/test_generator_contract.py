@@ -1101,6 +1101,16 @@ def test_a_snapshot_that_does_not_fit_its_request_is_refused(family):
         bad["slot1.next_frame differs from slot0's"] = dataclasses.replace(snap, cache=behind)
         bos = {**snap.cache, "prev": torch.full_like(snap.cache["prev"], -1)}
         bad["'prev' must be the last block written"] = dataclasses.replace(snap, cache=bos)
+        # The previous clip's ids beside a cache holding none: taken without a word.
+        fresh = gen.open(request_for(gen, frames=4 * gen.clip_len))
+        opened = gen.snapshot(fresh)
+        gen.close(fresh)
+        early = {**opened.cache, "last": snap.cache["last"]}
+        bad["'last' must be absent"] = dataclasses.replace(opened, cache=early)
+        if gen.tokenizer.config.context_decoder:
+            # Without them the next clip was decoded with no context: other frames.
+            lost = {k: v for k, v in snap.cache.items() if k != "last"}
+            bad["has no 'last'"] = dataclasses.replace(snap, cache=lost)
     else:
         # The message says what failed: it named the shape alone, the expected one.
         bad["finite floats .* got torch.float32 .* with non-finite values"] = dataclasses.replace(

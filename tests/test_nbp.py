@@ -169,9 +169,11 @@ def test_sampling_draws_from_the_given_generator():
     c = sample_tokens(logits, torch.Generator().manual_seed(2), temperature=1.0, top_k=5)
     assert not torch.equal(a, c)
     assert torch.equal(sample_tokens(logits, None, temperature=0), logits.argmax(-1))
-    for bad in (0.0, float("nan")):
+    for bad in (0.0, float("nan"), 1.5, float("inf")):  # above 1 was taken as "off"
         with pytest.raises(ValueError, match="top_p"):
             top_p_filter(logits, bad)
+    with pytest.raises(ValueError, match="top_k must be >= 0"):  # negative was "off"
+        top_k_filter(logits, -3)
 
 
 def test_sampling_applies_temperature_top_k_and_top_p_together():
@@ -336,6 +338,10 @@ def test_sample_tokens_checks_its_filters_and_refuses_nan_logits_at_any_temperat
         sample_tokens(logits, None, temperature, top_p=float("nan"))
     with pytest.raises(ValueError, match="top_k must be an int"):
         sample_tokens(logits, None, temperature, top_k=2.5)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        sample_tokens(logits, None, temperature, top_p=1.5)
+    with pytest.raises(ValueError, match="top_k must be >= 0"):
+        sample_tokens(logits, None, temperature, top_k=-3)
     with pytest.raises(ValueError, match="logits hold NaN"):
         sample_tokens(torch.tensor([[0.0, float("nan"), 5.0]]), None, temperature)
     assert sample_tokens(logits, None, temperature, top_k=1).item() == 2

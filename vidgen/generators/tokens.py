@@ -522,4 +522,13 @@ class TokenClipGenerator:
         last = cache.get("last")
         if last is not None:
             check_token_ids("snapshot cache 'last'", last, (cfg.tokens_per_clip,), cfg.vocab)
+        # The previous clip's ids are what a context decoder reads: without them the next
+        # clip decoded with no context, unlike the run the snapshot came from.
+        if written and last is None and self.tokenizer.config.context_decoder:
+            raise ValueError(
+                "snapshot cache has no 'last' (the previous clip's ids), which this "
+                "tokenizer's context decoder needs for a cache holding frames"
+            )
+        if not written and last is not None:
+            raise ValueError("snapshot cache 'last' must be absent for a cache holding no frames")
         rows.last = None if last is None else last.clone()

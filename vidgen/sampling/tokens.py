@@ -12,8 +12,10 @@ GREEDY_BELOW = 1e-4  # temperatures this small sample the argmax (see sample_tok
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest logits of each row (ties at the threshold are kept); others -inf.
-    k <= 0 or >= vocab keeps everything."""
-    if k <= 0 or k >= logits.shape[-1]:
+    k = 0 (off) or >= vocab keeps everything."""
+    if k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {k}")
+    if k == 0 or k >= logits.shape[-1]:
         return logits
     threshold = logits.topk(k, dim=-1).values[..., -1:]
     return logits.masked_fill(logits < threshold, float("-inf"))
@@ -23,10 +25,10 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Keep the smallest set of highest-probability entries whose probability reaches p
     (nucleus sampling); others -inf. Entries tied with the least likely one kept are kept
     too (as ``top_k_filter`` keeps ties): which of equal logits a sort puts first is no
-    reason to keep one and drop another. p >= 1 keeps everything."""
-    if not p > 0.0:  # also NaN, which every comparison below would let through
+    reason to keep one and drop another. p = 1 keeps everything."""
+    if not 0.0 < p <= 1.0:  # also NaN, which every comparison below would let through
         raise ValueError(f"top_p must be in (0, 1], got {p}")
-    if p >= 1.0:
+    if p == 1.0:
         return logits
     sorted_logits = logits.sort(dim=-1, descending=True).values
     # In float32 at least: a bfloat16 running sum rounds at every entry and stopped short of
@@ -71,8 +73,8 @@ def sample_tokens(
     if not 0 <= temperature <= torch.finfo(torch.float32).max:
         raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
     # Checked here, not only in the filters: the greedy path below calls none of them.
-    check_int("top_k", top_k)
-    if not top_p > 0.0:
+    check_int("top_k", top_k, minimum=0)
+    if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     # argmax takes NaN for the largest logit: a diverged model's greedy tokens were garbage
     # without a word (and multinomial's error named no argument).
