@@ -265,6 +265,32 @@ def test_update_card_keeps_tensors_and_config(saved, tmp_path):
     assert sorted(p.name for p in saved.parent.iterdir()) == ["c.safetensors", saved.name]
     with pytest.raises(ValueError, match="out must end in"):
         checkpoint.update_card(saved, {}, out=tmp_path / "c.pt")
+    # load takes any file name: in place, the message named an `out` never given.
+    renamed = saved.rename(tmp_path / "model.ckpt")
+    with pytest.raises(ValueError, match=r"cannot rewrite .*model.ckpt' in place: .*pass out="):
+        checkpoint.update_card(renamed, {})
+
+
+def test_save_and_update_card_expand_the_home_folder(saved, tmp_path, monkeypatch):
+    """load read "~/x" as the home folder's x, save wrote it into a folder named "~" under
+    the working directory: the same path typed twice named two files."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    out = checkpoint.save("~/a.safetensors", make_model(), TinyConfig())
+    assert out == home / "a.safetensors" and out.is_file()
+    assert checkpoint.load("~/a.safetensors").path.resolve() == out.resolve()
+    assert checkpoint.update_card(saved, {}, out="~/b.safetensors") == home / "b.safetensors"
+    assert not (work / "~").exists()
+
+
+def test_tensor_names_must_be_strings(tmp_path):
+    """Int names came back as str ("0"); int and str together failed a sort naming none."""
+    for state in ({0: torch.zeros(1)}, {0: torch.zeros(1), "a": torch.zeros(1)}):
+        with pytest.raises(TypeError, match=r"tensor names must be str, got 0 \(int\)"):
+            checkpoint.save(tmp_path / "n.safetensors", state, TinyConfig())
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_new_checkpoint_gets_the_mode_an_ordinary_file_would(tmp_path):
@@ -766,6 +792,16 @@ def test_a_companion_is_found_beside_its_owner_then_from_the_working_directory(
     # A card written before (relative to where training ran) still works from there.
     monkeypatch.chdir(tmp_path)
     assert checkpoint.companion("runs/tok/tok.safetensors", owner) == "runs/tok/tok.safetensors"
+    # Reached through a symlink in another folder: the name is relative to the real one
+    # (named_from resolves), and was looked up beside the link only.
+    (tmp_path / "models").mkdir()
+    link = tmp_path / "models" / "gen.safetensors"
+    link.symlink_to(owner)
+    assert Path(checkpoint.companion(named, link)).resolve() == tok.resolve()
+    # A card's tokenizer that is no name: a bare TypeError naming neither file nor field.
+    for bad in (None, 3):
+        with pytest.raises(CheckpointError, match=r"gen.safetensors names the checkpoint .*'"):
+            checkpoint.companion(bad, owner)
 
 
 def test_a_tensor_of_another_kind_is_refused_and_other_float_precisions_load(tmp_path):

@@ -305,7 +305,7 @@ def save(
 ) -> Path:
     """Write ``tensors`` (a module's state dict, or any name -> tensor mapping) with ``config``
     (a dataclass instance) and a model ``card`` (JSON-serialisable) to ``path`` atomically."""
-    path = Path(path)
+    path = expand_user(path)  # as load reads it: "~/a.safetensors" made a folder named "~"
     if path.suffix != SUFFIX:
         raise ValueError(f"checkpoint path must end in {SUFFIX}, got {str(path)!r}")
     if not dataclasses.is_dataclass(config) or isinstance(config, type):
@@ -398,6 +398,8 @@ _LAYOUT_RANK = {dtype: rank for rank, dtype in enumerate(_SAFETENSORS_DTYPES)}
 def _check_saveable(state: Mapping[str, torch.Tensor]) -> None:
     """TypeError or ValueError unless every tensor can be written as it is."""
     for name, t in state.items():
+        if not isinstance(name, str):  # int names came back as str; mixed ones failed a sort
+            raise TypeError(f"tensor names must be str, got {name!r} ({type(name).__name__})")
         if name == "__metadata__":  # the header's own key: it would replace the metadata
             raise ValueError("a tensor cannot be named '__metadata__'")
         if t.dtype not in _SAFETENSORS_DTYPES:
@@ -540,8 +542,13 @@ def update_card(
     ``update_card(path, {"tokenizer": "larp-tiny"})`` (its ``tokenizer_fingerprint`` still
     guards the pairing)."""
     ckpt = load(name_or_path)
-    path = ckpt.path if out is None else Path(out)
+    path = ckpt.path if out is None else expand_user(out)
     if path.suffix != SUFFIX:
+        if out is None:  # load takes any file name; the message named an out never given
+            raise ValueError(
+                f"cannot rewrite {str(path)!r} in place: it does not end in {SUFFIX}; "
+                f"pass out= a path that does"
+            )
         raise ValueError(f"out must end in {SUFFIX}, got {str(path)!r}")
     card = {**ckpt.card, **changes}
     metadata = _metadata(
@@ -743,11 +750,21 @@ def companion(name_or_path: str | os.PathLike, owner: str | os.PathLike) -> str:
     ``tokenizer``, a LARP's ``autoencoder``. A shipped name stays as it is; a relative path
     is looked up beside ``owner`` first (where ``named_from`` writes them from), then from
     the working directory (cards written before, relative to where training ran)."""
+    if not isinstance(name_or_path, str | os.PathLike):
+        raise CheckpointError(
+            f"{owner} names the checkpoint to load with it (its card's 'tokenizer' or its "
+            f"config's 'autoencoder') as {name_or_path!r}: expected a shipped name or a path"
+        )
     text = spelled(name_or_path)
     if _is_name(text) or expand_user(text).is_absolute():
         return text
-    beside = Path(owner).parent / text
-    return str(beside) if beside.is_file() else text
+    # The folder as given, then the real one: named_from writes the name from the real
+    # folder, so a generator reached through a symlink elsewhere finds it there.
+    for folder in (Path(owner).parent, Path(os.path.realpath(owner)).parent):
+        beside = folder / text
+        if beside.is_file():
+            return str(beside)
+    return text
 
 
 def named_from(name_or_path: str | os.PathLike, folder: str | os.PathLike) -> str:
