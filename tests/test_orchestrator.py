@@ -598,6 +598,32 @@ def test_a_batch_item_done_for_another_request_is_skipped_with_a_warning(models,
         # The context frames went to the job's copy of the request, not the item (a batch of
         # many such items held every one's frames until it ended).
         assert all(item.request.context is None for item in items)
+    # An ok row whose video was deleted was skipped without a word.
+    assert "is gone" not in caplog.text
+    (out / "a.mp4").unlink()
+    caplog.clear()
+    assert run_batch(parse_manifest(manifest, out, 1000), out, lambda m: [executor]) == []
+    assert f"a: skipped as done, but its video {out / 'a.mp4'} is gone" in caplog.text
+
+
+def test_a_batch_item_whose_video_is_a_link_is_refused(tmp_path, monkeypatch):
+    """out/a.mp4 -> b.mp4 passed (it resolves inside --out): items a and b wrote one file,
+    and a's row and sidecar described b's video. And --out=~/x (which a shell leaves as it
+    is) put results.jsonl in a folder named "~" while the items expanded it."""
+    from workers.jobs.render import build_parser, parse_manifest
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "b.mp4").write_bytes(b"b's video")
+    (out / "a.mp4").symlink_to("b.mp4")
+    line = {"model": "ca2vdm-tiny", "frames": 8}
+    manifest = tmp_path / "items.jsonl"
+    manifest.write_text(json.dumps({"id": "a", **line}) + "\n" + json.dumps({"id": "b", **line}))
+    a, b = parse_manifest(manifest, out, 1000)
+    assert "out/a.mp4 is a symbolic link" in a.error and b.error is None
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = build_parser().parse_args(["--manifest=~/items.jsonl", "--out=~/renders"])
+    assert args.out == tmp_path / "renders" and args.manifest == manifest
 
 
 def test_a_batchs_bad_lines_never_mix_their_rows_with_another_items(models, tmp_path, caplog):
@@ -663,6 +689,7 @@ def test_a_manifests_relative_context_is_beside_the_manifest(models, tmp_path, m
     row = {"id": "a", "status": "ok", "provenance": {"request": item.request.to_json()}}
     row["provenance"]["context"] = "start.mp4"
     (out / "results.jsonl").write_text(json.dumps(row) + "\n")
+    (out / "a.mp4").write_bytes(b"its video")
 
     def no_actors(model):
         raise AssertionError("a done item was run again")
@@ -3380,6 +3407,25 @@ def test_lossless_must_be_a_bool():
     for bad in ("false", 1, None):
         with pytest.raises(ValueError, match="lossless must be True or False"):
             RenderJob(req, Path("v.mp4"), lossless=bad)
+    # numpy's bool (a pandas row's) went into the provenance, which json could not write
+    # at the join, after every clip was made.
+    job = RenderJob(req, Path("v.mp4"), lossless=np.True_)
+    assert job.lossless is True
+
+
+def test_render_job_arguments_are_checked_before_the_render():
+    """extra_provenance json could not write failed at the join, after every clip (the
+    earlier render's sidecar already deleted); a request of another type failed as an
+    AttributeError."""
+    from workers.render import RenderJob
+
+    req = GenerationRequest(model="m", frames=8)
+    for bad in ({"source": Path("/data/x.mp4")}, {"n": np.int64(3)}, [("k", "v")], {1: "a"}):
+        with pytest.raises(ValueError, match="extra_provenance must be a dict with str keys"):
+            RenderJob(req, Path("v.mp4"), extra_provenance=bad)
+    RenderJob(req, Path("v.mp4"), extra_provenance={"source": "/data/x.mp4", "n": 3})
+    with pytest.raises(ValueError, match="request must be a GenerationRequest, got dict"):
+        RenderJob({"model": "m", "frames": 8}, Path("v.mp4"))
 
 
 def test_a_render_stopped_before_its_sidecar_leaves_no_other_renders_sidecar(model, tmp_path):
@@ -3563,6 +3609,8 @@ def test_serving_arguments_are_checked_by_name(models, monkeypatch):
         (("",), {"num_cpus": 0}, "num_cpus must be >= 1"),
         (("",), {"num_gpus": -1}, "num_gpus must be >= 0"),
         (("auto",), {"num_cpus": 2}, "num_cpus sizes a local instance"),
+        (("",), {"attempts": 0}, "attempts must be >= 1"),  # Ray never started
+        (("",), {"attempts": 1.5}, "attempts must be an int"),
     ):
         with pytest.raises(ValueError, match=message):
             cluster.connect(*args, **kwargs)

@@ -121,6 +121,7 @@ def connect(
     the caller knows to ``ray.shutdown()`` when done)."""
     if not isinstance(address, str):  # None failed as an AttributeError
         raise ValueError(f"address must be a string ('' for a local instance), got {address!r}")
+    attempts = check_int("attempts", attempts, minimum=1)  # 0 never started Ray
     for name, count in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
         if count is None:
             continue

@@ -419,8 +419,25 @@ class RenderJob:
     ) -> None:
         self.out = check_out(out)
         check_int("segment_clips", segment_clips, minimum=1)  # 1.5 never ended a segment
+        if not isinstance(request, GenerationRequest):  # failed later as an AttributeError
+            raise ValueError(f"request must be a GenerationRequest, got {type(request).__name__}")
         if not isinstance(lossless, bool | np.bool_):  # "false" guarded its folder as true
             raise ValueError(f"lossless must be True or False, got {lossless!r}")
+        # A plain bool: numpy's went into the provenance, which json could not write after
+        # every clip was made.
+        lossless = bool(lossless)
+        if extra_provenance is not None:  # checked now, not at the join after the render
+            try:
+                if not isinstance(extra_provenance, dict) or not all(
+                    isinstance(k, str) for k in extra_provenance
+                ):
+                    raise TypeError("not a dict with str keys")
+                json.dumps(extra_provenance, allow_nan=False)
+            except (TypeError, ValueError) as err:
+                raise ValueError(
+                    f"extra_provenance must be a dict with str keys that JSON can write, got "
+                    f"{extra_provenance!r} ({err})"
+                ) from None
         self.request, self.segment_clips, self.lossless = request, segment_clips, lossless
         self.progress, self.extra = progress, extra_provenance
         self.folder = parts_folder(self.out)

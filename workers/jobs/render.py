@@ -121,8 +121,11 @@ def _check_id(value: Any, out: Path) -> str:
         raise ValueError(
             f"id must be a plain file name (letters, digits, '.', '_', '-'), got {value!r}"
         )
-    if (out / f"{value}.mp4").resolve().parent != out.resolve():
+    video = out / f"{value}.mp4"
+    if video.resolve().parent != out.resolve():
         raise ValueError(f"id {value!r} would write outside {out}")
+    if video.is_symlink():  # out/a.mp4 -> b.mp4: items a and b wrote one file
+        raise ValueError(f"{video} is a symbolic link; an item's video must be its own file")
     return value
 
 
@@ -245,6 +248,14 @@ def run_batch(
                 item.error,
             )
     for item in items:
+        if item.id in results.ok and not (out / f"{item.id}.mp4").is_file():
+            # Skipped all the same (its row is the record of what was made), but not silently.
+            log.warning(
+                "%s: skipped as done, but its video %s is gone; delete its row in "
+                "results.jsonl to render it anew",
+                item.id,
+                out / f"{item.id}.mp4",
+            )
         made = results.made_for.get(item.id)
         req = item.request
         # The request's JSON, not its fingerprint: the context frames, which the fingerprint
@@ -430,8 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m workers.jobs.render", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--manifest", required=True, type=Path)
-    parser.add_argument("--out", required=True, type=Path)
+    # Expanded here: a shell leaves the ~ of --out=~/renders as it is, and the items (which
+    # expand it) wrote there while results.jsonl went into a folder named "~".
+    parser.add_argument("--manifest", required=True, type=expand_user)
+    parser.add_argument("--out", required=True, type=expand_user)
     parser.add_argument("--actors", type=int, default=1, help="actors per model")
     parser.add_argument(
         "--address",
