@@ -162,6 +162,8 @@ def test_config_validation_names_the_argument() -> None:
         AgentWorldConfig(continuous="yes")
     with pytest.raises(ValueError, match="max_speed must be in"):
         AgentWorldConfig(max_speed=1e39)  # the continuous action space could not hold it
+    with pytest.raises(ValueError, match="size must be <= 4096 px, got 100000"):
+        AgentWorldConfig(size=100_000)  # a MemoryError traceback (596 GiB) at the first frame
     with pytest.raises(ValueError, match="config must be an AgentWorldConfig"):
         AgentWorld({"size": 32})
 

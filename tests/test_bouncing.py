@@ -98,6 +98,7 @@ def test_iter_frames_matches_trajectory():
         ({"num_shapes": 9}, "num_shapes"),
         ({"max_radius": 40.0}, "max_radius"),
         ({"size": 64.0}, "size must be an int"),
+        ({"size": 100_000}, "size must be <= 4096 px"),  # a MemoryError traceback at a frame
         ({"num_shapes": True}, "num_shapes must be an int"),
         ({"max_speed": float("inf")}, "max_speed must be finite"),
         ({"min_radius": "5"}, "min_radius must be a number"),

@@ -7,6 +7,18 @@ from typing import Any
 
 import numpy as np
 
+# The largest frame side of a procedural world: past it a frame alone is over 48 MiB, and a
+# typo (world.size=100000) ended in a MemoryError traceback (596 GiB) instead of an error.
+MAX_WORLD_SIZE = 4096
+
+
+def check_world_size(value: object, minimum: int) -> int:
+    """A world's ``size`` (frame side in px) in [minimum, MAX_WORLD_SIZE]."""
+    size = check_int("size", value, minimum=minimum)
+    if size > MAX_WORLD_SIZE:
+        raise ValueError(f"size must be <= {MAX_WORLD_SIZE} px, got {shown(size)}")
+    return size
+
 
 def check_int(name: str, value: object, minimum: int | None = None) -> int:
     """``value`` as an int; bool (an int subclass: True as a count is a bug, not a 1) and

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from vidgen.validate import check_int, check_number
+from vidgen.validate import check_int, check_number, check_world_size
 from vidgen.worlds.palette import FLOOR, OBJECT_COLOURS, WALL, ScenePalette
 
 AGENT_PALETTE = ScenePalette(
@@ -68,7 +68,8 @@ class AgentWorldConfig:
     continuous: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("size", "wall", "agent_size", "box_size", "step", "obstacle_min"):
+        check_world_size(self.size, minimum=1)
+        for name in ("wall", "agent_size", "box_size", "step", "obstacle_min"):
             check_int(name, getattr(self, name), minimum=1)
         for name in ("min_obstacles", "max_obstacles", "obstacle_max"):
             check_int(name, getattr(self, name), minimum=0)

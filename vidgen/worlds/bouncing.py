@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vidgen.validate import check_int, check_number, shown
+from vidgen.validate import check_int, check_number, check_world_size, shown
 from vidgen.worlds.palette import BACKGROUND, OBJECT_COLOURS, ScenePalette
 
 SHAPES = ("circle", "square", "triangle")
@@ -43,7 +43,7 @@ class BouncingShapesConfig:
     max_speed: float = 2.0
 
     def __post_init__(self) -> None:
-        check_int("size", self.size, minimum=16)
+        check_world_size(self.size, minimum=16)
         check_int("min_shapes", self.min_shapes)
         check_int("max_shapes", self.max_shapes)
         if self.num_shapes is not None:
