@@ -1,3 +1,4 @@
+import json
 import os
 import re
 import subprocess
@@ -52,6 +53,19 @@ def test_preview_bouncing_writes_a_video_decord_reads(tmp_path, capsys):
     assert frames.shape == (24, 64, 64, 3)
     expected = BouncingShapes(BouncingShapesConfig(), seed=4).trajectory(24).frames
     assert (frames.numpy() == expected).all()
+
+
+def test_a_preview_over_a_render_removes_the_renders_sidecar(tmp_path):
+    """The sidecar described the replaced video: `vidgen eval` scored the preview against
+    that request's label."""
+    out, sidecar = tmp_path / "v.mp4", tmp_path / "v.json"
+    sidecar.write_text(json.dumps({"vidgen_version": "x", "request_sha256": "ab"}))
+    assert main(["data", "preview", "world=bouncing", "frames=8", f"out={out}"]) == 0
+    assert probe_video(out).num_frames == 8 and not sidecar.exists()
+    notes = tmp_path / "w.json"  # a file vidgen did not write stays
+    notes.write_text('{"mine": 1}')
+    assert main(["data", "preview", "world=bouncing", "frames=8", f"out={tmp_path / 'w.mp4'}"]) == 0
+    assert notes.read_text() == '{"mine": 1}'
 
 
 def test_preview_agent_with_overrides(tmp_path):
@@ -122,6 +136,16 @@ def test_an_out_whose_name_differs_from_another_video_only_in_suffix_case_is_ref
         ),
         ("reencode=true", "reencode applies to token models only; ca2vdm-tiny is a diffusion"),
         ("model=nbp-tiny contrast=1.2", "contrast applies to diffusion models only; nbp-tiny"),
+        # Taken and ignored: the same frames under another request hash.
+        ("temperature=0.5", "temperature applies to token models only; ca2vdm-tiny"),
+        ("top_k=3", "top_k applies to token models only; ca2vdm-tiny"),
+        ("top_p=0.5", "top_p applies to token models only; ca2vdm-tiny"),
+        ("model=nbp-tiny steps=4", "steps applies to diffusion models only; nbp-tiny"),
+        # Past these Ray started and an actor failed, naming the model, not the key (or an
+        # OverflowError traceback: max_restarts).
+        ("max_streams=99999999999999999999", "max_streams must be <= 1024"),
+        ("threads=99999999999999999999", "threads must be <= 1024"),
+        ("max_restarts=99999999999999999999", "max_restarts must be <= 1000000"),
         ("contrast=0", "contrast must be > 0"),
         ("fps=0", "fps must be >= 1/1001"),
         ("steps=0", "steps must be >= 1"),
@@ -141,6 +165,21 @@ def test_bad_render_keys_fail_before_ray_starts(tmp_path, capsys, connects, over
     assert main(["render", *override.split(), *out]) == 2
     assert message in capsys.readouterr().err
     assert not connects and not list(tmp_path.iterdir())
+
+
+def test_a_render_refuses_a_context_it_would_write_over(tmp_path, capsys, connects):
+    """context= the same file as out=: read in full, then replaced; the same command run
+    again went on from its own output."""
+    from vidgen.io import VideoWriter
+
+    with VideoWriter(tmp_path / "v.mp4", lossless=True) as writer:
+        writer.write(np.full((8, 64, 64, 3), 90, np.uint8))
+    before = (tmp_path / "v.mp4").read_bytes()
+    (tmp_path / "link.mp4").symlink_to("v.mp4")
+    for out in ("v.mp4", "link.mp4"):
+        assert main(["render", f"context={tmp_path / 'v.mp4'}", f"out={tmp_path / out}"]) == 2
+        assert "is the file out=" in capsys.readouterr().err
+    assert not connects and (tmp_path / "v.mp4").read_bytes() == before
 
 
 def test_a_render_whose_sidecar_path_is_a_folder_fails_before_ray_starts(
@@ -306,6 +345,11 @@ def test_a_bare_word_after_a_command_is_named_not_taken_for_the_command(capsys):
     assert "vidgen eval: 'a.mp4' is not a key=value override (did you mean videos=a.mp4?" in err
     assert main(["data", "preview", "p.mp4"]) == 2
     assert "did you mean out=p.mp4?" in capsys.readouterr().err
+    # train has no path key: a preset's name is named with its group (it said "key=kl-tiny")
+    assert main(["train", "kl-tiny"]) == 2
+    assert "did you mean tokenizer=kl-tiny?" in capsys.readouterr().err
+    assert main(["train", "nbp-tiny"]) == 2
+    assert "did you mean model=nbp-tiny?" in capsys.readouterr().err
     assert main(["eval", "videos=run(1).mp4"]) == 2  # Hydra's grammar: the fix is quoting
     assert "quote a value holding ( ) [ ]" in capsys.readouterr().err
     assert main(["eval", "videos='run(1).mp4'"]) == 2

@@ -1340,6 +1340,8 @@ def test_clips_checks_its_key_when_called(model):
         ("--max-restarts", "-1"),
         ("--step-timeout", "-1"),
         ("--step-timeout", "inf"),  # an OverflowError in Ray's wait took the batch down
+        ("--max-streams", "99999999999999999999"),  # failed inside each actor
+        ("--max-restarts", "99999999999999999999"),
     ],
 )
 def test_batch_flags_are_checked_before_anything_runs(tmp_path, capsys, flag, value):

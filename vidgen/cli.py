@@ -71,7 +71,15 @@ def run_render(cfg: Any, choices: dict[str, str]) -> int:
         # not a generator, reencode for a diffusion model, contrast for a token one) fails
         # here, before any actor starts, naming the shipped ones.
         try:
-            check_generator(cfg.model, cfg.reencode, cfg.contrast)
+            check_generator(
+                cfg.model,
+                cfg.reencode,
+                cfg.contrast,
+                steps=cfg.steps,
+                temperature=cfg.temperature,
+                top_k=cfg.top_k,
+                top_p=cfg.top_p,
+            )
         except (CheckpointError, ValueError) as err:
             print(f"{PROG} render: bad model: {err}", file=sys.stderr)
             return 2
@@ -355,6 +363,8 @@ def _main(argv: list[str]) -> int:
         if found:
             name, stray = " ".join(words[:found]), words[found]
             key = _PATH_KEYS.get(name, "key")
+            if name == "train":  # a preset's name: the group it is one of
+                key = "tokenizer" if stray.startswith(("kl-", "larp-")) else "model"
             print(
                 f"{PROG} {name}: {stray!r} is not a key=value override (did you mean "
                 f"{key}={stray}? '{PROG} {name} --help' shows the keys)",
@@ -387,7 +397,7 @@ def _main(argv: list[str]) -> int:
             key = _PATH_KEYS.get(" ".join(words), "out")
             bare = [o for o in overrides if "=" not in o and not o.startswith(("~", "+"))]
             hint = (
-                f"\n(quote a value holding ( ) [ ] {{ }} , spaces or letters beyond ASCII, "
+                f"\n(quote a value holding ( ) [ ] {{ }} , ~ spaces or letters beyond ASCII, "
                 f"shell quotes around Hydra's: {PROG} {' '.join(words)} \"{key}='run(1).mp4'\")"
                 if not bare
                 else f"\n({bare[0]!r} is not a key=value override: did you mean {key}={bare[0]}?)"

@@ -16,7 +16,7 @@ import numpy as np
 from vidgen.fsutil import expand_user, target
 from vidgen.generators import GenerationRequest, check_dtype
 from vidgen.io import VideoReadError, probe_video, read_video
-from vidgen.validate import check_step_timeout
+from vidgen.validate import check_step_timeout, shown
 
 
 def check_out(out: str | Path) -> Path:
@@ -33,7 +33,7 @@ def check_out(out: str | Path) -> Path:
         sidecar = path.with_suffix(".json")
         if sidecar.is_dir():
             raise ValueError(f"out={str(out)!r}: its sidecar {sidecar.name} is a folder")
-        if sidecar.is_file() and not _is_provenance(sidecar):
+        if sidecar.is_file() and not is_provenance(sidecar):
             # Written over at the end without a word: a user's own notes.json was lost.
             raise ValueError(
                 f"out={str(out)!r}: {str(sidecar)!r}, where its provenance sidecar goes, is "
@@ -101,7 +101,7 @@ def _same_file(found: Path, *paths: Path) -> bool:
     return False
 
 
-def _is_provenance(path: Path) -> bool:
+def is_provenance(path: Path) -> bool:
     """Whether ``path`` holds a render's provenance sidecar (vidgen's own, to write over)."""
     try:
         data = json.loads(path.read_text())
@@ -124,6 +124,28 @@ def check_writable(out: str | Path) -> None:
                 f"out={str(out)!r}: its folder {str(where)!r} cannot be written: "
                 f"{err.strerror or err}"
             ) from None
+
+
+# Upper bounds of the serving keys: past them a value started Ray and failed inside an actor
+# (max_streams: its cache slots are allocated up front; an int past C's long overflowed).
+SERVING_LIMITS = {
+    "actors": 1024,
+    "max_streams": 1024,
+    "threads": 1024,
+    "segment_clips": 2**31 - 1,
+    "snapshot_every": 2**31 - 1,
+    "max_restarts": 10**6,
+}
+
+
+def check_serving_limits(obj: object, flags: bool = False) -> None:
+    """ValueError naming the first of ``SERVING_LIMITS``' keys on ``obj`` (a config or parsed
+    arguments) above its bound; ``flags``: named as command-line flags (``--max-streams``)."""
+    for name, limit in SERVING_LIMITS.items():
+        value = getattr(obj, name, None)
+        if value is not None and value > limit:
+            shown_name = f"--{name.replace('_', '-')}" if flags else name
+            raise ValueError(f"{shown_name} must be <= {limit}, got {shown(value)}")
 
 
 @dataclass
@@ -180,12 +202,20 @@ class RenderConfig:
         check_dtype(self.dtype)
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
+        check_serving_limits(self)
         self.step_timeout = check_step_timeout("step_timeout", self.step_timeout)
-        check_out(self.out)
+        out = check_out(self.out)
         for name in ("actions", "context", "context_actions"):
             value = getattr(self, name)
             if value is not None and not expand_user(value).is_file():
                 raise ValueError(f"{name}={value!r} is not a file")
+        if self.context is not None and _same_file(expand_user(self.context), out):
+            # Read in full, then written over: the input was gone, and the same command run
+            # again went on from its own output.
+            raise ValueError(
+                f"context={self.context!r} is the file out={self.out!r} would replace; "
+                "write the continuation to another file"
+            )
         if self.context_actions is not None and (self.context is None or self.actions is None):
             raise ValueError(
                 "context_actions (the actions of the context's frames) needs context and actions"

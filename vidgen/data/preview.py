@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from vidgen.fsutil import expand_user, target
 from vidgen.io import VideoWriter
+from vidgen.render_config import is_provenance
 from vidgen.worlds.agent import POLICIES, AgentWorldConfig, iter_trajectory
 from vidgen.worlds.bouncing import BouncingShapes, BouncingShapesConfig
 
@@ -95,5 +96,11 @@ def preview(cfg: PreviewConfig) -> PreviewResult:
             writer.write(chunk)
             bar.update(len(chunk))
     seconds = time.perf_counter() - start
+    # Written over a render: its provenance sidecar described the old video, and `vidgen
+    # eval` (which reads the label from it) scored the preview against that request.
+    sidecar = out.with_suffix(".json")
+    if is_provenance(sidecar):
+        sidecar.unlink(missing_ok=True)
+        log.info("removed %s, the provenance of the video this preview replaced", sidecar)
     log.info("wrote %d frames to %s in %.2fs", cfg.frames, out, seconds)
     return PreviewResult(path=out, frames=cfg.frames, seconds=seconds, label=label)

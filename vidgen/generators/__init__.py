@@ -39,12 +39,21 @@ def _families() -> dict[str, type]:
 
 
 def check_generator(
-    name_or_path: str, reencode: bool = False, contrast: float | None = None
+    name_or_path: str,
+    reencode: bool = False,
+    contrast: float | None = None,
+    steps: int = GenerationRequest.steps,
+    temperature: float = GenerationRequest.temperature,
+    top_k: int = GenerationRequest.top_k,
+    top_p: float = GenerationRequest.top_p,
 ) -> None:
     """Raise ``ValueError`` unless ``name_or_path`` is a generator checkpoint (read from its
-    header: cheap enough to check every item of a manifest), or if ``reencode`` is asked of
-    a model that is not a token model, or a ``contrast`` other than 1 of one that is not a
-    diffusion model; ``CheckpointError`` if it is not a vidgen checkpoint at all."""
+    header: cheap enough to check every item of a manifest), or if a setting of the other
+    family is asked of it: ``reencode``, or ``temperature``/``top_k``/``top_p`` other than
+    their defaults, of a model that is not a token model; a ``contrast`` other than 1, or
+    ``steps`` other than the default, of one that is not a diffusion model (they were taken
+    and ignored: the same frames under another request hash). ``CheckpointError`` if it is
+    not a vidgen checkpoint at all."""
     from vidgen import checkpoint
 
     header = checkpoint.read_header(name_or_path)  # one read for its type and its card
@@ -58,14 +67,23 @@ def check_generator(
             f"model {name_or_path!r} is a {kind.rsplit('.', 1)[-1]} checkpoint, not a "
             f"generator; shipped generators: {generators}"
         )
-    if reencode and families[kind] is not TokenClipGenerator:
-        raise ValueError(
-            f"reencode applies to token models only; {name_or_path} is a diffusion model"
-        )
-    if contrast not in (None, 1) and families[kind] is TokenClipGenerator:
-        raise ValueError(
-            f"contrast applies to diffusion models only; {name_or_path} is a token model"
-        )
+    tokens = families[kind] is TokenClipGenerator
+    foreign = (
+        {"contrast": contrast not in (None, 1), "steps": steps != GenerationRequest.steps}
+        if tokens
+        else {
+            "reencode": bool(reencode),
+            "temperature": temperature != GenerationRequest.temperature,
+            "top_k": top_k != GenerationRequest.top_k,
+            "top_p": top_p != GenerationRequest.top_p,
+        }
+    )
+    for key, given in foreign.items():
+        if given:
+            raise ValueError(
+                f"{key} applies to {'diffusion' if tokens else 'token'} models only; "
+                f"{name_or_path} is a {'token' if tokens else 'diffusion'} model"
+            )
     # The files it loads besides itself: a missing one failed only inside an actor.
     needed = [(header.path, header.card.get("tokenizer", families[kind].default_tokenizer))]
     while needed:

@@ -38,7 +38,7 @@ from vidgen import checkpoint
 from vidgen.fsutil import expand_user
 from vidgen.generators import GenerationRequest, check_generator
 from vidgen.generators.base import DTYPES
-from vidgen.render_config import check_writable, load_context
+from vidgen.render_config import check_serving_limits, check_writable, load_context
 from vidgen.validate import check_step_timeout
 from workers.actor import remote_reason
 from workers.orchestrator import NoExecutorsLeft, NoProgress, Orchestrator, SinkError
@@ -93,7 +93,15 @@ def parse_manifest(path: Path, out: Path, max_frames: int) -> list[Item]:
                 raise ValueError(f"frames={request.frames} is over --max-frames={max_frames}")
             # Unknown models, not generators, reencode for a diffusion model or contrast for
             # a token model fail here.
-            check_generator(request.model, request.reencode, request.contrast)
+            check_generator(
+                request.model,
+                request.reencode,
+                request.contrast,
+                steps=request.steps,
+                temperature=request.temperature,
+                top_k=request.top_k,
+                top_p=request.top_p,
+            )
             if context is not None and not isinstance(context, str):
                 raise ValueError(f"context must be a path (a string), got {context!r}")
             for key in ("context_action", "context_actions"):  # refused now, not at its turn
@@ -476,6 +484,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.max_restarts < 0:
         parser.error(f"--max-restarts must be >= 0, got {args.max_restarts}")
+    try:
+        check_serving_limits(args, flags=True)
+    except ValueError as err:
+        parser.error(str(err))
     try:
         check_step_timeout("--step-timeout", args.step_timeout)
     except ValueError as err:
