@@ -244,6 +244,17 @@ def test_allocate_spreads_clips_and_moves_what_a_video_cannot_give():
         taken = allocate(count, caps)
         assert sum(taken) == min(count, sum(caps))
         assert all(0 <= t <= c for t, c in zip(taken, caps, strict=True))
+    # Leftovers went round by round to the last video with room: 1 and 3 where 2 and 2 fit.
+    assert allocate(5, [0, 3, 1, 10]) == [0, 2, 1, 2]
+    assert allocate(7, [1, 1, 1, 20, 20]) == [1, 1, 1, 2, 2]
+    big = allocate(100, [*range(1, 40), 1000, 1000])[-2:]
+    assert max(big) - min(big) <= 1
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # the two videos with the most room differ by at most one clip
+        caps = rng.integers(0, 30, size=int(rng.integers(1, 8))).tolist()
+        taken = allocate(int(rng.integers(0, 100)), caps)
+        short = [t for t, c in zip(taken, caps, strict=True) if t < c]
+        assert not short or max(taken) - min(short) <= 1
 
 
 def test_i3d_features_check_clips():
@@ -254,6 +265,11 @@ def test_i3d_features_check_clips():
         i3d_features(np.zeros((1, 8, 8, 8, 3), np.uint8), model)
     with pytest.raises(FVDError, match="empty"):
         i3d_features([], model)
+    # A tensor is one array, as an ndarray is: iterated, each clip was refused as not 5-D.
+    with pytest.raises(FVDError, match=r"got float32 \(2, 16, 8, 8, 3\)"):
+        i3d_features(torch.zeros((2, 16, 8, 8, 3)), model)
+    with pytest.raises(FVDError, match="at least 9 frames per clip for I3D, got 8"):
+        i3d_features(torch.zeros((2, 8, 8, 8, 3), dtype=torch.uint8), model)
 
 
 @pytest.mark.usefixtures("all_threads")

@@ -81,6 +81,20 @@ def test_frozen_video_is_flagged(shapes):
     assert metrics["count_accuracy"] == 1.0  # the objects are there; they just never move
 
 
+@pytest.mark.parametrize("shape", [(4, 0, 8, 3), (4, 8, 0, 3)])
+def test_frames_without_pixels_are_refused(shape):
+    """A ZeroDivisionError from detect_objects and scene_metrics; NaN from seam_ratio, whose
+    contract is a number or None."""
+    frames = np.zeros(shape, np.uint8)
+    for call in (
+        lambda: detect_objects(frames, BOUNCING_PALETTE),
+        lambda: scene_metrics(frames, BOUNCING_PALETTE, 1, clip_len=2),
+        lambda: seam_ratio(frames, clip_len=2),
+    ):
+        with pytest.raises(ValueError, match=r"must have H, W >= 1"):
+            call()
+
+
 def test_an_empty_video_has_no_speed_ratio_rather_than_zero(shapes):
     """No object seen in two consecutive frames: no speed to measure. It scored 0, which a
     mean over videos took as a perfectly still one (pulling ratios of 3 towards 1)."""

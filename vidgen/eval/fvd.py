@@ -306,7 +306,9 @@ def load_i3d(path: str | Path | None = None) -> I3D:
 # Features and the distance
 
 
-def _check_clips(clips: np.ndarray, name: str) -> np.ndarray:
+def _check_clips(clips: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
+    if isinstance(clips, torch.Tensor):
+        clips = clips.detach().cpu().numpy()
     clips = np.asarray(clips)
     if clips.dtype != np.uint8 or clips.ndim != 5 or clips.shape[-1] != 3:
         raise FVDError(
@@ -360,16 +362,27 @@ def _shares(count: int, videos: int) -> list[int]:
 def allocate(count: int, capacities: Sequence[int]) -> list[int]:
     """``count`` clips split over videos holding ``capacities`` whole clips: as evenly as
     whole numbers allow, no video giving more than it holds, what one cannot give taken from
-    the others (fewer in all only when they hold fewer)."""
-    taken = [0] * len(capacities)
-    left = min(count, sum(max(c, 0) for c in capacities))
-    open_ = [i for i, c in enumerate(capacities) if c > 0]
-    while left > 0 and open_:
-        for i, share in zip(open_, _shares(left, len(open_)), strict=True):
-            extra = min(share, capacities[i] - taken[i])
+    the others (fewer in all only when they hold fewer). Every video gives the same number
+    of clips (or all it holds, if fewer), the remainder one more each from videos spread
+    over the list: the rounds of shares this replaced piled leftovers on the last video with
+    room (capacities 0, 3, 1, 10 gave 0, 1, 1, 3 of 5)."""
+    caps = [max(c, 0) for c in capacities]
+    left = min(count, sum(caps))
+    if left <= 0:
+        return [0] * len(caps)
+    lo, hi = 0, max(caps)  # the highest level whose clips all fit in `left`
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if sum(min(c, mid) for c in caps) <= left:
+            lo = mid
+        else:
+            hi = mid - 1
+    taken = [min(c, lo) for c in caps]
+    rest = left - sum(taken)  # fewer than the videos above the level, or it would be higher
+    if rest:
+        under = [i for i, c in enumerate(caps) if c > lo]
+        for i, extra in zip(under, _shares(rest, len(under)), strict=True):
             taken[i] += extra
-            left -= extra
-        open_ = [i for i in open_ if taken[i] < capacities[i]]
     return taken
 
 
@@ -412,7 +425,8 @@ def i3d_features(
     batch_size = check_int("batch_size", batch_size, minimum=1)
     model = load_i3d() if model is None else model
     device = next(model.parameters()).device  # clips are resized there: 224^2 is the bulk
-    parts = [clips] if isinstance(clips, np.ndarray) else clips
+    # One array (a tensor too: iterated, its clips were each refused as not 5-D) or many.
+    parts = [clips] if isinstance(clips, np.ndarray | torch.Tensor) else clips
     out: list[np.ndarray] = []
     bar = tqdm(desc="I3D clips", unit="clip", disable=not progress)
     with torch.inference_mode():

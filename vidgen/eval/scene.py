@@ -82,6 +82,8 @@ def _as_frames(frames: np.ndarray | torch.Tensor, name: str = "frames") -> np.nd
         raise ValueError(f"{name} must be (T, H, W, 3), got shape {tuple(frames.shape)}")
     if frames.dtype != np.uint8:
         raise ValueError(f"{name} must be uint8, got {frames.dtype}")
+    if frames.shape[1] < 1 or frames.shape[2] < 1:  # a ZeroDivisionError, or NaN figures
+        raise ValueError(f"{name} must have H, W >= 1, got shape {tuple(frames.shape)}")
     return frames
 
 
