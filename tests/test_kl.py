@@ -99,6 +99,10 @@ def test_an_empty_batch_and_other_dtypes():
             model.encode(torch.zeros(1, 1, 3, size, size, dtype=torch.float64))
         with pytest.raises(ValueError, match="latents must be torch.float32"):
             model.decode(latents.half())
+    # Training on no frames: every loss NaN, without a word.
+    for empty in (torch.zeros(0, 3, 3, size, size), torch.zeros(2, 0, 3, size, size)):
+        with pytest.raises(ValueError, match="video must hold frames"):
+            model.train()(empty)
 
 
 def test_frames_of_another_range_are_refused_and_a_resampling_overshoot_is_not():

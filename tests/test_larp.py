@@ -8,7 +8,13 @@ import torch.nn.functional as F
 
 from vidgen import checkpoint
 from vidgen.nn import randomize_
-from vidgen.tokenizers.larp import LARP_CONFIGS, NO_CONTEXT, LARPConfig, LARPTokenizer
+from vidgen.tokenizers.larp import (
+    LARP_CONFIGS,
+    NO_CONTEXT,
+    LARPConfig,
+    LARPTokenizer,
+    prior_cross_entropy,
+)
 
 CFG = LARP_CONFIGS["test"]
 
@@ -414,6 +420,19 @@ def test_ids_of_any_integer_dtype_decode_as_int64_ones(dtype):
         m.decode(ids.float())
     with pytest.raises(ValueError, match="context must be integer ids"):
         m.decode(ids[1:], ids[:1].float())
+    # The prior indexed the codebook with them as they were (torch's IndexError).
+    wide_ce = prior_cross_entropy(m, ids)
+    assert prior_cross_entropy(m, ids.to(dtype)) == wide_ce
+    with pytest.raises(ValueError, match="ids must lie in"):
+        m.prior_logits(ids + 300)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_model_of_another_dtype_trains(dtype):
+    """Its usage buffer was cast with it, the batch's code shares not: lerp_ refused them."""
+    m = model(CFG).to(dtype).train()
+    out = m(clip(batch=2).to(dtype), torch.Generator().manual_seed(0))
+    assert torch.isfinite(out["loss"]) and m.quantizer.usage.dtype == dtype
 
 
 @pytest.mark.parametrize(

@@ -74,6 +74,8 @@ def test_key_padding_mask():
         (lambda: key_padding_mask([6], 5), "lengths"),
         # 1.5 allowed 2 keys and 0.2 allowed one: lengths are counts
         (lambda: key_padding_mask([1.5, 0.2], 3), "lengths must be integers"),
+        (lambda: key_padding_mask([1, 2], 2.5), "key_len must be an int"),  # 3 keys' mask
+        (lambda: key_padding_mask([1], -1), "key_len must be >= 0, got -1"),
     ],
 )
 def test_bad_arguments(call, match):

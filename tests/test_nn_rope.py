@@ -66,6 +66,10 @@ def test_apply_rope_checks_shapes():
 
     with pytest.raises(ValueError, match="head_dim/2"):
         apply_rope(torch.randn(2, 8), torch.zeros(2, 3))
+    # Positions for 4 tokens on 3: a raw broadcast error naming neither.
+    with pytest.raises(ValueError, match="angles are for 4 positions, x has 3"):
+        apply_rope(torch.randn(1, 2, 3, 8), torch.zeros(4, 4))
+    assert apply_rope(torch.randn(1, 2, 3, 8), torch.zeros(1, 4)).shape == (1, 2, 3, 8)
     for dim in (3, 5):  # odd: once split unevenly into a wrong shape without a word
         with pytest.raises(ValueError, match=f"head dim must be even .* got {dim}"):
             apply_rope(torch.randn(1, 4, dim), torch.zeros(4, dim // 2))

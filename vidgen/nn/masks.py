@@ -109,6 +109,7 @@ def key_padding_mask(
     lengths: Sequence[int] | torch.Tensor, key_len: int, device: torch.device | str | None = None
 ) -> torch.Tensor:
     """(B, 1, 1, Lk): row b may attend to the first ``lengths[b]`` keys."""
+    key_len = check_int("key_len", key_len, minimum=0)  # 2.5 made a mask over 3 keys
     lengths = torch.as_tensor(lengths, device=device)
     if lengths.numel() == 0 and lengths.ndim == 1:  # an empty batch: as_tensor([]) is float
         lengths = lengths.long()

@@ -69,6 +69,12 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor | Rotation) -> torch.Tensor
     half = x.shape[-1] // 2
     if angles.shape[-1] != half:
         raise ValueError(f"angles must end in head_dim/2 = {half}, got {tuple(angles.shape)}")
+    if len(angles.shape) >= 2 and angles.shape[-2] not in (1, x.shape[-2]):
+        # A raw broadcast error named neither: positions for 4 tokens on 3.
+        raise ValueError(
+            f"angles are for {angles.shape[-2]} positions, x has {x.shape[-2]} "
+            f"(x {tuple(x.shape)}, angles {tuple(angles.shape)})"
+        )
     work = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 x
     rot = angles if isinstance(angles, Rotation) else Rotation.of(angles)  # trig in float64
     if rot.cos_full is not None and rot.cos_full.dtype == work:

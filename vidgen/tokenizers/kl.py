@@ -256,6 +256,9 @@ class KLAutoencoder(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Losses and metrics of reconstructing ``video`` (b, t, 3, H, W) in [-1, 1]."""
         cfg = self.config
+        if video.ndim == 5 and (video.shape[0] == 0 or video.shape[1] == 0):
+            # Every loss the mean of nothing: NaN, trained on without a word.
+            raise ValueError(f"video must hold frames, got shape {tuple(video.shape)}")
         mean, logvar = self.posterior(video)
         z = mean  # evaluation without a generator: deterministic, the global RNG untouched
         if self.training or generator is not None:

@@ -303,7 +303,9 @@ class StochasticVQ(nn.Module):
     def track(self, ids: torch.Tensor) -> None:
         counts = torch.bincount(ids.flatten(), minlength=self.usage.numel()).float()
         if counts.sum() > 0:  # none: 0 / 0 made every code's usage NaN for good
-            self.usage.lerp_(counts / counts.sum(), 1.0 - self.usage_decay)
+            # In the buffer's dtype: a model cast to bfloat16/float64 failed here in training.
+            share = (counts / counts.sum()).to(self.usage.dtype)
+            self.usage.lerp_(share, 1.0 - self.usage_decay)
 
 
 class Prior(nn.Module):
@@ -487,14 +489,8 @@ class LARPTokenizer(nn.Module):
         """ids (b, N) -> clip (b, t, c, s, s) (pixels are clamped to [-1, 1]). ``context``
         (b, N): the ids of each clip's previous clip, for a context decoder; a row of
         ``NO_CONTEXT`` (a video's first clip) decodes without one, as does ``None``."""
-        n, k = self.config.num_tokens, self.config.codebook_size
-        if ids.ndim != 2 or ids.shape[1] != n or not _is_integer(ids):
-            raise ValueError(f"ids must be integer (b, {n}), got {ids.dtype} {tuple(ids.shape)}")
-        # int64 first: uint8 ids would index as a mask, int16 ones not at all, and a narrow
-        # dtype would wrap the codebook size in the range check (1024 is 0 in uint8).
-        ids = ids.long()
-        if bool(((ids < 0) | (ids >= k)).any()):  # one check (one device sync)
-            raise ValueError(f"ids must lie in [0, {k}), got {int(ids.min())}..{int(ids.max())}")
+        k = self.config.codebook_size
+        ids = self._checked_ids(ids)
         codes = self.quantizer.codes()
         if context is None:
             out = self.decode_codes(codes[ids])
@@ -539,7 +535,19 @@ class LARPTokenizer(nn.Module):
     def prior_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """(b, n, k): position i's distribution over code i given codes < i."""
         codes = self.quantizer.codes()
-        return self.prior(codes[ids], codes)
+        return self.prior(codes[self._checked_ids(ids)], codes)
+
+    def _checked_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids`` (b, N) as int64 within the codebook, or a ValueError naming them."""
+        n, k = self.config.num_tokens, self.config.codebook_size
+        if ids.ndim != 2 or ids.shape[1] != n or not _is_integer(ids):
+            raise ValueError(f"ids must be integer (b, {n}), got {ids.dtype} {tuple(ids.shape)}")
+        # int64 first: uint8 ids would index as a mask, int16 ones not at all, and a narrow
+        # dtype would wrap the codebook size in the range check (1024 is 0 in uint8).
+        ids = ids.long()
+        if bool(((ids < 0) | (ids >= k)).any()):  # one check (one device sync)
+            raise ValueError(f"ids must lie in [0, {k}), got {int(ids.min())}..{int(ids.max())}")
+        return ids
 
     def forward(
         self, video: torch.Tensor, generator: torch.Generator | None = None
@@ -770,7 +778,7 @@ def unigram_entropy(ids: torch.Tensor, codebook_size: int) -> float:
 def prior_cross_entropy(model: LARPTokenizer, ids: torch.Tensor) -> float:
     """Mean cross-entropy (nats) of the prior on ``ids`` (b, N)."""
     logits = model.prior_logits(ids)
-    return float(F.cross_entropy(logits.flatten(0, 1), ids.flatten()))
+    return float(F.cross_entropy(logits.flatten(0, 1), ids.flatten().long()))
 
 
 def codebook_usage(ids: torch.Tensor, codebook_size: int) -> dict[str, float]:
