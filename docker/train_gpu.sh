@@ -29,7 +29,8 @@
 # encoded once by the frozen tokenizer on the training device), the calibration and the
 # sample videos. Example (the device tool: `carry` [".whl"], then, within one call's 600 s;
 # on an H200 `all 270` needed about 450 s to its last export and 2 min of benchmarks after):
-#   bash docker/train_gpu.sh all 210
+#   timeout 580 bash docker/train_gpu.sh all 200   (as README.md gives: the timeout leaves
+#   the tool time to bring back $OUT, logs.tgz included, before its own limit)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -146,6 +146,11 @@ def test_a_resumed_fine_tune_needs_only_its_state_not_its_init_file(tmp_path):
     # A fresh run (no state) still needs the file.
     with pytest.raises(TrainSetupError, match="init"):
         train(tuned, tmp_path / "fresh", 4)
+    # In the folder of a plain run: its state was loaded over the init, and the "fine-tune"
+    # went on from that run's weights and step under a card naming the init.
+    shutil.copy(base, init)
+    with pytest.raises(TrainSetupError, match="did not start from an init"):
+        train(tuned, tmp_path / "base", 4)
 
 
 def test_fine_tuning_arguments_are_checked(tmp_path):

@@ -112,6 +112,15 @@ def build_task(cfg: TrainCommandConfig, resume: checkpoint.Checkpoint | None = N
     field_name = "tokenizer" if cfg.tokenizer is not None else "model"
     target = getattr(cfg, field_name)
     began = (resume.card.get(INIT_CARD) if resume is not None and cfg.init else None) or {}
+    if resume is not None and cfg.init and not began:
+        # A plain run's state: loaded over the init by train(), the fine-tune went on from
+        # that run's weights and step (with init= as README's commands give, no steps at all)
+        # while its card claimed the init and a frozen encoder.
+        raise TrainSetupError(
+            "the run folder holds the resume point of a run that did not start from an init: "
+            f"a fine-tune from init={cfg.init} would go on from it instead; give the "
+            "fine-tune another out=, or train.resume=false to start it over there"
+        )
     # Hyperparameters come from the command (a different architecture fails to load below);
     # values measured on the trained model (the KL's latent scale) from the init, or from
     # the state of a resumed fine-tune (as they were when the run began).

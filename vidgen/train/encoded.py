@@ -182,7 +182,10 @@ class EncodedClips(Dataset):
         if isinstance(encode, KLAutoencoder):
             module, encode = encode, encode.encode
         if path.exists():
-            cached = checkpoint.load(path)
+            try:
+                cached = checkpoint.load(path)
+            except checkpoint.CheckpointError as err:  # cut by a full disk or a copy
+                raise ValueError(f"{err}; delete it to encode the clips again") from None
             info = cached.config_as(EncodedClipsInfo)
             if info.clips != len(source) or (
                 description and info.source and info.source != description
