@@ -131,6 +131,14 @@ def test_a_folders_held_out_clips_are_spread_over_its_videos(tmp_path):
             int(clips[i]["start"]) for i in range(3)
         ]
     assert "eval_pick" not in data_description(world, "eval")
+    # The KL's evaluation (and the latent scale measured on it) read the eval split's first
+    # clips: on a folder, its first videos' (here all three from video 0).
+    from vidgen.tokenizers.kl import KL_CONFIGS
+    from vidgen.train.tokenizer import kl_task
+
+    kl = dataclasses.replace(KL_CONFIGS["test"], image_size=16)
+    task = kl_task(kl, dataclasses.replace(data, eval_clips=24), run, "kl")
+    assert sorted(int(task.eval_data[i]["index"]) for i in range(3)) == [0, 1, 2]
 
 
 def test_a_folder_gives_at_most_num_clips_spread_over_its_videos(tmp_path):

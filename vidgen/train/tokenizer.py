@@ -103,7 +103,9 @@ def kl_task(config: KLConfig, data: DataConfig, run_config: object, name: str) -
         model=model,
         loss=lambda model, batch, gen: model(batch["video"], gen),
         train_data=build_dataset(data, "train"),
-        eval_data=build_dataset(data, "eval") if data.eval_clips else None,
+        # The clips evaluation reads (a folder's spread over its videos; the first ones
+        # came from its first videos, and so did the exported latent scale).
+        eval_data=held[1] if (held := held_out_clips(data, run_config)) else None,
         batch_size=data.batch_size,
         num_workers=data.num_workers,
         export_config=config,
