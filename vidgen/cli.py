@@ -64,22 +64,14 @@ COMMANDS: dict[tuple[str, ...], Command] = {
 def run_render(cfg: Any, choices: dict[str, str]) -> int:
     # The one place vidgen reaches into the Ray layer: the command at the top of the stack.
     from vidgen.checkpoint import CheckpointError
-    from vidgen.generators import check_generator
+    from vidgen.generators import check_generator_for
 
     if not cfg.address.startswith("ray://"):
         # The actors run on this machine's cluster: a bad model name (or a checkpoint that is
         # not a generator, reencode for a diffusion model, contrast for a token one) fails
         # here, before any actor starts, naming the shipped ones.
         try:
-            check_generator(
-                cfg.model,
-                cfg.reencode,
-                cfg.contrast,
-                steps=cfg.steps,
-                temperature=cfg.temperature,
-                top_k=cfg.top_k,
-                top_p=cfg.top_p,
-            )
+            check_generator_for(cfg)
         except (CheckpointError, ValueError) as err:
             print(f"{PROG} render: bad model: {err}", file=sys.stderr)
             return 2

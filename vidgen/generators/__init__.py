@@ -1,5 +1,7 @@
 """The clip-generator contract (DESIGN.md section 3) and its implementations."""
 
+from typing import Any
+
 from vidgen.generators.base import (
     Clip,
     ClipGenerator,
@@ -23,6 +25,7 @@ __all__ = [
     "StreamSnapshot",
     "TokenClipGenerator",
     "check_generator",
+    "check_generator_for",
     "generate_video",
     "load_generator",
 ]
@@ -36,6 +39,20 @@ def _families() -> dict[str, type]:
         f"{Ca2VDMConfig.__module__}.{Ca2VDMConfig.__qualname__}": DiffusionClipGenerator,
         f"{NBPConfig.__module__}.{NBPConfig.__qualname__}": TokenClipGenerator,
     }
+
+
+def check_generator_for(settings: Any) -> None:
+    """``check_generator`` of ``settings.model`` with the family settings of ``settings``
+    (a ``GenerationRequest``, or a render config that has the same fields)."""
+    check_generator(
+        settings.model,
+        settings.reencode,
+        settings.contrast,
+        steps=settings.steps,
+        temperature=settings.temperature,
+        top_k=settings.top_k,
+        top_p=settings.top_p,
+    )
 
 
 def check_generator(

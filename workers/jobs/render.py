@@ -36,7 +36,7 @@ import ray
 
 from vidgen import checkpoint
 from vidgen.fsutil import expand_user
-from vidgen.generators import GenerationRequest, check_generator
+from vidgen.generators import GenerationRequest, check_generator_for
 from vidgen.generators.base import DTYPES
 from vidgen.render_config import check_serving_limits, check_writable, load_context
 from vidgen.validate import check_step_timeout
@@ -93,15 +93,7 @@ def parse_manifest(path: Path, out: Path, max_frames: int) -> list[Item]:
                 raise ValueError(f"frames={request.frames} is over --max-frames={max_frames}")
             # Unknown models, not generators, reencode for a diffusion model or contrast for
             # a token model fail here.
-            check_generator(
-                request.model,
-                request.reencode,
-                request.contrast,
-                steps=request.steps,
-                temperature=request.temperature,
-                top_k=request.top_k,
-                top_p=request.top_p,
-            )
+            check_generator_for(request)
             if context is not None and not isinstance(context, str):
                 raise ValueError(f"context must be a path (a string), got {context!r}")
             for key in ("context_action", "context_actions"):  # refused now, not at its turn
