@@ -864,6 +864,38 @@ def test_equal_requests_have_one_fingerprint_whatever_their_number_forms():
     assert GenerationRequest(frames=8, fps=12.5).to_json()["fps"] == 12.5
 
 
+def test_continuous_actions_have_one_fingerprint_whatever_their_number_forms():
+    """The model reads continuous actions as float32: ints, float64 and float32 of the same
+    values made the same frames under three sha256s, so a render folder would not resume
+    under the same actions written another way."""
+    from vidgen.generators.base import request_fingerprints
+
+    ints = np.array([[1, 0], [0, -2], [3, 1], [0, 0]] * 2)
+    forms = [ints, ints.astype(np.float64), ints.astype(np.float32), ints.tolist()]
+    prints = {GenerationRequest(frames=8, actions=a).fingerprint() for a in forms}
+    assert len(prints) == 1
+    tenth = np.full((8, 2), 0.1)
+    assert (
+        GenerationRequest(frames=8, actions=tenth).fingerprint()
+        == GenerationRequest(frames=8, actions=tenth.astype(np.float32)).fingerprint()
+    )
+    assert (
+        GenerationRequest(frames=8, actions=tenth).fingerprint()
+        != GenerationRequest(frames=8, actions=tenth * 2).fingerprint()
+    )
+    hist = dict(context=np.zeros((8, 64, 64, 3), np.uint8))
+    a = GenerationRequest(frames=8, actions=ints, context_action=[1, 2], **hist)
+    b = GenerationRequest(frames=8, actions=ints, context_action=[1.0, 2.0], **hist)
+    assert a.fingerprint() == b.fingerprint()
+    # A folder recorded with int actions (their canonical form until 2026-12-03) resumes
+    # under the same ints: the as-given form is among those accepted.
+    old = GenerationRequest(frames=8, actions=ints).fingerprint(canonical=False)
+    assert old in request_fingerprints(GenerationRequest(frames=8, actions=ints))
+    # Discrete actions (ints, 1-D) are hashed as they always were.
+    discrete = GenerationRequest(frames=8, actions=np.arange(8) % 3)
+    assert discrete.fingerprint() == discrete.fingerprint(canonical=False)
+
+
 def test_a_stream_given_twice_closed_or_from_another_generator_is_refused(family):
     gen = make_generator(family)
     stream = gen.open(request_for(gen))

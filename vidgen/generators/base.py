@@ -203,16 +203,22 @@ class GenerationRequest:
     def to_json(self, canonical: bool = True) -> dict[str, Any]:
         """JSON-ready dict (context frames are not serialised: pass a path in manifests).
         ``canonical``: numbers in one form per field, so that equal requests are equal here
-        (``temperature=1`` and ``1.0``; ``fps=8.0`` and ``8``), each in the form the field's
-        default has; False: as given (how fingerprints were made until 2026-11-30)."""
+        (``temperature=1`` and ``1.0``; ``fps=8.0`` and ``8``; continuous actions ``[[1, 0]]``
+        and ``[[1.0, 0.0]]``), each in the form the model reads; False: as given (how
+        fingerprints were made until 2026-11-30)."""
         out = asdict(self)
         if canonical:
             for key in ("guidance", "temperature", "top_p", "contrast"):
                 if out[key] is not None:
                     out[key] = float(out[key])
             out["fps"] = int(self.fps) if float(self.fps).is_integer() else float(self.fps)
+        # Continuous actions (2-D) reach the model as float32 (``leading_actions``): ints,
+        # float64 and float32 of one value make the same frames, so one fingerprint.
+        continuous = canonical and self.actions is not None and np.ndim(self.actions) == 2
         for key in ("actions", "context_action", "context_actions"):
             value = getattr(self, key)
+            if value is not None and continuous:
+                value = np.asarray(value, dtype=np.float32)
             out[key] = None if value is None else np.asarray(value).tolist()
         # Fields added later are left out at their defaults, as before they existed, so the
         # fingerprints of requests (and of render folders made before) stay the same.
