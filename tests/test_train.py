@@ -1387,6 +1387,25 @@ def test_a_resume_into_another_architecture_is_refused_naming_the_change(tmp_pat
         train([*kl, "tokenizer.latent_channels=8"], tmp_path, 2)
 
 
+def test_a_resume_into_another_architecture_is_refused_before_the_data_is_made(
+    tmp_path, monkeypatch
+):
+    """The state's weights are compared with the model before the task renders and encodes
+    the data (minutes to hours); they were refused only after that, by train()."""
+    import vidgen.train as train_module
+
+    kl = ["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2"]
+    train(kl, tmp_path, 2, stop_at=1)
+
+    def made(cfg):
+        raise AssertionError("the task was made (its data rendered and encoded)")
+
+    monkeypatch.setattr(train_module, "_preset_task", made)
+    with pytest.raises(TrainSetupError, match=r"tokenizer.latent_channels 4 -> 8\): "):
+        train([*kl, "tokenizer.latent_channels=8"], tmp_path, 2)
+    assert (tmp_path / "state.safetensors").exists()  # kept: the same settings resume it
+
+
 @pytest.mark.parametrize("key", ["grad_clip", "max_seconds"])
 def test_nan_train_settings_are_refused_by_name(key):
     with pytest.raises(ValueError, match=f"train.{key} must be finite, got nan"):

@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,9 @@ from vidgen.train.loop import (
     lr_at,
     resolve_device,
     resuming,
+    setting_changes,
     train,
+    unfit_state,
 )
 
 log = logging.getLogger(__name__)
@@ -102,12 +104,18 @@ class TrainCommandConfig:
             )
 
 
-def build_task(cfg: TrainCommandConfig, resume: checkpoint.Checkpoint | None = None) -> Task:
+def build_task(
+    cfg: TrainCommandConfig,
+    resume: checkpoint.Checkpoint | None = None,
+    state: checkpoint.Checkpoint | None = None,
+    out: Path | None = None,
+) -> Task:
     """The task of the chosen preset, started from ``cfg.init`` with ``cfg.freeze`` fixed
-    when fine-tuning. ``resume``: the run's saved state, when one is resumed; a fine-tune's
-    state stands in for its ``init`` (whose file is then neither needed nor read: it may
-    have been replaced or removed since the run began), and the card keeps the init the run
-    began from."""
+    when fine-tuning. ``resume``: the run's saved state, when a fine-tune is resumed; it
+    stands in for its ``init`` (whose file is then neither needed nor read: it may have been
+    replaced or removed since the run began), and the card keeps the init the run began
+    from. ``state``: the saved state of any run being resumed (in ``out``), whose weights
+    must fit the model before the task is made (making it renders and encodes the data)."""
     init, fits = None, True  # fits: the resumed state's weights loaded into the model
     field_name = "tokenizer" if cfg.tokenizer is not None else "model"
     target = getattr(cfg, field_name)
@@ -142,14 +150,22 @@ def build_task(cfg: TrainCommandConfig, resume: checkpoint.Checkpoint | None = N
             "tokenizer.latent_noise is for fine-tuning a decoder under a trained encoder: "
             "use it with init=<kl checkpoint> 'freeze=[encoder]'"
         )
-    if init is not None:
+    if init is not None or state is not None:
         # The architecture is compared before the task is made: making it renders and
         # encodes the data (minutes to an hour), and an init of another shape (say
-        # tokenizer.patch_t=1 from a patch_t=2 file) was refused only after that.
+        # tokenizer.patch_t=1 from a patch_t=2 file), or a resumed state of another one, was
+        # refused only after that.
         with torch.device("meta"):
             probe = _preset(getattr(cfg, field_name))[0](getattr(cfg, field_name))
-        with naming("init", cfg.init):
-            init.check_fits(probe, missing_ok=getattr(probe, "ADDED_BY_FINE_TUNES", ()))
+        if init is not None:
+            with naming("init", cfg.init):
+                init.check_fits(probe, missing_ok=getattr(probe, "ADDED_BY_FINE_TUNES", ()))
+        if state is not None:
+            try:
+                state.check_fits(probe, prefix="model.")
+            except checkpoint.CheckpointError as err:  # as train() would say it, later
+                changes = setting_changes(state.config, asdict(cfg))
+                raise unfit_state(Path(out or "."), changes, err) from None
     task = _preset_task(cfg)
     if init is not None:
         with naming("init", cfg.init):  # a checkpoint of another size, under its setting
@@ -320,7 +336,7 @@ def run_train(cfg: TrainCommandConfig) -> Path:
                 torch.set_num_threads(cfg.train.threads)
             # A state of another frozen tokenizer is refused before any clip is encoded.
             with resuming(out, None if resume is None else resume.card):
-                task = build_task(cfg, resume if cfg.init else None)
+                task = build_task(cfg, resume if cfg.init else None, resume, out)
             del resume  # train() reads the state itself: not held for the whole run
         except (FileNotFoundError, ValueError, VideoReadError, checkpoint.CheckpointError) as err:
             if made and [p.name for p in out.iterdir()] == [LOCK_FILE]:

@@ -500,19 +500,8 @@ def train(task: Task, cfg: TrainConfig, out: str | Path) -> Path:
             changes["random generator"] = [f"{saved_rng} state", f"{gen.device.type}, reseeded"]
         try:
             start, before = _load_state(state, model, ema, opt, gen, adv)
-        except checkpoint.NonFiniteWeights as err:
-            raise TrainSetupError(
-                f"{err}: this state cannot be resumed. Start over with another out (or "
-                "train.resume=false)"
-            ) from None
-        except checkpoint.CheckpointError as err:  # another architecture than the state's
-            named = _describe_changes(changes)
-            raise TrainSetupError(
-                f"the state in {out} does not fit this run's model"
-                + (f" (changed since it was saved: {named})" if named else "")
-                + f": {err}. Resume with its settings, or start over with another out (or "
-                "train.resume=false)"
-            ) from None
+        except checkpoint.CheckpointError as err:  # another architecture, or NaN weights
+            raise unfit_state(out, changes, err) from None
         except torch.OutOfMemoryError:  # a good state on a full device: not "damaged"
             raise
         except (KeyError, TypeError, ValueError, RuntimeError) as err:  # its card edited
@@ -619,6 +608,23 @@ INVOCATION_SETTINGS = frozenset(
         "data.num_workers",
     }
 )
+
+
+def unfit_state(out: Path, changes: Mapping[str, list[Any]], err: Exception) -> TrainSetupError:
+    """The error of a saved state whose weights do not fit this run's model (``err``, from
+    ``checkpoint``), naming the settings ``changes`` since it was saved."""
+    if isinstance(err, checkpoint.NonFiniteWeights):
+        return TrainSetupError(
+            f"{err}: this state cannot be resumed. Start over with another out (or "
+            "train.resume=false)"
+        )
+    named = _describe_changes(changes)
+    return TrainSetupError(
+        f"the state in {out} does not fit this run's model"
+        + (f" (changed since it was saved: {named})" if named else "")
+        + f": {err}. Resume with its settings, or start over with another out (or "
+        "train.resume=false)"
+    )
 
 
 def setting_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, list[Any]]:
