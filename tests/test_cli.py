@@ -480,6 +480,20 @@ def test_command_help_shows_config(capsys):
     assert "continuous: false" in out and "frames: 256" in out
 
 
+def test_command_help_checks_the_values_it_shows(capsys):
+    """--help printed a config a run refuses at once (exit 0, no word): the values are
+    checked once every required key is given."""
+    assert main(["render", "frames=-5", "--help"]) == 2
+    out, err = capsys.readouterr()
+    assert "frames: -5" in out  # shown all the same
+    assert "vidgen render: bad config (a run would refuse it): frames must be >= 1" in err
+    assert main(["train", "model=ca2vdm-test", "model.context_noise_max=-3", "--help"]) == 2
+    assert "context_noise_max must be 0 (off)" in capsys.readouterr().err
+    assert main(["eval", "--help"]) == 0  # videos still to give (???): nothing to refuse
+    assert capsys.readouterr().err == ""
+    assert main(["render", "frames=64", "--help"]) == 0
+
+
 @pytest.mark.parametrize("name", ["bouncing", "agent", "mix"])
 def test_data_group_composes_to_data_config(name):
     data = load_group("data", name, ["data.batch_size=2", "data.agent.step=3"])

@@ -381,7 +381,11 @@ def _main(argv: list[str]) -> int:
             print(f"{' '.join(words)}: {command.help}\n\nexample: {command.example}\n")
             print("config (override any key with key=value):")
             print(OmegaConf.to_yaml(cfg), end="")
-            return 0
+            # The values are checked too (a run would refuse them at once), once the keys
+            # still to fill in (???, such as eval's videos) are given.
+            if OmegaConf.missing_keys(cfg):
+                return 0
+            return 0 if _valid(words, command.config_name, overrides) else 2
         cfg, choices = load_config_and_choices(command.config_name, overrides)
     except ConfigError as err:
         hint = ""
@@ -398,6 +402,20 @@ def _main(argv: list[str]) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     return _resolve(command.run)(cfg, choices)
+
+
+def _valid(words: tuple[str, ...], config_name: str, overrides: list[str]) -> bool:
+    """Whether the config composed from ``overrides`` passes its checks; says why on stderr
+    when not."""
+    from vidgen.config import ConfigError, load_config_and_choices
+
+    try:
+        load_config_and_choices(config_name, overrides)
+    except ConfigError as err:
+        where = " ".join(words)
+        print(f"\n{PROG} {where}: bad config (a run would refuse it): {err}", file=sys.stderr)
+        return False
+    return True
 
 
 def _interrupt(signum: int, frame: Any) -> None:
