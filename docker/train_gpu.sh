@@ -23,7 +23,8 @@
 #       (frozen_tokenizer=<its path>). Extra Hydra overrides go last (e.g. train.threads=8).
 #   bash docker/train_gpu.sh all SECONDS
 #       there: every default in one call, side by side on the one GPU (see all() below), then
-#       the quality and tokenizer benchmarks of what it made; one JSON line last.
+#       the quality and tokenizer benchmarks of what it made; one JSON line last. Every
+#       lane's config is checked first: a bad override exits 2 at once, naming its lane.
 #
 # Before the SECONDS of training come the data (procedural clips rendered on the CPU, then
 # encoded once by the frozen tokenizer on the training device), the calibration and the
@@ -123,6 +124,39 @@ EOF
     fi
 }
 
+# Overrides of the keys run() sets itself are refused (status 1, naming the first).
+refuse_script_keys() {
+    local override
+    for override in "$@"; do
+        # +key= and ++key= name the key too. (The log, eval and checkpoint cadences the
+        # script sets come after the caller's overrides: its own are used.)
+        case "${override#"${override%%[!+]*}"}" in
+            name=* | out=* | train.steps=* | train.stop_at=* | train.resume=* | \
+                train.max_seconds=*)
+                echo "train_gpu.sh: $override is set by the script (RUN_DIR, OUT, SECONDS)" >&2
+                return 1 ;;
+        esac
+    done
+}
+
+# Each (LANE, WORDS) pair's training config composed and checked as its run would (vidgen's
+# own checks, without making data or models): every bad lane named on stderr, status 2.
+check_lanes() {
+    python3 - "$@" <<'EOF' || return 2
+import sys
+from vidgen.config import load_config
+
+args, bad = sys.argv[1:], []
+for lane, words in zip(args[::2], args[1::2]):
+    try:
+        load_config("train", words.split())
+    except ValueError as err:  # ConfigError: an unknown key, a bad value
+        bad.append(f"train_gpu.sh: lane {lane}: bad config: {err}")
+if bad:
+    sys.exit("\n".join(bad))
+EOF
+}
+
 run() {
     local name="$1" seconds="$2"
     shift 2
@@ -132,17 +166,7 @@ run() {
     local out="${OUT:-$run_dir/export}"
     # Refused before the Python setup (minutes on a bare machine; without CUDA it exited 3,
     # not naming the argument) and before any folder is made.
-    local override
-    for override in "$@"; do
-        # +key= and ++key= name the key too. (The log, eval and checkpoint cadences the
-        # script sets come after the caller's overrides: its own are used.)
-        case "${override#"${override%%[!+]*}"}" in
-            name=* | out=* | train.steps=* | train.stop_at=* | train.resume=* | \
-                train.max_seconds=*)
-                echo "train_gpu.sh: $override is set by the script (RUN_DIR, OUT, SECONDS)" >&2
-                return 2 ;;
-        esac
-    done
+    refuse_script_keys "$@" || return 2
     if [[ "$(realpath -m -- "$out")" == "$(realpath -m -- "$run_dir")" ]]; then
         # the export was copied onto itself, after the whole training (cp failed, exit 1)
         echo "train_gpu.sh: OUT must be another folder than the run folder ($run_dir)" >&2
@@ -249,6 +273,19 @@ all() {
     rm -f "$out/quality.log" "$out/tokenizer.log" "$out/logs.tgz" "$logs/quality.log" \
         "$logs/tokenizer.log"
     local common=(train.threads="$threads" data.num_workers=4)
+    # Every lane's overrides are checked before any lane starts (seconds): a bad one failed
+    # its lane alone, which the call showed only in its JSON line, after the others' whole
+    # budget. The override lists are word lists (unquoted on purpose).
+    local precision=fp32
+    [[ "$device" == cuda ]] && precision=bf16
+    refuse_script_keys ${CA2VDM_OVERRIDES:-} ${LARP_OVERRIDES:-} ${NBP_OVERRIDES:-} || return 2
+    local lane_words=()
+    for lane in ca2vdm-tiny larp-tiny nbp-tiny; do
+        local extra_var=${lane%%-*}
+        extra_var=${extra_var^^}_OVERRIDES
+        lane_words+=("$lane" "$(model_args "$lane") train.precision=$precision ${common[*]} ${!extra_var:-}")
+    done
+    check_lanes "${lane_words[@]}" || return 2
     # Killed by an outer timeout: the lanes stop, and what they wrote is packed to come back.
     trap 'pack_logs "$logs" "$out"; exit 124' TERM
     # The override lists are word lists (unquoted on purpose).

@@ -274,20 +274,47 @@ def test_train_gpu_script_all_reports_failed_lanes_and_no_stale_models(tmp_path)
         RUNS=str(tmp_path / "runs"),
         OUT=str(out),
         CUDA_VISIBLE_DEVICES="",
-        # Every lane fails at once on an unknown key (no training, so the test is quick).
-        CA2VDM_OVERRIDES="no_such_key=1",
-        LARP_OVERRIDES="no_such_key=1",
-        NBP_OVERRIDES="no_such_key=1",
+        # Every lane fails at once on a frozen model that is not there (its config is
+        # good, so the check before the lanes passes; no training, so the test is quick).
+        CA2VDM_OVERRIDES="frozen_tokenizer=/no/such/kl.safetensors",
+        LARP_OVERRIDES="tokenizer.autoencoder=/no/such/kl.safetensors",
+        NBP_TOKENIZER="/no/such/larp.safetensors",
     )
     done = train_gpu("all", "0", env=env, timeout=300)
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
     assert (out / "logs.tgz").exists() and not list(out.glob("*.log"))
     result = json.loads(done.stdout.strip().splitlines()[-1])
     for lane in ("ca2vdm-tiny", "larp-tiny", "nbp-tiny"):
-        assert "no_such_key" in result[lane]["error"], lane
+        assert "/no/such/" in result[lane]["error"], lane
     assert result["nbp-tiny-new"] is None  # never started: its LARP failed
     assert not list(out.glob("*/*.safetensors"))  # the earlier model is gone too
     assert result["quality"] == {} and result["tokenizer"] is None
+
+
+def test_train_gpu_script_all_checks_every_lanes_config_before_any_lane_starts(tmp_path):
+    """A bad override failed its lane alone, shown only in the JSON line at the end of the
+    call, after the other lanes' whole budget (one device call lost). Every lane's config is
+    now checked first: the call exits 2 at once, naming each bad lane, and starts none."""
+    env = dict(
+        os.environ,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        WHEELS=str(tmp_path / "no-wheels"),
+        RUNS=str(tmp_path / "runs"),
+        OUT=str(tmp_path / "out"),
+        CUDA_VISIBLE_DEVICES="",
+        ALLOW_CPU="1",
+        CA2VDM_OVERRIDES="model.context_noise_max=-3",  # a value the model refuses
+        LARP_OVERRIDES="no_such_key=1",
+        NBP_OVERRIDES="model.dim=64",  # a good one: not named
+    )
+    done = train_gpu("all", "600", env=env, timeout=120)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "lane ca2vdm-tiny: bad config: model: context_noise_max must be" in done.stderr
+    assert "lane larp-tiny: bad config: " in done.stderr and "no_such_key" in done.stderr
+    assert "lane nbp-tiny" not in done.stderr
+    assert not list((tmp_path / "runs" / "gpu-all" / "logs").glob("*.log"))  # none started
+    done = train_gpu("all", "600", env={**env, "NBP_OVERRIDES": "train.steps=5"}, timeout=120)
+    assert done.returncode == 2 and "train.steps=5 is set by the script" in done.stderr
 
 
 def test_train_gpu_script_all_packs_its_logs_when_killed_by_a_timeout(tmp_path):
