@@ -3655,3 +3655,133 @@ def test_a_batch_whose_out_cannot_be_written_exits_before_ray_starts(tmp_path, c
     assert exit_info.value.code == 2 and not connected
     assert made_in == [tmp_path]  # the nearest folder that exists, where out would be made
     assert "cannot be written: Permission denied" in capsys.readouterr().err
+
+
+def test_a_step_that_raises_after_stepping_restores_its_streams(models):
+    """A snapshot (or the result) failing after the worker made the clips: the worker was a
+    clip ahead, every later step's clips were dropped as out of turn until the stream ended
+    there, and its restore then counted a failure. Its streams are now placed again from
+    their truths at the next run."""
+    model = models["diffusion"]
+    req = request_for(model, frames=16)
+    [executor] = local(model)
+    worker, calls, steps = executor.worker, {"n": 0}, []
+    snapshot, step = worker.generator.snapshot, worker.step
+
+    def failing_snapshot(stream):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise MemoryError("no memory for the cache's copy")
+        return snapshot(stream)
+
+    def counted_step(keys, epochs, snaps):
+        steps.append(keys)
+        return step(keys, epochs, snaps)
+
+    worker.generator.snapshot, worker.step = failing_snapshot, counted_step
+    orch = Orchestrator([executor])
+    key = orch.submit(req, sink=QueueSink(64))
+    with pytest.raises(MemoryError):
+        orch.run()
+    orch.run()
+    got = np.concatenate([c.frames for c in orch.streams[key].sink.queue])
+    np.testing.assert_array_equal(got, reference(model, req))
+    clips = req.frames // orch.clip_len
+    assert len(steps) == clips + 1 and orch.failures == 0  # the failed step alone again
+
+
+def test_a_sinks_finish_that_raised_is_called_again_by_the_next_run(models):
+    """SinkError says a run delivers it again: the stream counted as done, so the next run
+    returned at once and the sink was never finished."""
+    model = models["diffusion"]
+
+    class FinishFailsOnce(QueueSink):
+        def __init__(self):
+            super().__init__(capacity=64)
+            self.calls = 0
+
+        def finish(self):
+            self.calls += 1
+            if self.calls == 1:
+                raise OSError("upload failed")
+            super().finish()
+
+    orch = Orchestrator(local(model))
+    sink = FinishFailsOnce()
+    orch.submit(request_for(model, frames=8), sink=sink)
+    with pytest.raises(SinkError, match="upload failed"):
+        orch.run()
+    orch.run()
+    assert sink.calls == 2 and sink.finished
+    orch.run()
+    assert sink.calls == 2  # once finished, not again
+
+
+def test_a_sink_given_to_two_streams_is_refused(models):
+    model = models["diffusion"]
+    orch = Orchestrator(local(model))
+    sink = QueueSink(64)
+    first = orch.submit(request_for(model, frames=8), sink=sink)
+    with pytest.raises(ValueError, match=f"sink is already the sink of stream {first}"):
+        orch.submit(request_for(model, frames=8, seed=4), sink=sink)  # clips mixed in one
+    orch.run()
+    assert [c.stream for c in sink.queue] == [first] * 4
+
+
+def test_a_truth_whose_counts_do_not_fit_its_request_is_refused_at_submit(models):
+    """Past the request's clips it finished the sink with none; without a cache but past
+    clip 0 it was opened afresh, the first clips made again and dropped."""
+    import torch
+
+    from vidgen.generators import StreamSnapshot
+
+    model = models["diffusion"]
+    req = request_for(model, frames=8)
+    orch = Orchestrator(local(model))
+    past = StreamSnapshot(req, 0, None, [torch.zeros(2, 4, 4, 4)] * 5)
+    with pytest.raises(ValueError, match="truth holds clips up to 5 .* makes 4"):
+        orch.submit(req, truth=past)
+    with pytest.raises(ValueError, match="a truth without a cache is a stream's start"):
+        orch.submit(req, truth=StreamSnapshot(req, checkpoint_clip=2, cache=None))
+    assert not orch.streams
+
+
+def test_a_truth_of_another_request_names_what_differs(models):
+    from vidgen.generators import StreamSnapshot
+
+    model = models["diffusion"]
+    orch = Orchestrator(local(model))
+    other = StreamSnapshot.start(request_for(model, frames=8, steps=3))
+    with pytest.raises(ValueError, match="they differ in steps \\(truth: seed 3, label 2"):
+        orch.submit(request_for(model, frames=8), truth=other)
+
+
+def test_a_replacement_already_in_use_is_not_taken(models):
+    """replace returning a live executor put one executor in two places: its slots were
+    counted twice and the run ended on its full cache."""
+    model = models["diffusion"]
+    good = local(model)[0]
+    dying = Flaky(GeneratorWorker(model, max_streams=4), fail_at={2})
+    dying.recover = lambda: _raise()  # it does not come back
+    orch = Orchestrator([good, dying], replace=lambda failed: good)
+    reqs = [request_for(model, frames=8, seed=s) for s in range(4)]
+    keys = [orch.submit(r, sink=QueueSink(64)) for r in reqs]
+    orch.run()
+    assert orch.executors[0] is good and orch.executors[1] is None
+    for key, req in zip(keys, reqs, strict=True):
+        got = np.concatenate([c.frames for c in orch.streams[key].sink.queue])
+        assert_as_alone(got, reference(model, req))
+
+
+def test_no_progress_from_failing_decodes_names_the_decode(models):
+    model = models["diffusion"]
+
+    class DecodeDies(LocalExecutor):
+        def decode(self, clips):
+            self.worker.streams.clear()
+            return self._call(_raise)
+
+    orch = Orchestrator([DecodeDies(GeneratorWorker(model, max_streams=4))], max_failures=2)
+    orch.submit(request_for(model, frames=4), sink=QueueSink(16))
+    with pytest.raises(NoProgress, match="a step or a decode of its clips that always fails"):
+        orch.run()

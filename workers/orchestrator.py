@@ -35,7 +35,7 @@ import numpy as np
 
 from vidgen.checkpoint import same_checkpoint
 from vidgen.generators import Clip, GenerationRequest, StreamSnapshot
-from vidgen.generators.base import own_request, request_fingerprints
+from vidgen.generators.base import check_truth_counts, own_request, request_fingerprints
 from vidgen.validate import check_int, check_number, check_step_timeout
 from workers.actor import ClipOut, StepOut, StreamsLost
 from workers.executors import Executor, ExecutorFailed
@@ -163,6 +163,7 @@ class _Stream:
     truths: list[StreamSnapshot] = field(default_factory=list)
     accepted: int = 0  # clips in the truth
     delivered: int = 0  # clips handed to the sink
+    finished: bool = False  # its sink's finish() returned (a run calls it again until then)
     failures: int = 0  # executor failures it went through since it last made progress
     failed_on: list[Any] = field(default_factory=list)  # the executors of those failures
     failed_times: dict[int, int] = field(default_factory=dict)  # id(executor) -> how many
@@ -326,6 +327,13 @@ class Orchestrator:
             raise ValueError(
                 f"sink must have room(), put(clip) and finish() (a Sink), got {type(sink).__name__}"
             )
+        other = next(
+            (s.key for s in self.streams.values() if s.sink is sink and not s.finished), None
+        )
+        if sink is not None and other is not None:  # two streams' clips mixed in one
+            raise ValueError(
+                f"sink is already the sink of stream {other}: each stream needs its own"
+            )
         if truth is not None:
             if not isinstance(truth, StreamSnapshot):  # a path: an AttributeError below
                 raise ValueError(
@@ -340,10 +348,15 @@ class Orchestrator:
             if not same or truth.request.fingerprint() not in request_fingerprints(
                 request, named
             ):  # it would go on with another request's stream, labelled as this one
+                theirs, ours = truth.request.to_json(), request.to_json()
+                differ = [k for k in sorted({*theirs, *ours}) if theirs.get(k) != ours.get(k)]
+                if same:  # the same weights under another name
+                    differ = [k for k in differ if k != "model"]
                 raise ValueError(
-                    f"the truth is of another request (seed {truth.request.seed}, label "
-                    f"{truth.request.label}) than the one submitted (seed {request.seed}, "
-                    f"label {request.label})"
+                    f"the truth is of another request than the one submitted: they differ in "
+                    f"{', '.join(differ) or 'context frames'} (truth: seed {truth.request.seed}, "
+                    f"label {truth.request.label}; submitted: seed {request.seed}, label "
+                    f"{request.label})"
                 )
         served = self.info.get("model")
         if served is not None and not same_checkpoint(request.model, served):
@@ -355,6 +368,10 @@ class Orchestrator:
             raise ValueError(
                 f"frames must be a multiple of clip_len={self.clip_len}, got {request.frames}"
             )
+        if truth is not None:
+            # A truth past the request's clips finished its sink with none; one without a
+            # cache but past clip 0 was opened afresh, its first clips made again and dropped.
+            check_truth_counts(truth, request.frames // self.clip_len, "truth")
         # Slots of dropped streams are freed, and streams waiting for one take theirs, first:
         # a slot freed by a finished stream would otherwise go to each new submit while a
         # stream moved off a failing executor waited for it.
@@ -520,7 +537,7 @@ class Orchestrator:
                 raise _no_progress(stuck, "was given up on before")
 
     def _unfinished(self) -> bool:
-        return any(not s.done and not s.stuck for s in self.streams.values())
+        return any((not s.done or not s.finished) and not s.stuck for s in self.streams.values())
 
     def clips(self, key: int) -> Iterator[Clip]:
         """The clips of stream ``key`` in order, driving the loop as needed; once all are
@@ -597,7 +614,7 @@ class Orchestrator:
     def _schedule(self) -> None:
         self._cancel_dropped()
         for s in list(self.streams.values()):  # clips a sink raised on: it gets them again
-            if s.delivered in s.frames:
+            if s.delivered in s.frames or (s.done and not s.finished):  # and its finish()
                 self._deliver(s)
         self._place_waiting()
         busy = {w.executor for w in self.work if w.kind == "step"}
@@ -684,6 +701,8 @@ class Orchestrator:
             if not _is_failure(err):
                 # A bug, not a lost executor: the caller hears of it, and a decode taken off
                 # the work list is submitted again (its clip would otherwise never come).
+                if work.kind == "step":
+                    self._unplace(work)
                 self._redo_lost_decodes()
                 raise
             # Lost decodes are redone: clips stay in to_decode.
@@ -695,6 +714,27 @@ class Orchestrator:
         else:
             self._decode_ended[work.executor] = time.monotonic()  # the next one starts now
             self._apply_frames(work, value)
+
+    def _unplace(self, work: _Work) -> None:
+        """The streams of a step that raised (not an executor failure) are taken off its
+        executor, to be placed again from their truths: the worker may have made their clips
+        before the error (a snapshot or the result failing after the step). Left in place, it
+        was a clip ahead of them, and every later step's clips were dropped as out of turn
+        until the stream ended there and was lost."""
+        executor = self.executors[work.executor]
+        for key, epoch in zip(work.keys, work.epochs, strict=True):
+            s = self.streams.get(key)
+            if s is None or s.epoch != epoch or s.executor != work.executor:
+                continue
+            s.epoch += 1
+            s.executor = UNPLACED
+            if executor is not None:
+                try:
+                    executor.close(key)
+                except Exception as err:  # it is placed anew elsewhere or after its restart
+                    log.warning(
+                        "executor %s could not close stream %s (%s)", work.executor, key, err
+                    )
 
     def _running_on(self, index: int, failed: _Work | None = None) -> list[_Work]:
         """The calls that may have killed executor ``index``, which died (``failed``: a call
@@ -790,11 +830,12 @@ class Orchestrator:
             s.delivered += 1
             _made_progress(s)
             self._forget_old_truths(s)
-        if s.done:
+        if s.done and not s.finished:
             try:
                 s.sink.finish()
-            except Exception as err:
+            except Exception as err:  # called again by the next run, as a clip's put is
                 raise SinkError(s.key, err) from err
+            s.finished = True
 
     def _forget_old_truths(self, s: _Stream) -> None:
         """Keep the newest checkpoint at or before the last delivered clip, and later ones:
@@ -918,6 +959,13 @@ class Orchestrator:
                                 f"replace returned {type(replacement).__name__}, not an "
                                 "executor (with .info) or None"
                             )
+                        if any(replacement is e for e in self.executors):
+                            # One executor in two places: its slots counted twice, and the
+                            # run ended on its full cache (or the retired one came back).
+                            raise ValueError(
+                                "replace returned an executor already in use (or the one "
+                                "that failed), not a new one"
+                            )
                     except Exception as replace_err:  # e.g. no GPU free for a new actor
                         log.warning("executor %s could not be replaced (%s)", index, replace_err)
                         replacement = None
@@ -1025,10 +1073,12 @@ class Orchestrator:
 def _no_progress(s: _Stream, detail: str, step_timeout: float | None = None) -> NoProgress:
     limit = "" if step_timeout is None else f" or always exceeds step_timeout={step_timeout} s"
     on = "1 executor" if len(s.failed_on) == 1 else f"{len(s.failed_on)} executors"
+    # Its steps may all have come back: a decode of its clips that fails was blamed too.
+    what = "a step or a decode of its clips" if s.decode_failed else "a step"
     return NoProgress(
         f"stream {s.key} went through {s.failures} executor failures in a row (on {on}) "
-        f"without a clip made on it {detail}; a step that always fails{limit} is not retried "
-        "further",
+        f"without a clip made on it {detail}; {what} that always fails{limit} is not "
+        "retried further",
         s.key,
     )
 

@@ -431,6 +431,24 @@ def check_open(open_streams: dict[int, Stream], streams: list[Stream], step: boo
             raise ValueError(f"stream {s.id} already has all {s.num_clips} clips")
 
 
+def check_truth_counts(snapshot: StreamSnapshot, num_clips: int, name: str = "snapshot") -> int:
+    """The clip counts of a snapshot to restore, whatever the generator: its checkpoint
+    clip (returned) is 0 without a cache, and it holds no clips past its request's
+    ``num_clips``."""
+    c = check_int(f"{name}.checkpoint_clip", snapshot.checkpoint_clip, minimum=0)
+    if snapshot.cache is None and c != 0:
+        raise ValueError(
+            f"a {name} without a cache is a stream's start (checkpoint_clip 0), got "
+            f"checkpoint_clip={c}"
+        )
+    if c + len(snapshot.pending) > num_clips:
+        raise ValueError(
+            f"{name} holds clips up to {c + len(snapshot.pending)} (checkpoint_clip {c} + "
+            f"{len(snapshot.pending)} pending) but its request makes {num_clips}"
+        )
+    return c
+
+
 def check_truth(
     snapshot: StreamSnapshot,
     num_clips: int,
@@ -447,17 +465,7 @@ def check_truth(
     make clips with another clip's seeds and actions."""
     context = snapshot.request.context
     context_clips = 0 if context is None else len(context) // clip_len
-    c = check_int("snapshot.checkpoint_clip", snapshot.checkpoint_clip, minimum=0)
-    if snapshot.cache is None and c != 0:
-        raise ValueError(
-            f"a snapshot without a cache is a stream's start (checkpoint_clip 0), got "
-            f"checkpoint_clip={c}"
-        )
-    if c + len(snapshot.pending) > num_clips:
-        raise ValueError(
-            f"snapshot holds clips up to {c + len(snapshot.pending)} (checkpoint_clip {c} + "
-            f"{len(snapshot.pending)} pending) but its request makes {num_clips}"
-        )
+    c = check_truth_counts(snapshot, num_clips)
     if snapshot.cache is not None:
         held = snapshot.cache.get(next_frame)
         expected = (context_clips + c) * cache_frames_per_clip
