@@ -68,6 +68,20 @@ def test_a_preview_over_a_render_removes_the_renders_sidecar(tmp_path):
     assert notes.read_text() == '{"mine": 1}'
 
 
+def test_a_preview_beside_a_render_keeps_that_renders_sidecar(tmp_path):
+    """x.json is the sidecar of the render x.mp4 (renders are .mp4): a preview to x.mkv, or
+    to x.MP4 beside it, removed it while that render stood."""
+    render, sidecar = tmp_path / "x.mp4", tmp_path / "x.json"
+    assert main(["data", "preview", "world=bouncing", "frames=8", f"out={render}"]) == 0
+    provenance = json.dumps({"vidgen_version": "x", "request_sha256": "ab"})
+    sidecar.write_text(provenance)
+    for name in ("x.mkv", "x.MP4"):
+        assert (
+            main(["data", "preview", "world=bouncing", "frames=8", f"out={tmp_path / name}"]) == 0
+        )
+        assert sidecar.read_text() == provenance, name
+
+
 def test_preview_agent_with_overrides(tmp_path):
     out = tmp_path / "agent.mp4"
     assert main(["data", "preview", "world=agent", "world.size=48", "frames=16", f"out={out}"]) == 0

@@ -39,7 +39,7 @@ def check_out(out: str | Path) -> Path:
                 f"out={str(out)!r}: {str(sidecar)!r}, where its provenance sidecar goes, is "
                 "a file vidgen did not write; move it, or choose another out"
             )
-        other = _sharing_the_sidecar(path)
+        other = sharing_the_sidecar(path)
         if other is not None:
             raise ValueError(
                 f"out={str(out)!r}: {str(other)!r} is beside it, and the two would share the "
@@ -76,7 +76,7 @@ def parts_folder(out: Path) -> Path:
     return out.parent / f".{name}.parts"
 
 
-def _sharing_the_sidecar(path: Path) -> Path | None:
+def sharing_the_sidecar(path: Path) -> Path | None:
     """Another video (or a render of one under way: its parts folder) beside ``path`` whose
     name differs only in the case of its suffix (``v.MP4`` beside ``v.mp4``), not the same
     file (as on a case-insensitive file system): both would have the sidecar ``v.json``."""

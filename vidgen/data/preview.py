@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from vidgen.fsutil import expand_user, target
 from vidgen.io import VideoWriter
-from vidgen.render_config import is_provenance
+from vidgen.render_config import is_provenance, sharing_the_sidecar
 from vidgen.worlds.agent import POLICIES, AgentWorldConfig, iter_trajectory
 from vidgen.worlds.bouncing import BouncingShapes, BouncingShapesConfig
 
@@ -97,9 +97,11 @@ def preview(cfg: PreviewConfig) -> PreviewResult:
             bar.update(len(chunk))
     seconds = time.perf_counter() - start
     # Written over a render: its provenance sidecar described the old video, and `vidgen
-    # eval` (which reads the label from it) scored the preview against that request.
+    # eval` (which reads the label from it) scored the preview against that request. Only
+    # an .mp4 can be that render (renders are .mp4): a preview to x.mkv, or to x.mp4 beside
+    # a render x.MP4, removed the sidecar of the render still there.
     sidecar = out.with_suffix(".json")
-    if is_provenance(sidecar):
+    if out.suffix.lower() == ".mp4" and sharing_the_sidecar(out) is None and is_provenance(sidecar):
         sidecar.unlink(missing_ok=True)
         log.info("removed %s, the provenance of the video this preview replaced", sidecar)
     log.info("wrote %d frames to %s in %.2fs", cfg.frames, out, seconds)
