@@ -242,6 +242,23 @@ def test_an_encoder_that_refuses_the_stream_is_named_and_leaves_nothing(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.mkv"]
 
 
+def test_a_container_that_cannot_hold_the_codec_is_named_and_leaks_no_file(tmp_path):
+    """Ogg cannot hold H.264: the header failed at the first packet (x264 buffers about 40
+    frames) as "Invalid argument" naming the deleted temp file, and FFmpeg's file stayed open
+    (PyAV closes it only once a header was written): one descriptor leaked per try."""
+    import os
+
+    fds = Path("/proc/self/fd")
+    before = len(list(fds.iterdir())) if fds.is_dir() else None
+    for _ in range(3):
+        writer = VideoWriter(tmp_path / "x.ogv")
+        with pytest.raises(ValueError, match=r"cannot write 'libx264' video into x\.ogv \(con"):
+            writer.write(np.zeros((2, 16, 16, 3), np.uint8))  # at once, not 40 frames on
+    assert list(tmp_path.iterdir()) == []
+    if before is not None:
+        assert len(list(fds.iterdir())) == before, os.listdir(fds)
+
+
 def test_odd_size_needs_lossless(tmp_path):
     with pytest.raises(ValueError, match="lossless=True"), VideoWriter(tmp_path / "a.mp4") as w:
         w.write(np.zeros((2, 9, 8, 3), np.uint8))

@@ -173,6 +173,64 @@ def test_a_stream_cut_mid_gop_counts_and_reads_from_its_first_keyframe(tmp_path,
     assert not (tmp_path / f"joined{suffix}").exists()
 
 
+def test_a_segment_whose_edit_list_hides_packets_is_not_joined(tmp_path):
+    """A cut made without re-encoding (ffmpeg -ss ... -c copy) keeps packets its edit list
+    hides: they were dropped on the join, the edit list not carried over, and the joined file
+    was published with 13 of its 18 frames decodable, out of order, without an error."""
+    frames = np.random.default_rng(4).integers(0, 255, (12, 32, 32, 3), dtype=np.uint8)
+    source, cut, joined = tmp_path / "source.mp4", tmp_path / "cut.mp4", tmp_path / "joined.mp4"
+    with VideoWriter(source, lossless=True) as writer:
+        writer.write(frames)
+    with av.open(str(source)) as inp, av.open(str(cut), "w") as out:
+        stream = inp.streams.video[0]
+        copy = out.add_stream_from_template(stream)
+        shift = 3 * int(1 / (stream.time_base * stream.average_rate))  # 3 frames before 0
+        for packet in inp.demux(stream):
+            if packet.dts is None:
+                continue
+            packet.pts -= shift
+            packet.dts -= shift
+            packet.stream = copy
+            out.mux(packet)
+    info = probe_video(cut)
+    assert info.num_frames == 9 and info.hidden_packets == 3
+    assert torch.equal(read_video(cut, backend="pyav"), torch.from_numpy(frames[3:]))
+    with pytest.raises(ValueError, match="has 3 packets its edit list hides"):
+        concat_videos([cut, cut], joined)
+    assert not joined.exists()
+    assert probe_video(source).hidden_packets == 0
+
+
+@pytest.mark.parametrize(("height", "pitfall"), [(17, True), (18, False)])
+def test_an_odd_height_420_video_is_read_with_pyav(tmp_path, height, pitfall):
+    """decord places the chroma rows of an odd-height 4:2:0 video off (FFV1 and VP9 store
+    such sizes): read_video took its frames, which differed from PyAV's and the source's."""
+    h, w = height, 33
+    yy, xx = np.mgrid[0:h, 0:w]
+    source = np.stack([xx * 7 % 256, yy * 13 % 256, (xx * 3 + yy * 5) % 256], -1)
+    source = source.astype(np.uint8)[None].repeat(3, 0)
+    path = tmp_path / "odd.mkv"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("ffv1", rate=8)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for i, frame in enumerate(source):
+            picture = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")
+            picture.pts = i
+            for packet in stream.encode(picture):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    assert probe_video(path).pixel_format == "yuv420p"
+    pyav = read_video(path, backend="pyav")
+    assert torch.equal(read_video(path), pyav)
+    assert (pyav.int() - torch.from_numpy(source).int()).abs().float().mean() < 4  # 4:2:0
+    if pitfall:
+        with pytest.raises(VideoReadError, match="frame height 17 is odd with yuv420p"):
+            read_video(path, backend="decord")
+    else:
+        assert torch.equal(read_video(path, backend="decord"), pyav)
+
+
 # --- a stream that changes frame size -----------------------------------------------------
 
 

@@ -15,6 +15,7 @@ re-encoding, which is how long renders are assembled (DESIGN.md section 6).
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -112,6 +113,9 @@ class VideoInfo:
     container: FFmpeg's name of the container format, e.g. "mov,mp4,m4a,3gp,3g2,mj2" or
     "mpegts" (decord returns MPEG-TS and MPEG-PS streams shifted by frames, silently:
     `read_video` decodes them with PyAV).
+    hidden_packets: packets an edit list hides (a cut made without re-encoding, such as
+    ``ffmpeg -ss ... -c copy``): decoded for the frames after them, never shown, not counted.
+    pixel_format: FFmpeg's name of the stored pixel format, e.g. "yuv420p" ("" unknown).
     """
 
     path: Path
@@ -128,6 +132,8 @@ class VideoInfo:
     open_gop: bool = False
     video_streams: int = 1
     container: str = ""
+    hidden_packets: int = 0
+    pixel_format: str = ""
 
 
 # A sample aspect ratio outside this range is taken for broken metadata, not a picture.
@@ -238,6 +244,7 @@ class _PacketScan:
     rotation: int = 0  # the first decoded keyframe's display rotation (``_display``)
     end_known: bool = False  # the last packet's duration was given (not taken as 0)
     open_gop: bool = False  # a frame shown before a later keyframe it follows in the stream
+    hidden: int = 0  # packets an edit list hides (discard): decoded, never shown
 
 
 def _display(frame: Any) -> tuple[int, bool]:
@@ -331,6 +338,7 @@ def _scan_packets(container: Any, stream: Any, path: Path) -> _PacketScan:
     which this does not see).
     """
     counts = [[0, 0], [0, 0]]  # [before / from the first keyframe][timed / untimed]
+    hidden = 0
     keyed = False
     key_pts: int | None = None
     last_key_pts: int | None = None  # of the latest keyframe after the first
@@ -354,6 +362,7 @@ def _scan_packets(container: Any, stream: Any, path: Path) -> _PacketScan:
                         sizes.append((frame.width, frame.height))
                         display = display or _display(frame)
             if not _is_frame_packet(packet):
+                hidden += packet.size > 0 and packet.is_discard and not packet.is_corrupt
                 continue
             untimed = packet.dts is None and packet.pts is None
             counts[keyed and not _leading(packet, key_pts)][untimed] += 1
@@ -380,8 +389,8 @@ def _scan_packets(container: Any, stream: Any, path: Path) -> _PacketScan:
         logger.warning("%s: its display matrix mirrors the frames; they are read as stored", path)
         rotation = 0
     if not keyed:  # no keyframe flags at all: trust every packet, the decoder will tell
-        return _PacketScan(before, 0, end, sizes, rotation, end_known)
-    return _PacketScan(after, before, end, sizes, rotation, end_known, open_gop)
+        return _PacketScan(before, 0, end, sizes, rotation, end_known, hidden=hidden)
+    return _PacketScan(after, before, end, sizes, rotation, end_known, open_gop, hidden)
 
 
 def _matroska_duration(container: Any, stream: Any) -> float | None:
@@ -443,6 +452,7 @@ def probe_video(path: PathLike) -> VideoInfo:
         ctx = _codec_context(stream, path)
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         codec = ctx.name
+        pixel_format = ctx.pix_fmt or ""
         width, height = ctx.width, ctx.height
         pixel_aspect = _pixel_aspect(stream, path)
         scan = _scan_packets(container, stream, path)
@@ -471,6 +481,8 @@ def probe_video(path: PathLike) -> VideoInfo:
         open_gop=scan.open_gop,
         video_streams=video_streams,
         container=container_format,
+        hidden_packets=scan.hidden,
+        pixel_format=pixel_format,
     )
 
 
@@ -755,6 +767,12 @@ def _chunked(frames: Iterator[np.ndarray], chunk: int) -> Iterator[torch.Tensor]
         yield torch.from_numpy(np.stack(batch))
 
 
+def _half_height_chroma(pixel_format: str) -> bool:
+    """Whether ``pixel_format`` stores chroma at half the frame's height (4:2:0, NV12)."""
+    name = pixel_format.lower()
+    return "420" in name or name in ("nv12", "nv21", "p010le", "p010be", "p016le", "p016be")
+
+
 def _decord_pitfall(info: VideoInfo) -> str | None:
     """Why decord would return wrong frames for `info`'s file, or None."""
     if info.size_changes:
@@ -775,6 +793,13 @@ def _decord_pitfall(info: VideoInfo) -> str | None:
         return (
             f"it has {info.video_streams} video streams, and decord may decode another than "
             "the first, which the probe describes"
+        )
+    if info.height % 2 and _half_height_chroma(info.pixel_format):
+        # Its last chroma row covers one luma row: decord's conversion places the chroma
+        # rows off (mean error 2.7 against PyAV's 0.7 on a 17x33 FFV1 video).
+        return (
+            f"its frame height {info.height} is odd with {info.pixel_format} chroma, whose "
+            "rows decord places off"
         )
     if info.container in ("mpegts", "mpeg"):
         # TS: a B-frame stream came back shifted, the last frame repeated; PS (which times
@@ -867,22 +892,41 @@ def _open_output(tmp: Path, final: Path, metadata: dict[str, str]) -> Any:
         # Without use_metadata_tags the mp4 muxer silently drops keys it has no atom for.
         options["movflags"] = "use_metadata_tags"
         fmt = "mp4" if final.suffix == "" else None
+    # Written through a file of our own, closed by `_close_output`/`_discard`: FFmpeg's own
+    # (from a path) stays open when the header cannot be written (a full disk, a container
+    # that cannot hold the codec), and PyAV never closes it; a worker retrying leaked one
+    # descriptor of a deleted temp file per try.
+    handle = open(tmp, "wb")  # noqa: SIM115 (closed with the container)
     try:
-        container = av.open(_ffmpeg_path(tmp), mode="w", format=fmt, options=options)
+        container = av.open(handle, mode="w", format=fmt, options=options)
     except ValueError as err:
+        handle.close()
         raise ValueError(
             f"cannot choose a container format for {final} from its suffix {final.suffix!r}; "
             "use .mp4 (or another suffix ffmpeg knows, like .mkv)"
         ) from err
+    except BaseException:
+        handle.close()
+        raise
     container.metadata.update(metadata)
     return container
+
+
+def _close_output(container: Any) -> None:
+    """Close an `_open_output` container (the trailer written) and then its file."""
+    try:
+        container.close()
+    finally:
+        handle = getattr(getattr(container, "file", None), "file", None)
+        if handle is not None:
+            handle.close()  # flushes: a full disk raises here
 
 
 def _discard(container: Any, tmp: Path) -> None:
     """Close `container` ignoring errors and delete `tmp`: the cleanup of a failed write."""
     if container is not None:
         try:
-            container.close()
+            _close_output(container)
         except Exception:  # already failing; the original error is the one to report
             logger.debug("closing the container of %s failed during cleanup", tmp, exc_info=True)
     tmp.unlink(missing_ok=True)
@@ -1064,7 +1108,7 @@ class VideoWriter:
         try:
             for packet in self._stream.encode(None):
                 self._container.mux(packet)
-            self._container.close()
+            _close_output(self._container)
         except BaseException:
             self.abort()
             raise
@@ -1107,6 +1151,26 @@ class VideoWriter:
             stream.pix_fmt = self._pix_fmt
             # pts counts frames; the muxer rescales to its own time base.
             stream.time_base = 1 / self.rate
+            # The encoder and the header now, not at the first packet (x264 buffers about 40
+            # frames, or all of a short video until close): a container that cannot hold the
+            # codec failed there as "Invalid argument" naming the deleted temp file.
+            try:
+                stream.codec_context.open()
+            except av.FFmpegError as err:
+                raise ValueError(
+                    f"the {self._encoder!r} encoder refused {self.path} ({width}x{height}, "
+                    f"pixel format {self._pix_fmt}): {err}"
+                ) from err
+            try:
+                self._container.start_encoding()
+            except av.FFmpegError as err:
+                if getattr(err, "errno", None) != errno.EINVAL:
+                    raise
+                raise ValueError(
+                    f"cannot write {self._encoder!r} video into {self.path.name} (container "
+                    f"{self._container.format.name}): {getattr(err, 'strerror', err)}; use "
+                    ".mp4 or .mkv, or another codec="
+                ) from err
         except BaseException:
             _discard(self._container, self._tmp)
             self._closed = True
@@ -1258,6 +1322,14 @@ def concat_videos(
                 f"concat_videos: {segment} starts mid-GOP ({info.undecodable_packets} packets "
                 "before its first keyframe); re-encode it to join it without re-encoding the rest"
             )
+        if info.hidden_packets:
+            # Its edit list is not carried over: the frames after the hidden packets (their
+            # keyframe, maybe) would not decode in the joined file, which looked complete.
+            raise ValueError(
+                f"concat_videos: {segment} has {info.hidden_packets} packets its edit list "
+                "hides (cut without re-encoding); re-encode it to join it without re-encoding "
+                "the rest"
+            )
     _check_segments(segments)
     if metadata is None:
         tags = read_metadata(segments[0])
@@ -1285,7 +1357,7 @@ def concat_videos(
                     f"concat_videos: copied {muxed} of the {expected} frames of {segment}; "
                     f"{out} was not written"
                 )
-        container.close()
+        _close_output(container)
     except BaseException:
         _discard(container, tmp)
         raise
