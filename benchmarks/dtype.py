@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 import torch
-from _args import positive_int, threads
+from _args import device, positive_int, threads
 
 from vidgen.generators import GenerationRequest, load_generator
 from vidgen.machine import describe_machine
@@ -80,7 +80,9 @@ def main() -> None:
     parser.add_argument("--models", default="ca2vdm-tiny,nbp-tiny")
     parser.add_argument("--frames", type=positive_int, default=64)
     parser.add_argument("--streams", type=positive_int, default=4)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     parser.add_argument(
         "--threads", type=threads, default=2, help="torch threads on a CPU (0: default)"
     )
@@ -88,6 +90,8 @@ def main() -> None:
         "--repeats", type=positive_int, default=3, help="timed runs of each, medians"
     )
     args = parser.parse_args()
+    if args.frames % 8:  # refused by the generators only after both were loaded
+        parser.error(f"--frames must be whole 8-frame clips, got {args.frames}")
     if args.device == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
     result: dict[str, object] = {

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _args import child_stdout, int_list
+from _args import child_stdout, int_list, positive_int
 
 
 def peak_rss_mb() -> float:
@@ -63,10 +63,12 @@ def run(mode: str, video: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int_list, default="512,4096")
-    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--size", type=positive_int, default=64)
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--video", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if min(args.frames) < 1 or args.size < 16:  # tracebacks from the world, after imports
+        parser.error(f"--frames must be >= 1 and --size >= 16, got {args.frames}, {args.size}")
     if args.child:
         child(args.child, args.video)
         return

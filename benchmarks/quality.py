@@ -47,7 +47,7 @@ import time
 
 import numpy as np
 import torch
-from _args import int_list, positive_int, threads
+from _args import device, int_list, positive_int, threads
 
 from vidgen import checkpoint
 from vidgen.data.worlds import to_model_range, to_uint8
@@ -272,8 +272,13 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=0, help="token models; 0 = off")
     parser.add_argument("--top-p", type=float, default=1.0, help="token models; 1 = off")
     parser.add_argument("--threads", type=threads, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="float32", help="the generators': float32 or bfloat16")
+    parser.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="the generators' (checked before the real videos are scored)",
+    )
     parser.add_argument(
         "--context", type=int, default=0, help="continue real videos' first N frames (0 = off)"
     )

@@ -3,8 +3,10 @@
 Usage: python benchmarks/serving.py [--model ca2vdm-tiny] [--frames 128] [--streams 8]
                                     [--steps 12] [--memory-frames 500,5000]
 
-All in one run, on a local Ray instance with two logical GPUs (one actor per GPU, one torch
-thread per actor):
+All in one run, on a local Ray instance with two logical GPUs on a CPU machine, or the
+machine's GPUs (one actor per GPU, one torch thread per actor; the in-process runs use the
+device the actors use: a GPU where there is one; with a single GPU there is no two-actor
+run):
 - ``ray_overhead``: seconds for one video through one actor and the orchestrator over the
   same video made in process the way the actor makes it, each clip decoded in a second
   thread while the next is denoised (same model, frames, seed); ``ray_overhead_vs_serial``
@@ -13,10 +15,11 @@ thread per actor):
 - ``batching_gain``: throughput of ``--streams`` streams batched on one actor over the same
   streams run one after another on it.
 - ``scaling_2_actors``: throughput of two actors over one, ``--streams`` streams each time.
-- peak memory (VmHWM) of the driver and of the actor rendering ``--memory-frames`` frames,
-  each in a fresh process; ``*_growth`` is the largest over the smallest; a fresh process
-  that starts the actor and renders nothing gives ``*_baseline_mb`` (imports, Ray, the
-  model), and ``*_working_set_growth`` compares the peaks less it.
+- peak memory (VmHWM: host memory; an actor's GPU memory is not in it) of the driver and of
+  the actor rendering ``--memory-frames`` frames, each in a fresh process; ``*_growth`` is
+  the largest over the smallest; a fresh process that starts the actor and renders nothing
+  gives ``*_baseline_mb`` (imports, Ray, the model), and ``*_working_set_growth`` compares
+  the peaks less it.
 Diffusion steps are ``--steps``, by default the render default (12). The ratios depend on
 them: each actor decodes in a second thread while it denoises the next clip, so the fewer the
 steps, the larger decoding's share of the work and the more one actor already uses the second
@@ -37,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
-from _args import child_stdout, positive_int
+from _args import child_stdout, int_list, positive_int
 
 from vidgen import checkpoint
 from vidgen.generators import GenerationRequest, generate_video, load_generator
@@ -57,12 +60,18 @@ def request(model: str, frames: int, seed: int, steps: int) -> GenerationRequest
     return GenerationRequest(model=model, frames=frames, seed=seed, label=2, steps=steps)
 
 
+def actor_device() -> str:
+    """The device an actor placed on a GPU of this machine uses (``auto_device``), and so
+    the in-process runs compared with it: on a GPU machine they ran on the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def in_process_seconds(model: str, frames: int, steps: int) -> tuple[float, float, np.ndarray]:
     """Seconds for seed 0's video made in process by ``generate_video`` (decoding between
     steps) and as the actor makes it (each clip decoded in a second thread while the next is
     denoised), and the video (the same both ways, checked)."""
     torch.set_num_threads(1)
-    gen = load_generator(model, max_streams=1)
+    gen = load_generator(model, max_streams=1, device=actor_device())
     for _ in generate_video(gen, request(model, 16, 0, steps)):  # warm-up, as the actor gets
         pass
     start = time.perf_counter()
@@ -206,40 +215,51 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=128)
     parser.add_argument("--streams", type=positive_int, default=8)
     parser.add_argument("--steps", type=positive_int, default=12, help="the render default")
-    parser.add_argument("--memory-frames", default="500,5000")
+    parser.add_argument("--memory-frames", type=int_list, default=[500, 5000])
     parser.add_argument("--memory-child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args.model, args.memory_child, args.steps)
         return
     frames = args.frames // 8 * 8
-    memory_frames = [int(x) // 8 * 8 for x in args.memory_frames.split(",")]
+    memory_frames = [x // 8 * 8 for x in args.memory_frames]
     if min(frames, *memory_frames) < 8:  # 0 would be the child flag's "not a child"
         parser.error("--frames and --memory-frames must be whole clips of 8 frames or more")
     with tempfile.TemporaryDirectory() as tmp:
         model = model_or_random(args.model, Path(tmp))
         t_local, t_piped, local_video = in_process_seconds(model, frames, args.steps)
+        # Logical GPUs on a CPU machine; on a GPU machine its own (two logical ones on one
+        # GPU gave the second actor a device torch does not see: it ran on the CPU).
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 2
         ray.init(
-            address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False
+            address="local", num_cpus=2, num_gpus=gpus, include_dashboard=False, log_to_driver=False
         )
-        a, b = (
-            RayExecutor(model, max_streams=args.streams),
-            RayExecutor(model, max_streams=args.streams),
-        )
-        for executor in (a, b):  # warm-up: each actor's first batched steps untimed
+        executors = [RayExecutor(model, max_streams=args.streams) for _ in range(min(gpus, 2))]
+        for executor in executors:  # warm-up: each actor's first batched steps untimed
+            if executor.info.get("device", "cpu").split(":")[0] != actor_device():
+                raise RuntimeError(
+                    f"an actor runs on {executor.info.get('device')}, the in-process runs on "
+                    f"{actor_device()}: the ratios would compare two devices"
+                )
             orchestrated_seconds([executor], model, 16, args.steps, list(range(args.streams)))
+        a = executors[0]
         orchestrated_seconds([a], model, 16, args.steps, [0])
         t_ray, ray_video = orchestrated_seconds([a], model, frames, args.steps, [0])
         seeds = list(range(args.streams))
         t_batched, batched = orchestrated_seconds([a], model, frames, args.steps, seeds)
         t_serial, serial = orchestrated_seconds([a], model, frames, args.steps, seeds, False)
-        t_two, two = orchestrated_seconds([a, b], model, frames, args.steps, seeds)
+        t_two, two = None, None
+        if len(executors) == 2:
+            t_two, two = orchestrated_seconds(executors, model, frames, args.steps, seeds)
+        else:
+            print("one GPU: no two-actor run (scaling_2_actors is null)", file=sys.stderr)
         ray.shutdown()
         differences = {
             "ray_vs_in_process": frame_difference(ray_video, {0: local_video}),
             "batched_vs_one_after_another": frame_difference(batched, serial),
-            "two_actors_vs_one_after_another": frame_difference(two, serial),
         }
+        if two is not None:
+            differences["two_actors_vs_one_after_another"] = frame_difference(two, serial)
         other_seed = frame_difference({0: serial[0]}, {0: serial[seeds[-1]]}) if seeds[1:] else 0
         if any(d > SAME_VIDEO for d in differences.values()):
             raise RuntimeError(
@@ -249,7 +269,8 @@ def main() -> None:
         print(  # the speed figures before the (long) memory runs
             f"in process {t_local:.2f}s (decoding in a thread {t_piped:.2f}s), one actor "
             f"{t_ray:.2f}s, batched {t_batched:.2f}s, "
-            f"one after another {t_serial:.2f}s, two actors {t_two:.2f}s",
+            f"one after another {t_serial:.2f}s, two actors "
+            + ("-" if t_two is None else f"{t_two:.2f}s"),
             file=sys.stderr,
         )
         result: dict[str, object] = {
@@ -265,8 +286,9 @@ def main() -> None:
             "batched_s": round(t_batched, 3),
             "one_after_another_s": round(t_serial, 3),
             "batching_gain": round(t_serial / t_batched, 4),
-            "two_actors_s": round(t_two, 3),
-            "scaling_2_actors": round(t_batched / t_two, 4),
+            "two_actors_s": None if t_two is None else round(t_two, 3),
+            "scaling_2_actors": None if t_two is None else round(t_batched / t_two, 4),
+            "device": actor_device(),
             "video_difference": {k: round(v, 4) for k, v in differences.items()},
             "video_difference_between_seeds": round(other_seed, 2),
             **memory(model, memory_frames, args.steps),

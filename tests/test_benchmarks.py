@@ -383,6 +383,19 @@ def test_benchmark_flags_are_checked_by_argparse_and_a_failed_child_says_why(cap
             [sys.executable, str(script), flag, value], capture_output=True, text=True
         )
         assert done.returncode == 2 and f"argument {flag}" in done.stderr, done.stderr[-500:]
+    # Each of these was a traceback after minutes of work (quality.py scored the real videos
+    # before loading a generator in --dtype fp32) or after the models were loaded.
+    for name, flag, value, said in (
+        ("quality.py", "--dtype", "fp32", "argument --dtype"),
+        ("quality.py", "--device", "bogus", "argument --device"),
+        ("dtype.py", "--frames", "12", "--frames must be whole 8-frame clips"),
+        ("eval_memory.py", "--frames", "0", "--frames must be >= 1"),
+        ("serving.py", "--memory-frames", "500,x", "argument --memory-frames"),
+    ):
+        done = subprocess.run(
+            [sys.executable, str(script.parent / name), flag, value], capture_output=True, text=True
+        )
+        assert done.returncode == 2 and said in done.stderr, (name, done.stderr[-500:])
     with pytest.raises(SystemExit) as failed:
         _args.child_stdout([sys.executable, "-c", "raise SystemExit('steps must be >= 1')"])
     assert "a child run failed (exit 1)" in str(failed.value)
