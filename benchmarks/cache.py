@@ -92,8 +92,11 @@ def compare(name: str, repeats: int, clip_steps: int = 0) -> dict[str, float]:
         return model.forward_history(frames, full_cond, mask)[:, cfg.window :]
 
     diff = (cached() - recompute()).abs().max().item()
-    assert diff < 1e-4, f"{name}: cached and recomputed clips differ by {diff}"
-    assert torch.equal(cached(), cached_with_read())
+    # Checked whatever python's -O (an assert would vanish, and the timings with it stand).
+    if not diff < 1e-4:
+        raise RuntimeError(f"{name}: cached and recomputed clips differ by {diff}")
+    if not torch.equal(cached(), cached_with_read()):
+        raise RuntimeError(f"{name}: reading the cache again changed the clip")
     t_cached, t_full, t_read = interleaved_ms([cached, recompute, cached_with_read], repeats)
     out = {
         "max_abs_diff": diff,
