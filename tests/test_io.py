@@ -259,6 +259,16 @@ def test_a_container_that_cannot_hold_the_codec_is_named_and_leaks_no_file(tmp_p
         assert len(list(fds.iterdir())) == before, os.listdir(fds)
 
 
+def test_a_crf_the_encoder_has_no_option_for_is_refused(tmp_path):
+    """mpeg4 has no crf: it was dropped without a word (crf 2 and 40 gave the same file)."""
+    frames = np.zeros((2, 16, 16, 3), np.uint8)
+    with pytest.raises(ValueError, match="crf=10: the 'mpeg4' encoder has no crf option"):
+        write(tmp_path / "a.mkv", frames, codec="mpeg4", crf=10)
+    assert list(tmp_path.iterdir()) == []
+    write(tmp_path / "b.mkv", frames, codec="mpeg4")  # no crf: fine
+    write(tmp_path / "c.mp4", frames, crf=30)  # x264's own
+
+
 def test_odd_size_needs_lossless(tmp_path):
     with pytest.raises(ValueError, match="lossless=True"), VideoWriter(tmp_path / "a.mp4") as w:
         w.write(np.zeros((2, 9, 8, 3), np.uint8))

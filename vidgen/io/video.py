@@ -1161,6 +1161,13 @@ class VideoWriter:
                     f"the {self._encoder!r} encoder refused {self.path} ({width}x{height}, "
                     f"pixel format {self._pix_fmt}): {err}"
                 ) from err
+            # Options the encoder did not take are left over: a crf it has no such option
+            # for (mpeg4) was dropped without a word, every crf giving the same file.
+            if "crf" in (stream.codec_context.options or {}):
+                raise ValueError(
+                    f"crf={self._options['crf']}: the {self._encoder!r} encoder has no crf "
+                    "option; drop crf (or use codec='h264')"
+                )
             try:
                 self._container.start_encoding()
             except av.FFmpegError as err:
