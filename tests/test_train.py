@@ -1358,6 +1358,49 @@ def test_world_clips_are_keyed_by_the_worlds_version(monkeypatch):
     assert encoded.data_description(data, "train") != before
 
 
+def test_the_worlds_frames_are_those_of_their_version():
+    """A tripwire: the worlds' frames and actions for fixed settings and seeds, hashed. A change
+    that makes them other must raise WORLDS_VERSION (and update the digest here): an
+    AgentWorld change on 2026-12-03 did not, and caches of its clips made before were trained
+    on as current."""
+    import hashlib
+
+    from vidgen.worlds import WORLDS_VERSION, BouncingShapes, BouncingShapesConfig
+    from vidgen.worlds.agent import AgentWorldConfig, iter_trajectory
+
+    digest = hashlib.sha256()
+    for seed in (0, 1):
+        for frame in BouncingShapes(BouncingShapesConfig(), seed=seed).iter_frames(24):
+            digest.update(np.ascontiguousarray(frame).tobytes())
+    for cfg, policy in (
+        (AgentWorldConfig(), "random"),
+        (AgentWorldConfig(continuous=True, max_speed=0.5), "push"),
+        (AgentWorldConfig(continuous=True), "random"),
+    ):
+        for piece in iter_trajectory(cfg, 0, 48, policy=policy):
+            digest.update(np.ascontiguousarray(piece.frames).tobytes())
+            digest.update(np.ascontiguousarray(piece.actions).tobytes())
+    assert (WORLDS_VERSION, digest.hexdigest()) == (
+        2,
+        "6a1ab4563b8afce6b72aede53588cc634cd493f68b70efe2b72c4296d4cf2646",
+    )
+
+
+def test_folder_clips_are_keyed_by_the_readers_version(tmp_path, monkeypatch):
+    """read_video's frames for some files changed (odd-height 4:2:0 video, open GOPs, ...
+    read with PyAV): a folder's cached clips were keyed by its files alone."""
+    from vidgen.data import DataConfig
+    from vidgen.io import VideoWriter
+    from vidgen.train import encoded
+
+    with VideoWriter(tmp_path / "a.mp4") as writer:
+        writer.write(np.zeros((8, 16, 16, 3), np.uint8))
+    data = DataConfig(name="folder", root=str(tmp_path))
+    before = encoded.data_description(data, "train")
+    monkeypatch.setattr(encoded, "READER_VERSION", encoded.READER_VERSION + 1)
+    assert encoded.data_description(data, "train") != before
+
+
 def test_a_resume_on_another_thread_count_is_recorded(tmp_path, caplog):
     """CPU sums depend on the thread count: a resume with another one is not bitwise equal to
     the uninterrupted run, and was not even logged (train.threads is an invocation setting)."""

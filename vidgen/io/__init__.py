@@ -4,6 +4,7 @@
 from vidgen.io.video import (
     DEFAULT_CRF,
     MAX_FPS,
+    READER_VERSION,
     VideoInfo,
     VideoReadError,
     VideoWriter,
@@ -18,6 +19,7 @@ from vidgen.io.video import (
 __all__ = [
     "DEFAULT_CRF",
     "MAX_FPS",
+    "READER_VERSION",
     "VideoInfo",
     "VideoReadError",
     "VideoWriter",

@@ -76,6 +76,11 @@ _RESIZE_CHUNK = 64
 # Matroska stores timestamps in milliseconds: above 1000 fps frames share a timestamp (and
 # concat_videos could not give them distinct ones), so no writer goes faster.
 MAX_FPS = 1000
+# Raise when a change makes `read_video` return other frames for some file (a decoder moved
+# off decord for a kind of stream): training caches of a folder's clips are keyed by it
+# (``vidgen.train.encoded.data_description``). 2 (2026-12-03): odd-height 4:2:0 video, open
+# GOPs, files with several video streams and MPEG-PS/TS read with PyAV since 2026-12-01.
+READER_VERSION = 2
 
 
 class VideoReadError(RuntimeError):

@@ -26,6 +26,7 @@ from vidgen import checkpoint
 from vidgen.data import DataConfig, build_dataset
 from vidgen.data.folder import video_files
 from vidgen.data.loader import folder_split
+from vidgen.io import READER_VERSION
 from vidgen.tokenizers.kl import KLAutoencoder, KLConfig
 from vidgen.train.loop import resolve_device
 from vidgen.worlds import WORLDS_VERSION
@@ -75,6 +76,8 @@ def data_description(data: DataConfig, split: str) -> str:
         # Anamorphic videos read as displayed (``VideoInfo.pixel_aspect``; until 2026-12-01
         # squeezed): their clips changed, and a cache key naming only the files would not say.
         fields["pixel_aspect"] = "applied"
+        # Decoded as `read_video` does now: a reader change gives some files other frames.
+        fields["reader_version"] = READER_VERSION
     else:  # procedural: the same settings render other frames after a change to the worlds
         fields["worlds_version"] = WORLDS_VERSION
         if split == "eval":  # eval seeds moved past every train seed (EVAL_SEED_OFFSET)

@@ -27,7 +27,9 @@ from vidgen.worlds.palette import OBJECT_COLOURS, ScenePalette
 
 # Raise when a change makes any world render other frames for the same settings and seed:
 # training caches of world clips are keyed by it (``vidgen.train.encoded.data_description``).
-WORLDS_VERSION = 1
+# 2 (2026-12-03): AgentWorld clips continuous velocities after snapping them, and its push
+# policy finishes a move max_speed clipped (below max_speed 1, other frames and actions).
+WORLDS_VERSION = 2
 
 __all__ = [
     "AGENT_PALETTE",
