@@ -400,3 +400,27 @@ def test_benchmark_flags_are_checked_by_argparse_and_a_failed_child_says_why(cap
         _args.child_stdout([sys.executable, "-c", "raise SystemExit('steps must be >= 1')"])
     assert "a child run failed (exit 1)" in str(failed.value)
     assert "steps must be >= 1" in str(failed.value)
+
+
+def test_context_videos_are_scored_against_their_own_worlds_speeds():
+    """A --context video continues a known world: scored against the mean over all worlds
+    (1.5), a perfect continuation's speed ratio was 0.93 (0.86 for label 3)."""
+    from vidgen.eval.scene import summarize_videos
+
+    labels, seeds = [1, 2, 3, 4], [0, 1]
+    perfect = quality.real_continuations(128, labels, seeds, 16, 8)
+    assert 0.97 < perfect["speed_ratio"] < 1.03
+    rows = []
+    for label in labels:
+        for seed in seeds:
+            world = quality.context_world(label, seed)
+            rows.append(quality.score_video(world.trajectory(144).frames[16:], label, 8))
+    assert abs(quality.aggregate(rows)["speed_ratio"] - perfect["speed_ratio"]) > 0.03
+    # Per-video true speeds pool as pairs x speed; one number for all is the former figure.
+    a = {"mean_speed": 2.0, "speed_pairs": 10, "speed_ratio": 1.0}
+    b = {"mean_speed": 1.0, "speed_pairs": 30, "speed_ratio": 1.0}
+    assert summarize_videos([a, b], [2.0, 1.0])["speed_ratio"] == 1.0
+    assert summarize_videos([a, b], 1.25)["speed_ratio"] == 1.0
+    assert summarize_videos([a, b], [2.0, None])["speed_ratio"] is None
+    with pytest.raises(ValueError, match="one per video"):
+        summarize_videos([a, b], [1.0])

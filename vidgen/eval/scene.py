@@ -9,6 +9,7 @@ metrics compare generators against the worlds' exact ground truth.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -458,15 +459,26 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def summarize_videos(
-    rows: list[dict[str, float | None]], true_speed: float | None = None
+    rows: list[dict[str, float | None]], true_speed: float | Sequence[float] | None = None
 ) -> dict[str, float | None]:
     """The ``scene_metrics`` of several videos as one: the mean of each figure (finite
     values only: an infinite or undefined seam ratio is counted by ``summarize_seams``), but
     the mean speed and speed ratio pooled over every (object, transition) pair of them all
     (in a mean of ratios a video with one pair, a speck seen twice, weighs as much as a full
-    one). ``speed_pairs``: the pairs pooled."""
+    one). ``speed_pairs``: the pairs pooled. ``true_speed``: one for every video, or each
+    video's own (videos of known worlds): the speed ratio is then the pairs' speed over
+    their true speed, pooled alike."""
     if not rows:
         raise ValueError("rows must hold at least one video's figures")
+    if true_speed is None or isinstance(true_speed, (int, float)):
+        true_speeds = [true_speed] * len(rows)
+    else:
+        true_speeds = list(true_speed)
+        if len(true_speeds) != len(rows):
+            raise ValueError(
+                f"true_speed must be one number or one per video ({len(rows)}), got "
+                f"{len(true_speeds)}"
+            )
     keys = dict.fromkeys(k for r in rows for k in r)  # a label only some videos had too
     out = {k: _mean([r.get(k) for r in rows]) for k in keys}
     pairs = sum(r.get("speed_pairs") or 0 for r in rows)
@@ -474,8 +486,16 @@ def summarize_videos(
     if "mean_speed" in out:
         out["mean_speed"] = round(moved / pairs, 4) if pairs else None
     if "speed_ratio" in out:
-        ok = pairs and true_speed
-        out["speed_ratio"] = round(moved / pairs / true_speed, 4) if ok else None
+        if len(set(true_speeds)) == 1:  # one for all (the form of the figures so far)
+            ok = pairs and true_speeds[0]
+            out["speed_ratio"] = round(moved / pairs / true_speeds[0], 4) if ok else None
+        elif all(t is not None and t > 0 for t in true_speeds):
+            expected = sum(
+                (r.get("speed_pairs") or 0) * t for r, t in zip(rows, true_speeds, strict=True)
+            )
+            out["speed_ratio"] = round(moved / expected, 4) if expected else None
+        else:
+            out["speed_ratio"] = None
     out["speed_pairs"] = pairs
     return out
 
