@@ -153,11 +153,22 @@ def test_a_resumed_fine_tune_needs_only_its_state_not_its_init_file(tmp_path):
         train(tuned, tmp_path / "base", 4)
 
 
-def test_fine_tuning_arguments_are_checked(tmp_path):
+def test_fine_tuning_arguments_are_checked(tmp_path, monkeypatch):
+    import vidgen.train as train_module
+
     kl = ["tokenizer=kl-test", *SMALL_BOUNCING, "data.clip_len=2"]
     base = train(kl, tmp_path / "base", 1)
+    made = train_module._preset_task
+
+    def unmade(cfg):  # a bad freeze was refused only after the data were made and encoded
+        raise AssertionError("the task was made")
+
+    monkeypatch.setattr(train_module, "_preset_task", unmade)
     with pytest.raises(ValueError, match="'encoders' names no parameter"):
         train([*kl, f"init={base}", "freeze=[encoders]"], tmp_path / "typo", 1)
+    with pytest.raises(ValueError, match=r"fixes only part .* encoder\.body"):
+        train([*kl, f"init={base}", "freeze=[encoder.conv_in]"], tmp_path / "part", 1)
+    monkeypatch.setattr(train_module, "_preset_task", made)
     with pytest.raises(ValueError, match="latent_noise is for fine-tuning a decoder"):
         train([*kl, f"init={base}", "tokenizer.latent_noise=0.2"], tmp_path / "noise", 1)
     with pytest.raises(ValueError, match="freeze needs init"):

@@ -166,6 +166,9 @@ def build_task(
             except checkpoint.CheckpointError as err:  # as train() would say it, later
                 changes = setting_changes(state.config, asdict(cfg))
                 raise unfit_state(Path(out or "."), changes, err) from None
+        if cfg.init:  # a freeze naming no parameter, or part of an encoder, refused now too
+            freeze_parameters(probe, cfg.freeze)
+            check_encoder_freeze(probe, cfg.freeze)
     task = _preset_task(cfg)
     if init is not None:
         with naming("init", cfg.init):  # a checkpoint of another size, under its setting
