@@ -342,6 +342,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.frames < 16 or args.frames % 8:  # seams need two clips; a traceback before
         parser.error(f"--frames must be whole 8-frame clips, at least 16, got {args.frames}")
+    if min(args.seeds) < 0 or max(args.seeds) >= 1000:
+        # Real videos are seeds 1000 + s, context worlds 2000 + s, FVD's others 3000 + s:
+        # seeds past 999 made one set another's.
+        parser.error(f"--seeds must be in 0..999, got {args.seeds}")
     if args.context % 8:
         parser.error(f"--context must be whole 8-frame clips, got {args.context}")
     if args.fvd_clips:

@@ -388,6 +388,7 @@ def test_benchmark_flags_are_checked_by_argparse_and_a_failed_child_says_why(cap
     for name, flag, value, said in (
         ("quality.py", "--dtype", "fp32", "argument --dtype"),
         ("quality.py", "--device", "bogus", "argument --device"),
+        ("quality.py", "--seeds", "0,1000", "--seeds must be in 0..999"),
         ("dtype.py", "--frames", "12", "--frames must be whole 8-frame clips"),
         ("eval_memory.py", "--frames", "0", "--frames must be >= 1"),
         ("serving.py", "--memory-frames", "500,x", "argument --memory-frames"),
